@@ -1,0 +1,109 @@
+"""Typed configs loaded from YAML; every problem is reported with the file, the key path and the value."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import ConfigError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are refused, types are not coerced, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping at its top level."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def key_path(loc: tuple[int | str, ...]) -> str:
+    """('rules', 0, 'sample', 'fraction') -> 'rules[0].sample.fraction'."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The valid keys of the section that holds `loc`, for 'did you mean' hints."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) and issubclass(current, BaseModel) else None
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+        if current is None:
+            return []
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def describe_error(model: type[BaseModel], error: dict[str, Any]) -> str:
+    """One readable line for one pydantic error."""
+    loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and part.startswith("function-")))
+    where = key_path(loc)
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _known_keys(model, loc), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"{where}: unknown key{hint}"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"{where}: required key is missing"
+    return f"{where}: {message} (got {error.get('input')!r})"
+
+
+def validate_mapping(model: type[ModelT], data: dict[str, Any], *, source: str) -> ModelT:
+    """Validate `data` against `model`; all problems are collected, the first is the message."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        problems = [describe_error(model, e) for e in err.errors()]
+        hint = None
+        if len(problems) > 1:
+            hint = f"{len(problems) - 1} more problem(s): " + "; ".join(problems[1:4])
+        raise ConfigError(f"{source}: {problems[0]}", hint=hint) from None
+
+
+def load_config(model: type[ModelT], path: Path) -> ModelT:
+    """Load and validate a YAML config file."""
+    return validate_mapping(model, read_yaml_mapping(path), source=str(path))
+
+
+def dump_yaml(model: BaseModel) -> str:
+    """The resolved config as YAML, for saving next to an artifact."""
+    return yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Curation: policies applied to datasets, written as prepared directories."""

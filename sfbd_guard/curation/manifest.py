@@ -1,0 +1,32 @@
+"""The manifest of a prepared directory: one row per source record of the selected split."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+PARTITIONS = ("clean", "protected", "excluded", "error")
+ACTION_PARTITION = {"clean": "clean", "protect": "protected", "exclude": "excluded"}
+
+# The columns the product owns, in this order; the format's metadata columns follow.
+MANIFEST_FIELDS = [
+    pa.field("record_id", pa.string(), nullable=False),
+    pa.field("partition", pa.string(), nullable=False),  # clean | protected | excluded | error
+    pa.field("rule", pa.string()),  # the deciding rule; null for error
+    pa.field("sha256", pa.string()),  # sha256 of the transformed uint8 pixels (C, H, W); null for error
+    pa.field("sigma", pa.float64()),  # 0 for clean; null for excluded and error
+    pa.field("noise_seed", pa.uint64()),  # the record's noise generator seed (protected only)
+    pa.field("file", pa.string()),  # .npy path relative to the prepared directory; null for excluded/error
+    pa.field("row", pa.int64()),  # row in that file
+    pa.field("error", pa.string()),  # why the record could not be read; null otherwise
+]
+MANIFEST_COLUMNS = [f.name for f in MANIFEST_FIELDS]
+
+
+def manifest_table(columns: dict[str, list], metadata: pa.Table) -> pa.Table:
+    """The product's columns (explicit schema) followed by the dataset's metadata columns."""
+    own = pa.table({f.name: pa.array(columns[f.name], f.type) for f in MANIFEST_FIELDS}, schema=pa.schema(MANIFEST_FIELDS))
+    for name in metadata.column_names:
+        if name != "record_id":
+            own = own.append_column(metadata.schema.field(name), metadata.column(name))
+    return own.replace_schema_metadata({b"guard.manifest_schema": str(SCHEMA_VERSION).encode()})

@@ -1,0 +1,181 @@
+"""`guard prepare`: apply a policy to a dataset and write the prepared directory.
+
+<output>/
+  manifest.parquet   one row per source record of the split (lineage: rule, sha256, sigma, file, row)
+  clean/             uint8 N×C×H×W .npy shards
+  protected/         float16 N×C×H×W .npy shards of x/127.5 - 1 + sigma*eps (never the originals)
+  card.json          what was done, counts, and the sha256 of every array file
+No protected or excluded original is written under <output>, in any form.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import __version__
+from ..datasets import DatasetReader, SourceSpec, open_reader
+from ..errors import DataError
+from ..fileio import atomic_write_json, fingerprint, sha256_file
+from ..policy import LoadedPolicy
+from .decode import NoiseParams, Outcome, Task, init_worker, process_chunk, worker_chunk
+from .manifest import ACTION_PARTITION, PARTITIONS, manifest_table
+from .output import abandon_output, finish_output, start_output
+from .rules import decide
+from .shards import SHARD_RECORDS, ShardWriter
+
+CHUNK_RECORDS = 64
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    output: Path
+    counts: dict[str, int]
+    rule_counts: dict[str, int]
+    errors: list[tuple[str, str]]  # (record_id, reason)
+    card: dict[str, Any]
+    seconds: float
+    source_fingerprint: str = field(default="")
+
+
+def source_spec(loaded: LoadedPolicy, data_root: Path | None) -> SourceSpec:
+    """The dataset to read: the policy's, with --data-root overriding its root."""
+    dataset = loaded.policy.dataset
+    root = data_root.resolve() if data_root else (loaded.resolve(dataset.root) if dataset.root else None)
+    return SourceSpec(format=dataset.format, root=root, split=dataset.split, resolution=dataset.resolution)
+
+
+def output_dir(loaded: LoadedPolicy, out: Path | None) -> Path:
+    return out.resolve() if out else loaded.resolve(loaded.policy.output)
+
+
+def _chunks(tasks: list[Task]) -> list[list[Task]]:
+    return [tasks[i : i + CHUNK_RECORDS] for i in range(0, len(tasks), CHUNK_RECORDS)]
+
+
+def run_tasks(reader: DatasetReader, tasks: list[Task], noise: NoiseParams, workers: int) -> Iterator[list[Outcome]]:
+    """Chunk results in task order, computed here (workers=1) or by a pool of worker processes."""
+    chunks = _chunks(tasks)
+    if workers <= 1 or len(chunks) <= 1:
+        for chunk in chunks:
+            yield process_chunk(reader, chunk, noise)
+        return
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(min(workers, len(chunks)), initializer=init_worker, initargs=(reader.spec,)) as pool:
+        yield from pool.imap(worker_chunk, [(chunk, noise) for chunk in chunks])
+
+
+def _store(outcomes: Iterator[list[Outcome]], staging: Path, strict: bool, progress: Progress | None) -> tuple[dict[str, Outcome], dict[str, tuple[str, int]], dict[str, str]]:
+    writers = {
+        "clean": ShardWriter(staging, "clean", np.dtype(np.uint8)),
+        "protect": ShardWriter(staging, "protected", np.dtype(np.float16)),
+    }
+    results: dict[str, Outcome] = {}
+    places: dict[str, tuple[str, int]] = {}
+    for chunk in outcomes:
+        for outcome in chunk:
+            if outcome.error is not None and strict:
+                raise DataError(f"{outcome.record_id}: {outcome.error}", hint="--strict makes unreadable records fatal")
+            if outcome.array is not None:
+                places[outcome.record_id] = writers[outcome.action].add(outcome.array)
+            results[outcome.record_id] = Outcome(outcome.record_id, outcome.action, outcome.sha256, None, outcome.seed, outcome.error)
+        if progress:
+            progress(len(chunk))
+    files: dict[str, str] = {}
+    for writer in writers.values():
+        writer.flush()
+        files.update(writer.files)
+    return results, places, files
+
+
+def _manifest_columns(record_ids: list[str], rules: list[str | None], results: dict[str, Outcome],
+                      places: dict[str, tuple[str, int]], sigma: float) -> dict[str, list]:
+    columns: dict[str, list] = {k: [] for k in ("record_id", "partition", "rule", "sha256", "sigma", "noise_seed", "file", "row", "error")}
+    for record_id, rule in zip(record_ids, rules):
+        outcome = results[record_id]
+        partition = "error" if outcome.error is not None else ACTION_PARTITION[outcome.action]
+        file, row = places.get(record_id, (None, None))
+        columns["record_id"].append(record_id)
+        columns["partition"].append(partition)
+        columns["rule"].append(None if partition == "error" else rule)
+        columns["sha256"].append(outcome.sha256)
+        columns["sigma"].append({"clean": 0.0, "protected": sigma}.get(partition))
+        columns["noise_seed"].append(outcome.seed if partition == "protected" else None)
+        columns["file"].append(file)
+        columns["row"].append(row)
+        columns["error"].append(outcome.error)
+    return columns
+
+
+def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, manifest: pa.Table,
+          rule_counts: dict[str, int], files: dict[str, str], manifest_sha256: str) -> dict[str, Any]:
+    partitions = manifest.column("partition").to_pylist()
+    policy = loaded.policy
+    return {
+        "policy_name": policy.name,
+        "policy_sha256": loaded.sha256,
+        "policy_path": str(loaded.path),
+        "policy": policy.model_dump(mode="json"),
+        "format": spec.format,
+        "root": str(spec.root) if spec.root else None,
+        "split": spec.split,
+        "resolution": spec.resolution,
+        "channels": reader.channels,
+        "color": reader.color,
+        "sigma": policy.noise.sigma,
+        "noise_seed": policy.noise.seed,
+        "counts": {p: partitions.count(p) for p in PARTITIONS},
+        "rule_counts": rule_counts,
+        "files": files,
+        "manifest_sha256": manifest_sha256,
+        "fingerprint": fingerprint({**files, "manifest.parquet": manifest_sha256}),
+        "shard_records": SHARD_RECORDS,
+        "tool_version": __version__,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | None = None, workers: int = 1,
+            strict: bool = False, overwrite: bool = False, progress: Callable[[int], Progress] | None = None) -> PrepareResult:
+    """Apply `loaded` to its dataset and write the prepared directory atomically.
+
+    `progress(total)` may return a callback that is told how many records were just processed.
+    """
+    started = time.perf_counter()
+    spec = source_spec(loaded, data_root)
+    output = output_dir(loaded, out)
+    reader = open_reader(spec)
+    metadata = reader.metadata()
+    decisions = decide(metadata, list(loaded.policy.rules), base_dir=loaded.base_dir, source=str(loaded.path))
+    record_ids = metadata.column("record_id").to_pylist()
+    tasks = [Task(r, a) for r, a in zip(record_ids, decisions.actions) if a is not None]
+    noise = NoiseParams(sigma=loaded.policy.noise.sigma, seed=loaded.policy.noise.seed)
+    staging = start_output(output, overwrite=overwrite)
+    try:
+        for partition in ("clean", "protected"):
+            (staging / partition).mkdir()
+        tick = progress(len(tasks)) if progress else None
+        results, places, files = _store(run_tasks(reader, tasks, noise, workers), staging, strict, tick)
+        columns = _manifest_columns(record_ids, decisions.rules, results, places, noise.sigma)
+        manifest = manifest_table(columns, metadata)
+        pq.write_table(manifest, staging / "manifest.parquet")
+        card = _card(loaded, spec, reader, manifest, decisions.rule_counts(), files, sha256_file(staging / "manifest.parquet"))
+        atomic_write_json(staging / "card.json", card)
+        finish_output(staging, output)
+    except BaseException:
+        abandon_output(staging)
+        raise
+    errors = [(r, results[r].error) for r in record_ids if results[r].error is not None]
+    source = fingerprint({r: results[r].sha256 or "" for r in record_ids})
+    return PrepareResult(output, card["counts"], card["rule_counts"], errors, card,  # type: ignore[arg-type]
+                         time.perf_counter() - started, source)

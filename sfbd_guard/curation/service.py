@@ -1,0 +1,32 @@
+"""`guard prepare` as one library call that also records its ledger event."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ..ledger import Artifact, ledger_dir, recorded
+from ..policy import load_policy
+from .prepare import PrepareResult, prepare
+
+
+def prepare_recorded(policy_path: Path, *, data_root: Path | None, out: Path | None, workers: int, strict: bool,
+                     overwrite: bool, ledger: Path | None, command: list[str],
+                     progress: Callable[[int], Callable[[int], None]] | None = None) -> PrepareResult:
+    """Load the policy, prepare the data, and append a `prepare` event to the ledger (ok or failed)."""
+    with recorded(ledger_dir(ledger), "prepare", command) as event:
+        event.inputs.append(Artifact("policy", str(policy_path), None))
+        loaded = load_policy(policy_path)
+        event.inputs[0] = Artifact("policy", str(loaded.path), loaded.sha256)
+        result = prepare(loaded, data_root=data_root, out=out, workers=workers, strict=strict,
+                         overwrite=overwrite, progress=progress)
+        card = result.card
+        event.inputs.append(Artifact("source", card["root"] or card["format"], result.source_fingerprint))
+        event.outputs.append(Artifact("prepared", str(result.output), card["fingerprint"]))
+        event.outputs.extend(Artifact("array", f"{result.output}/{name}", digest) for name, digest in sorted(card["files"].items()))
+        event.summary.update(
+            policy_name=card["policy_name"], format=card["format"], split=card["split"], sigma=card["sigma"],
+            resolution=card["resolution"], counts=card["counts"], rule_counts=card["rule_counts"],
+            errors=len(result.errors), seconds=round(result.seconds, 3),
+        )
+        return result

@@ -1,0 +1,24 @@
+"""Dataset readers for the supported on-disk layouts, by format name."""
+
+from __future__ import annotations
+
+from .base import RESERVED_COLUMNS, DatasetReader, SourceSpec
+from .celeba import CelebAReader
+from .cifar10 import Cifar10Reader
+from .digits import DigitsReader
+from .imagefolder import ImageFolderReader
+
+READERS: dict[str, type[DatasetReader]] = {
+    "celeba": CelebAReader,
+    "cifar10": Cifar10Reader,
+    "imagefolder": ImageFolderReader,
+    "digits": DigitsReader,
+}
+
+
+def open_reader(spec: SourceSpec) -> DatasetReader:
+    """The reader for `spec.format` (validated by the policy schema)."""
+    return READERS[spec.format](spec)
+
+
+__all__ = ["READERS", "RESERVED_COLUMNS", "DatasetReader", "SourceSpec", "open_reader"]

@@ -1,0 +1,78 @@
+"""The reader interface: a metadata table for the selected split, and one decoded image per record."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import InputError
+
+# Column names the manifest owns; a dataset's metadata may not use them.
+RESERVED_COLUMNS = ("partition", "rule", "sha256", "sigma", "noise_seed", "file", "row", "error")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Everything a reader needs; small and picklable so worker processes can open their own reader."""
+
+    format: str
+    root: Path | None
+    split: str
+    resolution: int
+
+
+class DatasetReader(ABC):
+    """One on-disk dataset layout. Subclasses set `splits`, `channels` and `color`."""
+
+    format: str = ""
+    splits: tuple[str, ...] = ("all",)
+    channels: int = 3
+    color: str = "RGB"
+
+    def __init__(self, spec: SourceSpec) -> None:
+        if spec.split not in self.splits:
+            raise InputError(
+                f"dataset.split: {spec.split!r} is not a split of format {self.format!r}",
+                hint=f"choose one of: {', '.join(self.splits)}",
+            )
+        self.spec = spec
+
+    @property
+    def root(self) -> Path:
+        assert self.spec.root is not None
+        return self.spec.root
+
+    @abstractmethod
+    def metadata(self) -> pa.Table:
+        """One row per record of the selected split, sorted by `record_id` (first column)."""
+
+    @abstractmethod
+    def load(self, record_id: str) -> np.ndarray:
+        """The record's transformed pixels, uint8 (C, H, W); raises ImageDecodeError if unreadable."""
+
+    def require_file(self, relative: str) -> Path:
+        path = self.root / relative
+        if not path.is_file():
+            raise InputError(f"{self.format} dataset: missing {path}", hint=self.layout_hint())
+        return path
+
+    def require_root(self) -> None:
+        if not self.root.is_dir():
+            raise InputError(f"{self.format} dataset: root {self.root} is not a directory", hint=self.layout_hint())
+
+    def layout_hint(self) -> str:
+        return "set dataset.root in the policy or pass --data-root"
+
+
+def sort_by_record_id(table: pa.Table) -> pa.Table:
+    return table.sort_by("record_id")
+
+
+def check_reserved(columns: list[str], source: str) -> None:
+    clashes = [name for name in columns if name in RESERVED_COLUMNS]
+    if clashes:
+        raise InputError(f"{source}: column(s) {', '.join(clashes)} clash with manifest columns; rename them")

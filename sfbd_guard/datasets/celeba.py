@@ -1,0 +1,77 @@
+"""CelebA as distributed: img_align_celeba/*.jpg plus the attribute, identity and partition lists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import InputError
+from .base import DatasetReader, sort_by_record_id
+from .transforms import center_crop, open_rgb, resize_square, to_chw
+
+CROP = 140  # centre crop of the 178×218 aligned faces, then resize to the resolution
+SPLIT_NAMES = {"0": "train", "1": "valid", "2": "test"}
+
+
+def _lines(path: Path) -> list[list[str]]:
+    return [line.split() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _pairs(path: Path) -> dict[str, str]:
+    """`000001.jpg value` lines → {file: value}."""
+    pairs = {}
+    for number, fields in enumerate(_lines(path), start=1):
+        if len(fields) != 2:
+            raise InputError(f"{path}:{number}: expected '<file> <value>', got {' '.join(fields)!r}")
+        pairs[fields[0]] = fields[1]
+    return pairs
+
+
+def _attributes(path: Path) -> tuple[list[str], dict[str, list[bool]]]:
+    """list_attr_celeba.txt: a count line, the attribute names, then `file ±1 ...` rows."""
+    lines = _lines(path)
+    if len(lines) < 2:
+        raise InputError(f"{path}: expected a count line and a line of attribute names")
+    names = lines[1]
+    rows = {}
+    for number, fields in enumerate(lines[2:], start=3):
+        if len(fields) != len(names) + 1 or any(v not in ("1", "-1") for v in fields[1:]):
+            raise InputError(f"{path}:{number}: expected a file name and {len(names)} values of 1 or -1")
+        rows[fields[0]] = [value == "1" for value in fields[1:]]
+    return names, rows
+
+
+class CelebAReader(DatasetReader):
+    format = "celeba"
+    splits = ("train", "valid", "test", "all")
+
+    def layout_hint(self) -> str:
+        return ("expected img_align_celeba/, list_attr_celeba.txt, identity_CelebA.txt and "
+                "list_eval_partition.txt under the root (set dataset.root or --data-root)")
+
+    def metadata(self) -> pa.Table:
+        self.require_root()
+        if not (self.root / "img_align_celeba").is_dir():
+            raise InputError(f"celeba dataset: missing {self.root / 'img_align_celeba'}/", hint=self.layout_hint())
+        partitions = _pairs(self.require_file("list_eval_partition.txt"))
+        identities = _pairs(self.require_file("identity_CelebA.txt"))
+        names, attributes = _attributes(self.require_file("list_attr_celeba.txt"))
+        files = sorted(f for f, p in partitions.items() if self.spec.split == "all" or SPLIT_NAMES.get(p) == self.spec.split)
+        columns: dict[str, pa.Array] = {
+            "record_id": pa.array(files, pa.string()),
+            "identity": pa.array([_int_or_none(identities.get(f)) for f in files], pa.int64()),
+            "split": pa.array([SPLIT_NAMES.get(partitions[f]) for f in files], pa.string()),
+        }
+        for i, name in enumerate(names):
+            columns[name] = pa.array([attributes[f][i] if f in attributes else None for f in files], pa.bool_())
+        return sort_by_record_id(pa.table(columns))
+
+    def load(self, record_id: str) -> np.ndarray:
+        image = open_rgb(self.root / "img_align_celeba" / record_id)
+        return to_chw(resize_square(center_crop(image, CROP), self.spec.resolution))
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return None if value is None else int(value)

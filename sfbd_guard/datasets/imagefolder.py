@@ -1,0 +1,81 @@
+"""A folder of images (recursive; jpg/png/webp) with an optional metadata.csv or metadata.parquet.
+
+The metadata file has a `file_name` column (path relative to the root) and any other columns, exposed
+as they are. `record_id` is the relative path. An image with no metadata row gets null metadata; a
+metadata row whose file is missing is kept, and becomes an `error` row when curation tries to read it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import InputError
+from .base import DatasetReader, check_reserved
+from .transforms import center_crop, open_rgb, resize_square, to_chw
+
+EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
+METADATA_FILES = ("metadata.parquet", "metadata.csv")
+
+
+def _normalise(name: str) -> str:
+    return str(PurePosixPath(name.replace("\\", "/")))
+
+
+class ImageFolderReader(DatasetReader):
+    format = "imagefolder"
+
+    def layout_hint(self) -> str:
+        return "expected image files under the root, optionally with metadata.csv or metadata.parquet (column file_name)"
+
+    def _image_files(self) -> list[str]:
+        return sorted(
+            path.relative_to(self.root).as_posix()
+            for path in self.root.rglob("*")
+            if path.suffix.lower() in EXTENSIONS and path.is_file()
+        )
+
+    def _metadata_file(self) -> pa.Table | None:
+        import duckdb
+
+        for name in METADATA_FILES:
+            path = self.root / name
+            if not path.is_file():
+                continue
+            reader = "read_parquet" if name.endswith(".parquet") else "read_csv"
+            try:
+                table = duckdb.connect().sql(f"SELECT * FROM {reader}(?)", params=[str(path)]).to_arrow_table()
+            except duckdb.Error as err:
+                raise InputError(f"{path}: cannot read: {str(err).splitlines()[0]}") from None
+            if "file_name" not in table.column_names:
+                raise InputError(f"{path}: needs a file_name column (path of the image relative to the root)")
+            check_reserved(table.column_names, str(path))
+            return table
+        return None
+
+    def metadata(self) -> pa.Table:
+        self.require_root()
+        files = self._image_files()
+        extra = self._metadata_file()
+        if extra is None:
+            return pa.table({"record_id": pa.array(files, pa.string())})
+        names = [_normalise(str(v)) for v in extra.column("file_name").to_pylist()]
+        escaping = [n for n in names if n.startswith("/") or ".." in PurePosixPath(n).parts]
+        if escaping:
+            raise InputError(f"{self.root}: metadata file_name {escaping[0]!r} points outside the dataset root")
+        if len(set(names)) != len(names):
+            raise InputError(f"{self.root}: metadata lists some file_name more than once")
+        extra = extra.drop_columns(["record_id"]) if "record_id" in extra.column_names else extra
+        extra = extra.append_column("record_id", pa.array(names, pa.string()))
+        listed = set(names)
+        unlisted = pa.table({"record_id": pa.array([f for f in files if f not in listed], pa.string())})
+        return pa.concat_tables([extra, unlisted], promote_options="default").select(
+            ["record_id"] + [c for c in extra.column_names if c != "record_id"]
+        ).sort_by("record_id")
+
+    def load(self, record_id: str) -> np.ndarray:
+        path = self.root / record_id
+        image = open_rgb(path)
+        return to_chw(resize_square(center_crop(image), self.spec.resolution))

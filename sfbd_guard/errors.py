@@ -1,0 +1,37 @@
+"""The error hierarchy. The CLI turns a `GuardError` into one line on stderr and its exit code."""
+
+from __future__ import annotations
+
+
+class GuardError(Exception):
+    """Base of every error the product reports to a user. `hint` is an optional second line."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class InputError(GuardError):
+    """Bad input: a config, a flag, a missing dataset file, an existing output. Exit code 2."""
+
+    exit_code = 2
+
+
+class ConfigError(InputError):
+    """A YAML config (policy, pipeline, audit) that does not validate."""
+
+
+class DataError(GuardError):
+    """Data that cannot be processed as asked (e.g. unreadable images under --strict). Exit code 1."""
+
+
+class ImageDecodeError(Exception):
+    """One record's image cannot be read; curation turns it into an `error` manifest row."""
+
+
+class VerificationError(GuardError):
+    """A prepared directory whose files do not match the fingerprints recorded at prepare time."""
+
+    exit_code = 2

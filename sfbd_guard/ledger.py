@@ -1,0 +1,110 @@
+"""The compliance ledger: one Parquet file per event, appended, never rewritten.
+
+Layout: <ledger>/<kind>/<started>-<event_id>.parquet, readable with DuckDB as
+read_parquet('<ledger>/**/*.parquet', union_by_name=true). The ledger directory is `--ledger`,
+else $GUARD_LEDGER, else ./guard-ledger.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import GuardError
+
+DEFAULT_LEDGER = Path("guard-ledger")
+ENV_VAR = "GUARD_LEDGER"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """An input or output of an event: what it is, where it was, and its fingerprint."""
+
+    role: str
+    path: str
+    sha256: str | None
+
+
+@dataclass
+class EventDraft:
+    """What a command fills in while it runs; written when the command ends, ok or failed."""
+
+    kind: str
+    command: list[str]
+    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    inputs: list[Artifact] = field(default_factory=list)
+    outputs: list[Artifact] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+def ledger_dir(explicit: Path | None = None) -> Path:
+    return explicit or Path(os.environ.get(ENV_VAR) or DEFAULT_LEDGER)
+
+
+def _schema():  # type: ignore[no-untyped-def]
+    import pyarrow as pa
+
+    artifact = pa.struct([("role", pa.string()), ("path", pa.string()), ("sha256", pa.string())])
+    return pa.schema([
+        ("event_id", pa.string()), ("kind", pa.string()),
+        ("started_at", pa.timestamp("us", tz="UTC")), ("finished_at", pa.timestamp("us", tz="UTC")),
+        ("status", pa.string()), ("tool_version", pa.string()), ("command", pa.list_(pa.string())),
+        ("inputs", pa.list_(artifact)), ("outputs", pa.list_(artifact)), ("summary", pa.string()),
+    ])
+
+
+def write_event(ledger: Path, draft: EventDraft, *, status: str, finished_at: datetime | None = None) -> Path:
+    """Append one event to the ledger (atomic file write) and return its path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .fileio import atomic_write_bytes
+
+    finished_at = finished_at or datetime.now(timezone.utc)
+    row = {
+        "event_id": draft.event_id, "kind": draft.kind, "started_at": draft.started_at, "finished_at": finished_at,
+        "status": status, "tool_version": __version__, "command": draft.command,
+        "inputs": [vars(a) for a in draft.inputs], "outputs": [vars(a) for a in draft.outputs],
+        "summary": json.dumps(draft.summary, sort_keys=True, default=str),
+    }
+    table = pa.Table.from_pylist([row], schema=_schema())
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    path = ledger / draft.kind / f"{draft.started_at:%Y%m%dT%H%M%S}-{draft.event_id[:12]}.parquet"
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+@contextmanager
+def recorded(ledger: Path, kind: str, command: list[str]) -> Iterator[EventDraft]:
+    """Record the enclosed work as one event: status ok, or failed with the error message."""
+    draft = EventDraft(kind=kind, command=command)
+    try:
+        yield draft
+    except GuardError as err:
+        draft.summary["error"] = str(err)
+        write_event(ledger, draft, status="failed")
+        raise
+    write_event(ledger, draft, status="ok")
+
+
+def read_events(ledger: Path):  # type: ignore[no-untyped-def]
+    """All events as an Arrow table (empty ledger → None)."""
+    import duckdb
+
+    if not any(ledger.glob("**/*.parquet")):
+        return None
+    pattern = str(ledger / "**" / "*.parquet")
+    return duckdb.connect().sql(
+        "SELECT * FROM read_parquet(?, union_by_name=true) ORDER BY started_at", params=[pattern]
+    ).to_arrow_table()
