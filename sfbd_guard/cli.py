@@ -10,10 +10,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-try:  # typer >= 0.22 vendors click
-    from typer._click.exceptions import Abort, ClickException, UsageError
-except ImportError:  # pragma: no cover
-    from click.exceptions import Abort, ClickException, UsageError
+from typer import Abort
+from typer._click.exceptions import ClickException, UsageError  # typer 0.29 vendors click
 
 from .errors import GuardError
 
@@ -62,11 +60,18 @@ def reports_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _invocation(ctx: typer.Context) -> list[str]:
+    """The command line as typed (passed down by `main`), for the ledger."""
+    argv = (ctx.obj or {}).get("argv")
+    return ["guard", *argv] if argv is not None else ctx.command_path.split()
+
+
 def _progress_bar(description: str) -> Callable[[int], Callable[[int], None]]:
     def start(total: int) -> Callable[[int], None]:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc=description, unit="img", file=sys.stderr, dynamic_ncols=True, leave=False)
+        bar = tqdm(total=total, desc=description, unit="img", file=sys.stderr, dynamic_ncols=True, leave=False,
+                   disable=None)  # None: shown on a terminal only
 
         def tick(done: int) -> None:
             bar.update(done)
@@ -81,6 +86,7 @@ def _progress_bar(description: str) -> Callable[[int], Callable[[int], None]]:
 @app.command()
 @reports_errors
 def prepare(
+    ctx: typer.Context,
     policy: Annotated[Path, typer.Option("--policy", help="Policy YAML: dataset, rules, noise and output.")],
     data_root: Annotated[Path | None, typer.Option("--data-root", help="Dataset root; overrides dataset.root of the policy.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Prepared directory to write; overrides output of the policy.")] = None,
@@ -97,7 +103,7 @@ def prepare(
     from .curation.service import prepare_recorded
 
     result = prepare_recorded(policy, data_root=data_root, out=out, workers=workers, strict=strict,
-                              overwrite=overwrite, ledger=ledger, command=["guard", *sys.argv[1:]],
+                              overwrite=overwrite, ledger=ledger, command=_invocation(ctx),
                               progress=_progress_bar("decoding"))
     print_summary(result)
 
@@ -105,8 +111,9 @@ def prepare(
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: usage errors become one line and exit 2, never a box or a traceback."""
     command = typer.main.get_command(app)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        code = command.main(args=argv, prog_name="guard", standalone_mode=False)
+        code = command.main(args=argv, prog_name="guard", standalone_mode=False, obj={"argv": argv})
     except UsageError as err:
         name = err.ctx.command_path if err.ctx else "guard"
         typer.echo(f"error: {err.format_message()}", err=True)

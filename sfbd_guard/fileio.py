@@ -74,7 +74,9 @@ def save_npy(path: Path, array: np.ndarray) -> str:
     try:
         with os.fdopen(fd, "wb") as handle:
             writer = _HashingWriter(handle)
-            np.lib.format.write_array(writer, np.ascontiguousarray(array), allow_pickle=False)  # type: ignore[arg-type]
+            array = np.ascontiguousarray(array)
+            np.lib.format.write_array_header_1_0(writer, np.lib.format.header_data_from_array_1_0(array))  # type: ignore[arg-type]
+            writer.write(memoryview(array).cast("B"))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -18,9 +18,10 @@ def noise_seed(seed: int, record_id: str) -> int:
 
 def noised_copy(pixels: np.ndarray, *, sigma: float, seed: int) -> np.ndarray:
     """uint8 (C, H, W) pixels → float16 x/127.5 - 1 + sigma * eps with eps ~ N(0, I) from PCG64(seed)."""
-    eps = np.random.Generator(np.random.PCG64(seed)).standard_normal(pixels.shape, dtype=np.float32)
-    scaled = pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    return (scaled + np.float32(sigma) * eps).astype(np.float16)
+    noisy = np.random.Generator(np.random.PCG64(seed)).standard_normal(pixels.shape, dtype=np.float32)
+    noisy *= np.float32(sigma)
+    noisy += pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    return noisy.astype(np.float16)
 
 
 def pixel_sha256(pixels: np.ndarray) -> str:

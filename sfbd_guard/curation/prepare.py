@@ -85,7 +85,7 @@ def _store(outcomes: Iterator[list[Outcome]], staging: Path, strict: bool, progr
     for chunk in outcomes:
         for outcome in chunk:
             if outcome.error is not None and strict:
-                raise DataError(f"{outcome.record_id}: {outcome.error}", hint="--strict makes unreadable records fatal")
+                raise DataError(f"record {outcome.record_id}: {outcome.error}", hint="--strict makes unreadable records fatal")
             if outcome.array is not None:
                 places[outcome.record_id] = writers[outcome.action].add(outcome.array)
             results[outcome.record_id] = Outcome(outcome.record_id, outcome.action, outcome.sha256, None, outcome.seed, outcome.error)

@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from ..errors import InputError
 from .base import DatasetReader, sort_by_record_id
-from .transforms import center_crop, open_rgb, resize_square, to_chw
+from .transforms import load_square, to_chw
 
 CROP = 140  # centre crop of the 178×218 aligned faces, then resize to the resolution
 SPLIT_NAMES = {"0": "train", "1": "valid", "2": "test"}
@@ -69,8 +69,7 @@ class CelebAReader(DatasetReader):
         return sort_by_record_id(pa.table(columns))
 
     def load(self, record_id: str) -> np.ndarray:
-        image = open_rgb(self.root / "img_align_celeba" / record_id)
-        return to_chw(resize_square(center_crop(image, CROP), self.spec.resolution))
+        return to_chw(load_square(self.root / "img_align_celeba" / record_id, self.spec.resolution, CROP))
 
 
 def _int_or_none(value: str | None) -> int | None:

@@ -7,14 +7,14 @@ metadata row whose file is missing is kept, and becomes an `error` row when cura
 
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 import numpy as np
 import pyarrow as pa
 
 from ..errors import InputError
 from .base import DatasetReader, check_reserved
-from .transforms import center_crop, open_rgb, resize_square, to_chw
+from .transforms import load_square, to_chw
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
 METADATA_FILES = ("metadata.parquet", "metadata.csv")
@@ -76,6 +76,4 @@ class ImageFolderReader(DatasetReader):
         ).sort_by("record_id")
 
     def load(self, record_id: str) -> np.ndarray:
-        path = self.root / record_id
-        image = open_rgb(path)
-        return to_chw(resize_square(center_crop(image), self.spec.resolution))
+        return to_chw(load_square(self.root / record_id, self.spec.resolution))

@@ -6,6 +6,7 @@ importing torch in every curation worker would cost seconds and a gigabyte each)
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,35 +17,48 @@ from ..errors import ImageDecodeError
 Image.MAX_IMAGE_PIXELS = 32_000 * 32_000  # refuse decompression bombs beyond ~1 gigapixel
 
 
-def open_rgb(path: Path) -> Image.Image:
-    """Decode an image file fully, as RGB; any failure becomes ImageDecodeError with the reason."""
+def center_box(width: int, height: int, size: int | None = None) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the central size × size square (the largest square when size is None)."""
+    side = min(width, height) if size is None else size
+    if side > min(width, height):
+        raise ImageDecodeError(f"image {width}×{height} is smaller than the {side}×{side} crop")
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def load_square(path: Path, resolution: int, crop: int | None = None) -> Image.Image:
+    """Decode `path`, take the central crop × crop square (largest square if None), resize to resolution.
+
+    JPEGs are decoded with libjpeg's DCT scaling (1/2, 1/4, 1/8) to the smallest scale that keeps the
+    crop at least `resolution` wide, as PIL's thumbnail() does: the same crop and resize, with the
+    first halvings done in the DCT domain, 2-3× faster. Against a full-size decode + Lanczos it
+    differs by about 41 dB PSNR on 64 px CelebA crops (see README, "Curation speed").
+    """
     try:
         with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
+            width, height = image.size
+            left, top, right, bottom = center_box(width, height, crop)
+            need = resolution / (right - left)  # scale at which the crop is exactly `resolution` wide
+            if need < 0.5:
+                image.draft("RGB", (max(1, math.ceil(width * need)), max(1, math.ceil(height * need))))
+            scale = image.size[0] / width
+            image = image.convert("RGB")
+            box = (left * scale, top * scale, right * scale, bottom * scale)
+            return resize_square(image, resolution, box)
     except FileNotFoundError:
         raise ImageDecodeError(f"file not found: {path.name}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f"cannot decode {path.name}: {err}") from None
 
 
-def center_crop(image: Image.Image, size: int | None = None) -> Image.Image:
-    """The central size × size square (the largest square when size is None)."""
-    width, height = image.size
-    side = min(width, height) if size is None else size
-    if side > min(width, height):
-        raise ImageDecodeError(f"image {width}×{height} is smaller than the {side}×{side} crop")
-    left, top = (width - side) // 2, (height - side) // 2
-    return image.crop((left, top, left + side, top + side))
-
-
-def resize_square(image: Image.Image, resolution: int) -> Image.Image:
-    """Resize a square image: Lanczos when shrinking (antialiased), bicubic when enlarging."""
-    if image.size == (resolution, resolution):
+def resize_square(image: Image.Image, resolution: int, box: tuple[float, ...] | None = None) -> Image.Image:
+    """Resize a square image (or the square `box` of it): Lanczos when shrinking (antialiased), bicubic when enlarging."""
+    box = box or (0, 0, *image.size)
+    if box == (0, 0, resolution, resolution) and image.size == (resolution, resolution):
         return image
-    shrinking = image.size[0] > resolution
+    shrinking = box[2] - box[0] > resolution
     method = Image.Resampling.LANCZOS if shrinking else Image.Resampling.BICUBIC
-    return image.resize((resolution, resolution), method)
+    return image.resize((resolution, resolution), method, box=box)
 
 
 def to_chw(image: Image.Image) -> np.ndarray:

@@ -1,0 +1,87 @@
+"""Small datasets written in the real on-disk layouts, for tests, benchmarks and demos.
+
+Nothing here is downloaded: images are smooth random colour fields with a few shapes, distinct per
+record, so that curation, training and audit code paths run on the same files a user would have.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CELEBA_ATTRIBUTES = (
+    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
+    "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup "
+    "High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face Pale_Skin Pointy_Nose "
+    "Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat "
+    "Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young"
+).split()
+
+
+def random_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A smooth random colour field with an ellipse and a bar: distinct, compressible, face-sized."""
+    field = rng.integers(0, 256, size=(5, 4, 3), dtype=np.uint8)
+    image = Image.fromarray(field).resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    x, y = int(rng.integers(0, width // 2)), int(rng.integers(0, height // 2))
+    colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+    draw.ellipse((x, y, x + width // 3, y + height // 3), fill=colour)
+    bar = int(rng.integers(0, height - 8))
+    draw.rectangle((0, bar, width, bar + 6), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return image
+
+
+def write_celeba(root: Path, count: int, *, identities: int | None = None, seed: int = 0,
+                 splits: tuple[float, float] = (0.8, 0.9)) -> Path:
+    """CelebA layout: img_align_celeba/NNNNNN.jpg (178×218) and the three list files."""
+    rng = np.random.default_rng(seed)
+    images = root / "img_align_celeba"
+    images.mkdir(parents=True, exist_ok=True)
+    identities = identities or max(1, count // 4)
+    names = [f"{i + 1:06d}.jpg" for i in range(count)]
+    for name in names:
+        random_image(rng, 178, 218).save(images / name, quality=90)
+    cut_valid, cut_test = int(count * splits[0]), int(count * splits[1])
+    partition = [0 if i < cut_valid else 1 if i < cut_test else 2 for i in range(count)]
+    (root / "list_eval_partition.txt").write_text("".join(f"{n} {p}\n" for n, p in zip(names, partition)))
+    (root / "identity_CelebA.txt").write_text("".join(f"{n} {1 + i % identities}\n" for i, n in enumerate(names)))
+    values = rng.choice(np.array(["-1", " 1"]), size=(count, len(CELEBA_ATTRIBUTES)))
+    rows = [f"{n} " + " ".join(v) for n, v in zip(names, values)]
+    header = f"{count}\n" + " ".join(CELEBA_ATTRIBUTES) + "\n"
+    (root / "list_attr_celeba.txt").write_text(header + "\n".join(rows) + "\n")
+    return root
+
+
+def write_cifar10(root: Path, per_batch: int, *, seed: int = 0) -> Path:
+    """cifar-10-batches-py/ with 5 training batches and a test batch of `per_batch` images each."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    label_names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = np.stack([np.asarray(random_image(rng, 32, 32)).transpose(2, 0, 1).reshape(-1) for _ in range(per_batch)])
+        batch = {b"batch_label": name.encode(), b"labels": [int(v) for v in rng.integers(0, 10, per_batch)],
+                 b"data": data, b"filenames": [f"{name}_{i}.png".encode() for i in range(per_batch)]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {b"label_names": label_names, b"num_cases_per_batch": per_batch, b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return root
+
+
+def write_imagefolder(root: Path, rows: list[dict[str, object]], *, extra_images: list[str] = (), seed: int = 0) -> Path:
+    """Images named by each row's file_name (PNG or JPEG by suffix) plus metadata.csv with the rows."""
+    rng = np.random.default_rng(seed)
+    listed = [str(row["file_name"]) for row in rows]
+    for name in list(listed) + list(extra_images):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        width, height = int(rng.integers(40, 120)), int(rng.integers(40, 120))
+        random_image(rng, width, height).save(path)
+    if rows:
+        columns = list(rows[0])
+        lines = [",".join(columns)] + [",".join("" if row.get(c) is None else str(row[c]) for c in columns) for row in rows]
+        (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return root

@@ -1,0 +1,54 @@
+"""Shared fixtures: small datasets in the real on-disk layouts, policy files, and a CLI runner."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sfbd_guard.cli import main
+from sfbd_guard.datasets.synthetic import write_celeba, write_cifar10
+
+
+@pytest.fixture(autouse=True)
+def _isolated_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test writes its ledger events under its own temporary directory."""
+    ledger = tmp_path / "ledger"
+    monkeypatch.setenv("GUARD_LEDGER", str(ledger))
+    return ledger
+
+
+@pytest.fixture(scope="session")
+def celeba_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_celeba(tmp_path_factory.mktemp("celeba"), 40, identities=10)
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_cifar10(tmp_path_factory.mktemp("cifar"), 6)
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+    """Run `guard ARGS...` in-process through the real entry point and capture its output."""
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exit_:
+            code = int(exit_.code or 0)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run

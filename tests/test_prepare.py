@@ -1,0 +1,184 @@
+"""`guard prepare`: the prepared directory contract, noise, determinism, the no-original guarantee."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import celeba_policy, write_policy
+from sfbd_guard.curation.noise import noise_seed
+from sfbd_guard.curation.prepare import prepare
+from sfbd_guard.datasets import SourceSpec, open_reader
+from sfbd_guard.datasets.synthetic import write_imagefolder
+from sfbd_guard.errors import DataError, InputError
+from sfbd_guard.fileio import sha256_file
+from sfbd_guard.policy import load_policy
+
+
+def _prepare(tmp_path: Path, policy: dict, name: str = "p.yaml", **options: object):  # type: ignore[no-untyped-def]
+    return prepare(load_policy(write_policy(tmp_path / name, policy)), **options)  # type: ignore[arg-type]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_directory_contract(tmp_path: Path, celeba_root: Path) -> None:
+    out = tmp_path / "prepared"
+    result = _prepare(tmp_path, celeba_policy(celeba_root, out))
+    assert sorted(p.name for p in out.iterdir()) == ["card.json", "clean", "manifest.parquet", "protected"]
+    manifest = pq.read_table(out / "manifest.parquet")
+    assert manifest.column_names[:9] == ["record_id", "partition", "rule", "sha256", "sigma", "noise_seed", "file", "row", "error"]
+    assert "identity" in manifest.column_names and "Smiling" in manifest.column_names
+    assert manifest.num_rows == 32  # the train split only
+    card = json.loads((out / "card.json").read_text())
+    for key in ("policy_name", "policy_sha256", "format", "root", "split", "resolution", "channels", "sigma",
+                "counts", "rule_counts", "files", "tool_version", "created_at"):
+        assert key in card
+    assert card["counts"] == result.counts and sum(card["counts"].values()) == 32
+    assert card["files"] == {name: sha256_file(out / name) for name in card["files"]}
+    assert card["manifest_sha256"] == sha256_file(out / "manifest.parquet")
+    rows = manifest.to_pylist()
+    for row in rows:
+        array = np.load(out / row["file"], mmap_mode="r")
+        if row["partition"] == "clean":
+            assert array.dtype == np.uint8 and row["sigma"] == 0.0
+            assert array[row["row"]].tobytes() == open_reader(SourceSpec("celeba", celeba_root, "train", 16)).load(row["record_id"]).tobytes()
+        else:
+            assert array.dtype == np.float16 and row["sigma"] == 0.5
+        assert array.shape[1:] == (3, 16, 16)
+
+
+def test_noise_is_gaussian_with_the_policy_sigma(tmp_path: Path) -> None:
+    policy = {"version": 1, "name": "digits", "dataset": {"format": "digits", "resolution": 8},
+              "rules": [{"name": "all", "action": "protect"}], "noise": {"sigma": 0.8, "seed": 3},
+              "output": str(tmp_path / "out")}
+    _prepare(tmp_path, policy)
+    manifest = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    noisy = np.load(tmp_path / "out" / "protected" / "shard-00000.npy").astype(np.float64)
+    reader = open_reader(SourceSpec("digits", None, "all", 8))
+    clean = np.stack([reader.load(r["record_id"]) for r in manifest]).astype(np.float64) / 127.5 - 1
+    eps = (noisy - clean) / 0.8
+    assert abs(eps.mean()) < 0.01 and abs(eps.std() - 1) < 0.01  # 115k draws: standard errors 0.003 and 0.002
+    assert noisy.min() < -1.5 and noisy.max() > 1.5, "noised values are not clipped"
+    row = manifest[10]
+    assert row["noise_seed"] == noise_seed(3, row["record_id"])
+    expected = np.random.Generator(np.random.PCG64(row["noise_seed"])).standard_normal((1, 8, 8), dtype=np.float32)
+    assert np.allclose(eps[10], expected, atol=2e-3 / 0.8 * 4)
+
+
+def test_two_runs_and_worker_counts_give_identical_bytes(tmp_path: Path, celeba_root: Path) -> None:
+    one = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "one"), workers=1)
+    two = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "two"), "q.yaml", workers=2)
+    again = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "again"), workers=1)
+    files = {name: data for name, data in _files(one.output).items() if name != "card.json"}
+    assert files == {n: d for n, d in _files(two.output).items() if n != "card.json"}
+    assert files == {n: d for n, d in _files(again.output).items() if n != "card.json"}
+    assert one.card["fingerprint"] == two.card["fingerprint"] == again.card["fingerprint"]
+
+
+def test_a_record_has_the_same_noisy_row_whatever_the_split(tmp_path: Path, celeba_root: Path) -> None:
+    protect_all = [{"name": "all", "action": "protect"}]
+    train = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "train", rules=protect_all))
+    every = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "every", rules=protect_all,
+                                             dataset={"format": "celeba", "root": str(celeba_root), "split": "all", "resolution": 16}))
+
+    def rows(output: Path) -> dict[str, bytes]:
+        array = np.load(output / "protected" / "shard-00000.npy")
+        return {r["record_id"]: array[r["row"]].tobytes() for r in pq.read_table(output / "manifest.parquet").to_pylist()}
+
+    train_rows, all_rows = rows(train.output), rows(every.output)
+    assert len(all_rows) == 40 and all(all_rows[r] == data for r, data in train_rows.items())
+
+
+def test_no_protected_or_excluded_original_is_written(tmp_path: Path, celeba_root: Path) -> None:
+    (tmp_path / "optout.csv").write_text("identity\n2\n")
+    policy = celeba_policy(celeba_root, tmp_path / "out")
+    policy["rules"].insert(0, {"name": "opt-out", "action": "exclude",
+                               "where": "identity IN (SELECT identity FROM read_csv('optout.csv'))"})
+    result = _prepare(tmp_path, policy)
+    assert result.counts["excluded"] == 4 and result.counts["clean"] > 0 and result.counts["protected"] > 0
+    manifest = pq.read_table(result.output / "manifest.parquet").to_pylist()
+    reader = open_reader(SourceSpec("celeba", celeba_root, "train", 16))
+    stored = b"".join(_files(result.output).values())
+    suffixes = {p.suffix for p in result.output.rglob("*") if p.is_file()}
+    assert suffixes <= {".npy", ".json", ".parquet"}, "no image files in a prepared directory"
+    for row in manifest:
+        pixels = reader.load(row["record_id"])
+        assert row["sha256"] is not None
+        if row["partition"] in ("protected", "excluded"):
+            assert pixels.tobytes() not in stored, f"{row['record_id']} original found under the output"
+            assert (pixels.astype(np.float16) / 127.5 - 1).astype(np.float16).tobytes() not in stored
+        if row["partition"] == "excluded":
+            assert row["file"] is None and row["sigma"] is None
+
+
+def test_unreadable_images_become_error_rows_or_stop_under_strict(tmp_path: Path) -> None:
+    root = write_imagefolder(tmp_path / "images", [{"file_name": f"{i}.png", "license": "CC0-1.0"} for i in range(4)])
+    (root / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    policy = {"version": 1, "name": "folder", "dataset": {"format": "imagefolder", "root": str(root), "resolution": 16},
+              "rules": [{"name": "all", "action": "clean"}], "noise": {"sigma": 1.0}, "output": str(tmp_path / "out")}
+    result = _prepare(tmp_path, policy)
+    assert result.counts == {"clean": 3, "protected": 0, "excluded": 0, "error": 1}
+    row = [r for r in pq.read_table(result.output / "manifest.parquet").to_pylist() if r["record_id"] == "2.png"][0]
+    assert row["partition"] == "error" and "cannot decode" in row["error"] and row["rule"] is None
+    policy["output"] = str(tmp_path / "strict")
+    with pytest.raises(DataError, match="2.png"):
+        _prepare(tmp_path, policy, strict=True)
+    assert not (tmp_path / "strict").exists()
+    assert not list(tmp_path.glob(".strict.*")), "no temporary directory left behind"
+
+
+def test_existing_output_is_refused_and_overwrite_replaces_it(tmp_path: Path, celeba_root: Path) -> None:
+    policy = celeba_policy(celeba_root, tmp_path / "out")
+    first = _prepare(tmp_path, policy)
+    with pytest.raises(InputError, match="already exists"):
+        _prepare(tmp_path, policy)
+    policy["noise"] = {"sigma": 0.7, "seed": 0}
+    second = _prepare(tmp_path, policy, overwrite=True)
+    assert second.card["sigma"] == 0.7 and second.card["fingerprint"] != first.card["fingerprint"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
+
+
+def test_interrupted_run_leaves_no_output_and_is_cleaned_next_time(tmp_path: Path, celeba_root: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from sfbd_guard.curation import prepare as module
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    policy = celeba_policy(celeba_root, tmp_path / "out")
+    monkeypatch.setattr(module, "manifest_table", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _prepare(tmp_path, policy)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    stale = tmp_path / ".out.partial-999999999-deadbeef"  # a dead process's leftover
+    stale.mkdir()
+    (stale / "clean").mkdir()
+    _prepare(tmp_path, policy)
+    assert not stale.exists() and (tmp_path / "out" / "card.json").exists()
+
+
+def test_a_dead_overwrite_is_rolled_back(tmp_path: Path, celeba_root: Path) -> None:
+    policy = celeba_policy(celeba_root, tmp_path / "out")
+    first = _prepare(tmp_path, policy)
+    moved = tmp_path / ".out.old-999999999-deadbeef"
+    first.output.rename(moved)  # as if killed between the two renames of --overwrite
+    with pytest.raises(InputError, match="already exists"):
+        _prepare(tmp_path, policy)
+    assert (tmp_path / "out" / "card.json").exists() and not moved.exists()
+
+
+def test_npy_files_are_standard_and_hashed(tmp_path: Path) -> None:
+    from sfbd_guard.fileio import save_npy
+
+    array = np.random.default_rng(0).standard_normal((5, 3, 4, 4)).astype(np.float16)
+    digest = save_npy(tmp_path / "a.npy", array)
+    np.save(tmp_path / "b.npy", array)
+    assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
+    assert digest == sha256_file(tmp_path / "a.npy")
