@@ -1,0 +1,1 @@
+"""Pure diffusion core: EDM preconditioning, loss, U-Net, EMA, optimiser helpers, samplers."""
