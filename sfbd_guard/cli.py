@@ -14,6 +14,7 @@ from typer import Abort
 from typer._click.exceptions import ClickException, UsageError  # typer 0.29 vendors click
 
 from .errors import GuardError
+from .errors import InputError as GuardErrorForCli
 
 app = typer.Typer(
     name="guard",
@@ -106,6 +107,84 @@ def prepare(
                               overwrite=overwrite, ledger=ledger, command=_invocation(ctx),
                               progress=_progress_bar("decoding"))
     print_summary(result)
+
+
+def _parse_sets(values: list[str]) -> dict[str, Any]:
+    """`--set a.b=value` pairs; values are read as YAML scalars (numbers, booleans, lists)."""
+    from .config import parse_scalar
+
+    pairs = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise GuardErrorForCli(f"--set {item!r}: expected KEY=VALUE, e.g. --set optimizer.lr=2e-4")
+        pairs[key.strip()] = parse_scalar(raw)
+    return pairs
+
+
+@app.command()
+@reports_errors
+def train(
+    ctx: typer.Context,
+    pipeline: Annotated[Path | None, typer.Option("--pipeline", help="Pipeline YAML: data, method, model, optimizer, schedule.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Prepared directory to train on; overrides data of the pipeline.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory to create; default runs/<pipeline name>.")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="Training method; overrides method of the pipeline.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N; overrides device of the pipeline.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the run; overrides seed of the pipeline.")] = None,
+    sets: Annotated[list[str], typer.Option("--set", help="Override any pipeline key, e.g. --set schedule.pretrain_kimg=50 (repeatable).")] = [],  # noqa: B006
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this directory from its last checkpoint.")] = None,
+    ledger: LedgerOpt = None,
+) -> None:
+    """Train a diffusion model on a prepared directory (never on a raw dataset).
+
+    Example: guard train --pipeline pipelines/digits.yaml --out runs/digits
+    """
+    from .engine.service import pipeline_for_new_run, pipeline_of_run, train_recorded
+
+    if (pipeline is None) == (resume is None):
+        raise GuardErrorForCli("give either --pipeline (a new run) or --resume RUN_DIR (continue one)")
+    if resume is not None:
+        if data or out or method or device or seed is not None or sets:
+            raise GuardErrorForCli("--resume continues a run with its saved config; other options do not apply")
+        config = pipeline_of_run(resume)
+    else:
+        overrides = _parse_sets(sets)
+        overrides.update({k: v for k, v in (("device", device), ("seed", seed)) if v is not None})
+        config = pipeline_for_new_run(pipeline, overrides=overrides, data=data, out=out, method=method)  # type: ignore[arg-type]
+    outcome = train_recorded(config, resume=resume is not None, ledger=ledger, command=_invocation(ctx),
+                             progress=_progress_bar("training"))
+    if outcome.checkpoint is not None:
+        typer.echo(f"trained {config.method} for {outcome.kimg:g} kimg ({outcome.step} steps, {outcome.seconds:.0f} s)")
+        typer.echo(f"run: {outcome.run_dir}")
+        typer.echo(f"checkpoint: {outcome.checkpoint}")
+        typer.echo(f"snapshots: {outcome.run_dir / 'snapshots'}")
+
+
+@app.command()
+@reports_errors
+def sample(
+    ctx: typer.Context,
+    run: Annotated[Path, typer.Option("--run", help="Run directory written by guard train.")],
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of images to draw.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the PNG files and grid.png.")],
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Weights (.safetensors or checkpoint folder); default the run's latest EMA.")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Sampler steps (EDM Heun; 2 × steps - 1 network evaluations).")] = 18,
+    seed: Annotated[int, typer.Option("--seed", help="Seed; image i depends only on (seed, i).")] = 0,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Images per sampling batch.")] = 64,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N for sampling.")] = "auto",
+    ledger: LedgerOpt = None,
+) -> None:
+    """Draw images from a trained run: one PNG per image plus grid.png.
+
+    Example: guard sample --run runs/digits --n 64 --out samples/digits
+    """
+    from .engine.service import sample_recorded
+
+    outcome = sample_recorded(run, ledger=ledger, command=_invocation(ctx), count=n, out=out, steps=steps, seed=seed,
+                              batch=batch, checkpoint=checkpoint, device=device, progress=_progress_bar("sampling"))
+    typer.echo(f"wrote {len(outcome.files)} images to {outcome.out} ({outcome.seconds:.1f} s)")
+    typer.echo(f"grid: {outcome.grid}")
 
 
 def main(argv: list[str] | None = None) -> None:

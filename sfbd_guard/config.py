@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -12,6 +13,17 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .errors import ConfigError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 with floats like 1e-3 (no dot) read as numbers, as people write learning rates."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
 
 
 class StrictModel(BaseModel):
@@ -29,7 +41,7 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -102,6 +114,14 @@ def validate_mapping(model: type[ModelT], data: dict[str, Any], *, source: str) 
 def load_config(model: type[ModelT], path: Path) -> ModelT:
     """Load and validate a YAML config file."""
     return validate_mapping(model, read_yaml_mapping(path), source=str(path))
+
+
+def parse_scalar(text: str) -> Any:
+    """A command-line value read as YAML (so 2e-4, true, [1, 2] mean what they say)."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError:
+        return text
 
 
 def dump_yaml(model: BaseModel) -> str:

@@ -37,11 +37,6 @@ class SampleSpec(StrictModel):
     seed: int = 0  # seeds the deterministic choice of units
     by: str | None = None  # a metadata column: its groups are kept or dropped whole
 
-    @field_validator("fraction", mode="before")
-    @classmethod
-    def _int_fraction(cls, value: object) -> object:
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
     @model_validator(mode="after")
     def _one_of(self) -> SampleSpec:
         if (self.fraction is None) == (self.count is None):
@@ -59,11 +54,6 @@ class Rule(StrictModel):
 class NoiseSpec(StrictModel):
     sigma: float = Field(gt=0)  # std of the Gaussian noise on the [-1, 1] pixel scale
     seed: int = 0  # with the record_id, fixes each record's noise
-
-    @field_validator("sigma", mode="before")
-    @classmethod
-    def _int_sigma(cls, value: object) -> object:
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class Policy(StrictModel):

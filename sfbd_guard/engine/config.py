@@ -1,0 +1,118 @@
+"""Pipeline configs (`pipelines/<name>.yaml`): what to train, on which prepared data, and how."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from ..config import StrictModel, read_yaml_mapping, validate_mapping
+from ..errors import ConfigError
+
+Method = Literal["clean-only", "noisy-direct", "ambient", "sfbd", "online-sfbd"]
+ENGINE_METHODS = ("clean-only", "noisy-direct")  # the methods this version of the engine runs
+
+
+class ModelSpec(StrictModel):
+    model_channels: int = Field(32, gt=0)  # channels of the first U-Net level
+    channel_mult: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)  # per-level multipliers
+    num_blocks: int = Field(2, ge=1)  # residual blocks per resolution
+    attn_resolutions: list[int] = Field(default_factory=lambda: [8])  # resolutions with self-attention
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout inside residual blocks
+    num_heads: int = Field(1, ge=1)  # attention heads
+
+
+class OptimizerSpec(StrictModel):
+    lr: float = Field(1e-3, gt=0)  # Adam learning rate after warm-up
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2)  # Adam betas
+    eps: float = Field(1e-8, gt=0)  # Adam epsilon
+    warmup_kimg: float = Field(0.0, ge=0)  # linear learning-rate warm-up, thousands of images
+    grad_clip: float | None = Field(None, gt=0)  # clip the global gradient norm to this (none: no clipping)
+
+
+class ScheduleSpec(StrictModel):
+    pretrain_kimg: float = Field(100.0, gt=0)  # training on the clean partition (sfbd, online-sfbd)
+    rounds: int = Field(0, ge=0)  # sfbd: denoise + fine-tune rounds
+    round_kimg: float = Field(0.0, ge=0)  # sfbd: fine-tuning length of each round
+    total_kimg: float | None = Field(None, gt=0)  # whole run; default pretrain_kimg + rounds × round_kimg
+    refresh_every: int | None = Field(None, ge=1)  # online-sfbd: optimizer steps between bank refreshes
+    refresh_size: int | None = Field(None, ge=1)  # online-sfbd: records re-denoised per refresh
+    ramp_start_kimg: float | None = Field(None, ge=0)  # online-sfbd: denoised-loss weight starts rising here
+    ramp_end_kimg: float | None = Field(None, ge=0)  # online-sfbd: and reaches 1 here
+
+    def budget_kimg(self) -> float:
+        """The length of the whole run, the same for every method (a fair compute budget)."""
+        return self.total_kimg if self.total_kimg is not None else self.pretrain_kimg + self.rounds * self.round_kimg
+
+
+class DenoiseSpec(StrictModel):
+    steps: int = Field(18, ge=2)  # EDM grid size whose truncation at the record's sigma is integrated
+    solver: Literal["heun", "euler"] = "heun"  # ODE solver of the backward step
+    batch: int = Field(256, ge=1)  # images per denoising batch (per process)
+
+
+class EmaSpec(StrictModel):
+    halflife_kimg: float = Field(10.0, gt=0)  # EMA half-life, thousands of images
+    rampup_ratio: float | None = Field(0.05, gt=0)  # half-life ≤ this × images seen (none: no ramp-up)
+
+
+class PipelineConfig(StrictModel):
+    version: Literal[1]
+    name: str = Field(min_length=1)
+    data: str  # prepared directory, relative to the pipeline file; --data overrides
+    policy: str | None = None  # the policy that prepares `data` (used by `guard run`)
+    method: Method = "clean-only"
+    model: ModelSpec = ModelSpec()
+    optimizer: OptimizerSpec = OptimizerSpec()
+    batch: int = Field(64, ge=1)  # global batch size, split across processes
+    schedule: ScheduleSpec = ScheduleSpec()
+    denoise: DenoiseSpec = DenoiseSpec()
+    ema: EmaSpec = EmaSpec()
+    seed: int = 0  # seeds every random choice of the run
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast applies on CUDA only
+    checkpoint_every: int = Field(200, ge=1)  # optimizer steps between checkpoints
+    snapshot_every: int = Field(1000, ge=1)  # optimizer steps between sample grids
+    grid_size: int = Field(64, ge=1)  # images in a snapshot grid
+    keep_checkpoints: int = Field(3, ge=1)  # how many checkpoints to keep
+    out: str | None = None  # run directory, relative to the pipeline file; default ./runs/<name>
+
+    @model_validator(mode="after")
+    def _checks(self) -> PipelineConfig:
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.model.model_channels % 4:
+            raise ValueError("model.model_channels must be a multiple of 4")
+        return self
+
+
+def load_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Load a pipeline YAML; `overrides` ({'a.b': value}) replace keys before validation.
+
+    Relative `data`, `policy` and `out` are resolved against the pipeline file.
+    """
+    data = read_yaml_mapping(path)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    config = validate_mapping(PipelineConfig, data, source=str(path))
+    return resolve_paths(config, path.resolve().parent)
+
+
+def resolve_paths(config: PipelineConfig, base: Path) -> PipelineConfig:
+    def absolute(value: str | None) -> str | None:
+        return None if value is None else str((base / value).resolve())
+
+    out = absolute(config.out) if config.out else str(Path("runs", config.name).resolve())  # default: ./runs/<name>
+    return config.model_copy(update={"data": absolute(config.data), "policy": absolute(config.policy), "out": out})
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value

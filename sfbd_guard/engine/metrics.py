@@ -1,0 +1,39 @@
+"""`metrics.parquet` of a run: one row per optimizer step, rewritten atomically at each checkpoint.
+
+On resume, rows after the checkpoint's step are dropped, so a crash never duplicates or loses rows.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..fileio import atomic_write_bytes
+
+METRICS_SCHEMA = pa.schema([
+    ("step", pa.int64()), ("kimg", pa.float64()), ("round", pa.int64()), ("phase", pa.string()),
+    ("loss", pa.float64()), ("lr", pa.float64()), ("seconds_per_kimg", pa.float64()),
+])
+
+
+class MetricsLog:
+    def __init__(self, path: Path, rows: list[dict[str, Any]] | None = None) -> None:
+        self.path = path
+        self.rows = rows or []
+
+    @classmethod
+    def resume(cls, path: Path, up_to_step: int) -> MetricsLog:
+        rows = pq.read_table(path).to_pylist() if path.is_file() else []
+        return cls(path, [row for row in rows if row["step"] <= up_to_step])
+
+    def append(self, **row: Any) -> None:
+        self.rows.append(row)
+
+    def write(self) -> None:
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(self.rows, schema=METRICS_SCHEMA), buffer)
+        atomic_write_bytes(self.path, buffer.getvalue())

@@ -1,0 +1,198 @@
+"""`guard train` and `guard sample` as library calls that also record their ledger events."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..config import dump_yaml, load_config
+from ..errors import InputError, VerificationError
+from ..fileio import atomic_write_bytes, atomic_write_json
+from ..ledger import Artifact, ledger_dir, recorded
+from ..prepared import PreparedData, open_prepared
+from .config import PipelineConfig, load_pipeline
+
+RESOLVED = "config.resolved.yaml"
+RUN_INFO = "run.json"
+Progress = Callable[[int], Callable[[int], None]]
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    run_dir: Path
+    config: PipelineConfig
+    checkpoint: Path | None
+    step: int
+    kimg: float
+    resumed: bool
+    seconds: float
+
+
+def pipeline_for_new_run(pipeline: Path, *, overrides: dict[str, Any], data: Path | None, out: Path | None,
+                         method: str | None) -> PipelineConfig:
+    """The pipeline with CLI flags applied (flags win over keys)."""
+    extra = dict(overrides)
+    if method:
+        extra["method"] = method
+    config = load_pipeline(pipeline, extra)
+    updates: dict[str, Any] = {}
+    if data:
+        updates["data"] = str(data.resolve())
+    if out:
+        updates["out"] = str(out.resolve())
+    return config.model_copy(update=updates)
+
+
+def pipeline_of_run(run_dir: Path) -> PipelineConfig:
+    path = run_dir / RESOLVED
+    if not path.is_file():
+        raise InputError(f"{run_dir}: not a run directory (no {RESOLVED})", hint="--resume takes a directory written by guard train")
+    return load_config(PipelineConfig, path)
+
+
+def _start_run_dir(config: PipelineConfig, data: PreparedData) -> Path:
+    run_dir = Path(str(config.out))
+    if (run_dir / "checkpoints").exists():
+        raise InputError(f"run directory {run_dir} already has checkpoints",
+                         hint=f"continue it with --resume {run_dir}, or pass --out for a new run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / RESOLVED, dump_yaml(config).encode())
+    atomic_write_json(run_dir / RUN_INFO, {
+        "data": str(data.root), "data_fingerprint": data.fingerprint, "files": data.files,
+        "image_shape": list(data.image_shape),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    return run_dir
+
+
+def _check_same_data(run_dir: Path, data: PreparedData) -> None:
+    info = json.loads((run_dir / RUN_INFO).read_text())
+    if info["data_fingerprint"] != data.fingerprint:
+        raise VerificationError(f"{data.root}: its fingerprint differs from the one this run started with",
+                                hint="a run resumes only on the exact prepared data it began on")
+
+
+def train(config: PipelineConfig, *, resume: bool, progress: Progress | None = None,
+          on_start: Callable[[PreparedData], None] | None = None) -> TrainOutcome:
+    """Verify the prepared data, then train (or continue) the run described by `config`."""
+    import time
+
+    from .runtime import runtime
+    from .trainer import Trainer
+
+    started = time.perf_counter()
+    data = open_prepared(Path(config.data))
+    if on_start:
+        on_start(data)
+    with runtime(config.device, config.precision) as rt:
+        run_dir = Path(str(config.out))
+        if resume:
+            _check_same_data(run_dir, data)
+        elif rt.is_main:
+            _start_run_dir(config, data)
+        rt.barrier()
+        trainer = Trainer(config, data, run_dir, rt)
+        resumed = trainer.resume() if resume else False
+        total = int(config.schedule.budget_kimg() * 1000)
+        tick = progress(max(0, total - trainer.state.nimg)) if progress and rt.is_main else None
+        checkpoint = trainer.run(tick)
+        return TrainOutcome(run_dir, config, checkpoint if rt.is_main else None, trainer.state.step,
+                            trainer.state.nimg / 1000, resumed, time.perf_counter() - started)
+
+
+def train_recorded(config: PipelineConfig, *, resume: bool, ledger: Path | None, command: list[str],
+                   progress: Progress | None = None) -> TrainOutcome:
+    """`train` plus a `train` ledger event (on rank 0): the arrays it read and the checkpoint it wrote."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return train(config, resume=resume, progress=None)
+    with recorded(ledger_dir(ledger), "train", command) as event:
+        event.inputs.append(Artifact("prepared", str(config.data), None))
+
+        def note_data(data: PreparedData) -> None:
+            event.inputs[0] = Artifact("prepared", str(data.root), data.fingerprint)
+            event.inputs.extend(Artifact("array", f"{data.root}/{name}", digest) for name, digest in sorted(data.files.items()))
+
+        outcome = train(config, resume=resume, progress=progress, on_start=note_data)
+        from ..fileio import sha256_file
+
+        if outcome.checkpoint is not None:
+            for name in ("net.safetensors", "ema.safetensors"):
+                event.outputs.append(Artifact(name.split(".")[0], str(outcome.checkpoint / name), sha256_file(outcome.checkpoint / name)))
+        event.outputs.append(Artifact("run", str(outcome.run_dir), None))
+        event.summary.update(method=config.method, name=config.name, resumed=outcome.resumed, step=outcome.step,
+                             kimg=outcome.kimg, seconds=round(outcome.seconds, 3), device=config.device,
+                             world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        return outcome
+
+
+@dataclass(frozen=True)
+class SampleOutcome:
+    out: Path
+    files: list[Path]
+    grid: Path
+    checkpoint: Path
+    seconds: float
+
+
+def _weights_file(run_dir: Path, checkpoint: Path | None) -> Path:
+    from .checkpoint import latest_checkpoint
+
+    if checkpoint is None:
+        latest = latest_checkpoint(run_dir)
+        if latest is None:
+            raise InputError(f"{run_dir}: no checkpoint yet", hint="train first, or pass --checkpoint FILE")
+        return latest / "ema.safetensors"
+    path = checkpoint / "ema.safetensors" if checkpoint.is_dir() else checkpoint
+    if not path.is_file() or path.suffix != ".safetensors":
+        raise InputError(f"--checkpoint {checkpoint}: not a .safetensors file or a checkpoint directory")
+    return path
+
+
+def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int = 0, batch: int = 64,
+           checkpoint: Path | None = None, device: str = "auto", progress: Progress | None = None) -> SampleOutcome:
+    """Draw `count` images from a run's EMA weights; one PNG each plus grid.png. Same seed, same images."""
+    import time
+
+    import torch
+
+    from .checkpoint import load_weights
+    from .generate import generate
+    from .images import save_grid, save_pngs
+    from .runtime import resolve_device
+    from .trainer import build_net
+
+    started = time.perf_counter()
+    config = pipeline_of_run(run_dir)
+    shape = tuple(json.loads((run_dir / RUN_INFO).read_text())["image_shape"])
+    weights = _weights_file(run_dir, checkpoint)
+    target = resolve_device(device)
+    net = build_net(config, shape).to(target).eval()  # type: ignore[arg-type]
+    load_weights(weights, net)
+    digits, files, grid_images = max(6, len(str(count - 1))), [], []
+    tick = progress(count) if progress else None
+    for start, images in generate(net, seed=seed, count=count, shape=shape, steps=steps, batch=batch, device=target):  # type: ignore[arg-type]
+        files += save_pngs(images, out, start, digits)
+        grid_images.append(images[: max(0, 256 - start)].cpu())
+        if tick:
+            tick(len(images))
+    scale = max(1, 64 // shape[1])
+    grid = save_grid(torch.cat(grid_images)[:256], out / "grid.png", scale=scale)
+    return SampleOutcome(out, files, grid, weights, time.perf_counter() - started)
+
+
+def sample_recorded(run_dir: Path, *, ledger: Path | None, command: list[str], **options: Any) -> SampleOutcome:
+    from ..fileio import sha256_file
+
+    with recorded(ledger_dir(ledger), "sample", command) as event:
+        outcome = sample(run_dir, **options)
+        event.inputs.append(Artifact("weights", str(outcome.checkpoint), sha256_file(outcome.checkpoint)))
+        event.outputs.append(Artifact("samples", str(outcome.out), None))
+        event.summary.update(count=len(outcome.files), seconds=round(outcome.seconds, 3),
+                             **{k: v for k, v in options.items() if k in ("steps", "seed", "batch")})
+        return outcome

@@ -1,0 +1,159 @@
+"""The training loop: phases of EDM training with EMA, checkpoints, metrics, snapshots and resume."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..diffusion.ema import EMA
+from ..diffusion.loss import EDMLoss
+from ..diffusion.networks import UNetConfig, build_denoiser
+from ..diffusion.optim import make_adam, optimizer_step
+from ..prepared import PreparedData
+from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import PipelineConfig
+from .data import ImagePool
+from .generate import generate
+from .images import save_grid
+from .methods import Phase, build_pool, plan
+from .metrics import MetricsLog
+from .runtime import Runtime
+
+SNAPSHOT_STEPS = 18  # sampler steps of snapshot grids
+SNAPSHOT_SEED = 0  # the same images are drawn at every snapshot, so grids show progress
+
+
+def unet_config(config: PipelineConfig) -> UNetConfig:
+    model = config.model
+    return UNetConfig(model_channels=model.model_channels, channel_mult=tuple(model.channel_mult),
+                      num_blocks=model.num_blocks, attn_resolutions=tuple(model.attn_resolutions),
+                      dropout=model.dropout, num_heads=model.num_heads)
+
+
+def build_net(config: PipelineConfig, image_shape: tuple[int, int, int]) -> torch.nn.Module:
+    channels, resolution, _ = image_shape
+    return build_denoiser(unet_config(config), resolution, channels)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    state: TrainingState
+    checkpoint: Path
+    seconds: float
+
+
+class Trainer:
+    """Owns the model, EMA, optimizer and random generators of one process of a run."""
+
+    def __init__(self, config: PipelineConfig, data: PreparedData, run_dir: Path, rt: Runtime) -> None:
+        self.config, self.data, self.run_dir, self.rt = config, data, run_dir, rt
+        torch.manual_seed(config.seed * 1000 + rt.rank)  # dropout; its state is checkpointed too
+        self.net = build_net(config, data.image_shape).to(rt.device).train()
+        if rt.device.type == "cuda":
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.ema = EMA(self.net, halflife_kimg=config.ema.halflife_kimg, rampup_ratio=config.ema.rampup_ratio)
+        self.model = DistributedDataParallel(self.net) if rt.distributed else self.net
+        opt = config.optimizer
+        self.optimizer = make_adam(self.net.parameters(), lr=opt.lr, betas=(opt.betas[0], opt.betas[1]), eps=opt.eps)
+        self.loss = EDMLoss()
+        self.batch_gen = torch.Generator().manual_seed(config.seed * 1000 + rt.rank)
+        self.noise_gen = torch.Generator(rt.device).manual_seed(config.seed * 1000 + 500 + rt.rank)
+        self.state = TrainingState()
+        self.metrics = MetricsLog(run_dir / "metrics.parquet")
+        self.config_json = config.model_dump_json()
+        self.phases = plan(config)
+
+    @property
+    def local_batch(self) -> int:
+        return max(1, self.config.batch // self.rt.world_size)
+
+    def resume(self) -> bool:
+        """Continue from the latest checkpoint if there is one."""
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return False
+        self.state = load_checkpoint(path, net=self.net, ema=self.ema.module, optimizer=self.optimizer)
+        self.batch_gen.set_state(self.state.tensors[f"batch_gen.{self.rt.rank}"])
+        self.noise_gen.set_state(self.state.tensors[f"noise_gen.{self.rt.rank}"].to(self.noise_gen.get_state().device))
+        torch.set_rng_state(self.state.tensors[f"torch_rng.{self.rt.rank}"])
+        self.metrics = MetricsLog.resume(self.run_dir / "metrics.parquet", self.state.step)
+        return True
+
+    def _rng_tensors(self) -> dict[str, torch.Tensor]:
+        """Every rank's generator states (gathered to rank 0, which writes the checkpoint)."""
+        mine = {"batch_gen": self.batch_gen.get_state(), "noise_gen": self.noise_gen.get_state().cpu(),
+                "torch_rng": torch.get_rng_state()}
+        states = [mine]
+        if self.rt.distributed:
+            import torch.distributed as dist
+
+            states = [{} for _ in range(self.rt.world_size)]
+            dist.all_gather_object(states, mine)  # small CPU tensors: objects keep gloo and nccl simple
+        return {f"{name}.{rank}": value for rank, state in enumerate(states) for name, value in state.items()}
+
+    def train_step(self, pool: ImagePool, phase: Phase) -> None:
+        started = time.perf_counter()
+        images, weights = pool.batch(self.local_batch, self.batch_gen)
+        images, weights = images.to(self.rt.device), weights.to(self.rt.device)
+        with self.rt.autocast():
+            losses = self.loss(self.model, images, generator=self.noise_gen)
+        (losses.float() * weights).mean().backward()
+        global_batch = self.local_batch * self.rt.world_size
+        lr = optimizer_step(self.optimizer, list(self.net.parameters()), base_lr=self.config.optimizer.lr,
+                            cur_nimg=self.state.nimg, warmup_kimg=self.config.optimizer.warmup_kimg,
+                            max_grad_norm=self.config.optimizer.grad_clip)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.nimg += global_batch
+        self.state.step += 1
+        self.ema.update(self.net, global_batch, self.state.nimg)
+        seconds = time.perf_counter() - started
+        self.metrics.append(step=self.state.step, kimg=self.state.nimg / 1000, round=phase.round, phase=phase.name,
+                            loss=float(losses.detach().mean()), lr=lr, seconds_per_kimg=seconds / global_batch * 1000)
+
+    def checkpoint(self) -> Path | None:
+        rng = self._rng_tensors()
+        if not self.rt.is_main:
+            self.rt.barrier()
+            return None
+        self.state.tensors.update(rng)
+        self.metrics.write()
+        path = save_checkpoint(self.run_dir, net=self.net, ema=self.ema.module, optimizer=self.optimizer,
+                               state=self.state, config_json=self.config_json, keep=self.config.keep_checkpoints)
+        self.rt.barrier()
+        return path
+
+    def snapshot(self) -> Path | None:
+        if not self.rt.is_main:
+            return None
+        count = self.config.grid_size
+        images = torch.cat([batch for _, batch in generate(self.ema.module, seed=SNAPSHOT_SEED, count=count,
+                            shape=self.data.image_shape, steps=SNAPSHOT_STEPS, batch=count, device=self.rt.device)])
+        scale = max(1, 64 // self.data.image_shape[1])
+        return save_grid(images, self.run_dir / "snapshots" / f"grid-step-{self.state.step:09d}.png", scale=scale)
+
+    def run_phase(self, phase: Phase, progress: object | None = None) -> None:
+        pool = build_pool(phase, self.data)
+        self.state.round = phase.round
+        while self.state.nimg < phase.end_kimg * 1000:
+            self.train_step(pool, phase)
+            if progress is not None:
+                progress(self.local_batch * self.rt.world_size)  # type: ignore[operator]
+            if self.state.step % self.config.snapshot_every == 0:
+                self.snapshot()
+            if self.state.step % self.config.checkpoint_every == 0:
+                self.checkpoint()
+
+    def run(self, progress: object | None = None) -> Path:
+        """Run every phase from the current state; returns the final checkpoint."""
+        for index in range(self.state.phase, len(self.phases)):
+            self.state.phase = index
+            self.run_phase(self.phases[index], progress)
+        self.state.phase = len(self.phases)
+        self.snapshot()
+        final = self.checkpoint()
+        return final or self.run_dir / "checkpoints"
