@@ -15,9 +15,13 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/guard prepare --policy policies/digits.yaml --overwrite
+	if [ -f runs/digits/config.resolved.yaml ]; then $(BIN)/guard train --resume runs/digits; \
+	else $(BIN)/guard train --pipeline pipelines/digits.yaml --out runs/digits; fi
+	$(BIN)/guard sample --run runs/digits --n 64 --out runs/digits/samples
+	@echo "sample grid: runs/digits/samples/grid.png  (training snapshots: runs/digits/snapshots/)"
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) prepared guard-ledger
+	rm -rf $(VENV) prepared guard-ledger runs

@@ -153,7 +153,7 @@ def train(
         overrides.update({k: v for k, v in (("device", device), ("seed", seed)) if v is not None})
         config = pipeline_for_new_run(pipeline, overrides=overrides, data=data, out=out, method=method)  # type: ignore[arg-type]
     outcome = train_recorded(config, resume=resume is not None, ledger=ledger, command=_invocation(ctx),
-                             progress=_progress_bar("training"))
+                             progress=lambda label, total: _progress_bar(label)(total))
     if outcome.checkpoint is not None:
         typer.echo(f"trained {config.method} for {outcome.kimg:g} kimg ({outcome.step} steps, {outcome.seconds:.0f} s)")
         typer.echo(f"run: {outcome.run_dir}")

@@ -11,7 +11,7 @@ from ..config import StrictModel, read_yaml_mapping, validate_mapping
 from ..errors import ConfigError
 
 Method = Literal["clean-only", "noisy-direct", "ambient", "sfbd", "online-sfbd"]
-ENGINE_METHODS = ("clean-only", "noisy-direct")  # the methods this version of the engine runs
+METHODS = ("clean-only", "noisy-direct", "ambient", "sfbd", "online-sfbd")
 
 
 class ModelSpec(StrictModel):
@@ -36,10 +36,17 @@ class ScheduleSpec(StrictModel):
     rounds: int = Field(0, ge=0)  # sfbd: denoise + fine-tune rounds
     round_kimg: float = Field(0.0, ge=0)  # sfbd: fine-tuning length of each round
     total_kimg: float | None = Field(None, gt=0)  # whole run; default pretrain_kimg + rounds × round_kimg
-    refresh_every: int | None = Field(None, ge=1)  # online-sfbd: optimizer steps between bank refreshes
-    refresh_size: int | None = Field(None, ge=1)  # online-sfbd: records re-denoised per refresh
-    ramp_start_kimg: float | None = Field(None, ge=0)  # online-sfbd: denoised-loss weight starts rising here
-    ramp_end_kimg: float | None = Field(None, ge=0)  # online-sfbd: and reaches 1 here
+    refresh_every: int = Field(20, ge=1)  # online-sfbd: optimizer steps between bank refreshes (P2: m = 20)
+    refresh_size: int = Field(64, ge=1)  # online-sfbd: records re-denoised per refresh
+    ramp_start_kimg: float | None = Field(None, ge=0)  # online-sfbd: denoised weight starts rising (default: pretrain end)
+    ramp_end_kimg: float | None = Field(None, ge=0)  # online-sfbd: and reaches 1 (default: a quarter into the online phase)
+
+    def ramp(self) -> tuple[float, float]:
+        """(start, end) of online SFBD's linear 0 → 1 ramp of the denoised-loss weight, in kimg."""
+        start = self.ramp_start_kimg if self.ramp_start_kimg is not None else self.pretrain_kimg
+        total = self.total_kimg if self.total_kimg is not None else self.pretrain_kimg
+        end = self.ramp_end_kimg if self.ramp_end_kimg is not None else start + 0.25 * max(0.0, total - start)
+        return start, end
 
     def budget_kimg(self) -> float:
         """The length of the whole run, the same for every method (a fair compute budget)."""
@@ -49,7 +56,14 @@ class ScheduleSpec(StrictModel):
 class DenoiseSpec(StrictModel):
     steps: int = Field(18, ge=2)  # EDM grid size whose truncation at the record's sigma is integrated
     solver: Literal["heun", "euler"] = "heun"  # ODE solver of the backward step
+    grid: Literal["edm", "fitted"] = "edm"  # edm: the EDM grid cut at sigma; fitted: `steps` points on [0.002, sigma]
     batch: int = Field(256, ge=1)  # images per denoising batch (per process)
+
+
+class SFBDSpec(StrictModel):
+    clean_weight: float | None = Field(None, gt=0, lt=1)  # share of clean images per batch; null: natural proportion
+    transfer_ema: bool = True  # each round starts from the EMA weights with a fresh optimizer (reference code)
+    quantize: bool = True  # denoised images kept as uint8, as the reference code's PNG round trip does
 
 
 class EmaSpec(StrictModel):
@@ -68,6 +82,7 @@ class PipelineConfig(StrictModel):
     batch: int = Field(64, ge=1)  # global batch size, split across processes
     schedule: ScheduleSpec = ScheduleSpec()
     denoise: DenoiseSpec = DenoiseSpec()
+    sfbd: SFBDSpec = SFBDSpec()
     ema: EmaSpec = EmaSpec()
     seed: int = 0  # seeds every random choice of the run
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -84,6 +99,19 @@ class PipelineConfig(StrictModel):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.model.model_channels % 4:
             raise ValueError("model.model_channels must be a multiple of 4")
+        schedule = self.schedule
+        if self.method == "sfbd" and (schedule.rounds < 1 or schedule.round_kimg <= 0):
+            raise ValueError("method sfbd needs schedule.rounds >= 1 and schedule.round_kimg > 0")
+        rounds_end = schedule.pretrain_kimg + schedule.rounds * schedule.round_kimg
+        if self.method == "sfbd" and schedule.total_kimg is not None and abs(schedule.total_kimg - rounds_end) > 1e-9:
+            raise ValueError(f"method sfbd runs pretrain_kimg + rounds × round_kimg = {rounds_end:g} kimg; "
+                             "drop schedule.total_kimg or make it equal")
+        if self.method == "online-sfbd":
+            if schedule.total_kimg is None or schedule.total_kimg <= schedule.pretrain_kimg:
+                raise ValueError("method online-sfbd needs schedule.total_kimg > schedule.pretrain_kimg")
+            start, end = schedule.ramp_start_kimg, schedule.ramp_end_kimg
+            if start is not None and end is not None and end < start:
+                raise ValueError("schedule.ramp_end_kimg must not be below schedule.ramp_start_kimg")
         return self
 
 

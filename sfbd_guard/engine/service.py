@@ -19,6 +19,7 @@ from .config import PipelineConfig, load_pipeline
 RESOLVED = "config.resolved.yaml"
 RUN_INFO = "run.json"
 Progress = Callable[[int], Callable[[int], None]]
+PhaseProgress = Callable[[str, int], Callable[[int], None]]
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def _check_same_data(run_dir: Path, data: PreparedData) -> None:
                                 hint="a run resumes only on the exact prepared data it began on")
 
 
-def train(config: PipelineConfig, *, resume: bool, progress: Progress | None = None,
+def train(config: PipelineConfig, *, resume: bool, progress: PhaseProgress | None = None,
           on_start: Callable[[PreparedData], None] | None = None) -> TrainOutcome:
     """Verify the prepared data, then train (or continue) the run described by `config`."""
     import time
@@ -95,17 +96,15 @@ def train(config: PipelineConfig, *, resume: bool, progress: Progress | None = N
         elif rt.is_main:
             _start_run_dir(config, data)
         rt.barrier()
-        trainer = Trainer(config, data, run_dir, rt)
+        trainer = Trainer(config, data, run_dir, rt, progress)
         resumed = trainer.resume() if resume else False
-        total = int(config.schedule.budget_kimg() * 1000)
-        tick = progress(max(0, total - trainer.state.nimg)) if progress and rt.is_main else None
-        checkpoint = trainer.run(tick)
+        checkpoint = trainer.run()
         return TrainOutcome(run_dir, config, checkpoint if rt.is_main else None, trainer.state.step,
                             trainer.state.nimg / 1000, resumed, time.perf_counter() - started)
 
 
 def train_recorded(config: PipelineConfig, *, resume: bool, ledger: Path | None, command: list[str],
-                   progress: Progress | None = None) -> TrainOutcome:
+                   progress: PhaseProgress | None = None) -> TrainOutcome:
     """`train` plus a `train` ledger event (on rank 0): the arrays it read and the checkpoint it wrote."""
     import os
 

@@ -3,28 +3,30 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..diffusion.ambient import AmbientLoss
 from ..diffusion.ema import EMA
-from ..diffusion.loss import EDMLoss
 from ..diffusion.networks import UNetConfig, build_denoiser
 from ..diffusion.optim import make_adam, optimizer_step
 from ..prepared import PreparedData
 from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import PipelineConfig
-from .data import ImagePool
+from .data import Mixture
 from .generate import generate
 from .images import save_grid
-from .methods import Phase, build_pool, plan
+from .methods import Phase, plan
 from .metrics import MetricsLog
+from .pools import PoolBuilder
 from .runtime import Runtime
 
 SNAPSHOT_STEPS = 18  # sampler steps of snapshot grids
 SNAPSHOT_SEED = 0  # the same images are drawn at every snapshot, so grids show progress
+ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
 
 def unet_config(config: PipelineConfig) -> UNetConfig:
@@ -39,38 +41,40 @@ def build_net(config: PipelineConfig, image_shape: tuple[int, int, int]) -> torc
     return build_denoiser(unet_config(config), resolution, channels)
 
 
-@dataclass
-class RunResult:
-    run_dir: Path
-    state: TrainingState
-    checkpoint: Path
-    seconds: float
-
-
 class Trainer:
     """Owns the model, EMA, optimizer and random generators of one process of a run."""
 
-    def __init__(self, config: PipelineConfig, data: PreparedData, run_dir: Path, rt: Runtime) -> None:
+    def __init__(self, config: PipelineConfig, data: PreparedData, run_dir: Path, rt: Runtime,
+                 progress: ProgressFactory | None = None) -> None:
         self.config, self.data, self.run_dir, self.rt = config, data, run_dir, rt
+        self.progress = progress if rt.is_main else None
         torch.manual_seed(config.seed * 1000 + rt.rank)  # dropout; its state is checkpointed too
         self.net = build_net(config, data.image_shape).to(rt.device).train()
         if rt.device.type == "cuda":
             self.net = self.net.to(memory_format=torch.channels_last)
         self.ema = EMA(self.net, halflife_kimg=config.ema.halflife_kimg, rampup_ratio=config.ema.rampup_ratio)
         self.model = DistributedDataParallel(self.net) if rt.distributed else self.net
-        opt = config.optimizer
-        self.optimizer = make_adam(self.net.parameters(), lr=opt.lr, betas=(opt.betas[0], opt.betas[1]), eps=opt.eps)
-        self.loss = EDMLoss()
+        self.optimizer = self._new_optimizer()
+        self.loss = AmbientLoss()
         self.batch_gen = torch.Generator().manual_seed(config.seed * 1000 + rt.rank)
         self.noise_gen = torch.Generator(rt.device).manual_seed(config.seed * 1000 + 500 + rt.rank)
         self.state = TrainingState()
         self.metrics = MetricsLog(run_dir / "metrics.parquet")
         self.config_json = config.model_dump_json()
         self.phases = plan(config)
+        self.pools = PoolBuilder(self)
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        opt = self.config.optimizer
+        return make_adam(self.net.parameters(), lr=opt.lr, betas=(opt.betas[0], opt.betas[1]), eps=opt.eps)
 
     @property
     def local_batch(self) -> int:
         return max(1, self.config.batch // self.rt.world_size)
+
+    @property
+    def global_batch(self) -> int:
+        return self.local_batch * self.rt.world_size
 
     def resume(self) -> bool:
         """Continue from the latest checkpoint if there is one."""
@@ -78,9 +82,10 @@ class Trainer:
         if path is None:
             return False
         self.state = load_checkpoint(path, net=self.net, ema=self.ema.module, optimizer=self.optimizer)
-        self.batch_gen.set_state(self.state.tensors[f"batch_gen.{self.rt.rank}"])
-        self.noise_gen.set_state(self.state.tensors[f"noise_gen.{self.rt.rank}"].to(self.noise_gen.get_state().device))
-        torch.set_rng_state(self.state.tensors[f"torch_rng.{self.rt.rank}"])
+        rank = self.rt.rank
+        self.batch_gen.set_state(self.state.tensors[f"batch_gen.{rank}"])
+        self.noise_gen.set_state(self.state.tensors[f"noise_gen.{rank}"].to(self.noise_gen.get_state().device))
+        torch.set_rng_state(self.state.tensors[f"torch_rng.{rank}"])
         self.metrics = MetricsLog.resume(self.run_dir / "metrics.parquet", self.state.step)
         return True
 
@@ -96,24 +101,23 @@ class Trainer:
             dist.all_gather_object(states, mine)  # small CPU tensors: objects keep gloo and nccl simple
         return {f"{name}.{rank}": value for rank, state in enumerate(states) for name, value in state.items()}
 
-    def train_step(self, pool: ImagePool, phase: Phase) -> None:
+    def train_step(self, mixture: Mixture, phase: Phase) -> None:
         started = time.perf_counter()
-        images, weights = pool.batch(self.local_batch, self.batch_gen)
+        images, floors, weights = mixture.batch(self.local_batch, self.batch_gen)
         images, weights = images.to(self.rt.device), weights.to(self.rt.device)
         with self.rt.autocast():
-            losses = self.loss(self.model, images, generator=self.noise_gen)
+            losses = self.loss(self.model, images, floors, generator=self.noise_gen)
         (losses.float() * weights).mean().backward()
-        global_batch = self.local_batch * self.rt.world_size
         lr = optimizer_step(self.optimizer, list(self.net.parameters()), base_lr=self.config.optimizer.lr,
                             cur_nimg=self.state.nimg, warmup_kimg=self.config.optimizer.warmup_kimg,
                             max_grad_norm=self.config.optimizer.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
-        self.state.nimg += global_batch
+        self.state.nimg += self.global_batch
         self.state.step += 1
-        self.ema.update(self.net, global_batch, self.state.nimg)
+        self.ema.update(self.net, self.global_batch, self.state.nimg)
         seconds = time.perf_counter() - started
         self.metrics.append(step=self.state.step, kimg=self.state.nimg / 1000, round=phase.round, phase=phase.name,
-                            loss=float(losses.detach().mean()), lr=lr, seconds_per_kimg=seconds / global_batch * 1000)
+                            loss=float(losses.detach().mean()), lr=lr, seconds_per_kimg=seconds / self.global_batch * 1000)
 
     def checkpoint(self) -> Path | None:
         rng = self._rng_tensors()
@@ -127,32 +131,44 @@ class Trainer:
         self.rt.barrier()
         return path
 
-    def snapshot(self) -> Path | None:
+    def snapshot(self, name: str | None = None) -> Path | None:
         if not self.rt.is_main:
             return None
         count = self.config.grid_size
         images = torch.cat([batch for _, batch in generate(self.ema.module, seed=SNAPSHOT_SEED, count=count,
                             shape=self.data.image_shape, steps=SNAPSHOT_STEPS, batch=count, device=self.rt.device)])
         scale = max(1, 64 // self.data.image_shape[1])
-        return save_grid(images, self.run_dir / "snapshots" / f"grid-step-{self.state.step:09d}.png", scale=scale)
+        path = self.run_dir / "snapshots" / f"{name or f'grid-step-{self.state.step:09d}'}.png"
+        return save_grid(images, path, scale=scale)
 
-    def run_phase(self, phase: Phase, progress: object | None = None) -> None:
-        pool = build_pool(phase, self.data)
-        self.state.round = phase.round
+    def run_phase(self, index: int) -> None:
+        phase = self.phases[index]
+        fresh = self.state.info.get("entered_phase") != index
+        self.state.phase, self.state.round = index, phase.round
+        mixture = self.pools.enter(phase, fresh)
+        self.state.info["entered_phase"] = index
+        total = max(0, int(phase.end_kimg * 1000) - self.state.nimg)
+        tick = self.progress(f"{phase.name}", total) if self.progress and total else None
         while self.state.nimg < phase.end_kimg * 1000:
-            self.train_step(pool, phase)
-            if progress is not None:
-                progress(self.local_batch * self.rt.world_size)  # type: ignore[operator]
+            self.pools.before_step(phase, mixture)
+            self.train_step(mixture, phase)
+            if tick:
+                tick(self.global_batch)
             if self.state.step % self.config.snapshot_every == 0:
                 self.snapshot()
             if self.state.step % self.config.checkpoint_every == 0:
                 self.checkpoint()
+        if phase.round:
+            self.snapshot(f"grid-{phase.name}")
 
-    def run(self, progress: object | None = None) -> Path:
+    def run(self) -> Path:
         """Run every phase from the current state; returns the final checkpoint."""
+        finished = latest_checkpoint(self.run_dir)
+        if self.state.phase >= len(self.phases) and finished is not None:
+            return finished  # a resumed run that had already finished
         for index in range(self.state.phase, len(self.phases)):
-            self.state.phase = index
-            self.run_phase(self.phases[index], progress)
+            self.run_phase(index)
+            self.checkpoint()
         self.state.phase = len(self.phases)
         self.snapshot()
         final = self.checkpoint()

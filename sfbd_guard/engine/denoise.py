@@ -1,0 +1,69 @@
+"""SFBD's backward step over the protected copies: each noisy y is integrated by the PF-ODE from
+its sigma down to 0 with the EMA model (the same sampler as generation, on the truncated grid).
+
+Records are split across ranks (rank r takes rows r, r + W, ...) and gathered back in record order,
+so the result does not depend on the number of processes; every row stays tied to its record_id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..diffusion.sampling import denoise_backward
+from ..fileio import sha256_bytes
+from .config import DenoiseSpec
+from .data import to_uint8
+from .runtime import Runtime, gather_rows, rank_slice
+
+Tick = Callable[[int], None]
+
+
+@torch.no_grad()
+def denoise_rows(denoiser: torch.nn.Module, noisy: torch.Tensor, rows: torch.Tensor, sigma: float,
+                 spec: DenoiseSpec, rt: Runtime, tick: Tick | None = None) -> torch.Tensor:
+    """Denoise `noisy[rows]` (this rank's share of `rows`), gathered back in the order of `rows`.
+
+    Returns uint8 (len(rows), C, H, W): the reference code's PNG round trip, clipped and rounded.
+    """
+    mine = rank_slice(len(rows), rt)
+    outputs = []
+    for start in range(0, len(mine), spec.batch):
+        chunk = rows[mine[start : start + spec.batch]]
+        y = noisy[chunk].to(rt.device)
+        with rt.autocast():
+            clean = denoise_backward(denoiser, y, sigma, steps=spec.steps, solver=spec.solver, grid=spec.grid)
+        outputs.append(to_uint8(clean.clamp(-1, 1)).to(rt.device))
+        if tick:
+            tick(len(chunk) * rt.world_size)
+    local = torch.cat(outputs) if outputs else torch.empty((0, *noisy.shape[1:]), dtype=torch.uint8, device=rt.device)
+    gathered = gather_rows(local.to(torch.int32) if rt.distributed else local, mine.to(rt.device), len(rows), rt)
+    return gathered.to(torch.uint8).cpu()
+
+
+def record_digest(record_ids: list[str]) -> str:
+    return sha256_bytes("\n".join(record_ids).encode())
+
+
+def save_round(path: Path, denoised: torch.Tensor, record_ids: list[str], round_: int) -> None:
+    """The denoised set of one round, rows in record order (a checkpoint of its own, for resume)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    save_file({"denoised": denoised.contiguous()}, tmp,
+              metadata={"round": str(round_), "records": str(len(record_ids)), "record_ids_sha256": record_digest(record_ids)})
+    tmp.replace(path)
+
+
+def load_round(path: Path, record_ids: list[str]) -> torch.Tensor | None:
+    """A saved round's denoised set, if it exists and belongs to these records."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        if handle.metadata().get("record_ids_sha256") != record_digest(record_ids):
+            return None
+    return load_file(path)["denoised"]
