@@ -22,6 +22,13 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 
+def linear_ramp(kimg: float, start: float, end: float) -> float:
+    """Online SFBD's denoised-loss weight: 0 before `start`, 1 after `end`, linear between."""
+    if end <= start:
+        return 1.0 if kimg >= start else 0.0
+    return min(1.0, max(0.0, (kimg - start) / (end - start)))
+
+
 class PoolBuilder:
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
@@ -93,11 +100,7 @@ class PoolBuilder:
         return bank
 
     def _ramp_weight(self) -> float:
-        start, end = self.trainer.config.schedule.ramp()
-        kimg = self.trainer.state.nimg / 1000
-        if end <= start:
-            return 1.0 if kimg >= start else 0.0
-        return min(1.0, max(0.0, (kimg - start) / (end - start)))
+        return linear_ramp(self.trainer.state.nimg / 1000, *self.trainer.config.schedule.ramp())
 
     def before_step(self, phase: Phase, mixture: Mixture) -> None:
         if phase.pool != "online" or self.bank is None:

@@ -1,0 +1,162 @@
+"""SFBD, online SFBD and the baselines on tiny data: end to end, record order, schedules, resume."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from helpers import digits_policy, tiny_pipeline, write_policy
+from sfbd_guard.curation.prepare import prepare
+from sfbd_guard.engine.config import DenoiseSpec, load_pipeline
+from sfbd_guard.engine.denoise import denoise_rows
+from sfbd_guard.engine.methods import plan
+from sfbd_guard.engine.pools import linear_ramp
+from sfbd_guard.engine.runtime import Runtime
+from sfbd_guard.engine.service import train
+from sfbd_guard.policy import load_policy
+
+SFBD_SCHEDULE = {"pretrain_kimg": 0.064, "rounds": 2, "round_kimg": 0.048}  # 4 + 3 + 3 steps of 16
+
+
+@pytest.fixture(scope="module")
+def digits8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("digits8m")
+    return prepare(load_policy(write_policy(tmp / "policy.yaml", digits_policy(tmp / "prepared")))).output
+
+
+def _config(tmp_path: Path, data: Path, name: str, **overrides: object):  # type: ignore[no-untyped-def]
+    overrides.setdefault("denoise", {"steps": 6, "batch": 1024})
+    return load_pipeline(write_policy(tmp_path / f"{name}.yaml", tiny_pipeline(data, tmp_path / name, **overrides)))
+
+
+@pytest.mark.parametrize("method", ["clean-only", "noisy-direct", "ambient", "sfbd", "online-sfbd"])
+def test_each_method_runs_end_to_end(tmp_path: Path, digits8: Path, method: str) -> None:
+    schedule = dict(SFBD_SCHEDULE)
+    if method == "online-sfbd":
+        schedule = {"pretrain_kimg": 0.064, "total_kimg": 0.16, "refresh_every": 2, "refresh_size": 200}
+    outcome = train(_config(tmp_path, digits8, method, method=method, schedule=schedule), resume=False)
+    assert outcome.step == 10
+    metrics = pq.read_table(outcome.run_dir / "metrics.parquet").to_pylist()
+    assert all(row["loss"] == row["loss"] and row["loss"] < 1e3 for row in metrics), "finite losses"
+    phases = [row["phase"] for row in metrics]
+    expected = {"sfbd": ["pretrain"] * 4 + ["round-1"] * 3 + ["round-2"] * 3,
+                "online-sfbd": ["pretrain"] * 4 + ["online"] * 6}.get(method, ["train"] * 10)
+    assert phases == expected
+    if method == "sfbd":
+        rounds = sorted(p.name for p in (outcome.run_dir / "rounds").iterdir())
+        assert rounds == ["round-01.safetensors", "round-02.safetensors"]
+        denoised = load_file(outcome.run_dir / "rounds" / "round-01.safetensors")["denoised"]
+        assert denoised.dtype == torch.uint8 and denoised.shape == (1617, 1, 8, 8)
+        assert {p.name for p in (outcome.run_dir / "snapshots").iterdir()} >= {"grid-round-1.png", "grid-round-2.png"}
+
+
+def test_plans_follow_the_schedule(tmp_path: Path, digits8: Path) -> None:
+    sfbd = plan(_config(tmp_path, digits8, "p1", method="sfbd", schedule={"pretrain_kimg": 10, "rounds": 3, "round_kimg": 5}))
+    assert [(p.name, p.round, p.end_kimg) for p in sfbd] == [("pretrain", 0, 10), ("round-1", 1, 15), ("round-2", 2, 20), ("round-3", 3, 25)]
+    online = _config(tmp_path, digits8, "p2", method="online-sfbd", schedule={"pretrain_kimg": 10, "total_kimg": 30})
+    assert [(p.name, p.end_kimg) for p in plan(online)] == [("pretrain", 10), ("online", 30)]
+    assert online.schedule.ramp() == (10, 15)
+    baseline = _config(tmp_path, digits8, "p3", method="noisy-direct", schedule={"pretrain_kimg": 10, "rounds": 3, "round_kimg": 5})
+    assert plan(baseline)[-1].end_kimg == 25, "baselines get the same budget as sfbd"
+
+
+def test_ramp_is_linear_between_its_ends() -> None:
+    assert [linear_ramp(k, 10, 20) for k in (0, 10, 12.5, 15, 20, 30)] == [0, 0, 0.25, 0.5, 1, 1]
+    assert linear_ramp(9.9, 10, 10) == 0 and linear_ramp(10, 10, 10) == 1
+
+
+def test_online_refresh_follows_the_config(tmp_path: Path, digits8: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sfbd_guard.engine import pools
+
+    calls: list[tuple[int, int, float]] = []
+    real = pools.denoise_rows
+
+    def spy(denoiser, noisy, rows, sigma, spec, rt, tick=None):  # type: ignore[no-untyped-def]
+        calls.append((int(rows[0]), len(rows), sigma))
+        return real(denoiser, noisy, rows, sigma, spec, rt, tick)
+
+    monkeypatch.setattr(pools, "denoise_rows", spy)
+    schedule = {"pretrain_kimg": 0.064, "total_kimg": 0.256, "refresh_every": 3, "refresh_size": 700,
+                "ramp_start_kimg": 0.1, "ramp_end_kimg": 0.2}
+    train(_config(tmp_path, digits8, "online", method="online-sfbd", schedule=schedule), resume=False)
+    # 12 online steps: the bank is filled once, then refreshed before steps 3, 6 and 9 of the phase
+    assert calls == [(0, 1617, 0.6), (0, 700, 0.6), (700, 700, 0.6), (1400, 700, 0.6)]
+
+
+def test_resume_mid_round_reuses_the_denoised_set(tmp_path: Path, digits8: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    straight = train(_config(tmp_path, digits8, "straight", method="sfbd", schedule=SFBD_SCHEDULE, checkpoint_every=1), resume=False)
+    from sfbd_guard.engine import pools, trainer
+
+    real_step = trainer.Trainer.train_step
+
+    def crash(self, mixture, phase):  # type: ignore[no-untyped-def]
+        if self.state.step == 6:  # the middle of round 1 (steps 5-7)
+            raise KeyboardInterrupt
+        real_step(self, mixture, phase)
+
+    config = _config(tmp_path, digits8, "crashed", method="sfbd", schedule=SFBD_SCHEDULE, checkpoint_every=1)
+    monkeypatch.setattr(trainer.Trainer, "train_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, resume=False)
+    round_file = tmp_path / "crashed" / "rounds" / "round-01.safetensors"
+    before = round_file.read_bytes()
+    monkeypatch.setattr(trainer.Trainer, "train_step", real_step)
+    denoised_rows: list[int] = []
+    real_denoise = pools.denoise_rows
+    monkeypatch.setattr(pools, "denoise_rows", lambda *a, **k: denoised_rows.append(len(a[2])) or real_denoise(*a, **k))
+    resumed = train(config, resume=True)
+    assert round_file.read_bytes() == before
+    assert denoised_rows == [1617], "only round 2 is denoised after the resume"
+    assert load_file(round_file)["denoised"].equal(load_file(straight.run_dir / "rounds" / "round-01.safetensors")["denoised"])
+    steps = [row["step"] for row in pq.read_table(resumed.run_dir / "metrics.parquet").to_pylist()]
+    assert steps == list(range(1, 11))
+    latest = lambda run: load_file(run / "checkpoints" / (run / "checkpoints" / "latest").read_text() / "ema.safetensors")  # noqa: E731
+    for name, tensor in latest(straight.run_dir).items():
+        assert torch.equal(tensor, latest(resumed.run_dir)[name]), name
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _denoise_worker(rank: int, world: int, port: int, noisy: torch.Tensor, results: dict) -> None:  # type: ignore[type-arg]
+    from sfbd_guard.diffusion.networks import UNetConfig, build_denoiser
+
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    net = build_denoiser(UNetConfig(model_channels=8, channel_mult=(1,), num_blocks=1, attn_resolutions=()), 8, 1)
+    rows = torch.tensor([6, 0, 5, 1, 4, 2, 3])
+    out = denoise_rows(net.eval(), noisy, rows, 0.6, DenoiseSpec(steps=4, batch=2), Runtime(torch.device("cpu"), rank, world))
+    results[(world, rank)] = out
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_denoised_set_keeps_record_order_across_1_and_2_processes() -> None:
+    noisy = torch.randn(7, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    results = mp.Manager().dict()
+    _denoise_worker(0, 1, 0, noisy, results)
+    mp.spawn(_denoise_worker, args=(2, _free_port(), noisy, results), nprocs=2)
+    single = results[(1, 0)]
+    assert single.shape == (7, 1, 8, 8) and single.dtype == torch.uint8
+    assert torch.equal(results[(2, 0)], single) and torch.equal(results[(2, 1)], single)
+    alone = torch.stack([_alone(noisy[i]) for i in (6, 0, 5)])  # each row is its own record's result
+    assert torch.equal(single[:3], alone)
+
+
+def _alone(y: torch.Tensor) -> torch.Tensor:
+    results: dict = {}  # type: ignore[type-arg]
+    _denoise_worker(0, 1, 0, y.unsqueeze(0).expand(7, -1, -1, -1).contiguous(), results)
+    return results[(1, 0)][0]
