@@ -1,5 +1,7 @@
 """U-Net shapes, parameter count of the reference config, and Opacus compatibility."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -71,3 +73,22 @@ def test_augment_labels_are_used() -> None:
 def test_invalid_config_lists_problems() -> None:
     with pytest.raises(ValueError, match="num_blocks.*dropout"):
         UNetConfig(num_blocks=0, dropout=1.5)
+
+
+def test_opacus_per_sample_gradients_match_single_sample_backward() -> None:
+    opacus = pytest.importorskip("opacus")
+    from sfbd_guard.diffusion.loss import EDMLoss
+
+    cfg = UNetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), dropout=0.0)
+    torch.manual_seed(0)
+    net = build_denoiser(cfg, 8, 3)
+    g = torch.Generator().manual_seed(0)
+    x, noise = torch.randn(3, 3, 8, 8, generator=g), torch.randn(3, 3, 8, 8, generator=g)
+    sigma = torch.tensor([0.1, 0.7, 3.0])
+    plain = copy.deepcopy(net)
+    gs = opacus.GradSampleModule(net, loss_reduction="sum")
+    EDMLoss()(gs, x, sigma=sigma, noise=noise).sum().backward()
+    per_sample = [p.grad_sample[1] for p in net.parameters()]
+    EDMLoss()(plain, x[1:2], sigma=sigma[1:2], noise=noise[1:2]).sum().backward()
+    for ps, p in zip(per_sample, plain.parameters()):
+        torch.testing.assert_close(ps, p.grad, rtol=1e-3, atol=1e-6)

@@ -96,6 +96,15 @@ def resample(x: Tensor, mode: str) -> Tensor:
     return x
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """``channels_last`` if ``x`` is stored that way (and not trivially NCHW), else contiguous."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class SelfAttention(nn.Module):
     """Residual self-attention over pixels via ``F.scaled_dot_product_attention``."""
 
@@ -110,8 +119,11 @@ class SelfAttention(nn.Module):
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
         q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, C/heads)
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
+        # SDPA may return a (B, HW, heads, d) layout, which makes `out` channels-last. Keep the
+        # input's memory format: Opacus' conv grad sampler (unfold2d via as_strided) silently
+        # assumes NCHW-contiguous activations and returns wrong per-sample gradients otherwise.
+        out = out.contiguous(memory_format=_memory_format(x))
         return (self.proj(out) + x) * _SKIP_SCALE
 
 
