@@ -56,7 +56,9 @@ class ScheduleSpec(StrictModel):
 class DenoiseSpec(StrictModel):
     steps: int = Field(18, ge=2)  # EDM grid size whose truncation at the record's sigma is integrated
     solver: Literal["heun", "euler"] = "heun"  # ODE solver of the backward step
-    grid: Literal["edm", "fitted"] = "edm"  # edm: the EDM grid cut at sigma; fitted: `steps` points on [0.002, sigma]
+    grid: Literal["edm", "fitted"] = "edm"  # edm: the EDM grid cut at sigma; fitted: `steps` points on [sigma_min, sigma]
+    rho: float = Field(7.0, gt=0)  # grid spacing exponent (EDM: 7)
+    sigma_min: float = Field(0.002, gt=0)  # smallest non-zero grid point
     batch: int = Field(256, ge=1)  # images per denoising batch (per process)
 
 

@@ -35,7 +35,8 @@ def denoise_rows(denoiser: torch.nn.Module, noisy: torch.Tensor, rows: torch.Ten
         chunk = rows[mine[start : start + spec.batch]]
         y = noisy[chunk].to(rt.device)
         with rt.autocast():
-            clean = denoise_backward(denoiser, y, sigma, steps=spec.steps, solver=spec.solver, grid=spec.grid)
+            clean = denoise_backward(denoiser, y, sigma, steps=spec.steps, solver=spec.solver, grid=spec.grid,
+                                     rho=spec.rho, sigma_min=spec.sigma_min)
         outputs.append(to_uint8(clean.clamp(-1, 1)).to(rt.device))
         if tick:
             tick(len(chunk) * rt.world_size)
