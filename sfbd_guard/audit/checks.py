@@ -81,6 +81,21 @@ def score(pixels: np.ndarray, *, embedder: Embedder, index: InnerProductIndex, r
     return Scores(found.rows, found.scores, flipped, d1, l2_row, ratio, hashes)
 
 
+def background(index: InnerProductIndex, embeddings: np.ndarray, *, limit: int = 1000, seed: int = 0) -> np.ndarray:
+    """Leave-one-out top-1 similarity of (a seeded subset of) protected images to the other protected images.
+
+    Somepalli et al.'s train-versus-train background: not a holdout (it is biased upwards by
+    near-duplicates), only a warning sign when the default thresholds would flag protected images.
+    """
+    n = len(embeddings)
+    if n < 2:
+        return np.zeros(0, np.float32)
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(limit, n), replace=False))
+    found = index.search(embeddings[rows], 2)
+    other = np.where(found.rows[:, 0] == rows, found.scores[:, 1], found.scores[:, 0])
+    return other.astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Thresholds:
     copy: float  # s1 >= copy → copy

@@ -19,7 +19,7 @@ from ..config import StrictModel, read_yaml_mapping, validate_mapping
 # cosine similarity, and suspect when the relative L2 ratio is at or below `ratio` (Carlini et al.'s
 # adaptive distance d1 / (0.5 * mean d_1..d_k) <= 1, i.e. d1 / mean <= 0.5).
 DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
-    "pixel": {"copy": 0.97, "suspect": 0.94, "ratio": 0.5},
+    "pixel": {"copy": 0.97, "suspect": 0.90, "ratio": 0.5},
     "clip": {"copy": 0.95, "suspect": 0.90, "ratio": 0.5},
 }
 CACHE_ENV = "GUARD_AUDIT_CACHE"

@@ -86,6 +86,7 @@ def render(summary: dict[str, Any], pairs: list[Pair], histogram_png: Image.Imag
     """The whole report.html as a string."""
     counts, th = summary["counts"], summary["thresholds"]
     rows = "\n".join(_pair_row(p, thumb_size) for p in pairs) or '<tr><td colspan="6">no samples</td></tr>'
+    warnings = "".join(f'<p style="color:#b35900">warning: {html.escape(w)}</p>' for w in summary["warnings"])
     count_text = ", ".join(f"{k}: {counts.get(k, 0)}" for k in ("copy", "suspect", "novel", "error"))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>guard audit: {html.escape(summary['samples'])}</title>
@@ -99,6 +100,7 @@ embedder <b>{html.escape(summary['embedder']['kind'])}</b>.</p>
 (95% CI {summary['flagged']['ci95'][0]:.4f}-{summary['flagged']['ci95'][1]:.4f}).</p>
 <p>Thresholds ({html.escape(th['method'])}): copy s1 &ge; {th['copy']:.4f}; suspect s1 &ge; {th['suspect']:.4f}
 or relative L2 ratio &le; {th['ratio']:.4f}. {html.escape(th['note'])}. {html.escape(th['expected_fpr_text'])}.</p>
+{warnings}
 <h2>Top-1 similarity: samples versus holdout</h2>
 <img src="{png_data_uri(histogram_png)}" alt="histograms">
 <h2>Top matched pairs</h2>

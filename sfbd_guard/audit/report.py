@@ -106,4 +106,6 @@ def print_summary(summary: dict[str, Any], report: Path) -> None:
                   f"or l2_ratio <= {th['ratio']:.4f}  [{summary['embedder']['kind']} embedder]")
     console.print(f"flagged {flagged['count']}/{flagged['of']} = {flagged['fraction']:.4f} "
                   f"(95% CI {flagged['ci95'][0]:.4f}-{flagged['ci95'][1]:.4f}); {th['expected_fpr_text']}")
+    for warning in summary["warnings"]:
+        console.print(f"[yellow]warning[/yellow]: {warning}")
     console.print(f"report: {report}")

@@ -20,7 +20,7 @@ from ..errors import GuardError
 from ..fileio import fingerprint, sha256_file
 from ..ledger import Artifact, ledger_dir, recorded
 from . import calibrate as cal
-from .checks import Scores, score, verdicts
+from .checks import Scores, background, score, verdicts
 from .config import AuditConfig
 from .embed import Embedder, PixelEmbedder
 from .html import Pair, histogram, render
@@ -150,6 +150,7 @@ def run_audit(*, samples: Path, data: Path, report: Path, config: AuditConfig, d
     calibration, holdout_s1 = _calibrate(ctx, data_root, holdout_dir)
     clock["calibration"] = time.perf_counter() - mark
     verdict, rules = verdicts(scores, calibration.thresholds)
+    loo = background(ctx.index, reference.embeddings, seed=config.calibration.seed)
     mark = time.perf_counter()
     pairs, thumbs = _pairs(ctx, loaded, scores, verdict, data_root)
     digests = [_file_sha256(samples / name) for name in loaded.names]
@@ -158,7 +159,7 @@ def run_audit(*, samples: Path, data: Path, report: Path, config: AuditConfig, d
     summary = build_summary(samples=samples, samples_fingerprint=fingerprint(dict(zip(loaded.names, (d or "" for d in digests)))), info=info, config=config, embedder=embedder, index=ctx.index,
                             reference=reference, calibration=calibration, scores=scores, verdicts=verdict,
                             names=[n for n, ok in zip(loaded.names, loaded.ok) if ok], errors=len(loaded.errors),
-                            holdout_s1=holdout_s1, thumbnails=thumbs, timings=clock)
+                            holdout_s1=holdout_s1, background_s1=loo, thumbnails=thumbs, timings=clock)
     th = calibration.thresholds
     figure = histogram({"samples": scores.s1, "holdout": holdout_s1}, {"copy": th.copy, "suspect": th.suspect})
     clock["report"] = time.perf_counter() - mark

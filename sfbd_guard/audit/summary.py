@@ -49,12 +49,28 @@ def _top(scores: Scores, verdicts: list[str], names: list[str], ids: list[str], 
              "verdict": verdicts[i]} for i in order]
 
 
+def _background(values: np.ndarray, calibration: Calibration) -> tuple[dict[str, Any], list[str]]:
+    th = calibration.thresholds
+    above = float(np.mean(values >= th.copy)) if len(values) else 0.0
+    info = {"what": "leave-one-out top-1 similarity of protected images to the other protected images (no mirror)",
+            "count": len(values), "quantiles": quantiles(values), "above_copy": round(above, 6),
+            "above_suspect": round(float(np.mean(values >= th.suspect)) if len(values) else 0.0, 6)}
+    warnings = []
+    if th.method == "default" and above > 0.01:
+        warnings.append(f"{above:.1%} of protected images have another protected image at or above the default copy "
+                        "threshold: on this data the default is too permissive; calibrate with --holdout DIR")
+    return info, warnings
+
+
 def build_summary(*, samples: Path, samples_fingerprint: str, info: PreparedInfo, config: AuditConfig, embedder: Embedder,
                   index: InnerProductIndex, reference: Reference, calibration: Calibration, scores: Scores,
-                  verdicts: list[str], names: list[str], errors: int, holdout_s1: np.ndarray, thumbnails: str,
+                  verdicts: list[str], names: list[str], errors: int, holdout_s1: np.ndarray, background_s1: np.ndarray, thumbnails: str,
                   timings: dict[str, float]) -> dict[str, Any]:
     counts = {v: verdicts.count(v) for v in VERDICTS} | {"error": errors}
     scored = len(verdicts)
+    loo, warnings = _background(background_s1, calibration)
+    if errors:
+        warnings.append(f"{errors} sample file(s) could not be read and were not audited (status error in samples.parquet)")
     return {
         "schema_version": SCHEMA_VERSION, "tool_version": __version__,
         "samples": str(samples.resolve()), "samples_fingerprint": samples_fingerprint,
@@ -70,6 +86,7 @@ def build_summary(*, samples: Path, samples_fingerprint: str, info: PreparedInfo
                "k": min(config.l2.k, len(reference.pixels))},
         "similarity": {"samples": quantiles(scores.s1), "holdout": quantiles(holdout_s1),
                        "samples_above": {t: round(float(np.mean(scores.s1 > float(t))), 6) for t in ("0.90", "0.95", "0.99")}},
+        "background": loo, "warnings": warnings,
         "top": _top(scores, verdicts, names, info.protected_ids),
         "thumbnails": thumbnails, "timings": timings, "config": config.model_dump(mode="json"),
     }
