@@ -76,7 +76,7 @@ class ClipEmbedder:
             else:
                 net, _, preprocess = open_clip.create_model_and_transforms(
                     model, pretrained=str(path), force_quick_gelu=quick_gelu)
-        except (RuntimeError, ValueError, KeyError, FileNotFoundError) as err:
+        except (RuntimeError, ValueError, KeyError, OSError, AssertionError) as err:  # open_clip asserts on shapes
             raise InputError(f"--clip-weights {path}: cannot load into {model}: {str(err).splitlines()[0][:300]}",
                              hint=HOW_TO) from None
         self.model = net.eval()
