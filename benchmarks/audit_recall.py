@@ -151,7 +151,8 @@ def evaluate(report: Path, truth: dict[str, tuple[str, str | None]]) -> dict[str
             "summary": json.loads((report / "summary.json").read_text())}
 
 
-def run(tmp: Path, prepared: Path, truth: dict[str, tuple[str, str | None]], config: AuditConfig, label: str) -> dict[str, object]:
+def run(tmp: Path, prepared: Path, truth: dict[str, tuple[str, str | None]], config: AuditConfig,
+        label: str) -> dict[str, object]:
     started = time.perf_counter()
     run_audit(samples=tmp / "samples", data=prepared, report=tmp / f"report-{label}", config=config)
     result = evaluate(tmp / f"report-{label}", truth)
@@ -164,13 +165,16 @@ def table(label: str, result: dict[str, object]) -> str:
     th = result["summary"]["thresholds"]  # type: ignore[index]
     lines = [f"### {label}: copy s1 >= {th['copy']:.4f}, suspect s1 >= {th['suspect']:.4f} or ratio <= {th['ratio']:.3f} "
              f"({th['method']}, m = {th['holdout'].get('count')}); {result['seconds']} s",
-             "| images | n | recall (copy) | recall (copy or suspect) | top-1 = source | min s1 |", "|---|---|---|---|---|---|"]
+             "| images | n | recall (copy) | recall (copy or suspect) | top-1 = source | min s1 |",
+             "|---|---|---|---|---|---|"]
     for kind, s in per.items():  # type: ignore[union-attr]
         if kind == "novel":
             continue
-        lines.append(f"| {kind} | {s['n']} | {s['copy'] / s['n']:.3f} | {s['flagged'] / s['n']:.3f} | {s['top1'] / s['n']:.3f} | {s['min_s1']:.4f} |")
+        n = s["n"]
+        lines.append(f"| {kind} | {n} | {s['copy'] / n:.3f} | {s['flagged'] / n:.3f} | {s['top1'] / n:.3f} | {s['min_s1']:.4f} |")
     novel = per["novel"]  # type: ignore[index]
-    lines.append(f"| novel (false flags) | {novel['n']} | {novel['copy']} copy | {novel['flagged']} flagged | - | max {novel['max_s1']:.4f} |")
+    lines.append(f"| novel (false flags) | {novel['n']} | {novel['copy']} copy | {novel['flagged']} flagged | - "
+                 f"| max {novel['max_s1']:.4f} |")
     lines.append(f"\nprecision (copy verdict): {result['precision_copy']:.4f}")
     return "\n".join(lines)
 

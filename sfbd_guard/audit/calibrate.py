@@ -89,9 +89,10 @@ def calibrated(config: AuditConfig, kind: str, holdout: Scores, source: str, dro
     """Thresholds from the holdout's top-1 similarities and L2 ratios (see the module docstring)."""
     spec, base, m = config.calibration, defaults(config, kind), len(holdout.s1)
     s1, ratio = holdout.s1.astype(np.float64), holdout.l2_ratio.astype(np.float64)
-    copy, fpr_copy, small_c = _or_stricter(upper_threshold(s1, spec.alpha_copy), base["copy"], float(s1.max()), m, True)
-    suspect, fpr_s, small_s = _or_stricter(upper_threshold(s1, spec.alpha_suspect), base["suspect"], float(s1.max()), m, True)
-    low, fpr_r, small_r = _or_stricter(lower_threshold(ratio, spec.alpha_suspect), base["ratio"], float(ratio.min()), m, False)
+    top, bottom = float(s1.max()), float(ratio.min())
+    copy, fpr_copy, small_c = _or_stricter(upper_threshold(s1, spec.alpha_copy), base["copy"], top, m, True)
+    suspect, fpr_s, small_s = _or_stricter(upper_threshold(s1, spec.alpha_suspect), base["suspect"], top, m, True)
+    low, fpr_r, small_r = _or_stricter(lower_threshold(ratio, spec.alpha_suspect), base["ratio"], bottom, m, False)
     suspect = min(suspect, copy)
     note = (f"calibrated on {m} holdout image(s) ({source}): copy = the (1 - {spec.alpha_copy:g}) quantile and "
             f"suspect = the (1 - {spec.alpha_suspect:g}) quantile of their top-1 similarity to the protected set, "

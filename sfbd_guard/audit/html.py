@@ -77,7 +77,8 @@ def _pair_row(pair: Pair, size: int) -> str:
     original = (f'<img src="{png_data_uri(thumbnail(pair.original, size))}" alt="protected original">'
                 if pair.original is not None else '<span class="none">not shown</span>')
     colour = VERDICT_COLOURS.get(pair.verdict, "#000")
-    return (f"<tr><td>{sample}<br>{html.escape(pair.sample)}</td><td>{original}<br>{html.escape(pair.record_id or '-')}</td>"
+    return (f"<tr><td>{sample}<br>{html.escape(pair.sample)}</td>"
+            f"<td>{original}<br>{html.escape(pair.record_id or '-')}</td>"
             f'<td style="color:{colour}"><b>{pair.verdict}</b></td><td>{pair.s1:.4f}</td><td>{pair.margin:.4f}</td>'
             f"<td>{pair.l2_ratio:.3f}</td></tr>")
 

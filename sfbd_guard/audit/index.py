@@ -53,7 +53,8 @@ class InnerProductIndex:
     @property
     def kind(self) -> str:
         if self.approximate:
-            return f"IVF{self.index.nlist},Flat candidates ({self.spec.candidates}, nprobe {self.spec.nprobe}) + exact re-rank"
+            return (f"IVF{self.index.nlist},Flat candidates ({self.spec.candidates}, nprobe {self.spec.nprobe}) "
+                    "+ exact re-rank")
         return "flat inner product (exact, faiss.knn)"
 
     def search(self, queries: np.ndarray, k: int) -> Neighbours:

@@ -85,14 +85,14 @@ def source_spec(info: PreparedInfo, data_root: Path | None, split: str | None = 
 
 
 def _load_verified(reader: DatasetReader, record_id: str, expected: str | None, what: str) -> np.ndarray:
+    hint = "the source dataset changed since guard prepare, or --data-root points to another copy"
     try:
         pixels = reader.load(record_id)
     except ImageDecodeError as err:
-        raise VerificationError(f"{what} {record_id}: cannot read it from {reader.spec.root}: {err}",
-                                hint="the source dataset changed since guard prepare, or --data-root points elsewhere") from None
+        raise VerificationError(f"{what} {record_id}: cannot read it from {reader.spec.root}: {err}", hint=hint) from None
     if expected is not None and pixel_sha256(pixels) != expected:
-        raise VerificationError(f"{what} {record_id} under {reader.spec.root} does not match the sha256 recorded at prepare time",
-                                hint="the source dataset changed since guard prepare, or --data-root points to another copy")
+        raise VerificationError(f"{what} {record_id} under {reader.spec.root} does not match the sha256 recorded "
+                                "at prepare time", hint=hint)
     return pixels
 
 
@@ -180,7 +180,8 @@ def holdout_from_splits(info: PreparedInfo, data_root: Path | None, *, limit: in
     return _without_protected(np.stack(pixels) if pixels else None, info, f"split:{','.join(splits)}", dropped)
 
 
-def _without_protected(pixels: np.ndarray | None, info: PreparedInfo, source: str, dropped: dict[str, int]) -> Holdout | None:
+def _without_protected(pixels: np.ndarray | None, info: PreparedInfo, source: str,
+                       dropped: dict[str, int]) -> Holdout | None:
     if pixels is None:
         return None
     protected = set(info.protected_sha256)

@@ -100,8 +100,11 @@ def _save(folder: Path, embeddings: np.ndarray, pixels: np.ndarray, meta: dict[s
 
 
 def build(info: PreparedInfo, embedder: Embedder, config: AuditConfig, data_root: Path | None,
-          progress: Callable[[int], None] | None = None) -> Reference:
-    """Read, verify and embed every protected original (or reuse a cache entry with the same key)."""
+          start_progress: Callable[[int], Callable[[int], None]] | None = None) -> Reference:
+    """Read, verify and embed every protected original (or reuse a cache entry with the same key).
+
+    `start_progress(total)` is called only when originals are read, and returns a per-chunk callback.
+    """
     started = time.perf_counter()
     size = l2_size(config, info.resolution)
     key = cache_key(info, embedder, size)
@@ -110,6 +113,7 @@ def build(info: PreparedInfo, embedder: Embedder, config: AuditConfig, data_root
     if folder is not None and (hit := _load(folder, len(info.protected_ids))) is not None:
         return Reference(hit[0], hit[1], key, "cached", hit[2].get("built_at", ""), time.perf_counter() - started, folder)
     embedded, pixels = [], []
+    progress = start_progress(len(info.protected_ids)) if start_progress else None
     for chunk in iter_protected(info, data_root, chunk=max(config.embedder.batch, 256), progress=progress):
         embedded.append(embed_batched(embedder, chunk, config.embedder.batch))
         pixels.append(l2_vectors(chunk, size))

@@ -26,9 +26,10 @@ from .embed import Embedder, PixelEmbedder
 from .html import Pair, histogram, render
 from .images import LoadedImages, load_folder
 from .index import InnerProductIndex
-from .originals import Holdout, PreparedInfo, holdout_from_dir, holdout_from_splits, holdout_splits, load_protected, read_prepared
+from .originals import (Holdout, PreparedInfo, holdout_from_dir, holdout_from_splits, holdout_splits, load_protected,
+                        read_prepared)
 from .reference import Reference, build, l2_size
-from .report import print_summary, samples_table, write_parquet, write_summary
+from .report import samples_table, write_parquet, write_summary
 from .summary import build_summary
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
@@ -67,7 +68,8 @@ def find_holdout(info: PreparedInfo, config: AuditConfig, data_root: Path | None
     if not holdout_splits(info):
         split = info.card["split"]
         why = "uses every split" if split == "all" else "has no other split"
-        return None, f"the policy's dataset ({info.card['format']}, split {split}) {why}; excluded records are never a holdout"
+        return None, (f"the policy's dataset ({info.card['format']}, split {split}) {why}; "
+                      "excluded records are never a holdout")
     found = holdout_from_splits(info, data_root, limit=spec.max_holdout, seed=spec.seed)
     return found, "the other split(s) hold no usable image"
 
@@ -129,43 +131,61 @@ def _write(report: Path, table: Any, summary: dict[str, Any], page: str) -> dict
     return files
 
 
+def _context(info: PreparedInfo, config: AuditConfig, data_root: Path | None,
+             progress: ProgressFactory | None) -> _Context:
+    """The embedder, the reference set (built from verified originals, or cached) and its index."""
+    embedder = make_embedder(config, info)
+    label = f"protected originals ({embedder.kind})"
+    reference = build(info, embedder, config, data_root, (lambda total: progress(label, total)) if progress else None)
+    index = InnerProductIndex(reference.embeddings, config.search, reference.ivf(config.search.exact_limit))
+    return _Context(info, config, embedder, reference, index)
+
+
+def _report(ctx: _Context, samples: Path, report: Path, loaded: LoadedImages, scores: Scores,
+            calibration: cal.Calibration, holdout_s1: np.ndarray, data_root: Path | None,
+            clock: dict[str, float]) -> AuditResult:
+    """Verdicts, then samples.parquet, summary.json and report.html."""
+    mark = time.perf_counter()
+    verdict, rules = verdicts(scores, calibration.thresholds)
+    pairs, thumbs = _pairs(ctx, loaded, scores, verdict, data_root)
+    digests = [_file_sha256(samples / name) for name in loaded.names]
+    table = samples_table(loaded.names, loaded.ok, loaded.sizes, digests, loaded.errors, scores, verdict, rules,
+                          ctx.info.protected_ids)
+    summary = build_summary(
+        samples=samples, samples_fingerprint=fingerprint({n: d or "" for n, d in zip(loaded.names, digests)}),
+        info=ctx.info, config=ctx.config, embedder=ctx.embedder, index=ctx.index, reference=ctx.reference,
+        calibration=calibration, scores=scores, verdicts=verdict, errors=len(loaded.errors),
+        names=[n for n, ok in zip(loaded.names, loaded.ok) if ok], holdout_s1=holdout_s1,
+        background_s1=background(ctx.index, ctx.reference.embeddings, seed=ctx.config.calibration.seed),
+        thumbnails=thumbs, timings=clock)
+    th = calibration.thresholds
+    figure = histogram({"samples": scores.s1, "holdout": holdout_s1}, {"copy": th.copy, "suspect": th.suspect})
+    clock["report"] = time.perf_counter() - mark
+    summary["timings"] = {k: round(v, 3) for k, v in {**clock, "total": sum(clock.values())}.items()}
+    files = _write(report, table, summary, render(summary, pairs, figure, ctx.config.report.thumb_size))
+    return AuditResult(report, summary, files)
+
+
 def run_audit(*, samples: Path, data: Path, report: Path, config: AuditConfig, data_root: Path | None = None,
               holdout_dir: Path | None = None, progress: ProgressFactory | None = None) -> AuditResult:
-    """Score every image under `samples` against the protected originals of `data`; write the report."""
-    clock: dict[str, float] = {}
+    """Score every image under `samples` against the protected originals of `data`; write the report.
+
+    Bad input (no images, not a prepared directory, missing weights, changed originals) raises an
+    InputError or VerificationError (exit 2 in the CLI); `result.counts["copy"]` decides exit 0 or 3.
+    """
     started = time.perf_counter()
     info = read_prepared(data)
     loaded = load_folder(samples, info.resolution, info.channels)
-    clock["read_samples"] = time.perf_counter() - started
-    embedder = make_embedder(config, info)
-    reference = build(info, embedder, config, data_root,
-                      progress(f"protected originals ({embedder.kind})", len(info.protected_ids)) if progress else None)
-    clock["reference"] = reference.seconds
+    clock = {"read_samples": time.perf_counter() - started}
+    ctx = _context(info, config, data_root, progress)
+    clock["reference"] = ctx.reference.seconds
     mark = time.perf_counter()
-    ctx = _Context(info, config, embedder, reference,
-                   InnerProductIndex(reference.embeddings, config.search, reference.ivf(config.search.exact_limit)))
     scores = ctx.score(loaded.pixels)
     clock["score_samples"] = time.perf_counter() - mark
     mark = time.perf_counter()
     calibration, holdout_s1 = _calibrate(ctx, data_root, holdout_dir)
     clock["calibration"] = time.perf_counter() - mark
-    verdict, rules = verdicts(scores, calibration.thresholds)
-    loo = background(ctx.index, reference.embeddings, seed=config.calibration.seed)
-    mark = time.perf_counter()
-    pairs, thumbs = _pairs(ctx, loaded, scores, verdict, data_root)
-    digests = [_file_sha256(samples / name) for name in loaded.names]
-    table = samples_table(loaded.names, loaded.ok, loaded.sizes, digests, loaded.errors, scores, verdict, rules,
-                          info.protected_ids)
-    summary = build_summary(samples=samples, samples_fingerprint=fingerprint(dict(zip(loaded.names, (d or "" for d in digests)))), info=info, config=config, embedder=embedder, index=ctx.index,
-                            reference=reference, calibration=calibration, scores=scores, verdicts=verdict,
-                            names=[n for n, ok in zip(loaded.names, loaded.ok) if ok], errors=len(loaded.errors),
-                            holdout_s1=holdout_s1, background_s1=loo, thumbnails=thumbs, timings=clock)
-    th = calibration.thresholds
-    figure = histogram({"samples": scores.s1, "holdout": holdout_s1}, {"copy": th.copy, "suspect": th.suspect})
-    clock["report"] = time.perf_counter() - mark
-    summary["timings"] = {k: round(v, 3) for k, v in {**clock, "total": time.perf_counter() - started}.items()}
-    files = _write(report, table, summary, render(summary, pairs, figure, config.report.thumb_size))
-    return AuditResult(report, summary, files)
+    return _report(ctx, samples, report, loaded, scores, calibration, holdout_s1, data_root, clock)
 
 
 def _file_sha256(path: Path) -> str | None:
@@ -197,4 +217,4 @@ def audit_recorded(*, samples: Path, data: Path, report: Path, config: AuditConf
         return result
 
 
-__all__ = ["AuditResult", "audit_recorded", "print_summary", "run_audit"]
+__all__ = ["AuditResult", "audit_recorded", "run_audit"]

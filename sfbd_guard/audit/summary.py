@@ -64,7 +64,8 @@ def _background(values: np.ndarray, calibration: Calibration) -> tuple[dict[str,
 
 def build_summary(*, samples: Path, samples_fingerprint: str, info: PreparedInfo, config: AuditConfig, embedder: Embedder,
                   index: InnerProductIndex, reference: Reference, calibration: Calibration, scores: Scores,
-                  verdicts: list[str], names: list[str], errors: int, holdout_s1: np.ndarray, background_s1: np.ndarray, thumbnails: str,
+                  verdicts: list[str], names: list[str], errors: int, holdout_s1: np.ndarray,
+                  background_s1: np.ndarray, thumbnails: str,
                   timings: dict[str, float]) -> dict[str, Any]:
     counts = {v: verdicts.count(v) for v in VERDICTS} | {"error": errors}
     scored = len(verdicts)
@@ -85,7 +86,8 @@ def build_summary(*, samples: Path, samples_fingerprint: str, info: PreparedInfo
         "l2": {"size": int(round((reference.pixels.shape[1] / info.channels) ** 0.5)),
                "k": min(config.l2.k, len(reference.pixels))},
         "similarity": {"samples": quantiles(scores.s1), "holdout": quantiles(holdout_s1),
-                       "samples_above": {t: round(float(np.mean(scores.s1 > float(t))), 6) for t in ("0.90", "0.95", "0.99")}},
+                       "samples_above": {t: round(float(np.mean(scores.s1 > float(t))), 6)
+                                         for t in ("0.90", "0.95", "0.99")}},
         "background": loo, "warnings": warnings,
         "top": _top(scores, verdicts, names, info.protected_ids),
         "thumbnails": thumbnails, "timings": timings, "config": config.model_dump(mode="json"),
