@@ -210,7 +210,7 @@ def audit(
 ) -> None:
     """Find generated images that copy protected originals; exit 3 if any sample is a copy.
 
-    Example: guard audit --samples runs/celeba/samples --data prepared/celeba-64 --report audits/out
+    Example: guard audit --samples runs/celeba/samples --data prepared/celeba-64 --report runs/celeba/audit
     """
     from .audit.config import resolve_audit_config
     from .audit.report import print_summary

@@ -67,6 +67,7 @@ def histogram(series: dict[str, np.ndarray], marks: dict[str, float], *, width: 
     draw.line((left, bottom, width - 10, bottom), fill=(0, 0, 0))
     draw.text((left, bottom + 6), f"{low:.3f}", fill=(0, 0, 0))
     draw.text((width - 40, bottom + 6), "1.000", fill=(0, 0, 0))
+    draw.text((width // 2 - 110, bottom + 6), "top-1 cosine similarity to the protected set", fill=(0, 0, 0))
     for i, name in enumerate(series):
         draw.text((width - 200, top + 14 * i), f"{name} (n={len(series[name])})", fill=COLOURS.get(name, (0, 0, 0)))
     return image
