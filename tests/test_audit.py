@@ -259,3 +259,18 @@ def test_formats_without_splits_use_documented_defaults(cli, tmp_path: Path) -> 
     th = summary["thresholds"]
     assert th["method"] == "default" and "uses every split" in th["note"] and "excluded records are never" in th["note"]
     assert summary["warnings"] and "--holdout" in summary["warnings"][0]  # digits are too alike for the defaults
+
+
+def test_approximate_candidates_still_give_exact_verdicts(cli, tmp_path: Path, prepared: Path) -> None:  # type: ignore[no-untyped-def]
+    planted = plant_samples(prepared, tmp_path / "samples", copies=2, novel=3)
+    assert _audit(cli, tmp_path, tmp_path / "samples", prepared).code == 3
+    exact = _rows(tmp_path)
+    ann = write_policy(tmp_path / "ann.yaml", {"search": {"exact_limit": 5, "candidates": 8}})
+    assert _audit(cli, tmp_path, tmp_path / "samples", prepared, "--config", ann).code == 3
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert "re-rank" in summary["index"]["kind"] and list((tmp_path / "cache").glob("*/ivf.faiss"))
+    rows = _rows(tmp_path)
+    assert all(rows[n]["verdict"] == "copy" and rows[n]["top1_record_id"] == s for n, s in planted.items())
+    for name, row in rows.items():  # every similarity reported is the exact one for the id it names
+        exact_sims = dict(zip(exact[name]["topk_record_ids"], exact[name]["topk_similarities"]))
+        assert all(exact_sims.get(r, s) == pytest.approx(s, abs=1e-5) for r, s in zip(row["topk_record_ids"], row["topk_similarities"]))
