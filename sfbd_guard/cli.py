@@ -187,6 +187,50 @@ def sample(
     typer.echo(f"grid: {outcome.grid}")
 
 
+@app.command()
+@reports_errors
+def audit(
+    ctx: typer.Context,
+    samples: Annotated[Path, typer.Option("--samples", help="Folder of generated PNG/JPEG images to audit (recursive, any size).")],
+    data: Annotated[Path, typer.Option("--data", help="Prepared directory whose manifest names the protected records.")],
+    report: Annotated[Path, typer.Option("--report", help="Folder for samples.parquet, summary.json and report.html.")] = Path("audit-report"),
+    config: Annotated[Path | None, typer.Option("--config", help="Audit settings YAML (e.g. audits/default.yaml); options below override it.")] = None,
+    data_root: Annotated[Path | None, typer.Option("--data-root", help="Where the source dataset with the protected originals lives; default the root recorded by guard prepare.")] = None,
+    holdout: Annotated[Path | None, typer.Option("--holdout", help="Folder of real images never trained on, to calibrate thresholds; default the dataset's other splits.")] = None,
+    embedder: Annotated[str | None, typer.Option("--embedder", help="auto, pixel or clip (auto: clip when CLIP weights are configured, else pixel).")] = None,
+    clip_model: Annotated[str | None, typer.Option("--clip-model", help="open_clip architecture of a CLIP weights file, e.g. ViT-B-32.")] = None,
+    clip_weights: Annotated[Path | None, typer.Option("--clip-weights", help="Local CLIP weights: a .safetensors/.bin/.pt file, or an open_clip directory. Never downloaded.")] = None,
+    alpha_copy: Annotated[float | None, typer.Option("--alpha-copy", help="Target false-positive rate of the copy verdict on unseen real images (default 0.001).")] = None,
+    alpha_suspect: Annotated[float | None, typer.Option("--alpha-suspect", help="Target false-positive rate of the suspect verdict (default 0.01).")] = None,
+    k: Annotated[int | None, typer.Option("--k", help="Nearest protected neighbours listed per sample (default 10).")] = None,
+    index_cache: Annotated[Path | None, typer.Option("--index-cache", help="Directory of the cached reference index (default $GUARD_AUDIT_CACHE or ~/.cache/sfbd_guard/audit-index).")] = None,
+    no_index_cache: Annotated[bool, typer.Option("--no-index-cache", help="Do not read or write the reference index cache.")] = False,
+    no_thumbnails: Annotated[bool, typer.Option("--no-thumbnails", help="Show no protected original in report.html, not even for flagged matches.")] = False,
+    ledger: LedgerOpt = None,
+) -> None:
+    """Find generated images that copy protected originals; exit 3 if any sample is a copy.
+
+    Example: guard audit --samples runs/celeba/samples --data prepared/celeba-64 --report runs/celeba/audit
+    """
+    from .audit.config import resolve_audit_config
+    from .audit.report import print_summary
+    from .audit.service import audit_recorded
+
+    settings = resolve_audit_config(config, {
+        "embedder.kind": embedder, "embedder.clip_model": clip_model,
+        "embedder.clip_weights": str(clip_weights.resolve()) if clip_weights else None,
+        "calibration.alpha_copy": alpha_copy, "calibration.alpha_suspect": alpha_suspect, "search.k": k,
+        "cache.dir": str(index_cache.resolve()) if index_cache else None,
+        "cache.enabled": False if no_index_cache else None, "report.thumbnails": False if no_thumbnails else None,
+    })
+    result = audit_recorded(samples=samples, data=data, report=report, config=settings, config_path=config,
+                            ledger=ledger, command=_invocation(ctx), data_root=data_root, holdout_dir=holdout,
+                            progress=lambda label, total: _progress_bar(label)(total))
+    print_summary(result.summary, report)
+    if result.counts["copy"]:
+        raise typer.Exit(3)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: usage errors become one line and exit 2, never a box or a traceback."""
     command = typer.main.get_command(app)

@@ -48,3 +48,37 @@ def digits_policy(out: Path, resolution: int = 8) -> dict:
             "rules": [{"name": "licensed", "action": "clean", "sample": {"fraction": 0.1}},
                       {"name": "rest", "action": "protect"}],
             "noise": {"sigma": 0.6}, "output": str(out)}
+
+
+def plant_samples(prepared: Path, out: Path, *, copies: int, novel: int, seed: int = 0,
+                  transform=None) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """A sample folder for audit tests: `copies` protected originals of `prepared` (read through the real
+    reader, optionally passed through `transform(uint8 CHW) -> uint8 CHW`) and `novel` unrelated images.
+    Returns {file name: source record_id} for the planted copies."""
+    import json
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from sfbd_guard.datasets import SourceSpec, open_reader
+    from sfbd_guard.datasets.synthetic import random_image
+
+    card = json.loads((prepared / "card.json").read_text())
+    rows = pq.read_table(prepared / "manifest.parquet", columns=["record_id", "partition"]).to_pylist()
+    protected = [r["record_id"] for r in rows if r["partition"] == "protected"]
+    reader = open_reader(SourceSpec(card["format"], Path(card["root"]) if card["root"] else None, card["split"],
+                                    card["resolution"]))
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    planted = {}
+    for i, record in enumerate(rng.choice(protected, size=copies, replace=False)):
+        pixels = reader.load(str(record))
+        pixels = transform(pixels) if transform else pixels
+        array = pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)
+        Image.fromarray(np.ascontiguousarray(array)).save(out / f"copy-{i:03d}.png")
+        planted[f"copy-{i:03d}.png"] = str(record)
+    other = np.random.default_rng([seed, 12345])  # not write_celeba's stream: novel images are not crops of records
+    for i in range(novel):
+        random_image(other, 178, 218).save(out / f"novel-{i:03d}.jpg", quality=90)
+    return planted

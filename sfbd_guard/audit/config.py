@@ -1,0 +1,129 @@
+"""Audit settings (`audits/<name>.yaml`), validated, with command-line overrides on top.
+
+Thresholds used when no holdout exists are documented here and in the README ("Audit"). They are
+per embedder because similarity scales are backbone-specific (0.9 means different things for
+normalised pixels and for CLIP).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from ..config import StrictModel, read_yaml_mapping, validate_mapping
+
+# Used only when no holdout is available (calibration.method = "default"): copy / suspect on the top-1
+# cosine similarity, and suspect when the relative L2 ratio is at or below `ratio` (Carlini et al.'s
+# adaptive distance d1 / (0.5 * mean d_1..d_k) <= 1, i.e. d1 / mean <= 0.5).
+DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
+    "pixel": {"copy": 0.97, "suspect": 0.90, "ratio": 0.5},
+    "clip": {"copy": 0.95, "suspect": 0.90, "ratio": 0.5},
+}
+CACHE_ENV = "GUARD_AUDIT_CACHE"
+
+
+class EmbedderSpec(StrictModel):
+    kind: Literal["auto", "pixel", "clip"] = "auto"  # auto: clip when clip_weights is set, else pixel
+    pixel_size: int = Field(default=32, ge=4, le=512)  # side of the pixel embedding (capped at the resolution)
+    flip: bool = True  # also embed each query's mirror image and keep the better match
+    clip_model: str = "ViT-B-32"  # open_clip architecture for a weights FILE (a directory brings its config)
+    clip_weights: str | None = None  # local weights file or open_clip directory; relative to the YAML file
+    quick_gelu: bool = False  # OpenAI CLIP weights need QuickGELU; a file path cannot tell open_clip
+    batch: int = Field(default=64, ge=1)  # images per embedding batch
+
+
+class SearchSpec(StrictModel):
+    k: int = Field(default=10, ge=2, le=1000)  # neighbours per sample kept in the report
+    exact_limit: int = Field(default=1_000_000, ge=1)  # above this many references an IVF index proposes candidates
+    candidates: int = Field(default=256, ge=1)  # approximate candidates per query, re-ranked exactly
+    nprobe: int = Field(default=32, ge=1)  # IVF lists visited per query
+    batch: int = Field(default=4096, ge=1)  # queries per FAISS call (BLAS is used from 20 queries on)
+    threads: int = Field(default=0, ge=0)  # FAISS threads; 0 keeps the library default
+
+
+class L2Spec(StrictModel):
+    size: int = Field(default=32, ge=4, le=512)  # side of the [0, 1] images compared by RMS L2 (capped)
+    k: int = Field(default=50, ge=2)  # the ratio divides by the mean distance to this many nearest
+
+
+class CalibrationSpec(StrictModel):
+    holdout: Literal["auto", "none"] = "auto"  # auto: the splits the policy did not select; none: defaults
+    alpha_copy: float = Field(default=0.001, gt=0, lt=1)  # false-positive rate of copy on real unseen images
+    alpha_suspect: float = Field(default=0.01, gt=0, lt=1)  # the same for suspect (per rule)
+    max_holdout: int = Field(default=5000, ge=1)  # at most this many holdout images (seeded subset)
+    seed: int = 0  # seeds the holdout subset
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CalibrationSpec:
+        if self.alpha_copy > self.alpha_suspect:
+            raise ValueError("alpha_copy must not exceed alpha_suspect (a copy is also suspect)")
+        return self
+
+
+class ThresholdSpec(StrictModel):
+    copy_similarity: float | None = Field(default=None, ge=-1, le=1)  # without a holdout; None = embedder default
+    suspect_similarity: float | None = Field(default=None, ge=-1, le=1)  # without a holdout; None = embedder default
+    suspect_ratio: float | None = Field(default=None, ge=0, le=1)  # without a holdout; None = the default 0.5
+
+
+class ReportSpec(StrictModel):
+    thumbnails: bool = True  # pictures of flagged matches (the only originals the audit writes)
+    pairs: int = Field(default=48, ge=0)  # matched pairs shown in report.html
+    thumb_size: int = Field(default=96, ge=16, le=512)  # pixels per thumbnail side
+
+
+class CacheSpec(StrictModel):
+    enabled: bool = True  # keep the reference index on disk between runs
+    dir: str | None = None  # default $GUARD_AUDIT_CACHE, else ~/.cache/sfbd_guard/audit-index
+
+
+class AuditConfig(StrictModel):
+    version: Literal[1] = 1
+    name: str = "default"
+    embedder: EmbedderSpec = EmbedderSpec()
+    search: SearchSpec = SearchSpec()
+    l2: L2Spec = L2Spec()
+    calibration: CalibrationSpec = CalibrationSpec()
+    thresholds: ThresholdSpec = ThresholdSpec()
+    report: ReportSpec = ReportSpec()
+    cache: CacheSpec = CacheSpec()
+
+    @property
+    def embedder_kind(self) -> Literal["pixel", "clip"]:
+        if self.embedder.kind == "auto":
+            return "clip" if self.embedder.clip_weights else "pixel"
+        return self.embedder.kind
+
+    def cache_dir(self) -> Path | None:
+        if not self.cache.enabled:
+            return None
+        if self.cache.dir:
+            return Path(self.cache.dir).expanduser()
+        env = os.environ.get(CACHE_ENV)
+        return Path(env).expanduser() if env else Path.home() / ".cache" / "sfbd_guard" / "audit-index"
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    section, _, leaf = key.rpartition(".")
+    target = data
+    for part in section.split(".") if section else []:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            target = {}
+    target[leaf] = value
+
+
+def resolve_audit_config(path: Path | None, overrides: dict[str, Any]) -> AuditConfig:
+    """The YAML (if any) with dotted `overrides` applied; relative paths in the YAML resolve against it."""
+    data: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
+    for section, key in (("embedder", "clip_weights"), ("cache", "dir")):
+        value = (data.get(section) or {}).get(key) if isinstance(data.get(section), dict) else None
+        if path is not None and isinstance(value, str) and not Path(value).expanduser().is_absolute():
+            data[section][key] = str((path.parent / value).resolve())
+    for key, value in overrides.items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    return validate_mapping(AuditConfig, data, source=str(path) if path else "audit settings")

@@ -1,0 +1,129 @@
+"""Nearest protected neighbours with FAISS: exact inner product on unit vectors, batched queries.
+
+Up to `search.exact_limit` references the search is exact brute force (`faiss.knn`, the kernel of
+`IndexFlatIP`, without copying the reference vectors into an index). Beyond it an IVF index only
+proposes `search.candidates` ids per query; their similarities are then recomputed exactly from the
+stored vectors, so every reported similarity (and every verdict) is exact for the ids it names. The
+pixel-space distances of the relative L2 score are exact too (`faiss.knn` with the L2 metric).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .config import SearchSpec
+
+IVF_MIN_POINTS_PER_LIST = 39  # FAISS warns below this many training points per list
+
+
+@dataclass
+class Neighbours:
+    """Per query: k reference rows (-1 when there are fewer) and their similarity or distance."""
+
+    rows: np.ndarray  # int64 (N, k)
+    scores: np.ndarray  # float32 (N, k); similarity descending (inner product) or distance ascending (L2)
+
+
+def _faiss() -> Any:
+    import faiss
+
+    return faiss
+
+
+class InnerProductIndex:
+    """Exact (or IVF-proposed, exactly re-ranked) inner-product search over fixed reference vectors."""
+
+    def __init__(self, vectors: np.ndarray, spec: SearchSpec, ivf: Any | None = None) -> None:
+        faiss = _faiss()
+        if spec.threads:
+            faiss.omp_set_num_threads(spec.threads)
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.spec = spec
+        self.approximate = len(self.vectors) > spec.exact_limit
+        if self.approximate:
+            self.index = ivf if ivf is not None else build_ivf(self.vectors)
+            self.index.nprobe = spec.nprobe
+        else:
+            self.index = None
+
+    @property
+    def kind(self) -> str:
+        if self.approximate:
+            return (f"IVF{self.index.nlist},Flat candidates ({self.spec.candidates}, nprobe {self.spec.nprobe}) "
+                    "+ exact re-rank")
+        return "flat inner product (exact, faiss.knn)"
+
+    def search(self, queries: np.ndarray, k: int) -> Neighbours:
+        k = min(k, len(self.vectors))
+        rows, scores = [], []
+        for start in range(0, len(queries), self.spec.batch):
+            batch = np.ascontiguousarray(queries[start : start + self.spec.batch], dtype=np.float32)
+            if self.approximate:
+                found, sims = self._rerank(batch, k)
+            else:
+                sims, found = _faiss().knn(batch, self.vectors, k, metric=_faiss().METRIC_INNER_PRODUCT)
+            rows.append(found)
+            scores.append(sims)
+        if not rows:
+            return Neighbours(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32))
+        return Neighbours(np.concatenate(rows).astype(np.int64), np.concatenate(scores).astype(np.float32))
+
+    def _rerank(self, batch: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact similarities of the IVF candidates, top-k of them."""
+        _, candidates = self.index.search(batch, max(k, self.spec.candidates))
+        safe = np.where(candidates >= 0, candidates, 0)
+        sims = np.einsum("qd,qcd->qc", batch, self.vectors[safe])
+        sims = np.where(candidates >= 0, sims, -np.inf)
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        rows = np.take_along_axis(candidates, order, 1)
+        return rows, np.take_along_axis(sims, order, 1).astype(np.float32)
+
+
+def build_ivf(vectors: np.ndarray, seed: int = 0) -> Any:
+    """An IVF-Flat inner-product index with about 4·sqrt(N) lists, trained on (a sample of) the vectors."""
+    faiss = _faiss()
+    n, dim = vectors.shape
+    nlist = max(1, min(int(4 * math.sqrt(n)), n // IVF_MIN_POINTS_PER_LIST))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    sample = vectors
+    if n > 256 * nlist:
+        sample = vectors[np.random.default_rng(seed).choice(n, 256 * nlist, replace=False)]
+    index.train(np.ascontiguousarray(sample))
+    index.add(vectors)
+    return index
+
+
+def l2_neighbours(references: np.ndarray, queries: np.ndarray, k: int, batch: int) -> Neighbours:
+    """Exact k nearest references by RMS pixel distance sqrt(mean((a - b)^2)), ascending."""
+    faiss = _faiss()
+    references = np.ascontiguousarray(references, dtype=np.float32)
+    k = min(k, len(references))
+    rows, dists = [], []
+    for start in range(0, len(queries), batch):
+        squared, found = faiss.knn(queries[start : start + batch], references, k, metric=faiss.METRIC_L2)
+        rows.append(found)
+        dists.append(np.sqrt(np.maximum(squared, 0) / references.shape[1]))  # FAISS returns squared L2
+    if not rows:
+        return Neighbours(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32))
+    return Neighbours(np.concatenate(rows).astype(np.int64), np.concatenate(dists).astype(np.float32))
+
+
+def merge_mirrored(plain: Neighbours, mirrored: Neighbours, k: int) -> tuple[Neighbours, np.ndarray]:
+    """Top-k over both orientations (a reference keeps its better score) and whether the mirror won top-1."""
+    rows = np.concatenate([plain.rows, mirrored.rows], axis=1)
+    sims = np.concatenate([plain.scores, mirrored.scores], axis=1).astype(np.float64)
+    sims = np.where(rows >= 0, sims, -np.inf)
+    order = np.lexsort((-sims, rows), axis=1)  # by row id, best score first within an id
+    rows, sims = np.take_along_axis(rows, order, 1), np.take_along_axis(sims, order, 1)
+    repeat = np.zeros_like(rows, dtype=bool)
+    repeat[:, 1:] = rows[:, 1:] == rows[:, :-1]
+    sims = np.where(repeat, -np.inf, sims)
+    best = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    rows, sims = np.take_along_axis(rows, best, 1), np.take_along_axis(sims, best, 1)
+    rows = np.where(np.isfinite(sims), rows, -1)
+    flipped = mirrored.scores[:, 0] > plain.scores[:, 0] if len(rows) else np.zeros(0, bool)
+    return Neighbours(rows, np.where(np.isfinite(sims), sims, np.nan).astype(np.float32)), flipped

@@ -1,0 +1,202 @@
+"""The protected originals and the holdout, read from the source dataset: the only place they are opened.
+
+The prepared directory's manifest names the protected records and the sha256 of each one's
+transformed pixels. Originals are read through the same reader and transforms as `guard prepare`
+and every one is checked against that sha256 before it is used; nothing here writes them anywhere.
+The holdout (calibration negatives) is the dataset's other split(s), never the prepared split's
+clean, excluded or error records, minus records the policy's exclude rules match (opt-outs) and
+minus exact copies of protected records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..curation.noise import pixel_sha256
+from ..datasets import READERS, DatasetReader, SourceSpec, open_reader
+from ..errors import ImageDecodeError, InputError, VerificationError
+from ..fileio import fingerprint, sha256_file
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class PreparedInfo:
+    """What the audit needs from a prepared directory (card.json and manifest.parquet, verified)."""
+
+    root: Path
+    card: dict[str, Any]
+    protected_ids: list[str]
+    protected_sha256: list[str]
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.card["fingerprint"])
+
+    @property
+    def resolution(self) -> int:
+        return int(self.card["resolution"])
+
+    @property
+    def channels(self) -> int:
+        return int(self.card["channels"])
+
+
+def read_prepared(root: Path) -> PreparedInfo:
+    """Read card.json and the manifest's protected rows; exit 2 unless it is an intact prepared directory."""
+    import pyarrow.parquet as pq
+
+    root = root.resolve()
+    hint = "--data must be a directory written by guard prepare"
+    if not (root / "card.json").is_file() or not (root / "manifest.parquet").is_file():
+        raise InputError(f"--data {root}: not a prepared directory (needs card.json and manifest.parquet)", hint=hint)
+    try:
+        card = json.loads((root / "card.json").read_text())
+        recorded = {**card["files"], "manifest.parquet": card["manifest_sha256"]}
+        for key in ("format", "split", "resolution", "channels", "fingerprint"):
+            card[key]  # noqa: B018 (presence check)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise InputError(f"--data {root}: card.json is unreadable or incomplete ({err})", hint=hint) from None
+    if sha256_file(root / "manifest.parquet") != card["manifest_sha256"] or fingerprint(recorded) != card["fingerprint"]:
+        raise VerificationError(f"--data {root}: manifest.parquet does not match the sha256 recorded in card.json",
+                                hint="re-run guard prepare; a modified manifest cannot say which records are protected")
+    table = pq.read_table(root / "manifest.parquet", columns=["record_id", "partition", "sha256"]).to_pylist()
+    protected = [row for row in table if row["partition"] == "protected"]
+    if not protected:
+        raise InputError(f"--data {root}: the manifest has no protected records, so there is nothing to audit against")
+    return PreparedInfo(root, card, [r["record_id"] for r in protected], [r["sha256"] for r in protected])
+
+
+def source_spec(info: PreparedInfo, data_root: Path | None, split: str | None = None) -> SourceSpec:
+    """The source dataset as prepared: the card's format, root (or --data-root), split and resolution."""
+    card = info.card
+    root = data_root.resolve() if data_root else (Path(card["root"]) if card.get("root") else None)
+    if card["format"] != "digits" and (root is None or not root.is_dir()):
+        raise InputError(f"source dataset root {root} (recorded at prepare time) is not a directory",
+                         hint="pass --data-root DIR: the audit reads the protected originals from the source dataset")
+    return SourceSpec(format=card["format"], root=root, split=split or card["split"], resolution=info.resolution)
+
+
+def _load_verified(reader: DatasetReader, record_id: str, expected: str | None, what: str) -> np.ndarray:
+    hint = "the source dataset changed since guard prepare, or --data-root points to another copy"
+    try:
+        pixels = reader.load(record_id)
+    except ImageDecodeError as err:
+        raise VerificationError(f"{what} {record_id}: cannot read it from {reader.spec.root}: {err}", hint=hint) from None
+    if expected is not None and pixel_sha256(pixels) != expected:
+        raise VerificationError(f"{what} {record_id} under {reader.spec.root} does not match the sha256 recorded "
+                                "at prepare time", hint=hint)
+    return pixels
+
+
+def iter_protected(info: PreparedInfo, data_root: Path | None, *, chunk: int = 1024,
+                   progress: Progress | None = None) -> Iterator[np.ndarray]:
+    """uint8 (n, C, H, W) chunks of the protected originals in manifest order, each hash-verified."""
+    reader = open_reader(source_spec(info, data_root))
+    pairs = list(zip(info.protected_ids, info.protected_sha256))
+    for start in range(0, len(pairs), chunk):
+        part = pairs[start : start + chunk]
+        yield np.stack([_load_verified(reader, rid, sha, "protected original") for rid, sha in part])
+        if progress:
+            progress(len(part))
+
+
+def load_protected(info: PreparedInfo, data_root: Path | None, rows: list[int]) -> dict[int, np.ndarray]:
+    """Selected protected originals (by manifest row among the protected), hash-verified: for thumbnails."""
+    if not rows:
+        return {}
+    reader = open_reader(source_spec(info, data_root))
+    return {row: _load_verified(reader, info.protected_ids[row], info.protected_sha256[row], "protected original")
+            for row in sorted(set(rows))}
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """Real images never trained on: where they came from and what was left out."""
+
+    pixels: np.ndarray  # uint8 (m, C, H, W)
+    source: str  # "split:valid,test" or "dir:<path>"
+    dropped: dict[str, int]  # reason -> count (excluded by policy, copy of a protected record, unreadable, over max)
+
+
+def holdout_splits(info: PreparedInfo) -> list[str]:
+    """The format's splits the policy did not select (none when it selected `all` or has no splits)."""
+    chosen = info.card["split"]
+    if chosen == "all":
+        return []
+    return [s for s in READERS[info.card["format"]].splits if s not in ("all", chosen)]
+
+
+def _excluded_by_policy(info: PreparedInfo, metadata: Any) -> set[str]:
+    """Records the policy's exclude rules match (opt-outs must never be used, not even to calibrate)."""
+    from ..curation.rules import decide
+    from ..policy import Policy, Rule
+
+    policy = Policy.model_validate(info.card["policy"])
+    excludes = [r for r in policy.rules if r.action == "exclude"]
+    if not excludes:
+        return set()
+    base = Path(info.card.get("policy_path") or info.root).parent
+    decisions = decide(metadata, [*excludes, Rule(name="(holdout)", action="clean")], base_dir=base,
+                       source=f"{info.root}/card.json policy (exclude rules applied to the holdout)")
+    ids = metadata.column("record_id").to_pylist()
+    return {rid for rid, action in zip(ids, decisions.actions) if action == "exclude"}
+
+
+def _seeded_subset(ids: list[str], limit: int, seed: int) -> list[str]:
+    ranked = sorted(ids, key=lambda rid: hashlib.sha256(f"{seed}:{rid}".encode()).digest())
+    return sorted(ranked[:limit])
+
+
+def holdout_from_splits(info: PreparedInfo, data_root: Path | None, *, limit: int, seed: int) -> Holdout | None:
+    """The other splits' records (after exclude rules), at most `limit`, minus exact protected copies."""
+    splits = holdout_splits(info)
+    if not splits:
+        return None
+    candidates: list[tuple[DatasetReader, str]] = []
+    excluded = 0
+    for split in splits:
+        reader = open_reader(source_spec(info, data_root, split))
+        metadata = reader.metadata()
+        skip = _excluded_by_policy(info, metadata)
+        excluded += len(skip)
+        candidates += [(reader, rid) for rid in metadata.column("record_id").to_pylist() if rid not in skip]
+    chosen = set(_seeded_subset([rid for _, rid in candidates], limit, seed))
+    pixels, dropped = [], {"excluded_by_policy": excluded, "over_max_holdout": len(candidates) - len(chosen),
+                           "unreadable": 0}
+    for reader, rid in candidates:
+        if rid in chosen:
+            try:
+                pixels.append(reader.load(rid))
+            except ImageDecodeError:
+                dropped["unreadable"] += 1
+    return _without_protected(np.stack(pixels) if pixels else None, info, f"split:{','.join(splits)}", dropped)
+
+
+def _without_protected(pixels: np.ndarray | None, info: PreparedInfo, source: str,
+                       dropped: dict[str, int]) -> Holdout | None:
+    if pixels is None:
+        return None
+    protected = set(info.protected_sha256)
+    keep = np.asarray([pixel_sha256(p) not in protected for p in pixels], dtype=bool)
+    dropped = {**dropped, "copy_of_protected": int((~keep).sum())}
+    return Holdout(pixels[keep], source, dropped) if keep.any() else None
+
+
+def holdout_from_dir(info: PreparedInfo, folder: Path, *, limit: int, seed: int) -> Holdout | None:
+    """A folder of real unseen images (--holdout), brought to the prepared resolution like the samples."""
+    from .images import load_folder
+
+    loaded = load_folder(folder, info.resolution, info.channels, what="--holdout")
+    names = [n for n, ok in zip(loaded.names, loaded.ok) if ok]
+    keep = set(_seeded_subset(names, limit, seed))
+    mask = np.asarray([n in keep for n in names], dtype=bool)
+    dropped = {"unreadable": len(loaded.errors), "over_max_holdout": int((~mask).sum())}
+    return _without_protected(loaded.pixels[mask], info, f"dir:{folder.resolve()}", dropped)

@@ -1,0 +1,94 @@
+"""summary.json: counts per verdict, flagged fraction with a 95% interval, thresholds and how they were set,
+embedder, index and timings. Counts are images, never pairs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from .calibrate import Calibration, clopper_pearson
+from .checks import VERDICTS, Scores
+from .config import AuditConfig
+from .embed import Embedder
+from .index import InnerProductIndex
+from .originals import PreparedInfo
+from .reference import Reference
+from .report import SCHEMA_VERSION, quantiles
+
+
+def _share(count: int, total: int) -> dict[str, Any]:
+    low, high = clopper_pearson(count, total)
+    return {"count": count, "of": total, "fraction": count / total if total else 0.0,
+            "ci95": [round(low, 6), round(high, 6)], "interval": "Clopper-Pearson (exact binomial)"}
+
+
+def fpr_text(calibration: Calibration) -> str:
+    fpr = calibration.expected_fpr
+    if fpr["copy"] is None:
+        return "expected false-positive rate: unknown (uncalibrated default thresholds)"
+    return (f"expected false-positive rate on real unseen images: copy <= {fpr['copy']:.4g}, "
+            f"copy or suspect <= {fpr['flagged']:.4g}")
+
+
+def _thresholds(calibration: Calibration, config: AuditConfig) -> dict[str, Any]:
+    th = calibration.thresholds
+    return {"copy": th.copy, "suspect": th.suspect, "ratio": th.ratio, "method": th.method, "note": th.note,
+            "alpha_copy": config.calibration.alpha_copy, "alpha_suspect": config.calibration.alpha_suspect,
+            "expected_fpr": calibration.expected_fpr, "expected_fpr_text": fpr_text(calibration),
+            "holdout": calibration.holdout}
+
+
+def _top(scores: Scores, verdicts: list[str], names: list[str], ids: list[str], count: int = 20) -> list[dict[str, Any]]:
+    order = np.argsort(-scores.s1, kind="stable")[:count]
+    return [{"sample": names[i], "record_id": ids[int(scores.rows[i, 0])] if scores.rows[i, 0] >= 0 else None,
+             "s1": round(float(scores.s1[i]), 6), "l2_ratio": round(float(scores.l2_ratio[i]), 6),
+             "verdict": verdicts[i]} for i in order]
+
+
+def _background(values: np.ndarray, calibration: Calibration) -> tuple[dict[str, Any], list[str]]:
+    th = calibration.thresholds
+    above = float(np.mean(values >= th.copy)) if len(values) else 0.0
+    info = {"what": "leave-one-out top-1 similarity of protected images to the other protected images (no mirror)",
+            "count": len(values), "quantiles": quantiles(values), "above_copy": round(above, 6),
+            "above_suspect": round(float(np.mean(values >= th.suspect)) if len(values) else 0.0, 6)}
+    warnings = []
+    if th.method == "default" and above > 0.01:
+        warnings.append(f"{above:.1%} of protected images have another protected image at or above the default copy "
+                        "threshold: on this data the default is too permissive; calibrate with --holdout DIR")
+    return info, warnings
+
+
+def build_summary(*, samples: Path, samples_fingerprint: str, info: PreparedInfo, config: AuditConfig, embedder: Embedder,
+                  index: InnerProductIndex, reference: Reference, calibration: Calibration, scores: Scores,
+                  verdicts: list[str], names: list[str], errors: int, holdout_s1: np.ndarray,
+                  background_s1: np.ndarray, thumbnails: str,
+                  timings: dict[str, float]) -> dict[str, Any]:
+    counts = {v: verdicts.count(v) for v in VERDICTS} | {"error": errors}
+    scored = len(verdicts)
+    loo, warnings = _background(background_s1, calibration)
+    if errors:
+        warnings.append(f"{errors} sample file(s) could not be read and were not audited (status error in samples.parquet)")
+    return {
+        "schema_version": SCHEMA_VERSION, "tool_version": __version__,
+        "samples": str(samples.resolve()), "samples_fingerprint": samples_fingerprint,
+        "prepared": {"path": str(info.root), "fingerprint": info.fingerprint, "format": info.card["format"],
+                     "split": info.card["split"], "resolution": info.resolution},
+        "references": len(info.protected_ids), "counts": counts,
+        "flagged": _share(counts["copy"] + counts["suspect"], scored), "copies": _share(counts["copy"], scored),
+        "thresholds": _thresholds(calibration, config),
+        "embedder": {**embedder.identity(), "dim": embedder.dim, "flip": config.embedder.flip},
+        "index": {"kind": index.kind, "references": len(reference.embeddings), "dim": int(reference.embeddings.shape[1]),
+                  "cache": reference.status, "cache_key": reference.key, "built_at": reference.built_at},
+        "l2": {"size": int(round((reference.pixels.shape[1] / info.channels) ** 0.5)),
+               "k": min(config.l2.k, len(reference.pixels))},
+        "similarity": {"samples": quantiles(scores.s1), "holdout": quantiles(holdout_s1),
+                       "samples_above": {t: round(float(np.mean(scores.s1 > float(t))), 6)
+                                         for t in ("0.90", "0.95", "0.99")}},
+        "background": loo, "warnings": warnings,
+        "top": _top(scores, verdicts, names, info.protected_ids),
+        "thumbnails": thumbnails, "timings": timings, "config": config.model_dump(mode="json"),
+    }
