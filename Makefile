@@ -14,11 +14,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/guard prepare --policy policies/digits.yaml --overwrite
-	if [ -f runs/digits/config.resolved.yaml ]; then $(BIN)/guard train --resume runs/digits; \
-	else $(BIN)/guard train --pipeline pipelines/digits.yaml --out runs/digits; fi
-	$(BIN)/guard sample --run runs/digits --n 64 --out runs/digits/samples
-	@echo "sample grid: runs/digits/samples/grid.png  (training snapshots: runs/digits/snapshots/)"
+	$(BIN)/guard run pipelines/digits.yaml
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

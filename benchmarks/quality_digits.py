@@ -36,18 +36,17 @@ from sfbd_guard.prepared import open_prepared
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("clean-only", "noisy-direct", "ambient", "sfbd", "online-sfbd", "upper-bound")
-HOLDOUT_RULE = {"name": "held-out", "action": "exclude", "sample": {"fraction": 0.2, "seed": 1}}
 
 
 def write_policies(folder: Path, sigma: float) -> tuple[Path, Path]:
-    """The benchmark's two policies: 10% clean / 90% protected, and all clean (the upper bound)."""
+    """The product's digits policy (held-out fifth, 10% clean, the rest protected), and the same with
+    everything but the held-out fifth clean (the upper bound)."""
     base = yaml.safe_load((REPO / "policies" / "digits.yaml").read_text())
     base["noise"]["sigma"] = sigma
-    mixed = {**base, "name": "digits-bench", "output": str(folder / "prepared-mixed"),
-             "rules": [HOLDOUT_RULE, {"name": "licensed", "action": "clean", "sample": {"fraction": 0.1, "seed": 0}},
-                       {"name": "rest", "action": "protect"}]}
+    held_out = [rule for rule in base["rules"] if rule["name"] == "held-out"]
+    mixed = {**base, "name": "digits-bench", "output": str(folder / "prepared-mixed")}
     clean = {**base, "name": "digits-bench-clean", "output": str(folder / "prepared-clean"),
-             "rules": [HOLDOUT_RULE, {"name": "all", "action": "clean"}]}
+             "rules": [*held_out, {"name": "all", "action": "clean"}]}
     paths = folder / "policy-mixed.yaml", folder / "policy-clean.yaml"
     for path, policy in zip(paths, (mixed, clean)):
         path.write_text(yaml.safe_dump(policy, sort_keys=False))

@@ -231,6 +231,90 @@ def audit(
         raise typer.Exit(3)
 
 
+@app.command()
+@reports_errors
+def report(
+    sql: Annotated[str | None, typer.Option("--sql", help="Any query over the views events, prepares, trainings, samplings, audits.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv, json or parquet (parquet needs --output).")] = "table",
+    output: Annotated[Path | None, typer.Option("--output", help="Write the result to this file instead of printing it.")] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Also write a one-page HTML report (tables, latest grid and audit histogram).")] = None,
+    datasheet: Annotated[Path | None, typer.Option("--datasheet", help="Write the training-data summary of --run as Markdown to this file.")] = None,
+    run: Annotated[Path | None, typer.Option("--run", help="The run a --datasheet describes.")] = None,
+    ledger: LedgerOpt = None,
+) -> None:
+    """Read the compliance ledger: datasets prepared, training runs, audits; any SQL; HTML; datasheets.
+
+    Example: guard report --sql "SELECT method, epsilon FROM trainings" --format csv
+    """
+    from .ledger import ledger_dir
+    from .report.tables import emit, report_tables
+
+    where = ledger_dir(ledger)
+    if datasheet is not None or run is not None:
+        if datasheet is None or run is None:
+            raise GuardErrorForCli("--datasheet FILE and --run DIR go together")
+        from .report.datasheet import write_datasheet
+
+        typer.echo(f"datasheet: {write_datasheet(datasheet, run, where)}")
+        return
+    tables = report_tables(where, sql)
+    emit(tables, fmt, output)
+    if html is not None:
+        from .report.html import latest_pictures, write_html
+        from .report.views import connect
+
+        grid, histogram = latest_pictures(connect(where))
+        typer.echo(f"html report: {write_html(html, report_tables(where, None), grid, histogram)}")
+
+
+@app.command()
+@reports_errors
+def verify(
+    run: Annotated[Path, typer.Option("--run", help="Run directory to check, written by guard train.")],
+    ledger: LedgerOpt = None,
+) -> None:
+    """Check from files alone that a run saw only what its policy allowed; exit 1 if any check fails.
+
+    Example: guard verify --run runs/digits
+    """
+    from .ledger import ledger_dir
+    from .report.verify import verify_run
+
+    checks = verify_run(run, ledger_dir(ledger))
+    for check in checks:
+        typer.echo(f"{'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
+    failed = [c.name for c in checks if not c.passed]
+    typer.echo(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("run")
+@reports_errors
+def run_command(
+    ctx: typer.Context,
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML naming the policy, the training, the sampling and the audit.")],
+    ledger: LedgerOpt = None,
+) -> None:
+    """Prepare, train, sample, audit and report in one command; re-running continues where it stopped.
+
+    Example: guard run pipelines/digits.yaml
+    """
+    from .ledger import ledger_dir
+    from .run import run_pipeline
+
+    summary = run_pipeline(pipeline, ledger=ledger_dir(ledger), command=_invocation(ctx),
+                           progress=lambda label, total: _progress_bar(label)(total), say=typer.echo)
+    for stage, what in summary.stages.items():
+        typer.echo(f"{stage:>8}: {what}")
+    typer.echo(f"samples grid: {summary.files['grid']}")
+    typer.echo(f"audit report: {summary.files['audit']}" + (f"  ({summary.copies} COPIES FOUND)" if summary.copies else ""))
+    typer.echo(f"compliance report: {summary.files['report']}")
+    typer.echo(f"datasheet: {summary.files['datasheet']}")
+    if summary.copies:
+        raise typer.Exit(3)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: usage errors become one line and exit 2, never a box or a traceback."""
     command = typer.main.get_command(app)

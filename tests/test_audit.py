@@ -75,7 +75,7 @@ def test_report_html_and_ledger_event(cli, tmp_path: Path, prepared: Path) -> No
     outputs = {Path(o["path"]).name: o["sha256"] for o in events[0]["outputs"]}
     from sfbd_guard.fileio import sha256_file
 
-    assert outputs == {n: sha256_file(tmp_path / "report" / n) for n in ("samples.parquet", "summary.json", "report.html")}
+    assert outputs == {n: sha256_file(tmp_path / "report" / n) for n in ("samples.parquet", "summary.json", "report.html", "similarity.png")}
     inputs = {i["role"]: i for i in events[0]["inputs"]}
     assert inputs["prepared"]["sha256"] == json.loads((prepared / "card.json").read_text())["fingerprint"]
     assert inputs["samples"]["sha256"] and inputs["samples"]["path"] == str((tmp_path / "samples").resolve())

@@ -51,6 +51,7 @@ class L2Spec(StrictModel):
 
 class CalibrationSpec(StrictModel):
     holdout: Literal["auto", "none"] = "auto"  # auto: the splits the policy did not select; none: defaults
+    holdout_rules: list[str] = Field(default_factory=list)  # exclude rules whose records were held out to calibrate (never opt-outs)
     alpha_copy: float = Field(default=0.001, gt=0, lt=1)  # false-positive rate of copy on real unseen images
     alpha_suspect: float = Field(default=0.01, gt=0, lt=1)  # the same for suspect (per rule)
     max_holdout: int = Field(default=5000, ge=1)  # at most this many holdout images (seeded subset)

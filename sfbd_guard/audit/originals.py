@@ -190,6 +190,29 @@ def _without_protected(pixels: np.ndarray | None, info: PreparedInfo, source: st
     return Holdout(pixels[keep], source, dropped) if keep.any() else None
 
 
+def holdout_from_rules(info: PreparedInfo, data_root: Path | None, rules: list[str], *, limit: int,
+                       seed: int) -> Holdout | None:
+    """Records the policy excluded by the named rules (a held-out set, declared so in the audit config).
+
+    They are read like protected originals: same reader and transforms, checked against the manifest's sha256.
+    """
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(info.root / "manifest.parquet", columns=["record_id", "partition", "rule", "sha256"]).to_pylist()
+    known = {r["name"] for r in info.card["policy"]["rules"] if r["action"] == "exclude"}
+    unknown = sorted(set(rules) - known)
+    if unknown:
+        raise InputError(f"calibration.holdout_rules: {unknown[0]!r} is not an exclude rule of the policy",
+                         hint=f"exclude rules: {', '.join(sorted(known)) or 'none'}")
+    held = {r["record_id"]: r["sha256"] for r in rows if r["partition"] == "excluded" and r["rule"] in rules}
+    chosen = _seeded_subset(list(held), limit, seed)
+    reader = open_reader(source_spec(info, data_root))
+    pixels = [_load_verified(reader, rid, held[rid], "held-out record") for rid in chosen]
+    dropped = {"over_max_holdout": len(held) - len(chosen)}
+    source = f"rules:{','.join(rules)}"
+    return _without_protected(np.stack(pixels) if pixels else None, info, source, dropped)
+
+
 def holdout_from_dir(info: PreparedInfo, folder: Path, *, limit: int, seed: int) -> Holdout | None:
     """A folder of real unseen images (--holdout), brought to the prepared resolution like the samples."""
     from .images import load_folder

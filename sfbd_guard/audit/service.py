@@ -26,14 +26,14 @@ from .embed import Embedder, PixelEmbedder
 from .html import Pair, histogram, render
 from .images import LoadedImages, load_folder
 from .index import InnerProductIndex
-from .originals import (Holdout, PreparedInfo, holdout_from_dir, holdout_from_splits, holdout_splits, load_protected,
+from .originals import (Holdout, PreparedInfo, holdout_from_dir, holdout_from_rules, holdout_from_splits, holdout_splits, load_protected,
                         read_prepared)
 from .reference import Reference, build, l2_size
 from .report import samples_table, write_parquet, write_summary
 from .summary import build_summary
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
-REPORT_FILES = ("samples.parquet", "summary.json", "report.html")
+REPORT_FILES = ("samples.parquet", "summary.json", "report.html", "similarity.png")
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,9 @@ def find_holdout(info: PreparedInfo, config: AuditConfig, data_root: Path | None
         return found, "every --holdout image is a copy of a protected record"
     if spec.holdout == "none":
         return None, "calibration.holdout is none"
+    if spec.holdout_rules:
+        found = holdout_from_rules(info, data_root, spec.holdout_rules, limit=spec.max_holdout, seed=spec.seed)
+        return found, "the held-out rules matched no usable record"
     if not holdout_splits(info):
         split = info.card["split"]
         why = "uses every split" if split == "all" else "has no other split"
@@ -120,7 +123,9 @@ def _calibrate(ctx: _Context, data_root: Path | None, holdout_dir: Path | None) 
     return cal.calibrated(ctx.config, ctx.embedder.kind, held, holdout.source, holdout.dropped), held.s1
 
 
-def _write(report: Path, table: Any, summary: dict[str, Any], page: str) -> dict[str, Path]:
+def _write(report: Path, table: Any, summary: dict[str, Any], page: str, figure: Any) -> dict[str, Path]:
+    import io
+
     from ..fileio import atomic_write_bytes
 
     report.mkdir(parents=True, exist_ok=True)
@@ -128,6 +133,9 @@ def _write(report: Path, table: Any, summary: dict[str, Any], page: str) -> dict
     write_parquet(files["samples.parquet"], table)
     write_summary(files["summary.json"], summary)
     atomic_write_bytes(files["report.html"], page.encode())
+    picture = io.BytesIO()
+    figure.save(picture, format="PNG")  # the similarity histogram, also as a picture of its own
+    atomic_write_bytes(files["similarity.png"], picture.getvalue())
     return files
 
 
@@ -162,7 +170,7 @@ def _report(ctx: _Context, samples: Path, report: Path, loaded: LoadedImages, sc
     figure = histogram({"samples": scores.s1, "holdout": holdout_s1}, {"copy": th.copy, "suspect": th.suspect})
     clock["report"] = time.perf_counter() - mark
     summary["timings"] = {k: round(v, 3) for k, v in {**clock, "total": sum(clock.values())}.items()}
-    files = _write(report, table, summary, render(summary, pairs, figure, ctx.config.report.thumb_size))
+    files = _write(report, table, summary, render(summary, pairs, figure, ctx.config.report.thumb_size), figure)
     return AuditResult(report, summary, files)
 
 

@@ -73,6 +73,17 @@ class EmaSpec(StrictModel):
     rampup_ratio: float | None = Field(0.05, gt=0)  # half-life ≤ this × images seen (none: no ramp-up)
 
 
+class SampleStageSpec(StrictModel):
+    n: int = Field(64, ge=1)  # guard run: images drawn after training
+    steps: int = Field(18, ge=1)  # sampler steps
+    seed: int = 0  # image i depends only on (seed, i)
+    batch: int = Field(64, ge=1)  # images per sampling batch
+
+
+class AuditStageSpec(StrictModel):
+    config: str | None = None  # guard run: audit settings YAML, relative to the pipeline file (default: built-in)
+
+
 class PipelineConfig(StrictModel):
     version: Literal[1]
     name: str = Field(min_length=1)
@@ -94,6 +105,8 @@ class PipelineConfig(StrictModel):
     grid_size: int = Field(64, ge=1)  # images in a snapshot grid
     keep_checkpoints: int = Field(3, ge=1)  # how many checkpoints to keep
     out: str | None = None  # run directory, relative to the pipeline file; default ./runs/<name>
+    sample: SampleStageSpec = SampleStageSpec()  # what guard run samples after training
+    audit: AuditStageSpec = AuditStageSpec()  # how guard run audits the samples
 
     @model_validator(mode="after")
     def _checks(self) -> PipelineConfig:
@@ -134,7 +147,9 @@ def resolve_paths(config: PipelineConfig, base: Path) -> PipelineConfig:
         return None if value is None else str((base / value).resolve())
 
     out = absolute(config.out) if config.out else str(Path("runs", config.name).resolve())  # default: ./runs/<name>
-    return config.model_copy(update={"data": absolute(config.data), "policy": absolute(config.policy), "out": out})
+    audit = config.audit.model_copy(update={"config": absolute(config.audit.config)})
+    return config.model_copy(update={"data": absolute(config.data), "policy": absolute(config.policy), "out": out,
+                                     "audit": audit})
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

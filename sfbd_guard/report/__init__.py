@@ -1,0 +1,1 @@
+"""Compliance reports from the ledger: tables, an HTML page, a datasheet, and `guard verify`."""

@@ -1,0 +1,117 @@
+"""`guard report --datasheet FILE.md --run DIR`: a training-data summary of one run, in the spirit of
+datasheets for datasets (Gebru et al.) and the EU AI Act training-content summary template
+(general information, data sources, data processing). Filled from files and the ledger alone."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import InputError
+from ..fileio import atomic_write_bytes
+from .views import connect
+
+
+def _licenses(data: Path) -> str:
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(data / "manifest.parquet")
+    if "license" not in schema.names:
+        return "The dataset has no per-record `license` column; its licence is the dataset's own (check its terms)."
+    rows = pq.read_table(data / "manifest.parquet", columns=["partition", "license"]).to_pylist()
+    counts = Counter((r["partition"], r["license"] or "NOASSERTION") for r in rows)
+    lines = "\n".join(f"| {p} | {lic} | {n} |" for (p, lic), n in sorted(counts.items()))
+    return f"| partition | licence (SPDX) | records |\n|---|---|---|\n{lines}"
+
+
+def _rules(card: dict[str, Any]) -> str:
+    lines = []
+    for rule in card["policy"]["rules"]:
+        where = f"`{rule['where']}`" if rule.get("where") else "every record"
+        sample = f", keeping {json.dumps(rule['sample'])}" if rule.get("sample") else ""
+        lines.append(f"| {rule['name']} | {rule['action']} | {where}{sample} | {card['rule_counts'].get(rule['name'], 0)} |")
+    return "| rule | action | matches | records |\n|---|---|---|---|\n" + "\n".join(lines)
+
+
+def _latest_audit(con: Any, run_dir: Path) -> str:
+    rows = con.execute(
+        "SELECT started_at, copy, suspect, novel, threshold_method, copy_threshold, expected_fpr FROM audits "
+        "WHERE status = 'ok' AND (samples LIKE ? || '/%' OR samples IN (SELECT samples FROM samplings WHERE weights LIKE ? || '/%')) "
+        "ORDER BY started_at DESC LIMIT 1", [str(run_dir), str(run_dir)]).fetchall()
+    if not rows:
+        return "No audit of this run's samples is recorded yet (`guard audit`)."
+    started, copy, suspect, novel, method, threshold, fpr = rows[0]
+    return (f"Latest audit ({started:%Y-%m-%d %H:%M} UTC): {copy} copy, {suspect} suspect, {novel} novel. "
+            f"Copy threshold {threshold:.4f} ({method}); expected false-positive rate: {fpr}.")
+
+
+def _trainings(con: Any, run_dir: Path) -> list[tuple[Any, ...]]:
+    return con.execute("SELECT started_at, method, steps, kimg, epsilon, delta, data_fingerprint FROM trainings "
+                       "WHERE status = 'ok' AND run = ? ORDER BY started_at", [str(run_dir)]).fetchall()
+
+
+def datasheet(run_dir: Path, ledger: Path) -> str:
+    run_dir = run_dir.resolve()
+    if not (run_dir / "run.json").is_file():
+        raise InputError(f"{run_dir}: not a run directory (no run.json)")
+    run = json.loads((run_dir / "run.json").read_text())
+    data = Path(run["data"])
+    card = json.loads((data / "card.json").read_text())
+    con = connect(ledger)
+    trainings = _trainings(con, run_dir)
+    method = trainings[-1][1] if trainings else "unknown"
+    eps = trainings[-1][4] if trainings else None
+    privacy = (f"DP-SGD with ε = {eps:.3g}, δ = {trainings[-1][5]:.3g} on the private stages." if eps else
+               "No differential-privacy guarantee: the noised partition is obfuscation against memorization and "
+               "reproduction, not DP (as a Gaussian mechanism on whole images its ε is in the hundreds).")
+    counts = card["counts"]
+    excluded_rules = [r["name"] for r in card["policy"]["rules"] if r["action"] == "exclude"]
+    optouts = sum(card["rule_counts"].get(name, 0) for name in excluded_rules)
+    return f"""# Training-data summary: run `{run_dir.name}`
+
+Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by sfbd_guard {__version__} from the prepared
+directory, the run directory and the compliance ledger. Narrative answers marked TODO need a person.
+
+## 1. General information
+- Model: diffusion model trained with method `{method}` ({len(trainings)} recorded training session(s)).
+- Modality: images, {card['resolution']}×{card['resolution']}, {card['channels']} channel(s) ({card['color']}).
+- Training data size: {counts['clean']} clean images and {counts['protected']} protected images seen only as
+  noised copies; {counts['excluded']} records excluded; {counts['error']} unreadable.
+- Purpose and intended use: TODO.
+
+## 2. Data sources
+- Source dataset: format `{card['format']}`, split `{card['split']}`, root `{card['root']}`.
+- Policy: `{card['policy_name']}` (sha256 `{card['policy_sha256']}`), applied by `guard prepare` on {card['created_at']}.
+
+{_rules(card)}
+
+### Licences
+{_licenses(data)}
+
+### Opt-outs and reservations honoured
+Exclude rules ({', '.join(excluded_rules) or 'none'}) apply before any other rule, so an opt-out can never
+be overridden: {optouts} record(s) excluded. Excluded records exist only as manifest rows with their sha256;
+`guard verify` proves their pixels are absent from every array. Machine-readable TDM reservations
+(robots, TDMRep, C2PA/IPTC) are honoured to the extent the policy's `where` clauses encode them: TODO
+(describe the signals collected and when).
+
+## 3. Data processing
+- Protected records: stored only as y = x/127.5 − 1 + σ·ε with σ = {card['sigma']} (fixed per record,
+  seeded from the record id); the originals never entered the prepared directory.
+- What the trainer could see: the prepared directory `{data}` (fingerprint `{run['data_fingerprint']}`),
+  nothing else; its array files were verified against their sha256 before training.
+- Synthetic data: SFBD's denoised copies of protected records are synthetic data derived from them
+  (the model's own reconstructions), used for training.
+- Privacy: {privacy}
+- Memorization audit: {_latest_audit(con, run_dir)}
+- Removal of illegal content, personal-data handling: TODO.
+"""
+
+
+def write_datasheet(path: Path, run_dir: Path, ledger: Path) -> Path:
+    atomic_write_bytes(path, datasheet(run_dir, ledger).encode())
+    return path

@@ -1,0 +1,144 @@
+"""`guard verify --run DIR`: checks, from files alone, that a run saw only what the policy allowed.
+
+1. consumed arrays: the arrays the run's ledger events say it read are exactly those of its prepared
+   directory, and those still match the manifest and the card's sha256;
+2. noise: every protected record was noised with the policy's sigma;
+3. no protected or excluded pixels in training: no clean array row has the sha256 of a protected or
+   excluded record, and every clean row is the record the manifest says;
+4. opt-outs: every record an exclude rule matched is absent from all arrays;
+5. audit: the latest audit of the run's samples exists and found no copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import GuardError, InputError
+from .views import connect
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+def _consumed_arrays(con: Any, run_dir: Path) -> dict[str, str] | None:
+    rows = con.execute(
+        "SELECT inputs FROM events WHERE kind = 'train' AND status = 'ok' AND "
+        "list_filter(outputs, lambda a: a.role = 'run')[1].path = ? ORDER BY started_at", [str(run_dir)]).fetchall()
+    if not rows:
+        return None
+    consumed: dict[str, str] = {}
+    for (inputs,) in rows:
+        consumed.update({a["path"]: a["sha256"] for a in inputs if a["role"] == "array"})
+    return consumed
+
+
+def check_consumed(con: Any, run_dir: Path, data: Path) -> Check:
+    from ..prepared import open_prepared
+
+    consumed = _consumed_arrays(con, run_dir)
+    if consumed is None:
+        return Check("consumed arrays", False, "no finished training event for this run in the ledger")
+    try:
+        prepared = open_prepared(data)
+    except GuardError as err:
+        return Check("consumed arrays", False, str(err))
+    expected = {f"{prepared.root}/{name}": digest for name, digest in prepared.files.items()}
+    if consumed != expected:
+        differing = sorted(set(consumed.items()) ^ set(expected.items()))
+        return Check("consumed arrays", False, f"{len(differing)} array fingerprint(s) differ, e.g. {differing[0][0]}")
+    return Check("consumed arrays", True, f"{len(consumed)} array file(s) match the ledger, the card and the manifest")
+
+
+def _manifest(data: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(data / "manifest.parquet", columns=["record_id", "partition", "rule", "sha256", "sigma", "file", "row"]).to_pylist()
+
+
+def check_noise(data: Path, rows: list[dict[str, Any]]) -> Check:
+    card = json.loads((data / "card.json").read_text())
+    sigma = card["policy"]["noise"]["sigma"]
+    wrong = [r["record_id"] for r in rows if r["partition"] == "protected" and r["sigma"] != sigma]
+    if card["sigma"] != sigma or wrong:
+        return Check("noise", False, f"{len(wrong)} protected record(s) not at the policy's sigma {sigma}, e.g. {wrong[:3]}")
+    count = sum(r["partition"] == "protected" for r in rows)
+    return Check("noise", True, f"all {count} protected records noised with sigma {sigma}")
+
+
+def _clean_row_hashes(data: Path, rows: list[dict[str, Any]]) -> dict[str, str]:
+    """record_id → sha256 of the pixels actually stored in its clean array row."""
+    arrays: dict[str, np.ndarray] = {}
+    hashes = {}
+    for row in rows:
+        if row["partition"] == "clean":
+            array = arrays.setdefault(row["file"], np.load(data / row["file"], mmap_mode="r"))
+            hashes[row["record_id"]] = hashlib.sha256(np.ascontiguousarray(array[row["row"]]).tobytes()).hexdigest()
+    return hashes
+
+
+def check_clean_rows(data: Path, rows: list[dict[str, Any]]) -> Check:
+    stored = _clean_row_hashes(data, rows)
+    forbidden = {r["sha256"]: r["record_id"] for r in rows if r["partition"] in ("protected", "excluded") and r["sha256"]}
+    leaks = [(rid, forbidden[h]) for rid, h in stored.items() if h in forbidden]
+    if leaks:
+        return Check("no protected pixels", False, f"clean row {leaks[0][0]} holds the pixels of {leaks[0][1]} ({len(leaks)} in all)")
+    expected = {r["record_id"]: r["sha256"] for r in rows if r["partition"] == "clean"}
+    mismatched = [rid for rid, h in stored.items() if expected[rid] != h]
+    if mismatched:
+        return Check("no protected pixels", False, f"{len(mismatched)} clean row(s) differ from their manifest sha256, e.g. {mismatched[0]}")
+    return Check("no protected pixels", True, f"{len(stored)} clean rows checked: none holds a protected or excluded image")
+
+
+def check_opt_outs(data: Path, rows: list[dict[str, Any]]) -> Check:
+    card = json.loads((data / "card.json").read_text())
+    exclude_rules = {r["name"] for r in card["policy"]["rules"] if r["action"] == "exclude"}
+    excluded = [r for r in rows if r["rule"] in exclude_rules]
+    placed = [r["record_id"] for r in excluded if r["partition"] != "excluded" or r["file"] is not None]
+    stored = set(_clean_row_hashes(data, rows).values())
+    in_arrays = [r["record_id"] for r in excluded if r["sha256"] in stored]
+    files_rows = sum(np.load(data / f, mmap_mode="r").shape[0] for f in card["files"])
+    listed = sum(r["file"] is not None for r in rows)
+    if placed or in_arrays or files_rows != listed:
+        why = placed[:1] or in_arrays[:1] or [f"{files_rows} array rows for {listed} placed records"]
+        return Check("opt-outs", False, f"excluded record(s) found in the arrays: {why[0]}")
+    return Check("opt-outs", True, f"{len(excluded)} record(s) matched by exclude rules are absent from all arrays")
+
+
+def check_audit(con: Any, run_dir: Path) -> Check:
+    rows = con.execute(
+        "SELECT a.status, a.copy, a.samples, a.started_at FROM audits a WHERE a.samples LIKE ? || '/%' OR a.samples IN "
+        "(SELECT samples FROM samplings WHERE weights LIKE ? || '/%') ORDER BY a.started_at DESC LIMIT 1",
+        [str(run_dir), str(run_dir)]).fetchall()
+    if not rows:
+        return Check("audit", False, "no audit of this run's samples in the ledger")
+    status, copies, samples, started = rows[0]
+    if status != "ok" or copies is None:
+        return Check("audit", False, f"the latest audit ({started:%Y-%m-%d %H:%M}) did not finish")
+    if copies:
+        return Check("audit", False, f"the latest audit of {samples} found {copies} copy(ies)")
+    return Check("audit", True, f"the latest audit of {samples} ({started:%Y-%m-%d %H:%M}) found no copy")
+
+
+def verify_run(run_dir: Path, ledger: Path) -> list[Check]:
+    run_dir = run_dir.resolve()
+    info = run_dir / "run.json"
+    if not info.is_file():
+        raise InputError(f"{run_dir}: not a run directory (no run.json)", hint="--run takes a directory written by guard train")
+    data = Path(json.loads(info.read_text())["data"])
+    con = connect(ledger)
+    checks = [check_consumed(con, run_dir, data)]
+    if not (data / "manifest.parquet").is_file():
+        return checks + [Check(name, False, f"{data}: no manifest") for name in ("noise", "no protected pixels", "opt-outs")] \
+            + [check_audit(con, run_dir)]
+    rows = _manifest(data)
+    return checks + [check_noise(data, rows), check_clean_rows(data, rows), check_opt_outs(data, rows), check_audit(con, run_dir)]

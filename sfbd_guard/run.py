@@ -1,0 +1,128 @@
+"""`guard run pipelines/<name>.yaml`: prepare → train → sample → audit → report, resumable.
+
+Each stage is skipped when its finished output is already there and valid, so re-running after a
+crash (or after the run finished) continues where it stopped:
+- prepare: the prepared directory exists, was made from this exact policy file, and verifies;
+- train: a run directory with checkpoints is resumed (a finished run returns at once);
+- sample: `samples/done.json` names the same weights, count, steps and seed;
+- audit: `audit/summary.json` was computed on the same samples;
+- report: always rewritten (`report.html`, `DATASHEET.md`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .engine.config import PipelineConfig, load_pipeline
+from .errors import InputError
+from .fileio import atomic_write_json, sha256_file
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    stages: dict[str, str] = field(default_factory=dict)  # stage → "done" | "skipped (...)"
+    copies: int = 0
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _prepare(config: PipelineConfig, ledger: Path | None, command: list[str], say: Say) -> str:
+    from .curation.service import prepare_recorded
+    from .policy import load_policy
+    from .prepared import open_prepared
+
+    if config.policy is None:
+        raise InputError("the pipeline has no `policy`: guard run needs it to prepare the data")
+    policy, data = Path(config.policy), Path(config.data)
+    if (data / "card.json").is_file():
+        card = json.loads((data / "card.json").read_text())
+        if card.get("policy_sha256") != load_policy(policy).sha256:
+            raise InputError(f"{data} was prepared from another version of {policy}",
+                             hint="remove it (and the run trained on it) or point `data` elsewhere")
+        open_prepared(data)
+        return "skipped (prepared directory verified)"
+    say(f"preparing {data} from {policy}")
+    prepare_recorded(policy, data_root=None, out=data, workers=1, strict=False, overwrite=False, ledger=ledger,
+                     command=command + ["(prepare)"])
+    return "done"
+
+
+def _train(config: PipelineConfig, ledger: Path | None, command: list[str], progress: Any, say: Say) -> str:
+    from .engine.service import pipeline_of_run, train_recorded
+
+    run_dir = Path(str(config.out))
+    resume = (run_dir / "config.resolved.yaml").is_file()
+    chosen = pipeline_of_run(run_dir) if resume else config
+    say(f"{'resuming' if resume else 'training'} {chosen.method} in {run_dir}")
+    outcome = train_recorded(chosen, resume=resume, ledger=ledger, command=command + ["(train)"], progress=progress)
+    return f"done ({outcome.step} steps, {outcome.kimg:g} kimg)"
+
+
+def _sample(config: PipelineConfig, ledger: Path | None, command: list[str], say: Say) -> str:
+    from .engine.checkpoint import latest_checkpoint
+    from .engine.service import sample_recorded
+
+    run_dir, spec = Path(str(config.out)), config.sample
+    weights = latest_checkpoint(run_dir)
+    marker = run_dir / "samples" / "done.json"
+    wanted = {"weights": sha256_file(weights / "ema.safetensors"), "n": spec.n, "steps": spec.steps, "seed": spec.seed}
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        return "skipped (samples of these weights exist)"
+    say(f"sampling {spec.n} images")
+    sample_recorded(run_dir, ledger=ledger, command=command + ["(sample)"], count=spec.n, out=run_dir / "samples",
+                    steps=spec.steps, seed=spec.seed, batch=spec.batch)
+    atomic_write_json(marker, wanted)
+    return "done"
+
+
+def _audit(config: PipelineConfig, ledger: Path | None, command: list[str], say: Say) -> tuple[str, int]:
+    from .audit.config import resolve_audit_config
+    from .audit.service import audit_recorded
+
+    run_dir = Path(str(config.out))
+    report, samples = run_dir / "audit", run_dir / "samples"
+    marker, done = samples / "done.json", report / "done.json"
+    if done.is_file() and marker.is_file() and json.loads(done.read_text())["samples_marker"] == sha256_file(marker):
+        return "skipped (this sample set is audited)", int(json.loads(done.read_text())["copies"])
+    say("auditing the samples against the protected originals")
+    config_path = Path(config.audit.config) if config.audit.config else None
+    result = audit_recorded(samples=samples, data=Path(config.data), report=report,
+                            config=resolve_audit_config(config_path, {}), config_path=config_path, ledger=ledger,
+                            command=command + ["(audit)"])
+    copies = int(result.counts.get("copy", 0))
+    atomic_write_json(done, {"samples_marker": sha256_file(marker), "copies": copies})
+    return "done", copies
+
+
+def _report(config: PipelineConfig, ledger: Path) -> dict[str, Path]:
+    from .report.datasheet import write_datasheet
+    from .report.html import latest_pictures, write_html
+    from .report.tables import report_tables
+    from .report.views import connect
+
+    run_dir = Path(str(config.out))
+    grid, histogram = latest_pictures(connect(ledger))
+    html = write_html(run_dir / "report.html", report_tables(ledger, None), grid, histogram)
+    sheet = write_datasheet(run_dir / "DATASHEET.md", run_dir, ledger)
+    return {"report": html, "datasheet": sheet, "grid": run_dir / "samples" / "grid.png",
+            "audit": run_dir / "audit" / "report.html"}
+
+
+def run_pipeline(pipeline: Path, *, ledger: Path, command: list[str], progress: Any = None,
+                 say: Say = print) -> RunSummary:
+    """Run every stage of `pipeline` that is not already done; returns what happened and where to look."""
+    config = load_pipeline(pipeline)
+    summary = RunSummary(Path(str(config.out)))
+    summary.stages["prepare"] = _prepare(config, ledger, command, say)
+    summary.stages["train"] = _train(config, ledger, command, progress, say)
+    summary.stages["sample"] = _sample(config, ledger, command, say)
+    summary.stages["audit"], summary.copies = _audit(config, ledger, command, say)
+    summary.files = _report(config, ledger)
+    summary.stages["report"] = "done"
+    return summary

@@ -1,0 +1,158 @@
+"""guard run, guard report and guard verify on a tiny real chain: prepare → train → sample → audit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from helpers import tiny_pipeline, write_policy
+from sfbd_guard.cli import main
+
+
+def _guard(*args: object) -> int:
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+def _write_chain(folder: Path) -> Path:
+    (folder / "optout.csv").write_text("idx\n3\n14\n15\n")
+    policy = {"version": 1, "name": "digits-chain", "dataset": {"format": "digits", "resolution": 8},
+              "rules": [{"name": "opt-out", "action": "exclude", "where": "index IN (SELECT idx FROM read_csv('optout.csv'))"},
+                        {"name": "held-out", "action": "exclude", "sample": {"fraction": 0.2, "seed": 1}},
+                        {"name": "licensed", "action": "clean", "sample": {"fraction": 0.1}},
+                        {"name": "rest", "action": "protect"}],
+              "noise": {"sigma": 0.6}, "output": "prepared"}
+    write_policy(folder / "policy.yaml", policy)
+    (folder / "audit.yaml").write_text(yaml.safe_dump({"version": 1, "name": "t", "calibration": {"holdout_rules": ["held-out"]}}))
+    pipeline = tiny_pipeline(Path("prepared"), Path("runs/chain"), policy="policy.yaml",
+                             sample={"n": 8, "steps": 4, "batch": 8}, audit={"config": "audit.yaml"})
+    return write_policy(folder / "pipeline.yaml", pipeline)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("chain")
+    pipeline = _write_chain(folder)
+    assert _guard("run", pipeline, "--ledger", folder / "ledger") == 0
+    return folder, folder / "ledger"
+
+
+def test_run_writes_every_stage(chain: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    folder, ledger = chain
+    run = folder / "runs" / "chain"
+    for path in ("samples/grid.png", "samples/000007.png", "audit/summary.json", "audit/similarity.png", "report.html", "DATASHEET.md"):
+        assert (run / path).is_file(), path
+    summary = json.loads((run / "audit" / "summary.json").read_text())
+    assert summary["thresholds"]["method"] != "default", "calibrated on the held-out rule"
+    assert _guard("run", folder / "pipeline.yaml", "--ledger", ledger) == 0  # everything already done
+    out = capsys.readouterr().out
+    for stage in ("prepare", "train", "sample", "audit"):
+        assert f"{stage}: skipped" in out.replace("   ", " ").replace("  ", " ") or f"{stage}: done (" in out
+
+
+def test_report_views_formats_html_and_datasheet(chain: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder, ledger = chain
+    assert _guard("report", "--ledger", ledger) == 0
+    out = capsys.readouterr().out
+    assert "datasets prepared (1)" in out and "training runs (2)" in out and "audits (1)" in out  # run twice above
+    assert _guard("report", "--ledger", ledger, "--sql", "SELECT policy, clean, protected, excluded FROM prepares", "--format", "json") == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    card = json.loads((folder / "prepared" / "card.json").read_text())
+    assert row == {"policy": "digits-chain", **{k: card["counts"][k] for k in ("clean", "protected", "excluded")}}
+    assert _guard("report", "--ledger", ledger, "--sql", "SELECT method, steps FROM trainings", "--format", "csv") == 0
+    assert capsys.readouterr().out.splitlines() == ['"method","steps"', '"clean-only",8', '"clean-only",8']
+    assert _guard("report", "--ledger", ledger, "--sql", "SELECT * FROM audits", "--format", "parquet", "--output", tmp_path / "a.parquet") == 0
+    assert pq.read_table(tmp_path / "a.parquet").num_rows == 1
+    assert _guard("report", "--ledger", ledger, "--html", tmp_path / "r.html") == 0
+    page = (tmp_path / "r.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "digits-chain" in page
+    assert _guard("report", "--ledger", ledger, "--datasheet", tmp_path / "d.md", "--run", folder / "runs" / "chain") == 0
+    sheet = (tmp_path / "d.md").read_text()
+    assert "digits-chain" in sheet and f"{card['counts']['protected']} protected images" in sheet and "opt-out" in sheet
+    assert _guard("report", "--ledger", ledger, "--sql", "SELECT nope FROM prepares") == 2
+
+
+def test_verify_passes_on_the_untouched_run(chain: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    folder, ledger = chain
+    assert _guard("verify", "--run", folder / "runs" / "chain", "--ledger", ledger) == 0
+    assert "5 passed, 0 failed" in capsys.readouterr().out
+
+
+def _copy(chain: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the chain whose paths (in run.json and the ledger) point at the copy."""
+    folder, _ = chain
+    copy = Path(shutil.copytree(folder, tmp_path / "chain"))
+    for path in [copy / "runs" / "chain" / "run.json", *sorted((copy / "ledger").rglob("*.parquet"))]:
+        if path.suffix == ".json":
+            path.write_text(path.read_text().replace(str(folder), str(copy)))
+        else:
+            table = pq.read_table(path).to_pylist()
+            text = json.dumps(table, default=str).replace(str(folder), str(copy))
+            import pyarrow as pa
+
+            rows = json.loads(text)
+            for row in rows:
+                for key in ("started_at", "finished_at"):
+                    row[key] = pq.read_table(path).column(key)[0].as_py()
+            pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(path)), path)
+    return copy, copy / "ledger"
+
+
+def _verify(copy: Path, ledger: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, str]:
+    code = _guard("verify", "--run", copy / "runs" / "chain", "--ledger", ledger)
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith(("PASS", "FAIL"))]
+    assert code == (1 if any(l.startswith("FAIL") for l in lines) else 0)
+    return {l.split(":")[0].split("  ", 1)[1]: l.split("  ", 1)[0] for l in lines}
+
+
+def test_verify_fails_when_a_clean_row_is_replaced_by_a_protected_image(chain, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from sfbd_guard.datasets import SourceSpec, open_reader
+
+    copy, ledger = _copy(chain, tmp_path)
+    assert _verify(copy, ledger, capsys) == dict.fromkeys(["consumed arrays", "noise", "no protected pixels", "opt-outs", "audit"], "PASS")
+    rows = pq.read_table(copy / "prepared" / "manifest.parquet").to_pylist()
+    protected = next(r for r in rows if r["partition"] == "protected")
+    clean_file = copy / "prepared" / "clean" / "shard-00000.npy"
+    array = np.load(clean_file)
+    array[0] = open_reader(SourceSpec("digits", None, "all", 8)).load(protected["record_id"])
+    np.save(clean_file, array)
+    result = _verify(copy, ledger, capsys)
+    assert result["no protected pixels"] == "FAIL" and result["consumed arrays"] == "FAIL"
+
+
+def test_verify_fails_for_an_edited_array_and_a_missing_audit(chain, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    copy, ledger = _copy(chain, tmp_path)
+    with open(copy / "prepared" / "protected" / "shard-00000.npy", "r+b") as handle:
+        handle.seek(-2, 2)
+        handle.write(b"\x00\x3c")
+    assert _verify(copy, ledger, capsys)["consumed arrays"] == "FAIL"
+    for event in (ledger / "audit").glob("*.parquet"):
+        event.unlink()
+    assert _verify(copy, ledger, capsys)["audit"] == "FAIL"
+
+
+def test_run_resumes_after_an_interrupted_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from sfbd_guard import run as module
+
+    pipeline = _write_chain(tmp_path)
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "_audit", crash)
+    assert _guard("run", pipeline, "--ledger", tmp_path / "ledger") == 130  # interrupted, as by Ctrl-C
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert _guard("run", pipeline, "--ledger", tmp_path / "ledger") == 0
+    out = capsys.readouterr().out
+    assert "prepare: skipped" in out and "sample: skipped" in out and "audit: done" in out
+    assert "train: done (8 steps" in out  # the finished run is resumed and returns at once
