@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+
+# The tests' models are tiny: one thread per process is faster than two, and keeps the tests that start
+# two processes (DDP, gloo) from oversubscribing the two cores, where OpenMP's spin-waiting makes every
+# small operation hundreds of times slower. Set before torch is imported, so subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass
 from pathlib import Path
 

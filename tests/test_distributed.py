@@ -28,6 +28,7 @@ def _free_port() -> int:
 
 
 def _gather_worker(rank: int, world: int, port: int, total: int, results: dict) -> None:  # type: ignore[type-arg]
+    torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     rt = Runtime(torch.device("cpu"), rank, world)

@@ -80,7 +80,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path: Path, dig
 def test_kill_9_then_resume(tmp_path: Path, digits8: Path) -> None:
     pipeline = write_policy(tmp_path / "p.yaml", tiny_pipeline(digits8, tmp_path / "run", checkpoint_every=2,
                                                                schedule={"pretrain_kimg": 2.0}))
-    env = {**os.environ, "GUARD_LEDGER": str(tmp_path / "ledger")}
+    env = {**os.environ, "GUARD_LEDGER": str(tmp_path / "ledger"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "sfbd_guard.cli", "train", "--pipeline", str(pipeline)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = tmp_path / "run" / "checkpoints" / "latest"
@@ -88,8 +88,10 @@ def test_kill_9_then_resume(tmp_path: Path, digits8: Path) -> None:
     while time.time() < deadline and not (latest.exists() and latest.read_text() >= "step-000000006"):
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert latest.exists(), "no checkpoint before the kill"
+    killed_at = latest.read_text()
+    assert killed_at < "step-000000125", killed_at
     done = subprocess.run([sys.executable, "-m", "sfbd_guard.cli", "train", "--resume", str(tmp_path / "run")], env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
