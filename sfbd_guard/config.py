@@ -116,6 +116,18 @@ def load_config(model: type[ModelT], path: Path) -> ModelT:
     return validate_mapping(model, read_yaml_mapping(path), source=str(path))
 
 
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """data['a']['b'] = value for dotted 'a.b' (sections are created as needed)."""
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
 def parse_scalar(text: str) -> Any:
     """A command-line value read as YAML (so 2e-4, true, [1, 2] mean what they say)."""
     try:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import StrictModel, read_yaml_mapping, validate_mapping
+from ..config import StrictModel, read_yaml_mapping, validate_mapping, set_dotted
 
 # Used only when no holdout is available (calibration.method = "default"): copy / suspect on the top-1
 # cosine similarity, and suspect when the relative L2 ratio is at or below `ratio` (Carlini et al.'s
@@ -107,16 +107,6 @@ class AuditConfig(StrictModel):
         return Path(env).expanduser() if env else Path.home() / ".cache" / "sfbd_guard" / "audit-index"
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    section, _, leaf = key.rpartition(".")
-    target = data
-    for part in section.split(".") if section else []:
-        target = target.setdefault(part, {})
-        if not isinstance(target, dict):
-            target = {}
-    target[leaf] = value
-
-
 def resolve_audit_config(path: Path | None, overrides: dict[str, Any]) -> AuditConfig:
     """The YAML (if any) with dotted `overrides` applied; relative paths in the YAML resolve against it."""
     data: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
@@ -126,5 +116,5 @@ def resolve_audit_config(path: Path | None, overrides: dict[str, Any]) -> AuditC
             data[section][key] = str((path.parent / value).resolve())
     for key, value in overrides.items():
         if value is not None:
-            _set_dotted(data, key, value)
+            set_dotted(data, key, value)
     return validate_mapping(AuditConfig, data, source=str(path) if path else "audit settings")

@@ -7,8 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import StrictModel, read_yaml_mapping, validate_mapping
-from ..errors import ConfigError
+from ..config import StrictModel, read_yaml_mapping, set_dotted, validate_mapping
 
 Method = Literal["clean-only", "noisy-direct", "ambient", "sfbd", "online-sfbd"]
 METHODS = ("clean-only", "noisy-direct", "ambient", "sfbd", "online-sfbd")
@@ -137,7 +136,7 @@ def load_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> Pipeli
     """
     data = read_yaml_mapping(path)
     for dotted, value in (overrides or {}).items():
-        _set_dotted(data, dotted, value)
+        set_dotted(data, dotted, value)
     config = validate_mapping(PipelineConfig, data, source=str(path))
     return resolve_paths(config, path.resolve().parent)
 
@@ -150,14 +149,3 @@ def resolve_paths(config: PipelineConfig, base: Path) -> PipelineConfig:
     audit = config.audit.model_copy(update={"config": absolute(config.audit.config)})
     return config.model_copy(update={"data": absolute(config.data), "policy": absolute(config.policy), "out": out,
                                      "audit": audit})
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}: {key} is not a section")
-        node = child
-    node[keys[-1]] = value
