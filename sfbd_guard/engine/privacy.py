@@ -117,6 +117,8 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant
 
     if not history:
         return 0.0
+    if any(sigma <= 0 for sigma, _, steps in history if steps):
+        return math.inf
     acc = create_accountant(mechanism=accountant)
     acc.history = [tuple(h) for h in history]
     with warnings.catch_warnings():
@@ -124,11 +126,21 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant
         return float(acc.get_epsilon(delta=delta))
 
 
+_PLANS: dict[tuple[str, str, int], PrivacyPlan] = {}
+
+
 def plan_privacy(config: PipelineConfig, data: PreparedData, world_size: int = 1) -> PrivacyPlan:
     """The noise multiplier for the requested (epsilon, delta) over every private step of the run.
 
     Raises InputError (exit 2) naming the knob to turn when the budget is out of reach.
     """
+    key = (config.model_dump_json(), data.fingerprint, world_size)
+    if key not in _PLANS:  # the service checks the budget up front, the trainer uses the same plan
+        _PLANS[key] = _plan(config, data, world_size)
+    return _PLANS[key]
+
+
+def _plan(config: PipelineConfig, data: PreparedData, world_size: int) -> PrivacyPlan:
     from opacus.accountants.utils import get_noise_multiplier
 
     spec = config.privacy
@@ -155,17 +167,20 @@ def plan_privacy(config: PipelineConfig, data: PreparedData, world_size: int = 1
     unit = n_protected or n_clean
     delta = spec.delta if spec.delta is not None else 1 / (10 * max(unit, 1))
     if total == 0:
-        raise InputError("privacy: the private stages take no optimizer steps", hint="check the schedule")
+        raise InputError(f"privacy: the private stages ({', '.join(stages)}) take no optimizer steps",
+                         hint="check the schedule: a batch larger than a stage's images ends it before a step")
     q = max(rate for _, rate in private.values())  # one rate for the search: conservative if phases differ
     at_cap = epsilon_of([(MAX_NOISE_MULTIPLIER, q, total)], delta, spec.accountant)
     if at_cap > spec.epsilon:
         raise InputError(
             f"privacy.epsilon {spec.epsilon:g} is out of reach: {total} private steps at sample rate {q:.4g} "
-            f"(batch {global_batch} of {unit} protected records), delta {delta:.3g}, need a noise multiplier above "
+            f"(expected batch {global_batch}; {n_protected} protected records), delta {delta:.3g}, need a noise multiplier above "
             f"{MAX_NOISE_MULTIPLIER:g} (which still spends epsilon {at_cap:.3g})",
             hint=f"use {KNOBS}; {_suggest(spec.epsilon, delta, spec.accountant, q, total, global_batch)}")
-    sigma = get_noise_multiplier(target_epsilon=spec.epsilon, target_delta=delta, sample_rate=q, steps=total,
-                                 accountant=spec.accountant, epsilon_tolerance=0.01 * spec.epsilon)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Optimal order is the largest alpha..." from the RDP search
+        sigma = get_noise_multiplier(target_epsilon=spec.epsilon, target_delta=delta, sample_rate=q, steps=total,
+                                     accountant=spec.accountant, epsilon_tolerance=0.01 * spec.epsilon)
     return PrivacyPlan(spec.epsilon, delta, spec.accountant, spec.max_grad_norm, float(sigma), q, total, private,
                        n_protected)
 
@@ -189,18 +204,24 @@ def _suggest(epsilon: float, delta: float, accountant: str, q: float, steps: int
 
 def validate_model(net: torch.nn.Module) -> None:
     """Opacus' validators on the network: an unsupported layer is an InputError naming it."""
+    from opacus.grad_sample import GradSampleHooks
     from opacus.validators import ModuleValidator
 
-    errors = ModuleValidator.validate(net, strict=False)
-    if errors:
-        names = {id(module): name for name, module in net.named_modules()}
-        problems = []
-        for err in errors:
-            module = getattr(err, "module", None)
-            where = names.get(id(module)) if module is not None else None
-            problems.append(f"{where} ({type(module).__name__}): {err}" if where is not None else str(err))
-        raise InputError("privacy: the model has layers DP-SGD cannot train: " + "; ".join(problems),
-                         hint="replace them (BatchNorm → GroupNorm), or drop the privacy section")
+    if not ModuleValidator.validate(net, strict=False) and not GradSampleHooks.validate(net, strict=False):
+        return
+    problems = []  # Opacus' errors do not say where: run its per-layer validators by name
+    for name, module in net.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        validator = ModuleValidator.VALIDATORS.get(type(module))
+        errors = [str(err) for err in validator(module)] if validator else []
+        if not errors and list(module.buffers(recurse=False)):
+            errors = ["a trainable layer with buffers (state shared across the batch)"]
+        if errors:
+            problems.append(f"{name} ({type(module).__name__}): {errors[0].split('. ')[0].rstrip('.')}")
+    problems = problems or [str(err) for err in ModuleValidator.validate(net, strict=False)]
+    raise InputError("privacy: DP-SGD cannot train this model: " + "; ".join(problems),
+                     hint="replace those layers (e.g. BatchNorm → GroupNorm), or drop the privacy section")
 
 
 def functorch_fallbacks(net: torch.nn.Module) -> list[str]:
@@ -258,6 +279,7 @@ class PrivateTraining:
         from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 
         trainer, rt = self.trainer, self.trainer.rt
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
         sizes = torch.tensor([float(len(s.images)) for s in mixture.sources], dtype=torch.float64)
         rates = trainer.global_batch * mixture.probs / sizes
         self.rates = rates.tolist()
