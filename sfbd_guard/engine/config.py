@@ -68,11 +68,6 @@ class SFBDSpec(StrictModel):
     quantize: bool = True  # denoised images kept as uint8, as the reference code's PNG round trip does
 
 
-class EmaSpec(StrictModel):
-    halflife_kimg: float = Field(10.0, gt=0)  # EMA half-life, thousands of images
-    rampup_ratio: float | None = Field(0.05, gt=0)  # half-life ≤ this × images seen (none: no ramp-up)
-
-
 class PrivacySpec(StrictModel):
     """DP-SGD (Opacus) in the stages that learn from protected data (engine/privacy.py)."""
 
@@ -82,6 +77,11 @@ class PrivacySpec(StrictModel):
     accountant: Literal["rdp", "prv"] = "prv"  # Opacus accountant for the noise multiplier and the reports
     stages: list[Literal["pretrain", "rounds", "online", "train"]] | None = None  # default: those reading protected data
     physical_batch: int = Field(64, ge=1)  # samples per forward/backward within a Poisson batch (memory bound)
+
+
+class EmaSpec(StrictModel):
+    halflife_kimg: float = Field(10.0, gt=0)  # EMA half-life, thousands of images
+    rampup_ratio: float | None = Field(0.05, gt=0)  # half-life ≤ this × images seen (none: no ramp-up)
 
 
 class PipelineConfig(StrictModel):
