@@ -134,6 +134,12 @@ def train(
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the run; overrides seed of the pipeline.")] = None,
     sets: Annotated[list[str], typer.Option("--set", help="Override any pipeline key, e.g. --set schedule.pretrain_kimg=50 (repeatable).")] = [],  # noqa: B006
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this directory from its last checkpoint.")] = None,
+    dp_epsilon: Annotated[float | None, typer.Option("--dp-epsilon", help="Train the stages that read protected data with DP-SGD to this epsilon (privacy.epsilon).")] = None,
+    dp_delta: Annotated[float | None, typer.Option("--dp-delta", help="Delta of the DP guarantee; default 1/(10 × protected records) (privacy.delta).")] = None,
+    dp_max_grad_norm: Annotated[float | None, typer.Option("--dp-max-grad-norm", help="Per-sample gradient clipping norm (privacy.max_grad_norm).")] = None,
+    dp_accountant: Annotated[str | None, typer.Option("--dp-accountant", help="rdp or prv (privacy.accountant).")] = None,
+    dp_stages: Annotated[str | None, typer.Option("--dp-stages", help="Comma-separated private stages: pretrain, rounds, online, train (privacy.stages).")] = None,
+    dp_physical_batch: Annotated[int | None, typer.Option("--dp-physical-batch", help="Samples per forward/backward in a DP step (privacy.physical_batch).")] = None,
     ledger: LedgerOpt = None,
 ) -> None:
     """Train a diffusion model on a prepared directory (never on a raw dataset).
@@ -144,13 +150,17 @@ def train(
 
     if (pipeline is None) == (resume is None):
         raise GuardErrorForCli("give either --pipeline (a new run) or --resume RUN_DIR (continue one)")
+    dp = {f"privacy.{key}": value for key, value in (
+        ("epsilon", dp_epsilon), ("delta", dp_delta), ("max_grad_norm", dp_max_grad_norm), ("accountant", dp_accountant),
+        ("stages", dp_stages.split(",") if dp_stages else None), ("physical_batch", dp_physical_batch)) if value is not None}
     if resume is not None:
-        if data or out or method or device or seed is not None or sets:
+        if data or out or method or device or seed is not None or sets or dp:
             raise GuardErrorForCli("--resume continues a run with its saved config; other options do not apply")
         config = pipeline_of_run(resume)
     else:
         overrides = _parse_sets(sets)
         overrides.update({k: v for k, v in (("device", device), ("seed", seed)) if v is not None})
+        overrides.update(dp)
         config = pipeline_for_new_run(pipeline, overrides=overrides, data=data, out=out, method=method)  # type: ignore[arg-type]
     outcome = train_recorded(config, resume=resume is not None, ledger=ledger, command=_invocation(ctx),
                              progress=lambda label, total: _progress_bar(label)(total))

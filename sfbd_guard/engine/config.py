@@ -67,6 +67,17 @@ class SFBDSpec(StrictModel):
     quantize: bool = True  # denoised images kept as uint8, as the reference code's PNG round trip does
 
 
+class PrivacySpec(StrictModel):
+    """DP-SGD (Opacus) in the stages that learn from protected data (engine/privacy.py)."""
+
+    epsilon: float = Field(gt=0)  # (epsilon, delta)-DP per protected record, over all private steps of the run
+    delta: float | None = Field(None, gt=0, lt=1)  # default 1 / (10 × protected records)
+    max_grad_norm: float = Field(1.0, gt=0)  # per-sample gradient clipping norm
+    accountant: Literal["rdp", "prv"] = "prv"  # Opacus accountant for the noise multiplier and the reports
+    stages: list[Literal["pretrain", "rounds", "online", "train"]] | None = None  # default: those reading protected data
+    physical_batch: int = Field(64, ge=1)  # samples per forward/backward within a Poisson batch (memory bound)
+
+
 class EmaSpec(StrictModel):
     halflife_kimg: float = Field(10.0, gt=0)  # EMA half-life, thousands of images
     rampup_ratio: float | None = Field(0.05, gt=0)  # half-life ≤ this × images seen (none: no ramp-up)
@@ -96,6 +107,7 @@ class PipelineConfig(StrictModel):
     denoise: DenoiseSpec = DenoiseSpec()
     sfbd: SFBDSpec = SFBDSpec()
     ema: EmaSpec = EmaSpec()
+    privacy: PrivacySpec | None = None  # differential privacy (DP-SGD); none: non-private
     seed: int = 0  # seeds every random choice of the run
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast applies on CUDA only

@@ -31,6 +31,7 @@ class TrainOutcome:
     kimg: float
     resumed: bool
     seconds: float
+    privacy: dict[str, Any] | None = None  # DP-SGD: epsilon, delta, noise multiplier, sample rate, steps, ...
 
 
 def pipeline_for_new_run(pipeline: Path, *, overrides: dict[str, Any], data: Path | None, out: Path | None,
@@ -82,6 +83,7 @@ def train(config: PipelineConfig, *, resume: bool, progress: PhaseProgress | Non
     """Verify the prepared data, then train (or continue) the run described by `config`."""
     import time
 
+    from .privacy import plan_privacy, summary as privacy_summary
     from .runtime import runtime
     from .trainer import Trainer
 
@@ -91,6 +93,8 @@ def train(config: PipelineConfig, *, resume: bool, progress: PhaseProgress | Non
         on_start(data)
     with runtime(config.device, config.precision) as rt:
         run_dir = Path(str(config.out))
+        if config.privacy is not None:  # refuse an unreachable epsilon before anything is written
+            plan_privacy(config, data, rt.world_size)
         if resume:
             _check_same_data(run_dir, data)
         elif rt.is_main:
@@ -100,7 +104,8 @@ def train(config: PipelineConfig, *, resume: bool, progress: PhaseProgress | Non
         resumed = trainer.resume() if resume else False
         checkpoint = trainer.run()
         return TrainOutcome(run_dir, config, checkpoint if rt.is_main else None, trainer.state.step,
-                            trainer.state.nimg / 1000, resumed, time.perf_counter() - started)
+                            trainer.state.nimg / 1000, resumed, time.perf_counter() - started,
+                            privacy_summary(trainer.privacy.info) if trainer.privacy else None)
 
 
 def train_recorded(config: PipelineConfig, *, resume: bool, ledger: Path | None, command: list[str],
@@ -127,6 +132,8 @@ def train_recorded(config: PipelineConfig, *, resume: bool, ledger: Path | None,
         event.summary.update(method=config.method, name=config.name, resumed=outcome.resumed, step=outcome.step,
                              kimg=outcome.kimg, seconds=round(outcome.seconds, 3), device=config.device,
                              world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        if outcome.privacy is not None:
+            event.summary["privacy"] = outcome.privacy
         return outcome
 
 

@@ -22,6 +22,7 @@ from .images import save_grid
 from .methods import Phase, plan
 from .metrics import MetricsLog
 from .pools import PoolBuilder
+from .privacy import PrivateTraining
 from .runtime import Runtime
 
 SNAPSHOT_STEPS = 18  # sampler steps of snapshot grids
@@ -50,7 +51,7 @@ class Trainer:
         self.progress = progress if rt.is_main else None
         torch.manual_seed(config.seed * 1000 + rt.rank)  # dropout; its state is checkpointed too
         self.net = build_net(config, data.image_shape).to(rt.device).train()
-        if rt.device.type == "cuda":
+        if rt.device.type == "cuda" and config.privacy is None:  # Opacus' conv grad sampler needs NCHW
             self.net = self.net.to(memory_format=torch.channels_last)
         self.ema = EMA(self.net, halflife_kimg=config.ema.halflife_kimg, rampup_ratio=config.ema.rampup_ratio)
         self.model = DistributedDataParallel(self.net) if rt.distributed else self.net
@@ -63,6 +64,8 @@ class Trainer:
         self.config_json = config.model_dump_json()
         self.phases = plan(config)
         self.pools = PoolBuilder(self)
+        self.privacy = PrivateTraining(self) if config.privacy else None  # validates the model, plans the budget
+        self.private: PrivateTraining | None = None  # set while a private phase runs
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         opt = self.config.optimizer
@@ -103,6 +106,16 @@ class Trainer:
 
     def train_step(self, mixture: Mixture, phase: Phase) -> None:
         started = time.perf_counter()
+        # DP-SGD in private phases (privacy.py): Poisson batch, clipped per-sample gradients, noise, accounting
+        losses, lr = self.private.step(mixture) if self.private else self._step(mixture)
+        self.state.nimg += self.global_batch
+        self.state.step += 1
+        self.ema.update(self.net, self.global_batch, self.state.nimg)
+        seconds = time.perf_counter() - started
+        self.metrics.append(step=self.state.step, kimg=self.state.nimg / 1000, round=phase.round, phase=phase.name,
+                            loss=float(losses.detach().mean()), lr=lr, seconds_per_kimg=seconds / self.global_batch * 1000)
+
+    def _step(self, mixture: Mixture) -> tuple[torch.Tensor, float]:
         images, floors, weights = mixture.batch(self.local_batch, self.batch_gen)
         images, weights = images.to(self.rt.device), weights.to(self.rt.device)
         with self.rt.autocast():
@@ -112,12 +125,7 @@ class Trainer:
                             cur_nimg=self.state.nimg, warmup_kimg=self.config.optimizer.warmup_kimg,
                             max_grad_norm=self.config.optimizer.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
-        self.state.nimg += self.global_batch
-        self.state.step += 1
-        self.ema.update(self.net, self.global_batch, self.state.nimg)
-        seconds = time.perf_counter() - started
-        self.metrics.append(step=self.state.step, kimg=self.state.nimg / 1000, round=phase.round, phase=phase.name,
-                            loss=float(losses.detach().mean()), lr=lr, seconds_per_kimg=seconds / self.global_batch * 1000)
+        return losses, lr
 
     def checkpoint(self) -> Path | None:
         rng = self._rng_tensors()
@@ -146,6 +154,7 @@ class Trainer:
         fresh = self.state.info.get("entered_phase") != index
         self.state.phase, self.state.round = index, phase.round
         mixture = self.pools.enter(phase, fresh)
+        self.private = self.privacy.enter(phase, mixture) if self.privacy else None
         self.state.info["entered_phase"] = index
         total = max(0, int(phase.end_kimg * 1000) - self.state.nimg)
         tick = self.progress(f"{phase.name}", total) if self.progress and total else None
@@ -158,6 +167,9 @@ class Trainer:
                 self.snapshot()
             if self.state.step % self.config.checkpoint_every == 0:
                 self.checkpoint()
+        if self.private:
+            self.private.leave(phase)
+            self.private = None
         if phase.round:
             self.snapshot(f"grid-{phase.name}")
 

@@ -1,0 +1,177 @@
+"""Quality and speed of SFBD with differential privacy (DP-SGD, Opacus) on scikit-learn's digits.
+
+The setting, scorer and metrics are those of `quality_digits.py` (imported): a held-out fifth of the
+digits is the reference; of the rest 10% is clean and 90% protected at sigma 0.6. Variants: `sfbd`
+without DP, and `sfbd` with privacy.epsilon 10 and 1 (rdp or prv accountant, delta 1/(10 N),
+max_grad_norm 1, the SFBD rounds private, clean pretraining not), all at the same compute budget.
+Each draws `--samples` samples scored by FD and k-NN precision / recall against the held-out digits.
+
+Speed: (a) the median seconds per optimizer step of the private rounds against the same rounds
+without DP, from the runs' metrics; (b) an interleaved micro-benchmark on the digits model
+(model_channels 32, 8 px, batch 64): one non-private step, then one DP step (Poisson batch with the
+same expected size, per-sample gradients, clipping, noise), repeated, medians with quartiles.
+
+    PYTHONPATH=. python benchmarks/dp_digits.py --out bench-dp [--budget-kimg 100] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality_digits as quality  # noqa: E402  (the quality benchmark: policies, scorer, metrics)
+
+from sfbd_guard.curation.prepare import prepare  # noqa: E402
+from sfbd_guard.engine.config import load_pipeline  # noqa: E402
+from sfbd_guard.engine.service import train  # noqa: E402
+from sfbd_guard.policy import load_policy  # noqa: E402
+from sfbd_guard.prepared import open_prepared  # noqa: E402
+
+
+def variant_pipeline(name: str, epsilon: float | None, data: Path, out: Path, budget: float, folder: Path,
+                     accountant: str) -> Path:
+    """The quality benchmark's sfbd pipeline, with a privacy section for the private variants."""
+    base = quality.pipeline_for("sfbd", data, out, budget, folder)
+    pipeline = yaml.safe_load(base.read_text())
+    if epsilon is not None:
+        pipeline["privacy"] = {"epsilon": epsilon, "accountant": accountant, "max_grad_norm": 1.0}
+    path = folder / f"pipeline-{name}.yaml"
+    path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    return path
+
+
+def round_step_seconds(run: Path) -> list[float]:
+    rows = pq.read_table(run / "metrics.parquet").to_pylist()
+    return [row["seconds_per_kimg"] * 64 / 1000 for row in rows if row["phase"].startswith("round-")]
+
+
+def quartiles(values: list[float]) -> dict[str, float]:
+    q1, median, q3 = statistics.quantiles(values, n=4)
+    return {"median": median, "q1": q1, "q3": q3, "n": len(values)}
+
+
+def micro_benchmark(data: Path, steps: int, physical_batch: int) -> dict[str, object]:
+    """Interleaved per-step timing of the digits model: non-private vs DP-SGD (same expected batch)."""
+    from opacus.grad_sample import GradSampleHooks
+    from opacus.optimizers import DPOptimizer
+
+    from sfbd_guard.diffusion.ambient import AmbientLoss
+    from sfbd_guard.diffusion.optim import make_adam
+    from sfbd_guard.engine.data import clean_images
+    from sfbd_guard.engine.trainer import build_net
+
+    config = load_pipeline(quality.REPO / "pipelines" / "digits.yaml", {"data": str(data)})
+    prepared = open_prepared(data)
+    images = clean_images(prepared)
+    torch.manual_seed(0)
+    nets = [build_net(config, prepared.image_shape).train() for _ in range(2)]
+    plain_opt, dp_adam = (make_adam(net.parameters(), lr=1e-4) for net in nets)
+    GradSampleHooks(nets[1], loss_reduction="mean")
+    dp_opt = DPOptimizer(dp_adam, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=64)
+    loss, generator = AmbientLoss(), torch.Generator().manual_seed(0)
+    batch_rate = 64 / len(images)
+
+    def plain_step() -> None:
+        rows = torch.randint(len(images), (64,), generator=generator)
+        loss(nets[0], images[rows], torch.zeros(64), generator=generator).mean().backward()
+        plain_opt.step()
+        plain_opt.zero_grad(set_to_none=True)
+
+    def dp_step() -> None:
+        rows = torch.nonzero(torch.rand(len(images), generator=generator) < batch_rate).flatten()
+        chunks = rows.split(physical_batch)
+        for k, chunk in enumerate(chunks):
+            loss(nets[1], images[chunk], torch.zeros(len(chunk)), generator=generator).mean().backward()
+            if k < len(chunks) - 1:
+                dp_opt.signal_skip_step(True)
+                dp_opt.step()
+                dp_opt.zero_grad(set_to_none=True)
+        dp_opt.step()
+        dp_opt.zero_grad(set_to_none=True)
+
+    times: dict[str, list[float]] = {"plain": [], "dp": []}
+    for step in range(steps + 3):
+        for name, fn in (("plain", plain_step), ("dp", dp_step)):
+            started = time.perf_counter()
+            fn()
+            if step >= 3:  # warm-up
+                times[name].append(time.perf_counter() - started)
+    ratios = [d / p for d, p in zip(times["dp"], times["plain"])]
+    return {"plain_s": quartiles(times["plain"]), "dp_s": quartiles(times["dp"]), "ratio": quartiles(ratios),
+            "threads": torch.get_num_threads(), "physical_batch": physical_batch}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench-dp"), help="working folder (finished runs are kept)")
+    parser.add_argument("--budget-kimg", type=float, default=None, help="training budget (default: the digits pipeline's)")
+    parser.add_argument("--sigma", type=float, default=0.6, help="noise level of the protected copies")
+    parser.add_argument("--samples", type=int, default=1000, help="samples per variant")
+    parser.add_argument("--epsilons", type=float, nargs="*", default=[10.0, 1.0], help="private variants")
+    parser.add_argument("--accountant", choices=["rdp", "prv"], default="prv")
+    parser.add_argument("--micro-steps", type=int, default=30, help="interleaved steps of the micro-benchmark (0: skip)")
+    parser.add_argument("--skip-runs", action="store_true", help="only the micro-benchmark")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    mixed_policy, _ = quality.write_policies(args.out, args.sigma)
+    output = args.out / "prepared-mixed"
+    prepared = output if (output / "card.json").exists() else prepare(load_policy(mixed_policy)).output
+    data = open_prepared(prepared)
+    results: dict[str, object] = {"setting": {"sigma": args.sigma, "clean": len(data.clean.record_ids),
+                                              "protected": len(data.protected.record_ids), "samples": args.samples}}
+    if args.micro_steps:
+        results["micro"] = micro_benchmark(prepared, args.micro_steps, physical_batch=64)
+        print("micro", json.dumps(results["micro"]), flush=True)
+    if args.skip_runs:
+        print(json.dumps(results, indent=2))
+        return
+    held, held_labels, rest, rest_labels = quality.held_out_and_train_digits(prepared)
+    shape = data.image_shape
+    scorer = quality.train_scorer(rest, rest_labels, shape[1])
+    real = quality.features(scorer, held)
+    base = yaml.safe_load((quality.REPO / "pipelines" / "digits.yaml").read_text())["schedule"]
+    budget = args.budget_kimg or base["pretrain_kimg"] + base["rounds"] * base["round_kimg"]
+    results["setting"].update(budget_kimg=budget, held_out=len(held), accountant=args.accountant,  # type: ignore[union-attr]
+                              fd_real_vs_real=quality.frechet_distance(quality.features(scorer, rest[: len(held)]), real))
+    variants = [("sfbd", None)] + [(f"sfbd-dp-eps{eps:g}", eps) for eps in args.epsilons]
+    rows = {}
+    for name, epsilon in variants:
+        run = args.out / f"run-{name}"
+        started = time.perf_counter()
+        if (run / "config.resolved.yaml").exists():  # an earlier, possibly interrupted, run: continue it
+            outcome = train(load_pipeline(run / "config.resolved.yaml"), resume=True)
+        else:
+            path = variant_pipeline(name, epsilon, prepared, run, budget, args.out, args.accountant)
+            outcome = train(load_pipeline(path), resume=False)
+        seconds = time.perf_counter() - started
+        samples = quality.sample_run(run, args.samples, shape)
+        quality.save_grid(samples[:100], args.out / f"samples-{name}.png", scale=4)
+        fake = quality.features(scorer, samples.numpy())
+        precision, recall = quality.knn_precision_recall(real, fake)
+        row = {"fd": quality.frechet_distance(fake, real), "precision": precision, "recall": recall,
+               "train_seconds": round(seconds, 1), "round_step_s": quartiles(round_step_seconds(run))}
+        if outcome.privacy:
+            row["privacy"] = {k: v for k, v in outcome.privacy.items() if k != "history"}
+        rows[name] = row
+        print(name, json.dumps(row), flush=True)
+    plain = rows["sfbd"]["round_step_s"]["median"]
+    for row in rows.values():
+        row["round_step_ratio"] = row["round_step_s"]["median"] / plain
+    results["variants"] = rows
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,373 @@
+"""Differential privacy (DP-SGD with Opacus) for the training phases that learn from protected data.
+
+The privacy unit is one protected record. A private phase:
+
+- draws Poisson batches: every record of every source of the phase's mixture joins a step
+  independently, with rate q_s = expected batch × share_s / N_s (for the natural proportion all
+  rates equal batch / N). Draws come from the trainer's seeded, checkpointed batch generator; under
+  torchrun, rank r draws only over rows r, r + W, ..., so the union is one Poisson batch;
+- computes per-sample gradients with Opacus' hooks (the network holds only nn.Conv2d, nn.Linear
+  and nn.GroupNorm, which have Opacus grad samplers), clips each to `max_grad_norm`, adds Gaussian
+  noise of std noise_multiplier × max_grad_norm to their sum (Opacus' DPOptimizer, or
+  DistributedDPOptimizer, which adds it on rank 0 only), in physical batches of `physical_batch`
+  so memory stays bounded;
+- steps the accountant with (noise_multiplier, q). Its history [(noise_multiplier, q, steps)] lives
+  in `TrainingState.info["privacy"]`, so a resumed run continues it, and composes over every
+  private phase (all SFBD rounds) of the run.
+
+The noise multiplier is fixed before training, for the requested (epsilon, delta) over all
+private steps of the run. SFBD's denoising reads the protected copies only through the (already
+private) model, so it is post-processing and needs no accounting of its own. The loss noise and
+the DP noise come from seeded torch generators (reproducible, not cryptographically secure).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..diffusion.optim import set_lr, warmup_lr
+from ..errors import InputError
+from .config import PipelineConfig
+from .methods import Phase, plan
+
+if TYPE_CHECKING:
+    from ..prepared import PreparedData
+    from .data import Mixture
+    from .trainer import Trainer
+
+STAGES = ("pretrain", "rounds", "online", "train")
+DEFAULT_STAGES = {"clean-only": (), "noisy-direct": ("train",), "ambient": ("train",), "sfbd": ("rounds",),
+                  "online-sfbd": ("online",)}  # the stages that read protected-derived data
+PROTECTED_SOURCES = ("noisy", "denoised", "bank")  # one row per protected record
+MAX_NOISE_MULTIPLIER = 50.0  # above this, training would be noise only: treat the budget as unreachable
+KNOBS = ("more protected records, fewer private steps (schedule.rounds, schedule.round_kimg or schedule.total_kimg), "
+         "a larger privacy.epsilon, or a smaller batch")
+
+
+def stage_of(phase: Phase) -> str:
+    return "rounds" if phase.name.startswith("round-") else phase.name
+
+
+def private_stages(config: PipelineConfig) -> tuple[str, ...]:
+    assert config.privacy is not None
+    stages = tuple(config.privacy.stages) if config.privacy.stages is not None else DEFAULT_STAGES[config.method]
+    available = {stage_of(phase) for phase in plan(config)}
+    unknown = [s for s in stages if s not in available]
+    if unknown:
+        raise InputError(f"privacy.stages: method {config.method} has no stage {', '.join(unknown)}",
+                         hint=f"its stages are {', '.join(sorted(available))}")
+    if not stages:
+        raise InputError(f"privacy: method {config.method} reads no protected data, so no stage is private",
+                         hint="drop the privacy section, or list the stages to train with DP-SGD in privacy.stages")
+    return stages
+
+
+def pool_rates(pool: str, sizes: dict[str, int], clean_weight: float | None, batch: int) -> dict[str, float]:
+    """Poisson rate of each source of a phase's pool: batch × share / size (the `Mixture` shares)."""
+    names = {"clean": ["clean"], "clean+noisy": ["clean", "noisy"], "ambient": ["clean", "noisy"],
+             "sfbd": ["clean", "denoised"], "online": ["clean", "bank"]}[pool]
+    present = [n for n in names if sizes[n] > 0]
+    if clean_weight is not None and pool in ("sfbd", "online") and len(present) == 2:
+        shares = {"clean": clean_weight, names[1]: 1 - clean_weight}
+    else:
+        total = sum(sizes[n] for n in present)
+        shares = {n: sizes[n] / total for n in present}
+    return {n: batch * shares[n] / sizes[n] for n in present}
+
+
+def accounting_rate(rates: dict[str, float]) -> float:
+    """The rate that matters for a protected record: that of the protected sources (any if none)."""
+    protected = [rate for name, rate in rates.items() if name in PROTECTED_SOURCES]
+    return max(protected or rates.values())
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    epsilon: float  # target
+    delta: float
+    accountant: str
+    max_grad_norm: float
+    noise_multiplier: float
+    sample_rate: float  # accounting rate (the largest one if private phases differ)
+    steps: int  # private optimizer steps of the whole run
+    phases: dict[str, tuple[int, float]]  # private phase name -> (steps, sample rate)
+    records: int  # protected records (the privacy unit)
+
+
+def _steps_per_phase(phases: list[Phase], global_batch: int) -> list[int]:
+    """Optimizer steps of each phase, as the trainer's loop takes them (images seen += global batch)."""
+    nimg, counts = 0, []
+    for phase in phases:
+        steps = 0
+        while nimg < phase.end_kimg * 1000:
+            nimg += global_batch
+            steps += 1
+        counts.append(steps)
+    return counts
+
+
+def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
+    """Epsilon spent by a history [(noise_multiplier, sample_rate, steps)] with Opacus' accountant."""
+    from opacus.accountants import create_accountant
+
+    if not history:
+        return 0.0
+    if any(sigma <= 0 for sigma, _, steps in history if steps):
+        return math.inf
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [tuple(h) for h in history]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Optimal order is the largest alpha..." from the RDP search
+        return float(acc.get_epsilon(delta=delta))
+
+
+_PLANS: dict[tuple[str, str, int], PrivacyPlan] = {}
+
+
+def plan_privacy(config: PipelineConfig, data: PreparedData, world_size: int = 1) -> PrivacyPlan:
+    """The noise multiplier for the requested (epsilon, delta) over every private step of the run.
+
+    Raises InputError (exit 2) naming the knob to turn when the budget is out of reach.
+    """
+    key = (config.model_dump_json(), data.fingerprint, world_size)
+    if key not in _PLANS:  # the service checks the budget up front, the trainer uses the same plan
+        _PLANS[key] = _plan(config, data, world_size)
+    return _PLANS[key]
+
+
+def _plan(config: PipelineConfig, data: PreparedData, world_size: int) -> PrivacyPlan:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    spec = config.privacy
+    assert spec is not None
+    stages = private_stages(config)
+    n_clean, n_protected = len(data.clean.record_ids), len(data.protected.record_ids)
+    sizes = {"clean": n_clean, "noisy": n_protected, "denoised": n_protected, "bank": n_protected}
+    global_batch = max(1, config.batch // world_size) * world_size
+    phases = plan(config)
+    private: dict[str, tuple[int, float]] = {}
+    for phase, steps in zip(phases, _steps_per_phase(phases, global_batch)):
+        if stage_of(phase) not in stages or steps == 0:
+            continue
+        rates = pool_rates(phase.pool, sizes, config.sfbd.clean_weight, global_batch)
+        if not rates:
+            raise InputError(f"privacy: phase {phase.name} has no records to sample")
+        for name, rate in rates.items():
+            if rate > 1:
+                raise InputError(f"privacy: phase {phase.name} expects more {name} images per batch of {global_batch} "
+                                 f"than the {sizes[name]} {name} records (Poisson rate {rate:.3g} > 1)",
+                                 hint="use a smaller batch (or sfbd.clean_weight closer to the natural proportion)")
+        private[phase.name] = (steps, accounting_rate(rates))
+    total = sum(steps for steps, _ in private.values())
+    unit = n_protected or n_clean
+    delta = spec.delta if spec.delta is not None else 1 / (10 * max(unit, 1))
+    if total == 0:
+        raise InputError(f"privacy: the private stages ({', '.join(stages)}) take no optimizer steps",
+                         hint="check the schedule: a batch larger than a stage's images ends it before a step")
+    q = max(rate for _, rate in private.values())  # one rate for the search: conservative if phases differ
+    at_cap = epsilon_of([(MAX_NOISE_MULTIPLIER, q, total)], delta, spec.accountant)
+    if at_cap > spec.epsilon:
+        raise InputError(
+            f"privacy.epsilon {spec.epsilon:g} is out of reach: {total} private steps at sample rate {q:.4g} "
+            f"(expected batch {global_batch}; {n_protected} protected records), delta {delta:.3g}, need a noise multiplier above "
+            f"{MAX_NOISE_MULTIPLIER:g} (which still spends epsilon {at_cap:.3g})",
+            hint=f"use {KNOBS}; {_suggest(spec.epsilon, delta, spec.accountant, q, total, global_batch)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Optimal order is the largest alpha..." from the RDP search
+        sigma = get_noise_multiplier(target_epsilon=spec.epsilon, target_delta=delta, sample_rate=q, steps=total,
+                                     accountant=spec.accountant, epsilon_tolerance=0.01 * spec.epsilon)
+    return PrivacyPlan(spec.epsilon, delta, spec.accountant, spec.max_grad_norm, float(sigma), q, total, private,
+                       n_protected)
+
+
+def _suggest(epsilon: float, delta: float, accountant: str, q: float, steps: int, batch: int) -> str:
+    """A concrete change that fits the budget at the noise cap: the most steps, or the largest batch."""
+    def fits(q_: float, steps_: int) -> bool:
+        return epsilon_of([(MAX_NOISE_MULTIPLIER, q_, steps_)], delta, accountant) <= epsilon
+
+    low, high = 0, steps  # most steps that fit at this rate
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(q, mid) else (low, mid)
+    if low >= 1:
+        return f"at this batch at most {low} private steps fit (the schedule has {steps})"
+    smaller = next((b for b in (batch // 2**k for k in range(1, 20)) if b >= 1 and fits(q * b / batch, steps)), None)
+    if smaller:
+        return f"with this schedule a batch of at most {smaller} fits"
+    return "even one private step does not fit: raise privacy.epsilon or privacy.delta"
+
+
+def validate_model(net: torch.nn.Module) -> None:
+    """Opacus' validators on the network: an unsupported layer is an InputError naming it."""
+    from opacus.grad_sample import GradSampleHooks
+    from opacus.validators import ModuleValidator
+
+    if not ModuleValidator.validate(net, strict=False) and not GradSampleHooks.validate(net, strict=False):
+        return
+    problems = []  # Opacus' errors do not say where: run its per-layer validators by name
+    for name, module in net.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        validator = ModuleValidator.VALIDATORS.get(type(module))
+        errors = [str(err) for err in validator(module)] if validator else []
+        if not errors and list(module.buffers(recurse=False)):
+            errors = ["a trainable layer with buffers (state shared across the batch)"]
+        if errors:
+            problems.append(f"{name} ({type(module).__name__}): {errors[0].split('. ')[0].rstrip('.')}")
+    problems = problems or [str(err) for err in ModuleValidator.validate(net, strict=False)]
+    raise InputError("privacy: DP-SGD cannot train this model: " + "; ".join(problems),
+                     hint="replace those layers (e.g. BatchNorm → GroupNorm), or drop the privacy section")
+
+
+def functorch_fallbacks(net: torch.nn.Module) -> list[str]:
+    """Parameter-owning modules without an Opacus grad sampler (they would take the slow functorch path)."""
+    from opacus.grad_sample import GradSampleHooks
+
+    return [f"{name} ({type(m).__name__})" for name, m in net.named_modules()
+            if any(p.requires_grad for p in m.parameters(recurse=False)) and type(m) not in GradSampleHooks.GRAD_SAMPLERS]
+
+
+class PrivateTraining:
+    """DP-SGD for one run: the plan, the accountant, and the Opacus wrapping of private phases."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        config, rt = trainer.config, trainer.rt
+        self.plan = plan_privacy(config, trainer.data, rt.world_size)
+        self.spec = config.privacy
+        validate_model(trainer.net)
+        slow = functorch_fallbacks(trainer.net)
+        if slow:
+            warnings.warn(f"DP-SGD: no Opacus grad sampler for {', '.join(slow)}; using the slower functorch path",
+                          stacklevel=2)
+        self.hooks: Any = None
+        self.optimizer: Any = None
+        self.model: torch.nn.Module = trainer.net
+        self.rates: list[float] = []
+        self.sample_rate = 0.0
+
+    # ----- state in TrainingState.info (checkpointed, JSON) ---------------------------------------------
+
+    @property
+    def info(self) -> dict[str, Any]:
+        state = self.trainer.state
+        if "privacy" not in state.info:  # a new run: the plan's numbers, an empty history
+            plan_ = self.plan
+            state.info["privacy"] = {
+                "target_epsilon": plan_.epsilon, "delta": plan_.delta, "accountant": plan_.accountant,
+                "max_grad_norm": plan_.max_grad_norm, "noise_multiplier": plan_.noise_multiplier,
+                "sample_rate": plan_.sample_rate, "planned_steps": plan_.steps, "protected_records": plan_.records,
+                "stages": list(private_stages(self.trainer.config)), "steps": 0, "epsilon": 0.0,
+                "history": [], "phases": []}
+        return state.info["privacy"]
+
+    def is_private(self, phase: Phase) -> bool:
+        return phase.name in self.plan.phases
+
+    # ----- phases ------------------------------------------------------------------------------------------
+
+    def enter(self, phase: Phase, mixture: Mixture) -> PrivateTraining | None:
+        """Attach Opacus to the network and optimizer if `phase` is private; None otherwise."""
+        if not self.is_private(phase):
+            return None
+        from opacus.grad_sample import GradSampleHooks
+        from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+
+        trainer, rt = self.trainer, self.trainer.rt
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+        sizes = torch.tensor([float(len(s.images)) for s in mixture.sources], dtype=torch.float64)
+        rates = trainer.global_batch * mixture.probs / sizes
+        self.rates = rates.tolist()
+        self.sample_rate = accounting_rate({s.name: r for s, r in zip(mixture.sources, self.rates)})
+        planned = self.plan.phases[phase.name][1]
+        if not math.isclose(self.sample_rate, planned, rel_tol=1e-9):
+            raise RuntimeError(f"{phase.name}: Poisson rate {self.sample_rate} differs from the planned {planned}")
+        self.hooks = GradSampleHooks(trainer.net, batch_first=True, loss_reduction="mean", strict=True)
+        if rt.distributed:
+            from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+
+            self.model = DPDDP(trainer.net)  # broadcasts rank 0's weights; gradients are reduced by the optimizer
+            optimizer_class = DistributedDPOptimizer
+        else:
+            self.model, optimizer_class = trainer.net, DPOptimizer
+        self.optimizer = optimizer_class(
+            trainer.optimizer, noise_multiplier=self.info["noise_multiplier"], max_grad_norm=self.plan.max_grad_norm,
+            expected_batch_size=trainer.local_batch, loss_reduction="mean", generator=trainer.noise_gen)
+        return self
+
+    def leave(self, phase: Phase) -> None:
+        """Detach Opacus and record the epsilon spent so far (after each round, and at the end)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.hooks.cleanup()
+        for p in self.trainer.net.parameters():
+            if hasattr(p, "summed_grad"):
+                del p.summed_grad
+        self.hooks = self.optimizer = None
+        info = self.info
+        info["epsilon"] = epsilon_of(info["history"], info["delta"], info["accountant"])
+        if not any(entry["phase"] == phase.name for entry in info["phases"]):
+            info["phases"].append({"phase": phase.name, "steps": info["steps"], "epsilon": info["epsilon"]})
+
+    # ----- one DP-SGD step --------------------------------------------------------------------------------
+
+    def poisson_batch(self, mixture: Mixture) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's share of a Poisson batch: each of its rows joins with its source's rate."""
+        trainer, rt = self.trainer, self.trainer.rt
+        images, floors, weights = [], [], []
+        for source, rate in zip(mixture.sources, self.rates):
+            rows = torch.arange(rt.rank, len(source.images), rt.world_size)
+            rows = rows[torch.rand(len(rows), generator=trainer.batch_gen, dtype=torch.float64) < rate]
+            images.append(source.images[rows])
+            floors.append(torch.full((len(rows),), source.floor))
+            weights.append(torch.full((len(rows),), source.weight))
+        return torch.cat(images), torch.cat(floors), torch.cat(weights)
+
+    def step(self, mixture: Mixture) -> tuple[torch.Tensor, float]:
+        """Poisson batch → per-sample clipped gradients (in physical batches) → noise → Adam step."""
+        trainer, optimizer = self.trainer, self.optimizer
+        images, floors, weights = self.poisson_batch(mixture)
+        lr = warmup_lr(trainer.config.optimizer.lr, trainer.state.nimg, trainer.config.optimizer.warmup_kimg)
+        set_lr(optimizer, lr)
+        chunks = torch.arange(len(images)).split(self.spec.physical_batch)
+        if not chunks:  # an empty Poisson batch still takes a (noise-only) step
+            for p in trainer.net.parameters():
+                p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+        losses = []
+        for k, rows in enumerate(chunks):
+            x, w = images[rows].to(trainer.rt.device), weights[rows].to(trainer.rt.device)
+            with trainer.rt.autocast():
+                loss = trainer.loss(self.model, x, floors[rows], generator=trainer.noise_gen)
+            (loss.float() * w).mean().backward()
+            losses.append(loss.detach().float())
+            if k < len(chunks) - 1:
+                optimizer.signal_skip_step(True)  # clip and accumulate only
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self._account()
+        return (torch.cat(losses) if losses else torch.zeros(0)), lr
+
+    def _account(self) -> None:
+        info = self.info
+        history = [tuple(h) for h in info["history"]]
+        sigma, q = info["noise_multiplier"], self.sample_rate
+        if history and history[-1][0] == sigma and history[-1][1] == q:
+            history[-1] = (sigma, q, history[-1][2] + 1)
+        else:
+            history.append((sigma, q, 1))
+        info["history"] = [list(h) for h in history]
+        info["steps"] += 1
+
+
+def summary(info: dict[str, Any]) -> dict[str, Any]:
+    """The ledger's privacy fields of a run (from `TrainingState.info["privacy"]`); epsilon from the history."""
+    info = {**info, "epsilon": epsilon_of(info["history"], info["delta"], info["accountant"])}
+    keys = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "accountant", "max_grad_norm",
+            "target_epsilon", "stages", "protected_records", "phases", "history")
+    return {key: info[key] for key in keys if key in info}
