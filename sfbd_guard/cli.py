@@ -169,6 +169,10 @@ def train(
         typer.echo(f"run: {outcome.run_dir}")
         typer.echo(f"checkpoint: {outcome.checkpoint}")
         typer.echo(f"snapshots: {outcome.run_dir / 'snapshots'}")
+        if outcome.privacy:
+            p = outcome.privacy
+            typer.echo(f"privacy: epsilon {p['epsilon']:.3g} at delta {p['delta']:.3g} ({p['accountant']}), noise multiplier "
+                       f"{p['noise_multiplier']:.3g}, sample rate {p['sample_rate']:.3g}, {p['steps']} private steps")
 
 
 @app.command()
