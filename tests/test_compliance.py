@@ -53,6 +53,7 @@ def test_run_writes_every_stage(chain: tuple[Path, Path], capsys: pytest.Capture
         assert (run / path).is_file(), path
     summary = json.loads((run / "audit" / "summary.json").read_text())
     assert summary["thresholds"]["method"] != "default", "calibrated on the held-out rule"
+    assert sum(summary["counts"].values()) == 8, "the 8 samples, not the grid"
     assert _guard("run", folder / "pipeline.yaml", "--ledger", ledger) == 0  # everything already done
     out = capsys.readouterr().out
     for stage in ("prepare", "train", "sample", "audit"):

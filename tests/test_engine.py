@@ -145,7 +145,10 @@ def test_sampling_is_deterministic_and_batch_independent(cli, tmp_path: Path, di
     assert cli("sample", "--run", run, "--n", 5, "--out", tmp_path / "b", "--steps", 4, "--batch", 2).code == 0
     assert cli("sample", "--run", run, "--n", 5, "--out", tmp_path / "c", "--steps", 4, "--seed", 1).code == 0
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == ["000000.png", "000001.png", "000002.png", "000003.png", "000004.png", "grid.png"]
+    assert names == ["000000.png", "000001.png", "000002.png", "000003.png", "000004.png", "grid.png", "samples.json"]
+    import json
+
+    assert json.loads((tmp_path / "a" / "samples.json").read_text())["images"] == names[:5]
     same = [(tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes() for n in names[:5]]
     other = [(tmp_path / "a" / n).read_bytes() == (tmp_path / "c" / n).read_bytes() for n in names[:5]]
     assert all(same) and not any(other)

@@ -28,9 +28,21 @@ class LoadedImages:
 
 
 def list_images(folder: Path, what: str) -> list[Path]:
-    """PNG/JPEG files under `folder` (recursive, sorted); exit 2 when there is none or no folder."""
+    """PNG/JPEG files under `folder` (recursive, sorted); exit 2 when there is none or no folder.
+
+    A folder written by `guard sample` is read through its `samples.json`, which lists the samples
+    (so its grid.png, a picture of many samples, is not audited as one).
+    """
     if not folder.is_dir():
         raise InputError(f"{what} {folder}: not a directory")
+    listing = folder / "samples.json"
+    if listing.is_file():
+        import json
+
+        names = json.loads(listing.read_text()).get("images", [])
+        files = [folder / name for name in names]
+        if files:
+            return files
     try:
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
     except OSError as err:

@@ -167,6 +167,7 @@ def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int =
 
     import torch
 
+    from ..fileio import sha256_file as sha256_file_
     from .checkpoint import load_weights
     from .generate import generate
     from .images import save_grid, save_pngs
@@ -189,6 +190,9 @@ def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int =
             tick(len(images))
     scale = max(1, 64 // shape[1])
     grid = save_grid(torch.cat(grid_images)[:256], out / "grid.png", scale=scale)
+    atomic_write_json(out / "samples.json", {  # what the folder holds: the audit reads the samples from it
+        "images": [f.name for f in files], "grid": grid.name, "seed": seed, "steps": steps,
+        "weights": str(weights), "weights_sha256": sha256_file_(weights)})
     return SampleOutcome(out, files, grid, weights, time.perf_counter() - started)
 
 
