@@ -67,6 +67,11 @@ def _invocation(ctx: typer.Context) -> list[str]:
     return ["guard", *argv] if argv is not None else ctx.command_path.split()
 
 
+def _labelled_progress(label: str, total: int) -> Callable[[int], None]:
+    """A progress bar for one labelled piece of work (training phase, denoising, sampling)."""
+    return _progress_bar(label)(total)
+
+
 def _progress_bar(description: str) -> Callable[[int], Callable[[int], None]]:
     def start(total: int) -> Callable[[int], None]:
         from tqdm import tqdm
@@ -163,7 +168,7 @@ def train(
         overrides.update(dp)
         config = pipeline_for_new_run(pipeline, overrides=overrides, data=data, out=out, method=method)  # type: ignore[arg-type]
     outcome = train_recorded(config, resume=resume is not None, ledger=ledger, command=_invocation(ctx),
-                             progress=lambda label, total: _progress_bar(label)(total))
+                             progress=_labelled_progress)
     if outcome.checkpoint is not None:
         typer.echo(f"trained {config.method} for {outcome.kimg:g} kimg ({outcome.step} steps, {outcome.seconds:.0f} s)")
         typer.echo(f"run: {outcome.run_dir}")
@@ -239,7 +244,7 @@ def audit(
     })
     result = audit_recorded(samples=samples, data=data, report=report, config=settings, config_path=config,
                             ledger=ledger, command=_invocation(ctx), data_root=data_root, holdout_dir=holdout,
-                            progress=lambda label, total: _progress_bar(label)(total))
+                            progress=_labelled_progress)
     print_summary(result.summary, report)
     if result.counts["copy"]:
         raise typer.Exit(3)
@@ -318,7 +323,7 @@ def run_command(
     from .run import run_pipeline
 
     summary = run_pipeline(pipeline, ledger=ledger_dir(ledger), command=_invocation(ctx),
-                           progress=lambda label, total: _progress_bar(label)(total), say=typer.echo)
+                           progress=_labelled_progress, say=typer.echo)
     for stage, what in summary.stages.items():
         typer.echo(f"{stage:>8}: {what}")
     typer.echo(f"samples grid: {summary.files['grid']}")

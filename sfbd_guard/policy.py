@@ -14,7 +14,6 @@ from pydantic import Field, field_validator, model_validator
 
 from .config import StrictModel, load_config
 
-FORMATS = ("celeba", "cifar10", "imagefolder", "digits")
 Action = Literal["exclude", "clean", "protect"]
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -88,7 +88,7 @@ def _store(outcomes: Iterator[list[Outcome]], staging: Path, strict: bool, progr
                 raise DataError(f"record {outcome.record_id}: {outcome.error}", hint="--strict makes unreadable records fatal")
             if outcome.array is not None:
                 places[outcome.record_id] = writers[outcome.action].add(outcome.array)
-            results[outcome.record_id] = Outcome(outcome.record_id, outcome.action, outcome.sha256, None, outcome.seed, outcome.error)
+            results[outcome.record_id] = replace(outcome, array=None)  # pixels now live in the shard
         if progress:
             progress(len(chunk))
     files: dict[str, str] = {}

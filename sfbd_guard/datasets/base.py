@@ -68,10 +68,6 @@ class DatasetReader(ABC):
         return "set dataset.root in the policy or pass --data-root"
 
 
-def sort_by_record_id(table: pa.Table) -> pa.Table:
-    return table.sort_by("record_id")
-
-
 def check_reserved(columns: list[str], source: str) -> None:
     clashes = [name for name in columns if name in RESERVED_COLUMNS]
     if clashes:

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import InputError
-from .base import DatasetReader, sort_by_record_id
+from .base import DatasetReader
 from .transforms import load_square, to_chw
 
 CROP = 140  # centre crop of the 178×218 aligned faces, then resize to the resolution
@@ -66,7 +66,7 @@ class CelebAReader(DatasetReader):
         }
         for i, name in enumerate(names):
             columns[name] = pa.array([attributes[f][i] if f in attributes else None for f in files], pa.bool_())
-        return sort_by_record_id(pa.table(columns))
+        return pa.table(columns).sort_by("record_id")
 
     def load(self, record_id: str) -> np.ndarray:
         return to_chw(load_square(self.root / "img_align_celeba" / record_id, self.spec.resolution, CROP))

@@ -13,7 +13,6 @@ random draws as `EDMLoss` for the same generator).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +53,3 @@ class AmbientLoss:
         prediction = ratio * x_t + (1 - ratio) * denoiser(x_t, sigma)
         return edm_loss_weight(sigma, self.sigma_data) * (prediction - y).square().flatten(1).mean(dim=1)
 
-
-def expected_floor_share(floor: float, p_mean: float = -1.2, p_std: float = 1.2) -> float:
-    """Fraction of EDM's log-normal noise levels above `floor`: how much of the schedule noisy data reaches."""
-    return 0.5 * math.erfc((math.log(floor) - p_mean) / (p_std * math.sqrt(2)))

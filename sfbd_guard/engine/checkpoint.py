@@ -119,8 +119,3 @@ def load_checkpoint(path: Path, *, net: torch.nn.Module, ema: torch.nn.Module,
     extra = {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}
     return TrainingState(info["step"], info["nimg"], info["phase"], info["round"], info["info"], extra)
 
-
-def checkpoint_config(path: Path) -> str:
-    """The resolved config JSON stored in a checkpoint's metadata."""
-    with safe_open(path, framework="pt") as handle:
-        return handle.metadata()["config"]

@@ -9,10 +9,7 @@ from pathlib import Path
 
 import torch
 
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats → uint8 (N, C, H, W), rounded and clipped."""
-    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+from .data import to_uint8
 
 
 def _atomic_png(tensor: torch.Tensor, path: Path) -> None:
@@ -30,12 +27,14 @@ def _atomic_png(tensor: torch.Tensor, path: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def save_grid(images: torch.Tensor, path: Path, *, scale: int = 1) -> Path:
-    """A near-square grid of [-1, 1] images as one PNG (upscaled `scale`× by nearest neighbour)."""
+def save_grid(images: torch.Tensor, path: Path, *, scale: int | None = None) -> Path:
+    """A near-square grid of [-1, 1] images as one PNG, upscaled by nearest neighbour (default: to at
+    least 64 px per image, so 8 px digits stay visible)."""
+    scale = scale if scale is not None else max(1, 64 // images.shape[-1])
     from torchvision.utils import make_grid
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = to_uint8(images)
+    pixels = to_uint8(images).cpu()
     if scale > 1:
         pixels = pixels.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     grid = make_grid(pixels, nrow=math.ceil(math.sqrt(len(pixels))), padding=2, pad_value=255)
@@ -49,7 +48,7 @@ def save_pngs(images: torch.Tensor, folder: Path, first_index: int, digits: int)
     """One PNG per image, named by zero-padded index."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for offset, pixels in enumerate(to_uint8(images)):
+    for offset, pixels in enumerate(to_uint8(images).cpu()):
         path = folder / f"{first_index + offset:0{digits}d}.png"
         _atomic_png(pixels, path)
         paths.append(path)

@@ -188,8 +188,7 @@ def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int =
         grid_images.append(images[: max(0, 256 - start)].cpu())
         if tick:
             tick(len(images))
-    scale = max(1, 64 // shape[1])
-    grid = save_grid(torch.cat(grid_images)[:256], out / "grid.png", scale=scale)
+    grid = save_grid(torch.cat(grid_images)[:256], out / "grid.png")
     atomic_write_json(out / "samples.json", {  # what the folder holds: the audit reads the samples from it
         "images": [f.name for f in files], "grid": grid.name, "seed": seed, "steps": steps,
         "weights": str(weights), "weights_sha256": sha256_file_(weights)})

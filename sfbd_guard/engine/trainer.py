@@ -145,9 +145,8 @@ class Trainer:
         count = self.config.grid_size
         images = torch.cat([batch for _, batch in generate(self.ema.module, seed=SNAPSHOT_SEED, count=count,
                             shape=self.data.image_shape, steps=SNAPSHOT_STEPS, batch=count, device=self.rt.device)])
-        scale = max(1, 64 // self.data.image_shape[1])
         path = self.run_dir / "snapshots" / f"{name or f'grid-step-{self.state.step:09d}'}.png"
-        return save_grid(images, path, scale=scale)
+        return save_grid(images, path)
 
     def run_phase(self, index: int) -> None:
         phase = self.phases[index]

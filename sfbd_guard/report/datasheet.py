@@ -13,7 +13,7 @@ from typing import Any
 from .. import __version__
 from ..errors import InputError
 from ..fileio import atomic_write_bytes
-from .views import connect
+from .views import RUN_AUDITS, connect
 
 
 def _licenses(data: Path) -> str:
@@ -40,8 +40,7 @@ def _rules(card: dict[str, Any]) -> str:
 def _latest_audit(con: Any, run_dir: Path) -> str:
     rows = con.execute(
         "SELECT started_at, copy, suspect, novel, threshold_method, copy_threshold, expected_fpr FROM audits "
-        "WHERE status = 'ok' AND (samples LIKE ? || '/%' OR samples IN (SELECT samples FROM samplings WHERE weights LIKE ? || '/%')) "
-        "ORDER BY started_at DESC LIMIT 1", [str(run_dir), str(run_dir)]).fetchall()
+        f"WHERE status = 'ok' AND {RUN_AUDITS} ORDER BY started_at DESC LIMIT 1", [str(run_dir), str(run_dir)]).fetchall()
     if not rows:
         return "No audit of this run's samples is recorded yet (`guard audit`)."
     started, copy, suspect, novel, method, threshold, fpr = rows[0]

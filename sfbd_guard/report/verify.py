@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import GuardError, InputError
-from .views import connect
+from .views import RUN_AUDITS, connect
 
 
 @dataclass(frozen=True)
@@ -116,8 +116,7 @@ def check_opt_outs(data: Path, rows: list[dict[str, Any]]) -> Check:
 
 def check_audit(con: Any, run_dir: Path) -> Check:
     rows = con.execute(
-        "SELECT a.status, a.copy, a.samples, a.started_at FROM audits a WHERE a.samples LIKE ? || '/%' OR a.samples IN "
-        "(SELECT samples FROM samplings WHERE weights LIKE ? || '/%') ORDER BY a.started_at DESC LIMIT 1",
+        f"SELECT status, copy, samples, started_at FROM audits WHERE {RUN_AUDITS} ORDER BY started_at DESC LIMIT 1",
         [str(run_dir), str(run_dir)]).fetchall()
     if not rows:
         return Check("audit", False, "no audit of this run's samples in the ledger")

@@ -56,6 +56,11 @@ VIEWS = {
 }
 
 
+# Audits of a run's samples: the samples folder is inside the run directory, or was drawn from its weights.
+# Bind the run directory twice.
+RUN_AUDITS = ("(samples LIKE ? || '/%' OR samples IN (SELECT samples FROM samplings WHERE weights LIKE ? || '/%'))")
+
+
 def connect(ledger: Path) -> Any:
     """A DuckDB connection with the ledger's views; an empty or missing ledger is an input error."""
     import duckdb
