@@ -283,6 +283,7 @@ def _brute_force(layer_or_net: torch.nn.Module, losses: torch.Tensor) -> list[li
 
 @pytest.mark.parametrize("layer, shape", [
     (torch.nn.Conv2d(6, 5, 3, padding=1), (4, 6, 8, 8)),
+    (torch.nn.Conv2d(8, 4, 3, padding=1), (4, 8, 8, 8)),
     (torch.nn.Conv2d(6, 5, 3, padding=1), (4, 6, 4, 4)),
     (torch.nn.Conv2d(7, 4, 1), (4, 7, 4, 4)),
     (torch.nn.Conv2d(6, 4, 3, padding=2, stride=2, dilation=2, groups=2), (4, 6, 7, 7)),
@@ -290,7 +291,7 @@ def _brute_force(layer_or_net: torch.nn.Module, losses: torch.Tensor) -> list[li
     (torch.nn.Linear(5, 3), (4, 5)),
     (torch.nn.Linear(5, 3), (4, 2, 5)),
     (torch.nn.GroupNorm(2, 6), (4, 6, 3, 3)),
-], ids=["conv3x3-8px", "conv3x3-4px", "conv1x1", "conv-stride-dilation-groups", "conv-3x1-nobias", "linear",
+], ids=["conv3x3-8px", "conv3x3-8px-narrow", "conv3x3-4px", "conv1x1", "conv-stride-dilation-groups", "conv-3x1-nobias", "linear",
         "linear-3d", "groupnorm"])
 def test_layer_norms_and_clipped_sums_match_per_sample_gradients(layer: torch.nn.Module, shape: tuple) -> None:
     from sfbd_guard.engine import grad_samplers
@@ -304,7 +305,7 @@ def test_layer_norms_and_clipped_sums_match_per_sample_gradients(layer: torch.nn
     grad = torch.randn_like(out)  # the gradient of Σ_i loss_i with respect to the layer's output
     per_sample = _brute_force(layer, (out * grad).flatten(1).sum(1))
     expected = torch.stack([sum(g.square().sum() for g in grads) for grads in per_sample])
-    methods = [None, "ghost", "direct"] if isinstance(layer, torch.nn.Conv2d) else [None]
+    methods = [None, "ghost", "direct", "grouped"] if isinstance(layer, torch.nn.Conv2d) else [None]
     for method in methods:
         got = (grad_samplers._conv2d_norms(layer, x, grad, method) if method
                else grad_samplers.per_sample_squared_norms(layer, x, grad))
