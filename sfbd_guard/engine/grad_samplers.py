@@ -267,6 +267,7 @@ class ClippedGradients:
         for layer, grad in zip(layers, grads):
             if grad is None:
                 continue
+            grad = grad.to(torch.promote_types(grad.dtype, torch.float32))  # norms of bf16 activations in fp32
             x = records[layer][0].to(grad.dtype)
             if isinstance(layer, nn.GroupNorm):
                 small.update(_group_norm_per_sample(layer, x, grad))
