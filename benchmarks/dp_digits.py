@@ -68,11 +68,10 @@ def micro_benchmark(data: Path, steps: int, physical_batch: int) -> dict[str, ob
     """
     from opacus.optimizers import DPOptimizerFastGradientClipping
 
-    from sfbd_guard.engine.grad_samplers import ClippedGradients
-
     from sfbd_guard.diffusion.ambient import AmbientLoss
     from sfbd_guard.diffusion.optim import make_adam
     from sfbd_guard.engine.data import clean_images
+    from sfbd_guard.engine.grad_samplers import ClippedGradients
     from sfbd_guard.engine.trainer import build_net
 
     config = load_pipeline(quality.REPO / "pipelines" / "digits.yaml", {"data": str(data)})

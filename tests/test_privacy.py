@@ -359,8 +359,8 @@ def test_clipped_gradients_match_brute_force_on_the_unet(dtype: torch.dtype, rto
 
 def test_layers_without_a_clipping_path_are_refused_by_name() -> None:
     from sfbd_guard.engine.grad_samplers import ClippedGradients
-    from sfbd_guard.errors import InputError
     from sfbd_guard.engine.privacy import check_clippable
+    from sfbd_guard.errors import InputError
 
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding="same"), torch.nn.LayerNorm(2), torch.nn.Conv2d(2, 2, 1))
     with pytest.raises(InputError, match=r"0 \(Conv2d with padding 'same'.*1 \(LayerNorm\)"):

@@ -12,15 +12,17 @@ bilinear function of a_{l,i} and b_{l,i}):
 2. each layer's per-sample squared gradient norms ‖g_{l,i}‖² come from (a_l, b_l) directly: for
    nn.Linear ‖b_i‖² ‖a_i‖²; for nn.GroupNorm from the (n, C) per-sample gradients; for nn.Conv2d
    with input patches U_i (D × T: D = in/groups × kernel, T output positions) and B_i (out × T),
-   g_i = B_i U_iᵀ, either materialised one layer at a time and reduced, or by the ghost norm
-   ‖g_i‖² = ⟨B_iᵀ B_i, U_iᵀ U_i⟩ (Li et al. 2022), whichever takes fewer operations (T = 16 or 64
-   here);
+   g_i = B_i U_iᵀ, either materialised for one layer at a time (a batched matmul, or one grouped
+   weight-gradient convolution with the samples as groups) and reduced, or by the ghost norm
+   ‖g_i‖² = ⟨B_iᵀ B_i, U_iᵀ U_i⟩ (Li et al. 2022), chosen per layer shape by a fixed rule
+   (deterministic, so a resumed run computes exactly what an uninterrupted one does);
 3. the clipped sum of each layer is its ordinary batch gradient with b_l scaled by c:
    Σ_i c_i g_{l,i} = grad_weight(a_l, c ⊙ b_l), one weight-gradient convolution or matmul per layer
    ("book-keeping", Bu et al. 2023), so the whole DP step costs about one forward, one backward
    and the norms.
 
-The result is written to ``p.grad`` as the sum of clipped per-sample gradients; noise, scaling by the
+This needs sample i's loss to depend on sample i only (no BatchNorm; GroupNorm, attention over
+pixels and dropout are per sample). The result is written to ``p.grad`` as the sum of clipped per-sample gradients; noise, scaling by the
 expected batch and (under DDP) the reduction are Opacus' `DPOptimizerFastGradientClipping`'s.
 Only nn.Conv2d (zero padding), nn.Linear and nn.GroupNorm, each used once per forward, are
 supported: `unsupported_layers` names any other layer that owns trainable parameters.
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ClippedGradients", "unsupported_layers", "per_sample_squared_norms", "clipped_sum"]
+__all__ = ["ClippedGradients", "clipped_sum", "per_sample_squared_norms", "unsupported_layers"]
 
 SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm)
 
