@@ -271,3 +271,103 @@ def test_two_process_gloo_run_with_opacus_ddp(digits: Path, tmp_path: Path) -> N
     assert EPSILON * 0.98 <= privacy["epsilon"] <= EPSILON
     steps = [row["phase"] for row in pq.read_table(tmp_path / "ddp" / "metrics.parquet").to_pylist()]
     assert steps == ["pretrain"] * 2 + ["round-1"] * 3 + ["round-2"] * 3
+
+
+# ----- per-sample clipping without per-sample gradients (sfbd_guard/engine/grad_samplers.py) ----------------
+
+def _brute_force(layer_or_net: torch.nn.Module, losses: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Each sample's gradient over the trainable parameters, one backward pass per sample."""
+    params = [p for p in layer_or_net.parameters() if p.requires_grad]
+    return [list(torch.autograd.grad(losses[i], params, retain_graph=True)) for i in range(len(losses))]
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (torch.nn.Conv2d(6, 5, 3, padding=1), (4, 6, 8, 8)),
+    (torch.nn.Conv2d(8, 4, 3, padding=1), (4, 8, 8, 8)),
+    (torch.nn.Conv2d(6, 5, 3, padding=1), (4, 6, 4, 4)),
+    (torch.nn.Conv2d(7, 4, 1), (4, 7, 4, 4)),
+    (torch.nn.Conv2d(6, 4, 3, padding=2, stride=2, dilation=2, groups=2), (4, 6, 7, 7)),
+    (torch.nn.Conv2d(3, 4, (3, 1), padding=(1, 0), bias=False), (4, 3, 5, 6)),
+    (torch.nn.Linear(5, 3), (4, 5)),
+    (torch.nn.Linear(5, 3), (4, 2, 5)),
+    (torch.nn.GroupNorm(2, 6), (4, 6, 3, 3)),
+], ids=["conv3x3-8px", "conv3x3-8px-narrow", "conv3x3-4px", "conv1x1", "conv-stride-dilation-groups", "conv-3x1-nobias", "linear",
+        "linear-3d", "groupnorm"])
+def test_layer_norms_and_clipped_sums_match_per_sample_gradients(layer: torch.nn.Module, shape: tuple) -> None:
+    from sfbd_guard.engine import grad_samplers
+
+    torch.manual_seed(0)
+    layer = layer.double()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(shape, dtype=torch.float64)
+    out = layer(x)
+    grad = torch.randn_like(out)  # the gradient of Σ_i loss_i with respect to the layer's output
+    per_sample = _brute_force(layer, (out * grad).flatten(1).sum(1))
+    expected = torch.stack([sum(g.square().sum() for g in grads) for grads in per_sample])
+    methods = [None, "ghost", "direct", "grouped"] if isinstance(layer, torch.nn.Conv2d) else [None]
+    for method in methods:
+        got = (grad_samplers._conv2d_norms(layer, x, grad, method) if method
+               else grad_samplers.per_sample_squared_norms(layer, x, grad))
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=0, msg=f"method {method}")
+    factors = torch.rand(shape[0], dtype=torch.float64)
+    clipped = grad_samplers.clipped_sum(layer, x, grad, factors)
+    for k, p in enumerate(layer.parameters()):
+        torch.testing.assert_close(clipped[p].reshape(p.shape), sum(f * grads[k] for f, grads in zip(factors, per_sample)),
+                                   rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_clipped_gradients_match_brute_force_on_the_unet(dtype: torch.dtype, rtol: float) -> None:
+    """Every block kind of our U-Net (attention, down/up sampling, skip convs, embedding MLP)."""
+    from sfbd_guard.diffusion.networks import UNetConfig, build_denoiser
+    from sfbd_guard.engine.grad_samplers import ClippedGradients
+
+    torch.manual_seed(1)
+    cfg = UNetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), dropout=0.0)
+    net = build_denoiser(cfg, 8, 1).double().train()
+    for p in net.parameters():  # EDM zero-initialises some layers: random weights exercise every term
+        torch.nn.init.normal_(p, std=0.3)
+    x, sigma = torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.rand(6, dtype=torch.float64) + 0.2
+
+    def losses(model: torch.nn.Module) -> torch.Tensor:
+        return (model(x.to(dtype), sigma.to(dtype)) - x.to(dtype)).square().flatten(1).mean(1)
+
+    per_sample = _brute_force(net, losses(net))  # the float64 reference
+    norms = torch.stack([torch.sqrt(sum(g.square().sum() for g in grads)) for grads in per_sample])
+    clip = float(norms.sort().values[2:4].mean())  # half of the samples are clipped
+    net = net.to(dtype)
+    clipper = ClippedGradients(net, clip)
+    with clipper.recording():
+        batch_losses = losses(net)
+    clipper.backward(batch_losses)
+    torch.testing.assert_close(clipper.norms.double(), norms, rtol=rtol, atol=0)
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    assert (factors < 1).sum() == 3
+    for k, (name, p) in enumerate(net.named_parameters()):
+        expected = sum(f * grads[k] for f, grads in zip(factors, per_sample))
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(p.grad.double(), expected, rtol=rtol, atol=rtol * scale, msg=name)
+    clipped_norms = torch.stack([torch.sqrt(sum((f * g).square().sum() for g in grads))
+                                 for f, grads in zip(factors, per_sample)])
+    assert float(clipped_norms.max()) <= clip * (1 + 1e-9)
+    clipper.remove()
+    with clipper.recording():
+        net(x.to(dtype), sigma.to(dtype))
+    assert not clipper._records, "no hooks after remove()"
+
+
+def test_layers_without_a_clipping_path_are_refused_by_name() -> None:
+    from sfbd_guard.engine.grad_samplers import ClippedGradients
+    from sfbd_guard.engine.privacy import check_clippable
+    from sfbd_guard.errors import InputError
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding="same"), torch.nn.LayerNorm(2), torch.nn.Conv2d(2, 2, 1))
+    with pytest.raises(InputError, match=r"0 \(Conv2d with padding 'same'.*1 \(LayerNorm\)"):
+        check_clippable(net)
+    check_clippable(net[2])
+    shared = torch.nn.Linear(3, 3)
+    tied = torch.nn.Sequential(shared, shared)
+    clipper = ClippedGradients(tied, 1.0)
+    with pytest.raises(RuntimeError, match="used twice"), clipper.recording():
+        tied(torch.randn(2, 3))

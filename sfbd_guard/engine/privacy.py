@@ -6,11 +6,13 @@ The privacy unit is one protected record. A private phase:
   independently, with rate q_s = expected batch × share_s / N_s (for the natural proportion all
   rates equal batch / N). Draws come from the trainer's seeded, checkpointed batch generator; under
   torchrun, rank r draws only over rows r, r + W, ..., so the union is one Poisson batch;
-- computes per-sample gradients with Opacus' hooks (the network holds only nn.Conv2d, nn.Linear
-  and nn.GroupNorm, which have Opacus grad samplers), clips each to `max_grad_norm`, adds Gaussian
-  noise of std noise_multiplier × max_grad_norm to their sum (Opacus' DPOptimizer, or
-  DistributedDPOptimizer, which adds it on rank 0 only), in physical batches of `physical_batch`
-  so memory stays bounded;
+- clips each sample's gradient to `max_grad_norm` and sums them without materialising per-sample
+  gradients (`grad_samplers.ClippedGradients`: one backward pass for the layers' output gradients,
+  exact per-sample norms per layer, then each layer's gradient with the outputs' gradients scaled by
+  the clipping factors; the network holds only nn.Conv2d, nn.Linear and nn.GroupNorm), in physical
+  batches of `physical_batch` so memory stays bounded; Opacus' DPOptimizerFastGradientClipping (or
+  its distributed version, which adds the noise on rank 0 only) adds Gaussian noise of std
+  noise_multiplier × max_grad_norm to the sum and divides by the expected batch;
 - steps the accountant with (noise_multiplier, q). Its history [(noise_multiplier, q, steps)] lives
   in `TrainingState.info["privacy"]`, so a resumed run continues it, and composes over every
   private phase (all SFBD rounds) of the run.
@@ -33,6 +35,7 @@ import torch
 from ..diffusion.optim import set_lr, warmup_lr
 from ..errors import InputError
 from .config import PipelineConfig
+from .grad_samplers import ClippedGradients, unsupported_layers
 from .methods import Phase, plan
 
 if TYPE_CHECKING:
@@ -224,12 +227,12 @@ def validate_model(net: torch.nn.Module) -> None:
                      hint="replace those layers (e.g. BatchNorm → GroupNorm), or drop the privacy section")
 
 
-def functorch_fallbacks(net: torch.nn.Module) -> list[str]:
-    """Parameter-owning modules without an Opacus grad sampler (they would take the slow functorch path)."""
-    from opacus.grad_sample import GradSampleHooks
-
-    return [f"{name} ({type(m).__name__})" for name, m in net.named_modules()
-            if any(p.requires_grad for p in m.parameters(recurse=False)) and type(m) not in GradSampleHooks.GRAD_SAMPLERS]
+def check_clippable(net: torch.nn.Module) -> None:
+    """Every trainable layer has an exact per-sample clipping path (`grad_samplers`), or InputError naming it."""
+    problems = unsupported_layers(net)
+    if problems:
+        raise InputError("privacy: no per-sample gradient clipping for " + "; ".join(problems),
+                         hint="DP-SGD here supports nn.Conv2d (zero padding), nn.Linear and nn.GroupNorm layers")
 
 
 class PrivateTraining:
@@ -241,11 +244,8 @@ class PrivateTraining:
         self.plan = plan_privacy(config, trainer.data, rt.world_size)
         self.spec = config.privacy
         validate_model(trainer.net)
-        slow = functorch_fallbacks(trainer.net)
-        if slow:
-            warnings.warn(f"DP-SGD: no Opacus grad sampler for {', '.join(slow)}; using the slower functorch path",
-                          stacklevel=2)
-        self.hooks: Any = None
+        check_clippable(trainer.net)
+        self.clipper: ClippedGradients | None = None
         self.optimizer: Any = None
         self.model: torch.nn.Module = trainer.net
         self.rates: list[float] = []
@@ -275,11 +275,9 @@ class PrivateTraining:
         """Attach Opacus to the network and optimizer if `phase` is private; None otherwise."""
         if not self.is_private(phase):
             return None
-        from opacus.grad_sample import GradSampleHooks
-        from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+        from opacus.optimizers import DistributedDPOptimizerFastGradientClipping, DPOptimizerFastGradientClipping
 
         trainer, rt = self.trainer, self.trainer.rt
-        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
         sizes = torch.tensor([float(len(s.images)) for s in mixture.sources], dtype=torch.float64)
         rates = trainer.global_batch * mixture.probs / sizes
         self.rates = rates.tolist()
@@ -287,14 +285,17 @@ class PrivateTraining:
         planned = self.plan.phases[phase.name][1]
         if not math.isclose(self.sample_rate, planned, rel_tol=1e-9):
             raise RuntimeError(f"{phase.name}: Poisson rate {self.sample_rate} differs from the planned {planned}")
-        self.hooks = GradSampleHooks(trainer.net, batch_first=True, loss_reduction="mean", strict=True)
+        self.clipper = ClippedGradients(trainer.net, self.plan.max_grad_norm)
+        optimizer_class: Any
         if rt.distributed:
             from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
             self.model = DPDDP(trainer.net)  # broadcasts rank 0's weights; gradients are reduced by the optimizer
-            optimizer_class = DistributedDPOptimizer
+            optimizer_class = DistributedDPOptimizerFastGradientClipping
         else:
-            self.model, optimizer_class = trainer.net, DPOptimizer
+            self.model, optimizer_class = trainer.net, DPOptimizerFastGradientClipping
+        # p.grad holds the sum of clipped per-sample gradients (ClippedGradients); the optimizer sums the
+        # physical batches, adds the noise and divides by the expected batch
         self.optimizer = optimizer_class(
             trainer.optimizer, noise_multiplier=self.info["noise_multiplier"], max_grad_norm=self.plan.max_grad_norm,
             expected_batch_size=trainer.local_batch, loss_reduction="mean", generator=trainer.noise_gen)
@@ -303,11 +304,12 @@ class PrivateTraining:
     def leave(self, phase: Phase) -> None:
         """Detach Opacus and record the epsilon spent so far (after each round, and at the end)."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.hooks.cleanup()
+        assert self.clipper is not None
+        self.clipper.remove()
         for p in self.trainer.net.parameters():
             if hasattr(p, "summed_grad"):
                 del p.summed_grad
-        self.hooks = self.optimizer = None
+        self.clipper = self.optimizer = None
         info = self.info
         info["epsilon"] = epsilon_of(info["history"], info["delta"], info["accountant"])
         if not any(entry["phase"] == phase.name for entry in info["phases"]):
@@ -328,21 +330,22 @@ class PrivateTraining:
         return torch.cat(images), torch.cat(floors), torch.cat(weights)
 
     def step(self, mixture: Mixture) -> tuple[torch.Tensor, float]:
-        """Poisson batch → per-sample clipped gradients (in physical batches) → noise → Adam step."""
-        trainer, optimizer = self.trainer, self.optimizer
+        """Poisson batch → sum of per-sample clipped gradients (in physical batches) → noise → Adam step."""
+        trainer, optimizer, clipper = self.trainer, self.optimizer, self.clipper
+        assert clipper is not None
         images, floors, weights = self.poisson_batch(mixture)
         lr = warmup_lr(trainer.config.optimizer.lr, trainer.state.nimg, trainer.config.optimizer.warmup_kimg)
         set_lr(optimizer, lr)
         chunks = torch.arange(len(images)).split(self.spec.physical_batch)
         if not chunks:  # an empty Poisson batch still takes a (noise-only) step
-            for p in trainer.net.parameters():
-                p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+            for p in clipper.params:
+                p.grad = torch.zeros_like(p)
         losses = []
         for k, rows in enumerate(chunks):
             x, w = images[rows].to(trainer.rt.device), weights[rows].to(trainer.rt.device)
-            with trainer.rt.autocast():
+            with trainer.rt.autocast(), clipper.recording():
                 loss = trainer.loss(self.model, x, floors[rows], generator=trainer.noise_gen)
-            (loss.float() * w).mean().backward()
+            clipper.backward(loss.float() * w)  # p.grad = Σ_i clip(∇ w_i loss_i)
             losses.append(loss.detach().float())
             if k < len(chunks) - 1:
                 optimizer.signal_skip_step(True)  # clip and accumulate only
