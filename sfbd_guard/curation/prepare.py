@@ -14,7 +14,7 @@ import multiprocessing
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from multiprocessing.pool import Pool
 from pathlib import Path
@@ -29,7 +29,7 @@ from ..datasets import DatasetReader, SourceSpec, open_reader
 from ..errors import DataError
 from ..fileio import atomic_write_json, fingerprint, sha256_file
 from ..policy import LoadedPolicy
-from .decode import NoiseParams, Outcome, Task, init_worker, process_chunk, worker_chunk
+from .decode import ChunkResult, NoiseParams, Outcome, Task, init_worker, process_chunk, worker_chunk
 from .manifest import ACTION_PARTITION, PARTITIONS, manifest_table
 from .output import abandon_output, finish_output, start_output
 from .rules import decide
@@ -78,7 +78,7 @@ def worker_pool(spec: SourceSpec, workers: int) -> Iterator[Pool | None]:
         yield pool
 
 
-def run_tasks(reader: DatasetReader, tasks: list[Task], noise: NoiseParams, pool: Pool | None) -> Iterator[list[Outcome]]:
+def run_tasks(reader: DatasetReader, tasks: list[Task], noise: NoiseParams, pool: Pool | None) -> Iterator[ChunkResult]:
     """Chunk results in task order, computed here (no pool) or by the pool's worker processes."""
     chunks = _chunks(tasks)
     if pool is None:
@@ -88,22 +88,23 @@ def run_tasks(reader: DatasetReader, tasks: list[Task], noise: NoiseParams, pool
     yield from pool.imap(worker_chunk, [(chunk, noise) for chunk in chunks])
 
 
-def _store(outcomes: Iterator[list[Outcome]], staging: Path, strict: bool, progress: Progress | None) -> tuple[dict[str, Outcome], dict[str, tuple[str, int]], dict[str, str]]:
+def _store(chunks: Iterator[ChunkResult], staging: Path, strict: bool, progress: Progress | None) -> tuple[dict[str, Outcome], dict[str, tuple[str, int]], dict[str, str]]:
     writers = {
         "clean": ShardWriter(staging, "clean", np.dtype(np.uint8)),
         "protect": ShardWriter(staging, "protected", np.dtype(np.float16)),
     }
     results: dict[str, Outcome] = {}
     places: dict[str, tuple[str, int]] = {}
-    for chunk in outcomes:
-        for outcome in chunk:
+    for chunk in chunks:
+        for outcome in chunk.outcomes:
             if outcome.error is not None and strict:
                 raise DataError(f"record {outcome.record_id}: {outcome.error}", hint="--strict makes unreadable records fatal")
-            if outcome.array is not None:
-                places[outcome.record_id] = writers[outcome.action].add(outcome.array)
-            results[outcome.record_id] = replace(outcome, array=None)  # pixels now live in the shard
+            results[outcome.record_id] = outcome
+        for action, rows in chunk.arrays.items():
+            stored = [o.record_id for o in chunk.outcomes if o.action == action and o.stored]
+            places.update(zip(stored, writers[action].add(rows), strict=True))
         if progress:
-            progress(len(chunk))
+            progress(len(chunk.outcomes))
     files: dict[str, str] = {}
     for writer in writers.values():
         writer.flush()
