@@ -10,9 +10,6 @@ import hashlib
 
 import numpy as np
 
-# x/127.5 - 1 for every uint8 value, computed in float32 as the formula is: one lookup per pixel.
-_SCALED = np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
-
 
 def noise_seed(seed: int, record_id: str) -> int:
     """64-bit seed of a record's noise generator: the first 8 bytes of sha256(f'{seed}:{record_id}')."""
@@ -23,7 +20,7 @@ def noised_copy(pixels: np.ndarray, *, sigma: float, seed: int) -> np.ndarray:
     """uint8 (C, H, W) pixels → float16 x/127.5 - 1 + sigma * eps with eps ~ N(0, I) from PCG64(seed)."""
     noisy = np.random.Generator(np.random.PCG64(seed)).standard_normal(pixels.shape, dtype=np.float32)
     noisy *= np.float32(sigma)
-    noisy += _SCALED[pixels]
+    noisy += pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
     return noisy.astype(np.float16)
 
 
