@@ -182,3 +182,46 @@ def test_npy_files_are_standard_and_hashed(tmp_path: Path) -> None:
     np.save(tmp_path / "b.npy", array)
     assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
     assert digest == sha256_file(tmp_path / "a.npy")
+
+
+def test_noised_copies_draw_each_row_from_its_own_seed() -> None:
+    from sfbd_guard.curation.noise import noised_copies
+
+    pixels = np.random.default_rng(1).integers(0, 256, (400, 3, 8, 8), dtype=np.uint8)
+    seeds = [noise_seed(7, f"{i:06d}.jpg") for i in range(400)]
+    noisy = noised_copies(pixels, sigma=0.5, seeds=seeds)
+    assert noisy.dtype == np.float16 and noisy.shape == pixels.shape
+    for i in (0, 123, 399):  # each row is its record's own PCG64 draw, whatever the other rows
+        eps = np.random.Generator(np.random.PCG64(seeds[i])).standard_normal((3, 8, 8), dtype=np.float32)
+        expected = (pixels[i].astype(np.float32) / np.float32(127.5) - np.float32(1.0) + np.float32(0.5) * eps).astype(np.float16)
+        assert noisy[i].tobytes() == expected.tobytes()
+        assert noised_copies(pixels[i : i + 1], sigma=0.5, seeds=[seeds[i]]).tobytes() == noisy[i].tobytes()
+    order = np.random.default_rng(2).permutation(400)
+    assert noised_copies(pixels[order], sigma=0.5, seeds=[seeds[i] for i in order]).tobytes() == noisy[order].tobytes()
+    eps = (noisy.astype(np.float64) - (pixels.astype(np.float64) / 127.5 - 1)) / 0.5
+    assert abs(eps.mean()) < 0.01 and abs(eps.std() - 1) < 0.01  # 76,800 draws: standard errors 0.004 and 0.003
+
+
+def test_shards_and_chunks_of_any_size_give_the_same_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sfbd_guard.curation.prepare as prepare_module
+    import sfbd_guard.curation.shards as shards_module
+
+    root = write_imagefolder(tmp_path / "images", [{"file_name": f"{i:02d}.png", "kind": "open" if i % 3 else "closed"} for i in range(23)])
+    (root / "05.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    policy = {"version": 1, "name": "folder", "dataset": {"format": "imagefolder", "root": str(root), "resolution": 8},
+              "rules": [{"name": "open", "action": "clean", "where": "kind = 'open'"}, {"name": "rest", "action": "protect"}],
+              "noise": {"sigma": 0.5}, "output": str(tmp_path / "big")}
+    big = _prepare(tmp_path, policy)
+    monkeypatch.setattr(shards_module, "SHARD_RECORDS", 4)  # blocks from a chunk straddle shard boundaries
+    monkeypatch.setattr(prepare_module, "CHUNK_RECORDS", 3)
+    small = {workers: _prepare(tmp_path, {**policy, "output": str(tmp_path / f"small{workers}")}, workers=workers) for workers in (1, 2)}
+    assert big.counts == small[1].counts == {"clean": 14, "protected": 8, "excluded": 0, "error": 1}
+    assert _files(small[1].output).keys() == _files(small[2].output).keys()
+    assert all(data == _files(small[2].output)[name] for name, data in _files(small[1].output).items() if name != "card.json")
+
+    def rows(output: Path) -> dict[str, bytes]:
+        manifest = pq.read_table(output / "manifest.parquet").to_pylist()
+        return {r["record_id"]: np.load(output / r["file"])[r["row"]].tobytes() for r in manifest if r["file"]}
+
+    assert rows(big.output) == rows(small[1].output) and len(rows(big.output)) == 22
+    assert len(list((small[1].output / "clean").glob("*.npy"))) == 4  # 14 clean rows in shards of 4

