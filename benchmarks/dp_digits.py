@@ -4,7 +4,8 @@ The setting, scorer and metrics are those of `quality_digits.py` (imported): a h
 digits is the reference; of the rest 10% is clean and 90% protected at sigma 0.6. Variants: `sfbd`
 without DP, and `sfbd` with privacy.epsilon 10 and 1 (rdp or prv accountant, delta 1/(10 N),
 max_grad_norm 1, the SFBD rounds private, clean pretraining not), all at the same compute budget.
-Each draws `--samples` samples scored by FD and k-NN precision / recall against the held-out digits.
+Each draws `--samples` samples three times, scored by FD (mean ± std over the draws) and k-NN
+precision / recall against the held-out digits.
 
 Speed: (a) the median seconds per optimizer step of the private rounds against the same rounds
 without DP, from the runs' metrics; (b) an interleaved micro-benchmark on the digits model
@@ -29,13 +30,13 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quality_digits as quality  # noqa: E402  (the quality benchmark: policies, scorer, metrics)
+import quality_digits as quality
 
-from sfbd_guard.curation.prepare import prepare  # noqa: E402
-from sfbd_guard.engine.config import load_pipeline  # noqa: E402
-from sfbd_guard.engine.service import train  # noqa: E402
-from sfbd_guard.policy import load_policy  # noqa: E402
-from sfbd_guard.prepared import open_prepared  # noqa: E402
+from sfbd_guard.curation.prepare import prepare
+from sfbd_guard.engine.config import load_pipeline
+from sfbd_guard.engine.service import train
+from sfbd_guard.policy import load_policy
+from sfbd_guard.prepared import open_prepared
 
 
 def variant_pipeline(name: str, epsilon: float | None, data: Path, out: Path, budget: float, folder: Path,
@@ -150,7 +151,7 @@ def main() -> None:
     base = yaml.safe_load((quality.REPO / "pipelines" / "digits.yaml").read_text())["schedule"]
     budget = args.budget_kimg or base["pretrain_kimg"] + base["rounds"] * base["round_kimg"]
     results["setting"].update(budget_kimg=budget, held_out=len(held), accountant=args.accountant,  # type: ignore[union-attr]
-                              fd_real_vs_real=quality.frechet_distance(quality.features(scorer, rest[: len(held)]), real))
+                              real=quality.real_floor(scorer, rest, real, min(args.samples, len(rest))))
     variants = [("sfbd", None)] + [(f"sfbd-dp-eps{eps:g}", eps) for eps in args.epsilons]
     rows = {}
     for name, epsilon in variants:
@@ -162,11 +163,7 @@ def main() -> None:
             path = variant_pipeline(name, epsilon, prepared, run, budget, args.out, args.accountant)
             outcome = train(load_pipeline(path), resume=False)
         seconds = time.perf_counter() - started
-        samples = quality.sample_run(run, args.samples, shape)
-        quality.save_grid(samples[:100], args.out / f"samples-{name}.png", scale=4)
-        fake = quality.features(scorer, samples.numpy())
-        precision, recall = quality.knn_precision_recall(real, fake)
-        row = {"fd": quality.frechet_distance(fake, real), "precision": precision, "recall": recall,
+        row = {**quality.score_run(run, scorer, real, shape, args.samples, args.out / f"samples-{name}.png"),
                "train_seconds": round(seconds, 1), "round_step_s": quartiles(round_step_seconds(run))}
         if outcome.privacy:
             row["privacy"] = {k: v for k, v in outcome.privacy.items() if k != "history"}
