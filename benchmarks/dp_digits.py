@@ -144,7 +144,7 @@ def main() -> None:
     if args.skip_runs:
         print(json.dumps(results, indent=2))
         return
-    held, held_labels, rest, rest_labels = quality.held_out_and_train_digits(prepared)
+    held, _, rest, rest_labels = quality.held_out_and_train_digits(prepared)
     shape = data.image_shape
     scorer = quality.train_scorer(rest, rest_labels, shape[1])
     real = quality.features(scorer, held)
