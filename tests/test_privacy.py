@@ -181,6 +181,40 @@ def test_per_sample_gradients_are_clipped(digits: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(applied[name], expected[name] / trainer.local_batch, rtol=1e-3, atol=1e-9)
 
 
+def test_an_empty_poisson_batch_takes_a_noise_only_step_and_is_accounted(digits: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from sfbd_guard.engine.trainer import Trainer
+
+    clip, noise_multiplier = 0.5, 2.0
+    config = _config(tmp_path, digits, "empty", method="ambient", schedule={"pretrain_kimg": 0.032},
+                     privacy={"epsilon": EPSILON, "max_grad_norm": clip, "physical_batch": 5})
+    trainer = Trainer(config, open_prepared(digits), tmp_path / "empty", Runtime(torch.device("cpu")))
+    phase = trainer.phases[0]
+    mixture = trainer.pools.enter(phase, True)
+    trainer.privacy.info["noise_multiplier"] = noise_multiplier
+    private = trainer.privacy.enter(phase, mixture)
+    shape = trainer.data.image_shape
+    monkeypatch.setattr(private, "poisson_batch", lambda _: (torch.zeros((0, *shape)), torch.zeros(0), torch.zeros(0)))
+    applied: list[torch.Tensor] = []
+    adam_step = trainer.optimizer.step
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        applied.extend(p.grad.clone() for p in trainer.net.parameters())
+        return adam_step(*args, **kwargs)
+
+    trainer.optimizer.step = spy  # type: ignore[method-assign]
+    steps_before = private.info["steps"]
+    losses, _ = private.step(mixture)
+    assert len(losses) == 0
+    assert private.info["steps"] == steps_before + 1  # the step counts towards epsilon like any other
+    assert sum(h[2] for h in private.info["history"]) == private.info["steps"]
+    noise = torch.cat([g.flatten() for g in applied])
+    expected_std = noise_multiplier * clip / trainer.local_batch  # noise on a zero sum, over the expected batch
+    assert abs(float(noise.mean())) < 0.05 * expected_std
+    assert float(noise.std()) == pytest.approx(expected_std, rel=0.05)
+    private.leave(phase)
+
+
 def test_batchnorm_is_refused_with_a_clear_message(cli, digits: Path, tmp_path: Path,  # type: ignore[no-untyped-def]
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from sfbd_guard.engine import trainer as module

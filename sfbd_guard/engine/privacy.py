@@ -336,10 +336,8 @@ class PrivateTraining:
         images, floors, weights = self.poisson_batch(mixture)
         lr = warmup_lr(trainer.config.optimizer.lr, trainer.state.nimg, trainer.config.optimizer.warmup_kimg)
         set_lr(optimizer, lr)
+        # an empty Poisson batch is one empty chunk: its clipped sum is zero, so the step adds noise only
         chunks = torch.arange(len(images)).split(self.spec.physical_batch)
-        if not chunks:  # an empty Poisson batch still takes a (noise-only) step
-            for p in clipper.params:
-                p.grad = torch.zeros_like(p)
         losses = []
         for k, rows in enumerate(chunks):
             x, w = images[rows].to(trainer.rt.device), weights[rows].to(trainer.rt.device)
