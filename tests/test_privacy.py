@@ -351,9 +351,13 @@ def test_layer_norms_and_clipped_sums_match_per_sample_gradients(layer: torch.nn
                                    rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_clipped_gradients_match_brute_force_on_the_unet(dtype: torch.dtype, rtol: float) -> None:
-    """Every block kind of our U-Net (attention, down/up sampling, skip convs, embedding MLP)."""
+@pytest.mark.parametrize("dtype, rtol, memory_format", [
+    (torch.float64, 1e-12, torch.contiguous_format), (torch.float32, 1e-5, torch.contiguous_format),
+    (torch.float32, 1e-5, torch.channels_last)], ids=["float64", "float32", "float32-channels-last"])
+def test_clipped_gradients_match_brute_force_on_the_unet(dtype: torch.dtype, rtol: float,
+                                                         memory_format: torch.memory_format) -> None:
+    """Every block kind of our U-Net (attention, down/up sampling, skip convs, embedding MLP), in the
+    memory layouts the trainer uses (channels_last on CUDA)."""
     from sfbd_guard.diffusion.networks import UNetConfig, build_denoiser
     from sfbd_guard.engine.grad_samplers import ClippedGradients
 
@@ -370,7 +374,8 @@ def test_clipped_gradients_match_brute_force_on_the_unet(dtype: torch.dtype, rto
     per_sample = _brute_force(net, losses(net))  # the float64 reference
     norms = torch.stack([torch.sqrt(sum(g.square().sum() for g in grads)) for grads in per_sample])
     clip = float(norms.sort().values[2:4].mean())  # half of the samples are clipped
-    net = net.to(dtype)
+    net = net.to(dtype=dtype, memory_format=memory_format)
+    x = x.to(memory_format=memory_format)
     clipper = ClippedGradients(net, clip)
     with clipper.recording():
         batch_losses = losses(net)

