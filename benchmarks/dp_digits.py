@@ -127,6 +127,8 @@ def main() -> None:
     parser.add_argument("--epsilons", type=float, nargs="*", default=[10.0, 1.0], help="private variants")
     parser.add_argument("--accountant", choices=["rdp", "prv"], default="prv")
     parser.add_argument("--micro-steps", type=int, default=30, help="interleaved steps of the micro-benchmark (0: skip)")
+    parser.add_argument("--physical-batch", type=int, default=64,
+                        help="samples per forward/backward of a DP step in the micro-benchmark (privacy.physical_batch)")
     parser.add_argument("--skip-runs", "--speed-only", action="store_true",
                         help="only the micro-benchmark (speed), none of the long quality runs")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -139,10 +141,10 @@ def main() -> None:
     results: dict[str, object] = {"setting": {"sigma": args.sigma, "clean": len(data.clean.record_ids),
                                               "protected": len(data.protected.record_ids), "samples": args.samples}}
     if args.micro_steps:
-        results["micro"] = micro_benchmark(prepared, args.micro_steps, physical_batch=64)
+        results["micro"] = micro_benchmark(prepared, args.micro_steps, args.physical_batch)
         print("micro", json.dumps(results["micro"]), flush=True)
     if args.skip_runs:
-        print(json.dumps(results, indent=2))
+        finish(results, args.json)
         return
     held, _, rest, rest_labels = quality.held_out_and_train_digits(prepared)
     shape = data.image_shape
@@ -173,9 +175,13 @@ def main() -> None:
     for row in rows.values():
         row["round_step_ratio"] = row["round_step_s"]["median"] / plain
     results["variants"] = rows
+    finish(results, args.json)
+
+
+def finish(results: dict[str, object], path: Path | None) -> None:
     print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if path:
+        path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
