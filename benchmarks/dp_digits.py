@@ -3,7 +3,8 @@
 The setting, scorer and metrics are those of `quality_digits.py` (imported): a held-out fifth of the
 digits is the reference; of the rest 10% is clean and 90% protected at sigma 0.6. Variants: `sfbd`
 without DP, and `sfbd` with privacy.epsilon 10 and 1 (rdp or prv accountant, delta 1/(10 N),
-max_grad_norm 1, the SFBD rounds private, clean pretraining not), all at the same compute budget.
+max_grad_norm 1, the SFBD rounds private, clean pretraining not), all at the same compute budget;
+`--private-lrs` adds each epsilon with those learning rates for the private steps (privacy.lr).
 Each draws `--samples` samples three times, scored by FD (mean ± std over the draws) and k-NN
 precision / recall against the held-out digits.
 
@@ -40,12 +41,14 @@ from sfbd_guard.prepared import open_prepared
 
 
 def variant_pipeline(name: str, epsilon: float | None, data: Path, out: Path, budget: float, folder: Path,
-                     accountant: str) -> Path:
+                     accountant: str, private_lr: float | None = None) -> Path:
     """The quality benchmark's sfbd pipeline, with a privacy section for the private variants."""
     base = quality.pipeline_for("sfbd", data, out, budget, folder)
     pipeline = yaml.safe_load(base.read_text())
     if epsilon is not None:
         pipeline["privacy"] = {"epsilon": epsilon, "accountant": accountant, "max_grad_norm": 1.0}
+        if private_lr is not None:
+            pipeline["privacy"]["lr"] = private_lr
     path = folder / f"pipeline-{name}.yaml"
     path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
     return path
@@ -126,6 +129,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000, help="samples per variant")
     parser.add_argument("--epsilons", type=float, nargs="*", default=[10.0, 1.0], help="private variants")
     parser.add_argument("--accountant", choices=["rdp", "prv"], default="prv")
+    parser.add_argument("--private-lrs", type=float, nargs="*", default=[],
+                        help="also run each epsilon with these learning rates for the private steps (privacy.lr)")
     parser.add_argument("--micro-steps", type=int, default=30, help="interleaved steps of the micro-benchmark (0: skip)")
     parser.add_argument("--physical-batch", type=int, default=64,
                         help="samples per forward/backward of a DP step in the micro-benchmark (privacy.physical_batch)")
@@ -154,15 +159,16 @@ def main() -> None:
     budget = args.budget_kimg or base["pretrain_kimg"] + base["rounds"] * base["round_kimg"]
     results["setting"].update(budget_kimg=budget, held_out=len(held), accountant=args.accountant,  # type: ignore[union-attr]
                               real=quality.real_floor(scorer, rest, real, min(args.samples, len(rest))))
-    variants = [("sfbd", None)] + [(f"sfbd-dp-eps{eps:g}", eps) for eps in args.epsilons]
+    variants = [("sfbd", None, None)] + [(f"sfbd-dp-eps{eps:g}" + (f"-lr{lr:g}" if lr else ""), eps, lr)
+                                         for eps in args.epsilons for lr in [None, *args.private_lrs]]
     rows = {}
-    for name, epsilon in variants:
+    for name, epsilon, private_lr in variants:
         run = args.out / f"run-{name}"
         started = time.perf_counter()
         if (run / "config.resolved.yaml").exists():  # an earlier, possibly interrupted, run: continue it
             outcome = train(load_pipeline(run / "config.resolved.yaml"), resume=True)
         else:
-            path = variant_pipeline(name, epsilon, prepared, run, budget, args.out, args.accountant)
+            path = variant_pipeline(name, epsilon, prepared, run, budget, args.out, args.accountant, private_lr)
             outcome = train(load_pipeline(path), resume=False)
         seconds = time.perf_counter() - started
         row = {**quality.score_run(run, scorer, real, shape, args.samples, args.out / f"samples-{name}.png"),

@@ -145,6 +145,7 @@ def train(
     dp_accountant: Annotated[str | None, typer.Option("--dp-accountant", help="rdp or prv (privacy.accountant).")] = None,
     dp_stages: Annotated[str | None, typer.Option("--dp-stages", help="Comma-separated private stages: pretrain, rounds, online, train (privacy.stages).")] = None,
     dp_physical_batch: Annotated[int | None, typer.Option("--dp-physical-batch", help="Samples per forward/backward in a DP step (privacy.physical_batch).")] = None,
+    dp_lr: Annotated[float | None, typer.Option("--dp-lr", help="Learning rate of the private steps; default optimizer.lr (privacy.lr).")] = None,
     ledger: LedgerOpt = None,
 ) -> None:
     """Train a diffusion model on a prepared directory (never on a raw dataset).
@@ -157,7 +158,7 @@ def train(
         raise GuardErrorForCli("give either --pipeline (a new run) or --resume RUN_DIR (continue one)")
     dp = {f"privacy.{key}": value for key, value in (
         ("epsilon", dp_epsilon), ("delta", dp_delta), ("max_grad_norm", dp_max_grad_norm), ("accountant", dp_accountant),
-        ("stages", dp_stages.split(",") if dp_stages else None), ("physical_batch", dp_physical_batch)) if value is not None}
+        ("stages", dp_stages.split(",") if dp_stages else None), ("physical_batch", dp_physical_batch), ("lr", dp_lr)) if value is not None}
     if resume is not None:
         if data or out or method or device or seed is not None or sets or dp:
             raise GuardErrorForCli("--resume continues a run with its saved config; other options do not apply")

@@ -215,6 +215,15 @@ def test_an_empty_poisson_batch_takes_a_noise_only_step_and_is_accounted(digits:
     private.leave(phase)
 
 
+def test_private_steps_use_their_own_learning_rate(digits: Path, tmp_path: Path) -> None:
+    """privacy.lr applies to the private rounds only; the clean pretraining keeps optimizer.lr."""
+    config = _config(tmp_path, digits, "lr", optimizer={"lr": 2e-3, "warmup_kimg": 0},
+                     privacy={"epsilon": EPSILON, "accountant": "rdp", "physical_batch": 8, "lr": 1e-4})
+    run = train(config, resume=False).run_dir
+    lrs = {(row["phase"], row["lr"]) for row in pq.read_table(run / "metrics.parquet").to_pylist()}
+    assert lrs == {("pretrain", 2e-3), ("round-1", 1e-4), ("round-2", 1e-4)}
+
+
 def test_batchnorm_is_refused_with_a_clear_message(cli, digits: Path, tmp_path: Path,  # type: ignore[no-untyped-def]
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from sfbd_guard.engine import trainer as module
@@ -262,10 +271,10 @@ def test_dp_flags_map_to_privacy_keys(cli, digits: Path, tmp_path: Path, monkeyp
     pipeline.pop("privacy")
     path = write_policy(tmp_path / "flags.yaml", pipeline)
     done = cli("train", "--pipeline", path, "--dp-epsilon", "3", "--dp-delta", "1e-6", "--dp-max-grad-norm", "0.5",
-               "--dp-accountant", "rdp", "--dp-stages", "pretrain,rounds", "--dp-physical-batch", "4")
+               "--dp-accountant", "rdp", "--dp-stages", "pretrain,rounds", "--dp-physical-batch", "4", "--dp-lr", "2e-4")
     assert done.code == 0, done.err
     assert seen["privacy"].model_dump() == {"epsilon": 3.0, "delta": 1e-6, "max_grad_norm": 0.5, "accountant": "rdp",
-                                            "stages": ["pretrain", "rounds"], "physical_batch": 4}
+                                            "stages": ["pretrain", "rounds"], "physical_batch": 4, "lr": 2e-4}
     assert cli("train", "--pipeline", path, "--dp-accountant", "gdp").code == 2
 
 

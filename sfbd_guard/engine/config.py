@@ -76,6 +76,7 @@ class PrivacySpec(StrictModel):
     accountant: Literal["rdp", "prv"] = "prv"  # Opacus accountant for the noise multiplier and the reports
     stages: list[Literal["pretrain", "rounds", "online", "train"]] | None = None  # default: those reading protected data
     physical_batch: int = Field(64, ge=1)  # samples per forward/backward within a Poisson batch (memory bound)
+    lr: float | None = Field(None, gt=0)  # learning rate of the private steps; default: optimizer.lr
 
 
 class EmaSpec(StrictModel):

@@ -334,7 +334,8 @@ class PrivateTraining:
         trainer, optimizer, clipper = self.trainer, self.optimizer, self.clipper
         assert clipper is not None
         images, floors, weights = self.poisson_batch(mixture)
-        lr = warmup_lr(trainer.config.optimizer.lr, trainer.state.nimg, trainer.config.optimizer.warmup_kimg)
+        base_lr = self.spec.lr or trainer.config.optimizer.lr
+        lr = warmup_lr(base_lr, trainer.state.nimg, trainer.config.optimizer.warmup_kimg)
         set_lr(optimizer, lr)
         # an empty Poisson batch is one empty chunk: its clipped sum is zero, so the step adds noise only
         chunks = torch.arange(len(images)).split(self.spec.physical_batch)
