@@ -31,12 +31,10 @@ import yaml
 from scipy import linalg
 
 from sfbd_guard.curation.prepare import prepare
-from sfbd_guard.engine.checkpoint import latest_checkpoint, load_weights
 from sfbd_guard.engine.config import load_pipeline
 from sfbd_guard.engine.generate import generate
 from sfbd_guard.engine.images import save_grid
-from sfbd_guard.engine.service import train
-from sfbd_guard.engine.trainer import build_net
+from sfbd_guard.engine.service import load_ema_net, train
 from sfbd_guard.policy import load_policy
 from sfbd_guard.prepared import open_prepared
 
@@ -150,9 +148,7 @@ def pipeline_for(method: str, data: Path, out: Path, budget: float, folder: Path
 
 
 def sample_run(run: Path, count: int, shape: tuple[int, int, int], seed: int = 12345) -> torch.Tensor:
-    config = load_pipeline(run / "config.resolved.yaml")
-    net = build_net(config, shape).eval()
-    load_weights(latest_checkpoint(run) / "ema.safetensors", net)  # type: ignore[operator]
+    net, _ = load_ema_net(run, device="cpu")
     return torch.cat([b for _, b in generate(net, seed=seed, count=count, shape=shape, steps=18, batch=250,
                                              device=torch.device("cpu"))])
 

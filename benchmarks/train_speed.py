@@ -6,7 +6,8 @@ resolution, attention at 8x8, dropout 0 (~1.03M parameters), batch 64, 2 threads
 Measures (a) training img/s (EDM loss + Adam + EMA), (b) 18-step Heun sampling img/s, (c) the
 fp32 matmul peak of this machine in the same run, and training throughput as a fraction of that
 peak from an analytic FLOP count, and (d) NFE and error of the SFBD backward solver on oracle
-denoisers against the reference 40-step truncated EDM grid.
+denoisers (and, with --trained-run, a trained digits network) against the reference 40-step
+truncated EDM grid.
 
 The host is a shared VM: timings are per step, interleaved across variants, and reported as
 medians (with quartiles) to resist bursts of interference.
@@ -215,6 +216,25 @@ def digits_problem(n_test: int, h: float) -> tuple[Callable, Tensor] | None:
     return gmm_oracle(data[n_test:], h), data[:n_test]
 
 
+def trained_problem(run: str, n_test: int) -> tuple[Callable, Tensor]:
+    """A trained digits network (the EMA weights of a finished run, e.g. `make demo`'s runs/digits) as
+    the denoiser, on the same held-out digits as `digits_problem` (its real errors, no oracle)."""
+    from pathlib import Path
+
+    from sfbd_guard.engine.service import load_ema_net
+
+    net, _ = load_ema_net(Path(run), device="cpu")
+    clean = digits_problem(n_test, 0.1)
+    if clean is None:
+        raise SystemExit("--trained-run needs scikit-learn's digits")
+
+    @torch.no_grad()
+    def denoiser(x: Tensor, sig: Tensor) -> Tensor:
+        return net(x.float(), sig.float().expand(x.shape[0])).double()
+
+    return denoiser, clean[1]
+
+
 def gaussian_problem(n_test: int, s: float) -> tuple[Callable, Tensor]:
     """Gaussian data N(mu, s^2 I) on 3x16x16 with a fixed random mean image."""
     gen = torch.Generator().manual_seed(0)
@@ -254,6 +274,8 @@ def bench_backward_solver(args: argparse.Namespace) -> list[dict]:
     digits = digits_problem(args.n_oracle, 0.1)
     if digits is not None:
         problems["digits-gmm(h=0.1)"] = digits
+    if args.trained_run:
+        problems["digits-trained-net"] = trained_problem(args.trained_run, args.n_oracle)
     rows = []
     for pname, (oracle, clean) in problems.items():
         for sigma in (0.59, 1.3824):
@@ -267,7 +289,20 @@ def bench_backward_solver(args: argparse.Namespace) -> list[dict]:
                 found = search_grid(oracle, clean, y, sigma, exact, ref, family)
                 if found is not None:
                     rows.append(head | found)
+            grid = pipeline_grid()  # what the shipped digits pipeline runs, whether or not the search accepts it
+            mine = solver_errors(oracle, clean, y, sigma, exact, **grid)
+            rows.append(head | grid | mine | {"grid": f"{grid['grid']} (digits.yaml)", "nfe_ratio": mine["nfe"] / ref["nfe"]})
     return rows
+
+
+def pipeline_grid() -> dict:
+    """steps, grid, rho and sigma_min of pipelines/digits.yaml's denoise section."""
+    from pathlib import Path
+
+    import yaml
+
+    denoise = yaml.safe_load((Path(__file__).resolve().parents[1] / "pipelines" / "digits.yaml").read_text())["denoise"]
+    return {key: denoise[key] for key in ("steps", "grid", "rho", "sigma_min")}
 
 
 # ----------------------------------------------------------------------------- report
@@ -304,6 +339,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per variant")
     p.add_argument("--sample-reps", type=int, default=3, help="timed sampling batches per job")
     p.add_argument("--n-oracle", type=int, default=256, help="test images for the solver study")
+    p.add_argument("--trained-run", default=None,
+                   help="also study the solver with this finished digits run's EMA network (e.g. runs/digits)")
     p.add_argument("--variants", default="baseline,channels_last,fused_adam,channels_last+fused_adam",
                    help="comma list from baseline, channels_last, fused_adam, compile joined by '+'")
     p.add_argument("--no-mallopt", action="store_true", help="leave glibc's default heap trimming on")

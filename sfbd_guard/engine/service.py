@@ -160,6 +160,20 @@ def _weights_file(run_dir: Path, checkpoint: Path | None) -> Path:
     return path
 
 
+def load_ema_net(run_dir: Path, *, checkpoint: Path | None = None, device: str = "auto") -> tuple[Any, Path]:
+    """A run's network with its EMA weights (the latest checkpoint's, or `checkpoint`'s), in eval mode."""
+    from .checkpoint import load_weights
+    from .runtime import resolve_device
+    from .trainer import build_net
+
+    config = pipeline_of_run(run_dir)
+    shape = tuple(json.loads((run_dir / RUN_INFO).read_text())["image_shape"])
+    weights = _weights_file(run_dir, checkpoint)
+    net = build_net(config, shape).to(resolve_device(device)).eval()  # type: ignore[arg-type]
+    load_weights(weights, net)
+    return net, weights
+
+
 def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int = 0, batch: int = 64,
            checkpoint: Path | None = None, device: str = "auto", progress: Progress | None = None) -> SampleOutcome:
     """Draw `count` images from a run's EMA weights; one PNG each plus grid.png. Same seed, same images."""
@@ -168,19 +182,13 @@ def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int =
     import torch
 
     from ..fileio import sha256_file as sha256_file_
-    from .checkpoint import load_weights
     from .generate import generate
     from .images import save_grid, save_pngs
-    from .runtime import resolve_device
-    from .trainer import build_net
 
     started = time.perf_counter()
-    config = pipeline_of_run(run_dir)
     shape = tuple(json.loads((run_dir / RUN_INFO).read_text())["image_shape"])
-    weights = _weights_file(run_dir, checkpoint)
-    target = resolve_device(device)
-    net = build_net(config, shape).to(target).eval()  # type: ignore[arg-type]
-    load_weights(weights, net)
+    net, weights = load_ema_net(run_dir, checkpoint=checkpoint, device=device)
+    target = next(net.parameters()).device
     digits, files, grid_images = max(6, len(str(count - 1))), [], []
     tick = progress(count) if progress else None
     for start, images in generate(net, seed=seed, count=count, shape=shape, steps=steps, batch=batch, device=target):  # type: ignore[arg-type]
