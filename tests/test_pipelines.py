@@ -1,0 +1,39 @@
+"""The shipped pipelines (pipelines/*.yaml): each loads, matches its policy and builds its network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sfbd_guard.audit import resolve_audit_config
+from sfbd_guard.engine.config import load_pipeline
+from sfbd_guard.engine.trainer import build_net
+from sfbd_guard.policy import load_policy
+
+PIPELINES = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.yaml"))
+
+
+def test_the_papers_settings_are_shipped() -> None:
+    assert {p.stem for p in PIPELINES} >= {"digits", "celeba", "cifar10"}
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=[p.stem for p in PIPELINES])
+def test_pipeline_loads_matches_its_policy_and_builds(path: Path) -> None:
+    config = load_pipeline(path)
+    assert config.method == "sfbd" and config.schedule.rounds >= 1
+    assert config.policy is not None
+    policy = load_policy(Path(config.policy))
+    assert policy.resolve(policy.policy.output) == Path(config.data), "the pipeline trains on what its policy prepares"
+    assert config.audit.config is not None
+    resolve_audit_config(Path(config.audit.config), {})
+    resolution = policy.policy.dataset.resolution
+    channels = 1 if policy.policy.dataset.format == "digits" else 3
+    assert set(config.model.attn_resolutions) <= {resolution >> i for i in range(len(config.model.channel_mult))}, \
+        "attention at a resolution the U-Net has"
+    torch.manual_seed(0)
+    net = build_net(config, (channels, resolution, resolution)).eval()
+    x = torch.randn(1, channels, resolution, resolution)
+    with torch.no_grad():
+        assert net(x, torch.ones(1)).shape == x.shape
