@@ -148,7 +148,7 @@ def pipeline_for(method: str, data: Path, out: Path, budget: float, folder: Path
 
 
 def sample_run(run: Path, count: int, shape: tuple[int, int, int], seed: int = 12345) -> torch.Tensor:
-    net, _ = load_ema_net(run, device="cpu")
+    net, _, _ = load_ema_net(run, device="cpu")
     return torch.cat([b for _, b in generate(net, seed=seed, count=count, shape=shape, steps=18, batch=250,
                                              device=torch.device("cpu"))])
 

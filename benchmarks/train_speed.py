@@ -216,23 +216,20 @@ def digits_problem(n_test: int, h: float) -> tuple[Callable, Tensor] | None:
     return gmm_oracle(data[n_test:], h), data[:n_test]
 
 
-def trained_problem(run: str, n_test: int) -> tuple[Callable, Tensor]:
+def trained_denoiser(run: str) -> Callable[[Tensor, Tensor], Tensor]:
     """A trained digits network (the EMA weights of a finished run, e.g. `make demo`'s runs/digits) as
-    the denoiser, on the same held-out digits as `digits_problem` (its real errors, no oracle)."""
+    the denoiser: its real errors, no oracle."""
     from pathlib import Path
 
     from sfbd_guard.engine.service import load_ema_net
 
-    net, _ = load_ema_net(Path(run), device="cpu")
-    clean = digits_problem(n_test, 0.1)
-    if clean is None:
-        raise SystemExit("--trained-run needs scikit-learn's digits")
+    net, _, _ = load_ema_net(Path(run), device="cpu")
 
     @torch.no_grad()
     def denoiser(x: Tensor, sig: Tensor) -> Tensor:
         return net(x.float(), sig.float().expand(x.shape[0])).double()
 
-    return denoiser, clean[1]
+    return denoiser
 
 
 def gaussian_problem(n_test: int, s: float) -> tuple[Callable, Tensor]:
@@ -275,7 +272,10 @@ def bench_backward_solver(args: argparse.Namespace) -> list[dict]:
     if digits is not None:
         problems["digits-gmm(h=0.1)"] = digits
     if args.trained_run:
-        problems["digits-trained-net"] = trained_problem(args.trained_run, args.n_oracle)
+        if digits is None:
+            raise SystemExit("--trained-run needs scikit-learn's digits")
+        problems["digits-trained-net"] = (trained_denoiser(args.trained_run), digits[1])  # the same held-out digits
+    shipped = pipeline_grid()  # what the shipped digits pipeline runs, whether or not the search accepts it
     rows = []
     for pname, (oracle, clean) in problems.items():
         for sigma in (0.59, 1.3824):
@@ -289,9 +289,8 @@ def bench_backward_solver(args: argparse.Namespace) -> list[dict]:
                 found = search_grid(oracle, clean, y, sigma, exact, ref, family)
                 if found is not None:
                     rows.append(head | found)
-            grid = pipeline_grid()  # what the shipped digits pipeline runs, whether or not the search accepts it
-            mine = solver_errors(oracle, clean, y, sigma, exact, **grid)
-            rows.append(head | grid | mine | {"grid": f"{grid['grid']} (digits.yaml)", "nfe_ratio": mine["nfe"] / ref["nfe"]})
+            mine = solver_errors(oracle, clean, y, sigma, exact, **shipped)
+            rows.append(head | shipped | mine | {"grid": f"{shipped['grid']} (digits.yaml)", "nfe_ratio": mine["nfe"] / ref["nfe"]})
     return rows
 
 
@@ -299,10 +298,10 @@ def pipeline_grid() -> dict:
     """steps, grid, rho and sigma_min of pipelines/digits.yaml's denoise section."""
     from pathlib import Path
 
-    import yaml
+    from sfbd_guard.engine.config import load_pipeline
 
-    denoise = yaml.safe_load((Path(__file__).resolve().parents[1] / "pipelines" / "digits.yaml").read_text())["denoise"]
-    return {key: denoise[key] for key in ("steps", "grid", "rho", "sigma_min")}
+    denoise = load_pipeline(Path(__file__).resolve().parents[1] / "pipelines" / "digits.yaml").denoise
+    return denoise.model_dump(include={"steps", "grid", "rho", "sigma_min"})
 
 
 # ----------------------------------------------------------------------------- report

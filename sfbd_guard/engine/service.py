@@ -160,8 +160,10 @@ def _weights_file(run_dir: Path, checkpoint: Path | None) -> Path:
     return path
 
 
-def load_ema_net(run_dir: Path, *, checkpoint: Path | None = None, device: str = "auto") -> tuple[Any, Path]:
-    """A run's network with its EMA weights (the latest checkpoint's, or `checkpoint`'s), in eval mode."""
+def load_ema_net(run_dir: Path, *, checkpoint: Path | None = None,
+                 device: str = "auto") -> tuple[Any, Path, tuple[int, int, int]]:
+    """A run's network with its EMA weights (the latest checkpoint's, or `checkpoint`'s), in eval mode;
+    also the weights file and the run's image shape (C, H, W)."""
     from .checkpoint import load_weights
     from .runtime import resolve_device
     from .trainer import build_net
@@ -171,7 +173,7 @@ def load_ema_net(run_dir: Path, *, checkpoint: Path | None = None, device: str =
     weights = _weights_file(run_dir, checkpoint)
     net = build_net(config, shape).to(resolve_device(device)).eval()  # type: ignore[arg-type]
     load_weights(weights, net)
-    return net, weights
+    return net, weights, shape  # type: ignore[return-value]
 
 
 def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int = 0, batch: int = 64,
@@ -186,8 +188,7 @@ def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int =
     from .images import save_grid, save_pngs
 
     started = time.perf_counter()
-    shape = tuple(json.loads((run_dir / RUN_INFO).read_text())["image_shape"])
-    net, weights = load_ema_net(run_dir, checkpoint=checkpoint, device=device)
+    net, weights, shape = load_ema_net(run_dir, checkpoint=checkpoint, device=device)
     target = next(net.parameters()).device
     digits, files, grid_images = max(6, len(str(count - 1))), [], []
     tick = progress(count) if progress else None
