@@ -99,6 +99,7 @@ def prepare(
     workers: Annotated[int, typer.Option("--workers", min=1, help="Decoding processes; the output is identical for any count.")] = 1,
     strict: Annotated[bool, typer.Option("--strict", help="Stop with exit 1 at the first unreadable image instead of recording an error row.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output once the new one is complete.")] = False,
+    noise_key: Annotated[Path | None, typer.Option("--noise-key", help="Secret key file from guard keygen, for byte-identical re-runs; default a fresh key that is never stored.")] = None,
     ledger: LedgerOpt = None,
 ) -> None:
     """Split a dataset into licensed-clean and noised-protected partitions, as a policy says.
@@ -109,9 +110,28 @@ def prepare(
     from .curation.service import prepare_recorded
 
     result = prepare_recorded(policy, data_root=data_root, out=out, workers=workers, strict=strict,
-                              overwrite=overwrite, ledger=ledger, command=_invocation(ctx),
+                              overwrite=overwrite, ledger=ledger, command=_invocation(ctx), key_file=noise_key,
                               progress=_progress_bar("decoding"))
     print_summary(result)
+
+
+@app.command()
+@reports_errors
+def keygen(
+    file: Annotated[Path, typer.Argument(help="Key file to create (mode 0600; never overwritten).")],
+) -> None:
+    """Create a secret noise key for `guard prepare --noise-key` (only the data owner keeps it).
+
+    With the same key, policy and data, guard prepare writes byte-identical protected arrays. Anyone who
+    holds the key and a prepared directory made with it can rebuild the protected originals: keep it
+    away from the prepared directory, the training team and backups they can read.
+
+    Example: guard keygen ~/.config/sfbd_guard/celeba.key
+    """
+    from .curation.keys import create_key_file
+
+    key = create_key_file(file)
+    typer.echo(f"noise key: {file} (mode 0600, key id {key.key_id[:16]})")
 
 
 def _parse_sets(values: list[str]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -52,7 +52,16 @@ class Rule(StrictModel):
 
 class NoiseSpec(StrictModel):
     sigma: float = Field(gt=0)  # std of the Gaussian noise on the [-1, 1] pixel scale
-    seed: int = 0  # with the record_id, fixes each record's noise
+    key_file: str | None = None  # secret key made by `guard keygen`, relative to the policy file; none = a fresh key
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_public_seed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "seed" in data:
+            raise ValueError("seed is no longer accepted: a public seed lets anyone holding the prepared directory "
+                             "rebuild every protected original; remove it (each run draws a fresh secret key) or set "
+                             "key_file to a key made by `guard keygen` for byte-identical re-runs")
+        return data
 
 
 class Policy(StrictModel):

@@ -68,6 +68,14 @@ def _read_card(root: Path) -> dict[str, Any]:
     return card
 
 
+def _check_keyed_noise(root: Path, card: dict[str, Any]) -> None:
+    """Refuse directories made before the noise was keyed by a secret: their noise can be regenerated."""
+    if "noise_seed" in card or "noise_key_id" not in card:
+        raise VerificationError(
+            f"{root}: its noise is invertible (an earlier guard prepare seeded it from public values: anyone holding "
+            "this directory can rebuild its protected originals); delete it and its copies, and re-run guard prepare")
+
+
 def _verify_files(root: Path, card: dict[str, Any]) -> dict[str, str]:
     recorded: dict[str, str] = card["files"]
     present = {p.relative_to(root).as_posix() for part in ("clean", "protected") for p in (root / part).rglob("*") if p.is_file()}
@@ -110,6 +118,7 @@ def open_prepared(root: Path) -> PreparedData:
 
     root = root.resolve()
     card = _read_card(root)
+    _check_keyed_noise(root, card)
     files = _verify_files(root, card)
     columns = ["record_id", "partition", "sigma", "file", "row"]
     rows = pq.read_table(root / "manifest.parquet", columns=columns).to_pylist()

@@ -16,11 +16,22 @@ def celeba_policy(root: Path, out: Path, **overrides: object) -> dict:
             {"name": "licensed", "action": "clean", "sample": {"fraction": 0.3, "seed": 0, "by": "identity"}},
             {"name": "everything-else", "action": "protect"},
         ],
-        "noise": {"sigma": 0.5, "seed": 0},
+        "noise": {"sigma": 0.5},
         "output": str(out),
     }
     policy.update(overrides)
     return policy
+
+
+def key_file(folder: Path, name: str = "noise.key") -> Path:
+    """A noise key made by the real `guard keygen` code (mode 0600), for byte-identical re-runs."""
+    from sfbd_guard.curation.keys import create_key_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    if not path.exists():
+        create_key_file(path)
+    return path
 
 
 def write_policy(path: Path, policy: dict) -> Path:

@@ -41,9 +41,16 @@ def _problem(tmp_path: Path, policy: dict) -> str:
 
 def test_unknown_key_is_named_with_a_suggestion(tmp_path: Path) -> None:
     policy = celeba_policy(tmp_path, tmp_path / "out")
-    policy["noise"] = {"sigma": 0.5, "sed": 1}
+    policy["noise"] = {"sigma": 0.5, "key_fle": "k"}
     message = _problem(tmp_path, policy)
-    assert "noise.sed: unknown key (did you mean seed?)" in message
+    assert "noise.key_fle: unknown key (did you mean key_file?)" in message
+
+
+def test_a_public_noise_seed_is_refused_with_the_reason(tmp_path: Path) -> None:
+    policy = celeba_policy(tmp_path, tmp_path / "out")
+    policy["noise"] = {"sigma": 0.5, "seed": 0}
+    message = _problem(tmp_path, policy)
+    assert "noise: seed is no longer accepted" in message and "guard keygen" in message
 
 
 def test_wrong_type_is_named(tmp_path: Path) -> None:

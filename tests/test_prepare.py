@@ -9,8 +9,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import celeba_policy, write_policy
-from sfbd_guard.curation.noise import noise_seed
+from helpers import celeba_policy, key_file, write_policy
+from sfbd_guard.curation.keys import read_key_file
+from sfbd_guard.curation.noise import keyed_normals, record_key
 from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.datasets import SourceSpec, open_reader
 from sfbd_guard.datasets.synthetic import write_imagefolder
@@ -32,13 +33,16 @@ def test_directory_contract(tmp_path: Path, celeba_root: Path) -> None:
     result = _prepare(tmp_path, celeba_policy(celeba_root, out))
     assert sorted(p.name for p in out.iterdir()) == ["card.json", "clean", "manifest.parquet", "protected"]
     manifest = pq.read_table(out / "manifest.parquet")
-    assert manifest.column_names[:9] == ["record_id", "partition", "rule", "sha256", "sigma", "noise_seed", "file", "row", "error"]
+    assert manifest.column_names[:8] == ["record_id", "partition", "rule", "sha256", "sigma", "file", "row", "error"]
+    assert not any("seed" in name for name in manifest.column_names), "no noise seed in the manifest"
     assert "identity" in manifest.column_names and "Smiling" in manifest.column_names
     assert manifest.num_rows == 32  # the train split only
     card = json.loads((out / "card.json").read_text())
     for key in ("policy_name", "policy_sha256", "format", "root", "split", "resolution", "channels", "sigma",
-                "counts", "rule_counts", "files", "tool_version", "created_at"):
+                "counts", "rule_counts", "files", "tool_version", "created_at", "noise_key_id", "noise_generator"):
         assert key in card
+    assert "noise_seed" not in card and "seed" not in card["policy"]["noise"]
+    assert card["noise_key_source"] == "ephemeral"
     assert card["counts"] == result.counts and sum(card["counts"].values()) == 32
     assert card["files"] == {name: sha256_file(out / name) for name in card["files"]}
     assert card["manifest_sha256"] == sha256_file(out / "manifest.parquet")
@@ -54,8 +58,9 @@ def test_directory_contract(tmp_path: Path, celeba_root: Path) -> None:
 
 
 def test_noise_is_gaussian_with_the_policy_sigma(tmp_path: Path) -> None:
+    key = key_file(tmp_path / "keys")
     policy = {"version": 1, "name": "digits", "dataset": {"format": "digits", "resolution": 8},
-              "rules": [{"name": "all", "action": "protect"}], "noise": {"sigma": 0.8, "seed": 3},
+              "rules": [{"name": "all", "action": "protect"}], "noise": {"sigma": 0.8, "key_file": str(key)},
               "output": str(tmp_path / "out")}
     _prepare(tmp_path, policy)
     manifest = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
@@ -65,27 +70,45 @@ def test_noise_is_gaussian_with_the_policy_sigma(tmp_path: Path) -> None:
     eps = (noisy - clean) / 0.8
     assert abs(eps.mean()) < 0.01 and abs(eps.std() - 1) < 0.01  # 115k draws: standard errors 0.003 and 0.002
     assert noisy.min() < -1.5 and noisy.max() > 1.5, "noised values are not clipped"
-    row = manifest[10]
-    assert row["noise_seed"] == noise_seed(3, row["record_id"])
-    expected = np.random.Generator(np.random.PCG64(row["noise_seed"])).standard_normal((1, 8, 8), dtype=np.float32)
+    row = manifest[10]  # the key holder can regenerate a record's noise: ChaCha20 keyed by HMAC(secret, context, id)
+    secret = read_key_file(key).secret
+    expected = keyed_normals(record_key(secret, row["record_id"], sigma=0.8, shape=(1, 8, 8)), 64).reshape(1, 8, 8)
     assert np.allclose(eps[10], expected, atol=2e-3 / 0.8 * 4)
+    assert not np.allclose(eps[10], keyed_normals(record_key(secret, row["record_id"], sigma=0.7, shape=(1, 8, 8)), 64).reshape(1, 8, 8),
+                           atol=0.5), "another sigma draws independent noise"
 
 
 def test_two_runs_and_worker_counts_give_identical_bytes(tmp_path: Path, celeba_root: Path) -> None:
-    one = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "one"), workers=1)
-    two = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "two"), "q.yaml", workers=2)
-    again = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "again"), workers=1)
+    key = key_file(tmp_path / "keys")
+    one = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "one"), workers=1, key_file=key)
+    two = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "two"), "q.yaml", workers=2, key_file=key)
+    again = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "again"), workers=1, key_file=key)
     files = {name: data for name, data in _files(one.output).items() if name != "card.json"}
     assert files == {n: d for n, d in _files(two.output).items() if n != "card.json"}
     assert files == {n: d for n, d in _files(again.output).items() if n != "card.json"}
     assert one.card["fingerprint"] == two.card["fingerprint"] == again.card["fingerprint"]
+    assert one.card["noise_key_id"] == two.card["noise_key_id"] and one.card["noise_key_source"] == "key_file"
+
+
+def test_without_a_key_every_run_draws_new_noise_and_workers_agree(tmp_path: Path, celeba_root: Path) -> None:
+    one = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "one"), workers=2)
+    two = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "two"), workers=1)
+    assert one.card["noise_key_source"] == "ephemeral" and one.card["noise_key_id"] != two.card["noise_key_id"]
+    first, second = _files(one.output), _files(two.output)
+    assert [n for n in first if n.startswith("clean/")] and all(first[n] == second[n] for n in first if n.startswith("clean/"))
+    protected = [n for n in first if n.startswith("protected/")]
+    assert protected and all(first[n] != second[n] for n in protected)
+    # within one run the rows do not depend on the worker count: a record's row is the same in a 2-worker run
+    # whose chunks split the records differently (same key, see the keyed test above)
 
 
 def test_a_record_has_the_same_noisy_row_whatever_the_split(tmp_path: Path, celeba_root: Path) -> None:
     protect_all = [{"name": "all", "action": "protect"}]
-    train = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "train", rules=protect_all))
+    key = key_file(tmp_path / "keys")
+    train = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "train", rules=protect_all), key_file=key)
     every = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "every", rules=protect_all,
-                                             dataset={"format": "celeba", "root": str(celeba_root), "split": "all", "resolution": 16}))
+                                             dataset={"format": "celeba", "root": str(celeba_root), "split": "all", "resolution": 16}),
+                     key_file=key)
 
     def rows(output: Path) -> dict[str, bytes]:
         array = np.load(output / "protected" / "shard-00000.npy")
@@ -138,7 +161,7 @@ def test_existing_output_is_refused_and_overwrite_replaces_it(tmp_path: Path, ce
     first = _prepare(tmp_path, policy)
     with pytest.raises(InputError, match="already exists"):
         _prepare(tmp_path, policy)
-    policy["noise"] = {"sigma": 0.7, "seed": 0}
+    policy["noise"] = {"sigma": 0.7}
     second = _prepare(tmp_path, policy, overwrite=True)
     assert second.card["sigma"] == 0.7 and second.card["fingerprint"] != first.card["fingerprint"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
@@ -184,22 +207,34 @@ def test_npy_files_are_standard_and_hashed(tmp_path: Path) -> None:
     assert digest == sha256_file(tmp_path / "a.npy")
 
 
-def test_noised_copies_draw_each_row_from_its_own_seed() -> None:
+def test_noised_copies_draw_each_row_from_its_own_key() -> None:
     from sfbd_guard.curation.noise import noised_copies
 
     pixels = np.random.default_rng(1).integers(0, 256, (400, 3, 8, 8), dtype=np.uint8)
-    seeds = [noise_seed(7, f"{i:06d}.jpg") for i in range(400)]
-    noisy = noised_copies(pixels, sigma=0.5, seeds=seeds)
+    secret = bytes(range(32))
+    keys = [record_key(secret, f"{i:06d}.jpg", sigma=0.5, shape=(3, 8, 8)) for i in range(400)]
+    noisy = noised_copies(pixels, sigma=0.5, keys=keys)
     assert noisy.dtype == np.float16 and noisy.shape == pixels.shape
-    for i in (0, 123, 399):  # each row is its record's own PCG64 draw, whatever the other rows
-        eps = np.random.Generator(np.random.PCG64(seeds[i])).standard_normal((3, 8, 8), dtype=np.float32)
+    for i in (0, 123, 399):  # each row is its record's own ChaCha20 draw, whatever the other rows
+        eps = keyed_normals(keys[i], 192).astype(np.float32).reshape(3, 8, 8)
         expected = (pixels[i].astype(np.float32) / np.float32(127.5) - np.float32(1.0) + np.float32(0.5) * eps).astype(np.float16)
         assert noisy[i].tobytes() == expected.tobytes()
-        assert noised_copies(pixels[i : i + 1], sigma=0.5, seeds=[seeds[i]]).tobytes() == noisy[i].tobytes()
+        assert noised_copies(pixels[i : i + 1], sigma=0.5, keys=[keys[i]]).tobytes() == noisy[i].tobytes()
     order = np.random.default_rng(2).permutation(400)
-    assert noised_copies(pixels[order], sigma=0.5, seeds=[seeds[i] for i in order]).tobytes() == noisy[order].tobytes()
+    assert noised_copies(pixels[order], sigma=0.5, keys=[keys[i] for i in order]).tobytes() == noisy[order].tobytes()
     eps = (noisy.astype(np.float64) - (pixels.astype(np.float64) / 127.5 - 1)) / 0.5
     assert abs(eps.mean()) < 0.01 and abs(eps.std() - 1) < 0.01  # 76,800 draws: standard errors 0.004 and 0.003
+    other = noised_copies(pixels, sigma=0.5, keys=[record_key(bytes(32), f"{i:06d}.jpg", sigma=0.5, shape=(3, 8, 8)) for i in range(400)])
+    assert not np.array_equal(other, noisy), "another secret draws other noise"
+
+
+def test_keyed_normals_are_standard_normal() -> None:
+    z = keyed_normals(record_key(b"k" * 32, "a", sigma=1.0, shape=(1,)), 200_001)
+    assert z.shape == (200_001,) and z.dtype == np.float64
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
+    assert abs(np.mean(z ** 3)) < 0.03 and abs(np.mean(z ** 4) - 3) < 0.06  # skewness 0, kurtosis 3
+    assert abs(np.mean(np.abs(z) > 1.96) - 0.05) < 0.003
+    assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < 0.01  # consecutive draws (a Box–Muller pair) uncorrelated
 
 
 def test_shards_and_chunks_of_any_size_give_the_same_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -210,7 +245,7 @@ def test_shards_and_chunks_of_any_size_give_the_same_rows(tmp_path: Path, monkey
     (root / "05.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     policy = {"version": 1, "name": "folder", "dataset": {"format": "imagefolder", "root": str(root), "resolution": 8},
               "rules": [{"name": "open", "action": "clean", "where": "kind = 'open'"}, {"name": "rest", "action": "protect"}],
-              "noise": {"sigma": 0.5}, "output": str(tmp_path / "big")}
+              "noise": {"sigma": 0.5, "key_file": str(key_file(tmp_path / "keys"))}, "output": str(tmp_path / "big")}
     big = _prepare(tmp_path, policy)
     monkeypatch.setattr(shards_module, "SHARD_RECORDS", 4)  # blocks from a chunk straddle shard boundaries
     monkeypatch.setattr(prepare_module, "CHUNK_RECORDS", 3)

@@ -14,7 +14,8 @@ import numpy as np
 
 from ..datasets import DatasetReader, SourceSpec, open_reader
 from ..errors import ImageDecodeError
-from .noise import noise_seed, noised_copies, pixel_sha256
+from .keys import NoiseKey
+from .noise import noised_copies, pixel_sha256, record_key
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,6 @@ class Outcome:
     record_id: str
     action: str
     sha256: str | None = None
-    seed: int | None = None
     error: str | None = None
 
     @property
@@ -45,11 +45,13 @@ class ChunkResult:
 
 @dataclass(frozen=True)
 class NoiseParams:
+    """Sigma and the secret key of the noise (sent to worker processes through a pipe, never written)."""
+
     sigma: float
-    seed: int
+    key: NoiseKey
 
 
-def _load(reader: DatasetReader, task: Task, policy_seed: int) -> tuple[np.ndarray | None, Outcome]:
+def _load(reader: DatasetReader, task: Task) -> tuple[np.ndarray | None, Outcome]:
     """Decode, transform and hash one record: its uint8 (C, H, W) pixels (None if unreadable) and its outcome."""
     try:
         pixels = reader.load(task.record_id)
@@ -57,8 +59,7 @@ def _load(reader: DatasetReader, task: Task, policy_seed: int) -> tuple[np.ndarr
         return None, Outcome(task.record_id, task.action, error=str(err))
     if pixels.shape[0] != reader.channels:
         return None, Outcome(task.record_id, task.action, error=f"expected {reader.channels} channels, got {pixels.shape[0]}")
-    seed = noise_seed(policy_seed, task.record_id) if task.action == "protect" else None
-    return pixels, Outcome(task.record_id, task.action, pixel_sha256(pixels), seed)
+    return pixels, Outcome(task.record_id, task.action, pixel_sha256(pixels))
 
 
 def process_chunk(reader: DatasetReader, tasks: list[Task], noise: NoiseParams) -> ChunkResult:
@@ -67,15 +68,16 @@ def process_chunk(reader: DatasetReader, tasks: list[Task], noise: NoiseParams) 
     Each stage runs over the whole chunk: decoding and noising record by record is about 15% slower
     (the two evict each other's code and tables from the CPU caches).
     """
-    loaded = [_load(reader, task, noise.seed) for task in tasks]
+    loaded = [_load(reader, task) for task in tasks]
     stored: dict[str, list[tuple[np.ndarray, Outcome]]] = {}
     for pixels, outcome in loaded:
         if pixels is not None and outcome.stored:
             stored.setdefault(outcome.action, []).append((pixels, outcome))
     arrays = {action: np.stack([pixels for pixels, _ in rows]) for action, rows in stored.items()}
     if "protect" in arrays:
-        seeds = [outcome.seed for _, outcome in stored["protect"]]
-        arrays["protect"] = noised_copies(arrays["protect"], sigma=noise.sigma, seeds=seeds)  # type: ignore[arg-type]
+        shape = arrays["protect"].shape[1:]
+        keys = [record_key(noise.key.secret, outcome.record_id, sigma=noise.sigma, shape=shape) for _, outcome in stored["protect"]]
+        arrays["protect"] = noised_copies(arrays["protect"], sigma=noise.sigma, keys=keys)
     return ChunkResult([outcome for _, outcome in loaded], arrays)
 
 

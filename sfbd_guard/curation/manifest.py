@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: no noise_seed column (the noise is keyed by a secret)
 PARTITIONS = ("clean", "protected", "excluded", "error")
 ACTION_PARTITION = {"clean": "clean", "protect": "protected", "exclude": "excluded"}
 
@@ -15,7 +15,6 @@ MANIFEST_FIELDS = [
     pa.field("rule", pa.string()),  # the deciding rule; null for error
     pa.field("sha256", pa.string()),  # sha256 of the transformed uint8 pixels (C, H, W); null for error
     pa.field("sigma", pa.float64()),  # 0 for clean; null for excluded and error
-    pa.field("noise_seed", pa.uint64()),  # the record's noise generator seed (protected only)
     pa.field("file", pa.string()),  # .npy path relative to the prepared directory; null for excluded/error
     pa.field("row", pa.int64()),  # row in that file
     pa.field("error", pa.string()),  # why the record could not be read; null otherwise

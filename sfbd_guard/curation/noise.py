@@ -1,31 +1,71 @@
 """The fixed Gaussian noise of protected records: y = x/127.5 - 1 + sigma * eps, not clipped.
 
-A record's noise depends only on (noise.seed, record_id), never on its position, the split, the file
-order or the number of workers, so the same policy and data give byte-identical rows.
+eps is drawn from a generator keyed by the data owner's secret (see `keys.py`), never from a public
+value: whoever could regenerate eps could subtract it and rebuild the original byte for byte.
+
+Per record, the generator is ChaCha20 (RFC 8439, OpenSSL through the `cryptography` package) keyed with
+HMAC-SHA256(secret, context ‖ record_id), where the context binds the noise to sigma and the image shape.
+Its keystream gives 53-bit uniforms, turned into standard normals by the Box–Muller transform in float64.
+ChaCha20 is a stream cipher: its output cannot be predicted, nor its key recovered, from any amount of
+other output, so knowing some pixels of an image (a black background, say) reveals nothing about the
+noise on the others. Non-cryptographic generators (PCG64, Philox) make no such promise.
+
+A record's noise depends only on (secret, sigma, shape, record_id), never on its position, the split,
+the file order or the number of workers, so with the same key the same policy and data give
+byte-identical rows.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import struct
 
 import numpy as np
 
+GENERATOR = "chacha20-boxmuller-v1"  # recorded in the card; change it whenever the bytes of eps would change
+_NONCE = bytes(16)  # ChaCha20's 32-bit block counter and 96-bit nonce: zero, each record has its own key
+_TWO_PI = 2.0 * np.pi
+_SCALE = 2.0 ** -53
 
-def noise_seed(seed: int, record_id: str) -> int:
-    """64-bit seed of a record's noise generator: the first 8 bytes of sha256(f'{seed}:{record_id}')."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{record_id}".encode()).digest()[:8], "little")
+
+def record_key(secret: bytes, record_id: str, *, sigma: float, shape: tuple[int, ...]) -> bytes:
+    """The 256-bit ChaCha20 key of one record's noise: HMAC-SHA256 of the context and the record id.
+
+    Binding sigma and the shape makes two directories prepared with one key at different settings draw
+    independent noise: with the same eps, (y1 - y2) / (sigma1 - sigma2) would give eps away.
+    """
+    context = b"sfbd_guard/noise/v1\x00" + struct.pack("<d", sigma) + struct.pack(f"<{len(shape)}I", *shape)
+    return hmac.new(secret, context + b"\x00" + record_id.encode("utf-8"), hashlib.sha256).digest()
 
 
-def noised_copies(pixels: np.ndarray, *, sigma: float, seeds: list[int]) -> np.ndarray:
-    """uint8 (N, C, H, W) pixels → float16 x/127.5 - 1 + sigma * eps; row i's eps ~ N(0, I) from PCG64(seeds[i]).
+def keyed_normals(key: bytes, count: int) -> np.ndarray:
+    """`count` standard normals (float64) from ChaCha20(key): Box–Muller on pairs of 53-bit uniforms."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-    Row i's noise is what `Generator(PCG64(seeds[i])).standard_normal((C, H, W), dtype=float32)` draws.
-    Record by record, in one reused float32 buffer (whole-block arithmetic is slower: it leaves the CPU caches).
+    pairs = (count + 1) // 2
+    encryptor = Cipher(algorithms.ChaCha20(key, _NONCE), mode=None).encryptor()
+    words = np.frombuffer(encryptor.update(bytes(16 * pairs)), dtype="<u8").reshape(pairs, 2)
+    u1 = ((words[:, 0] >> np.uint64(11)) + np.uint64(1)).astype(np.float64) * _SCALE  # (0, 1]: log is finite
+    u2 = (words[:, 1] >> np.uint64(11)).astype(np.float64) * _SCALE  # [0, 1)
+    radius = np.sqrt(-2.0 * np.log(u1))
+    angle = _TWO_PI * u2
+    normals = np.empty((pairs, 2), dtype=np.float64)
+    np.multiply(radius, np.cos(angle), out=normals[:, 0])
+    np.multiply(radius, np.sin(angle), out=normals[:, 1])
+    return normals.reshape(-1)[:count]
+
+
+def noised_copies(pixels: np.ndarray, *, sigma: float, keys: list[bytes]) -> np.ndarray:
+    """uint8 (N, C, H, W) pixels → float16 x/127.5 - 1 + sigma * eps; row i's eps from ChaCha20(keys[i]).
+
+    eps is rounded to float32 and the sum computed in float32, then rounded once to float16.
     """
     noisy = np.empty(pixels.shape, dtype=np.float16)
     row = np.empty(pixels.shape[1:], dtype=np.float32)
-    for out, x, seed in zip(noisy, pixels, seeds, strict=True):
-        np.random.Generator(np.random.PCG64(seed)).standard_normal(dtype=np.float32, out=row)
+    size = int(np.prod(pixels.shape[1:]))
+    for out, x, key in zip(noisy, pixels, keys, strict=True):
+        row[...] = keyed_normals(key, size).reshape(row.shape)
         row *= np.float32(sigma)
         row += x.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
         out[...] = row  # rounded to float16

@@ -30,7 +30,9 @@ from ..errors import DataError
 from ..fileio import atomic_write_json, fingerprint, sha256_file
 from ..policy import LoadedPolicy
 from .decode import ChunkResult, NoiseParams, Outcome, Task, init_worker, process_chunk, worker_chunk
+from .keys import NoiseKey, fresh_key, read_key_file
 from .manifest import ACTION_PARTITION, PARTITIONS, manifest_table
+from .noise import GENERATOR
 from .output import abandon_output, finish_output, start_output
 from .rules import decide
 from .shards import SHARD_RECORDS, ShardWriter
@@ -114,7 +116,7 @@ def _store(chunks: Iterator[ChunkResult], staging: Path, strict: bool, progress:
 
 def _manifest_columns(record_ids: list[str], rules: list[str | None], results: dict[str, Outcome],
                       places: dict[str, tuple[str, int]], sigma: float) -> dict[str, list]:
-    columns: dict[str, list] = {k: [] for k in ("record_id", "partition", "rule", "sha256", "sigma", "noise_seed", "file", "row", "error")}
+    columns: dict[str, list] = {k: [] for k in ("record_id", "partition", "rule", "sha256", "sigma", "file", "row", "error")}
     for record_id, rule in zip(record_ids, rules):
         outcome = results[record_id]
         partition = "error" if outcome.error is not None else ACTION_PARTITION[outcome.action]
@@ -124,14 +126,13 @@ def _manifest_columns(record_ids: list[str], rules: list[str | None], results: d
         columns["rule"].append(None if partition == "error" else rule)
         columns["sha256"].append(outcome.sha256)
         columns["sigma"].append({"clean": 0.0, "protected": sigma}.get(partition))
-        columns["noise_seed"].append(outcome.seed if partition == "protected" else None)
         columns["file"].append(file)
         columns["row"].append(row)
         columns["error"].append(outcome.error)
     return columns
 
 
-def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, manifest: pa.Table,
+def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, manifest: pa.Table, key: NoiseKey,
           rule_counts: dict[str, int], files: dict[str, str], manifest_sha256: str) -> dict[str, Any]:
     partitions = manifest.column("partition").to_pylist()
     policy = loaded.policy
@@ -147,7 +148,9 @@ def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, manifes
         "channels": reader.channels,
         "color": reader.color,
         "sigma": policy.noise.sigma,
-        "noise_seed": policy.noise.seed,
+        "noise_generator": GENERATOR,
+        "noise_key_id": key.key_id,  # HMAC(secret, label): names the key, reveals nothing of it
+        "noise_key_source": key.source,  # ephemeral (discarded: the noise can never be regenerated) or key_file
         "counts": {p: partitions.count(p) for p in PARTITIONS},
         "rule_counts": rule_counts,
         "files": files,
@@ -159,22 +162,34 @@ def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, manifes
     }
 
 
+def noise_key(loaded: LoadedPolicy, key_file: Path | None, output: Path) -> NoiseKey:
+    """The secret of the noise: --noise-key, else the policy's noise.key_file, else a fresh one."""
+    path = key_file if key_file is not None else (loaded.resolve(loaded.policy.noise.key_file) if loaded.policy.noise.key_file else None)
+    if path is None:
+        return fresh_key()
+    return read_key_file(path, forbidden=(output,))
+
+
 def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | None = None, workers: int = 1,
-            strict: bool = False, overwrite: bool = False, progress: Callable[[int], Progress] | None = None) -> PrepareResult:
+            strict: bool = False, overwrite: bool = False, key_file: Path | None = None,
+            progress: Callable[[int], Progress] | None = None) -> PrepareResult:
     """Apply `loaded` to its dataset and write the prepared directory atomically.
 
-    `progress(total)` may return a callback that is told how many records were just processed.
+    The noise is keyed by `key_file` (or the policy's noise.key_file); without one, by a fresh secret
+    that is forgotten when this returns. `progress(total)` may return a callback that is told how many
+    records were just processed.
     """
     started = time.perf_counter()
     spec = source_spec(loaded, data_root)
     output = output_dir(loaded, out)
+    key = noise_key(loaded, key_file, output)
     reader = open_reader(spec)
     with worker_pool(spec, workers) as pool:
         metadata = reader.metadata()
         decisions = decide(metadata, list(loaded.policy.rules), base_dir=loaded.base_dir, source=str(loaded.path))
         record_ids = metadata.column("record_id").to_pylist()
         tasks = [Task(r, a) for r, a in zip(record_ids, decisions.actions) if a is not None]
-        noise = NoiseParams(sigma=loaded.policy.noise.sigma, seed=loaded.policy.noise.seed)
+        noise = NoiseParams(sigma=loaded.policy.noise.sigma, key=key)
         staging = start_output(output, overwrite=overwrite)
         try:
             for partition in ("clean", "protected"):
@@ -184,7 +199,7 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
             columns = _manifest_columns(record_ids, decisions.rules, results, places, noise.sigma)
             manifest = manifest_table(columns, metadata)
             pq.write_table(manifest, staging / "manifest.parquet")
-            card = _card(loaded, spec, reader, manifest, decisions.rule_counts(), files, sha256_file(staging / "manifest.parquet"))
+            card = _card(loaded, spec, reader, manifest, key, decisions.rule_counts(), files, sha256_file(staging / "manifest.parquet"))
             atomic_write_json(staging / "card.json", card)
             finish_output(staging, output)
         except BaseException:

@@ -11,7 +11,7 @@ from .prepare import PrepareResult, prepare
 
 
 def prepare_recorded(policy_path: Path, *, data_root: Path | None, out: Path | None, workers: int, strict: bool,
-                     overwrite: bool, ledger: Path | None, command: list[str],
+                     overwrite: bool, ledger: Path | None, command: list[str], key_file: Path | None = None,
                      progress: Callable[[int], Callable[[int], None]] | None = None) -> PrepareResult:
     """Load the policy, prepare the data, and append a `prepare` event to the ledger (ok or failed)."""
     with recorded(ledger_dir(ledger), "prepare", command) as event:
@@ -19,13 +19,14 @@ def prepare_recorded(policy_path: Path, *, data_root: Path | None, out: Path | N
         loaded = load_policy(policy_path)
         event.inputs[0] = Artifact("policy", str(loaded.path), loaded.sha256)
         result = prepare(loaded, data_root=data_root, out=out, workers=workers, strict=strict,
-                         overwrite=overwrite, progress=progress)
+                         overwrite=overwrite, key_file=key_file, progress=progress)
         card = result.card
         event.inputs.append(Artifact("source", card["root"] or card["format"], result.source_fingerprint))
         event.outputs.append(Artifact("prepared", str(result.output), card["fingerprint"]))
         event.outputs.extend(Artifact("array", f"{result.output}/{name}", digest) for name, digest in sorted(card["files"].items()))
         event.summary.update(
             policy_name=card["policy_name"], format=card["format"], split=card["split"], sigma=card["sigma"],
+            noise_key_id=card["noise_key_id"], noise_key_source=card["noise_key_source"],
             resolution=card["resolution"], counts=card["counts"], rule_counts=card["rule_counts"],
             errors=len(result.errors), seconds=round(result.seconds, 3),
         )
