@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from helpers import digits_policy, tiny_pipeline, write_policy
 from sfbd_guard.curation.prepare import prepare
+from sfbd_guard.engine import trainer as trainer_module
 from sfbd_guard.engine.config import load_pipeline
 from sfbd_guard.engine.runtime import Runtime
 from sfbd_guard.engine.service import train, train_recorded
@@ -25,6 +26,7 @@ from sfbd_guard.policy import load_policy
 from sfbd_guard.prepared import open_prepared
 
 EPSILON = 8.0
+FIXED_PRIVATE_SEED = 20261202  # tests that compare two private runs fix the secret seed of the DP randomness
 SCHEDULE = {"pretrain_kimg": 0.032, "rounds": 2, "round_kimg": 0.048}  # 2 clean steps, then 3 + 3 private steps of 16
 
 
@@ -74,7 +76,9 @@ def _ema(run: Path) -> dict[str, torch.Tensor]:
 def straight(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """One uninterrupted private SFBD run, recorded in its own ledger."""
     tmp = tmp_path_factory.mktemp("straight")
-    outcome = train_recorded(_config(tmp, digits, "run"), resume=False, ledger=tmp / "ledger", command=["test"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer_module, "private_seed", lambda: FIXED_PRIVATE_SEED)  # compared with a resumed run below
+        outcome = train_recorded(_config(tmp, digits, "run"), resume=False, ledger=tmp / "ledger", command=["test"])
     return outcome.run_dir, _ledger_privacy(tmp / "ledger")
 
 
@@ -112,10 +116,12 @@ def test_resume_keeps_the_accountant_state(digits: Path, straight: tuple[Path, d
         real_step(self, mixture, phase)
 
     config = _config(tmp_path, digits, "crashed")
+    monkeypatch.setattr(module, "private_seed", lambda: FIXED_PRIVATE_SEED)  # the straight run's secret, to compare
     monkeypatch.setattr(module.Trainer, "train_step", crash_in_round_2)
     with pytest.raises(KeyboardInterrupt):
         train(config, resume=False)
-    monkeypatch.undo()
+    monkeypatch.setattr(module.Trainer, "train_step", real_step)
+    monkeypatch.setattr(module, "private_seed", lambda: FIXED_PRIVATE_SEED + 1)  # a resume must restore, not re-seed
     latest = tmp_path / "crashed" / "checkpoints" / "latest"
     assert latest.read_text() == "step-000000006"
     with __import__("safetensors").safe_open(latest.parent / latest.read_text() / "state.safetensors", "pt") as handle:
@@ -143,7 +149,7 @@ def test_per_sample_gradients_are_clipped(digits: Path, tmp_path: Path) -> None:
     private = trainer.privacy.enter(phase, mixture)
     params = dict(trainer.net.named_parameters())
     before = {name: p.detach().clone() for name, p in params.items()}
-    generators = trainer.batch_gen.get_state(), trainer.noise_gen.get_state()
+    generators = trainer.private_batch_gen.get_state(), trainer.noise_gen.get_state()
     applied: dict[str, torch.Tensor] = {}
     adam_step = trainer.optimizer.step
 
@@ -159,7 +165,7 @@ def test_per_sample_gradients_are_clipped(digits: Path, tmp_path: Path) -> None:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(before[name])
-    trainer.batch_gen.set_state(generators[0])
+    trainer.private_batch_gen.set_state(generators[0])
     trainer.noise_gen.set_state(generators[1])
     images, floors, weights = private.poisson_batch(mixture)
     assert len(images) > 5 and (floors > 0).any()  # several physical batches; noisy copies with their floor

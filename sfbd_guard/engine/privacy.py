@@ -4,7 +4,9 @@ The privacy unit is one protected record. A private phase:
 
 - draws Poisson batches: every record of every source of the phase's mixture joins a step
   independently, with rate q_s = expected batch × share_s / N_s (for the natural proportion all
-  rates equal batch / N). Draws come from the trainer's seeded, checkpointed batch generator; under
+  rates equal batch / N). Draws come from the trainer's private batch generator (seeded from the OS's
+  secure random source, not the public config.seed: known batches would void the subsampling
+  amplification the accountant counts on; its state is checkpointed); under
   torchrun, rank r draws only over rows r, r + W, ..., so the union is one Poisson batch;
 - clips each sample's gradient to `max_grad_norm` and sums them without materialising per-sample
   gradients (`grad_samplers.ClippedGradients`: one backward pass for the layers' output gradients,
@@ -19,8 +21,12 @@ The privacy unit is one protected record. A private phase:
 
 The noise multiplier is fixed before training, for the requested (epsilon, delta) over all
 private steps of the run. SFBD's denoising reads the protected copies only through the (already
-private) model, so it is post-processing and needs no accounting of its own. The loss noise and
-the DP noise come from seeded torch generators (reproducible, not cryptographically secure).
+private) model, so it is post-processing and needs no accounting of its own. The diffusion loss's
+noise comes from the run's seeded generator (public randomness independent of the data does not weaken
+the guarantee); the DP noise, like the Poisson batches, from a generator seeded from the OS's secure
+random source, so knowing the run's config does not let anyone subtract it. Its state is in the
+checkpoints: release the weights, not the checkpoints' state.safetensors. torch's generators are not
+cryptographically secure (Opacus' secure_mode needs torchcsprng, which is no longer maintained).
 """
 
 from __future__ import annotations
@@ -298,7 +304,7 @@ class PrivateTraining:
         # physical batches, adds the noise and divides by the expected batch
         self.optimizer = optimizer_class(
             trainer.optimizer, noise_multiplier=self.info["noise_multiplier"], max_grad_norm=self.plan.max_grad_norm,
-            expected_batch_size=trainer.local_batch, loss_reduction="mean", generator=trainer.noise_gen)
+            expected_batch_size=trainer.local_batch, loss_reduction="mean", generator=trainer.private_noise_gen)
         return self
 
     def leave(self, phase: Phase) -> None:
@@ -323,7 +329,7 @@ class PrivateTraining:
         images, floors, weights = [], [], []
         for source, rate in zip(mixture.sources, self.rates):
             rows = torch.arange(rt.rank, len(source.images), rt.world_size)
-            rows = rows[torch.rand(len(rows), generator=trainer.batch_gen, dtype=torch.float64) < rate]
+            rows = rows[torch.rand(len(rows), generator=trainer.private_batch_gen, dtype=torch.float64) < rate]
             images.append(source.images[rows])
             floors.append(torch.full((len(rows),), source.floor))
             weights.append(torch.full((len(rows),), source.weight))

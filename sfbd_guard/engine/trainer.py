@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,11 @@ def build_net(config: PipelineConfig, image_shape: tuple[int, int, int]) -> torc
     return build_denoiser(unet_config(config), resolution, channels)
 
 
+def private_seed() -> int:
+    """A seed from the OS's secure random source, for the randomness DP-SGD's guarantee rests on."""
+    return secrets.randbits(63)
+
+
 class Trainer:
     """Owns the model, EMA, optimizer and random generators of one process of a run."""
 
@@ -59,6 +65,11 @@ class Trainer:
         self.loss = AmbientLoss()
         self.batch_gen = torch.Generator().manual_seed(config.seed * 1000 + rt.rank)
         self.noise_gen = torch.Generator(rt.device).manual_seed(config.seed * 1000 + 500 + rt.rank)
+        # DP-SGD's guarantee needs its Poisson batches and its Gaussian noise to be unknown to whoever sees the
+        # weights: private phases draw them from generators seeded by the OS's secure random source, not from the
+        # public config.seed (the states are in the checkpoints, so a resumed run stays exact)
+        self.private_batch_gen = torch.Generator().manual_seed(private_seed()) if config.privacy else None
+        self.private_noise_gen = torch.Generator(rt.device).manual_seed(private_seed()) if config.privacy else None
         self.state = TrainingState()
         self.metrics = MetricsLog(run_dir / "metrics.parquet")
         self.config_json = config.model_dump_json()
@@ -89,13 +100,19 @@ class Trainer:
         self.batch_gen.set_state(self.state.tensors[f"batch_gen.{rank}"])
         self.noise_gen.set_state(self.state.tensors[f"noise_gen.{rank}"].to(self.noise_gen.get_state().device))
         torch.set_rng_state(self.state.tensors[f"torch_rng.{rank}"])
+        for name, gen in self._private_gens().items():
+            gen.set_state(self.state.tensors[f"{name}.{rank}"].to(gen.get_state().device))
         self.metrics = MetricsLog.resume(self.run_dir / "metrics.parquet", self.state.step)
         return True
+
+    def _private_gens(self) -> dict[str, torch.Generator]:
+        gens = {"private_batch_gen": self.private_batch_gen, "private_noise_gen": self.private_noise_gen}
+        return {name: gen for name, gen in gens.items() if gen is not None}
 
     def _rng_tensors(self) -> dict[str, torch.Tensor]:
         """Every rank's generator states (gathered to rank 0, which writes the checkpoint)."""
         mine = {"batch_gen": self.batch_gen.get_state(), "noise_gen": self.noise_gen.get_state().cpu(),
-                "torch_rng": torch.get_rng_state()}
+                "torch_rng": torch.get_rng_state(), **{n: g.get_state().cpu() for n, g in self._private_gens().items()}}
         states = [mine]
         if self.rt.distributed:
             import torch.distributed as dist
