@@ -11,6 +11,7 @@ Two ways to give weights (see README, "Audit"):
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,8 @@ class ClipEmbedder:
             else:
                 net, _, preprocess = open_clip.create_model_and_transforms(
                     model, pretrained=str(path), force_quick_gelu=quick_gelu)
-        except (RuntimeError, ValueError, KeyError, OSError, AssertionError) as err:  # open_clip asserts on shapes
+        except (RuntimeError, ValueError, KeyError, OSError, AssertionError, pickle.UnpicklingError) as err:
+            # open_clip asserts on shapes; torch.load(weights_only=True) refuses pickles that build other objects
             raise InputError(f"--clip-weights {path}: cannot load into {model}: {str(err).splitlines()[0][:300]}",
                              hint=HOW_TO) from None
         self.model = net.eval()
