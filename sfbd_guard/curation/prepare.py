@@ -31,7 +31,7 @@ from ..fileio import atomic_write_json, fingerprint, sha256_file
 from ..policy import LoadedPolicy
 from .decode import ChunkResult, NoiseParams, Outcome, Task, init_worker, process_chunk, worker_chunk
 from .manifest import ACTION_PARTITION, PARTITIONS, manifest_table
-from .output import abandon_output, finish_output, start_output
+from .output import abandon_output, claim_output, finish_output, start_output
 from .rules import decide
 from .shards import SHARD_RECORDS, ShardWriter
 
@@ -54,7 +54,8 @@ def source_spec(loaded: LoadedPolicy, data_root: Path | None) -> SourceSpec:
     """The dataset to read: the policy's, with --data-root overriding its root."""
     dataset = loaded.policy.dataset
     root = data_root.resolve() if data_root else (loaded.resolve(dataset.root) if dataset.root else None)
-    return SourceSpec(format=dataset.format, root=root, split=dataset.split, resolution=dataset.resolution)
+    return SourceSpec(format=dataset.format, root=root, split=dataset.split, resolution=dataset.resolution,
+                      max_pixels=dataset.max_pixels, max_file_bytes=dataset.max_file_bytes)
 
 
 def output_dir(loaded: LoadedPolicy, out: Path | None) -> Path:
@@ -169,7 +170,8 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
     spec = source_spec(loaded, data_root)
     output = output_dir(loaded, out)
     reader = open_reader(spec)
-    with worker_pool(spec, workers) as pool:
+    claim = claim_output(output, overwrite=overwrite, dataset_root=spec.root, policy_dir=loaded.base_dir)
+    with claim, worker_pool(spec, workers) as pool:
         metadata = reader.metadata()
         decisions = decide(metadata, list(loaded.policy.rules), base_dir=loaded.base_dir, source=str(loaded.path))
         record_ids = metadata.column("record_id").to_pylist()
