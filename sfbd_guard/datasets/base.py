@@ -47,15 +47,15 @@ def safe_join(root: Path, *parts: str) -> Path:
     path is resolved through every symlink and must still lie under the root's real path. Raises
     PathEscapeError (an ImageDecodeError, so a record becomes an `error` row with the reason).
     """
-    clean = []
-    for part in parts:
-        posix = part.replace("\\", "/")
-        pure = PurePosixPath(posix)
-        if "\0" in part or pure.is_absolute() or PureWindowsPath(part).drive or ".." in pure.parts:
+    for part in parts:  # backslashes count as separators for the check (a list written on Windows)
+        readings = (PurePosixPath(part), PurePosixPath(part.replace("\\", "/")))
+        if "\0" in part or PureWindowsPath(part).drive or any(r.is_absolute() or ".." in r.parts for r in readings):
             raise PathEscapeError(f"{part}: {ESCAPES}")
-        clean.append(posix)
-    real_root = root.resolve()
-    resolved = real_root.joinpath(*clean).resolve()
+    try:
+        real_root = root.resolve()
+        resolved = real_root.joinpath(*parts).resolve()
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        raise PathEscapeError(f"{parts[-1] if parts else root.name}: cannot resolve the path (a symlink loop)") from None
     if not resolved.is_relative_to(real_root):
         raise PathEscapeError(f"{parts[-1] if parts else root.name}: {ESCAPES} (through a symlink)")
     return resolved
@@ -65,11 +65,13 @@ def read_bounded(path: Path, max_bytes: int) -> bytes:
     """The bytes of the regular file `path` (already resolved by safe_join), at most `max_bytes` of them.
 
     The size is checked with fstat before anything is read, and the file is opened with O_NOFOLLOW, so a
-    final component swapped for a symlink after the check is refused rather than followed.
+    final component swapped for a symlink after the check is refused rather than followed. Devices and
+    FIFOs are refused without a read.
     Raises ImageDecodeError naming the file.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        # O_NONBLOCK: a FIFO named like an image must not hang the run (it is refused below as not a regular file)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise ImageDecodeError(f"file not found: {path.name}") from None
     except OSError as err:
@@ -119,8 +121,9 @@ class DatasetReader(ABC):
         """The resolved path of one of the layout's own files; InputError if missing or outside the root."""
         try:
             path = safe_join(self.root, relative)
-        except PathEscapeError:
-            raise InputError(f"{self.format} dataset: {self.root / relative} is a symlink that leads outside the dataset root",
+        except PathEscapeError as err:
+            reason = str(err).removeprefix(f"{relative}: ")
+            raise InputError(f"{self.format} dataset: {self.root / relative}: {reason}",
                              hint="copy the file into the dataset root, or point the root at the real folder") from None
         if not path.is_file():
             raise InputError(f"{self.format} dataset: missing {self.root / relative}", hint=self.layout_hint())

@@ -68,8 +68,9 @@ class CelebAReader(DatasetReader):
         self.require_root()
         try:
             images = safe_join(self.root, "img_align_celeba")
-        except PathEscapeError:
-            raise InputError(f"celeba dataset: {self.root / 'img_align_celeba'} is a symlink that leads outside the dataset root",
+        except PathEscapeError as err:
+            reason = str(err).removeprefix("img_align_celeba: ")
+            raise InputError(f"celeba dataset: {self.root / 'img_align_celeba'}: {reason}",
                              hint="point dataset.root at the real CelebA folder") from None
         if not images.is_dir():
             raise InputError(f"celeba dataset: missing {self.root / 'img_align_celeba'}/", hint=self.layout_hint())

@@ -53,6 +53,7 @@ def test_imagefolder_symlink_out_of_the_root_is_an_error_row_and_never_read(cli,
     secret = _secret(tmp_path / "home" / "private.png", 0)
     (root / "innocent.png").symlink_to(secret)
     (root / "alias.png").symlink_to(root / "a.png")  # a symlink that stays inside the root is fine
+    (root / "loop.png").symlink_to(root / "loop.png")
     policy = write_policy(tmp_path / "p.yaml", _folder_policy(root, tmp_path / "out"))
     result = cli("prepare", "--policy", policy)
     assert result.code == 0, result.err
@@ -61,6 +62,7 @@ def test_imagefolder_symlink_out_of_the_root_is_an_error_row_and_never_read(cli,
     assert "escapes the dataset root" in rows["innocent.png"]["error"]
     assert str(secret) not in rows["innocent.png"]["error"], "the reason does not reveal where the link leads"
     assert rows["alias.png"]["partition"] == "clean" and rows["alias.png"]["sha256"] == rows["a.png"]["sha256"]
+    assert rows["loop.png"]["partition"] == "error" and "symlink loop" in rows["loop.png"]["error"]
     _assert_never_read(secret, None, tmp_path / "out", tmp_path / "ledger")
 
 
@@ -138,12 +140,12 @@ def test_celeba_list_file_or_image_folder_symlinked_out_of_the_root_exits_2(cli,
               "rules": [{"name": "all", "action": "clean"}], "noise": {"sigma": 1.0}, "output": str(tmp_path / "out")}
     path = write_policy(tmp_path / "p.yaml", policy)
     result = cli("prepare", "--policy", path)
-    assert result.code == 2 and result.err.startswith("error: ") and "outside the dataset root" in result.err
+    assert result.code == 2 and result.err.startswith("error: ") and "escapes the dataset root" in result.err
     assert "Traceback" not in result.err and not (tmp_path / "out").exists()
     (root / "img_align_celeba").unlink()
     (root / "img_align_celeba").mkdir()
     result = cli("prepare", "--policy", path)
-    assert result.code == 2 and "list_attr_celeba.txt" in result.err and "outside the dataset root" in result.err
+    assert result.code == 2 and "list_attr_celeba.txt" in result.err and "escapes the dataset root" in result.err
 
 
 def test_pixels_of_an_image_inside_the_root_are_unchanged(tmp_path: Path) -> None:
