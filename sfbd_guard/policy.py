@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from .config import StrictModel, load_config
+from .datasets.base import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 
 Action = Literal["exclude", "clean", "protect"]
 
@@ -22,6 +23,10 @@ class DatasetSpec(StrictModel):
     root: str | None = None  # relative to the policy file; not needed for digits
     split: str = "all"  # format-specific split name, or all
     resolution: int = Field(gt=0, le=4096)  # output images are resolution × resolution
+    # An image whose header declares more pixels (width × height) is an error row, never decoded.
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0, le=1_000_000_000)
+    # A source file larger than this is an error row (image) or an exit-2 error (list, batch), never read.
+    max_file_bytes: int = Field(default=DEFAULT_MAX_FILE_BYTES, gt=0, le=16 * 2**30)
 
     @model_validator(mode="after")
     def _root_needed(self) -> DatasetSpec:

@@ -102,9 +102,12 @@ def test_imagefolder_metadata_is_exposed_and_joined(tmp_path: Path) -> None:
 
 def test_imagefolder_refuses_paths_outside_the_root(tmp_path: Path) -> None:
     root = write_imagefolder(tmp_path / "images", [{"file_name": "x.png", "license": "CC0-1.0"}])
+    write_imagefolder(tmp_path, [], extra_images=["secret.png"])  # a real image just outside the root
     (root / "metadata.csv").write_text("file_name,license\n../secret.png,CC0-1.0\n")
-    with pytest.raises(InputError, match="outside the dataset root"):
-        open_reader(SourceSpec("imagefolder", root, "all", 16)).metadata()
+    reader = open_reader(SourceSpec("imagefolder", root, "all", 16))
+    assert reader.metadata().column("record_id").to_pylist() == ["../secret.png", "x.png"]
+    with pytest.raises(ImageDecodeError, match="escapes the dataset root"):  # an error row, never a read
+        reader.load("../secret.png")
 
 
 def test_digits_values_and_upsampling() -> None:

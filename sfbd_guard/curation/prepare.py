@@ -33,7 +33,7 @@ from .decode import ChunkResult, NoiseParams, Outcome, Task, init_worker, proces
 from .keys import NoiseKey, fresh_key, read_key_file
 from .manifest import ACTION_PARTITION, PARTITIONS, manifest_table
 from .noise import GENERATOR
-from .output import abandon_output, finish_output, start_output
+from .output import abandon_output, claim_output, finish_output, start_output
 from .rules import decide
 from .shards import SHARD_RECORDS, ShardWriter
 
@@ -56,7 +56,8 @@ def source_spec(loaded: LoadedPolicy, data_root: Path | None) -> SourceSpec:
     """The dataset to read: the policy's, with --data-root overriding its root."""
     dataset = loaded.policy.dataset
     root = data_root.resolve() if data_root else (loaded.resolve(dataset.root) if dataset.root else None)
-    return SourceSpec(format=dataset.format, root=root, split=dataset.split, resolution=dataset.resolution)
+    return SourceSpec(format=dataset.format, root=root, split=dataset.split, resolution=dataset.resolution,
+                      max_pixels=dataset.max_pixels, max_file_bytes=dataset.max_file_bytes)
 
 
 def output_dir(loaded: LoadedPolicy, out: Path | None) -> Path:
@@ -184,7 +185,8 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
     output = output_dir(loaded, out)
     key = noise_key(loaded, key_file, output)
     reader = open_reader(spec)
-    with worker_pool(spec, workers) as pool:
+    claim = claim_output(output, overwrite=overwrite, dataset_root=spec.root, policy_dir=loaded.base_dir)
+    with claim, worker_pool(spec, workers) as pool:
         metadata = reader.metadata()
         decisions = decide(metadata, list(loaded.policy.rules), base_dir=loaded.base_dir, source=str(loaded.path))
         record_ids = metadata.column("record_id").to_pylist()
@@ -193,7 +195,7 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
         staging = start_output(output, overwrite=overwrite)
         try:
             for partition in ("clean", "protected"):
-                (staging / partition).mkdir()
+                (staging / partition).mkdir(mode=0o700)
             tick = progress(len(tasks)) if progress else None
             results, places, files = _store(run_tasks(reader, tasks, noise, pool), staging, strict, tick)
             columns = _manifest_columns(record_ids, decisions.rules, results, places, noise.sigma)

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 import pyarrow as pa
 
-from ..errors import InputError
+from ..errors import ImageDecodeError, InputError
+
+# Budgets for one source file (policy keys dataset.max_pixels and dataset.max_file_bytes). The pixel
+# default is PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS, about 0.18 gigapixels).
+DEFAULT_MAX_PIXELS = 178_956_970
+DEFAULT_MAX_FILE_BYTES = 256 * 2**20
+ESCAPES = "path escapes the dataset root"
 
 # Column names the manifest owns; a dataset's metadata may not use them.
 RESERVED_COLUMNS = ("partition", "rule", "sha256", "sigma", "noise_seed", "file", "row", "error")
@@ -23,6 +31,61 @@ class SourceSpec:
     root: Path | None
     split: str
     resolution: int
+    max_pixels: int = DEFAULT_MAX_PIXELS  # an image of more pixels (header size) becomes an error row, undecoded
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # a larger file becomes an error row (or, for a list, an InputError), unread
+
+
+class PathEscapeError(ImageDecodeError):
+    """A dataset path that is absolute, climbs with `..`, or resolves (through a symlink) outside the root."""
+
+
+def safe_join(root: Path, *parts: str) -> Path:
+    """The resolved path of `parts` under `root`, refused unless it stays inside the resolved root.
+
+    Each part is a relative path from a dataset's own files (a list, a metadata row, a directory scan):
+    absolute paths, drive letters, `..` components and NUL bytes are refused outright, and the joined
+    path is resolved through every symlink and must still lie under the root's real path. Raises
+    PathEscapeError (an ImageDecodeError, so a record becomes an `error` row with the reason).
+    """
+    for part in parts:  # backslashes count as separators for the check (a list written on Windows)
+        readings = (PurePosixPath(part), PurePosixPath(part.replace("\\", "/")))
+        if "\0" in part or PureWindowsPath(part).drive or any(r.is_absolute() or ".." in r.parts for r in readings):
+            raise PathEscapeError(f"{part}: {ESCAPES}")
+    try:
+        real_root = root.resolve()
+        resolved = real_root.joinpath(*parts).resolve()
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        raise PathEscapeError(f"{parts[-1] if parts else root.name}: cannot resolve the path (a symlink loop)") from None
+    if not resolved.is_relative_to(real_root):
+        raise PathEscapeError(f"{parts[-1] if parts else root.name}: {ESCAPES} (through a symlink)")
+    return resolved
+
+
+def read_bounded(path: Path, max_bytes: int) -> bytes:
+    """The bytes of the regular file `path` (already resolved by safe_join), at most `max_bytes` of them.
+
+    The size is checked with fstat before anything is read, and the file is opened with O_NOFOLLOW, so a
+    final component swapped for a symlink after the check is refused rather than followed. Devices and
+    FIFOs are refused without a read.
+    Raises ImageDecodeError naming the file.
+    """
+    try:
+        # O_NONBLOCK: a FIFO named like an image must not hang the run (it is refused below as not a regular file)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ImageDecodeError(f"file not found: {path.name}") from None
+    except OSError as err:
+        raise ImageDecodeError(f"cannot open {path.name}: {err.strerror or err}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageDecodeError(f"{path.name}: not a regular file")
+        if info.st_size > max_bytes:
+            raise ImageDecodeError(f"{path.name}: {info.st_size} bytes, above the budget dataset.max_file_bytes = {max_bytes}")
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew after the check
+        raise ImageDecodeError(f"{path.name}: more than dataset.max_file_bytes = {max_bytes} bytes")
+    return data
 
 
 class DatasetReader(ABC):
@@ -55,10 +118,24 @@ class DatasetReader(ABC):
         """The record's transformed pixels, uint8 (C, H, W); raises ImageDecodeError if unreadable."""
 
     def require_file(self, relative: str) -> Path:
-        path = self.root / relative
+        """The resolved path of one of the layout's own files; InputError if missing or outside the root."""
+        try:
+            path = safe_join(self.root, relative)
+        except PathEscapeError as err:
+            reason = str(err).removeprefix(f"{relative}: ")
+            raise InputError(f"{self.format} dataset: {self.root / relative}: {reason}",
+                             hint="copy the file into the dataset root, or point the root at the real folder") from None
         if not path.is_file():
-            raise InputError(f"{self.format} dataset: missing {path}", hint=self.layout_hint())
+            raise InputError(f"{self.format} dataset: missing {self.root / relative}", hint=self.layout_hint())
         return path
+
+    def read_file(self, path: Path) -> bytes:
+        """A whole layout file (list, batch, metadata) within the byte budget; InputError otherwise."""
+        try:
+            return read_bounded(path, self.spec.max_file_bytes)
+        except ImageDecodeError as err:
+            raise InputError(f"{self.format} dataset: {path}: {str(err).removeprefix(path.name + ': ')}",
+                             hint="raise dataset.max_file_bytes in the policy if the file is genuine") from None
 
     def require_root(self) -> None:
         if not self.root.is_dir():

@@ -8,33 +8,40 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import InputError
-from .base import DatasetReader
+from .base import DatasetReader, PathEscapeError, safe_join
 from .transforms import load_square, to_chw
 
 CROP = 140  # centre crop of the 178×218 aligned faces, then resize to the resolution
 SPLIT_NAMES = {"0": "train", "1": "valid", "2": "test"}
 
 
-def _lines(path: Path) -> list[list[str]]:
-    return [line.split() for line in path.read_text().splitlines() if line.strip()]
+def _text(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text (byte {err.start})") from None
 
 
-def _pairs(path: Path) -> dict[str, str]:
+def _lines(text: str) -> list[list[str]]:
+    return [line.split() for line in text.splitlines() if line.strip()]
+
+
+def _pairs(path: Path, text: str) -> dict[str, str]:
     """`000001.jpg value` lines → {file: value}."""
     pairs = {}
-    for number, fields in enumerate(_lines(path), start=1):
+    for number, fields in enumerate(_lines(text), start=1):
         if len(fields) != 2:
             raise InputError(f"{path}:{number}: expected '<file> <value>', got {' '.join(fields)!r}")
         pairs[fields[0]] = fields[1]
     return pairs
 
 
-def _attributes(path: Path) -> tuple[list[str], list[str], list[pa.Array]]:
+def _attributes(path: Path, text: str) -> tuple[list[str], list[str], list[pa.Array]]:
     """list_attr_celeba.txt: a count line, the attribute names, then `file ±1 ...` rows.
 
     Returns the attribute names, the files of the rows and one boolean column per attribute.
     """
-    lines = _lines(path)
+    lines = _lines(text)
     if len(lines) < 2:
         raise InputError(f"{path}: expected a count line and a line of attribute names")
     names, rows = lines[1], lines[2:]
@@ -53,19 +60,30 @@ class CelebAReader(DatasetReader):
         return ("expected img_align_celeba/, list_attr_celeba.txt, identity_CelebA.txt and "
                 "list_eval_partition.txt under the root (set dataset.root or --data-root)")
 
+    def _list(self, name: str) -> tuple[Path, str]:
+        path = self.require_file(name)
+        return path, _text(path, self.read_file(path))
+
     def metadata(self) -> pa.Table:
         self.require_root()
-        if not (self.root / "img_align_celeba").is_dir():
+        try:
+            images = safe_join(self.root, "img_align_celeba")
+        except PathEscapeError as err:
+            reason = str(err).removeprefix("img_align_celeba: ")
+            raise InputError(f"celeba dataset: {self.root / 'img_align_celeba'}: {reason}",
+                             hint="point dataset.root at the real CelebA folder") from None
+        if not images.is_dir():
             raise InputError(f"celeba dataset: missing {self.root / 'img_align_celeba'}/", hint=self.layout_hint())
-        partitions = _pairs(self.require_file("list_eval_partition.txt"))
-        identities = _pairs(self.require_file("identity_CelebA.txt"))
-        names, attribute_files, attributes = _attributes(self.require_file("list_attr_celeba.txt"))
+        partitions = _pairs(*self._list("list_eval_partition.txt"))
+        identity_path, identity_text = self._list("identity_CelebA.txt")
+        identities = _pairs(identity_path, identity_text)
+        names, attribute_files, attributes = _attributes(*self._list("list_attr_celeba.txt"))
         files = sorted(f for f, p in partitions.items() if self.spec.split == "all" or SPLIT_NAMES.get(p) == self.spec.split)
         attribute_row = {f: row for row, f in enumerate(attribute_files)}
         rows = pa.array([attribute_row.get(f) for f in files], pa.int64())  # null for a file without attributes
         columns: dict[str, pa.Array] = {
             "record_id": pa.array(files, pa.string()),
-            "identity": pa.array([_int_or_none(identities.get(f)) for f in files], pa.int64()),
+            "identity": pa.array([_int_or_none(identities.get(f), identity_path, f) for f in files], pa.int64()),
             "split": pa.array([SPLIT_NAMES.get(partitions[f]) for f in files], pa.string()),
         }
         for name, values in zip(names, attributes):
@@ -73,8 +91,16 @@ class CelebAReader(DatasetReader):
         return pa.table(columns).sort_by("record_id")
 
     def load(self, record_id: str) -> np.ndarray:
-        return to_chw(load_square(self.root / "img_align_celeba" / record_id, self.spec.resolution, CROP))
+        """The record's pixels; a list entry that is absolute, has `..` or leads outside the root is an error row."""
+        path = safe_join(self.root, "img_align_celeba", record_id)
+        return to_chw(load_square(path, self.spec.resolution, CROP,
+                                  max_pixels=self.spec.max_pixels, max_file_bytes=self.spec.max_file_bytes))
 
 
-def _int_or_none(value: str | None) -> int | None:
-    return None if value is None else int(value)
+def _int_or_none(value: str | None, path: Path, file: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"{path}: identity of {file} must be an integer, got {value!r}") from None

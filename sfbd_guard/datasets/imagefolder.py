@@ -3,17 +3,20 @@
 The metadata file has a `file_name` column (path relative to the root) and any other columns, exposed
 as they are. `record_id` is the relative path. An image with no metadata row gets null metadata; a
 metadata row whose file is missing is kept, and becomes an `error` row when curation tries to read it.
+So does a `file_name` that is absolute or climbs with `..`, and an image that is a symlink leading
+outside the root: nothing outside the root is ever read. The scan does not enter symlinked directories.
 """
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
+import os
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow as pa
 
 from ..errors import InputError
-from .base import DatasetReader, check_reserved
+from .base import DatasetReader, check_reserved, safe_join
 from .transforms import load_square, to_chw
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
@@ -31,19 +34,30 @@ class ImageFolderReader(DatasetReader):
         return "expected image files under the root, optionally with metadata.csv or metadata.parquet (column file_name)"
 
     def _image_files(self) -> list[str]:
-        return sorted(
-            path.relative_to(self.root).as_posix()
-            for path in self.root.rglob("*")
-            if path.suffix.lower() in EXTENSIONS and path.is_file()
-        )
+        """Relative paths of the image files under the root; symlinked directories are not entered.
+
+        A symlinked file is listed (load() refuses it if it leads outside the root, as an error row).
+        """
+        root = self.root.resolve()
+        found = []
+        for folder, _, names in os.walk(root, followlinks=False):
+            for name in names:
+                path = Path(folder, name)
+                if path.suffix.lower() in EXTENSIONS and (path.is_symlink() or path.is_file()):
+                    found.append(path.relative_to(root).as_posix())
+        return sorted(found)
 
     def _metadata_file(self) -> pa.Table | None:
         import duckdb
 
         for name in METADATA_FILES:
-            path = self.root / name
-            if not path.is_file():
+            if not (self.root / name).is_file():
                 continue
+            path = self.require_file(name)  # refuses a metadata file that is a symlink out of the root
+            size = path.stat().st_size
+            if size > self.spec.max_file_bytes:
+                raise InputError(f"{path}: {size} bytes, above the budget dataset.max_file_bytes = {self.spec.max_file_bytes}",
+                                 hint="raise dataset.max_file_bytes in the policy if the file is genuine")
             reader = "read_parquet" if name.endswith(".parquet") else "read_csv"
             try:
                 table = duckdb.connect().sql(f"SELECT * FROM {reader}(?)", params=[str(path)]).to_arrow_table()
@@ -61,10 +75,7 @@ class ImageFolderReader(DatasetReader):
         extra = self._metadata_file()
         if extra is None:
             return pa.table({"record_id": pa.array(files, pa.string())})
-        names = [_normalise(str(v)) for v in extra.column("file_name").to_pylist()]
-        escaping = [n for n in names if n.startswith("/") or ".." in PurePosixPath(n).parts]
-        if escaping:
-            raise InputError(f"{self.root}: metadata file_name {escaping[0]!r} points outside the dataset root")
+        names = [_normalise(str(v)) for v in extra.column("file_name").to_pylist()]  # `..`/absolute: error rows at load
         if len(set(names)) != len(names):
             raise InputError(f"{self.root}: metadata lists some file_name more than once")
         extra = extra.drop_columns(["record_id"]) if "record_id" in extra.column_names else extra
@@ -76,4 +87,6 @@ class ImageFolderReader(DatasetReader):
         ).sort_by("record_id")
 
     def load(self, record_id: str) -> np.ndarray:
-        return to_chw(load_square(self.root / record_id, self.spec.resolution))
+        path = safe_join(self.root, record_id)  # PathEscapeError (an error row) for `..`, absolute or symlink-out
+        return to_chw(load_square(path, self.spec.resolution,
+                                  max_pixels=self.spec.max_pixels, max_file_bytes=self.spec.max_file_bytes))

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ..errors import ImageDecodeError
+from .base import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, read_bounded
 
-Image.MAX_IMAGE_PIXELS = 32_000 * 32_000  # refuse decompression bombs beyond ~1 gigapixel
+# PIL's own bomb check runs inside Image.open, before ours; it is set above the largest allowed
+# dataset.max_pixels so that the policy's budget decides (open_image turns PIL's check into an error row too).
+MAX_PIXELS_LIMIT = 32_000 * 32_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS_LIMIT
 
 
 def center_box(width: int, height: int, size: int | None = None) -> tuple[int, int, int, int]:
@@ -27,30 +32,85 @@ def center_box(width: int, height: int, size: int | None = None) -> tuple[int, i
     return left, top, left + side, top + side
 
 
-def load_square(path: Path, resolution: int, crop: int | None = None) -> Image.Image:
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # PIL's JPEG opener also returns the MPO variant cameras write
+
+
+def open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """PIL's lazy image of `data` (only the header is read), refused above `max_pixels` before any decoding.
+
+    Only PNG, JPEG, WebP and GIF are identified. PIL's own bomb check (a warning, then an error, above
+    Image.MAX_IMAGE_PIXELS) is turned into the same ImageDecodeError, never a warning or a traceback.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.UnidentifiedImageError:  # PIL's message names the in-memory file object, which differs per run
+        raise ImageDecodeError(f"cannot decode {name}: not a PNG, JPEG, WebP or GIF image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageDecodeError(f"cannot decode {name}: more pixels than dataset.max_pixels = {max_pixels}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise ImageDecodeError(f"cannot decode {name}: {err}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ImageDecodeError(f"cannot decode {name}: {width}×{height} = {width * height} pixels, "
+                               f"above the budget dataset.max_pixels = {max_pixels}")
+    return image
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """An 8-bit RGB image of any mode PIL decodes PNG, JPEG, WebP and GIF frames to.
+
+    16-bit and 32-bit grey (I;16, I;16B, I) are scaled by 255/65535 with rounding, not clipped at 255.
+    Transparent images (RGBA, LA, palette or grey with a transparent colour) are composited over
+    `background` (white). CMYK, YCbCr, bilevel and palette images go through PIL's conversions.
+    """
+    if image.mode.startswith("I"):  # I;16, I;16L, I;16B, I;16N: 16-bit grey; I: 32-bit holding 16-bit PNG values
+        values = np.asarray(image).astype(np.float64).clip(0, 65535)
+        grey = np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if _has_alpha(image):
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, (*background, 255))
+        flat.alpha_composite(rgba)
+        return flat.convert("RGB")
+    return image.convert("RGB")  # a copy even when already RGB: the caller closes `image`
+
+
+def load_square(path: Path, resolution: int, crop: int | None = None, *,
+                max_pixels: int = DEFAULT_MAX_PIXELS, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Image.Image:
     """Decode `path`, take the central crop × crop square (largest square if None), resize to resolution.
+
+    The file is refused unread above `max_file_bytes` and undecoded above `max_pixels` (header size).
+    `path` should come from `safe_join` (resolved inside the dataset root); a final symlink is not followed.
+    An animated image gives its first frame; any mode becomes 8-bit RGB (see `to_rgb`).
 
     JPEGs are decoded with libjpeg's DCT scaling (1/2, 1/4, 1/8) to the smallest scale that keeps the
     crop at least `resolution` wide, as PIL's thumbnail() does: the same crop and resize, with the
     first halvings done in the DCT domain, 2-3× faster. Against a full-size decode + Lanczos it
     differs by about 41 dB PSNR on 64 px CelebA crops (see README, "Curation speed").
     """
+    data = read_bounded(path, max_file_bytes)  # one read: PIL's many small reads cost as much as decoding
     try:
-        with Image.open(io.BytesIO(path.read_bytes())) as image:  # one read: PIL's many small reads cost as much as decoding
+        with open_image(data, path.name, max_pixels) as image:
             width, height = image.size
             left, top, right, bottom = center_box(width, height, crop)
             need = resolution / (right - left)  # scale at which the crop is exactly `resolution` wide
             if need < 0.5:
                 image.draft("RGB", (max(1, math.ceil(width * need)), max(1, math.ceil(height * need))))
             scale = image.size[0] / width
-            image = image.convert("RGB")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                rgb = to_rgb(image)
             box = (left * scale, top * scale, right * scale, bottom * scale)
-            return resize_square(image, resolution, box)
-    except FileNotFoundError:
-        raise ImageDecodeError(f"file not found: {path.name}") from None
-    except Image.UnidentifiedImageError:  # PIL's message names the in-memory file object, which differs per run
-        raise ImageDecodeError(f"cannot decode {path.name}: not an image format PIL can identify") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            return resize_square(rgb, resolution, box)
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError,
+            Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageDecodeError(f"cannot decode {path.name}: {err}") from None
 
 
