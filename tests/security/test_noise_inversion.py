@@ -154,6 +154,8 @@ def test_only_prepare_reads_the_key_and_no_output_holds_it(tmp_path: Path, cli: 
     cli("verify", "--run", tmp_path / "run")  # its verdict is another test's business; it must not read the key
     touched = [p for p in watch_opens if Path(p).name == key.name or "owner" in Path(p).parts]
     assert touched == [], f"the key was opened after prepare: {touched}"
+    for folder in (tmp_path / "prepared", tmp_path / "prepared" / "protected", tmp_path / "prepared" / "clean"):
+        assert folder.stat().st_mode & 0o077 == 0, f"{folder} is readable by others"
     card = json.loads((tmp_path / "prepared" / "card.json").read_text())
     assert card["noise_key_source"] == "key_file" and card["noise_key_id"] == read_key_file(key).key_id
     needles = (secret, secret.hex().encode(), secret.hex().upper().encode())
