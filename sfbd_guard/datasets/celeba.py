@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import InputError
-from .base import DatasetReader
+from .base import DatasetReader, check_reserved
 from .transforms import load_square, to_chw
 
 CROP = 140  # centre crop of the 178×218 aligned faces, then resize to the resolution
@@ -60,6 +60,7 @@ class CelebAReader(DatasetReader):
         partitions = _pairs(self.require_file("list_eval_partition.txt"))
         identities = _pairs(self.require_file("identity_CelebA.txt"))
         names, attribute_files, attributes = _attributes(self.require_file("list_attr_celeba.txt"))
+        check_reserved(names, str(self.root / "list_attr_celeba.txt"), own=("identity", "split"))
         files = sorted(f for f, p in partitions.items() if self.spec.split == "all" or SPLIT_NAMES.get(p) == self.spec.split)
         attribute_row = {f: row for row, f in enumerate(attribute_files)}
         rows = pa.array([attribute_row.get(f) for f in files], pa.int64())  # null for a file without attributes
