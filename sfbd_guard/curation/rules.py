@@ -17,8 +17,9 @@ expression over the `records` table and may read files of the policy's own folde
    clauses (UNION, GROUP BY, ORDER BY). The whole tree is then walked against allow-lists: a table may
    be `records`, a VALUES list, `range`/`generate_series`/`unnest`, or a file reader (`read_csv`,
    `read_csv_auto`, `read_parquet`, `read_json`, `read_json_auto`) whose first argument is a plain
-   string naming a file inside the policy's folder (relative, no `..`, no glob, no URL, and still
-   inside once symlinks are resolved); joins, subqueries and set operations of those. Every other
+   string naming a data file inside the policy's folder (relative, no `..`, no glob, no URL, no
+   dot-file or dot-folder, a suffix of its format such as .csv or .parquet, and still inside once
+   symlinks are resolved); joins, subqueries and set operations of those. Every other
    table function (`read_text`, `read_blob`, `glob`, `query`, `duckdb_*`, ...), a quoted file name
    used as a table (a replacement scan), a qualified or unknown table, WITH, PIVOT, SHOW/SUMMARIZE
    and functions that reach the engine (`current_setting`, `write_log`, the JSON SQL (de)serialisers,
@@ -38,6 +39,10 @@ is also writable (COPY ... TO, ATTACH and EXPORT DATABASE succeed inside it, so 
 rewrite the opt-out list), relative names found through `file_search_path` are not matched, and the
 prefix test does not see symlinks. Reading the few small files first and then running with every
 external access off is simpler and strictly narrower; the dataset root is not needed by any rule.
+
+What remains by design: a file of the policy's folder can decide which records are clean or protected
+(that is what an opt-out list is for), so a policy should live in a folder of its own, not in a home
+or download folder next to unrelated files.
 
 Errors quote the policy's expression, never data: a DuckDB error is passed on only when it is a
 parser, binder or catalog error of an expression that reads no file (those name columns and types);
@@ -105,6 +110,12 @@ ROW_COLUMN = "_guard_row"  # the evaluator's row number; readers refuse metadata
 FILE_TABLE = "_guard_file_{}"  # a pre-read policy file, registered under this internal name
 
 FILE_READERS = frozenset({"read_csv", "read_csv_auto", "read_parquet", "read_json", "read_json_auto"})
+# A policy file is a data file next to the policy, named for its reader (optionally compressed).
+DATA_SUFFIXES = {
+    "read_csv": (".csv", ".tsv", ".txt"), "read_csv_auto": (".csv", ".tsv", ".txt"), "read_parquet": (".parquet",),
+    "read_json": (".json", ".jsonl", ".ndjson"), "read_json_auto": (".json", ".jsonl", ".ndjson"),
+}
+COMPRESSIONS = (".gz", ".zst")
 GENERATORS = frozenset({"range", "generate_series", "unnest"})
 # Scalar functions that reach the engine's state rather than the records (execution is locked down anyway).
 REFUSED_FUNCTIONS = frozenset({
@@ -120,6 +131,12 @@ NODE_TYPES = frozenset({
 })
 NODE_NAMES = {"SHOW_REF": "SHOW/DESCRIBE/SUMMARIZE", "PIVOT": "PIVOT/UNPIVOT", "RECURSIVE_CTE_NODE": "WITH RECURSIVE",
               "CTE_NODE": "WITH"}
+# Settings of every connection that touches a policy: no extension is installed or loaded behind our back,
+# no Python variable is scanned as a table, nothing spills to a temporary directory.
+LOCKED_FROM_THE_START = {
+    "autoinstall_known_extensions": False, "autoload_known_extensions": False, "allow_community_extensions": False,
+    "python_enable_replacements": False, "temp_directory": "",
+}
 SAFE_ERRORS = ("ParserException", "BinderException", "CatalogException")
 LOCATION_KEYS = ("query_location", "query_location_length")
 
@@ -190,13 +207,18 @@ def _has_subquery(tree: Any) -> bool:
     return any(_has_subquery(value) for value in tree.values())
 
 
-def _policy_file(base_dir: Path, name: str) -> Path:
+def _policy_file(base_dir: Path, name: str, reader: str) -> Path:
     """The resolved file `name` names inside `base_dir`; _Refused unless it stays inside it."""
     if not name or any(c in name for c in "*?[]{}\\") or "://" in name or name.startswith("~"):
         raise _Refused(f"file name {name!r} (give a plain file name relative to the policy's folder)")
     relative = PurePosixPath(name)
     if relative.is_absolute() or ".." in relative.parts:
         raise _Refused(f"file {name!r} outside the policy's folder (only files next to the policy may be read)")
+    if any(part.startswith(".") for part in relative.parts):
+        raise _Refused(f"hidden file {name!r} (a dot-file or dot-folder, such as .ssh or .env)")
+    suffixes = [suffix.lower() for suffix in relative.suffixes if suffix.lower() not in COMPRESSIONS]
+    if not suffixes or suffixes[-1] not in DATA_SUFFIXES[reader]:
+        raise _Refused(f"file {name!r} for {reader} (its name must end in {', '.join(DATA_SUFFIXES[reader])})")
     base = base_dir.resolve()
     path = (base / relative).resolve()
     if not path.is_relative_to(base):
@@ -235,8 +257,7 @@ class RuleEvaluator:
     def _prepare(self, wheres: list[tuple[int, str]]) -> None:
         import duckdb
 
-        con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False,
-                                     "python_enable_replacements": False})
+        con = duckdb.connect(config=LOCKED_FROM_THE_START)
         con.register("records", self.table)
         template = self._parse(con, self._wrap("true"), 0, "true")
         files: dict[str, str] = {}
@@ -346,7 +367,7 @@ class RuleEvaluator:
         if any(_has_subquery(argument) for argument in arguments[1:]):
             raise _Refused(f"a subquery in the options of {reader}")
         try:
-            path = _policy_file(self.base_dir, name)
+            path = _policy_file(self.base_dir, name, reader)
         except FileNotFoundError:
             raise self._fail(index, f"file {name!r} not found in the policy's folder {self.base_dir.resolve()}") from None
         call = copy.deepcopy(tree)
@@ -372,8 +393,7 @@ class RuleEvaluator:
         template = json.loads(_scalar(con, "SELECT json_serialize_sql('SELECT * FROM t')", []))
         template["statements"][0]["node"]["from_table"] = call
         query = self._print(con, template["statements"][0])
-        reader_con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False,
-                                            "python_enable_replacements": False})
+        reader_con = duckdb.connect(config=LOCKED_FROM_THE_START)
         try:
             reader_con.execute("SET allowed_paths = ?", [[str(path)]])
             reader_con.execute("SET enable_external_access = false")

@@ -102,6 +102,8 @@ READS = {
     "read_text outside": "label IN (SELECT length(content) FROM read_text('{tmp}/outside/secret.csv'))",
     "read_blob": "label IN (SELECT 1 FROM read_blob('/etc/passwd'))",
     "glob": "label IN (SELECT 1 FROM glob('/etc/*'))",
+    "hidden file": "label IN (SELECT 1 FROM read_csv('.ssh/id.csv'))",
+    "not a data file": "label IN (SELECT 1 FROM read_csv('p.yaml', header=false))",
     "replacement scan": "label IN (SELECT label FROM '{tmp}/outside/secret.csv')",
     "query()": "label IN (SELECT * FROM query('SELECT 1'))",
     "catalog function": "label IN (SELECT 1 FROM duckdb_settings())",
