@@ -15,8 +15,36 @@ from .errors import ConfigError
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
+# Policies, pipelines and audit configs are a few KiB; a file above this is refused before it is parsed
+# (and read no further than one byte past it, so a huge file or an endless stream cannot fill the memory).
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 64  # nested mappings/lists; PyYAML composes recursively, deeper input would overflow the stack
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 with floats like 1e-3 (no dot) read as numbers, as people write learning rates."""
+    """YAML 1.1 with floats like 1e-3 (no dot) read as numbers, as people write learning rates.
+
+    Anchors and aliases (`&name`, `*name`, `<<: *name`) are refused: an alias repeats a node by reference,
+    so a few lines can stand for billions of values ("billion laughs") once anything walks the result,
+    and no config of this tool needs them. Nesting deeper than MAX_YAML_DEPTH is refused too.
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None, "anchors and aliases (&name, *name) are not allowed; write the values out",
+                event.start_mark)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested more than {MAX_YAML_DEPTH} levels deep", event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _Loader.add_implicit_resolver(
@@ -33,13 +61,22 @@ class StrictModel(BaseModel):
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
-    """Read a YAML file that must hold a mapping at its top level."""
+    """Read a YAML file that must hold a mapping at its top level (UTF-8, at most MAX_YAML_BYTES, no aliases)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            data = handle.read(MAX_YAML_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_YAML_BYTES // (1 << 20)} MiB; refused unparsed "
+                          "(a policy, pipeline or audit config is a few KiB)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start})",
+                          hint="save the file as UTF-8") from None
     try:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:

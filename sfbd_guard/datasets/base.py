@@ -19,8 +19,13 @@ DEFAULT_MAX_PIXELS = 178_956_970
 DEFAULT_MAX_FILE_BYTES = 256 * 2**20
 ESCAPES = "path escapes the dataset root"
 
-# Column names the manifest owns; a dataset's metadata may not use them.
-RESERVED_COLUMNS = ("partition", "rule", "sha256", "sigma", "noise_seed", "file", "row", "error")
+# Column names the tool owns; a name a dataset supplies (an image folder's metadata file, CelebA's attribute
+# list) may not be one of them, compared without case as DuckDB compares names: the manifest's columns, the
+# reader's `record_id`, the names a later duplicate finder will write, and every name starting with `_guard`
+# (the rule evaluator's internal row number is `_guard_row`). A reader adds its own columns with `own`.
+RESERVED_COLUMNS = ("record_id", "partition", "rule", "sha256", "sigma", "noise_seed", "file", "row", "error",
+                    "dup_cluster", "dup_of", "dup_kind", "dup_similarity")
+RESERVED_PREFIX = "_guard"
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,17 @@ class DatasetReader(ABC):
         return "set dataset.root in the policy or pass --data-root"
 
 
-def check_reserved(columns: list[str], source: str) -> None:
-    clashes = [name for name in columns if name in RESERVED_COLUMNS]
+def check_reserved(columns: list[str], source: str, own: tuple[str, ...] = ()) -> None:
+    """InputError naming `source` if a column a dataset supplies clashes with the tool's or the reader's `own`
+    columns, or with another of its columns (names are compared without case)."""
+    reserved = {name.lower() for name in (*RESERVED_COLUMNS, *own)}
+    clashes = [name for name in columns if name.lower() in reserved or name.lower().startswith(RESERVED_PREFIX)]
     if clashes:
-        raise InputError(f"{source}: column(s) {', '.join(clashes)} clash with manifest columns; rename them")
+        raise InputError(f"{source}: column(s) {', '.join(map(repr, clashes))} clash with the tool's own columns "
+                         f"(reserved: {', '.join(sorted(reserved))}, {RESERVED_PREFIX}*)",
+                         hint="rename them in the dataset's metadata")
+    folded = [name.lower() for name in columns]
+    repeated = sorted({name for name in columns if folded.count(name.lower()) > 1})
+    if repeated:
+        raise InputError(f"{source}: column(s) {', '.join(map(repr, repeated))} appear more than once "
+                         "(names are compared without case)", hint="rename them in the dataset's metadata")

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import InputError
-from .base import DatasetReader, PathEscapeError, safe_join
+from .base import DatasetReader, PathEscapeError, check_reserved, safe_join
 from .transforms import load_square, to_chw
 
 CROP = 140  # centre crop of the 178×218 aligned faces, then resize to the resolution
@@ -78,6 +78,7 @@ class CelebAReader(DatasetReader):
         identity_path, identity_text = self._list("identity_CelebA.txt")
         identities = _pairs(identity_path, identity_text)
         names, attribute_files, attributes = _attributes(*self._list("list_attr_celeba.txt"))
+        check_reserved(names, str(self.root / "list_attr_celeba.txt"), own=("identity", "split"))
         files = sorted(f for f, p in partitions.items() if self.spec.split == "all" or SPLIT_NAMES.get(p) == self.spec.split)
         attribute_row = {f: row for row, f in enumerate(attribute_files)}
         rows = pa.array([attribute_row.get(f) for f in files], pa.int64())  # null for a file without attributes
