@@ -341,7 +341,8 @@ def run_command(
         raise typer.Exit(3)
 
 
-signkey_app = typer.Typer(help="Ed25519 keys with which a data owner signs prepared directories.", no_args_is_help=True)
+signkey_app = typer.Typer(help="Ed25519 keys with which a data owner signs prepared directories.\n\n"
+                               "Example: guard signkey create --private owner.key --public owner.pub", no_args_is_help=True)
 app.add_typer(signkey_app, name="signkey")
 
 
