@@ -100,6 +100,7 @@ def prepare(
     strict: Annotated[bool, typer.Option("--strict", help="Stop with exit 1 at the first unreadable image instead of recording an error row.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output once the new one is complete.")] = False,
     noise_key: Annotated[Path | None, typer.Option("--noise-key", help="Secret key file from guard keygen, for byte-identical re-runs; default a fresh key that is never stored.")] = None,
+    sign_key: Annotated[Path | None, typer.Option("--sign-key", help="Ed25519 private key (guard signkey create): sign card.json into card.sig for those you hand the directory to.")] = None,
     ledger: LedgerOpt = None,
 ) -> None:
     """Split a dataset into licensed-clean and noised-protected partitions, as a policy says.
@@ -111,7 +112,7 @@ def prepare(
 
     result = prepare_recorded(policy, data_root=data_root, out=out, workers=workers, strict=strict,
                               overwrite=overwrite, ledger=ledger, command=_invocation(ctx), key_file=noise_key,
-                              progress=_progress_bar("decoding"))
+                              progress=_progress_bar("decoding"), sign_key=sign_key)
     print_summary(result)
 
 
@@ -166,6 +167,8 @@ def train(
     dp_stages: Annotated[str | None, typer.Option("--dp-stages", help="Comma-separated private stages: pretrain, rounds, online, train (privacy.stages).")] = None,
     dp_physical_batch: Annotated[int | None, typer.Option("--dp-physical-batch", help="Samples per forward/backward in a DP step (privacy.physical_batch).")] = None,
     dp_lr: Annotated[float | None, typer.Option("--dp-lr", help="Learning rate of the private steps; default optimizer.lr (privacy.lr).")] = None,
+    verify_key: Annotated[Path | None, typer.Option("--verify-key", help="Data owner's Ed25519 public key: the prepared directory's card.sig must verify with it (verify_key).")] = None,
+    allow_unrecorded: Annotated[bool, typer.Option("--allow-unrecorded", help="Train on a prepared directory that no prepare event of this ledger wrote and no signature vouches for (recorded; guard verify fails it).")] = False,
     ledger: LedgerOpt = None,
 ) -> None:
     """Train a diffusion model on a prepared directory (never on a raw dataset).
@@ -180,16 +183,17 @@ def train(
         ("epsilon", dp_epsilon), ("delta", dp_delta), ("max_grad_norm", dp_max_grad_norm), ("accountant", dp_accountant),
         ("stages", dp_stages.split(",") if dp_stages else None), ("physical_batch", dp_physical_batch), ("lr", dp_lr)) if value is not None}
     if resume is not None:
-        if data or out or method or device or seed is not None or sets or dp:
-            raise GuardErrorForCli("--resume continues a run with its saved config; other options do not apply")
+        if data or out or method or device or seed is not None or sets or dp or verify_key:
+            raise GuardErrorForCli("--resume continues a run with its saved config; other options (but --allow-unrecorded) do not apply")
         config = pipeline_of_run(resume)
     else:
         overrides = _parse_sets(sets)
         overrides.update({k: v for k, v in (("device", device), ("seed", seed)) if v is not None})
         overrides.update(dp)
-        config = pipeline_for_new_run(pipeline, overrides=overrides, data=data, out=out, method=method)  # type: ignore[arg-type]
+        config = pipeline_for_new_run(pipeline, overrides=overrides, data=data, out=out, method=method,  # type: ignore[arg-type]
+                                      verify_key=verify_key)
     outcome = train_recorded(config, resume=resume is not None, ledger=ledger, command=_invocation(ctx),
-                             progress=_labelled_progress)
+                             progress=_labelled_progress, allow_unrecorded=allow_unrecorded)
     if outcome.checkpoint is not None:
         typer.echo(f"trained {config.method} for {outcome.kimg:g} kimg ({outcome.step} steps, {outcome.seconds:.0f} s)")
         typer.echo(f"run: {outcome.run_dir}")
@@ -311,6 +315,7 @@ def report(
 @reports_errors
 def verify(
     run: Annotated[Path, typer.Option("--run", help="Run directory to check, written by guard train.")],
+    verify_key: Annotated[Path | None, typer.Option("--verify-key", help="Data owner's Ed25519 public key: also check the prepared directory's card.sig.")] = None,
     ledger: LedgerOpt = None,
 ) -> None:
     """Check from files alone that a run saw only what its policy allowed; exit 1 if any check fails.
@@ -320,7 +325,7 @@ def verify(
     from .ledger import ledger_dir
     from .report.verify import verify_run
 
-    checks = verify_run(run, ledger_dir(ledger))
+    checks = verify_run(run, ledger_dir(ledger), verify_key=verify_key)
     for check in checks:
         typer.echo(f"{'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
     failed = [c.name for c in checks if not c.passed]
@@ -334,6 +339,7 @@ def verify(
 def run_command(
     ctx: typer.Context,
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML naming the policy, the training, the sampling and the audit.")],
+    allow_unrecorded: Annotated[bool, typer.Option("--allow-unrecorded", help="Train on a prepared directory that no prepare event of this ledger wrote (recorded; guard verify fails it).")] = False,
     ledger: LedgerOpt = None,
 ) -> None:
     """Prepare, train, sample, audit and report in one command; re-running continues where it stopped.
@@ -344,7 +350,7 @@ def run_command(
     from .run import run_pipeline
 
     summary = run_pipeline(pipeline, ledger=ledger_dir(ledger), command=_invocation(ctx),
-                           progress=_labelled_progress, say=typer.echo)
+                           progress=_labelled_progress, say=typer.echo, allow_unrecorded=allow_unrecorded)
     for stage, what in summary.stages.items():
         typer.echo(f"{stage:>8}: {what}")
     typer.echo(f"samples grid: {summary.files['grid']}")
@@ -353,6 +359,28 @@ def run_command(
     typer.echo(f"datasheet: {summary.files['datasheet']}")
     if summary.copies:
         raise typer.Exit(3)
+
+
+signkey_app = typer.Typer(help="Ed25519 keys with which a data owner signs prepared directories.\n\n"
+                               "Example: guard signkey create --private owner.key --public owner.pub", no_args_is_help=True)
+app.add_typer(signkey_app, name="signkey")
+
+
+@signkey_app.command("create")
+@reports_errors
+def signkey_create(
+    private: Annotated[Path, typer.Option("--private", help="Private key file to create (PEM, mode 0600); keep it with the data owner.")],
+    public: Annotated[Path, typer.Option("--public", help="Public key file to create (PEM); give it to whoever trains or verifies.")],
+) -> None:
+    """Create a signing key pair for guard prepare --sign-key and --verify-key.
+
+    Example: guard signkey create --private owner.key --public owner.pub
+    """
+    from .signing import create_keypair
+
+    fingerprint = create_keypair(private, public)
+    typer.echo(f"private key: {private} (mode 0600)")
+    typer.echo(f"public key: {public} (sha256 {fingerprint})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,14 +53,16 @@ def _prepare(config: PipelineConfig, ledger: Path | None, command: list[str], sa
     return "done"
 
 
-def _train(config: PipelineConfig, ledger: Path | None, command: list[str], progress: Any, say: Say) -> str:
+def _train(config: PipelineConfig, ledger: Path | None, command: list[str], progress: Any, say: Say,
+           allow_unrecorded: bool = False) -> str:
     from .engine.service import pipeline_of_run, train_recorded
 
     run_dir = Path(str(config.out))
     resume = (run_dir / "config.resolved.yaml").is_file()
     chosen = pipeline_of_run(run_dir) if resume else config
     say(f"{'resuming' if resume else 'training'} {chosen.method} in {run_dir}")
-    outcome = train_recorded(chosen, resume=resume, ledger=ledger, command=command + ["(train)"], progress=progress)
+    outcome = train_recorded(chosen, resume=resume, ledger=ledger, command=command + ["(train)"], progress=progress,
+                             allow_unrecorded=allow_unrecorded)
     return f"done ({outcome.step} steps, {outcome.kimg:g} kimg)"
 
 
@@ -115,12 +117,12 @@ def _report(config: PipelineConfig, ledger: Path) -> dict[str, Path]:
 
 
 def run_pipeline(pipeline: Path, *, ledger: Path, command: list[str], progress: Any = None,
-                 say: Say = print) -> RunSummary:
+                 say: Say = print, allow_unrecorded: bool = False) -> RunSummary:
     """Run every stage of `pipeline` that is not already done; returns what happened and where to look."""
     config = load_pipeline(pipeline)
     summary = RunSummary(Path(str(config.out)))
     summary.stages["prepare"] = _prepare(config, ledger, command, say)
-    summary.stages["train"] = _train(config, ledger, command, progress, say)
+    summary.stages["train"] = _train(config, ledger, command, progress, say, allow_unrecorded)
     summary.stages["sample"] = _sample(config, ledger, command, say)
     summary.stages["audit"], summary.copies = _audit(config, ledger, command, say)
     summary.files = _report(config, ledger)

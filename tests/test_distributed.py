@@ -16,9 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from helpers import digits_policy, tiny_pipeline, write_policy
-from sfbd_guard.curation.prepare import prepare
+from sfbd_guard.curation.service import prepare_recorded
 from sfbd_guard.engine.runtime import Runtime, gather_rows, rank_slice
-from sfbd_guard.policy import load_policy
 
 
 def _free_port() -> int:
@@ -48,7 +47,8 @@ def test_batch_inference_splits_across_ranks_and_gathers_in_record_order(total: 
 
 
 def test_two_process_ddp_training_run(tmp_path: Path) -> None:
-    prepared = prepare(load_policy(write_policy(tmp_path / "policy.yaml", digits_policy(tmp_path / "prepared")))).output
+    prepared = prepare_recorded(write_policy(tmp_path / "policy.yaml", digits_policy(tmp_path / "prepared")), data_root=None,
+                                out=None, workers=1, strict=False, overwrite=False, ledger=tmp_path / "ledger", command=["test"]).output
     pipeline = write_policy(tmp_path / "p.yaml", tiny_pipeline(prepared, tmp_path / "run"))
     env = {**os.environ, "GUARD_LEDGER": str(tmp_path / "ledger"), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -81,7 +81,7 @@ def test_kill_9_then_resume(tmp_path: Path, digits8: Path) -> None:
     pipeline = write_policy(tmp_path / "p.yaml", tiny_pipeline(digits8, tmp_path / "run", checkpoint_every=2,
                                                                schedule={"pretrain_kimg": 2.0}))
     env = {**os.environ, "GUARD_LEDGER": str(tmp_path / "ledger"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "sfbd_guard.cli", "train", "--pipeline", str(pipeline)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "sfbd_guard.cli", "train", "--pipeline", str(pipeline), "--allow-unrecorded"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = tmp_path / "run" / "checkpoints" / "latest"
     deadline = time.time() + 120
@@ -92,7 +92,7 @@ def test_kill_9_then_resume(tmp_path: Path, digits8: Path) -> None:
     assert latest.exists(), "no checkpoint before the kill"
     killed_at = latest.read_text()
     assert killed_at < "step-000000125", killed_at
-    done = subprocess.run([sys.executable, "-m", "sfbd_guard.cli", "train", "--resume", str(tmp_path / "run")], env=env,
+    done = subprocess.run([sys.executable, "-m", "sfbd_guard.cli", "train", "--resume", str(tmp_path / "run"), "--allow-unrecorded"], env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     steps = [row["step"] for row in pq.read_table(tmp_path / "run" / "metrics.parquet").to_pylist()]
@@ -129,9 +129,11 @@ def test_train_ledger_event_records_the_arrays_read(cli, tmp_path: Path, digits8
     import json
 
     pipeline = write_policy(tmp_path / "p.yaml", tiny_pipeline(digits8, tmp_path / "run"))
-    assert cli("train", "--pipeline", pipeline).code == 0
+    assert cli("train", "--pipeline", pipeline).code == 2, "digits8 was prepared without a ledger event"
+    assert cli("train", "--pipeline", pipeline, "--allow-unrecorded").code == 0
     (inputs, outputs, summary), = duckdb.sql(
-        f"SELECT inputs, outputs, summary FROM read_parquet('{_isolated_ledger}/train/*.parquet')").fetchall()
+        f"SELECT inputs, outputs, summary FROM read_parquet('{_isolated_ledger}/train/*.parquet') WHERE status = 'ok'").fetchall()
+    assert json.loads(summary)["unrecorded_data"] is True
     card = json.loads((digits8 / "card.json").read_text())
     assert {i["path"].split("/prepared/")[1]: i["sha256"] for i in inputs if i["role"] == "array"} == card["files"]
     assert [i["sha256"] for i in inputs if i["role"] == "prepared"] == [card["fingerprint"]]

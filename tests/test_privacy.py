@@ -78,7 +78,8 @@ def straight(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     tmp = tmp_path_factory.mktemp("straight")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(trainer_module, "private_seed", lambda: FIXED_PRIVATE_SEED)  # compared with a resumed run below
-        outcome = train_recorded(_config(tmp, digits, "run"), resume=False, ledger=tmp / "ledger", command=["test"])
+        outcome = train_recorded(_config(tmp, digits, "run"), resume=False, ledger=tmp / "ledger", command=["test"],
+                                 allow_unrecorded=True)  # `digits` was prepared without a ledger event
     return outcome.run_dir, _ledger_privacy(tmp / "ledger")
 
 
@@ -245,7 +246,7 @@ def test_batchnorm_is_refused_with_a_clear_message(cli, digits: Path, tmp_path: 
     pipeline = _pipeline(tmp_path, digits, "bn")
     pipeline.pop("privacy")
     path = write_policy(tmp_path / "bn.yaml", pipeline)
-    done = cli("train", "--pipeline", path, "--dp-epsilon", "10")
+    done = cli("train", "--pipeline", path, "--dp-epsilon", "10", "--allow-unrecorded")
     assert done.code == 2
     assert "inner.enc.0.norm0 (BatchNorm2d)" in done.err and "BatchNorm" in done.err and "GroupNorm" in done.err
     assert not (tmp_path / "bn" / "checkpoints").exists()
@@ -255,7 +256,7 @@ def test_unreachable_epsilon_is_refused_up_front_naming_the_knobs(cli, digits: P
     pipeline = _pipeline(tmp_path, digits, "tight")
     pipeline.pop("privacy")
     path = write_policy(tmp_path / "tight.yaml", pipeline)
-    done = cli("train", "--pipeline", path, "--dp-epsilon", "0.01", "--dp-accountant", "rdp")
+    done = cli("train", "--pipeline", path, "--dp-epsilon", "0.01", "--dp-accountant", "rdp", "--allow-unrecorded")
     assert done.code == 2, done.err
     assert "privacy.epsilon 0.01 is out of reach" in done.err
     for knob in ("more protected records", "schedule.rounds", "larger privacy.epsilon", "smaller batch"):

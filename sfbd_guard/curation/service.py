@@ -12,15 +12,23 @@ from .prepare import PrepareResult, prepare
 
 def prepare_recorded(policy_path: Path, *, data_root: Path | None, out: Path | None, workers: int, strict: bool,
                      overwrite: bool, ledger: Path | None, command: list[str], key_file: Path | None = None,
-                     progress: Callable[[int], Callable[[int], None]] | None = None) -> PrepareResult:
-    """Load the policy, prepare the data, and append a `prepare` event to the ledger (ok or failed)."""
+                     progress: Callable[[int], Callable[[int], None]] | None = None,
+                     sign_key: Path | None = None) -> PrepareResult:
+    """Load the policy, prepare the data, and append a `prepare` event to the ledger (ok or failed).
+
+    With `sign_key` (an Ed25519 private key, checked before any work), card.json is signed into card.sig."""
+    from ..signing import load_private_key, sign_card
+
     with recorded(ledger_dir(ledger), "prepare", command) as event:
         event.inputs.append(Artifact("policy", str(policy_path), None))
+        key = load_private_key(sign_key) if sign_key is not None else None
         loaded = load_policy(policy_path)
         event.inputs[0] = Artifact("policy", str(loaded.path), loaded.sha256)
         result = prepare(loaded, data_root=data_root, out=out, workers=workers, strict=strict,
                          overwrite=overwrite, key_file=key_file, progress=progress)
         card = result.card
+        if key is not None:
+            event.summary["signed_by"] = sign_card(result.output, key)
         event.inputs.append(Artifact("source", card["root"] or card["format"], result.source_fingerprint))
         event.outputs.append(Artifact("prepared", str(result.output), card["fingerprint"]))
         event.outputs.extend(Artifact("array", f"{result.output}/{name}", digest) for name, digest in sorted(card["files"].items()))

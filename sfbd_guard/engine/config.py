@@ -99,6 +99,7 @@ class PipelineConfig(StrictModel):
     version: Literal[1]
     name: str = Field(min_length=1)
     data: str  # prepared directory, relative to the pipeline file; --data overrides
+    verify_key: str | None = None  # data owner's Ed25519 public key (PEM): card.sig must verify; --verify-key overrides
     policy: str | None = None  # the policy that prepares `data` (used by `guard run`)
     method: Method = "clean-only"
     model: ModelSpec = ModelSpec()
@@ -145,7 +146,7 @@ class PipelineConfig(StrictModel):
 def load_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Load a pipeline YAML; `overrides` ({'a.b': value}) replace keys before validation.
 
-    Relative `data`, `policy` and `out` are resolved against the pipeline file.
+    Relative `data`, `policy`, `verify_key` and `out` are resolved against the pipeline file.
     """
     data = read_yaml_mapping(path)
     for dotted, value in (overrides or {}).items():
@@ -161,4 +162,4 @@ def resolve_paths(config: PipelineConfig, base: Path) -> PipelineConfig:
     out = absolute(config.out) if config.out else str(Path("runs", config.name).resolve())  # default: ./runs/<name>
     audit = config.audit.model_copy(update={"config": absolute(config.audit.config)})
     return config.model_copy(update={"data": absolute(config.data), "policy": absolute(config.policy), "out": out,
-                                     "audit": audit})
+                                     "audit": audit, "verify_key": absolute(config.verify_key)})

@@ -13,7 +13,7 @@ from ..config import dump_yaml, load_config
 from ..errors import InputError, VerificationError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..ledger import Artifact, ledger_dir, recorded
-from ..prepared import PreparedData, open_prepared
+from ..prepared import PreparedData, open_prepared, require_noisy, require_provenance
 from .config import PipelineConfig, load_pipeline
 
 RESOLVED = "config.resolved.yaml"
@@ -35,7 +35,7 @@ class TrainOutcome:
 
 
 def pipeline_for_new_run(pipeline: Path, *, overrides: dict[str, Any], data: Path | None, out: Path | None,
-                         method: str | None) -> PipelineConfig:
+                         method: str | None, verify_key: Path | None = None) -> PipelineConfig:
     """The pipeline with CLI flags applied (flags win over keys)."""
     extra = dict(overrides)
     if method:
@@ -46,6 +46,8 @@ def pipeline_for_new_run(pipeline: Path, *, overrides: dict[str, Any], data: Pat
         updates["data"] = str(data.resolve())
     if out:
         updates["out"] = str(out.resolve())
+    if verify_key:
+        updates["verify_key"] = str(verify_key.resolve())
     return config.model_copy(update=updates)
 
 
@@ -108,19 +110,40 @@ def train(config: PipelineConfig, *, resume: bool, progress: PhaseProgress | Non
                             privacy_summary(trainer.privacy.info) if trainer.privacy else None)
 
 
+def check_trusted(data: PreparedData, config: PipelineConfig, ledger: Path, *, allow_unrecorded: bool) -> dict[str, Any]:
+    """Refuse data whose provenance is unknown or whose protected arrays are not noisy copies.
+
+    Provenance: the ledger's prepare event that wrote this fingerprint, or the owner's signature when the
+    pipeline names a `verify_key` (a bad or missing signature is then refused even with a ledger event).
+    Returns what the run's ledger event records about it.
+    """
+    provenance = require_provenance(data, ledger, Path(config.verify_key) if config.verify_key else None,
+                                    allow_unrecorded=allow_unrecorded)
+    stats = require_noisy(data)
+    return {"prepare_event": provenance.event_id, "verify_key_sha256": provenance.signer,
+            "unrecorded_data": not provenance.established,
+            "noise_check": {"images": stats.images, "min_ratio": round(stats.min_ratio, 4),
+                            "median_ratio": round(stats.median_ratio, 4), "tau": round(stats.tau, 4)}}
+
+
 def train_recorded(config: PipelineConfig, *, resume: bool, ledger: Path | None, command: list[str],
-                   progress: PhaseProgress | None = None) -> TrainOutcome:
-    """`train` plus a `train` ledger event (on rank 0): the arrays it read and the checkpoint it wrote."""
+                   progress: PhaseProgress | None = None, allow_unrecorded: bool = False) -> TrainOutcome:
+    """`train` plus a `train` ledger event (on rank 0): the arrays it read and the checkpoint it wrote.
+
+    Before anything is written, the prepared directory must be trusted (`check_trusted`)."""
     import os
 
+    where = ledger_dir(ledger)
     if int(os.environ.get("RANK", "0")) != 0:
-        return train(config, resume=resume, progress=None)
-    with recorded(ledger_dir(ledger), "train", command) as event:
+        return train(config, resume=resume, progress=None,
+                     on_start=lambda data: check_trusted(data, config, where, allow_unrecorded=allow_unrecorded) and None)
+    with recorded(where, "train", command) as event:
         event.inputs.append(Artifact("prepared", str(config.data), None))
 
         def note_data(data: PreparedData) -> None:
             event.inputs[0] = Artifact("prepared", str(data.root), data.fingerprint)
             event.inputs.extend(Artifact("array", f"{data.root}/{name}", digest) for name, digest in sorted(data.files.items()))
+            event.summary.update(check_trusted(data, config, where, allow_unrecorded=allow_unrecorded))
 
         outcome = train(config, resume=resume, progress=progress, on_start=note_data)
         from ..fileio import sha256_file

@@ -1,12 +1,17 @@
 """`guard verify --run DIR`: checks, from files alone, that a run saw only what the policy allowed.
 
 1. consumed arrays: the arrays the run's ledger events say it read are exactly those of its prepared
-   directory, and those still match the manifest and the card's sha256;
-2. noise: every protected record was noised with the policy's sigma;
-3. no protected or excluded pixels in training: no clean array row has the sha256 of a protected or
+   directory, and those still match the manifest and the card's sha256 (and the card's counts the manifest);
+2. provenance: the ledger's prepare event wrote exactly this prepared directory, or (`--verify-key`) the
+   data owner's signature of card.json verifies; a run trained with --allow-unrecorded fails it otherwise;
+   with `--verify-key`, also a "signature" check;
+3. noise: every protected record was noised with the policy's sigma;
+4. noise statistics: the protected pixels themselves are noisy at that sigma (noise_check.py), so arrays
+   replaced by the originals and re-hashed fail;
+5. no protected or excluded pixels in training: no clean array row has the sha256 of a protected or
    excluded record, and every clean row is the record the manifest says;
-4. opt-outs: every record an exclude rule matched is absent from all arrays;
-5. audit: the latest audit of the run's samples exists and found no copy.
+6. opt-outs: every record an exclude rule matched is absent from all arrays;
+7. audit: the latest audit of the run's samples exists and found no copy.
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import GuardError, InputError
 from .views import RUN_AUDITS, connect
+
+if TYPE_CHECKING:
+    from ..prepared import PreparedData
 
 
 @dataclass(frozen=True)
@@ -42,21 +50,70 @@ def _consumed_arrays(con: Any, run_dir: Path) -> dict[str, str] | None:
     return consumed
 
 
-def check_consumed(con: Any, run_dir: Path, data: Path) -> Check:
+def _open(data: Path) -> PreparedData | GuardError:
+    """The verified prepared directory, or why it does not verify (opened once for all checks)."""
     from ..prepared import open_prepared
 
+    try:
+        return open_prepared(data)
+    except GuardError as err:
+        return err
+
+
+def check_consumed(con: Any, run_dir: Path, prepared: PreparedData | GuardError) -> Check:
     consumed = _consumed_arrays(con, run_dir)
     if consumed is None:
         return Check("consumed arrays", False, "no finished training event for this run in the ledger")
-    try:
-        prepared = open_prepared(data)
-    except GuardError as err:
-        return Check("consumed arrays", False, str(err))
+    if isinstance(prepared, GuardError):
+        return Check("consumed arrays", False, str(prepared))
     expected = {f"{prepared.root}/{name}": digest for name, digest in prepared.files.items()}
     if consumed != expected:
         differing = sorted(set(consumed.items()) ^ set(expected.items()))
         return Check("consumed arrays", False, f"{len(differing)} array fingerprint(s) differ, e.g. {differing[0][0]}")
     return Check("consumed arrays", True, f"{len(consumed)} array file(s) match the ledger, the card and the manifest")
+
+
+def _train_summaries(con: Any, run_dir: Path) -> list[dict[str, Any]]:
+    rows = con.execute(
+        "SELECT summary FROM events WHERE kind = 'train' AND status = 'ok' AND "
+        "list_filter(outputs, lambda a: a.role = 'run')[1].path = ? ORDER BY started_at", [str(run_dir)]).fetchall()
+    return [json.loads(summary or "{}") for (summary,) in rows]
+
+
+def check_provenance(con: Any, ledger: Path, run_dir: Path, prepared: PreparedData | GuardError,
+                     verify_key: Path | None) -> list[Check]:
+    """The provenance check (and, with a key, the signature check) of the run's prepared directory."""
+    from ..prepared import establish_provenance
+    from ..signing import verify_card
+
+    if isinstance(prepared, GuardError):
+        return [Check("provenance", False, str(prepared))] + ([Check("signature", False, str(prepared))] if verify_key else [])
+    checks, signer = [], None
+    if verify_key is not None:
+        try:
+            signer = verify_card(prepared.root, verify_key)
+            checks.append(Check("signature", True, f"card.json is signed by the key {verify_key} (sha256 {signer[:16]}…)"))
+        except GuardError as err:
+            checks.append(Check("signature", False, str(err)))
+    event = establish_provenance(prepared, ledger, None).event_id
+    unrecorded = any(s.get("unrecorded_data") for s in _train_summaries(con, run_dir))
+    if event is not None:
+        detail = f"prepare event {event[:12]} of the ledger wrote this directory (fingerprint {prepared.fingerprint[:16]}…)"
+        return [Check("provenance", True, detail)] + checks
+    if signer is not None:
+        return [Check("provenance", True, f"not prepared into this ledger, but signed by the data owner's key (sha256 {signer[:16]}…)")] + checks
+    why = " (the run was trained with --allow-unrecorded)" if unrecorded else ""
+    return [Check("provenance", False, f"no prepare event in the ledger wrote {prepared.root} (fingerprint "
+                                       f"{prepared.fingerprint[:16]}…) and no signature was verified (--verify-key){why}")] + checks
+
+
+def check_noise_statistics(prepared: PreparedData | GuardError) -> Check:
+    from ..prepared import check_noise_statistics as statistics
+
+    if isinstance(prepared, GuardError):
+        return Check("noise statistics", False, str(prepared))
+    stats = statistics(prepared)
+    return Check("noise statistics", stats.passed, stats.detail(float(prepared.card["sigma"])))
 
 
 def _manifest(data: Path) -> list[dict[str, Any]]:
@@ -128,16 +185,18 @@ def check_audit(con: Any, run_dir: Path) -> Check:
     return Check("audit", True, f"the latest audit of {samples} ({started:%Y-%m-%d %H:%M}) found no copy")
 
 
-def verify_run(run_dir: Path, ledger: Path) -> list[Check]:
+def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None) -> list[Check]:
     run_dir = run_dir.resolve()
     info = run_dir / "run.json"
     if not info.is_file():
         raise InputError(f"{run_dir}: not a run directory (no run.json)", hint="--run takes a directory written by guard train")
     data = Path(json.loads(info.read_text())["data"])
     con = connect(ledger)
-    checks = [check_consumed(con, run_dir, data)]
+    prepared = _open(data)
+    checks = [check_consumed(con, run_dir, prepared), *check_provenance(con, ledger, run_dir, prepared, verify_key)]
     if not (data / "manifest.parquet").is_file():
-        return checks + [Check(name, False, f"{data}: no manifest") for name in ("noise", "no protected pixels", "opt-outs")] \
+        return checks + [Check(name, False, f"{data}: no manifest") for name in ("noise", "noise statistics", "no protected pixels", "opt-outs")] \
             + [check_audit(con, run_dir)]
     rows = _manifest(data)
-    return checks + [check_noise(data, rows), check_clean_rows(data, rows), check_opt_outs(data, rows), check_audit(con, run_dir)]
+    return checks + [check_noise(data, rows), check_noise_statistics(prepared), check_clean_rows(data, rows),
+                     check_opt_outs(data, rows), check_audit(con, run_dir)]
