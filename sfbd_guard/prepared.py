@@ -15,6 +15,7 @@ by the data owner (`signing.py`); and they test the protected pixels themselves 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,9 @@ def _check_keyed_noise(root: Path, card: dict[str, Any]) -> None:
 
 def _verify_files(root: Path, card: dict[str, Any]) -> dict[str, str]:
     recorded: dict[str, str] = card["files"]
+    for name in recorded:  # a card names only the directory's own shards: nothing outside is ever read
+        if not re.fullmatch(r"(clean|protected)/[A-Za-z0-9_.-]+\.npy", name) or ".." in name or (root / name).is_symlink():
+            raise _fail(root, f"card.json names {name!r}, not a shard of this directory")
     present = {p.relative_to(root).as_posix() for part in ("clean", "protected") for p in (root / part).rglob("*") if p.is_file()}
     unexpected = sorted(present - set(recorded))
     if unexpected:

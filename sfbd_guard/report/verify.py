@@ -194,9 +194,9 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None) -
     con = connect(ledger)
     prepared = _open(data)
     checks = [check_consumed(con, run_dir, prepared), *check_provenance(con, ledger, run_dir, prepared, verify_key)]
-    if not (data / "manifest.parquet").is_file():
-        return checks + [Check(name, False, f"{data}: no manifest") for name in ("noise", "noise statistics", "no protected pixels", "opt-outs")] \
-            + [check_audit(con, run_dir)]
+    if isinstance(prepared, GuardError):  # its files are not what the card says: read nothing it names
+        return checks + [Check(name, False, f"the prepared directory does not verify: {prepared}")
+                         for name in ("noise", "noise statistics", "no protected pixels", "opt-outs")] + [check_audit(con, run_dir)]
     rows = _manifest(data)
     return checks + [check_noise(data, rows), check_noise_statistics(prepared), check_clean_rows(data, rows),
                      check_opt_outs(data, rows), check_audit(con, run_dir)]

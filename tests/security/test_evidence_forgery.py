@@ -179,3 +179,47 @@ def test_originals_with_full_sigma_noise_are_a_valid_noisy_copy(honest, tmp_path
 
     folder, _ = honest
     assert check_noise_statistics(open_prepared(forge(folder / "prepared", tmp_path / "forged", noise=1.0))).passed
+
+
+def test_verify_reads_no_file_a_forged_manifest_points_outside(honest: tuple[Path, Path], tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A manifest row (and a card entry) naming `../outside.npy`: verify fails and never opens that file."""
+    import os
+    import sys
+
+    folder, ledger = honest
+    prepared = Path(shutil.copytree(folder / "prepared", tmp_path / "prepared"))
+    run = Path(shutil.copytree(folder / "run", tmp_path / "run"))
+    info = json.loads((run / "run.json").read_text())
+    info["data"] = str(prepared)
+    (run / "run.json").write_text(json.dumps(info))
+    outside = tmp_path / "outside.npy"
+    np.save(outside, np.zeros((4, 1, 8, 8), np.uint8))
+    table = pq.read_table(prepared / "manifest.parquet")
+    files = table.column("file").to_pylist()
+    first_clean = table.column("partition").to_pylist().index("clean")
+    files[first_clean] = "../outside.npy"
+    import pyarrow as pa
+
+    pq.write_table(table.set_column(table.schema.get_field_index("file"), "file", pa.array(files, pa.string())),
+                   prepared / "manifest.parquet")
+    card = json.loads((prepared / "card.json").read_text())
+    card["files"]["../outside.npy"] = sha256_file(outside)
+    card["manifest_sha256"] = sha256_file(prepared / "manifest.parquet")
+    card["fingerprint"] = fingerprint({**card["files"], "manifest.parquet": card["manifest_sha256"]})
+    (prepared / "card.json").write_text(json.dumps(card))
+    opened: list[str] = []
+    state = {"on": True}
+
+    def hook(event: str, args: tuple) -> None:  # type: ignore[type-arg]
+        if state["on"] and event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            opened.append(os.fsdecode(args[0]))
+
+    sys.addaudithook(hook)
+    try:
+        code = _guard("verify", "--run", run, "--ledger", ledger)
+    finally:
+        state["on"] = False
+    captured = capsys.readouterr()
+    assert code == 1 and "Traceback" not in captured.err
+    assert not [p for p in opened if Path(p).name == "outside.npy"], "verify opened a file outside the prepared directory"
