@@ -45,18 +45,44 @@ def _fail(message: str, hint: str | None, code: int) -> None:
     raise typer.Exit(code)
 
 
+# Commands that append a ledger event, and the event's kind. An error raised before the command's own
+# `recorded` block starts (a config that does not load, a run directory that is not one) is recorded here.
+RECORDED_KINDS = {"prepare": "prepare", "train": "train", "sample": "sample", "audit": "audit", "run_command": "run"}
+
+
+def _record_failure(command: Callable[..., Any], kwargs: dict[str, Any], err: BaseException) -> None:
+    from .ledger import ledger_dir, record_failure
+
+    kind = RECORDED_KINDS.get(command.__name__)
+    ctx = kwargs.get("ctx")
+    if kind is None or not isinstance(ctx, typer.Context):
+        return
+    record_failure(ledger_dir(kwargs.get("ledger")), kind, _invocation(ctx), err)
+
+
 def reports_errors(command: F) -> F:
-    """Turn a GuardError (or an OS error) into one line on stderr and the error's exit code."""
+    """Turn a GuardError (or an OS error) into one line on stderr and the error's exit code.
+
+    Every error of a ledger-recorded command leaves a `failed` event (`interrupted` for Ctrl-C), also
+    one raised before the command's work started; an unexpected error (a bug) still propagates as is.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except (typer.Exit, Abort):
+            raise
         except GuardError as err:
+            _record_failure(command, kwargs, err)
             _fail(str(err), err.hint, err.exit_code)
         except OSError as err:
+            _record_failure(command, kwargs, err)
             where = f": {err.filename}" if err.filename else ""
             _fail(f"{err.strerror or err}{where}", None, 1)
+        except BaseException as err:
+            _record_failure(command, kwargs, err)
+            raise
 
     return wrapper  # type: ignore[return-value]
 
