@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from typer import Abort
+from typer._click.core import Context as ClickContext
 from typer._click.exceptions import ClickException, UsageError  # typer 0.29 vendors click
 
 from .errors import GuardError
@@ -45,18 +46,44 @@ def _fail(message: str, hint: str | None, code: int) -> None:
     raise typer.Exit(code)
 
 
+# Commands that append a ledger event, and the event's kind. An error raised before the command's own
+# `recorded` block starts (a config that does not load, a run directory that is not one) is recorded here.
+RECORDED_KINDS = {"prepare": "prepare", "train": "train", "sample": "sample", "audit": "audit", "run_command": "run"}
+
+
+def _record_failure(command: Callable[..., Any], kwargs: dict[str, Any], err: BaseException) -> None:
+    from .ledger import ledger_dir, record_failure
+
+    kind = RECORDED_KINDS.get(command.__name__)
+    ctx = kwargs.get("ctx")
+    if kind is None or not isinstance(ctx, ClickContext):
+        return
+    record_failure(ledger_dir(kwargs.get("ledger")), kind, _invocation(ctx), err)
+
+
 def reports_errors(command: F) -> F:
-    """Turn a GuardError (or an OS error) into one line on stderr and the error's exit code."""
+    """Turn a GuardError (or an OS error) into one line on stderr and the error's exit code.
+
+    Every error of a ledger-recorded command leaves a `failed` event (`interrupted` for Ctrl-C), also
+    one raised before the command's work started; an unexpected error (a bug) still propagates as is.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except (typer.Exit, Abort):
+            raise
         except GuardError as err:
+            _record_failure(command, kwargs, err)
             _fail(str(err), err.hint, err.exit_code)
         except OSError as err:
+            _record_failure(command, kwargs, err)
             where = f": {err.filename}" if err.filename else ""
             _fail(f"{err.strerror or err}{where}", None, 1)
+        except BaseException as err:
+            _record_failure(command, kwargs, err)
+            raise
 
     return wrapper  # type: ignore[return-value]
 
@@ -247,8 +274,8 @@ def audit(
     alpha_copy: Annotated[float | None, typer.Option("--alpha-copy", help="Target false-positive rate of the copy verdict on unseen real images (default 0.001).")] = None,
     alpha_suspect: Annotated[float | None, typer.Option("--alpha-suspect", help="Target false-positive rate of the suspect verdict (default 0.01).")] = None,
     k: Annotated[int | None, typer.Option("--k", help="Nearest protected neighbours listed per sample (default 10).")] = None,
-    index_cache: Annotated[Path | None, typer.Option("--index-cache", help="Directory of the cached reference index (default $GUARD_AUDIT_CACHE or ~/.cache/sfbd_guard/audit-index).")] = None,
-    no_index_cache: Annotated[bool, typer.Option("--no-index-cache", help="Do not read or write the reference index cache.")] = False,
+    index_cache: Annotated[Path | None, typer.Option("--index-cache", "--index-cache-dir", help="Turn the reference index cache on, in this owner-only directory. Off by default: for the pixel embedder it holds an exact copy of the protected originals at <= 32 px. (cache.enabled: true in --config uses $GUARD_AUDIT_CACHE or ~/.cache/sfbd_guard/audit-index.)")] = None,
+    no_index_cache: Annotated[bool, typer.Option("--no-index-cache", help="Do not read or write the reference index cache, whatever --config or --index-cache say.")] = False,
     no_thumbnails: Annotated[bool, typer.Option("--no-thumbnails", help="Show no protected original in report.html, not even for flagged matches.")] = False,
     ledger: LedgerOpt = None,
 ) -> None:
@@ -265,7 +292,8 @@ def audit(
         "embedder.clip_weights": str(clip_weights.resolve()) if clip_weights else None,
         "calibration.alpha_copy": alpha_copy, "calibration.alpha_suspect": alpha_suspect, "search.k": k,
         "cache.dir": str(index_cache.resolve()) if index_cache else None,
-        "cache.enabled": False if no_index_cache else None, "report.thumbnails": False if no_thumbnails else None,
+        "cache.enabled": False if no_index_cache else (True if index_cache else None),
+        "report.thumbnails": False if no_thumbnails else None,
     })
     result = audit_recorded(samples=samples, data=data, report=report, config=settings, config_path=config,
                             ledger=ledger, command=_invocation(ctx), data_root=data_root, holdout_dir=holdout,

@@ -50,6 +50,37 @@ def _atomic_target(path: Path) -> tuple[int, str]:
     return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
 
 
+def read_json_object(path: Path, *, hint: str | None = None) -> dict[str, Any]:
+    """A JSON file that must hold an object; anything else is an InputError naming the file."""
+    from .errors import InputError
+
+    try:
+        payload = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing", hint=hint) from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read: {err.strerror or err}", hint=hint) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err})", hint=hint) from None
+    if not isinstance(payload, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(payload).__name__}", hint=hint)
+    return payload
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` (and missing parents) owner-only (0700) for protected-derived data; returns it.
+
+    A directory this call creates is 0700 whatever the umask; an existing one keeps its mode (it may be
+    a folder the user chose, such as the current directory), while the files written in it by
+    `atomic_write_bytes`/`save_npy` are 0600 anyway (mkstemp).
+    """
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
+    return path
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the whole new one."""
     fd, tmp = _atomic_target(path)

@@ -85,15 +85,54 @@ def write_event(ledger: Path, draft: EventDraft, *, status: str, finished_at: da
     return path
 
 
+def one_line(err: BaseException) -> str:
+    """An error's message on one line: a GuardError's own text, else `Type: first line`."""
+    if isinstance(err, GuardError):
+        return str(err)
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def was_recorded(err: BaseException) -> bool:
+    """Whether a `recorded` block (or `record_failure`) already wrote the event of this error."""
+    return bool(getattr(err, "_guard_recorded", False))
+
+
+def record_failure(ledger: Path, kind: str, command: list[str], err: BaseException,
+                   draft: EventDraft | None = None) -> None:
+    """Append the `failed` (or, for Ctrl-C, `interrupted`) event of `err`, once per error.
+
+    Writing the event must not hide the error: if the ledger cannot be written for an error that is
+    not a GuardError (a bug, MemoryError, Ctrl-C), the original error still propagates.
+    """
+    if was_recorded(err):
+        return
+    draft = draft or EventDraft(kind=kind, command=command)
+    draft.summary["error"] = one_line(err)
+    status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+    try:
+        err._guard_recorded = True  # type: ignore[attr-defined]
+    except AttributeError:  # pragma: no cover (exceptions accept attributes)
+        pass
+    if isinstance(err, GuardError):
+        write_event(ledger, draft, status=status)
+        return
+    try:
+        write_event(ledger, draft, status=status)
+    except Exception:  # noqa: BLE001 (the original error matters more than a missing event)
+        pass
+
+
 @contextmanager
 def recorded(ledger: Path, kind: str, command: list[str]) -> Iterator[EventDraft]:
-    """Record the enclosed work as one event: status ok, or failed with the error message."""
+    """Record the enclosed work as one event: status ok, or failed with the error's one-line message
+    (any exception, not only a GuardError; Ctrl-C is recorded as `interrupted`). The error propagates."""
     draft = EventDraft(kind=kind, command=command)
     try:
         yield draft
-    except GuardError as err:
-        draft.summary["error"] = str(err)
-        write_event(ledger, draft, status="failed")
+    except BaseException as err:
+        if not isinstance(err, (GeneratorExit, SystemExit)) or (isinstance(err, SystemExit) and err.code not in (0, None)):
+            record_failure(ledger, kind, command, err, draft)
         raise
     write_event(ledger, draft, status="ok")
 

@@ -19,9 +19,10 @@ from typing import Any
 
 from .engine.config import PipelineConfig, load_pipeline
 from .errors import InputError
-from .fileio import atomic_write_json, sha256_file
+from .fileio import atomic_write_json, read_json_object, sha256_file
 
 Say = Callable[[str], None]
+_REDO = "a stage's done.json is written by guard run when the stage ends; remove it to redo that stage"
 
 
 @dataclass
@@ -41,7 +42,7 @@ def _prepare(config: PipelineConfig, ledger: Path | None, command: list[str], sa
         raise InputError("the pipeline has no `policy`: guard run needs it to prepare the data")
     policy, data = Path(config.policy), Path(config.data)
     if (data / "card.json").is_file():
-        card = json.loads((data / "card.json").read_text())
+        card = read_json_object(data / "card.json", hint="--data must be a directory written by guard prepare")
         if card.get("policy_sha256") != load_policy(policy).sha256:
             raise InputError(f"{data} was prepared from another version of {policy}",
                              hint="remove it (and the run trained on it) or point `data` elsewhere")
@@ -74,7 +75,7 @@ def _sample(config: PipelineConfig, ledger: Path | None, command: list[str], say
     weights = latest_checkpoint(run_dir)
     marker = run_dir / "samples" / "done.json"
     wanted = {"weights": sha256_file(weights / "ema.safetensors"), "n": spec.n, "steps": spec.steps, "seed": spec.seed}
-    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+    if marker.is_file() and read_json_object(marker, hint=_REDO) == wanted:
         return "skipped (samples of these weights exist)"
     say(f"sampling {spec.n} images")
     sample_recorded(run_dir, ledger=ledger, command=command + ["(sample)"], count=spec.n, out=run_dir / "samples",
@@ -90,8 +91,14 @@ def _audit(config: PipelineConfig, ledger: Path | None, command: list[str], say:
     run_dir = Path(str(config.out))
     report, samples = run_dir / "audit", run_dir / "samples"
     marker, done = samples / "done.json", report / "done.json"
-    if done.is_file() and marker.is_file() and json.loads(done.read_text())["samples_marker"] == sha256_file(marker):
-        return "skipped (this sample set is audited)", int(json.loads(done.read_text())["copies"])
+    if done.is_file() and marker.is_file():
+        audited = read_json_object(done, hint=_REDO)
+        copies = audited.get("copies")
+        if not isinstance(audited.get("samples_marker"), str) or not isinstance(copies, int) or isinstance(copies, bool):
+            raise InputError(f"{done}: expected samples_marker (sha256) and copies (integer), got {audited!r:.80}",
+                             hint=_REDO)
+        if audited["samples_marker"] == sha256_file(marker):
+            return "skipped (this sample set is audited)", copies
     say("auditing the samples against the protected originals")
     config_path = Path(config.audit.config) if config.audit.config else None
     result = audit_recorded(samples=samples, data=Path(config.data), report=report,

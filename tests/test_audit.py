@@ -195,7 +195,7 @@ def test_reads_only_protected_originals_and_the_other_splits(cli, tmp_path: Path
     assert {split for split, _ in spy.loaded} == {"train", "valid", "test"}
     spy.loaded.clear()
     none = write_policy(tmp_path / "none.yaml", {"calibration": {"holdout": "none"}, "cache": {"enabled": False}})
-    result = _audit(cli, tmp_path, tmp_path / "samples", prepared, "--config", none)
+    result = _audit(cli, tmp_path, tmp_path / "samples", prepared, "--config", none, "--no-index-cache")
     assert result.code == 0 and {split for split, _ in spy.loaded} == {"train"}
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert summary["thresholds"]["method"] == "default" and "no holdout" in summary["thresholds"]["note"]

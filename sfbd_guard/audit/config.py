@@ -77,8 +77,11 @@ class ReportSpec(StrictModel):
 
 
 class CacheSpec(StrictModel):
-    enabled: bool = True  # keep the reference index on disk between runs
-    dir: str | None = None  # default $GUARD_AUDIT_CACHE, else ~/.cache/sfbd_guard/audit-index
+    # Keep the reference index on disk between runs. OFF by default: for the pixel embedder an entry is
+    # an exact copy of every protected original at <= 32 px (pixels.npy), so turning it on writes
+    # protected-derived data outside the prepared directory (owner-only, 0700/0600).
+    enabled: bool = False
+    dir: str | None = None  # where, when enabled: default $GUARD_AUDIT_CACHE, else ~/.cache/sfbd_guard/audit-index
 
 
 class AuditConfig(StrictModel):

@@ -49,6 +49,37 @@ class PreparedInfo:
         return int(self.card["channels"])
 
 
+# The card keys the audit reads, and their types.
+CARD_KEYS: dict[str, type | tuple[type, ...]] = {
+    "files": dict, "manifest_sha256": str, "fingerprint": str, "format": str, "split": str, "resolution": int,
+    "channels": int, "policy": dict}
+
+
+def _read_card(path: Path, hint: str) -> dict[str, Any]:
+    """card.json, with the keys the audit needs present and of the right type."""
+    try:
+        card = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"--data {path}: unreadable ({err})", hint=hint) from None
+    if not isinstance(card, dict):
+        raise InputError(f"--data {path}: expected a JSON object, got {type(card).__name__}", hint=hint)
+    for key, kind in CARD_KEYS.items():
+        value = card.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise InputError(f"--data {path}: {key} is {str(value)[:80]!r}, expected {getattr(kind, '__name__', kind)}",
+                             hint=hint)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in card["files"].items()):
+        raise InputError(f"--data {path}: files must map file names to sha256 strings", hint=hint)
+    if card["format"] not in READERS:
+        raise InputError(f"--data {path}: format {card['format'][:40]!r} is not one guard prepare writes", hint=hint)
+    if not 0 < card["resolution"] <= 4096 or card["channels"] not in (1, 3):
+        raise InputError(f"--data {path}: resolution {card['resolution']} / channels {card['channels']} out of range",
+                         hint=hint)
+    if card.get("root") is not None and not isinstance(card["root"], str):
+        raise InputError(f"--data {path}: root is {card['root']!r}, expected a path", hint=hint)
+    return card
+
+
 def read_prepared(root: Path) -> PreparedInfo:
     """Read card.json and the manifest's protected rows; exit 2 unless it is an intact prepared directory."""
     import pyarrow.parquet as pq
@@ -57,13 +88,8 @@ def read_prepared(root: Path) -> PreparedInfo:
     hint = "--data must be a directory written by guard prepare"
     if not (root / "card.json").is_file() or not (root / "manifest.parquet").is_file():
         raise InputError(f"--data {root}: not a prepared directory (needs card.json and manifest.parquet)", hint=hint)
-    try:
-        card = json.loads((root / "card.json").read_text())
-        recorded = {**card["files"], "manifest.parquet": card["manifest_sha256"]}
-        for key in ("format", "split", "resolution", "channels", "fingerprint"):
-            card[key]  # noqa: B018 (presence check)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise InputError(f"--data {root}: card.json is unreadable or incomplete ({err})", hint=hint) from None
+    card = _read_card(root / "card.json", hint)
+    recorded = {**card["files"], "manifest.parquet": card["manifest_sha256"]}
     if sha256_file(root / "manifest.parquet") != card["manifest_sha256"] or fingerprint(recorded) != card["fingerprint"]:
         raise VerificationError(f"--data {root}: manifest.parquet does not match the sha256 recorded in card.json",
                                 hint="re-run guard prepare; a modified manifest cannot say which records are protected")
@@ -134,12 +160,27 @@ def holdout_splits(info: PreparedInfo) -> list[str]:
     return [s for s in READERS[info.card["format"]].splits if s not in ("all", chosen)]
 
 
+def card_policy(info: PreparedInfo) -> Any:
+    """The policy recorded in card.json, validated (a damaged card is an input error naming it)."""
+    from pydantic import ValidationError
+
+    from ..policy import Policy
+
+    try:
+        return Policy.model_validate(info.card["policy"])
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise InputError(f"--data {info.root / 'card.json'}: policy.{where}: {first['msg']}",
+                         hint="--data must be a directory written by guard prepare") from None
+
+
 def _excluded_by_policy(info: PreparedInfo, metadata: Any) -> set[str]:
     """Records the policy's exclude rules match (opt-outs must never be used, not even to calibrate)."""
     from ..curation.rules import decide
-    from ..policy import Policy, Rule
+    from ..policy import Rule
 
-    policy = Policy.model_validate(info.card["policy"])
+    policy = card_policy(info)
     excludes = [r for r in policy.rules if r.action == "exclude"]
     if not excludes:
         return set()
@@ -199,7 +240,7 @@ def holdout_from_rules(info: PreparedInfo, data_root: Path | None, rules: list[s
     import pyarrow.parquet as pq
 
     rows = pq.read_table(info.root / "manifest.parquet", columns=["record_id", "partition", "rule", "sha256"]).to_pylist()
-    known = {r["name"] for r in info.card["policy"]["rules"] if r["action"] == "exclude"}
+    known = {r.name for r in card_policy(info).rules if r.action == "exclude"}
     unknown = sorted(set(rules) - known)
     if unknown:
         raise InputError(f"calibration.holdout_rules: {unknown[0]!r} is not an exclude rule of the policy",

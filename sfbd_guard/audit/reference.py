@@ -5,9 +5,10 @@ layout version): the fingerprint covers the manifest and so every protected reco
 change rebuilds. A cached entry means the originals were read and hash-verified when it was built,
 so a cached run opens no original (except to draw thumbnails of flagged matches).
 
-The cache holds derived data of protected images (for `pixel`, a low-resolution version), so it
-lives outside the report and the prepared directory, in an owner-only (0700) directory;
-`cache.enabled: false` or `--no-index-cache` turns it off.
+The cache holds derived data of protected images (for `pixel`, an exact copy of every protected
+original at <= 32 px), so it is OFF by default; `--index-cache DIR` (or `cache.enabled: true`) turns
+it on, in an owner-only (0700) directory with 0600 files outside the report and the prepared
+directory; `--no-index-cache` turns it off whatever the config says.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def _load(folder: Path, count: int) -> tuple[np.ndarray, np.ndarray, dict[str, A
 
 def _save(folder: Path, embeddings: np.ndarray, pixels: np.ndarray, meta: dict[str, Any]) -> Path | None:
     folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(folder.parent, 0o700)
+    os.chmod(folder.parent, 0o700)  # the cache directory is the tool's own: owner-only even if it existed
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
     try:
         np.save(staging / "embeddings.npy", embeddings)

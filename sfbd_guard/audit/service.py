@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import GuardError
-from ..fileio import fingerprint, sha256_file
+from ..fileio import fingerprint, private_dir, sha256_file
 from ..ledger import Artifact, ledger_dir, recorded
 from . import calibrate as cal
 from .checks import Scores, background, score, verdicts
@@ -128,7 +128,7 @@ def _write(report: Path, table: Any, summary: dict[str, Any], page: str, figure:
 
     from ..fileio import atomic_write_bytes
 
-    report.mkdir(parents=True, exist_ok=True)
+    private_dir(report)  # report.html may hold thumbnails of protected originals
     files = {name: report / name for name in REPORT_FILES}
     write_parquet(files["samples.parquet"], table)
     write_summary(files["summary.json"], summary)
@@ -166,6 +166,7 @@ def _report(ctx: _Context, samples: Path, report: Path, loaded: LoadedImages, sc
         names=[n for n, ok in zip(loaded.names, loaded.ok) if ok], holdout_s1=holdout_s1,
         background_s1=background(ctx.index, ctx.reference.embeddings, seed=ctx.config.calibration.seed),
         thumbnails=thumbs, timings=clock)
+    summary["skipped"] = dict(loaded.skipped)  # files not audited and why (only a verified sample grid)
     th = calibration.thresholds
     figure = histogram({"samples": scores.s1, "holdout": holdout_s1}, {"copy": th.copy, "suspect": th.suspect})
     clock["report"] = time.perf_counter() - mark

@@ -10,6 +10,7 @@ crash or kill -9 at any moment leaves the previous checkpoint usable.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -91,31 +92,96 @@ def save_checkpoint(run_dir: Path, *, net: torch.nn.Module, ema: torch.nn.Module
     return final
 
 
+_STEP_NAME = re.compile(r"step-[0-9]{1,12}")
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / LATEST
-    if not pointer.is_file():
+    """The checkpoint `checkpoints/latest` names; None when the run has none yet.
+
+    The pointer must name a `step-N` directory directly inside the run's own `checkpoints/` folder:
+    a pointer (or a checkpoint directory) that leads anywhere else, through `..`, an absolute path or
+    a symlink, is refused, as is a pointer to a checkpoint that is not there (resuming from scratch
+    next to a later checkpoint would silently lose the run).
+    """
+    root = run_dir / "checkpoints"
+    pointer = root / LATEST
+    if not pointer.exists() and not pointer.is_symlink():
         return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    return path if (path / "state.safetensors").is_file() else None
+    hint = "checkpoints/latest names the newest checkpoint folder of this run, e.g. step-000001000"
+    if pointer.is_symlink() or not pointer.is_file():
+        raise InputError(f"{pointer}: not a regular file (a symlink or folder cannot be a checkpoint pointer)", hint=hint)
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{pointer}: unreadable ({err})", hint=hint) from None
+    if not _STEP_NAME.fullmatch(name):
+        raise InputError(f"{pointer}: {name[:80]!r} is not a checkpoint folder of this run (expected step-N; "
+                         "paths that lead elsewhere are refused)", hint=hint)
+    path = root / name
+    if root.is_symlink() or path.is_symlink() or not path.resolve().is_relative_to(run_dir.resolve()):
+        raise InputError(f"{pointer}: {name} leads outside the run directory {run_dir} (symlink)", hint=hint)
+    if not path.is_dir():
+        raise InputError(f"{pointer}: names {name}, which is missing", hint=hint)
+    if not (path / "state.safetensors").is_file():
+        raise InputError(f"{path / 'state.safetensors'}: missing (the checkpoint {name} that latest names is incomplete)",
+                         hint=hint)
+    return path
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
 def load_weights(path: Path, module: torch.nn.Module) -> None:
-    """Load a safetensors state dict into `module`; a mismatch is an input error naming the file."""
+    """Load a safetensors state dict into `module`; a corrupt file or a mismatch is an input error naming the file."""
     try:
         tensors = load_file(path)
         module.load_state_dict(tensors)
-    except (OSError, RuntimeError) as err:
-        raise InputError(f"{path}: cannot load weights ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # noqa: BLE001 (safetensors raises its own SafetensorError for a damaged file)
+        raise InputError(f"{path}: cannot load weights ({_first_line(err)})") from None
+
+
+def _read_state(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON state and the tensors of state.safetensors, checked for the keys and types a resume needs."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except Exception as err:  # noqa: BLE001 (a damaged file raises SafetensorError)
+        raise InputError(f"{path}: cannot read the training state ({_first_line(err)})") from None
+    if "state" not in metadata:
+        raise InputError(f"{path}: no 'state' in the file's metadata (not a checkpoint written by guard train)")
+    try:
+        info = json.loads(metadata["state"])
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: the 'state' metadata is not JSON ({err})") from None
+    expected = {"step": int, "nimg": int, "phase": int, "round": int, "info": dict, "optimizer": dict}
+    if not isinstance(info, dict):
+        raise InputError(f"{path}: the 'state' metadata is {type(info).__name__}, expected an object")
+    for key, kind in expected.items():
+        value = info.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise InputError(f"{path}: state.{key} is {value!r}, expected {kind.__name__}")
+        if kind is int and value < 0:
+            raise InputError(f"{path}: state.{key} is {value}, expected >= 0")
+    optimizer = info["optimizer"]
+    if not isinstance(optimizer.get("param_groups"), list) or not isinstance(optimizer.get("scalars"), dict):
+        raise InputError(f"{path}: state.optimizer needs param_groups (list) and scalars (object)")
+    return info, tensors
 
 
 def load_checkpoint(path: Path, *, net: torch.nn.Module, ema: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> TrainingState:
+    """Restore weights, optimizer and training state; a damaged or foreign checkpoint is an input error
+    naming the file."""
     load_weights(path / "net.safetensors", net)
     load_weights(path / "ema.safetensors", ema)
-    with safe_open(path / "state.safetensors", framework="pt") as handle:
-        info = json.loads(handle.metadata()["state"])
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    _restore_optimizer(optimizer, tensors, info["optimizer"])
+    state_file = path / "state.safetensors"
+    info, tensors = _read_state(state_file)
+    try:
+        _restore_optimizer(optimizer, tensors, info["optimizer"])
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
+        raise InputError(f"{state_file}: the optimizer state does not fit this run ({_first_line(err)})") from None
     extra = {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}
     return TrainingState(info["step"], info["nimg"], info["phase"], info["round"], info["info"], extra)
-

@@ -52,10 +52,41 @@ def pipeline_for_new_run(pipeline: Path, *, overrides: dict[str, Any], data: Pat
 
 
 def pipeline_of_run(run_dir: Path) -> PipelineConfig:
+    """The saved config of the run in `run_dir`, continuing in `run_dir` itself.
+
+    `out` always becomes `run_dir`: a copied (or moved) run directory continues where it is, never in
+    the directory its saved config was first written for.
+    """
     path = run_dir / RESOLVED
     if not path.is_file():
         raise InputError(f"{run_dir}: not a run directory (no {RESOLVED})", hint="--resume takes a directory written by guard train")
-    return load_config(PipelineConfig, path)
+    config = load_config(PipelineConfig, path)
+    return config.model_copy(update={"out": str(run_dir.resolve())})
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    """run.json of a run directory, checked: the prepared data it began on and the image shape."""
+    path = run_dir / RUN_INFO
+    hint = "run.json is written by guard train when the run starts; restore it from a backup of the run"
+    try:
+        info = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing (not a run directory written by guard train)", hint=hint) from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read: {err.strerror or err}", hint=hint) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err})", hint=hint) from None
+    if not isinstance(info, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(info).__name__}", hint=hint)
+    for key in ("data", "data_fingerprint"):
+        if not isinstance(info.get(key), str) or not info[key]:
+            raise InputError(f"{path}: {key} is {info.get(key)!r}, expected a non-empty string", hint=hint)
+    shape = info.get("image_shape")
+    if (not isinstance(shape, list) or len(shape) != 3
+            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 65536 for n in shape)):
+        raise InputError(f"{path}: image_shape is {shape!r}, expected [channels, height, width] of positive integers",
+                         hint=hint)
+    return info
 
 
 def _start_run_dir(config: PipelineConfig, data: PreparedData) -> Path:
@@ -74,10 +105,29 @@ def _start_run_dir(config: PipelineConfig, data: PreparedData) -> Path:
 
 
 def _check_same_data(run_dir: Path, data: PreparedData) -> None:
-    info = json.loads((run_dir / RUN_INFO).read_text())
+    info = read_run_info(run_dir)
     if info["data_fingerprint"] != data.fingerprint:
         raise VerificationError(f"{data.root}: its fingerprint differs from the one this run started with",
                                 hint="a run resumes only on the exact prepared data it began on")
+
+
+def _settle_in(run_dir: Path, config: PipelineConfig) -> None:
+    """A run continued in a copy of its directory: its saved config names the copy from now on."""
+    if load_config(PipelineConfig, run_dir / RESOLVED).out != config.out:
+        atomic_write_bytes(run_dir / RESOLVED, dump_yaml(config).encode())
+
+
+def _resume(trainer: Any, run_dir: Path) -> bool:
+    """`trainer.resume()`, with a checkpoint that does not fit the run reported as an input error naming it."""
+    from .checkpoint import latest_checkpoint
+
+    try:
+        return bool(trainer.resume())
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
+        where = latest_checkpoint(run_dir)
+        text = str(err).strip().splitlines()
+        raise InputError(f"{where / 'state.safetensors' if where else run_dir}: the checkpoint does not fit this run "
+                         f"({type(err).__name__}: {text[0] if text else ''})") from None
 
 
 def train(config: PipelineConfig, *, resume: bool, progress: PhaseProgress | None = None,
@@ -99,11 +149,13 @@ def train(config: PipelineConfig, *, resume: bool, progress: PhaseProgress | Non
             plan_privacy(config, data, rt.world_size)
         if resume:
             _check_same_data(run_dir, data)
+            if rt.is_main:
+                _settle_in(run_dir, config)
         elif rt.is_main:
             _start_run_dir(config, data)
         rt.barrier()
         trainer = Trainer(config, data, run_dir, rt, progress)
-        resumed = trainer.resume() if resume else False
+        resumed = _resume(trainer, run_dir) if resume else False
         checkpoint = trainer.run()
         return TrainOutcome(run_dir, config, checkpoint if rt.is_main else None, trainer.state.step,
                             trainer.state.nimg / 1000, resumed, time.perf_counter() - started,
@@ -192,7 +244,7 @@ def load_ema_net(run_dir: Path, *, checkpoint: Path | None = None,
     from .trainer import build_net
 
     config = pipeline_of_run(run_dir)
-    shape = tuple(json.loads((run_dir / RUN_INFO).read_text())["image_shape"])
+    shape = tuple(read_run_info(run_dir)["image_shape"])
     weights = _weights_file(run_dir, checkpoint)
     net = build_net(config, shape).to(resolve_device(device)).eval()  # type: ignore[arg-type]
     load_weights(weights, net)

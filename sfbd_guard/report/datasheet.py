@@ -19,10 +19,16 @@ from .views import RUN_AUDITS, connect
 def _licenses(data: Path) -> str:
     import pyarrow.parquet as pq
 
-    schema = pq.read_schema(data / "manifest.parquet")
-    if "license" not in schema.names:
-        return "The dataset has no per-record `license` column; its licence is the dataset's own (check its terms)."
-    rows = pq.read_table(data / "manifest.parquet", columns=["partition", "license"]).to_pylist()
+    import pyarrow as pa
+
+    manifest = data / "manifest.parquet"
+    try:
+        schema = pq.read_schema(manifest)
+        if "license" not in schema.names:
+            return "The dataset has no per-record `license` column; its licence is the dataset's own (check its terms)."
+        rows = pq.read_table(manifest, columns=["partition", "license"]).to_pylist()
+    except (OSError, pa.ArrowException) as err:
+        raise InputError(f"{manifest}: unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     counts = Counter((r["partition"], r["license"] or "NOASSERTION") for r in rows)
     lines = "\n".join(f"| {p} | {lic} | {n} |" for (p, lic), n in sorted(counts.items()))
     return f"| partition | licence (SPDX) | records |\n|---|---|---|\n{lines}"
@@ -45,7 +51,8 @@ def _latest_audit(con: Any, run_dir: Path) -> str:
         return "No audit of this run's samples is recorded yet (`guard audit`)."
     started, copy, suspect, novel, method, threshold, fpr = rows[0]
     return (f"Latest audit ({started:%Y-%m-%d %H:%M} UTC): {copy} copy, {suspect} suspect, {novel} novel. "
-            f"Copy threshold {threshold:.4f} ({method}); expected false-positive rate: {fpr}.")
+            f"Copy threshold {'n/a' if threshold is None else f'{threshold:.4f}'} ({method}); "
+            f"expected false-positive rate: {fpr}.")
 
 
 def _trainings(con: Any, run_dir: Path) -> list[tuple[Any, ...]]:
@@ -53,13 +60,42 @@ def _trainings(con: Any, run_dir: Path) -> list[tuple[Any, ...]]:
                        "WHERE status = 'ok' AND run = ? ORDER BY started_at", [str(run_dir)]).fetchall()
 
 
+# What the datasheet reads from card.json, and the types it needs.
+_CARD = {"counts": dict, "rule_counts": dict, "policy": dict, "resolution": int, "channels": int, "sigma": (int, float)}
+
+
+def _card(path: Path) -> dict[str, Any]:
+    """The prepared directory's card, with the keys the datasheet fills in checked (exit 2 naming it otherwise)."""
+    from ..fileio import read_json_object
+
+    hint = "the run's prepared directory (run.json `data`) must be one written by guard prepare"
+    card = read_json_object(path, hint=hint)
+    for key, kind in _CARD.items():
+        if not isinstance(card.get(key), kind) or isinstance(card.get(key), bool):
+            raise InputError(f"{path}: {key} is {str(card.get(key))[:60]!r}, expected {getattr(kind, '__name__', 'number')}",
+                             hint=hint)
+    rules = card["policy"].get("rules")
+    if not isinstance(rules, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str)
+                                             and isinstance(r.get("action"), str) for r in rules):
+        raise InputError(f"{path}: policy.rules must be a list of rules with a name and an action", hint=hint)
+    missing = [k for k in ("color", "format", "split", "root", "policy_name", "policy_sha256", "created_at") if k not in card]
+    if missing:
+        raise InputError(f"{path}: no {missing[0]!r}", hint=hint)
+    missing = [k for k in ("clean", "protected", "excluded", "error") if k not in card["counts"]]
+    if missing:
+        raise InputError(f"{path}: counts has no {missing[0]!r}", hint=hint)
+    return card
+
+
 def datasheet(run_dir: Path, ledger: Path) -> str:
+    from ..engine.service import read_run_info
+
     run_dir = run_dir.resolve()
     if not (run_dir / "run.json").is_file():
         raise InputError(f"{run_dir}: not a run directory (no run.json)")
-    run = json.loads((run_dir / "run.json").read_text())
+    run = read_run_info(run_dir)
     data = Path(run["data"])
-    card = json.loads((data / "card.json").read_text())
+    card = _card(data / "card.json")
     con = connect(ledger)
     trainings = _trainings(con, run_dir)
     method = trainings[-1][1] if trainings else "unknown"
