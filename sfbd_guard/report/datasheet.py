@@ -135,8 +135,9 @@ be overridden: {optouts} record(s) excluded. Excluded records exist only as mani
 (describe the signals collected and when).
 
 ## 3. Data processing
-- Protected records: stored only as y = x/127.5 − 1 + σ·ε with σ = {card['sigma']} (fixed per record,
-  seeded from the record id); the originals never entered the prepared directory.
+- Protected records: stored only as y = x/127.5 − 1 + σ·ε with σ = {card['sigma']} (one fixed draw per record,
+  from a generator keyed by the data owner's secret, which never left them); the originals never entered the
+  prepared directory.
 - What the trainer could see: the prepared directory `{data}` (fingerprint `{run['data_fingerprint']}`),
   nothing else; its array files were verified against their sha256 before training.
 - Synthetic data: SFBD's denoised copies of protected records are synthetic data derived from them

@@ -187,10 +187,11 @@ def check_audit(con: Any, run_dir: Path) -> Check:
 
 def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None) -> list[Check]:
     run_dir = run_dir.resolve()
-    info = run_dir / "run.json"
-    if not info.is_file():
+    if not (run_dir / "run.json").is_file():
         raise InputError(f"{run_dir}: not a run directory (no run.json)", hint="--run takes a directory written by guard train")
-    data = Path(json.loads(info.read_text())["data"])
+    from ..engine.service import read_run_info
+
+    data = Path(read_run_info(run_dir)["data"])
     con = connect(ledger)
     prepared = _open(data)
     checks = [check_consumed(con, run_dir, prepared), *check_provenance(con, ledger, run_dir, prepared, verify_key)]

@@ -284,6 +284,7 @@ def test_broken_input_is_one_line_exit_2_and_a_failed_event(cli, tmp_path: Path,
                                                             build: Callable[[Base, Path], list[object]], fragment: str) -> None:  # type: ignore[no-untyped-def]
     work = tmp_path / "case"
     work.mkdir()
+    shutil.copytree(base.root / "ledger" / "prepare", _isolated_ledger / "prepare")  # the base's provenance
     argv = build(base, work)
     result = cli(*argv)
     assert result.code == 2, (result.code, result.err)
