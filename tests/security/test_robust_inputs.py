@@ -220,6 +220,7 @@ CASES: list[tuple[str, Callable[[Base, Path], list[object]], str]] = [
     # run.json
     ("run-json-invalid-resume", lambda b, t: (_run_json(r := _copy_run(b, t), "{not json"), _resume(r))[1], "run.json"),
     ("run-json-invalid-sample", lambda b, t: (_run_json(r := _copy_run(b, t), "{not json"), _sample(r, t))[1], "run.json"),
+    ("run-json-invalid-verify", lambda b, t: (_run_json(r := _copy_run(b, t), "{not json"), ["verify", "--run", r])[1], "run.json"),
     ("run-json-list", lambda b, t: (_run_json(r := _copy_run(b, t), "[1, 2]"), _resume(r))[1], "run.json"),
     ("run-json-no-shape", lambda b, t: (_run_json(r := _copy_run(b, t), lambda i: i.pop("image_shape")), _sample(r, t))[1],
      "run.json"),
@@ -262,7 +263,7 @@ CASES: list[tuple[str, Callable[[Base, Path], list[object]], str]] = [
 ]
 
 # Commands that write no ledger event (read-only views of the ledger).
-UNRECORDED = ("report",)
+UNRECORDED = ("report", "verify")  # read-only commands record no event
 
 
 @pytest.fixture(scope="module")
