@@ -226,3 +226,20 @@ def test_train_refuses_a_directory_with_invertible_noise(tmp_path: Path, cli: Ca
     result = cli("train", "--pipeline", tmp_path / "pipe.yaml", "--allow-unrecorded")
     assert result.code == 2 and "invertible" in result.err and "re-run guard prepare" in result.err
     assert len(result.err.strip().splitlines()) <= 2 and "Traceback" not in result.err
+
+
+def test_only_curation_and_keygen_import_the_key_module() -> None:
+    """Static half of the key boundary (the chain test above is the runtime half): reading a key file is
+    `curation/keys.py`, imported by prepare, its decoding workers and `guard keygen` only."""
+    import ast
+
+    package = Path(__file__).resolve().parents[2] / "sfbd_guard"
+    allowed = {package / "curation" / "prepare.py", package / "curation" / "decode.py", package / "cli.py"}
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if any(n.endswith("keys") and ("curation" in n or path.parent.name == "curation") for n in names):
+                assert path in allowed, f"{path.relative_to(package)} imports the noise key module"
+    cli = (package / "cli.py").read_text()
+    assert cli.count("curation.keys") == 1 and "def keygen" in cli
