@@ -11,11 +11,9 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from typer import Abort
-from typer._click.core import Context as ClickContext
-from typer._click.exceptions import ClickException, UsageError  # typer 0.29 vendors click
+from typer.exceptions import TyperException  # base of typer's usage and parameter errors
 
-from .errors import GuardError
-from .errors import InputError as GuardErrorForCli
+from .errors import GuardError, InputError
 
 app = typer.Typer(
     name="guard",
@@ -56,7 +54,7 @@ def _record_failure(command: Callable[..., Any], kwargs: dict[str, Any], err: Ba
 
     kind = RECORDED_KINDS.get(command.__name__)
     ctx = kwargs.get("ctx")
-    if kind is None or not isinstance(ctx, ClickContext):
+    if kind is None or getattr(ctx, "command_path", None) is None:
         return
     record_failure(ledger_dir(kwargs.get("ledger")), kind, _invocation(ctx), err)
 
@@ -170,7 +168,7 @@ def _parse_sets(values: list[str]) -> dict[str, Any]:
     for item in values:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise GuardErrorForCli(f"--set {item!r}: expected KEY=VALUE, e.g. --set optimizer.lr=2e-4")
+            raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optimizer.lr=2e-4")
         pairs[key.strip()] = parse_scalar(raw)
     return pairs
 
@@ -205,13 +203,13 @@ def train(
     from .engine.service import pipeline_for_new_run, pipeline_of_run, train_recorded
 
     if (pipeline is None) == (resume is None):
-        raise GuardErrorForCli("give either --pipeline (a new run) or --resume RUN_DIR (continue one)")
+        raise InputError("give either --pipeline (a new run) or --resume RUN_DIR (continue one)")
     dp = {f"privacy.{key}": value for key, value in (
         ("epsilon", dp_epsilon), ("delta", dp_delta), ("max_grad_norm", dp_max_grad_norm), ("accountant", dp_accountant),
         ("stages", dp_stages.split(",") if dp_stages else None), ("physical_batch", dp_physical_batch), ("lr", dp_lr)) if value is not None}
     if resume is not None:
         if data or out or method or device or seed is not None or sets or dp or verify_key:
-            raise GuardErrorForCli("--resume continues a run with its saved config; other options (but --allow-unrecorded) do not apply")
+            raise InputError("--resume continues a run with its saved config; other options (but --allow-unrecorded) do not apply")
         config = pipeline_of_run(resume)
     else:
         overrides = _parse_sets(sets)
@@ -324,7 +322,7 @@ def report(
     where = ledger_dir(ledger)
     if datasheet is not None or run is not None:
         if datasheet is None or run is None:
-            raise GuardErrorForCli("--datasheet FILE and --run DIR go together")
+            raise InputError("--datasheet FILE and --run DIR go together")
         from .report.datasheet import write_datasheet
 
         typer.echo(f"datasheet: {write_datasheet(datasheet, run, where)}")
@@ -417,17 +415,17 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         code = command.main(args=argv, prog_name="guard", standalone_mode=False, obj={"argv": argv})
-    except UsageError as err:
-        name = err.ctx.command_path if err.ctx else "guard"
-        typer.echo(f"error: {err.format_message()}", err=True)
-        typer.echo(f"hint: see '{name} --help'", err=True)
-        sys.exit(2)
-    except ClickException as err:
-        typer.echo(f"error: {err.format_message()}", err=True)
-        sys.exit(err.exit_code)
     except Abort:
         typer.echo("aborted", err=True)
         sys.exit(1)
+    except TyperException as err:  # a usage error (exit 2) or another parameter error
+        format_message = getattr(err, "format_message", None)
+        typer.echo(f"error: {format_message() if format_message else err}", err=True)
+        code = int(getattr(err, "exit_code", 1))
+        if code == 2:
+            ctx = getattr(err, "ctx", None)
+            typer.echo(f"hint: see '{ctx.command_path if ctx else 'guard'} --help'", err=True)
+        sys.exit(code)
     sys.stdout.flush()
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -19,7 +19,6 @@ MANIFEST_FIELDS = [
     pa.field("row", pa.int64()),  # row in that file
     pa.field("error", pa.string()),  # why the record could not be read; null otherwise
 ]
-MANIFEST_COLUMNS = [f.name for f in MANIFEST_FIELDS]
 
 
 def manifest_table(columns: dict[str, list], metadata: pa.Table) -> pa.Table:
