@@ -30,6 +30,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _root() -> None:
     """Curation (prepare), training and audit of diffusion models on protected data, with a compliance ledger."""
 
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--threads", min=1, show_default=False,
+                 help="CPU threads per process for torch (default: the CPUs this process may use, over the torchrun "
+                      "ranks on this host; OMP_NUM_THREADS if set)."),
+]
+
 LedgerOpt = Annotated[
     Path | None,
     typer.Option("--ledger", help="Ledger directory for the compliance event (default: $GUARD_LEDGER or ./guard-ledger).",
@@ -84,6 +91,13 @@ def reports_errors(command: F) -> F:
             raise
 
     return wrapper  # type: ignore[return-value]
+
+
+def _threads(explicit: int | None) -> None:
+    """Passive OpenMP waiting and a thread count sized to this process's CPUs, before torch loads."""
+    from .threads import configure
+
+    configure(explicit)
 
 
 def _invocation(ctx: typer.Context) -> list[str]:
@@ -194,12 +208,14 @@ def train(
     dp_lr: Annotated[float | None, typer.Option("--dp-lr", help="Learning rate of the private steps; default optimizer.lr (privacy.lr).")] = None,
     verify_key: Annotated[Path | None, typer.Option("--verify-key", help="Data owner's Ed25519 public key: the prepared directory's card.sig must verify with it (verify_key).")] = None,
     allow_unrecorded: Annotated[bool, typer.Option("--allow-unrecorded", help="Train on a prepared directory that no prepare event of this ledger wrote and no signature vouches for (recorded; guard verify fails it).")] = False,
+    threads: ThreadsOpt = None,
     ledger: LedgerOpt = None,
 ) -> None:
     """Train a diffusion model on a prepared directory (never on a raw dataset).
 
     Example: guard train --pipeline pipelines/digits.yaml --out runs/digits
     """
+    _threads(threads)
     from .engine.service import pipeline_for_new_run, pipeline_of_run, train_recorded
 
     if (pipeline is None) == (resume is None):
@@ -242,12 +258,14 @@ def sample(
     seed: Annotated[int, typer.Option("--seed", help="Seed; image i depends only on (seed, i).")] = 0,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Images per sampling batch.")] = 64,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N for sampling.")] = "auto",
+    threads: ThreadsOpt = None,
     ledger: LedgerOpt = None,
 ) -> None:
     """Draw images from a trained run: one PNG per image plus grid.png.
 
     Example: guard sample --run runs/digits --n 64 --out samples/digits
     """
+    _threads(threads)
     from .engine.service import sample_recorded
 
     outcome = sample_recorded(run, ledger=ledger, command=_invocation(ctx), count=n, out=out, steps=steps, seed=seed,
@@ -275,12 +293,14 @@ def audit(
     index_cache: Annotated[Path | None, typer.Option("--index-cache", "--index-cache-dir", help="Turn the reference index cache on, in this owner-only directory. Off by default: for the pixel embedder it holds an exact copy of the protected originals at <= 32 px. (cache.enabled: true in --config uses $GUARD_AUDIT_CACHE or ~/.cache/sfbd_guard/audit-index.)")] = None,
     no_index_cache: Annotated[bool, typer.Option("--no-index-cache", help="Do not read or write the reference index cache, whatever --config or --index-cache say.")] = False,
     no_thumbnails: Annotated[bool, typer.Option("--no-thumbnails", help="Show no protected original in report.html, not even for flagged matches.")] = False,
+    threads: ThreadsOpt = None,
     ledger: LedgerOpt = None,
 ) -> None:
     """Find generated images that copy protected originals; exit 3 if any sample is a copy.
 
     Example: guard audit --samples runs/celeba/samples --data prepared/celeba-64 --report runs/celeba/audit
     """
+    _threads(threads)
     from .audit.config import resolve_audit_config
     from .audit.report import print_summary
     from .audit.service import audit_recorded
@@ -366,12 +386,14 @@ def run_command(
     ctx: typer.Context,
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML naming the policy, the training, the sampling and the audit.")],
     allow_unrecorded: Annotated[bool, typer.Option("--allow-unrecorded", help="Train on a prepared directory that no prepare event of this ledger wrote (recorded; guard verify fails it).")] = False,
+    threads: ThreadsOpt = None,
     ledger: LedgerOpt = None,
 ) -> None:
     """Prepare, train, sample, audit and report in one command; re-running continues where it stopped.
 
     Example: guard run pipelines/digits.yaml
     """
+    _threads(threads)
     from .ledger import ledger_dir
     from .run import run_pipeline
 
@@ -407,6 +429,22 @@ def signkey_create(
     fingerprint = create_keypair(private, public)
     typer.echo(f"private key: {private} (mode 0600)")
     typer.echo(f"public key: {public} (sha256 {fingerprint})")
+
+
+@app.command()
+def info(
+    threads: ThreadsOpt = None,
+) -> None:
+    """Show the version and the CPU threads a torch command of this process would use, and why.
+
+    Example: taskset -c 0 guard info
+    """
+    from . import __version__
+    from .threads import choose_threads
+
+    choice = choose_threads(threads)
+    typer.echo(f"sfbd_guard {__version__}")
+    typer.echo(f"threads: {choice.describe()}")
 
 
 def main(argv: list[str] | None = None) -> None:
