@@ -126,7 +126,12 @@ def apply(choice: ThreadChoice, environ: MutableMapping[str, str] | None = None)
 
 
 def configure(explicit: int | None = None) -> ThreadChoice:
-    """Choose and apply the threads of this process; returns the choice for the run record."""
+    """Choose and apply the threads of this process; returns the choice for the run record.
+
+    `GUARD_THREADS=off` leaves OpenMP and torch to their own defaults (for comparisons)."""
     choice = choose_threads(explicit)
+    if os.environ.get("GUARD_THREADS", "").strip().lower() == "off" and explicit is None:
+        return ThreadChoice(0, os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)"), "off", choice.cpus, choice.quota,
+                            choice.local_world_size)
     apply(choice)
     return choice
