@@ -77,3 +77,24 @@ def test_the_readme_quickstart_runs_on_a_folder_of_images(cli, tmp_path: Path,  
         assert result.code == 0, f"{shlex.join(command)} exited {result.code}:\n{result.out}\n{result.err}"
     assert (work / "prepared/imagefolder-32/card.json").is_file()
     assert command[1] == "verify" and " 0 failed" in result.out, result.out
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#{1,6} +(.+?) *$", re.sub(r"```.*?```", "", markdown, flags=re.S), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("page", ["README.md", "benchmarks/README.md", *sorted(
+    str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))])
+def test_relative_links_lead_to_files_and_headings(page: str) -> None:
+    path = REPO / page
+    text = path.read_text(encoding="utf-8")
+    for target in re.findall(r"\]\(([^)\s]+)\)", re.sub(r"```.*?```", "", text, flags=re.S)):
+        if re.match(r"[a-z]+://", target):
+            continue
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        assert linked.exists(), f"{page}: link {target}: no such file"
+        if anchor:
+            assert anchor in _anchors(linked.read_text(encoding="utf-8")), f"{page}: link {target}: no such heading"
