@@ -19,8 +19,8 @@ from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.engine.config import DenoiseSpec, load_pipeline
 from sfbd_guard.engine.denoise import denoise_rows
 from sfbd_guard.engine.methods import plan
-from sfbd_guard.engine.pools import linear_ramp
 from sfbd_guard.engine.runtime import Runtime
+from sfbd_guard.engine.sfbd import linear_ramp
 from sfbd_guard.engine.service import train
 from sfbd_guard.policy import load_policy
 
@@ -64,13 +64,14 @@ def test_each_method_runs_end_to_end(tmp_path: Path, digits8: Path, method: str)
 
 
 def test_plans_follow_the_schedule(tmp_path: Path, digits8: Path) -> None:
-    sfbd = plan(_config(tmp_path, digits8, "p1", method="sfbd", schedule={"pretrain_kimg": 10, "rounds": 3, "round_kimg": 5}))
+    config = _config(tmp_path, digits8, "p1", method="sfbd", schedule={"pretrain_kimg": 10, "rounds": 3, "round_kimg": 5})
+    sfbd = plan(config.method, config.schedule)
     assert [(p.name, p.round, p.end_kimg) for p in sfbd] == [("pretrain", 0, 10), ("round-1", 1, 15), ("round-2", 2, 20), ("round-3", 3, 25)]
     online = _config(tmp_path, digits8, "p2", method="online-sfbd", schedule={"pretrain_kimg": 10, "total_kimg": 30})
-    assert [(p.name, p.end_kimg) for p in plan(online)] == [("pretrain", 10), ("online", 30)]
+    assert [(p.name, p.end_kimg) for p in plan(online.method, online.schedule)] == [("pretrain", 10), ("online", 30)]
     assert online.schedule.ramp() == (10, 15)
     baseline = _config(tmp_path, digits8, "p3", method="noisy-direct", schedule={"pretrain_kimg": 10, "rounds": 3, "round_kimg": 5})
-    assert plan(baseline)[-1].end_kimg == 25, "baselines get the same budget as sfbd"
+    assert plan(baseline.method, baseline.schedule)[-1].end_kimg == 25, "baselines get the same budget as sfbd"
 
 
 def test_ramp_is_linear_between_its_ends() -> None:
@@ -79,16 +80,16 @@ def test_ramp_is_linear_between_its_ends() -> None:
 
 
 def test_online_refresh_follows_the_config(tmp_path: Path, digits8: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sfbd_guard.engine import pools
+    from sfbd_guard.engine import sfbd
 
     calls: list[tuple[int, int, float]] = []
-    real = pools.denoise_rows
+    real = sfbd.denoise_rows
 
-    def spy(denoiser, noisy, rows, sigma, spec, rt, tick=None):  # type: ignore[no-untyped-def]
+    def spy(denoiser, noisy, rows, sigma, spec, rt, tick=None, **kwargs):  # type: ignore[no-untyped-def]
         calls.append((int(rows[0]), len(rows), sigma))
-        return real(denoiser, noisy, rows, sigma, spec, rt, tick)
+        return real(denoiser, noisy, rows, sigma, spec, rt, tick, **kwargs)
 
-    monkeypatch.setattr(pools, "denoise_rows", spy)
+    monkeypatch.setattr(sfbd, "denoise_rows", spy)
     schedule = {"pretrain_kimg": 0.064, "total_kimg": 0.256, "refresh_every": 3, "refresh_size": 150,
                 "ramp_start_kimg": 0.1, "ramp_end_kimg": 0.2}
     train(_config(tmp_path, digits8, "online", method="online-sfbd", schedule=schedule), resume=False)
@@ -99,7 +100,7 @@ def test_online_refresh_follows_the_config(tmp_path: Path, digits8: Path, monkey
 
 def test_resume_mid_round_reuses_the_denoised_set(tmp_path: Path, digits8: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     straight = train(_config(tmp_path, digits8, "straight", method="sfbd", schedule=SFBD_SCHEDULE, checkpoint_every=1), resume=False)
-    from sfbd_guard.engine import pools, trainer
+    from sfbd_guard.engine import sfbd, trainer
 
     real_step = trainer.Trainer.train_step
 
@@ -116,8 +117,8 @@ def test_resume_mid_round_reuses_the_denoised_set(tmp_path: Path, digits8: Path,
     before = round_file.read_bytes()
     monkeypatch.setattr(trainer.Trainer, "train_step", real_step)
     denoised_rows: list[int] = []
-    real_denoise = pools.denoise_rows
-    monkeypatch.setattr(pools, "denoise_rows", lambda *a, **k: denoised_rows.append(len(a[2])) or real_denoise(*a, **k))
+    real_denoise = sfbd.denoise_rows
+    monkeypatch.setattr(sfbd, "denoise_rows", lambda *a, **k: denoised_rows.append(len(a[2])) or real_denoise(*a, **k))
     resumed = train(config, resume=True)
     assert round_file.read_bytes() == before
     assert denoised_rows == [_protected_count(digits8)], "only round 2 is denoised after the resume"

@@ -1,25 +1,29 @@
-"""What each phase trains on, and the SFBD work done when a phase starts or between steps.
+"""SFBD's data side: the mixture each phase trains on, the denoised round sets, and online SFBD's bank.
 
-- clean / clean+noisy / ambient: fixed sets from the prepared directory.
-- sfbd rounds: on entering a round, the EMA weights become the training weights with a fresh
-  optimizer (the reference code's transfer) and every protected copy is denoised by the current EMA
+The sources of a phase come from the methods table (`methods.METHODS`):
+- clean / noisy: fixed sets from the prepared directory; under the ambient loss the noisy copies keep
+  their noise floor σ.
+- denoised (SFBD rounds): on entering a round every protected copy is denoised by the current EMA
   model; the denoised set is saved under rounds/, so a run resumed mid-round reuses it.
-- online: a bank with one slot per protected record, filled when the phase starts and refreshed
+- bank (online SFBD): one slot per protected record, filled when the phase starts and refreshed
   `refresh_size` records at a time every `refresh_every` steps; its loss weight ramps 0 → 1.
+Denoised images are kept as uint8 (sfbd.quantize, the reference code's PNG round trip) or float16.
+The trainer lends the EMA model (the denoiser) and the training state; this module never sees the trainer.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import torch
 
-from .data import Mixture, Source, clean_images, from_uint8, noisy_images
-from .denoise import denoise_rows, load_round, save_round
-from .methods import Phase
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
+from ..prepared import PreparedData
+from .checkpoint import TrainingState
+from .config import PipelineConfig
+from .data import Mixture, Source, clean_images, from_stored, noisy_images
+from .denoise import ProgressFactory, denoise_rows, load_round, save_round
+from .methods import Phase, SourceName
+from .runtime import Runtime
 
 
 def linear_ramp(kimg: float, start: float, end: float) -> float:
@@ -29,90 +33,84 @@ def linear_ramp(kimg: float, start: float, end: float) -> float:
     return min(1.0, max(0.0, (kimg - start) / (end - start)))
 
 
-class PoolBuilder:
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-        data = trainer.data
+class SFBDSources:
+    """The training sources of a run's phases, denoising the protected copies where a phase needs it."""
+
+    def __init__(self, config: PipelineConfig, data: PreparedData, run_dir: Path, rt: Runtime,
+                 progress: ProgressFactory | None = None) -> None:
+        self.config, self.run_dir, self.rt, self.progress = config, run_dir, rt, progress
         self.clean = clean_images(data)
         self.noisy = noisy_images(data)
         self.sigma = float(data.card["sigma"])
         self.record_ids = data.protected.record_ids
+        self.dtype = torch.uint8 if config.sfbd.quantize else torch.float16  # how denoised images are kept
         self.bank: Source | None = None
 
-    # ----- phase entry -----------------------------------------------------------------------------------
+    def mixture(self, phase: Phase, denoiser: torch.nn.Module, state: TrainingState, fresh: bool) -> Mixture:
+        """What `phase` trains on; `fresh`: the phase starts now (not a resume inside it)."""
+        spec = phase.spec
+        sources = [self._source(name, phase, denoiser, state, fresh) for name in spec.sources]
+        clean_weight = self.config.sfbd.clean_weight
+        if spec.fine_tune and clean_weight is not None:  # clean vs the denoised images, in fixed shares
+            return Mixture(sources, [clean_weight, 1 - clean_weight])
+        return Mixture(sources)
 
-    def enter(self, phase: Phase, fresh: bool) -> Mixture:
-        config = self.trainer.config
-        if phase.pool == "clean":
-            return Mixture([Source("clean", self.clean)])
-        if phase.pool == "clean+noisy":
-            return Mixture([Source("clean", self.clean), Source("noisy", self.noisy)])
-        if phase.pool == "ambient":
-            return Mixture([Source("clean", self.clean), Source("noisy", self.noisy, floor=self.sigma)])
-        self.trainer.ema.rampup_ratio = None  # fine-tuning: the full half-life from the start
-        if fresh:
-            self._start_fine_tuning()
-        if phase.pool == "sfbd":
-            denoised = Source("denoised", from_uint8(self._round_set(phase.round)))
-            return self._mix(denoised, config.sfbd.clean_weight)
-        self.bank = Source("bank", from_uint8(self._bank(fresh)), weight=self._ramp_weight())
-        return self._mix(self.bank, config.sfbd.clean_weight)
+    def _source(self, name: SourceName, phase: Phase, denoiser: torch.nn.Module, state: TrainingState,
+                fresh: bool) -> Source:
+        if name == "clean":
+            return Source("clean", self.clean)
+        if name == "noisy":
+            return Source("noisy", self.noisy, floor=self.sigma if phase.spec.loss == "ambient" else 0.0)
+        if name == "denoised":
+            return Source("denoised", from_stored(self._round_set(phase.round, denoiser)))
+        self.bank = Source("bank", from_stored(self._bank(denoiser, state, fresh)), weight=self._ramp_weight(state))
+        return self.bank
 
-    def _mix(self, other: Source, clean_weight: float | None) -> Mixture:
-        shares = None if clean_weight is None else [clean_weight, 1 - clean_weight]
-        return Mixture([Source("clean", self.clean), other], shares)
+    def _denoise(self, denoiser: torch.nn.Module, rows: torch.Tensor, label: str) -> torch.Tensor:
+        tick = self.progress(label, len(rows)) if self.progress and len(rows) > 256 else None
+        return denoise_rows(denoiser, self.noisy, rows, self.sigma, self.config.denoise, self.rt, tick,
+                            quantize=self.config.sfbd.quantize)
 
-    def _start_fine_tuning(self) -> None:
-        """SFBD's denoiser update starts from the previous EMA weights with a fresh Adam."""
-        trainer = self.trainer
-        if trainer.config.sfbd.transfer_ema:
-            trainer.net.load_state_dict(trainer.ema.module.state_dict())
-            trainer.optimizer = trainer._new_optimizer()
+    # ----- SFBD rounds -----------------------------------------------------------------------------------
 
-    def _denoise(self, rows: torch.Tensor, label: str) -> torch.Tensor:
-        trainer = self.trainer
-        tick = trainer.progress(label, len(rows)) if trainer.progress and len(rows) > 256 else None
-        return denoise_rows(trainer.ema.module, self.noisy, rows, self.sigma, trainer.config.denoise, trainer.rt, tick)
-
-    def _round_set(self, round_: int) -> torch.Tensor:
+    def _round_set(self, round_: int, denoiser: torch.nn.Module) -> torch.Tensor:
         """Round k's denoised set: loaded if this round already made it (resume), else made now."""
-        trainer = self.trainer
-        path = trainer.run_dir / "rounds" / f"round-{round_:02d}.safetensors"
-        saved = load_round(path, self.record_ids)
+        path = self.run_dir / "rounds" / f"round-{round_:02d}.safetensors"
+        saved = load_round(path, self.record_ids, self.dtype)
         if saved is not None:
             return saved
-        denoised = self._denoise(torch.arange(len(self.noisy)), f"denoising (round {round_})")
-        if trainer.rt.is_main:
+        denoised = self._denoise(denoiser, torch.arange(len(self.noisy)), f"denoising (round {round_})")
+        if self.rt.is_main:
             save_round(path, denoised, self.record_ids, round_)
-        trainer.rt.barrier()
+        self.rt.barrier()
         return denoised
 
     # ----- online SFBD -----------------------------------------------------------------------------------
 
-    def _bank(self, fresh: bool) -> torch.Tensor:
-        state = self.trainer.state
+    def _bank(self, denoiser: torch.nn.Module, state: TrainingState, fresh: bool) -> torch.Tensor:
         if not fresh and "bank" in state.tensors:
             return state.tensors["bank"]
-        bank = self._denoise(torch.arange(len(self.noisy)), "denoising (bank)")
+        bank = self._denoise(denoiser, torch.arange(len(self.noisy)), "denoising (bank)")
         state.tensors["bank"] = bank
         state.info["bank_cursor"] = 0
         state.info["online_start_step"] = state.step
         return bank
 
-    def _ramp_weight(self) -> float:
-        return linear_ramp(self.trainer.state.nimg / 1000, *self.trainer.config.schedule.ramp())
+    def _ramp_weight(self, state: TrainingState) -> float:
+        return linear_ramp(state.nimg / 1000, *self.config.schedule.ramp())
 
-    def before_step(self, phase: Phase, mixture: Mixture) -> None:
-        if phase.pool != "online" or self.bank is None:
+    def before_step(self, phase: Phase, denoiser: torch.nn.Module, state: TrainingState) -> None:
+        """Online SFBD: the bank's weight follows the ramp, and every `refresh_every` steps a chunk is re-denoised."""
+        if "bank" not in phase.spec.sources or self.bank is None:
             return
-        self.bank.weight = self._ramp_weight()
-        state, schedule = self.trainer.state, self.trainer.config.schedule
+        self.bank.weight = self._ramp_weight(state)
+        schedule = self.config.schedule
         since = state.step - state.info["online_start_step"]
         if since == 0 or since % schedule.refresh_every:
             return
         cursor = int(state.info["bank_cursor"])
         rows = (torch.arange(schedule.refresh_size) + cursor) % len(self.noisy)
-        fresh = self._denoise(rows, "refresh")
+        fresh = self._denoise(denoiser, rows, "refresh")
         state.tensors["bank"][rows] = fresh
-        self.bank.images[rows] = from_uint8(fresh)
+        self.bank.images[rows] = from_stored(fresh)
         state.info["bank_cursor"] = (cursor + schedule.refresh_size) % len(self.noisy)
