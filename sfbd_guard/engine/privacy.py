@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,7 +48,7 @@ from ..prepared import PreparedData
 from .clipping import ClippedGradients, unsupported_layers
 from .config import PipelineConfig
 from .data import Mixture
-from .methods import PROTECTED, Phase, SourceName, Stage, StageSpec, default_private_stages, phase_steps, plan, stages_of
+from .methods import PROTECTED, Phase, Stage, StageSpec, default_private_stages, phase_steps, plan, stages_of
 from .runtime import Runtime
 
 PROTECTED_SOURCES = frozenset(name for name, protected in PROTECTED.items() if protected)
@@ -73,8 +73,8 @@ def private_stages(config: PipelineConfig) -> tuple[Stage, ...]:
     return stages
 
 
-def source_rates(spec: StageSpec, sizes: dict[SourceName, int], clean_weight: float | None,
-                 batch: int) -> dict[SourceName, float]:
+def source_rates(spec: StageSpec, sizes: dict[str, int], clean_weight: float | None,
+                 batch: int) -> dict[str, float]:
     """Poisson rate of each source of a stage: batch × share / size (the shares of `sfbd.SFBDSources`' mixture)."""
     names = spec.sources
     present = [n for n in names if sizes[n] > 0]
@@ -134,7 +134,7 @@ def plan_privacy(config: PipelineConfig, data: PreparedData, world_size: int = 1
     assert spec is not None
     stages = private_stages(config)
     n_clean, n_protected = len(data.clean.record_ids), len(data.protected.record_ids)
-    sizes: dict[SourceName, int] = {name: n_protected if protected else n_clean for name, protected in PROTECTED.items()}
+    sizes: dict[str, int] = {name: n_protected if protected else n_clean for name, protected in PROTECTED.items()}
     global_batch = max(1, config.batch // world_size) * world_size
     phases = plan(config.method, config.schedule)
     private: dict[str, tuple[int, float]] = {}
