@@ -67,7 +67,7 @@ def quartiles(values: list[float]) -> dict[str, float]:
 def micro_benchmark(data: Path, steps: int, physical_batch: int) -> dict[str, object]:
     """Interleaved per-step timing of the digits model: non-private vs DP-SGD (same expected batch).
 
-    The DP step is `PrivateTraining.step`'s: Poisson batch, `ClippedGradients` (sum of per-sample
+    The DP step is `PrivatePhase.step`'s: Poisson batch, `ClippedGradients` (sum of per-sample
     gradients clipped to 1), Opacus' DPOptimizerFastGradientClipping (noise, expected-batch scaling).
     """
     from opacus.optimizers import DPOptimizerFastGradientClipping
@@ -75,7 +75,7 @@ def micro_benchmark(data: Path, steps: int, physical_batch: int) -> dict[str, ob
     from sfbd_guard.diffusion.ambient import AmbientLoss
     from sfbd_guard.diffusion.optim import make_adam
     from sfbd_guard.engine.data import clean_images
-    from sfbd_guard.engine.grad_samplers import ClippedGradients
+    from sfbd_guard.engine.clipping import ClippedGradients
     from sfbd_guard.engine.trainer import build_net
 
     config = load_pipeline(quality.REPO / "pipelines" / "digits.yaml", {"data": str(data)})

@@ -19,9 +19,9 @@ from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.engine.config import DenoiseSpec, load_pipeline
 from sfbd_guard.engine.denoise import denoise_rows
 from sfbd_guard.engine.methods import plan
-from sfbd_guard.engine.pools import linear_ramp
 from sfbd_guard.engine.runtime import Runtime
 from sfbd_guard.engine.service import train
+from sfbd_guard.engine.sfbd import linear_ramp
 from sfbd_guard.policy import load_policy
 
 SFBD_SCHEDULE = {"pretrain_kimg": 0.064, "rounds": 2, "round_kimg": 0.048}  # 4 + 3 + 3 steps of 16
@@ -64,13 +64,14 @@ def test_each_method_runs_end_to_end(tmp_path: Path, digits8: Path, method: str)
 
 
 def test_plans_follow_the_schedule(tmp_path: Path, digits8: Path) -> None:
-    sfbd = plan(_config(tmp_path, digits8, "p1", method="sfbd", schedule={"pretrain_kimg": 10, "rounds": 3, "round_kimg": 5}))
+    config = _config(tmp_path, digits8, "p1", method="sfbd", schedule={"pretrain_kimg": 10, "rounds": 3, "round_kimg": 5})
+    sfbd = plan(config.method, config.schedule)
     assert [(p.name, p.round, p.end_kimg) for p in sfbd] == [("pretrain", 0, 10), ("round-1", 1, 15), ("round-2", 2, 20), ("round-3", 3, 25)]
     online = _config(tmp_path, digits8, "p2", method="online-sfbd", schedule={"pretrain_kimg": 10, "total_kimg": 30})
-    assert [(p.name, p.end_kimg) for p in plan(online)] == [("pretrain", 10), ("online", 30)]
+    assert [(p.name, p.end_kimg) for p in plan(online.method, online.schedule)] == [("pretrain", 10), ("online", 30)]
     assert online.schedule.ramp() == (10, 15)
     baseline = _config(tmp_path, digits8, "p3", method="noisy-direct", schedule={"pretrain_kimg": 10, "rounds": 3, "round_kimg": 5})
-    assert plan(baseline)[-1].end_kimg == 25, "baselines get the same budget as sfbd"
+    assert plan(baseline.method, baseline.schedule)[-1].end_kimg == 25, "baselines get the same budget as sfbd"
 
 
 def test_ramp_is_linear_between_its_ends() -> None:
@@ -79,16 +80,16 @@ def test_ramp_is_linear_between_its_ends() -> None:
 
 
 def test_online_refresh_follows_the_config(tmp_path: Path, digits8: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sfbd_guard.engine import pools
+    from sfbd_guard.engine import sfbd
 
     calls: list[tuple[int, int, float]] = []
-    real = pools.denoise_rows
+    real = sfbd.denoise_rows
 
-    def spy(denoiser, noisy, rows, sigma, spec, rt, tick=None):  # type: ignore[no-untyped-def]
+    def spy(denoiser, noisy, rows, sigma, spec, rt, tick=None, **kwargs):  # type: ignore[no-untyped-def]
         calls.append((int(rows[0]), len(rows), sigma))
-        return real(denoiser, noisy, rows, sigma, spec, rt, tick)
+        return real(denoiser, noisy, rows, sigma, spec, rt, tick, **kwargs)
 
-    monkeypatch.setattr(pools, "denoise_rows", spy)
+    monkeypatch.setattr(sfbd, "denoise_rows", spy)
     schedule = {"pretrain_kimg": 0.064, "total_kimg": 0.256, "refresh_every": 3, "refresh_size": 150,
                 "ramp_start_kimg": 0.1, "ramp_end_kimg": 0.2}
     train(_config(tmp_path, digits8, "online", method="online-sfbd", schedule=schedule), resume=False)
@@ -99,7 +100,7 @@ def test_online_refresh_follows_the_config(tmp_path: Path, digits8: Path, monkey
 
 def test_resume_mid_round_reuses_the_denoised_set(tmp_path: Path, digits8: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     straight = train(_config(tmp_path, digits8, "straight", method="sfbd", schedule=SFBD_SCHEDULE, checkpoint_every=1), resume=False)
-    from sfbd_guard.engine import pools, trainer
+    from sfbd_guard.engine import sfbd, trainer
 
     real_step = trainer.Trainer.train_step
 
@@ -116,8 +117,8 @@ def test_resume_mid_round_reuses_the_denoised_set(tmp_path: Path, digits8: Path,
     before = round_file.read_bytes()
     monkeypatch.setattr(trainer.Trainer, "train_step", real_step)
     denoised_rows: list[int] = []
-    real_denoise = pools.denoise_rows
-    monkeypatch.setattr(pools, "denoise_rows", lambda *a, **k: denoised_rows.append(len(a[2])) or real_denoise(*a, **k))
+    real_denoise = sfbd.denoise_rows
+    monkeypatch.setattr(sfbd, "denoise_rows", lambda *a, **k: denoised_rows.append(len(a[2])) or real_denoise(*a, **k))
     resumed = train(config, resume=True)
     assert round_file.read_bytes() == before
     assert denoised_rows == [_protected_count(digits8)], "only round 2 is denoised after the resume"
@@ -167,3 +168,95 @@ def _alone(y: torch.Tensor) -> torch.Tensor:
     results: dict = {}  # type: ignore[type-arg]
     _denoise_worker(0, 1, 0, y.unsqueeze(0).expand(7, -1, -1, -1).contiguous(), results)
     return results[(1, 0)][0]
+
+
+# ----- the methods table (sfbd_guard/engine/methods.py) ------------------------------------------------------
+
+def test_the_table_declares_every_method_and_private_stages_are_those_reading_protected_data() -> None:
+    from typing import get_args
+
+    from sfbd_guard.engine.config import PipelineConfig
+    from sfbd_guard.engine.methods import METHODS, Method, Stage, default_private_stages
+
+    assert set(METHODS) == set(get_args(Method)) == set(get_args(PipelineConfig.model_fields["method"].annotation))
+    for method, stages in METHODS.items():
+        assert len({spec.stage for spec in stages}) == len(stages), f"{method}: a stage appears once"
+        for spec in stages:
+            assert spec.stage in get_args(Stage) and spec.sources[0] == "clean"
+            # a stage that reads protected-derived data must be private by default, and only those are
+            assert spec.private == spec.reads_protected, f"{method} {spec.stage}"
+            assert not spec.fine_tune or len(spec.sources) == 2, "fine-tuning mixes clean with one other source"
+    assert {m: default_private_stages(m) for m in METHODS} == {
+        "clean-only": (), "noisy-direct": ("train",), "ambient": ("train",), "sfbd": ("rounds",), "online-sfbd": ("online",)}
+
+
+def test_step_counts_are_those_of_the_training_loop() -> None:
+    """phase_steps (closed form) against the trainer's loop (images seen += batch while below the end)."""
+    import random
+
+    from sfbd_guard.engine.methods import METHODS, Phase, phase_steps
+
+    spec = METHODS["sfbd"][0]
+    rng = random.Random(0)
+    for _ in range(500):
+        ends = sorted(rng.choice([rng.uniform(0, 1), round(rng.uniform(0, 1), 3), rng.randint(0, 40) * 0.016])
+                      for _ in range(rng.randint(1, 4)))
+        if rng.random() < 0.2:  # a phase that ends before the previous one (pretrain longer than the budget)
+            ends.insert(0, ends[-1] + 0.05)
+        batch = rng.choice([1, 7, 16, 64, 100])
+        phases = [Phase(f"p{i}", 0, end, spec) for i, end in enumerate(ends)]
+        nimg, expected = 0, []
+        for phase in phases:
+            steps = 0
+            while nimg < phase.end_kimg * 1000:
+                nimg += batch
+                steps += 1
+            expected.append(steps)
+        assert phase_steps(phases, batch) == expected, (ends, batch)
+
+
+def test_config_checks_follow_the_table(tmp_path: Path, digits8: Path) -> None:
+    from sfbd_guard.errors import GuardError
+
+    with pytest.raises(GuardError, match="method sfbd needs schedule.rounds >= 1"):
+        _config(tmp_path, digits8, "bad1", method="sfbd", schedule={"pretrain_kimg": 1})
+    with pytest.raises(GuardError, match="method online-sfbd needs schedule.total_kimg"):
+        _config(tmp_path, digits8, "bad2", method="online-sfbd", schedule={"pretrain_kimg": 1})
+    with pytest.raises(GuardError, match="method"):
+        _config(tmp_path, digits8, "bad3", method="sfbd-2")
+    with pytest.raises(GuardError, match="stages"):
+        _config(tmp_path, digits8, "bad4", privacy={"epsilon": 1, "stages": ["rounds", "finetune"]})
+
+
+# ----- sfbd.quantize ---------------------------------------------------------------------------------------
+
+def _ema_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / (run / "checkpoints" / "latest").read_text() / "ema.safetensors")
+
+
+@pytest.mark.parametrize("method", ["sfbd", "online-sfbd"])
+def test_quantize_false_keeps_denoised_images_in_float16(tmp_path: Path, digits8: Path, method: str) -> None:
+    """sfbd.quantize: true keeps the denoised set / bank as uint8 pixels (the reference code's PNG round trip),
+    false as float16 on the [-1, 1] scale, and the model trains on those values."""
+    schedule = dict(SFBD_SCHEDULE) if method == "sfbd" else {"pretrain_kimg": 0.064, "total_kimg": 0.16,
+                                                             "refresh_every": 2, "refresh_size": 200}
+    runs, kept = {}, {}
+    for quantize in (True, False):
+        name = f"{method}-q{int(quantize)}"
+        outcome = train(_config(tmp_path, digits8, name, method=method, schedule=schedule, checkpoint_every=1000,
+                                sfbd={"quantize": quantize}), resume=False)
+        runs[quantize] = outcome.run_dir
+        if method == "sfbd":
+            kept[quantize] = load_file(outcome.run_dir / "rounds" / "round-01.safetensors")["denoised"]
+        else:
+            kept[quantize] = load_file(outcome.checkpoint / "state.safetensors")["state.bank"]
+    assert kept[True].dtype == torch.uint8 and kept[False].dtype == torch.float16
+    assert kept[False].shape == kept[True].shape == (_protected_count(digits8), 1, 8, 8)
+    floats = kept[False].float()
+    assert floats.abs().max() <= 1
+    on_grid = ((floats + 1) * 127.5 - ((floats + 1) * 127.5).round()).abs() < 1e-3
+    assert on_grid.float().mean() < 0.5, "float16 values are not the uint8 pixels"
+    if method == "sfbd":  # the same pretraining, so the first round's sets differ by the rounding only
+        assert ((floats + 1) * 127.5 - kept[True].float()).abs().max() <= 0.5 + 0.25
+    weights = [_ema_weights(runs[q]) for q in (True, False)]
+    assert not all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), "the kept values are trained on"

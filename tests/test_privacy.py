@@ -145,9 +145,9 @@ def test_per_sample_gradients_are_clipped(digits: Path, tmp_path: Path) -> None:
     trainer = Trainer(config, open_prepared(digits), tmp_path / "clip", Runtime(torch.device("cpu")))
     phase = trainer.phases[0]
     assert phase.name == "train"  # the baselines' single phase reads the noisy copies: private by default
-    mixture = trainer.pools.enter(phase, True)
     trainer.privacy.info["noise_multiplier"] = 0.0  # so the update is exactly the clipped mean
-    private = trainer.privacy.enter(phase, mixture)
+    mixture = trainer.enter_phase(0)
+    private = trainer.private
     params = dict(trainer.net.named_parameters())
     before = {name: p.detach().clone() for name, p in params.items()}
     generators = trainer.private_batch_gen.get_state(), trainer.noise_gen.get_state()
@@ -159,7 +159,7 @@ def test_per_sample_gradients_are_clipped(digits: Path, tmp_path: Path) -> None:
         return adam_step(*args, **kwargs)
 
     trainer.optimizer.step = spy  # type: ignore[method-assign]
-    private.step(mixture)
+    private.step(mixture, trainer.state.nimg)
     private.leave(phase)
 
     # the same batch and loss noise again, per-sample gradients one sample at a time, clipped by hand
@@ -197,9 +197,9 @@ def test_an_empty_poisson_batch_takes_a_noise_only_step_and_is_accounted(digits:
                      privacy={"epsilon": EPSILON, "max_grad_norm": clip, "physical_batch": 5})
     trainer = Trainer(config, open_prepared(digits), tmp_path / "empty", Runtime(torch.device("cpu")))
     phase = trainer.phases[0]
-    mixture = trainer.pools.enter(phase, True)
     trainer.privacy.info["noise_multiplier"] = noise_multiplier
-    private = trainer.privacy.enter(phase, mixture)
+    mixture = trainer.enter_phase(0)
+    private = trainer.private
     shape = trainer.data.image_shape
     monkeypatch.setattr(private, "poisson_batch", lambda _: (torch.zeros((0, *shape)), torch.zeros(0), torch.zeros(0)))
     applied: list[torch.Tensor] = []
@@ -211,7 +211,7 @@ def test_an_empty_poisson_batch_takes_a_noise_only_step_and_is_accounted(digits:
 
     trainer.optimizer.step = spy  # type: ignore[method-assign]
     steps_before = private.info["steps"]
-    losses, _ = private.step(mixture)
+    losses, _ = private.step(mixture, trainer.state.nimg)
     assert len(losses) == 0
     assert private.info["steps"] == steps_before + 1  # the step counts towards epsilon like any other
     assert sum(h[2] for h in private.info["history"]) == private.info["steps"]
@@ -297,15 +297,22 @@ def _ddp_worker(rank: int, port: int, pipeline: str, results: dict) -> None:  # 
     torch.set_num_threads(1)
     from sfbd_guard.engine import trainer as module
 
-    real_run = module.Trainer.run
+    real_run, real_step = module.Trainer.run, module.Trainer.train_step
+    models = set()
+
+    def step_and_note(self, mixture, phase):  # type: ignore[no-untyped-def]
+        if self.private:
+            models.add(type(self.private.model).__name__)
+        real_step(self, mixture, phase)
 
     def run_and_report(self):  # type: ignore[no-untyped-def]
         final = real_run(self)
         flat = torch.cat([p.detach().flatten() for p in self.net.parameters()])
-        results[rank] = {"weights": flat.tolist(), "model": type(self.privacy.model).__name__}
+        results[rank] = {"weights": flat.tolist(), "models": sorted(models)}
         return final
 
     module.Trainer.run = run_and_report
+    module.Trainer.train_step = step_and_note
     outcome = train(load_pipeline(Path(pipeline)), resume=False)
     results[rank] = {**results[rank], "privacy": outcome.privacy}
 
@@ -314,7 +321,7 @@ def test_two_process_gloo_run_with_opacus_ddp(digits: Path, tmp_path: Path) -> N
     path = write_policy(tmp_path / "ddp.yaml", _pipeline(tmp_path, digits, "ddp"))
     results = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(_free_port(), str(path), results), nprocs=2)
-    assert results[0]["model"] == "DifferentiallyPrivateDistributedDataParallel"
+    assert results[0]["models"] == ["DifferentiallyPrivateDistributedDataParallel"]
     assert results[0]["weights"] == results[1]["weights"], "noise added once, gradients reduced: ranks stay in sync"
     privacy = results[0]["privacy"]
     assert privacy == results[1]["privacy"] and privacy["steps"] == 6  # global batch 16 = 2 × 8, same schedule
@@ -323,7 +330,7 @@ def test_two_process_gloo_run_with_opacus_ddp(digits: Path, tmp_path: Path) -> N
     assert steps == ["pretrain"] * 2 + ["round-1"] * 3 + ["round-2"] * 3
 
 
-# ----- per-sample clipping without per-sample gradients (sfbd_guard/engine/grad_samplers.py) ----------------
+# ----- per-sample clipping without per-sample gradients (sfbd_guard/engine/clipping.py) ----------------
 
 def _brute_force(layer_or_net: torch.nn.Module, losses: torch.Tensor) -> list[list[torch.Tensor]]:
     """Each sample's gradient over the trainable parameters, one backward pass per sample."""
@@ -344,7 +351,7 @@ def _brute_force(layer_or_net: torch.nn.Module, losses: torch.Tensor) -> list[li
 ], ids=["conv3x3-8px", "conv3x3-8px-narrow", "conv3x3-4px", "conv1x1", "conv-stride-dilation-groups", "conv-3x1-nobias", "linear",
         "linear-3d", "groupnorm"])
 def test_layer_norms_and_clipped_sums_match_per_sample_gradients(layer: torch.nn.Module, shape: tuple) -> None:
-    from sfbd_guard.engine import grad_samplers
+    from sfbd_guard.engine import clipping
 
     torch.manual_seed(0)
     layer = layer.double()
@@ -357,11 +364,11 @@ def test_layer_norms_and_clipped_sums_match_per_sample_gradients(layer: torch.nn
     expected = torch.stack([sum(g.square().sum() for g in grads) for grads in per_sample])
     methods = [None, "ghost", "direct", "grouped"] if isinstance(layer, torch.nn.Conv2d) else [None]
     for method in methods:
-        got = (grad_samplers._conv2d_norms(layer, x, grad, method) if method
-               else grad_samplers.per_sample_squared_norms(layer, x, grad))
+        got = (clipping._conv2d_norms(layer, x, grad, method) if method
+               else clipping.per_sample_squared_norms(layer, x, grad))
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=0, msg=f"method {method}")
     factors = torch.rand(shape[0], dtype=torch.float64)
-    clipped = grad_samplers.clipped_sum(layer, x, grad, factors)
+    clipped = clipping.clipped_sum(layer, x, grad, factors)
     for k, p in enumerate(layer.parameters()):
         torch.testing.assert_close(clipped[p].reshape(p.shape), sum(f * grads[k] for f, grads in zip(factors, per_sample)),
                                    rtol=1e-12, atol=1e-12)
@@ -375,7 +382,7 @@ def test_clipped_gradients_match_brute_force_on_the_unet(dtype: torch.dtype, rto
     """Every block kind of our U-Net (attention, down/up sampling, skip convs, embedding MLP), in the
     memory layouts the trainer uses (channels_last on CUDA)."""
     from sfbd_guard.diffusion.networks import UNetConfig, build_denoiser
-    from sfbd_guard.engine.grad_samplers import ClippedGradients
+    from sfbd_guard.engine.clipping import ClippedGradients
 
     torch.manual_seed(1)
     cfg = UNetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), dropout=0.0)
@@ -413,7 +420,7 @@ def test_clipped_gradients_match_brute_force_on_the_unet(dtype: torch.dtype, rto
 
 
 def test_layers_without_a_clipping_path_are_refused_by_name() -> None:
-    from sfbd_guard.engine.grad_samplers import ClippedGradients
+    from sfbd_guard.engine.clipping import ClippedGradients
     from sfbd_guard.engine.privacy import check_clippable
     from sfbd_guard.errors import InputError
 

@@ -101,7 +101,3 @@ class EDMPrecond(nn.Module):
         else:
             f_x = self.inner(*args, augment_labels.to(dtype))
         return c_skip * x + c_out * f_x.to(x.dtype)
-
-    def round_sigma(self, sigma: Tensor | float) -> Tensor:
-        """Identity rounding (EDM's continuous-sigma models); kept for the Denoiser interface."""
-        return torch.as_tensor(sigma)

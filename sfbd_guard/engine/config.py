@@ -8,9 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ..config import StrictModel, read_yaml_mapping, set_dotted, validate_mapping
-
-Method = Literal["clean-only", "noisy-direct", "ambient", "sfbd", "online-sfbd"]
-METHODS = ("clean-only", "noisy-direct", "ambient", "sfbd", "online-sfbd")
+from .methods import Method, Stage, stages_of
 
 
 class ModelSpec(StrictModel):
@@ -64,7 +62,7 @@ class DenoiseSpec(StrictModel):
 class SFBDSpec(StrictModel):
     clean_weight: float | None = Field(None, gt=0, lt=1)  # share of clean images per batch; null: natural proportion
     transfer_ema: bool = True  # each round starts from the EMA weights with a fresh optimizer (reference code)
-    quantize: bool = True  # denoised images kept as uint8, as the reference code's PNG round trip does
+    quantize: bool = True  # denoised images kept as uint8, as the reference code's PNG round trip does; false: float16
 
 
 class PrivacySpec(StrictModel):
@@ -74,7 +72,7 @@ class PrivacySpec(StrictModel):
     delta: float | None = Field(None, gt=0, lt=1)  # default 1 / (10 × protected records)
     max_grad_norm: float = Field(1.0, gt=0)  # per-sample gradient clipping norm
     accountant: Literal["rdp", "prv"] = "prv"  # Opacus accountant for the noise multiplier and the reports
-    stages: list[Literal["pretrain", "rounds", "online", "train"]] | None = None  # default: those reading protected data
+    stages: list[Stage] | None = None  # default: the method's stages that read protected data (engine/methods.py)
     physical_batch: int = Field(64, ge=1)  # samples per forward/backward within a Poisson batch (memory bound)
     lr: float | None = Field(None, gt=0)  # learning rate of the private steps; default: optimizer.lr
 
@@ -127,16 +125,16 @@ class PipelineConfig(StrictModel):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.model.model_channels % 4:
             raise ValueError("model.model_channels must be a multiple of 4")
-        schedule = self.schedule
-        if self.method == "sfbd" and (schedule.rounds < 1 or schedule.round_kimg <= 0):
-            raise ValueError("method sfbd needs schedule.rounds >= 1 and schedule.round_kimg > 0")
+        schedule, stages, method = self.schedule, stages_of(self.method), self.method
+        if "rounds" in stages and (schedule.rounds < 1 or schedule.round_kimg <= 0):
+            raise ValueError(f"method {method} needs schedule.rounds >= 1 and schedule.round_kimg > 0")
         rounds_end = schedule.pretrain_kimg + schedule.rounds * schedule.round_kimg
-        if self.method == "sfbd" and schedule.total_kimg is not None and abs(schedule.total_kimg - rounds_end) > 1e-9:
-            raise ValueError(f"method sfbd runs pretrain_kimg + rounds × round_kimg = {rounds_end:g} kimg; "
+        if "rounds" in stages and schedule.total_kimg is not None and abs(schedule.total_kimg - rounds_end) > 1e-9:
+            raise ValueError(f"method {method} runs pretrain_kimg + rounds × round_kimg = {rounds_end:g} kimg; "
                              "drop schedule.total_kimg or make it equal")
-        if self.method == "online-sfbd":
+        if "online" in stages:
             if schedule.total_kimg is None or schedule.total_kimg <= schedule.pretrain_kimg:
-                raise ValueError("method online-sfbd needs schedule.total_kimg > schedule.pretrain_kimg")
+                raise ValueError(f"method {method} needs schedule.total_kimg > schedule.pretrain_kimg")
             start, end = schedule.ramp_start_kimg, schedule.ramp_end_kimg
             if start is not None and end is not None and end < start:
                 raise ValueError("schedule.ramp_end_kimg must not be below schedule.ramp_start_kimg")

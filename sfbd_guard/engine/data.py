@@ -29,6 +29,11 @@ def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float() / 127.5 - 1.0
 
 
+def from_stored(images: torch.Tensor) -> torch.Tensor:
+    """Denoised images as kept (uint8 pixels, or float16 on the [-1, 1] scale) → float32 [-1, 1]."""
+    return from_uint8(images) if images.dtype == torch.uint8 else images.float()
+
+
 @dataclass
 class Source:
     """One set of training images: its loss noise floor (0 = treat as clean) and loss weight."""

@@ -20,15 +20,18 @@ from .data import to_uint8
 from .runtime import Runtime, gather_rows, rank_slice
 
 Tick = Callable[[int], None]
+ProgressFactory = Callable[[str, int], Tick]  # (label, total) -> a tick called with the count done since the last
 
 
 @torch.no_grad()
 def denoise_rows(denoiser: torch.nn.Module, noisy: torch.Tensor, rows: torch.Tensor, sigma: float,
-                 spec: DenoiseSpec, rt: Runtime, tick: Tick | None = None) -> torch.Tensor:
+                 spec: DenoiseSpec, rt: Runtime, tick: Tick | None = None, quantize: bool = True) -> torch.Tensor:
     """Denoise `noisy[rows]` (this rank's share of `rows`), gathered back in the order of `rows`.
 
-    Returns uint8 (len(rows), C, H, W): the reference code's PNG round trip, clipped and rounded.
+    Returns (len(rows), C, H, W) clipped to [-1, 1]: uint8 pixels when `quantize` (the reference code's
+    PNG round trip, rounded), else float16 on the [-1, 1] scale.
     """
+    dtype = torch.uint8 if quantize else torch.float16
     mine = rank_slice(len(rows), rt)
     outputs = []
     for start in range(0, len(mine), spec.batch):
@@ -37,12 +40,14 @@ def denoise_rows(denoiser: torch.nn.Module, noisy: torch.Tensor, rows: torch.Ten
         with rt.autocast():
             clean = denoise_backward(denoiser, y, sigma, steps=spec.steps, solver=spec.solver, grid=spec.grid,
                                      rho=spec.rho, sigma_min=spec.sigma_min)
-        outputs.append(to_uint8(clean.clamp(-1, 1)).to(rt.device))
+        clean = clean.clamp(-1, 1)
+        outputs.append((to_uint8(clean) if quantize else clean.to(dtype)).to(rt.device))
         if tick:
             tick(len(chunk) * rt.world_size)
-    local = torch.cat(outputs) if outputs else torch.empty((0, *noisy.shape[1:]), dtype=torch.uint8, device=rt.device)
-    gathered = gather_rows(local.to(torch.int32) if rt.distributed else local, mine.to(rt.device), len(rows), rt)
-    return gathered.to(torch.uint8).cpu()
+    local = torch.cat(outputs) if outputs else torch.empty((0, *noisy.shape[1:]), dtype=dtype, device=rt.device)
+    wire = torch.int32 if quantize else torch.float32  # types every collective backend gathers
+    gathered = gather_rows(local.to(wire) if rt.distributed else local, mine.to(rt.device), len(rows), rt)
+    return gathered.to(dtype).cpu()
 
 
 def record_digest(record_ids: list[str]) -> str:
@@ -58,8 +63,8 @@ def save_round(path: Path, denoised: torch.Tensor, record_ids: list[str], round_
     tmp.replace(path)
 
 
-def load_round(path: Path, record_ids: list[str]) -> torch.Tensor | None:
-    """A saved round's denoised set, if it exists and belongs to these records."""
+def load_round(path: Path, record_ids: list[str], dtype: torch.dtype) -> torch.Tensor | None:
+    """A saved round's denoised set, if it exists, belongs to these records and is kept as `dtype`."""
     if not path.is_file():
         return None
     from safetensors import safe_open
@@ -67,4 +72,5 @@ def load_round(path: Path, record_ids: list[str]) -> torch.Tensor | None:
     with safe_open(path, framework="pt") as handle:
         if handle.metadata().get("record_ids_sha256") != record_digest(record_ids):
             return None
-    return load_file(path)["denoised"]
+    denoised = load_file(path)["denoised"]
+    return denoised if denoised.dtype == dtype else None

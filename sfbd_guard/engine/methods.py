@@ -1,4 +1,4 @@
-"""Training methods as plans of phases: what each phase trains on and until how many images.
+"""Training methods as data: one table says what each method's stages train on, and the schedule cuts them.
 
 - clean-only: the clean partition.
 - noisy-direct: clean ∪ the noisy copies, as if they were clean (the naive baseline).
@@ -10,14 +10,80 @@
   record) is refreshed chunk by chunk with the current EMA model, its loss weight ramping from 0
   to 1 (Lu, Lo, Yu 2025).
 Every method gets the same compute budget (schedule.budget_kimg()).
+
+Everything else reads this table: the pipeline config (method names, schedule checks, privacy.stages),
+the SFBD data side (`sfbd.py`: which sources a phase's mixture holds, their noise floors and shares) and
+the DP planner (`privacy.py`: which phases are private by default, their Poisson rates and step counts).
+Adding a method that reuses these stages and sources is one name in `Method` and one row in `METHODS`.
+This module imports nothing from the package, so every other module can read it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
+from typing import Literal, Protocol, get_args
 
-from ..errors import InputError
-from .config import PipelineConfig
+Method = Literal["clean-only", "noisy-direct", "ambient", "sfbd", "online-sfbd"]
+Stage = Literal["train", "pretrain", "rounds", "online"]  # how the schedule cuts a stage into phases, below
+SourceName = Literal["clean", "noisy", "denoised", "bank"]
+Loss = Literal["edm", "ambient"]
+
+# which training sources hold one row per protected record (the privacy unit): all but the clean partition
+PROTECTED: dict[SourceName, bool] = {
+    "clean": False,  # the clean partition (uint8 shards)
+    "noisy": True,  # the protected records' noisy copies y = x + σε, as stored
+    "denoised": True,  # an SFBD round's denoised set: every noisy copy denoised by the EMA model (rounds/)
+    "bank": True,  # online SFBD's bank: one denoised slot per record, refreshed between steps
+}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of a method: what it trains on, with which loss, and whether DP-SGD trains it by default."""
+
+    stage: Stage
+    sources: tuple[SourceName, ...]  # clean first; a fine-tuning stage has exactly one other source
+    loss: Loss  # edm: every image treated as clean (noise floor 0); ambient: noisy copies keep their floor σ
+    private: bool  # trained with DP-SGD when privacy is on and privacy.stages is not given
+    fine_tune: bool = False  # SFBD fine-tuning: sfbd.transfer_ema, the full EMA half-life, sfbd.clean_weight shares
+
+    @property
+    def reads_protected(self) -> bool:
+        return any(PROTECTED[source] for source in self.sources)
+
+
+METHODS: dict[Method, tuple[StageSpec, ...]] = {
+    "clean-only": (StageSpec("train", ("clean",), "edm", private=False),),
+    "noisy-direct": (StageSpec("train", ("clean", "noisy"), "edm", private=True),),
+    "ambient": (StageSpec("train", ("clean", "noisy"), "ambient", private=True),),
+    "sfbd": (StageSpec("pretrain", ("clean",), "edm", private=False),
+             StageSpec("rounds", ("clean", "denoised"), "edm", private=True, fine_tune=True)),
+    "online-sfbd": (StageSpec("pretrain", ("clean",), "edm", private=False),
+                    StageSpec("online", ("clean", "bank"), "edm", private=True, fine_tune=True)),
+}
+if set(METHODS) != set(get_args(Method)):
+    raise AssertionError("methods.METHODS and methods.Method must name the same methods")
+
+
+def stages_of(method: Method) -> tuple[Stage, ...]:
+    return tuple(spec.stage for spec in METHODS[method])
+
+
+def default_private_stages(method: Method) -> tuple[Stage, ...]:
+    return tuple(spec.stage for spec in METHODS[method] if spec.private)
+
+
+class Schedule(Protocol):
+    """What the plan reads of `config.ScheduleSpec` (a protocol, so this module needs no import of it)."""
+
+    @property
+    def pretrain_kimg(self) -> float: ...
+    @property
+    def rounds(self) -> int: ...
+    @property
+    def round_kimg(self) -> float: ...
+    def budget_kimg(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -25,20 +91,37 @@ class Phase:
     name: str  # shown in metrics: "train", "pretrain", "round-1", "online"
     round: int  # SFBD round; 0 outside rounds
     end_kimg: float  # the phase ends when this many thousand images have been seen in the run
-    pool: str  # clean | clean+noisy | ambient | sfbd | online
+    spec: StageSpec  # what the phase trains on
 
 
-def plan(config: PipelineConfig) -> list[Phase]:
-    schedule = config.schedule
+def _cut(spec: StageSpec, schedule: Schedule) -> list[Phase]:
+    """The phases of one stage: the whole budget, the pretraining, one per SFBD round, or the rest."""
     budget = schedule.budget_kimg()
-    if config.method in ("clean-only", "noisy-direct", "ambient"):
-        pool = {"clean-only": "clean", "noisy-direct": "clean+noisy", "ambient": "ambient"}[config.method]
-        return [Phase("train", 0, budget, pool)]
-    pretrain = Phase("pretrain", 0, min(schedule.pretrain_kimg, budget), "clean")
-    if config.method == "sfbd":
-        rounds = [Phase(f"round-{k}", k, schedule.pretrain_kimg + k * schedule.round_kimg, "sfbd")
-                  for k in range(1, schedule.rounds + 1)]
-        return [pretrain, *rounds]
-    if config.method == "online-sfbd":
-        return [pretrain, Phase("online", 1, budget, "online")]
-    raise InputError(f"unknown method {config.method!r}")
+    if spec.stage == "train":
+        return [Phase("train", 0, budget, spec)]
+    if spec.stage == "pretrain":
+        return [Phase("pretrain", 0, min(schedule.pretrain_kimg, budget), spec)]
+    if spec.stage == "rounds":
+        return [Phase(f"round-{k}", k, schedule.pretrain_kimg + k * schedule.round_kimg, spec)
+                for k in range(1, schedule.rounds + 1)]
+    return [Phase("online", 1, budget, spec)]
+
+
+def plan(method: Method, schedule: Schedule) -> list[Phase]:
+    """The method's phases in order, each ending at a point of the run's image count."""
+    return [phase for spec in METHODS[method] for phase in _cut(spec, schedule)]
+
+
+def phase_steps(phases: list[Phase], global_batch: int) -> list[int]:
+    """Optimizer steps of each phase, as the trainer's loop takes them.
+
+    The loop steps while images seen < end_kimg × 1000, adding the global batch per step, so the run
+    has taken ceil(end × 1000 / batch) steps when a phase ends (exact: a float's Fraction), or as many as
+    before if an earlier phase already went past its end.
+    """
+    counts, done = [], 0
+    for phase in phases:
+        until = max(done, -(-Fraction(phase.end_kimg * 1000) // global_batch))
+        counts.append(int(until) - done)
+        done = int(until)
+    return counts

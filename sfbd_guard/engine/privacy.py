@@ -9,7 +9,7 @@ The privacy unit is one protected record. A private phase:
   amplification the accountant counts on; its state is checkpointed); under
   torchrun, rank r draws only over rows r, r + W, ..., so the union is one Poisson batch;
 - clips each sample's gradient to `max_grad_norm` and sums them without materialising per-sample
-  gradients (`grad_samplers.ClippedGradients`: one backward pass for the layers' output gradients,
+  gradients (`clipping.ClippedGradients`: one backward pass for the layers' output gradients,
   exact per-sample norms per layer, then each layer's gradient with the outputs' gradients scaled by
   the clipping factors; the network holds only nn.Conv2d, nn.Linear and nn.GroupNorm), in physical
   batches of `physical_batch` so memory stays bounded; Opacus' DPOptimizerFastGradientClipping (or
@@ -19,7 +19,9 @@ The privacy unit is one protected record. A private phase:
   in `TrainingState.info["privacy"]`, so a resumed run continues it, and composes over every
   private phase (all SFBD rounds) of the run.
 
-The noise multiplier is fixed before training, for the requested (epsilon, delta) over all
+Which phases are private by default, what each trains on and hence its Poisson rates, and how many
+steps it takes all come from the methods table (`methods.METHODS`) and the schedule. The noise
+multiplier is fixed before training (`plan_privacy`), for the requested (epsilon, delta) over all
 private steps of the run. SFBD's denoising reads the protected copies only through the (already
 private) model, so it is post-processing and needs no accounting of its own. The diffusion loss's
 noise comes from the run's seeded generator (public randomness independent of the data does not weaken
@@ -33,39 +35,34 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ..diffusion.ambient import AmbientLoss
 from ..diffusion.optim import set_lr, warmup_lr
 from ..errors import InputError
+from ..prepared import PreparedData
+from .clipping import ClippedGradients, unsupported_layers
 from .config import PipelineConfig
-from .grad_samplers import ClippedGradients, unsupported_layers
-from .methods import Phase, plan
+from .data import Mixture
+from .methods import PROTECTED, Phase, Stage, StageSpec, default_private_stages, phase_steps, plan, stages_of
+from .runtime import Runtime
 
-if TYPE_CHECKING:
-    from ..prepared import PreparedData
-    from .data import Mixture
-    from .trainer import Trainer
-
-STAGES = ("pretrain", "rounds", "online", "train")
-DEFAULT_STAGES = {"clean-only": (), "noisy-direct": ("train",), "ambient": ("train",), "sfbd": ("rounds",),
-                  "online-sfbd": ("online",)}  # the stages that read protected-derived data
-PROTECTED_SOURCES = ("noisy", "denoised", "bank")  # one row per protected record
+PROTECTED_SOURCES = frozenset(name for name, protected in PROTECTED.items() if protected)
 MAX_NOISE_MULTIPLIER = 50.0  # above this, training would be noise only: treat the budget as unreachable
 KNOBS = ("more protected records, fewer private steps (schedule.rounds, schedule.round_kimg or schedule.total_kimg), "
          "a larger privacy.epsilon, or a smaller batch")
 
 
-def stage_of(phase: Phase) -> str:
-    return "rounds" if phase.name.startswith("round-") else phase.name
-
-
-def private_stages(config: PipelineConfig) -> tuple[str, ...]:
+def private_stages(config: PipelineConfig) -> tuple[Stage, ...]:
+    """privacy.stages, or the method's stages that are private by default (the methods table)."""
     assert config.privacy is not None
-    stages = tuple(config.privacy.stages) if config.privacy.stages is not None else DEFAULT_STAGES[config.method]
-    available = {stage_of(phase) for phase in plan(config)}
+    given = config.privacy.stages
+    stages = tuple(given) if given is not None else default_private_stages(config.method)
+    available = set(stages_of(config.method))
     unknown = [s for s in stages if s not in available]
     if unknown:
         raise InputError(f"privacy.stages: method {config.method} has no stage {', '.join(unknown)}",
@@ -76,12 +73,12 @@ def private_stages(config: PipelineConfig) -> tuple[str, ...]:
     return stages
 
 
-def pool_rates(pool: str, sizes: dict[str, int], clean_weight: float | None, batch: int) -> dict[str, float]:
-    """Poisson rate of each source of a phase's pool: batch × share / size (the `Mixture` shares)."""
-    names = {"clean": ["clean"], "clean+noisy": ["clean", "noisy"], "ambient": ["clean", "noisy"],
-             "sfbd": ["clean", "denoised"], "online": ["clean", "bank"]}[pool]
+def source_rates(spec: StageSpec, sizes: dict[str, int], clean_weight: float | None,
+                 batch: int) -> dict[str, float]:
+    """Poisson rate of each source of a stage: batch × share / size (the shares of `sfbd.SFBDSources`' mixture)."""
+    names = spec.sources
     present = [n for n in names if sizes[n] > 0]
-    if clean_weight is not None and pool in ("sfbd", "online") and len(present) == 2:
+    if clean_weight is not None and spec.fine_tune and len(present) == 2:
         shares = {"clean": clean_weight, names[1]: 1 - clean_weight}
     else:
         total = sum(sizes[n] for n in present)
@@ -89,7 +86,7 @@ def pool_rates(pool: str, sizes: dict[str, int], clean_weight: float | None, bat
     return {n: batch * shares[n] / sizes[n] for n in present}
 
 
-def accounting_rate(rates: dict[str, float]) -> float:
+def accounting_rate(rates: Mapping[str, float]) -> float:
     """The rate that matters for a protected record: that of the protected sources (any if none)."""
     protected = [rate for name, rate in rates.items() if name in PROTECTED_SOURCES]
     return max(protected or rates.values())
@@ -106,18 +103,9 @@ class PrivacyPlan:
     steps: int  # private optimizer steps of the whole run
     phases: dict[str, tuple[int, float]]  # private phase name -> (steps, sample rate)
     records: int  # protected records (the privacy unit)
-
-
-def _steps_per_phase(phases: list[Phase], global_batch: int) -> list[int]:
-    """Optimizer steps of each phase, as the trainer's loop takes them (images seen += global batch)."""
-    nimg, counts = 0, []
-    for phase in phases:
-        steps = 0
-        while nimg < phase.end_kimg * 1000:
-            nimg += global_batch
-            steps += 1
-        counts.append(steps)
-    return counts
+    stages: tuple[Stage, ...]  # the private stages
+    physical_batch: int  # samples per forward/backward within a Poisson batch
+    lr: float | None  # learning rate of the private steps (None: optimizer.lr)
 
 
 def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
@@ -135,35 +123,25 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant
         return float(acc.get_epsilon(delta=delta))
 
 
-_PLANS: dict[tuple[str, str, int], PrivacyPlan] = {}
-
-
 def plan_privacy(config: PipelineConfig, data: PreparedData, world_size: int = 1) -> PrivacyPlan:
     """The noise multiplier for the requested (epsilon, delta) over every private step of the run.
 
     Raises InputError (exit 2) naming the knob to turn when the budget is out of reach.
     """
-    key = (config.model_dump_json(), data.fingerprint, world_size)
-    if key not in _PLANS:  # the service checks the budget up front, the trainer uses the same plan
-        _PLANS[key] = _plan(config, data, world_size)
-    return _PLANS[key]
-
-
-def _plan(config: PipelineConfig, data: PreparedData, world_size: int) -> PrivacyPlan:
     from opacus.accountants.utils import get_noise_multiplier
 
     spec = config.privacy
     assert spec is not None
     stages = private_stages(config)
     n_clean, n_protected = len(data.clean.record_ids), len(data.protected.record_ids)
-    sizes = {"clean": n_clean, "noisy": n_protected, "denoised": n_protected, "bank": n_protected}
+    sizes: dict[str, int] = {name: n_protected if protected else n_clean for name, protected in PROTECTED.items()}
     global_batch = max(1, config.batch // world_size) * world_size
-    phases = plan(config)
+    phases = plan(config.method, config.schedule)
     private: dict[str, tuple[int, float]] = {}
-    for phase, steps in zip(phases, _steps_per_phase(phases, global_batch)):
-        if stage_of(phase) not in stages or steps == 0:
+    for phase, steps in zip(phases, phase_steps(phases, global_batch)):
+        if phase.spec.stage not in stages or steps == 0:
             continue
-        rates = pool_rates(phase.pool, sizes, config.sfbd.clean_weight, global_batch)
+        rates = source_rates(phase.spec, sizes, config.sfbd.clean_weight, global_batch)
         if not rates:
             raise InputError(f"privacy: phase {phase.name} has no records to sample")
         for name, rate in rates.items():
@@ -191,7 +169,7 @@ def _plan(config: PipelineConfig, data: PreparedData, world_size: int) -> Privac
         sigma = get_noise_multiplier(target_epsilon=spec.epsilon, target_delta=delta, sample_rate=q, steps=total,
                                      accountant=spec.accountant, epsilon_tolerance=0.01 * spec.epsilon)
     return PrivacyPlan(spec.epsilon, delta, spec.accountant, spec.max_grad_norm, float(sigma), q, total, private,
-                       n_protected)
+                       n_protected, stages, spec.physical_batch, spec.lr)
 
 
 def _suggest(epsilon: float, delta: float, accountant: str, q: float, steps: int, batch: int) -> str:
@@ -234,88 +212,98 @@ def validate_model(net: torch.nn.Module) -> None:
 
 
 def check_clippable(net: torch.nn.Module) -> None:
-    """Every trainable layer has an exact per-sample clipping path (`grad_samplers`), or InputError naming it."""
+    """Every trainable layer has an exact per-sample clipping path (`clipping`), or InputError naming it."""
     problems = unsupported_layers(net)
     if problems:
         raise InputError("privacy: no per-sample gradient clipping for " + "; ".join(problems),
                          hint="DP-SGD here supports nn.Conv2d (zero padding), nn.Linear and nn.GroupNorm layers")
 
 
+def new_account(plan_: PrivacyPlan) -> dict[str, Any]:
+    """The accountant's state of a new run (JSON, checkpointed in `TrainingState.info["privacy"]`)."""
+    return {"target_epsilon": plan_.epsilon, "delta": plan_.delta, "accountant": plan_.accountant,
+            "max_grad_norm": plan_.max_grad_norm, "noise_multiplier": plan_.noise_multiplier,
+            "sample_rate": plan_.sample_rate, "planned_steps": plan_.steps, "protected_records": plan_.records,
+            "stages": list(plan_.stages), "steps": 0, "epsilon": 0.0, "history": [], "phases": []}
+
+
+@dataclass(frozen=True)
+class PrivateGenerators:
+    """What a private step draws its randomness from (the trainer's generators, checkpointed by it)."""
+
+    batches: torch.Generator  # Poisson batches: seeded from the OS's secure random source
+    noise: torch.Generator  # DP noise: likewise
+    loss: torch.Generator  # the diffusion loss's noise levels and noise: the run's public seed
+
+
 class PrivateTraining:
-    """DP-SGD for one run: the plan, the accountant, and the Opacus wrapping of private phases."""
+    """DP-SGD of one run: the plan (checked against the network) and the accountant's state.
 
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-        config, rt = trainer.config, trainer.rt
-        self.plan = plan_privacy(config, trainer.data, rt.world_size)
-        self.spec = config.privacy
-        validate_model(trainer.net)
-        check_clippable(trainer.net)
-        self.clipper: ClippedGradients | None = None
-        self.optimizer: Any = None
-        self.model: torch.nn.Module = trainer.net
-        self.rates: list[float] = []
-        self.sample_rate = 0.0
+    `info` is the accountant's state; the trainer keeps it in `TrainingState.info["privacy"]` and hands a
+    resumed run's back. `enter` starts a private phase with the network, optimizer and generators it is lent.
+    """
 
-    # ----- state in TrainingState.info (checkpointed, JSON) ---------------------------------------------
-
-    @property
-    def info(self) -> dict[str, Any]:
-        state = self.trainer.state
-        if "privacy" not in state.info:  # a new run: the plan's numbers, an empty history
-            plan_ = self.plan
-            state.info["privacy"] = {
-                "target_epsilon": plan_.epsilon, "delta": plan_.delta, "accountant": plan_.accountant,
-                "max_grad_norm": plan_.max_grad_norm, "noise_multiplier": plan_.noise_multiplier,
-                "sample_rate": plan_.sample_rate, "planned_steps": plan_.steps, "protected_records": plan_.records,
-                "stages": list(private_stages(self.trainer.config)), "steps": 0, "epsilon": 0.0,
-                "history": [], "phases": []}
-        return state.info["privacy"]
+    def __init__(self, plan_: PrivacyPlan, net: torch.nn.Module) -> None:
+        validate_model(net)
+        check_clippable(net)
+        self.plan = plan_
+        self.info: dict[str, Any] = new_account(plan_)
 
     def is_private(self, phase: Phase) -> bool:
         return phase.name in self.plan.phases
 
-    # ----- phases ------------------------------------------------------------------------------------------
-
-    def enter(self, phase: Phase, mixture: Mixture) -> PrivateTraining | None:
+    def enter(self, phase: Phase, mixture: Mixture, *, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              loss: AmbientLoss, generators: PrivateGenerators, rt: Runtime, global_batch: int, base_lr: float,
+              warmup_kimg: float) -> PrivatePhase | None:
         """Attach Opacus to the network and optimizer if `phase` is private; None otherwise."""
         if not self.is_private(phase):
             return None
+        return PrivatePhase(phase, mixture, self.plan, self.info, net=net, optimizer=optimizer, loss=loss,
+                            generators=generators, rt=rt, global_batch=global_batch, lr=self.plan.lr or base_lr,
+                            warmup_kimg=warmup_kimg)
+
+
+class PrivatePhase:
+    """One private phase: Poisson batches, clipped per-sample gradients, DP noise, accounting; `leave` detaches."""
+
+    def __init__(self, phase: Phase, mixture: Mixture, plan_: PrivacyPlan, info: dict[str, Any], *,
+                 net: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: AmbientLoss, generators: PrivateGenerators,
+                 rt: Runtime, global_batch: int, lr: float, warmup_kimg: float) -> None:
         from opacus.optimizers import DistributedDPOptimizerFastGradientClipping, DPOptimizerFastGradientClipping
 
-        trainer, rt = self.trainer, self.trainer.rt
+        self.info = info
         sizes = torch.tensor([float(len(s.images)) for s in mixture.sources], dtype=torch.float64)
-        rates = trainer.global_batch * mixture.probs / sizes
-        self.rates = rates.tolist()
-        self.sample_rate = accounting_rate({s.name: r for s, r in zip(mixture.sources, self.rates)})
-        planned = self.plan.phases[phase.name][1]
+        rates = (global_batch * mixture.probs / sizes).tolist()
+        self.sample_rate = accounting_rate({s.name: r for s, r in zip(mixture.sources, rates)})
+        planned = plan_.phases[phase.name][1]
         if not math.isclose(self.sample_rate, planned, rel_tol=1e-9):
             raise RuntimeError(f"{phase.name}: Poisson rate {self.sample_rate} differs from the planned {planned}")
-        self.clipper = ClippedGradients(trainer.net, self.plan.max_grad_norm)
+        clipper = ClippedGradients(net, plan_.max_grad_norm)
         optimizer_class: Any
         if rt.distributed:
             from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
-            self.model = DPDDP(trainer.net)  # broadcasts rank 0's weights; gradients are reduced by the optimizer
+            model: torch.nn.Module = DPDDP(net)  # broadcasts rank 0's weights; gradients are reduced by the optimizer
             optimizer_class = DistributedDPOptimizerFastGradientClipping
         else:
-            self.model, optimizer_class = trainer.net, DPOptimizerFastGradientClipping
+            model, optimizer_class = net, DPOptimizerFastGradientClipping
+        local_batch = global_batch // rt.world_size
         # p.grad holds the sum of clipped per-sample gradients (ClippedGradients); the optimizer sums the
         # physical batches, adds the noise and divides by the expected batch
-        self.optimizer = optimizer_class(
-            trainer.optimizer, noise_multiplier=self.info["noise_multiplier"], max_grad_norm=self.plan.max_grad_norm,
-            expected_batch_size=trainer.local_batch, loss_reduction="mean", generator=trainer.private_noise_gen)
-        return self
+        dp_optimizer = optimizer_class(
+            optimizer, noise_multiplier=info["noise_multiplier"], max_grad_norm=plan_.max_grad_norm,
+            expected_batch_size=local_batch, loss_reduction="mean", generator=generators.noise)
+        self.net, self.model, self.optimizer, self.clipper, self.loss = net, model, dp_optimizer, clipper, loss
+        self.generators, self.rt, self.rates = generators, rt, rates
+        self.physical_batch, self.lr, self.warmup_kimg = plan_.physical_batch, lr, warmup_kimg
 
     def leave(self, phase: Phase) -> None:
         """Detach Opacus and record the epsilon spent so far (after each round, and at the end)."""
         self.optimizer.zero_grad(set_to_none=True)
-        assert self.clipper is not None
         self.clipper.remove()
-        for p in self.trainer.net.parameters():
+        for p in self.net.parameters():
             if hasattr(p, "summed_grad"):
                 del p.summed_grad
-        self.clipper = self.optimizer = None
         info = self.info
         info["epsilon"] = epsilon_of(info["history"], info["delta"], info["accountant"])
         if not any(entry["phase"] == phase.name for entry in info["phases"]):
@@ -325,31 +313,31 @@ class PrivateTraining:
 
     def poisson_batch(self, mixture: Mixture) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's share of a Poisson batch: each of its rows joins with its source's rate."""
-        trainer, rt = self.trainer, self.trainer.rt
+        rt, gen = self.rt, self.generators.batches
         images, floors, weights = [], [], []
         for source, rate in zip(mixture.sources, self.rates):
             rows = torch.arange(rt.rank, len(source.images), rt.world_size)
-            rows = rows[torch.rand(len(rows), generator=trainer.private_batch_gen, dtype=torch.float64) < rate]
+            rows = rows[torch.rand(len(rows), generator=gen, dtype=torch.float64) < rate]
             images.append(source.images[rows])
             floors.append(torch.full((len(rows),), source.floor))
             weights.append(torch.full((len(rows),), source.weight))
         return torch.cat(images), torch.cat(floors), torch.cat(weights)
 
-    def step(self, mixture: Mixture) -> tuple[torch.Tensor, float]:
-        """Poisson batch → sum of per-sample clipped gradients (in physical batches) → noise → Adam step."""
-        trainer, optimizer, clipper = self.trainer, self.optimizer, self.clipper
-        assert clipper is not None
+    def step(self, mixture: Mixture, nimg: int) -> tuple[torch.Tensor, float]:
+        """Poisson batch → sum of per-sample clipped gradients (in physical batches) → noise → Adam step.
+
+        `nimg`: images seen in the run before this step (the learning-rate warm-up)."""
+        optimizer, clipper, device = self.optimizer, self.clipper, self.rt.device
         images, floors, weights = self.poisson_batch(mixture)
-        base_lr = self.spec.lr or trainer.config.optimizer.lr
-        lr = warmup_lr(base_lr, trainer.state.nimg, trainer.config.optimizer.warmup_kimg)
+        lr = warmup_lr(self.lr, nimg, self.warmup_kimg)
         set_lr(optimizer, lr)
         # an empty Poisson batch is one empty chunk: its clipped sum is zero, so the step adds noise only
-        chunks = torch.arange(len(images)).split(self.spec.physical_batch)
+        chunks = torch.arange(len(images)).split(self.physical_batch)
         losses = []
         for k, rows in enumerate(chunks):
-            x, w = images[rows].to(trainer.rt.device), weights[rows].to(trainer.rt.device)
-            with trainer.rt.autocast(), clipper.recording():
-                loss = trainer.loss(self.model, x, floors[rows], generator=trainer.noise_gen)
+            x, w = images[rows].to(device), weights[rows].to(device)
+            with self.rt.autocast(), clipper.recording():
+                loss = self.loss(self.model, x, floors[rows], generator=self.generators.loss)
             clipper.backward(loss.float() * w)  # p.grad = Σ_i clip(∇ w_i loss_i)
             losses.append(loss.detach().float())
             if k < len(chunks) - 1:

@@ -145,8 +145,8 @@ def train(config: PipelineConfig, *, resume: bool, progress: PhaseProgress | Non
         on_start(data)
     with runtime(config.device, config.precision) as rt:
         run_dir = Path(str(config.out))
-        if config.privacy is not None:  # refuse an unreachable epsilon before anything is written
-            plan_privacy(config, data, rt.world_size)
+        # refuse an unreachable epsilon before anything is written; the trainer uses this plan
+        privacy_plan = plan_privacy(config, data, rt.world_size) if config.privacy is not None else None
         if resume:
             _check_same_data(run_dir, data)
             if rt.is_main:
@@ -154,7 +154,7 @@ def train(config: PipelineConfig, *, resume: bool, progress: PhaseProgress | Non
         elif rt.is_main:
             _start_run_dir(config, data)
         rt.barrier()
-        trainer = Trainer(config, data, run_dir, rt, progress)
+        trainer = Trainer(config, data, run_dir, rt, progress, privacy_plan)
         resumed = _resume(trainer, run_dir) if resume else False
         checkpoint = trainer.run()
         return TrainOutcome(run_dir, config, checkpoint if rt.is_main else None, trainer.state.step,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,17 +17,17 @@ from ..prepared import PreparedData
 from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import PipelineConfig
 from .data import Mixture
+from .denoise import ProgressFactory
 from .generate import generate
 from .images import save_grid
 from .methods import Phase, plan
 from .metrics import MetricsLog
-from .pools import PoolBuilder
-from .privacy import PrivateTraining
+from .privacy import PrivacyPlan, PrivateGenerators, PrivatePhase, PrivateTraining, plan_privacy
 from .runtime import Runtime
+from .sfbd import SFBDSources
 
 SNAPSHOT_STEPS = 18  # sampler steps of snapshot grids
 SNAPSHOT_SEED = 0  # the same images are drawn at every snapshot, so grids show progress
-ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
 
 def unet_config(config: PipelineConfig) -> UNetConfig:
@@ -49,10 +48,15 @@ def private_seed() -> int:
 
 
 class Trainer:
-    """Owns the model, EMA, optimizer and random generators of one process of a run."""
+    """Owns the model, EMA, optimizer and random generators of one process of a run.
+
+    It lends them to the SFBD data side (`sfbd.SFBDSources`: the EMA model as denoiser) and to the private
+    phases (`privacy.PrivateTraining`: network, optimizer, generators); neither holds the trainer.
+    """
 
     def __init__(self, config: PipelineConfig, data: PreparedData, run_dir: Path, rt: Runtime,
-                 progress: ProgressFactory | None = None) -> None:
+                 progress: ProgressFactory | None = None, privacy_plan: PrivacyPlan | None = None) -> None:
+        """`privacy_plan`: the run's DP plan if the caller has made it already (else made here)."""
         self.config, self.data, self.run_dir, self.rt = config, data, run_dir, rt
         self.progress = progress if rt.is_main else None
         torch.manual_seed(config.seed * 1000 + rt.rank)  # dropout; its state is checkpointed too
@@ -73,10 +77,12 @@ class Trainer:
         self.state = TrainingState()
         self.metrics = MetricsLog(run_dir / "metrics.parquet")
         self.config_json = config.model_dump_json()
-        self.phases = plan(config)
-        self.pools = PoolBuilder(self)
-        self.privacy = PrivateTraining(self) if config.privacy else None  # validates the model, plans the budget
-        self.private: PrivateTraining | None = None  # set while a private phase runs
+        self.phases = plan(config.method, config.schedule)
+        self.sources = SFBDSources(config, data, run_dir, rt, self.progress)
+        self.privacy: PrivateTraining | None = None
+        if config.privacy:  # validates the model; the plan fixes the noise multiplier for the budget
+            self.privacy = PrivateTraining(privacy_plan or plan_privacy(config, data, rt.world_size), self.net)
+        self.private: PrivatePhase | None = None  # set while a private phase runs
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         opt = self.config.optimizer
@@ -102,6 +108,8 @@ class Trainer:
         torch.set_rng_state(self.state.tensors[f"torch_rng.{rank}"])
         for name, gen in self._private_gens().items():
             gen.set_state(self.state.tensors[f"{name}.{rank}"].to(gen.get_state().device))
+        if self.privacy is not None and "privacy" in self.state.info:
+            self.privacy.info = self.state.info["privacy"]  # the accountant's history so far
         self.metrics = MetricsLog.resume(self.run_dir / "metrics.parquet", self.state.step)
         return True
 
@@ -124,7 +132,7 @@ class Trainer:
     def train_step(self, mixture: Mixture, phase: Phase) -> None:
         started = time.perf_counter()
         # DP-SGD in private phases (privacy.py): Poisson batch, clipped per-sample gradients, noise, accounting
-        losses, lr = self.private.step(mixture) if self.private else self._step(mixture)
+        losses, lr = self.private.step(mixture, self.state.nimg) if self.private else self._step(mixture)
         self.state.nimg += self.global_batch
         self.state.step += 1
         self.ema.update(self.net, self.global_batch, self.state.nimg)
@@ -165,17 +173,38 @@ class Trainer:
         path = self.run_dir / "snapshots" / f"{name or f'grid-step-{self.state.step:09d}'}.png"
         return save_grid(images, path)
 
-    def run_phase(self, index: int) -> None:
+    def enter_phase(self, index: int) -> Mixture:
+        """Start (or, after a resume, re-enter) phase `index`: fine-tuning, its mixture, DP-SGD if private."""
         phase = self.phases[index]
         fresh = self.state.info.get("entered_phase") != index
         self.state.phase, self.state.round = index, phase.round
-        mixture = self.pools.enter(phase, fresh)
-        self.private = self.privacy.enter(phase, mixture) if self.privacy else None
+        if phase.spec.fine_tune:
+            self.ema.rampup_ratio = None  # fine-tuning: the full half-life from the start
+            if fresh and self.config.sfbd.transfer_ema:  # SFBD's update starts from the EMA weights, fresh Adam
+                self.net.load_state_dict(self.ema.module.state_dict())
+                self.optimizer = self._new_optimizer()
+        mixture = self.sources.mixture(phase, self.ema.module, self.state, fresh)
+        self.private = self._enter_private(phase, mixture)
         self.state.info["entered_phase"] = index
+        return mixture
+
+    def _enter_private(self, phase: Phase, mixture: Mixture) -> PrivatePhase | None:
+        if self.privacy is None or not self.privacy.is_private(phase):
+            return None
+        assert self.private_batch_gen is not None and self.private_noise_gen is not None
+        self.state.info["privacy"] = self.privacy.info  # checkpointed from now on
+        generators = PrivateGenerators(self.private_batch_gen, self.private_noise_gen, self.noise_gen)
+        return self.privacy.enter(phase, mixture, net=self.net, optimizer=self.optimizer, loss=self.loss,
+                                  generators=generators, rt=self.rt, global_batch=self.global_batch,
+                                  base_lr=self.config.optimizer.lr, warmup_kimg=self.config.optimizer.warmup_kimg)
+
+    def run_phase(self, index: int) -> None:
+        phase = self.phases[index]
+        mixture = self.enter_phase(index)
         total = max(0, int(phase.end_kimg * 1000) - self.state.nimg)
         tick = self.progress(f"{phase.name}", total) if self.progress and total else None
         while self.state.nimg < phase.end_kimg * 1000:
-            self.pools.before_step(phase, mixture)
+            self.sources.before_step(phase, self.ema.module, self.state)
             self.train_step(mixture, phase)
             if tick:
                 tick(self.global_batch)
