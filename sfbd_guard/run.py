@@ -5,7 +5,7 @@ crash (or after the run finished) continues where it stopped:
 - prepare: the prepared directory exists, was made from this exact policy file, and verifies;
 - train: a run directory with checkpoints is resumed (a finished run returns at once);
 - sample: `samples/done.json` names the same weights, count, steps and seed;
-- audit: `audit/summary.json` was computed on the same samples;
+- audit: `audit/done.json` names the samples' marker and `audit/summary.json` reads as an audit summary;
 - report: always rewritten (`report.html`, `DATASHEET.md`).
 """
 
@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .contracts.audit_summary import read_audit_summary
+from .contracts.card import read_card
 from .engine.config import PipelineConfig, load_pipeline
 from .errors import InputError
-from .fileio import atomic_write_json, read_json_object, sha256_file
+from .fileio import atomic_write_json, read_json_object
+from .hashing import sha256_file
 
 Say = Callable[[str], None]
 _REDO = "a stage's done.json is written by guard run when the stage ends; remove it to redo that stage"
@@ -42,8 +45,8 @@ def _prepare(config: PipelineConfig, ledger: Path | None, command: list[str], sa
         raise InputError("the pipeline has no `policy`: guard run needs it to prepare the data")
     policy, data = Path(config.policy), Path(config.data)
     if (data / "card.json").is_file():
-        card = read_json_object(data / "card.json", hint="--data must be a directory written by guard prepare")
-        if card.get("policy_sha256") != load_policy(policy).sha256:
+        card = read_card(data, hint="--data must be a directory written by guard prepare")
+        if card.policy_sha256 != load_policy(policy).sha256:
             raise InputError(f"{data} was prepared from another version of {policy}",
                              hint="remove it (and the run trained on it) or point `data` elsewhere")
         open_prepared(data)
@@ -98,6 +101,7 @@ def _audit(config: PipelineConfig, ledger: Path | None, command: list[str], say:
             raise InputError(f"{done}: expected samples_marker (sha256) and copies (integer), got {audited!r:.80}",
                              hint=_REDO)
         if audited["samples_marker"] == sha256_file(marker):
+            read_audit_summary(report)  # the report the skipped stage stands on is there and intact
             return "skipped (this sample set is audited)", copies
     say("auditing the samples against the protected originals")
     config_path = Path(config.audit.config) if config.audit.config else None

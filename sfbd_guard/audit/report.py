@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..fileio import atomic_write_bytes, atomic_write_json
+from ..fileio import atomic_write_bytes
 from .checks import Scores
 
 SCHEMA_VERSION = 1
@@ -84,10 +84,6 @@ def quantiles(values: np.ndarray) -> dict[str, float] | None:
         return None
     points = {"p50": 50, "p90": 90, "p95": 95, "p99": 99, "max": 100}
     return {name: round(float(np.percentile(values, q)), 6) for name, q in points.items()}
-
-
-def write_summary(path: Path, summary: dict[str, Any]) -> None:
-    atomic_write_json(path, summary)
 
 
 def print_summary(summary: dict[str, Any], report: Path) -> None:
