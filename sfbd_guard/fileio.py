@@ -1,4 +1,4 @@
-"""Small file utilities: atomic writes (temp file + rename), owner-only folders, JSON objects."""
+"""Small file utilities: atomic writes (temp file + rename) and owner-only folders (JSON reading: contracts/base.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 # The digests live in hashing.py; re-exported here for modules that still import them from fileio.
 from .hashing import fingerprint, new_sha256, sha256_bytes, sha256_file
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "fingerprint", "private_dir", "read_json_object", "save_npy",
+__all__ = ["atomic_write_bytes", "atomic_write_json", "fingerprint", "private_dir", "save_npy",
            "sha256_bytes", "sha256_file"]
 
 
@@ -32,23 +32,6 @@ class _HashingWriter:
 def _atomic_target(path: Path) -> tuple[int, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-
-
-def read_json_object(path: Path, *, hint: str | None = None) -> dict[str, Any]:
-    """A JSON file that must hold an object; anything else is an InputError naming the file."""
-    from .errors import InputError
-
-    try:
-        payload = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: missing", hint=hint) from None
-    except OSError as err:
-        raise InputError(f"{path}: cannot read: {err.strerror or err}", hint=hint) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: not valid JSON ({err})", hint=hint) from None
-    if not isinstance(payload, dict):
-        raise InputError(f"{path}: expected a JSON object, got {type(payload).__name__}", hint=hint)
-    return payload
 
 
 def private_dir(path: Path) -> Path:

@@ -21,7 +21,8 @@ from .contracts.audit_summary import read_audit_summary
 from .contracts.card import read_card
 from .engine.config import PipelineConfig, load_pipeline
 from .errors import InputError
-from .fileio import atomic_write_json, read_json_object
+from .contracts.base import load_json
+from .fileio import atomic_write_json
 from .hashing import sha256_file
 
 Say = Callable[[str], None]
@@ -78,7 +79,7 @@ def _sample(config: PipelineConfig, ledger: Path | None, command: list[str], say
     weights = latest_checkpoint(run_dir)
     marker = run_dir / "samples" / "done.json"
     wanted = {"weights": sha256_file(weights / "ema.safetensors"), "n": spec.n, "steps": spec.steps, "seed": spec.seed}
-    if marker.is_file() and read_json_object(marker, hint=_REDO) == wanted:
+    if marker.is_file() and load_json(marker, hint=_REDO) == wanted:
         return "skipped (samples of these weights exist)"
     say(f"sampling {spec.n} images")
     sample_recorded(run_dir, ledger=ledger, command=command + ["(sample)"], count=spec.n, out=run_dir / "samples",
@@ -95,7 +96,7 @@ def _audit(config: PipelineConfig, ledger: Path | None, command: list[str], say:
     report, samples = run_dir / "audit", run_dir / "samples"
     marker, done = samples / "done.json", report / "done.json"
     if done.is_file() and marker.is_file():
-        audited = read_json_object(done, hint=_REDO)
+        audited = load_json(done, hint=_REDO)
         copies = audited.get("copies")
         if not isinstance(audited.get("samples_marker"), str) or not isinstance(copies, int) or isinstance(copies, bool):
             raise InputError(f"{done}: expected samples_marker (sha256) and copies (integer), got {audited!r:.80}",

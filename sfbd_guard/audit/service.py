@@ -42,13 +42,12 @@ REPORT_FILES = ("samples.parquet", "summary.json", "report.html", "similarity.pn
 @dataclass(frozen=True)
 class AuditResult:
     report: Path
-    summary: dict[str, Any]  # summary.json as written (for the console summary and the HTML page)
+    summary: AuditSummary  # summary.json as written
     files: dict[str, Path]  # report file name → path
-    contract: AuditSummary  # the same, typed
 
     @property
     def counts(self) -> dict[str, int]:
-        return dict(self.contract.counts)
+        return dict(self.summary.counts)
 
 
 def make_embedder(config: AuditConfig, info: PreparedInfo) -> Embedder:
@@ -177,7 +176,7 @@ def _report(ctx: _Context, samples: Path, report: Path, loaded: LoadedImages, sc
     summary["timings"] = {k: round(v, 3) for k, v in {**clock, "total": sum(clock.values())}.items()}
     contract = validate(AuditSummary, summary, source="audit summary.json")  # a bug if it does not fit
     files = _write(report, table, contract, render(summary, pairs, figure, ctx.config.report.thumb_size), figure)
-    return AuditResult(report, summary, files, contract)
+    return AuditResult(report, contract, files)
 
 
 def run_audit(*, samples: Path, data: Path, report: Path, config: AuditConfig, data_root: Path | None = None,
@@ -219,7 +218,7 @@ def audit_recorded(*, samples: Path, data: Path, report: Path, config: AuditConf
             event.inputs.append(Artifact("audit_config", str(config_path.resolve()), sha256_file(config_path)))
         result = run_audit(samples=samples, data=data, report=report, config=config, data_root=data_root,
                            holdout_dir=holdout_dir, progress=progress)
-        summary = result.contract
+        summary = result.summary
         event.inputs[0] = Artifact("samples", summary.samples, summary.samples_fingerprint)
         event.inputs.append(Artifact("prepared", summary.prepared.path, summary.prepared.fingerprint))
         if holdout_dir is not None:

@@ -254,9 +254,12 @@ class Event(BaseModel):
 def _event(row: dict[str, Any], source: str) -> Event:
     text = row.get("summary")
     kind, status = row.get("kind"), row.get("status")
-    if not isinstance(text, str) or not isinstance(kind, str) or status not in STATUSES:
-        key = "summary" if not isinstance(text, str) else "kind" if not isinstance(kind, str) else "status"
-        raise InputError(f"{source}: {key}: expected {'a JSON string' if key == 'summary' else 'a string' if key == 'kind' else ' | '.join(STATUSES)} (got {str(row.get(key))[:60]!r})")
+    for key, ok, expected in (("kind", isinstance(kind, str), "a string"), ("status", status in STATUSES, " | ".join(STATUSES)),
+                              ("summary", isinstance(text, str), "a JSON string")):
+        if not ok:
+            why = "required key is missing" if key not in row else f"expected {expected} (got {str(row[key])[:60]!r})"
+            raise InputError(f"{source}: {key}: {why}")
+    assert isinstance(kind, str) and isinstance(text, str) and isinstance(status, str)
     try:
         summary = parse_summary(kind, status, text)
     except KeyError:
