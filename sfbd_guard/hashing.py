@@ -31,7 +31,7 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def new_sha256() -> "hashlib._Hash":
+def new_sha256() -> hashlib._Hash:
     """An incremental sha256 (for writers that hash what they write)."""
     return hashlib.sha256()
 

@@ -55,12 +55,13 @@ def event_schema() -> Any:
     import pyarrow as pa
 
     artifact = pa.struct([("role", pa.string()), ("path", pa.string()), ("sha256", pa.string())])
-    return pa.schema([
+    fields: list[tuple[str, Any]] = [
         ("event_id", pa.string()), ("kind", pa.string()),
         ("started_at", pa.timestamp("us", tz="UTC")), ("finished_at", pa.timestamp("us", tz="UTC")),
         ("status", pa.string()), ("tool_version", pa.string()), ("command", pa.list_(pa.string())),
         ("inputs", pa.list_(artifact)), ("outputs", pa.list_(artifact)), ("summary", pa.string()),
-    ])
+    ]
+    return pa.schema(fields)
 
 
 def write_event(ledger: Path, draft: EventDraft, *, status: str, finished_at: datetime | None = None) -> Path:

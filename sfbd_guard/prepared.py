@@ -28,7 +28,7 @@ from .hashing import fingerprint, sha256_file
 from .noise_check import NoiseStats
 
 REQUIRED = ("card.json", "manifest.parquet", "clean", "protected")
-DTYPES = {"clean": np.dtype(np.uint8), "protected": np.dtype(np.float16)}
+DTYPES: dict[str, np.dtype[Any]] = {"clean": np.dtype(np.uint8), "protected": np.dtype(np.float16)}
 
 
 @dataclass(frozen=True)

@@ -175,7 +175,7 @@ def _report(ctx: _Context, samples: Path, report: Path, loaded: LoadedImages, sc
     clock["report"] = time.perf_counter() - mark
     summary["timings"] = {k: round(v, 3) for k, v in {**clock, "total": sum(clock.values())}.items()}
     contract = validate(AuditSummary, summary, source="audit summary.json")  # a bug if it does not fit
-    files = _write(report, table, contract, render(summary, pairs, figure, ctx.config.report.thumb_size), figure)
+    files = _write(report, table, contract, render(contract, pairs, figure, ctx.config.report.thumb_size), figure)
     return AuditResult(report, contract, files)
 
 

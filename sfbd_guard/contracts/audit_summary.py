@@ -9,7 +9,6 @@ from typing import Any
 
 from pydantic import Field
 
-from ..errors import InputError
 from .base import Contract, read_contract, write_contract
 
 AUDIT_SUMMARY = "summary.json"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import ErrorDetails
 
 from ..errors import GuardError, InputError
 
@@ -34,7 +35,7 @@ def key_of(loc: tuple[int | str, ...]) -> str:
     return text or "(top level)"
 
 
-def problem(error: dict[str, Any]) -> str:
+def problem(error: ErrorDetails) -> str:
     """`key: what is wrong (got value)` for one pydantic error, on one line."""
     key = key_of(tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-"))))
     if error["type"] == "missing":

@@ -62,7 +62,9 @@ class EnvelopeColumn:
 
 
 Column = SummaryColumn | ArtifactColumn | EnvelopeColumn
-STARTED, STATUS, EVENT_ID = EnvelopeColumn("started_at", "started_at"), EnvelopeColumn("status", "status"), EnvelopeColumn("event_id", "event_id")
+STARTED = EnvelopeColumn("started_at", "started_at")
+STATUS = EnvelopeColumn("status", "status")
+EVENT_ID = EnvelopeColumn("event_id", "event_id")
 
 
 # --- summaries -----------------------------------------------------------------------------------------------
@@ -82,7 +84,8 @@ class PrepareSummary(EventSummary):
 
     KIND = "prepare"
     VIEW = "prepares"
-    COLUMNS = (STARTED, STATUS, SummaryColumn("policy", "policy_name"), SummaryColumn("format"), SummaryColumn("split"), SummaryColumn("resolution"),
+    COLUMNS = (STARTED, STATUS, SummaryColumn("policy", "policy_name"), SummaryColumn("format"), SummaryColumn("split"),
+               SummaryColumn("resolution"),
                SummaryColumn("sigma"), SummaryColumn("clean", "counts.clean"), SummaryColumn("protected", "counts.protected"),
                SummaryColumn("excluded", "counts.excluded"), SummaryColumn("error", "counts.error"), SummaryColumn("rule_counts"),
                ArtifactColumn("prepared", "outputs", "prepared", "path"), ArtifactColumn("fingerprint", "outputs", "prepared"),
@@ -124,7 +127,8 @@ class TrainSummary(EventSummary):
 
     KIND = "train"
     VIEW = "trainings"
-    COLUMNS = (STARTED, STATUS, SummaryColumn("name"), SummaryColumn("method"), ArtifactColumn("data_fingerprint", "inputs", "prepared"),
+    COLUMNS = (STARTED, STATUS, SummaryColumn("name"), SummaryColumn("method"),
+               ArtifactColumn("data_fingerprint", "inputs", "prepared"),
                SummaryColumn("steps", "step"), SummaryColumn("kimg"), SummaryColumn("resumed"),
                EnvelopeColumn("seconds", "date_diff('millisecond', started_at, finished_at) / 1000.0"),
                SummaryColumn("epsilon", "privacy.epsilon"), SummaryColumn("delta", "privacy.delta"),

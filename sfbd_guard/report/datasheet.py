@@ -58,8 +58,10 @@ def _latest_audit(con: Any, run_dir: Path) -> str:
 
 
 def _trainings(con: Any, run_dir: Path) -> list[tuple[Any, ...]]:
-    return con.execute("SELECT started_at, method, steps, kimg, epsilon, delta, data_fingerprint FROM trainings "
-                       "WHERE status = 'ok' AND run = ? ORDER BY started_at", [str(run_dir)]).fetchall()
+    rows: list[tuple[Any, ...]] = con.execute(
+        "SELECT started_at, method, steps, kimg, epsilon, delta, data_fingerprint FROM trainings "
+        "WHERE status = 'ok' AND run = ? ORDER BY started_at", [str(run_dir)]).fetchall()
+    return rows
 
 
 def datasheet(run_dir: Path, ledger: Path) -> str:
