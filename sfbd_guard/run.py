@@ -11,7 +11,6 @@ crash (or after the run finished) continues where it stopped:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path

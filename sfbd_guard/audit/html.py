@@ -10,7 +10,6 @@ import base64
 import html
 import io
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw

@@ -316,8 +316,12 @@ def summary_json(kind: str, status: str, summary: dict[str, Any] | EventSummary)
     try:
         parsed = model.model_validate_json(text, strict=False)
     except ValidationError as err:
+        if status != "ok" and isinstance(payload.get("error"), str):  # never lose the event of a failure
+            return json.dumps({"error": payload["error"]}, sort_keys=True)
         raise ValueError(f"ledger event {kind} ({status}): summary.{problem(err.errors()[0])}") from None
     if parsed.model_extra:
+        if status != "ok" and isinstance(payload.get("error"), str):
+            return json.dumps({"error": payload["error"]}, sort_keys=True)
         raise ValueError(f"ledger event {kind} ({status}): summary key(s) {sorted(parsed.model_extra)} are not "
                          f"fields of {model.__name__}")
     return text
