@@ -201,8 +201,9 @@ def test_the_writer_refuses_a_summary_that_is_not_its_kinds(tmp_path: Path) -> N
     write_event(tmp_path, draft, status="failed")
     (event,) = read_typed_events(tmp_path)
     assert event.status == "failed" and event.summary.error == "stopped" and event.summary.count is None
-    draft.summary = {"count": "many", "error": "disk full"}  # a failure is recorded even if its notes do not fit
-    write_event(tmp_path, draft, status="failed")
+    other = EventDraft(kind="sample", command=["guard", "sample"])
+    other.summary.update(count="many", error="disk full")  # a failure is recorded even if its notes do not fit
+    write_event(tmp_path, other, status="failed")
     assert [e.summary.error for e in read_typed_events(tmp_path)] == ["stopped", "disk full"]
 
 
