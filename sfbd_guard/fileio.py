@@ -1,8 +1,7 @@
-"""Small file utilities: sha256 fingerprints and atomic writes (temp file + rename)."""
+"""Small file utilities: atomic writes (temp file + rename) and owner-only folders (JSON reading: contracts/base.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -11,26 +10,11 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-_CHUNK = 1 << 20
+# The digests live in hashing.py; re-exported here for modules that still import them from fileio.
+from .hashing import fingerprint, new_sha256, sha256_bytes, sha256_file
 
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def fingerprint(items: dict[str, str]) -> str:
-    """One sha256 over a {name: sha256} mapping, independent of insertion order."""
-    lines = "".join(f"{name}\t{digest}\n" for name, digest in sorted(items.items()))
-    return sha256_bytes(lines.encode())
+__all__ = ["atomic_write_bytes", "atomic_write_json", "fingerprint", "private_dir", "save_npy",
+           "sha256_bytes", "sha256_file"]
 
 
 class _HashingWriter:
@@ -38,7 +22,7 @@ class _HashingWriter:
 
     def __init__(self, handle: BinaryIO) -> None:
         self._handle = handle
-        self.digest = hashlib.sha256()
+        self.digest = new_sha256()
 
     def write(self, data: bytes | memoryview) -> int:
         self.digest.update(data)
@@ -48,23 +32,6 @@ class _HashingWriter:
 def _atomic_target(path: Path) -> tuple[int, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-
-
-def read_json_object(path: Path, *, hint: str | None = None) -> dict[str, Any]:
-    """A JSON file that must hold an object; anything else is an InputError naming the file."""
-    from .errors import InputError
-
-    try:
-        payload = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: missing", hint=hint) from None
-    except OSError as err:
-        raise InputError(f"{path}: cannot read: {err.strerror or err}", hint=hint) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: not valid JSON ({err})", hint=hint) from None
-    if not isinstance(payload, dict):
-        raise InputError(f"{path}: expected a JSON object, got {type(payload).__name__}", hint=hint)
-    return payload
 
 
 def private_dir(path: Path) -> Path:

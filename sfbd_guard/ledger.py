@@ -1,14 +1,14 @@
 """The compliance ledger: one Parquet file per event, appended, never rewritten.
 
 Layout: <ledger>/<kind>/<started>-<event_id>.parquet, readable with DuckDB as
-read_parquet('<ledger>/**/*.parquet', union_by_name=true). The ledger directory is `--ledger`,
+read_parquet('<ledger>/**/*.parquet', union_by_name=true); the tool itself reads them through
+`contracts.events.read_events` (typed, every file checked). The ledger directory is `--ledger`,
 else $GUARD_LEDGER, else ./guard-ledger.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -43,7 +43,7 @@ class EventDraft:
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     inputs: list[Artifact] = field(default_factory=list)
     outputs: list[Artifact] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)  # checked against contracts.events when written
     event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -51,23 +51,29 @@ def ledger_dir(explicit: Path | None = None) -> Path:
     return explicit or Path(os.environ.get(ENV_VAR) or DEFAULT_LEDGER)
 
 
-def _schema():  # type: ignore[no-untyped-def]
+def event_schema() -> Any:
     import pyarrow as pa
 
     artifact = pa.struct([("role", pa.string()), ("path", pa.string()), ("sha256", pa.string())])
-    return pa.schema([
+    fields: list[tuple[str, Any]] = [
         ("event_id", pa.string()), ("kind", pa.string()),
         ("started_at", pa.timestamp("us", tz="UTC")), ("finished_at", pa.timestamp("us", tz="UTC")),
         ("status", pa.string()), ("tool_version", pa.string()), ("command", pa.list_(pa.string())),
         ("inputs", pa.list_(artifact)), ("outputs", pa.list_(artifact)), ("summary", pa.string()),
-    ])
+    ]
+    return pa.schema(fields)
 
 
 def write_event(ledger: Path, draft: EventDraft, *, status: str, finished_at: datetime | None = None) -> Path:
-    """Append one event to the ledger (atomic file write) and return its path."""
+    """Append one event to the ledger (atomic file write) and return its path.
+
+    The only writer of events: the summary is checked against its kind's model in contracts/events.py (an `ok`
+    event must have every key of it and no other; a failed one a subset, plus `error`), whose reader is
+    `contracts.events.read_events`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from .contracts.events import summary_json
     from .fileio import atomic_write_bytes
 
     finished_at = finished_at or datetime.now(timezone.utc)
@@ -75,9 +81,9 @@ def write_event(ledger: Path, draft: EventDraft, *, status: str, finished_at: da
         "event_id": draft.event_id, "kind": draft.kind, "started_at": draft.started_at, "finished_at": finished_at,
         "status": status, "tool_version": __version__, "command": draft.command,
         "inputs": [vars(a) for a in draft.inputs], "outputs": [vars(a) for a in draft.outputs],
-        "summary": json.dumps(draft.summary, sort_keys=True, default=str),
+        "summary": summary_json(draft.kind, status, draft.summary),
     }
-    table = pa.Table.from_pylist([row], schema=_schema())
+    table = pa.Table.from_pylist([row], schema=event_schema())
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     path = ledger / draft.kind / f"{draft.started_at:%Y%m%dT%H%M%S}-{draft.event_id[:12]}.parquet"
@@ -135,15 +141,3 @@ def recorded(ledger: Path, kind: str, command: list[str]) -> Iterator[EventDraft
             record_failure(ledger, kind, command, err, draft)
         raise
     write_event(ledger, draft, status="ok")
-
-
-def read_events(ledger: Path):  # type: ignore[no-untyped-def]
-    """All events as an Arrow table (empty ledger → None)."""
-    import duckdb
-
-    if not any(ledger.glob("**/*.parquet")):
-        return None
-    pattern = str(ledger / "**" / "*.parquet")
-    return duckdb.connect().sql(
-        "SELECT * FROM read_parquet(?, union_by_name=true) ORDER BY started_at", params=[pattern]
-    ).to_arrow_table()

@@ -5,7 +5,6 @@ The YAML schema is a contract (see README, "Policies"): version, name, dataset, 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from .config import StrictModel, load_config
+from .hashing import sha256_bytes
 from .datasets.base import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 
 Action = Literal["exclude", "clean", "protect"]
@@ -106,5 +106,5 @@ class LoadedPolicy:
 def load_policy(path: Path) -> LoadedPolicy:
     """Read and validate a policy file; errors name the file, the key path and the problem."""
     policy = load_config(Policy, path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256_bytes(path.read_bytes())
     return LoadedPolicy(policy=policy, path=path.resolve(), sha256=digest)

@@ -14,7 +14,6 @@ by the data owner (`signing.py`); and they test the protected pixels themselves 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from .contracts.card import Card, read_card
+from .contracts.events import Event, read_events
 from .errors import VerificationError
-from .fileio import fingerprint, sha256_file
+from .hashing import fingerprint, sha256_file
 from .noise_check import NoiseStats
 
 REQUIRED = ("card.json", "manifest.parquet", "clean", "protected")
-DTYPES = {"clean": np.dtype(np.uint8), "protected": np.dtype(np.float16)}
+DTYPES: dict[str, np.dtype[Any]] = {"clean": np.dtype(np.uint8), "protected": np.dtype(np.float16)}
 
 
 @dataclass(frozen=True)
@@ -42,53 +43,58 @@ class Partition:
 @dataclass(frozen=True)
 class PreparedData:
     root: Path
-    card: dict[str, Any]
+    card: Card
     clean: Partition
     protected: Partition
     files: dict[str, str]  # relative path → sha256, verified
 
     @property
     def fingerprint(self) -> str:
-        return str(self.card["fingerprint"])
+        return self.card.fingerprint
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return int(self.card["channels"]), int(self.card["resolution"]), int(self.card["resolution"])
+        return self.card.image_shape
+
+
+HINT = "guard train, guard audit and guard verify read only directories written by guard prepare; re-run guard prepare"
 
 
 def _fail(root: Path, problem: str) -> VerificationError:
-    return VerificationError(f"{root}: {problem}", hint="guard train reads only directories written by guard prepare; re-run guard prepare")
+    return VerificationError(f"{root}: {problem}", hint=HINT)
 
 
-def _read_card(root: Path) -> dict[str, Any]:
+def read_prepared_card(root: Path) -> Card:
+    """The structural checks of a prepared directory, the same for every reader (training, audit, verify):
+    a directory holding the prepared entries, a card.json that is a `Card` naming only shards of this
+    directory, and a manifest.parquet matching the sha256 and the fingerprint recorded in the card.
+    Array files are not read here (`open_prepared` verifies them); every fault is a VerificationError."""
     if not root.is_dir():
         raise _fail(root, "not a directory")
     missing = [name for name in REQUIRED if not (root / name).exists()]
     if missing:
         raise _fail(root, f"not a prepared directory (missing {', '.join(missing)})")
-    try:
-        card = json.loads((root / "card.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise _fail(root, f"card.json is unreadable ({err})") from None
-    for key in ("files", "manifest_sha256", "sigma", "channels", "resolution", "fingerprint"):
-        if key not in card:
-            raise _fail(root, f"card.json has no {key!r}")
+    card = read_card(root, error=VerificationError, hint=HINT)
+    for name in card.files:  # a card names only the directory's own shards: nothing outside is ever read
+        if not re.fullmatch(r"(clean|protected)/[A-Za-z0-9_.-]+\.npy", name) or ".." in name or (root / name).is_symlink():
+            raise _fail(root, f"card.json names {name!r}, not a shard of this directory")
+    if sha256_file(root / "manifest.parquet") != card.manifest_sha256:
+        raise _fail(root, "manifest.parquet does not match the sha256 recorded at prepare time")
+    if fingerprint({**card.files, "manifest.parquet": card.manifest_sha256}) != card.fingerprint:
+        raise _fail(root, "card.json fingerprint does not match its files")
     return card
 
 
-def _check_keyed_noise(root: Path, card: dict[str, Any]) -> None:
+def _check_keyed_noise(root: Path, card: Card) -> None:
     """Refuse directories made before the noise was keyed by a secret: their noise can be regenerated."""
-    if "noise_seed" in card or "noise_key_id" not in card:
+    if card.invertible_noise:
         raise VerificationError(
             f"{root}: its noise is invertible (an earlier guard prepare seeded it from public values: anyone holding "
             "this directory can rebuild its protected originals); delete it and its copies, and re-run guard prepare")
 
 
-def _verify_files(root: Path, card: dict[str, Any]) -> dict[str, str]:
-    recorded: dict[str, str] = card["files"]
-    for name in recorded:  # a card names only the directory's own shards: nothing outside is ever read
-        if not re.fullmatch(r"(clean|protected)/[A-Za-z0-9_.-]+\.npy", name) or ".." in name or (root / name).is_symlink():
-            raise _fail(root, f"card.json names {name!r}, not a shard of this directory")
+def _verify_files(root: Path, card: Card) -> dict[str, str]:
+    recorded = dict(card.files)
     present = {p.relative_to(root).as_posix() for part in ("clean", "protected") for p in (root / part).rglob("*") if p.is_file()}
     unexpected = sorted(present - set(recorded))
     if unexpected:
@@ -98,43 +104,38 @@ def _verify_files(root: Path, card: dict[str, Any]) -> dict[str, str]:
             raise _fail(root, f"{name} is missing")
         if sha256_file(root / name) != digest:
             raise _fail(root, f"{name} does not match the sha256 recorded at prepare time")
-    if sha256_file(root / "manifest.parquet") != card["manifest_sha256"]:
-        raise _fail(root, "manifest.parquet does not match the sha256 recorded at prepare time")
-    if fingerprint({**recorded, "manifest.parquet": card["manifest_sha256"]}) != card["fingerprint"]:
-        raise _fail(root, "card.json fingerprint does not match its files")
     return recorded
 
 
-def _check_counts(root: Path, card: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+def _check_counts(root: Path, card: Card, rows: list[dict[str, Any]]) -> None:
     """The card's counts, rule counts and sigma must be those of the manifest (bound by its sha256)."""
-    counts = {p: 0 for p in card["counts"]}
+    counts = {p: 0 for p in card.counts}
     for row in rows:
         counts[row["partition"]] = counts.get(row["partition"], 0) + 1
-    if counts != card["counts"]:
-        raise _fail(root, f"card.json counts {card['counts']} do not match the manifest's {counts}")
+    if counts != card.counts:
+        raise _fail(root, f"card.json counts {card.counts} do not match the manifest's {counts}")
     rules: dict[str, int] = {}
     for row in rows:
         if row["rule"] is not None:
             rules[row["rule"]] = rules.get(row["rule"], 0) + 1
-    recorded = card.get("rule_counts") or {}
+    recorded = card.rule_counts
     errors = counts.get("error", 0)
     over = sorted(name for name, n in rules.items() if n > recorded.get(name, 0))
     if over or sum(recorded.values()) != sum(rules.values()) + errors:
         name = over[0] if over else "(total)"
         raise _fail(root, f"card.json rule_counts {recorded} do not match the manifest (rule {name}: "
                           f"{rules.get(name, sum(rules.values()))} record(s), {errors} error row(s))")
-    policy_sigma = ((card.get("policy") or {}).get("noise") or {}).get("sigma")
-    if policy_sigma != card["sigma"]:
-        raise _fail(root, f"card.json sigma {card['sigma']} is not its policy's noise.sigma {policy_sigma}")
+    if card.policy.noise.sigma != card.sigma:
+        raise _fail(root, f"card.json sigma {card.sigma} is not its policy's noise.sigma {card.policy.noise.sigma}")
 
 
-def _partition(root: Path, rows: list[dict[str, Any]], name: str, card: dict[str, Any]) -> Partition:
-    shape = (int(card["channels"]), int(card["resolution"]), int(card["resolution"]))
+def _partition(root: Path, rows: list[dict[str, Any]], name: str, card: Card) -> Partition:
+    shape = card.image_shape
     arrays: dict[str, np.ndarray] = {}
     pixels, sigmas = [], []
     for row in rows:
         file = row["file"]
-        if not file or not file.startswith(f"{name}/") or file not in card["files"]:
+        if not file or not file.startswith(f"{name}/") or file not in card.files:
             raise _fail(root, f"record {row['record_id']} points to {file!r}, not a recorded {name} file")
         if file not in arrays:
             arrays[file] = np.load(root / file, mmap_mode="r", allow_pickle=False)
@@ -151,7 +152,7 @@ def open_prepared(root: Path) -> PreparedData:
     import pyarrow.parquet as pq
 
     root = root.resolve()
-    card = _read_card(root)
+    card = read_prepared_card(root)
     _check_keyed_noise(root, card)
     files = _verify_files(root, card)
     columns = ["record_id", "partition", "rule", "sigma", "file", "row"]
@@ -159,10 +160,10 @@ def open_prepared(root: Path) -> PreparedData:
     _check_counts(root, card, rows)
     clean = [r for r in rows if r["partition"] == "clean"]
     protected = [r for r in rows if r["partition"] == "protected"]
-    bad_sigma = [r["record_id"] for r in protected if not r["sigma"] or r["sigma"] <= 0 or r["sigma"] != card["sigma"]]
+    bad_sigma = [r["record_id"] for r in protected if not r["sigma"] or r["sigma"] <= 0 or r["sigma"] != card.sigma]
     if bad_sigma:
         raise _fail(root, f"protected record {bad_sigma[0]} has sigma {next(r['sigma'] for r in protected if r['record_id'] == bad_sigma[0])}, "
-                          f"expected the policy's {card['sigma']} > 0")
+                          f"expected the policy's {card.sigma} > 0")
     if any(r["sigma"] != 0 for r in clean):
         raise _fail(root, "a clean record has a non-zero sigma")
     return PreparedData(root, card, _partition(root, clean, "clean", card), _partition(root, protected, "protected", card), files)
@@ -172,14 +173,14 @@ def check_noise_statistics(data: PreparedData) -> NoiseStats:
     """The protected pixels tested for noise at the card's sigma (see noise_check.py)."""
     from .noise_check import check_protected
 
-    return check_protected(data.protected.pixels, float(data.card["sigma"]), data.protected.record_ids)
+    return check_protected(data.protected.pixels, data.card.sigma, data.protected.record_ids)
 
 
 def require_noisy(data: PreparedData) -> NoiseStats:
     """`check_noise_statistics`, raising VerificationError when the protected arrays are not noisy copies."""
     stats = check_noise_statistics(data)
     if not stats.passed:
-        raise VerificationError(f"{data.root}: {stats.detail(float(data.card['sigma']))}",
+        raise VerificationError(f"{data.root}: {stats.detail(data.card.sigma)}",
                                 hint="the protected arrays must be the noisy copies guard prepare wrote; re-run guard prepare")
     return stats
 
@@ -197,38 +198,30 @@ class Provenance:
         return self.event_id is not None or self.signer is not None
 
 
-def _artifacts(value: Any) -> list[dict[str, Any]]:
-    return [dict(a) for a in (value or [])]
+def is_prepare_event_of(event: Event, card: Card) -> bool:
+    """Whether `event` is an ok `prepare` event that wrote a directory with this card's fingerprint, array files,
+    policy, sigma and counts."""
+    from .contracts.events import PrepareSummary
+
+    summary = event.summary
+    if event.kind != "prepare" or event.status != "ok" or not isinstance(summary, PrepareSummary):
+        return False
+    prepared = [a for a in event.artifacts("outputs", "prepared") if a.sha256 == card.fingerprint]
+    if not prepared:
+        return False
+    base = prepared[0].path.rstrip("/") + "/"
+    arrays = {a.path[len(base):] if a.path.startswith(base) else a.path: a.sha256 for a in event.artifacts("outputs", "array")}
+    policy = [a.sha256 for a in event.artifacts("inputs", "policy")]
+    return (arrays == card.files and policy == [card.policy_sha256] and summary.sigma == card.sigma
+            and summary.counts == card.counts and summary.rule_counts == card.rule_counts)
 
 
-def find_prepare_event(ledger: Path, card: dict[str, Any]) -> str | None:
-    """The id of an ok `prepare` event of `ledger` that wrote a directory with this card's fingerprint,
-    array files, policy, sigma and counts; None if there is none."""
-    import pyarrow.parquet as pq
-
-    for path in sorted((ledger / "prepare").glob("*.parquet")):
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except (OSError, ValueError):
-            continue  # an unreadable file is not evidence of anything
-        for row in rows:
-            if row.get("kind") != "prepare" or row.get("status") != "ok":
-                continue
-            outputs = _artifacts(row.get("outputs"))
-            prepared = [a for a in outputs if a["role"] == "prepared" and a["sha256"] == card["fingerprint"]]
-            if not prepared:
-                continue
-            base = prepared[0]["path"].rstrip("/") + "/"
-            arrays = {a["path"][len(base):] if a["path"].startswith(base) else a["path"]: a["sha256"]
-                      for a in outputs if a["role"] == "array"}
-            policy = [a["sha256"] for a in _artifacts(row.get("inputs")) if a["role"] == "policy"]
-            try:
-                summary = json.loads(row.get("summary") or "{}")
-            except json.JSONDecodeError:
-                continue
-            if (arrays == card["files"] and policy == [card.get("policy_sha256")] and summary.get("sigma") == card["sigma"]
-                    and summary.get("counts") == card["counts"] and summary.get("rule_counts") == card.get("rule_counts")):
-                return str(row["event_id"])
+def find_prepare_event(ledger: Path, card: Card) -> str | None:
+    """The id of an ok `prepare` event of `ledger` that wrote a directory with this card (`is_prepare_event_of`);
+    None if there is none. Ledger files that are not valid events are skipped: they are not evidence."""
+    for event in read_events(ledger, "prepare", skip_invalid=True):
+        if is_prepare_event_of(event, card):
+            return event.event_id
     return None
 
 

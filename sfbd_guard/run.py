@@ -5,21 +5,24 @@ crash (or after the run finished) continues where it stopped:
 - prepare: the prepared directory exists, was made from this exact policy file, and verifies;
 - train: a run directory with checkpoints is resumed (a finished run returns at once);
 - sample: `samples/done.json` names the same weights, count, steps and seed;
-- audit: `audit/summary.json` was computed on the same samples;
+- audit: `audit/done.json` names the samples' marker and `audit/summary.json` reads as an audit summary;
 - report: always rewritten (`report.html`, `DATASHEET.md`).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .contracts.audit_summary import read_audit_summary
+from .contracts.card import read_card
 from .engine.config import PipelineConfig, load_pipeline
 from .errors import InputError
-from .fileio import atomic_write_json, read_json_object, sha256_file
+from .contracts.base import load_json
+from .fileio import atomic_write_json
+from .hashing import sha256_file
 
 Say = Callable[[str], None]
 _REDO = "a stage's done.json is written by guard run when the stage ends; remove it to redo that stage"
@@ -42,8 +45,8 @@ def _prepare(config: PipelineConfig, ledger: Path | None, command: list[str], sa
         raise InputError("the pipeline has no `policy`: guard run needs it to prepare the data")
     policy, data = Path(config.policy), Path(config.data)
     if (data / "card.json").is_file():
-        card = read_json_object(data / "card.json", hint="--data must be a directory written by guard prepare")
-        if card.get("policy_sha256") != load_policy(policy).sha256:
+        card = read_card(data, hint="--data must be a directory written by guard prepare")
+        if card.policy_sha256 != load_policy(policy).sha256:
             raise InputError(f"{data} was prepared from another version of {policy}",
                              hint="remove it (and the run trained on it) or point `data` elsewhere")
         open_prepared(data)
@@ -75,7 +78,7 @@ def _sample(config: PipelineConfig, ledger: Path | None, command: list[str], say
     weights = latest_checkpoint(run_dir)
     marker = run_dir / "samples" / "done.json"
     wanted = {"weights": sha256_file(weights / "ema.safetensors"), "n": spec.n, "steps": spec.steps, "seed": spec.seed}
-    if marker.is_file() and read_json_object(marker, hint=_REDO) == wanted:
+    if marker.is_file() and load_json(marker, hint=_REDO) == wanted:
         return "skipped (samples of these weights exist)"
     say(f"sampling {spec.n} images")
     sample_recorded(run_dir, ledger=ledger, command=command + ["(sample)"], count=spec.n, out=run_dir / "samples",
@@ -92,12 +95,13 @@ def _audit(config: PipelineConfig, ledger: Path | None, command: list[str], say:
     report, samples = run_dir / "audit", run_dir / "samples"
     marker, done = samples / "done.json", report / "done.json"
     if done.is_file() and marker.is_file():
-        audited = read_json_object(done, hint=_REDO)
+        audited = load_json(done, hint=_REDO)
         copies = audited.get("copies")
         if not isinstance(audited.get("samples_marker"), str) or not isinstance(copies, int) or isinstance(copies, bool):
             raise InputError(f"{done}: expected samples_marker (sha256) and copies (integer), got {audited!r:.80}",
                              hint=_REDO)
         if audited["samples_marker"] == sha256_file(marker):
+            read_audit_summary(report)  # the report the skipped stage stands on is there and intact
             return "skipped (this sample set is audited)", copies
     say("auditing the samples against the protected originals")
     config_path = Path(config.audit.config) if config.audit.config else None

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, VerificationError
-from .fileio import atomic_write_bytes, sha256_bytes
+from .fileio import atomic_write_bytes
+from .hashing import sha256_bytes
 
 SIGNATURE_FILE = "card.sig"
 ALGORITHM = "ed25519"

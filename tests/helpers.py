@@ -95,3 +95,15 @@ def plant_samples(prepared: Path, out: Path, *, copies: int, novel: int, seed: i
     for i in range(novel):
         random_image(other, 178, 218).save(out / f"novel-{i:03d}.jpg", quality=90)
     return planted
+
+
+def read_events(ledger: Path):  # type: ignore[no-untyped-def]
+    """All events of a ledger as one Arrow table, oldest first (empty ledger → None), as a test sees the files."""
+    import duckdb
+
+    if not any(ledger.glob("**/*.parquet")):
+        return None
+    pattern = str(ledger / "**" / "*.parquet")
+    return duckdb.connect().sql(
+        "SELECT * FROM read_parquet(?, union_by_name=true) ORDER BY started_at", params=[pattern]
+    ).to_arrow_table()

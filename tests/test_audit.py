@@ -14,7 +14,7 @@ from PIL import Image
 from helpers import celeba_policy, plant_samples, write_policy
 from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.datasets.celeba import CelebAReader
-from sfbd_guard.ledger import read_events
+from helpers import read_events
 from sfbd_guard.policy import load_policy
 
 

@@ -86,14 +86,14 @@ def test_two_runs_and_worker_counts_give_identical_bytes(tmp_path: Path, celeba_
     files = {name: data for name, data in _files(one.output).items() if name != "card.json"}
     assert files == {n: d for n, d in _files(two.output).items() if n != "card.json"}
     assert files == {n: d for n, d in _files(again.output).items() if n != "card.json"}
-    assert one.card["fingerprint"] == two.card["fingerprint"] == again.card["fingerprint"]
-    assert one.card["noise_key_id"] == two.card["noise_key_id"] and one.card["noise_key_source"] == "key_file"
+    assert one.card.fingerprint == two.card.fingerprint == again.card.fingerprint
+    assert one.card.noise_key_id == two.card.noise_key_id and one.card.noise_key_source == "key_file"
 
 
 def test_without_a_key_every_run_draws_new_noise_and_workers_agree(tmp_path: Path, celeba_root: Path) -> None:
     one = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "one"), workers=2)
     two = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "two"), workers=1)
-    assert one.card["noise_key_source"] == "ephemeral" and one.card["noise_key_id"] != two.card["noise_key_id"]
+    assert one.card.noise_key_source == "ephemeral" and one.card.noise_key_id != two.card.noise_key_id
     first, second = _files(one.output), _files(two.output)
     assert [n for n in first if n.startswith("clean/")] and all(first[n] == second[n] for n in first if n.startswith("clean/"))
     protected = [n for n in first if n.startswith("protected/")]
@@ -163,7 +163,7 @@ def test_existing_output_is_refused_and_overwrite_replaces_it(tmp_path: Path, ce
         _prepare(tmp_path, policy)
     policy["noise"] = {"sigma": 0.7}
     second = _prepare(tmp_path, policy, overwrite=True)
-    assert second.card["sigma"] == 0.7 and second.card["fingerprint"] != first.card["fingerprint"]
+    assert second.card.sigma == 0.7 and second.card.fingerprint != first.card.fingerprint
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
 
 

@@ -10,10 +10,11 @@ import base64
 import html
 import io
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..contracts.audit_summary import AuditSummary
 
 COLOURS = {"samples": (214, 39, 40), "holdout": (31, 119, 180)}
 VERDICT_COLOURS = {"copy": "#d62728", "suspect": "#ff7f0e", "novel": "#2ca02c"}
@@ -84,24 +85,24 @@ def _pair_row(pair: Pair, size: int) -> str:
             f"<td>{pair.l2_ratio:.3f}</td></tr>")
 
 
-def render(summary: dict[str, Any], pairs: list[Pair], histogram_png: Image.Image, thumb_size: int) -> str:
+def render(summary: AuditSummary, pairs: list[Pair], histogram_png: Image.Image, thumb_size: int) -> str:
     """The whole report.html as a string."""
-    counts, th = summary["counts"], summary["thresholds"]
+    counts, th = summary.counts, summary.thresholds
     rows = "\n".join(_pair_row(p, thumb_size) for p in pairs) or '<tr><td colspan="6">no samples</td></tr>'
-    warnings = "".join(f'<p style="color:#b35900">warning: {html.escape(w)}</p>' for w in summary["warnings"])
+    warnings = "".join(f'<p style="color:#b35900">warning: {html.escape(w)}</p>' for w in summary.warnings)
     count_text = ", ".join(f"{k}: {counts.get(k, 0)}" for k in ("copy", "suspect", "novel", "error"))
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>guard audit: {html.escape(summary['samples'])}</title>
+<html><head><meta charset="utf-8"><title>guard audit: {html.escape(summary.samples)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} td{{padding:4px 10px;vertical-align:top;font-size:13px}}
 img{{image-rendering:pixelated;border:1px solid #ccc}} .none{{color:#999}}</style></head><body>
 <h1>guard audit</h1>
-<p>samples <code>{html.escape(summary['samples'])}</code> against the protected records of
-<code>{html.escape(summary['prepared']['path'])}</code> ({summary['references']} originals),
-embedder <b>{html.escape(summary['embedder']['kind'])}</b>.</p>
-<p><b>{count_text}</b>. Flagged (copy or suspect): {summary['flagged']['fraction']:.4f}
-(95% CI {summary['flagged']['ci95'][0]:.4f}-{summary['flagged']['ci95'][1]:.4f}).</p>
-<p>Thresholds ({html.escape(th['method'])}): copy s1 &ge; {th['copy']:.4f}; suspect s1 &ge; {th['suspect']:.4f}
-or relative L2 ratio &le; {th['ratio']:.4f}. {html.escape(th['note'])}. {html.escape(th['expected_fpr_text'])}.</p>
+<p>samples <code>{html.escape(summary.samples)}</code> against the protected records of
+<code>{html.escape(summary.prepared.path)}</code> ({summary.references} originals),
+embedder <b>{html.escape(summary.embedder.kind)}</b>.</p>
+<p><b>{count_text}</b>. Flagged (copy or suspect): {summary.flagged.fraction:.4f}
+(95% CI {summary.flagged.ci95[0]:.4f}-{summary.flagged.ci95[1]:.4f}).</p>
+<p>Thresholds ({html.escape(th.method)}): copy s1 &ge; {th.copy_:.4f}; suspect s1 &ge; {th.suspect:.4f}
+or relative L2 ratio &le; {th.ratio:.4f}. {html.escape(th.note)}. {html.escape(th.expected_fpr_text)}.</p>
 {warnings}
 <h2>Top-1 similarity: samples versus holdout</h2>
 <img src="{png_data_uri(histogram_png)}" alt="histograms">

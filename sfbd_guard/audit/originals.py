@@ -10,8 +10,6 @@ minus exact copies of protected records.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from ..curation.noise import pixel_sha256
+from ..contracts.base import dump
+from ..contracts.card import Card
 from ..datasets import READERS, DatasetReader, SourceSpec, open_reader
 from ..errors import ImageDecodeError, InputError, VerificationError
-from ..fileio import fingerprint, sha256_file
+from ..hashing import pixel_sha256, seeded_subset
 
 Progress = Callable[[int], None]
 
@@ -32,67 +31,36 @@ class PreparedInfo:
     """What the audit needs from a prepared directory (card.json and manifest.parquet, verified)."""
 
     root: Path
-    card: dict[str, Any]
+    card: Card
     protected_ids: list[str]
     protected_sha256: list[str]
 
     @property
     def fingerprint(self) -> str:
-        return str(self.card["fingerprint"])
+        return self.card.fingerprint
 
     @property
     def resolution(self) -> int:
-        return int(self.card["resolution"])
+        return self.card.resolution
 
     @property
     def channels(self) -> int:
-        return int(self.card["channels"])
-
-
-# The card keys the audit reads, and their types.
-CARD_KEYS: dict[str, type | tuple[type, ...]] = {
-    "files": dict, "manifest_sha256": str, "fingerprint": str, "format": str, "split": str, "resolution": int,
-    "channels": int, "policy": dict}
-
-
-def _read_card(path: Path, hint: str) -> dict[str, Any]:
-    """card.json, with the keys the audit needs present and of the right type."""
-    try:
-        card = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"--data {path}: unreadable ({err})", hint=hint) from None
-    if not isinstance(card, dict):
-        raise InputError(f"--data {path}: expected a JSON object, got {type(card).__name__}", hint=hint)
-    for key, kind in CARD_KEYS.items():
-        value = card.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise InputError(f"--data {path}: {key} is {str(value)[:80]!r}, expected {getattr(kind, '__name__', kind)}",
-                             hint=hint)
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in card["files"].items()):
-        raise InputError(f"--data {path}: files must map file names to sha256 strings", hint=hint)
-    if card["format"] not in READERS:
-        raise InputError(f"--data {path}: format {card['format'][:40]!r} is not one guard prepare writes", hint=hint)
-    if not 0 < card["resolution"] <= 4096 or card["channels"] not in (1, 3):
-        raise InputError(f"--data {path}: resolution {card['resolution']} / channels {card['channels']} out of range",
-                         hint=hint)
-    if card.get("root") is not None and not isinstance(card["root"], str):
-        raise InputError(f"--data {path}: root is {card['root']!r}, expected a path", hint=hint)
-    return card
+        return self.card.channels
 
 
 def read_prepared(root: Path) -> PreparedInfo:
-    """Read card.json and the manifest's protected rows; exit 2 unless it is an intact prepared directory."""
+    """The prepared directory's card and the manifest's protected rows; exit 2 unless it is an intact prepared
+    directory. The structural checks are `prepared.read_prepared_card`, the same as training's; the audit reads
+    no array file, and needs no provenance (it reads the originals, each checked against the manifest)."""
     import pyarrow.parquet as pq
 
+    from ..prepared import read_prepared_card
+
     root = root.resolve()
-    hint = "--data must be a directory written by guard prepare"
-    if not (root / "card.json").is_file() or not (root / "manifest.parquet").is_file():
-        raise InputError(f"--data {root}: not a prepared directory (needs card.json and manifest.parquet)", hint=hint)
-    card = _read_card(root / "card.json", hint)
-    recorded = {**card["files"], "manifest.parquet": card["manifest_sha256"]}
-    if sha256_file(root / "manifest.parquet") != card["manifest_sha256"] or fingerprint(recorded) != card["fingerprint"]:
-        raise VerificationError(f"--data {root}: manifest.parquet does not match the sha256 recorded in card.json",
-                                hint="re-run guard prepare; a modified manifest cannot say which records are protected")
+    card = read_prepared_card(root)
+    if card.format not in READERS:
+        raise InputError(f"{root / 'card.json'}: format: {card.format[:40]!r} is not one guard prepare writes",
+                         hint="--data must be a directory written by guard prepare")
     table = pq.read_table(root / "manifest.parquet", columns=["record_id", "partition", "sha256"]).to_pylist()
     protected = [row for row in table if row["partition"] == "protected"]
     if not protected:
@@ -103,11 +71,11 @@ def read_prepared(root: Path) -> PreparedInfo:
 def source_spec(info: PreparedInfo, data_root: Path | None, split: str | None = None) -> SourceSpec:
     """The source dataset as prepared: the card's format, root (or --data-root), split and resolution."""
     card = info.card
-    root = data_root.resolve() if data_root else (Path(card["root"]) if card.get("root") else None)
-    if card["format"] != "digits" and (root is None or not root.is_dir()):
+    root = data_root.resolve() if data_root else (Path(card.root) if card.root else None)
+    if card.format != "digits" and (root is None or not root.is_dir()):
         raise InputError(f"source dataset root {root} (recorded at prepare time) is not a directory",
                          hint="pass --data-root DIR: the audit reads the protected originals from the source dataset")
-    return SourceSpec(format=card["format"], root=root, split=split or card["split"], resolution=info.resolution)
+    return SourceSpec(format=card.format, root=root, split=split or card.split, resolution=info.resolution)
 
 
 def _load_verified(reader: DatasetReader, record_id: str, expected: str | None, what: str) -> np.ndarray:
@@ -154,10 +122,10 @@ class Holdout:
 
 def holdout_splits(info: PreparedInfo) -> list[str]:
     """The format's splits the policy did not select (none when it selected `all` or has no splits)."""
-    chosen = info.card["split"]
+    chosen = info.card.split
     if chosen == "all":
         return []
-    return [s for s in READERS[info.card["format"]].splits if s not in ("all", chosen)]
+    return [s for s in READERS[info.card.format].splits if s not in ("all", chosen)]
 
 
 def card_policy(info: PreparedInfo) -> Any:
@@ -167,7 +135,7 @@ def card_policy(info: PreparedInfo) -> Any:
     from ..policy import Policy
 
     try:
-        return Policy.model_validate(info.card["policy"])
+        return Policy.model_validate(dump(info.card.policy))
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
@@ -184,16 +152,11 @@ def _excluded_by_policy(info: PreparedInfo, metadata: Any) -> set[str]:
     excludes = [r for r in policy.rules if r.action == "exclude"]
     if not excludes:
         return set()
-    base = Path(info.card.get("policy_path") or info.root).parent
+    base = Path(info.card.policy_path or info.root).parent
     decisions = decide(metadata, [*excludes, Rule(name="(holdout)", action="clean")], base_dir=base,
                        source=f"{info.root}/card.json policy (exclude rules applied to the holdout)")
     ids = metadata.column("record_id").to_pylist()
     return {rid for rid, action in zip(ids, decisions.actions) if action == "exclude"}
-
-
-def _seeded_subset(ids: list[str], limit: int, seed: int) -> list[str]:
-    ranked = sorted(ids, key=lambda rid: hashlib.sha256(f"{seed}:{rid}".encode()).digest())
-    return sorted(ranked[:limit])
 
 
 def holdout_from_splits(info: PreparedInfo, data_root: Path | None, *, limit: int, seed: int) -> Holdout | None:
@@ -209,7 +172,7 @@ def holdout_from_splits(info: PreparedInfo, data_root: Path | None, *, limit: in
         skip = _excluded_by_policy(info, metadata)
         excluded += len(skip)
         candidates += [(reader, rid) for rid in metadata.column("record_id").to_pylist() if rid not in skip]
-    chosen = set(_seeded_subset([rid for _, rid in candidates], limit, seed))
+    chosen = set(seeded_subset([rid for _, rid in candidates], limit, seed))
     pixels, dropped = [], {"excluded_by_policy": excluded, "over_max_holdout": len(candidates) - len(chosen),
                            "unreadable": 0}
     for reader, rid in candidates:
@@ -246,7 +209,7 @@ def holdout_from_rules(info: PreparedInfo, data_root: Path | None, rules: list[s
         raise InputError(f"calibration.holdout_rules: {unknown[0]!r} is not an exclude rule of the policy",
                          hint=f"exclude rules: {', '.join(sorted(known)) or 'none'}")
     held = {r["record_id"]: r["sha256"] for r in rows if r["partition"] == "excluded" and r["rule"] in rules}
-    chosen = _seeded_subset(list(held), limit, seed)
+    chosen = seeded_subset(list(held), limit, seed)
     reader = open_reader(source_spec(info, data_root))
     pixels = [_load_verified(reader, rid, held[rid], "held-out record") for rid in chosen]
     dropped = {"over_max_holdout": len(held) - len(chosen)}
@@ -260,7 +223,7 @@ def holdout_from_dir(info: PreparedInfo, folder: Path, *, limit: int, seed: int)
 
     loaded = load_folder(folder, info.resolution, info.channels, what="--holdout")
     names = [n for n, ok in zip(loaded.names, loaded.ok) if ok]
-    keep = set(_seeded_subset(names, limit, seed))
+    keep = set(seeded_subset(names, limit, seed))
     mask = np.asarray([n in keep for n in names], dtype=bool)
     dropped = {"unreadable": len(loaded.errors), "over_max_holdout": int((~mask).sum())}
     return _without_protected(loaded.pixels[mask], info, f"dir:{folder.resolve()}", dropped)

@@ -13,7 +13,6 @@ directory; `--no-index-cache` turns it off whatever the config says.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ..hashing import json_sha256
 from .config import AuditConfig
 from .embed import Embedder, embed_batched, l2_vectors
 from .index import build_ivf
@@ -68,7 +68,7 @@ def l2_size(config: AuditConfig, resolution: int) -> int:
 def cache_key(info: PreparedInfo, embedder: Embedder, size: int) -> str:
     payload = {"fingerprint": info.fingerprint, "embedder": embedder.identity(), "l2_size": size,
                "layout": LAYOUT_VERSION}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return json_sha256(payload)
 
 
 def _load(folder: Path, count: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | None:

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..fileio import atomic_write_bytes, atomic_write_json
+from ..contracts.audit_summary import AuditSummary
+from ..fileio import atomic_write_bytes
 from .checks import Scores
 
 SCHEMA_VERSION = 1
@@ -86,26 +87,22 @@ def quantiles(values: np.ndarray) -> dict[str, float] | None:
     return {name: round(float(np.percentile(values, q)), 6) for name, q in points.items()}
 
 
-def write_summary(path: Path, summary: dict[str, Any]) -> None:
-    atomic_write_json(path, summary)
-
-
-def print_summary(summary: dict[str, Any], report: Path) -> None:
+def print_summary(summary: AuditSummary, report: Path) -> None:
     """A few lines for the terminal: verdict counts, thresholds and where the report is."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    counts = summary["counts"]
+    counts = summary.counts
     table = Table("verdict", "samples", title="audit verdicts", title_justify="left")
     for name in ("copy", "suspect", "novel", "error"):
         table.add_row(name, str(counts.get(name, 0)))
     console.print(table)
-    th, flagged = summary["thresholds"], summary["flagged"]
-    console.print(f"thresholds ({th['method']}): copy s1 >= {th['copy']:.4f}, suspect s1 >= {th['suspect']:.4f} "
-                  f"or l2_ratio <= {th['ratio']:.4f}  [{summary['embedder']['kind']} embedder]")
-    console.print(f"flagged {flagged['count']}/{flagged['of']} = {flagged['fraction']:.4f} "
-                  f"(95% CI {flagged['ci95'][0]:.4f}-{flagged['ci95'][1]:.4f}); {th['expected_fpr_text']}")
-    for warning in summary["warnings"]:
+    th, flagged = summary.thresholds, summary.flagged
+    console.print(f"thresholds ({th.method}): copy s1 >= {th.copy_:.4f}, suspect s1 >= {th.suspect:.4f} "
+                  f"or l2_ratio <= {th.ratio:.4f}  [{summary.embedder.kind} embedder]")
+    console.print(f"flagged {flagged.count}/{flagged.of} = {flagged.fraction:.4f} "
+                  f"(95% CI {flagged.ci95[0]:.4f}-{flagged.ci95[1]:.4f}); {th.expected_fpr_text}")
+    for warning in summary.warnings:
         console.print(f"[yellow]warning[/yellow]: {warning}")
     console.print(f"report: {report}")

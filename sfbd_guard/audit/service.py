@@ -16,8 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from ..contracts.audit_summary import AuditSummary, write_audit_summary
+from ..contracts.base import dump, validate
 from ..errors import GuardError
-from ..fileio import fingerprint, private_dir, sha256_file
+from ..fileio import private_dir
+from ..hashing import fingerprint, sha256_file
 from ..ledger import Artifact, ledger_dir, recorded
 from . import calibrate as cal
 from .checks import Scores, background, score, verdicts
@@ -29,7 +32,7 @@ from .index import InnerProductIndex
 from .originals import (Holdout, PreparedInfo, holdout_from_dir, holdout_from_rules, holdout_from_splits, holdout_splits, load_protected,
                         read_prepared)
 from .reference import Reference, build, l2_size
-from .report import samples_table, write_parquet, write_summary
+from .report import samples_table, write_parquet
 from .summary import build_summary
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
@@ -39,12 +42,12 @@ REPORT_FILES = ("samples.parquet", "summary.json", "report.html", "similarity.pn
 @dataclass(frozen=True)
 class AuditResult:
     report: Path
-    summary: dict[str, Any]
+    summary: AuditSummary  # summary.json as written
     files: dict[str, Path]  # report file name → path
 
     @property
     def counts(self) -> dict[str, int]:
-        return dict(self.summary["counts"])
+        return dict(self.summary.counts)
 
 
 def make_embedder(config: AuditConfig, info: PreparedInfo) -> Embedder:
@@ -69,9 +72,9 @@ def find_holdout(info: PreparedInfo, config: AuditConfig, data_root: Path | None
         found = holdout_from_rules(info, data_root, spec.holdout_rules, limit=spec.max_holdout, seed=spec.seed)
         return found, "the held-out rules matched no usable record"
     if not holdout_splits(info):
-        split = info.card["split"]
+        split = info.card.split
         why = "uses every split" if split == "all" else "has no other split"
-        return None, (f"the policy's dataset ({info.card['format']}, split {split}) {why}; "
+        return None, (f"the policy's dataset ({info.card.format}, split {split}) {why}; "
                       "excluded records are never a holdout")
     found = holdout_from_splits(info, data_root, limit=spec.max_holdout, seed=spec.seed)
     return found, "the other split(s) hold no usable image"
@@ -123,7 +126,7 @@ def _calibrate(ctx: _Context, data_root: Path | None, holdout_dir: Path | None) 
     return cal.calibrated(ctx.config, ctx.embedder.kind, held, holdout.source, holdout.dropped), held.s1
 
 
-def _write(report: Path, table: Any, summary: dict[str, Any], page: str, figure: Any) -> dict[str, Path]:
+def _write(report: Path, table: Any, summary: AuditSummary, page: str, figure: Any) -> dict[str, Path]:
     import io
 
     from ..fileio import atomic_write_bytes
@@ -131,7 +134,7 @@ def _write(report: Path, table: Any, summary: dict[str, Any], page: str, figure:
     private_dir(report)  # report.html may hold thumbnails of protected originals
     files = {name: report / name for name in REPORT_FILES}
     write_parquet(files["samples.parquet"], table)
-    write_summary(files["summary.json"], summary)
+    write_audit_summary(report, summary)
     atomic_write_bytes(files["report.html"], page.encode())
     picture = io.BytesIO()
     figure.save(picture, format="PNG")  # the similarity histogram, also as a picture of its own
@@ -171,8 +174,9 @@ def _report(ctx: _Context, samples: Path, report: Path, loaded: LoadedImages, sc
     figure = histogram({"samples": scores.s1, "holdout": holdout_s1}, {"copy": th.copy, "suspect": th.suspect})
     clock["report"] = time.perf_counter() - mark
     summary["timings"] = {k: round(v, 3) for k, v in {**clock, "total": sum(clock.values())}.items()}
-    files = _write(report, table, summary, render(summary, pairs, figure, ctx.config.report.thumb_size), figure)
-    return AuditResult(report, summary, files)
+    contract = validate(AuditSummary, summary, source="audit summary.json")  # a bug if it does not fit
+    files = _write(report, table, contract, render(contract, pairs, figure, ctx.config.report.thumb_size), figure)
+    return AuditResult(report, contract, files)
 
 
 def run_audit(*, samples: Path, data: Path, report: Path, config: AuditConfig, data_root: Path | None = None,
@@ -215,14 +219,17 @@ def audit_recorded(*, samples: Path, data: Path, report: Path, config: AuditConf
         result = run_audit(samples=samples, data=data, report=report, config=config, data_root=data_root,
                            holdout_dir=holdout_dir, progress=progress)
         summary = result.summary
-        event.inputs[0] = Artifact("samples", summary["samples"], summary["samples_fingerprint"])
-        event.inputs.append(Artifact("prepared", summary["prepared"]["path"], summary["prepared"]["fingerprint"]))
+        event.inputs[0] = Artifact("samples", summary.samples, summary.samples_fingerprint)
+        event.inputs.append(Artifact("prepared", summary.prepared.path, summary.prepared.fingerprint))
         if holdout_dir is not None:
             event.inputs.append(Artifact("holdout", str(holdout_dir.resolve()), None))
         event.outputs.extend(Artifact(name, str(path.resolve()), sha256_file(path)) for name, path in result.files.items())
-        event.summary.update(counts=summary["counts"], flagged=summary["flagged"], thresholds={
-            k: summary["thresholds"][k] for k in ("copy", "suspect", "ratio", "method", "expected_fpr")},
-            embedder=summary["embedder"], index=summary["index"]["kind"], references=summary["references"])
+        th = summary.thresholds
+        event.summary.update(  # contracts/events.py AuditEventSummary
+            counts=dict(summary.counts), flagged=dump(summary.flagged),
+            thresholds={"copy": th.copy_, "suspect": th.suspect, "ratio": th.ratio, "method": th.method,
+                        "expected_fpr": dict(th.expected_fpr)},
+            embedder=dump(summary.embedder), index=summary.index.kind, references=summary.references)
         return result
 
 

@@ -1,5 +1,6 @@
 """summary.json: counts per verdict, flagged fraction with a 95% interval, thresholds and how they were set,
-embedder, index and timings. Counts are images, never pairs.
+embedder, index and timings. Counts are images, never pairs. Its contract (types, reader, writer) is
+contracts/audit_summary.py `AuditSummary`.
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ def build_summary(*, samples: Path, samples_fingerprint: str, info: PreparedInfo
     return {
         "schema_version": SCHEMA_VERSION, "tool_version": __version__,
         "samples": str(samples.resolve()), "samples_fingerprint": samples_fingerprint,
-        "prepared": {"path": str(info.root), "fingerprint": info.fingerprint, "format": info.card["format"],
-                     "split": info.card["split"], "resolution": info.resolution},
+        "prepared": {"path": str(info.root), "fingerprint": info.fingerprint, "format": info.card.format,
+                     "split": info.card.split, "resolution": info.resolution},
         "references": len(info.protected_ids), "counts": counts,
         "flagged": _share(counts["copy"] + counts["suspect"], scored), "copies": _share(counts["copy"], scored),
         "thresholds": _thresholds(calibration, config),

@@ -23,6 +23,8 @@ import struct
 
 import numpy as np
 
+from ..hashing import pixel_sha256  # noqa: F401 (re-exported: the pixel hash lives in hashing.py)
+
 GENERATOR = "chacha20-boxmuller-v1"  # recorded in the card; change it whenever the bytes of eps would change
 _NONCE = bytes(16)  # ChaCha20's 32-bit block counter and 96-bit nonce: zero, each record has its own key
 _TWO_PI = 2.0 * np.pi
@@ -70,9 +72,3 @@ def noised_copies(pixels: np.ndarray, *, sigma: float, keys: list[bytes]) -> np.
         row += x.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
         out[...] = row  # rounded to float16
     return noisy
-
-
-def pixel_sha256(pixels: np.ndarray) -> str:
-    """Hex sha256 of a record's transformed uint8 pixels, (C, H, W) in C order."""
-    assert pixels.dtype == np.uint8 and pixels.ndim == 3
-    return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()

@@ -13,20 +13,17 @@ into the same output stops at once with exit 2.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..contracts.card import card_problem
 from ..errors import InputError
 
 PREPARED_ENTRIES = {"manifest.parquet": "file", "card.json": "file", "card.sig": "file", "clean": "dir", "protected": "dir"}
-CARD_KEYS = ("fingerprint", "files", "tool_version", "policy_sha256")
-MAX_CARD_BYTES = 64 * 2**20
 
 
 def _pid_alive(pid: int) -> bool:
@@ -76,20 +73,9 @@ def _strays(folder: Path, *, partial: bool = False) -> list[str]:
 
 
 def _card_problem(folder: Path) -> str | None:
-    """Why `folder`/card.json is not a prepared directory's card, or None if it is one."""
-    card = folder / "card.json"
-    try:
-        info = card.lstat()
-    except FileNotFoundError:
-        return "it has no card.json"
-    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_CARD_BYTES:
-        return "its card.json is not a card"
-    try:
-        parsed = json.loads(card.read_bytes())
-    except (OSError, ValueError):
-        return "its card.json does not parse"
-    missing = [key for key in CARD_KEYS if not isinstance(parsed, dict) or key not in parsed]
-    return f"its card.json lacks {', '.join(missing)}" if missing else None
+    """Why `folder`/card.json is not a prepared directory's card, or None if it is one: the card contract in its
+    tolerant mode (`contracts.card.card_problem`: the identity keys of a card of any version, never a symlink)."""
+    return card_problem(folder)
 
 
 def check_replaceable(output: Path) -> None:

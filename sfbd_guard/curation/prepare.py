@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 from .. import __version__
 from ..datasets import DatasetReader, SourceSpec, open_reader
 from ..errors import DataError
-from ..fileio import atomic_write_json, fingerprint, sha256_file
+from ..contracts.card import Card, card_from_dict, write_card
+from ..hashing import fingerprint, sha256_file
 from ..policy import LoadedPolicy
 from .decode import ChunkResult, NoiseParams, Outcome, Task, init_worker, process_chunk, worker_chunk
 from .keys import NoiseKey, fresh_key, read_key_file
@@ -47,7 +48,7 @@ class PrepareResult:
     counts: dict[str, int]
     rule_counts: dict[str, int]
     errors: list[tuple[str, str]]  # (record_id, reason)
-    card: dict[str, Any]
+    card: Card
     seconds: float
     source_fingerprint: str = field(default="")
 
@@ -201,13 +202,14 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
             columns = _manifest_columns(record_ids, decisions.rules, results, places, noise.sigma)
             manifest = manifest_table(columns, metadata)
             pq.write_table(manifest, staging / "manifest.parquet")
-            card = _card(loaded, spec, reader, manifest, key, decisions.rule_counts(), files, sha256_file(staging / "manifest.parquet"))
-            atomic_write_json(staging / "card.json", card)
+            card = card_from_dict(_card(loaded, spec, reader, manifest, key, decisions.rule_counts(), files,
+                                        sha256_file(staging / "manifest.parquet")))
+            write_card(staging, card)
             finish_output(staging, output)
         except BaseException:
             abandon_output(staging)
             raise
     errors = [(r, results[r].error) for r in record_ids if results[r].error is not None]
     source = fingerprint({r: results[r].sha256 or "" for r in record_ids})
-    return PrepareResult(output, card["counts"], card["rule_counts"], errors, card,  # type: ignore[arg-type]
-                         time.perf_counter() - started, source)
+    return PrepareResult(output, dict(card.counts), dict(card.rule_counts), errors, card, time.perf_counter() - started,
+                         source)

@@ -11,17 +11,17 @@ from .prepare import PrepareResult
 def print_summary(result: PrepareResult, console: Console | None = None) -> None:
     console = console or Console()
     card = result.card
-    console.print(f"prepared [bold]{result.output}[/bold]  ({card['format']}, split {card['split']}, "
-                  f"{card['resolution']} px, {card['channels']} channel(s), sigma {card['sigma']})")
+    console.print(f"prepared [bold]{result.output}[/bold]  ({card.format}, split {card.split}, "
+                  f"{card.resolution} px, {card.channels} channel(s), sigma {card.sigma})")
     partitions = Table("partition", "records", title="records per partition", title_justify="left")
-    for name, count in card["counts"].items():
+    for name, count in card.counts.items():
         partitions.add_row(name, str(count))
     rules = Table("rule", "action", "records", title="records per rule", title_justify="left")
-    for rule in card["policy"]["rules"]:
-        rules.add_row(rule["name"], rule["action"], str(card["rule_counts"].get(rule["name"], 0)))
+    for rule in card.policy.rules:
+        rules.add_row(rule.name, rule.action, str(card.rule_counts.get(rule.name, 0)))
     console.print(partitions)
     console.print(rules)
     if result.errors:
         first = ", ".join(f"{r} ({why})" for r, why in result.errors[:3])
         console.print(f"[yellow]{len(result.errors)} unreadable record(s) recorded as errors[/yellow]: {first}")
-    console.print(f"fingerprint {card['fingerprint']}  ({result.seconds:.1f} s)")
+    console.print(f"fingerprint {card.fingerprint}  ({result.seconds:.1f} s)")

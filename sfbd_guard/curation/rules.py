@@ -54,7 +54,6 @@ of error.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -64,6 +63,7 @@ from typing import Any
 import pyarrow as pa
 
 from ..errors import ConfigError, InputError
+from ..hashing import unit_rank
 from ..policy import Rule, SampleSpec
 
 @dataclass(frozen=True)
@@ -79,11 +79,6 @@ class Decisions:
             if name is not None:
                 counts[name] = counts.get(name, 0) + 1
         return counts
-
-
-def unit_rank(seed: int, key: str) -> bytes:
-    """Position of a sampling unit in the seeded order: sha256 of (seed, key)."""
-    return hashlib.sha256(f"{seed}:{key}".encode()).digest()
 
 
 def units_to_keep(spec: SampleSpec, unit_count: int) -> int:

@@ -29,13 +29,13 @@ def prepare_recorded(policy_path: Path, *, data_root: Path | None, out: Path | N
         card = result.card
         if key is not None:
             event.summary["signed_by"] = sign_card(result.output, key)
-        event.inputs.append(Artifact("source", card["root"] or card["format"], result.source_fingerprint))
-        event.outputs.append(Artifact("prepared", str(result.output), card["fingerprint"]))
-        event.outputs.extend(Artifact("array", f"{result.output}/{name}", digest) for name, digest in sorted(card["files"].items()))
-        event.summary.update(
-            policy_name=card["policy_name"], format=card["format"], split=card["split"], sigma=card["sigma"],
-            noise_key_id=card["noise_key_id"], noise_key_source=card["noise_key_source"],
-            resolution=card["resolution"], counts=card["counts"], rule_counts=card["rule_counts"],
+        event.inputs.append(Artifact("source", card.root or card.format, result.source_fingerprint))
+        event.outputs.append(Artifact("prepared", str(result.output), card.fingerprint))
+        event.outputs.extend(Artifact("array", f"{result.output}/{name}", digest) for name, digest in sorted(card.files.items()))
+        event.summary.update(  # contracts/events.py PrepareSummary
+            policy_name=card.policy_name, format=card.format, split=card.split, sigma=card.sigma,
+            noise_key_id=card.noise_key_id, noise_key_source=card.noise_key_source,
+            resolution=card.resolution, counts=dict(card.counts), rule_counts=dict(card.rule_counts),
             errors=len(result.errors), seconds=round(result.seconds, 3),
         )
         return result

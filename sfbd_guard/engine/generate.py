@@ -3,19 +3,16 @@ whatever the batch size or the device."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 
 import torch
 
 from ..diffusion.sampling import karras_sigmas, sample_euler, sample_heun
+from ..hashing import image_seed
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
-def image_seed(seed: int, index: int) -> int:
-    """The seed of image `index` of a run of `guard sample --seed seed`."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:

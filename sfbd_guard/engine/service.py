@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -10,14 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from ..config import dump_yaml, load_config
+from ..contracts.run_record import RunRecord, read_run_record, write_run_record
 from ..errors import InputError, VerificationError
 from ..fileio import atomic_write_bytes, atomic_write_json
+from ..hashing import sha256_file
 from ..ledger import Artifact, ledger_dir, recorded
 from ..prepared import PreparedData, open_prepared, require_noisy, require_provenance
 from .config import PipelineConfig, load_pipeline
 
 RESOLVED = "config.resolved.yaml"
-RUN_INFO = "run.json"
 Progress = Callable[[int], Callable[[int], None]]
 PhaseProgress = Callable[[str, int], Callable[[int], None]]
 
@@ -64,31 +64,6 @@ def pipeline_of_run(run_dir: Path) -> PipelineConfig:
     return config.model_copy(update={"out": str(run_dir.resolve())})
 
 
-def read_run_info(run_dir: Path) -> dict[str, Any]:
-    """run.json of a run directory, checked: the prepared data it began on and the image shape."""
-    path = run_dir / RUN_INFO
-    hint = "run.json is written by guard train when the run starts; restore it from a backup of the run"
-    try:
-        info = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: missing (not a run directory written by guard train)", hint=hint) from None
-    except OSError as err:
-        raise InputError(f"{path}: cannot read: {err.strerror or err}", hint=hint) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: not valid JSON ({err})", hint=hint) from None
-    if not isinstance(info, dict):
-        raise InputError(f"{path}: expected a JSON object, got {type(info).__name__}", hint=hint)
-    for key in ("data", "data_fingerprint"):
-        if not isinstance(info.get(key), str) or not info[key]:
-            raise InputError(f"{path}: {key} is {info.get(key)!r}, expected a non-empty string", hint=hint)
-    shape = info.get("image_shape")
-    if (not isinstance(shape, list) or len(shape) != 3
-            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 65536 for n in shape)):
-        raise InputError(f"{path}: image_shape is {shape!r}, expected [channels, height, width] of positive integers",
-                         hint=hint)
-    return info
-
-
 def _start_run_dir(config: PipelineConfig, data: PreparedData) -> Path:
     run_dir = Path(str(config.out))
     if (run_dir / "checkpoints").exists():
@@ -96,17 +71,14 @@ def _start_run_dir(config: PipelineConfig, data: PreparedData) -> Path:
                          hint=f"continue it with --resume {run_dir}, or pass --out for a new run")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / RESOLVED, dump_yaml(config).encode())
-    atomic_write_json(run_dir / RUN_INFO, {
-        "data": str(data.root), "data_fingerprint": data.fingerprint, "files": data.files,
-        "image_shape": list(data.image_shape),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })
+    write_run_record(run_dir, RunRecord(
+        data=str(data.root), data_fingerprint=data.fingerprint, files=dict(data.files), image_shape=list(data.image_shape),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds")))
     return run_dir
 
 
 def _check_same_data(run_dir: Path, data: PreparedData) -> None:
-    info = read_run_info(run_dir)
-    if info["data_fingerprint"] != data.fingerprint:
+    if read_run_record(run_dir).data_fingerprint != data.fingerprint:
         raise VerificationError(f"{data.root}: its fingerprint differs from the one this run started with",
                                 hint="a run resumes only on the exact prepared data it began on")
 
@@ -198,8 +170,6 @@ def train_recorded(config: PipelineConfig, *, resume: bool, ledger: Path | None,
             event.summary.update(check_trusted(data, config, where, allow_unrecorded=allow_unrecorded))
 
         outcome = train(config, resume=resume, progress=progress, on_start=note_data)
-        from ..fileio import sha256_file
-
         if outcome.checkpoint is not None:
             for name in ("net.safetensors", "ema.safetensors"):
                 event.outputs.append(Artifact(name.split(".")[0], str(outcome.checkpoint / name), sha256_file(outcome.checkpoint / name)))
@@ -244,11 +214,11 @@ def load_ema_net(run_dir: Path, *, checkpoint: Path | None = None,
     from .trainer import build_net
 
     config = pipeline_of_run(run_dir)
-    shape = tuple(read_run_info(run_dir)["image_shape"])
+    shape = read_run_record(run_dir).shape
     weights = _weights_file(run_dir, checkpoint)
     net = build_net(config, shape).to(resolve_device(device)).eval()  # type: ignore[arg-type]
     load_weights(weights, net)
-    return net, weights, shape  # type: ignore[return-value]
+    return net, weights, shape
 
 
 def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int = 0, batch: int = 64,
@@ -258,7 +228,6 @@ def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int =
 
     import torch
 
-    from ..fileio import sha256_file as sha256_file_
     from .generate import generate
     from .images import save_grid, save_pngs
 
@@ -275,13 +244,11 @@ def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int =
     grid = save_grid(torch.cat(grid_images)[:256], out / "grid.png")
     atomic_write_json(out / "samples.json", {  # what the folder holds: the audit reads the samples from it
         "images": [f.name for f in files], "grid": grid.name, "seed": seed, "steps": steps,
-        "weights": str(weights), "weights_sha256": sha256_file_(weights)})
+        "weights": str(weights), "weights_sha256": sha256_file(weights)})
     return SampleOutcome(out, files, grid, weights, time.perf_counter() - started)
 
 
 def sample_recorded(run_dir: Path, *, ledger: Path | None, command: list[str], **options: Any) -> SampleOutcome:
-    from ..fileio import sha256_file
-
     with recorded(ledger_dir(ledger), "sample", command) as event:
         outcome = sample(run_dir, **options)
         event.inputs.append(Artifact("weights", str(outcome.checkpoint), sha256_file(outcome.checkpoint)))

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..contracts.card import Card, read_card
+from ..contracts.run_record import read_run_record
 from ..errors import InputError
 from ..fileio import atomic_write_bytes
 from .views import RUN_AUDITS, connect
@@ -34,12 +36,12 @@ def _licenses(data: Path) -> str:
     return f"| partition | licence (SPDX) | records |\n|---|---|---|\n{lines}"
 
 
-def _rules(card: dict[str, Any]) -> str:
+def _rules(card: Card) -> str:
     lines = []
-    for rule in card["policy"]["rules"]:
-        where = f"`{rule['where']}`" if rule.get("where") else "every record"
-        sample = f", keeping {json.dumps(rule['sample'])}" if rule.get("sample") else ""
-        lines.append(f"| {rule['name']} | {rule['action']} | {where}{sample} | {card['rule_counts'].get(rule['name'], 0)} |")
+    for rule in card.policy.rules:
+        where = f"`{rule.where}`" if rule.where else "every record"
+        sample = f", keeping {json.dumps(rule.sample)}" if rule.sample else ""
+        lines.append(f"| {rule.name} | {rule.action} | {where}{sample} | {card.rule_counts.get(rule.name, 0)} |")
     return "| rule | action | matches | records |\n|---|---|---|---|\n" + "\n".join(lines)
 
 
@@ -56,46 +58,19 @@ def _latest_audit(con: Any, run_dir: Path) -> str:
 
 
 def _trainings(con: Any, run_dir: Path) -> list[tuple[Any, ...]]:
-    return con.execute("SELECT started_at, method, steps, kimg, epsilon, delta, data_fingerprint FROM trainings "
-                       "WHERE status = 'ok' AND run = ? ORDER BY started_at", [str(run_dir)]).fetchall()
-
-
-# What the datasheet reads from card.json, and the types it needs.
-_CARD = {"counts": dict, "rule_counts": dict, "policy": dict, "resolution": int, "channels": int, "sigma": (int, float)}
-
-
-def _card(path: Path) -> dict[str, Any]:
-    """The prepared directory's card, with the keys the datasheet fills in checked (exit 2 naming it otherwise)."""
-    from ..fileio import read_json_object
-
-    hint = "the run's prepared directory (run.json `data`) must be one written by guard prepare"
-    card = read_json_object(path, hint=hint)
-    for key, kind in _CARD.items():
-        if not isinstance(card.get(key), kind) or isinstance(card.get(key), bool):
-            raise InputError(f"{path}: {key} is {str(card.get(key))[:60]!r}, expected {getattr(kind, '__name__', 'number')}",
-                             hint=hint)
-    rules = card["policy"].get("rules")
-    if not isinstance(rules, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str)
-                                             and isinstance(r.get("action"), str) for r in rules):
-        raise InputError(f"{path}: policy.rules must be a list of rules with a name and an action", hint=hint)
-    missing = [k for k in ("color", "format", "split", "root", "policy_name", "policy_sha256", "created_at") if k not in card]
-    if missing:
-        raise InputError(f"{path}: no {missing[0]!r}", hint=hint)
-    missing = [k for k in ("clean", "protected", "excluded", "error") if k not in card["counts"]]
-    if missing:
-        raise InputError(f"{path}: counts has no {missing[0]!r}", hint=hint)
-    return card
+    rows: list[tuple[Any, ...]] = con.execute(
+        "SELECT started_at, method, steps, kimg, epsilon, delta, data_fingerprint FROM trainings "
+        "WHERE status = 'ok' AND run = ? ORDER BY started_at", [str(run_dir)]).fetchall()
+    return rows
 
 
 def datasheet(run_dir: Path, ledger: Path) -> str:
-    from ..engine.service import read_run_info
-
     run_dir = run_dir.resolve()
     if not (run_dir / "run.json").is_file():
         raise InputError(f"{run_dir}: not a run directory (no run.json)")
-    run = read_run_info(run_dir)
-    data = Path(run["data"])
-    card = _card(data / "card.json")
+    run = read_run_record(run_dir)
+    data = Path(run.data)
+    card = read_card(data, hint="the run's prepared directory (run.json `data`) must be one written by guard prepare")
     con = connect(ledger)
     trainings = _trainings(con, run_dir)
     method = trainings[-1][1] if trainings else "unknown"
@@ -103,9 +78,9 @@ def datasheet(run_dir: Path, ledger: Path) -> str:
     privacy = (f"DP-SGD with ε = {eps:.3g}, δ = {trainings[-1][5]:.3g} on the private stages." if eps else
                "No differential-privacy guarantee: the noised partition is obfuscation against memorization and "
                "reproduction, not DP (as a Gaussian mechanism on whole images its ε is in the hundreds).")
-    counts = card["counts"]
-    excluded_rules = [r["name"] for r in card["policy"]["rules"] if r["action"] == "exclude"]
-    optouts = sum(card["rule_counts"].get(name, 0) for name in excluded_rules)
+    counts = card.counts
+    excluded_rules = card.exclude_rules()
+    optouts = sum(card.rule_counts.get(name, 0) for name in excluded_rules)
     return f"""# Training-data summary: run `{run_dir.name}`
 
 Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by sfbd_guard {__version__} from the prepared
@@ -113,14 +88,14 @@ directory, the run directory and the compliance ledger. Narrative answers marked
 
 ## 1. General information
 - Model: diffusion model trained with method `{method}` ({len(trainings)} recorded training session(s)).
-- Modality: images, {card['resolution']}×{card['resolution']}, {card['channels']} channel(s) ({card['color']}).
+- Modality: images, {card.resolution}×{card.resolution}, {card.channels} channel(s) ({card.color}).
 - Training data size: {counts['clean']} clean images and {counts['protected']} protected images seen only as
   noised copies; {counts['excluded']} records excluded; {counts['error']} unreadable.
 - Purpose and intended use: TODO.
 
 ## 2. Data sources
-- Source dataset: format `{card['format']}`, split `{card['split']}`, root `{card['root']}`.
-- Policy: `{card['policy_name']}` (sha256 `{card['policy_sha256']}`), applied by `guard prepare` on {card['created_at']}.
+- Source dataset: format `{card.format}`, split `{card.split}`, root `{card.root}`.
+- Policy: `{card.policy_name}` (sha256 `{card.policy_sha256}`), applied by `guard prepare` on {card.created_at}.
 
 {_rules(card)}
 
@@ -135,10 +110,10 @@ be overridden: {optouts} record(s) excluded. Excluded records exist only as mani
 (describe the signals collected and when).
 
 ## 3. Data processing
-- Protected records: stored only as y = x/127.5 − 1 + σ·ε with σ = {card['sigma']} (one fixed draw per record,
+- Protected records: stored only as y = x/127.5 − 1 + σ·ε with σ = {card.sigma} (one fixed draw per record,
   from a generator keyed by the data owner's secret, which never left them); the originals never entered the
   prepared directory.
-- What the trainer could see: the prepared directory `{data}` (fingerprint `{run['data_fingerprint']}`),
+- What the trainer could see: the prepared directory `{data}` (fingerprint `{run.data_fingerprint}`),
   nothing else; its array files were verified against their sha256 before training.
 - Synthetic data: SFBD's denoised copies of protected records are synthetic data derived from them
   (the model's own reconstructions), used for training.

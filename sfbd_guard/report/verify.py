@@ -16,15 +16,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..contracts.events import Event, TrainSummary
 from ..errors import GuardError, InputError
+from ..hashing import pixel_sha256
 from .views import RUN_AUDITS, connect
 
 if TYPE_CHECKING:
@@ -38,16 +38,20 @@ class Check:
     detail: str
 
 
-def _consumed_arrays(con: Any, run_dir: Path) -> dict[str, str] | None:
-    rows = con.execute(
-        "SELECT inputs FROM events WHERE kind = 'train' AND status = 'ok' AND "
-        "list_filter(outputs, lambda a: a.role = 'run')[1].path = ? ORDER BY started_at", [str(run_dir)]).fetchall()
-    if not rows:
+def _trainings(events: list[Event], run_dir: Path) -> list[Event]:
+    """The run's finished training events, oldest first (the ledger's typed events, contracts/events.py)."""
+    return [e for e in events if e.kind == "train" and e.status == "ok"
+            and [a.path for a in e.artifacts("outputs", "run")][:1] == [str(run_dir)]]
+
+
+def _consumed_arrays(events: list[Event], run_dir: Path) -> dict[str, str] | None:
+    trainings = _trainings(events, run_dir)
+    if not trainings:
         return None
-    consumed: dict[str, str] = {}
-    for (inputs,) in rows:
-        consumed.update({a["path"]: a["sha256"] for a in inputs if a["role"] == "array"})
-    return consumed
+    consumed: dict[str, str | None] = {}
+    for event in trainings:
+        consumed.update({a.path: a.sha256 for a in event.artifacts("inputs", "array")})
+    return consumed  # type: ignore[return-value]
 
 
 def _open(data: Path) -> PreparedData | GuardError:
@@ -60,8 +64,8 @@ def _open(data: Path) -> PreparedData | GuardError:
         return err
 
 
-def check_consumed(con: Any, run_dir: Path, prepared: PreparedData | GuardError) -> Check:
-    consumed = _consumed_arrays(con, run_dir)
+def check_consumed(events: list[Event], run_dir: Path, prepared: PreparedData | GuardError) -> Check:
+    consumed = _consumed_arrays(events, run_dir)
     if consumed is None:
         return Check("consumed arrays", False, "no finished training event for this run in the ledger")
     if isinstance(prepared, GuardError):
@@ -73,14 +77,7 @@ def check_consumed(con: Any, run_dir: Path, prepared: PreparedData | GuardError)
     return Check("consumed arrays", True, f"{len(consumed)} array file(s) match the ledger, the card and the manifest")
 
 
-def _train_summaries(con: Any, run_dir: Path) -> list[dict[str, Any]]:
-    rows = con.execute(
-        "SELECT summary FROM events WHERE kind = 'train' AND status = 'ok' AND "
-        "list_filter(outputs, lambda a: a.role = 'run')[1].path = ? ORDER BY started_at", [str(run_dir)]).fetchall()
-    return [json.loads(summary or "{}") for (summary,) in rows]
-
-
-def check_provenance(con: Any, ledger: Path, run_dir: Path, prepared: PreparedData | GuardError,
+def check_provenance(events: list[Event], ledger: Path, run_dir: Path, prepared: PreparedData | GuardError,
                      verify_key: Path | None) -> list[Check]:
     """The provenance check (and, with a key, the signature check) of the run's prepared directory."""
     from ..prepared import establish_provenance
@@ -96,7 +93,7 @@ def check_provenance(con: Any, ledger: Path, run_dir: Path, prepared: PreparedDa
         except GuardError as err:
             checks.append(Check("signature", False, str(err)))
     event = establish_provenance(prepared, ledger, None).event_id
-    unrecorded = any(s.get("unrecorded_data") for s in _train_summaries(con, run_dir))
+    unrecorded = any(isinstance(e.summary, TrainSummary) and e.summary.unrecorded_data for e in _trainings(events, run_dir))
     if event is not None:
         detail = f"prepare event {event[:12]} of the ledger wrote this directory (fingerprint {prepared.fingerprint[:16]}…)"
         return [Check("provenance", True, detail)] + checks
@@ -113,7 +110,7 @@ def check_noise_statistics(prepared: PreparedData | GuardError) -> Check:
     if isinstance(prepared, GuardError):
         return Check("noise statistics", False, str(prepared))
     stats = statistics(prepared)
-    return Check("noise statistics", stats.passed, stats.detail(float(prepared.card["sigma"])))
+    return Check("noise statistics", stats.passed, stats.detail(prepared.card.sigma))
 
 
 def _manifest(data: Path) -> list[dict[str, Any]]:
@@ -122,11 +119,11 @@ def _manifest(data: Path) -> list[dict[str, Any]]:
     return pq.read_table(data / "manifest.parquet", columns=["record_id", "partition", "rule", "sha256", "sigma", "file", "row"]).to_pylist()
 
 
-def check_noise(data: Path, rows: list[dict[str, Any]]) -> Check:
-    card = json.loads((data / "card.json").read_text())
-    sigma = card["policy"]["noise"]["sigma"]
+def check_noise(prepared: PreparedData, rows: list[dict[str, Any]]) -> Check:
+    card = prepared.card
+    sigma = card.policy.noise.sigma
     wrong = [r["record_id"] for r in rows if r["partition"] == "protected" and r["sigma"] != sigma]
-    if card["sigma"] != sigma or wrong:
+    if card.sigma != sigma or wrong:
         return Check("noise", False, f"{len(wrong)} protected record(s) not at the policy's sigma {sigma}, e.g. {wrong[:3]}")
     count = sum(r["partition"] == "protected" for r in rows)
     return Check("noise", True, f"all {count} protected records noised with sigma {sigma}")
@@ -139,7 +136,7 @@ def _clean_row_hashes(data: Path, rows: list[dict[str, Any]]) -> dict[str, str]:
     for row in rows:
         if row["partition"] == "clean":
             array = arrays.setdefault(row["file"], np.load(data / row["file"], mmap_mode="r"))
-            hashes[row["record_id"]] = hashlib.sha256(np.ascontiguousarray(array[row["row"]]).tobytes()).hexdigest()
+            hashes[row["record_id"]] = pixel_sha256(np.asarray(array[row["row"]]))
     return hashes
 
 
@@ -156,14 +153,14 @@ def check_clean_rows(data: Path, rows: list[dict[str, Any]]) -> Check:
     return Check("no protected pixels", True, f"{len(stored)} clean rows checked: none holds a protected or excluded image")
 
 
-def check_opt_outs(data: Path, rows: list[dict[str, Any]]) -> Check:
-    card = json.loads((data / "card.json").read_text())
-    exclude_rules = {r["name"] for r in card["policy"]["rules"] if r["action"] == "exclude"}
+def check_opt_outs(prepared: PreparedData, rows: list[dict[str, Any]]) -> Check:
+    data, card = prepared.root, prepared.card
+    exclude_rules = set(card.exclude_rules())
     excluded = [r for r in rows if r["rule"] in exclude_rules]
     placed = [r["record_id"] for r in excluded if r["partition"] != "excluded" or r["file"] is not None]
     stored = set(_clean_row_hashes(data, rows).values())
     in_arrays = [r["record_id"] for r in excluded if r["sha256"] in stored]
-    files_rows = sum(np.load(data / f, mmap_mode="r").shape[0] for f in card["files"])
+    files_rows = sum(np.load(data / f, mmap_mode="r").shape[0] for f in card.files)
     listed = sum(r["file"] is not None for r in rows)
     if placed or in_arrays or files_rows != listed:
         why = placed[:1] or in_arrays[:1] or [f"{files_rows} array rows for {listed} placed records"]
@@ -189,15 +186,18 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None) -
     run_dir = run_dir.resolve()
     if not (run_dir / "run.json").is_file():
         raise InputError(f"{run_dir}: not a run directory (no run.json)", hint="--run takes a directory written by guard train")
-    from ..engine.service import read_run_info
+    from ..contracts.run_record import read_run_record
 
-    data = Path(read_run_info(run_dir)["data"])
-    con = connect(ledger)
+    data = Path(read_run_record(run_dir).data)
+    from ..contracts.events import read_events
+
+    events = read_events(ledger)
+    con = connect(ledger, events)
     prepared = _open(data)
-    checks = [check_consumed(con, run_dir, prepared), *check_provenance(con, ledger, run_dir, prepared, verify_key)]
+    checks = [check_consumed(events, run_dir, prepared), *check_provenance(events, ledger, run_dir, prepared, verify_key)]
     if isinstance(prepared, GuardError):  # its files are not what the card says: read nothing it names
         return checks + [Check(name, False, f"the prepared directory does not verify: {prepared}")
                          for name in ("noise", "noise statistics", "no protected pixels", "opt-outs")] + [check_audit(con, run_dir)]
-    rows = _manifest(data)
-    return checks + [check_noise(data, rows), check_noise_statistics(prepared), check_clean_rows(data, rows),
-                     check_opt_outs(data, rows), check_audit(con, run_dir)]
+    rows = _manifest(prepared.root)
+    return checks + [check_noise(prepared, rows), check_noise_statistics(prepared), check_clean_rows(prepared.root, rows),
+                     check_opt_outs(prepared, rows), check_audit(con, run_dir)]

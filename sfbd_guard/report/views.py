@@ -1,77 +1,119 @@
-"""DuckDB views over the Parquet ledger: events, prepares, trainings, samplings, audits."""
+"""DuckDB views over the ledger: events, prepares, trainings, samplings, audits.
+
+`events` holds every event as `contracts.events.read_events` read and checked it (a file that is not a valid
+event is an input error naming it). The other views are generated from the event summary models: each
+model's `COLUMNS` name the summary fields (dotted paths) a view shows, and their JSON paths and SQL types
+come from the model's fields, so a column can only read a key the writer (which validates against the same
+model) writes; a renamed field fails where the views are built, never turns into NULL.
+"""
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
+from ..contracts.events import SUMMARIES, ArtifactColumn, EnvelopeColumn, Event, EventSummary, SummaryColumn
 from ..errors import InputError
 
-VIEW_NAMES = ("events", "prepares", "trainings", "samplings", "audits")
+_SQL_TYPES = {str: "VARCHAR", int: "BIGINT", float: "DOUBLE", bool: "BOOLEAN"}
 
 
-def _artifact(column: str, role: str, field: str = "sha256") -> str:
-    return f"list_filter({column}, lambda a: a.role = '{role}')[1].{field}"
+def _unwrap(annotation: Any) -> Any:
+    """`X | None` → X (the views show None as NULL)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
 
 
-def _json(path: str, kind: str = "VARCHAR") -> str:
-    return f"TRY_CAST(json_extract_string(summary, '{path}') AS {kind})"
+def field_type(model: type[BaseModel], path: str) -> tuple[str, Any]:
+    """The JSON path ('$.a.b', by the fields' aliases) and the Python type of the dotted field `path` of `model`;
+    KeyError if `model` has no such field."""
+    current: Any = model
+    keys = []
+    for part in path.split("."):
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            found = [(name, info) for name, info in current.model_fields.items() if (info.alias or name) == part]
+            if not found:
+                raise KeyError(f"{model.__name__} has no field {path!r} ({part!r} is not a field of {current.__name__})")
+            keys.append(part)
+            current = _unwrap(found[0][1].annotation)
+        elif typing.get_origin(current) is dict:
+            keys.append(part)
+            current = _unwrap(typing.get_args(current)[1])
+        else:
+            raise KeyError(f"{model.__name__} has no field {path!r} ({part!r} is inside a {current})")
+    return "$." + ".".join(keys), current
 
 
-VIEWS = {
-    "prepares": f"""
-        SELECT started_at, status, {_json('$.policy_name')} AS policy, {_json('$.format')} AS format,
-               {_json('$.split')} AS split, {_json('$.resolution', 'INTEGER')} AS resolution,
-               {_json('$.sigma', 'DOUBLE')} AS sigma,
-               {_json('$.counts.clean', 'BIGINT')} AS clean, {_json('$.counts.protected', 'BIGINT')} AS protected,
-               {_json('$.counts.excluded', 'BIGINT')} AS excluded, {_json('$.counts.error', 'BIGINT')} AS error,
-               json_extract(summary, '$.rule_counts') AS rule_counts,
-               {_artifact('outputs', 'prepared', 'path')} AS prepared, {_artifact('outputs', 'prepared')} AS fingerprint,
-               {_artifact('inputs', 'policy')} AS policy_sha256, event_id
-        FROM events WHERE kind = 'prepare'""",
-    "trainings": f"""
-        SELECT started_at, status, {_json('$.name')} AS name, {_json('$.method')} AS method,
-               {_artifact('inputs', 'prepared')} AS data_fingerprint, {_json('$.step', 'BIGINT')} AS steps,
-               {_json('$.kimg', 'DOUBLE')} AS kimg, {_json('$.resumed', 'BOOLEAN')} AS resumed,
-               date_diff('millisecond', started_at, finished_at) / 1000.0 AS seconds,
-               {_json('$.privacy.epsilon', 'DOUBLE')} AS epsilon, {_json('$.privacy.delta', 'DOUBLE')} AS delta,
-               {_json('$.privacy.noise_multiplier', 'DOUBLE')} AS noise_multiplier,
-               {_json('$.privacy.sample_rate', 'DOUBLE')} AS sample_rate, {_json('$.privacy.steps', 'BIGINT')} AS private_steps,
-               {_artifact('outputs', 'run', 'path')} AS run, {_artifact('outputs', 'ema')} AS ema_sha256, event_id
-        FROM events WHERE kind = 'train'""",
-    "samplings": f"""
-        SELECT started_at, status, {_json('$.count', 'BIGINT')} AS count, {_json('$.steps', 'INTEGER')} AS steps,
-               {_json('$.seed', 'BIGINT')} AS seed, {_artifact('inputs', 'weights', 'path')} AS weights,
-               {_artifact('inputs', 'weights')} AS weights_sha256, {_artifact('outputs', 'samples', 'path')} AS samples, event_id
-        FROM events WHERE kind = 'sample'""",
-    "audits": f"""
-        SELECT started_at, status, {_artifact('inputs', 'samples', 'path')} AS samples,
-               {_json('$.counts.copy', 'BIGINT')} AS copy, {_json('$.counts.suspect', 'BIGINT')} AS suspect,
-               {_json('$.counts.novel', 'BIGINT')} AS novel, {_json('$.thresholds.copy', 'DOUBLE')} AS copy_threshold,
-               {_json('$.thresholds.suspect', 'DOUBLE')} AS suspect_threshold,
-               {_json('$.thresholds.method')} AS threshold_method, {_json('$.thresholds.expected_fpr')} AS expected_fpr,
-               json_extract(summary, '$.embedder') AS embedder, {_artifact('inputs', 'prepared')} AS data_fingerprint,
-               {_artifact('outputs', 'summary.json', 'path')} AS summary_file, event_id
-        FROM events WHERE kind = 'audit'""",
-}
+def _column_sql(model: type[EventSummary], column: SummaryColumn | ArtifactColumn | EnvelopeColumn) -> str:
+    if isinstance(column, EnvelopeColumn):
+        sql = column.sql
+    elif isinstance(column, ArtifactColumn):
+        sql = f"list_filter({column.column}, lambda a: a.role = '{column.role}')[1].{column.attribute}"
+    else:
+        json_path, kind = field_type(model, column.field_path)
+        sql_type = _SQL_TYPES.get(kind)
+        sql = (f"TRY_CAST(json_extract_string(summary, '{json_path}') AS {sql_type})" if sql_type
+               else f"json_extract(summary, '{json_path}')")  # a mapping, a list or a model: its JSON
+    return sql if sql == column.name else f"{sql} AS {column.name}"
 
+
+def view_sql(model: type[EventSummary]) -> str:
+    """The SELECT of `model`'s view (generated from its `COLUMNS` and fields)."""
+    columns = ",\n       ".join(_column_sql(model, c) for c in model.COLUMNS)
+    return f"SELECT {columns}\nFROM events WHERE kind = '{model.KIND}'"
+
+
+def generate_views(models: dict[str, type[EventSummary]] | None = None) -> dict[str, str]:
+    """{view name: SELECT} for every event model that declares a view."""
+    return {m.VIEW: view_sql(m) for m in (models or SUMMARIES).values() if m.VIEW}
+
+
+VIEWS = generate_views()
+VIEW_NAMES = ("events", *VIEWS)
 
 # Audits of a run's samples: the samples folder is inside the run directory, or was drawn from its weights.
 # Bind the run directory twice.
 RUN_AUDITS = ("(samples LIKE ? || '/%' OR samples IN (SELECT samples FROM samplings WHERE weights LIKE ? || '/%'))")
 
 
-def connect(ledger: Path) -> Any:
-    """A DuckDB connection with the ledger's views; an empty or missing ledger is an input error."""
+def events_table(events: list[Event]) -> Any:
+    """The events as an Arrow table in the ledger's Parquet schema (the summary as its JSON text)."""
+    import pyarrow as pa
+
+    from ..ledger import event_schema
+
+    rows = [{**event.model_dump(exclude={"summary"}), "summary": _summary_text(event)} for event in events]
+    return pa.Table.from_pylist(rows, schema=event_schema())
+
+
+def _summary_text(event: Event) -> str:
+    import json
+
+    return json.dumps(event.summary.model_dump(mode="json", exclude_unset=True, by_alias=True), sort_keys=True)
+
+
+def connect(ledger: Path, events: list[Event] | None = None, *,
+            models: dict[str, type[EventSummary]] | None = None) -> Any:
+    """A DuckDB connection with the ledger's views over `events` (default: all of the ledger's, read and checked);
+    an empty or missing ledger is an input error."""
     import duckdb
+
+    from ..contracts.events import read_events
 
     if not any(ledger.glob("**/*.parquet")):
         raise InputError(f"ledger {ledger} holds no events yet", hint="run guard prepare first, or pass --ledger DIR")
+    table = events_table(read_events(ledger) if events is None else events)
     con = duckdb.connect()
-    pattern = str(ledger / "**" / "*.parquet").replace("'", "''")
+    con.register("ledger_events", table)
     con.execute("CREATE VIEW events AS SELECT * REPLACE (started_at::TIMESTAMP AS started_at, "  # UTC, naive
-                f"finished_at::TIMESTAMP AS finished_at) FROM read_parquet('{pattern}', union_by_name = true)")
-    for name, query in VIEWS.items():
+                "finished_at::TIMESTAMP AS finished_at) FROM ledger_events")
+    for name, query in (VIEWS if models is None else generate_views(models)).items():
         con.execute(f"CREATE VIEW {name} AS {query}")
     return con
 

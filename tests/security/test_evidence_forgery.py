@@ -80,7 +80,9 @@ def fake_prepare_event(ledger: Path, prepared: Path) -> None:
     draft.inputs.append(Artifact("policy", card["policy_path"], card["policy_sha256"]))
     draft.outputs.append(Artifact("prepared", str(prepared), card["fingerprint"]))
     draft.outputs.extend(Artifact("array", f"{prepared}/{name}", digest) for name, digest in sorted(card["files"].items()))
-    draft.summary.update(sigma=card["sigma"], counts=card["counts"], rule_counts=card["rule_counts"])
+    draft.summary.update(sigma=card["sigma"], counts=card["counts"], rule_counts=card["rule_counts"],
+                         policy_name=card["policy_name"], format=card["format"], split=card["split"],
+                         resolution=card["resolution"], errors=0, seconds=0.0)  # a complete, valid prepare event
     write_event(ledger, draft, status="ok")
 
 
@@ -98,6 +100,8 @@ def train_unchecked(prepared: Path, run: Path, ledger: Path, tmp: Path) -> Path:
         event.inputs.append(Artifact("prepared", str(prepared), card["fingerprint"]))
         event.inputs.extend(Artifact("array", f"{prepared}/{n}", d) for n, d in sorted(card["files"].items()))
         event.outputs.append(Artifact("run", str(outcome.run_dir), None))
+        event.summary.update(method=config.method, name=config.name, resumed=False, step=outcome.step,
+                             kimg=outcome.kimg, seconds=0.0, device=config.device, world_size=1)  # a valid train event
     return outcome.run_dir
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from helpers import digits_policy, tiny_pipeline, write_policy
 from sfbd_guard.cli import main
+from sfbd_guard.contracts.card import Card
 from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.errors import VerificationError
 from sfbd_guard.policy import load_policy
@@ -71,7 +72,7 @@ def test_prepare_then_train_in_one_ledger_is_recorded(tmp_path: Path, cli, _isol
     policy = write_policy(tmp_path / "policy.yaml", digits_policy(tmp_path / "prepared", drop=0.75))
     assert cli("prepare", "--policy", policy).code == 0
     card = json.loads((tmp_path / "prepared" / "card.json").read_text())
-    event = find_prepare_event(_isolated_ledger, card)
+    event = find_prepare_event(_isolated_ledger, Card.model_validate(card))
     assert event is not None
     pipeline = write_policy(tmp_path / "p.yaml", tiny_pipeline(tmp_path / "prepared", tmp_path / "run"))
     assert cli("train", "--pipeline", pipeline).code == 0
@@ -86,11 +87,11 @@ def test_a_prepare_event_for_other_counts_or_sigma_does_not_match(tmp_path: Path
     policy = write_policy(tmp_path / "policy.yaml", digits_policy(tmp_path / "prepared", drop=0.75))
     assert cli("prepare", "--policy", policy).code == 0
     card = json.loads((tmp_path / "prepared" / "card.json").read_text())
-    assert find_prepare_event(_isolated_ledger, card) is not None
+    assert find_prepare_event(_isolated_ledger, Card.model_validate(card)) is not None
     for key, value in (("sigma", 0.7), ("counts", {**card["counts"], "clean": 0}), ("policy_sha256", "0" * 64),
                        ("files", {**card["files"], "clean/shard-00000.npy": "0" * 64})):
-        assert find_prepare_event(_isolated_ledger, {**card, key: value}) is None, key
-    assert find_prepare_event(tmp_path / "no-ledger", card) is None
+        assert find_prepare_event(_isolated_ledger, Card.model_validate({**card, key: value})) is None, key
+    assert find_prepare_event(tmp_path / "no-ledger", Card.model_validate(card)) is None
 
 
 def _copy_with_card(source: Path, out: Path, **changes: object) -> Path:

@@ -50,7 +50,7 @@ def _digits(tmp: Path, resolution: int) -> Path:
 def test_honest_digits_pass(tmp_path: Path, resolution: int) -> None:
     data = open_prepared(_digits(tmp_path, resolution))
     stats = check_noise_statistics(data)
-    assert stats.passed and stats.images == data.card["counts"]["protected"], stats.detail(0.6)
+    assert stats.passed and stats.images == data.card.counts["protected"], stats.detail(0.6)
     assert stats.min_ratio > 2 * stats.tau if resolution == 8 else stats.min_ratio > 1.3 * stats.tau
 
 

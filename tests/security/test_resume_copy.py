@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from helpers import digits_policy, tiny_pipeline, write_policy
-from sfbd_guard.ledger import read_events
+from helpers import read_events
 
 
 def _tree(root: Path) -> dict[str, str]:

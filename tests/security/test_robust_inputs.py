@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from helpers import digits_policy, tiny_pipeline, write_policy
-from sfbd_guard.ledger import read_events
+from helpers import read_events
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sfbd_guard.ledger import read_events
+from helpers import read_events
 
 
 def _events(ledger: Path) -> list[dict]:

@@ -1,0 +1,138 @@
+"""card.json, the prepared directory's card: what `guard prepare` did, its counts, and the sha256 of every file.
+
+`read_card` is the only reader and `write_card` the only writer. The card's bytes are signed (signing.py)
+and compared by tests: `write_card` writes exactly the keys of the card it is given, sorted, indented.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from ..errors import GuardError, InputError
+from .base import Contract, dump, load_json, read_contract, validate, write_contract
+
+CARD = "card.json"
+PARTITIONS = ("clean", "protected", "excluded", "error")
+
+
+class CardRule(Contract):
+    """One rule of the policy recorded in the card (the rest of its keys are kept as they are)."""
+
+    name: str
+    action: str
+    where: str | None = None
+    sample: dict[str, Any] | None = None
+
+
+class CardNoise(Contract):
+    sigma: float
+
+
+class CardPolicy(Contract):
+    """The policy as `guard prepare` applied it (policy.py's `Policy`, dumped); audit/originals.py re-validates it
+    as a `Policy` where it needs its rules to select records."""
+
+    rules: list[CardRule]
+    noise: CardNoise
+
+
+class CardIdentity(Contract):
+    """The keys that make a card.json a card of this tool, of any version: what `--overwrite` checks (tolerant
+    mode: a directory prepared by any version, even one this version refuses to train on, may be replaced)."""
+
+    fingerprint: str
+    files: dict[str, str]
+    tool_version: str
+    policy_sha256: str
+
+
+class Card(CardIdentity):
+    """card.json (written by curation/prepare.py `_card`)."""
+
+    policy_name: str
+    policy_path: str
+    policy: CardPolicy
+    format: str
+    root: str | None
+    split: str
+    resolution: int = Field(gt=0, le=4096)
+    channels: Literal[1, 3]
+    color: str
+    sigma: float = Field(gt=0)
+    noise_generator: str | None = None  # absent in cards made before the noise was keyed
+    noise_key_id: str | None = None  # absent in cards made before the noise was keyed
+    noise_key_source: str | None = None  # absent in cards made before the noise was keyed
+    noise_seed: int | None = None  # only in cards made before the noise was keyed: their noise is invertible
+    counts: dict[str, int]
+    rule_counts: dict[str, int]
+    manifest_sha256: str
+    shard_records: int
+    created_at: str
+
+    @field_validator("counts")
+    @classmethod
+    def _every_partition(cls, counts: dict[str, int]) -> dict[str, int]:
+        missing = [p for p in PARTITIONS if p not in counts]
+        if missing:
+            raise ValueError(f"no count for the partition {missing[0]!r}")
+        return counts
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.channels, self.resolution, self.resolution
+
+    @property
+    def invertible_noise(self) -> bool:
+        """Made before the noise was keyed by a secret: its noise can be regenerated from public values."""
+        return "noise_seed" in self.model_fields_set or self.noise_key_id is None
+
+    def __getitem__(self, key: str) -> Any:
+        """Transitional: engine/pools.py (the methods engineer's) still reads `data.card["sigma"]`; remove once it
+        reads `data.card.sigma`."""
+        return getattr(self, key)
+
+    def exclude_rules(self) -> list[str]:
+        return [rule.name for rule in self.policy.rules if rule.action == "exclude"]
+
+
+def read_card(folder: Path, *, error: type[GuardError] = InputError, hint: str | None = None) -> Card:
+    """folder/card.json as a `Card`; a missing, unreadable or invalid card is `error` naming the file and key."""
+    return read_contract(Card, folder / CARD, error=error, hint=hint)
+
+
+def card_from_dict(payload: dict[str, Any]) -> Card:
+    """A card being written (a bug, not an input error, if it does not fit the contract)."""
+    card = Card.model_validate(payload)
+    if dump(card) != payload:  # pragma: no cover (the writer must write what it was given)
+        raise ValueError("card.json would not round-trip through the Card contract")
+    return card
+
+
+def write_card(folder: Path, card: Card) -> None:
+    """Write folder/card.json (the bytes signing.py signs)."""
+    write_contract(folder / CARD, card)
+
+
+def card_problem(folder: Path) -> str | None:
+    """Why folder/card.json is not a card of this tool (tolerant: `CardIdentity` only), or None if it is one."""
+    import stat
+
+    path = folder / CARD
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return "it has no card.json"
+    if not stat.S_ISREG(info.st_mode):  # a symlink, a FIFO or a folder is never read
+        return "its card.json is not a card"
+    try:
+        payload = load_json(path)
+    except GuardError as err:
+        return f"its card.json does not parse ({str(err).removeprefix(f'{path}: ')})"
+    try:
+        validate(CardIdentity, payload, source=CARD)
+    except GuardError as err:
+        return f"its {err}"
+    return None

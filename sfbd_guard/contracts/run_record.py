@@ -1,0 +1,43 @@
+"""run.json, the run record: the prepared directory a training run began on (path, fingerprint, files) and its
+image shape. Written once by `guard train` when a run starts (`write_run_record`); read by resume, sample,
+verify and the datasheet through `read_run_record` only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
+
+from ..errors import InputError
+from .base import Contract, read_contract, write_contract
+
+RUN_RECORD = "run.json"
+HINT = "run.json is written by guard train when the run starts; restore it from a backup of the run"
+
+Dimension = Annotated[int, Field(gt=0, le=65536)]
+
+
+class RunRecord(Contract):
+    data: str = Field(min_length=1)  # the prepared directory, absolute
+    data_fingerprint: str = Field(min_length=1)
+    files: dict[str, str]  # relative path → sha256 of every array file, verified when the run started
+    image_shape: list[Dimension] = Field(min_length=3, max_length=3)  # [channels, height, width]
+    created_at: str
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        channels, height, width = self.image_shape
+        return channels, height, width
+
+
+def read_run_record(run_dir: Path) -> RunRecord:
+    """run_dir/run.json, checked; a missing, corrupt or incomplete record is an InputError naming the key."""
+    path = run_dir / RUN_RECORD
+    if not path.exists():
+        raise InputError(f"{path}: missing (not a run directory written by guard train)", hint=HINT)
+    return read_contract(RunRecord, path, hint=HINT)
+
+
+def write_run_record(run_dir: Path, record: RunRecord) -> None:
+    write_contract(run_dir / RUN_RECORD, record)

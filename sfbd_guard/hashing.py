@@ -1,0 +1,74 @@
+"""Every sha256 the tool computes, in one place: file and byte digests, fingerprints of {name: digest}
+mappings, the pixel hash of a record, and the seeded ranks used to sample records and subsets.
+
+Outputs are part of the contracts (card.json, the manifest, the ledger): changing any function here changes
+recorded evidence, so each one is pinned by a test (tests/test_contracts.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of `data`."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def new_sha256() -> hashlib._Hash:
+    """An incremental sha256 (for writers that hash what they write)."""
+    return hashlib.sha256()
+
+
+def fingerprint(items: dict[str, str]) -> str:
+    """One sha256 over a {name: sha256} mapping, independent of insertion order."""
+    lines = "".join(f"{name}\t{digest}\n" for name, digest in sorted(items.items()))
+    return sha256_bytes(lines.encode())
+
+
+def pixel_sha256(pixels: np.ndarray) -> str:
+    """Hex sha256 of a record's transformed uint8 pixels, (C, H, W) in C order."""
+    import numpy as np
+
+    assert pixels.dtype == np.uint8 and pixels.ndim == 3
+    return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
+
+
+def unit_rank(seed: int, key: str) -> bytes:
+    """A sortable pseudo-random rank of `key` under `seed`: sha256("seed:key"). Sorting by it gives a seeded
+    shuffle that depends on neither the order nor the number of the other keys (sampling units, holdouts)."""
+    return hashlib.sha256(f"{seed}:{key}".encode()).digest()
+
+
+def seeded_subset(ids: list[str], limit: int, seed: int) -> list[str]:
+    """At most `limit` of `ids`, chosen by `unit_rank` (stable under reordering), returned sorted."""
+    ranked = sorted(ids, key=lambda rid: unit_rank(seed, rid))
+    return sorted(ranked[:limit])
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The 63-bit generator seed of image `index` of a run of `guard sample --seed seed`."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def json_sha256(payload: object) -> str:
+    """Hex sha256 of `payload` as compact JSON with sorted keys (cache keys)."""
+    import json
+
+    return sha256_bytes(json.dumps(payload, sort_keys=True).encode())
