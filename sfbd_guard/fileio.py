@@ -10,11 +10,10 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-# The digests live in hashing.py; re-exported here for modules that still import them from fileio.
-from .hashing import fingerprint, new_sha256, sha256_bytes, sha256_file
+# The digests live in hashing.py.
+from .hashing import new_sha256
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "fingerprint", "private_dir", "save_npy",
-           "sha256_bytes", "sha256_file"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "private_dir", "save_npy"]
 
 
 class _HashingWriter:

@@ -73,7 +73,7 @@ def test_report_html_and_ledger_event(cli, tmp_path: Path, prepared: Path) -> No
     events = read_events(tmp_path / "ledger").to_pylist()
     assert [e["kind"] for e in events] == ["audit"] and events[0]["status"] == "ok"
     outputs = {Path(o["path"]).name: o["sha256"] for o in events[0]["outputs"]}
-    from sfbd_guard.fileio import sha256_file
+    from sfbd_guard.hashing import sha256_file
 
     assert outputs == {n: sha256_file(tmp_path / "report" / n) for n in ("samples.parquet", "summary.json", "report.html", "similarity.png")}
     inputs = {i["role"]: i for i in events[0]["inputs"]}

@@ -8,7 +8,7 @@ from pathlib import Path
 import duckdb
 
 from helpers import celeba_policy, write_policy
-from sfbd_guard.fileio import sha256_file
+from sfbd_guard.hashing import sha256_file
 
 
 def test_prepare_appends_events_readable_with_duckdb(cli, tmp_path: Path, celeba_root: Path, _isolated_ledger: Path) -> None:  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.datasets import SourceSpec, open_reader
 from sfbd_guard.datasets.synthetic import write_imagefolder
 from sfbd_guard.errors import DataError, InputError
-from sfbd_guard.fileio import sha256_file
+from sfbd_guard.hashing import sha256_file
 from sfbd_guard.policy import load_policy
 
 

@@ -15,7 +15,8 @@ import pytest
 from helpers import celeba_policy, write_policy
 from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.errors import VerificationError
-from sfbd_guard.fileio import atomic_write_json, sha256_file
+from sfbd_guard.fileio import atomic_write_json
+from sfbd_guard.hashing import sha256_file
 from sfbd_guard.policy import load_policy
 from sfbd_guard.prepared import open_prepared
 
@@ -69,7 +70,7 @@ def test_a_protected_record_with_sigma_zero_is_refused(copy: Path) -> None:
     with pytest.raises(VerificationError, match="manifest.parquet does not match"):
         open_prepared(copy)
     card["manifest_sha256"] = sha256_file(copy / "manifest.parquet")  # a forger who also edits the card
-    from sfbd_guard.fileio import fingerprint
+    from sfbd_guard.hashing import fingerprint
 
     card["fingerprint"] = fingerprint({**card["files"], "manifest.parquet": card["manifest_sha256"]})
     atomic_write_json(copy / "card.json", card)

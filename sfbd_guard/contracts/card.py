@@ -89,11 +89,6 @@ class Card(CardIdentity):
         """Made before the noise was keyed by a secret: its noise can be regenerated from public values."""
         return "noise_seed" in self.model_fields_set or self.noise_key_id is None
 
-    def __getitem__(self, key: str) -> Any:
-        """Transitional: engine/pools.py (the methods engineer's) still reads `data.card["sigma"]`; remove once it
-        reads `data.card.sigma`."""
-        return getattr(self, key)
-
     def exclude_rules(self) -> list[str]:
         return [rule.name for rule in self.policy.rules if rule.action == "exclude"]
 

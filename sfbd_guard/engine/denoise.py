@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..diffusion.sampling import denoise_backward
-from ..fileio import sha256_bytes
+from ..hashing import sha256_bytes
 from .config import DenoiseSpec
 from .data import to_uint8
 from .runtime import Runtime, gather_rows, rank_slice

@@ -41,7 +41,7 @@ class SFBDSources:
         self.config, self.run_dir, self.rt, self.progress = config, run_dir, rt, progress
         self.clean = clean_images(data)
         self.noisy = noisy_images(data)
-        self.sigma = float(data.card["sigma"])
+        self.sigma = float(data.card.sigma)
         self.record_ids = data.protected.record_ids
         self.dtype = torch.uint8 if config.sfbd.quantize else torch.float16  # how denoised images are kept
         self.bank: Source | None = None

@@ -17,7 +17,7 @@ import pytest
 
 from helpers import digits_policy, tiny_pipeline, write_policy
 from sfbd_guard.cli import main
-from sfbd_guard.fileio import fingerprint, sha256_file
+from sfbd_guard.hashing import fingerprint, sha256_file
 
 
 def _guard(*args: object) -> int:

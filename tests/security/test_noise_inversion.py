@@ -209,7 +209,8 @@ def test_train_refuses_a_directory_with_invertible_noise(tmp_path: Path, cli: Ca
 
     import pyarrow as pa
 
-    from sfbd_guard.fileio import atomic_write_json, fingerprint, sha256_file
+    from sfbd_guard.fileio import atomic_write_json
+    from sfbd_guard.hashing import fingerprint, sha256_file
 
     old = Path(shutil.copytree(prepared, tmp_path / "old"))
     table = pq.read_table(old / "manifest.parquet")
