@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+CHOICE_VAR = "GUARD_THREADS_CHOICE"
 
 
 @dataclass(frozen=True)
@@ -120,9 +121,18 @@ def apply(choice: ThreadChoice, environ: MutableMapping[str, str] | None = None)
     env.setdefault("OMP_WAIT_POLICY", choice.wait_policy)
     env["OMP_NUM_THREADS"] = str(choice.threads)
     env["MKL_NUM_THREADS"] = str(choice.threads)
+    env[CHOICE_VAR] = choice.describe()  # why, for the run record of this process (and its children)
     torch = sys.modules.get("torch")
     if torch is not None and environ is None:
         torch.set_num_threads(choice.threads)
+
+
+def in_force() -> dict[str, object]:
+    """What this process runs with, for the run record: torch's intra-op threads, the wait policy and why."""
+    import torch
+
+    return {"torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "choice": os.environ.get(CHOICE_VAR)}
 
 
 def configure(explicit: int | None = None) -> ThreadChoice:

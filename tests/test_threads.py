@@ -60,3 +60,22 @@ def test_cgroup_quotas_v1_and_v2(tmp_path: Path) -> None:
     assert cgroup_quota(v1, tmp_path / "v1.cgroup") == 3.0
     assert choose_threads(environ={}, cpus=8, quota=3.0).threads == 3, "a container's quota caps the threads"
     assert choose_threads(environ={}, cpus=8, quota=0.5).threads == 1, "at least one thread"
+
+
+def test_the_run_record_and_the_train_event_carry_the_threads(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    from helpers import digits_policy, read_events, tiny_pipeline, write_policy
+
+    from sfbd_guard.contracts.run_record import read_run_record
+
+    write_policy(tmp_path / "policy.yaml", digits_policy(tmp_path / "prepared", drop=0.9))
+    assert cli("prepare", "--policy", tmp_path / "policy.yaml").code == 0
+    write_policy(tmp_path / "pipe.yaml", tiny_pipeline(tmp_path / "prepared", tmp_path / "run"))
+    result = cli("train", "--pipeline", tmp_path / "pipe.yaml", "--threads", "1")
+    assert result.code == 0, result.err
+    threads = read_run_record(tmp_path / "run").threads
+    assert threads is not None and threads["torch_threads"] == 1 and "(--threads" in str(threads["choice"])
+    import json
+    import os
+
+    train = [e for e in read_events(Path(os.environ["GUARD_LEDGER"])).to_pylist() if e["kind"] == "train"][-1]
+    assert json.loads(train["summary"])["threads"]["torch_threads"] == 1

@@ -148,6 +148,7 @@ class TrainSummary(EventSummary):
     seconds: float
     device: str
     world_size: int
+    threads: dict[str, Any] | None = None  # CPU threads and OpenMP wait policy of this session (threads.py)
     privacy: PrivacyInfo | None = None  # DP-SGD runs only
 
 

@@ -5,7 +5,7 @@ verify and the datasheet through `read_run_record` only."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field
 
@@ -24,6 +24,7 @@ class RunRecord(Contract):
     files: dict[str, str]  # relative path → sha256 of every array file, verified when the run started
     image_shape: list[Dimension] = Field(min_length=3, max_length=3)  # [channels, height, width]
     created_at: str
+    threads: dict[str, Any] | None = None  # CPU threads and OpenMP wait policy the run started with (threads.py)
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..config import dump_yaml, load_config
 from ..contracts.run_record import RunRecord, read_run_record, write_run_record
+from ..threads import in_force
 from ..errors import InputError, VerificationError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..hashing import sha256_file
@@ -73,7 +74,7 @@ def _start_run_dir(config: PipelineConfig, data: PreparedData) -> Path:
     atomic_write_bytes(run_dir / RESOLVED, dump_yaml(config).encode())
     write_run_record(run_dir, RunRecord(
         data=str(data.root), data_fingerprint=data.fingerprint, files=dict(data.files), image_shape=list(data.image_shape),
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds")))
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), threads=in_force()))
     return run_dir
 
 
@@ -176,7 +177,7 @@ def train_recorded(config: PipelineConfig, *, resume: bool, ledger: Path | None,
         event.outputs.append(Artifact("run", str(outcome.run_dir), None))
         event.summary.update(method=config.method, name=config.name, resumed=outcome.resumed, step=outcome.step,
                              kimg=outcome.kimg, seconds=round(outcome.seconds, 3), device=config.device,
-                             world_size=int(os.environ.get("WORLD_SIZE", "1")))
+                             world_size=int(os.environ.get("WORLD_SIZE", "1")), threads=in_force())
         if outcome.privacy is not None:
             event.summary["privacy"] = outcome.privacy
         return outcome
