@@ -272,5 +272,5 @@ def test_approximate_candidates_still_give_exact_verdicts(cli, tmp_path: Path, p
     rows = _rows(tmp_path)
     assert all(rows[n]["verdict"] == "copy" and rows[n]["top1_record_id"] == s for n, s in planted.items())
     for name, row in rows.items():  # every similarity reported is the exact one for the id it names
-        exact_sims = dict(zip(exact[name]["topk_record_ids"], exact[name]["topk_similarities"]))
-        assert all(exact_sims.get(r, s) == pytest.approx(s, abs=1e-5) for r, s in zip(row["topk_record_ids"], row["topk_similarities"]))
+        exact_sims = dict(zip(exact[name]["topk_record_ids"], exact[name]["topk_similarities"], strict=True))
+        assert all(exact_sims.get(r, s) == pytest.approx(s, abs=1e-5) for r, s in zip(row["topk_record_ids"], row["topk_similarities"], strict=True))
