@@ -27,7 +27,7 @@ from .fileio import fingerprint, sha256_file
 from .noise_check import NoiseStats
 
 REQUIRED = ("card.json", "manifest.parquet", "clean", "protected")
-DTYPES = {"clean": np.dtype(np.uint8), "protected": np.dtype(np.float16)}
+DTYPES: dict[str, np.dtype[Any]] = {"clean": np.dtype(np.uint8), "protected": np.dtype(np.float16)}
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,8 @@ class PreparedData:
 
 
 def _fail(root: Path, problem: str) -> VerificationError:
-    return VerificationError(f"{root}: {problem}", hint="guard train reads only directories written by guard prepare; re-run guard prepare")
+    return VerificationError(f"{root}: {problem}",
+                             hint="guard train reads only directories written by guard prepare; re-run guard prepare")
 
 
 def _read_card(root: Path) -> dict[str, Any]:
@@ -67,7 +68,7 @@ def _read_card(root: Path) -> dict[str, Any]:
     if missing:
         raise _fail(root, f"not a prepared directory (missing {', '.join(missing)})")
     try:
-        card = json.loads((root / "card.json").read_text())
+        card: dict[str, Any] = json.loads((root / "card.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise _fail(root, f"card.json is unreadable ({err})") from None
     for key in ("files", "manifest_sha256", "sigma", "channels", "resolution", "fingerprint"):
@@ -161,8 +162,8 @@ def open_prepared(root: Path) -> PreparedData:
     protected = [r for r in rows if r["partition"] == "protected"]
     bad_sigma = [r["record_id"] for r in protected if not r["sigma"] or r["sigma"] <= 0 or r["sigma"] != card["sigma"]]
     if bad_sigma:
-        raise _fail(root, f"protected record {bad_sigma[0]} has sigma {next(r['sigma'] for r in protected if r['record_id'] == bad_sigma[0])}, "
-                          f"expected the policy's {card['sigma']} > 0")
+        sigma = next(r["sigma"] for r in protected if r["record_id"] == bad_sigma[0])
+        raise _fail(root, f"protected record {bad_sigma[0]} has sigma {sigma}, expected the policy's {card['sigma']} > 0")
     if any(r["sigma"] != 0 for r in clean):
         raise _fail(root, "a clean record has a non-zero sigma")
     return PreparedData(root, card, _partition(root, clean, "clean", card), _partition(root, protected, "protected", card), files)
