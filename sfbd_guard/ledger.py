@@ -12,14 +12,17 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import GuardError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 DEFAULT_LEDGER = Path("guard-ledger")
 ENV_VAR = "GUARD_LEDGER"
@@ -40,7 +43,7 @@ class EventDraft:
 
     kind: str
     command: list[str]
-    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     inputs: list[Artifact] = field(default_factory=list)
     outputs: list[Artifact] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
@@ -51,16 +54,17 @@ def ledger_dir(explicit: Path | None = None) -> Path:
     return explicit or Path(os.environ.get(ENV_VAR) or DEFAULT_LEDGER)
 
 
-def _schema():  # type: ignore[no-untyped-def]
+def _schema() -> pa.Schema:
     import pyarrow as pa
 
     artifact = pa.struct([("role", pa.string()), ("path", pa.string()), ("sha256", pa.string())])
-    return pa.schema([
+    fields: list[tuple[str, pa.DataType]] = [
         ("event_id", pa.string()), ("kind", pa.string()),
         ("started_at", pa.timestamp("us", tz="UTC")), ("finished_at", pa.timestamp("us", tz="UTC")),
         ("status", pa.string()), ("tool_version", pa.string()), ("command", pa.list_(pa.string())),
         ("inputs", pa.list_(artifact)), ("outputs", pa.list_(artifact)), ("summary", pa.string()),
-    ])
+    ]
+    return pa.schema(fields)
 
 
 def write_event(ledger: Path, draft: EventDraft, *, status: str, finished_at: datetime | None = None) -> Path:
@@ -70,7 +74,7 @@ def write_event(ledger: Path, draft: EventDraft, *, status: str, finished_at: da
 
     from .fileio import atomic_write_bytes
 
-    finished_at = finished_at or datetime.now(timezone.utc)
+    finished_at = finished_at or datetime.now(UTC)
     row = {
         "event_id": draft.event_id, "kind": draft.kind, "started_at": draft.started_at, "finished_at": finished_at,
         "status": status, "tool_version": __version__, "command": draft.command,
@@ -110,17 +114,13 @@ def record_failure(ledger: Path, kind: str, command: list[str], err: BaseExcepti
     draft = draft or EventDraft(kind=kind, command=command)
     draft.summary["error"] = one_line(err)
     status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-    try:
-        err._guard_recorded = True  # type: ignore[attr-defined]
-    except AttributeError:  # pragma: no cover (exceptions accept attributes)
-        pass
+    with suppress(AttributeError):  # never raised in practice: exceptions accept attributes
+        err._guard_recorded = True  # type: ignore[attr-defined]  # a marker on whatever exception this is
     if isinstance(err, GuardError):
         write_event(ledger, draft, status=status)
         return
-    try:
+    with suppress(Exception):  # the original error matters more than a missing event
         write_event(ledger, draft, status=status)
-    except Exception:  # noqa: BLE001 (the original error matters more than a missing event)
-        pass
 
 
 @contextmanager
@@ -137,13 +137,14 @@ def recorded(ledger: Path, kind: str, command: list[str]) -> Iterator[EventDraft
     write_event(ledger, draft, status="ok")
 
 
-def read_events(ledger: Path):  # type: ignore[no-untyped-def]
+def read_events(ledger: Path) -> pa.Table | None:
     """All events as an Arrow table (empty ledger → None)."""
     import duckdb
 
     if not any(ledger.glob("**/*.parquet")):
         return None
     pattern = str(ledger / "**" / "*.parquet")
-    return duckdb.connect().sql(
+    table: pa.Table = duckdb.connect().sql(
         "SELECT * FROM read_parquet(?, union_by_name=true) ORDER BY started_at", params=[pattern]
     ).to_arrow_table()
+    return table
