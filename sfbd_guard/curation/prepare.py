@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from multiprocessing.pool import Pool
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -91,7 +91,8 @@ def run_tasks(reader: DatasetReader, tasks: list[Task], noise: NoiseParams, pool
     yield from pool.imap(worker_chunk, [(chunk, noise) for chunk in chunks])
 
 
-def _store(chunks: Iterator[ChunkResult], staging: Path, strict: bool, progress: Progress | None) -> tuple[dict[str, Outcome], dict[str, tuple[str, int]], dict[str, str]]:
+def _store(chunks: Iterator[ChunkResult], staging: Path, strict: bool,
+           progress: Progress | None) -> tuple[dict[str, Outcome], dict[str, tuple[str, int]], dict[str, str]]:
     writers = {
         "clean": ShardWriter(staging, "clean", np.dtype(np.uint8)),
         "protect": ShardWriter(staging, "protected", np.dtype(np.float16)),
@@ -116,9 +117,9 @@ def _store(chunks: Iterator[ChunkResult], staging: Path, strict: bool, progress:
 
 
 def _manifest_columns(record_ids: list[str], rules: list[str | None], results: dict[str, Outcome],
-                      places: dict[str, tuple[str, int]], sigma: float) -> dict[str, list]:
-    columns: dict[str, list] = {k: [] for k in ("record_id", "partition", "rule", "sha256", "sigma", "file", "row", "error")}
-    for record_id, rule in zip(record_ids, rules):
+                      places: dict[str, tuple[str, int]], sigma: float) -> dict[str, list[Any]]:
+    columns: dict[str, list[Any]] = {k: [] for k in ("record_id", "partition", "rule", "sha256", "sigma", "file", "row", "error")}
+    for record_id, rule in zip(record_ids, rules, strict=True):
         outcome = results[record_id]
         partition = "error" if outcome.error is not None else ACTION_PARTITION[outcome.action]
         file, row = places.get(record_id, (None, None))
@@ -159,13 +160,14 @@ def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, manifes
         "fingerprint": fingerprint({**files, "manifest.parquet": manifest_sha256}),
         "shard_records": SHARD_RECORDS,
         "tool_version": __version__,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
 def noise_key(loaded: LoadedPolicy, key_file: Path | None, output: Path) -> NoiseKey:
     """The secret of the noise: --noise-key, else the policy's noise.key_file, else a fresh one."""
-    path = key_file if key_file is not None else (loaded.resolve(loaded.policy.noise.key_file) if loaded.policy.noise.key_file else None)
+    from_policy = loaded.resolve(loaded.policy.noise.key_file) if loaded.policy.noise.key_file else None
+    path = key_file if key_file is not None else from_policy
     if path is None:
         return fresh_key()
     return read_key_file(path, forbidden=(output,))
@@ -189,8 +191,8 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
     with claim, worker_pool(spec, workers) as pool:
         metadata = reader.metadata()
         decisions = decide(metadata, list(loaded.policy.rules), base_dir=loaded.base_dir, source=str(loaded.path))
-        record_ids = metadata.column("record_id").to_pylist()
-        tasks = [Task(r, a) for r, a in zip(record_ids, decisions.actions) if a is not None]
+        record_ids = cast(list[str], metadata.column("record_id").to_pylist())  # each reader names records by file
+        tasks = [Task(r, a) for r, a in zip(record_ids, decisions.actions, strict=True) if a is not None]
         noise = NoiseParams(sigma=loaded.policy.noise.sigma, key=key)
         staging = start_output(output, overwrite=overwrite)
         try:
@@ -201,13 +203,14 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
             columns = _manifest_columns(record_ids, decisions.rules, results, places, noise.sigma)
             manifest = manifest_table(columns, metadata)
             pq.write_table(manifest, staging / "manifest.parquet")
-            card = _card(loaded, spec, reader, manifest, key, decisions.rule_counts(), files, sha256_file(staging / "manifest.parquet"))
+            manifest_sha256 = sha256_file(staging / "manifest.parquet")
+            card = _card(loaded, spec, reader, manifest, key, decisions.rule_counts(), files, manifest_sha256)
             atomic_write_json(staging / "card.json", card)
             finish_output(staging, output)
         except BaseException:
             abandon_output(staging)
             raise
-    errors = [(r, results[r].error) for r in record_ids if results[r].error is not None]
+    errors = [(r, error) for r in record_ids if (error := results[r].error) is not None]
     source = fingerprint({r: results[r].sha256 or "" for r in record_ids})
-    return PrepareResult(output, card["counts"], card["rule_counts"], errors, card,  # type: ignore[arg-type]
+    return PrepareResult(output, card["counts"], card["rule_counts"], errors, card,
                          time.perf_counter() - started, source)
