@@ -31,7 +31,8 @@ def prepare_recorded(policy_path: Path, *, data_root: Path | None, out: Path | N
             event.summary["signed_by"] = sign_card(result.output, key)
         event.inputs.append(Artifact("source", card["root"] or card["format"], result.source_fingerprint))
         event.outputs.append(Artifact("prepared", str(result.output), card["fingerprint"]))
-        event.outputs.extend(Artifact("array", f"{result.output}/{name}", digest) for name, digest in sorted(card["files"].items()))
+        event.outputs.extend(Artifact("array", f"{result.output}/{name}", digest)
+                             for name, digest in sorted(card["files"].items()))
         event.summary.update(
             policy_name=card["policy_name"], format=card["format"], split=card["split"], sigma=card["sigma"],
             noise_key_id=card["noise_key_id"], noise_key_source=card["noise_key_source"],
