@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,8 @@ from .views import RUN_AUDITS, connect
 
 
 def _licenses(data: Path) -> str:
-    import pyarrow.parquet as pq
-
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     manifest = data / "manifest.parquet"
     try:
@@ -56,12 +55,16 @@ def _latest_audit(con: Any, run_dir: Path) -> str:
 
 
 def _trainings(con: Any, run_dir: Path) -> list[tuple[Any, ...]]:
-    return con.execute("SELECT started_at, method, steps, kimg, epsilon, delta, data_fingerprint FROM trainings "
-                       "WHERE status = 'ok' AND run = ? ORDER BY started_at", [str(run_dir)]).fetchall()
+    rows: list[tuple[Any, ...]] = con.execute(
+        "SELECT started_at, method, steps, kimg, epsilon, delta, data_fingerprint FROM trainings "
+        "WHERE status = 'ok' AND run = ? ORDER BY started_at", [str(run_dir)]).fetchall()
+    return rows
 
 
 # What the datasheet reads from card.json, and the types it needs.
-_CARD = {"counts": dict, "rule_counts": dict, "policy": dict, "resolution": int, "channels": int, "sigma": (int, float)}
+_CARD: dict[str, type | tuple[type, ...]] = {
+    "counts": dict, "rule_counts": dict, "policy": dict, "resolution": int, "channels": int, "sigma": (int, float),
+}
 
 
 def _card(path: Path) -> dict[str, Any]:
@@ -108,7 +111,7 @@ def datasheet(run_dir: Path, ledger: Path) -> str:
     optouts = sum(card["rule_counts"].get(name, 0) for name in excluded_rules)
     return f"""# Training-data summary: run `{run_dir.name}`
 
-Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by sfbd_guard {__version__} from the prepared
+Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by sfbd_guard {__version__} from the prepared
 directory, the run directory and the compliance ledger. Narrative answers marked TODO need a person.
 
 ## 1. General information
