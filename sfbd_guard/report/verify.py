@@ -99,12 +99,14 @@ def check_provenance(con: Any, ledger: Path, run_dir: Path, prepared: PreparedDa
     unrecorded = any(s.get("unrecorded_data") for s in _train_summaries(con, run_dir))
     if event is not None:
         detail = f"prepare event {event[:12]} of the ledger wrote this directory (fingerprint {prepared.fingerprint[:16]}…)"
-        return [Check("provenance", True, detail)] + checks
+        return [Check("provenance", True, detail), *checks]
     if signer is not None:
-        return [Check("provenance", True, f"not prepared into this ledger, but signed by the data owner's key (sha256 {signer[:16]}…)")] + checks
+        detail = f"not prepared into this ledger, but signed by the data owner's key (sha256 {signer[:16]}…)"
+        return [Check("provenance", True, detail), *checks]
     why = " (the run was trained with --allow-unrecorded)" if unrecorded else ""
     return [Check("provenance", False, f"no prepare event in the ledger wrote {prepared.root} (fingerprint "
-                                       f"{prepared.fingerprint[:16]}…) and no signature was verified (--verify-key){why}")] + checks
+                                       f"{prepared.fingerprint[:16]}…) and no signature was verified (--verify-key){why}"),
+            *checks]
 
 
 def check_noise_statistics(prepared: PreparedData | GuardError) -> Check:
@@ -119,7 +121,8 @@ def check_noise_statistics(prepared: PreparedData | GuardError) -> Check:
 def _manifest(data: Path) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
-    return pq.read_table(data / "manifest.parquet", columns=["record_id", "partition", "rule", "sha256", "sigma", "file", "row"]).to_pylist()
+    columns = ["record_id", "partition", "rule", "sha256", "sigma", "file", "row"]
+    return pq.read_table(data / "manifest.parquet", columns=columns).to_pylist()
 
 
 def check_noise(data: Path, rows: list[dict[str, Any]]) -> Check:
@@ -148,11 +151,13 @@ def check_clean_rows(data: Path, rows: list[dict[str, Any]]) -> Check:
     forbidden = {r["sha256"]: r["record_id"] for r in rows if r["partition"] in ("protected", "excluded") and r["sha256"]}
     leaks = [(rid, forbidden[h]) for rid, h in stored.items() if h in forbidden]
     if leaks:
-        return Check("no protected pixels", False, f"clean row {leaks[0][0]} holds the pixels of {leaks[0][1]} ({len(leaks)} in all)")
+        return Check("no protected pixels", False,
+                     f"clean row {leaks[0][0]} holds the pixels of {leaks[0][1]} ({len(leaks)} in all)")
     expected = {r["record_id"]: r["sha256"] for r in rows if r["partition"] == "clean"}
     mismatched = [rid for rid, h in stored.items() if expected[rid] != h]
     if mismatched:
-        return Check("no protected pixels", False, f"{len(mismatched)} clean row(s) differ from their manifest sha256, e.g. {mismatched[0]}")
+        return Check("no protected pixels", False,
+                     f"{len(mismatched)} clean row(s) differ from their manifest sha256, e.g. {mismatched[0]}")
     return Check("no protected pixels", True, f"{len(stored)} clean rows checked: none holds a protected or excluded image")
 
 
@@ -196,8 +201,9 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None) -
     prepared = _open(data)
     checks = [check_consumed(con, run_dir, prepared), *check_provenance(con, ledger, run_dir, prepared, verify_key)]
     if isinstance(prepared, GuardError):  # its files are not what the card says: read nothing it names
-        return checks + [Check(name, False, f"the prepared directory does not verify: {prepared}")
-                         for name in ("noise", "noise statistics", "no protected pixels", "opt-outs")] + [check_audit(con, run_dir)]
+        unverified = [Check(name, False, f"the prepared directory does not verify: {prepared}")
+                      for name in ("noise", "noise statistics", "no protected pixels", "opt-outs")]
+        return [*checks, *unverified, check_audit(con, run_dir)]
     rows = _manifest(data)
-    return checks + [check_noise(data, rows), check_noise_statistics(prepared), check_clean_rows(data, rows),
-                     check_opt_outs(data, rows), check_audit(con, run_dir)]
+    return [*checks, check_noise(data, rows), check_noise_statistics(prepared), check_clean_rows(data, rows),
+            check_opt_outs(data, rows), check_audit(con, run_dir)]
