@@ -160,7 +160,7 @@ def _plan(config: PipelineConfig, data: PreparedData, world_size: int) -> Privac
     global_batch = max(1, config.batch // world_size) * world_size
     phases = plan(config)
     private: dict[str, tuple[int, float]] = {}
-    for phase, steps in zip(phases, _steps_per_phase(phases, global_batch)):
+    for phase, steps in zip(phases, _steps_per_phase(phases, global_batch), strict=True):
         if stage_of(phase) not in stages or steps == 0:
             continue
         rates = pool_rates(phase.pool, sizes, config.sfbd.clean_weight, global_batch)
@@ -248,6 +248,7 @@ class PrivateTraining:
         self.trainer = trainer
         config, rt = trainer.config, trainer.rt
         self.plan = plan_privacy(config, trainer.data, rt.world_size)
+        assert config.privacy is not None  # plan_privacy asserted it too
         self.spec = config.privacy
         validate_model(trainer.net)
         check_clippable(trainer.net)
@@ -270,7 +271,8 @@ class PrivateTraining:
                 "sample_rate": plan_.sample_rate, "planned_steps": plan_.steps, "protected_records": plan_.records,
                 "stages": list(private_stages(self.trainer.config)), "steps": 0, "epsilon": 0.0,
                 "history": [], "phases": []}
-        return state.info["privacy"]
+        info: dict[str, Any] = state.info["privacy"]
+        return info
 
     def is_private(self, phase: Phase) -> bool:
         return phase.name in self.plan.phases
@@ -287,7 +289,7 @@ class PrivateTraining:
         sizes = torch.tensor([float(len(s.images)) for s in mixture.sources], dtype=torch.float64)
         rates = trainer.global_batch * mixture.probs / sizes
         self.rates = rates.tolist()
-        self.sample_rate = accounting_rate({s.name: r for s, r in zip(mixture.sources, self.rates)})
+        self.sample_rate = accounting_rate({s.name: r for s, r in zip(mixture.sources, self.rates, strict=True)})
         planned = self.plan.phases[phase.name][1]
         if not math.isclose(self.sample_rate, planned, rel_tol=1e-9):
             raise RuntimeError(f"{phase.name}: Poisson rate {self.sample_rate} differs from the planned {planned}")
@@ -327,7 +329,7 @@ class PrivateTraining:
         """This rank's share of a Poisson batch: each of its rows joins with its source's rate."""
         trainer, rt = self.trainer, self.trainer.rt
         images, floors, weights = [], [], []
-        for source, rate in zip(mixture.sources, self.rates):
+        for source, rate in zip(mixture.sources, self.rates, strict=True):
             rows = torch.arange(rt.rank, len(source.images), rt.world_size)
             rows = rows[torch.rand(len(rows), generator=trainer.private_batch_gen, dtype=torch.float64) < rate]
             images.append(source.images[rows])
