@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,8 @@ def pipeline_of_run(run_dir: Path) -> PipelineConfig:
     """
     path = run_dir / RESOLVED
     if not path.is_file():
-        raise InputError(f"{run_dir}: not a run directory (no {RESOLVED})", hint="--resume takes a directory written by guard train")
+        raise InputError(f"{run_dir}: not a run directory (no {RESOLVED})",
+                         hint="--resume takes a directory written by guard train")
     config = load_config(PipelineConfig, path)
     return config.model_copy(update={"out": str(run_dir.resolve())})
 
@@ -99,7 +100,7 @@ def _start_run_dir(config: PipelineConfig, data: PreparedData) -> Path:
     atomic_write_json(run_dir / RUN_INFO, {
         "data": str(data.root), "data_fingerprint": data.fingerprint, "files": data.files,
         "image_shape": list(data.image_shape),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     })
     return run_dir
 
@@ -135,7 +136,8 @@ def train(config: PipelineConfig, *, resume: bool, progress: PhaseProgress | Non
     """Verify the prepared data, then train (or continue) the run described by `config`."""
     import time
 
-    from .privacy import plan_privacy, summary as privacy_summary
+    from .privacy import plan_privacy
+    from .privacy import summary as privacy_summary
     from .runtime import runtime
     from .trainer import Trainer
 
@@ -187,14 +189,17 @@ def train_recorded(config: PipelineConfig, *, resume: bool, ledger: Path | None,
 
     where = ledger_dir(ledger)
     if int(os.environ.get("RANK", "0")) != 0:
-        return train(config, resume=resume, progress=None,
-                     on_start=lambda data: check_trusted(data, config, where, allow_unrecorded=allow_unrecorded) and None)
+        def verify_only(data: PreparedData) -> None:
+            check_trusted(data, config, where, allow_unrecorded=allow_unrecorded)
+
+        return train(config, resume=resume, progress=None, on_start=verify_only)
     with recorded(where, "train", command) as event:
         event.inputs.append(Artifact("prepared", str(config.data), None))
 
         def note_data(data: PreparedData) -> None:
             event.inputs[0] = Artifact("prepared", str(data.root), data.fingerprint)
-            event.inputs.extend(Artifact("array", f"{data.root}/{name}", digest) for name, digest in sorted(data.files.items()))
+            event.inputs.extend(Artifact("array", f"{data.root}/{name}", digest)
+                                for name, digest in sorted(data.files.items()))
             event.summary.update(check_trusted(data, config, where, allow_unrecorded=allow_unrecorded))
 
         outcome = train(config, resume=resume, progress=progress, on_start=note_data)
@@ -202,7 +207,8 @@ def train_recorded(config: PipelineConfig, *, resume: bool, ledger: Path | None,
 
         if outcome.checkpoint is not None:
             for name in ("net.safetensors", "ema.safetensors"):
-                event.outputs.append(Artifact(name.split(".")[0], str(outcome.checkpoint / name), sha256_file(outcome.checkpoint / name)))
+                path = outcome.checkpoint / name
+                event.outputs.append(Artifact(name.split(".")[0], str(path), sha256_file(path)))
         event.outputs.append(Artifact("run", str(outcome.run_dir), None))
         event.summary.update(method=config.method, name=config.name, resumed=outcome.resumed, step=outcome.step,
                              kimg=outcome.kimg, seconds=round(outcome.seconds, 3), device=config.device,
@@ -246,9 +252,9 @@ def load_ema_net(run_dir: Path, *, checkpoint: Path | None = None,
     config = pipeline_of_run(run_dir)
     shape = tuple(read_run_info(run_dir)["image_shape"])
     weights = _weights_file(run_dir, checkpoint)
-    net = build_net(config, shape).to(resolve_device(device)).eval()  # type: ignore[arg-type]
+    net = build_net(config, shape).to(resolve_device(device)).eval()
     load_weights(weights, net)
-    return net, weights, shape  # type: ignore[return-value]
+    return net, weights, shape
 
 
 def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int = 0, batch: int = 64,
@@ -267,7 +273,7 @@ def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int =
     target = next(net.parameters()).device
     digits, files, grid_images = max(6, len(str(count - 1))), [], []
     tick = progress(count) if progress else None
-    for start, images in generate(net, seed=seed, count=count, shape=shape, steps=steps, batch=batch, device=target):  # type: ignore[arg-type]
+    for start, images in generate(net, seed=seed, count=count, shape=shape, steps=steps, batch=batch, device=target):
         files += save_pngs(images, out, start, digits)
         grid_images.append(images[: max(0, 256 - start)].cpu())
         if tick:
