@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-
 from typer import Abort
 from typer._click.core import Context as ClickContext
 from typer._click.exceptions import ClickException, UsageError  # typer 0.29 vendors click
@@ -88,7 +87,7 @@ def reports_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _invocation(ctx: typer.Context) -> list[str]:
+def _invocation(ctx: ClickContext) -> list[str]:
     """The command line as typed (passed down by `main`), for the ledger."""
     argv = (ctx.obj or {}).get("argv")
     return ["guard", *argv] if argv is not None else ctx.command_path.split()
