@@ -6,7 +6,7 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import typer
 from typer import Abort
@@ -84,7 +84,7 @@ def reports_errors(command: F) -> F:
             _record_failure(command, kwargs, err)
             raise
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)
 
 
 def _invocation(ctx: ClickContext) -> list[str]:
@@ -216,7 +216,8 @@ def train(
         overrides = _parse_sets(sets)
         overrides.update({k: v for k, v in (("device", device), ("seed", seed)) if v is not None})
         overrides.update(dp)
-        config = pipeline_for_new_run(pipeline, overrides=overrides, data=data, out=out, method=method,  # type: ignore[arg-type]
+        assert pipeline is not None  # exactly one of --pipeline and --resume, checked above
+        config = pipeline_for_new_run(pipeline, overrides=overrides, data=data, out=out, method=method,
                                       verify_key=verify_key)
     outcome = train_recorded(config, resume=resume is not None, ledger=ledger, command=_invocation(ctx),
                              progress=_labelled_progress, allow_unrecorded=allow_unrecorded)
