@@ -95,7 +95,7 @@ def _input_gram(layer: nn.Conv2d, x: Tensor) -> Tensor:
     pixels = (padded.transpose(-1, -2) @ padded).reshape(n, groups, hp, wp, hp, wp)
     ho, wo = hp - kh + 1, wp - kw + 1
     gram = sum(pixels[:, :, a:a + ho, b:b + wo, a:a + ho, b:b + wo] for a in range(kh) for b in range(kw))
-    return gram.reshape(n, groups, ho * wo, ho * wo)  # type: ignore[union-attr]
+    return gram.reshape(n, groups, ho * wo, ho * wo)  # type: ignore[union-attr]  # sum() of tensors types as Tensor | int
 
 
 def _conv2d_norms(layer: nn.Conv2d, x: Tensor, grad: Tensor, method: str | None = None) -> Tensor:
