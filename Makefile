@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -16,7 +16,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/guard run pipelines/digits.yaml
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check sfbd_guard tests benchmarks
+	$(BIN)/mypy
+
+test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 clean:

@@ -74,8 +74,8 @@ def micro_benchmark(data: Path, steps: int, physical_batch: int) -> dict[str, ob
 
     from sfbd_guard.diffusion.ambient import AmbientLoss
     from sfbd_guard.diffusion.optim import make_adam
-    from sfbd_guard.engine.data import clean_images
     from sfbd_guard.engine.clipping import ClippedGradients
+    from sfbd_guard.engine.data import clean_images
     from sfbd_guard.engine.trainer import build_net
 
     config = load_pipeline(quality.REPO / "pipelines" / "digits.yaml", {"data": str(data)})
@@ -116,7 +116,7 @@ def micro_benchmark(data: Path, steps: int, physical_batch: int) -> dict[str, ob
             fn()
             if step >= 3:  # warm-up
                 times[name].append(time.perf_counter() - started)
-    ratios = [d / p for d, p in zip(times["dp"], times["plain"])]
+    ratios = [d / p for d, p in zip(times["dp"], times["plain"], strict=True)]
     return {"plain_s": quartiles(times["plain"]), "dp_s": quartiles(times["dp"]), "ratio": quartiles(ratios),
             "threads": torch.get_num_threads(), "physical_batch": physical_batch}
 

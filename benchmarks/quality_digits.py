@@ -52,7 +52,7 @@ def write_policies(folder: Path, sigma: float) -> tuple[Path, Path]:
     clean = {**base, "name": "digits-bench-clean", "output": str(folder / "prepared-clean"),
              "rules": [*held_out, {"name": "all", "action": "clean"}]}
     paths = folder / "policy-mixed.yaml", folder / "policy-clean.yaml"
-    for path, policy in zip(paths, (mixed, clean)):
+    for path, policy in zip(paths, (mixed, clean), strict=True):
         path.write_text(yaml.safe_dump(policy, sort_keys=False))
     return paths
 
@@ -71,7 +71,10 @@ def held_out_and_train_digits(prepared_mixed: Path) -> tuple[np.ndarray, np.ndar
     images = {r["record_id"]: reader.load(r["record_id"]).astype(np.float32) / 127.5 - 1 for r in manifest}
     held = [r["record_id"] for r in manifest if r["rule"] == "held-out"]
     rest = [r["record_id"] for r in manifest if r["rule"] != "held-out"]
-    label = lambda ids: np.array([labels[int(i.split("-")[1])] for i in ids])
+
+    def label(ids: list[str]) -> np.ndarray:
+        return np.array([labels[int(i.split("-")[1])] for i in ids])
+
     return (np.stack([images[i] for i in held]), label(held), np.stack([images[i] for i in rest]), label(rest))
 
 
@@ -199,7 +202,8 @@ def print_table(results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-quality"), help="working folder (reused: finished runs are kept)")
-    parser.add_argument("--budget-kimg", type=float, default=None, help="training budget per method (default: the digits pipeline's)")
+    parser.add_argument("--budget-kimg", type=float, default=None,
+                        help="training budget per method (default: the digits pipeline's)")
     parser.add_argument("--sigma", type=float, default=0.6, help="noise level of the protected copies")
     parser.add_argument("--samples", type=int, default=1000, help="samples per method")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), help="which methods to run")

@@ -33,7 +33,8 @@ def _guard(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 
 def _env(setting: str, ledger: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GUARD_THREADS")}
+    unset = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GUARD_THREADS", "GUARD_THREADS_CHOICE")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     env["GUARD_LEDGER"] = str(ledger)
     env["PYTHONPATH"] = str(ROOT)
     if setting == "old":

@@ -178,7 +178,9 @@ def bench_sampling(net: nn.Module, args: argparse.Namespace, channels_last: bool
     out = {}
     with torch.inference_mode():
         for name, (sigmas, start) in jobs.items():
-            run = lambda: sample_heun(net, x * start, sigmas, state_dtype=torch.float64)  # noqa: E731
+            def run(sigmas: Tensor = sigmas, start: float = start) -> Tensor:
+                return sample_heun(net, x * start, sigmas, state_dtype=torch.float64)
+
             out[name] = summarize(time_calls(run, args.sample_reps), args.batch)
             out[name]["nfe"] = count_nfe(sigmas)
     return out
@@ -290,7 +292,8 @@ def bench_backward_solver(args: argparse.Namespace) -> list[dict]:
                 if found is not None:
                     rows.append(head | found)
             mine = solver_errors(oracle, clean, y, sigma, exact, **shipped)
-            rows.append(head | shipped | mine | {"grid": f"{shipped['grid']} (digits.yaml)", "nfe_ratio": mine["nfe"] / ref["nfe"]})
+            rows.append(head | shipped | mine
+                        | {"grid": f"{shipped['grid']} (digits.yaml)", "nfe_ratio": mine["nfe"] / ref["nfe"]})
     return rows
 
 
@@ -315,7 +318,7 @@ def print_report(res: dict) -> None:
     print(f"\nconfig (i): {res['params']:,} params, fwd {fl['forward_gflop']:.2f} GFLOP/batch "
           f"(torch counter {fl['torch_counter_gflop']:.2f}), step {fl['step_gflop']:.2f} GFLOP; "
           f"matmul peak median {fmt_rate(peak)} GFLOP/s")
-    print("\n(a) training, batch %d                      img/s median [q1-q3]   frac of peak   setup s" % res["batch"])
+    print(f"\n(a) training, batch {res['batch']:d}                      img/s median [q1-q3]   frac of peak   setup s")
     for name, r in res["train"].items():
         print(f"  {name:40s} {fmt_rate(r)}   {r['fraction_of_peak']:.3f}        {r['setup_s']:.1f}")
     print(f"  {'reference (SFBD/EDM code)':40s} {REFERENCE['train_img_s']:8.1f}                 0.56")

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-
 from typer import Abort
 from typer.exceptions import TyperException  # base of typer's usage and parameter errors
 
@@ -61,7 +60,7 @@ def _record_failure(command: Callable[..., Any], kwargs: dict[str, Any], err: Ba
 
     kind = RECORDED_KINDS.get(command.__name__)
     ctx = kwargs.get("ctx")
-    if kind is None or getattr(ctx, "command_path", None) is None:
+    if kind is None or not isinstance(ctx, typer.Context):
         return
     record_failure(ledger_dir(kwargs.get("ledger")), kind, _invocation(ctx), err)
 

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import ErrorDetails
 
 from .errors import ConfigError
 
@@ -31,8 +32,8 @@ class _Loader(yaml.SafeLoader):
 
     _depth = 0
 
-    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
-        event = self.peek_event()
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()  # type: ignore[no-untyped-call]  # unannotated in types-PyYAML
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             raise yaml.composer.ComposerError(
                 None, None, "anchors and aliases (&name, *name) are not allowed; write the values out",
@@ -122,7 +123,7 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def describe_error(model: type[BaseModel], error: dict[str, Any]) -> str:
+def describe_error(model: type[BaseModel], error: ErrorDetails) -> str:
     """One readable line for one pydantic error."""
     loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and part.startswith("function-")))
     where = key_path(loc)

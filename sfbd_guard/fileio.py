@@ -72,8 +72,8 @@ def save_npy(path: Path, array: np.ndarray) -> str:
         with os.fdopen(fd, "wb") as handle:
             writer = _HashingWriter(handle)
             array = np.ascontiguousarray(array)
-            np.lib.format.write_array_header_1_0(writer, np.lib.format.header_data_from_array_1_0(array))  # type: ignore[arg-type]
-            writer.write(memoryview(array).cast("B"))
+            np.lib.format.write_array_header_1_0(writer, np.lib.format.header_data_from_array_1_0(array))
+            writer.write(array.data.cast("B"))  # array.data is memoryview(array)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -8,13 +8,14 @@ else $GUARD_LEDGER, else ./guard-ledger.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ class EventDraft:
 
     kind: str
     command: list[str]
-    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     inputs: list[Artifact] = field(default_factory=list)
     outputs: list[Artifact] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)  # checked against contracts.events when written
@@ -76,7 +77,7 @@ def write_event(ledger: Path, draft: EventDraft, *, status: str, finished_at: da
     from .contracts.events import summary_json
     from .fileio import atomic_write_bytes
 
-    finished_at = finished_at or datetime.now(timezone.utc)
+    finished_at = finished_at or datetime.now(UTC)
     row = {
         "event_id": draft.event_id, "kind": draft.kind, "started_at": draft.started_at, "finished_at": finished_at,
         "status": status, "tool_version": __version__, "command": draft.command,
@@ -116,17 +117,13 @@ def record_failure(ledger: Path, kind: str, command: list[str], err: BaseExcepti
     draft = draft or EventDraft(kind=kind, command=command)
     draft.summary["error"] = one_line(err)
     status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-    try:
+    with contextlib.suppress(AttributeError):  # exceptions accept attributes; a marker, not data
         err._guard_recorded = True  # type: ignore[attr-defined]
-    except AttributeError:  # pragma: no cover (exceptions accept attributes)
-        pass
     if isinstance(err, GuardError):
         write_event(ledger, draft, status=status)
         return
-    try:
+    with contextlib.suppress(Exception):  # the original error matters more than a missing event
         write_event(ledger, draft, status=status)
-    except Exception:  # noqa: BLE001 (the original error matters more than a missing event)
-        pass
 
 
 @contextmanager

@@ -12,8 +12,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from .config import StrictModel, load_config
-from .hashing import sha256_bytes
 from .datasets.base import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
+from .hashing import sha256_bytes
 
 Action = Literal["exclude", "clean", "protect"]
 

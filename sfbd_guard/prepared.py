@@ -162,8 +162,8 @@ def open_prepared(root: Path) -> PreparedData:
     protected = [r for r in rows if r["partition"] == "protected"]
     bad_sigma = [r["record_id"] for r in protected if not r["sigma"] or r["sigma"] <= 0 or r["sigma"] != card.sigma]
     if bad_sigma:
-        raise _fail(root, f"protected record {bad_sigma[0]} has sigma {next(r['sigma'] for r in protected if r['record_id'] == bad_sigma[0])}, "
-                          f"expected the policy's {card.sigma} > 0")
+        found = next(r["sigma"] for r in protected if r["record_id"] == bad_sigma[0])
+        raise _fail(root, f"protected record {bad_sigma[0]} has sigma {found}, expected the policy's {card.sigma} > 0")
     if any(r["sigma"] != 0 for r in clean):
         raise _fail(root, "a clean record has a non-zero sigma")
     return PreparedData(root, card, _partition(root, clean, "clean", card), _partition(root, protected, "protected", card), files)

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .contracts.audit_summary import read_audit_summary
+from .contracts.base import load_json
 from .contracts.card import read_card
 from .engine.config import PipelineConfig, load_pipeline
 from .errors import InputError
-from .contracts.base import load_json
 from .fileio import atomic_write_json
 from .hashing import sha256_file
 
@@ -53,7 +53,7 @@ def _prepare(config: PipelineConfig, ledger: Path | None, command: list[str], sa
         return "skipped (prepared directory verified)"
     say(f"preparing {data} from {policy}")
     prepare_recorded(policy, data_root=None, out=data, workers=1, strict=False, overwrite=False, ledger=ledger,
-                     command=command + ["(prepare)"])
+                     command=[*command, "(prepare)"])
     return "done"
 
 
@@ -65,7 +65,7 @@ def _train(config: PipelineConfig, ledger: Path | None, command: list[str], prog
     resume = (run_dir / "config.resolved.yaml").is_file()
     chosen = pipeline_of_run(run_dir) if resume else config
     say(f"{'resuming' if resume else 'training'} {chosen.method} in {run_dir}")
-    outcome = train_recorded(chosen, resume=resume, ledger=ledger, command=command + ["(train)"], progress=progress,
+    outcome = train_recorded(chosen, resume=resume, ledger=ledger, command=[*command, "(train)"], progress=progress,
                              allow_unrecorded=allow_unrecorded)
     return f"done ({outcome.step} steps, {outcome.kimg:g} kimg)"
 
@@ -76,12 +76,14 @@ def _sample(config: PipelineConfig, ledger: Path | None, command: list[str], say
 
     run_dir, spec = Path(str(config.out)), config.sample
     weights = latest_checkpoint(run_dir)
+    if weights is None:  # was a TypeError on `None / "ema.safetensors"`
+        raise InputError(f"{run_dir}: no checkpoint yet", hint="the train stage writes it")
     marker = run_dir / "samples" / "done.json"
     wanted = {"weights": sha256_file(weights / "ema.safetensors"), "n": spec.n, "steps": spec.steps, "seed": spec.seed}
     if marker.is_file() and load_json(marker, hint=_REDO) == wanted:
         return "skipped (samples of these weights exist)"
     say(f"sampling {spec.n} images")
-    sample_recorded(run_dir, ledger=ledger, command=command + ["(sample)"], count=spec.n, out=run_dir / "samples",
+    sample_recorded(run_dir, ledger=ledger, command=[*command, "(sample)"], count=spec.n, out=run_dir / "samples",
                     steps=spec.steps, seed=spec.seed, batch=spec.batch)
     atomic_write_json(marker, wanted)
     return "done"
@@ -107,7 +109,7 @@ def _audit(config: PipelineConfig, ledger: Path | None, command: list[str], say:
     config_path = Path(config.audit.config) if config.audit.config else None
     result = audit_recorded(samples=samples, data=Path(config.data), report=report,
                             config=resolve_audit_config(config_path, {}), config_path=config_path, ledger=ledger,
-                            command=command + ["(audit)"])
+                            command=[*command, "(audit)"])
     copies = int(result.counts.get("copy", 0))
     atomic_write_json(done, {"samples_marker": sha256_file(marker), "copies": copies})
     return "done", copies

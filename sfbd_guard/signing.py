@@ -31,7 +31,8 @@ ALGORITHM = "ed25519"
 def _raw_public(public: Any) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    raw: bytes = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return raw
 
 
 def key_fingerprint(public: Any) -> str:
@@ -57,7 +58,8 @@ def create_keypair(private_path: Path, public_path: Path) -> str:
         handle.write(pem)
     os.chmod(private_path, 0o600)  # whatever the umask
     public = key.public_key()
-    atomic_write_bytes(public_path, public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    pem_public = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    atomic_write_bytes(public_path, pem_public)
     return key_fingerprint(public)
 
 

@@ -9,7 +9,7 @@ import os
 # small operation hundreds of times slower. Set before torch is imported, so subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 

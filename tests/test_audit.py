@@ -11,10 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import celeba_policy, plant_samples, write_policy
+from helpers import celeba_policy, plant_samples, read_events, write_policy
 from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.datasets.celeba import CelebAReader
-from helpers import read_events
 from sfbd_guard.policy import load_policy
 
 
@@ -272,5 +271,5 @@ def test_approximate_candidates_still_give_exact_verdicts(cli, tmp_path: Path, p
     rows = _rows(tmp_path)
     assert all(rows[n]["verdict"] == "copy" and rows[n]["top1_record_id"] == s for n, s in planted.items())
     for name, row in rows.items():  # every similarity reported is the exact one for the id it names
-        exact_sims = dict(zip(exact[name]["topk_record_ids"], exact[name]["topk_similarities"]))
-        assert all(exact_sims.get(r, s) == pytest.approx(s, abs=1e-5) for r, s in zip(row["topk_record_ids"], row["topk_similarities"]))
+        exact_sims = dict(zip(exact[name]["topk_record_ids"], exact[name]["topk_similarities"], strict=True))
+        assert all(exact_sims.get(r, s) == pytest.approx(s, abs=1e-5) for r, s in zip(row["topk_record_ids"], row["topk_similarities"], strict=True))

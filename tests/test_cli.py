@@ -21,7 +21,7 @@ def _commands():  # type: ignore[no-untyped-def]
 
 
 def test_every_command_and_option_has_its_own_help(cli) -> None:  # type: ignore[no-untyped-def]
-    group, commands = _commands()
+    _group, commands = _commands()
     assert "prepare" in commands
     helps: dict[str, str] = {}
     for name, command in commands.items():

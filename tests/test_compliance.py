@@ -110,9 +110,9 @@ def _copy(chain: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
 
 def _verify(copy: Path, ledger: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, str]:
     code = _guard("verify", "--run", copy / "runs" / "chain", "--ledger", ledger)
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith(("PASS", "FAIL"))]
-    assert code == (1 if any(l.startswith("FAIL") for l in lines) else 0)
-    return {l.split(":")[0].split("  ", 1)[1]: l.split("  ", 1)[0] for l in lines}
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert code == (1 if any(line.startswith("FAIL") for line in lines) else 0)
+    return {line.split(":")[0].split("  ", 1)[1]: line.split("  ", 1)[0] for line in lines}
 
 
 def test_verify_fails_when_a_clean_row_is_replaced_by_a_protected_image(chain, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -71,7 +71,7 @@ def test_augment_labels_are_used() -> None:
 
 
 def test_invalid_config_lists_problems() -> None:
-    with pytest.raises(ValueError, match="num_blocks.*dropout"):
+    with pytest.raises(ValueError, match=r"num_blocks.*dropout"):
         UNetConfig(num_blocks=0, dropout=1.5)
 
 
@@ -90,5 +90,5 @@ def test_opacus_per_sample_gradients_match_single_sample_backward() -> None:
     EDMLoss()(gs, x, sigma=sigma, noise=noise).sum().backward()
     per_sample = [p.grad_sample[1] for p in net.parameters()]
     EDMLoss()(plain, x[1:2], sigma=sigma[1:2], noise=noise[1:2]).sum().backward()
-    for ps, p in zip(per_sample, plain.parameters()):
+    for ps, p in zip(per_sample, plain.parameters(), strict=True):
         torch.testing.assert_close(ps, p.grad, rtol=1e-3, atol=1e-6)

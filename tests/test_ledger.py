@@ -20,10 +20,10 @@ def test_prepare_appends_events_readable_with_duckdb(cli, tmp_path: Path, celeba
         "ORDER BY started_at"
     ).fetchall()
     assert [(kind, status) for kind, status, *_ in rows] == [("prepare", "ok"), ("prepare", "failed")]
-    kind, status, inputs, outputs, summary, version, command = rows[0]
+    _kind, _status, inputs, outputs, summary, _version, command = rows[0]
     card = json.loads((tmp_path / "out" / "card.json").read_text())
     assert {"role": "policy", "path": str(path.resolve()), "sha256": sha256_file(path)} in inputs
-    prepared = [o for o in outputs if o["role"] == "prepared"][0]
+    prepared = next(o for o in outputs if o["role"] == "prepared")
     assert prepared["sha256"] == card["fingerprint"]
     arrays = {o["path"].split("/out/")[1]: o["sha256"] for o in outputs if o["role"] == "array"}
     assert arrays == card["files"]

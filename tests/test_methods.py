@@ -218,9 +218,9 @@ def test_step_counts_are_those_of_the_training_loop() -> None:
 def test_config_checks_follow_the_table(tmp_path: Path, digits8: Path) -> None:
     from sfbd_guard.errors import GuardError
 
-    with pytest.raises(GuardError, match="method sfbd needs schedule.rounds >= 1"):
+    with pytest.raises(GuardError, match=r"method sfbd needs schedule\.rounds >= 1"):
         _config(tmp_path, digits8, "bad1", method="sfbd", schedule={"pretrain_kimg": 1})
-    with pytest.raises(GuardError, match="method online-sfbd needs schedule.total_kimg"):
+    with pytest.raises(GuardError, match=r"method online-sfbd needs schedule\.total_kimg"):
         _config(tmp_path, digits8, "bad2", method="online-sfbd", schedule={"pretrain_kimg": 1})
     with pytest.raises(GuardError, match="method"):
         _config(tmp_path, digits8, "bad3", method="sfbd-2")

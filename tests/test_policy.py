@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import celeba_policy, write_policy
 from sfbd_guard.errors import ConfigError
 from sfbd_guard.policy import load_policy
-
-from helpers import celeba_policy, write_policy
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -147,10 +147,10 @@ def test_unreadable_images_become_error_rows_or_stop_under_strict(tmp_path: Path
               "rules": [{"name": "all", "action": "clean"}], "noise": {"sigma": 1.0}, "output": str(tmp_path / "out")}
     result = _prepare(tmp_path, policy)
     assert result.counts == {"clean": 3, "protected": 0, "excluded": 0, "error": 1}
-    row = [r for r in pq.read_table(result.output / "manifest.parquet").to_pylist() if r["record_id"] == "2.png"][0]
+    row = next(r for r in pq.read_table(result.output / "manifest.parquet").to_pylist() if r["record_id"] == "2.png")
     assert row["partition"] == "error" and "cannot decode" in row["error"] and row["rule"] is None
     policy["output"] = str(tmp_path / "strict")
-    with pytest.raises(DataError, match="2.png"):
+    with pytest.raises(DataError, match=r"2\.png"):
         _prepare(tmp_path, policy, strict=True)
     assert not (tmp_path / "strict").exists()
     assert not list(tmp_path.glob(".strict.*")), "no temporary directory left behind"

@@ -47,34 +47,34 @@ def test_an_edited_array_is_refused(copy: Path) -> None:
     array = np.load(copy / "protected" / "shard-00000.npy")
     array[0] = 0
     np.save(copy / "protected" / "shard-00000.npy", array)
-    with pytest.raises(VerificationError, match="protected/shard-00000.npy does not match the sha256"):
+    with pytest.raises(VerificationError, match=r"protected/shard-00000\.npy does not match the sha256"):
         open_prepared(copy)
 
 
 def test_a_missing_or_extra_file_is_refused(copy: Path, tmp_path: Path) -> None:
     extra = Path(shutil.copytree(copy, tmp_path / "extra"))
     (copy / "clean" / "shard-00000.npy").unlink()
-    with pytest.raises(VerificationError, match="clean/shard-00000.npy is missing"):
+    with pytest.raises(VerificationError, match=r"clean/shard-00000\.npy is missing"):
         open_prepared(copy)
     np.save(extra / "clean" / "shard-00001.npy", np.zeros((1, 3, 16, 16), np.uint8))
-    with pytest.raises(VerificationError, match="not recorded in card.json"):
+    with pytest.raises(VerificationError, match=r"not recorded in card\.json"):
         open_prepared(extra)
 
 
 def test_a_protected_record_with_sigma_zero_is_refused(copy: Path) -> None:
     table = pq.read_table(copy / "manifest.parquet")
-    sigma = [0.0 if p == "protected" else s for p, s in zip(table.column("partition").to_pylist(), table.column("sigma").to_pylist())]
+    sigma = [0.0 if p == "protected" else s for p, s in zip(table.column("partition").to_pylist(), table.column("sigma").to_pylist(), strict=True)]
     table = table.set_column(table.column_names.index("sigma"), "sigma", pa.array(sigma, pa.float64()))
     pq.write_table(table, copy / "manifest.parquet")
     card = json.loads((copy / "card.json").read_text())
-    with pytest.raises(VerificationError, match="manifest.parquet does not match"):
+    with pytest.raises(VerificationError, match=r"manifest\.parquet does not match"):
         open_prepared(copy)
     card["manifest_sha256"] = sha256_file(copy / "manifest.parquet")  # a forger who also edits the card
     from sfbd_guard.hashing import fingerprint
 
     card["fingerprint"] = fingerprint({**card["files"], "manifest.parquet": card["manifest_sha256"]})
     atomic_write_json(copy / "card.json", card)
-    with pytest.raises(VerificationError, match="has sigma 0.0"):
+    with pytest.raises(VerificationError, match=r"has sigma 0\.0"):
         open_prepared(copy)
 
 

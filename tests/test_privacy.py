@@ -179,7 +179,7 @@ def test_per_sample_gradients_are_clipped(digits: Path, tmp_path: Path) -> None:
             norm = torch.sqrt(sum(g.square().sum() for g in grads))
             norms.append(float(norm))
             factor = min(1.0, clip / (float(norm) + 1e-6))
-            for (name, _), g in zip(params.items(), grads):
+            for (name, _), g in zip(params.items(), grads, strict=True):
                 expected[name] += factor * g
     assert min(norms) > 10 * clip, "every sample's gradient is above the clipping norm"
     total = torch.sqrt(sum(g.square().sum() for g in applied.values()))
@@ -370,7 +370,7 @@ def test_layer_norms_and_clipped_sums_match_per_sample_gradients(layer: torch.nn
     factors = torch.rand(shape[0], dtype=torch.float64)
     clipped = clipping.clipped_sum(layer, x, grad, factors)
     for k, p in enumerate(layer.parameters()):
-        torch.testing.assert_close(clipped[p].reshape(p.shape), sum(f * grads[k] for f, grads in zip(factors, per_sample)),
+        torch.testing.assert_close(clipped[p].reshape(p.shape), sum(f * grads[k] for f, grads in zip(factors, per_sample, strict=True)),
                                    rtol=1e-12, atol=1e-12)
 
 
@@ -407,11 +407,11 @@ def test_clipped_gradients_match_brute_force_on_the_unet(dtype: torch.dtype, rto
     factors = (clip / (norms + 1e-6)).clamp(max=1.0)
     assert (factors < 1).sum() == 3
     for k, (name, p) in enumerate(net.named_parameters()):
-        expected = sum(f * grads[k] for f, grads in zip(factors, per_sample))
+        expected = sum(f * grads[k] for f, grads in zip(factors, per_sample, strict=True))
         scale = float(expected.abs().max())
         torch.testing.assert_close(p.grad.double(), expected, rtol=rtol, atol=rtol * scale, msg=name)
     clipped_norms = torch.stack([torch.sqrt(sum((f * g).square().sum() for g in grads))
-                                 for f, grads in zip(factors, per_sample)])
+                                 for f, grads in zip(factors, per_sample, strict=True)])
     assert float(clipped_norms.max()) <= clip * (1 + 1e-9)
     clipper.remove()
     with clipper.recording():

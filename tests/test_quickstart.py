@@ -56,8 +56,8 @@ def test_the_quickstart_covers_the_whole_chain() -> None:
     steps = [c[1] for c in commands]
     assert steps[:4] == ["prepare", "train", "sample", "audit"], steps
     assert {"report", "verify"} <= set(steps[4:]), steps
-    assert ["--policy", "policies/imagefolder.yaml"] == commands[0][2:4]
-    assert ["--pipeline", "pipelines/imagefolder.yaml"] == commands[1][2:4]
+    assert commands[0][2:4] == ["--policy", "policies/imagefolder.yaml"]
+    assert commands[1][2:4] == ["--pipeline", "pipelines/imagefolder.yaml"]
     assert USER_FOLDER in commands[0], "the quickstart prepares the user's own folder"
 
 

@@ -46,7 +46,7 @@ def test_load_square_crops_the_centre_and_resizes_exactly(tmp_path: Path) -> Non
 
 def test_celeba_missing_list_file_is_an_input_error(tmp_path: Path, celeba_root: Path) -> None:
     (tmp_path / "img_align_celeba").mkdir()
-    with pytest.raises(InputError, match="missing .*list_eval_partition.txt"):
+    with pytest.raises(InputError, match=r"missing .*list_eval_partition\.txt"):
         open_reader(SourceSpec("celeba", tmp_path, "train", 64)).metadata()
 
 

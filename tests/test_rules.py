@@ -27,7 +27,7 @@ def _rule(name: str, action: str, where: str | None = None, **sample: object) ->
 def _by_record(table: pa.Table, rules: list[Rule], base: Path = Path(".")) -> dict[str, tuple[str, str]]:
     decisions = decide(table, rules, base_dir=base, source="policy.yaml")
     ids = table.column("record_id").to_pylist()
-    return {r: (rule, action) for r, rule, action in zip(ids, decisions.rules, decisions.actions)}  # type: ignore[misc]
+    return {r: (rule, action) for r, rule, action in zip(ids, decisions.rules, decisions.actions, strict=True)}  # type: ignore[misc]
 
 
 def test_exclude_rules_apply_first_whatever_their_position() -> None:
@@ -52,7 +52,7 @@ def test_first_matching_rule_in_file_order_decides() -> None:
 def test_grouped_sampling_keeps_whole_groups_and_falls_through() -> None:
     table = _records()
     result = _by_record(table, [_rule("licensed", "clean", fraction=0.4, seed=3, by="identity"), _rule("rest", "protect")])
-    identities = dict(zip(table.column("record_id").to_pylist(), table.column("identity").to_pylist()))
+    identities = dict(zip(table.column("record_id").to_pylist(), table.column("identity").to_pylist(), strict=True))
     clean_ids = {identities[r] for r, (_, a) in result.items() if a == "clean"}
     assert len(clean_ids) == 2  # round(0.4 × 5 identities)
     for record, (_, action) in result.items():

@@ -64,7 +64,6 @@ def test_cgroup_quotas_v1_and_v2(tmp_path: Path) -> None:
 
 def test_the_run_record_and_the_train_event_carry_the_threads(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
     from helpers import digits_policy, read_events, tiny_pipeline, write_policy
-
     from sfbd_guard.contracts.run_record import read_run_record
 
     write_policy(tmp_path / "policy.yaml", digits_policy(tmp_path / "prepared", drop=0.9))

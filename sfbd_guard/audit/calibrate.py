@@ -61,7 +61,8 @@ def defaults(config: AuditConfig, kind: str) -> dict[str, float]:
     base = DEFAULT_THRESHOLDS[kind]
     given = config.thresholds
     chosen = (given.copy_similarity, given.suspect_similarity, given.suspect_ratio)
-    return {name: base[name] if value is None else value for name, value in zip(("copy", "suspect", "ratio"), chosen)}
+    names = ("copy", "suspect", "ratio")
+    return {name: base[name] if value is None else value for name, value in zip(names, chosen, strict=True)}
 
 
 def uncalibrated(config: AuditConfig, kind: str, reason: str) -> Calibration:

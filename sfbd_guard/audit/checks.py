@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..curation.noise import pixel_sha256
+from ..hashing import pixel_sha256
 from .config import AuditConfig
 from .embed import Embedder, embed_batched, l2_vectors, mirror
 from .index import InnerProductIndex, Neighbours, l2_neighbours, merge_mirrored
@@ -44,7 +44,8 @@ class Scores:
     def margin(self) -> np.ndarray:
         if self.sims.shape[1] < 2:
             return np.full(len(self.sims), np.nan, np.float32)
-        return self.sims[:, 0] - self.sims[:, 1]
+        margin: np.ndarray = self.sims[:, 0] - self.sims[:, 1]
+        return margin
 
 
 def relative_l2(found: Neighbours) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +109,7 @@ class Thresholds:
 def verdicts(scores: Scores, thresholds: Thresholds) -> tuple[list[str], list[list[str]]]:
     """Per image: copy | suspect | novel, and the rules that fired (hash, s1>=copy, s1>=suspect, l2_ratio)."""
     out, fired = [], []
-    for s1, ratio, exact in zip(scores.s1, scores.l2_ratio, scores.hash_match):
+    for s1, ratio, exact in zip(scores.s1, scores.l2_ratio, scores.hash_match, strict=True):
         rules = [name for name, hit in (("hash", exact), ("s1>=copy", s1 >= thresholds.copy),
                                         ("s1>=suspect", s1 >= thresholds.suspect),
                                         ("l2_ratio<=ratio", ratio <= thresholds.ratio)) if hit]

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import StrictModel, read_yaml_mapping, validate_mapping, set_dotted
+from ..config import StrictModel, read_yaml_mapping, set_dotted, validate_mapping
 
 # Used only when no holdout is available (calibration.method = "default"): copy / suspect on the top-1
 # cosine similarity, and suspect when the relative L2 ratio is at or below `ratio` (Carlini et al.'s
@@ -51,7 +51,8 @@ class L2Spec(StrictModel):
 
 class CalibrationSpec(StrictModel):
     holdout: Literal["auto", "none"] = "auto"  # auto: the splits the policy did not select; none: defaults
-    holdout_rules: list[str] = Field(default_factory=list)  # exclude rules whose records were held out to calibrate (never opt-outs)
+    # exclude rules whose records were held out to calibrate (never opt-outs)
+    holdout_rules: list[str] = Field(default_factory=list)
     alpha_copy: float = Field(default=0.001, gt=0, lt=1)  # false-positive rate of copy on real unseen images
     alpha_suspect: float = Field(default=0.01, gt=0, lt=1)  # the same for suspect (per rule)
     max_holdout: int = Field(default=5000, ge=1)  # at most this many holdout images (seeded subset)

@@ -40,7 +40,8 @@ def downsample(pixels: np.ndarray, size: int) -> np.ndarray:
         return pixels.astype(np.float32) / 255.0
     if h % size == 0 and w % size == 0:
         blocks = pixels.reshape(n, c, size, h // size, size, w // size).astype(np.float32)
-        return blocks.mean(axis=(3, 5)) / 255.0
+        means: np.ndarray = blocks.mean(axis=(3, 5)) / 255.0
+        return means
     from PIL import Image
 
     out = np.empty((n, c, size, size), np.float32)

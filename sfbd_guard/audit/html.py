@@ -53,7 +53,7 @@ def histogram(series: dict[str, np.ndarray], marks: dict[str, float], *, width: 
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     left, bottom, top = 40, height - 30, 20
-    scale_x = (width - left - 10) / (1.0 - low if 1.0 > low else 1.0)
+    scale_x = (width - left - 10) / (1.0 - low if low < 1.0 else 1.0)
     counts = {name: np.histogram(np.clip(v, low, 1.0), edges)[0] / max(len(v), 1) for name, v in series.items()}
     peak = max((c.max() for c in counts.values() if len(c)), default=1.0) or 1.0
     for name, count in counts.items():

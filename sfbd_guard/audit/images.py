@@ -105,15 +105,16 @@ def _native(path: Path) -> np.ndarray | None:
 def is_grid_of(grid: Path, samples: list[Path]) -> bool:
     """Whether `grid` is exactly `guard sample`'s grid.png of `samples`: their first 256 images, upscaled
     to at least 64 px by pixel repetition, on a near-square mosaic with a 2-pixel white border."""
-    images = [_native(p) for p in samples[:256]]
+    native = [_native(p) for p in samples[:256]]
+    images = [i for i in native if i is not None]
     picture = _native(grid)
-    if not images or picture is None or any(i is None for i in images):
+    if not images or picture is None or len(images) != len(native):
         return False
     first = images[0]
-    if any(i.shape != first.shape for i in images) or picture.ndim != first.ndim:  # type: ignore[union-attr]
+    if any(i.shape != first.shape for i in images) or picture.ndim != first.ndim:
         return False
     scale = max(1, 64 // first.shape[1])
-    tiles = [i.repeat(scale, axis=0).repeat(scale, axis=1) for i in images]  # type: ignore[union-attr]
+    tiles = [i.repeat(scale, axis=0).repeat(scale, axis=1) for i in images]
     h, w = tiles[0].shape[:2]
     columns = math.ceil(math.sqrt(len(tiles)))
     rows = math.ceil(len(tiles) / columns)
@@ -162,11 +163,15 @@ def load_folder(folder: Path, resolution: int, channels: int, *, what: str = "--
     """Every image under `folder`; unreadable files are recorded, not fatal, unless none is readable."""
     files = list_images(folder, what)
     listed, grid = _listing(folder, what)
-    skipped = {}
+    skipped: dict[str, str] = {}
     if grid is not None and grid not in listed and is_grid_of(grid, listed):
         files = [f for f in files if f != grid]
         skipped[grid.relative_to(folder).as_posix()] = f"the grid of the samples {LISTING} lists (verified pixel for pixel)"
-    names, sizes, arrays, ok, errors = [], [], [], [], {}
+    names: list[str] = []
+    sizes: list[tuple[int, int] | None] = []
+    arrays: list[np.ndarray] = []
+    ok: list[bool] = []
+    errors: dict[str, str] = {}
     for path in files:
         name = path.relative_to(folder).as_posix()
         names.append(name)

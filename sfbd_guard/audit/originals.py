@@ -94,7 +94,7 @@ def iter_protected(info: PreparedInfo, data_root: Path | None, *, chunk: int = 1
                    progress: Progress | None = None) -> Iterator[np.ndarray]:
     """uint8 (n, C, H, W) chunks of the protected originals in manifest order, each hash-verified."""
     reader = open_reader(source_spec(info, data_root))
-    pairs = list(zip(info.protected_ids, info.protected_sha256))
+    pairs = list(zip(info.protected_ids, info.protected_sha256, strict=True))
     for start in range(0, len(pairs), chunk):
         part = pairs[start : start + chunk]
         yield np.stack([_load_verified(reader, rid, sha, "protected original") for rid, sha in part])
@@ -156,7 +156,7 @@ def _excluded_by_policy(info: PreparedInfo, metadata: Any) -> set[str]:
     decisions = decide(metadata, [*excludes, Rule(name="(holdout)", action="clean")], base_dir=base,
                        source=f"{info.root}/card.json policy (exclude rules applied to the holdout)")
     ids = metadata.column("record_id").to_pylist()
-    return {rid for rid, action in zip(ids, decisions.actions) if action == "exclude"}
+    return {rid for rid, action in zip(ids, decisions.actions, strict=True) if action == "exclude"}
 
 
 def holdout_from_splits(info: PreparedInfo, data_root: Path | None, *, limit: int, seed: int) -> Holdout | None:
@@ -171,7 +171,7 @@ def holdout_from_splits(info: PreparedInfo, data_root: Path | None, *, limit: in
         metadata = reader.metadata()
         skip = _excluded_by_policy(info, metadata)
         excluded += len(skip)
-        candidates += [(reader, rid) for rid in metadata.column("record_id").to_pylist() if rid not in skip]
+        candidates += [(reader, str(rid)) for rid in metadata.column("record_id").to_pylist() if rid not in skip]
     chosen = set(seeded_subset([rid for _, rid in candidates], limit, seed))
     pixels, dropped = [], {"excluded_by_policy": excluded, "over_max_holdout": len(candidates) - len(chosen),
                            "unreadable": 0}
@@ -222,7 +222,7 @@ def holdout_from_dir(info: PreparedInfo, folder: Path, *, limit: int, seed: int)
     from .images import load_folder
 
     loaded = load_folder(folder, info.resolution, info.channels, what="--holdout")
-    names = [n for n, ok in zip(loaded.names, loaded.ok) if ok]
+    names = [n for n, ok in zip(loaded.names, loaded.ok, strict=True) if ok]
     keep = set(seeded_subset(names, limit, seed))
     mask = np.asarray([n in keep for n in names], dtype=bool)
     dropped = {"unreadable": len(loaded.errors), "over_max_holdout": int((~mask).sum())}

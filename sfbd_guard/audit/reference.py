@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +118,7 @@ def build(info: PreparedInfo, embedder: Embedder, config: AuditConfig, data_root
     for chunk in iter_protected(info, data_root, chunk=max(config.embedder.batch, 256), progress=progress):
         embedded.append(embed_batched(embedder, chunk, config.embedder.batch))
         pixels.append(l2_vectors(chunk, size))
-    built_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    built_at = datetime.now(UTC).isoformat(timespec="seconds")
     embeddings, vectors = np.concatenate(embedded), np.concatenate(pixels)
     if folder is not None:
         meta = {"built_at": built_at, "prepared": str(info.root), "fingerprint": info.fingerprint,

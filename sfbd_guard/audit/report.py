@@ -13,7 +13,7 @@ from ..fileio import atomic_write_bytes
 from .checks import Scores
 
 SCHEMA_VERSION = 1
-REPORT_FIELDS = [
+REPORT_FIELDS: list[pa.Field[Any]] = [
     pa.field("sample", pa.string(), nullable=False),  # path relative to --samples
     pa.field("status", pa.string(), nullable=False),  # ok | error
     pa.field("error", pa.string()),  # why the file could not be read
@@ -60,7 +60,7 @@ def samples_table(names: list[str], ok: np.ndarray, sizes: list[tuple[int, int] 
     """One row per sample file (readable or not), in the REPORT_SCHEMA."""
     scored = iter(_ok_rows(scores, verdicts, rules, protected_ids))
     rows = []
-    for name, good, size, digest in zip(names, ok, sizes, file_sha256):
+    for name, good, size, digest in zip(names, ok, sizes, file_sha256, strict=True):
         row: dict[str, Any] = {"sample": name, "status": "ok" if good else "error", "error": errors.get(name),
                                "file_sha256": digest, "width": size[0] if size else None,
                                "height": size[1] if size else None}

@@ -29,8 +29,16 @@ from .embed import Embedder, PixelEmbedder
 from .html import Pair, histogram, render
 from .images import LoadedImages, load_folder
 from .index import InnerProductIndex
-from .originals import (Holdout, PreparedInfo, holdout_from_dir, holdout_from_rules, holdout_from_splits, holdout_splits, load_protected,
-                        read_prepared)
+from .originals import (
+    Holdout,
+    PreparedInfo,
+    holdout_from_dir,
+    holdout_from_rules,
+    holdout_from_splits,
+    holdout_splits,
+    load_protected,
+    read_prepared,
+)
 from .reference import Reference, build, l2_size
 from .report import samples_table, write_parquet
 from .summary import build_summary
@@ -100,7 +108,7 @@ def _pairs(ctx: _Context, loaded: LoadedImages, scores: Scores, verdict: list[st
            data_root: Path | None) -> tuple[list[Pair], str]:
     """The top matched pairs by s1, with originals for flagged ones (thumbnails on), hash-verified."""
     order = np.argsort(-scores.s1, kind="stable")[: ctx.config.report.pairs]
-    names = [n for n, ok in zip(loaded.names, loaded.ok) if ok]
+    names = [n for n, ok in zip(loaded.names, loaded.ok, strict=True) if ok]
     flagged = [int(scores.rows[i, 0]) for i in order if verdict[i] != "novel"]
     note = "flagged matches" if ctx.config.report.thumbnails else "off (--no-thumbnails)"
     originals: dict[int, np.ndarray] = {}
@@ -163,10 +171,10 @@ def _report(ctx: _Context, samples: Path, report: Path, loaded: LoadedImages, sc
     table = samples_table(loaded.names, loaded.ok, loaded.sizes, digests, loaded.errors, scores, verdict, rules,
                           ctx.info.protected_ids)
     summary = build_summary(
-        samples=samples, samples_fingerprint=fingerprint({n: d or "" for n, d in zip(loaded.names, digests)}),
+        samples=samples, samples_fingerprint=fingerprint({n: d or "" for n, d in zip(loaded.names, digests, strict=True)}),
         info=ctx.info, config=ctx.config, embedder=ctx.embedder, index=ctx.index, reference=ctx.reference,
         calibration=calibration, scores=scores, verdicts=verdict, errors=len(loaded.errors),
-        names=[n for n, ok in zip(loaded.names, loaded.ok) if ok], holdout_s1=holdout_s1,
+        names=[n for n, ok in zip(loaded.names, loaded.ok, strict=True) if ok], holdout_s1=holdout_s1,
         background_s1=background(ctx.index, ctx.reference.embeddings, seed=ctx.config.calibration.seed),
         thumbnails=thumbs, timings=clock)
     summary["skipped"] = dict(loaded.skipped)  # files not audited and why (only a verified sample grid)

@@ -84,7 +84,7 @@ def build_summary(*, samples: Path, samples_fingerprint: str, info: PreparedInfo
         "embedder": {**embedder.identity(), "dim": embedder.dim, "flip": config.embedder.flip},
         "index": {"kind": index.kind, "references": len(reference.embeddings), "dim": int(reference.embeddings.shape[1]),
                   "cache": reference.status, "cache_key": reference.key, "built_at": reference.built_at},
-        "l2": {"size": int(round((reference.pixels.shape[1] / info.channels) ** 0.5)),
+        "l2": {"size": round((reference.pixels.shape[1] / info.channels) ** 0.5),
                "k": min(config.l2.k, len(reference.pixels))},
         "similarity": {"samples": quantiles(scores.s1), "holdout": quantiles(holdout_s1),
                        "samples_above": {t: round(float(np.mean(scores.s1 > float(t))), 6)

@@ -14,8 +14,9 @@ import numpy as np
 
 from ..datasets import DatasetReader, SourceSpec, open_reader
 from ..errors import ImageDecodeError
+from ..hashing import pixel_sha256
 from .keys import NoiseKey
-from .noise import noised_copies, pixel_sha256, record_key
+from .noise import noised_copies, record_key
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ def process_chunk(reader: DatasetReader, tasks: list[Task], noise: NoiseParams) 
     arrays = {action: np.stack([pixels for pixels, _ in rows]) for action, rows in stored.items()}
     if "protect" in arrays:
         shape = arrays["protect"].shape[1:]
-        keys = [record_key(noise.key.secret, outcome.record_id, sigma=noise.sigma, shape=shape) for _, outcome in stored["protect"]]
+        keys = [record_key(noise.key.secret, outcome.record_id, sigma=noise.sigma, shape=shape)
+                for _, outcome in stored["protect"]]
         arrays["protect"] = noised_copies(arrays["protect"], sigma=noise.sigma, keys=keys)
     return ChunkResult([outcome for _, outcome in loaded], arrays)
 

@@ -43,7 +43,7 @@ class NoiseKey:
         """Public identifier of the key: HMAC-SHA256(secret, label), hex."""
         return hmac.new(self.secret, _ID_LABEL, hashlib.sha256).hexdigest()
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> tuple[type[NoiseKey], tuple[bytes, str]]:
         # Picklable for the decoding worker processes (sent through a pipe, never written to disk).
         return (NoiseKey, (self.secret, self.source))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
 
 SCHEMA_VERSION = 2  # 2: no noise_seed column (the noise is keyed by a secret)
@@ -9,7 +11,7 @@ PARTITIONS = ("clean", "protected", "excluded", "error")
 ACTION_PARTITION = {"clean": "clean", "protect": "protected", "exclude": "excluded"}
 
 # The columns the product owns, in this order; the format's metadata columns follow.
-MANIFEST_FIELDS = [
+MANIFEST_FIELDS: list[pa.Field[Any]] = [
     pa.field("record_id", pa.string(), nullable=False),
     pa.field("partition", pa.string(), nullable=False),  # clean | protected | excluded | error
     pa.field("rule", pa.string()),  # the deciding rule; null for error
@@ -21,7 +23,7 @@ MANIFEST_FIELDS = [
 ]
 
 
-def manifest_table(columns: dict[str, list], metadata: pa.Table) -> pa.Table:
+def manifest_table(columns: dict[str, list[Any]], metadata: pa.Table) -> pa.Table:
     """The product's columns (explicit schema) followed by the dataset's metadata columns."""
     own = pa.table({f.name: pa.array(columns[f.name], f.type) for f in MANIFEST_FIELDS}, schema=pa.schema(MANIFEST_FIELDS))
     for name in metadata.column_names:

@@ -23,8 +23,6 @@ import struct
 
 import numpy as np
 
-from ..hashing import pixel_sha256  # noqa: F401 (re-exported: the pixel hash lives in hashing.py)
-
 GENERATOR = "chacha20-boxmuller-v1"  # recorded in the card; change it whenever the bytes of eps would change
 _NONCE = bytes(16)  # ChaCha20's 32-bit block counter and 96-bit nonce: zero, each record has its own key
 _TWO_PI = 2.0 * np.pi

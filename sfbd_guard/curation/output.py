@@ -13,6 +13,7 @@ into the same output stops at once with exit 2.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -58,9 +59,7 @@ def _strays(folder: Path, *, partial: bool = False) -> list[str]:
         kind = PREPARED_ENTRIES.get(entry.name)
         if partial and _is_temp(entry):
             continue
-        if kind is None or entry.is_symlink():
-            strays.append(entry.name)
-        elif kind == "file" and not entry.is_file(follow_symlinks=False):
+        if kind is None or entry.is_symlink() or (kind == "file" and not entry.is_file(follow_symlinks=False)):
             strays.append(entry.name)
         elif kind == "dir":
             if not entry.is_dir(follow_symlinks=False):
@@ -142,10 +141,8 @@ def _acquire(output: Path) -> int:
 
 
 def _release(fd: int, output: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(_lock_path(output))  # while still locked, so no one else holds a lock on this file
-    except FileNotFoundError:
-        pass
     os.close(fd)
 
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__
+from ..contracts.card import Card, card_from_dict, write_card
 from ..datasets import DatasetReader, SourceSpec, open_reader
 from ..errors import DataError
-from ..contracts.card import Card, card_from_dict, write_card
 from ..hashing import fingerprint, sha256_file
 from ..policy import LoadedPolicy
 from .decode import ChunkResult, NoiseParams, Outcome, Task, init_worker, process_chunk, worker_chunk
@@ -92,7 +92,8 @@ def run_tasks(reader: DatasetReader, tasks: list[Task], noise: NoiseParams, pool
     yield from pool.imap(worker_chunk, [(chunk, noise) for chunk in chunks])
 
 
-def _store(chunks: Iterator[ChunkResult], staging: Path, strict: bool, progress: Progress | None) -> tuple[dict[str, Outcome], dict[str, tuple[str, int]], dict[str, str]]:
+def _store(chunks: Iterator[ChunkResult], staging: Path, strict: bool,
+           progress: Progress | None) -> tuple[dict[str, Outcome], dict[str, tuple[str, int]], dict[str, str]]:
     writers = {
         "clean": ShardWriter(staging, "clean", np.dtype(np.uint8)),
         "protect": ShardWriter(staging, "protected", np.dtype(np.float16)),
@@ -117,9 +118,10 @@ def _store(chunks: Iterator[ChunkResult], staging: Path, strict: bool, progress:
 
 
 def _manifest_columns(record_ids: list[str], rules: list[str | None], results: dict[str, Outcome],
-                      places: dict[str, tuple[str, int]], sigma: float) -> dict[str, list]:
-    columns: dict[str, list] = {k: [] for k in ("record_id", "partition", "rule", "sha256", "sigma", "file", "row", "error")}
-    for record_id, rule in zip(record_ids, rules):
+                      places: dict[str, tuple[str, int]], sigma: float) -> dict[str, list[object]]:
+    names = ("record_id", "partition", "rule", "sha256", "sigma", "file", "row", "error")
+    columns: dict[str, list[object]] = {k: [] for k in names}
+    for record_id, rule in zip(record_ids, rules, strict=True):
         outcome = results[record_id]
         partition = "error" if outcome.error is not None else ACTION_PARTITION[outcome.action]
         file, row = places.get(record_id, (None, None))
@@ -160,13 +162,15 @@ def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, manifes
         "fingerprint": fingerprint({**files, "manifest.parquet": manifest_sha256}),
         "shard_records": SHARD_RECORDS,
         "tool_version": __version__,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
 def noise_key(loaded: LoadedPolicy, key_file: Path | None, output: Path) -> NoiseKey:
     """The secret of the noise: --noise-key, else the policy's noise.key_file, else a fresh one."""
-    path = key_file if key_file is not None else (loaded.resolve(loaded.policy.noise.key_file) if loaded.policy.noise.key_file else None)
+    path = key_file
+    if path is None and loaded.policy.noise.key_file:
+        path = loaded.resolve(loaded.policy.noise.key_file)
     if path is None:
         return fresh_key()
     return read_key_file(path, forbidden=(output,))
@@ -190,8 +194,8 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
     with claim, worker_pool(spec, workers) as pool:
         metadata = reader.metadata()
         decisions = decide(metadata, list(loaded.policy.rules), base_dir=loaded.base_dir, source=str(loaded.path))
-        record_ids = metadata.column("record_id").to_pylist()
-        tasks = [Task(r, a) for r, a in zip(record_ids, decisions.actions) if a is not None]
+        record_ids: list[str] = [str(r) for r in metadata.column("record_id").to_pylist()]
+        tasks = [Task(r, a) for r, a in zip(record_ids, decisions.actions, strict=True) if a is not None]
         noise = NoiseParams(sigma=loaded.policy.noise.sigma, key=key)
         staging = start_output(output, overwrite=overwrite)
         try:
@@ -209,7 +213,7 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
         except BaseException:
             abandon_output(staging)
             raise
-    errors = [(r, results[r].error) for r in record_ids if results[r].error is not None]
+    errors = [(r, e) for r in record_ids if (e := results[r].error) is not None]
     source = fingerprint({r: results[r].sha256 or "" for r in record_ids})
     return PrepareResult(output, dict(card.counts), dict(card.rule_counts), errors, card, time.perf_counter() - started,
                          source)

@@ -58,13 +58,14 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 
 from ..errors import ConfigError, InputError
 from ..hashing import unit_rank
 from ..policy import Rule, SampleSpec
+
 
 @dataclass(frozen=True)
 class Decisions:
@@ -128,7 +129,7 @@ NODE_NAMES = {"SHOW_REF": "SHOW/DESCRIBE/SUMMARIZE", "PIVOT": "PIVOT/UNPIVOT", "
               "CTE_NODE": "WITH"}
 # Settings of every connection that touches a policy: no extension is installed or loaded behind our back,
 # no Python variable is scanned as a table, nothing spills to a temporary directory.
-LOCKED_FROM_THE_START = {
+LOCKED_FROM_THE_START: dict[str, str | bool | int | float | list[str]] = {
     "autoinstall_known_extensions": False, "autoload_known_extensions": False, "allow_community_extensions": False,
     "python_enable_replacements": False, "temp_directory": "",
 }
@@ -290,7 +291,8 @@ class RuleEvaluator:
         result = json.loads(_scalar(con, "SELECT json_serialize_sql(?)", [query]))
         if result.get("error") or len(result.get("statements", [])) != 1:
             raise self._fail(index, f"refused {result.get('error_message', 'not one SELECT')} in {_short(where)}")
-        return result["statements"][0]
+        statement: dict[str, Any] = result["statements"][0]
+        return statement
 
     @staticmethod
     def _check_shape(tree: dict[str, Any], template: dict[str, Any]) -> None:
@@ -393,7 +395,8 @@ class RuleEvaluator:
             reader_con.execute("SET allowed_paths = ?", [[str(path)]])
             reader_con.execute("SET enable_external_access = false")
             reader_con.execute("SET lock_configuration = true")
-            return reader_con.sql(query).to_arrow_table()
+            table: pa.Table = reader_con.sql(query).to_arrow_table()
+            return table
         except duckdb.Error as err:  # the message may quote the file's lines: never shown
             raise self._fail(index, f"cannot read {name!r} with {reader} ({type(err).__name__}; DuckDB's message "
                                     "is not shown because it may quote the file)") from None
@@ -441,7 +444,7 @@ class RuleEvaluator:
 def decide(metadata: pa.Table, rules: list[Rule], *, base_dir: Path, source: str) -> Decisions:
     """Apply the policy's rules to every record of `metadata`; every record must end up decided."""
     evaluator = RuleEvaluator(metadata, rules, base_dir=base_dir, source=source)
-    record_ids = metadata.column("record_id").to_pylist()
+    record_ids = cast(list[str], metadata.column("record_id").to_pylist())  # each reader names records by file
     chosen_rule: list[str | None] = [None] * metadata.num_rows
     chosen_action: list[str | None] = [None] * metadata.num_rows
     ordered = [(i, r) for i, r in enumerate(rules) if r.action == "exclude"]

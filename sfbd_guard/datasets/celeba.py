@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +37,7 @@ def _pairs(path: Path, text: str) -> dict[str, str]:
     return pairs
 
 
-def _attributes(path: Path, text: str) -> tuple[list[str], list[str], list[pa.Array]]:
+def _attributes(path: Path, text: str) -> tuple[list[str], list[str], list[pa.Array[Any]]]:
     """list_attr_celeba.txt: a count line, the attribute names, then `file ±1 ...` rows.
 
     Returns the attribute names, the files of the rows and one boolean column per attribute.
@@ -48,7 +49,7 @@ def _attributes(path: Path, text: str) -> tuple[list[str], list[str], list[pa.Ar
     for number, fields in enumerate(rows, start=3):
         if len(fields) != len(names) + 1 or not set(fields[1:]) <= {"1", "-1"}:
             raise InputError(f"{path}:{number}: expected a file name and {len(names)} values of 1 or -1")
-    files, *values = zip(*rows) if rows else [(), *[()] * len(names)]
+    files, *values = zip(*rows, strict=True) if rows else [(), *[()] * len(names)]
     return names, list(files), [pa.array([value == "1" for value in column], pa.bool_()) for column in values]
 
 
@@ -82,12 +83,12 @@ class CelebAReader(DatasetReader):
         files = sorted(f for f, p in partitions.items() if self.spec.split == "all" or SPLIT_NAMES.get(p) == self.spec.split)
         attribute_row = {f: row for row, f in enumerate(attribute_files)}
         rows = pa.array([attribute_row.get(f) for f in files], pa.int64())  # null for a file without attributes
-        columns: dict[str, pa.Array] = {
+        columns: dict[str, pa.Array[Any]] = {
             "record_id": pa.array(files, pa.string()),
             "identity": pa.array([_int_or_none(identities.get(f), identity_path, f) for f in files], pa.int64()),
             "split": pa.array([SPLIT_NAMES.get(partitions[f]) for f in files], pa.string()),
         }
-        for name, values in zip(names, attributes):
+        for name, values in zip(names, attributes, strict=True):
             columns[name] = values.take(rows)
         return pa.table(columns).sort_by("record_id")
 

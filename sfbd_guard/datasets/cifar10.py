@@ -114,10 +114,14 @@ def _checked_batch(path: Path, batch: dict[str, Any]) -> tuple[np.ndarray, list[
     labels = batch.get("labels")
     if isinstance(labels, np.ndarray):
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise InputError(f"{path}: 'labels' must be {len(data)} integers in 0..{CLASSES - 1}, got {labels.dtype} {list(labels.shape)}")
+            raise InputError(
+                f"{path}: 'labels' must be {len(data)} integers in 0..{CLASSES - 1}, got {labels.dtype} {list(labels.shape)}"
+            )
         labels = labels.tolist()
     if not isinstance(labels, list):
-        raise InputError(f"{path}: 'labels' must be a list of {len(data)} integers in 0..{CLASSES - 1}, got {type(labels).__name__}")
+        raise InputError(
+            f"{path}: 'labels' must be a list of {len(data)} integers in 0..{CLASSES - 1}, got {type(labels).__name__}"
+        )
     if len(labels) != len(data):
         raise InputError(f"{path}: {len(labels)} labels for {len(data)} images")
     for index, value in enumerate(labels):

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import ImageDecodeError, InputError
-from .base import DatasetReader
+from .base import DatasetReader, SourceSpec
 from .transforms import resize_square, to_chw
 
 COUNT = 1797
@@ -27,7 +27,7 @@ class DigitsReader(DatasetReader):
     channels = 1
     color = "grayscale, stored with C=1"
 
-    def __init__(self, spec) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, spec: SourceSpec) -> None:
         super().__init__(spec)
         self._pixels: np.ndarray | None = None
 

@@ -60,7 +60,7 @@ class ImageFolderReader(DatasetReader):
                                  hint="raise dataset.max_file_bytes in the policy if the file is genuine")
             reader = "read_parquet" if name.endswith(".parquet") else "read_csv"
             try:
-                table = duckdb.connect().sql(f"SELECT * FROM {reader}(?)", params=[str(path)]).to_arrow_table()
+                table: pa.Table = duckdb.connect().sql(f"SELECT * FROM {reader}(?)", params=[str(path)]).to_arrow_table()
             except duckdb.Error as err:
                 raise InputError(f"{path}: cannot read: {str(err).splitlines()[0]}") from None
             if "file_name" not in table.column_names:

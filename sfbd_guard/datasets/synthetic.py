@@ -7,6 +7,7 @@ record, so that curation, training and audit code paths run on the same files a 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +47,10 @@ def write_celeba(root: Path, count: int, *, identities: int | None = None, seed:
         random_image(rng, 178, 218).save(images / name, quality=90)
     cut_valid, cut_test = int(count * splits[0]), int(count * splits[1])
     partition = [0 if i < cut_valid else 1 if i < cut_test else 2 for i in range(count)]
-    (root / "list_eval_partition.txt").write_text("".join(f"{n} {p}\n" for n, p in zip(names, partition)))
+    (root / "list_eval_partition.txt").write_text("".join(f"{n} {p}\n" for n, p in zip(names, partition, strict=True)))
     (root / "identity_CelebA.txt").write_text("".join(f"{n} {1 + i % identities}\n" for i, n in enumerate(names)))
     values = rng.choice(np.array(["-1", " 1"]), size=(count, len(CELEBA_ATTRIBUTES)))
-    rows = [f"{n} " + " ".join(v) for n, v in zip(names, values)]
+    rows = [f"{n} " + " ".join(v) for n, v in zip(names, values, strict=True)]
     header = f"{count}\n" + " ".join(CELEBA_ATTRIBUTES) + "\n"
     (root / "list_attr_celeba.txt").write_text(header + "\n".join(rows) + "\n")
     return root
@@ -71,7 +72,7 @@ def write_cifar10(root: Path, per_batch: int, *, seed: int = 0) -> Path:
     return root
 
 
-def write_imagefolder(root: Path, rows: list[dict[str, object]], *, extra_images: list[str] = (), seed: int = 0) -> Path:
+def write_imagefolder(root: Path, rows: list[dict[str, object]], *, extra_images: Sequence[str] = (), seed: int = 0) -> Path:
     """Images named by each row's file_name (PNG or JPEG by suffix) plus metadata.csv with the rows."""
     rng = np.random.default_rng(seed)
     listed = [str(row["file_name"]) for row in rows]

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import ImageDecodeError
 from .base import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, read_bounded
@@ -45,7 +45,7 @@ def open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=FORMATS)
-    except Image.UnidentifiedImageError:  # PIL's message names the in-memory file object, which differs per run
+    except UnidentifiedImageError:  # PIL's message names the in-memory file object, which differs per run
         raise ImageDecodeError(f"cannot decode {name}: not a PNG, JPEG, WebP or GIF image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageDecodeError(f"cannot decode {name}: more pixels than dataset.max_pixels = {max_pixels}") from None
@@ -114,9 +114,9 @@ def load_square(path: Path, resolution: int, crop: int | None = None, *,
         raise ImageDecodeError(f"cannot decode {path.name}: {err}") from None
 
 
-def resize_square(image: Image.Image, resolution: int, box: tuple[float, ...] | None = None) -> Image.Image:
+def resize_square(image: Image.Image, resolution: int, box: tuple[float, float, float, float] | None = None) -> Image.Image:
     """Resize a square image (or the square `box` of it): Lanczos when shrinking (antialiased), bicubic when enlarging."""
-    box = box or (0, 0, *image.size)
+    box = box or (0, 0, image.size[0], image.size[1])
     if box == (0, 0, resolution, resolution) and image.size == (resolution, resolution):
         return image
     shrinking = box[2] - box[0] > resolution

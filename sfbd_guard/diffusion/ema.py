@@ -11,7 +11,7 @@ import copy
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["EMA", "ema_beta"]
 
@@ -23,7 +23,7 @@ def ema_beta(
     halflife_nimg = halflife_kimg * 1000.0
     if rampup_ratio is not None:
         halflife_nimg = min(halflife_nimg, cur_nimg * rampup_ratio)
-    return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
+    return float(0.5 ** (batch_size / max(halflife_nimg, 1e-8)))
 
 
 class EMA:
@@ -53,12 +53,12 @@ class EMA:
     def update(self, net: nn.Module, batch_size: int, cur_nimg: int) -> float:
         """``ema <- beta * ema + (1 - beta) * net`` for parameters; buffers are copied. Returns beta."""
         beta = self.beta(batch_size, cur_nimg)
-        ema_params = list(self.module.parameters())
+        ema_params: list[Tensor] = list(self.module.parameters())
         net_params = [p.detach() for p in net.parameters()]
         if len(ema_params) != len(net_params):
             raise ValueError("net and EMA module have different parameter lists")
         torch._foreach_lerp_(ema_params, net_params, 1.0 - beta)
-        for b_ema, b_net in zip(self.module.buffers(), net.buffers()):
+        for b_ema, b_net in zip(self.module.buffers(), net.buffers(), strict=True):
             b_ema.copy_(b_net)
         return beta
 

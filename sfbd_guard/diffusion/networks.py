@@ -124,7 +124,8 @@ class SelfAttention(nn.Module):
         # input's memory format: Opacus' conv grad sampler (unfold2d via as_strided) silently
         # assumes NCHW-contiguous activations and returns wrong per-sample gradients otherwise.
         out = out.contiguous(memory_format=_memory_format(x))
-        return (self.proj(out) + x) * _SKIP_SCALE
+        projected: Tensor = self.proj(out)
+        return (projected + x) * _SKIP_SCALE
 
 
 class ResBlock(nn.Module):
@@ -240,11 +241,12 @@ class UNet(nn.Module):
         for block in self.enc:
             x = block(x, emb)
             skips.append(x)
-        for block, takes_skip in zip(self.dec, self.takes_skip):
+        for block, takes_skip in zip(self.dec, self.takes_skip, strict=True):
             if takes_skip:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb)
-        return self.out_conv(F.silu(self.out_norm(x)))
+        out: Tensor = self.out_conv(F.silu(self.out_norm(x)))
+        return out
 
 
 def build_denoiser(

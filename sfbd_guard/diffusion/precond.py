@@ -96,8 +96,5 @@ class EDMPrecond(nn.Module):
         c_skip, c_out, c_in, c_noise = edm_scalings(s.reshape(-1, 1, 1, 1), self.sigma_data)
         dtype = self._inner_dtype(x)
         args = (c_in * x).to(dtype), c_noise.reshape(-1).to(dtype)
-        if augment_labels is None:
-            f_x = self.inner(*args)
-        else:
-            f_x = self.inner(*args, augment_labels.to(dtype))
+        f_x: Tensor = self.inner(*args) if augment_labels is None else self.inner(*args, augment_labels.to(dtype))
         return c_skip * x + c_out * f_x.to(x.dtype)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import InputError
@@ -163,7 +164,7 @@ def _read_state(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         value = info.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise InputError(f"{path}: state.{key} is {value!r}, expected {kind.__name__}")
-        if kind is int and value < 0:
+        if isinstance(value, int) and value < 0:  # an int key (bools are refused above)
             raise InputError(f"{path}: state.{key} is {value}, expected >= 0")
     optimizer = info["optimizer"]
     if not isinstance(optimizer.get("param_groups"), list) or not isinstance(optimizer.get("scalars"), dict):

@@ -22,17 +22,17 @@ bilinear function of a_{l,i} and b_{l,i}):
    and the norms.
 
 This needs sample i's loss to depend on sample i only (no BatchNorm; GroupNorm, attention over
-pixels and dropout are per sample). The result is written to ``p.grad`` as the sum of clipped per-sample gradients; noise, scaling by the
-expected batch and (under DDP) the reduction are Opacus' `DPOptimizerFastGradientClipping`'s.
+pixels and dropout are per sample). The result is written to ``p.grad`` as the sum of clipped per-sample
+gradients; noise, scaling by the expected batch and (under DDP) the reduction are Opacus' `DPOptimizerFastGradientClipping`'s.
 Only nn.Conv2d (zero padding), nn.Linear and nn.GroupNorm, each used once per forward, are
 supported: `unsupported_layers` names any other layer that owns trainable parameters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -62,13 +62,18 @@ def unsupported_layers(net: nn.Module) -> list[str]:
 
 # ----- per layer: squared per-sample norms from (input, output gradient), and the clipped sum -----------
 
+def _padding(layer: nn.Conv2d) -> tuple[int, int]:
+    """The layer's zero padding (unsupported_layers refuses the string forms, "same" and "valid")."""
+    return cast(tuple[int, int], layer.padding)
+
+
 def _patches(layer: nn.Conv2d, x: Tensor) -> Tensor:
     """Input patches (n, groups, in/groups × kh × kw, T) of a Conv2d."""
     n = x.shape[0]
     if _pointwise(layer):
         patches = x.reshape(n, x.shape[1], -1)
     else:
-        patches = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+        patches = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=_padding(layer), stride=layer.stride)
     return patches.reshape(n, layer.groups, -1, patches.shape[-1])
 
 
@@ -84,13 +89,13 @@ def _input_gram(layer: nn.Conv2d, x: Tensor) -> Tensor:
     """
     n, c, h, w = x.shape
     kh, kw = layer.kernel_size
-    (ph, pw), groups = layer.padding, layer.groups
+    (ph, pw), groups = _padding(layer), layer.groups
     padded = F.pad(x, (pw, pw, ph, ph)).reshape(n, groups, c // groups, -1)
     hp, wp = h + 2 * ph, w + 2 * pw
     pixels = (padded.transpose(-1, -2) @ padded).reshape(n, groups, hp, wp, hp, wp)
     ho, wo = hp - kh + 1, wp - kw + 1
     gram = sum(pixels[:, :, a:a + ho, b:b + wo, a:a + ho, b:b + wo] for a in range(kh) for b in range(kw))
-    return gram.reshape(n, groups, ho * wo, ho * wo)  # type: ignore[union-attr]
+    return gram.reshape(n, groups, ho * wo, ho * wo)  # type: ignore[union-attr]  # sum() of tensors types as Tensor | int
 
 
 def _conv2d_norms(layer: nn.Conv2d, x: Tensor, grad: Tensor, method: str | None = None) -> Tensor:
@@ -101,7 +106,7 @@ def _conv2d_norms(layer: nn.Conv2d, x: Tensor, grad: Tensor, method: str | None 
     if layer.weight.requires_grad:
         o, t = grad_out.shape[2], grad_out.shape[3]
         c, (kh, kw) = x.shape[1] // groups, layer.kernel_size
-        d, padded = c * kh * kw, (x.shape[2] + 2 * layer.padding[0]) * (x.shape[3] + 2 * layer.padding[1])
+        d, padded = c * kh * kw, (x.shape[2] + 2 * _padding(layer)[0]) * (x.shape[3] + 2 * _padding(layer)[1])
         # operations per sample and group: materialise g_i (with an unfold unless 1x1), or the ghost norm
         direct = o * d * t + (0 if _pointwise(layer) else 4 * d * t)
         ghost = t * t * o + (t * t * c if _pointwise(layer) else padded * padded * c + kh * kw * t * t)
@@ -132,14 +137,14 @@ def _conv2d_norms(layer: nn.Conv2d, x: Tensor, grad: Tensor, method: str | None 
     return squared
 
 
-def _conv2d_clipped(layer: nn.Conv2d, x: Tensor, grad: Tensor) -> dict[nn.Parameter, Tensor]:
+def _conv2d_clipped(layer: nn.Conv2d, x: Tensor, grad: Tensor) -> dict[Tensor, Tensor]:
     has_bias = layer.bias is not None and layer.bias.requires_grad
     _, weight, bias = torch.ops.aten.convolution_backward(
         grad, x, layer.weight.to(grad.dtype), [layer.out_channels] if has_bias else None, list(layer.stride),
         list(layer.padding), list(layer.dilation), False, [0, 0], layer.groups,
         [False, layer.weight.requires_grad, has_bias])
     out = {layer.weight: weight} if layer.weight.requires_grad else {}
-    if has_bias:
+    if has_bias and layer.bias is not None:  # has_bias implies it; this tells mypy
         out[layer.bias] = bias
     return out
 
@@ -161,7 +166,7 @@ def _linear_norms(layer: nn.Linear, x: Tensor, grad: Tensor) -> Tensor:
     return squared
 
 
-def _linear_clipped(layer: nn.Linear, x: Tensor, grad: Tensor) -> dict[nn.Parameter, Tensor]:
+def _linear_clipped(layer: nn.Linear, x: Tensor, grad: Tensor) -> dict[Tensor, Tensor]:
     grad2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
     out = {layer.weight: grad2.t() @ x2} if layer.weight.requires_grad else {}
     if layer.bias is not None and layer.bias.requires_grad:
@@ -169,9 +174,9 @@ def _linear_clipped(layer: nn.Linear, x: Tensor, grad: Tensor) -> dict[nn.Parame
     return out
 
 
-def _group_norm_per_sample(layer: nn.GroupNorm, x: Tensor, grad: Tensor) -> dict[nn.Parameter, Tensor]:
+def _group_norm_per_sample(layer: nn.GroupNorm, x: Tensor, grad: Tensor) -> dict[Tensor, Tensor]:
     n, c = x.shape[0], layer.num_channels
-    out = {}
+    out: dict[Tensor, Tensor] = {}
     if layer.weight is not None and layer.weight.requires_grad:
         normalized = F.group_norm(x, layer.num_groups, eps=layer.eps)
         out[layer.weight] = (normalized * grad).reshape(n, c, -1).sum(-1)
@@ -187,12 +192,14 @@ def _group_norm_norms(layer: nn.GroupNorm, x: Tensor, grad: Tensor) -> Tensor:
     return squared
 
 
-def _group_norm_clipped(layer: nn.GroupNorm, x: Tensor, grad: Tensor) -> dict[nn.Parameter, Tensor]:
+def _group_norm_clipped(layer: nn.GroupNorm, x: Tensor, grad: Tensor) -> dict[Tensor, Tensor]:
     return {p: g.sum(0) for p, g in _group_norm_per_sample(layer, x, grad).items()}
 
 
-_NORMS = {nn.Conv2d: _conv2d_norms, nn.Linear: _linear_norms, nn.GroupNorm: _group_norm_norms}
-_CLIPPED = {nn.Conv2d: _conv2d_clipped, nn.Linear: _linear_clipped, nn.GroupNorm: _group_norm_clipped}
+_NORMS: dict[type[nn.Module], Callable[[Any, Tensor, Tensor], Tensor]] = {
+    nn.Conv2d: _conv2d_norms, nn.Linear: _linear_norms, nn.GroupNorm: _group_norm_norms}
+_CLIPPED: dict[type[nn.Module], Callable[[Any, Tensor, Tensor], dict[Tensor, Tensor]]] = {
+    nn.Conv2d: _conv2d_clipped, nn.Linear: _linear_clipped, nn.GroupNorm: _group_norm_clipped}
 
 
 def per_sample_squared_norms(layer: nn.Module, x: Tensor, grad: Tensor) -> Tensor:
@@ -203,7 +210,7 @@ def per_sample_squared_norms(layer: nn.Module, x: Tensor, grad: Tensor) -> Tenso
     return _NORMS[type(layer)](layer, x, grad)
 
 
-def clipped_sum(layer: nn.Module, x: Tensor, grad: Tensor, factors: Tensor) -> dict[nn.Parameter, Tensor]:
+def clipped_sum(layer: nn.Module, x: Tensor, grad: Tensor, factors: Tensor) -> dict[Tensor, Tensor]:
     """Σ_i factors_i × (sample i's gradient) for each trainable parameter of `layer`."""
     scale = factors.to(grad.dtype).reshape(-1, *([1] * (grad.dim() - 1)))
     return _CLIPPED[type(layer)](layer, x, grad * scale)
@@ -262,11 +269,11 @@ class ClippedGradients:
             return
         layers = list(records)
         outputs = [records[m][1] for m in layers]
-        grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+        grads: tuple[Tensor | None, ...] = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
         dtype = torch.promote_types(losses.dtype, torch.float32)  # norms in at least float32
         squared = torch.zeros(n, dtype=dtype, device=losses.device)
         used, small = [], {}  # small: GroupNorm's per-sample gradients (n, C), kept for the clipped sum
-        for layer, grad in zip(layers, grads):
+        for layer, grad in zip(layers, grads, strict=True):
             if grad is None:
                 continue
             grad = grad.to(torch.promote_types(grad.dtype, torch.float32))  # norms of bf16 activations in fp32
@@ -283,10 +290,10 @@ class ClippedGradients:
         for p in self.params:
             p.grad = None
         for layer, x, grad in used:
-            for p, g in clipped_sum(layer, x, grad, factors).items():
-                p.grad = g.to(p.dtype).reshape(p.shape)
-        for p, g in small.items():
-            p.grad = (factors.to(g.dtype) @ g).to(p.dtype)
+            for param, g in clipped_sum(layer, x, grad, factors).items():
+                param.grad = g.to(param.dtype).reshape(param.shape)
+        for param, g in small.items():
+            param.grad = (factors.to(g.dtype) @ g).to(param.dtype)
         for p in self.params:
             if p.grad is None:  # a layer the loss did not reach
                 p.grad = torch.zeros_like(p)

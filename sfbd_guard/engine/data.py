@@ -56,7 +56,7 @@ class Mixture:
         self.sources = [s for s in sources if len(s.images)]
         sizes = [float(len(s.images)) for s in sources]
         chosen = shares if shares is not None else sizes
-        probs = [p for p, s in zip(chosen, sources) if len(s.images)]
+        probs = [p for p, s in zip(chosen, sources, strict=True) if len(s.images)]
         self.probs = torch.tensor(probs, dtype=torch.float64) / sum(probs)
 
     def __len__(self) -> int:

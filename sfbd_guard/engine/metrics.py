@@ -14,10 +14,11 @@ import pyarrow.parquet as pq
 
 from ..fileio import atomic_write_bytes
 
-METRICS_SCHEMA = pa.schema([
+_METRICS_FIELDS: list[tuple[str, pa.DataType]] = [
     ("step", pa.int64()), ("kimg", pa.float64()), ("round", pa.int64()), ("phase", pa.string()),
     ("loss", pa.float64()), ("lr", pa.float64()), ("seconds_per_kimg", pa.float64()),
-])
+]
+METRICS_SCHEMA = pa.schema(_METRICS_FIELDS)
 
 
 class MetricsLog:

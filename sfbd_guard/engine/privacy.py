@@ -138,7 +138,7 @@ def plan_privacy(config: PipelineConfig, data: PreparedData, world_size: int = 1
     global_batch = max(1, config.batch // world_size) * world_size
     phases = plan(config.method, config.schedule)
     private: dict[str, tuple[int, float]] = {}
-    for phase, steps in zip(phases, phase_steps(phases, global_batch)):
+    for phase, steps in zip(phases, phase_steps(phases, global_batch), strict=True):
         if phase.spec.stage not in stages or steps == 0:
             continue
         rates = source_rates(phase.spec, sizes, config.sfbd.clean_weight, global_batch)
@@ -274,7 +274,7 @@ class PrivatePhase:
         self.info = info
         sizes = torch.tensor([float(len(s.images)) for s in mixture.sources], dtype=torch.float64)
         rates = (global_batch * mixture.probs / sizes).tolist()
-        self.sample_rate = accounting_rate({s.name: r for s, r in zip(mixture.sources, rates)})
+        self.sample_rate = accounting_rate({s.name: r for s, r in zip(mixture.sources, rates, strict=True)})
         planned = plan_.phases[phase.name][1]
         if not math.isclose(self.sample_rate, planned, rel_tol=1e-9):
             raise RuntimeError(f"{phase.name}: Poisson rate {self.sample_rate} differs from the planned {planned}")
@@ -315,7 +315,7 @@ class PrivatePhase:
         """This rank's share of a Poisson batch: each of its rows joins with its source's rate."""
         rt, gen = self.rt, self.generators.batches
         images, floors, weights = [], [], []
-        for source, rate in zip(mixture.sources, self.rates):
+        for source, rate in zip(mixture.sources, self.rates, strict=True):
             rows = torch.arange(rt.rank, len(source.images), rt.world_size)
             rows = rows[torch.rand(len(rows), generator=gen, dtype=torch.float64) < rate]
             images.append(source.images[rows])

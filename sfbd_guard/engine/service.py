@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from ..config import dump_yaml, load_config
 from ..contracts.run_record import RunRecord, read_run_record, write_run_record
-from ..threads import in_force
 from ..errors import InputError, VerificationError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..hashing import sha256_file
 from ..ledger import Artifact, ledger_dir, recorded
 from ..prepared import PreparedData, open_prepared, require_noisy, require_provenance
+from ..threads import in_force
 from .config import PipelineConfig, load_pipeline
 
 RESOLVED = "config.resolved.yaml"
@@ -60,7 +60,8 @@ def pipeline_of_run(run_dir: Path) -> PipelineConfig:
     """
     path = run_dir / RESOLVED
     if not path.is_file():
-        raise InputError(f"{run_dir}: not a run directory (no {RESOLVED})", hint="--resume takes a directory written by guard train")
+        raise InputError(f"{run_dir}: not a run directory (no {RESOLVED})",
+                         hint="--resume takes a directory written by guard train")
     config = load_config(PipelineConfig, path)
     return config.model_copy(update={"out": str(run_dir.resolve())})
 
@@ -74,7 +75,7 @@ def _start_run_dir(config: PipelineConfig, data: PreparedData) -> Path:
     atomic_write_bytes(run_dir / RESOLVED, dump_yaml(config).encode())
     write_run_record(run_dir, RunRecord(
         data=str(data.root), data_fingerprint=data.fingerprint, files=dict(data.files), image_shape=list(data.image_shape),
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), threads=in_force()))
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"), threads=in_force()))
     return run_dir
 
 
@@ -108,7 +109,8 @@ def train(config: PipelineConfig, *, resume: bool, progress: PhaseProgress | Non
     """Verify the prepared data, then train (or continue) the run described by `config`."""
     import time
 
-    from .privacy import plan_privacy, summary as privacy_summary
+    from .privacy import plan_privacy
+    from .privacy import summary as privacy_summary
     from .runtime import runtime
     from .trainer import Trainer
 
@@ -160,8 +162,10 @@ def train_recorded(config: PipelineConfig, *, resume: bool, ledger: Path | None,
 
     where = ledger_dir(ledger)
     if int(os.environ.get("RANK", "0")) != 0:
-        return train(config, resume=resume, progress=None,
-                     on_start=lambda data: check_trusted(data, config, where, allow_unrecorded=allow_unrecorded) and None)
+        def check_only(data: PreparedData) -> None:
+            check_trusted(data, config, where, allow_unrecorded=allow_unrecorded)
+
+        return train(config, resume=resume, progress=None, on_start=check_only)
     with recorded(where, "train", command) as event:
         event.inputs.append(Artifact("prepared", str(config.data), None))
 
@@ -173,7 +177,8 @@ def train_recorded(config: PipelineConfig, *, resume: bool, ledger: Path | None,
         outcome = train(config, resume=resume, progress=progress, on_start=note_data)
         if outcome.checkpoint is not None:
             for name in ("net.safetensors", "ema.safetensors"):
-                event.outputs.append(Artifact(name.split(".")[0], str(outcome.checkpoint / name), sha256_file(outcome.checkpoint / name)))
+                weights = outcome.checkpoint / name
+                event.outputs.append(Artifact(name.split(".")[0], str(weights), sha256_file(weights)))
         event.outputs.append(Artifact("run", str(outcome.run_dir), None))
         event.summary.update(method=config.method, name=config.name, resumed=outcome.resumed, step=outcome.step,
                              kimg=outcome.kimg, seconds=round(outcome.seconds, 3), device=config.device,
@@ -217,7 +222,7 @@ def load_ema_net(run_dir: Path, *, checkpoint: Path | None = None,
     config = pipeline_of_run(run_dir)
     shape = read_run_record(run_dir).shape
     weights = _weights_file(run_dir, checkpoint)
-    net = build_net(config, shape).to(resolve_device(device)).eval()  # type: ignore[arg-type]
+    net = build_net(config, shape).to(resolve_device(device)).eval()
     load_weights(weights, net)
     return net, weights, shape
 
@@ -237,7 +242,7 @@ def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int =
     target = next(net.parameters()).device
     digits, files, grid_images = max(6, len(str(count - 1))), [], []
     tick = progress(count) if progress else None
-    for start, images in generate(net, seed=seed, count=count, shape=shape, steps=steps, batch=batch, device=target):  # type: ignore[arg-type]
+    for start, images in generate(net, seed=seed, count=count, shape=shape, steps=steps, batch=batch, device=target):
         files += save_pngs(images, out, start, digits)
         grid_images.append(images[: max(0, 256 - start)].cpu())
         if tick:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,8 @@ from .views import RUN_AUDITS, connect
 
 
 def _licenses(data: Path) -> str:
-    import pyarrow.parquet as pq
-
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     manifest = data / "manifest.parquet"
     try:
@@ -83,7 +82,7 @@ def datasheet(run_dir: Path, ledger: Path) -> str:
     optouts = sum(card.rule_counts.get(name, 0) for name in excluded_rules)
     return f"""# Training-data summary: run `{run_dir.name}`
 
-Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by sfbd_guard {__version__} from the prepared
+Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by sfbd_guard {__version__} from the prepared
 directory, the run directory and the compliance ledger. Narrative answers marked TODO need a person.
 
 ## 1. General information

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,8 @@ def _image(path: Path | None, alt: str) -> str:
     if path is None or not path.is_file():
         return f"<p><em>no {html.escape(alt)} yet</em></p>"
     data = base64.b64encode(path.read_bytes()).decode()
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" style="image-rendering:pixelated;max-width:640px"><figcaption>{html.escape(str(path))}</figcaption></figure>'
+    return (f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" '
+            f'style="image-rendering:pixelated;max-width:640px"><figcaption>{html.escape(str(path))}</figcaption></figure>')
 
 
 def _table(title: str, table: Any) -> str:
@@ -28,12 +29,15 @@ def _table(title: str, table: Any) -> str:
 
 def latest_pictures(con: Any) -> tuple[Path | None, Path | None]:
     """The newest sample grid of the newest training run, and the newest audit's histogram."""
-    grid = histogram = None
-    run = con.execute("SELECT run FROM trainings WHERE status = 'ok' AND run IS NOT NULL ORDER BY started_at DESC LIMIT 1").fetchall()
+    grid: Path | None = None
+    histogram: Path | None = None
+    run = con.execute("SELECT run FROM trainings WHERE status = 'ok' AND run IS NOT NULL "
+                      "ORDER BY started_at DESC LIMIT 1").fetchall()
     if run:
         folder = Path(run[0][0])
         snapshots = sorted(folder.glob("snapshots/*.png"), key=lambda p: p.stat().st_mtime)
-        grid = folder / "samples" / "grid.png" if (folder / "samples" / "grid.png").is_file() else (snapshots or [None])[-1]
+        latest: list[Path | None] = [None, *snapshots]
+        grid = folder / "samples" / "grid.png" if (folder / "samples" / "grid.png").is_file() else latest[-1]
     audit = con.execute("SELECT summary_file FROM audits WHERE status = 'ok' AND summary_file IS NOT NULL "
                         "ORDER BY started_at DESC LIMIT 1").fetchall()
     if audit and (Path(audit[0][0]).parent / "similarity.png").is_file():
@@ -45,7 +49,7 @@ def write_html(path: Path, tables: dict[str, Any], grid: Path | None, histogram:
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 6px}th{background:#f3f3f3}")
     body = "".join(_table(t, table) for t, table in tables.items())
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>sfbd_guard compliance report</title>"
             f"<style>{style}</style></head><body><h1>sfbd_guard compliance report</h1><p>generated {stamp}</p>"
             f"{body}<h2>latest sample grid</h2>{_image(grid, 'sample grid')}"

@@ -40,10 +40,10 @@ def _cell(value: Any) -> str:
 
 
 def print_tables(tables: dict[str, Any]) -> None:
+    import sys
+
     from rich.console import Console
     from rich.table import Table
-
-    import sys
 
     console = Console() if sys.stdout.isatty() else Console(width=200)  # pipes and files: no wrapping at 80
     for title, table in tables.items():

@@ -96,12 +96,14 @@ def check_provenance(events: list[Event], ledger: Path, run_dir: Path, prepared:
     unrecorded = any(isinstance(e.summary, TrainSummary) and e.summary.unrecorded_data for e in _trainings(events, run_dir))
     if event is not None:
         detail = f"prepare event {event[:12]} of the ledger wrote this directory (fingerprint {prepared.fingerprint[:16]}…)"
-        return [Check("provenance", True, detail)] + checks
+        return [Check("provenance", True, detail), *checks]
     if signer is not None:
-        return [Check("provenance", True, f"not prepared into this ledger, but signed by the data owner's key (sha256 {signer[:16]}…)")] + checks
+        detail = f"not prepared into this ledger, but signed by the data owner's key (sha256 {signer[:16]}…)"
+        return [Check("provenance", True, detail), *checks]
     why = " (the run was trained with --allow-unrecorded)" if unrecorded else ""
-    return [Check("provenance", False, f"no prepare event in the ledger wrote {prepared.root} (fingerprint "
-                                       f"{prepared.fingerprint[:16]}…) and no signature was verified (--verify-key){why}")] + checks
+    detail = (f"no prepare event in the ledger wrote {prepared.root} (fingerprint {prepared.fingerprint[:16]}…) "
+              f"and no signature was verified (--verify-key){why}")
+    return [Check("provenance", False, detail), *checks]
 
 
 def check_noise_statistics(prepared: PreparedData | GuardError) -> Check:
@@ -116,7 +118,8 @@ def check_noise_statistics(prepared: PreparedData | GuardError) -> Check:
 def _manifest(data: Path) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
-    return pq.read_table(data / "manifest.parquet", columns=["record_id", "partition", "rule", "sha256", "sigma", "file", "row"]).to_pylist()
+    columns = ["record_id", "partition", "rule", "sha256", "sigma", "file", "row"]
+    return pq.read_table(data / "manifest.parquet", columns=columns).to_pylist()
 
 
 def check_noise(prepared: PreparedData, rows: list[dict[str, Any]]) -> Check:
@@ -145,11 +148,13 @@ def check_clean_rows(data: Path, rows: list[dict[str, Any]]) -> Check:
     forbidden = {r["sha256"]: r["record_id"] for r in rows if r["partition"] in ("protected", "excluded") and r["sha256"]}
     leaks = [(rid, forbidden[h]) for rid, h in stored.items() if h in forbidden]
     if leaks:
-        return Check("no protected pixels", False, f"clean row {leaks[0][0]} holds the pixels of {leaks[0][1]} ({len(leaks)} in all)")
+        detail = f"clean row {leaks[0][0]} holds the pixels of {leaks[0][1]} ({len(leaks)} in all)"
+        return Check("no protected pixels", False, detail)
     expected = {r["record_id"]: r["sha256"] for r in rows if r["partition"] == "clean"}
     mismatched = [rid for rid, h in stored.items() if expected[rid] != h]
     if mismatched:
-        return Check("no protected pixels", False, f"{len(mismatched)} clean row(s) differ from their manifest sha256, e.g. {mismatched[0]}")
+        detail = f"{len(mismatched)} clean row(s) differ from their manifest sha256, e.g. {mismatched[0]}"
+        return Check("no protected pixels", False, detail)
     return Check("no protected pixels", True, f"{len(stored)} clean rows checked: none holds a protected or excluded image")
 
 
@@ -196,8 +201,9 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None) -
     prepared = _open(data)
     checks = [check_consumed(events, run_dir, prepared), *check_provenance(events, ledger, run_dir, prepared, verify_key)]
     if isinstance(prepared, GuardError):  # its files are not what the card says: read nothing it names
-        return checks + [Check(name, False, f"the prepared directory does not verify: {prepared}")
-                         for name in ("noise", "noise statistics", "no protected pixels", "opt-outs")] + [check_audit(con, run_dir)]
+        skipped = [Check(name, False, f"the prepared directory does not verify: {prepared}")
+                   for name in ("noise", "noise statistics", "no protected pixels", "opt-outs")]
+        return [*checks, *skipped, check_audit(con, run_dir)]
     rows = _manifest(prepared.root)
-    return checks + [check_noise(prepared, rows), check_noise_statistics(prepared), check_clean_rows(prepared.root, rows),
-                     check_opt_outs(prepared, rows), check_audit(con, run_dir)]
+    return [*checks, check_noise(prepared, rows), check_noise_statistics(prepared), check_clean_rows(prepared.root, rows),
+            check_opt_outs(prepared, rows), check_audit(con, run_dir)]

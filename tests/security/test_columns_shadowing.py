@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import write_policy
 
+from helpers import write_policy
 from sfbd_guard.datasets.synthetic import write_celeba, write_imagefolder
 
 

@@ -156,7 +156,7 @@ def test_verify_fails_a_run_made_from_a_forged_directory(honest, tmp_path: Path,
 
 def test_verify_passes_the_honest_run(honest, cli) -> None:  # type: ignore[no-untyped-def]
     folder, ledger = honest
-    code, checks, out = _verify(cli, folder / "run", ledger)
+    _code, checks, out = _verify(cli, folder / "run", ledger)
     assert checks["provenance"] == "PASS" and checks["noise statistics"] == "PASS", out
     assert checks["consumed arrays"] == "PASS" and checks["noise"] == "PASS"
 

@@ -106,7 +106,7 @@ def test_card_counts_that_do_not_match_the_manifest_are_refused(unrecorded: Path
     card = json.loads((unrecorded / "card.json").read_text())
     counts = {**card["counts"], "protected": card["counts"]["protected"] + 5, "excluded": card["counts"]["excluded"] - 5}
     copy = _copy_with_card(unrecorded, tmp_path / "counts", counts=counts)
-    with pytest.raises(VerificationError, match="counts .* do not match the manifest"):
+    with pytest.raises(VerificationError, match=r"counts .* do not match the manifest"):
         open_prepared(copy)
     pipeline = write_policy(tmp_path / "p.yaml", tiny_pipeline(copy, tmp_path / "run"))
     result = cli("train", "--pipeline", pipeline, "--allow-unrecorded")
@@ -116,5 +116,5 @@ def test_card_counts_that_do_not_match_the_manifest_are_refused(unrecorded: Path
     with pytest.raises(VerificationError, match="rule_counts"):
         open_prepared(_copy_with_card(unrecorded, tmp_path / "rules", rule_counts=rules))
     policy = {**card["policy"], "noise": {**card["policy"]["noise"], "sigma": 0.3}}
-    with pytest.raises(VerificationError, match="is not its policy's noise.sigma"):
+    with pytest.raises(VerificationError, match=r"is not its policy's noise\.sigma"):
         open_prepared(_copy_with_card(unrecorded, tmp_path / "sigma", policy=policy))

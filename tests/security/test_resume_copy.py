@@ -8,8 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from helpers import digits_policy, tiny_pipeline, write_policy
-from helpers import read_events
+from helpers import digits_policy, read_events, tiny_pipeline, write_policy
 
 
 def _tree(root: Path) -> dict[str, str]:

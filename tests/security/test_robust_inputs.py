@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import digits_policy, tiny_pipeline, write_policy
-from helpers import read_events
+from helpers import digits_policy, read_events, tiny_pipeline, write_policy
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
 from helpers import digits_policy, write_policy
 
 MARKER = "SECRET-MARKER-7f3a9c"

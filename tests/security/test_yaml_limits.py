@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import digits_policy
 
+from helpers import digits_policy
 from sfbd_guard.config import MAX_YAML_BYTES, read_yaml_mapping
 from sfbd_guard.errors import ConfigError
 
