@@ -6,7 +6,7 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import typer
 from typer import Abort
@@ -60,9 +60,9 @@ def _record_failure(command: Callable[..., Any], kwargs: dict[str, Any], err: Ba
 
     kind = RECORDED_KINDS.get(command.__name__)
     ctx = kwargs.get("ctx")
-    if kind is None or not isinstance(ctx, typer.Context):
+    if kind is None or getattr(ctx, "command_path", None) is None:  # typer's context (a click context)
         return
-    record_failure(ledger_dir(kwargs.get("ledger")), kind, _invocation(ctx), err)
+    record_failure(ledger_dir(kwargs.get("ledger")), kind, _invocation(cast("typer.Context", ctx)), err)
 
 
 def reports_errors(command: F) -> F:
