@@ -189,7 +189,7 @@ def real_floor(scorer: Scorer, rest: np.ndarray, real: np.ndarray, count: int) -
 
 
 def print_table(results: dict) -> None:
-    """The README table: FD mean ± std, the ratios the goals name, precision and recall."""
+    """The table of benchmarks/README.md: FD mean ± std, the ratios the goals name, precision and recall."""
     methods = results["methods"]
     baselines = [methods[m]["fd"] for m in ("clean-only", "noisy-direct") if m in methods]
     better, upper = min(baselines, default=float("nan")), methods.get("upper-bound", {}).get("fd", float("nan"))

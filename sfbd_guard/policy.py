@@ -1,6 +1,6 @@
 """Curation policies: which records are clean, protected (noised) or excluded.
 
-The YAML schema is a contract (see README, "Policies"): version, name, dataset, rules, noise, output.
+The YAML schema is a contract (see docs/policy.md): version, name, dataset, rules, noise, output.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The `clip` embedder: open_clip image features from LOCAL weights only; nothing is ever downloaded.
 
-Two ways to give weights (see README, "Audit"):
+Two ways to give weights (see docs/audit.md):
   * a file (.safetensors, .bin, .pt, .pth) plus the architecture name (`--clip-model ViT-B-32`),
     loaded through open_clip's file path (never a pretrained tag: the path is passed absolute);
   * a directory holding `open_clip_config.json` (model_cfg + preprocess_cfg) and a checkpoint,

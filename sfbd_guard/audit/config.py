@@ -1,6 +1,6 @@
 """Audit settings (`audits/<name>.yaml`), validated, with command-line overrides on top.
 
-Thresholds used when no holdout exists are documented here and in the README ("Audit"). They are
+Thresholds used when no holdout exists are documented here and in docs/audit.md. They are
 per embedder because similarity scales are backbone-specific (0.9 means different things for
 normalised pixels and for CLIP).
 """

@@ -93,7 +93,7 @@ def load_square(path: Path, resolution: int, crop: int | None = None, *,
     JPEGs are decoded with libjpeg's DCT scaling (1/2, 1/4, 1/8) to the smallest scale that keeps the
     crop at least `resolution` wide, as PIL's thumbnail() does: the same crop and resize, with the
     first halvings done in the DCT domain, 2-3× faster. Against a full-size decode + Lanczos it
-    differs by about 41 dB PSNR on 64 px CelebA crops (see README, "Curation speed").
+    differs by about 41 dB PSNR on 64 px CelebA crops (see benchmarks/README.md, "Curation speed").
     """
     data = read_bounded(path, max_file_bytes)  # one read: PIL's many small reads cost as much as decoding
     try:
