@@ -92,11 +92,11 @@ def reports_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _threads(explicit: int | None) -> None:
+def _threads(explicit: int | None, preferred: int | None = None) -> None:
     """Passive OpenMP waiting and a thread count sized to this process's CPUs, before torch loads."""
     from .threads import configure
 
-    configure(explicit)
+    configure(explicit, preferred)
 
 
 def _invocation(ctx: typer.Context) -> list[str]:
@@ -214,7 +214,6 @@ def train(
 
     Example: guard train --pipeline pipelines/digits.yaml --out runs/digits
     """
-    _threads(threads)
     from .engine.service import pipeline_for_new_run, pipeline_of_run, train_recorded
 
     if (pipeline is None) == (resume is None):
@@ -232,6 +231,7 @@ def train(
         overrides.update(dp)
         config = pipeline_for_new_run(pipeline, overrides=overrides, data=data, out=out, method=method,  # type: ignore[arg-type]
                                       verify_key=verify_key)
+    _threads(threads, config.threads)  # before torch is imported (training imports it)
     outcome = train_recorded(config, resume=resume is not None, ledger=ledger, command=_invocation(ctx),
                              progress=_labelled_progress, allow_unrecorded=allow_unrecorded)
     if outcome.checkpoint is not None:
@@ -392,7 +392,9 @@ def run_command(
 
     Example: guard run pipelines/digits.yaml
     """
-    _threads(threads)
+    from .engine.config import load_pipeline
+
+    _threads(threads, load_pipeline(pipeline).threads)  # before torch is imported
     from .ledger import ledger_dir
     from .run import run_pipeline
 

@@ -89,8 +89,11 @@ def cgroup_quota(root: Path = CGROUP_ROOT, membership: Path = Path("/proc/self/c
 
 
 def choose_threads(explicit: int | None = None, environ: Mapping[str, str] | None = None,
-                   cpus: int | None = None, quota: float | None = None, *, probe_quota: bool = True) -> ThreadChoice:
-    """The thread count and wait policy for this process; nothing is changed (see `apply`)."""
+                   cpus: int | None = None, quota: float | None = None, *, probe_quota: bool = True,
+                   preferred: int | None = None) -> ThreadChoice:
+    """The thread count and wait policy for this process; nothing is changed (see `apply`).
+
+    Order: `explicit` (--threads), the user's OMP_NUM_THREADS, `preferred` (a pipeline's `threads`), automatic."""
     env = os.environ if environ is None else environ
     cpus = affinity_cpus() if cpus is None else cpus
     quota = cgroup_quota() if quota is None and probe_quota else quota
@@ -109,6 +112,8 @@ def choose_threads(explicit: int | None = None, environ: Mapping[str, str] | Non
             return ThreadChoice(max(1, int(preset.split(",")[0])), wait_policy, "OMP_NUM_THREADS", cpus, quota, local)
         except ValueError:
             pass
+    if preferred is not None and preferred >= 1:
+        return ThreadChoice(preferred, wait_policy, "pipeline threads", cpus, quota, local)
     return ThreadChoice(automatic, wait_policy, "auto", cpus, quota, local)
 
 
@@ -135,11 +140,11 @@ def in_force() -> dict[str, object]:
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "choice": os.environ.get(CHOICE_VAR)}
 
 
-def configure(explicit: int | None = None) -> ThreadChoice:
+def configure(explicit: int | None = None, preferred: int | None = None) -> ThreadChoice:
     """Choose and apply the threads of this process; returns the choice for the run record.
 
     `GUARD_THREADS=off` leaves OpenMP and torch to their own defaults (for comparisons)."""
-    choice = choose_threads(explicit)
+    choice = choose_threads(explicit, preferred=preferred)
     if os.environ.get("GUARD_THREADS", "").strip().lower() == "off" and explicit is None:
         return ThreadChoice(0, os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)"), "off", choice.cpus, choice.quota,
                             choice.local_world_size)

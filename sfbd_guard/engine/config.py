@@ -109,6 +109,7 @@ class PipelineConfig(StrictModel):
     ema: EmaSpec = EmaSpec()
     privacy: PrivacySpec | None = None  # differential privacy (DP-SGD); none: non-private
     seed: int = 0  # seeds every random choice of the run
+    threads: int | None = Field(None, ge=1)  # CPU threads per process; none: the CPUs it may use (--threads wins)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast applies on CUDA only
     checkpoint_every: int = Field(200, ge=1)  # optimizer steps between checkpoints
