@@ -78,3 +78,13 @@ def test_the_run_record_and_the_train_event_carry_the_threads(tmp_path: Path, cl
 
     train = [e for e in read_events(Path(os.environ["GUARD_LEDGER"])).to_pylist() if e["kind"] == "train"][-1]
     assert json.loads(train["summary"])["threads"]["torch_threads"] == 1
+
+
+def test_the_order_of_the_choices() -> None:
+    """--threads, then the user's OMP_NUM_THREADS, then the pipeline's `threads`, then the CPUs."""
+    assert choose_threads(3, environ={"OMP_NUM_THREADS": "2"}, cpus=8, preferred=1).source == "--threads"
+    chosen = choose_threads(None, environ={"OMP_NUM_THREADS": "2"}, cpus=8, preferred=1)
+    assert (chosen.threads, chosen.source) == (2, "OMP_NUM_THREADS")
+    chosen = choose_threads(None, environ={}, cpus=8, preferred=1)
+    assert (chosen.threads, chosen.source) == (1, "pipeline threads")
+    assert choose_threads(None, environ={}, cpus=8, quota=None).threads == 8
