@@ -68,7 +68,8 @@ def test_noise_is_gaussian_with_the_policy_sigma(tmp_path: Path) -> None:
     reader = open_reader(SourceSpec("digits", None, "all", 8))
     clean = np.stack([reader.load(r["record_id"]) for r in manifest]).astype(np.float64) / 127.5 - 1
     eps = (noisy - clean) / 0.8
-    assert abs(eps.mean()) < 0.01 and abs(eps.std() - 1) < 0.01  # 115k draws: standard errors 0.003 and 0.002
+    n = eps.size  # 115k draws of a fresh key each run: tolerances of 5 standard errors (0.015 and 0.010)
+    assert abs(eps.mean()) < 5 / np.sqrt(n) and abs(eps.std() - 1) < 5 / np.sqrt(2 * n)
     assert noisy.min() < -1.5 and noisy.max() > 1.5, "noised values are not clipped"
     row = manifest[10]  # the key holder can regenerate a record's noise: ChaCha20 keyed by HMAC(secret, context, id)
     secret = read_key_file(key).secret

@@ -106,11 +106,12 @@ def test_the_noise_is_still_gaussian_independent_and_at_sigma(prepared: Path) ->
     x = np.stack([reader.load(r["record_id"]) for r in rows]).astype(np.float64) / 127.5 - 1
     y = np.stack([arrays[r["file"]][r["row"]] for r in rows]).astype(np.float64)
     eps = ((y - x) / SIGMA).reshape(len(rows), -1)
-    assert abs(eps.mean()) < 0.01 and abs(eps.std() - 1) < 0.01  # ~31k draws
+    n = eps.size  # ~31k draws of a fresh secret each run: tolerances of 5 standard errors
+    assert abs(eps.mean()) < 5 / np.sqrt(n) and abs(eps.std() - 1) < 5 / np.sqrt(2 * n)
     assert abs(np.mean(eps ** 4) - 3) < 0.15, "Gaussian tails (kurtosis 3)"
     assert abs(np.corrcoef(eps.ravel(), x.reshape(len(rows), -1).ravel())[0, 1]) < 0.03, "noise independent of the image"
     between = np.corrcoef(eps[:200])  # 200 records' noise vectors: no two records share noise
-    assert np.abs(between[np.triu_indices(200, 1)]).max() < 0.6
+    assert np.abs(between[np.triu_indices(200, 1)]).max() < 0.7  # shared noise would give 1; chance of 0.7: ~1e-10 a pair
 
 
 def _guard(cli: Callable[..., Any], *args: object) -> Any:
