@@ -13,6 +13,7 @@ from typer import Abort
 from typer.exceptions import TyperException  # base of typer's usage and parameter errors
 
 from .errors import GuardError, InputError
+from .progress import terminal_progress
 
 app = typer.Typer(
     name="guard",
@@ -105,28 +106,6 @@ def _invocation(ctx: typer.Context) -> list[str]:
     return ["guard", *argv] if argv is not None else ctx.command_path.split()
 
 
-def _labelled_progress(label: str, total: int) -> Callable[[int], None]:
-    """A progress bar for one labelled piece of work (training phase, denoising, sampling)."""
-    return _progress_bar(label)(total)
-
-
-def _progress_bar(description: str) -> Callable[[int], Callable[[int], None]]:
-    def start(total: int) -> Callable[[int], None]:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc=description, unit="img", file=sys.stderr, dynamic_ncols=True, leave=False,
-                   disable=None)  # None: shown on a terminal only
-
-        def tick(done: int) -> None:
-            bar.update(done)
-            if bar.n >= total:
-                bar.close()
-
-        return tick
-
-    return start
-
-
 @app.command()
 @reports_errors
 def prepare(
@@ -145,12 +124,12 @@ def prepare(
 
     Example: guard prepare --policy policies/digits.yaml --workers 2
     """
-    from .curation.report import print_summary
+    from .curation.console import print_summary
     from .curation.service import prepare_recorded
 
     result = prepare_recorded(policy, data_root=data_root, out=out, workers=workers, strict=strict,
                               overwrite=overwrite, ledger=ledger, command=_invocation(ctx), key_file=noise_key,
-                              progress=_progress_bar("decoding"), sign_key=sign_key)
+                              progress=terminal_progress, sign_key=sign_key)
     print_summary(result)
 
 
@@ -233,7 +212,7 @@ def train(
                                       verify_key=verify_key)
     _threads(threads, config.threads)  # before torch is imported (training imports it)
     outcome = train_recorded(config, resume=resume is not None, ledger=ledger, command=_invocation(ctx),
-                             progress=_labelled_progress, allow_unrecorded=allow_unrecorded)
+                             progress=terminal_progress, allow_unrecorded=allow_unrecorded)
     if outcome.checkpoint is not None:
         typer.echo(f"trained {config.method} for {outcome.kimg:g} kimg ({outcome.step} steps, {outcome.seconds:.0f} s)")
         typer.echo(f"run: {outcome.run_dir}")
@@ -268,7 +247,7 @@ def sample(
     from .engine.service import sample_recorded
 
     outcome = sample_recorded(run, ledger=ledger, command=_invocation(ctx), count=n, out=out, steps=steps, seed=seed,
-                              batch=batch, checkpoint=checkpoint, device=device, progress=_progress_bar("sampling"))
+                              batch=batch, checkpoint=checkpoint, device=device, progress=terminal_progress)
     typer.echo(f"wrote {len(outcome.files)} images to {outcome.out} ({outcome.seconds:.1f} s)")
     typer.echo(f"grid: {outcome.grid}")
 
@@ -301,7 +280,7 @@ def audit(
     """
     _threads(threads)
     from .audit.config import resolve_audit_config
-    from .audit.report import print_summary
+    from .audit.results import print_summary
     from .audit.service import audit_recorded
 
     settings = resolve_audit_config(config, {
@@ -314,7 +293,7 @@ def audit(
     })
     result = audit_recorded(samples=samples, data=data, report=report, config=settings, config_path=config,
                             ledger=ledger, command=_invocation(ctx), data_root=data_root, holdout_dir=holdout,
-                            progress=_labelled_progress)
+                            progress=terminal_progress)
     print_summary(result.summary, report)
     if result.counts["copy"]:
         raise typer.Exit(3)
@@ -335,22 +314,22 @@ def report(
 
     Example: guard report --sql "SELECT method, epsilon FROM trainings" --format csv
     """
+    from .compliance.tables import emit, report_tables
     from .ledger import ledger_dir
-    from .report.tables import emit, report_tables
 
     where = ledger_dir(ledger)
     if datasheet is not None or run is not None:
         if datasheet is None or run is None:
             raise InputError("--datasheet FILE and --run DIR go together")
-        from .report.datasheet import write_datasheet
+        from .compliance.datasheet import write_datasheet
 
         typer.echo(f"datasheet: {write_datasheet(datasheet, run, where)}")
         return
     tables = report_tables(where, sql)
     emit(tables, fmt, output)
     if html is not None:
-        from .report.html import latest_pictures, write_html
-        from .report.views import connect
+        from .compliance.html import latest_pictures, write_html
+        from .compliance.views import connect
 
         grid, histogram = latest_pictures(connect(where))
         typer.echo(f"html report: {write_html(html, report_tables(where, None), grid, histogram)}")
@@ -367,8 +346,8 @@ def verify(
 
     Example: guard verify --run runs/digits
     """
+    from .compliance.verify import verify_run
     from .ledger import ledger_dir
-    from .report.verify import verify_run
 
     checks = verify_run(run, ledger_dir(ledger), verify_key=verify_key)
     for check in checks:
@@ -399,7 +378,7 @@ def run_command(
     from .run import run_pipeline
 
     summary = run_pipeline(pipeline, ledger=ledger_dir(ledger), command=_invocation(ctx),
-                           progress=_labelled_progress, say=typer.echo, allow_unrecorded=allow_unrecorded)
+                           progress=terminal_progress, say=typer.echo, allow_unrecorded=allow_unrecorded)
     for stage, what in summary.stages.items():
         typer.echo(f"{stage:>8}: {what}")
     typer.echo(f"samples grid: {summary.files['grid']}")

@@ -116,10 +116,10 @@ def _audit(config: PipelineConfig, ledger: Path | None, command: list[str], say:
 
 
 def _report(config: PipelineConfig, ledger: Path) -> dict[str, Path]:
-    from .report.datasheet import write_datasheet
-    from .report.html import latest_pictures, write_html
-    from .report.tables import report_tables
-    from .report.views import connect
+    from .compliance.datasheet import write_datasheet
+    from .compliance.html import latest_pictures, write_html
+    from .compliance.tables import report_tables
+    from .compliance.views import connect
 
     run_dir = Path(str(config.out))
     grid, histogram = latest_pictures(connect(ledger))

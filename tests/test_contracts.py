@@ -219,7 +219,7 @@ def _dig(summary: dict[str, Any], path: str) -> Any:
 def unfilled_cells(ledger: Path, models: dict[str, type[EventSummary]] | None = None) -> list[str]:
     """View cells that are NULL although the event, as written in the ledger's files, has the value (its key
     at the path the shipped model declares). The views are built from `models` (default: the shipped ones)."""
-    from sfbd_guard.report.views import connect
+    from sfbd_guard.compliance.views import connect
 
     raw = {row["event_id"]: row for row in read_events(ledger).to_pylist()}
     con = connect(ledger, models=models)
@@ -246,7 +246,7 @@ def unfilled_cells(ledger: Path, models: dict[str, type[EventSummary]] | None = 
 
 
 def test_every_view_column_is_filled_where_the_event_has_the_value(chain: Path) -> None:
-    from sfbd_guard.report.views import VIEWS, connect
+    from sfbd_guard.compliance.views import VIEWS, connect
 
     assert set(VIEWS) == {"prepares", "trainings", "samplings", "audits"}
     assert not unfilled_cells(chain / "ledger")
@@ -287,7 +287,7 @@ def test_a_field_renamed_in_a_model_fails_the_views_check(chain: Path, kind: str
 
 
 def test_a_view_column_naming_no_field_of_its_model_is_refused() -> None:
-    from sfbd_guard.report.views import generate_views
+    from sfbd_guard.compliance.views import generate_views
 
     class Broken(TrainSummary):
         COLUMNS: ClassVar = (*TrainSummary.COLUMNS, SummaryColumn("total_steps", "steps_total"))

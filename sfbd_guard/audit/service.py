@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from ..errors import GuardError
 from ..fileio import private_dir
 from ..hashing import fingerprint, sha256_file
 from ..ledger import Artifact, ledger_dir, recorded
+from ..progress import ProgressFactory
 from . import calibrate as cal
 from .checks import Scores, background, score, verdicts
 from .config import AuditConfig
@@ -40,10 +40,9 @@ from .originals import (
     read_prepared,
 )
 from .reference import Reference, build, l2_size
-from .report import samples_table, write_parquet
+from .results import samples_table, write_parquet
 from .summary import build_summary
 
-ProgressFactory = Callable[[str, int], Callable[[int], None]]
 REPORT_FILES = ("samples.parquet", "summary.json", "report.html", "similarity.png")
 
 

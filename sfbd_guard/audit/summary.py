@@ -18,7 +18,7 @@ from .embed import Embedder
 from .index import InnerProductIndex
 from .originals import PreparedInfo
 from .reference import Reference
-from .report import SCHEMA_VERSION, quantiles
+from .results import SCHEMA_VERSION, quantiles
 
 
 def _share(count: int, total: int) -> dict[str, Any]:

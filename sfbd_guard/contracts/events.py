@@ -3,10 +3,10 @@
 `ledger.write_event` is the only writer: an `ok` event's summary must validate against its kind's model (a
 summary key the model does not declare is refused, so a renamed key fails where it is written); a `failed` or
 `interrupted` event holds what the command had recorded before it stopped (every key optional) plus `error`.
-`read_events` is the only reader: report/views.py builds the DuckDB `events` view from it, and report/verify.py
+`read_events` is the only reader: compliance/views.py builds the DuckDB `events` view from it, and compliance/verify.py
 and prepared.py (the provenance lookup) read the events through it.
 
-Each summary model also declares the columns of its DuckDB view (`VIEW`, `COLUMNS`): report/views.py generates
+Each summary model also declares the columns of its DuckDB view (`VIEW`, `COLUMNS`): compliance/views.py generates
 the views' SQL from them, taking every JSON path and SQL type from the model's fields, so a column can only
 name a field the model (and therefore the writer) has.
 """

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,6 +30,7 @@ from ..datasets import DatasetReader, SourceSpec, open_reader
 from ..errors import DataError
 from ..hashing import fingerprint, sha256_file
 from ..policy import LoadedPolicy
+from ..progress import ProgressFactory, Tick
 from .decode import ChunkResult, NoiseParams, Outcome, Task, init_worker, process_chunk, worker_chunk
 from .keys import NoiseKey, fresh_key, read_key_file
 from .manifest import ACTION_PARTITION, PARTITIONS, manifest_table
@@ -39,7 +40,6 @@ from .rules import decide
 from .shards import SHARD_RECORDS, ShardWriter
 
 CHUNK_RECORDS = 64
-Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def run_tasks(reader: DatasetReader, tasks: list[Task], noise: NoiseParams, pool
 
 
 def _store(chunks: Iterator[ChunkResult], staging: Path, strict: bool,
-           progress: Progress | None) -> tuple[dict[str, Outcome], dict[str, tuple[str, int]], dict[str, str]]:
+           progress: Tick | None) -> tuple[dict[str, Outcome], dict[str, tuple[str, int]], dict[str, str]]:
     writers = {
         "clean": ShardWriter(staging, "clean", np.dtype(np.uint8)),
         "protect": ShardWriter(staging, "protected", np.dtype(np.float16)),
@@ -178,11 +178,11 @@ def noise_key(loaded: LoadedPolicy, key_file: Path | None, output: Path) -> Nois
 
 def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | None = None, workers: int = 1,
             strict: bool = False, overwrite: bool = False, key_file: Path | None = None,
-            progress: Callable[[int], Progress] | None = None) -> PrepareResult:
+            progress: ProgressFactory | None = None) -> PrepareResult:
     """Apply `loaded` to its dataset and write the prepared directory atomically.
 
     The noise is keyed by `key_file` (or the policy's noise.key_file); without one, by a fresh secret
-    that is forgotten when this returns. `progress(total)` may return a callback that is told how many
+    that is forgotten when this returns. `progress(label, total)` may return a callback that is told how many
     records were just processed.
     """
     started = time.perf_counter()
@@ -201,7 +201,7 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
         try:
             for partition in ("clean", "protected"):
                 (staging / partition).mkdir(mode=0o700)
-            tick = progress(len(tasks)) if progress else None
+            tick = progress("decoding", len(tasks)) if progress else None
             results, places, files = _store(run_tasks(reader, tasks, noise, pool), staging, strict, tick)
             columns = _manifest_columns(record_ids, decisions.rules, results, places, noise.sigma)
             manifest = manifest_table(columns, metadata)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from ..ledger import Artifact, ledger_dir, recorded
 from ..policy import load_policy
+from ..progress import ProgressFactory
 from .prepare import PrepareResult, prepare
 
 
 def prepare_recorded(policy_path: Path, *, data_root: Path | None, out: Path | None, workers: int, strict: bool,
                      overwrite: bool, ledger: Path | None, command: list[str], key_file: Path | None = None,
-                     progress: Callable[[int], Callable[[int], None]] | None = None,
+                     progress: ProgressFactory | None = None,
                      sign_key: Path | None = None) -> PrepareResult:
     """Load the policy, prepare the data, and append a `prepare` event to the ledger (ok or failed).
 

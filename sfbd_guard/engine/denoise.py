@@ -7,7 +7,6 @@ so the result does not depend on the number of processes; every row stays tied t
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,12 +14,10 @@ from safetensors.torch import load_file, save_file
 
 from ..diffusion.sampling import denoise_backward
 from ..hashing import sha256_bytes
+from ..progress import Tick
 from .config import DenoiseSpec
 from .data import to_uint8
 from .runtime import Runtime, gather_rows, rank_slice
-
-Tick = Callable[[int], None]
-ProgressFactory = Callable[[str, int], Tick]  # (label, total) -> a tick called with the count done since the last
 
 
 @torch.no_grad()

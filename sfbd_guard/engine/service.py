@@ -15,12 +15,11 @@ from ..fileio import atomic_write_bytes, atomic_write_json
 from ..hashing import sha256_file
 from ..ledger import Artifact, ledger_dir, recorded
 from ..prepared import PreparedData, open_prepared, require_noisy, require_provenance
+from ..progress import ProgressFactory
 from ..threads import in_force
 from .config import PipelineConfig, load_pipeline
 
 RESOLVED = "config.resolved.yaml"
-Progress = Callable[[int], Callable[[int], None]]
-PhaseProgress = Callable[[str, int], Callable[[int], None]]
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,7 @@ def _resume(trainer: Any, run_dir: Path) -> bool:
                          f"({type(err).__name__}: {text[0] if text else ''})") from None
 
 
-def train(config: PipelineConfig, *, resume: bool, progress: PhaseProgress | None = None,
+def train(config: PipelineConfig, *, resume: bool, progress: ProgressFactory | None = None,
           on_start: Callable[[PreparedData], None] | None = None) -> TrainOutcome:
     """Verify the prepared data, then train (or continue) the run described by `config`."""
     import time
@@ -154,7 +153,7 @@ def check_trusted(data: PreparedData, config: PipelineConfig, ledger: Path, *, a
 
 
 def train_recorded(config: PipelineConfig, *, resume: bool, ledger: Path | None, command: list[str],
-                   progress: PhaseProgress | None = None, allow_unrecorded: bool = False) -> TrainOutcome:
+                   progress: ProgressFactory | None = None, allow_unrecorded: bool = False) -> TrainOutcome:
     """`train` plus a `train` ledger event (on rank 0): the arrays it read and the checkpoint it wrote.
 
     Before anything is written, the prepared directory must be trusted (`check_trusted`)."""
@@ -228,7 +227,7 @@ def load_ema_net(run_dir: Path, *, checkpoint: Path | None = None,
 
 
 def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int = 0, batch: int = 64,
-           checkpoint: Path | None = None, device: str = "auto", progress: Progress | None = None) -> SampleOutcome:
+           checkpoint: Path | None = None, device: str = "auto", progress: ProgressFactory | None = None) -> SampleOutcome:
     """Draw `count` images from a run's EMA weights; one PNG each plus grid.png. Same seed, same images."""
     import time
 
@@ -241,7 +240,7 @@ def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int =
     net, weights, shape = load_ema_net(run_dir, checkpoint=checkpoint, device=device)
     target = next(net.parameters()).device
     digits, files, grid_images = max(6, len(str(count - 1))), [], []
-    tick = progress(count) if progress else None
+    tick = progress("sampling", count) if progress else None
     for start, images in generate(net, seed=seed, count=count, shape=shape, steps=steps, batch=batch, device=target):
         files += save_pngs(images, out, start, digits)
         grid_images.append(images[: max(0, 256 - start)].cpu())

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from ..prepared import PreparedData
+from ..progress import ProgressFactory
 from .checkpoint import TrainingState
 from .config import PipelineConfig
 from .data import Mixture, Source, clean_images, from_stored, noisy_images
-from .denoise import ProgressFactory, denoise_rows, load_round, save_round
+from .denoise import denoise_rows, load_round, save_round
 from .methods import Phase, SourceName
 from .runtime import Runtime
 

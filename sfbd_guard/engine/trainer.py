@@ -14,10 +14,10 @@ from ..diffusion.ema import EMA
 from ..diffusion.networks import UNetConfig, build_denoiser
 from ..diffusion.optim import make_adam, optimizer_step
 from ..prepared import PreparedData
+from ..progress import ProgressFactory
 from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import PipelineConfig
 from .data import Mixture
-from .denoise import ProgressFactory
 from .generate import generate
 from .images import save_grid
 from .methods import Phase, plan
