@@ -23,6 +23,17 @@ def celeba_policy(root: Path, out: Path, **overrides: object) -> dict:
     return policy
 
 
+def guard(*args: object) -> int:
+    """Run `guard ARGS...` in-process through the real entry point; its exit code."""
+    from sfbd_guard.cli import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
 def key_file(folder: Path, name: str = "noise.key") -> Path:
     """A noise key made by the real `guard keygen` code (mode 0600), for byte-identical re-runs."""
     from sfbd_guard.curation.keys import create_key_file

@@ -11,16 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from helpers import guard as _guard
 from helpers import tiny_pipeline, write_policy
-from sfbd_guard.cli import main
-
-
-def _guard(*args: object) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 def _write_chain(folder: Path) -> Path:

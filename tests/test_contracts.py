@@ -20,18 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import guard as _guard
 from helpers import read_events, tiny_pipeline, write_policy
-from sfbd_guard.cli import main
 from sfbd_guard.contracts import read_events as read_typed_events
 from sfbd_guard.contracts.events import SUMMARIES, ArtifactColumn, EventSummary, SummaryColumn, TrainSummary
-
-
-def _guard(*args: object) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")

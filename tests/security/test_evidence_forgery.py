@@ -16,16 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import digits_policy, tiny_pipeline, write_policy
-from sfbd_guard.cli import main
+from helpers import guard as _guard
 from sfbd_guard.hashing import fingerprint, sha256_file
-
-
-def _guard(*args: object) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")

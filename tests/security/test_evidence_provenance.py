@@ -11,20 +11,11 @@ import duckdb
 import pytest
 
 from helpers import digits_policy, tiny_pipeline, write_policy
-from sfbd_guard.cli import main
 from sfbd_guard.contracts.card import Card
 from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.errors import VerificationError
 from sfbd_guard.policy import load_policy
 from sfbd_guard.prepared import find_prepare_event, open_prepared
-
-
-def _guard(*args: object) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,7 @@ import duckdb
 import pytest
 
 from helpers import digits_policy, tiny_pipeline, write_policy
-from sfbd_guard.cli import main
-
-
-def _guard(*args: object) -> int:
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
+from helpers import guard as _guard
 
 
 @pytest.fixture(scope="module")
