@@ -50,6 +50,7 @@ def test_prepare_prints_a_summary_and_exits_0(cli, tmp_path: Path, celeba_root: 
     assert result.code == 0, result.err
     assert "records per partition" in result.out and "records per rule" in result.out and "licensed" in result.out
     assert (tmp_path / "out" / "card.json").exists() and not (tmp_path / "ignored").exists()
+    assert "fresh secret that was never stored" in " ".join(result.out.split()), "the user is told the noise key's fate"
 
 
 def _assert_one_line_error(result, code: int, *fragments: str) -> None:  # type: ignore[no-untyped-def]
