@@ -100,6 +100,35 @@ def test_imagefolder_metadata_is_exposed_and_joined(tmp_path: Path) -> None:
         reader.load("gone.png")
 
 
+def test_imagefolder_reads_metadata_jsonl_like_csv(tmp_path: Path) -> None:
+    """The Hugging Face image-folder convention: one JSON object a line, with file_name."""
+    import json
+
+    rows = [{"file_name": "a/one.png", "license": "CC0-1.0", "opt_out": False},
+            {"file_name": "two.png", "license": "CC-BY-4.0", "opt_out": True}]
+    csv_root = write_imagefolder(tmp_path / "csv", rows)
+    json_root = write_imagefolder(tmp_path / "json", rows)
+    (json_root / "metadata.csv").unlink()
+    (json_root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from_csv = open_reader(SourceSpec("imagefolder", csv_root, "all", 16))
+    from_json = open_reader(SourceSpec("imagefolder", json_root, "all", 16))
+    table = from_json.metadata()
+    assert table.column("record_id").to_pylist() == ["a/one.png", "two.png"]
+    assert table.column("license").to_pylist() == ["CC0-1.0", "CC-BY-4.0"] and table.column("opt_out").to_pylist() == [False, True]
+    assert table.column_names == from_csv.metadata().column_names
+    assert from_json.load("two.png").tobytes() == from_csv.load("two.png").tobytes()
+
+
+def test_a_where_on_a_column_the_metadata_lacks_names_it_and_the_columns(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from helpers import write_policy
+
+    policy = {"version": 1, "name": "folder", "dataset": {"format": "digits", "resolution": 8},
+              "rules": [{"name": "opt-out", "action": "exclude", "where": "opt_out"}, {"name": "rest", "action": "protect"}],
+              "noise": {"sigma": 0.6}, "output": str(tmp_path / "out")}
+    result = cli("prepare", "--policy", write_policy(tmp_path / "p.yaml", policy))
+    assert result.code == 2 and "column opt_out: not in the dataset's metadata; columns are: record_id, index, label" in result.err
+
+
 def test_imagefolder_refuses_paths_outside_the_root(tmp_path: Path) -> None:
     root = write_imagefolder(tmp_path / "images", [{"file_name": "x.png", "license": "CC0-1.0"}])
     write_imagefolder(tmp_path, [], extra_images=["secret.png"])  # a real image just outside the root

@@ -56,6 +56,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, cast
@@ -433,7 +434,14 @@ class RuleEvaluator:
             if compiled.reads_files or type(err).__name__ not in SAFE_ERRORS:
                 raise self._fail(index, f"DuckDB could not evaluate {_short(rule.where)} ({type(err).__name__}; "
                                         "its message is not shown because it may quote data)") from None
-            raise self._fail(index, f"{str(err).splitlines()[0]} in {_short(rule.where)}") from None
+            message = str(err).splitlines()[0]
+            missing = re.search(r'Referenced column "([^"]+)" not found', message)
+            if missing and missing.group(1) not in self.table.column_names:
+                columns = [c for c in self.table.column_names if c != ROW_COLUMN]
+                shown = ", ".join(columns[:30]) + (", …" if len(columns) > 30 else "")
+                raise self._fail(index, f"column {missing.group(1)}: not in the dataset's metadata; columns are: {shown} "
+                                        f"(in {_short(rule.where)})") from None
+            raise self._fail(index, f"{message} in {_short(rule.where)}") from None
 
     def column(self, name: str, index: int) -> list[object]:
         if name not in self.table.column_names or name == ROW_COLUMN:

@@ -1,4 +1,4 @@
-"""A folder of images (recursive; jpg/png/webp) with an optional metadata.csv or metadata.parquet.
+"""A folder of images (recursive; jpg/png/webp) with an optional metadata.parquet, metadata.jsonl or metadata.csv.
 
 The metadata file has a `file_name` column (path relative to the root) and any other columns, exposed
 as they are. `record_id` is the relative path. An image with no metadata row gets null metadata; a
@@ -20,7 +20,7 @@ from .base import DatasetReader, check_reserved, safe_join
 from .transforms import load_square, to_chw
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
-METADATA_FILES = ("metadata.parquet", "metadata.csv")
+METADATA_FILES = ("metadata.parquet", "metadata.jsonl", "metadata.csv")  # the first one present is read
 
 
 def _normalise(name: str) -> str:
@@ -31,7 +31,8 @@ class ImageFolderReader(DatasetReader):
     format = "imagefolder"
 
     def layout_hint(self) -> str:
-        return "expected image files under the root, optionally with metadata.csv or metadata.parquet (column file_name)"
+        return ("expected image files under the root, optionally with metadata.csv, metadata.jsonl or metadata.parquet "
+                "(column file_name)")
 
     def _image_files(self) -> list[str]:
         """Relative paths of the image files under the root; symlinked directories are not entered.
@@ -58,9 +59,10 @@ class ImageFolderReader(DatasetReader):
             if size > self.spec.max_file_bytes:
                 raise InputError(f"{path}: {size} bytes, above the budget dataset.max_file_bytes = {self.spec.max_file_bytes}",
                                  hint="raise dataset.max_file_bytes in the policy if the file is genuine")
-            reader = "read_parquet" if name.endswith(".parquet") else "read_csv"
+            reader = {".parquet": "read_parquet(?)", ".jsonl": "read_json(?, format = 'newline_delimited')"}.get(
+                path.suffix, "read_csv(?)")  # .jsonl: the Hugging Face image-folder convention
             try:
-                table: pa.Table = duckdb.connect().sql(f"SELECT * FROM {reader}(?)", params=[str(path)]).to_arrow_table()
+                table: pa.Table = duckdb.connect().sql(f"SELECT * FROM {reader}", params=[str(path)]).to_arrow_table()
             except duckdb.Error as err:
                 raise InputError(f"{path}: cannot read: {str(err).splitlines()[0]}") from None
             if "file_name" not in table.column_names:
