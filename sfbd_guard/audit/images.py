@@ -19,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..datasets.transforms import load_square, to_chw
+from ..datasets.base import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
+from ..datasets.transforms import decode_square, to_chw
 from ..errors import ImageDecodeError, InputError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 LISTING = "samples.json"
-MAX_PIXELS = 178_956_970  # PIL's decompression-bomb limit (2 × 89,478,485): larger images are never decoded
-MAX_BYTES = 256 << 20  # no generated sample is this large; bigger files are not read
+MAX_PIXELS = DEFAULT_MAX_PIXELS  # as curation: PIL's decompression-bomb limit; larger images are never decoded
+MAX_BYTES = DEFAULT_MAX_FILE_BYTES  # no generated sample is this large; bigger files are not read
 
 
 @dataclass(frozen=True)
@@ -128,28 +129,11 @@ def is_grid_of(grid: Path, samples: list[Path]) -> bool:
 def load_image(path: Path, resolution: int, channels: int) -> tuple[np.ndarray, tuple[int, int]]:
     """uint8 (channels, resolution, resolution) of any PNG/JPEG, and its original (width, height).
 
-    The size is read from the header first: an image above MAX_PIXELS, or a file above MAX_BYTES, is
-    refused (ImageDecodeError) without being decoded.
+    Through the curation's decoder: a file above MAX_BYTES is not read, an image whose header declares
+    more than MAX_PIXELS is not decoded, and a final symlink is not followed (ImageDecodeError).
     """
-    from PIL import Image
-
-    try:
-        if path.stat().st_size > MAX_BYTES:
-            raise ImageDecodeError(f"{path.name}: {path.stat().st_size} bytes, above the audit's byte budget of "
-                                   f"{MAX_BYTES} bytes; not read")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                size = image.size
-    except Image.DecompressionBombError as err:
-        raise ImageDecodeError(f"{path.name}: above the audit's pixel budget of {MAX_PIXELS} pixels; not decoded "
-                               f"({err})") from None
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ImageDecodeError(f"cannot decode {path.name}: {err}") from None
-    if size[0] * size[1] > MAX_PIXELS:
-        raise ImageDecodeError(f"{path.name}: {size[0]}×{size[1]} = {size[0] * size[1]} pixels, above the audit's "
-                               f"pixel budget of {MAX_PIXELS}; not decoded")
-    square = load_square(path, resolution)
+    square, size = decode_square(path, resolution, max_pixels=MAX_PIXELS, max_file_bytes=MAX_BYTES,
+                                 settings=("the audit's pixel budget", "the audit's byte budget"))
     if channels == 1:
         square = square.convert("L")
     return to_chw(square), size

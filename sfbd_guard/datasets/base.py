@@ -66,7 +66,7 @@ def safe_join(root: Path, *parts: str) -> Path:
     return resolved
 
 
-def read_bounded(path: Path, max_bytes: int) -> bytes:
+def read_bounded(path: Path, max_bytes: int, setting: str = "dataset.max_file_bytes") -> bytes:
     """The bytes of the regular file `path` (already resolved by safe_join), at most `max_bytes` of them.
 
     The size is checked with fstat before anything is read, and the file is opened with O_NOFOLLOW, so a
@@ -86,10 +86,10 @@ def read_bounded(path: Path, max_bytes: int) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise ImageDecodeError(f"{path.name}: not a regular file")
         if info.st_size > max_bytes:
-            raise ImageDecodeError(f"{path.name}: {info.st_size} bytes, above the budget dataset.max_file_bytes = {max_bytes}")
+            raise ImageDecodeError(f"{path.name}: {info.st_size} bytes, above the budget {setting} = {max_bytes}")
         data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:  # grew after the check
-        raise ImageDecodeError(f"{path.name}: more than dataset.max_file_bytes = {max_bytes} bytes")
+        raise ImageDecodeError(f"{path.name}: more than {setting} = {max_bytes} bytes")
     return data
 
 

@@ -35,7 +35,7 @@ def center_box(width: int, height: int, size: int | None = None) -> tuple[int, i
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # PIL's JPEG opener also returns the MPO variant cameras write
 
 
-def open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
+def open_image(data: bytes, name: str, max_pixels: int, setting: str = "dataset.max_pixels") -> Image.Image:
     """PIL's lazy image of `data` (only the header is read), refused above `max_pixels` before any decoding.
 
     Only PNG, JPEG, WebP and GIF are identified. PIL's own bomb check (a warning, then an error, above
@@ -48,14 +48,14 @@ def open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:  # PIL's message names the in-memory file object, which differs per run
         raise ImageDecodeError(f"cannot decode {name}: not a PNG, JPEG, WebP or GIF image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageDecodeError(f"cannot decode {name}: more pixels than dataset.max_pixels = {max_pixels}") from None
+        raise ImageDecodeError(f"cannot decode {name}: more pixels than {setting} = {max_pixels}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise ImageDecodeError(f"cannot decode {name}: {err}") from None
     width, height = image.size
     if width * height > max_pixels:
         image.close()
         raise ImageDecodeError(f"cannot decode {name}: {width}×{height} = {width * height} pixels, "
-                               f"above the budget dataset.max_pixels = {max_pixels}")
+                               f"above the budget {setting} = {max_pixels}")
     return image
 
 
@@ -84,7 +84,15 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
 
 def load_square(path: Path, resolution: int, crop: int | None = None, *,
                 max_pixels: int = DEFAULT_MAX_PIXELS, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Image.Image:
-    """Decode `path`, take the central crop × crop square (largest square if None), resize to resolution.
+    """`decode_square` without the original size."""
+    return decode_square(path, resolution, crop, max_pixels=max_pixels, max_file_bytes=max_file_bytes)[0]
+
+
+def decode_square(path: Path, resolution: int, crop: int | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, settings: tuple[str, str] = ("dataset.max_pixels",
+                  "dataset.max_file_bytes")) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode `path`, take the central crop × crop square (largest square if None), resize to resolution;
+    also the image's original (width, height). `settings` name the two budgets in error messages.
 
     The file is refused unread above `max_file_bytes` and undecoded above `max_pixels` (header size).
     `path` should come from `safe_join` (resolved inside the dataset root); a final symlink is not followed.
@@ -95,9 +103,9 @@ def load_square(path: Path, resolution: int, crop: int | None = None, *,
     first halvings done in the DCT domain, 2-3× faster. Against a full-size decode + Lanczos it
     differs by about 41 dB PSNR on 64 px CelebA crops (see benchmarks/README.md, "Curation speed").
     """
-    data = read_bounded(path, max_file_bytes)  # one read: PIL's many small reads cost as much as decoding
+    data = read_bounded(path, max_file_bytes, settings[1])  # one read: PIL's many small reads cost as much as decoding
     try:
-        with open_image(data, path.name, max_pixels) as image:
+        with open_image(data, path.name, max_pixels, settings[0]) as image:
             width, height = image.size
             left, top, right, bottom = center_box(width, height, crop)
             need = resolution / (right - left)  # scale at which the crop is exactly `resolution` wide
@@ -108,7 +116,7 @@ def load_square(path: Path, resolution: int, crop: int | None = None, *,
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 rgb = to_rgb(image)
             box = (left * scale, top * scale, right * scale, bottom * scale)
-            return resize_square(rgb, resolution, box)
+            return resize_square(rgb, resolution, box), (width, height)
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError,
             Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageDecodeError(f"cannot decode {path.name}: {err}") from None
