@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, MutableMapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -33,9 +33,6 @@ class ThreadChoice:
     cpus: int  # CPUs in the affinity mask
     quota: float | None  # cgroup CPU quota in CPUs, if any
     local_world_size: int  # processes of this run on this host (torchrun)
-
-    def as_record(self) -> dict[str, object]:
-        return asdict(self)
 
     def describe(self) -> str:
         quota = "none" if self.quota is None else f"{self.quota:g} CPUs"
@@ -89,14 +86,13 @@ def cgroup_quota(root: Path = CGROUP_ROOT, membership: Path = Path("/proc/self/c
 
 
 def choose_threads(explicit: int | None = None, environ: Mapping[str, str] | None = None,
-                   cpus: int | None = None, quota: float | None = None, *, probe_quota: bool = True,
-                   preferred: int | None = None) -> ThreadChoice:
+                   cpus: int | None = None, quota: float | None = None, *, preferred: int | None = None) -> ThreadChoice:
     """The thread count and wait policy for this process; nothing is changed (see `apply`).
 
     Order: `explicit` (--threads), the user's OMP_NUM_THREADS, `preferred` (a pipeline's `threads`), automatic."""
     env = os.environ if environ is None else environ
     cpus = affinity_cpus() if cpus is None else cpus
-    quota = cgroup_quota() if quota is None and probe_quota else quota
+    quota = cgroup_quota() if quota is None else quota
     try:
         local = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:

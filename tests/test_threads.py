@@ -87,4 +87,4 @@ def test_the_order_of_the_choices() -> None:
     assert (chosen.threads, chosen.source) == (2, "OMP_NUM_THREADS")
     chosen = choose_threads(None, environ={}, cpus=8, preferred=1)
     assert (chosen.threads, chosen.source) == (1, "pipeline threads")
-    assert choose_threads(None, environ={}, cpus=8, quota=None).threads == 8
+    assert choose_threads(None, environ={}, cpus=8, quota=16.0).threads == 8, "the affinity caps a larger quota"
