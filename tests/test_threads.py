@@ -22,7 +22,8 @@ def _info(env_extra: dict[str, str], *, cpus: str | None = None, args: tuple[str
     return done.stdout
 
 
-@pytest.mark.skipif(shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2, reason="needs taskset and 2 CPUs")
+@pytest.mark.skipif(shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2 or cgroup_quota() is not None,
+                    reason="needs taskset, 2 CPUs and no cgroup CPU quota")
 def test_a_spawned_guard_reports_threads_for_its_affinity_and_environment() -> None:
     assert "1 thread(s) per process, OMP_WAIT_POLICY=PASSIVE (auto; affinity 1 CPU(s)" in _info({}, cpus="0")
     assert "2 thread(s) per process, OMP_WAIT_POLICY=PASSIVE (auto; affinity 2 CPU(s)" in _info({}, cpus="0,1")
