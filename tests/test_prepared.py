@@ -98,3 +98,15 @@ def test_the_trainer_side_never_imports_the_dataset_readers() -> None:
     for path in trainer_side:
         for name in _imports(path):
             assert "datasets" not in name and "curation" not in name, f"{path.name} imports {name}"
+
+
+def test_the_trainer_side_does_not_load_the_readers_even_indirectly() -> None:
+    """The AST test above sees direct imports; this one imports the training path in a fresh process."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import sfbd_guard.engine.service, sfbd_guard.engine.trainer, sfbd_guard.engine.sfbd, "
+            "sfbd_guard.engine.privacy, sfbd_guard.prepared; "
+            "print([m for m in sys.modules if m.startswith(('sfbd_guard.datasets', 'sfbd_guard.curation'))])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
