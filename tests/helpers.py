@@ -34,14 +34,22 @@ def guard(*args: object) -> int:
     return 0
 
 
-def key_file(folder: Path, name: str = "noise.key") -> Path:
-    """A noise key made by the real `guard keygen` code (mode 0600), for byte-identical re-runs."""
-    from sfbd_guard.curation.keys import create_key_file
+def key_file(folder: Path, name: str = "noise.key", secret: bytes | None = None) -> Path:
+    """A noise key made by the real `guard keygen` code (mode 0600), for byte-identical re-runs; with
+    `secret`, that fixed secret in the same format (tests whose margins depend on the noise drawn)."""
+    import os
+
+    from sfbd_guard.curation.keys import HEADER, create_key_file
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    if not path.exists():
+    if path.exists():
+        return path
+    if secret is None:
         create_key_file(path)
+    else:
+        path.write_text(f"{HEADER} {secret.hex()}\n")
+        os.chmod(path, 0o600)
     return path
 
 
