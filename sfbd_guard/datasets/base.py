@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -38,6 +39,30 @@ class SourceSpec:
     resolution: int
     max_pixels: int = DEFAULT_MAX_PIXELS  # an image of more pixels (header size) becomes an error row, undecoded
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # a larger file becomes an error row (or, for a list, an InputError), unread
+
+
+# Records per part of a listed dataset (one worker's unit of work in guard prepare; see DatasetReader.parts).
+PART_RECORDS = 4096
+
+
+@dataclass(frozen=True)
+class Part:
+    """A piece of a dataset that one worker reads on its own, in dataset order (a tar shard, a Parquet file or a
+    run of its rows, a run of an image folder's listing). Small and picklable: it names, it does not hold.
+
+    `index` is the part's position in dataset order; `name` is what messages show. `source` (a path relative to
+    the root), `start` and `stop` mean what the reader that made the part says: a Parquet file and its row range,
+    a listing's row range.
+    """
+
+    index: int
+    name: str
+    source: str = ""
+    start: int = 0
+    stop: int = 0
+
+
+Loaded = tuple[str, "np.ndarray | ImageDecodeError"]  # a record id and its transformed pixels, or why they cannot be read
 
 
 class PathEscapeError(ImageDecodeError):
@@ -94,12 +119,26 @@ def read_bounded(path: Path, max_bytes: int, setting: str = "dataset.max_file_by
 
 
 class DatasetReader(ABC):
-    """One on-disk dataset layout. Subclasses set `splits`, `channels` and `color`."""
+    """One on-disk dataset layout. Subclasses set `splits`, `channels` and `color`.
+
+    Two kinds of layout:
+    - listed (`listed = True`, the default): `metadata()` is a listing cheap enough to read once in one
+      process (a folder scan, an attribute file, CIFAR's batches); `parts()` cuts it into runs of PART_RECORDS
+      records, and workers read records with `load`/`read_part`.
+    - streamed (`listed = False`: WebDataset shards, Parquet files): the metadata lives next to the images, so
+      `parts()` lists the shards/files from their names or footers only, `part_metadata(part)` reads one part's
+      rows (run by workers, in parallel), and `read_part` streams the part's images.
+    Record ids are unique in the dataset. A problem with one record (a corrupt image, a broken tar member,
+    missing bytes) is an ImageDecodeError for that record from `load`/`read_part` (an `error` row in the
+    manifest), never an exception out of the reader; a problem with a whole part that names no record (a file that
+    is not a tar) is listed by `part_metadata` as one record named after the part, whose read gives the error.
+    """
 
     format: str = ""
     splits: tuple[str, ...] = ("all",)
     channels: int = 3
     color: str = "RGB"
+    listed: bool = True
 
     def __init__(self, spec: SourceSpec) -> None:
         if spec.split not in self.splits:
@@ -116,11 +155,41 @@ class DatasetReader(ABC):
 
     @abstractmethod
     def metadata(self) -> pa.Table:
-        """One row per record of the selected split, sorted by `record_id` (first column)."""
+        """One row per record of the selected split, in dataset order, `record_id` first.
+
+        Listed readers: the listing (sorted by record_id). Streamed readers: the parts' rows concatenated (for
+        small datasets and tests; guard prepare reads parts instead)."""
 
     @abstractmethod
     def load(self, record_id: str) -> np.ndarray:
         """The record's transformed pixels, uint8 (C, H, W); raises ImageDecodeError if unreadable."""
+
+    def parts(self) -> list[Part]:
+        """The dataset's parts in order. Listed readers: runs of PART_RECORDS rows of `metadata()`
+        (`start`/`stop` are row numbers of the listing)."""
+        count = self.metadata().num_rows
+        return [Part(i, f"records {start}-{min(start + PART_RECORDS, count) - 1}", start=start,
+                     stop=min(start + PART_RECORDS, count))
+                for i, start in enumerate(range(0, count, PART_RECORDS))]
+
+    def part_metadata(self, part: Part) -> pa.Table:
+        """The rows of one part, in dataset order, `record_id` first (its columns may differ between parts: the
+        caller unifies them). Listed readers: a slice of `metadata()`."""
+        return self.metadata().slice(part.start, part.stop - part.start)
+
+    def read_part(self, part: Part, record_ids: Sequence[str]) -> Iterator[Loaded]:
+        """Each of `record_ids` (records of `part`, in dataset order) once, in any order, with its transformed
+        pixels or the ImageDecodeError saying why it cannot be read. Streamed readers read the part once."""
+        yield from self.load_many(record_ids)
+
+    def load_many(self, record_ids: Sequence[str]) -> Iterator[Loaded]:
+        """Each of `record_ids` once, in any order, as `read_part` (random access: the audit's originals).
+        Streamed readers group the ids by part and read each part once."""
+        for record_id in record_ids:
+            try:
+                yield record_id, self.load(record_id)
+            except ImageDecodeError as err:
+                yield record_id, err
 
     def require_file(self, relative: str) -> Path:
         """The resolved path of one of the layout's own files; InputError if missing or outside the root."""
