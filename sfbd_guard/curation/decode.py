@@ -1,47 +1,28 @@
-"""Decoding work, one chunk of records at a time, in this process or in worker processes.
+"""Decoding work, one part of the dataset at a time, in this process or in worker processes.
 
-A chunk result carries, per record, its pixel sha256, and the arrays to store, stacked per action
-(one array per chunk is much cheaper to send between processes than one per record): uint8 pixels
-of the clean records, float16 noised copies of the protected ones. Excluded records have no array
-(their pixels leave the worker only as a hash).
+A worker reads its part's records (`DatasetReader.read_part`), hashes each record's transformed pixels,
+noises the protected ones with their keyed noise and writes the clean uint8 pixels and the protected
+float16 noisy copies to shard files of its own, block by block (`shards.PartShardWriter`). What goes back
+to the parent is small: per record its sha256, error and place, and the files written. Excluded records
+have no array (their pixels leave the worker only as a hash). Stages run a block of records at a time:
+decoding and noising record by record is about 15% slower (the two evict each other's code and tables
+from the CPU caches).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
-from ..datasets import DatasetReader, SourceSpec, open_reader
+from ..datasets import DatasetReader, Part, SourceSpec, open_reader
 from ..errors import ImageDecodeError
 from ..hashing import pixel_sha256
 from .keys import NoiseKey
 from .noise import noised_copies, record_key
-
-
-@dataclass(frozen=True)
-class Task:
-    record_id: str
-    action: str  # exclude | clean | protect
-
-
-@dataclass(frozen=True)
-class Outcome:
-    record_id: str
-    action: str
-    sha256: str | None = None
-    error: str | None = None
-
-    @property
-    def stored(self) -> bool:
-        """Whether the record has an array to store (clean or protected, and readable)."""
-        return self.error is None and self.action != "exclude"
-
-
-@dataclass(frozen=True)
-class ChunkResult:
-    outcomes: list[Outcome]  # in task order
-    arrays: dict[str, np.ndarray]  # action → the stored records' arrays, stacked in task order
+from .shards import PartShardWriter, ShardFile
 
 
 @dataclass(frozen=True)
@@ -52,35 +33,111 @@ class NoiseParams:
     key: NoiseKey
 
 
-def _load(reader: DatasetReader, task: Task) -> tuple[np.ndarray | None, Outcome]:
-    """Decode, transform and hash one record: its uint8 (C, H, W) pixels (None if unreadable) and its outcome."""
-    try:
-        pixels = reader.load(task.record_id)
-    except ImageDecodeError as err:
-        return None, Outcome(task.record_id, task.action, error=str(err))
+@dataclass(frozen=True)
+class PartTask:
+    """One part to decode: its records in dataset order, each one's action (clean | protect | exclude), and where
+    to write (the staging folder; shard size and block size are the parent's, so workers cannot disagree)."""
+
+    part: Part
+    record_ids: list[str]
+    actions: list[str]
+    staging: Path
+    shard_records: int
+    block_records: int
+
+
+@dataclass(frozen=True)
+class PartResult:
+    """Per record of the part, in dataset order: its pixel sha256 (None if unreadable), the reason it is unreadable,
+    and its place (temporary shard file, row) if stored; and the shard files written, in order."""
+
+    index: int
+    sha256: list[str | None]
+    errors: list[str | None]
+    places: list[tuple[str, int] | None]
+    shards: list[ShardFile]
+
+
+def _check(reader: DatasetReader, pixels: np.ndarray) -> str | None:
+    """Why `pixels` is not a record of this reader's shape, or None."""
+    size = reader.spec.resolution
     if pixels.shape[0] != reader.channels:
-        return None, Outcome(task.record_id, task.action, error=f"expected {reader.channels} channels, got {pixels.shape[0]}")
-    return pixels, Outcome(task.record_id, task.action, pixel_sha256(pixels))
+        return f"expected {reader.channels} channels, got {pixels.shape[0]}"
+    if pixels.dtype != np.uint8 or pixels.shape != (reader.channels, size, size):
+        return f"expected uint8 pixels of shape {(reader.channels, size, size)}, got {pixels.dtype} {pixels.shape}"
+    return None
 
 
-def process_chunk(reader: DatasetReader, tasks: list[Task], noise: NoiseParams) -> ChunkResult:
-    """Decode, transform and hash every record of the chunk, then noise the protected ones.
+class _Blocks:
+    """Collects decoded records and writes them a block at a time to the part's clean and protected shards."""
 
-    Each stage runs over the whole chunk: decoding and noising record by record is about 15% slower
-    (the two evict each other's code and tables from the CPU caches).
-    """
-    loaded = [_load(reader, task) for task in tasks]
-    stored: dict[str, list[tuple[np.ndarray, Outcome]]] = {}
-    for pixels, outcome in loaded:
-        if pixels is not None and outcome.stored:
-            stored.setdefault(outcome.action, []).append((pixels, outcome))
-    arrays = {action: np.stack([pixels for pixels, _ in rows]) for action, rows in stored.items()}
-    if "protect" in arrays:
-        shape = arrays["protect"].shape[1:]
-        keys = [record_key(noise.key.secret, outcome.record_id, sigma=noise.sigma, shape=shape)
-                for _, outcome in stored["protect"]]
-        arrays["protect"] = noised_copies(arrays["protect"], sigma=noise.sigma, keys=keys)
-    return ChunkResult([outcome for _, outcome in loaded], arrays)
+    def __init__(self, task: PartTask, noise: NoiseParams, places: list[tuple[str, int] | None]) -> None:
+        self.task, self.noise, self.places = task, noise, places
+        self.writers = {
+            "clean": PartShardWriter(task.staging, "clean", np.dtype(np.uint8), task.part.index, task.shard_records),
+            "protect": PartShardWriter(task.staging, "protected", np.dtype(np.float16), task.part.index,
+                                       task.shard_records),
+        }
+        self.pending: list[tuple[int, np.ndarray]] = []
+
+    def add(self, row: int, pixels: np.ndarray) -> None:
+        self.pending.append((row, pixels))
+        if len(self.pending) >= self.task.block_records:
+            self.flush()
+
+    def flush(self) -> None:
+        for action, writer in self.writers.items():
+            rows = [(row, pixels) for row, pixels in self.pending if self.task.actions[row] == action]
+            if not rows:
+                continue
+            stacked = np.stack([pixels for _, pixels in rows])
+            if action == "protect":
+                keys = [record_key(self.noise.key.secret, self.task.record_ids[row], sigma=self.noise.sigma,
+                                   shape=stacked.shape[1:]) for row, _ in rows]
+                stacked = noised_copies(stacked, sigma=self.noise.sigma, keys=keys)
+            for (row, _), place in zip(rows, writer.add(stacked), strict=True):
+                self.places[row] = place
+        self.pending = []
+
+    def close(self) -> list[ShardFile]:
+        self.flush()
+        return [*self.writers["clean"].close(), *self.writers["protect"].close()]
+
+    def discard(self) -> None:
+        for writer in self.writers.values():
+            writer.discard()
+
+
+def process_part(reader: DatasetReader, task: PartTask, noise: NoiseParams) -> PartResult:
+    """Decode, hash, noise and store every record of the part (see the module docstring)."""
+    count = len(task.record_ids)
+    rows = {record_id: row for row, record_id in enumerate(task.record_ids)}
+    sha256: list[str | None] = [None] * count
+    errors: list[str | None] = [None] * count
+    places: list[tuple[str, int] | None] = [None] * count
+    seen = [False] * count
+    blocks = _Blocks(task, noise, places)
+    try:
+        for record_id, loaded in reader.read_part(task.part, task.record_ids):
+            row = rows.get(record_id)
+            if row is None or seen[row]:
+                raise RuntimeError(f"{reader.format} reader returned {record_id!r}, not a pending record of {task.part.name}")
+            seen[row] = True
+            problem = str(loaded) if isinstance(loaded, ImageDecodeError) else _check(reader, loaded)
+            if problem is not None or isinstance(loaded, ImageDecodeError):
+                errors[row] = problem
+                continue
+            sha256[row] = pixel_sha256(loaded)
+            if task.actions[row] != "exclude":
+                blocks.add(row, loaded)
+        for row in range(count):
+            if not seen[row]:
+                errors[row] = f"not found in {task.part.name}"
+        shards = blocks.close()
+    except BaseException:
+        blocks.discard()
+        raise
+    return PartResult(task.part.index, sha256, errors, places, shards)
 
 
 # Worker processes open their own reader once (pool initializer) and keep it for their lifetime.
@@ -92,7 +149,12 @@ def init_worker(spec: SourceSpec) -> None:
     _worker_reader = open_reader(spec)
 
 
-def worker_chunk(job: tuple[list[Task], NoiseParams]) -> ChunkResult:
+def worker_part(job: tuple[PartTask, NoiseParams]) -> PartResult:
     assert _worker_reader is not None, "init_worker was not called"
-    tasks, noise = job
-    return process_chunk(_worker_reader, tasks, noise)
+    task, noise = job
+    return process_part(_worker_reader, task, noise)
+
+
+def worker_part_metadata(part: Part) -> pa.Table:
+    assert _worker_reader is not None, "init_worker was not called"
+    return _worker_reader.part_metadata(part)

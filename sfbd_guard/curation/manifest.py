@@ -23,6 +23,12 @@ MANIFEST_FIELDS: list[pa.Field[Any]] = [
 ]
 
 
+def manifest_schema(metadata: pa.Schema) -> pa.Schema:
+    """The manifest's schema: the product's columns, then the dataset's metadata columns (but its record_id)."""
+    fields = [*MANIFEST_FIELDS, *(f for f in metadata if f.name != "record_id")]
+    return pa.schema(fields, metadata={b"guard.manifest_schema": str(SCHEMA_VERSION).encode()})
+
+
 def manifest_table(columns: dict[str, list[Any]], metadata: pa.Table) -> pa.Table:
     """The product's columns (explicit schema) followed by the dataset's metadata columns."""
     own = pa.table({f.name: pa.array(columns[f.name], f.type) for f in MANIFEST_FIELDS}, schema=pa.schema(MANIFEST_FIELDS))

@@ -6,13 +6,19 @@
   protected/         float16 N×C×H×W .npy shards of x/127.5 - 1 + sigma*eps (never the originals)
   card.json          what was done, counts, and the sha256 of every array file
 No protected or excluded original is written under <output>, in any form.
+
+Memory does not grow with the dataset: the records' metadata is written to a memory-mapped file
+(records.py), the rules keep one int per record, workers read and write their own parts
+(decode.py, shards.py), and the manifest is written a part at a time. At most a few parts are in
+flight at once.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,26 +26,28 @@ from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__
 from ..contracts.card import Card, card_from_dict, write_card
-from ..datasets import DatasetReader, SourceSpec, open_reader
+from ..datasets import DatasetReader, Part, SourceSpec, open_reader
 from ..errors import DataError
-from ..hashing import fingerprint, sha256_file
+from ..hashing import fingerprint, new_sha256, sha256_file
 from ..policy import LoadedPolicy
-from ..progress import ProgressFactory, Tick
-from .decode import ChunkResult, NoiseParams, Outcome, Task, init_worker, process_chunk, worker_chunk
+from ..progress import ProgressFactory
+from . import shards as shard_files
+from .decode import NoiseParams, PartResult, PartTask, init_worker, process_part, worker_part, worker_part_metadata
 from .keys import NoiseKey, fresh_key, read_key_file
-from .manifest import ACTION_PARTITION, PARTITIONS, manifest_table
+from .manifest import ACTION_PARTITION, MANIFEST_FIELDS, PARTITIONS, manifest_schema, manifest_table
 from .noise import GENERATOR
 from .output import abandon_output, claim_output, finish_output, start_output
-from .rules import decide
-from .shards import SHARD_RECORDS, ShardWriter
+from .records import Records, collect, discard, metadata_slice, slice_ids
+from .rules import Decisions, decide
 
-CHUNK_RECORDS = 64
+CHUNK_RECORDS = 64  # records per block a worker decodes, then noises and writes
+IN_FLIGHT_PER_WORKER = 2  # parts queued per worker process: enough to keep it busy, few enough to bound memory
+MAX_ERRORS_KEPT = 1000  # error rows listed in the result (all of them are in the manifest)
 
 
 @dataclass(frozen=True)
@@ -47,10 +55,11 @@ class PrepareResult:
     output: Path
     counts: dict[str, int]
     rule_counts: dict[str, int]
-    errors: list[tuple[str, str]]  # (record_id, reason)
+    errors: list[tuple[str, str]]  # (record_id, reason), the first MAX_ERRORS_KEPT
     card: Card
     seconds: float
     source_fingerprint: str = field(default="")
+    error_count: int = 0
 
 
 def source_spec(loaded: LoadedPolicy, data_root: Path | None) -> SourceSpec:
@@ -63,10 +72,6 @@ def source_spec(loaded: LoadedPolicy, data_root: Path | None) -> SourceSpec:
 
 def output_dir(loaded: LoadedPolicy, out: Path | None) -> Path:
     return out.resolve() if out else loaded.resolve(loaded.policy.output)
-
-
-def _chunks(tasks: list[Task]) -> list[list[Task]]:
-    return [tasks[i : i + CHUNK_RECORDS] for i in range(0, len(tasks), CHUNK_RECORDS)]
 
 
 @contextmanager
@@ -82,63 +87,84 @@ def worker_pool(spec: SourceSpec, workers: int) -> Iterator[Pool | None]:
         yield pool
 
 
-def run_tasks(reader: DatasetReader, tasks: list[Task], noise: NoiseParams, pool: Pool | None) -> Iterator[ChunkResult]:
-    """Chunk results in task order, computed here (no pool) or by the pool's worker processes."""
-    chunks = _chunks(tasks)
+def ordered_map(pool: Pool | None, work: Callable[[Any], Any], local: Callable[[Any], Any],
+                jobs: Iterable[Any], window: int) -> Iterator[Any]:
+    """`work(job)` for each job, in job order, by the pool's workers with at most `window` jobs in flight
+    (`Pool.imap` would queue every job at once), or `local(job)` here when there is no pool."""
     if pool is None:
-        for chunk in chunks:
-            yield process_chunk(reader, chunk, noise)
+        yield from map(local, jobs)
         return
-    yield from pool.imap(worker_chunk, [(chunk, noise) for chunk in chunks])
+    pending: deque[Any] = deque()
+    for job in jobs:
+        pending.append(pool.apply_async(work, (job,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
-def _store(chunks: Iterator[ChunkResult], staging: Path, strict: bool,
-           progress: Tick | None) -> tuple[dict[str, Outcome], dict[str, tuple[str, int]], dict[str, str]]:
-    writers = {
-        "clean": ShardWriter(staging, "clean", np.dtype(np.uint8)),
-        "protect": ShardWriter(staging, "protected", np.dtype(np.float16)),
-    }
-    results: dict[str, Outcome] = {}
-    places: dict[str, tuple[str, int]] = {}
-    for chunk in chunks:
-        for outcome in chunk.outcomes:
-            if outcome.error is not None and strict:
-                raise DataError(f"record {outcome.record_id}: {outcome.error}", hint="--strict makes unreadable records fatal")
-            results[outcome.record_id] = outcome
-        for action, rows in chunk.arrays.items():
-            stored = [o.record_id for o in chunk.outcomes if o.action == action and o.stored]
-            places.update(zip(stored, writers[action].add(rows), strict=True))
-        if progress:
-            progress(len(chunk.outcomes))
-    files: dict[str, str] = {}
-    for writer in writers.values():
-        writer.flush()
-        files.update(writer.files)
-    return results, places, files
+class ManifestWriter:
+    """Writes the manifest a part at a time (one Parquet row group per part) and counts as it goes."""
+
+    def __init__(self, path: Path, metadata_schema: pa.Schema, sigma: float) -> None:
+        self.schema = manifest_schema(metadata_schema)
+        self.writer = pq.ParquetWriter(str(path), self.schema)
+        self.sigma = sigma
+        self.counts = dict.fromkeys(PARTITIONS, 0)
+        self.errors: list[tuple[str, str]] = []
+        self.error_count = 0
+        self.source = new_sha256()  # over "record_id\tsha256\n" in manifest order
+
+    def add(self, record_ids: list[str], rules: list[str | None], actions: list[str], result: PartResult,
+            places: list[tuple[str, int] | None], metadata: pa.Table) -> None:
+        columns: dict[str, list[object]] = {f.name: [] for f in MANIFEST_FIELDS}
+        for row, record_id in enumerate(record_ids):
+            error = result.errors[row]
+            partition = "error" if error is not None else ACTION_PARTITION[actions[row]]
+            file, place_row = places[row] or (None, None)
+            sha = result.sha256[row]
+            columns["record_id"].append(record_id)
+            columns["partition"].append(partition)
+            columns["rule"].append(None if partition == "error" else rules[row])
+            columns["sha256"].append(sha)
+            columns["sigma"].append({"clean": 0.0, "protected": self.sigma}.get(partition))
+            columns["file"].append(file)
+            columns["row"].append(place_row)
+            columns["error"].append(error)
+            self.counts[partition] += 1
+            if error is not None:
+                self.error_count += 1
+                if len(self.errors) < MAX_ERRORS_KEPT:
+                    self.errors.append((record_id, error))
+            self.source.update(f"{record_id}\t{sha or ''}\n".encode())
+        self.writer.write_table(manifest_table(columns, metadata))
+
+    def close(self) -> None:
+        self.writer.close()
 
 
-def _manifest_columns(record_ids: list[str], rules: list[str | None], results: dict[str, Outcome],
-                      places: dict[str, tuple[str, int]], sigma: float) -> dict[str, list[object]]:
-    names = ("record_id", "partition", "rule", "sha256", "sigma", "file", "row", "error")
-    columns: dict[str, list[object]] = {k: [] for k in names}
-    for record_id, rule in zip(record_ids, rules, strict=True):
-        outcome = results[record_id]
-        partition = "error" if outcome.error is not None else ACTION_PARTITION[outcome.action]
-        file, row = places.get(record_id, (None, None))
-        columns["record_id"].append(record_id)
-        columns["partition"].append(partition)
-        columns["rule"].append(None if partition == "error" else rule)
-        columns["sha256"].append(outcome.sha256)
-        columns["sigma"].append({"clean": 0.0, "protected": sigma}.get(partition))
-        columns["file"].append(file)
-        columns["row"].append(row)
-        columns["error"].append(outcome.error)
-    return columns
+def _part_tasks(records: Records, decisions: Decisions, staging: Path) -> Iterator[PartTask]:
+    for part in records.parts:
+        start, stop = records.rows(part.index)
+        actions = [str(a) for a in decisions.actions_of(start, stop)]
+        yield PartTask(part, slice_ids(records, part.index), actions, staging, shard_files.SHARD_RECORDS, CHUNK_RECORDS)
 
 
-def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, manifest: pa.Table, key: NoiseKey,
+def _publish_shards(staging: Path, result: PartResult, numbering: dict[str, int], files: dict[str, str],
+                    ) -> list[tuple[str, int] | None]:
+    """Give the part's shard files their final names (in part order) and return the records' final places."""
+    renamed: dict[str, str] = {}
+    for shard in result.shards:
+        name = shard_files.shard_name(shard.partition, numbering[shard.partition])
+        numbering[shard.partition] += 1
+        (staging / shard.temp).rename(staging / name)
+        renamed[shard.temp] = name
+        files[name] = shard.sha256
+    return [None if place is None else (renamed[place[0]], place[1]) for place in result.places]
+
+
+def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, counts: dict[str, int], key: NoiseKey,
           rule_counts: dict[str, int], files: dict[str, str], manifest_sha256: str) -> dict[str, Any]:
-    partitions = manifest.column("partition").to_pylist()
     policy = loaded.policy
     return {
         "policy_name": policy.name,
@@ -155,12 +181,12 @@ def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, manifes
         "noise_generator": GENERATOR,
         "noise_key_id": key.key_id,  # HMAC(secret, label): names the key, reveals nothing of it
         "noise_key_source": key.source,  # ephemeral (discarded: the noise can never be regenerated) or key_file
-        "counts": {p: partitions.count(p) for p in PARTITIONS},
+        "counts": counts,
         "rule_counts": rule_counts,
-        "files": files,
+        "files": dict(sorted(files.items())),
         "manifest_sha256": manifest_sha256,
         "fingerprint": fingerprint({**files, "manifest.parquet": manifest_sha256}),
-        "shard_records": SHARD_RECORDS,
+        "shard_records": shard_files.SHARD_RECORDS,
         "tool_version": __version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -191,29 +217,46 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
     key = noise_key(loaded, key_file, output)
     reader = open_reader(spec)
     claim = claim_output(output, overwrite=overwrite, dataset_root=spec.root, policy_dir=loaded.base_dir)
+    window = max(1, workers) * IN_FLIGHT_PER_WORKER
     with claim, worker_pool(spec, workers) as pool:
-        metadata = reader.metadata()
-        decisions = decide(metadata, list(loaded.policy.rules), base_dir=loaded.base_dir, source=str(loaded.path))
-        record_ids: list[str] = [str(r) for r in metadata.column("record_id").to_pylist()]
-        tasks = [Task(r, a) for r, a in zip(record_ids, decisions.actions, strict=True) if a is not None]
-        noise = NoiseParams(sigma=loaded.policy.noise.sigma, key=key)
         staging = start_output(output, overwrite=overwrite)
         try:
             for partition in ("clean", "protected"):
                 (staging / partition).mkdir(mode=0o700)
-            tick = progress("decoding", len(tasks)) if progress else None
-            results, places, files = _store(run_tasks(reader, tasks, noise, pool), staging, strict, tick)
-            columns = _manifest_columns(record_ids, decisions.rules, results, places, noise.sigma)
-            manifest = manifest_table(columns, metadata)
-            pq.write_table(manifest, staging / "manifest.parquet")
-            card = card_from_dict(_card(loaded, spec, reader, manifest, key, decisions.rule_counts(), files,
+
+            def read_parts(parts: list[Part]) -> Iterator[pa.Table]:
+                return ordered_map(pool, worker_part_metadata, reader.part_metadata, parts, window)
+
+            records = collect(reader, staging, read_parts, progress)
+            decisions = decide(records.table, list(loaded.policy.rules), base_dir=loaded.base_dir, source=str(loaded.path))
+            noise = NoiseParams(sigma=loaded.policy.noise.sigma, key=key)
+            tick = progress("decoding", records.table.num_rows) if progress else None
+            manifest = ManifestWriter(staging / "manifest.parquet", records.table.schema, noise.sigma)
+            numbering = {"clean": 0, "protected": 0}
+            files: dict[str, str] = {}
+            tasks = _part_tasks(records, decisions, staging)
+            results = ordered_map(pool, worker_part, lambda job: process_part(reader, *job),
+                                  ((task, noise) for task in tasks), window)
+            for result in results:
+                start, stop = records.rows(result.index)
+                record_ids = slice_ids(records, result.index)
+                bad = [row for row, error in enumerate(result.errors) if error is not None]
+                if strict and bad:
+                    raise DataError(f"record {record_ids[bad[0]]}: {result.errors[bad[0]]}",
+                                    hint="--strict makes unreadable records fatal")
+                places = _publish_shards(staging, result, numbering, files)
+                manifest.add(record_ids, decisions.rules_of(start, stop), [str(a) for a in decisions.actions_of(start, stop)],
+                             result, places, metadata_slice(records, result.index))
+                if tick:
+                    tick(stop - start)
+            manifest.close()
+            discard(staging)
+            card = card_from_dict(_card(loaded, spec, reader, manifest.counts, key, decisions.rule_counts(), files,
                                         sha256_file(staging / "manifest.parquet")))
             write_card(staging, card)
             finish_output(staging, output)
         except BaseException:
             abandon_output(staging)
             raise
-    errors = [(r, e) for r in record_ids if (e := results[r].error) is not None]
-    source = fingerprint({r: results[r].sha256 or "" for r in record_ids})
-    return PrepareResult(output, dict(card.counts), dict(card.rule_counts), errors, card, time.perf_counter() - started,
-                         source)
+    return PrepareResult(output, dict(card.counts), dict(card.rule_counts), manifest.errors, card,
+                         time.perf_counter() - started, manifest.source.hexdigest(), manifest.error_count)

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, cast
 
+import numpy as np
 import pyarrow as pa
 
 from ..errors import ConfigError, InputError
@@ -70,16 +71,35 @@ from ..policy import Rule, SampleSpec
 
 @dataclass(frozen=True)
 class Decisions:
-    """Per record (in metadata order): the deciding rule and its action; None when undecided."""
+    """Per record (in metadata order): the deciding rule, as an index into the policy's rules (-1: undecided).
 
-    rules: list[str | None]
-    actions: list[str | None]
+    One int32 per record, so a decision table of millions of records stays small."""
+
+    names: list[str]  # the policy's rule names, by index
+    rule_actions: list[str]  # the policy's rule actions, by index
+    chosen: np.ndarray  # int32 per record
+
+    def rules_of(self, start: int = 0, stop: int | None = None) -> list[str | None]:
+        """The deciding rule's name per record of rows [start, stop)."""
+        return [self.names[i] if i >= 0 else None for i in self.chosen[start:stop].tolist()]
+
+    def actions_of(self, start: int = 0, stop: int | None = None) -> list[str | None]:
+        """The deciding rule's action per record of rows [start, stop)."""
+        return [self.rule_actions[i] if i >= 0 else None for i in self.chosen[start:stop].tolist()]
+
+    @property
+    def rules(self) -> list[str | None]:
+        return self.rules_of()
+
+    @property
+    def actions(self) -> list[str | None]:
+        return self.actions_of()
 
     def rule_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for name in self.rules:
-            if name is not None:
-                counts[name] = counts.get(name, 0) + 1
+        indices, numbers = np.unique(self.chosen[self.chosen >= 0], return_counts=True)
+        for index, number in zip(indices.tolist(), numbers.tolist(), strict=True):
+            counts[self.names[index]] = counts.get(self.names[index], 0) + int(number)
         return counts
 
 
@@ -418,9 +438,10 @@ class RuleEvaluator:
         document = {"error": False, "statements": [statement]}
         return str(_scalar(con, "SELECT json_deserialize_sql(?::JSON)", [json.dumps(document)]))
 
-    def matching_rows(self, rule: Rule, index: int) -> list[int]:
+    def matching_rows(self, rule: Rule, index: int) -> np.ndarray:
+        """The rows `rule` matches, ascending (int64)."""
         if rule.where is None:
-            return list(range(self.table.num_rows))
+            return np.arange(self.table.num_rows, dtype=np.int64)
         import duckdb
 
         compiled = self._compiled[index]
@@ -429,7 +450,8 @@ class RuleEvaluator:
             if kind not in ("BOOLEAN", "NULL", '"NULL"'):
                 raise self._fail(index, f"{_short(rule.where)} is a {kind} expression, not a condition "
                                         "(write e.g. column = 'value')")
-            return sorted(row for (row,) in self._con.execute(compiled.sql).fetchall())
+            rows = self._con.execute(compiled.sql).fetchnumpy()[ROW_COLUMN]
+            return np.sort(np.asarray(rows, dtype=np.int64))
         except duckdb.Error as err:
             if compiled.reads_files or type(err).__name__ not in SAFE_ERRORS:
                 raise self._fail(index, f"DuckDB could not evaluate {_short(rule.where)} ({type(err).__name__}; "
@@ -452,22 +474,24 @@ class RuleEvaluator:
 def decide(metadata: pa.Table, rules: list[Rule], *, base_dir: Path, source: str) -> Decisions:
     """Apply the policy's rules to every record of `metadata`; every record must end up decided."""
     evaluator = RuleEvaluator(metadata, rules, base_dir=base_dir, source=source)
-    record_ids = cast(list[str], metadata.column("record_id").to_pylist())  # each reader names records by file
-    chosen_rule: list[str | None] = [None] * metadata.num_rows
-    chosen_action: list[str | None] = [None] * metadata.num_rows
+    chosen = np.full(metadata.num_rows, -1, dtype=np.int32)
+    record_ids: list[str] | None = None  # each reader names records by file; only sampling needs them all
     ordered = [(i, r) for i, r in enumerate(rules) if r.action == "exclude"]
     ordered += [(i, r) for i, r in enumerate(rules) if r.action != "exclude"]
     for index, rule in ordered:
-        rows = [row for row in evaluator.matching_rows(rule, index) if chosen_rule[row] is None]
+        rows = evaluator.matching_rows(rule, index)
+        rows = rows[chosen[rows] < 0]
         if rule.sample is not None:
+            if record_ids is None:
+                record_ids = cast(list[str], metadata.column("record_id").to_pylist())
             by_values = evaluator.column(rule.sample.by, index) if rule.sample.by else None
-            rows = sample_rows(rows, rule.sample, record_ids, by_values)
-        for row in rows:
-            chosen_rule[row], chosen_action[row] = rule.name, rule.action
-    undecided = [record_ids[row] for row, name in enumerate(chosen_rule) if name is None]
-    if undecided:
+            rows = np.asarray(sample_rows(rows.tolist(), rule.sample, record_ids, by_values), dtype=np.int64)
+        chosen[rows] = index
+    undecided = np.flatnonzero(chosen < 0)
+    if len(undecided):
+        examples = [str(metadata.column("record_id")[int(row)]) for row in undecided[:5]]
         raise InputError(
-            f"{source}: {len(undecided)} record(s) match no rule, e.g. {', '.join(undecided[:5])}",
+            f"{source}: {len(undecided)} record(s) match no rule, e.g. {', '.join(examples)}",
             hint="add a final rule without `where` (e.g. action: protect) to decide the rest",
         )
-    return Decisions(rules=chosen_rule, actions=chosen_action)
+    return Decisions(names=[r.name for r in rules], rule_actions=[r.action for r in rules], chosen=chosen)

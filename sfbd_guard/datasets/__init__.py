@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import PART_RECORDS, RESERVED_COLUMNS, DatasetReader, Loaded, Part, SourceSpec
+from .base import PART_RECORDS, RESERVED_COLUMNS, DatasetReader, Loaded, Part, SourceSpec, listing_parts
 from .celeba import CelebAReader
 from .cifar10 import Cifar10Reader
 from .digits import DigitsReader
@@ -21,4 +21,4 @@ def open_reader(spec: SourceSpec) -> DatasetReader:
     return READERS[spec.format](spec)
 
 
-__all__ = ["PART_RECORDS", "READERS", "RESERVED_COLUMNS", "DatasetReader", "Loaded", "Part", "SourceSpec", "open_reader"]
+__all__ = ["PART_RECORDS", "READERS", "RESERVED_COLUMNS", "DatasetReader", "Loaded", "Part", "SourceSpec", "listing_parts", "open_reader"]

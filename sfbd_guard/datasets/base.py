@@ -62,6 +62,12 @@ class Part:
     stop: int = 0
 
 
+def listing_parts(count: int, size: int = PART_RECORDS) -> list[Part]:
+    """A listing of `count` records cut into parts of `size` rows (`start`/`stop`: row numbers)."""
+    return [Part(i, f"records {start}-{min(start + size, count) - 1}", start=start, stop=min(start + size, count))
+            for i, start in enumerate(range(0, count, size))]
+
+
 Loaded = tuple[str, "np.ndarray | ImageDecodeError"]  # a record id and its transformed pixels, or why they cannot be read
 
 
@@ -167,10 +173,7 @@ class DatasetReader(ABC):
     def parts(self) -> list[Part]:
         """The dataset's parts in order. Listed readers: runs of PART_RECORDS rows of `metadata()`
         (`start`/`stop` are row numbers of the listing)."""
-        count = self.metadata().num_rows
-        return [Part(i, f"records {start}-{min(start + PART_RECORDS, count) - 1}", start=start,
-                     stop=min(start + PART_RECORDS, count))
-                for i, start in enumerate(range(0, count, PART_RECORDS))]
+        return listing_parts(self.metadata().num_rows)
 
     def part_metadata(self, part: Part) -> pa.Table:
         """The rows of one part, in dataset order, `record_id` first (its columns may differ between parts: the

@@ -1,0 +1,193 @@
+"""The records table of a prepare: every record's metadata, on disk and memory-mapped, with the dataset's parts.
+
+A listed dataset's listing is read once here; a streamed dataset's parts are read by the workers, each part's
+rows written to a file of its own as it arrives. The parts' columns are then unified (a column missing from a
+part is null there; int and float meet as float; types that do not meet become strings) and written to one
+Arrow IPC file that is memory-mapped: the policy's rules, the duplicate check and the manifest read it without
+holding it in this process's own memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from ..datasets import DatasetReader, Part, listing_parts
+from ..datasets.base import check_reserved
+from ..errors import InputError
+from ..progress import ProgressFactory
+
+RECORDS_FILE = ".records.arrow"  # in the staging folder; removed before the prepared directory is published
+PARTS_FOLDER = ".records"
+BATCH_ROWS = 65536
+
+
+@dataclass(frozen=True)
+class Records:
+    """The memory-mapped records table (record_id first) and the parts, with each part's first row in it."""
+
+    table: pa.Table
+    parts: list[Part]
+    offsets: list[int]  # offsets[i]: row of part i's first record; offsets[-1] = number of records
+
+    def rows(self, part: int) -> tuple[int, int]:
+        return self.offsets[part], self.offsets[part + 1]
+
+
+def _numeric(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind))
+
+
+def _common_type(name: str, current: pa.DataType, new: pa.DataType) -> pa.DataType:
+    """The type a column keeps when parts disagree: nulls take the other's type, numbers widen, else string."""
+    if current == new or pa.types.is_null(new):
+        return current
+    if pa.types.is_null(current):
+        return new
+    if _numeric(current) and _numeric(new):
+        try:
+            merged = pa.unify_schemas([pa.schema([pa.field(name, current)]), pa.schema([pa.field(name, new)])],
+                                      promote_options="permissive")
+            kind: pa.DataType = merged.field(name).type
+            return kind
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            return pa.float64()
+    return pa.string()
+
+
+class SchemaUnion:
+    """Folds the parts' schemas into one, in order of first appearance, `record_id` first."""
+
+    def __init__(self) -> None:
+        self.types: dict[str, pa.DataType] = {"record_id": pa.string()}
+
+    def add(self, schema: pa.Schema) -> None:
+        for field in schema:
+            if field.name != "record_id":
+                current = self.types.get(field.name, pa.null())
+                self.types[field.name] = _common_type(field.name, current, field.type)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema([pa.field(name, kind) for name, kind in self.types.items()])
+
+
+def conform(table: pa.Table, schema: pa.Schema, where: str = "") -> pa.Table:
+    """`table` with exactly `schema`'s columns and types (missing columns null)."""
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            column = table.column(field.name)
+            try:
+                columns.append(column if column.type == field.type else column.cast(field.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise InputError(f"{where}: metadata column {field.name!r} ({column.type}) cannot be read as "
+                                 f"{field.type}, its type in other parts") from None
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _check_part(table: pa.Table, part: Part, format_name: str) -> pa.Table:
+    if not table.column_names or table.column_names[0] != "record_id":
+        raise InputError(f"{format_name} reader: {part.name}: metadata must start with record_id")
+    ids = table.column("record_id")
+    if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)) or ids.null_count:
+        raise InputError(f"{format_name} dataset: {part.name}: record ids must be non-null strings")
+    return table if pa.types.is_string(ids.type) else table.set_column(0, "record_id", ids.cast(pa.string()))
+
+
+def _write(path: Path, schema: pa.Schema, tables: Iterable[pa.Table]) -> None:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for table in tables:
+            for batch in table.to_batches(max_chunksize=BATCH_ROWS):
+                writer.write_batch(batch)
+
+
+def _mapped(path: Path) -> pa.Table:
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+
+
+def _check_unique(table: pa.Table, format_name: str) -> None:
+    """Record ids key the noise: two records with one id would get the same noise, which the difference of
+    their noisy copies cancels. Refuse them."""
+    import pyarrow.compute as pc
+
+    ids = table.column("record_id")
+    if pc.count_distinct(ids).as_py() == table.num_rows:
+        return
+    seen: set[str] = set()
+    repeated: list[str] = []
+    for batch in ids.chunks:  # only on failure: find a few repeated ids to name
+        for value in batch.to_pylist():
+            if value in seen and len(repeated) < 3 and str(value) not in repeated:
+                repeated.append(str(value))
+            seen.add(str(value))
+    raise InputError(f"{format_name} dataset: record id(s) {', '.join(map(repr, repeated))} occur more than once",
+                     hint="every record needs its own id (file name, shard/key or file/row)")
+
+
+PartReader = Callable[[list[Part]], Iterator[pa.Table]]  # the parts' metadata tables, in order
+
+
+def collect(reader: DatasetReader, staging: Path, read_parts: PartReader,
+            progress: ProgressFactory | None = None) -> Records:
+    """Read every record's metadata into the staging folder's records file and map it (see the module docstring).
+
+    `read_parts` runs `reader.part_metadata` over the parts (in worker processes, for a streamed reader)."""
+    path = staging / RECORDS_FILE
+    if reader.listed:
+        listing = _check_part(reader.metadata(), Part(0, "the listing"), reader.format)
+        parts = listing_parts(listing.num_rows)
+        offsets = [p.start for p in parts] + [listing.num_rows]
+        schema = listing.schema.remove_metadata()
+        check_reserved(schema.names[1:], f"{reader.format} metadata")
+        _write(path, schema, [listing.replace_schema_metadata(None)])
+        del listing
+    else:
+        parts = reader.parts()
+        folder = staging / PARTS_FOLDER
+        folder.mkdir(mode=0o700)
+        union, offsets = SchemaUnion(), [0]
+        tick = progress("reading metadata", len(parts)) if progress else None
+        for part, table in zip(parts, read_parts(parts), strict=True):
+            table = _check_part(table, part, reader.format)
+            union.add(table.schema)
+            _write(folder / f"{part.index:06d}.arrow", table.schema.remove_metadata(),
+                   [table.replace_schema_metadata(None)])
+            offsets.append(offsets[-1] + table.num_rows)
+            if tick:
+                tick(1)
+        schema = union.schema
+        check_reserved(schema.names[1:], f"{reader.format} metadata")
+
+        def conformed() -> Iterator[pa.Table]:
+            for part in parts:
+                part_path = folder / f"{part.index:06d}.arrow"
+                yield conform(_mapped(part_path), schema, f"{reader.format} dataset: {part.name}")
+                part_path.unlink()
+
+        _write(path, schema, conformed())
+        folder.rmdir()
+    table = _mapped(path)
+    _check_unique(table, reader.format)
+    return Records(table, parts, offsets)
+
+
+def discard(staging: Path) -> None:
+    """Remove the records file (mapped tables stay readable until released)."""
+    (staging / RECORDS_FILE).unlink(missing_ok=True)
+
+
+def slice_ids(records: Records, part: int) -> list[str]:
+    start, stop = records.rows(part)
+    return [str(v) for v in records.table.column("record_id").slice(start, stop - start).to_pylist()]
+
+
+def metadata_slice(records: Records, part: int) -> pa.Table:
+    start, stop = records.rows(part)
+    return records.table.slice(start, stop - start)
+
