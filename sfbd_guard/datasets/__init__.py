@@ -21,4 +21,5 @@ def open_reader(spec: SourceSpec) -> DatasetReader:
     return READERS[spec.format](spec)
 
 
-__all__ = ["PART_RECORDS", "READERS", "RESERVED_COLUMNS", "DatasetReader", "Loaded", "Part", "SourceSpec", "listing_parts", "open_reader"]
+__all__ = ["PART_RECORDS", "READERS", "RESERVED_COLUMNS", "DatasetReader", "Loaded", "Part", "SourceSpec", "listing_parts",
+           "open_reader"]

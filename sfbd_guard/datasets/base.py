@@ -62,8 +62,9 @@ class Part:
     stop: int = 0
 
 
-def listing_parts(count: int, size: int = PART_RECORDS) -> list[Part]:
-    """A listing of `count` records cut into parts of `size` rows (`start`/`stop`: row numbers)."""
+def listing_parts(count: int, size: int | None = None) -> list[Part]:
+    """A listing of `count` records cut into parts of `size` (default PART_RECORDS) rows (`start`/`stop`: rows)."""
+    size = size or PART_RECORDS
     return [Part(i, f"records {start}-{min(start + size, count) - 1}", start=start, stop=min(start + size, count))
             for i, start in enumerate(range(0, count, size))]
 
