@@ -192,6 +192,15 @@ class ParquetReader(StreamedReader):
         return load_bytes(data, f"{relative} row {row}", self.spec.resolution, max_pixels=self.spec.max_pixels)
 
     def read_part(self, part: Part, record_ids: Sequence[str]) -> Iterator[Loaded]:
+        if part.start == part.stop == 0:  # a file whose footer could not be read: its one record gives the reason
+            try:
+                self._close(self._open(part.source))
+                reason = ImageDecodeError(f"{part.source}: the file could not be read when it was listed")
+            except ImageDecodeError as err:
+                reason = err
+            for record_id in dict.fromkeys(record_ids):
+                yield record_id, reason
+            return
         wanted: dict[int, str] = {}
         for record_id in dict.fromkeys(record_ids):
             relative, _, row = record_id.rpartition("/")
