@@ -60,7 +60,7 @@ def test_metadata_jsonl_inside_split_folders_is_relative_to_them(tmp_path: Path)
 
 def test_a_named_split_without_split_folders_says_so(tmp_path: Path) -> None:
     root = _images(tmp_path / "d", ["a.png"])
-    with pytest.raises(InputError, match="dataset.split: 'train': .* has no train/, validation/ or test/ folder"):
+    with pytest.raises(InputError, match=r"dataset\.split: 'train': .* has no train/, validation/ or test/ folder"):
         open_reader(SourceSpec("imagefolder", root, "train", 16)).metadata()
     with pytest.raises(InputError, match="not a split of format 'imagefolder'"):
         open_reader(SourceSpec("imagefolder", root, "valid", 16))

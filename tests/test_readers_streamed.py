@@ -164,7 +164,7 @@ def test_webdataset_brace_pattern_and_a_missing_shard(tmp_path: Path) -> None:
     ids = table.column("record_id").to_pylist()
     assert ids[0] == "shards/00001/000004" and ids[-1] == "shards/00003" and len(ids) == 9
     assert _errors(results).keys() == {"shards/00003"} and "not found" in _errors(results)["shards/00003"]
-    with pytest.raises(InputError, match="no \\*.tar shards"):
+    with pytest.raises(InputError, match=r"no \*\.tar shards"):
         open_reader(SourceSpec("webdataset", tmp_path, "all", 16)).parts()
 
 

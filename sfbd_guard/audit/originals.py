@@ -76,7 +76,7 @@ def source_spec(info: PreparedInfo, data_root: Path | None, split: str | None = 
         raise InputError(f"source dataset root {root} (recorded at prepare time) is not a directory",
                          hint="pass --data-root DIR: the audit reads the protected originals from the source dataset")
     # the policy's reader options (shards, image column, budgets) as prepare used them
-    spec = card_policy(info).dataset.source_spec(root)
+    spec: SourceSpec = card_policy(info).dataset.source_spec(root)
     return replace(spec, format=card.format, split=split or card.split, resolution=info.resolution)
 
 

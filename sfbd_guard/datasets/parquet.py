@@ -132,13 +132,13 @@ class ParquetReader(StreamedReader):
             first += rows
         return groups
 
-    def _image_field(self, file: Any, part: Part) -> pa.Field:
+    def _image_field(self, file: Any, part: Part) -> pa.Field[Any]:
         schema: pa.Schema = file.schema_arrow
         name = self.spec.image_column
         if name not in schema.names:
             raise InputError(f"parquet dataset: {self.root / part.source}: no image column {name!r} "
                              f"(dataset.image_column); columns are: {', '.join(schema.names[:30])}")
-        field: pa.Field = schema.field(name)
+        field: pa.Field[Any] = schema.field(name)
         kind = field.type
         binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
         struct = pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
@@ -165,7 +165,7 @@ class ParquetReader(StreamedReader):
             except (pa.ArrowException, OSError) as err:  # unreadable metadata columns: the rows keep null metadata
                 del err
                 return rows_table(ids, [{} for _ in ids])
-            columns: dict[str, pa.Array] = {"record_id": pa.array(ids, pa.string())}
+            columns: dict[str, Any] = {"record_id": pa.array(ids, pa.string())}
             for name in keep:
                 column = table.column(name)
                 if pa.types.is_dictionary(column.type):
@@ -203,9 +203,9 @@ class ParquetReader(StreamedReader):
             return
         wanted: dict[int, str] = {}
         for record_id in dict.fromkeys(record_ids):
-            relative, _, row = record_id.rpartition("/")
-            if relative == part.source and row.isdigit() and part.start <= int(row) < part.stop:
-                wanted[int(row)] = record_id
+            relative, _, number = record_id.rpartition("/")
+            if relative == part.source and number.isdigit() and part.start <= int(number) < part.stop:
+                wanted[int(number)] = record_id
             else:
                 yield record_id, ImageDecodeError(f"{record_id}: not a row of {part.name}")
         if not wanted:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +24,7 @@ def rename_reserved(name: str) -> str:
     return name
 
 
-def column_array(values: list[object]) -> pa.Array:
+def column_array(values: list[object]) -> pa.Array[Any]:
     """One metadata column's values as an Arrow array; values of mixed types become strings (JSON for non-strings)."""
     try:
         return pa.array(values)
@@ -36,7 +37,7 @@ def rows_table(record_ids: list[str], rows: list[dict[str, object]]) -> pa.Table
     names: dict[str, None] = {}
     for row in rows:
         names.update(dict.fromkeys(row))
-    columns = {"record_id": pa.array(record_ids, pa.string())}
+    columns: dict[str, pa.Array[Any]] = {"record_id": pa.array(record_ids, pa.string())}
     for name in names:
         columns[name] = column_array([row.get(name) for row in rows])
     return pa.table(columns)

@@ -144,7 +144,8 @@ def write_image_set(folder: Path, count: int, size: int = 24, formats: Sequence[
                 if i % per_shard == 0:
                     if tar is not None:
                         tar.close()
-                    tar = tarfile.open(roots["webdataset"] / f"{i // per_shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT)
+                    shard = roots["webdataset"] / f"{i // per_shard:05d}.tar"
+                    tar = tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed below)
                 record = {**meta, "url": f"https://example.org/{key}.png", "status": "success",
                           "sha256": hashlib.sha256(png).hexdigest(), "width": size, "height": size}
                 add(f"{key}.png", png)

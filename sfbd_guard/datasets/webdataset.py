@@ -170,7 +170,7 @@ class WebDatasetReader(StreamedReader):
         with self._open(part) as handle:
             size = os.fstat(handle.fileno()).st_size
             try:
-                tar = tarfile.open(fileobj=handle, mode="r:")
+                tar = tarfile.open(fileobj=handle, mode="r:")  # noqa: SIM115 (closed with `handle`, which it reads)
             except (tarfile.TarError, EOFError, OSError) as err:
                 raise _ShardError(f"shard {part.source}: not a tar file ({err})") from None
             seen: dict[str, int] = {}
@@ -187,7 +187,8 @@ class WebDatasetReader(StreamedReader):
                     return
                 if info is None:
                     break
-                tar.members.clear()  # tarfile keeps every header it read: drop them (links are refused, not resolved)
+                # tarfile keeps every header it read in `members`: drop them (links are refused, never resolved)
+                tar.members.clear()  # type: ignore[attr-defined]
                 end = info.offset_data + (-(-info.size // BLOCK) * BLOCK if info.isreg() else 0)
                 last = info.name
                 if info.isdir():

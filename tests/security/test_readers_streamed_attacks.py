@@ -140,7 +140,7 @@ def test_brace_patterns_that_leave_the_root_or_name_too_many_shards_are_refused(
         policy = {"version": 1, "name": "w", "dataset": {"format": "webdataset", "root": "wds", "resolution": 8,
                                                          "shards": pattern},
                   "rules": [{"name": "all", "action": "protect"}], "noise": {"sigma": 0.5}, "output": "out"}
-        with pytest.raises(ConfigError, match="dataset.shards") as caught:
+        with pytest.raises(ConfigError, match=r"dataset\.shards") as caught:
             load_policy(write_policy(tmp_path / "p.yaml", policy))
         assert reason in str(caught.value), (pattern, str(caught.value))
         with pytest.raises(InputError, match=reason):  # a SourceSpec made without the policy: the reader refuses too
