@@ -85,6 +85,8 @@ def _expand(pattern: str) -> list[str]:
 
 def _split_name(name: str) -> tuple[str, str]:
     """(key, extension) of a member name, as WebDataset splits it: at the first dot of the last component."""
+    while name.startswith("./"):  # `tar -cf s.tar .` writes ./KEY.jpg
+        name = name[2:]
     folder, _, base = name.rpartition("/")
     stem, dot, ext = base.partition(".")
     if not dot:
