@@ -15,6 +15,7 @@ whose footer cannot be read) is one record named after the file, whose read give
 
 from __future__ import annotations
 
+import bisect
 import os
 import stat
 from collections.abc import Iterator, Sequence
@@ -47,6 +48,7 @@ class _FileError(ImageDecodeError):
 
 class ParquetReader(StreamedReader):
     format = "parquet"
+    _files_parts: dict[str, list[Part]] | None = None  # file -> its parts, in row order (made on first use)
 
     def layout_hint(self) -> str:
         return ("expected *.parquet files under the root with an image column (the Hugging Face {bytes, path} struct "
@@ -113,13 +115,19 @@ class ParquetReader(StreamedReader):
         return parts
 
     def part_of(self, record_id: str, parts: list[Part]) -> Part | None:
+        if self._files_parts is None:
+            self._files_parts = {}
+            for part in parts:
+                self._files_parts.setdefault(part.source, []).append(part)
         relative, _, row = record_id.rpartition("/")
-        for part in parts:
-            if part.start == part.stop == 0 and record_id == part.source:
-                return part
-            if part.source == relative and row.isdigit() and part.start <= int(row) < part.stop:
-                return part
-        return None
+        broken = self._files_parts.get(record_id, [])
+        if broken and broken[0].start == broken[0].stop == 0:  # the one record of an unreadable file
+            return broken[0]
+        if not row.isdigit():
+            return None
+        runs = self._files_parts.get(relative, [])
+        found = bisect.bisect_right([part.start for part in runs], int(row)) - 1
+        return runs[found] if found >= 0 and runs[found].start <= int(row) < runs[found].stop else None
 
     @staticmethod
     def _row_groups(file: Any, part: Part) -> list[int]:

@@ -103,13 +103,14 @@ def write_image_set(folder: Path, count: int, size: int = 24, formats: Sequence[
       `per_shard` rows, columns image (the Hugging Face {bytes, path} struct), key, caption, license, opt_out.
     KEY is the record number, 6 digits. Returns {format: dataset root}.
     """
-    import hashlib
     import io
     import json
     import tarfile
 
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from ..hashing import sha256_bytes
 
     roots = {name: folder / name for name in formats}
     for root in roots.values():
@@ -147,7 +148,7 @@ def write_image_set(folder: Path, count: int, size: int = 24, formats: Sequence[
                     shard = roots["webdataset"] / f"{i // per_shard:05d}.tar"
                     tar = tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed below)
                 record = {**meta, "url": f"https://example.org/{key}.png", "status": "success",
-                          "sha256": hashlib.sha256(png).hexdigest(), "width": size, "height": size}
+                          "sha256": sha256_bytes(png), "width": size, "height": size}
                 add(f"{key}.png", png)
                 add(f"{key}.json", json.dumps(record).encode())
                 add(f"{key}.txt", str(meta["caption"]).encode())

@@ -122,6 +122,7 @@ class _ShardError(ImageDecodeError):
 
 class WebDatasetReader(StreamedReader):
     format = "webdataset"
+    _stems: dict[str, Part] | None = None  # shard name without .tar -> its part (made on first use)
 
     def layout_hint(self) -> str:
         return ("expected *.tar shards directly in the root holding KEY.jpg|jpeg|png|webp, KEY.json and optional "
@@ -142,12 +143,14 @@ class WebDatasetReader(StreamedReader):
         return [Part(index, name, source=name) for index, name in enumerate(names)]
 
     def part_of(self, record_id: str, parts: list[Part]) -> Part | None:
-        best = None
-        for part in parts:
-            stem = part.source.removesuffix(".tar")
-            if (record_id == stem or record_id.startswith(stem + "/")) and (best is None or len(stem) > len(best.source) - 4):
-                best = part
-        return best
+        if self._stems is None:
+            self._stems = {part.source.removesuffix(".tar"): part for part in parts}
+        pieces = record_id.split("/")
+        for length in range(len(pieces), 0, -1):  # the longest shard name the id starts with
+            part = self._stems.get("/".join(pieces[:length]))
+            if part is not None:
+                return part
+        return None
 
     # -- reading a shard --------------------------------------------------------------------------------------
 
