@@ -12,14 +12,15 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from .config import StrictModel, load_config
-from .datasets.base import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
+from .datasets.base import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, SourceSpec
 from .hashing import sha256_bytes
 
 Action = Literal["exclude", "clean", "protect"]
 
 
 class DatasetSpec(StrictModel):
-    format: Literal["celeba", "cifar10", "imagefolder", "digits"]  # on-disk layout of the source dataset
+    # on-disk layout of the source dataset
+    format: Literal["celeba", "cifar10", "imagefolder", "digits", "webdataset", "parquet"]
     root: str | None = None  # relative to the policy file; not needed for digits
     split: str = "all"  # format-specific split name, or all
     resolution: int = Field(gt=0, le=4096)  # output images are resolution × resolution
@@ -27,12 +28,35 @@ class DatasetSpec(StrictModel):
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0, le=1_000_000_000)
     # A source file larger than this is an error row (image) or an exit-2 error (list, batch), never read.
     max_file_bytes: int = Field(default=DEFAULT_MAX_FILE_BYTES, gt=0, le=16 * 2**30)
+    # webdataset: tar shards as a brace pattern relative to the root (shards/{00000..00099}.tar); default: root's *.tar
+    shards: str | None = Field(default=None, min_length=1, max_length=1000)
+    # parquet: the column holding the images (Hugging Face {bytes, path} struct, or binary)
+    image_column: str | None = Field(default=None, min_length=1, max_length=200)
+
+    @field_validator("shards")
+    @classmethod
+    def _shards_inside(cls, value: str | None) -> str | None:
+        if value is not None:
+            from .datasets.webdataset import shard_paths
+
+            shard_paths(value)  # ValueError: absolute, `..`, not .tar, bad braces, too many shards
+        return value
 
     @model_validator(mode="after")
     def _root_needed(self) -> DatasetSpec:
         if self.format != "digits" and not self.root:
             raise ValueError(f"format {self.format!r} needs dataset.root")
+        if self.shards is not None and self.format != "webdataset":
+            raise ValueError(f"shards: only for format webdataset, not {self.format!r}")
+        if self.image_column is not None and self.format != "parquet":
+            raise ValueError(f"image_column: only for format parquet, not {self.format!r}")
         return self
+
+    def source_spec(self, root: Path | None) -> SourceSpec:
+        """What a reader needs to read this dataset from `root` (already resolved; None for digits)."""
+        return SourceSpec(format=self.format, root=root, split=self.split, resolution=self.resolution,
+                          max_pixels=self.max_pixels, max_file_bytes=self.max_file_bytes, shards=self.shards,
+                          image_column=self.image_column or "image")
 
 
 class SampleSpec(StrictModel):

@@ -126,3 +126,14 @@ def read_events(ledger: Path):  # type: ignore[no-untyped-def]
     return duckdb.connect().sql(
         "SELECT * FROM read_parquet(?, union_by_name=true) ORDER BY started_at", params=[pattern]
     ).to_arrow_table()
+
+
+def write_image_set(folder: Path, count: int, size: int = 24,
+                    formats: tuple[str, ...] = ("imagefolder", "webdataset", "parquet"), *,
+                    per_shard: int = 4, seed: int = 0) -> dict[str, Path]:
+    """The same `count` PNG images and metadata (columns key, caption, license, opt_out) as an image folder with
+    metadata.jsonl, as WebDataset shards and as Parquet files (HF struct): {format: dataset root}. See
+    sfbd_guard.datasets.synthetic.write_image_set."""
+    from sfbd_guard.datasets.synthetic import write_image_set as write
+
+    return write(folder, count, size, formats, per_shard=per_shard, seed=seed)

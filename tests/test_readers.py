@@ -126,7 +126,7 @@ def test_a_where_on_a_column_the_metadata_lacks_names_it_and_the_columns(cli, tm
               "rules": [{"name": "opt-out", "action": "exclude", "where": "opt_out"}, {"name": "rest", "action": "protect"}],
               "noise": {"sigma": 0.6}, "output": str(tmp_path / "out")}
     result = cli("prepare", "--policy", write_policy(tmp_path / "p.yaml", policy))
-    assert result.code == 2 and "column opt_out: not in the dataset's metadata; columns are: record_id, index, label" in result.err
+    assert result.code == 2 and "column opt_out: not in the metadata of format digits; columns are: record_id, index, label" in result.err
 
 
 def test_imagefolder_refuses_paths_outside_the_root(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ minus exact copies of protected records.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,19 +75,24 @@ def source_spec(info: PreparedInfo, data_root: Path | None, split: str | None = 
     if card.format != "digits" and (root is None or not root.is_dir()):
         raise InputError(f"source dataset root {root} (recorded at prepare time) is not a directory",
                          hint="pass --data-root DIR: the audit reads the protected originals from the source dataset")
-    return SourceSpec(format=card.format, root=root, split=split or card.split, resolution=info.resolution)
+    # the policy's reader options (shards, image column, budgets) as prepare used them
+    spec: SourceSpec = card_policy(info).dataset.source_spec(root)
+    return replace(spec, format=card.format, split=split or card.split, resolution=info.resolution)
 
 
-def _load_verified(reader: DatasetReader, record_id: str, expected: str | None, what: str) -> np.ndarray:
+def _load_verified(reader: DatasetReader, expected: dict[str, str], what: str) -> dict[str, np.ndarray]:
+    """The records `expected` names (record id -> sha256 recorded at prepare time), read together (a streamed
+    reader reads each shard or file once) and each checked against its sha256."""
     hint = "the source dataset changed since guard prepare, or --data-root points to another copy"
-    try:
-        pixels = reader.load(record_id)
-    except ImageDecodeError as err:
-        raise VerificationError(f"{what} {record_id}: cannot read it from {reader.spec.root}: {err}", hint=hint) from None
-    if expected is not None and pixel_sha256(pixels) != expected:
-        raise VerificationError(f"{what} {record_id} under {reader.spec.root} does not match the sha256 recorded "
-                                "at prepare time", hint=hint)
-    return pixels
+    loaded: dict[str, np.ndarray] = {}
+    for record_id, pixels in reader.load_many(list(expected)):
+        if isinstance(pixels, ImageDecodeError):
+            raise VerificationError(f"{what} {record_id}: cannot read it from {reader.spec.root}: {pixels}", hint=hint)
+        if pixel_sha256(pixels) != expected[record_id]:
+            raise VerificationError(f"{what} {record_id} under {reader.spec.root} does not match the sha256 recorded "
+                                    "at prepare time", hint=hint)
+        loaded[record_id] = pixels
+    return loaded
 
 
 def iter_protected(info: PreparedInfo, data_root: Path | None, *, chunk: int = 1024,
@@ -97,7 +102,8 @@ def iter_protected(info: PreparedInfo, data_root: Path | None, *, chunk: int = 1
     pairs = list(zip(info.protected_ids, info.protected_sha256, strict=True))
     for start in range(0, len(pairs), chunk):
         part = pairs[start : start + chunk]
-        yield np.stack([_load_verified(reader, rid, sha, "protected original") for rid, sha in part])
+        loaded = _load_verified(reader, dict(part), "protected original")
+        yield np.stack([loaded[rid] for rid, _ in part])
         if progress:
             progress(len(part))
 
@@ -107,8 +113,10 @@ def load_protected(info: PreparedInfo, data_root: Path | None, rows: list[int]) 
     if not rows:
         return {}
     reader = open_reader(source_spec(info, data_root))
-    return {row: _load_verified(reader, info.protected_ids[row], info.protected_sha256[row], "protected original")
-            for row in sorted(set(rows))}
+    chosen = sorted(set(rows))
+    loaded = _load_verified(reader, {info.protected_ids[row]: info.protected_sha256[row] for row in chosen},
+                            "protected original")
+    return {row: loaded[info.protected_ids[row]] for row in chosen}
 
 
 @dataclass(frozen=True)
@@ -154,7 +162,8 @@ def _excluded_by_policy(info: PreparedInfo, metadata: Any) -> set[str]:
         return set()
     base = Path(info.card.policy_path or info.root).parent
     decisions = decide(metadata, [*excludes, Rule(name="(holdout)", action="clean")], base_dir=base,
-                       source=f"{info.root}/card.json policy (exclude rules applied to the holdout)")
+                       source=f"{info.root}/card.json policy (exclude rules applied to the holdout)",
+                       format_name=info.card.format)
     ids = metadata.column("record_id").to_pylist()
     return {rid for rid, action in zip(ids, decisions.actions, strict=True) if action == "exclude"}
 
@@ -175,12 +184,18 @@ def holdout_from_splits(info: PreparedInfo, data_root: Path | None, *, limit: in
     chosen = set(seeded_subset([rid for _, rid in candidates], limit, seed))
     pixels, dropped = [], {"excluded_by_policy": excluded, "over_max_holdout": len(candidates) - len(chosen),
                            "unreadable": 0}
+    by_reader: dict[int, tuple[DatasetReader, list[str]]] = {}
     for reader, rid in candidates:
         if rid in chosen:
-            try:
-                pixels.append(reader.load(rid))
-            except ImageDecodeError:
+            by_reader.setdefault(id(reader), (reader, []))[1].append(rid)
+    for reader, ids in by_reader.values():  # each split's records read together, in candidate order
+        loaded = dict(reader.load_many(ids))
+        for rid in ids:
+            result = loaded[rid]
+            if isinstance(result, ImageDecodeError):
                 dropped["unreadable"] += 1
+            else:
+                pixels.append(result)
     return _without_protected(np.stack(pixels) if pixels else None, info, f"split:{','.join(splits)}", dropped)
 
 
@@ -211,7 +226,8 @@ def holdout_from_rules(info: PreparedInfo, data_root: Path | None, rules: list[s
     held = {r["record_id"]: r["sha256"] for r in rows if r["partition"] == "excluded" and r["rule"] in rules}
     chosen = seeded_subset(list(held), limit, seed)
     reader = open_reader(source_spec(info, data_root))
-    pixels = [_load_verified(reader, rid, held[rid], "held-out record") for rid in chosen]
+    loaded = _load_verified(reader, {rid: held[rid] for rid in chosen}, "held-out record")
+    pixels = [loaded[rid] for rid in chosen]
     dropped = {"over_max_holdout": len(held) - len(chosen)}
     source = f"rules:{','.join(rules)}"
     return _without_protected(np.stack(pixels) if pixels else None, info, source, dropped)

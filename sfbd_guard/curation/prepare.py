@@ -66,8 +66,7 @@ def source_spec(loaded: LoadedPolicy, data_root: Path | None) -> SourceSpec:
     """The dataset to read: the policy's, with --data-root overriding its root."""
     dataset = loaded.policy.dataset
     root = data_root.resolve() if data_root else (loaded.resolve(dataset.root) if dataset.root else None)
-    return SourceSpec(format=dataset.format, root=root, split=dataset.split, resolution=dataset.resolution,
-                      max_pixels=dataset.max_pixels, max_file_bytes=dataset.max_file_bytes)
+    return dataset.source_spec(root)
 
 
 def output_dir(loaded: LoadedPolicy, out: Path | None) -> Path:
@@ -228,7 +227,8 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
                 return ordered_map(pool, worker_part_metadata, reader.part_metadata, parts, window)
 
             records = collect(reader, staging, read_parts, progress)
-            decisions = decide(records.table, list(loaded.policy.rules), base_dir=loaded.base_dir, source=str(loaded.path))
+            decisions = decide(records.table, list(loaded.policy.rules), base_dir=loaded.base_dir, source=str(loaded.path),
+                               format_name=spec.format)
             noise = NoiseParams(sigma=loaded.policy.noise.sigma, key=key)
             tick = progress("decoding", records.table.num_rows) if progress else None
             manifest = ManifestWriter(staging / "manifest.parquet", records.table.schema, noise.sigma)

@@ -252,8 +252,10 @@ class RuleEvaluator:
     only when some rule has a `where` (importing it takes about a quarter second).
     """
 
-    def __init__(self, metadata: pa.Table, rules: list[Rule], *, base_dir: Path, source: str) -> None:
+    def __init__(self, metadata: pa.Table, rules: list[Rule], *, base_dir: Path, source: str,
+                 format_name: str | None = None) -> None:
         self.source = source
+        self.format_name = format_name  # named in the message for a column the metadata lacks
         self.base_dir = base_dir
         folded = [name.lower() for name in metadata.column_names]
         for name in metadata.column_names:
@@ -461,7 +463,8 @@ class RuleEvaluator:
             if missing and missing.group(1) not in self.table.column_names:
                 columns = [c for c in self.table.column_names if c != ROW_COLUMN]
                 shown = ", ".join(columns[:30]) + (", …" if len(columns) > 30 else "")
-                raise self._fail(index, f"column {missing.group(1)}: not in the dataset's metadata; columns are: {shown} "
+                where = f"the metadata of format {self.format_name}" if self.format_name else "the dataset's metadata"
+                raise self._fail(index, f"column {missing.group(1)}: not in {where}; columns are: {shown} "
                                         f"(in {_short(rule.where)})") from None
             raise self._fail(index, f"{message} in {_short(rule.where)}") from None
 
@@ -471,9 +474,11 @@ class RuleEvaluator:
         return self.table.column(name).to_pylist()
 
 
-def decide(metadata: pa.Table, rules: list[Rule], *, base_dir: Path, source: str) -> Decisions:
-    """Apply the policy's rules to every record of `metadata`; every record must end up decided."""
-    evaluator = RuleEvaluator(metadata, rules, base_dir=base_dir, source=source)
+def decide(metadata: pa.Table, rules: list[Rule], *, base_dir: Path, source: str,
+           format_name: str | None = None) -> Decisions:
+    """Apply the policy's rules to every record of `metadata`; every record must end up decided. `format_name`
+    (the dataset's format) is named when a `where` uses a column the metadata lacks."""
+    evaluator = RuleEvaluator(metadata, rules, base_dir=base_dir, source=source, format_name=format_name)
     chosen = np.full(metadata.num_rows, -1, dtype=np.int32)
     record_ids: list[str] | None = None  # each reader names records by file; only sampling needs them all
     ordered = [(i, r) for i, r in enumerate(rules) if r.action == "exclude"]

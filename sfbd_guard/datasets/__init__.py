@@ -7,12 +7,16 @@ from .celeba import CelebAReader
 from .cifar10 import Cifar10Reader
 from .digits import DigitsReader
 from .imagefolder import ImageFolderReader
+from .parquet import ParquetReader
+from .webdataset import WebDatasetReader
 
 READERS: dict[str, type[DatasetReader]] = {
     "celeba": CelebAReader,
     "cifar10": Cifar10Reader,
     "imagefolder": ImageFolderReader,
     "digits": DigitsReader,
+    "webdataset": WebDatasetReader,
+    "parquet": ParquetReader,
 }
 
 

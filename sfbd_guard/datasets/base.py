@@ -39,6 +39,8 @@ class SourceSpec:
     resolution: int
     max_pixels: int = DEFAULT_MAX_PIXELS  # an image of more pixels (header size) becomes an error row, undecoded
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # a larger file becomes an error row (or, for a list, an InputError), unread
+    shards: str | None = None  # webdataset: a brace pattern of tar shards relative to the root (None: the root's *.tar)
+    image_column: str = "image"  # parquet: the column holding the images ({bytes, path} struct or binary)
 
 
 # Records per part of a listed dataset (one worker's unit of work in guard prepare; see DatasetReader.parts).

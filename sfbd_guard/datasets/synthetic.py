@@ -86,3 +86,89 @@ def write_imagefolder(root: Path, rows: list[dict[str, object]], *, extra_images
         lines = [",".join(columns)] + [",".join("" if row.get(c) is None else str(row[c]) for c in columns) for row in rows]
         (root / "metadata.csv").write_text("\n".join(lines) + "\n")
     return root
+
+
+IMAGE_SET_FORMATS = ("imagefolder", "webdataset", "parquet")
+LICENSES = ("CC0-1.0", "CC-BY-4.0", "proprietary")
+
+
+def write_image_set(folder: Path, count: int, size: int = 24, formats: Sequence[str] = IMAGE_SET_FORMATS, *,
+                    per_shard: int = 4, seed: int = 0) -> dict[str, Path]:
+    """The same `count` PNG images (size × size) with the same metadata in each of `formats`, streamed to disk:
+
+    - `imagefolder`: `folder/imagefolder/KEY.png` and `metadata.jsonl` (file_name, key, caption, license, opt_out);
+    - `webdataset`: `folder/webdataset/NNNNN.tar` of `per_shard` records each, as img2dataset writes them:
+      KEY.png, KEY.json (key, url, caption, license, opt_out, status, sha256 of the file, width, height), KEY.txt;
+    - `parquet`: `folder/parquet/data/train-NNNNN.parquet` of 2 × `per_shard` rows each, row groups of
+      `per_shard` rows, columns image (the Hugging Face {bytes, path} struct), key, caption, license, opt_out.
+    KEY is the record number, 6 digits. Returns {format: dataset root}.
+    """
+    import io
+    import json
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..hashing import sha256_bytes
+
+    roots = {name: folder / name for name in formats}
+    for root in roots.values():
+        root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    jsonl = open(roots["imagefolder"] / "metadata.jsonl", "w") if "imagefolder" in roots else None  # noqa: SIM115
+    tar: tarfile.TarFile | None = None
+    writer: pq.ParquetWriter | None = None
+    batch: list[dict[str, object]] = []
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    schema = pa.schema([("image", image_type), ("key", pa.string()), ("caption", pa.string()),
+                        ("license", pa.string()), ("opt_out", pa.bool_())])
+
+    def add(name: str, data: bytes) -> None:
+        assert tar is not None
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime = len(data), 0
+        tar.addfile(info, io.BytesIO(data))
+
+    try:
+        for i in range(count):
+            key = f"{i:06d}"
+            buffer = io.BytesIO()
+            random_image(rng, size, size).save(buffer, format="PNG")
+            png = buffer.getvalue()
+            meta = {"key": key, "caption": f"image number {i}", "license": LICENSES[i % len(LICENSES)],
+                    "opt_out": i % 5 == 0}
+            if jsonl is not None:
+                (roots["imagefolder"] / f"{key}.png").write_bytes(png)
+                jsonl.write(json.dumps({"file_name": f"{key}.png", **meta}) + "\n")
+            if "webdataset" in roots:
+                if i % per_shard == 0:
+                    if tar is not None:
+                        tar.close()
+                    shard = roots["webdataset"] / f"{i // per_shard:05d}.tar"
+                    tar = tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed below)
+                record = {**meta, "url": f"https://example.org/{key}.png", "status": "success",
+                          "sha256": sha256_bytes(png), "width": size, "height": size}
+                add(f"{key}.png", png)
+                add(f"{key}.json", json.dumps(record).encode())
+                add(f"{key}.txt", str(meta["caption"]).encode())
+            if "parquet" in roots:
+                batch.append({"image": {"bytes": png, "path": f"{key}.png"}, **meta})
+                if len(batch) == per_shard or i == count - 1:
+                    start = i + 1 - len(batch)
+                    if writer is None or start % (2 * per_shard) == 0:
+                        if writer is not None:
+                            writer.close()
+                        (roots["parquet"] / "data").mkdir(exist_ok=True)
+                        name = roots["parquet"] / "data" / f"train-{start // (2 * per_shard):05d}.parquet"
+                        writer = pq.ParquetWriter(name, schema)
+                    writer.write_table(pa.Table.from_pylist(batch, schema=schema), row_group_size=per_shard)
+                    batch = []
+    finally:
+        if jsonl is not None:
+            jsonl.close()
+        if tar is not None:
+            tar.close()
+        if writer is not None:
+            writer.close()
+    return roots

@@ -104,8 +104,18 @@ def decode_square(path: Path, resolution: int, crop: int | None = None, *, max_p
     differs by about 41 dB PSNR on 64 px CelebA crops (see benchmarks/README.md, "Curation speed").
     """
     data = read_bounded(path, max_file_bytes, settings[1])  # one read: PIL's many small reads cost as much as decoding
+    return decode_bytes_square(data, path.name, resolution, crop, max_pixels=max_pixels, setting=settings[0])
+
+
+def decode_bytes_square(data: bytes, name: str, resolution: int, crop: int | None = None, *,
+                        max_pixels: int = DEFAULT_MAX_PIXELS,
+                        setting: str = "dataset.max_pixels") -> tuple[Image.Image, tuple[int, int]]:
+    """`decode_square` of image bytes already in memory (a tar member, a Parquet cell) named `name` in messages.
+
+    The caller checks the byte budget before reading the bytes; the pixel budget is checked here, from the header.
+    """
     try:
-        with open_image(data, path.name, max_pixels, settings[0]) as image:
+        with open_image(data, name, max_pixels, setting) as image:
             width, height = image.size
             left, top, right, bottom = center_box(width, height, crop)
             need = resolution / (right - left)  # scale at which the crop is exactly `resolution` wide
@@ -119,7 +129,12 @@ def decode_square(path: Path, resolution: int, crop: int | None = None, *, max_p
             return resize_square(rgb, resolution, box), (width, height)
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError,
             Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageDecodeError(f"cannot decode {path.name}: {err}") from None
+        raise ImageDecodeError(f"cannot decode {name}: {err}") from None
+
+
+def load_bytes(data: bytes, name: str, resolution: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The transformed uint8 (C, H, W) pixels of image bytes, as `to_chw(load_square(...))` gives for a file."""
+    return to_chw(decode_bytes_square(data, name, resolution, max_pixels=max_pixels)[0])
 
 
 def resize_square(image: Image.Image, resolution: int, box: tuple[float, float, float, float] | None = None) -> Image.Image:

@@ -1,0 +1,253 @@
+"""Parquet files with an image column, as the Hugging Face datasets library writes them.
+
+The files are every `*.parquet` under the root (recursive, sorted by relative path; symlinked folders are not
+entered, a symlinked file leading outside the root is refused). The image column (`dataset.image_column`,
+default `image`) is the Hugging Face `{bytes, path}` struct or plain binary. Only the bytes are ever used: the
+struct's `path` is a name from the file and is NEVER opened (a row without bytes is an error row).
+A part is a run of whole row groups of one file, about PART_RECORDS rows, found from the file's footer.
+`record_id` is `<file's relative path>/<row number in the file, 9 digits>`, e.g. `data/train-0000.parquet/000000042`.
+Metadata: the file's other scalar columns (booleans, numbers, text, dates, times, decimals) as they are;
+binary, list, struct and map columns are dropped; a name the tool owns (`sha256`, `error`, `record_id`, …)
+gets the prefix `source_`. Rows are streamed a batch at a time, reading the image column only for pixels and
+the other columns only for metadata. A null or corrupt image is an error row; a file that is not Parquet (or
+whose footer cannot be read) is one record named after the file, whose read gives the reason.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..errors import ImageDecodeError, InputError
+from .base import PART_RECORDS, Loaded, Part, safe_join
+from .streamed import StreamedReader, rename_reserved, rows_table
+from .transforms import load_bytes
+
+ID_DIGITS = 9
+BATCH_ROWS = 16  # images decoded per Arrow batch: memory is this many images' bytes, whatever the file's size
+
+
+def _scalar(kind: pa.DataType) -> bool:
+    checks = (pa.types.is_boolean, pa.types.is_integer, pa.types.is_floating, pa.types.is_string,
+              pa.types.is_large_string, pa.types.is_decimal, pa.types.is_date, pa.types.is_timestamp, pa.types.is_time)
+    if pa.types.is_dictionary(kind):
+        return _scalar(kind.value_type)
+    return any(check(kind) for check in checks)
+
+
+class _FileError(ImageDecodeError):
+    """The whole file cannot be read (not Parquet, missing, outside the root)."""
+
+
+class ParquetReader(StreamedReader):
+    format = "parquet"
+    _files_parts: dict[str, list[Part]] | None = None  # file -> its parts, in row order (made on first use)
+
+    def layout_hint(self) -> str:
+        return ("expected *.parquet files under the root with an image column (the Hugging Face {bytes, path} struct "
+                "or binary; dataset.image_column, default image)")
+
+    def _files(self) -> list[str]:
+        self.require_root()
+        root = self.root.resolve()
+        found = []
+        for folder, _, names in os.walk(root, followlinks=False):
+            for name in names:
+                path = Path(folder, name)
+                if name.endswith(".parquet") and (path.is_symlink() or path.is_file()):
+                    found.append(path.relative_to(root).as_posix())
+        if not found:
+            raise InputError(f"parquet dataset: no *.parquet files under {self.root}", hint=self.layout_hint())
+        return sorted(found)
+
+    def _open(self, relative: str) -> Any:
+        """pyarrow's ParquetFile of the file (its footer read); _FileError/PathEscapeError if it cannot be."""
+        import pyarrow.parquet as pq
+
+        path = safe_join(self.root, relative)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise _FileError(f"{relative}: file not found") from None
+        except OSError as err:
+            raise _FileError(f"{relative}: cannot open: {err.strerror or err}") from None
+        handle = os.fdopen(fd, "rb")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            handle.close()
+            raise _FileError(f"{relative}: not a regular file")
+        try:
+            return pq.ParquetFile(handle, pre_buffer=False, buffer_size=1 << 20)
+        except (pa.ArrowException, OSError, ValueError) as err:
+            handle.close()
+            raise _FileError(f"{relative}: not a readable Parquet file ({str(err).splitlines()[0][:120]})") from None
+
+    @staticmethod
+    def _close(file: Any) -> None:
+        file.close(force=True)  # closes the handle _open made
+
+    def list_parts(self) -> list[Part]:
+        parts: list[Part] = []
+        for relative in self._files():
+            try:
+                file = self._open(relative)
+            except ImageDecodeError:
+                parts.append(Part(len(parts), relative, source=relative))  # start == stop == 0: the file is unreadable
+                continue
+            try:
+                meta = file.metadata
+                start = count = 0
+                for group in range(meta.num_row_groups):
+                    count += meta.row_group(group).num_rows
+                    if count - start >= PART_RECORDS or group == meta.num_row_groups - 1:
+                        if count > start:
+                            parts.append(Part(len(parts), f"{relative} rows {start}-{count - 1}", source=relative,
+                                              start=start, stop=count))
+                        start = count
+            finally:
+                self._close(file)
+        return parts
+
+    def part_of(self, record_id: str, parts: list[Part]) -> Part | None:
+        if self._files_parts is None:
+            self._files_parts = {}
+            for part in parts:
+                self._files_parts.setdefault(part.source, []).append(part)
+        relative, _, row = record_id.rpartition("/")
+        broken = self._files_parts.get(record_id, [])
+        if broken and broken[0].start == broken[0].stop == 0:  # the one record of an unreadable file
+            return broken[0]
+        if not row.isdigit():
+            return None
+        runs = self._files_parts.get(relative, [])
+        found = bisect.bisect_right([part.start for part in runs], int(row)) - 1
+        return runs[found] if found >= 0 and runs[found].start <= int(row) < runs[found].stop else None
+
+    @staticmethod
+    def _row_groups(file: Any, part: Part) -> list[int]:
+        meta = file.metadata
+        groups, first = [], 0
+        for group in range(meta.num_row_groups):
+            rows = meta.row_group(group).num_rows
+            if part.start <= first < part.stop:
+                groups.append(group)
+            first += rows
+        return groups
+
+    def _image_field(self, file: Any, part: Part) -> pa.Field[Any]:
+        schema: pa.Schema = file.schema_arrow
+        name = self.spec.image_column
+        if name not in schema.names:
+            raise InputError(f"parquet dataset: {self.root / part.source}: no image column {name!r} "
+                             f"(dataset.image_column); columns are: {', '.join(schema.names[:30])}")
+        field: pa.Field[Any] = schema.field(name)
+        kind = field.type
+        binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+        struct = pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
+        if not (binary or struct):
+            raise InputError(f"parquet dataset: {self.root / part.source}: column {name!r} is {kind}, not an image "
+                             "(a {bytes, path} struct or binary)", hint="set dataset.image_column to the image column")
+        return field
+
+    def part_metadata(self, part: Part) -> pa.Table:
+        if part.start == part.stop == 0:
+            return rows_table([part.source], [{}])
+        file = self._open(part.source)
+        try:
+            image = self._image_field(file, part)
+            ids = [f"{part.source}/{row:0{ID_DIGITS}d}" for row in range(part.start, part.stop)]
+            keep: list[str] = []
+            folded: set[str] = set()
+            for field in file.schema_arrow:  # names are compared without case, as SQL does: a later twin is dropped
+                if field.name != image.name and _scalar(field.type) and rename_reserved(field.name).lower() not in folded:
+                    folded.add(rename_reserved(field.name).lower())
+                    keep.append(field.name)
+            try:
+                table = file.read_row_groups(self._row_groups(file, part), columns=keep, use_threads=False)
+            except (pa.ArrowException, OSError) as err:  # unreadable metadata columns: the rows keep null metadata
+                del err
+                return rows_table(ids, [{} for _ in ids])
+            columns: dict[str, Any] = {"record_id": pa.array(ids, pa.string())}
+            for name in keep:
+                column = table.column(name)
+                if pa.types.is_dictionary(column.type):
+                    column = column.cast(column.type.value_type)
+                columns[rename_reserved(name)] = column
+            return pa.table(columns)
+        finally:
+            self._close(file)
+
+    def _image_bytes(self, value: object, row: int) -> bytes:
+        if isinstance(value, dict):  # the Hugging Face struct: `path` is a name only, never opened
+            value = value.get("bytes")
+        if value is None:
+            raise ImageDecodeError(f"row {row}: no image bytes (a `path` field is never opened)")
+        if not isinstance(value, bytes):
+            raise ImageDecodeError(f"row {row}: the image is not bytes")
+        if len(value) > self.spec.max_file_bytes:
+            raise ImageDecodeError(f"row {row}: {len(value)} bytes, above the budget dataset.max_file_bytes = "
+                                   f"{self.spec.max_file_bytes}")
+        return value
+
+    def _pixels(self, value: object, relative: str, row: int) -> np.ndarray:
+        data = self._image_bytes(value, row)
+        return load_bytes(data, f"{relative} row {row}", self.spec.resolution, max_pixels=self.spec.max_pixels)
+
+    def read_part(self, part: Part, record_ids: Sequence[str]) -> Iterator[Loaded]:
+        if part.start == part.stop == 0:  # a file whose footer could not be read: its one record gives the reason
+            try:
+                self._close(self._open(part.source))
+                reason = ImageDecodeError(f"{part.source}: the file could not be read when it was listed")
+            except ImageDecodeError as err:
+                reason = err
+            for record_id in dict.fromkeys(record_ids):
+                yield record_id, reason
+            return
+        wanted: dict[int, str] = {}
+        for record_id in dict.fromkeys(record_ids):
+            relative, _, number = record_id.rpartition("/")
+            if relative == part.source and number.isdigit() and part.start <= int(number) < part.stop:
+                wanted[int(number)] = record_id
+            else:
+                yield record_id, ImageDecodeError(f"{record_id}: not a row of {part.name}")
+        if not wanted:
+            return
+        try:
+            file = self._open(part.source)
+        except ImageDecodeError as err:
+            for record_id in wanted.values():
+                yield record_id, err
+            return
+        row = part.start
+        try:
+            image = self._image_field(file, part)
+            batches = file.iter_batches(batch_size=BATCH_ROWS, row_groups=self._row_groups(file, part),
+                                        columns=[image.name], use_threads=False)
+            for batch in batches:
+                column = batch.column(0)
+                for offset in range(batch.num_rows):
+                    record_id = wanted.pop(row + offset, "")
+                    if record_id:
+                        try:
+                            value = column[offset].as_py()
+                            yield record_id, self._pixels(value, part.source, row + offset)
+                        except ImageDecodeError as err:
+                            yield record_id, err
+                row += batch.num_rows
+                if not wanted:
+                    return
+        except (pa.ArrowException, OSError) as err:
+            reason = ImageDecodeError(f"{part.source}: cannot read rows from {row} on ({str(err).splitlines()[0][:120]})")
+            for record_id in wanted.values():
+                yield record_id, reason
+            wanted.clear()
+        finally:
+            self._close(file)
+        for record_id in wanted.values():
+            yield record_id, ImageDecodeError(f"{record_id}: not in {part.source} (did it change since it was listed?)")
