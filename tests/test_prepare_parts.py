@@ -125,6 +125,14 @@ def test_numbers_widen_and_nulls_take_the_other_type() -> None:
     assert table.to_pylist() == [{"record_id": "r", "n": 3.0, "x": None, "y": None}]
 
 
+def test_a_metadata_column_per_record_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hostile shard whose JSON has a new key per record would make the records table as wide as it is long."""
+    monkeypatch.setitem(READERS, "imagefolder", _Streamed)
+    monkeypatch.setattr(_Streamed, "tables", [pa.table({"record_id": [f"r/{i}"], f"key{i}": [1]}) for i in range(1100)])
+    with pytest.raises(InputError, match=r"part 1024: the metadata has more than 1024 distinct columns"):
+        prepare(load_policy(_streamed_policy(tmp_path, [{"name": "rest", "action": "protect"}])))
+
+
 def test_repeated_record_ids_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Record ids key the noise: two records sharing one would share their noise, which the difference of their
     noisy copies cancels (y1 - y2 = x1 - x2)."""

@@ -23,6 +23,7 @@ from ..progress import ProgressFactory
 RECORDS_FILE = ".records.arrow"  # in the staging folder; removed before the prepared directory is published
 PARTS_FOLDER = ".records"
 BATCH_ROWS = 65536
+MAX_COLUMNS = 1024  # metadata columns over all parts: a hostile shard's JSON could otherwise add one per record
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,14 @@ class SchemaUnion:
     def __init__(self) -> None:
         self.types: dict[str, pa.DataType] = {"record_id": pa.string()}
 
-    def add(self, schema: pa.Schema) -> None:
+    def add(self, schema: pa.Schema, where: str = "the dataset") -> None:
         for field in schema:
             if field.name != "record_id":
                 current = self.types.get(field.name, pa.null())
                 self.types[field.name] = _common_type(field.name, current, field.type)
+        if len(self.types) > MAX_COLUMNS + 1:
+            raise InputError(f"{where}: the metadata has more than {MAX_COLUMNS} distinct columns",
+                             hint="metadata keys must be the same few columns for every record")
 
     @property
     def schema(self) -> pa.Schema:
@@ -155,7 +159,7 @@ def collect(reader: DatasetReader, staging: Path, read_parts: PartReader,
         tick = progress("reading metadata", len(parts)) if progress else None
         for part, table in zip(parts, read_parts(parts), strict=True):
             table = _check_part(table, part, reader.format)
-            union.add(table.schema)
+            union.add(table.schema, f"{reader.format} dataset: {part.name}")
             _write(folder / f"{part.index:06d}.arrow", table.schema.remove_metadata(),
                    [table.replace_schema_metadata(None)])
             offsets.append(offsets[-1] + table.num_rows)
