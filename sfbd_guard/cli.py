@@ -308,6 +308,7 @@ def report(
     html: Annotated[Path | None, typer.Option("--html", help="Also write a one-page HTML report (tables, latest grid and audit histogram).")] = None,
     datasheet: Annotated[Path | None, typer.Option("--datasheet", help="Write the training-data summary of --run as Markdown to this file.")] = None,
     run: Annotated[Path | None, typer.Option("--run", help="The run a --datasheet describes.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="The --run's prepared directory, when run.json's path to it does not resolve.")] = None,
     ledger: LedgerOpt = None,
 ) -> None:
     """Read the compliance ledger: datasets prepared, training runs, audits; any SQL; HTML; datasheets.
@@ -323,7 +324,7 @@ def report(
             raise InputError("--datasheet FILE and --run DIR go together")
         from .compliance.datasheet import write_datasheet
 
-        typer.echo(f"datasheet: {write_datasheet(datasheet, run, where)}")
+        typer.echo(f"datasheet: {write_datasheet(datasheet, run, where, data)}")
         return
     tables = report_tables(where, sql)
     emit(tables, fmt, output)
@@ -340,6 +341,7 @@ def report(
 def verify(
     run: Annotated[Path, typer.Option("--run", help="Run directory to check, written by guard train.")],
     verify_key: Annotated[Path | None, typer.Option("--verify-key", help="Data owner's Ed25519 public key: also check the prepared directory's card.sig.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="The run's prepared directory, when run.json's path to it does not resolve.")] = None,
     ledger: LedgerOpt = None,
 ) -> None:
     """Check from files alone that a run saw only what its policy allowed; exit 1 if any check fails.
@@ -349,7 +351,7 @@ def verify(
     from .compliance.verify import verify_run
     from .ledger import ledger_dir
 
-    checks = verify_run(run, ledger_dir(ledger), verify_key=verify_key)
+    checks = verify_run(run, ledger_dir(ledger), verify_key=verify_key, data=data)
     for check in checks:
         typer.echo(f"{'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
     failed = [c.name for c in checks if not c.passed]
