@@ -213,8 +213,8 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
     if not (run_dir / "run.json").is_file():
         raise InputError(f"{run_dir}: not a run directory (no run.json)", hint="--run takes a directory written by guard train")
     record, project = read_run_record(run_dir), project_of(ledger)
-    folder = prepared_of_run(run_dir, record.data, record.data_fingerprint, project, data)
     events = read_events(ledger)
+    folder = prepared_of_run(run_dir, record.data, record.data_fingerprint, project, data)
     con = connect(ledger, events)
     prepared = _open(folder)
     checks = [check_consumed(events, run_dir, prepared, project),
