@@ -170,7 +170,7 @@ def _parse_sets(values: list[str]) -> dict[str, Any]:
 def train(
     ctx: typer.Context,
     pipeline: Annotated[Path | None, typer.Option("--pipeline", help="Pipeline YAML: data, method, model, optimizer, schedule.")] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="Prepared directory to train on; overrides data of the pipeline.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Prepared directory to train on; overrides data of the pipeline (with --resume: of a moved run, same fingerprint).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run directory to create; default runs/<pipeline name>.")] = None,
     method: Annotated[str | None, typer.Option("--method", help="Training method; overrides method of the pipeline.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N; overrides device of the pipeline.")] = None,
@@ -201,9 +201,13 @@ def train(
         ("epsilon", dp_epsilon), ("delta", dp_delta), ("max_grad_norm", dp_max_grad_norm), ("accountant", dp_accountant),
         ("stages", dp_stages.split(",") if dp_stages else None), ("physical_batch", dp_physical_batch), ("lr", dp_lr)) if value is not None}
     if resume is not None:
-        if data or out or method or device or seed is not None or sets or dp or verify_key:
-            raise InputError("--resume continues a run with its saved config; other options (but --allow-unrecorded) do not apply")
-        config = pipeline_of_run(resume)
+        if out or method or device or seed is not None or sets or dp or verify_key:
+            raise InputError("--resume continues a run with its saved config; other options (but --data and "
+                             "--allow-unrecorded) do not apply")
+        from .ledger import ledger_dir
+        from .locations import project_of
+
+        config = pipeline_of_run(resume, data=data, project=project_of(ledger_dir(ledger)))
     else:
         overrides = _parse_sets(sets)
         overrides.update({k: v for k, v in (("device", device), ("seed", seed)) if v is not None})

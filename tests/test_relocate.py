@@ -118,3 +118,16 @@ def test_a_moved_run_without_its_prepared_directory_names_the_path_and_the_flag(
     assert "(outside the project)" in checks["consumed arrays"]
     assert _guard("report", "--datasheet", tmp_path / "d.md", "--run", project / "runs" / "chain", "--ledger",
                   project / "ledger", "--data", tmp_path / "kept-apart") == 0
+
+
+def test_a_moved_project_runs_again_and_a_moved_run_resumes_with_data(
+        moved: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    project = _copy(moved, tmp_path)
+    monkeypatch.chdir(project)
+    assert _guard("run", "pipeline.yaml", "--ledger", "ledger") == 0  # the saved config names the deleted original
+    assert "train: done" in capsys.readouterr().out.replace("  ", " ")
+    shutil.move(project / "prepared", tmp_path / "kept-apart")
+    assert _guard("train", "--resume", "runs/chain", "--ledger", "ledger") == 2
+    err = capsys.readouterr().err
+    assert f"{project / 'runs' / 'chain' / 'run.json'}: data: the prepared directory" in err and "--data" in err
+    assert _guard("train", "--resume", "runs/chain", "--ledger", "ledger", "--data", tmp_path / "kept-apart") == 0

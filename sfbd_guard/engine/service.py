@@ -14,7 +14,7 @@ from ..errors import InputError, VerificationError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..hashing import sha256_file
 from ..ledger import Artifact, ledger_dir, recorded
-from ..locations import project_of, store
+from ..locations import prepared_of_run, project_of, store
 from ..prepared import PreparedData, open_prepared, require_noisy, require_provenance
 from ..progress import ProgressFactory
 from ..threads import in_force
@@ -52,18 +52,27 @@ def pipeline_for_new_run(pipeline: Path, *, overrides: dict[str, Any], data: Pat
     return config.model_copy(update=updates)
 
 
-def pipeline_of_run(run_dir: Path) -> PipelineConfig:
+def pipeline_of_run(run_dir: Path, *, data: Path | None = None, project: Path | None = None) -> PipelineConfig:
     """The saved config of the run in `run_dir`, continuing in `run_dir` itself.
 
     `out` always becomes `run_dir`: a copied (or moved) run directory continues where it is, never in
-    the directory its saved config was first written for.
+    the directory its saved config was first written for. `data` (--data) replaces the saved prepared
+    directory; with `project` (the ledger's parent; training), a saved one that is not there is looked up
+    as verify does (`locations.prepared_of_run`: run.json's path, then the fingerprint; else an error
+    naming --data). Training then checks that its fingerprint is the one the run began on.
     """
     path = run_dir / RESOLVED
     if not path.is_file():
         raise InputError(f"{run_dir}: not a run directory (no {RESOLVED})",
                          hint="--resume takes a directory written by guard train")
     config = load_config(PipelineConfig, path)
-    return config.model_copy(update={"out": str(run_dir.resolve())})
+    updates = {"out": str(run_dir.resolve())}
+    if data is not None:
+        updates["data"] = str(data.resolve())
+    elif project is not None and not Path(config.data).exists():  # a moved or copied project
+        record = read_run_record(run_dir)
+        updates["data"] = str(prepared_of_run(run_dir.resolve(), record.data, record.data_fingerprint, project))
+    return config.model_copy(update=updates)
 
 
 def _start_run_dir(config: PipelineConfig, data: PreparedData, project: Path | None) -> Path:
@@ -87,8 +96,10 @@ def _check_same_data(run_dir: Path, data: PreparedData) -> None:
 
 
 def _settle_in(run_dir: Path, config: PipelineConfig) -> None:
-    """A run continued in a copy of its directory: its saved config names the copy from now on."""
-    if load_config(PipelineConfig, run_dir / RESOLVED).out != config.out:
+    """A run continued in a copy of its directory (or on its moved prepared directory): its saved config names
+    them from now on."""
+    saved = load_config(PipelineConfig, run_dir / RESOLVED)
+    if (saved.out, saved.data) != (config.out, config.data):
         atomic_write_bytes(run_dir / RESOLVED, dump_yaml(config).encode())
 
 
