@@ -15,7 +15,8 @@ from ..contracts.card import Card, read_card
 from ..contracts.run_record import read_run_record
 from ..errors import InputError
 from ..fileio import atomic_write_bytes
-from ..locations import prepared_of_run, project_of
+from ..locations import project_of
+from ..relocate import prepared_of_run
 from .views import RUN_AUDITS, connect
 
 
@@ -66,7 +67,7 @@ def _trainings(con: Any, run_dir: Path) -> list[tuple[Any, ...]]:
 
 def datasheet(run_dir: Path, ledger: Path, data: Path | None = None) -> str:
     """The datasheet of the run in `run_dir`; its prepared directory is `data` (--data), else run.json's
-    (`locations.prepared_of_run`: relative to the run, or found by its fingerprint in the project)."""
+    (`relocate.prepared_of_run`: relative to the run, or found by its fingerprint in the project)."""
     run_dir = run_dir.resolve()
     if not (run_dir / "run.json").is_file():
         raise InputError(f"{run_dir}: not a run directory (no run.json)")

@@ -25,7 +25,8 @@ import numpy as np
 from ..contracts.events import Event, TrainSummary
 from ..errors import GuardError, InputError
 from ..hashing import pixel_sha256
-from ..locations import prepared_of_run, project_of
+from ..locations import project_of
+from ..relocate import prepared_of_run
 from .views import RUN_AUDITS, connect
 
 if TYPE_CHECKING:
@@ -205,7 +206,7 @@ def check_audit(con: Any, run_dir: Path) -> Check:
 
 def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, data: Path | None = None) -> list[Check]:
     """Every check of the run in `run_dir` against `ledger`. Its prepared directory is `data` (--data), else
-    run.json's (`locations.prepared_of_run`: relative to the run, or found by its fingerprint in the project)."""
+    run.json's (`relocate.prepared_of_run`: relative to the run, or found by its fingerprint in the project)."""
     from ..contracts.events import read_events
     from ..contracts.run_record import read_run_record
 

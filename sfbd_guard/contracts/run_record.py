@@ -4,7 +4,7 @@ verify and the datasheet through `read_run_record` only.
 
 `data` is relative to the run directory (run.json's own folder) when the run and its prepared directory both
 lie inside the project (the parent of the ledger `guard train` recorded into), else absolute (and absolute in
-records written before; locations.py). Readers find the directory with `locations.prepared_of_run`, which
+records written before; locations.py). Readers find the directory with `relocate.prepared_of_run`, which
 falls back on the fingerprint when the path does not resolve."""
 
 from __future__ import annotations

@@ -14,9 +14,10 @@ from ..errors import InputError, VerificationError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..hashing import sha256_file
 from ..ledger import Artifact, ledger_dir, recorded
-from ..locations import prepared_of_run, project_of, store
+from ..locations import project_of, store
 from ..prepared import PreparedData, open_prepared, require_noisy, require_provenance
 from ..progress import ProgressFactory
+from ..relocate import prepared_of_run
 from ..threads import in_force
 from .config import PipelineConfig, load_pipeline
 
@@ -58,7 +59,7 @@ def pipeline_of_run(run_dir: Path, *, data: Path | None = None, project: Path | 
     `out` always becomes `run_dir`: a copied (or moved) run directory continues where it is, never in
     the directory its saved config was first written for. `data` (--data) replaces the saved prepared
     directory; with `project` (the ledger's parent; training), a saved one that is not there is looked up
-    as verify does (`locations.prepared_of_run`: run.json's path, then the fingerprint; else an error
+    as verify does (`relocate.prepared_of_run`: run.json's path, then the fingerprint; else an error
     naming --data). Training then checks that its fingerprint is the one the run began on.
     """
     path = run_dir / RESOLVED
