@@ -99,7 +99,7 @@ def make_samples(tmp: Path, prepared: Path, novel: int, per_transform: int, seed
     protected = [r["record_id"] for r in manifest if r["partition"] == "protected"]
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(protected), size=len(TRANSFORMS) * per_transform, replace=False)
-    reader = open_reader(SourceSpec("celeba", Path(card["root"]), "train", RESOLUTION))
+    reader = open_reader(SourceSpec("celeba", prepared / card["root"], "train", RESOLUTION))
     out, truth = tmp / "samples", {}
     out.mkdir()
     for t, (name, transform) in enumerate(TRANSFORMS.items()):

@@ -170,7 +170,7 @@ def _parse_sets(values: list[str]) -> dict[str, Any]:
 def train(
     ctx: typer.Context,
     pipeline: Annotated[Path | None, typer.Option("--pipeline", help="Pipeline YAML: data, method, model, optimizer, schedule.")] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="Prepared directory to train on; overrides data of the pipeline.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Prepared directory to train on; overrides data of the pipeline (with --resume: of a moved run, same fingerprint).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run directory to create; default runs/<pipeline name>.")] = None,
     method: Annotated[str | None, typer.Option("--method", help="Training method; overrides method of the pipeline.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N; overrides device of the pipeline.")] = None,
@@ -201,9 +201,13 @@ def train(
         ("epsilon", dp_epsilon), ("delta", dp_delta), ("max_grad_norm", dp_max_grad_norm), ("accountant", dp_accountant),
         ("stages", dp_stages.split(",") if dp_stages else None), ("physical_batch", dp_physical_batch), ("lr", dp_lr)) if value is not None}
     if resume is not None:
-        if data or out or method or device or seed is not None or sets or dp or verify_key:
-            raise InputError("--resume continues a run with its saved config; other options (but --allow-unrecorded) do not apply")
-        config = pipeline_of_run(resume)
+        if out or method or device or seed is not None or sets or dp or verify_key:
+            raise InputError("--resume continues a run with its saved config; other options (but --data and "
+                             "--allow-unrecorded) do not apply")
+        from .ledger import ledger_dir
+        from .locations import project_of
+
+        config = pipeline_of_run(resume, data=data, project=project_of(ledger_dir(ledger)))
     else:
         overrides = _parse_sets(sets)
         overrides.update({k: v for k, v in (("device", device), ("seed", seed)) if v is not None})
@@ -308,6 +312,7 @@ def report(
     html: Annotated[Path | None, typer.Option("--html", help="Also write a one-page HTML report (tables, latest grid and audit histogram).")] = None,
     datasheet: Annotated[Path | None, typer.Option("--datasheet", help="Write the training-data summary of --run as Markdown to this file.")] = None,
     run: Annotated[Path | None, typer.Option("--run", help="The run a --datasheet describes.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="The --run's prepared directory, when run.json's path to it does not resolve.")] = None,
     ledger: LedgerOpt = None,
 ) -> None:
     """Read the compliance ledger: datasets prepared, training runs, audits; any SQL; HTML; datasheets.
@@ -323,7 +328,7 @@ def report(
             raise InputError("--datasheet FILE and --run DIR go together")
         from .compliance.datasheet import write_datasheet
 
-        typer.echo(f"datasheet: {write_datasheet(datasheet, run, where)}")
+        typer.echo(f"datasheet: {write_datasheet(datasheet, run, where, data)}")
         return
     tables = report_tables(where, sql)
     emit(tables, fmt, output)
@@ -340,6 +345,7 @@ def report(
 def verify(
     run: Annotated[Path, typer.Option("--run", help="Run directory to check, written by guard train.")],
     verify_key: Annotated[Path | None, typer.Option("--verify-key", help="Data owner's Ed25519 public key: also check the prepared directory's card.sig.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="The run's prepared directory, when run.json's path to it does not resolve.")] = None,
     ledger: LedgerOpt = None,
 ) -> None:
     """Check from files alone that a run saw only what its policy allowed; exit 1 if any check fails.
@@ -349,7 +355,7 @@ def verify(
     from .compliance.verify import verify_run
     from .ledger import ledger_dir
 
-    checks = verify_run(run, ledger_dir(ledger), verify_key=verify_key)
+    checks = verify_run(run, ledger_dir(ledger), verify_key=verify_key, data=data)
     for check in checks:
         typer.echo(f"{'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
     failed = [c.name for c in checks if not c.passed]

@@ -4,6 +4,9 @@ Layout: <ledger>/<kind>/<started>-<event_id>.parquet, readable with DuckDB as
 read_parquet('<ledger>/**/*.parquet', union_by_name=true); the tool itself reads them through
 `contracts.events.read_events` (typed, every file checked). The ledger directory is `--ledger`,
 else $GUARD_LEDGER, else ./guard-ledger.
+
+The ledger's parent folder is the project: artifact paths inside it are written relative to it
+(locations.py), so a project copied or moved with its ledger still verifies; paths outside it stay absolute.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ ENV_VAR = "GUARD_LEDGER"
 
 @dataclass(frozen=True)
 class Artifact:
-    """An input or output of an event: what it is, where it was, and its fingerprint."""
+    """An input or output of an event: what it is, where it was (an absolute path, made relative to the project
+    when the event is written; the `source` of a built-in dataset holds the format's name), and its fingerprint."""
 
     role: str
     path: str
@@ -76,12 +80,18 @@ def write_event(ledger: Path, draft: EventDraft, *, status: str, finished_at: da
 
     from .contracts.events import summary_json
     from .fileio import atomic_write_bytes
+    from .locations import project_of, store
 
     finished_at = finished_at or datetime.now(UTC)
+    project = project_of(ledger)
+
+    def artifact(a: Artifact) -> dict[str, Any]:  # absolute paths inside the project become relative to it
+        return {**vars(a), "path": store(a.path, project) if os.path.isabs(a.path) else a.path}
+
     row = {
         "event_id": draft.event_id, "kind": draft.kind, "started_at": draft.started_at, "finished_at": finished_at,
         "status": status, "tool_version": __version__, "command": draft.command,
-        "inputs": [vars(a) for a in draft.inputs], "outputs": [vars(a) for a in draft.outputs],
+        "inputs": [artifact(a) for a in draft.inputs], "outputs": [artifact(a) for a in draft.outputs],
         "summary": summary_json(draft.kind, status, draft.summary),
     }
     table = pa.Table.from_pylist([row], schema=event_schema())

@@ -60,10 +60,12 @@ def _prepare(config: PipelineConfig, ledger: Path | None, command: list[str], sa
 def _train(config: PipelineConfig, ledger: Path | None, command: list[str], progress: Any, say: Say,
            allow_unrecorded: bool = False) -> str:
     from .engine.service import pipeline_of_run, train_recorded
+    from .ledger import ledger_dir
+    from .locations import project_of
 
     run_dir = Path(str(config.out))
     resume = (run_dir / "config.resolved.yaml").is_file()
-    chosen = pipeline_of_run(run_dir) if resume else config
+    chosen = pipeline_of_run(run_dir, project=project_of(ledger_dir(ledger))) if resume else config
     say(f"{'resuming' if resume else 'training'} {chosen.method} in {run_dir}")
     outcome = train_recorded(chosen, resume=resume, ledger=ledger, command=[*command, "(train)"], progress=progress,
                              allow_unrecorded=allow_unrecorded)

@@ -99,7 +99,7 @@ def plant_samples(prepared: Path, out: Path, *, copies: int, novel: int, seed: i
     card = json.loads((prepared / "card.json").read_text())
     rows = pq.read_table(prepared / "manifest.parquet", columns=["record_id", "partition"]).to_pylist()
     protected = [r["record_id"] for r in rows if r["partition"] == "protected"]
-    reader = open_reader(SourceSpec(card["format"], Path(card["root"]) if card["root"] else None, card["split"],
+    reader = open_reader(SourceSpec(card["format"], prepared / card["root"] if card["root"] else None, card["split"],
                                     card["resolution"]))
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

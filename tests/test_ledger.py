@@ -22,10 +22,12 @@ def test_prepare_appends_events_readable_with_duckdb(cli, tmp_path: Path, celeba
     assert [(kind, status) for kind, status, *_ in rows] == [("prepare", "ok"), ("prepare", "failed")]
     _kind, _status, inputs, outputs, summary, _version, command = rows[0]
     card = json.loads((tmp_path / "out" / "card.json").read_text())
-    assert {"role": "policy", "path": str(path.resolve()), "sha256": sha256_file(path)} in inputs
+    # paths inside the project (the ledger's parent, tmp_path) are stored relative to it; the dataset elsewhere absolute
+    assert {"role": "policy", "path": "p.yaml", "sha256": sha256_file(path)} in inputs
+    assert next(i for i in inputs if i["role"] == "source")["path"] == str(celeba_root.resolve())
     prepared = next(o for o in outputs if o["role"] == "prepared")
-    assert prepared["sha256"] == card["fingerprint"]
-    arrays = {o["path"].split("/out/")[1]: o["sha256"] for o in outputs if o["role"] == "array"}
+    assert prepared["sha256"] == card["fingerprint"] and prepared["path"] == "out"
+    arrays = {o["path"].removeprefix("out/"): o["sha256"] for o in outputs if o["role"] == "array"}
     assert arrays == card["files"]
     assert json.loads(summary)["counts"] == card["counts"] and command[:2] == ["guard", "prepare"]
     assert "already exists" in json.loads(rows[1][4])["error"]

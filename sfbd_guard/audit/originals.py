@@ -71,7 +71,7 @@ def read_prepared(root: Path) -> PreparedInfo:
 def source_spec(info: PreparedInfo, data_root: Path | None, split: str | None = None) -> SourceSpec:
     """The source dataset as prepared: the card's format, root (or --data-root), split and resolution."""
     card = info.card
-    root = data_root.resolve() if data_root else (Path(card.root) if card.root else None)
+    root = data_root.resolve() if data_root else card.source_root(info.root)  # card.json's root: relative to it, or absolute
     if card.format != "digits" and (root is None or not root.is_dir()):
         raise InputError(f"source dataset root {root} (recorded at prepare time) is not a directory",
                          hint="pass --data-root DIR: the audit reads the protected originals from the source dataset")
@@ -160,7 +160,7 @@ def _excluded_by_policy(info: PreparedInfo, metadata: Any) -> set[str]:
     excludes = [r for r in policy.rules if r.action == "exclude"]
     if not excludes:
         return set()
-    base = Path(info.card.policy_path or info.root).parent
+    base = (info.card.policy_file(info.root) or info.root).parent
     decisions = decide(metadata, [*excludes, Rule(name="(holdout)", action="clean")], base_dir=base,
                        source=f"{info.root}/card.json policy (exclude rules applied to the holdout)",
                        format_name=info.card.format)

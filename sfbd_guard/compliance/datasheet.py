@@ -15,6 +15,8 @@ from ..contracts.card import Card, read_card
 from ..contracts.run_record import read_run_record
 from ..errors import InputError
 from ..fileio import atomic_write_bytes
+from ..locations import project_of
+from ..relocate import prepared_of_run
 from .views import RUN_AUDITS, connect
 
 
@@ -63,13 +65,15 @@ def _trainings(con: Any, run_dir: Path) -> list[tuple[Any, ...]]:
     return rows
 
 
-def datasheet(run_dir: Path, ledger: Path) -> str:
+def datasheet(run_dir: Path, ledger: Path, data: Path | None = None) -> str:
+    """The datasheet of the run in `run_dir`; its prepared directory is `data` (--data), else run.json's
+    (`relocate.prepared_of_run`: relative to the run, or found by its fingerprint in the project)."""
     run_dir = run_dir.resolve()
     if not (run_dir / "run.json").is_file():
         raise InputError(f"{run_dir}: not a run directory (no run.json)")
     run = read_run_record(run_dir)
-    data = Path(run.data)
-    card = read_card(data, hint="the run's prepared directory (run.json `data`) must be one written by guard prepare")
+    data = prepared_of_run(run_dir, run.data, run.data_fingerprint, project_of(ledger), data)
+    card = read_card(data, hint="the run's prepared directory (run.json `data`, or --data) must be one written by guard prepare")
     con = connect(ledger)
     trainings = _trainings(con, run_dir)
     method = trainings[-1][1] if trainings else "unknown"
@@ -93,7 +97,7 @@ directory, the run directory and the compliance ledger. Narrative answers marked
 - Purpose and intended use: TODO.
 
 ## 2. Data sources
-- Source dataset: format `{card.format}`, split `{card.split}`, root `{card.root}`.
+- Source dataset: format `{card.format}`, split `{card.split}`, root `{card.source_root(data)}`.
 - Policy: `{card.policy_name}` (sha256 `{card.policy_sha256}`), applied by `guard prepare` on {card.created_at}.
 
 {_rules(card)}
@@ -122,6 +126,6 @@ be overridden: {optouts} record(s) excluded. Excluded records exist only as mani
 """
 
 
-def write_datasheet(path: Path, run_dir: Path, ledger: Path) -> Path:
-    atomic_write_bytes(path, datasheet(run_dir, ledger).encode())
+def write_datasheet(path: Path, run_dir: Path, ledger: Path, data: Path | None = None) -> Path:
+    atomic_write_bytes(path, datasheet(run_dir, ledger, data).encode())
     return path

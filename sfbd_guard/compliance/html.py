@@ -28,19 +28,20 @@ def _table(title: str, table: Any) -> str:
 
 
 def latest_pictures(con: Any) -> tuple[Path | None, Path | None]:
-    """The newest sample grid of the newest training run, and the newest audit's histogram."""
+    """The newest sample grid of the newest training run, and the newest audit's histogram (the views' paths are
+    resolved against the project; one that leads outside it is left relative there, and is not read)."""
     grid: Path | None = None
     histogram: Path | None = None
     run = con.execute("SELECT run FROM trainings WHERE status = 'ok' AND run IS NOT NULL "
                       "ORDER BY started_at DESC LIMIT 1").fetchall()
-    if run:
+    if run and Path(run[0][0]).is_absolute():  # a relative path left in the view leads outside the project: not read
         folder = Path(run[0][0])
         snapshots = sorted(folder.glob("snapshots/*.png"), key=lambda p: p.stat().st_mtime)
         latest: list[Path | None] = [None, *snapshots]
         grid = folder / "samples" / "grid.png" if (folder / "samples" / "grid.png").is_file() else latest[-1]
     audit = con.execute("SELECT summary_file FROM audits WHERE status = 'ok' AND summary_file IS NOT NULL "
                         "ORDER BY started_at DESC LIMIT 1").fetchall()
-    if audit and (Path(audit[0][0]).parent / "similarity.png").is_file():
+    if audit and Path(audit[0][0]).is_absolute() and (Path(audit[0][0]).parent / "similarity.png").is_file():
         histogram = Path(audit[0][0]).parent / "similarity.png"
     return grid, histogram
 

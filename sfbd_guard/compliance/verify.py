@@ -25,6 +25,8 @@ import numpy as np
 from ..contracts.events import Event, TrainSummary
 from ..errors import GuardError, InputError
 from ..hashing import pixel_sha256
+from ..locations import project_of
+from ..relocate import prepared_of_run
 from .views import RUN_AUDITS, connect
 
 if TYPE_CHECKING:
@@ -38,20 +40,29 @@ class Check:
     detail: str
 
 
-def _trainings(events: list[Event], run_dir: Path) -> list[Event]:
-    """The run's finished training events, oldest first (the ledger's typed events, contracts/events.py)."""
+def _trainings(events: list[Event], run_dir: Path, project: Path) -> list[Event]:
+    """The run's finished training events, oldest first (the ledger's typed events, contracts/events.py): their
+    `run` output, resolved against the project (the ledger's parent), is `run_dir`."""
     return [e for e in events if e.kind == "train" and e.status == "ok"
-            and [a.path for a in e.artifacts("outputs", "run")][:1] == [str(run_dir)]]
+            and e.located("outputs", "run", project)[:1] == [run_dir]]
 
 
-def _consumed_arrays(events: list[Event], run_dir: Path) -> dict[str, str] | None:
-    trainings = _trainings(events, run_dir)
+def _consumed_arrays(events: list[Event], run_dir: Path, project: Path) -> tuple[dict[str, str | None], set[str | None]] | None:
+    """What the run's training events read: {array name in its prepared directory (the recorded path for an
+    array outside it): sha256}, and the prepared fingerprints they recorded. Location-free: a moved project
+    compares the same."""
+    trainings = _trainings(events, run_dir, project)
     if not trainings:
         return None
     consumed: dict[str, str | None] = {}
+    fingerprints: set[str | None] = set()
     for event in trainings:
-        consumed.update({a.path: a.sha256 for a in event.artifacts("inputs", "array")})
-    return consumed  # type: ignore[return-value]
+        base = (event.located("inputs", "prepared", project) or [None])[0]
+        fingerprints |= {a.sha256 for a in event.artifacts("inputs", "prepared")}
+        for array, where in zip(event.artifacts("inputs", "array"), event.located("inputs", "array", project), strict=True):
+            inside = base is not None and where is not None and where.is_relative_to(base)
+            consumed[where.relative_to(base).as_posix() if inside and where and base else array.path] = array.sha256
+    return consumed, fingerprints
 
 
 def _open(data: Path) -> PreparedData | GuardError:
@@ -64,17 +75,22 @@ def _open(data: Path) -> PreparedData | GuardError:
         return err
 
 
-def check_consumed(events: list[Event], run_dir: Path, prepared: PreparedData | GuardError) -> Check:
-    consumed = _consumed_arrays(events, run_dir)
+def check_consumed(events: list[Event], run_dir: Path, prepared: PreparedData | GuardError, project: Path) -> Check:
+    consumed = _consumed_arrays(events, run_dir, project)
     if consumed is None:
         return Check("consumed arrays", False, "no finished training event for this run in the ledger")
     if isinstance(prepared, GuardError):
         return Check("consumed arrays", False, str(prepared))
-    expected = {f"{prepared.root}/{name}": digest for name, digest in prepared.files.items()}
-    if consumed != expected:
-        differing = sorted(set(consumed.items()) ^ set(expected.items()))
+    arrays, fingerprints = consumed
+    if fingerprints != {prepared.fingerprint}:
+        return Check("consumed arrays", False, f"the run's training events read prepared data of fingerprint(s) "
+                     f"{sorted(str(v)[:16] for v in fingerprints)}, not {prepared.root}'s {prepared.fingerprint[:16]}")
+    if arrays != prepared.files:
+        differing = sorted(set(arrays.items()) ^ set(prepared.files.items()), key=str)
         return Check("consumed arrays", False, f"{len(differing)} array fingerprint(s) differ, e.g. {differing[0][0]}")
-    return Check("consumed arrays", True, f"{len(consumed)} array file(s) match the ledger, the card and the manifest")
+    where = "" if prepared.root.is_relative_to(project) else " (outside the project)"
+    return Check("consumed arrays", True, f"{len(arrays)} array file(s) of {prepared.root}{where} match the ledger, "
+                 "the card and the manifest")
 
 
 def check_provenance(events: list[Event], ledger: Path, run_dir: Path, prepared: PreparedData | GuardError,
@@ -93,7 +109,8 @@ def check_provenance(events: list[Event], ledger: Path, run_dir: Path, prepared:
         except GuardError as err:
             checks.append(Check("signature", False, str(err)))
     event = establish_provenance(prepared, ledger, None).event_id
-    unrecorded = any(isinstance(e.summary, TrainSummary) and e.summary.unrecorded_data for e in _trainings(events, run_dir))
+    unrecorded = any(isinstance(e.summary, TrainSummary) and e.summary.unrecorded_data
+                     for e in _trainings(events, run_dir, project_of(ledger)))
     if event is not None:
         detail = f"prepare event {event[:12]} of the ledger wrote this directory (fingerprint {prepared.fingerprint[:16]}…)"
         return [Check("provenance", True, detail), *checks]
@@ -187,19 +204,22 @@ def check_audit(con: Any, run_dir: Path) -> Check:
     return Check("audit", True, f"the latest audit of {samples} ({started:%Y-%m-%d %H:%M}) found no copy")
 
 
-def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None) -> list[Check]:
+def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, data: Path | None = None) -> list[Check]:
+    """Every check of the run in `run_dir` against `ledger`. Its prepared directory is `data` (--data), else
+    run.json's (`relocate.prepared_of_run`: relative to the run, or found by its fingerprint in the project)."""
+    from ..contracts.events import read_events
+    from ..contracts.run_record import read_run_record
+
     run_dir = run_dir.resolve()
     if not (run_dir / "run.json").is_file():
         raise InputError(f"{run_dir}: not a run directory (no run.json)", hint="--run takes a directory written by guard train")
-    from ..contracts.run_record import read_run_record
-
-    data = Path(read_run_record(run_dir).data)
-    from ..contracts.events import read_events
-
+    record, project = read_run_record(run_dir), project_of(ledger)
     events = read_events(ledger)
+    folder = prepared_of_run(run_dir, record.data, record.data_fingerprint, project, data)
     con = connect(ledger, events)
-    prepared = _open(data)
-    checks = [check_consumed(events, run_dir, prepared), *check_provenance(events, ledger, run_dir, prepared, verify_key)]
+    prepared = _open(folder)
+    checks = [check_consumed(events, run_dir, prepared, project),
+              *check_provenance(events, ledger, run_dir, prepared, verify_key)]
     if isinstance(prepared, GuardError):  # its files are not what the card says: read nothing it names
         skipped = [Check(name, False, f"the prepared directory does not verify: {prepared}")
                    for name in ("noise", "noise statistics", "no protected pixels", "opt-outs")]

@@ -1,7 +1,10 @@
 """DuckDB views over the ledger: events, prepares, trainings, samplings, audits.
 
 `events` holds every event as `contracts.events.read_events` read and checked it (a file that is not a valid
-event is an input error naming it). The other views are generated from the event summary models: each
+event is an input error naming it), with its artifact paths resolved against the project (the ledger's parent,
+locations.py): where the files are now, wherever the project was copied or moved. A relative path leading
+outside the project is left as written (relative: it matches no run and is never opened), and so is the `source`
+artifact (a dataset root, or the name of a built-in dataset). The other views are generated from the event summary models: each
 model's `COLUMNS` name the summary fields (dotted paths) a view shows, and their JSON paths and SQL types
 come from the model's fields, so a column can only read a key the writer (which validates against the same
 model) writes; a renamed field fails where the views are built, never turns into NULL.
@@ -18,6 +21,7 @@ from pydantic import BaseModel
 
 from ..contracts.events import SUMMARIES, ArtifactColumn, EnvelopeColumn, Event, EventSummary, SummaryColumn
 from ..errors import InputError
+from ..locations import project_of, resolve
 
 _SQL_TYPES = {str: "VARCHAR", int: "BIGINT", float: "DOUBLE", bool: "BOOLEAN"}
 
@@ -82,13 +86,22 @@ VIEW_NAMES = ("events", *VIEWS)
 RUN_AUDITS = ("(samples LIKE ? || '/%' OR samples IN (SELECT samples FROM samplings WHERE weights LIKE ? || '/%'))")
 
 
-def events_table(events: list[Event]) -> Any:
-    """The events as an Arrow table in the ledger's Parquet schema (the summary as its JSON text)."""
+def events_table(events: list[Event], project: Path | None = None) -> Any:
+    """The events as an Arrow table in the ledger's Parquet schema (the summary as its JSON text); with `project`,
+    artifact paths resolved against it (see the module's docstring)."""
     import pyarrow as pa
 
     from ..ledger import event_schema
 
-    rows = [{**event.model_dump(exclude={"summary"}), "summary": _summary_text(event)} for event in events]
+    def located(artifact: dict[str, Any]) -> dict[str, Any]:
+        where = resolve(artifact["path"], project) if project is not None and artifact["role"] != "source" else None
+        return {**artifact, "path": str(where)} if where is not None else artifact
+
+    rows = []
+    for event in events:
+        row = event.model_dump(exclude={"summary"})
+        rows.append({**row, "inputs": [located(a) for a in row["inputs"]], "outputs": [located(a) for a in row["outputs"]],
+                     "summary": _summary_text(event)})
     return pa.Table.from_pylist(rows, schema=event_schema())
 
 
@@ -108,7 +121,7 @@ def connect(ledger: Path, events: list[Event] | None = None, *,
 
     if not any(ledger.glob("**/*.parquet")):
         raise InputError(f"ledger {ledger} holds no events yet", hint="run guard prepare first, or pass --ledger DIR")
-    table = events_table(read_events(ledger) if events is None else events)
+    table = events_table(read_events(ledger) if events is None else events, project_of(ledger))
     con = duckdb.connect()
     con.register("ledger_events", table)
     con.execute("CREATE VIEW events AS SELECT * REPLACE (started_at::TIMESTAMP AS started_at, "  # UTC, naive

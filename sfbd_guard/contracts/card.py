@@ -2,6 +2,11 @@
 
 `read_card` is the only reader and `write_card` the only writer. The card's bytes are signed (signing.py)
 and compared by tests: `write_card` writes exactly the keys of the card it is given, sorted, indented.
+
+`root` (the source dataset) and `policy_path` are relative to the card's own folder (the prepared directory)
+when they and the prepared directory lie inside the folder `guard prepare` ran in (the project), else
+absolute (and absolute in cards written before; locations.py): `Card.source_root` and `Card.policy_file`
+resolve them. A moved project keeps its relative paths; a dataset kept elsewhere keeps its absolute root.
 """
 
 from __future__ import annotations
@@ -89,8 +94,24 @@ class Card(CardIdentity):
         """Made before the noise was keyed by a secret: its noise can be regenerated from public values."""
         return "noise_seed" in self.model_fields_set or self.noise_key_id is None
 
+    def source_root(self, folder: Path) -> Path | None:
+        """The source dataset's root, for the card in `folder`: `root` resolved against it (None: built-in data)."""
+        return None if self.root is None else (folder / self.root).resolve()
+
+    def policy_file(self, folder: Path) -> Path | None:
+        """The policy file `guard prepare` applied, for the card in `folder` (None if the card names none)."""
+        return (folder / self.policy_path).resolve() if self.policy_path else None
+
     def exclude_rules(self) -> list[str]:
         return [rule.name for rule in self.policy.rules if rule.action == "exclude"]
+
+
+def card_path(path: Path, folder: Path) -> str:
+    """How card.json in `folder` stores `path`: relative to `folder` when both lie inside the working directory
+    (the project `guard prepare` runs in), else absolute (locations.py)."""
+    from ..locations import store
+
+    return store(path, folder, project=Path.cwd())
 
 
 def read_card(folder: Path, *, error: type[GuardError] = InputError, hint: str | None = None) -> Card:

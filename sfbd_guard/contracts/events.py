@@ -255,6 +255,13 @@ class Event(BaseModel):
     def artifacts(self, column: Literal["inputs", "outputs"], role: str) -> list[EventArtifact]:
         return [a for a in getattr(self, column) if a.role == role]
 
+    def located(self, column: Literal["inputs", "outputs"], role: str, project: Path) -> list[Path | None]:
+        """Where the artifacts with `role` are now: each path resolved against the project (the ledger's parent,
+        locations.py); None for a relative path that leads outside it (never opened, never matched)."""
+        from ..locations import resolve
+
+        return [resolve(a.path, project) for a in self.artifacts(column, role)]
+
 
 def _event(row: dict[str, Any], source: str) -> Event:
     text = row.get("summary")

@@ -1,6 +1,11 @@
 """run.json, the run record: the prepared directory a training run began on (path, fingerprint, files) and its
 image shape. Written once by `guard train` when a run starts (`write_run_record`); read by resume, sample,
-verify and the datasheet through `read_run_record` only."""
+verify and the datasheet through `read_run_record` only.
+
+`data` is relative to the run directory (run.json's own folder) when the run and its prepared directory both
+lie inside the project (the parent of the ledger `guard train` recorded into), else absolute (and absolute in
+records written before; locations.py). Readers find the directory with `relocate.prepared_of_run`, which
+falls back on the fingerprint when the path does not resolve."""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ Dimension = Annotated[int, Field(gt=0, le=65536)]
 
 
 class RunRecord(Contract):
-    data: str = Field(min_length=1)  # the prepared directory, absolute
+    data: str = Field(min_length=1)  # the prepared directory: relative to the run directory, or absolute
     data_fingerprint: str = Field(min_length=1)
     files: dict[str, str]  # relative path → sha256 of every array file, verified when the run started
     image_shape: list[Dimension] = Field(min_length=3, max_length=3)  # [channels, height, width]

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__
-from ..contracts.card import Card, card_from_dict, write_card
+from ..contracts.card import Card, card_from_dict, card_path, write_card
 from ..datasets import DatasetReader, Part, SourceSpec, open_reader
 from ..errors import DataError
 from ..hashing import fingerprint, new_sha256, sha256_file
@@ -163,15 +163,15 @@ def _publish_shards(staging: Path, result: PartResult, numbering: dict[str, int]
 
 
 def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, counts: dict[str, int], key: NoiseKey,
-          rule_counts: dict[str, int], files: dict[str, str], manifest_sha256: str) -> dict[str, Any]:
+          rule_counts: dict[str, int], files: dict[str, str], manifest_sha256: str, output: Path) -> dict[str, Any]:
     policy = loaded.policy
     return {
         "policy_name": policy.name,
         "policy_sha256": loaded.sha256,
-        "policy_path": str(loaded.path),
+        "policy_path": card_path(loaded.path, output),  # relative to the card's folder inside the project
         "policy": policy.model_dump(mode="json"),
         "format": spec.format,
-        "root": str(spec.root) if spec.root else None,
+        "root": card_path(spec.root, output) if spec.root else None,
         "split": spec.split,
         "resolution": spec.resolution,
         "channels": reader.channels,
@@ -252,7 +252,7 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
             manifest.close()
             discard(staging)
             card = card_from_dict(_card(loaded, spec, reader, manifest.counts, key, decisions.rule_counts(), files,
-                                        sha256_file(staging / "manifest.parquet")))
+                                        sha256_file(staging / "manifest.parquet"), output))
             write_card(staging, card)
             finish_output(staging, output)
         except BaseException:

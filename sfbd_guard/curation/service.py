@@ -20,18 +20,20 @@ def prepare_recorded(policy_path: Path, *, data_root: Path | None, out: Path | N
     from ..signing import load_private_key, sign_card
 
     with recorded(ledger_dir(ledger), "prepare", command) as event:
-        event.inputs.append(Artifact("policy", str(policy_path), None))
+        event.inputs.append(Artifact("policy", str(policy_path.resolve()), None))
         key = load_private_key(sign_key) if sign_key is not None else None
         loaded = load_policy(policy_path)
-        event.inputs[0] = Artifact("policy", str(loaded.path), loaded.sha256)
+        event.inputs[0] = Artifact("policy", str(loaded.path.resolve()), loaded.sha256)
         result = prepare(loaded, data_root=data_root, out=out, workers=workers, strict=strict,
                          overwrite=overwrite, key_file=key_file, progress=progress)
         card = result.card
         if key is not None:
             event.summary["signed_by"] = sign_card(result.output, key)
-        event.inputs.append(Artifact("source", card.root or card.format, result.source_fingerprint))
-        event.outputs.append(Artifact("prepared", str(result.output), card.fingerprint))
-        event.outputs.extend(Artifact("array", f"{result.output}/{name}", digest) for name, digest in sorted(card.files.items()))
+        output = result.output.resolve()  # the ledger stores paths inside the project relative to it (ledger.py)
+        root = card.source_root(output)
+        event.inputs.append(Artifact("source", str(root) if root else card.format, result.source_fingerprint))
+        event.outputs.append(Artifact("prepared", str(output), card.fingerprint))
+        event.outputs.extend(Artifact("array", f"{output}/{name}", digest) for name, digest in sorted(card.files.items()))
         event.summary.update(  # contracts/events.py PrepareSummary
             policy_name=card.policy_name, format=card.format, split=card.split, sigma=card.sigma,
             noise_key_id=card.noise_key_id, noise_key_source=card.noise_key_source,

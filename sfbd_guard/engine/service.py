@@ -14,8 +14,10 @@ from ..errors import InputError, VerificationError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..hashing import sha256_file
 from ..ledger import Artifact, ledger_dir, recorded
+from ..locations import project_of, store
 from ..prepared import PreparedData, open_prepared, require_noisy, require_provenance
 from ..progress import ProgressFactory
+from ..relocate import prepared_of_run
 from ..threads import in_force
 from .config import PipelineConfig, load_pipeline
 
@@ -51,29 +53,39 @@ def pipeline_for_new_run(pipeline: Path, *, overrides: dict[str, Any], data: Pat
     return config.model_copy(update=updates)
 
 
-def pipeline_of_run(run_dir: Path) -> PipelineConfig:
+def pipeline_of_run(run_dir: Path, *, data: Path | None = None, project: Path | None = None) -> PipelineConfig:
     """The saved config of the run in `run_dir`, continuing in `run_dir` itself.
 
     `out` always becomes `run_dir`: a copied (or moved) run directory continues where it is, never in
-    the directory its saved config was first written for.
+    the directory its saved config was first written for. `data` (--data) replaces the saved prepared
+    directory; with `project` (the ledger's parent; training), a saved one that is not there is looked up
+    as verify does (`relocate.prepared_of_run`: run.json's path, then the fingerprint; else an error
+    naming --data). Training then checks that its fingerprint is the one the run began on.
     """
     path = run_dir / RESOLVED
     if not path.is_file():
         raise InputError(f"{run_dir}: not a run directory (no {RESOLVED})",
                          hint="--resume takes a directory written by guard train")
     config = load_config(PipelineConfig, path)
-    return config.model_copy(update={"out": str(run_dir.resolve())})
+    updates = {"out": str(run_dir.resolve())}
+    if data is not None:
+        updates["data"] = str(data.resolve())
+    elif project is not None and not Path(config.data).exists():  # a moved or copied project
+        record = read_run_record(run_dir)
+        updates["data"] = str(prepared_of_run(run_dir.resolve(), record.data, record.data_fingerprint, project))
+    return config.model_copy(update=updates)
 
 
-def _start_run_dir(config: PipelineConfig, data: PreparedData) -> Path:
+def _start_run_dir(config: PipelineConfig, data: PreparedData, project: Path | None) -> Path:
     run_dir = Path(str(config.out))
     if (run_dir / "checkpoints").exists():
         raise InputError(f"run directory {run_dir} already has checkpoints",
                          hint=f"continue it with --resume {run_dir}, or pass --out for a new run")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / RESOLVED, dump_yaml(config).encode())
+    stored = store(data.root, run_dir, project=project) if project is not None else str(data.root)
     write_run_record(run_dir, RunRecord(
-        data=str(data.root), data_fingerprint=data.fingerprint, files=dict(data.files), image_shape=list(data.image_shape),
+        data=stored, data_fingerprint=data.fingerprint, files=dict(data.files), image_shape=list(data.image_shape),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"), threads=in_force()))
     return run_dir
 
@@ -85,8 +97,10 @@ def _check_same_data(run_dir: Path, data: PreparedData) -> None:
 
 
 def _settle_in(run_dir: Path, config: PipelineConfig) -> None:
-    """A run continued in a copy of its directory: its saved config names the copy from now on."""
-    if load_config(PipelineConfig, run_dir / RESOLVED).out != config.out:
+    """A run continued in a copy of its directory (or on its moved prepared directory): its saved config names
+    them from now on."""
+    saved = load_config(PipelineConfig, run_dir / RESOLVED)
+    if (saved.out, saved.data) != (config.out, config.data):
         atomic_write_bytes(run_dir / RESOLVED, dump_yaml(config).encode())
 
 
@@ -104,8 +118,11 @@ def _resume(trainer: Any, run_dir: Path) -> bool:
 
 
 def train(config: PipelineConfig, *, resume: bool, progress: ProgressFactory | None = None,
-          on_start: Callable[[PreparedData], None] | None = None) -> TrainOutcome:
-    """Verify the prepared data, then train (or continue) the run described by `config`."""
+          on_start: Callable[[PreparedData], None] | None = None, project: Path | None = None) -> TrainOutcome:
+    """Verify the prepared data, then train (or continue) the run described by `config`.
+
+    With `project` (the ledger's parent), run.json names the prepared directory relative to the run directory
+    when both lie inside it (locations.py); without, by its absolute path."""
     import time
 
     from .privacy import plan_privacy
@@ -126,7 +143,7 @@ def train(config: PipelineConfig, *, resume: bool, progress: ProgressFactory | N
             if rt.is_main:
                 _settle_in(run_dir, config)
         elif rt.is_main:
-            _start_run_dir(config, data)
+            _start_run_dir(config, data, project)
         rt.barrier()
         trainer = Trainer(config, data, run_dir, rt, progress, privacy_plan)
         resumed = _resume(trainer, run_dir) if resume else False
@@ -166,19 +183,19 @@ def train_recorded(config: PipelineConfig, *, resume: bool, ledger: Path | None,
 
         return train(config, resume=resume, progress=None, on_start=check_only)
     with recorded(where, "train", command) as event:
-        event.inputs.append(Artifact("prepared", str(config.data), None))
+        event.inputs.append(Artifact("prepared", str(Path(config.data).resolve()), None))
 
         def note_data(data: PreparedData) -> None:
-            event.inputs[0] = Artifact("prepared", str(data.root), data.fingerprint)
+            event.inputs[0] = Artifact("prepared", str(data.root.resolve()), data.fingerprint)
             event.inputs.extend(Artifact("array", f"{data.root}/{name}", digest) for name, digest in sorted(data.files.items()))
             event.summary.update(check_trusted(data, config, where, allow_unrecorded=allow_unrecorded))
 
-        outcome = train(config, resume=resume, progress=progress, on_start=note_data)
+        outcome = train(config, resume=resume, progress=progress, on_start=note_data, project=project_of(where))
         if outcome.checkpoint is not None:
             for name in ("net.safetensors", "ema.safetensors"):
                 weights = outcome.checkpoint / name
-                event.outputs.append(Artifact(name.split(".")[0], str(weights), sha256_file(weights)))
-        event.outputs.append(Artifact("run", str(outcome.run_dir), None))
+                event.outputs.append(Artifact(name.split(".")[0], str(weights.resolve()), sha256_file(weights)))
+        event.outputs.append(Artifact("run", str(outcome.run_dir.resolve()), None))
         event.summary.update(method=config.method, name=config.name, resumed=outcome.resumed, step=outcome.step,
                              kimg=outcome.kimg, seconds=round(outcome.seconds, 3), device=config.device,
                              world_size=int(os.environ.get("WORLD_SIZE", "1")), threads=in_force())
@@ -256,8 +273,8 @@ def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int =
 def sample_recorded(run_dir: Path, *, ledger: Path | None, command: list[str], **options: Any) -> SampleOutcome:
     with recorded(ledger_dir(ledger), "sample", command) as event:
         outcome = sample(run_dir, **options)
-        event.inputs.append(Artifact("weights", str(outcome.checkpoint), sha256_file(outcome.checkpoint)))
-        event.outputs.append(Artifact("samples", str(outcome.out), None))
+        event.inputs.append(Artifact("weights", str(outcome.checkpoint.resolve()), sha256_file(outcome.checkpoint)))
+        event.outputs.append(Artifact("samples", str(outcome.out.resolve()), None))
         event.summary.update(count=len(outcome.files), seconds=round(outcome.seconds, 3),
                              **{k: v for k, v in options.items() if k in ("steps", "seed", "batch")})
         return outcome

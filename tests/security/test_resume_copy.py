@@ -39,4 +39,6 @@ def test_resume_of_a_copy_continues_the_copy(cli, tmp_path: Path, _isolated_ledg
     assert "step-000000016" in result.out and str(copy.resolve()) in result.out
     assert yaml.safe_load((copy / "config.resolved.yaml").read_text())["out"] == str(copy.resolve())
     runs = [e for e in read_events(_isolated_ledger).to_pylist() if e["kind"] == "train"]
-    assert [o["path"] for o in runs[-1]["outputs"] if o["role"] == "run"] == [str(copy.resolve())]
+    # ledger paths are relative to the project, the ledger's parent (docs/ledger.md): it must lead to the copy
+    assert [str((_isolated_ledger.parent / o["path"]).resolve()) for o in runs[-1]["outputs"] if o["role"] == "run"] == [
+        str(copy.resolve())]
