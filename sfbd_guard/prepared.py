@@ -130,18 +130,28 @@ class _Manifest:
 
     def counts(self, column: str) -> dict[str | None, int]:
         """{value: rows} of a string column (nulls counted under None)."""
-        import pyarrow.compute as pc
-
-        data = self.table.column(column)
-        counts: dict[str | None, int] = {}
-        for entry in pc.value_counts(data).to_pylist():
-            counts[entry["values"]] = counts.get(entry["values"], 0) + int(entry["counts"])
+        codes, names = _encode(self.table.column(column))
+        found = np.bincount(codes + 1, minlength=len(names) + 1)  # code -1 (null) counts at 0
+        counts: dict[str | None, int] = {name: int(n) for name, n in zip(names, found[1:], strict=True) if n}
+        if found[0]:
+            counts[None] = int(found[0])
         return counts
 
     def of(self, partition: str) -> Any:
-        import pyarrow.compute as pc
+        """The rows of one partition, in manifest order."""
+        codes, names = _encode(self.table.column("partition"))
+        return self.table.filter(codes == names.index(partition) if partition in names else np.zeros(len(codes), bool))
 
-        return self.table.filter(pc.fill_null(pc.equal(self.table.column("partition"), partition), False))
+
+def _encode(column: Any) -> tuple[np.ndarray, list[str]]:
+    """A string column as integer codes (-1 for null) into its distinct values: no Python object per row."""
+    import pyarrow.compute as pc
+
+    if not len(column):
+        return np.zeros(0, np.int64), []
+    encoded: Any = pc.dictionary_encode(column).combine_chunks()
+    codes = np.asarray(encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
+    return codes, list(encoded.dictionary.to_pylist())
 
 
 def _check_counts(root: Path, card: Card, manifest: _Manifest) -> None:
@@ -181,15 +191,11 @@ def _check_sigmas(root: Path, card: Card, clean: Any, protected: Any) -> None:
 
 def _partition(root: Path, table: Any, name: str, card: Card) -> Partition:
     """The partition's rows memory-mapped from its shards, through the manifest's file and row columns."""
-    import pyarrow.compute as pc
 
     shape, dtype = card.image_shape, DTYPES[name]
     record_ids = table.column("record_id").to_pylist()
-    encoded = pc.dictionary_encode(table.column("file")).combine_chunks() if len(table) else None
-    names: list[str | None] = encoded.dictionary.to_pylist() if encoded is not None else []
-    codes = (np.asarray(encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
-             if encoded is not None else np.zeros(0, np.int64))
-    valid = np.array([bool(f) and f.startswith(f"{name}/") and f in card.files for f in names] + [False])
+    codes, names = _encode(table.column("file"))
+    valid = np.array([f.startswith(f"{name}/") and f in card.files for f in names] + [False], dtype=bool)
     bad = np.flatnonzero(~valid[codes])  # code -1 (a null file) picks the trailing False
     if len(bad):
         i = int(bad[0])
@@ -202,7 +208,6 @@ def _partition(root: Path, table: Any, name: str, card: Card) -> Partition:
     rows = np.asarray(rows_column.to_numpy(zero_copy_only=False), dtype=np.int64)
     arrays = []
     for file in names:
-        assert file is not None  # checked above
         array = np.load(root / file, mmap_mode="r", allow_pickle=False)
         if array.dtype != dtype or array.shape[1:] != shape:
             raise _fail(root, f"{file} holds {array.dtype} {array.shape[1:]}, expected {dtype} {shape}")

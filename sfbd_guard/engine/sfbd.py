@@ -40,8 +40,17 @@ from ..progress import ProgressFactory
 from .checkpoint import TrainingState
 from .config import PipelineConfig
 from .data import MappedImages, Mixture, Source, clean_images, noisy_images
-from .denoise import (RoundSetError, ShardWriter, Sink, denoise_rows, load_legacy_round, numpy_dtype, open_round,
-                      round_dir, write_round)
+from .denoise import (
+    RoundSetError,
+    ShardWriter,
+    Sink,
+    denoise_rows,
+    load_legacy_round,
+    numpy_dtype,
+    open_round,
+    round_dir,
+    write_round,
+)
 from .methods import Phase, SourceName
 from .runtime import Runtime
 
@@ -192,8 +201,7 @@ class SFBDSources:
         self.rt.barrier()
 
     def _map_bank(self) -> MappedRows:
-        mode = "r+" if self.rt.is_main else "r"
-        array = np.load(self.bank_path, mmap_mode=mode, allow_pickle=False)
+        array = np.load(self.bank_path, mmap_mode="r+" if self.rt.is_main else "r", allow_pickle=False)
         if array.dtype != numpy_dtype(self.dtype) or array.shape != (len(self.noisy), *self.shape):
             raise InputError(f"{self.bank_path}: holds {array.dtype} {array.shape}, expected "
                              f"{numpy_dtype(self.dtype)} {(len(self.noisy), *self.shape)}",
