@@ -248,3 +248,39 @@ def test_a_checkpoint_of_an_earlier_version_with_the_bank_in_its_state_resumes(
     shutil.rmtree(tmp_path / "old" / "bank")
     assert train(config, resume=True).step == 12
     assert _same_ema(straight.run_dir, tmp_path / "old")
+
+
+def test_a_round_set_of_an_earlier_version_is_rewritten_as_shards(tmp_path: Path, digits8: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stopped inside round 1 by an earlier version (rounds/round-01.safetensors, no fingerprint in its
+    checkpoint) resumes on that same set, rewritten as shards."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sfbd_guard.engine.denoise import record_digest
+
+    straight = train(_config(tmp_path, digits8, "straight", method="sfbd", schedule=SFBD_SCHEDULE,
+                             checkpoint_every=1), resume=False)
+    config = _config(tmp_path, digits8, "old", method="sfbd", schedule=SFBD_SCHEDULE, checkpoint_every=1)
+    _crash_at(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, resume=False)
+    monkeypatch.undo()
+    run = tmp_path / "old"
+    folder = run / "rounds" / "round-01"
+    denoised = torch.from_numpy(np.concatenate([np.load(p) for p in sorted(folder.glob("part-*.npy"))]))
+    ids = open_prepared(digits8).protected.record_ids
+    save_file({"denoised": denoised}, run / "rounds" / "round-01.safetensors",
+              metadata={"round": "1", "records": str(len(ids)), "record_ids_sha256": record_digest(ids)})
+    shutil.rmtree(folder)
+    latest = run / "checkpoints" / "step-000000005"
+    with safe_open(latest / "state.safetensors", framework="pt") as handle:
+        meta = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    state = json.loads(meta["state"])
+    del state["info"]["round_set"], state["attachments"]
+    save_file(tensors, latest / "state.safetensors", metadata={**meta, "state": json.dumps(state)})
+    (run / "checkpoints" / "latest").write_text(latest.name)
+    assert train(config, resume=True).step == 10
+    assert sorted(p.name for p in folder.iterdir()) == ["part-00000.npy", "round.json"]
+    assert _same_ema(straight.run_dir, run)
