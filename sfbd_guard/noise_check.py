@@ -46,7 +46,8 @@ ALPHA_POOL = 1e-9  # bound on the false-failure probability of an honest partiti
 GRID_DELTA = 0.05  # a pixel is "on the uint8 grid" when (y+1)*127.5 is this close to an integer
 GRID_SHARE = 0.5  # an image fails when this share of its pixels (or more) is on the grid
 MAD = 0.6744897501960817  # Φ⁻¹(3/4): median |N(0, 1)|
-CHUNK = 2048  # images per block of work (bounds memory on large partitions)
+CHUNK = 2048  # images per block: the float16 ulp margin is taken per block (results depend on it: keep it)
+PART = 128  # images per part of a block whose per-image statistics are computed at once (bounds memory only)
 _NORMAL = NormalDist()
 
 
@@ -183,12 +184,14 @@ def check_protected(pixels: np.ndarray | Iterable[np.ndarray], sigma: float, rec
             raise ValueError(f"more images than the {count} record ids")
         # every |c| is raised by one float16 ulp at the block's largest |y|: rounding cannot fail an honest image
         ulp = float(np.spacing(np.abs(block).max().astype(np.float16)))
-        coefficients = np.abs(haar_details(block)) + ulp
-        ratios[start:start + len(block)] = np.partition(coefficients, k, axis=1)[:, k] / (MAD * sigma)
-        below += int((coefficients < MAD * sigma).sum())
-        levels = (block.astype(np.float64) + 1) * 127.5
-        grid[start:start + len(block)] = (np.abs(levels - np.round(levels)) < GRID_DELTA).reshape(len(block), -1).mean(axis=1)
-        start += len(block)
+        for at in range(0, len(block), PART):  # image by image statistics, in parts: bounded temporaries
+            part = block[at:at + PART]
+            coefficients = np.abs(haar_details(part)) + ulp
+            ratios[start:start + len(part)] = np.partition(coefficients, k, axis=1)[:, k] / (MAD * sigma)
+            below += int((coefficients < MAD * sigma).sum())
+            levels = (part.astype(np.float64) + 1) * 127.5
+            grid[start:start + len(part)] = (np.abs(levels - np.round(levels)) < GRID_DELTA).reshape(len(part), -1).mean(axis=1)
+            start += len(part)
     if start != count:
         raise ValueError(f"{start} images for {count} record ids")
     failing = np.flatnonzero((ratios < tau) | (grid >= GRID_SHARE))

@@ -121,7 +121,7 @@ class _Manifest:
 
         columns = ["record_id", "partition", "rule", "sigma", "file", "row"]
         try:
-            table = pq.read_table(root / "manifest.parquet", columns=columns)
+            table = pq.read_table(root / "manifest.parquet", columns=columns, use_threads=False)  # fewer buffers
             types = {"record_id": pa.string(), "partition": pa.string(), "rule": pa.string(), "sigma": pa.float64(),
                      "file": pa.string(), "row": pa.int64()}
             self.table = pa.table({name: table.column(name).cast(kind) for name, kind in types.items()})

@@ -284,3 +284,37 @@ def test_a_round_set_of_an_earlier_version_is_rewritten_as_shards(tmp_path: Path
     assert train(config, resume=True).step == 10
     assert sorted(p.name for p in folder.iterdir()) == ["part-00000.npy", "round.json"]
     assert _same_ema(straight.run_dir, run)
+
+
+@pytest.mark.parametrize("method", ["sfbd", "online-sfbd"])
+def test_two_process_ddp_ranks_map_the_files_rank_0_writes(tmp_path: Path, method: str) -> None:
+    """Under torchrun, rank 0 writes the round sets and the bank, every rank maps them: the run ends with one
+    round set per round and the bank attached to the checkpoint, as in one process."""
+    import os
+    import subprocess
+    import sys
+
+    from sfbd_guard.curation.service import prepare_recorded
+
+    policy = write_policy(tmp_path / "policy.yaml", digits_policy(tmp_path / "prepared", drop=0.75))
+    prepared = prepare_recorded(policy, data_root=None, out=None, workers=1, strict=False, overwrite=False,
+                                ledger=tmp_path / "ledger", command=["test"]).output
+    schedule = SFBD_SCHEDULE if method == "sfbd" else ONLINE_SCHEDULE
+    pipeline = write_policy(tmp_path / "p.yaml", tiny_pipeline(prepared, tmp_path / "run", method=method, schedule=schedule,
+                                                              denoise={"steps": 4, "batch": 64}))
+    env = {**os.environ, "GUARD_LEDGER": str(tmp_path / "ledger"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "sfbd_guard.cli", "train", "--pipeline", str(pipeline)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = tmp_path / "run"
+    count = json.loads((prepared / "card.json").read_text())["counts"]["protected"]
+    if method == "sfbd":
+        assert sorted(p.name for p in (run / "rounds").iterdir()) == ["round-01", "round-02"]
+        meta = json.loads((run / "rounds" / "round-02" / "round.json").read_text())
+        assert meta["records"] == count and meta["shards"] == {"part-00000.npy": sha256_file(run / "rounds" / "round-02" / "part-00000.npy")}
+    else:
+        latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text()
+        assert np.load(latest / "bank.npy").shape == (count, 1, 8, 8)
+        assert (latest / "bank.npy").read_bytes() == (run / "bank" / "bank.npy").read_bytes()
+    assert not list(run.rglob("*.partial*")), "no staging files left"
