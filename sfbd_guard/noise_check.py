@@ -33,7 +33,9 @@ noise at the full σ only to the finest scale (keeping a low-pass original) is n
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -44,7 +46,8 @@ ALPHA_POOL = 1e-9  # bound on the false-failure probability of an honest partiti
 GRID_DELTA = 0.05  # a pixel is "on the uint8 grid" when (y+1)*127.5 is this close to an integer
 GRID_SHARE = 0.5  # an image fails when this share of its pixels (or more) is on the grid
 MAD = 0.6744897501960817  # Φ⁻¹(3/4): median |N(0, 1)|
-CHUNK = 2048  # images per block of work (bounds memory on large partitions)
+CHUNK = 2048  # images per block: the float16 ulp margin is taken per block (results depend on it: keep it)
+PART = 128  # images per part of a block whose per-image statistics are computed at once (bounds memory only)
 _NORMAL = NormalDist()
 
 
@@ -124,11 +127,49 @@ def haar_details(y: np.ndarray) -> np.ndarray:
     return np.concatenate([band.reshape(len(y), -1) for band in bands], axis=1)
 
 
-def check_protected(pixels: np.ndarray, sigma: float, record_ids: list[str]) -> NoiseStats:
-    """Test every protected image (N, C, H, W float16) for noise consistent with `sigma`."""
-    count = len(pixels)
-    h, w = pixels.shape[2] // 2, pixels.shape[3] // 2
-    n = 3 * pixels.shape[1] * h * w
+def _blocks(pixels: np.ndarray | Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """The images `CHUNK` at a time, whatever blocks they come in: the same blocks for an array and for its shards
+    (the float16 ulp margin is taken per block, so equal blocks give identical statistics)."""
+    if isinstance(pixels, np.ndarray):
+        for start in range(0, len(pixels), CHUNK):
+            yield np.asarray(pixels[start:start + CHUNK])
+        return
+    pending: list[np.ndarray] = []
+    held = 0
+    for part in pixels:
+        while len(part):
+            taken = part[: CHUNK - held]
+            pending.append(np.asarray(taken))
+            held += len(taken)
+            part = part[len(taken):]
+            if held == CHUNK:
+                yield pending[0] if len(pending) == 1 else np.concatenate(pending)
+                pending, held = [], 0
+    if held:
+        yield pending[0] if len(pending) == 1 else np.concatenate(pending)
+
+
+def check_protected(pixels: np.ndarray | Iterable[np.ndarray], sigma: float, record_ids: Sequence[str],
+                    shape: tuple[int, int, int] | None = None) -> NoiseStats:
+    """Test every protected image for noise consistent with `sigma`.
+
+    `pixels`: one (N, C, H, W) float16 array, or its rows in consecutive blocks (e.g. shard by shard, so a
+    partition larger than memory is tested in bounded memory); `record_ids` names the N rows in order.
+    `shape` (C, H, W) is needed only for blocks that may hold no image at all.
+    """
+    if isinstance(pixels, np.ndarray):
+        shape = (pixels.shape[1], pixels.shape[2], pixels.shape[3])
+    else:
+        blocks = iter(pixels)
+        first = next(blocks, None)
+        if first is not None:
+            shape = (first.shape[1], first.shape[2], first.shape[3])
+            pixels = itertools.chain([first], blocks)
+        else:
+            pixels = []
+    c, h, w = shape if shape is not None else (0, 0, 0)
+    count = len(pixels) if isinstance(pixels, np.ndarray) else len(record_ids)
+    n = 3 * c * (h // 2) * (w // 2)
     tau = image_threshold(n) if n else 0.0
     limit = pooled_limit(max(1, n * count))
     if count == 0 or n == 0:
@@ -137,21 +178,29 @@ def check_protected(pixels: np.ndarray, sigma: float, record_ids: list[str]) -> 
     ratios = np.empty(count)
     grid = np.empty(count)
     below = 0
-    for start in range(0, count, CHUNK):
-        block = np.asarray(pixels[start:start + CHUNK])
+    start = 0
+    for block in _blocks(pixels):
+        if start + len(block) > count:
+            raise ValueError(f"more images than the {count} record ids")
         # every |c| is raised by one float16 ulp at the block's largest |y|: rounding cannot fail an honest image
         ulp = float(np.spacing(np.abs(block).max().astype(np.float16)))
-        coefficients = np.abs(haar_details(block)) + ulp
-        ratios[start:start + len(block)] = np.partition(coefficients, k, axis=1)[:, k] / (MAD * sigma)
-        below += int((coefficients < MAD * sigma).sum())
-        levels = (block.astype(np.float64) + 1) * 127.5
-        grid[start:start + len(block)] = (np.abs(levels - np.round(levels)) < GRID_DELTA).reshape(len(block), -1).mean(axis=1)
+        for at in range(0, len(block), PART):  # image by image statistics, in parts: bounded temporaries
+            part = block[at:at + PART]
+            coefficients = np.abs(haar_details(part)) + ulp
+            ratios[start:start + len(part)] = np.partition(coefficients, k, axis=1)[:, k] / (MAD * sigma)
+            below += int((coefficients < MAD * sigma).sum())
+            levels = (part.astype(np.float64) + 1) * 127.5
+            grid[start:start + len(part)] = (np.abs(levels - np.round(levels)) < GRID_DELTA).reshape(len(part), -1).mean(axis=1)
+            start += len(part)
+    if start != count:
+        raise ValueError(f"{start} images for {count} record ids")
     failing = np.flatnonzero((ratios < tau) | (grid >= GRID_SHARE))
     share = below / (n * count)
-    first = None
+    first_failure = None
     if len(failing):
         i = int(failing[0])
-        first = f"{record_ids[i]} (σ̂ = {ratios[i] * sigma:.4f}, σ̂/σ = {ratios[i]:.3f}, {grid[i]:.0%} of pixels on the uint8 grid)"
+        first_failure = (f"{record_ids[i]} (σ̂ = {ratios[i] * sigma:.4f}, σ̂/σ = {ratios[i]:.3f}, "
+                         f"{grid[i]:.0%} of pixels on the uint8 grid)")
     passed = not len(failing) and share <= limit
     return NoiseStats(passed, count, n, tau, float(ratios.min()), float(np.median(ratios)), share, limit,
-                      float(grid.max()), len(failing), first)
+                      float(grid.max()), len(failing), first_failure)

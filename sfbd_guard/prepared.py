@@ -25,6 +25,7 @@ from .contracts.card import Card, read_card
 from .contracts.events import Event, read_events
 from .errors import VerificationError
 from .hashing import fingerprint, sha256_file
+from .mapped import MappedRows
 from .noise_check import NoiseStats
 
 REQUIRED = ("card.json", "manifest.parquet", "clean", "protected")
@@ -33,11 +34,15 @@ DTYPES: dict[str, np.dtype[Any]] = {"clean": np.dtype(np.uint8), "protected": np
 
 @dataclass(frozen=True)
 class Partition:
-    """The rows of one partition, in manifest order: record ids and their pixels (N, C, H, W)."""
+    """The rows of one partition, in manifest order: record ids, their pixels (N, C, H, W) memory-mapped from the
+    directory's shards (gathered a batch at a time, never all loaded), and their sigmas."""
 
     record_ids: list[str]
-    pixels: np.ndarray  # clean: uint8; protected: float16 x/127.5 - 1 + sigma*eps
+    pixels: MappedRows  # clean: uint8; protected: float16 x/127.5 - 1 + sigma*eps
     sigmas: np.ndarray  # per row: 0 for clean, the noise sigma for protected
+
+    def __len__(self) -> int:
+        return len(self.record_ids)
 
 
 @dataclass(frozen=True)
@@ -107,17 +112,55 @@ def _verify_files(root: Path, card: Card) -> dict[str, str]:
     return recorded
 
 
-def _check_counts(root: Path, card: Card, rows: list[dict[str, Any]]) -> None:
+class _Manifest:
+    """The manifest's columns that training needs, as Arrow/numpy columns (never one Python object per row)."""
+
+    def __init__(self, root: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns = ["record_id", "partition", "rule", "sigma", "file", "row"]
+        try:
+            table = pq.read_table(root / "manifest.parquet", columns=columns, use_threads=False)  # fewer buffers
+            types = {"record_id": pa.string(), "partition": pa.string(), "rule": pa.string(), "sigma": pa.float64(),
+                     "file": pa.string(), "row": pa.int64()}
+            self.table = pa.table({name: table.column(name).cast(kind) for name, kind in types.items()})
+        except (pa.ArrowException, KeyError, ValueError) as err:
+            raise _fail(root, f"manifest.parquet: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+    def counts(self, column: str) -> dict[str | None, int]:
+        """{value: rows} of a string column (nulls counted under None)."""
+        codes, names = _encode(self.table.column(column))
+        found = np.bincount(codes + 1, minlength=len(names) + 1)  # code -1 (null) counts at 0
+        counts: dict[str | None, int] = {name: int(n) for name, n in zip(names, found[1:], strict=True) if n}
+        if found[0]:
+            counts[None] = int(found[0])
+        return counts
+
+    def of(self, partition: str) -> Any:
+        """The rows of one partition, in manifest order."""
+        codes, names = _encode(self.table.column("partition"))
+        return self.table.filter(codes == names.index(partition) if partition in names else np.zeros(len(codes), bool))
+
+
+def _encode(column: Any) -> tuple[np.ndarray, list[str]]:
+    """A string column as integer codes (-1 for null) into its distinct values: no Python object per row."""
+    import pyarrow.compute as pc
+
+    if not len(column):
+        return np.zeros(0, np.int64), []
+    encoded: Any = pc.dictionary_encode(column).combine_chunks()
+    codes = np.asarray(encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
+    return codes, list(encoded.dictionary.to_pylist())
+
+
+def _check_counts(root: Path, card: Card, manifest: _Manifest) -> None:
     """The card's counts, rule counts and sigma must be those of the manifest (bound by its sha256)."""
-    counts = {p: 0 for p in card.counts}
-    for row in rows:
-        counts[row["partition"]] = counts.get(row["partition"], 0) + 1
+    counts: dict[str | None, int] = {p: 0 for p in card.counts}
+    counts.update(manifest.counts("partition"))
     if counts != card.counts:
         raise _fail(root, f"card.json counts {card.counts} do not match the manifest's {counts}")
-    rules: dict[str, int] = {}
-    for row in rows:
-        if row["rule"] is not None:
-            rules[row["rule"]] = rules.get(row["rule"], 0) + 1
+    rules = {name: n for name, n in manifest.counts("rule").items() if name is not None}
     recorded = card.rule_counts
     errors = counts.get("error", 0)
     over = sorted(name for name, n in rules.items() if n > recorded.get(name, 0))
@@ -129,51 +172,74 @@ def _check_counts(root: Path, card: Card, rows: list[dict[str, Any]]) -> None:
         raise _fail(root, f"card.json sigma {card.sigma} is not its policy's noise.sigma {card.policy.noise.sigma}")
 
 
-def _partition(root: Path, rows: list[dict[str, Any]], name: str, card: Card) -> Partition:
-    shape = card.image_shape
-    arrays: dict[str, np.ndarray] = {}
-    pixels, sigmas = [], []
-    for row in rows:
-        file = row["file"]
-        if not file or not file.startswith(f"{name}/") or file not in card.files:
-            raise _fail(root, f"record {row['record_id']} points to {file!r}, not a recorded {name} file")
-        if file not in arrays:
-            arrays[file] = np.load(root / file, mmap_mode="r", allow_pickle=False)
-            if arrays[file].dtype != DTYPES[name] or arrays[file].shape[1:] != shape:
-                raise _fail(root, f"{file} holds {arrays[file].dtype} {arrays[file].shape[1:]}, expected {DTYPES[name]} {shape}")
-        pixels.append(arrays[file][row["row"]])
-        sigmas.append(row["sigma"])
-    stacked = np.stack(pixels) if pixels else np.zeros((0, *shape), DTYPES[name])
-    return Partition([r["record_id"] for r in rows], stacked, np.asarray(sigmas, dtype=np.float64))
+def _sigmas(table: Any) -> np.ndarray:
+    """The sigma column as float64, a null as NaN (which no check accepts)."""
+    return np.asarray(table.column("sigma").to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def _check_sigmas(root: Path, card: Card, clean: Any, protected: Any) -> None:
+    sigmas = _sigmas(protected)
+    bad = np.flatnonzero(~(sigmas > 0) | (sigmas != card.sigma))
+    if len(bad):
+        i = int(bad[0])
+        found = None if np.isnan(sigmas[i]) else float(sigmas[i])
+        raise _fail(root, f"protected record {protected.column('record_id')[i].as_py()} has sigma {found}, "
+                          f"expected the policy's {card.sigma} > 0")
+    if np.any(_sigmas(clean) != 0):
+        raise _fail(root, "a clean record has a non-zero sigma")
+
+
+def _partition(root: Path, table: Any, name: str, card: Card) -> Partition:
+    """The partition's rows memory-mapped from its shards, through the manifest's file and row columns."""
+
+    shape, dtype = card.image_shape, DTYPES[name]
+    record_ids = table.column("record_id").to_pylist()
+    codes, names = _encode(table.column("file"))
+    valid = np.array([f.startswith(f"{name}/") and f in card.files for f in names] + [False], dtype=bool)
+    bad = np.flatnonzero(~valid[codes])  # code -1 (a null file) picks the trailing False
+    if len(bad):
+        i = int(bad[0])
+        raise _fail(root, f"record {record_ids[i]} points to {names[codes[i]] if codes[i] >= 0 else None!r}, "
+                          f"not a recorded {name} file")
+    rows_column = table.column("row")
+    if rows_column.null_count:
+        i = int(np.flatnonzero(np.asarray(rows_column.is_null().to_numpy(zero_copy_only=False)))[0])
+        raise _fail(root, f"record {record_ids[i]} has no row in {names[codes[i]]}")
+    rows = np.asarray(rows_column.to_numpy(zero_copy_only=False), dtype=np.int64)
+    arrays = []
+    for file in names:
+        array = np.load(root / file, mmap_mode="r", allow_pickle=False)
+        if array.dtype != dtype or array.shape[1:] != shape:
+            raise _fail(root, f"{file} holds {array.dtype} {array.shape[1:]}, expected {dtype} {shape}")
+        arrays.append(array)
+    sizes = np.array([len(a) for a in arrays] + [0], dtype=np.int64)
+    outside = np.flatnonzero((rows < 0) | (rows >= sizes[codes]))
+    if len(outside):
+        i = int(outside[0])
+        raise _fail(root, f"record {record_ids[i]} points to row {rows[i]} of {names[codes[i]]}, "
+                          f"which holds {sizes[codes[i]]} rows")
+    return Partition(record_ids, MappedRows(arrays, codes, rows, shape, dtype), _sigmas(table))
 
 
 def open_prepared(root: Path) -> PreparedData:
-    """Verify a prepared directory against its card and return its clean and protected partitions."""
-    import pyarrow.parquet as pq
-
+    """Verify a prepared directory against its card and return its clean and protected partitions (memory-mapped)."""
     root = root.resolve()
     card = read_prepared_card(root)
     _check_keyed_noise(root, card)
     files = _verify_files(root, card)
-    columns = ["record_id", "partition", "rule", "sigma", "file", "row"]
-    rows = pq.read_table(root / "manifest.parquet", columns=columns).to_pylist()
-    _check_counts(root, card, rows)
-    clean = [r for r in rows if r["partition"] == "clean"]
-    protected = [r for r in rows if r["partition"] == "protected"]
-    bad_sigma = [r["record_id"] for r in protected if not r["sigma"] or r["sigma"] <= 0 or r["sigma"] != card.sigma]
-    if bad_sigma:
-        found = next(r["sigma"] for r in protected if r["record_id"] == bad_sigma[0])
-        raise _fail(root, f"protected record {bad_sigma[0]} has sigma {found}, expected the policy's {card.sigma} > 0")
-    if any(r["sigma"] != 0 for r in clean):
-        raise _fail(root, "a clean record has a non-zero sigma")
-    return PreparedData(root, card, _partition(root, clean, "clean", card), _partition(root, protected, "protected", card), files)
+    manifest = _Manifest(root)
+    _check_counts(root, card, manifest)
+    clean, protected = manifest.of("clean"), manifest.of("protected")
+    _check_sigmas(root, card, clean, protected)
+    return PreparedData(root, card, _partition(root, clean, "clean", card), _partition(root, protected, "protected", card),
+                        files)
 
 
 def check_noise_statistics(data: PreparedData) -> NoiseStats:
     """The protected pixels tested for noise at the card's sigma (see noise_check.py)."""
-    from .noise_check import check_protected
+    from .noise_check import CHUNK, check_protected
 
-    return check_protected(data.protected.pixels, data.card.sigma, data.protected.record_ids)
+    return check_protected(data.protected.pixels.blocks(CHUNK), data.card.sigma, data.protected.record_ids)
 
 
 def require_noisy(data: PreparedData) -> NoiseStats:

@@ -7,6 +7,7 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -37,6 +38,16 @@ def _protected_count(data: Path) -> int:
     return json.loads((data / "card.json").read_text())["counts"]["protected"]
 
 
+def _round_set(run: Path, round_: int) -> torch.Tensor:
+    """An SFBD round's denoised set as written under rounds/round-XX/ (.npy shards in record order)."""
+    folder = run / "rounds" / f"round-{round_:02d}"
+    return torch.from_numpy(np.concatenate([np.load(p) for p in sorted(folder.glob("part-*.npy"))]))
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
 def _config(tmp_path: Path, data: Path, name: str, **overrides: object):  # type: ignore[no-untyped-def]
     overrides.setdefault("denoise", {"steps": 6, "batch": 1024})
     return load_pipeline(write_policy(tmp_path / f"{name}.yaml", tiny_pipeline(data, tmp_path / name, **overrides)))
@@ -57,8 +68,8 @@ def test_each_method_runs_end_to_end(tmp_path: Path, digits8: Path, method: str)
     assert phases == expected
     if method == "sfbd":
         rounds = sorted(p.name for p in (outcome.run_dir / "rounds").iterdir())
-        assert rounds == ["round-01.safetensors", "round-02.safetensors"]
-        denoised = load_file(outcome.run_dir / "rounds" / "round-01.safetensors")["denoised"]
+        assert rounds == ["round-01", "round-02"]
+        denoised = _round_set(outcome.run_dir, 1)
         assert denoised.dtype == torch.uint8 and denoised.shape == (_protected_count(digits8), 1, 8, 8)
         assert {p.name for p in (outcome.run_dir / "snapshots").iterdir()} >= {"grid-round-1.png", "grid-round-2.png"}
 
@@ -113,16 +124,16 @@ def test_resume_mid_round_reuses_the_denoised_set(tmp_path: Path, digits8: Path,
     monkeypatch.setattr(trainer.Trainer, "train_step", crash)
     with pytest.raises(KeyboardInterrupt):
         train(config, resume=False)
-    round_file = tmp_path / "crashed" / "rounds" / "round-01.safetensors"
-    before = round_file.read_bytes()
+    round_file = tmp_path / "crashed" / "rounds" / "round-01"
+    before = _files(round_file)
     monkeypatch.setattr(trainer.Trainer, "train_step", real_step)
     denoised_rows: list[int] = []
     real_denoise = sfbd.denoise_rows
     monkeypatch.setattr(sfbd, "denoise_rows", lambda *a, **k: denoised_rows.append(len(a[2])) or real_denoise(*a, **k))
     resumed = train(config, resume=True)
-    assert round_file.read_bytes() == before
+    assert _files(round_file) == before
     assert denoised_rows == [_protected_count(digits8)], "only round 2 is denoised after the resume"
-    assert load_file(round_file)["denoised"].equal(load_file(straight.run_dir / "rounds" / "round-01.safetensors")["denoised"])
+    assert _round_set(resumed.run_dir, 1).equal(_round_set(straight.run_dir, 1))
     steps = [row["step"] for row in pq.read_table(resumed.run_dir / "metrics.parquet").to_pylist()]
     assert steps == list(range(1, 11))
     latest = lambda run: load_file(run / "checkpoints" / (run / "checkpoints" / "latest").read_text() / "ema.safetensors")  # noqa: E731
@@ -247,9 +258,9 @@ def test_quantize_false_keeps_denoised_images_in_float16(tmp_path: Path, digits8
                                 sfbd={"quantize": quantize}), resume=False)
         runs[quantize] = outcome.run_dir
         if method == "sfbd":
-            kept[quantize] = load_file(outcome.run_dir / "rounds" / "round-01.safetensors")["denoised"]
+            kept[quantize] = _round_set(outcome.run_dir, 1)
         else:
-            kept[quantize] = load_file(outcome.checkpoint / "state.safetensors")["state.bank"]
+            kept[quantize] = torch.from_numpy(np.load(outcome.checkpoint / "bank.npy"))
     assert kept[True].dtype == torch.uint8 and kept[False].dtype == torch.float16
     assert kept[False].shape == kept[True].shape == (_protected_count(digits8), 1, 8, 8)
     floats = kept[False].float()

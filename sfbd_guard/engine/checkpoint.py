@@ -1,10 +1,13 @@
 """Checkpoints in safetensors (no pickles): net and EMA weights, plus the training state.
 
 A checkpoint is a directory `checkpoints/step-NNNNNNNNN/` holding `net.safetensors`,
-`ema.safetensors` and `state.safetensors` (optimizer tensors, generator states, extra tensors such
-as a denoised set) with JSON metadata (step, images seen, phase, optimizer hyper-parameters). It is
-written to a temporary sibling and renamed, then `checkpoints/latest` is rewritten atomically, so a
-crash or kill -9 at any moment leaves the previous checkpoint usable.
+`ema.safetensors` and `state.safetensors` (optimizer tensors, generator states, small extra tensors)
+with JSON metadata (step, images seen, phase, optimizer hyper-parameters), plus copies of the run's
+files that change during training and must be captured as of the step (online SFBD's bank, `bank.npy`:
+"attachments", their sha256 recorded in the state, so a swapped or truncated copy is refused on resume;
+they go away with their checkpoint when it is pruned). It is written to a temporary sibling and renamed,
+then `checkpoints/latest` is rewritten atomically, so a crash or kill -9 at any moment leaves the previous
+checkpoint usable.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..errors import InputError
 from ..fileio import atomic_write_bytes
+from ..hashing import sha256_file
 
 LATEST = "latest"
 
@@ -37,7 +41,9 @@ class TrainingState:
     phase: int = 0  # index of the phase of the method's plan
     round: int = 0  # SFBD round (0 = pretraining)
     info: dict[str, Any] = field(default_factory=dict)  # small JSON-able extras
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # generator states, banks, ...
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # generator states, ...
+    # files captured by the checkpoint loaded (name → its verified copy inside the checkpoint); see save_checkpoint
+    attachments: dict[str, Path] = field(default_factory=dict)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -68,9 +74,15 @@ def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
+_ATTACHMENT_NAME = re.compile(r"[a-z0-9_-]{1,40}\.npy")
+
+
 def save_checkpoint(run_dir: Path, *, net: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: TrainingState, config_json: str, keep: int) -> Path:
-    """Write a checkpoint for `state.step` and point `latest` at it; keep the newest `keep`."""
+                    state: TrainingState, config_json: str, keep: int, attachments: dict[str, Path] | None = None) -> Path:
+    """Write a checkpoint for `state.step` and point `latest` at it; keep the newest `keep`.
+
+    `attachments`: name (e.g. bank.npy) → a file of the run as it is now; each is copied into the checkpoint
+    and its sha256 recorded in the state."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:09d}"
@@ -81,8 +93,14 @@ def save_checkpoint(run_dir: Path, *, net: torch.nn.Module, ema: torch.nn.Module
     save_file(_weights(ema), staging / "ema.safetensors", metadata=meta)
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
     tensors = {**opt_tensors, **{f"state.{k}": v.detach().cpu().contiguous() for k, v in state.tensors.items()}}
+    copied = {}
+    for name, source in sorted((attachments or {}).items()):
+        if not _ATTACHMENT_NAME.fullmatch(name):
+            raise ValueError(f"attachment name {name!r}")
+        shutil.copyfile(source, staging / name)
+        copied[name] = sha256_file(staging / name)
     info = {"step": state.step, "nimg": state.nimg, "phase": state.phase, "round": state.round, "info": state.info,
-            "optimizer": opt_meta}
+            "optimizer": opt_meta, "attachments": copied}
     save_file(tensors, staging / "state.safetensors", metadata={"state": json.dumps(info), **meta})
     if final.exists():
         shutil.rmtree(final)
@@ -169,7 +187,28 @@ def _read_state(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     optimizer = info["optimizer"]
     if not isinstance(optimizer.get("param_groups"), list) or not isinstance(optimizer.get("scalars"), dict):
         raise InputError(f"{path}: state.optimizer needs param_groups (list) and scalars (object)")
+    attachments = info.setdefault("attachments", {})  # none before checkpoints had attachments
+    if not isinstance(attachments, dict) or not all(
+            isinstance(k, str) and _ATTACHMENT_NAME.fullmatch(k) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)
+            for k, v in attachments.items()):
+        raise InputError(f"{path}: state.attachments is not a map of file names (name.npy) to sha256 digests")
     return info, tensors
+
+
+def _attachments(folder: Path, recorded: dict[str, str]) -> dict[str, Path]:
+    """The checkpoint's attached files, each checked against the sha256 its state recorded at save time."""
+    found = {}
+    for name, digest in sorted(recorded.items()):
+        path = folder / name
+        if path.is_symlink() or not path.is_file():
+            raise InputError(f"{path}: missing (the checkpoint's state records it with sha256 {digest[:16]}…)",
+                             hint="restore the checkpoint folder whole, or resume from another checkpoint")
+        if sha256_file(path) != digest:
+            raise InputError(f"{path}: does not match the sha256 recorded in the checkpoint's state (changed or "
+                             "truncated after it was saved)",
+                             hint="restore the checkpoint folder whole, or resume from another checkpoint")
+        found[name] = path
+    return found
 
 
 def load_checkpoint(path: Path, *, net: torch.nn.Module, ema: torch.nn.Module,
@@ -185,4 +224,5 @@ def load_checkpoint(path: Path, *, net: torch.nn.Module, ema: torch.nn.Module,
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
         raise InputError(f"{state_file}: the optimizer state does not fit this run ({_first_line(err)})") from None
     extra = {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}
-    return TrainingState(info["step"], info["nimg"], info["phase"], info["round"], info["info"], extra)
+    return TrainingState(info["step"], info["nimg"], info["phase"], info["round"], info["info"], extra,
+                         _attachments(path, info["attachments"]))

@@ -1,23 +1,79 @@
-"""Training images as tensors on the [-1, 1] scale, built only from a verified prepared directory."""
+"""Training images on the [-1, 1] scale, gathered a batch at a time from a verified prepared directory.
+
+The pixels stay where they are stored (the prepared directory's shards, SFBD's round sets, online SFBD's bank:
+memory-mapped .npy files, `mapped.MappedRows`); an `ImageSet` converts only the rows a batch asks for:
+uint8 → x/127.5 - 1, float16 (the noisy copies, float16 denoised sets) → float32. So the process's anonymous
+memory does not grow with the dataset, and every DDP rank maps the same files instead of holding a copy.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from ..mapped import MappedRows
 from ..prepared import PreparedData
 
 
-def clean_images(data: PreparedData) -> torch.Tensor:
-    """The clean partition: uint8 → float32 x/127.5 - 1, (N, C, H, W)."""
-    return from_uint8(torch.from_numpy(np.asarray(data.clean.pixels)))
+class ImageSet(Protocol):
+    """A set of N training images: `gather(rows)` → float32 (B, C, H, W) on the [-1, 1] scale."""
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]: ...
+
+    def __len__(self) -> int: ...
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor: ...
 
 
-def noisy_images(data: PreparedData) -> torch.Tensor:
-    """The protected partition as stored: float16 y = x + sigma*eps, as float32 (N, C, H, W)."""
-    return torch.from_numpy(np.asarray(data.protected.pixels, dtype=np.float32))
+class MappedImages:
+    """Images stored on disk (uint8 pixels or float16 on the [-1, 1] scale), converted per batch."""
+
+    def __init__(self, rows: MappedRows) -> None:
+        if rows.dtype not in (np.dtype(np.uint8), np.dtype(np.float16)):
+            raise ValueError(f"stored images are uint8 or float16, not {rows.dtype}")
+        self.rows = rows
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.rows.image_shape
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        return from_stored(torch.from_numpy(self.rows.take(rows.cpu().numpy())))
+
+
+class TensorImages:
+    """Images already in memory as a float32 (N, C, H, W) tensor on the [-1, 1] scale (small sets, tests)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.images.shape[1:]
+        return (c, h, w)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.images[rows]
+
+
+def clean_images(data: PreparedData) -> MappedImages:
+    """The clean partition: uint8 shards, gathered as float32 x/127.5 - 1, (N, C, H, W)."""
+    return MappedImages(data.clean.pixels)
+
+
+def noisy_images(data: PreparedData) -> MappedImages:
+    """The protected partition as stored: float16 y = x + sigma*eps shards, gathered as float32 (N, C, H, W)."""
+    return MappedImages(data.protected.pixels)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -30,7 +86,7 @@ def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def from_stored(images: torch.Tensor) -> torch.Tensor:
-    """Denoised images as kept (uint8 pixels, or float16 on the [-1, 1] scale) → float32 [-1, 1]."""
+    """Images as kept (uint8 pixels, or float16 on the [-1, 1] scale) → float32 [-1, 1]."""
     return from_uint8(images) if images.dtype == torch.uint8 else images.float()
 
 
@@ -39,7 +95,7 @@ class Source:
     """One set of training images: its loss noise floor (0 = treat as clean) and loss weight."""
 
     name: str
-    images: torch.Tensor  # (N, C, H, W) float32
+    images: ImageSet  # N images, gathered as float32 (B, C, H, W)
     floor: float = 0.0  # the images' own noise level, for the ambient loss (0 for clean data)
     weight: float = 1.0  # loss weight of its samples (online SFBD ramps it)
 
@@ -69,7 +125,7 @@ class Mixture:
         images, floors, weights = [], [], []
         for k, source in enumerate(self.sources):
             rows = index[which == k] % len(source.images)
-            images.append(source.images[rows])
+            images.append(source.images.gather(rows))
             floors.append(torch.full((len(rows),), source.floor))
             weights.append(torch.full((len(rows),), source.weight))
         order = torch.argsort(torch.cat([torch.nonzero(which == k).flatten() for k in range(len(self.sources))]))

@@ -3,71 +3,199 @@ its sigma down to 0 with the EMA model (the same sampler as generation, on the t
 
 Records are split across ranks (rank r takes rows r, r + W, ...) and gathered back in record order,
 so the result does not depend on the number of processes; every row stays tied to its record_id.
+A whole set is denoised window by window and streamed to disk (`into`), never held in memory.
+
+Round sets (`rounds/round-XX/`): the denoised set of one SFBD round as .npy shards of `ROUND_SHARD_ROWS`
+rows in record order (uint8 pixels, or float16 on the [-1, 1] scale when sfbd.quantize is false), with
+`round.json` naming the round, the records (sha256 of their ids), the dtype, the image shape and every
+shard's sha256. The folder is written under a temporary name by rank 0 and renamed when complete; every
+rank then memory-maps the same shards.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..diffusion.sampling import denoise_backward
-from ..hashing import sha256_bytes
+from ..hashing import new_sha256, sha256_file
+from ..mapped import MappedRows
 from ..progress import Tick
 from .config import DenoiseSpec
-from .data import to_uint8
+from .data import ImageSet, TensorImages, to_uint8
 from .runtime import Runtime, gather_rows, rank_slice
+
+ROUND_SHARD_ROWS = 16384  # rows per shard of a round set
+_SHARD_NAME = re.compile(r"part-[0-9]{5}\.npy")
+Sink = Callable[[int, torch.Tensor], None]  # (position of the block's first row in `rows`, gathered block)
 
 
 @torch.no_grad()
-def denoise_rows(denoiser: torch.nn.Module, noisy: torch.Tensor, rows: torch.Tensor, sigma: float,
-                 spec: DenoiseSpec, rt: Runtime, tick: Tick | None = None, quantize: bool = True) -> torch.Tensor:
+def denoise_rows(denoiser: torch.nn.Module, noisy: ImageSet | torch.Tensor, rows: torch.Tensor, sigma: float,
+                 spec: DenoiseSpec, rt: Runtime, tick: Tick | None = None, quantize: bool = True,
+                 into: Sink | None = None) -> torch.Tensor | None:
     """Denoise `noisy[rows]` (this rank's share of `rows`), gathered back in the order of `rows`.
 
-    Returns (len(rows), C, H, W) clipped to [-1, 1]: uint8 pixels when `quantize` (the reference code's
-    PNG round trip, rounded), else float16 on the [-1, 1] scale.
+    Rows are taken in windows of `spec.batch` per rank; every rank receives each gathered window (B, C, H, W),
+    clipped to [-1, 1]: uint8 pixels when `quantize` (the reference code's PNG round trip, rounded), else
+    float16 on the [-1, 1] scale. Without `into` the windows are returned as one tensor (len(rows), C, H, W);
+    with `into` each is handed to `into(start, window)` as soon as it is made and None is returned.
     """
+    images: ImageSet = TensorImages(noisy) if isinstance(noisy, torch.Tensor) else noisy
     dtype = torch.uint8 if quantize else torch.float16
-    mine = rank_slice(len(rows), rt)
-    outputs = []
-    for start in range(0, len(mine), spec.batch):
-        chunk = rows[mine[start : start + spec.batch]]
-        y = noisy[chunk].to(rt.device)
-        with rt.autocast():
-            clean = denoise_backward(denoiser, y, sigma, steps=spec.steps, solver=spec.solver, grid=spec.grid,
-                                     rho=spec.rho, sigma_min=spec.sigma_min)
-        clean = clean.clamp(-1, 1)
-        outputs.append((to_uint8(clean) if quantize else clean.to(dtype)).to(rt.device))
-        if tick:
-            tick(len(chunk) * rt.world_size)
-    local = torch.cat(outputs) if outputs else torch.empty((0, *noisy.shape[1:]), dtype=dtype, device=rt.device)
     wire = torch.int32 if quantize else torch.float32  # types every collective backend gathers
-    gathered = gather_rows(local.to(wire) if rt.distributed else local, mine.to(rt.device), len(rows), rt)
-    return gathered.to(dtype).cpu()
+    window = spec.batch * rt.world_size  # rank r's share of window k is its k-th batch of rows r, r + W, ...
+    kept: list[torch.Tensor] = []
+    for start in range(0, len(rows), window):
+        part = rows[start : start + window]
+        mine = rank_slice(len(part), rt)
+        local = torch.empty((0, *images.image_shape), dtype=dtype, device=rt.device)
+        if len(mine):
+            y = images.gather(part[mine]).to(rt.device)
+            with rt.autocast():
+                clean = denoise_backward(denoiser, y, sigma, steps=spec.steps, solver=spec.solver, grid=spec.grid,
+                                         rho=spec.rho, sigma_min=spec.sigma_min)
+            clean = clean.clamp(-1, 1)
+            local = (to_uint8(clean) if quantize else clean.to(dtype)).to(rt.device)
+            if tick:
+                tick(len(mine) * rt.world_size)
+        gathered = gather_rows(local.to(wire) if rt.distributed else local, mine.to(rt.device), len(part), rt)
+        block = gathered.to(dtype).cpu()
+        if into is None:
+            kept.append(block)
+        else:
+            into(start, block)
+    if into is not None:
+        return None
+    return torch.cat(kept) if kept else torch.empty((0, *images.image_shape), dtype=dtype)
 
 
-def record_digest(record_ids: list[str]) -> str:
-    return sha256_bytes("\n".join(record_ids).encode())
+def record_digest(record_ids: Sequence[str]) -> str:
+    """sha256 of the record ids joined by newlines (computed without joining them)."""
+    digest = new_sha256()
+    for i, record in enumerate(record_ids):
+        digest.update((b"\n" if i else b"") + record.encode())
+    return digest.hexdigest()
 
 
-def save_round(path: Path, denoised: torch.Tensor, record_ids: list[str], round_: int) -> None:
-    """The denoised set of one round, rows in record order (a checkpoint of its own, for resume)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    save_file({"denoised": denoised.contiguous()}, tmp,
-              metadata={"round": str(round_), "records": str(len(record_ids)), "record_ids_sha256": record_digest(record_ids)})
-    tmp.replace(path)
+def numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
+    return np.dtype(np.uint8) if dtype == torch.uint8 else np.dtype(np.float16)
 
 
-def load_round(path: Path, record_ids: list[str], dtype: torch.dtype) -> torch.Tensor | None:
-    """A saved round's denoised set, if it exists, belongs to these records and is kept as `dtype`."""
+class ShardWriter:
+    """Writes `count` rows, in any order of whole blocks, into .npy shards of `shard_rows` rows (memory-mapped
+    output files: the rows go to the page cache, not to the process's anonymous memory)."""
+
+    def __init__(self, folder: Path, count: int, image_shape: tuple[int, int, int], dtype: np.dtype[Any],
+                 shard_rows: int, name: Callable[[int], str]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.count, self.shard_rows = folder, count, max(1, shard_rows)
+        sizes = [min(self.shard_rows, count - s) for s in range(0, count, self.shard_rows)] or [0]
+        self.names = [name(k) for k in range(len(sizes))]
+        self.arrays = [np.lib.format.open_memmap(folder / n, mode="w+", dtype=dtype, shape=(size, *image_shape))
+                       for n, size in zip(self.names, sizes, strict=True)]
+
+    def put(self, start: int, block: torch.Tensor) -> None:
+        values = block.numpy()
+        done = 0
+        while done < len(values):
+            k, offset = divmod(start + done, self.shard_rows)
+            take = min(len(values) - done, self.shard_rows - offset)
+            self.arrays[k][offset : offset + take] = values[done : done + take]
+            done += take
+
+    def close(self) -> dict[str, str]:
+        """Flush and close the shards; their sha256 by name."""
+        for array in self.arrays:
+            array.flush()
+        self.arrays = []
+        return {n: sha256_file(self.folder / n) for n in self.names}
+
+
+class RoundSetError(Exception):
+    """A round set on disk that cannot be used (missing, foreign, changed or truncated), and why."""
+
+
+def round_dir(run_dir: Path, round_: int) -> Path:
+    return run_dir / "rounds" / f"round-{round_:02d}"
+
+
+def write_round(path: Path, count: int, image_shape: tuple[int, int, int], dtype: torch.dtype,
+                record_ids: Sequence[str], round_: int, fill: Callable[[Sink], None]) -> dict[str, str]:
+    """Write round `round_`'s set into the folder `path` (replaced whole when complete): `fill(sink)` hands every
+    row to `sink`. Returns the shards' sha256 by name."""
+    staging = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    writer = ShardWriter(staging, count, image_shape, numpy_dtype(dtype), ROUND_SHARD_ROWS, lambda k: f"part-{k:05d}.npy")
+    fill(writer.put)
+    shards = writer.close()
+    meta = {"round": round_, "records": count, "record_ids_sha256": record_digest(record_ids),
+            "dtype": str(numpy_dtype(dtype)), "image_shape": list(image_shape), "shards": shards}
+    (staging / "round.json").write_text(json.dumps(meta, indent=1))
+    if path.exists():
+        shutil.rmtree(path)
+    staging.rename(path)
+    return shards
+
+
+def open_round(path: Path, record_ids: Sequence[str], dtype: torch.dtype,
+               image_shape: tuple[int, int, int]) -> tuple[MappedRows, dict[str, str]]:
+    """Round set `path` memory-mapped, checked against its round.json (records, dtype, shape, every shard's
+    sha256); also the shards' sha256 by name. Raises RoundSetError saying what is wrong."""
+    meta_path = path / "round.json"
+    if not path.is_dir() or path.is_symlink() or not meta_path.is_file() or meta_path.is_symlink():
+        raise RoundSetError(f"{meta_path}: missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RoundSetError(f"{meta_path}: unreadable ({err})") from None
+    expected = {"records": len(record_ids), "record_ids_sha256": record_digest(record_ids),
+                "dtype": str(numpy_dtype(dtype)), "image_shape": list(image_shape)}
+    wrong = [key for key, value in expected.items() if not isinstance(meta, dict) or meta.get(key) != value]
+    if wrong:
+        raise RoundSetError(f"{meta_path}: {wrong[0]} is not this run's ({expected[wrong[0]]!r})")
+    shards = meta.get("shards")
+    count = -(-len(record_ids) // ROUND_SHARD_ROWS) or 1
+    names = [f"part-{k:05d}.npy" for k in range(count)]
+    if not isinstance(shards, dict) or sorted(shards) != names or not all(isinstance(v, str) for v in shards.values()):
+        raise RoundSetError(f"{meta_path}: shards should be {names[0]}… ({count} of them) with their sha256")
+    arrays = []
+    for name in names:
+        file = path / name
+        if not _SHARD_NAME.fullmatch(name) or file.is_symlink() or not file.is_file():
+            raise RoundSetError(f"{file}: missing")
+        if sha256_file(file) != shards[name]:
+            raise RoundSetError(f"{file}: does not match the sha256 recorded when the round set was written")
+        array = np.load(file, mmap_mode="r", allow_pickle=False)
+        if array.dtype != numpy_dtype(dtype) or array.shape[1:] != image_shape:
+            raise RoundSetError(f"{file}: holds {array.dtype} {array.shape[1:]}, expected {numpy_dtype(dtype)} {image_shape}")
+        arrays.append(array)
+    rows = MappedRows.contiguous(arrays, image_shape, numpy_dtype(dtype))
+    if len(rows) != len(record_ids):
+        raise RoundSetError(f"{path}: {len(rows)} rows for {len(record_ids)} records")
+    return rows, dict(shards)
+
+
+def load_legacy_round(path: Path, record_ids: Sequence[str], dtype: torch.dtype) -> torch.Tensor | None:
+    """A round set saved by earlier versions (`rounds/round-XX.safetensors`), if it exists, belongs to these
+    records and is kept as `dtype` (loaded whole, once, to be rewritten as shards)."""
     if not path.is_file():
         return None
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
-    with safe_open(path, framework="pt") as handle:
-        if handle.metadata().get("record_ids_sha256") != record_digest(record_ids):
-            return None
-    denoised = load_file(path)["denoised"]
+    try:
+        with safe_open(path, framework="pt") as handle:
+            if (handle.metadata() or {}).get("record_ids_sha256") != record_digest(record_ids):
+                return None
+        denoised = load_file(path)["denoised"]
+    except Exception:  # noqa: BLE001 (a damaged file raises SafetensorError): not usable, made again
+        return None
     return denoised if denoised.dtype == dtype else None

@@ -318,7 +318,7 @@ class PrivatePhase:
         for source, rate in zip(mixture.sources, self.rates, strict=True):
             rows = torch.arange(rt.rank, len(source.images), rt.world_size)
             rows = rows[torch.rand(len(rows), generator=gen, dtype=torch.float64) < rate]
-            images.append(source.images[rows])
+            images.append(source.images.gather(rows))
             floors.append(torch.full((len(rows),), source.floor))
             weights.append(torch.full((len(rows),), source.weight))
         return torch.cat(images), torch.cat(floors), torch.cat(weights)

@@ -54,9 +54,31 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def fix_malloc_thresholds(threshold: int = 1 << 20) -> bool:
+    """Keep glibc from holding freed memory: fix its mmap and trim thresholds (default: dynamic).
+
+    With the dynamic threshold, every large tensor freed (the denoiser's activations, batch after batch) raises
+    the mmap threshold, later large blocks come from the heap, and the heap fragments: a process's anonymous
+    memory then grows with the number of batches denoised (measured: +60 MB from 900 to 9000 records), though
+    it holds nothing more. Fixed, blocks of `threshold` bytes or more are mapped and returned on free. Returns
+    whether the C library took the setting (not glibc: nothing to do)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, threshold)) and bool(mallopt(m_trim_threshold, threshold))
+
+
 @contextlib.contextmanager
 def runtime(device: str, precision: str) -> Iterator[Runtime]:
     """Set up (and tear down) the process group when launched by torchrun; yield the Runtime."""
+    fix_malloc_thresholds()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device, local_rank)

@@ -1,30 +1,60 @@
 """SFBD's data side: the mixture each phase trains on, the denoised round sets, and online SFBD's bank.
 
 The sources of a phase come from the methods table (`methods.METHODS`):
-- clean / noisy: fixed sets from the prepared directory; under the ambient loss the noisy copies keep
-  their noise floor σ.
+- clean / noisy: fixed sets from the prepared directory, memory-mapped (`data.MappedImages`); under the
+  ambient loss the noisy copies keep their noise floor σ.
 - denoised (SFBD rounds): on entering a round every protected copy is denoised by the current EMA
-  model; the denoised set is saved under rounds/, so a run resumed mid-round reuses it.
-- bank (online SFBD): one slot per protected record, filled when the phase starts and refreshed
-  `refresh_size` records at a time every `refresh_every` steps; its loss weight ramps 0 → 1.
+  model and streamed to .npy shards under rounds/round-XX/ (`denoise.write_round`), which every rank
+  memory-maps. The shards' sha256 are recorded in the training state (`info["round_set"]`), so the
+  checkpoints carry them: a run resumed inside a round maps the same set, and a round set changed,
+  swapped or truncated since is refused (re-denoising it with later weights would not give the run that
+  was interrupted). A round set left by a crash before its round's first checkpoint is reused if its own
+  round.json vouches for it, else made again. Round sets of earlier versions (round-XX.safetensors) are
+  rewritten as shards.
+- bank (online SFBD): one slot per protected record in bank/bank.npy, memory-mapped and updated in place:
+  filled when the phase starts and refreshed `refresh_size` records at a time every `refresh_every` steps;
+  its loss weight ramps 0 → 1. Every checkpoint holds a copy of the bank as of its step (`attachments`),
+  which a resume restores. A checkpoint of an earlier version (the bank as a state tensor) is supported:
+  the bank is written from it.
 Denoised images are kept as uint8 (sfbd.quantize, the reference code's PNG round trip) or float16.
+Under torchrun rank 0 writes the files, the ranks wait at a barrier, and every rank maps the same files
+(the run directory must be one every rank sees, as for checkpoints).
 The trainer lends the EMA model (the denoiser) and the training state; this module never sees the trainer.
 """
 
 from __future__ import annotations
 
+import shutil
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
+from ..errors import InputError
+from ..mapped import MappedRows
 from ..prepared import PreparedData
 from ..progress import ProgressFactory
 from .checkpoint import TrainingState
 from .config import PipelineConfig
-from .data import Mixture, Source, clean_images, from_stored, noisy_images
-from .denoise import denoise_rows, load_round, save_round
+from .data import MappedImages, Mixture, Source, clean_images, noisy_images
+from .denoise import (
+    RoundSetError,
+    ShardWriter,
+    Sink,
+    denoise_rows,
+    load_legacy_round,
+    numpy_dtype,
+    open_round,
+    round_dir,
+    write_round,
+)
 from .methods import Phase, SourceName
 from .runtime import Runtime
+
+BANK = "bank.npy"  # online SFBD's bank, in bank/ of the run directory and attached to every checkpoint
 
 
 def linear_ramp(kimg: float, start: float, end: float) -> float:
@@ -44,8 +74,10 @@ class SFBDSources:
         self.noisy = noisy_images(data)
         self.sigma = float(data.card.sigma)
         self.record_ids = data.protected.record_ids
+        self.shape = data.image_shape
         self.dtype = torch.uint8 if config.sfbd.quantize else torch.float16  # how denoised images are kept
         self.bank: Source | None = None
+        self.bank_array: np.ndarray | None = None  # the mapped bank file (writable on rank 0)
 
     def mixture(self, phase: Phase, denoiser: torch.nn.Module, state: TrainingState, fresh: bool) -> Mixture:
         """What `phase` trains on; `fresh`: the phase starts now (not a resume inside it)."""
@@ -63,46 +95,126 @@ class SFBDSources:
         if name == "noisy":
             return Source("noisy", self.noisy, floor=self.sigma if phase.spec.loss == "ambient" else 0.0)
         if name == "denoised":
-            return Source("denoised", from_stored(self._round_set(phase.round, denoiser)))
-        self.bank = Source("bank", from_stored(self._bank(denoiser, state, fresh)), weight=self._ramp_weight(state))
+            return Source("denoised", MappedImages(self._round_set(phase.round, denoiser, state, fresh)))
+        self.bank = Source("bank", MappedImages(self._bank(denoiser, state, fresh)), weight=self._ramp_weight(state))
         return self.bank
 
-    def _denoise(self, denoiser: torch.nn.Module, rows: torch.Tensor, label: str) -> torch.Tensor:
+    def _denoise(self, denoiser: torch.nn.Module, rows: torch.Tensor, label: str,
+                 into: Sink | None = None) -> torch.Tensor | None:
         tick = self.progress(label, len(rows)) if self.progress and len(rows) > 256 else None
         return denoise_rows(denoiser, self.noisy, rows, self.sigma, self.config.denoise, self.rt, tick,
-                            quantize=self.config.sfbd.quantize)
+                            quantize=self.config.sfbd.quantize, into=into)
+
+    def _denoise_all(self, denoiser: torch.nn.Module, label: str, sink: Sink) -> None:
+        """Every protected copy denoised in record order into `sink` (rank 0); the other ranks only take part."""
+        self._denoise(denoiser, torch.arange(len(self.noisy)), label, sink if self.rt.is_main else lambda _s, _b: None)
 
     # ----- SFBD rounds -----------------------------------------------------------------------------------
 
-    def _round_set(self, round_: int, denoiser: torch.nn.Module) -> torch.Tensor:
-        """Round k's denoised set: loaded if this round already made it (resume), else made now."""
-        path = self.run_dir / "rounds" / f"round-{round_:02d}.safetensors"
-        saved = load_round(path, self.record_ids, self.dtype)
-        if saved is not None:
-            return saved
-        denoised = self._denoise(denoiser, torch.arange(len(self.noisy)), f"denoising (round {round_})")
-        if self.rt.is_main:
-            save_round(path, denoised, self.record_ids, round_)
+    def _round_set(self, round_: int, denoiser: torch.nn.Module, state: TrainingState, fresh: bool) -> MappedRows:
+        """Round k's denoised set, memory-mapped: the one this round made (resume), else made now."""
+        path = round_dir(self.run_dir, round_)
+        recorded = state.info.get("round_set")
+        if not fresh and isinstance(recorded, dict) and recorded.get("round") == round_:
+            return self._recorded_round(path, recorded.get("shards"))
+        try:  # a set left by a crash before this round's first checkpoint: reused if it is whole
+            rows, shards = open_round(path, self.record_ids, self.dtype, self.shape)
+        except RoundSetError:
+            self._make_round(path, round_, denoiser)
+            rows, shards = self._open_round(path)
+        state.info["round_set"] = {"round": round_, "shards": shards}
+        return rows
+
+    def _make_round(self, path: Path, round_: int, denoiser: torch.nn.Module) -> None:
+        legacy = load_legacy_round(path.parent / f"{path.name}.safetensors", self.record_ids, self.dtype)
+        if legacy is not None:  # made by an earlier version: the same set, rewritten as shards
+            if self.rt.is_main:
+                write_round(path, len(self.noisy), self.shape, self.dtype, self.record_ids, round_,
+                            lambda sink: sink(0, legacy))
+        else:
+            def fill(sink: Sink) -> None:
+                self._denoise_all(denoiser, f"denoising (round {round_})", sink)
+
+            if self.rt.is_main:
+                write_round(path, len(self.noisy), self.shape, self.dtype, self.record_ids, round_, fill)
+            else:
+                fill(lambda _s, _b: None)
         self.rt.barrier()
-        return denoised
+
+    def _open_round(self, path: Path) -> tuple[MappedRows, dict[str, str]]:
+        try:
+            return open_round(path, self.record_ids, self.dtype, self.shape)
+        except RoundSetError as err:  # just written: another process changed it
+            raise InputError(f"{err}", hint="the run directory changed while training; start a new run") from None
+
+    def _recorded_round(self, path: Path, shards: Any) -> MappedRows:
+        """The round set a checkpoint recorded, refused if it is not exactly those shards."""
+        hint = (f"a run resumes inside a round only on the round set it made ({path}); restore that folder from a "
+                "backup, or resume from a checkpoint before the round started, or start a new run")
+        try:
+            rows, found = open_round(path, self.record_ids, self.dtype, self.shape)
+        except RoundSetError as err:
+            raise InputError(f"{err}", hint=hint) from None
+        if found != shards:
+            raise InputError(f"{path}: its shards are not those recorded in the checkpoint (the round set was "
+                             "replaced after the checkpoint was written)", hint=hint)
+        return rows
 
     # ----- online SFBD -----------------------------------------------------------------------------------
 
-    def _bank(self, denoiser: torch.nn.Module, state: TrainingState, fresh: bool) -> torch.Tensor:
-        if not fresh and "bank" in state.tensors:
-            return state.tensors["bank"]
-        bank = self._denoise(denoiser, torch.arange(len(self.noisy)), "denoising (bank)")
-        state.tensors["bank"] = bank
-        state.info["bank_cursor"] = 0
-        state.info["online_start_step"] = state.step
-        return bank
+    @property
+    def bank_path(self) -> Path:
+        return self.run_dir / "bank" / BANK
+
+    def attachments(self) -> dict[str, Path]:
+        """The files a checkpoint must capture as of its step: the bank, while online SFBD uses it."""
+        return {BANK: self.bank_path} if self.bank is not None else {}
+
+    def _bank(self, denoiser: torch.nn.Module, state: TrainingState, fresh: bool) -> MappedRows:
+        if not fresh and BANK in state.attachments:  # the bank as of the checkpoint resumed from
+            copy = state.attachments[BANK]
+            self._write_bank(lambda target: shutil.copyfile(copy, target))
+        elif not fresh and "bank" in state.tensors:  # a checkpoint of an earlier version: the bank as a tensor
+            legacy = state.tensors.pop("bank")
+            self._write_bank(lambda target: np.save(target, legacy.numpy()))
+        else:
+            def fill(target: Path) -> None:
+                writer = ShardWriter(target.parent, len(self.noisy), self.shape, numpy_dtype(self.dtype),
+                                     len(self.noisy), lambda _k: target.name)
+                self._denoise_all(denoiser, "denoising (bank)", writer.put)
+                writer.close()
+
+            if not self.rt.is_main:  # takes part in the denoising's collectives, writes nothing
+                self._denoise_all(denoiser, "denoising (bank)", lambda _s, _b: None)
+            self._write_bank(fill)
+            state.info["bank_cursor"] = 0
+            state.info["online_start_step"] = state.step
+        return self._map_bank()
+
+    def _write_bank(self, write: Callable[[Path], object]) -> None:
+        """Rank 0 writes bank/bank.npy by `write(temporary path)` and renames it into place; every rank waits."""
+        if self.rt.is_main:
+            self.bank_path.parent.mkdir(parents=True, exist_ok=True)
+            staging = self.bank_path.parent / f".bank.partial-{uuid.uuid4().hex[:8]}.npy"
+            write(staging)
+            staging.replace(self.bank_path)
+        self.rt.barrier()
+
+    def _map_bank(self) -> MappedRows:
+        array = np.load(self.bank_path, mmap_mode="r+" if self.rt.is_main else "r", allow_pickle=False)
+        if array.dtype != numpy_dtype(self.dtype) or array.shape != (len(self.noisy), *self.shape):
+            raise InputError(f"{self.bank_path}: holds {array.dtype} {array.shape}, expected "
+                             f"{numpy_dtype(self.dtype)} {(len(self.noisy), *self.shape)}",
+                             hint="resume from a checkpoint of this run (its bank.npy restores the bank)")
+        self.bank_array = array
+        return MappedRows.contiguous([array], self.shape, numpy_dtype(self.dtype))
 
     def _ramp_weight(self, state: TrainingState) -> float:
         return linear_ramp(state.nimg / 1000, *self.config.schedule.ramp())
 
     def before_step(self, phase: Phase, denoiser: torch.nn.Module, state: TrainingState) -> None:
         """Online SFBD: the bank's weight follows the ramp, and every `refresh_every` steps a chunk is re-denoised."""
-        if "bank" not in phase.spec.sources or self.bank is None:
+        if "bank" not in phase.spec.sources or self.bank is None or self.bank_array is None:
             return
         self.bank.weight = self._ramp_weight(state)
         schedule = self.config.schedule
@@ -112,6 +224,8 @@ class SFBDSources:
         cursor = int(state.info["bank_cursor"])
         rows = (torch.arange(schedule.refresh_size) + cursor) % len(self.noisy)
         fresh = self._denoise(denoiser, rows, "refresh")
-        state.tensors["bank"][rows] = fresh
-        self.bank.images[rows] = from_stored(fresh)
+        assert fresh is not None
+        if self.rt.is_main:  # written in place; the other ranks map the same file
+            self.bank_array[rows.numpy()] = fresh.numpy()
+        self.rt.barrier()
         state.info["bank_cursor"] = (cursor + schedule.refresh_size) % len(self.noisy)

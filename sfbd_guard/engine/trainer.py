@@ -160,7 +160,8 @@ class Trainer:
         self.state.tensors.update(rng)
         self.metrics.write()
         path = save_checkpoint(self.run_dir, net=self.net, ema=self.ema.module, optimizer=self.optimizer,
-                               state=self.state, config_json=self.config_json, keep=self.config.keep_checkpoints)
+                               state=self.state, config_json=self.config_json, keep=self.config.keep_checkpoints,
+                               attachments=self.sources.attachments())
         self.rt.barrier()
         return path
 
