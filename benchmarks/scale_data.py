@@ -221,21 +221,36 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000])
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--train", action="store_true", help="also run benchmarks/scale_train.py")
+    parser.add_argument("--train", action="store_true", help="also run benchmarks/scale_train.py's measure()")
+    parser.add_argument("--no-prepare", action="store_true", help="only the training measurement")
     parser.add_argument("--train-sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "guard-scale-data")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine_cpus": os.cpu_count(), "image_size": SIZE}
-    report["prepare"] = run_prepare(args.work, sorted(args.sizes), args.formats, args.workers)
-    if len(args.sizes) >= 2:
+    report["prepare"] = [] if args.no_prepare else run_prepare(args.work, sorted(args.sizes), args.formats, args.workers)
+    if len(args.sizes) >= 2 and report["prepare"]:
         report["peak_rss_ratio"] = ratios(report["prepare"], min(args.sizes), max(args.sizes))
         print(f"peak RSS {max(args.sizes):,} / {min(args.sizes):,}: {report['peak_rss_ratio']}")
     if args.train:
-        from scale_train import run_train  # type: ignore[import-not-found]
+        sys.path.insert(0, str(Path(__file__).parent))
+        from scale_train import measure
 
-        report["train"] = run_train(args.work, args.train_sizes)
+        report["train"] = []
+        for count in sorted(args.train_sizes):
+            row = measure(count, args.work / f"train-{count}")
+            print(f"  train {count:>8,}: " + ", ".join(
+                f"{m} RssAnon {row[m]['peak_rss_anon_mb']:.0f} MB, step {row[m]['median_step_seconds']:.3f} s"
+                for m in ("sfbd", "online-sfbd")), flush=True)
+            report["train"].append(row)
+        first, last = report["train"][0], report["train"][-1]
+        report["train_rss_anon_growth_mb"] = {
+            m: round(last[m]["peak_rss_anon_mb"] - first[m]["peak_rss_anon_mb"], 1) for m in ("sfbd", "online-sfbd")}
+        print(f"RssAnon growth {last['records']:,} over {first['records']:,}: {report['train_rss_anon_growth_mb']}")
+        if args.json:  # after each stage: a long run keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
