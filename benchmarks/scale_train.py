@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -126,6 +127,7 @@ def measure(n: int, folder: Path, methods: tuple[str, ...] = ("sfbd", "online-sf
     result: dict[str, Any] = {"records": n, "counts": counts, "prepare_seconds": round(time.perf_counter() - started, 1)}
     for method in methods:
         out = folder / f"run-{method}"
+        shutil.rmtree(out, ignore_errors=True)  # a fresh run each time (the prepared directory is kept)
         pipeline = folder / f"{method}.yaml"
         pipeline.write_text(yaml.safe_dump(_pipeline(prepared, out, method), sort_keys=False))
         peaks = run_sampled(_guard("train", "--pipeline", pipeline, "--out", out, "--threads", 1),
