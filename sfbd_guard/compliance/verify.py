@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..contracts.events import Event, TrainSummary
+from ..curation.manifest import ACTION_PARTITION
+from ..policy import DUPLICATE_RULE
 from ..errors import GuardError, InputError
 from ..hashing import pixel_sha256
 from ..locations import project_of
@@ -195,13 +197,22 @@ def check_opt_outs(prepared: PreparedData, rows: list[dict[str, Any]]) -> Check:
 STRICTNESS = {"clean": 0, "protected": 1, "excluded": 2}
 
 
+def _level(row: dict[str, Any], actions: dict[str, str]) -> int | None:
+    """How strict the decision on `row` was: its partition's, except for a copy dedup demoted to excluded (rule
+    `duplicate`), whose own rule's action (`dup_rule`) counts (an unknown or missing one counts as exclude)."""
+    if row["partition"] == "excluded" and row["rule"] == DUPLICATE_RULE:
+        return STRICTNESS.get(ACTION_PARTITION.get(actions.get(row.get("dup_rule") or "", ""), "excluded"), 2)
+    return STRICTNESS.get(row["partition"])
+
+
 def check_duplicates(card: Any, rows: list[dict[str, Any]]) -> Check:
-    """No stored row is an exact copy of a row of a stricter partition, and no content is stored protected twice
+    """No stored row is an exact copy of a row decided more strictly, and no content is stored protected twice
     (curation/dedup.py). Checked whatever the card says of dedup: a copy that leaks, leaks."""
+    actions = {rule.name: rule.action for rule in card.policy.rules}
     strictest: dict[str, tuple[int, str]] = {}
     protected: dict[str, str] = {}
     for row in rows:
-        level = STRICTNESS.get(row["partition"])
+        level = _level(row, actions)
         if level is None or not row["sha256"]:
             continue
         held = strictest.get(row["sha256"])
