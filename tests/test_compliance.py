@@ -77,7 +77,7 @@ def test_report_views_formats_html_and_datasheet(chain: tuple[Path, Path], tmp_p
 def test_verify_passes_on_the_untouched_run(chain: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     folder, ledger = chain
     assert _guard("verify", "--run", folder / "runs" / "chain", "--ledger", ledger) == 0
-    assert "7 passed, 0 failed" in capsys.readouterr().out
+    assert "8 passed, 0 failed" in capsys.readouterr().out
 
 
 def _copy(chain: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
