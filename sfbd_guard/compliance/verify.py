@@ -26,10 +26,10 @@ import numpy as np
 
 from ..contracts.events import Event, TrainSummary
 from ..curation.manifest import ACTION_PARTITION
-from ..policy import DUPLICATE_RULE
 from ..errors import GuardError, InputError
 from ..hashing import pixel_sha256
 from ..locations import project_of
+from ..policy import DUPLICATE_RULE
 from ..relocate import prepared_of_run
 from .views import RUN_AUDITS, connect
 

@@ -26,6 +26,7 @@ The shard files holding demoted rows are then rewritten without them and the fin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ def embed(pixels: np.ndarray, size: int) -> np.ndarray:
 
 def mirrored(vectors: np.ndarray, size: int) -> np.ndarray:
     """The embeddings of the mirror images (a horizontal flip commutes with area averaging and z-scoring)."""
-    side = int(round(np.sqrt(vectors.shape[1]))) if vectors.shape[1] else size
+    side = math.isqrt(vectors.shape[1]) if vectors.shape[1] else size
     return np.ascontiguousarray(vectors.reshape(len(vectors), side, side)[..., ::-1].reshape(len(vectors), -1))
 
 
@@ -277,8 +278,8 @@ def removed_rows(staged_manifest: Path, result: Plan) -> dict[str, np.ndarray]:
     table = pq.read_table(staged_manifest, columns=["file", "row"]).take(pa.array(demoted, pa.int64()))
     removed: dict[str, list[int]] = {}
     for file, row in zip(table.column("file").to_pylist(), table.column("row").to_pylist(), strict=True):
-        if file is not None:
-            removed.setdefault(file, []).append(int(row))
+        if file is not None and row is not None:
+            removed.setdefault(str(file), []).append(int(row))
     return {file: np.sort(np.asarray(rows, np.int64)) for file, rows in removed.items()}
 
 
@@ -318,7 +319,7 @@ def write_final_manifest(staged_manifest: Path, final: Path, result: Plan, remov
     with pq.ParquetWriter(str(final), source.schema_arrow) as writer:
         for group in range(source.num_row_groups):
             table = source.read_row_group(group)
-            own = {f.name: table.column(f.name).to_pylist() for f in MANIFEST_FIELDS}
+            own: dict[str, list[Any]] = {f.name: table.column(f.name).to_pylist() for f in MANIFEST_FIELDS}
             for i in range(table.num_rows):
                 change = result.changes.get(offset + i)
                 if change is not None:
@@ -345,6 +346,6 @@ def rule_counts(decided: dict[str, int], result: Plan, staged_manifest: Path) ->
     if demoted:
         rules = pq.read_table(staged_manifest, columns=["rule"]).column("rule").take(pa.array(demoted, pa.int64()))
         for rule in rules.to_pylist():
-            counts[rule] -= 1
+            counts[str(rule)] -= 1
         counts[DUPLICATE_RULE] = len(demoted)
     return {name: n for name, n in counts.items() if n}
