@@ -93,7 +93,7 @@ class NoiseSpec(StrictModel):
         return data
 
 
-PIXEL_THRESHOLD = 0.98  # default near-duplicate cosine of the pixel embedder (benchmarks/dedup_recall.py, docs/policy.md)
+PIXEL_THRESHOLD = 0.99  # default near-duplicate cosine of the pixel embedder (benchmarks/dedup_recall.py, docs/policy.md)
 DUPLICATE_RULE = "duplicate"  # the rule a record demoted by dedup carries in the manifest
 
 

@@ -87,7 +87,7 @@ def test_a_protected_image_copied_into_clean_is_not_trained_on_as_clean(tmp_path
         assert rows[copy]["dup_cluster"] == source and rows[copy]["file"] is None
         assert rows[source]["partition"] == "protected" and rows[source]["dup_of"] is None
     assert rows["01.png"]["sha256"] not in clean_hashes(after)
-    assert rows["open-mirror.png"]["dup_similarity"] >= 0.98
+    assert rows["open-mirror.png"]["dup_similarity"] >= 0.99
 
 
 def test_an_opt_out_is_not_overridden_by_its_re_upload(tmp_path: Path) -> None:
@@ -163,7 +163,7 @@ def test_dedup_off_is_recorded_and_duplicate_is_a_reserved_rule_name(tmp_path: P
     root = dataset(tmp_path, 6)
     assert open_prepared(run(tmp_path, root, "off", **OFF)).card.dedup == {"enabled": False}
     on = open_prepared(run(tmp_path, root, "on")).card.dedup
-    assert on is not None and on["enabled"] and on["threshold"] == 0.98 and on["mirror"] and on["merged"] == 0
+    assert on is not None and on["enabled"] and on["threshold"] == 0.99 and on["mirror"] and on["merged"] == 0
     policy = {"version": 1, "name": "p", "dataset": {"format": "digits", "resolution": 8},
               "rules": [{"name": "duplicate", "action": "protect"}], "noise": {"sigma": 1.0}, "output": "out"}
     with pytest.raises(ConfigError, match="reserved"):
