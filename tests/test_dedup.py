@@ -203,3 +203,23 @@ def test_embedding_sees_mirror_and_brightness_but_not_other_images() -> None:
     pairs = dedup.near_pairs(np.concatenate([vectors[:4], vectors[8:]]), 0.95, mirror=True, size=8, block=3)
     found = sorted(zip(*(np.concatenate(side).tolist() for side in zip(*pairs, strict=True)), strict=True))
     assert found == [(0, 4), (1, 5), (2, 6), (3, 7)]
+
+
+def test_banded_search_finds_exactly_the_pairs_of_the_full_search() -> None:
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (60, 1, 8, 8), dtype=np.uint8)
+    smooth = np.repeat(np.repeat(rng.integers(0, 256, (40, 1, 2, 2), dtype=np.uint8), 4, axis=2), 4, axis=3)
+    noisy = np.clip(images[:30].astype(np.int16) + rng.integers(-6, 7, (30, 1, 8, 8)), 0, 255).astype(np.uint8)
+    vectors = dedup.embed(np.concatenate([images, smooth, noisy, images[30:45, ..., ::-1], smooth[:10]]), 8)
+    vectors[5] = 0.0  # a zero row (an exact copy's or an unreadable record's) never matches
+
+    def pairs(found: list[tuple[np.ndarray, np.ndarray]]) -> set[tuple[int, int]]:
+        return {(a, b) for rows_a, rows_b in found for a, b in zip(rows_a.tolist(), rows_b.tolist(), strict=True)}
+
+    for threshold in (0.9, 0.97, 0.99):
+        for mirror in (True, False):
+            full = pairs(dedup.near_pairs_all(vectors, threshold, mirror=mirror, size=8, block=16))
+            banded = pairs(dedup.near_pairs(vectors, threshold, mirror=mirror, size=8, block=7, band_sample=50))
+            assert banded == full and all(a < b for a, b in banded)
+            assert 5 not in {row for pair in banded for row in pair}
+    assert len(pairs(dedup.near_pairs(vectors, 0.97, mirror=True, size=8))) >= 30 + 15 + 10

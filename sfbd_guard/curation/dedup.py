@@ -134,15 +134,82 @@ def exact_groups(manifest: Path) -> list[list[int]]:
         con.close()
 
 
+def _range_pairs(index: Any, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(query row, index row) of every similarity >= threshold (FAISS keeps those strictly above its radius)."""
+    limits, similarities, labels = index.range_search(queries, float(np.float32(threshold) - np.float32(1e-6)))
+    keep = similarities >= np.float32(threshold)
+    rows = np.repeat(np.arange(len(queries), dtype=np.int64), np.diff(limits).astype(np.int64))[keep]
+    return rows, labels[keep].astype(np.int64)
+
+
+def band_direction(sample: np.ndarray, size: int) -> np.ndarray:
+    """A unit direction p with p == mirror(p): the first principal axis of the sample's mirror-symmetrised
+    embeddings (so p·mirror(a) == p·a), sign fixed by its largest entry."""
+    symmetric = (sample + mirrored(sample, size)) / 2
+    _, vectors = np.linalg.eigh(symmetric.T.astype(np.float64) @ symmetric.astype(np.float64))
+    direction = vectors[:, -1]
+    direction = (direction + mirrored(direction[None], size)[0]) / 2
+    norm = np.linalg.norm(direction)
+    if norm < 1e-9:
+        direction, norm = np.ones(len(direction)), np.sqrt(len(direction))
+    direction = direction / norm
+    return np.asarray(direction * np.sign(direction[np.argmax(np.abs(direction))]), np.float32)
+
+
 def near_pairs(vectors: np.ndarray, threshold: float, *, mirror: bool, size: int,
-               block: int = SEARCH_BLOCK) -> list[tuple[np.ndarray, np.ndarray]]:
+               block: int = SEARCH_BLOCK, band_sample: int = 20000) -> list[tuple[np.ndarray, np.ndarray]]:
     """Row pairs (a < b) whose embeddings (or one's mirror image) have cosine >= threshold, as (a rows, b rows)
-    arrays per block pair. Zero rows (unreadable, constant, or not the first of an exact group) never match."""
+    arrays. Zero rows (unreadable, constant, or not the first of an exact group) never match.
+
+    Exact, but not every pair is compared: for unit vectors, a·b >= t implies |p·a - p·b| <= |a - b| <=
+    sqrt(2 - 2t) for any unit p, and for a mirror-symmetric p also p·mirror(a) == p·a. So the rows are sorted
+    by their projection on such a p (`band_direction`) and each block of rows is searched (FAISS inner
+    product, direct and mirrored) only against the rows whose projection lies within that band of it."""
+    import faiss
+
+    n, _ = vectors.shape
+    projections = np.zeros(n, np.float32)
+    present = np.zeros(n, bool)
+    for start in range(0, n, block):  # one pass over the mapped file, a block at a time
+        chunk = np.asarray(vectors[start:start + block], np.float32)
+        present[start:start + len(chunk)] = np.einsum("ij,ij->i", chunk, chunk) > 0.5
+    rows = np.flatnonzero(present)
+    if len(rows) < 2:
+        return []
+    direction = band_direction(np.asarray(vectors[rows[:band_sample]], np.float32), size)
+    for start in range(0, len(rows), block):
+        projections[rows[start:start + block]] = np.asarray(vectors[rows[start:start + block]], np.float32) @ direction
+    order = np.argsort(projections[rows], kind="stable")
+    ordered = rows[order]  # rows by projection
+    band = np.sort(projections[ordered])
+    width = float(np.sqrt(max(0.0, 2.0 - 2.0 * threshold))) + 1e-4
+    found: list[tuple[np.ndarray, np.ndarray]] = []
+    for query_start in range(0, len(ordered), block):
+        query_stop = min(len(ordered), query_start + block)
+        query = np.ascontiguousarray(vectors[ordered[query_start:query_stop]], dtype=np.float32)
+        queries = [query, mirrored(query, size)] if mirror else [query]
+        window_stop = int(np.searchsorted(band, band[query_stop - 1] + width, side="right"))
+        for base_start in range(query_start, window_stop, block):
+            base_rows = ordered[base_start:min(window_stop, base_start + block)]
+            index = faiss.IndexFlatIP(query.shape[1])
+            index.add(np.ascontiguousarray(vectors[base_rows], dtype=np.float32))
+            for searched in queries:
+                at, other = _range_pairs(index, searched, threshold)
+                at, other = at + query_start, other + base_start  # positions in `ordered`
+                later = other > at
+                if later.any():
+                    a, b = ordered[at[later]], ordered[other[later]]
+                    found.append((np.minimum(a, b), np.maximum(a, b)))
+    return found
+
+
+def near_pairs_all(vectors: np.ndarray, threshold: float, *, mirror: bool, size: int,
+                   block: int = SEARCH_BLOCK) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`near_pairs` comparing every pair (the reference the banded search is tested against)."""
     import faiss
 
     n, dim = vectors.shape
     found: list[tuple[np.ndarray, np.ndarray]] = []
-    radius = np.float32(threshold) - np.float32(1e-6)  # FAISS keeps similarities strictly above the radius
     for base_start in range(0, n, block):
         base = np.ascontiguousarray(vectors[base_start:base_start + block], dtype=np.float32)
         index = faiss.IndexFlatIP(dim)
@@ -151,10 +218,8 @@ def near_pairs(vectors: np.ndarray, threshold: float, *, mirror: bool, size: int
             query = np.ascontiguousarray(vectors[query_start:query_start + block], dtype=np.float32)
             queries = [query, mirrored(query, size)] if mirror else [query]
             for searched in queries:
-                limits, similarities, labels = index.range_search(searched, float(radius))
-                keep = similarities >= np.float32(threshold)
-                rows = np.repeat(np.arange(len(searched), dtype=np.int64), np.diff(limits).astype(np.int64))[keep] + query_start
-                others = labels[keep].astype(np.int64) + base_start
+                rows, others = _range_pairs(index, searched, threshold)
+                rows, others = rows + query_start, others + base_start
                 below = rows < others
                 if below.any():
                     found.append((rows[below], others[below]))
