@@ -223,3 +223,21 @@ def test_banded_search_finds_exactly_the_pairs_of_the_full_search() -> None:
             assert banded == full and all(a < b for a, b in banded)
             assert 5 not in {row for pair in banded for row in pair}
     assert len(pairs(dedup.near_pairs(vectors, 0.97, mirror=True, size=8))) >= 30 + 15 + 10
+
+
+def test_the_datasheet_and_the_prepare_summary_show_demotions_by_cause(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from sfbd_guard.compliance.datasheet import _dedup
+    from sfbd_guard.curation.console import print_summary
+    from sfbd_guard.curation.prepare import PrepareResult
+
+    output = run(tmp_path, dataset(tmp_path, 6, {"open-copy.png": ("01.png", "exact")}), "on")
+    card = open_prepared(output).card
+    text = _dedup(card)
+    assert "| clean copy of protected | 1 | 0 |" in text and "1 demoted to excluded" in text
+    console = Console(record=True, width=200)
+    print_summary(PrepareResult(output, dict(card.counts), dict(card.rule_counts), [], card, 0.1), console)
+    assert "dedup: 2 record(s) (28.57 %) merged into 1 cluster(s)" in console.export_text()
+    off = open_prepared(run(tmp_path, dataset(tmp_path / "b", 6), "off", **OFF)).card
+    assert "turned off" in _dedup(off)
