@@ -93,6 +93,24 @@ class NoiseSpec(StrictModel):
         return data
 
 
+PIXEL_THRESHOLD = 0.99  # default near-duplicate cosine of the pixel embedder (benchmarks/dedup_recall.py, docs/policy.md)
+DUPLICATE_RULE = "duplicate"  # the rule a record demoted by dedup carries in the manifest
+
+
+class DedupSpec(StrictModel):
+    """Near-duplicate and exact-copy merging (curation/dedup.py): each cluster takes its strictest action."""
+
+    enabled: bool = True
+    embedder: Literal["pixel"] = "pixel"  # weight-free: z-scored grey pixels at size×size (cosine = correlation)
+    size: int = Field(default=8, ge=4, le=64)  # side of the pixel embedding (capped at the resolution)
+    threshold: float | None = Field(default=None, gt=0, le=1)  # cosine at or above which two records join; none = default
+    mirror: bool = True  # also compare each record with the mirror image of the others
+
+    @property
+    def effective_threshold(self) -> float:
+        return PIXEL_THRESHOLD if self.threshold is None else self.threshold
+
+
 class Policy(StrictModel):
     version: Literal[1]
     name: str = Field(min_length=1)
@@ -100,6 +118,7 @@ class Policy(StrictModel):
     rules: list[Rule] = Field(min_length=1)
     noise: NoiseSpec
     output: str  # prepared directory, relative to the policy file
+    dedup: DedupSpec = DedupSpec()  # on unless `dedup: {enabled: false}`
 
     @field_validator("rules")
     @classmethod
@@ -109,6 +128,12 @@ class Policy(StrictModel):
         if duplicates:
             raise ValueError(f"rule names must be unique, repeated: {', '.join(duplicates)}")
         return rules
+
+    @model_validator(mode="after")
+    def _duplicate_reserved(self) -> Policy:
+        if self.dedup.enabled and any(rule.name == DUPLICATE_RULE for rule in self.rules):
+            raise ValueError(f"rule name {DUPLICATE_RULE!r} is reserved for records demoted by dedup; rename the rule")
+        return self
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ def test_report_views_formats_html_and_datasheet(chain: tuple[Path, Path], tmp_p
 def test_verify_passes_on_the_untouched_run(chain: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     folder, ledger = chain
     assert _guard("verify", "--run", folder / "runs" / "chain", "--ledger", ledger) == 0
-    assert "7 passed, 0 failed" in capsys.readouterr().out
+    assert "8 passed, 0 failed" in capsys.readouterr().out
 
 
 def _copy(chain: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
@@ -111,7 +111,7 @@ def test_verify_fails_when_a_clean_row_is_replaced_by_a_protected_image(chain, t
     from sfbd_guard.datasets import SourceSpec, open_reader
 
     copy, ledger = _copy(chain, tmp_path)
-    assert _verify(copy, ledger, capsys) == dict.fromkeys(["consumed arrays", "provenance", "noise", "noise statistics", "no protected pixels", "opt-outs", "audit"], "PASS")
+    assert _verify(copy, ledger, capsys) == dict.fromkeys(["consumed arrays", "provenance", "noise", "noise statistics", "no protected pixels", "opt-outs", "duplicates", "audit"], "PASS")
     rows = pq.read_table(copy / "prepared" / "manifest.parquet").to_pylist()
     protected = next(r for r in rows if r["partition"] == "protected")
     clean_file = copy / "prepared" / "clean" / "shard-00000.npy"

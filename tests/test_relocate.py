@@ -57,7 +57,7 @@ def test_a_copied_and_moved_project_verifies(moved: tuple[Path, Path], capsys: p
     project, original = moved
     assert not original.exists()
     code, checks = _verify(project, capsys)
-    assert code == 0 and len(checks) == 7 and all(line.startswith("PASS") for line in checks.values()), checks
+    assert code == 0 and len(checks) == 8 and all(line.startswith("PASS") for line in checks.values()), checks
     assert str(project / "prepared") in checks["consumed arrays"]
 
 

@@ -46,6 +46,24 @@ def _rules(card: Card) -> str:
     return "| rule | action | matches | records |\n|---|---|---|---|\n" + "\n".join(lines)
 
 
+def _dedup(card: Card) -> str:
+    """Copies merged by `guard prepare` (curation/dedup.py), and the demotions by cause."""
+    dedup = card.dedup
+    if not dedup:
+        return "Copies: this directory was prepared before duplicate merging existed (copies were not checked)."
+    if not dedup.get("enabled"):
+        return ("Copies: duplicate merging was turned off in the policy (`dedup: {enabled: false}`): a copy of a "
+                "protected or opted-out image in another partition was not caught.")
+    lines = [f"| {cause} | {kinds.get('exact', 0)} | {kinds.get('near', 0)} |"
+             for cause, kinds in sorted(dedup.get("demotions", {}).items())]
+    table = ("\n\n| demoted record | exact copies | near copies |\n|---|---|---|\n" + "\n".join(lines)) if lines else ""
+    return (f"Copies: exact (pixel sha256) and near ({dedup.get('embedder')} embedder, cosine ≥ {dedup.get('threshold')}, "
+            f"mirror {'on' if dedup.get('mirror') else 'off'}) copies were merged, each cluster taking its strictest "
+            f"action; {dedup.get('merged', 0)} record(s) in {dedup.get('clusters', 0)} cluster(s) "
+            f"({100 * float(dedup.get('merged_share', 0)):.2f} %), {dedup.get('demoted', 0)} demoted to excluded "
+            f"(rule `duplicate`).{table}")
+
+
 def _latest_audit(con: Any, run_dir: Path) -> str:
     rows = con.execute(
         "SELECT started_at, copy, suspect, novel, threshold_method, copy_threshold, expected_fpr FROM audits "
@@ -107,7 +125,8 @@ directory, the run directory and the compliance ledger. Narrative answers marked
 
 ### Opt-outs and reservations honoured
 Exclude rules ({', '.join(excluded_rules) or 'none'}) apply before any other rule, so an opt-out can never
-be overridden: {optouts} record(s) excluded. Excluded records exist only as manifest rows with their sha256;
+be overridden: {optouts} record(s) excluded. {_dedup(card)}
+ Excluded records exist only as manifest rows with their sha256;
 `guard verify` proves their pixels are absent from every array. Machine-readable TDM reservations
 (robots, TDMRep, C2PA/IPTC) are honoured to the extent the policy's `where` clauses encode them: TODO
 (describe the signals collected and when).

@@ -11,7 +11,9 @@
 5. no protected or excluded pixels in training: no clean array row has the sha256 of a protected or
    excluded record, and every clean row is the record the manifest says;
 6. opt-outs: every record an exclude rule matched is absent from all arrays;
-7. audit: the latest audit of the run's samples exists and found no copy.
+7. duplicates: the exact part of dedup, from the manifest: no clean or protected row shares a pixel sha256
+   with a row of a stricter partition, and no two protected rows share one;
+8. audit: the latest audit of the run's samples exists and found no copy.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..contracts.events import Event, TrainSummary
+from ..curation.manifest import ACTION_PARTITION
 from ..errors import GuardError, InputError
 from ..hashing import pixel_sha256
 from ..locations import project_of
+from ..policy import DUPLICATE_RULE
 from ..relocate import prepared_of_run
 from .views import RUN_AUDITS, connect
 
@@ -190,6 +194,50 @@ def check_opt_outs(prepared: PreparedData, rows: list[dict[str, Any]]) -> Check:
     return Check("opt-outs", True, f"{len(excluded)} record(s) matched by exclude rules are absent from all arrays")
 
 
+STRICTNESS = {"clean": 0, "protected": 1, "excluded": 2}
+
+
+def _level(row: dict[str, Any], actions: dict[str, str]) -> int | None:
+    """How strict the decision on `row` was: its partition's, except for a copy dedup demoted to excluded (rule
+    `duplicate`), whose own rule's action (`dup_rule`) counts (an unknown or missing one counts as exclude)."""
+    if row["partition"] == "excluded" and row["rule"] == DUPLICATE_RULE:
+        return STRICTNESS.get(ACTION_PARTITION.get(actions.get(row.get("dup_rule") or "", ""), "excluded"), 2)
+    return STRICTNESS.get(row["partition"])
+
+
+def check_duplicates(card: Any, rows: list[dict[str, Any]]) -> Check:
+    """No stored row is an exact copy of a row decided more strictly, and no content is stored protected twice
+    (curation/dedup.py). Checked whatever the card says of dedup: a copy that leaks, leaks."""
+    actions = {rule.name: rule.action for rule in card.policy.rules}
+    strictest: dict[str, tuple[int, str]] = {}
+    protected: dict[str, str] = {}
+    for row in rows:
+        level = _level(row, actions)
+        if level is None or not row["sha256"]:
+            continue
+        held = strictest.get(row["sha256"])
+        if held is None or level > held[0]:
+            strictest[row["sha256"]] = (level, row["record_id"])
+        if row["partition"] == "protected":
+            if row["sha256"] in protected:
+                return Check("duplicates", False, f"protected rows {protected[row['sha256']]} and {row['record_id']} "
+                                                  "hold the same image (their noise averages down)")
+            protected[row["sha256"]] = row["record_id"]
+    names = {level: name for name, level in STRICTNESS.items()}
+    for row in rows:
+        level = STRICTNESS.get(row["partition"])
+        if level is None or level == STRICTNESS["excluded"] or not row["sha256"]:
+            continue
+        top, other = strictest[row["sha256"]]
+        if top > level:
+            return Check("duplicates", False, f"{row['partition']} row {row['record_id']} is an exact copy of "
+                                              f"{names[top]} record {other}")
+    dedup = getattr(card, "dedup", None) or {}
+    setting = (f"dedup on (near: {dedup.get('embedder')} >= {dedup.get('threshold')}, mirror {dedup.get('mirror')}; "
+               f"{dedup.get('demoted', 0)} record(s) demoted)" if dedup.get("enabled") else "dedup off in the policy")
+    return Check("duplicates", True, f"no stored row is an exact copy of a stricter one; {setting}")
+
+
 def check_audit(con: Any, run_dir: Path) -> Check:
     rows = con.execute(
         f"SELECT status, copy, samples, started_at FROM audits WHERE {RUN_AUDITS} ORDER BY started_at DESC LIMIT 1",
@@ -222,8 +270,8 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
               *check_provenance(events, ledger, run_dir, prepared, verify_key)]
     if isinstance(prepared, GuardError):  # its files are not what the card says: read nothing it names
         skipped = [Check(name, False, f"the prepared directory does not verify: {prepared}")
-                   for name in ("noise", "noise statistics", "no protected pixels", "opt-outs")]
+                   for name in ("noise", "noise statistics", "no protected pixels", "opt-outs", "duplicates")]
         return [*checks, *skipped, check_audit(con, run_dir)]
     rows = _manifest(prepared.root)
     return [*checks, check_noise(prepared, rows), check_noise_statistics(prepared), check_clean_rows(prepared.root, rows),
-            check_opt_outs(prepared, rows), check_audit(con, run_dir)]
+            check_opt_outs(prepared, rows), check_duplicates(prepared.card, rows), check_audit(con, run_dir)]

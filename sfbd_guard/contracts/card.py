@@ -76,6 +76,7 @@ class Card(CardIdentity):
     manifest_sha256: str
     shard_records: int
     created_at: str
+    dedup: dict[str, Any] | None = None  # absent in cards made before dedup; {"enabled": false} when turned off
 
     @field_validator("counts")
     @classmethod

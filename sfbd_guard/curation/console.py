@@ -21,6 +21,17 @@ def print_summary(result: PrepareResult, console: Console | None = None) -> None
         rules.add_row(rule.name, rule.action, str(card.rule_counts.get(rule.name, 0)))
     console.print(partitions)
     console.print(rules)
+    dedup = card.dedup or {}
+    if dedup.get("enabled"):
+        share = 100 * float(dedup.get("merged_share", 0))
+        console.print(f"dedup: {dedup.get('merged', 0)} record(s) ({share:.2f} %) merged into {dedup.get('clusters', 0)} "
+                      f"cluster(s) of copies (exact, or {dedup.get('embedder')} cosine >= {dedup.get('threshold')}); "
+                      f"{dedup.get('demoted', 0)} demoted to excluded (rule duplicate)")
+        if share > 5:
+            console.print("[yellow]dedup merged more than 5 % of the records: check dedup.threshold "
+                          "(manifest columns dup_cluster, dup_similarity)[/yellow]")
+    elif card.dedup is not None:
+        console.print("dedup: off (copies of protected or excluded images are not caught)")
     if result.errors:
         first = ", ".join(f"{r} ({why})" for r, why in result.errors[:3])
         console.print(f"[yellow]{len(result.errors)} unreadable record(s) recorded as errors[/yellow]: {first}")

@@ -7,6 +7,10 @@ to the parent is small: per record its sha256, error and place, and the files wr
 have no array (their pixels leave the worker only as a hash). Stages run a block of records at a time:
 decoding and noising record by record is about 15% slower (the two evict each other's code and tables
 from the CPU caches).
+
+With dedup on (`embed_size` > 0), the same pass also computes each record's near-duplicate embedding
+(dedup.py) and writes them to `.dedup-<part>.npy.tmp` in the staging folder: never published (an
+embedding of a protected original is a low-resolution copy of it), deleted by the parent once read.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class PartTask:
     staging: Path
     shard_records: int
     block_records: int
+    embed_size: int = 0  # side of the dedup embedding; 0: dedup off, no embeddings
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class PartResult:
     errors: list[str | None]
     places: list[tuple[str, int] | None]
     shards: list[ShardFile]
+    embeddings: str | None = None  # staging file of the records' dedup embeddings (zero rows: unreadable)
 
 
 def _check(reader: DatasetReader, pixels: np.ndarray) -> str | None:
@@ -108,6 +114,45 @@ class _Blocks:
             writer.discard()
 
 
+class _Embeddings:
+    """The part's dedup embeddings, computed a block at a time, written to one staging file at the end."""
+
+    def __init__(self, task: PartTask, count: int) -> None:
+        from .dedup import embedding_dim
+
+        self.task = task
+        self.size = task.embed_size
+        self.vectors = np.zeros((count, embedding_dim(self.size)) if self.size else (0, 0), np.float32)
+        self.pending: list[tuple[int, np.ndarray]] = []
+        self.name = f".dedup-{task.part.index:06d}.npy.tmp"
+
+    def add(self, row: int, pixels: np.ndarray) -> None:
+        if not self.size:
+            return
+        self.pending.append((row, pixels))
+        if len(self.pending) >= self.task.block_records:
+            self.flush()
+
+    def flush(self) -> None:
+        from .dedup import embed
+
+        if self.pending:
+            rows = [row for row, _ in self.pending]
+            self.vectors[rows] = embed(np.stack([pixels for _, pixels in self.pending]), self.size)
+            self.pending = []
+
+    def close(self) -> str | None:
+        if not self.size:
+            return None
+        self.flush()
+        with open(self.task.staging / self.name, "xb") as handle:
+            np.save(handle, self.vectors)
+        return self.name
+
+    def discard(self) -> None:
+        (self.task.staging / self.name).unlink(missing_ok=True)
+
+
 def process_part(reader: DatasetReader, task: PartTask, noise: NoiseParams) -> PartResult:
     """Decode, hash, noise and store every record of the part (see the module docstring)."""
     count = len(task.record_ids)
@@ -117,6 +162,7 @@ def process_part(reader: DatasetReader, task: PartTask, noise: NoiseParams) -> P
     places: list[tuple[str, int] | None] = [None] * count
     seen = [False] * count
     blocks = _Blocks(task, noise, places)
+    embedded = _Embeddings(task, count)
     try:
         for record_id, loaded in reader.read_part(task.part, task.record_ids):
             row = rows.get(record_id)
@@ -128,16 +174,19 @@ def process_part(reader: DatasetReader, task: PartTask, noise: NoiseParams) -> P
                 errors[row] = problem
                 continue
             sha256[row] = pixel_sha256(loaded)
+            embedded.add(row, loaded)
             if task.actions[row] != "exclude":
                 blocks.add(row, loaded)
         for row in range(count):
             if not seen[row]:
                 errors[row] = f"not found in {task.part.name}"
         shards = blocks.close()
+        embeddings = embedded.close()
     except BaseException:
         blocks.discard()
+        embedded.discard()
         raise
-    return PartResult(task.part.index, sha256, errors, places, shards)
+    return PartResult(task.part.index, sha256, errors, places, shards, embeddings)
 
 
 # Worker processes open their own reader once (pool initializer) and keep it for their lifetime.

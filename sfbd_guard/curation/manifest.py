@@ -6,7 +6,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 2: no noise_seed column (the noise is keyed by a secret)
+SCHEMA_VERSION = 3  # 2: no noise_seed column (the noise is keyed by a secret); 3: dup_* columns (dedup)
 PARTITIONS = ("clean", "protected", "excluded", "error")
 ACTION_PARTITION = {"clean": "clean", "protect": "protected", "exclude": "excluded"}
 
@@ -20,6 +20,12 @@ MANIFEST_FIELDS: list[pa.Field[Any]] = [
     pa.field("file", pa.string()),  # .npy path relative to the prepared directory; null for excluded/error
     pa.field("row", pa.int64()),  # row in that file
     pa.field("error", pa.string()),  # why the record could not be read; null otherwise
+    # dedup (curation/dedup.py): null unless the record is in a cluster of copies of two or more records
+    pa.field("dup_cluster", pa.string()),  # the cluster's id: the record id of its representative (dup_of's target)
+    pa.field("dup_of", pa.string()),  # the record that imposed the cluster's action; null for that record itself
+    pa.field("dup_kind", pa.string()),  # exact (same pixel sha256 as dup_of) | near (embedding at/above threshold)
+    pa.field("dup_similarity", pa.float64()),  # cosine similarity to dup_of's embedding (1.0 for exact)
+    pa.field("dup_rule", pa.string()),  # a demoted record's own deciding rule (its `rule` is then `duplicate`)
 ]
 
 

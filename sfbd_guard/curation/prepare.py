@@ -26,6 +26,7 @@ from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -34,8 +35,10 @@ from ..contracts.card import Card, card_from_dict, card_path, write_card
 from ..datasets import DatasetReader, Part, SourceSpec, open_reader
 from ..errors import DataError
 from ..hashing import fingerprint, new_sha256, sha256_file
+from ..policy import DedupSpec as DedupPolicy
 from ..policy import LoadedPolicy
 from ..progress import ProgressFactory
+from . import dedup
 from . import shards as shard_files
 from .decode import NoiseParams, PartResult, PartTask, init_worker, process_part, worker_part, worker_part_metadata
 from .keys import NoiseKey, fresh_key, read_key_file
@@ -45,6 +48,7 @@ from .output import abandon_output, claim_output, finish_output, start_output
 from .records import Records, collect, discard, metadata_slice, slice_ids
 from .rules import Decisions, decide
 
+DUP_COLUMNS = ("dup_cluster", "dup_of", "dup_kind", "dup_similarity", "dup_rule")
 CHUNK_RECORDS = 64  # records per block a worker decodes, then noises and writes
 IN_FLIGHT_PER_WORKER = 2  # parts queued per worker process: enough to keep it busy, few enough to bound memory
 MAX_ERRORS_KEPT = 1000  # error rows listed in the result (all of them are in the manifest)
@@ -130,6 +134,8 @@ class ManifestWriter:
             columns["file"].append(file)
             columns["row"].append(place_row)
             columns["error"].append(error)
+            for name in DUP_COLUMNS:  # filled in by dedup (dedup.write_final_manifest)
+                columns[name].append(None)
             self.counts[partition] += 1
             if error is not None:
                 self.error_count += 1
@@ -142,11 +148,12 @@ class ManifestWriter:
         self.writer.close()
 
 
-def _part_tasks(records: Records, decisions: Decisions, staging: Path) -> Iterator[PartTask]:
+def _part_tasks(records: Records, decisions: Decisions, staging: Path, embed_size: int) -> Iterator[PartTask]:
     for part in records.parts:
         start, stop = records.rows(part.index)
         actions = [str(a) for a in decisions.actions_of(start, stop)]
-        yield PartTask(part, slice_ids(records, part.index), actions, staging, shard_files.SHARD_RECORDS, CHUNK_RECORDS)
+        yield PartTask(part, slice_ids(records, part.index), actions, staging, shard_files.SHARD_RECORDS, CHUNK_RECORDS,
+                       embed_size)
 
 
 def _publish_shards(staging: Path, result: PartResult, numbering: dict[str, int], files: dict[str, str],
@@ -163,7 +170,8 @@ def _publish_shards(staging: Path, result: PartResult, numbering: dict[str, int]
 
 
 def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, counts: dict[str, int], key: NoiseKey,
-          rule_counts: dict[str, int], files: dict[str, str], manifest_sha256: str, output: Path) -> dict[str, Any]:
+          rule_counts: dict[str, int], files: dict[str, str], manifest_sha256: str, output: Path,
+          dedup_card: dict[str, Any]) -> dict[str, Any]:
     policy = loaded.policy
     return {
         "policy_name": policy.name,
@@ -186,9 +194,38 @@ def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, counts:
         "manifest_sha256": manifest_sha256,
         "fingerprint": fingerprint({**files, "manifest.parquet": manifest_sha256}),
         "shard_records": shard_files.SHARD_RECORDS,
+        "dedup": dedup_card,
         "tool_version": __version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def _deduplicate(staging: Path, records: Records, decisions: Decisions, store: dedup.EmbeddingStore | None,
+                 files: dict[str, str], spec: DedupPolicy, size: int, decided: dict[str, int],
+                 ) -> tuple[dict[str, int], dict[str, int], dict[str, Any]]:
+    """Merge the copies (dedup.py): rewrite the shards that hold demoted rows, write the final manifest from the
+    staged one, and delete the staged manifest and the embeddings. Returns counts, rule counts, the card entry."""
+    import pyarrow.compute as pc
+
+    staged = staging / dedup.STAGED_MANIFEST
+    try:
+        sha256 = pq.read_table(staged, columns=["sha256"]).column("sha256")
+        strictness = np.array([dedup.STRICTNESS[a] for a in decisions.rule_actions] or [0], np.int8)
+        actions = strictness[np.maximum(decisions.chosen, 0)]
+        actions[pc.is_null(sha256).to_numpy(zero_copy_only=False)] = -1
+        plan = dedup.find_plan(staged, store, actions, records.table.column("record_id"), sha256, spec, size)
+        if store is not None:
+            store.close()
+            store = None
+        removed = dedup.removed_rows(staged, plan)
+        dedup.rewrite_shards(staging, files, removed)
+        counts = dedup.write_final_manifest(staged, staging / "manifest.parquet", plan, removed)
+        rule_counts = dedup.rule_counts(decided, plan, staged)
+    finally:
+        if store is not None:
+            store.close()
+        staged.unlink(missing_ok=True)
+    return counts, rule_counts, dedup.card_section(spec, size, plan, records.table.num_rows)
 
 
 def noise_key(loaded: LoadedPolicy, key_file: Path | None, output: Path) -> NoiseKey:
@@ -231,10 +268,14 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
                                format_name=spec.format)
             noise = NoiseParams(sigma=loaded.policy.noise.sigma, key=key)
             tick = progress("decoding", records.table.num_rows) if progress else None
-            manifest = ManifestWriter(staging / "manifest.parquet", records.table.schema, noise.sigma)
+            dedup_spec = loaded.policy.dedup
+            embed_size = dedup.effective_size(dedup_spec, spec.resolution) if dedup_spec.enabled else 0
+            staged = staging / (dedup.STAGED_MANIFEST if dedup_spec.enabled else "manifest.parquet")
+            manifest = ManifestWriter(staged, records.table.schema, noise.sigma)
+            store = dedup.EmbeddingStore(staging, records.table.num_rows, embed_size) if embed_size else None
             numbering = {"clean": 0, "protected": 0}
             files: dict[str, str] = {}
-            tasks = _part_tasks(records, decisions, staging)
+            tasks = _part_tasks(records, decisions, staging, embed_size)
             results = ordered_map(pool, worker_part, lambda job: process_part(reader, *job),
                                   ((task, noise) for task in tasks), window)
             for result in results:
@@ -245,14 +286,20 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
                     raise DataError(f"record {record_ids[bad[0]]}: {result.errors[bad[0]]}",
                                     hint="--strict makes unreadable records fatal")
                 places = _publish_shards(staging, result, numbering, files)
+                if store is not None and result.embeddings is not None:
+                    store.add(staging, result.embeddings, start)
                 manifest.add(record_ids, decisions.rules_of(start, stop), [str(a) for a in decisions.actions_of(start, stop)],
                              result, places, metadata_slice(records, result.index))
                 if tick:
                     tick(stop - start)
             manifest.close()
+            counts, rule_counts, dedup_card = manifest.counts, decisions.rule_counts(), {"enabled": False}
+            if dedup_spec.enabled:
+                counts, rule_counts, dedup_card = _deduplicate(staging, records, decisions, store, files, dedup_spec,
+                                                               embed_size, rule_counts)
             discard(staging)
-            card = card_from_dict(_card(loaded, spec, reader, manifest.counts, key, decisions.rule_counts(), files,
-                                        sha256_file(staging / "manifest.parquet"), output))
+            card = card_from_dict(_card(loaded, spec, reader, counts, key, rule_counts, files,
+                                        sha256_file(staging / "manifest.parquet"), output, dedup_card))
             write_card(staging, card)
             finish_output(staging, output)
         except BaseException:

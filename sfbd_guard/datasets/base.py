@@ -25,7 +25,7 @@ ESCAPES = "path escapes the dataset root"
 # reader's `record_id`, the names a later duplicate finder will write, and every name starting with `_guard`
 # (the rule evaluator's internal row number is `_guard_row`). A reader adds its own columns with `own`.
 RESERVED_COLUMNS = ("record_id", "partition", "rule", "sha256", "sigma", "noise_seed", "file", "row", "error",
-                    "dup_cluster", "dup_of", "dup_kind", "dup_similarity")
+                    "dup_cluster", "dup_of", "dup_kind", "dup_similarity", "dup_rule")
 RESERVED_PREFIX = "_guard"
 
 
