@@ -186,6 +186,11 @@ def test_interrupted_run_leaves_no_output_and_is_cleaned_next_time(tmp_path: Pat
     stale = tmp_path / ".out.partial-999999999-deadbeef"  # a dead process's leftover
     stale.mkdir()
     (stale / "clean").mkdir()
+    (stale / "clean" / ".part-000000-000.npy").write_bytes(b"")  # a worker's shard being written
+    from sfbd_guard.curation.records import PART_FILE, RECORDS_FILE
+
+    for name in (RECORDS_FILE, PART_FILE.format(3)):  # the records file and a part's metadata
+        (stale / name).write_bytes(b"")
     _prepare(tmp_path, policy)
     assert not stale.exists() and (tmp_path / "out" / "card.json").exists()
 

@@ -20,8 +20,10 @@ from ..datasets.base import check_reserved
 from ..errors import InputError
 from ..progress import ProgressFactory
 
-RECORDS_FILE = ".records.arrow"  # in the staging folder; removed before the prepared directory is published
-PARTS_FOLDER = ".records"
+# In the staging folder, removed before the prepared directory is published; named as temporaries (.<name>.tmp) so
+# that the staging folder of a killed run is recognised and removed by the next one (output.clean_stale).
+RECORDS_FILE = ".records.arrow.tmp"
+PART_FILE = ".records-{:06d}.arrow.tmp"
 BATCH_ROWS = 65536
 MAX_COLUMNS = 1024  # metadata columns over all parts: a hostile shard's JSON could otherwise add one per record
 
@@ -153,14 +155,12 @@ def collect(reader: DatasetReader, staging: Path, read_parts: PartReader,
         del listing
     else:
         parts = reader.parts()
-        folder = staging / PARTS_FOLDER
-        folder.mkdir(mode=0o700)
         union, offsets = SchemaUnion(), [0]
         tick = progress("reading metadata", len(parts)) if progress else None
         for part, table in zip(parts, read_parts(parts), strict=True):
             table = _check_part(table, part, reader.format)
             union.add(table.schema, f"{reader.format} dataset: {part.name}")
-            _write(folder / f"{part.index:06d}.arrow", table.schema.remove_metadata(),
+            _write(staging / PART_FILE.format(part.index), table.schema.remove_metadata(),
                    [table.replace_schema_metadata(None)])
             offsets.append(offsets[-1] + table.num_rows)
             if tick:
@@ -170,12 +170,11 @@ def collect(reader: DatasetReader, staging: Path, read_parts: PartReader,
 
         def conformed() -> Iterator[pa.Table]:
             for part in parts:
-                part_path = folder / f"{part.index:06d}.arrow"
+                part_path = staging / PART_FILE.format(part.index)
                 yield conform(_mapped(part_path), schema, f"{reader.format} dataset: {part.name}")
                 part_path.unlink()
 
         _write(path, schema, conformed())
-        folder.rmdir()
     table = _mapped(path)
     _check_unique(table, reader.format)
     return Records(table, parts, offsets)
