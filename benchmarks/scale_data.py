@@ -223,6 +223,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--train", action="store_true", help="also run benchmarks/scale_train.py's measure()")
     parser.add_argument("--no-prepare", action="store_true", help="only the training measurement")
+    parser.add_argument("--train-methods", nargs="+", default=["sfbd", "online-sfbd"],
+                        choices=["sfbd", "online-sfbd", "ambient"])
     parser.add_argument("--train-sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "guard-scale-data")
     parser.add_argument("--json", type=Path, default=None)
@@ -239,14 +241,14 @@ def main() -> None:
 
         report["train"] = []
         for count in sorted(args.train_sizes):
-            row = measure(count, args.work / f"train-{count}")
+            row = measure(count, args.work / f"train-{count}", tuple(args.train_methods))
             print(f"  train {count:>8,}: " + ", ".join(
                 f"{m} RssAnon {row[m]['peak_rss_anon_mb']:.0f} MB, step {row[m]['median_step_seconds']:.3f} s"
-                for m in ("sfbd", "online-sfbd")), flush=True)
+                for m in args.train_methods), flush=True)
             report["train"].append(row)
         first, last = report["train"][0], report["train"][-1]
         report["train_rss_anon_growth_mb"] = {
-            m: round(last[m]["peak_rss_anon_mb"] - first[m]["peak_rss_anon_mb"], 1) for m in ("sfbd", "online-sfbd")}
+            m: round(last[m]["peak_rss_anon_mb"] - first[m]["peak_rss_anon_mb"], 1) for m in args.train_methods}
         print(f"RssAnon growth {last['records']:,} over {first['records']:,}: {report['train_rss_anon_growth_mb']}")
         if args.json:  # after each stage: a long run keeps what it measured
             args.json.parent.mkdir(parents=True, exist_ok=True)

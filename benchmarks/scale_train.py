@@ -37,6 +37,8 @@ TINY_MODEL = {"model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "at
 SCHEDULES: dict[str, dict[str, Any]] = {
     "sfbd": {"pretrain_kimg": 0.128, "rounds": 2, "round_kimg": 0.128},
     "online-sfbd": {"pretrain_kimg": 0.128, "total_kimg": 0.384, "refresh_every": 2, "refresh_size": 256},
+    # no denoising: the data path alone (mapped partitions, noise check, batches of clean and noisy copies)
+    "ambient": {"total_kimg": 0.384},
 }
 
 
