@@ -40,6 +40,10 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from scale_train import _status  # noqa: E402 (a sibling script)
+from scale_train import measure as measure_train  # noqa: E402
+
 PER_FILE = 10_000
 SIZE = 64
 FORMATS = ("webdataset", "parquet", "imagefolder")
@@ -134,19 +138,6 @@ def policy(work: Path, fmt: str, root: Path) -> Path:
     return path
 
 
-def _status(pid: int) -> dict[str, int]:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return {}
-    values = {}
-    for line in text.splitlines():
-        name, _, rest = line.partition(":")
-        if name in ("VmHWM", "VmRSS", "RssAnon", "PPid"):
-            values[name] = int(rest.split()[0])
-    return values
-
-
 def _children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -236,12 +227,9 @@ def main() -> None:
         report["peak_rss_ratio"] = ratios(report["prepare"], min(args.sizes), max(args.sizes))
         print(f"peak RSS {max(args.sizes):,} / {min(args.sizes):,}: {report['peak_rss_ratio']}")
     if args.train:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from scale_train import measure
-
         report["train"] = []
         for count in sorted(args.train_sizes):
-            row = measure(count, args.work / f"train-{count}", tuple(args.train_methods))
+            row = measure_train(count, args.work / f"train-{count}", tuple(args.train_methods))
             print(f"  train {count:>8,}: " + ", ".join(
                 f"{m} RssAnon {row[m]['peak_rss_anon_mb']:.0f} MB, step {row[m]['median_step_seconds']:.3f} s"
                 for m in args.train_methods), flush=True)

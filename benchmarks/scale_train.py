@@ -43,7 +43,7 @@ SCHEDULES: dict[str, dict[str, Any]] = {
 
 
 def _status(pid: int) -> dict[str, int]:
-    """RssAnon, RssFile and VmRSS of a process, in kB (empty once it has exited)."""
+    """RssAnon, RssFile, VmRSS and VmHWM of a process, in kB, and its PPid (empty once it has exited)."""
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
@@ -51,7 +51,7 @@ def _status(pid: int) -> dict[str, int]:
     values = {}
     for line in text.splitlines():
         key, _, rest = line.partition(":")
-        if key in ("RssAnon", "RssFile", "VmRSS"):
+        if key in ("RssAnon", "RssFile", "VmRSS", "VmHWM", "PPid"):
             values[key] = int(rest.split()[0])
     return values
 

@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -100,27 +101,36 @@ def safe_join(root: Path, *parts: str) -> Path:
     return resolved
 
 
+def open_regular(path: Path, label: str, error: type[ImageDecodeError] = ImageDecodeError) -> BinaryIO:
+    """`path` (already resolved by safe_join) opened for reading, if it is a regular file.
+
+    O_NOFOLLOW: a final component swapped for a symlink after the check is refused rather than followed;
+    O_NONBLOCK: a FIFO named like an image does not hang the run (it is refused as not a regular file).
+    Raises `error` with "<label>: file not found | cannot open: … | not a regular file".
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise error(f"{label}: file not found") from None
+    except OSError as err:
+        raise error(f"{label}: cannot open: {err.strerror or err}") from None
+    handle = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        handle.close()
+        raise error(f"{label}: not a regular file")
+    return handle
+
+
 def read_bounded(path: Path, max_bytes: int, setting: str = "dataset.max_file_bytes") -> bytes:
     """The bytes of the regular file `path` (already resolved by safe_join), at most `max_bytes` of them.
 
-    The size is checked with fstat before anything is read, and the file is opened with O_NOFOLLOW, so a
-    final component swapped for a symlink after the check is refused rather than followed. Devices and
-    FIFOs are refused without a read.
+    The size is checked with fstat before anything is read (`open_regular` refuses links and devices).
     Raises ImageDecodeError naming the file.
     """
-    try:
-        # O_NONBLOCK: a FIFO named like an image must not hang the run (it is refused below as not a regular file)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise ImageDecodeError(f"file not found: {path.name}") from None
-    except OSError as err:
-        raise ImageDecodeError(f"cannot open {path.name}: {err.strerror or err}") from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ImageDecodeError(f"{path.name}: not a regular file")
-        if info.st_size > max_bytes:
-            raise ImageDecodeError(f"{path.name}: {info.st_size} bytes, above the budget {setting} = {max_bytes}")
+    with open_regular(path, path.name) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > max_bytes:
+            raise ImageDecodeError(f"{path.name}: {size} bytes, above the budget {setting} = {max_bytes}")
         data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:  # grew after the check
         raise ImageDecodeError(f"{path.name}: more than {setting} = {max_bytes} bytes")

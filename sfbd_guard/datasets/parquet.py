@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import ImageDecodeError, InputError
-from .base import PART_RECORDS, Loaded, Part, safe_join
+from .base import PART_RECORDS, Loaded, Part, open_regular, safe_join
 from .streamed import StreamedReader, rename_reserved, rows_table
 from .transforms import load_bytes
 
@@ -71,17 +70,7 @@ class ParquetReader(StreamedReader):
         """pyarrow's ParquetFile of the file (its footer read); _FileError/PathEscapeError if it cannot be."""
         import pyarrow.parquet as pq
 
-        path = safe_join(self.root, relative)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            raise _FileError(f"{relative}: file not found") from None
-        except OSError as err:
-            raise _FileError(f"{relative}: cannot open: {err.strerror or err}") from None
-        handle = os.fdopen(fd, "rb")
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            handle.close()
-            raise _FileError(f"{relative}: not a regular file")
+        handle = open_regular(safe_join(self.root, relative), relative, _FileError)
         try:
             return pq.ParquetFile(handle, pre_buffer=False, buffer_size=1 << 20)
         except (pa.ArrowException, OSError, ValueError) as err:

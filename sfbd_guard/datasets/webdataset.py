@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import ImageDecodeError, InputError
-from .base import Loaded, Part, safe_join
+from .base import Loaded, Part, open_regular, safe_join
 from .streamed import StreamedReader, rename_reserved, rows_table
 from .transforms import load_bytes
 
@@ -156,17 +155,7 @@ class WebDatasetReader(StreamedReader):
 
     def _open(self, part: Part) -> BinaryIO:
         path = safe_join(self.root, part.source)  # a PathEscapeError names the shard
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            raise _ShardError(f"shard {part.source}: file not found") from None
-        except OSError as err:
-            raise _ShardError(f"shard {part.source}: cannot open: {err.strerror or err}") from None
-        handle = os.fdopen(fd, "rb")
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            handle.close()
-            raise _ShardError(f"shard {part.source}: not a regular file")
-        return handle
+        return open_regular(path, f"shard {part.source}", _ShardError)
 
     def _walk(self, part: Part) -> Iterator[tuple[_Group, tarfile.TarFile]]:
         """The shard's records in order, each with the open tar to read its members from. Raises _ShardError (or
