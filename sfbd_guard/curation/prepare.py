@@ -275,21 +275,27 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
             store = dedup.EmbeddingStore(staging, records.table.num_rows, embed_size) if embed_size else None
             numbering = {"clean": 0, "protected": 0}
             files: dict[str, str] = {}
-            tasks = _part_tasks(records, decisions, staging, embed_size)
-            results = ordered_map(pool, worker_part, lambda job: process_part(reader, *job),
-                                  ((task, noise) for task in tasks), window)
+            in_flight: deque[PartTask] = deque()  # the tasks whose results are pending, in order
+
+            def jobs() -> Iterator[tuple[PartTask, NoiseParams]]:
+                for task in _part_tasks(records, decisions, staging, embed_size):
+                    in_flight.append(task)
+                    yield task, noise
+
+            results = ordered_map(pool, worker_part, lambda job: process_part(reader, *job), jobs(), window)
             for result in results:
+                task = in_flight.popleft()
+                assert task.part.index == result.index
                 start, stop = records.rows(result.index)
-                record_ids = slice_ids(records, result.index)
                 bad = [row for row, error in enumerate(result.errors) if error is not None]
                 if strict and bad:
-                    raise DataError(f"record {record_ids[bad[0]]}: {result.errors[bad[0]]}",
+                    raise DataError(f"record {task.record_ids[bad[0]]}: {result.errors[bad[0]]}",
                                     hint="--strict makes unreadable records fatal")
                 places = _publish_shards(staging, result, numbering, files)
                 if store is not None and result.embeddings is not None:
                     store.add(staging, result.embeddings, start)
-                manifest.add(record_ids, decisions.rules_of(start, stop), [str(a) for a in decisions.actions_of(start, stop)],
-                             result, places, metadata_slice(records, result.index))
+                manifest.add(task.record_ids, decisions.rules_of(start, stop), task.actions, result, places,
+                             metadata_slice(records, result.index))
                 if tick:
                     tick(stop - start)
             manifest.close()
