@@ -137,3 +137,20 @@ def write_image_set(folder: Path, count: int, size: int = 24,
     from sfbd_guard.datasets.synthetic import write_image_set as write
 
     return write(folder, count, size, formats, per_shard=per_shard, seed=seed)
+
+
+def write_chain(folder: Path, name: str = "digits-chain") -> Path:
+    """The demo chain in `folder` (policy with an opt-out list and a held-out rule, audit config, pipeline; all
+    paths relative to `folder`): returns the pipeline file."""
+    (folder / "optout.csv").write_text("idx\n3\n14\n15\n")
+    policy = {"version": 1, "name": name, "dataset": {"format": "digits", "resolution": 8},
+              "rules": [{"name": "opt-out", "action": "exclude", "where": "index IN (SELECT idx FROM read_csv('optout.csv'))"},
+                        {"name": "held-out", "action": "exclude", "sample": {"fraction": 0.2, "seed": 1}},
+                        {"name": "licensed", "action": "clean", "sample": {"fraction": 0.1}},
+                        {"name": "rest", "action": "protect"}],
+              "noise": {"sigma": 0.6}, "output": "prepared"}
+    write_policy(folder / "policy.yaml", policy)
+    (folder / "audit.yaml").write_text(yaml.safe_dump({"version": 1, "name": "t", "calibration": {"holdout_rules": ["held-out"]}}))
+    pipeline = tiny_pipeline(Path("prepared"), Path("runs/chain"), policy="policy.yaml",
+                             sample={"n": 8, "steps": 4, "batch": 8}, audit={"config": "audit.yaml"})
+    return write_policy(folder / "pipeline.yaml", pipeline)

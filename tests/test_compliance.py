@@ -9,31 +9,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from helpers import guard as _guard
-from helpers import tiny_pipeline, write_policy
-
-
-def _write_chain(folder: Path) -> Path:
-    (folder / "optout.csv").write_text("idx\n3\n14\n15\n")
-    policy = {"version": 1, "name": "digits-chain", "dataset": {"format": "digits", "resolution": 8},
-              "rules": [{"name": "opt-out", "action": "exclude", "where": "index IN (SELECT idx FROM read_csv('optout.csv'))"},
-                        {"name": "held-out", "action": "exclude", "sample": {"fraction": 0.2, "seed": 1}},
-                        {"name": "licensed", "action": "clean", "sample": {"fraction": 0.1}},
-                        {"name": "rest", "action": "protect"}],
-              "noise": {"sigma": 0.6}, "output": "prepared"}
-    write_policy(folder / "policy.yaml", policy)
-    (folder / "audit.yaml").write_text(yaml.safe_dump({"version": 1, "name": "t", "calibration": {"holdout_rules": ["held-out"]}}))
-    pipeline = tiny_pipeline(Path("prepared"), Path("runs/chain"), policy="policy.yaml",
-                             sample={"n": 8, "steps": 4, "batch": 8}, audit={"config": "audit.yaml"})
-    return write_policy(folder / "pipeline.yaml", pipeline)
+from helpers import write_chain
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("chain")
-    pipeline = _write_chain(folder)
+    pipeline = write_chain(folder)
     assert _guard("run", pipeline, "--ledger", folder / "ledger") == 0
     return folder, folder / "ledger"
 
@@ -136,7 +120,7 @@ def test_verify_fails_for_an_edited_array_and_a_missing_audit(chain, tmp_path, c
 def test_run_resumes_after_an_interrupted_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
     from sfbd_guard import run as module
 
-    pipeline = _write_chain(tmp_path)
+    pipeline = write_chain(tmp_path)
 
     def crash(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt

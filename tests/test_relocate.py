@@ -9,26 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from helpers import guard as _guard
-from helpers import tiny_pipeline, write_policy
-
-
-def write_project(folder: Path) -> Path:
-    """The demo chain in `folder` (policy, audit config, pipeline; all paths relative): returns the pipeline."""
-    (folder / "optout.csv").write_text("idx\n3\n14\n15\n")
-    policy = {"version": 1, "name": "digits-moved", "dataset": {"format": "digits", "resolution": 8},
-              "rules": [{"name": "opt-out", "action": "exclude", "where": "index IN (SELECT idx FROM read_csv('optout.csv'))"},
-                        {"name": "held-out", "action": "exclude", "sample": {"fraction": 0.2, "seed": 1}},
-                        {"name": "licensed", "action": "clean", "sample": {"fraction": 0.1}},
-                        {"name": "rest", "action": "protect"}],
-              "noise": {"sigma": 0.6}, "output": "prepared"}
-    write_policy(folder / "policy.yaml", policy)
-    (folder / "audit.yaml").write_text(yaml.safe_dump({"version": 1, "name": "t", "calibration": {"holdout_rules": ["held-out"]}}))
-    pipeline = tiny_pipeline(Path("prepared"), Path("runs/chain"), policy="policy.yaml",
-                             sample={"n": 8, "steps": 4, "batch": 8}, audit={"config": "audit.yaml"})
-    return write_policy(folder / "pipeline.yaml", pipeline)
+from helpers import write_chain
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +19,7 @@ def moved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(the moved project, where it was): run in its own folder, as a user would, then copied and deleted."""
     original = tmp_path_factory.mktemp("original") / "project"
     original.mkdir()
-    pipeline = write_project(original)
+    pipeline = write_chain(original, "digits-moved")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(original)
         patch.delenv("GUARD_LEDGER", raising=False)
