@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -182,6 +183,19 @@ def _crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     monkeypatch.setattr(trainer.Trainer, "train_step", crash)
 
 
+def _straight_and_crashed(tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch, name: str, crash_step: int,
+                          **overrides: object) -> tuple[Path, Any]:
+    """An uninterrupted run, and the config of its twin `name` stopped by a crash at `crash_step`: (the
+    uninterrupted run's directory, the twin's config to resume)."""
+    straight = train(_config(tmp_path, data, "straight", **overrides), resume=False)
+    config = _config(tmp_path, data, name, **overrides)
+    _crash_at(monkeypatch, crash_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, resume=False)
+    monkeypatch.undo()
+    return straight.run_dir, config
+
+
 # ----- online SFBD's bank -----------------------------------------------------------------------------------
 
 def test_online_bank_is_a_mapped_file_each_checkpoint_captures_and_prunes(tmp_path: Path, digits8: Path) -> None:
@@ -213,15 +227,11 @@ def test_a_resume_from_any_kept_checkpoint_gives_the_uninterrupted_run(tmp_path:
 
 
 def test_a_crashed_online_run_resumes_exactly(tmp_path: Path, digits8: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    straight = train(_config(tmp_path, digits8, "straight", method="online-sfbd", schedule=ONLINE_SCHEDULE,
-                             checkpoint_every=3), resume=False)
-    config = _config(tmp_path, digits8, "crashed", method="online-sfbd", schedule=ONLINE_SCHEDULE, checkpoint_every=3)
-    _crash_at(monkeypatch, 10)  # checkpoint at step 9; refreshes at steps 6, 8 and 10 (before the crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, resume=False)
-    monkeypatch.undo()
+    # checkpoint at step 9; refreshes at steps 6, 8 and 10 (before the crash)
+    straight, config = _straight_and_crashed(tmp_path, digits8, monkeypatch, "crashed", 10, method="online-sfbd",
+                                             schedule=ONLINE_SCHEDULE, checkpoint_every=3)
     assert train(config, resume=True).step == 12
-    assert _same_ema(straight.run_dir, tmp_path / "crashed")
+    assert _same_ema(straight, tmp_path / "crashed")
 
 
 def test_a_checkpoint_of_an_earlier_version_with_the_bank_in_its_state_resumes(
@@ -229,13 +239,8 @@ def test_a_checkpoint_of_an_earlier_version_with_the_bank_in_its_state_resumes(
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    straight = train(_config(tmp_path, digits8, "straight", method="online-sfbd", schedule=ONLINE_SCHEDULE,
-                             checkpoint_every=3), resume=False)
-    config = _config(tmp_path, digits8, "old", method="online-sfbd", schedule=ONLINE_SCHEDULE, checkpoint_every=3)
-    _crash_at(monkeypatch, 10)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, resume=False)
-    monkeypatch.undo()
+    straight, config = _straight_and_crashed(tmp_path, digits8, monkeypatch, "old", 10, method="online-sfbd",
+                                             schedule=ONLINE_SCHEDULE, checkpoint_every=3)
     latest = tmp_path / "old" / "checkpoints" / "step-000000009"
     with safe_open(latest / "state.safetensors", framework="pt") as handle:  # rewritten as earlier versions wrote it
         meta = handle.metadata()
@@ -247,7 +252,7 @@ def test_a_checkpoint_of_an_earlier_version_with_the_bank_in_its_state_resumes(
     (latest / "bank.npy").unlink()
     shutil.rmtree(tmp_path / "old" / "bank")
     assert train(config, resume=True).step == 12
-    assert _same_ema(straight.run_dir, tmp_path / "old")
+    assert _same_ema(straight, tmp_path / "old")
 
 
 def test_a_round_set_of_an_earlier_version_is_rewritten_as_shards(tmp_path: Path, digits8: Path,
@@ -259,13 +264,8 @@ def test_a_round_set_of_an_earlier_version_is_rewritten_as_shards(tmp_path: Path
 
     from sfbd_guard.engine.denoise import record_digest
 
-    straight = train(_config(tmp_path, digits8, "straight", method="sfbd", schedule=SFBD_SCHEDULE,
-                             checkpoint_every=1), resume=False)
-    config = _config(tmp_path, digits8, "old", method="sfbd", schedule=SFBD_SCHEDULE, checkpoint_every=1)
-    _crash_at(monkeypatch, 6)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, resume=False)
-    monkeypatch.undo()
+    straight, config = _straight_and_crashed(tmp_path, digits8, monkeypatch, "old", 6, method="sfbd",
+                                             schedule=SFBD_SCHEDULE, checkpoint_every=1)
     run = tmp_path / "old"
     folder = run / "rounds" / "round-01"
     denoised = torch.from_numpy(np.concatenate([np.load(p) for p in sorted(folder.glob("part-*.npy"))]))
@@ -283,7 +283,7 @@ def test_a_round_set_of_an_earlier_version_is_rewritten_as_shards(tmp_path: Path
     (run / "checkpoints" / "latest").write_text(latest.name)
     assert train(config, resume=True).step == 10
     assert sorted(p.name for p in folder.iterdir()) == ["part-00000.npy", "round.json"]
-    assert _same_ema(straight.run_dir, run)
+    assert _same_ema(straight, run)
 
 
 @pytest.mark.parametrize("method", ["sfbd", "online-sfbd"])
