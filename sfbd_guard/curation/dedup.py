@@ -35,9 +35,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..hashing import sha256_file
 from ..policy import DUPLICATE_RULE, DedupSpec
 from .manifest import MANIFEST_FIELDS, PARTITIONS
-from .shards import READ_BLOCK, _header, _sha256_file
+from .shards import READ_BLOCK, npy_header
 
 STAGED_MANIFEST = ".manifest-staged.parquet.tmp"  # the manifest before dedup, in the staging folder
 EMBEDDINGS_FILE = ".dedup-embeddings.npy.tmp"  # in the staging folder; deleted before the directory is published
@@ -367,12 +368,12 @@ def rewrite_shards(staging: Path, files: dict[str, str], removed: dict[str, np.n
         rewritten = path.with_name(path.name + ".tmp")
         step = max(1, READ_BLOCK // max(1, source[0].nbytes))
         with open(rewritten, "xb") as handle:
-            handle.write(_header(source.dtype, (len(kept), *source.shape[1:])))
+            handle.write(npy_header(source.dtype, (len(kept), *source.shape[1:])))
             for start in range(0, len(kept), step):
                 handle.write(np.ascontiguousarray(source[kept[start:start + step]]).data.cast("B"))
         del source
         os.replace(rewritten, path)
-        files[name] = _sha256_file(path)
+        files[name] = sha256_file(path)
 
 
 def write_final_manifest(staged_manifest: Path, final: Path, result: Plan, removed: dict[str, np.ndarray]

@@ -14,13 +14,13 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..hashing import new_sha256
+from ..hashing import sha256_file
 
 SHARD_RECORDS = 4096
 READ_BLOCK = 1 << 20
 
 
-def _header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     """The .npy (format 1.0) header of a C-order array of `dtype` and `shape`, as numpy writes it."""
     import io
 
@@ -28,14 +28,6 @@ def _header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(dtype),
                                                   "fortran_order": False, "shape": shape})
     return buffer.getvalue()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = new_sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(READ_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -79,7 +71,7 @@ class PartShardWriter:
                 path = self.root / self._temp_name()
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._handle, self._rows = open(path, "xb"), 0  # noqa: SIM115 (closed by _close or discard)
-                self._handle.write(_header(self.dtype, (self.shard_records, *self._shape)))
+                self._handle.write(npy_header(self.dtype, (self.shard_records, *self._shape)))
             taken = np.ascontiguousarray(rows[: self.shard_records - self._rows])
             assert self._handle is not None
             self._handle.write(taken.data.cast("B"))
@@ -95,8 +87,8 @@ class PartShardWriter:
         handle = self._handle
         assert handle is not None
         name = self._temp_name()
-        header = _header(self.dtype, (self._rows, *self._shape))
-        full = _header(self.dtype, (self.shard_records, *self._shape))
+        header = npy_header(self.dtype, (self._rows, *self._shape))
+        full = npy_header(self.dtype, (self.shard_records, *self._shape))
         path = self.root / name
         if len(header) == len(full):
             handle.seek(0)
@@ -112,7 +104,7 @@ class PartShardWriter:
                 while block := source.read(READ_BLOCK):
                     target.write(block)
             os.replace(rewritten, path)
-        self.written.append(ShardFile(name, self.partition, self._rows, _sha256_file(path)))
+        self.written.append(ShardFile(name, self.partition, self._rows, sha256_file(path)))
         self._handle, self._rows = None, 0
 
     def close(self) -> list[ShardFile]:
