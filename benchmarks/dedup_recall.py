@@ -148,35 +148,40 @@ def run_prepare(tmp: Path, name: str, root: Path, key: Path, dedup: dict[str, An
     return result.output, time.perf_counter() - start
 
 
-def sweep(root: Path, rows: list[dict[str, str]], planted: dict[str, str], size: int) -> dict[str, Any]:
+def sweep(root: Path, rows: list[dict[str, str]], planted: dict[str, str], embedding: Any) -> dict[str, Any]:
     """Recall and wrong merges over THRESHOLDS, from the embeddings of the transformed pixels (as prepare sees them)."""
     import faiss
 
-    from sfbd_guard.curation.dedup import embed, mirrored
+    from sfbd_guard.curation.dedup import mirrored
     from sfbd_guard.datasets import SourceSpec, open_reader
 
     reader = open_reader(SourceSpec("imagefolder", root, "all", RESOLUTION))
     names = [r["file_name"] for r in rows]
-    vectors = np.zeros((len(names), size * size), np.float32)
+    vectors = np.zeros((len(names), embedding.dim), np.float32)
     index_of = {n: i for i, n in enumerate(names)}
+    embed = embedding.embedder()
+    size = embedding.size
     for part in reader.parts():
         ids = [str(v) for v in reader.part_metadata(part).column("record_id").to_pylist()] if not reader.listed else None
         wanted = ids or names[part.start:part.stop]
-        for record_id, pixels in reader.read_part(part, wanted):
-            if isinstance(pixels, np.ndarray):
-                vectors[index_of[record_id]] = embed(pixels[None], size)[0]
+        loaded = [(record_id, pixels) for record_id, pixels in reader.read_part(part, wanted) if isinstance(pixels, np.ndarray)]
+        if loaded:
+            vectors[[index_of[r] for r, _ in loaded]] = embed(np.stack([p for _, p in loaded]))
+    def flip(vectors: np.ndarray, size: int) -> np.ndarray:  # clip: the mirror image is in the embedding already
+        return mirrored(vectors, size) if embedding.mirror_search else vectors
+
     distinct = np.array([r["role"].startswith("distinct") for r in rows])
     dv = vectors[distinct]
     index = faiss.IndexFlatIP(dv.shape[1])
     index.add(dv)
     top, _ = index.search(dv, 2)
-    top_m, rows_m = index.search(mirrored(dv, size), 1)
+    top_m, rows_m = index.search(flip(dv, size), 1)
     nearest = np.maximum(top[:, 1], np.where(rows_m[:, 0] != np.arange(len(dv)), top_m[:, 0], -1))
     copy_sim: dict[str, list[float]] = {t: [] for t in TRANSFORMS}
     for r in rows:
         if r["role"].startswith("copy:"):
             a, b = vectors[index_of[r["file_name"]]], vectors[index_of[planted[r["file_name"]]]]
-            copy_sim[r["role"][5:]].append(max(float(a @ b), float(mirrored(a[None], size)[0] @ b)))
+            copy_sim[r["role"][5:]].append(max(float(a @ b), float(flip(a[None], size)[0] @ b)))
     table = {}
     for t in THRESHOLDS:
         table[f"{t:.3f}"] = {"recall": {k: float(np.mean(np.array(v) >= t)) if v else None for k, v in copy_sim.items()},
@@ -218,13 +223,20 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threshold", type=float, default=None, help="default: the policy's default")
     parser.add_argument("--size", type=int, default=None, help="embedding side; default: the policy's default")
+    parser.add_argument("--embedder", choices=("pixel", "clip"), default="pixel")
+    parser.add_argument("--clip-weights", type=Path, help="local open_clip weights (file or directory) for --embedder clip")
+    parser.add_argument("--clip-model", default="ViT-B-32", help="architecture of a --clip-weights file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results here (full runs only)")
     args = parser.parse_args()
+    from sfbd_guard.curation.dedup import embedding_for
     from sfbd_guard.curation.keys import create_key_file
     from sfbd_guard.policy import DedupSpec
 
-    spec = DedupSpec(**{k: v for k, v in (("threshold", args.threshold), ("size", args.size)) if v is not None})
+    options = {"threshold": args.threshold, "size": args.size, "embedder": args.embedder, "clip_model": args.clip_model,
+               "clip_weights": str(args.clip_weights.resolve()) if args.clip_weights else None}
+    spec = DedupSpec(**{k: v for k, v in options.items() if v is not None})
+    embedding = embedding_for(spec, RESOLUTION, Path.cwd())
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         root = tmp / "images"
@@ -248,7 +260,7 @@ def main() -> None:
                   "prepare_seconds": {"without_dedup": round(plain, 2), "with_dedup": round(deduped, 2),
                                       "extra_ratio": round(deduped / plain - 1, 3)},
                   "measured": measured(output, planted, rows),
-                  "sweep": sweep(root, rows, planted, min(spec.size, RESOLUTION))}
+                  "sweep": sweep(root, rows, planted, embedding)}
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -94,6 +94,7 @@ class NoiseSpec(StrictModel):
 
 
 PIXEL_THRESHOLD = 0.99  # default near-duplicate cosine of the pixel embedder (benchmarks/dedup_recall.py, docs/policy.md)
+CLIP_THRESHOLD = 0.95  # default near-duplicate cosine of the clip embedder (docs/policy.md: not measured here, no weights)
 DUPLICATE_RULE = "duplicate"  # the rule a record demoted by dedup carries in the manifest
 
 
@@ -101,14 +102,27 @@ class DedupSpec(StrictModel):
     """Near-duplicate and exact-copy merging (curation/dedup.py): each cluster takes its strictest action."""
 
     enabled: bool = True
-    embedder: Literal["pixel"] = "pixel"  # weight-free: z-scored grey pixels at size×size (cosine = correlation)
+    embedder: Literal["pixel", "clip"] = "pixel"  # pixel: weight-free z-scored grey pixels (cosine = correlation)
     size: int = Field(default=8, ge=4, le=64)  # side of the pixel embedding (capped at the resolution)
     threshold: float | None = Field(default=None, gt=0, le=1)  # cosine at or above which two records join; none = default
-    mirror: bool = True  # also compare each record with the mirror image of the others
+    mirror: bool = True  # pixel: also compare with the mirror images; clip: embed each record as image + mirror image
+    clip_weights: str | None = None  # clip: local open_clip weights file or directory, relative to the policy file
+    clip_model: str = "ViT-B-32"  # clip: the architecture of a weights file (a directory brings its own config)
+    quick_gelu: bool = False  # clip: OpenAI CLIP weights need QuickGELU
+    batch: int = Field(default=64, ge=1, le=4096)  # clip: images per embedding batch
 
     @property
     def effective_threshold(self) -> float:
-        return PIXEL_THRESHOLD if self.threshold is None else self.threshold
+        if self.threshold is not None:
+            return self.threshold
+        return CLIP_THRESHOLD if self.embedder == "clip" else PIXEL_THRESHOLD
+
+    @model_validator(mode="after")
+    def _clip_needs_weights(self) -> DedupSpec:
+        if self.enabled and self.embedder == "clip" and not self.clip_weights:
+            raise ValueError("embedder clip needs clip_weights (a local open_clip weights file or directory; weights "
+                             "are never downloaded), or use embedder pixel")
+        return self
 
 
 class Policy(StrictModel):

@@ -8,13 +8,14 @@ have no array (their pixels leave the worker only as a hash). Stages run a block
 decoding and noising record by record is about 15% slower (the two evict each other's code and tables
 from the CPU caches).
 
-With dedup on (`embed_size` > 0), the same pass also computes each record's near-duplicate embedding
+With dedup on (`embedding` set), the same pass also computes each record's near-duplicate embedding
 (dedup.py) and writes them to `.dedup-<part>.npy.tmp` in the staging folder: never published (an
 embedding of a protected original is a low-resolution copy of it), deleted by the parent once read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import pyarrow as pa
 from ..datasets import DatasetReader, Part, SourceSpec, open_reader
 from ..errors import ImageDecodeError
 from ..hashing import pixel_sha256
+from .dedup import Embedding
 from .keys import NoiseKey
 from .noise import noised_copies, record_key
 from .shards import PartShardWriter, ShardFile
@@ -48,7 +50,7 @@ class PartTask:
     staging: Path
     shard_records: int
     block_records: int
-    embed_size: int = 0  # side of the dedup embedding; 0: dedup off, no embeddings
+    embedding: Embedding | None = None  # how dedup embeds a record; None: dedup off, no embeddings
 
 
 @dataclass(frozen=True)
@@ -118,31 +120,30 @@ class _Embeddings:
     """The part's dedup embeddings, computed a block at a time, written to one staging file at the end."""
 
     def __init__(self, task: PartTask, count: int) -> None:
-        from .dedup import embedding_dim
-
         self.task = task
-        self.size = task.embed_size
-        self.vectors = np.zeros((count, embedding_dim(self.size)) if self.size else (0, 0), np.float32)
+        self.embedding = task.embedding
+        self.vectors = np.zeros((count, self.embedding.dim) if self.embedding else (0, 0), np.float32)
         self.pending: list[tuple[int, np.ndarray]] = []
         self.name = f".dedup-{task.part.index:06d}.npy.tmp"
+        self.embed: Callable[[np.ndarray], np.ndarray] | None = None  # made at the first block (a clip model loads)
 
     def add(self, row: int, pixels: np.ndarray) -> None:
-        if not self.size:
+        if self.embedding is None:
             return
         self.pending.append((row, pixels))
         if len(self.pending) >= self.task.block_records:
             self.flush()
 
     def flush(self) -> None:
-        from .dedup import embed
-
-        if self.pending:
+        if self.pending and self.embedding is not None:
+            if self.embed is None:
+                self.embed = self.embedding.embedder()
             rows = [row for row, _ in self.pending]
-            self.vectors[rows] = embed(np.stack([pixels for _, pixels in self.pending]), self.size)
+            self.vectors[rows] = self.embed(np.stack([pixels for _, pixels in self.pending]))
             self.pending = []
 
     def close(self) -> str | None:
-        if not self.size:
+        if self.embedding is None:
             return None
         self.flush()
         with open(self.task.staging / self.name, "xb") as handle:

@@ -27,7 +27,9 @@ The shard files holding demoted rows are then rewritten without them and the fin
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +48,6 @@ SEARCH_BLOCK = 4096  # rows per block of the range search: two blocks and their 
 STRICTNESS = {"clean": 0, "protect": 1, "exclude": 2}
 
 
-def embedding_dim(size: int) -> int:
-    return size * size
-
-
 def embed(pixels: np.ndarray, size: int) -> np.ndarray:
     """float32 (N, size*size) unit vectors of uint8 (N, C, H, W) images: the audit's weight-free pixel embedding
     (audit/embed.py: area-downsampled, minus its own mean, L2-normalised, so cosine = Pearson correlation) of the
@@ -62,26 +60,80 @@ def embed(pixels: np.ndarray, size: int) -> np.ndarray:
 
 
 def mirrored(vectors: np.ndarray, size: int) -> np.ndarray:
-    """The embeddings of the mirror images (a horizontal flip commutes with area averaging and z-scoring)."""
+    """The pixel embeddings of the mirror images (a horizontal flip commutes with area averaging and z-scoring)."""
     side = math.isqrt(vectors.shape[1]) if vectors.shape[1] else size
     return np.ascontiguousarray(vectors.reshape(len(vectors), side, side)[..., ::-1].reshape(len(vectors), -1))
 
 
-def effective_size(spec: DedupSpec, resolution: int) -> int:
-    return min(spec.size, resolution)
+@dataclass(frozen=True)
+class Embedding:
+    """How dedup embeds a record; picklable, it travels to the workers (which load a clip model once per part).
+
+    pixel: `embed` at `size`, mirror copies found by searching with `mirrored` queries (`mirror_search`).
+    clip: open_clip image features from local weights (audit/clip.py); with `mirror`, the normalised sum of the
+    image's and its mirror image's features, so an image and its mirror image get one embedding."""
+
+    kind: str  # pixel | clip
+    size: int  # pixel: side of the embedding
+    dim: int
+    mirror: bool
+    clip_weights: str | None = None  # absolute
+    clip_model: str = "ViT-B-32"
+    quick_gelu: bool = False
+    batch: int = 64
+    clip_identity: tuple[tuple[str, str], ...] = ()  # model and weights sha256, for the card
+
+    @property
+    def mirror_search(self) -> bool:
+        return self.kind == "pixel" and self.mirror
+
+    def embedder(self) -> Callable[[np.ndarray], np.ndarray]:
+        """A function from uint8 (N, C, H, W) pixels to float32 (N, dim) unit rows."""
+        if self.kind == "pixel":
+            return partial(embed, size=self.size)
+        from ..audit.clip import ClipEmbedder
+        from ..audit.embed import mirror, normalize_rows
+
+        clip = ClipEmbedder(weights=self.clip_weights, model=self.clip_model, quick_gelu=self.quick_gelu)
+
+        def embed_clip(pixels: np.ndarray) -> np.ndarray:
+            out = np.zeros((len(pixels), self.dim), np.float32)
+            for start in range(0, len(pixels), self.batch):
+                chunk = pixels[start:start + self.batch]
+                features = clip.embed(chunk)
+                if self.mirror:
+                    features = normalize_rows(features + clip.embed(mirror(chunk)))
+                out[start:start + len(chunk)] = features
+            return out
+
+        return embed_clip
+
+
+def embedding_for(spec: DedupSpec, resolution: int, base_dir: Path) -> Embedding:
+    """The policy's embedding; for clip, the weights are loaded once here (bad weights: exit 2 before any work)."""
+    if spec.embedder == "pixel":
+        size = min(spec.size, resolution)
+        return Embedding("pixel", size, size * size, spec.mirror)
+    from ..audit.clip import ClipEmbedder
+
+    assert spec.clip_weights is not None  # DedupSpec's validator
+    weights = str((base_dir / spec.clip_weights).expanduser().resolve())
+    clip = ClipEmbedder(weights=weights, model=spec.clip_model, quick_gelu=spec.quick_gelu)
+    identity = (("model", clip.model_name), ("weights_sha256", clip.weights_sha256))
+    return Embedding("clip", 0, clip.dim, spec.mirror, weights, spec.clip_model, spec.quick_gelu, spec.batch, identity)
 
 
 class EmbeddingStore:
     """All records' embeddings in one memory-mapped staging file, in record order (filled a part at a time)."""
 
-    def __init__(self, staging: Path, records: int, size: int) -> None:
+    def __init__(self, staging: Path, records: int, dim: int) -> None:
         self.path = staging / EMBEDDINGS_FILE
         with open(self.path, "xb") as handle:  # open_memmap would add .npy to the name
             np.lib.format.write_array_header_1_0(handle, {"descr": "<f4", "fortran_order": False,
-                                                          "shape": (records, embedding_dim(size))})
+                                                          "shape": (records, dim)})
             self.offset = handle.tell()
-            handle.truncate(self.offset + records * embedding_dim(size) * 4)
-        self.vectors = np.memmap(self.path, np.float32, "r+", self.offset, (records, embedding_dim(size)))
+            handle.truncate(self.offset + records * dim * 4)
+        self.vectors = np.memmap(self.path, np.float32, "r+", self.offset, (records, dim))
 
     def add(self, staging: Path, name: str, start: int) -> None:
         part_file = staging / name
@@ -143,13 +195,15 @@ def _range_pairs(index: Any, queries: np.ndarray, threshold: float) -> tuple[np.
     return rows, labels[keep].astype(np.int64)
 
 
-def band_direction(sample: np.ndarray, size: int) -> np.ndarray:
-    """A unit direction p with p == mirror(p): the first principal axis of the sample's mirror-symmetrised
-    embeddings (so p·mirror(a) == p·a), sign fixed by its largest entry."""
-    symmetric = (sample + mirrored(sample, size)) / 2
+def band_direction(sample: np.ndarray, size: int, mirror: bool = True) -> np.ndarray:
+    """A unit direction p: the first principal axis of the sample's embeddings, sign fixed by its largest entry.
+    With `mirror`, of their mirror-symmetrised pixel embeddings and made symmetric, so p == mirror(p) and
+    p·mirror(a) == p·a."""
+    symmetric = (sample + mirrored(sample, size)) / 2 if mirror else sample
     _, vectors = np.linalg.eigh(symmetric.T.astype(np.float64) @ symmetric.astype(np.float64))
     direction = vectors[:, -1]
-    direction = (direction + mirrored(direction[None], size)[0]) / 2
+    if mirror:
+        direction = (direction + mirrored(direction[None], size)[0]) / 2
     norm = np.linalg.norm(direction)
     if norm < 1e-9:
         direction, norm = np.ones(len(direction)), np.sqrt(len(direction))
@@ -177,7 +231,7 @@ def near_pairs(vectors: np.ndarray, threshold: float, *, mirror: bool, size: int
     rows = np.flatnonzero(present)
     if len(rows) < 2:
         return []
-    direction = band_direction(np.asarray(vectors[rows[:band_sample]], np.float32), size)
+    direction = band_direction(np.asarray(vectors[rows[:band_sample]], np.float32), size, mirror)
     for start in range(0, len(rows), block):
         projections[rows[start:start + block]] = np.asarray(vectors[rows[start:start + block]], np.float32) @ direction
     order = np.argsort(projections[rows], kind="stable")
@@ -300,9 +354,10 @@ def _similarity(vectors: np.ndarray | None, a: int, b: int, *, mirror: bool, siz
 
 
 def find_plan(staged_manifest: Path, store: EmbeddingStore | None, actions: np.ndarray, record_ids: Any,
-              sha256: Any, spec: DedupSpec, size: int) -> Plan:
+              sha256: Any, spec: DedupSpec, embedding: Embedding) -> Plan:
     """Cluster the records (exact, then near on the embeddings) and plan each cluster's changes."""
     n = len(actions)
+    mirror = embedding.mirror_search
     sets = UnionFind(n)
     vectors = store.vectors if store is not None else None
     groups = exact_groups(staged_manifest)
@@ -312,7 +367,7 @@ def find_plan(staged_manifest: Path, store: EmbeddingStore | None, actions: np.n
             if vectors is not None:
                 vectors[row] = 0.0  # one row per sha256 takes part in the near search
     if vectors is not None:
-        for rows_a, rows_b in near_pairs(vectors, spec.effective_threshold, mirror=spec.mirror, size=size):
+        for rows_a, rows_b in near_pairs(vectors, spec.effective_threshold, mirror=mirror, size=embedding.size):
             for a, b in zip(rows_a.tolist(), rows_b.tolist(), strict=True):
                 sets.union(a, b)
     roots = sets.roots()
@@ -321,14 +376,15 @@ def find_plan(staged_manifest: Path, store: EmbeddingStore | None, actions: np.n
         for rows in groups:
             for row in rows[1:]:
                 vectors[row] = vectors[rows[0]]
-    return plan(roots, actions, record_ids, sha256, vectors, mirror=spec.mirror, size=size)
+    return plan(roots, actions, record_ids, sha256, vectors, mirror=mirror, size=embedding.size)
 
 
-def card_section(spec: DedupSpec, size: int, result: Plan | None, records: int) -> dict[str, Any]:
+def card_section(spec: DedupSpec, embedding: Embedding | None, result: Plan | None, records: int) -> dict[str, Any]:
     """The card's `dedup` entry: the settings and what they did."""
-    if not spec.enabled or result is None:
+    if not spec.enabled or result is None or embedding is None:
         return {"enabled": False}
-    return {"enabled": True, "embedder": spec.embedder, "size": size, "threshold": spec.effective_threshold,
+    settings: dict[str, Any] = {"size": embedding.size} if embedding.kind == "pixel" else {"clip": dict(embedding.clip_identity)}
+    return {"enabled": True, "embedder": embedding.kind, **settings, "threshold": spec.effective_threshold,
             "threshold_default": spec.threshold is None, "mirror": spec.mirror, "clusters": result.clusters,
             "merged": result.merged, "merged_share": round(result.merged / records, 6) if records else 0.0,
             "demoted": sum(n for kinds in result.demotions.values() for n in kinds.values()),

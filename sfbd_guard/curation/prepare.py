@@ -148,12 +148,13 @@ class ManifestWriter:
         self.writer.close()
 
 
-def _part_tasks(records: Records, decisions: Decisions, staging: Path, embed_size: int) -> Iterator[PartTask]:
+def _part_tasks(records: Records, decisions: Decisions, staging: Path, embedding: dedup.Embedding | None
+                ) -> Iterator[PartTask]:
     for part in records.parts:
         start, stop = records.rows(part.index)
         actions = [str(a) for a in decisions.actions_of(start, stop)]
         yield PartTask(part, slice_ids(records, part.index), actions, staging, shard_files.SHARD_RECORDS, CHUNK_RECORDS,
-                       embed_size)
+                       embedding)
 
 
 def _publish_shards(staging: Path, result: PartResult, numbering: dict[str, int], files: dict[str, str],
@@ -201,7 +202,7 @@ def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, counts:
 
 
 def _deduplicate(staging: Path, records: Records, decisions: Decisions, store: dedup.EmbeddingStore | None,
-                 files: dict[str, str], spec: DedupPolicy, size: int, decided: dict[str, int],
+                 files: dict[str, str], spec: DedupPolicy, embedding: dedup.Embedding | None, decided: dict[str, int],
                  ) -> tuple[dict[str, int], dict[str, int], dict[str, Any]]:
     """Merge the copies (dedup.py): rewrite the shards that hold demoted rows, write the final manifest from the
     staged one, and delete the staged manifest and the embeddings. Returns counts, rule counts, the card entry."""
@@ -213,7 +214,8 @@ def _deduplicate(staging: Path, records: Records, decisions: Decisions, store: d
         strictness = np.array([dedup.STRICTNESS[a] for a in decisions.rule_actions] or [0], np.int8)
         actions = strictness[np.maximum(decisions.chosen, 0)]
         actions[pc.is_null(sha256).to_numpy(zero_copy_only=False)] = -1
-        plan = dedup.find_plan(staged, store, actions, records.table.column("record_id"), sha256, spec, size)
+        assert embedding is not None
+        plan = dedup.find_plan(staged, store, actions, records.table.column("record_id"), sha256, spec, embedding)
         if store is not None:
             store.close()
             store = None
@@ -225,7 +227,7 @@ def _deduplicate(staging: Path, records: Records, decisions: Decisions, store: d
         if store is not None:
             store.close()
         staged.unlink(missing_ok=True)
-    return counts, rule_counts, dedup.card_section(spec, size, plan, records.table.num_rows)
+    return counts, rule_counts, dedup.card_section(spec, embedding, plan, records.table.num_rows)
 
 
 def noise_key(loaded: LoadedPolicy, key_file: Path | None, output: Path) -> NoiseKey:
@@ -251,6 +253,8 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
     spec = source_spec(loaded, data_root)
     output = output_dir(loaded, out)
     key = noise_key(loaded, key_file, output)
+    dedup_spec = loaded.policy.dedup
+    embedding = dedup.embedding_for(dedup_spec, spec.resolution, loaded.base_dir) if dedup_spec.enabled else None
     reader = open_reader(spec)
     claim = claim_output(output, overwrite=overwrite, dataset_root=spec.root, policy_dir=loaded.base_dir)
     window = max(1, workers) * IN_FLIGHT_PER_WORKER
@@ -268,17 +272,15 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
                                format_name=spec.format)
             noise = NoiseParams(sigma=loaded.policy.noise.sigma, key=key)
             tick = progress("decoding", records.table.num_rows) if progress else None
-            dedup_spec = loaded.policy.dedup
-            embed_size = dedup.effective_size(dedup_spec, spec.resolution) if dedup_spec.enabled else 0
             staged = staging / (dedup.STAGED_MANIFEST if dedup_spec.enabled else "manifest.parquet")
             manifest = ManifestWriter(staged, records.table.schema, noise.sigma)
-            store = dedup.EmbeddingStore(staging, records.table.num_rows, embed_size) if embed_size else None
+            store = dedup.EmbeddingStore(staging, records.table.num_rows, embedding.dim) if embedding else None
             numbering = {"clean": 0, "protected": 0}
             files: dict[str, str] = {}
             in_flight: deque[PartTask] = deque()  # the tasks whose results are pending, in order
 
             def jobs() -> Iterator[tuple[PartTask, NoiseParams]]:
-                for task in _part_tasks(records, decisions, staging, embed_size):
+                for task in _part_tasks(records, decisions, staging, embedding):
                     in_flight.append(task)
                     yield task, noise
 
@@ -302,7 +304,7 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
             counts, rule_counts, dedup_card = manifest.counts, decisions.rule_counts(), {"enabled": False}
             if dedup_spec.enabled:
                 counts, rule_counts, dedup_card = _deduplicate(staging, records, decisions, store, files, dedup_spec,
-                                                               embed_size, rule_counts)
+                                                               embedding, rule_counts)
             discard(staging)
             card = card_from_dict(_card(loaded, spec, reader, counts, key, rule_counts, files,
                                         sha256_file(staging / "manifest.parquet"), output, dedup_card))
