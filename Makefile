@@ -1,4 +1,5 @@
-# Two set-up commands: `make demo` and `make test`. Both create .venv when it is missing.
+# Two set-up commands: `make demo` and `make test`. Both create .venv when it is missing; the venv gets the
+# optional Ray extra too, so the `--executor ray` paths are tested.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,ray]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -37,6 +37,17 @@ ThreadsOpt = Annotated[
                       "ranks on this host; OMP_NUM_THREADS if set)."),
 ]
 
+ExecutorOpt = Annotated[
+    str,
+    typer.Option("--executor", help="local (this machine's processes) or ray (Ray tasks and actors: pip install 'sfbd_guard[ray]'); the output is the same."),
+]
+
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option("--ray-address", show_default=False,
+                 help="With --executor ray: auto or HOST:PORT (join a running cluster), ray://HOST:PORT (Ray client); default: start a Ray on this machine's CPUs (--workers of them for prepare, if given)."),
+]
+
 LedgerOpt = Annotated[
     Path | None,
     typer.Option("--ledger", help="Ledger directory for the compliance event (default: $GUARD_LEDGER or ./guard-ledger).",
@@ -118,6 +129,8 @@ def prepare(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output once the new one is complete.")] = False,
     noise_key: Annotated[Path | None, typer.Option("--noise-key", help="Secret key file from guard keygen, for byte-identical re-runs; default a fresh key that is never stored.")] = None,
     sign_key: Annotated[Path | None, typer.Option("--sign-key", help="Ed25519 private key (guard signkey create): sign card.json into card.sig for those you hand the directory to.")] = None,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
     ledger: LedgerOpt = None,
 ) -> None:
     """Split a dataset into licensed-clean and noised-protected partitions, as a policy says.
@@ -126,10 +139,12 @@ def prepare(
     """
     from .curation.console import print_summary
     from .curation.service import prepare_recorded
+    from .executor import executor_spec
 
     result = prepare_recorded(policy, data_root=data_root, out=out, workers=workers, strict=strict,
                               overwrite=overwrite, ledger=ledger, command=_invocation(ctx), key_file=noise_key,
-                              progress=terminal_progress, sign_key=sign_key)
+                              progress=terminal_progress, sign_key=sign_key,
+                              executor=executor_spec(executor, ray_address))
     print_summary(result)
 
 
@@ -275,6 +290,8 @@ def audit(
     index_cache: Annotated[Path | None, typer.Option("--index-cache", "--index-cache-dir", help="Turn the reference index cache on, in this owner-only directory. Off by default: for the pixel embedder it holds an exact copy of the protected originals at <= 32 px. (cache.enabled: true in --config uses $GUARD_AUDIT_CACHE or ~/.cache/sfbd_guard/audit-index.)")] = None,
     no_index_cache: Annotated[bool, typer.Option("--no-index-cache", help="Do not read or write the reference index cache, whatever --config or --index-cache say.")] = False,
     no_thumbnails: Annotated[bool, typer.Option("--no-thumbnails", help="Show no protected original in report.html, not even for flagged matches.")] = False,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
     threads: ThreadsOpt = None,
     ledger: LedgerOpt = None,
 ) -> None:
@@ -286,7 +303,9 @@ def audit(
     from .audit.config import resolve_audit_config
     from .audit.results import print_summary
     from .audit.service import audit_recorded
+    from .executor import executor_spec
 
+    chosen = executor_spec(executor, ray_address)
     settings = resolve_audit_config(config, {
         "embedder.kind": embedder, "embedder.clip_model": clip_model,
         "embedder.clip_weights": str(clip_weights.resolve()) if clip_weights else None,
@@ -297,7 +316,7 @@ def audit(
     })
     result = audit_recorded(samples=samples, data=data, report=report, config=settings, config_path=config,
                             ledger=ledger, command=_invocation(ctx), data_root=data_root, holdout_dir=holdout,
-                            progress=terminal_progress)
+                            progress=terminal_progress, executor=chosen)
     print_summary(result.summary, report)
     if result.counts["copy"]:
         raise typer.Exit(3)

@@ -21,6 +21,7 @@ from .contracts.base import load_json
 from .contracts.card import read_card
 from .engine.config import PipelineConfig, load_pipeline
 from .errors import InputError
+from .executor import ExecutorSpec
 from .fileio import atomic_write_json
 from .hashing import sha256_file
 
@@ -34,6 +35,13 @@ class RunSummary:
     stages: dict[str, str] = field(default_factory=dict)  # stage → "done" | "skipped (...)"
     copies: int = 0
     files: dict[str, Path] = field(default_factory=dict)
+
+
+def _executor(config: PipelineConfig) -> ExecutorSpec:
+    """The pipeline's `executor` section as prepare and audit take it (checked: Ray installed, address)."""
+    from .executor import executor_spec
+
+    return executor_spec(config.executor.kind, config.executor.address)
 
 
 def _prepare(config: PipelineConfig, ledger: Path | None, command: list[str], say: Say) -> str:
@@ -53,7 +61,7 @@ def _prepare(config: PipelineConfig, ledger: Path | None, command: list[str], sa
         return "skipped (prepared directory verified)"
     say(f"preparing {data} from {policy}")
     prepare_recorded(policy, data_root=None, out=data, workers=1, strict=False, overwrite=False, ledger=ledger,
-                     command=[*command, "(prepare)"])
+                     command=[*command, "(prepare)"], executor=_executor(config))
     return "done"
 
 
@@ -111,7 +119,7 @@ def _audit(config: PipelineConfig, ledger: Path | None, command: list[str], say:
     config_path = Path(config.audit.config) if config.audit.config else None
     result = audit_recorded(samples=samples, data=Path(config.data), report=report,
                             config=resolve_audit_config(config_path, {}), config_path=config_path, ledger=ledger,
-                            command=[*command, "(audit)"])
+                            command=[*command, "(audit)"], executor=_executor(config))
     copies = int(result.counts.get("copy", 0))
     atomic_write_json(done, {"samples_marker": sha256_file(marker), "copies": copies})
     return "done", copies

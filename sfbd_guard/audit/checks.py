@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..hashing import pixel_sha256
+from ..knn import Shards
 from .config import AuditConfig
 from .embed import Embedder, embed_batched, l2_vectors, mirror
 from .index import InnerProductIndex, Neighbours, l2_neighbours, merge_mirrored
@@ -55,7 +56,7 @@ def relative_l2(found: Neighbours) -> tuple[np.ndarray, np.ndarray]:
     return d1, np.where(mean > 0, d1 / np.where(mean > 0, mean, 1.0), 0.0).astype(np.float32)
 
 
-def _pixel_scores(pixels: np.ndarray, reference_pixels: np.ndarray, config: AuditConfig,
+def _pixel_scores(pixels: np.ndarray, reference_pixels: np.ndarray | Shards, config: AuditConfig,
                   size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     found = l2_neighbours(reference_pixels, l2_vectors(pixels, size), config.l2.k, config.search.batch)
     d1, ratio = relative_l2(found)
@@ -68,7 +69,7 @@ def _pixel_scores(pixels: np.ndarray, reference_pixels: np.ndarray, config: Audi
     return d1, rows, ratio
 
 
-def score(pixels: np.ndarray, *, embedder: Embedder, index: InnerProductIndex, reference_pixels: np.ndarray,
+def score(pixels: np.ndarray, *, embedder: Embedder, index: InnerProductIndex, reference_pixels: np.ndarray | Shards,
           protected_sha256: set[str], config: AuditConfig, l2_size: int) -> Scores:
     """Scores of uint8 (N, C, H, W) images (already at the prepared resolution)."""
     k, batch = config.search.k, config.embedder.batch
@@ -82,7 +83,7 @@ def score(pixels: np.ndarray, *, embedder: Embedder, index: InnerProductIndex, r
     return Scores(found.rows, found.scores, flipped, d1, l2_row, ratio, hashes)
 
 
-def background(index: InnerProductIndex, embeddings: np.ndarray, *, limit: int = 1000, seed: int = 0) -> np.ndarray:
+def background(index: InnerProductIndex, embeddings: np.ndarray | Shards, *, limit: int = 1000, seed: int = 0) -> np.ndarray:
     """Leave-one-out top-1 similarity of (a seeded subset of) protected images to the other protected images.
 
     Somepalli et al.'s train-versus-train background: not a holdout (it is biased upwards by

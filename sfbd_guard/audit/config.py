@@ -42,6 +42,8 @@ class SearchSpec(StrictModel):
     nprobe: int = Field(default=32, ge=1)  # IVF lists visited per query
     batch: int = Field(default=4096, ge=1)  # queries per FAISS call (BLAS is used from 20 queries on)
     threads: int = Field(default=0, ge=0)  # FAISS threads; 0 keeps the library default
+    # references per index shard: the exact search holds one shard at a time (from the index cache, when on)
+    shard_size: int = Field(default=1_000_000, ge=1)
 
 
 class L2Spec(StrictModel):

@@ -9,8 +9,8 @@ resolution, so every embedder compares like with like.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -28,6 +28,18 @@ class Embedder(Protocol):
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """float32 (N, dim) embeddings of uint8 (N, C, H, W) images."""
+
+
+@runtime_checkable
+class ParallelEmbedder(Protocol):
+    """An embedder that spreads batches over several workers (ray_embed.RayEmbedder), with the same batches and
+    so the same vectors as `embed_batched` over `embed` would give."""
+
+    def embed_batched(self, pixels: np.ndarray, batch: int, progress: Progress | None = None) -> np.ndarray:
+        """As the module's `embed_batched`."""
+
+    def embed_chunks(self, chunks: Iterable[np.ndarray], batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """As the module's `embed_chunks`."""
 
 
 def downsample(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -90,6 +102,8 @@ class PixelEmbedder:
 
 def embed_batched(embedder: Embedder, pixels: np.ndarray, batch: int, progress: Progress | None = None) -> np.ndarray:
     """Embed in batches (bounded memory for the CLIP path); `progress(n)` after each batch."""
+    if isinstance(embedder, ParallelEmbedder):
+        return embedder.embed_batched(pixels, batch, progress)
     parts = []
     for start in range(0, len(pixels), batch):
         chunk = pixels[start : start + batch]
@@ -97,3 +111,13 @@ def embed_batched(embedder: Embedder, pixels: np.ndarray, batch: int, progress: 
         if progress:
             progress(len(chunk))
     return np.concatenate(parts) if parts else np.zeros((0, embedder.dim), np.float32)
+
+
+def embed_chunks(embedder: Embedder, chunks: Iterable[np.ndarray], batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(chunk, its embeddings) for each chunk, in order, each chunk embedded in batches of `batch` from its start
+    (a ParallelEmbedder has several chunks in work at once)."""
+    if isinstance(embedder, ParallelEmbedder):
+        yield from embedder.embed_chunks(chunks, batch)
+        return
+    for chunk in chunks:
+        yield chunk, embed_batched(embedder, chunk, batch)

@@ -1,7 +1,9 @@
 """Nearest protected neighbours with FAISS: exact inner product on unit vectors, batched queries.
 
 Up to `search.exact_limit` references the search is exact brute force (`faiss.knn`, the kernel of
-`IndexFlatIP`, without copying the reference vectors into an index). Beyond it an IVF index only
+`IndexFlatIP`, without copying the reference vectors into an index), one reference shard at a time
+(`search.shard_size` references each; knn.py merges the shards' top-k into exactly the single search's,
+ties by reference row). Beyond it an IVF index only
 proposes `search.candidates` ids per query; their similarities are then recomputed exactly from the
 stored vectors, so every reported similarity (and every verdict) is exact for the ids it names. The
 pixel-space distances of the relative L2 score are exact too (`faiss.knn` with the L2 metric).
@@ -15,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..knn import Shards, knn
 from .config import SearchSpec
 
 IVF_MIN_POINTS_PER_LIST = 39  # FAISS warns below this many training points per list
@@ -37,14 +40,15 @@ def _faiss() -> Any:
 class InnerProductIndex:
     """Exact (or IVF-proposed, exactly re-ranked) inner-product search over fixed reference vectors."""
 
-    def __init__(self, vectors: np.ndarray, spec: SearchSpec, ivf: Any | None = None) -> None:
+    def __init__(self, vectors: np.ndarray | Shards, spec: SearchSpec, ivf: Any | None = None) -> None:
         faiss = _faiss()
         if spec.threads:
             faiss.omp_set_num_threads(spec.threads)
-        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.shards = vectors if isinstance(vectors, Shards) else Shards.of_array(vectors, spec.shard_size)
         self.spec = spec
-        self.approximate = len(self.vectors) > spec.exact_limit
-        if self.approximate:
+        self.approximate = len(self.shards) > spec.exact_limit
+        if self.approximate:  # the IVF candidates are re-ranked from every vector: all of them in memory
+            self.vectors = self.shards.load_all()
             self.index = ivf if ivf is not None else build_ivf(self.vectors)
             self.index.nprobe = spec.nprobe
         else:
@@ -55,17 +59,18 @@ class InnerProductIndex:
         if self.approximate:
             return (f"IVF{self.index.nlist},Flat candidates ({self.spec.candidates}, nprobe {self.spec.nprobe}) "
                     "+ exact re-rank")
-        return "flat inner product (exact, faiss.knn)"
+        count = len(self.shards.counts)
+        return "flat inner product (exact, faiss.knn)" + (f" in {count} shards" if count > 1 else "")
 
     def search(self, queries: np.ndarray, k: int) -> Neighbours:
-        k = min(k, len(self.vectors))
+        k = min(k, len(self.shards))
+        if not self.approximate:
+            found, sims = knn(queries, self.shards, k, metric="ip", batch=self.spec.batch)
+            return Neighbours(found, sims)
         rows, scores = [], []
         for start in range(0, len(queries), self.spec.batch):
             batch = np.ascontiguousarray(queries[start : start + self.spec.batch], dtype=np.float32)
-            if self.approximate:
-                found, sims = self._rerank(batch, k)
-            else:
-                sims, found = _faiss().knn(batch, self.vectors, k, metric=_faiss().METRIC_INNER_PRODUCT)
+            found, sims = self._rerank(batch, k)
             rows.append(found)
             scores.append(sims)
         if not rows:
@@ -97,19 +102,11 @@ def build_ivf(vectors: np.ndarray, seed: int = 0) -> Any:
     return index
 
 
-def l2_neighbours(references: np.ndarray, queries: np.ndarray, k: int, batch: int) -> Neighbours:
-    """Exact k nearest references by RMS pixel distance sqrt(mean((a - b)^2)), ascending."""
-    faiss = _faiss()
-    references = np.ascontiguousarray(references, dtype=np.float32)
-    k = min(k, len(references))
-    rows, dists = [], []
-    for start in range(0, len(queries), batch):
-        squared, found = faiss.knn(queries[start : start + batch], references, k, metric=faiss.METRIC_L2)
-        rows.append(found)
-        dists.append(np.sqrt(np.maximum(squared, 0) / references.shape[1]))  # FAISS returns squared L2
-    if not rows:
-        return Neighbours(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32))
-    return Neighbours(np.concatenate(rows).astype(np.int64), np.concatenate(dists).astype(np.float32))
+def l2_neighbours(references: np.ndarray | Shards, queries: np.ndarray, k: int, batch: int) -> Neighbours:
+    """Exact k nearest references by RMS pixel distance sqrt(mean((a - b)^2)), ascending (shard by shard)."""
+    shards = references if isinstance(references, Shards) else Shards.of_array(references)
+    found, squared = knn(queries, shards, k, metric="l2", batch=batch)  # FAISS gives squared L2
+    return Neighbours(found, np.sqrt(np.maximum(squared, 0) / max(1, shards.dim)).astype(np.float32))
 
 
 def merge_mirrored(plain: Neighbours, mirrored: Neighbours, k: int) -> tuple[Neighbours, np.ndarray]:

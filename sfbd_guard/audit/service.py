@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import numpy as np
 from ..contracts.audit_summary import AuditSummary, write_audit_summary
 from ..contracts.base import dump, validate
 from ..errors import GuardError
+from ..executor import LOCAL, ExecutorSpec
 from ..fileio import private_dir
 from ..hashing import fingerprint, sha256_file
 from ..ledger import Artifact, ledger_dir, recorded
@@ -39,6 +42,7 @@ from .originals import (
     load_protected,
     read_prepared,
 )
+from .ray_embed import embedder_session
 from .reference import Reference, build, l2_size
 from .results import samples_table, write_parquet
 from .summary import build_summary
@@ -57,13 +61,19 @@ class AuditResult:
         return dict(self.summary.counts)
 
 
-def make_embedder(config: AuditConfig, info: PreparedInfo) -> Embedder:
+def embedder_factory(config: AuditConfig, info: PreparedInfo) -> Callable[[], Embedder]:
+    """What builds the audit's embedder: picklable, so Ray actors can build their own (ray_embed.py)."""
     if config.embedder_kind == "clip":
-        from .clip import ClipEmbedder
+        from .clip import ClipEmbedder, check_weights
 
-        return ClipEmbedder(weights=config.embedder.clip_weights, model=config.embedder.clip_model,
-                            quick_gelu=config.embedder.quick_gelu)
-    return PixelEmbedder(size=min(config.embedder.pixel_size, info.resolution), channels=info.channels)
+        check_weights(config.embedder.clip_weights)  # missing weights: exit 2 here, before any actor starts
+        return partial(ClipEmbedder, weights=config.embedder.clip_weights, model=config.embedder.clip_model,
+                       quick_gelu=config.embedder.quick_gelu)
+    return partial(PixelEmbedder, size=min(config.embedder.pixel_size, info.resolution), channels=info.channels)
+
+
+def make_embedder(config: AuditConfig, info: PreparedInfo) -> Embedder:
+    return embedder_factory(config, info)()
 
 
 def find_holdout(info: PreparedInfo, config: AuditConfig, data_root: Path | None,
@@ -150,9 +160,8 @@ def _write(report: Path, table: Any, summary: AuditSummary, page: str, figure: A
 
 
 def _context(info: PreparedInfo, config: AuditConfig, data_root: Path | None,
-             progress: ProgressFactory | None) -> _Context:
-    """The embedder, the reference set (built from verified originals, or cached) and its index."""
-    embedder = make_embedder(config, info)
+             progress: ProgressFactory | None, embedder: Embedder) -> _Context:
+    """The reference set (built from verified originals, or cached) and its index."""
     label = f"protected originals ({embedder.kind})"
     reference = build(info, embedder, config, data_root, (lambda total: progress(label, total)) if progress else None)
     index = InnerProductIndex(reference.embeddings, config.search, reference.ivf(config.search.exact_limit))
@@ -187,24 +196,27 @@ def _report(ctx: _Context, samples: Path, report: Path, loaded: LoadedImages, sc
 
 
 def run_audit(*, samples: Path, data: Path, report: Path, config: AuditConfig, data_root: Path | None = None,
-              holdout_dir: Path | None = None, progress: ProgressFactory | None = None) -> AuditResult:
+              holdout_dir: Path | None = None, progress: ProgressFactory | None = None,
+              executor: ExecutorSpec = LOCAL) -> AuditResult:
     """Score every image under `samples` against the protected originals of `data`; write the report.
 
     Bad input (no images, not a prepared directory, missing weights, changed originals) raises an
     InputError or VerificationError (exit 2 in the CLI); `result.counts["copy"]` decides exit 0 or 3.
+    `executor` ray: the embeddings are computed by Ray actors (ray_embed.py), with the same results.
     """
     started = time.perf_counter()
     info = read_prepared(data)
     loaded = load_folder(samples, info.resolution, info.channels)
     clock = {"read_samples": time.perf_counter() - started}
-    ctx = _context(info, config, data_root, progress)
-    clock["reference"] = ctx.reference.seconds
-    mark = time.perf_counter()
-    scores = ctx.score(loaded.pixels)
-    clock["score_samples"] = time.perf_counter() - mark
-    mark = time.perf_counter()
-    calibration, holdout_s1 = _calibrate(ctx, data_root, holdout_dir)
-    clock["calibration"] = time.perf_counter() - mark
+    with embedder_session(embedder_factory(config, info), executor) as embedder:
+        ctx = _context(info, config, data_root, progress, embedder)
+        clock["reference"] = ctx.reference.seconds
+        mark = time.perf_counter()
+        scores = ctx.score(loaded.pixels)
+        clock["score_samples"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        calibration, holdout_s1 = _calibrate(ctx, data_root, holdout_dir)
+        clock["calibration"] = time.perf_counter() - mark
     return _report(ctx, samples, report, loaded, scores, calibration, holdout_s1, data_root, clock)
 
 
@@ -217,14 +229,15 @@ def _file_sha256(path: Path) -> str | None:
 
 def audit_recorded(*, samples: Path, data: Path, report: Path, config: AuditConfig, config_path: Path | None,
                    ledger: Path | None, command: list[str], data_root: Path | None = None,
-                   holdout_dir: Path | None = None, progress: ProgressFactory | None = None) -> AuditResult:
+                   holdout_dir: Path | None = None, progress: ProgressFactory | None = None,
+                   executor: ExecutorSpec = LOCAL) -> AuditResult:
     """`run_audit` plus an `audit` ledger event (ok or failed): inputs, report files with sha256, summary."""
     with recorded(ledger_dir(ledger), "audit", command) as event:
         event.inputs.append(Artifact("samples", str(samples.resolve()), None))
         if config_path is not None:
             event.inputs.append(Artifact("audit_config", str(config_path.resolve()), sha256_file(config_path)))
         result = run_audit(samples=samples, data=data, report=report, config=config, data_root=data_root,
-                           holdout_dir=holdout_dir, progress=progress)
+                           holdout_dir=holdout_dir, progress=progress, executor=executor)
         summary = result.summary
         event.inputs[0] = Artifact("samples", summary.samples, summary.samples_fingerprint)
         event.inputs.append(Artifact("prepared", summary.prepared.path, summary.prepared.fingerprint))

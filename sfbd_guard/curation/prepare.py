@@ -20,11 +20,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from multiprocessing.pool import Pool
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +34,7 @@ from .. import __version__
 from ..contracts.card import Card, card_from_dict, card_path, write_card
 from ..datasets import DatasetReader, Part, SourceSpec, open_reader
 from ..errors import DataError
+from ..executor import LOCAL, ExecutorSpec
 from ..hashing import fingerprint, new_sha256, sha256_file
 from ..policy import DedupSpec as DedupPolicy
 from ..policy import LoadedPolicy
@@ -88,6 +89,46 @@ def worker_pool(spec: SourceSpec, workers: int) -> Iterator[Pool | None]:
         return
     with multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(spec,)) as pool:
         yield pool
+
+
+class PartRunner(Protocol):
+    """Runs the part work of a prepare, in part order, with a bounded number of parts in flight."""
+
+    def metadata(self, parts: Iterable[Part]) -> Iterator[pa.Table]:
+        """`reader.part_metadata(part)` for each part, in order."""
+
+    def decode(self, jobs: Iterable[tuple[PartTask, NoiseParams]]) -> Iterator[PartResult]:
+        """`process_part` for each job, in order (the work writes the part's shards itself)."""
+
+
+@dataclass
+class LocalParts:
+    """The part work in this machine's process pool (or in this process, without a pool)."""
+
+    pool: Pool | None
+    reader: DatasetReader
+    window: int
+
+    def metadata(self, parts: Iterable[Part]) -> Iterator[pa.Table]:
+        return ordered_map(self.pool, worker_part_metadata, self.reader.part_metadata, parts, self.window)
+
+    def decode(self, jobs: Iterable[tuple[PartTask, NoiseParams]]) -> Iterator[PartResult]:
+        return ordered_map(self.pool, worker_part, lambda job: process_part(self.reader, *job), jobs, self.window)
+
+
+@contextmanager
+def part_runner(spec: SourceSpec, reader: DatasetReader, workers: int, executor: ExecutorSpec) -> Iterator[PartRunner]:
+    """The local pool of `workers` processes, or Ray tasks (ray_parts.py) with as many in flight per cluster CPU."""
+    if not executor.is_ray:
+        with worker_pool(spec, workers) as pool:
+            yield LocalParts(pool, reader, max(1, workers) * IN_FLIGHT_PER_WORKER)
+        return
+    from ..executor import cluster_cpus, ray_session
+    from .ray_parts import IN_FLIGHT_PER_CPU, RayParts
+
+    local_cpus = executor.cpus or (workers if workers > 1 else None)
+    with ray_session(replace(executor, cpus=local_cpus)) as ray:
+        yield RayParts(ray, spec, cluster_cpus(ray) * IN_FLIGHT_PER_CPU)
 
 
 def ordered_map(pool: Pool | None, work: Callable[[Any], Any], local: Callable[[Any], Any],
@@ -242,12 +283,13 @@ def noise_key(loaded: LoadedPolicy, key_file: Path | None, output: Path) -> Nois
 
 def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | None = None, workers: int = 1,
             strict: bool = False, overwrite: bool = False, key_file: Path | None = None,
-            progress: ProgressFactory | None = None) -> PrepareResult:
+            progress: ProgressFactory | None = None, executor: ExecutorSpec = LOCAL) -> PrepareResult:
     """Apply `loaded` to its dataset and write the prepared directory atomically.
 
     The noise is keyed by `key_file` (or the policy's noise.key_file); without one, by a fresh secret
     that is forgotten when this returns. `progress(label, total)` may return a callback that is told how many
-    records were just processed.
+    records were just processed. `executor` runs the part work in this machine's pool of `workers` processes or
+    as Ray tasks (ray_parts.py): the output is the same, byte for byte.
     """
     started = time.perf_counter()
     spec = source_spec(loaded, data_root)
@@ -257,17 +299,12 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
     embedding = dedup.embedding_for(dedup_spec, spec.resolution, loaded.base_dir) if dedup_spec.enabled else None
     reader = open_reader(spec)
     claim = claim_output(output, overwrite=overwrite, dataset_root=spec.root, policy_dir=loaded.base_dir)
-    window = max(1, workers) * IN_FLIGHT_PER_WORKER
-    with claim, worker_pool(spec, workers) as pool:
+    with claim, part_runner(spec, reader, workers, executor) as runner:
         staging = start_output(output, overwrite=overwrite)
         try:
             for partition in ("clean", "protected"):
                 (staging / partition).mkdir(mode=0o700)
-
-            def read_parts(parts: list[Part]) -> Iterator[pa.Table]:
-                return ordered_map(pool, worker_part_metadata, reader.part_metadata, parts, window)
-
-            records = collect(reader, staging, read_parts, progress)
+            records = collect(reader, staging, runner.metadata, progress)
             decisions = decide(records.table, list(loaded.policy.rules), base_dir=loaded.base_dir, source=str(loaded.path),
                                format_name=spec.format)
             noise = NoiseParams(sigma=loaded.policy.noise.sigma, key=key)
@@ -284,8 +321,7 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
                     in_flight.append(task)
                     yield task, noise
 
-            results = ordered_map(pool, worker_part, lambda job: process_part(reader, *job), jobs(), window)
-            for result in results:
+            for result in runner.decode(jobs()):
                 task = in_flight.popleft()
                 assert task.part.index == result.index
                 start, stop = records.rows(result.index)

@@ -93,6 +93,11 @@ class AuditStageSpec(StrictModel):
     config: str | None = None  # guard run: audit settings YAML, relative to the pipeline file (default: built-in)
 
 
+class ExecutorStageSpec(StrictModel):
+    kind: Literal["local", "ray"] = "local"  # guard run's prepare and audit: this machine's processes, or Ray
+    address: str | None = None  # with ray: auto | HOST:PORT | ray://HOST:PORT; none: start a Ray on this machine
+
+
 class PipelineConfig(StrictModel):
     version: Literal[1]
     name: str = Field(min_length=1)
@@ -119,6 +124,7 @@ class PipelineConfig(StrictModel):
     out: str | None = None  # run directory, relative to the pipeline file; default ./runs/<name>
     sample: SampleStageSpec = SampleStageSpec()  # what guard run samples after training
     audit: AuditStageSpec = AuditStageSpec()  # how guard run audits the samples
+    executor: ExecutorStageSpec = ExecutorStageSpec()  # where guard run prepares and audits (docs/scale-out.md)
 
     @model_validator(mode="after")
     def _checks(self) -> PipelineConfig:
