@@ -116,6 +116,11 @@ class _Blocks:
             writer.discard()
 
 
+def embeddings_name(part: int) -> str:
+    """The staging file of a part's dedup embeddings."""
+    return f".dedup-{part:06d}.npy.tmp"
+
+
 class _Embeddings:
     """The part's dedup embeddings, computed a block at a time, written to one staging file at the end."""
 
@@ -124,7 +129,7 @@ class _Embeddings:
         self.embedding = task.embedding
         self.vectors = np.zeros((count, self.embedding.dim) if self.embedding else (0, 0), np.float32)
         self.pending: list[tuple[int, np.ndarray]] = []
-        self.name = f".dedup-{task.part.index:06d}.npy.tmp"
+        self.name = embeddings_name(task.part.index)
         self.embed: Callable[[np.ndarray], np.ndarray] | None = None  # made at the first block (a clip model loads)
 
     def add(self, row: int, pixels: np.ndarray) -> None:

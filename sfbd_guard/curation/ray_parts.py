@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 
 from ..datasets import DatasetReader, Part, SourceSpec, open_reader
-from .decode import NoiseParams, PartResult, PartTask, process_part
+from .decode import NoiseParams, PartResult, PartTask, embeddings_name, process_part
 
 MAX_RETRIES = 3  # Ray re-runs a task this many times when its worker process dies
 IN_FLIGHT_PER_CPU = 2  # tasks submitted and not yet collected, per cluster CPU (the local pool's window)
@@ -50,7 +50,7 @@ def clear_leftovers(task: PartTask) -> None:
             for path in folder.iterdir():
                 if path.name.startswith(prefix):
                     path.unlink(missing_ok=True)
-    (task.staging / f".dedup-{task.part.index:06d}.npy.tmp").unlink(missing_ok=True)
+    (task.staging / embeddings_name(task.part.index)).unlink(missing_ok=True)
 
 
 def decode_part(spec: SourceSpec, task: PartTask, noise: NoiseParams) -> PartResult:
