@@ -309,13 +309,17 @@ def report(
     sql: Annotated[str | None, typer.Option("--sql", help="Any query over the views events, prepares, trainings, samplings, audits.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table, csv, json or parquet (parquet needs --output).")] = "table",
     output: Annotated[Path | None, typer.Option("--output", help="Write the result to this file instead of printing it.")] = None,
-    html: Annotated[Path | None, typer.Option("--html", help="Also write a one-page HTML report (tables, latest grid and audit histogram).")] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Write the compliance report: a verdict per run chain, guard verify's checks, events, charts (one HTML file).")] = None,
     datasheet: Annotated[Path | None, typer.Option("--datasheet", help="Write the training-data summary of --run as Markdown to this file.")] = None,
-    run: Annotated[Path | None, typer.Option("--run", help="The run a --datasheet describes.")] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="The --run's prepared directory, when run.json's path to it does not resolve.")] = None,
+    model_card: Annotated[Path | None, typer.Option("--model-card", help="Write a Hugging Face model card (README.md) of --run into this folder.")] = None,
+    dataset_card: Annotated[Path | None, typer.Option("--dataset-card", help="Write a Hugging Face dataset card (README.md) of the prepared directory (--data, or --run's) into this folder.")] = None,
+    run: Annotated[Path | None, typer.Option("--run", help="The run that --datasheet and --model-card describe.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="The prepared directory: --run's when run.json's path to it does not resolve, or the one --dataset-card describes.")] = None,
     ledger: LedgerOpt = None,
 ) -> None:
-    """Read the compliance ledger: datasets prepared, training runs, audits; any SQL; HTML; datasheets.
+    """Read the compliance ledger: datasets prepared, training runs, audits; any SQL; HTML; datasheets; cards.
+
+    The options combine: guard report --html report.html --datasheet DATASHEET.md --model-card card --run runs/digits
 
     Example: guard report --sql "SELECT method, epsilon FROM trainings" --format csv
     """
@@ -323,21 +327,29 @@ def report(
     from .ledger import ledger_dir
 
     where = ledger_dir(ledger)
-    if datasheet is not None or run is not None:
-        if datasheet is None or run is None:
-            raise InputError("--datasheet FILE and --run DIR go together")
+    if (datasheet is not None or model_card is not None) and run is None:
+        raise InputError("--datasheet and --model-card describe a run: add --run DIR")
+    if dataset_card is not None and run is None and data is None:
+        raise InputError("--dataset-card describes a prepared directory: add --data DIR (or --run DIR)")
+    documents = datasheet is not None or model_card is not None or dataset_card is not None
+    if not documents or sql is not None or output is not None or fmt != "table":
+        emit(report_tables(where, sql), fmt, output)
+    if html is not None:
+        from .compliance.html import write_html
+
+        typer.echo(f"html report: {write_html(html, where, report_tables(where, None))}")
+    if datasheet is not None and run is not None:
         from .compliance.datasheet import write_datasheet
 
         typer.echo(f"datasheet: {write_datasheet(datasheet, run, where, data)}")
-        return
-    tables = report_tables(where, sql)
-    emit(tables, fmt, output)
-    if html is not None:
-        from .compliance.html import latest_pictures, write_html
-        from .compliance.views import connect
+    if model_card is not None and run is not None:
+        from .compliance.cards import write_model_card
 
-        grid, histogram = latest_pictures(connect(where))
-        typer.echo(f"html report: {write_html(html, report_tables(where, None), grid, histogram)}")
+        typer.echo(f"model card: {write_model_card(model_card, run, where, data)}")
+    if dataset_card is not None:
+        from .compliance.cards import write_dataset_card
+
+        typer.echo(f"dataset card: {write_dataset_card(dataset_card, where, run=run, data=data)}")
 
 
 @app.command()
