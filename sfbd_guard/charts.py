@@ -115,9 +115,11 @@ def line_chart(series: dict[str, list[tuple[float, float]]], *, xlabel: str, yla
 
 def bar_chart(values: dict[str, int], *, title: str, colours: dict[str, str] | None = None, unit: str = "records",
               width: int = 640) -> str:
-    """Horizontal bars, one per category, each labelled with its count."""
-    row, left = 26, 110
-    frame = Frame(width=width, height=row * max(1, len(values)) + 40, left=left, top=10, bottom=30)
+    """Horizontal bars, one per category, each labelled with its count (room kept for the longest label and count)."""
+    row = 26
+    left = 12 + int(6.5 * max((len(name) for name in values), default=4))
+    room = 12 + 7 * max((len(str(v)) for v in values.values()), default=1)
+    frame = Frame(width=width, height=row * max(1, len(values)) + 40, left=left, right=room, top=10, bottom=30)
     peak = max(values.values(), default=0) or 1
     ticks = nice_ticks(0, peak, 5)
     top_value = max(peak, ticks[-1])
@@ -141,48 +143,56 @@ def bar_chart(values: dict[str, int], *, title: str, colours: dict[str, str] | N
 
 def histogram(series: dict[str, Sequence[float]], marks: dict[str, float], *, xlabel: str, title: str,
               bins: int = 40, low: float | None = None, high: float = 1.0, colours: dict[str, str] | None = None) -> str:
-    """Overlaid histograms (share of each series per bin, so series of different sizes compare), with dashed
-    vertical lines at `marks`, labelled in the legend row rather than on the bars."""
+    """Overlaid histograms of raw values (see `histogram_counts`)."""
     import numpy as np
 
-    frame = Frame(height=280, top=40)
     arrays = {name: np.asarray(v, dtype=np.float64) for name, v in series.items()}
-    finite = [a[np.isfinite(a)] for a in arrays.values()]
-    values = np.concatenate([a for a in finite if len(a)] or [np.zeros(1)])
+    finite = {name: a[np.isfinite(a)] for name, a in arrays.items()}
+    values = np.concatenate([a for a in finite.values() if len(a)] or [np.zeros(1)])
     start = float(min(values.min(), *marks.values())) if low is None else low
-    start = min(start, high - 1e-6)
-    edges = np.linspace(start, high, bins + 1)
-    shares = {name: np.histogram(np.clip(a, start, high), edges)[0] / max(len(a), 1)
-              for name, a in zip(arrays, finite, strict=True)}
-    peak = max((float(s.max()) for s in shares.values() if len(s)), default=0.0) or 1.0
+    edges = np.linspace(min(start, high - 1e-6), high, bins + 1)
+    counts = {name: np.histogram(np.clip(a, edges[0], high), edges)[0].tolist() for name, a in finite.items()}
+    return histogram_counts(edges.tolist(), counts, marks, xlabel=xlabel, title=title, colours=colours)
+
+
+def histogram_counts(edges: Sequence[float], counts: dict[str, Sequence[int]], marks: dict[str, float], *, xlabel: str,
+                     title: str, colours: dict[str, str] | None = None) -> str:
+    """Overlaid histograms of binned counts (drawn as the share of each series per bin, so series of different
+    sizes compare), with dashed vertical lines at `marks`, named in the legend row rather than on the bars."""
+    frame = Frame(width=720, height=280, top=40)
+    start, high = float(edges[0]), float(edges[-1])
+    sizes = {name: sum(int(c) for c in values) for name, values in counts.items()}
+    shares = {name: [int(c) / max(sizes[name], 1) for c in values] for name, values in counts.items()}
+    peak = max((max(s) for s in shares.values() if len(s)), default=0.0) or 1.0
     ticks = nice_ticks(0, peak)
     peak = max(peak, ticks[-1])
     body = _axes(frame, (start, high), (0.0, peak), xlabel, "share of images")
-    names = list(arrays)
+    names = list(counts)
     palette = [(colours or {}).get(n, PALETTE[i % len(PALETTE)]) for i, n in enumerate(names)]
-    scale = frame.plot_w / (high - start)
+    scale = frame.plot_w / ((high - start) or 1.0)
     y0 = frame.top + frame.plot_h
     for (name, share), colour in zip(shares.items(), palette, strict=True):
         for i, value in enumerate(share):
             if value <= 0:
                 continue
             x = frame.left + (edges[i] - start) * scale
+            w = max(1.0, (edges[i + 1] - edges[i]) * scale - 0.5)
             h = value / peak * frame.plot_h
-            body.append(f'<rect x="{x:.1f}" y="{y0 - h:.1f}" width="{max(1.0, (edges[1] - edges[0]) * scale - 0.5):.1f}" '
-                        f'height="{h:.1f}" fill="{colour}" fill-opacity="0.45" stroke="{colour}" stroke-width="0.5">'
+            body.append(f'<rect x="{x:.1f}" y="{y0 - h:.1f}" width="{w:.1f}" height="{h:.1f}" fill="{colour}" '
+                        f'fill-opacity="0.45" stroke="{colour}" stroke-width="0.5">'
                         f"<title>{escape(name)}: {value:.1%} in [{edges[i]:.4f}, {edges[i + 1]:.4f})</title></rect>")
     dashes = ("6 3", "2 2", "8 2 2 2", "1 3")
-    mark_names = []
+    labels = [f"{n} (n={sizes[n]})" for n in names]
+    legend = _legend(frame, labels, palette)
+    x = frame.left + sum(28 + 6.5 * len(label) for label in labels)
     for j, (label, value) in enumerate(marks.items()):
-        x = frame.left + (value - start) * scale
-        body.append(f'<line x1="{x:.1f}" y1="{frame.top}" x2="{x:.1f}" y2="{y0}" stroke="#000" stroke-width="1.2" '
-                    f'stroke-dasharray="{dashes[j % len(dashes)]}"><title>{escape(label)} = {value:.4f}</title></line>')
-        mark_names.append((label, value, dashes[j % len(dashes)]))
-    legend = _legend(frame, [f"{n} (n={len(arrays[n])})" for n in names], palette)
-    x = frame.left + sum(28 + 6.5 * len(f"{n} (n={len(arrays[n])})") for n in names)
-    for label, value, dash in mark_names:
-        text = f"{label} {value:.4f}"
-        legend.append(f'<line x1="{x:.1f}" y1="14" x2="{x + 18:.1f}" y2="14" stroke="#000" stroke-dasharray="{dash}"/>')
+        dash = dashes[j % len(dashes)]
+        where = frame.left + (value - start) * scale
+        body.append(f'<line x1="{where:.1f}" y1="{frame.top}" x2="{where:.1f}" y2="{y0}" stroke="#000" stroke-width="1.2" '
+                    f'stroke-dasharray="{dash}"><title>{escape(label)} = {value:.4f}</title></line>')
+        text = f"{label} threshold {value:.4f}"
+        legend.append(f'<line x1="{x:.1f}" y1="14" x2="{x + 18:.1f}" y2="14" stroke="#000" stroke-width="1.2" '
+                      f'stroke-dasharray="{dash}"/>')
         legend.append(f'<text x="{x + 22:.1f}" y="18">{escape(text)}</text>')
-        x += 34 + 6.5 * len(text)
+        x += 34 + 6.2 * len(text)
     return _svg(frame, body + legend, title)

@@ -67,7 +67,7 @@ class Chain:
             return {}
         counts = {k: self.card.counts.get(k, 0) for k in ("clean", "protected", "excluded", "error")}
         demoted = int((self.card.dedup or {}).get("demoted", 0) or 0)
-        return {**counts, "of which demoted copies": demoted} if demoted else counts
+        return {**counts, "demoted copies": demoted} if demoted else counts  # a part of excluded
 
     def epsilon(self) -> tuple[float, float | None] | None:
         for event in reversed(self.ok("train")):

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .. import __version__
+from ..audit.html import similarity_chart
 from ..charts import bar_chart, line_chart
 from ..contracts.events import Event
 from ..fileio import atomic_write_bytes
@@ -26,7 +27,7 @@ from ..templating import markup, render
 from .chains import Chain, gather, message
 
 PARTITION_COLOURS = {"clean": "#2ca02c", "protected": "#1f77b4", "excluded": "#7f7f7f", "error": "#d62728",
-                     "of which demoted copies": "#ff7f0e"}
+                     "demoted copies": "#ff7f0e"}
 MAX_POINTS = 300  # per phase in the loss chart (means over equal runs of steps)
 
 
@@ -104,7 +105,8 @@ def _chain_view(chain: Chain, project: Path, page_dir: Path) -> dict[str, Any]:
         "grid": _png(_grid(chain.run_dir)),
         "audit": audit,
         "audit_page": link(chain.audit_dir / "report.html", page_dir, "audit page") if chain.audit_dir else None,
-        "histogram": _png(chain.audit_dir / "similarity.png") if chain.audit_dir else None,
+        "histogram": similarity_chart(audit) if audit else None,
+        "histogram_png": _png(chain.audit_dir / "similarity.png") if chain.audit_dir else None,
     }
 
 
