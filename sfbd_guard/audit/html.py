@@ -64,11 +64,14 @@ def histogram(series: dict[str, np.ndarray], marks: dict[str, float], *, width: 
     scale_x = (right - left) / (1.0 - low)
     counts = {name: np.histogram(np.clip(v, low, 1.0), edges)[0] / max(len(v), 1) for name, v in series.items()}
     peak = max((float(c.max()) for c in counts.values() if len(c)), default=1.0) or 1.0
-    for i in range(5):  # y axis: share of images
-        share = peak * i / 4
-        y = bottom - (bottom - top) * i / 4
-        draw.line((left - 4, y, right, y), fill=(225, 225, 225) if i else (0, 0, 0))
-        draw.text((4, y - 6), f"{share:.0%}" if peak >= 0.1 else f"{share:.1%}", fill=(0, 0, 0))
+    from ..charts import nice_ticks
+
+    ticks = nice_ticks(0.0, peak, 4)
+    peak = max(peak, ticks[-1])
+    for tick in ticks:  # y axis: share of images
+        y = bottom - (bottom - top) * tick / peak
+        draw.line((left - 4, y, right, y), fill=(225, 225, 225) if tick else (0, 0, 0))
+        draw.text((4, y - 6), f"{tick:.0%}" if peak >= 0.1 else f"{tick:.1%}", fill=(0, 0, 0))
     for name, count in counts.items():
         for i, share in enumerate(count):
             x0, x1 = left + (edges[i] - low) * scale_x, left + (edges[i + 1] - low) * scale_x
