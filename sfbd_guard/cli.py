@@ -350,7 +350,9 @@ def report(
         raise InputError("--dataset-card describes a prepared directory: add --data DIR (or --run DIR)")
     documents = datasheet is not None or model_card is not None or dataset_card is not None
     if not documents or sql is not None or output is not None or fmt != "table":
-        emit(report_tables(where, sql), fmt, output)
+        from .locations import project_of
+
+        emit(report_tables(where, sql), fmt, output, project_of(where))
     if html is not None:
         from .compliance.html import write_html
 

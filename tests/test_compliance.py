@@ -40,7 +40,7 @@ def test_report_views_formats_html_and_datasheet(chain: tuple[Path, Path], tmp_p
     folder, ledger = chain
     assert _guard("report", "--ledger", ledger) == 0
     out = capsys.readouterr().out
-    assert "datasets prepared (1)" in out and "training runs (2)" in out and "audits (1)" in out  # run twice above
+    assert "datasets prepared (1)" in out and "training runs (2," in out and "audits (1)" in out  # run twice above
     assert _guard("report", "--ledger", ledger, "--sql", "SELECT policy, clean, protected, excluded FROM prepares", "--format", "json") == 0
     (row,) = json.loads(capsys.readouterr().out)
     card = json.loads((folder / "prepared" / "card.json").read_text())
@@ -51,7 +51,7 @@ def test_report_views_formats_html_and_datasheet(chain: tuple[Path, Path], tmp_p
     assert pq.read_table(tmp_path / "a.parquet").num_rows == 1
     assert _guard("report", "--ledger", ledger, "--html", tmp_path / "r.html") == 0
     page = (tmp_path / "r.html").read_text()
-    assert page.count("data:image/png;base64,") == 2 and "digits-chain" in page
+    assert page.count("data:image/png;base64,") == 1 and page.count("<svg") == 3 and "digits-chain" in page  # grid; charts
     assert _guard("report", "--ledger", ledger, "--datasheet", tmp_path / "d.md", "--run", folder / "runs" / "chain") == 0
     sheet = (tmp_path / "d.md").read_text()
     assert "digits-chain" in sheet and f"{card['counts']['protected']} protected images" in sheet and "opt-out" in sheet
@@ -208,3 +208,19 @@ def test_model_and_dataset_cards_parse_with_huggingface_hub_and_carry_the_metada
     sheet = (tmp_path / "d.md").read_text()
     assert "None" not in sheet and "{" not in sheet.split("## 3.")[0]  # no raw JSON, no None
     assert "Opt-out rules: `opt-out` (3)" in sheet and "### Records held out (not opt-outs)" in sheet
+
+
+def test_report_tables_fit_a_100_column_terminal(chain, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    folder, ledger = chain
+    monkeypatch.setenv("COLUMNS", "100")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    capsys.readouterr()
+    assert _guard("report", "--ledger", ledger) == 0
+    import re
+
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)  # as a terminal shows it (no colour codes)
+    assert max(len(line) for line in out.splitlines()) <= 100, out
+    assert "runs/chain" in out and str(folder) not in out  # paths relative to the project
+    assert "empty column(s) hidden" in out  # the DP columns of runs without DP

@@ -49,7 +49,8 @@ def test_train_writes_run_directory(tmp_path: Path, digits8: Path) -> None:
     from sfbd_guard.engine.trainer import SNAPSHOT_STEPS
 
     grids = {label: n for label, n in shown.items() if label.startswith("snapshot grid-step-")}
-    assert list(grids.values()) == [SNAPSHOT_STEPS], "a progress line while the final grid is drawn, one tick per step"
+    grid = _config(tmp_path, digits8).grid_size
+    assert list(grids.values()) == [SNAPSHOT_STEPS * grid], "a progress line while the final grid is drawn, ticked per step"
     run = outcome.run_dir
     assert outcome.step == 8 and (run / "config.resolved.yaml").is_file()
     names = sorted(p.name for p in outcome.checkpoint.iterdir())
