@@ -33,9 +33,9 @@ def shoot(page: Path, png: Path, *, width: int = 1280, height: int = 2000) -> Pa
     if browser is None:
         raise SystemExit("chromium not found: apt-get install chromium")
     raw = png.with_suffix(".raw.png")
-    subprocess.run([browser,  # noqa: S603 (the browser found on PATH, a page this script wrote) "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--window-size={width},{height}", f"--screenshot={raw}", page.resolve().as_uri()],
-                   check=True, capture_output=True, timeout=120)
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+               f"--window-size={width},{height}", f"--screenshot={raw}", page.resolve().as_uri()]
+    subprocess.run(command, check=True, capture_output=True, timeout=120)  # noqa: S603 (chromium on PATH, a page we wrote)
     from PIL import Image
 
     image = Image.open(raw).convert("RGB")

@@ -32,9 +32,14 @@ def markup(text: str) -> Any:
 
 
 def _number(value: Any, digits: int = 4) -> str:
-    """A number for a reader: integers as they are, floats with `digits` significant digits, None as a dash."""
+    """A value for a reader: integers as they are, floats with `digits` significant digits, times to the second,
+    None as a dash."""
+    from datetime import datetime
+
     if value is None:
         return "–"
+    if isinstance(value, datetime):
+        return f"{value:%Y-%m-%d %H:%M:%S}"
     if isinstance(value, (bool, int)):
         return str(value)
     if isinstance(value, float):

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from .. import __version__
 from ..audit.html import similarity_chart
-from ..charts import bar_chart, line_chart
+from ..charts import Frame, bar_chart, line_chart
 from ..contracts.events import Event
 from ..fileio import atomic_write_bytes
 from ..locations import project_of, resolve
@@ -100,8 +100,10 @@ def _chain_view(chain: Chain, project: Path, page_dir: Path) -> dict[str, Any]:
         "checks": chain.checks, "verify_error": chain.verify_error,
         "events": [{"event": e, "message": message(e), "links": _event_links(e, project, page_dir)} for e in chain.events],
         "loss_chart": markup(line_chart(losses, xlabel="training step", ylabel="loss (mean per point)",
-                                        title=f"training loss of {chain.name} per phase")) if losses else None,
-        "counts_chart": markup(bar_chart(counts, title="records per partition", colours=PARTITION_COLOURS)) if counts else None,
+                                        title=f"training loss of {chain.name} per phase", frame=Frame(width=600)))
+        if losses else None,
+        "counts_chart": markup(bar_chart(counts, title="records per partition", colours=PARTITION_COLOURS, width=480))
+        if counts else None,
         "grid": _png(_grid(chain.run_dir)),
         "audit": audit,
         "audit_page": link(chain.audit_dir / "report.html", page_dir, "audit page") if chain.audit_dir else None,
