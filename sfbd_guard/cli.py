@@ -6,10 +6,11 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, cast
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 import typer
 from typer import Abort
+from typer._click.exceptions import NoArgsIsHelpError  # `guard` alone: the help was printed
 from typer.exceptions import TyperException  # base of typer's usage and parameter errors
 
 from .errors import GuardError, InputError
@@ -21,13 +22,29 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+# Options with fixed choices (typer lists them in --help and refuses anything else). engine/methods.py `Method`
+# is the source of the method names (tests/test_cli.py checks they agree); --device also takes cuda:N.
+MethodChoice = Literal["clean-only", "noisy-direct", "ambient", "sfbd", "online-sfbd"]
+DEVICES = "auto|cpu|cuda|cuda:N"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"sfbd_guard {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
     """Curation (prepare), training and audit of diffusion models on protected data, with a compliance ledger."""
 
 ThreadsOpt = Annotated[
@@ -187,16 +204,16 @@ def train(
     pipeline: Annotated[Path | None, typer.Option("--pipeline", help="Pipeline YAML: data, method, model, optimizer, schedule.")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="Prepared directory to train on; overrides data of the pipeline (with --resume: of a moved run, same fingerprint).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run directory to create; default runs/<pipeline name>.")] = None,
-    method: Annotated[str | None, typer.Option("--method", help="Training method; overrides method of the pipeline.")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N; overrides device of the pipeline.")] = None,
+    method: Annotated[MethodChoice | None, typer.Option("--method", help="Training method; overrides method of the pipeline.")] = None,
+    device: Annotated[str | None, typer.Option("--device", metavar=DEVICES, help="Device; overrides device of the pipeline.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the run; overrides seed of the pipeline.")] = None,
-    sets: Annotated[list[str], typer.Option("--set", help="Override any pipeline key, e.g. --set schedule.pretrain_kimg=50 (repeatable).")] = [],  # noqa: B006
+    sets: Annotated[list[str], typer.Option("--set", metavar="KEY=VALUE", help="Override any pipeline key, e.g. --set schedule.pretrain_kimg=50 (repeatable).")] = [],  # noqa: B006
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this directory from its last checkpoint.")] = None,
     dp_epsilon: Annotated[float | None, typer.Option("--dp-epsilon", help="Train the stages that read protected data with DP-SGD to this epsilon (privacy.epsilon).")] = None,
     dp_delta: Annotated[float | None, typer.Option("--dp-delta", help="Delta of the DP guarantee; default 1/(10 × protected records) (privacy.delta).")] = None,
     dp_max_grad_norm: Annotated[float | None, typer.Option("--dp-max-grad-norm", help="Per-sample gradient clipping norm (privacy.max_grad_norm).")] = None,
-    dp_accountant: Annotated[str | None, typer.Option("--dp-accountant", help="rdp or prv (privacy.accountant).")] = None,
-    dp_stages: Annotated[str | None, typer.Option("--dp-stages", help="Comma-separated private stages: pretrain, rounds, online, train (privacy.stages).")] = None,
+    dp_accountant: Annotated[Literal["rdp", "prv"] | None, typer.Option("--dp-accountant", help="Privacy accountant (privacy.accountant).")] = None,
+    dp_stages: Annotated[str | None, typer.Option("--dp-stages", metavar="STAGE,...", help="Comma-separated private stages: pretrain, rounds, online, train (privacy.stages).")] = None,
     dp_physical_batch: Annotated[int | None, typer.Option("--dp-physical-batch", help="Samples per forward/backward in a DP step (privacy.physical_batch).")] = None,
     dp_lr: Annotated[float | None, typer.Option("--dp-lr", help="Learning rate of the private steps; default optimizer.lr (privacy.lr).")] = None,
     verify_key: Annotated[Path | None, typer.Option("--verify-key", help="Data owner's Ed25519 public key: the prepared directory's card.sig must verify with it (verify_key).")] = None,
@@ -254,7 +271,7 @@ def sample(
     steps: Annotated[int, typer.Option("--steps", min=1, help="Sampler steps (EDM Heun; 2 × steps - 1 network evaluations).")] = 18,
     seed: Annotated[int, typer.Option("--seed", help="Seed; image i depends only on (seed, i).")] = 0,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Images per sampling batch.")] = 64,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N for sampling.")] = "auto",
+    device: Annotated[str, typer.Option("--device", metavar=DEVICES, help="Device for sampling.")] = "auto",
     threads: ThreadsOpt = None,
     ledger: LedgerOpt = None,
 ) -> None:
@@ -281,7 +298,7 @@ def audit(
     config: Annotated[Path | None, typer.Option("--config", help="Audit settings YAML (e.g. audits/default.yaml); options below override it.")] = None,
     data_root: Annotated[Path | None, typer.Option("--data-root", help="Where the source dataset with the protected originals lives; default the root recorded by guard prepare.")] = None,
     holdout: Annotated[Path | None, typer.Option("--holdout", help="Folder of real images never trained on, to calibrate thresholds; default the dataset's other splits.")] = None,
-    embedder: Annotated[str | None, typer.Option("--embedder", help="auto, pixel or clip (auto: clip when CLIP weights are configured, else pixel).")] = None,
+    embedder: Annotated[Literal["auto", "pixel", "clip"] | None, typer.Option("--embedder", help="Embedder (auto: clip when CLIP weights are configured, else pixel).")] = None,
     clip_model: Annotated[str | None, typer.Option("--clip-model", help="open_clip architecture of a CLIP weights file, e.g. ViT-B-32.")] = None,
     clip_weights: Annotated[Path | None, typer.Option("--clip-weights", help="Local CLIP weights: a .safetensors/.bin/.pt file, or an open_clip directory. Never downloaded.")] = None,
     alpha_copy: Annotated[float | None, typer.Option("--alpha-copy", help="Target false-positive rate of the copy verdict on unseen real images (default 0.001).")] = None,
@@ -326,15 +343,19 @@ def audit(
 @reports_errors
 def report(
     sql: Annotated[str | None, typer.Option("--sql", help="Any query over the views events, prepares, trainings, samplings, audits.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="table, csv, json or parquet (parquet needs --output).")] = "table",
+    fmt: Annotated[Literal["table", "csv", "json", "parquet"], typer.Option("--format", help="Output format (parquet needs --output).")] = "table",
     output: Annotated[Path | None, typer.Option("--output", help="Write the result to this file instead of printing it.")] = None,
-    html: Annotated[Path | None, typer.Option("--html", help="Also write a one-page HTML report (tables, latest grid and audit histogram).")] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Write the compliance report: a verdict per run chain, guard verify's checks, events, charts (one HTML file).")] = None,
     datasheet: Annotated[Path | None, typer.Option("--datasheet", help="Write the training-data summary of --run as Markdown to this file.")] = None,
-    run: Annotated[Path | None, typer.Option("--run", help="The run a --datasheet describes.")] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="The --run's prepared directory, when run.json's path to it does not resolve.")] = None,
+    model_card: Annotated[Path | None, typer.Option("--model-card", help="Write a Hugging Face model card (README.md) of --run into this folder.")] = None,
+    dataset_card: Annotated[Path | None, typer.Option("--dataset-card", help="Write a Hugging Face dataset card (README.md) of the prepared directory (--data, or --run's) into this folder.")] = None,
+    run: Annotated[Path | None, typer.Option("--run", help="The run that --datasheet and --model-card describe.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="The prepared directory: --run's when run.json's path to it does not resolve, or the one --dataset-card describes.")] = None,
     ledger: LedgerOpt = None,
 ) -> None:
-    """Read the compliance ledger: datasets prepared, training runs, audits; any SQL; HTML; datasheets.
+    """Read the compliance ledger: datasets prepared, training runs, audits; any SQL; HTML; datasheets; cards.
+
+    The options combine: guard report --html report.html --datasheet DATASHEET.md --model-card card --run runs/digits
 
     Example: guard report --sql "SELECT method, epsilon FROM trainings" --format csv
     """
@@ -342,21 +363,31 @@ def report(
     from .ledger import ledger_dir
 
     where = ledger_dir(ledger)
-    if datasheet is not None or run is not None:
-        if datasheet is None or run is None:
-            raise InputError("--datasheet FILE and --run DIR go together")
+    if (datasheet is not None or model_card is not None) and run is None:
+        raise InputError("--datasheet and --model-card describe a run: add --run DIR")
+    if dataset_card is not None and run is None and data is None:
+        raise InputError("--dataset-card describes a prepared directory: add --data DIR (or --run DIR)")
+    documents = datasheet is not None or model_card is not None or dataset_card is not None
+    if not documents or sql is not None or output is not None or fmt != "table":
+        from .locations import project_of
+
+        emit(report_tables(where, sql), fmt, output, project_of(where))
+    if html is not None:
+        from .compliance.html import write_html
+
+        typer.echo(f"html report: {write_html(html, where, report_tables(where, None))}")
+    if datasheet is not None and run is not None:
         from .compliance.datasheet import write_datasheet
 
         typer.echo(f"datasheet: {write_datasheet(datasheet, run, where, data)}")
-        return
-    tables = report_tables(where, sql)
-    emit(tables, fmt, output)
-    if html is not None:
-        from .compliance.html import latest_pictures, write_html
-        from .compliance.views import connect
+    if model_card is not None and run is not None:
+        from .compliance.cards import write_model_card
 
-        grid, histogram = latest_pictures(connect(where))
-        typer.echo(f"html report: {write_html(html, report_tables(where, None), grid, histogram)}")
+        typer.echo(f"model card: {write_model_card(model_card, run, where, data)}")
+    if dataset_card is not None:
+        from .compliance.cards import write_dataset_card
+
+        typer.echo(f"dataset card: {write_dataset_card(dataset_card, where, run=run, data=data)}")
 
 
 @app.command()
@@ -461,6 +492,8 @@ def main(argv: list[str] | None = None) -> None:
     except Abort:
         typer.echo("aborted", err=True)
         sys.exit(1)
+    except NoArgsIsHelpError:  # `guard` (or `guard signkey`) alone: typer has printed the help already
+        sys.exit(0)
     except TyperException as err:  # a usage error (exit 2) or another parameter error
         format_message = getattr(err, "format_message", None)
         typer.echo(f"error: {format_message() if format_message else err}", err=True)

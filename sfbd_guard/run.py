@@ -127,13 +127,11 @@ def _audit(config: PipelineConfig, ledger: Path | None, command: list[str], say:
 
 def _report(config: PipelineConfig, ledger: Path) -> dict[str, Path]:
     from .compliance.datasheet import write_datasheet
-    from .compliance.html import latest_pictures, write_html
+    from .compliance.html import write_html
     from .compliance.tables import report_tables
-    from .compliance.views import connect
 
     run_dir = Path(str(config.out))
-    grid, histogram = latest_pictures(connect(ledger))
-    html = write_html(run_dir / "report.html", report_tables(ledger, None), grid, histogram)
+    html = write_html(run_dir / "report.html", ledger, report_tables(ledger, None))
     sheet = write_datasheet(run_dir / "DATASHEET.md", run_dir, ledger)
     return {"report": html, "datasheet": sheet, "grid": run_dir / "samples" / "grid.png",
             "audit": run_dir / "audit" / "report.html"}

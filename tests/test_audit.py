@@ -68,7 +68,7 @@ def test_report_html_and_ledger_event(cli, tmp_path: Path, prepared: Path) -> No
     plant_samples(prepared, tmp_path / "samples", copies=2, novel=3)
     assert _audit(cli, tmp_path, tmp_path / "samples", prepared, "--ledger", tmp_path / "ledger").code == 3
     page = (tmp_path / "report" / "report.html").read_text()
-    assert page.count("data:image/png") == 1 + 5 + 2  # histogram, 5 samples, 2 flagged originals
+    assert page.count("data:image/png") == 5 + 2 and page.count("<svg") == 1  # 5 samples, 2 flagged originals; SVG histogram
     events = read_events(tmp_path / "ledger").to_pylist()
     assert [e["kind"] for e in events] == ["audit"] and events[0]["status"] == "ok"
     outputs = {Path(o["path"]).name: o["sha256"] for o in events[0]["outputs"]}
@@ -86,7 +86,7 @@ def test_no_thumbnails_writes_no_original(cli, tmp_path: Path, prepared: Path) -
     plant_samples(prepared, tmp_path / "samples", copies=2, novel=3)
     assert _audit(cli, tmp_path, tmp_path / "samples", prepared, "--no-thumbnails").code == 3
     page = (tmp_path / "report" / "report.html").read_text()
-    assert page.count("data:image/png") == 1 + 5 and "not shown" in page
+    assert page.count("data:image/png") == 5 and "not shown" in page
 
 
 def test_novel_only_exits_0(cli, tmp_path: Path, prepared: Path) -> None:  # type: ignore[no-untyped-def]
@@ -273,3 +273,29 @@ def test_approximate_candidates_still_give_exact_verdicts(cli, tmp_path: Path, p
     for name, row in rows.items():  # every similarity reported is the exact one for the id it names
         exact_sims = dict(zip(exact[name]["topk_record_ids"], exact[name]["topk_similarities"], strict=True))
         assert all(exact_sims.get(r, s) == pytest.approx(s, abs=1e-5) for r, s in zip(row["topk_record_ids"], row["topk_similarities"], strict=True))
+
+
+def test_the_page_names_the_rule_that_fired_and_warns_when_uncalibrated(cli, tmp_path: Path, prepared: Path) -> None:  # type: ignore[no-untyped-def]
+    """Noise images, uncalibrated thresholds: the L2-ratio rule (which needs a minimum similarity) flags none of
+    them; the planted copy's row names its rules; the page warns that the thresholds are uncalibrated."""
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    plant_samples(prepared, tmp_path / "samples", copies=1, novel=0)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, size=(48, 48, 3), dtype=np.uint8)).save(tmp_path / "samples" / f"noise-{i}.png")
+    (tmp_path / "a.yaml").write_text("version: 1\ncalibration: {holdout: none}\n")
+    assert _audit(cli, tmp_path, tmp_path / "samples", prepared, "--config", tmp_path / "a.yaml").code == 3
+    rows = _rows(tmp_path)
+    assert all(rows[f"noise-{i}.png"]["verdict"] == "novel" and "l2_ratio<=ratio" not in rows[f"noise-{i}.png"]["rules"] for i in range(5))
+    page = (tmp_path / "report" / "report.html").read_text()
+    text = " ".join(re.sub(r"<[^>]+>", " ", re.sub(r"<svg.*?</svg>", "", page, flags=re.S)).split())
+    assert "Uncalibrated thresholds." in text and "unknown" in text
+    copy_row = text.split("copy-000.png", 1)[1].split("noise-", 1)[0]
+    assert "exact copy (byte-identical pixels)" in copy_row and "similarity ≥ copy threshold 0.9700" in copy_row
+    assert "L2 ratio ≤ 0.5000 with similarity ≥ 0.8000" in copy_row
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["thresholds"]["ratio_min_similarity"] == 0.8 and summary["top"][0]["rules"][0] == "hash"

@@ -84,6 +84,23 @@ def test_verdict_rules() -> None:
     assert rules[0] == ["s1>=copy", "s1>=suspect"] and rules[2] == ["l2_ratio<=ratio"] and rules[4] == ["hash"]
 
 
+def test_the_l2_ratio_rule_needs_a_minimum_similarity() -> None:
+    """An image far from every protected image can have one neighbour twice as close as the others: without a
+    holdout, the ratio rule speaks only from the documented similarity (0.8) up; with one, from the holdout's median."""
+    th = cal.uncalibrated(AuditConfig(), "pixel", "none").thresholds
+    assert th.ratio_min_similarity == 0.8
+    scores = _scores([0.1, 0.3, 0.85], [0.2, 0.4, 0.4], [False, False, False])
+    out, rules = verdicts(scores, th)
+    assert out == ["novel", "novel", "suspect"] and rules[2] == ["l2_ratio<=ratio"]
+    holdout = _scores(list(np.linspace(0.2, 0.6, 101)), [0.9] * 101, [False] * 101)
+    calibrated = cal.calibrated(AuditConfig(), "pixel", holdout, "test", {})
+    assert calibrated.thresholds.ratio_min_similarity == pytest.approx(0.4)  # the median of the holdout's s1
+    measured = calibrated.holdout["holdout_exceedance"]
+    # every holdout ratio sits at the ratio threshold, but only the images from the median similarity up count
+    assert set(measured) == {"copy", "suspect_similarity", "suspect_ratio", "flagged"}
+    assert measured["suspect_ratio"] == pytest.approx(51 / 101)
+
+
 def test_relative_l2_ratio() -> None:
     d1, ratio = relative_l2(Neighbours(np.zeros((3, 3), np.int64),
                                        np.array([[1, 2, 3], [0, 1, 2], [0, 0, 0]], np.float32)))

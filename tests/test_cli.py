@@ -39,9 +39,32 @@ def test_every_command_and_option_has_its_own_help(cli) -> None:  # type: ignore
 
 def test_help_does_not_import_torch() -> None:
     code = "import sys; from sfbd_guard.cli import main\ntry:\n main(['--help'])\nexcept SystemExit: pass\n" \
-           "heavy = [m for m in ('torch', 'open_clip', 'faiss', 'duckdb', 'pyarrow') if m in sys.modules]\nprint(heavy)"
+           "heavy = [m for m in ('torch', 'open_clip', 'faiss', 'duckdb', 'pyarrow', 'jinja2', 'huggingface_hub') " \
+           "if m in sys.modules]\nprint(heavy)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_guard_alone_version_short_help_and_choices(cli, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from typing import get_args
+
+    from sfbd_guard import __version__
+    from sfbd_guard.cli import MethodChoice
+    from sfbd_guard.engine.methods import Method
+
+    alone = cli()
+    assert alone.code == 0 and "Usage: guard" in alone.out and "error" not in alone.err
+    assert cli("--version").out.strip() == f"sfbd_guard {__version__}"
+    assert cli("report", "-h").code == 0
+    assert get_args(MethodChoice) == get_args(Method)
+    monkeypatch.setenv("COLUMNS", "240")  # one line per option
+    for command, option, shown in (("train", "--method", "online-sfbd"), ("audit", "--embedder", "pixel|clip"),
+                                   ("report", "--format", "table|csv|json|parquet"), ("sample", "--device", "cuda:N")):
+        page = cli(command, "--help").out
+        assert any(option in line and shown in line for line in page.splitlines()), (command, option)
+    assert "list[str]" not in cli("train", "--help").out
+    bad = cli("audit", "--samples", ".", "--data", ".", "--embedder", "dino")
+    assert bad.code == 2 and "'dino' is not one of" in bad.err
 
 
 def test_prepare_prints_a_summary_and_exits_0(cli, tmp_path: Path, celeba_root: Path) -> None:  # type: ignore[no-untyped-def]

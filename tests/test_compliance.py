@@ -40,7 +40,7 @@ def test_report_views_formats_html_and_datasheet(chain: tuple[Path, Path], tmp_p
     folder, ledger = chain
     assert _guard("report", "--ledger", ledger) == 0
     out = capsys.readouterr().out
-    assert "datasets prepared (1)" in out and "training runs (2)" in out and "audits (1)" in out  # run twice above
+    assert "datasets prepared (1)" in out and "training runs (2," in out and "audits (1)" in out  # run twice above
     assert _guard("report", "--ledger", ledger, "--sql", "SELECT policy, clean, protected, excluded FROM prepares", "--format", "json") == 0
     (row,) = json.loads(capsys.readouterr().out)
     card = json.loads((folder / "prepared" / "card.json").read_text())
@@ -51,7 +51,7 @@ def test_report_views_formats_html_and_datasheet(chain: tuple[Path, Path], tmp_p
     assert pq.read_table(tmp_path / "a.parquet").num_rows == 1
     assert _guard("report", "--ledger", ledger, "--html", tmp_path / "r.html") == 0
     page = (tmp_path / "r.html").read_text()
-    assert page.count("data:image/png;base64,") == 2 and "digits-chain" in page
+    assert page.count("data:image/png;base64,") == 1 and page.count("<svg") == 3 and "digits-chain" in page  # grid; charts
     assert _guard("report", "--ledger", ledger, "--datasheet", tmp_path / "d.md", "--run", folder / "runs" / "chain") == 0
     sheet = (tmp_path / "d.md").read_text()
     assert "digits-chain" in sheet and f"{card['counts']['protected']} protected images" in sheet and "opt-out" in sheet
@@ -133,3 +133,94 @@ def test_run_resumes_after_an_interrupted_stage(tmp_path: Path, monkeypatch: pyt
     out = capsys.readouterr().out
     assert "prepare: skipped" in out and "sample: skipped" in out and "audit: done" in out
     assert "train: done (8 steps" in out  # the finished run is resumed and returns at once
+
+
+def _page_text(page: str) -> str:
+    """The page's visible text (no style, no charts, no pictures), one space between words."""
+    import html
+    import re
+
+    page = re.sub(r"<style>.*?</style>|<svg.*?</svg>", " ", page, flags=re.S)
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split())
+
+
+def test_the_report_fails_a_chain_with_a_copy_a_failed_stage_and_a_failed_verify_check(chain, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from helpers import plant_samples
+
+    copy, ledger = _copy(chain, tmp_path)
+    run = copy / "runs" / "chain"
+    plant_samples(copy / "prepared", run / "planted", copies=2, novel=2)
+    assert _guard("audit", "--samples", run / "planted", "--data", copy / "prepared", "--report", run / "planted-audit",
+                  "--config", copy / "audit.yaml", "--ledger", ledger) == 3  # a copy found
+    hostile = run / "<script>alert(1)</script>"
+    assert _guard("audit", "--samples", hostile, "--data", copy / "prepared", "--report", run / "a2", "--ledger", ledger) == 2
+    with open(copy / "prepared" / "protected" / "shard-00000.npy", "r+b") as handle:  # verify's arrays check fails
+        handle.seek(-2, 2)
+        handle.write(b"\x00\x3c")
+    capsys.readouterr()
+    page_file = tmp_path / "out" / "report.html"
+    assert _guard("report", "--ledger", ledger, "--html", page_file, "--datasheet", tmp_path / "out" / "d.md", "--run", run) == 0
+    assert "html report:" in capsys.readouterr().out and (tmp_path / "out" / "d.md").is_file()  # both, in one call
+    page = page_file.read_text()
+    assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # hostile input escaped
+    text = _page_text(page)
+    banner = text.split("Run chain: chain", 1)[1].split("Run directory", 1)[0]
+    assert banner.split()[0] == "FAIL", banner
+    assert "copies found: the latest audit found 2 of 4 generated images" in banner
+    assert "a stage failed: audit failed" in banner and "has not completed since" in banner
+    assert "a verify check failed: consumed arrays" in banner
+    assert text.split("overall")[0].split()[-1] == "FAIL"
+    assert 'href="../chain/runs/chain/planted-audit/report.html"' in page  # rows link to artifacts, relative to the page
+    assert page.count("<svg") >= 2 and "training loss" in page  # loss and counts charts, inline
+
+
+def test_the_report_of_the_untouched_chain_passes_and_prints(chain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, ledger = chain
+    page = tmp_path / "r.html"
+    assert _guard("report", "--ledger", ledger, "--html", page) == 0
+    text = _page_text(page.read_text())
+    assert text.split("Run chain: chain", 1)[1].split()[0] == "PASS"
+    assert "@media print" in page.read_text() and "no differential-privacy guarantee" in text
+
+
+def test_model_and_dataset_cards_parse_with_huggingface_hub_and_carry_the_metadata(chain, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from huggingface_hub import DatasetCard, ModelCard
+
+    folder, ledger = chain
+    run = folder / "runs" / "chain"
+    assert _guard("report", "--ledger", ledger, "--model-card", tmp_path / "model", "--dataset-card", tmp_path / "data",
+                  "--datasheet", tmp_path / "d.md", "--run", run) == 0
+    out = capsys.readouterr().out
+    assert "model card:" in out and "dataset card:" in out and "datasheet:" in out
+    card = ModelCard.load(tmp_path / "model" / "README.md")
+    meta = card.data.to_dict()
+    assert meta["license"] == "other" and meta["datasets"] == ["digits-chain"] and "sfbd-guard" in meta["tags"]
+    assert meta["pipeline_tag"] == "unconditional-image-generation"
+    facts = meta["sfbd_guard"]
+    prepared = json.loads((folder / "prepared" / "card.json").read_text())
+    assert facts["records"] == {k: prepared["counts"][k] for k in ("clean", "protected", "excluded")}
+    assert facts["opt_outs_honoured"] == 3 and facts["audit"]["copies"] == 0 and facts["dp"] is None
+    assert "Opt-outs honoured: `opt-out`: 3 record(s)" in card.text and "`held-out`: " in card.text
+    dataset = DatasetCard.load(tmp_path / "data" / "README.md")
+    assert dataset.data.to_dict()["sfbd_guard"]["fingerprint"] == prepared["fingerprint"]
+    for text in (card.content, dataset.content):  # counts, licences and hashes only
+        assert "read_csv" not in text and prepared["noise_key_id"] not in text and "None" not in text
+    sheet = (tmp_path / "d.md").read_text()
+    assert "None" not in sheet and "{" not in sheet.split("## 3.")[0]  # no raw JSON, no None
+    assert "Opt-out rules: `opt-out` (3)" in sheet and "### Records held out (not opt-outs)" in sheet
+
+
+def test_report_tables_fit_a_100_column_terminal(chain, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    folder, ledger = chain
+    monkeypatch.setenv("COLUMNS", "100")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    capsys.readouterr()
+    assert _guard("report", "--ledger", ledger) == 0
+    import re
+
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)  # as a terminal shows it (no colour codes)
+    assert max(len(line) for line in out.splitlines()) <= 100, out
+    assert "runs/chain" in out and str(folder) not in out  # paths relative to the project
+    assert "empty column(s) hidden" in out  # the DP columns of runs without DP

@@ -39,7 +39,18 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_train_writes_run_directory(tmp_path: Path, digits8: Path) -> None:
-    outcome = train(_config(tmp_path, digits8), resume=False)
+    shown: dict[str, int] = {}
+
+    def progress(label: str, total: int):  # type: ignore[no-untyped-def]
+        shown[label] = 0
+        return lambda done: shown.__setitem__(label, shown[label] + done)
+
+    outcome = train(_config(tmp_path, digits8), resume=False, progress=progress)
+    from sfbd_guard.engine.trainer import SNAPSHOT_STEPS
+
+    grids = {label: n for label, n in shown.items() if label.startswith("snapshot grid-step-")}
+    grid = _config(tmp_path, digits8).grid_size
+    assert list(grids.values()) == [SNAPSHOT_STEPS * grid], "a progress line while the final grid is drawn, ticked per step"
     run = outcome.run_dir
     assert outcome.step == 8 and (run / "config.resolved.yaml").is_file()
     names = sorted(p.name for p in outcome.checkpoint.iterdir())

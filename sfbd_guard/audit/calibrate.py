@@ -4,7 +4,10 @@ With m holdout scores v_(1) <= ... <= v_(m) and a new non-copy image exchangeabl
 threshold tau = v_(r), r = ceil((m + 1)(1 - alpha)), gives P(s >= tau) = (m + 1 - r)/(m + 1) <= alpha
 (the rank of s among the m + 1 values is uniform). That needs m >= 1/alpha - 1 (alpha 0.001: 999
 images). With fewer, tau = max(largest holdout score, the default) and the bound is 1/(m + 1) at best:
-the summary says so. The ratio rule uses the lower tail the same way: tau = v_(floor((m + 1) alpha)).
+the summary says so. The ratio rule uses the lower tail the same way: tau = v_(floor((m + 1) alpha)), and
+applies only to images whose top-1 similarity reaches the `ratio_min_quantile` quantile of the holdout's (the
+median by default): requiring both can only lower its false-positive rate, so the bound still holds. Each rule's
+rate on the holdout itself is measured and reported next to the bound.
 """
 
 from __future__ import annotations
@@ -60,8 +63,8 @@ def defaults(config: AuditConfig, kind: str) -> dict[str, float]:
     """The documented thresholds for `kind`, with any `thresholds:` set in the audit YAML."""
     base = DEFAULT_THRESHOLDS[kind]
     given = config.thresholds
-    chosen = (given.copy_similarity, given.suspect_similarity, given.suspect_ratio)
-    names = ("copy", "suspect", "ratio")
+    chosen = (given.copy_similarity, given.suspect_similarity, given.suspect_ratio, given.ratio_min_similarity)
+    names = ("copy", "suspect", "ratio", "ratio_min_similarity")
     return {name: base[name] if value is None else value for name, value in zip(names, chosen, strict=True)}
 
 
@@ -69,7 +72,8 @@ def uncalibrated(config: AuditConfig, kind: str, reason: str) -> Calibration:
     values = defaults(config, kind)
     note = (f"no holdout ({reason}): documented default thresholds for the {kind} embedder; "
             "the false-positive rate on this data is not known")
-    thresholds = Thresholds(values["copy"], min(values["suspect"], values["copy"]), values["ratio"], "default", note)
+    thresholds = Thresholds(values["copy"], min(values["suspect"], values["copy"]), values["ratio"], "default", note,
+                            values["ratio_min_similarity"])
     return Calibration(thresholds, {"copy": None, "suspect_similarity": None, "suspect_ratio": None, "flagged": None},
                        {"source": None, "count": 0, "reason": reason})
 
@@ -95,15 +99,19 @@ def calibrated(config: AuditConfig, kind: str, holdout: Scores, source: str, dro
     suspect, fpr_s, small_s = _or_stricter(upper_threshold(s1, spec.alpha_suspect), base["suspect"], top, m, True)
     low, fpr_r, small_r = _or_stricter(lower_threshold(ratio, spec.alpha_suspect), base["ratio"], bottom, m, False)
     suspect = min(suspect, copy)
+    min_sim = float(np.quantile(s1, spec.ratio_min_quantile))
     note = (f"calibrated on {m} holdout image(s) ({source}): copy = the (1 - {spec.alpha_copy:g}) quantile and "
             f"suspect = the (1 - {spec.alpha_suspect:g}) quantile of their top-1 similarity to the protected set, "
-            f"ratio = the {spec.alpha_suspect:g} quantile of their relative L2 ratio")
+            f"ratio = the {spec.alpha_suspect:g} quantile of their relative L2 ratio, applied from the "
+            f"{spec.ratio_min_quantile:g} quantile of their similarity ({min_sim:.4f}) up")
     if small_c or small_s or small_r:
         need = math.ceil(1 / spec.alpha_copy) - 1 if small_c else math.ceil(1 / spec.alpha_suspect) - 1
         note += (f"; the holdout is too small for some alpha (needs >= {need} images), so those thresholds are "
                  "the most extreme holdout score or the documented default, whichever is stricter")
     flagged = min(1.0, (fpr_s or 0.0) + (fpr_r or 0.0))  # union bound over the two suspect rules
-    exceed = {"copy": float(np.mean(s1 >= copy)), "flagged": float(np.mean((s1 >= suspect) | (ratio <= low)))}
-    return Calibration(Thresholds(copy, suspect, low, "holdout", note),
+    close = (ratio <= low) & (s1 >= min_sim)
+    exceed = {"copy": float(np.mean(s1 >= copy)), "suspect_similarity": float(np.mean(s1 >= suspect)),
+              "suspect_ratio": float(np.mean(close)), "flagged": float(np.mean((s1 >= suspect) | close))}
+    return Calibration(Thresholds(copy, suspect, low, "holdout", note, min_sim),
                        {"copy": fpr_copy, "suspect_similarity": fpr_s, "suspect_ratio": fpr_r, "flagged": flagged},
                        {"source": source, "count": m, "dropped": dropped, "holdout_exceedance": exceed})

@@ -8,8 +8,9 @@ Scores (all against the protected originals):
     Carlini's "extracted" (d1 / (0.5 * mean) <= 1) is ratio <= 0.5; with `flip` the smaller of the two
     orientations counts;
   * hash_match: the image at the prepared resolution is byte-identical to a protected record.
-Verdict: copy if hash_match or s1 >= tau_copy; else suspect if s1 >= tau_suspect or ratio <= tau_ratio;
-else novel.
+Verdict: copy if hash_match or s1 >= tau_copy; else suspect if s1 >= tau_suspect, or ratio <= tau_ratio while
+s1 >= min_sim (the ratio rule speaks only for images already close in the embedding: an image far from every
+protected image can still have one neighbour twice as close as the others); else novel.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ from .embed import Embedder, embed_batched, l2_vectors, mirror
 from .index import InnerProductIndex, Neighbours, l2_neighbours, merge_mirrored
 
 VERDICTS = ("copy", "suspect", "novel")
+# The rules a verdict can rest on, as samples.parquet `rules` names them, and what each means in words.
+RULES = {
+    "hash": "exact copy: byte-identical to a protected record at the prepared resolution",
+    "s1>=copy": "similarity at or above the copy threshold",
+    "s1>=suspect": "similarity at or above the suspect threshold",
+    "l2_ratio<=ratio": "L2 ratio: much closer in pixels to one protected image than to its other nearest ones",
+}
 
 
 @dataclass(frozen=True)
@@ -105,15 +113,16 @@ class Thresholds:
     ratio: float  # l2_ratio <= ratio → suspect
     method: str  # holdout | default
     note: str  # how they were set, in words
+    ratio_min_similarity: float = -1.0  # the L2-ratio rule applies only when s1 >= this
 
 
 def verdicts(scores: Scores, thresholds: Thresholds) -> tuple[list[str], list[list[str]]]:
-    """Per image: copy | suspect | novel, and the rules that fired (hash, s1>=copy, s1>=suspect, l2_ratio)."""
+    """Per image: copy | suspect | novel, and the rules that fired (RULES)."""
     out, fired = [], []
     for s1, ratio, exact in zip(scores.s1, scores.l2_ratio, scores.hash_match, strict=True):
+        close = ratio <= thresholds.ratio and s1 >= thresholds.ratio_min_similarity
         rules = [name for name, hit in (("hash", exact), ("s1>=copy", s1 >= thresholds.copy),
-                                        ("s1>=suspect", s1 >= thresholds.suspect),
-                                        ("l2_ratio<=ratio", ratio <= thresholds.ratio)) if hit]
+                                        ("s1>=suspect", s1 >= thresholds.suspect), ("l2_ratio<=ratio", close)) if hit]
         if "hash" in rules or "s1>=copy" in rules:
             out.append("copy")
         else:

@@ -17,10 +17,14 @@ from ..config import StrictModel, read_yaml_mapping, set_dotted, validate_mappin
 
 # Used only when no holdout is available (calibration.method = "default"): copy / suspect on the top-1
 # cosine similarity, and suspect when the relative L2 ratio is at or below `ratio` (Carlini et al.'s
-# adaptive distance d1 / (0.5 * mean d_1..d_k) <= 1, i.e. d1 / mean <= 0.5).
+# adaptive distance d1 / (0.5 * mean d_1..d_k) <= 1, i.e. d1 / mean <= 0.5) AND the top-1 similarity is at
+# least `ratio_min_similarity`. The ratio alone is scale-free: an image far from every protected image (noise,
+# another domain) can still have one neighbour twice as close as the others, so the ratio rule only speaks for
+# images that are already close in the embedding. 0.8 is below `suspect` (the ratio rule still adds recall
+# between 0.8 and 0.9) and far above what unrelated images reach (pixel correlation of noise with a digit ~0).
 DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
-    "pixel": {"copy": 0.97, "suspect": 0.90, "ratio": 0.5},
-    "clip": {"copy": 0.95, "suspect": 0.90, "ratio": 0.5},
+    "pixel": {"copy": 0.97, "suspect": 0.90, "ratio": 0.5, "ratio_min_similarity": 0.8},
+    "clip": {"copy": 0.95, "suspect": 0.90, "ratio": 0.5, "ratio_min_similarity": 0.8},
 }
 CACHE_ENV = "GUARD_AUDIT_CACHE"
 
@@ -57,6 +61,9 @@ class CalibrationSpec(StrictModel):
     holdout_rules: list[str] = Field(default_factory=list)
     alpha_copy: float = Field(default=0.001, gt=0, lt=1)  # false-positive rate of copy on real unseen images
     alpha_suspect: float = Field(default=0.01, gt=0, lt=1)  # the same for suspect (per rule)
+    # with a holdout, the L2-ratio rule applies only to images whose top-1 similarity reaches this quantile of
+    # the holdout's (0.5: closer to the protected set than half of the real images the model never saw)
+    ratio_min_quantile: float = Field(default=0.5, ge=0, le=1)
     max_holdout: int = Field(default=5000, ge=1)  # at most this many holdout images (seeded subset)
     seed: int = 0  # seeds the holdout subset
 
@@ -71,6 +78,8 @@ class ThresholdSpec(StrictModel):
     copy_similarity: float | None = Field(default=None, ge=-1, le=1)  # without a holdout; None = embedder default
     suspect_similarity: float | None = Field(default=None, ge=-1, le=1)  # without a holdout; None = embedder default
     suspect_ratio: float | None = Field(default=None, ge=0, le=1)  # without a holdout; None = the default 0.5
+    # without a holdout: the L2-ratio rule needs at least this top-1 similarity; None = the default 0.8
+    ratio_min_similarity: float | None = Field(default=None, ge=-1, le=1)
 
 
 class ReportSpec(StrictModel):

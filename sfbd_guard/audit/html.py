@@ -1,4 +1,8 @@
-"""report.html: matched pairs side by side and similarity histograms, one self-contained file (PIL-drawn PNGs).
+"""report.html of an audit: which rule fired for every flagged sample, the thresholds in words next to their
+formulas with each rule's false-positive rate on the holdout, a warning block when they are uncalibrated, the
+similarity histogram (SVG, from summary.json's binned counts) and the top matched pairs side by side. Rendered
+from templates/audit.html.j2 with autoescaping (sample names are hostile input). similarity.png, the same
+histogram as a picture of its own, is drawn with PIL.
 
 Originals appear only as thumbnails of flagged matches (copy or suspect), and not at all with
 `--no-thumbnails`; unflagged rows show the sample and the matched record id only.
@@ -7,9 +11,9 @@ Originals appear only as thumbnails of flagged matches (copy or suspect), and no
 from __future__ import annotations
 
 import base64
-import html
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -17,7 +21,7 @@ from PIL import Image, ImageDraw
 from ..contracts.audit_summary import AuditSummary
 
 COLOURS = {"samples": (214, 39, 40), "holdout": (31, 119, 180)}
-VERDICT_COLOURS = {"copy": "#d62728", "suspect": "#ff7f0e", "novel": "#2ca02c"}
+HEX = {"samples": "#d62728", "holdout": "#1f77b4"}
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,8 @@ class Pair:
     margin: float
     l2_ratio: float
     verdict: str
+    rules: list[str] = field(default_factory=list)  # the rules that fired (checks.RULES)
+    mirror: bool = False  # the mirror image gave the top-1 match
 
 
 def png_data_uri(image: Image.Image) -> str:
@@ -44,70 +50,140 @@ def thumbnail(pixels: np.ndarray, size: int) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array)).resize((size, size), Image.Resampling.NEAREST)
 
 
-def histogram(series: dict[str, np.ndarray], marks: dict[str, float], *, width: int = 640, height: int = 240,
+def histogram(series: dict[str, np.ndarray], marks: dict[str, float], *, width: int = 640, height: int = 280,
               bins: int = 50) -> Image.Image:
-    """Overlaid normalised histograms of top-1 similarity, with vertical lines at the thresholds."""
+    """similarity.png: overlaid normalised histograms of top-1 similarity with a y axis (share of images), the
+    thresholds as vertical lines, and the legend in a row above the plot (never over the bars)."""
     values = np.concatenate([v for v in series.values() if len(v)] or [np.zeros(1)])
     low = float(min(values.min(), *marks.values(), 0.9)) if marks else float(values.min())
+    low = min(low, 1.0 - 1e-6)
     edges = np.linspace(low, 1.0, bins + 1)
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    left, bottom, top = 40, height - 30, 20
-    scale_x = (width - left - 10) / (1.0 - low if low < 1.0 else 1.0)
+    left, right, top, bottom = 56, width - 12, 40, height - 42
+    scale_x = (right - left) / (1.0 - low)
     counts = {name: np.histogram(np.clip(v, low, 1.0), edges)[0] / max(len(v), 1) for name, v in series.items()}
-    peak = max((c.max() for c in counts.values() if len(c)), default=1.0) or 1.0
+    peak = max((float(c.max()) for c in counts.values() if len(c)), default=1.0) or 1.0
+    from ..charts import nice_ticks
+
+    ticks = nice_ticks(0.0, peak, 4)
+    peak = max(peak, ticks[-1])
+    for tick in ticks:  # y axis: share of images
+        y = bottom - (bottom - top) * tick / peak
+        draw.line((left - 4, y, right, y), fill=(225, 225, 225) if tick else (0, 0, 0))
+        draw.text((4, y - 6), f"{tick:.0%}" if peak >= 0.1 else f"{tick:.1%}", fill=(0, 0, 0))
     for name, count in counts.items():
         for i, share in enumerate(count):
             x0, x1 = left + (edges[i] - low) * scale_x, left + (edges[i + 1] - low) * scale_x
             y = bottom - (bottom - top) * share / peak
-            draw.rectangle((x0, y, x1, bottom), outline=COLOURS.get(name, (0, 0, 0)))
+            if share > 0:
+                draw.rectangle((x0, y, x1, bottom), outline=COLOURS.get(name, (0, 0, 0)))
+    draw.line((left, top, left, bottom), fill=(0, 0, 0))
+    legend_x = left
+    for name in series:
+        draw.rectangle((legend_x, 8, legend_x + 10, 18), outline=COLOURS.get(name, (0, 0, 0)), width=2)
+        text = f"{name} (n={len(series[name])})"
+        draw.text((legend_x + 14, 7), text, fill=COLOURS.get(name, (0, 0, 0)))
+        legend_x += 24 + 6 * len(text)
     for label, value in marks.items():
         x = left + (value - low) * scale_x
-        draw.line((x, top, x, bottom), fill=(0, 0, 0), width=1)
-        draw.text((x + 2, top - 14 if label == "copy" else top), label, fill=(0, 0, 0))
-    draw.line((left, bottom, width - 10, bottom), fill=(0, 0, 0))
-    draw.text((left, bottom + 6), f"{low:.3f}", fill=(0, 0, 0))
-    draw.text((width - 40, bottom + 6), "1.000", fill=(0, 0, 0))
-    draw.text((width // 2 - 110, bottom + 6), "top-1 cosine similarity to the protected set", fill=(0, 0, 0))
-    for i, name in enumerate(series):
-        draw.text((width - 200, top + 14 * i), f"{name} (n={len(series[name])})", fill=COLOURS.get(name, (0, 0, 0)))
+        for y in range(top, bottom, 6):  # dashed
+            draw.line((x, y, x, min(y + 3, bottom)), fill=(0, 0, 0))
+        text = f"| {label} {value:.4f}"
+        draw.text((legend_x, 7), text, fill=(0, 0, 0))
+        legend_x += 12 + 6 * len(text)
+        draw.text((x - 3, bottom + 2), "^", fill=(0, 0, 0))
+    draw.text((left, bottom + 14), f"{low:.3f}", fill=(0, 0, 0))
+    draw.text((right - 30, bottom + 14), "1.000", fill=(0, 0, 0))
+    draw.text((width // 2 - 120, bottom + 26), "top-1 cosine similarity to the protected set", fill=(0, 0, 0))
+    draw.text((4, top - 16), "share of images", fill=(0, 0, 0))
     return image
 
 
-def _pair_row(pair: Pair, size: int) -> str:
-    sample = f'<img src="{png_data_uri(thumbnail(pair.sample_pixels, size))}" alt="sample">'
-    original = (f'<img src="{png_data_uri(thumbnail(pair.original, size))}" alt="protected original">'
-                if pair.original is not None else '<span class="none">not shown</span>')
-    colour = VERDICT_COLOURS.get(pair.verdict, "#000")
-    return (f"<tr><td>{sample}<br>{html.escape(pair.sample)}</td>"
-            f"<td>{original}<br>{html.escape(pair.record_id or '-')}</td>"
-            f'<td style="color:{colour}"><b>{pair.verdict}</b></td><td>{pair.s1:.4f}</td><td>{pair.margin:.4f}</td>'
-            f"<td>{pair.l2_ratio:.3f}</td></tr>")
+def rule_words(rules: list[str], mirror: bool, summary: AuditSummary) -> list[str]:
+    """What fired for one sample, in words with the numbers (checks.RULES names)."""
+    th = summary.thresholds
+    flip = " (of its mirror image)" if mirror else ""
+    minimum = th.ratio_min_similarity
+    words = {
+        "hash": "exact copy (byte-identical pixels)",
+        "s1>=copy": f"similarity{flip} ≥ copy threshold {th.copy_:.4f}",
+        "s1>=suspect": f"similarity{flip} ≥ suspect threshold {th.suspect:.4f}",
+        "l2_ratio<=ratio": f"L2 ratio ≤ {th.ratio:.4f}" + (f" with similarity ≥ {minimum:.4f}" if minimum is not None else ""),
+    }
+    shown = [words.get(r, r) for r in rules]
+    if "s1>=copy" in rules and "s1>=suspect" in rules:  # the copy rule implies the suspect one
+        shown.remove(words["s1>=suspect"])
+    return shown
 
 
-def render(summary: AuditSummary, pairs: list[Pair], histogram_png: Image.Image, thumb_size: int) -> str:
+def _rule_rows(summary: AuditSummary) -> list[dict[str, Any]]:
+    """The rules with their formula, what they mean, the bound on their false-positive rate and (calibrated) the
+    rate measured on the holdout."""
+    th = summary.thresholds
+    bound, measured = th.expected_fpr, (th.holdout or {}).get("holdout_exceedance") or {}
+    minimum = th.ratio_min_similarity
+    where = "" if minimum is None else f" and s1 ≥ {minimum:.4f}"
+    min_words = ("" if minimum is None else
+                 f", and it is at least as similar to the protected set as {_quantile_words(th.ratio_min_quantile)}")
+    return [
+        {"verdict": "copy", "formula": "pixels identical (sha256)", "words": "the sample is a protected record, pixel for pixel",
+         "bound": 0.0, "measured": None},
+        {"verdict": "copy", "formula": f"s1 ≥ {th.copy_:.4f}",
+         "words": f"its nearest protected image (s1: cosine similarity of the {summary.embedder.kind} embeddings; with the "
+                  f"mirror image too when flip is on) is as close as {_tail_words(th.method, th.alpha_copy)}",
+         "bound": bound.get("copy"), "measured": measured.get("copy")},
+        {"verdict": "suspect", "formula": f"s1 ≥ {th.suspect:.4f}",
+         "words": f"as close as {_tail_words(th.method, th.alpha_suspect)}",
+         "bound": bound.get("suspect_similarity"), "measured": measured.get("suspect_similarity")},
+        {"verdict": "suspect", "formula": f"d₁ / mean(d₁…d_k) ≤ {th.ratio:.4f}{where}",
+         "words": "in pixels (RMS distance d), it is much closer to its nearest protected image than to the next ones "
+                  f"(Carlini et al.'s test; 0.5 = twice as close){min_words}",
+         "bound": bound.get("suspect_ratio"), "measured": measured.get("suspect_ratio")},
+    ]
+
+
+def _tail_words(method: str, alpha: float) -> str:
+    if method == "holdout":
+        return f"at most {alpha:.2%} of real images the model never saw (the holdout)"
+    return "the documented default for this embedder (uncalibrated: the share of unseen images this close is unknown)"
+
+
+def _quantile_words(quantile: float | None) -> str:
+    if quantile is None:
+        return "the documented default"
+    return f"the holdout's {'median' if quantile == 0.5 else f'{quantile:.0%} quantile'} image"
+
+
+def similarity_chart(summary: AuditSummary) -> Any:
+    """The similarity histogram as trusted SVG markup, from summary.json's binned counts (None for summaries
+    written before them)."""
+    from ..charts import histogram_counts
+    from ..templating import markup
+
+    hist = summary.similarity.get("histogram")
+    if not isinstance(hist, dict):  # a summary written before the binned counts
+        return None
+    th = summary.thresholds
+    return markup(histogram_counts(hist["edges"], {"samples": hist["samples"], "holdout": hist["holdout"]},
+                                   {"copy": th.copy_, "suspect": th.suspect}, colours=HEX,
+                                   xlabel="top-1 cosine similarity to the protected set (s1)",
+                                   title="similarity of samples and holdout to the protected set"))
+
+
+def _pair_view(pair: Pair, size: int, summary: AuditSummary) -> dict[str, Any]:
+    from ..templating import markup
+
+    return {"sample": pair.sample, "record_id": pair.record_id or "–", "verdict": pair.verdict, "s1": pair.s1,
+            "margin": pair.margin, "l2_ratio": pair.l2_ratio, "rules": rule_words(pair.rules, pair.mirror, summary),
+            "sample_src": markup(png_data_uri(thumbnail(pair.sample_pixels, size))),
+            "original_src": markup(png_data_uri(thumbnail(pair.original, size))) if pair.original is not None else None}
+
+
+def render(summary: AuditSummary, pairs: list[Pair], thumb_size: int) -> str:
     """The whole report.html as a string."""
-    counts, th = summary.counts, summary.thresholds
-    rows = "\n".join(_pair_row(p, thumb_size) for p in pairs) or '<tr><td colspan="6">no samples</td></tr>'
-    warnings = "".join(f'<p style="color:#b35900">warning: {html.escape(w)}</p>' for w in summary.warnings)
-    count_text = ", ".join(f"{k}: {counts.get(k, 0)}" for k in ("copy", "suspect", "novel", "error"))
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>guard audit: {html.escape(summary.samples)}</title>
-<style>body{{font-family:sans-serif;margin:2em}} td{{padding:4px 10px;vertical-align:top;font-size:13px}}
-img{{image-rendering:pixelated;border:1px solid #ccc}} .none{{color:#999}}</style></head><body>
-<h1>guard audit</h1>
-<p>samples <code>{html.escape(summary.samples)}</code> against the protected records of
-<code>{html.escape(summary.prepared.path)}</code> ({summary.references} originals),
-embedder <b>{html.escape(summary.embedder.kind)}</b>.</p>
-<p><b>{count_text}</b>. Flagged (copy or suspect): {summary.flagged.fraction:.4f}
-(95% CI {summary.flagged.ci95[0]:.4f}-{summary.flagged.ci95[1]:.4f}).</p>
-<p>Thresholds ({html.escape(th.method)}): copy s1 &ge; {th.copy_:.4f}; suspect s1 &ge; {th.suspect:.4f}
-or relative L2 ratio &le; {th.ratio:.4f}. {html.escape(th.note)}. {html.escape(th.expected_fpr_text)}.</p>
-{warnings}
-<h2>Top-1 similarity: samples versus holdout</h2>
-<img src="{png_data_uri(histogram_png)}" alt="histograms">
-<h2>Top matched pairs</h2>
-<table><tr><th>sample</th><th>nearest protected</th><th>verdict</th><th>s1</th><th>margin</th><th>L2 ratio</th></tr>
-{rows}
-</table></body></html>
-"""
+    from ..templating import render as render_template
+
+    return render_template("sfbd_guard.audit", "audit.html.j2", s=summary, th=summary.thresholds,
+                           pairs=[_pair_view(p, thumb_size, summary) for p in pairs], rules=_rule_rows(summary),
+                           histogram=similarity_chart(summary), calibrated=summary.thresholds.method == "holdout")

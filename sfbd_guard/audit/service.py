@@ -113,7 +113,7 @@ class _Context:
                      l2_size=l2_size(self.config, self.info.resolution))
 
 
-def _pairs(ctx: _Context, loaded: LoadedImages, scores: Scores, verdict: list[str],
+def _pairs(ctx: _Context, loaded: LoadedImages, scores: Scores, verdict: list[str], rules: list[list[str]],
            data_root: Path | None) -> tuple[list[Pair], str]:
     """The top matched pairs by s1, with originals for flagged ones (thumbnails on), hash-verified."""
     order = np.argsort(-scores.s1, kind="stable")[: ctx.config.report.pairs]
@@ -131,7 +131,7 @@ def _pairs(ctx: _Context, loaded: LoadedImages, scores: Scores, verdict: list[st
         row = int(scores.rows[i, 0])
         pairs.append(Pair(names[i], loaded.pixels[i], ctx.info.protected_ids[row] if row >= 0 else None,
                           originals.get(row) if verdict[i] != "novel" else None, float(scores.s1[i]),
-                          float(scores.margin[i]), float(scores.l2_ratio[i]), verdict[i]))
+                          float(scores.margin[i]), float(scores.l2_ratio[i]), verdict[i], rules[i], bool(scores.flipped[i])))
     return pairs, note
 
 
@@ -174,14 +174,14 @@ def _report(ctx: _Context, samples: Path, report: Path, loaded: LoadedImages, sc
     """Verdicts, then samples.parquet, summary.json and report.html."""
     mark = time.perf_counter()
     verdict, rules = verdicts(scores, calibration.thresholds)
-    pairs, thumbs = _pairs(ctx, loaded, scores, verdict, data_root)
+    pairs, thumbs = _pairs(ctx, loaded, scores, verdict, rules, data_root)
     digests = [_file_sha256(samples / name) for name in loaded.names]
     table = samples_table(loaded.names, loaded.ok, loaded.sizes, digests, loaded.errors, scores, verdict, rules,
                           ctx.info.protected_ids)
     summary = build_summary(
         samples=samples, samples_fingerprint=fingerprint({n: d or "" for n, d in zip(loaded.names, digests, strict=True)}),
         info=ctx.info, config=ctx.config, embedder=ctx.embedder, index=ctx.index, reference=ctx.reference,
-        calibration=calibration, scores=scores, verdicts=verdict, errors=len(loaded.errors),
+        calibration=calibration, scores=scores, verdicts=verdict, rules=rules, errors=len(loaded.errors),
         names=[n for n, ok in zip(loaded.names, loaded.ok, strict=True) if ok], holdout_s1=holdout_s1,
         background_s1=background(ctx.index, ctx.reference.embeddings, seed=ctx.config.calibration.seed),
         thumbnails=thumbs, timings=clock)
@@ -191,7 +191,7 @@ def _report(ctx: _Context, samples: Path, report: Path, loaded: LoadedImages, sc
     clock["report"] = time.perf_counter() - mark
     summary["timings"] = {k: round(v, 3) for k, v in {**clock, "total": sum(clock.values())}.items()}
     contract = validate(AuditSummary, summary, source="audit summary.json")  # a bug if it does not fit
-    files = _write(report, table, contract, render(contract, pairs, figure, ctx.config.report.thumb_size), figure)
+    files = _write(report, table, contract, render(contract, pairs, ctx.config.report.thumb_size), figure)
     return AuditResult(report, contract, files)
 
 

@@ -37,17 +37,34 @@ def fpr_text(calibration: Calibration) -> str:
 
 def _thresholds(calibration: Calibration, config: AuditConfig) -> dict[str, Any]:
     th = calibration.thresholds
-    return {"copy": th.copy, "suspect": th.suspect, "ratio": th.ratio, "method": th.method, "note": th.note,
+    return {"copy": th.copy, "suspect": th.suspect, "ratio": th.ratio, "ratio_min_similarity": th.ratio_min_similarity,
+            "ratio_min_quantile": config.calibration.ratio_min_quantile if th.method == "holdout" else None,
+            "method": th.method, "note": th.note,
             "alpha_copy": config.calibration.alpha_copy, "alpha_suspect": config.calibration.alpha_suspect,
             "expected_fpr": calibration.expected_fpr, "expected_fpr_text": fpr_text(calibration),
             "holdout": calibration.holdout}
 
 
-def _top(scores: Scores, verdicts: list[str], names: list[str], ids: list[str], count: int = 20) -> list[dict[str, Any]]:
+def _top(scores: Scores, verdicts: list[str], rules: list[list[str]], names: list[str], ids: list[str],
+         count: int = 20) -> list[dict[str, Any]]:
     order = np.argsort(-scores.s1, kind="stable")[:count]
     return [{"sample": names[i], "record_id": ids[int(scores.rows[i, 0])] if scores.rows[i, 0] >= 0 else None,
              "s1": round(float(scores.s1[i]), 6), "l2_ratio": round(float(scores.l2_ratio[i]), 6),
-             "verdict": verdicts[i]} for i in order]
+             "verdict": verdicts[i], "rules": rules[i], "mirror": bool(scores.flipped[i])} for i in order]
+
+
+HISTOGRAM_BINS = 40
+
+
+def similarity_histogram(samples: np.ndarray, holdout: np.ndarray, marks: list[float]) -> dict[str, Any]:
+    """Counts of the samples' and the holdout's top-1 similarity in equal bins from the lowest value (or mark) to 1,
+    for the audit page's and the compliance report's charts (no score of any single image is recoverable)."""
+    values = [v for v in (samples, holdout) if len(v)]
+    low = float(min([*(float(v.min()) for v in values), *marks, 0.9]))
+    edges = np.linspace(min(low, 1.0 - 1e-6), 1.0, HISTOGRAM_BINS + 1)
+    return {"edges": [round(float(e), 6) for e in edges],
+            "samples": np.histogram(np.clip(samples, edges[0], 1.0), edges)[0].tolist(),
+            "holdout": np.histogram(np.clip(holdout, edges[0], 1.0), edges)[0].tolist()}
 
 
 def _background(values: np.ndarray, calibration: Calibration) -> tuple[dict[str, Any], list[str]]:
@@ -65,7 +82,7 @@ def _background(values: np.ndarray, calibration: Calibration) -> tuple[dict[str,
 
 def build_summary(*, samples: Path, samples_fingerprint: str, info: PreparedInfo, config: AuditConfig, embedder: Embedder,
                   index: InnerProductIndex, reference: Reference, calibration: Calibration, scores: Scores,
-                  verdicts: list[str], names: list[str], errors: int, holdout_s1: np.ndarray,
+                  verdicts: list[str], rules: list[list[str]], names: list[str], errors: int, holdout_s1: np.ndarray,
                   background_s1: np.ndarray, thumbnails: str,
                   timings: dict[str, float]) -> dict[str, Any]:
     counts = {v: verdicts.count(v) for v in VERDICTS} | {"error": errors}
@@ -87,9 +104,10 @@ def build_summary(*, samples: Path, samples_fingerprint: str, info: PreparedInfo
         "l2": {"size": round((reference.pixels.shape[1] / info.channels) ** 0.5),
                "k": min(config.l2.k, len(reference.pixels))},
         "similarity": {"samples": quantiles(scores.s1), "holdout": quantiles(holdout_s1),
+                       "histogram": similarity_histogram(scores.s1, holdout_s1, [calibration.thresholds.suspect]),
                        "samples_above": {t: round(float(np.mean(scores.s1 > float(t))), 6)
                                          for t in ("0.90", "0.95", "0.99")}},
         "background": loo, "warnings": warnings,
-        "top": _top(scores, verdicts, names, info.protected_ids),
+        "top": _top(scores, verdicts, rules, names, info.protected_ids),
         "thumbnails": thumbnails, "timings": timings, "config": config.model_dump(mode="json"),
     }

@@ -4,46 +4,52 @@ datasheets for datasets (Gebru et al.) and the EU AI Act training-content summar
 
 from __future__ import annotations
 
-import json
-from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..contracts.audit_summary import read_audit_summary
 from ..contracts.card import Card, read_card
 from ..contracts.run_record import read_run_record
-from ..errors import InputError
+from ..errors import GuardError, InputError
 from ..fileio import atomic_write_bytes
 from ..locations import project_of
 from ..relocate import prepared_of_run
+from .composition import Exclusions, exclusions, holdout_rules_of, licence_counts, rule_words, source_words
 from .views import RUN_AUDITS, connect
 
 
 def _licenses(data: Path) -> str:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    manifest = data / "manifest.parquet"
-    try:
-        schema = pq.read_schema(manifest)
-        if "license" not in schema.names:
-            return "The dataset has no per-record `license` column; its licence is the dataset's own (check its terms)."
-        rows = pq.read_table(manifest, columns=["partition", "license"]).to_pylist()
-    except (OSError, pa.ArrowException) as err:
-        raise InputError(f"{manifest}: unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-    counts = Counter((r["partition"], r["license"] or "NOASSERTION") for r in rows)
+    counts = licence_counts(data)
+    if counts is None:
+        return "The dataset has no per-record `license` column; its licence is the dataset's own (check its terms)."
     lines = "\n".join(f"| {p} | {lic} | {n} |" for (p, lic), n in sorted(counts.items()))
     return f"| partition | licence (SPDX) | records |\n|---|---|---|\n{lines}"
 
 
 def _rules(card: Card) -> str:
-    lines = []
-    for rule in card.policy.rules:
-        where = f"`{rule.where}`" if rule.where else "every record"
-        sample = f", keeping {json.dumps(rule.sample)}" if rule.sample else ""
-        lines.append(f"| {rule.name} | {rule.action} | {where}{sample} | {card.rule_counts.get(rule.name, 0)} |")
+    lines = [f"| {rule.name} | {rule.action} | {rule_words(rule)} | {card.rule_counts.get(rule.name, 0)} |"
+             for rule in card.policy.rules]
     return "| rule | action | matches | records |\n|---|---|---|---|\n" + "\n".join(lines)
+
+
+def _exclusions(card: Card, found: Exclusions) -> str:
+    """Opt-outs honoured, then (apart) the records held out to calibrate the audit."""
+    if found.opt_outs:
+        names = ", ".join(f"`{name}` ({n})" for name, n in found.opt_outs.items())
+        text = (f"Opt-out rules: {names}. Exclude rules apply before any other rule, so an opt-out can never be "
+                f"overridden: {found.opted_out} record(s) excluded.")
+    else:
+        text = "The policy has no opt-out rule (no exclude rule other than held-out samples)."
+    text += (" Excluded records exist only as manifest rows with their sha256; `guard verify` proves their pixels "
+             "are absent from every array. Machine-readable TDM reservations (robots, TDMRep, C2PA/IPTC) are honoured "
+             "to the extent the policy's `where` clauses encode them: TODO (describe the signals collected and when).")
+    if found.held_out:
+        names = ", ".join(f"`{name}` ({n})" for name, n in found.held_out.items())
+        text += (f"\n\n### Records held out (not opt-outs)\nHeld out from training so the memorization audit can "
+                 f"calibrate its thresholds on real images the model never saw: {names}.")
+    return text
 
 
 def _dedup(card: Card) -> str:
@@ -64,16 +70,25 @@ def _dedup(card: Card) -> str:
             f"(rule `duplicate`).{table}")
 
 
-def _latest_audit(con: Any, run_dir: Path) -> str:
+def _latest_audit(con: Any, run_dir: Path) -> tuple[str, list[str]]:
+    """The latest finished audit in words, and the rules it held out for calibration."""
     rows = con.execute(
-        "SELECT started_at, copy, suspect, novel, threshold_method, copy_threshold, expected_fpr FROM audits "
+        "SELECT started_at, copy, suspect, novel, threshold_method, copy_threshold, summary_file FROM audits "
         f"WHERE status = 'ok' AND {RUN_AUDITS} ORDER BY started_at DESC LIMIT 1", [str(run_dir), str(run_dir)]).fetchall()
     if not rows:
-        return "No audit of this run's samples is recorded yet (`guard audit`)."
-    started, copy, suspect, novel, method, threshold, fpr = rows[0]
+        return "No audit of this run's samples is recorded yet (`guard audit`).", []
+    started, copy, suspect, novel, method, threshold, summary_file = rows[0]
+    held: list[str] = []
+    fpr = "not known (no holdout: documented default thresholds)"
+    if summary_file and Path(summary_file).is_absolute():
+        try:
+            summary = read_audit_summary(Path(summary_file).parent)
+            held, fpr = holdout_rules_of(summary.config), summary.thresholds.expected_fpr_text
+        except GuardError:
+            fpr = "not known (the audit's summary.json could not be read)"
+    how = "calibrated on held-out real images" if method == "holdout" else "uncalibrated documented defaults"
     return (f"Latest audit ({started:%Y-%m-%d %H:%M} UTC): {copy} copy, {suspect} suspect, {novel} novel. "
-            f"Copy threshold {'n/a' if threshold is None else f'{threshold:.4f}'} ({method}); "
-            f"expected false-positive rate: {fpr}.")
+            f"Copy threshold {'n/a' if threshold is None else f'{threshold:.4f}'} ({how}); {fpr}.", held)
 
 
 def _trainings(con: Any, run_dir: Path) -> list[tuple[Any, ...]]:
@@ -100,8 +115,9 @@ def datasheet(run_dir: Path, ledger: Path, data: Path | None = None) -> str:
                "No differential-privacy guarantee: the noised partition is obfuscation against memorization and "
                "reproduction, not DP (as a Gaussian mechanism on whole images its ε is in the hundreds).")
     counts = card.counts
-    excluded_rules = card.exclude_rules()
-    optouts = sum(card.rule_counts.get(name, 0) for name in excluded_rules)
+    audit, held = _latest_audit(con, run_dir)
+    root = card.source_root(data)
+    where = f" at `{root}`" if root is not None else ""
     return f"""# Training-data summary: run `{run_dir.name}`
 
 Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by sfbd_guard {__version__} from the prepared
@@ -115,7 +131,7 @@ directory, the run directory and the compliance ledger. Narrative answers marked
 - Purpose and intended use: TODO.
 
 ## 2. Data sources
-- Source dataset: format `{card.format}`, split `{card.split}`, root `{card.source_root(data)}`.
+- Source dataset: {source_words(card)}{where}.
 - Policy: `{card.policy_name}` (sha256 `{card.policy_sha256}`), applied by `guard prepare` on {card.created_at}.
 
 {_rules(card)}
@@ -124,12 +140,10 @@ directory, the run directory and the compliance ledger. Narrative answers marked
 {_licenses(data)}
 
 ### Opt-outs and reservations honoured
-Exclude rules ({', '.join(excluded_rules) or 'none'}) apply before any other rule, so an opt-out can never
-be overridden: {optouts} record(s) excluded. {_dedup(card)}
- Excluded records exist only as manifest rows with their sha256;
-`guard verify` proves their pixels are absent from every array. Machine-readable TDM reservations
-(robots, TDMRep, C2PA/IPTC) are honoured to the extent the policy's `where` clauses encode them: TODO
-(describe the signals collected and when).
+{_exclusions(card, exclusions(card, held))}
+
+### Copies
+{_dedup(card)}
 
 ## 3. Data processing
 - Protected records: stored only as y = x/127.5 − 1 + σ·ε with σ = {card.sigma} (one fixed draw per record,
@@ -140,7 +154,7 @@ be overridden: {optouts} record(s) excluded. {_dedup(card)}
 - Synthetic data: SFBD's denoised copies of protected records are synthetic data derived from them
   (the model's own reconstructions), used for training.
 - Privacy: {privacy}
-- Memorization audit: {_latest_audit(con, run_dir)}
+- Memorization audit: {audit}
 - Removal of illegal content, personal-data handling: TODO.
 """
 

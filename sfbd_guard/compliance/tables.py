@@ -21,6 +21,8 @@ DEFAULT_QUERIES = {
               "round(suspect_threshold, 4) AS suspect_threshold, threshold_method FROM audits ORDER BY started_at",
 }
 FORMATS = ("table", "csv", "json", "parquet")
+HEADERS = {"started_at": "started (UTC)", "copy_threshold": "copy ≥", "suspect_threshold": "suspect ≥",
+           "threshold_method": "thresholds", "noise_multiplier": "noise mult.", "private_steps": "DP steps"}  # terminal only
 
 
 def report_tables(ledger: Path, sql: str | None) -> dict[str, Any]:
@@ -31,25 +33,46 @@ def report_tables(ledger: Path, sql: str | None) -> dict[str, Any]:
     return {title: query(con, q) for title, q in DEFAULT_QUERIES.items()}
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, project: Path | None = None) -> str:
+    """A value for the terminal: floats to 6 digits, times to the minute, paths inside the project relative to it."""
+    from datetime import datetime
+
     if value is None:
         return ""
     if isinstance(value, float):
         return f"{value:.6g}"
+    if isinstance(value, datetime):
+        return f"{value:%Y-%m-%d %H:%M}"
+    if project is not None and isinstance(value, str) and value.startswith("/"):
+        path = Path(value)
+        if path != project and path.is_relative_to(project):
+            return str(path.relative_to(project))
     return str(value)
 
 
-def print_tables(tables: dict[str, Any]) -> None:
+def print_tables(tables: dict[str, Any], project: Path | None = None) -> None:
+    """The tables on the terminal, narrowed to fit it: columns empty in every row are left out (DP columns of runs
+    without DP), times shown to the minute, paths relative to the project (CSV, JSON and Parquet keep them all)."""
     import sys
+    from datetime import datetime
 
+    from rich import box
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
     console = Console() if sys.stdout.isatty() else Console(width=200)  # pipes and files: no wrapping at 80
     for title, table in tables.items():
-        shown = Table(*table.column_names, title=f"{title} ({table.num_rows})", title_justify="left")
-        for row in table.to_pylist():
-            shown.add_row(*(_cell(v) for v in row.values()))
+        rows = table.to_pylist()
+        columns = [c for c in table.column_names if not rows or any(row[c] is not None for row in rows)]
+        hidden = len(table.column_names) - len(columns)
+        note = f", {hidden} empty column(s) hidden" if hidden else ""
+        heads = [Column(HEADERS.get(c, c), overflow="fold", min_width=16 if c == "started_at" else None,
+                        no_wrap=all(isinstance(r[c], (int, float, datetime)) or r[c] is None for r in rows))
+                 for c in columns]  # numbers and times never wrap; text (names, paths) folds, never cut
+        shown = Table(*heads, title=f"{title} ({table.num_rows}{note})", title_justify="left", box=box.SIMPLE_HEAD,
+                      padding=(0, 1), collapse_padding=True, pad_edge=False)
+        for row in rows:
+            shown.add_row(*(_cell(row[c], project) for c in columns))
         console.print(shown)
 
 
@@ -72,14 +95,14 @@ def serialise(tables: dict[str, Any], fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def emit(tables: dict[str, Any], fmt: str, output: Path | None) -> None:
-    """Print or write `tables` in `fmt` (Parquet needs --output)."""
+def emit(tables: dict[str, Any], fmt: str, output: Path | None, project: Path | None = None) -> None:
+    """Print or write `tables` in `fmt` (Parquet needs --output); printed paths are shortened against `project`."""
     import sys
 
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if fmt == "table" and output is None:
-        print_tables(tables)
+        print_tables(tables, project)
         return
     data = serialise(tables, "csv" if fmt == "table" else fmt)
     if output is not None:

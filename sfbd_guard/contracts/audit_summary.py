@@ -34,6 +34,8 @@ class SummaryThresholds(Contract):
     copy_: float = Field(alias="copy")  # `copy` would shadow BaseModel.copy
     suspect: float
     ratio: float
+    ratio_min_similarity: float | None = None  # the L2-ratio rule needs s1 >= this (absent in early summaries)
+    ratio_min_quantile: float | None = None  # with a holdout: the quantile of its s1 that set it
     method: str
     note: str
     alpha_copy: float

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..diffusion.sampling import karras_sigmas, sample_euler, sample_heun
+from ..diffusion.sampling import Callback, karras_sigmas, sample_euler, sample_heun
 from ..hashing import image_seed
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
@@ -23,11 +23,13 @@ def initial_noise(seeds: list[int], shape: tuple[int, int, int], device: torch.d
 
 @torch.no_grad()
 def generate(denoiser: torch.nn.Module, *, seed: int, count: int, shape: tuple[int, int, int], steps: int,
-             batch: int, device: torch.device, solver: str = "heun") -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (first index, images in [-1, 1]) batch by batch: EDM deterministic sampling, `steps` steps."""
+             batch: int, device: torch.device, solver: str = "heun",
+             callback: Callback | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (first index, images in [-1, 1]) batch by batch: EDM deterministic sampling, `steps` steps
+    (`callback` is the sampler's, called once per step of every batch)."""
     sigmas = karras_sigmas(steps, SIGMA_MIN, SIGMA_MAX, device=device, dtype=torch.float32)
     sampler = sample_heun if solver == "heun" else sample_euler
     for start in range(0, count, batch):
         seeds = [image_seed(seed, i) for i in range(start, min(count, start + batch))]
         x = initial_noise(seeds, shape, device)
-        yield start, sampler(denoiser, x, sigmas).clamp(-1, 1)
+        yield start, sampler(denoiser, x, sigmas, callback=callback).clamp(-1, 1)

@@ -169,9 +169,14 @@ class Trainer:
         if not self.rt.is_main:
             return None
         count = self.config.grid_size
-        images = torch.cat([batch for _, batch in generate(self.ema.module, seed=SNAPSHOT_SEED, count=count,
-                            shape=self.data.image_shape, steps=SNAPSHOT_STEPS, batch=count, device=self.rt.device)])
         path = self.run_dir / "snapshots" / f"{name or f'grid-step-{self.state.step:09d}'}.png"
+        # a grid takes SNAPSHOT_STEPS sampler steps of the whole grid (minutes on a CPU): shown as they go, counted
+        # in image-steps (each step of the sampler advances every image of the grid)
+        tick = (self.progress(f"snapshot {path.stem} ({SNAPSHOT_STEPS} sampler steps)", SNAPSHOT_STEPS * count)
+                if self.progress else None)
+        images = torch.cat([batch for _, batch in generate(
+            self.ema.module, seed=SNAPSHOT_SEED, count=count, shape=self.data.image_shape, steps=SNAPSHOT_STEPS,
+            batch=count, device=self.rt.device, callback=(lambda _: tick(count)) if tick else None)])
         return save_grid(images, path)
 
     def enter_phase(self, index: int) -> Mixture:

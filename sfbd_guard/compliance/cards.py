@@ -1,0 +1,206 @@
+"""Hugging Face cards: `guard report --model-card DIR --run RUN` and `--dataset-card DIR` write DIR/README.md with
+YAML metadata (huggingface_hub `ModelCard` / `DatasetCard`), so the Hub and the tools that read cards see the
+licences, the training data's composition, the opt-outs honoured, the audit's outcome and the DP budget.
+
+A card holds counts, licences, rule names and hashes only: no `where` clause (it may name who opted out), no
+noise key id, no path outside the card's own words; nothing that helps rebuild a protected original.
+huggingface_hub is imported inside the functions (`guard --help` stays fast).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from ..contracts.card import Card, read_card
+from ..contracts.run_record import read_run_record
+from ..errors import InputError
+from ..fileio import atomic_write_bytes
+from ..locations import project_of
+from ..relocate import prepared_of_run
+from .chains import Chain, gather
+from .composition import Exclusions, demoted, exclusions, holdout_rules_of, licence_counts, source_words, trained_licences
+
+TAGS = ["sfbd-guard", "diffusion", "protected-data"]
+
+
+def _hub_licence(licences: list[str]) -> tuple[str, str | None]:
+    """The card's `license`: the one licence of all the records trained on (SPDX ids lower-cased, as the Hub
+    writes them), else `other` with a name saying the data is mixed."""
+    known = [lic for lic in licences if lic != "NOASSERTION"]
+    if len(licences) == 1 and known:
+        return known[0].lower(), None
+    return "other", "mixed-training-data-licences" if known else "unknown-training-data-licence"
+
+
+def _size_category(count: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if count < limit:
+            return name
+    return "1M<n<10M" if count < 10_000_000 else "n>10M"
+
+
+def _composition(card: Card, counts: Counter[tuple[str, str]] | None) -> str:
+    if counts is None:
+        rows = "\n".join(f"| {p} | dataset licence (no per-record `license` column) | {card.counts.get(p, 0)} |"
+                         for p in ("clean", "protected", "excluded"))
+    else:
+        rows = "\n".join(f"| {p} | {lic} | {n} |" for (p, lic), n in sorted(counts.items()))
+    return ("| partition | licence (SPDX) | records |\n|---|---|---|\n" + rows + "\n\n"
+            "clean: trained on as they are; protected: seen only as noised copies (σ = "
+            f"{card.sigma:g}); excluded: never stored (opt-outs, held-out records, demoted copies).")
+
+
+def _exclusions(found: Exclusions, card: Card) -> str:
+    opt = (", ".join(f"`{name}`: {n} record(s)" for name, n in found.opt_outs.items())
+           if found.opt_outs else "the policy has no opt-out rule")
+    held = ", ".join(f"`{name}`: {n}" for name, n in found.held_out.items()) or "none"
+    return (f"- Opt-outs honoured: {opt}. Exclude rules run before every other rule; `guard verify` proves the "
+            "excluded pixels are in no array.\n"
+            f"- Held out for the audit's calibration (not opt-outs): {held}.\n"
+            f"- Copies demoted to excluded by duplicate merging: {demoted(card)}.")
+
+
+def _chain(ledger: Path, run_dir: Path) -> Chain | None:
+    chains, _ = gather(ledger, verify=False)
+    return next((c for c in chains if c.run_dir == run_dir), None)
+
+
+def _audit_words(chain: Chain | None) -> tuple[str, dict[str, Any]]:
+    summary = chain.audit if chain else None
+    if summary is None:
+        return "No finished audit of this model's samples is recorded.", {"audited": False}
+    counts = summary.counts
+    how = ("thresholds calibrated on held-out real images" if summary.thresholds.method == "holdout"
+           else "uncalibrated default thresholds (false-positive rate unknown)")
+    text = (f"Latest memorization audit of {summary.flagged.of} generated images against the protected originals: "
+            f"{counts.get('copy', 0)} copy, {counts.get('suspect', 0)} suspect, {counts.get('novel', 0)} novel "
+            f"({summary.embedder.kind} embedder, {how}).")
+    return text, {"audited": True, "copies": counts.get("copy", 0), "suspects": counts.get("suspect", 0),
+                  "samples": summary.flagged.of, "thresholds": summary.thresholds.method}
+
+
+def model_card_text(run_dir: Path, ledger: Path, data: Path | None = None) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    run_dir = run_dir.resolve()
+    if not (run_dir / "run.json").is_file():
+        raise InputError(f"{run_dir}: not a run directory (no run.json)", hint="--run takes a directory written by guard train")
+    record = read_run_record(run_dir)
+    folder = prepared_of_run(run_dir, record.data, record.data_fingerprint, project_of(ledger), data)
+    card = read_card(folder, hint="the run's prepared directory (run.json `data`, or --data) must be written by guard prepare")
+    chain = _chain(ledger, run_dir)
+    counts = licence_counts(folder)
+    licences = trained_licences(counts)
+    licence, licence_name = _hub_licence(licences)
+    found = exclusions(card, holdout_rules_of(chain.audit.config if chain and chain.audit else None))
+    trainings = chain.ok("train") if chain else []
+    method = getattr(trainings[-1].summary, "method", "unknown") if trainings else "unknown"
+    audit, audit_meta = _audit_words(chain)
+    dp = chain.epsilon() if chain else None
+    privacy = (f"DP-SGD on the stages that read protected data: ε = {dp[0]:.3g}" + (f", δ = {dp[1]:.3g}." if dp[1] else ".")
+               if dp else "No differential-privacy guarantee: protected images were seen only as noised copies "
+                          f"(σ = {card.sigma:g}), which is obfuscation, not DP.")
+    meta = ModelCardData(
+        license=licence, datasets=[card.policy_name], tags=[*TAGS, method], pipeline_tag="unconditional-image-generation",
+        library_name="sfbd_guard", license_name=licence_name,
+        sfbd_guard={"data_fingerprint": card.fingerprint, "method": method, "training_licences": licences or ["NOASSERTION"],
+                    "records": {k: card.counts.get(k, 0) for k in ("clean", "protected", "excluded")},
+                    "opt_outs_honoured": found.opted_out, "audit": audit_meta,
+                    "dp": {"epsilon": dp[0], "delta": dp[1]} if dp else None})
+    body = f"""
+# {run_dir.name}
+
+An image diffusion model trained with sfbd_guard (method `{method}`, {card.resolution}×{card.resolution},
+{card.channels} channel(s)) on the prepared dataset `{card.policy_name}` (fingerprint `{card.fingerprint[:16]}…`),
+made from {source_words(card)}.
+
+## Training data composition
+
+{_composition(card, counts)}
+
+## Opt-outs and held-out records
+
+{_exclusions(found, card)}
+
+## Memorization audit
+
+{audit}
+
+## Privacy
+
+{privacy}
+
+## Licence
+
+{"The training data's licences: " + ", ".join(licences) + "." if licences else "The dataset records no per-record licence."}
+The model's own licence is the owner's to set (`license` above says `{licence}`).
+"""
+    return str(ModelCard(f"---\n{meta.to_yaml()}\n---\n{body}"))
+
+
+def dataset_card_text(data: Path) -> str:
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    data = data.resolve()
+    card = read_card(data, hint="--dataset-card describes a directory written by guard prepare")
+    counts = licence_counts(data)
+    licences = trained_licences(counts)
+    found = exclusions(card, [])
+    stored = card.counts.get("clean", 0) + card.counts.get("protected", 0)
+    meta = DatasetCardData(
+        license=[lic.lower() for lic in licences if lic != "NOASSERTION"] or "other", pretty_name=card.policy_name,
+        size_categories=_size_category(stored), task_categories=["unconditional-image-generation"], tags=TAGS,
+        sfbd_guard={"fingerprint": card.fingerprint, "policy_sha256": card.policy_sha256, "sigma": card.sigma,
+                    "records": {k: card.counts.get(k, 0) for k in ("clean", "protected", "excluded", "error")},
+                    "opt_outs_honoured": found.opted_out})
+    rules = "\n".join(f"| {rule.name} | {rule.action} | {card.rule_counts.get(rule.name, 0)} |" for rule in card.policy.rules)
+    body = f"""
+# {card.policy_name}
+
+A dataset prepared by sfbd_guard from {source_words(card)}: {card.resolution}×{card.resolution} images,
+{card.channels} channel(s). Clean records are stored as they are; protected records only with Gaussian noise of
+σ = {card.sigma:g} on the [-1, 1] scale, from a key only the data owner holds; excluded records are not stored.
+
+## Composition
+
+{_composition(card, counts)}
+
+## Policy
+
+Policy `{card.policy_name}` (sha256 `{card.policy_sha256[:16]}…`), applied on {card.created_at}:
+
+| rule | action | records |
+|---|---|---|
+{rules}
+
+## Opt-outs
+
+{_exclusions(found, card)}
+
+## Integrity
+
+The directory's fingerprint is `{card.fingerprint}`; card.json lists the sha256 of every file.
+"""
+    return str(DatasetCard(f"---\n{meta.to_yaml()}\n---\n{body}"))
+
+
+def write_model_card(folder: Path, run_dir: Path, ledger: Path, data: Path | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "README.md"
+    atomic_write_bytes(path, model_card_text(run_dir, ledger, data).encode())
+    return path
+
+
+def write_dataset_card(folder: Path, ledger: Path, *, run: Path | None = None, data: Path | None = None) -> Path:
+    """The card of `data`, else of `run`'s prepared directory."""
+    if data is None:
+        if run is None:
+            raise InputError("--dataset-card needs --data DIR or --run DIR")
+        record = read_run_record(run.resolve())
+        data = prepared_of_run(run.resolve(), record.data, record.data_fingerprint, project_of(ledger), None)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "README.md"
+    atomic_write_bytes(path, dataset_card_text(data).encode())
+    return path
