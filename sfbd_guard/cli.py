@@ -54,8 +54,9 @@ ThreadsOpt = Annotated[
                       "ranks on this host; OMP_NUM_THREADS if set)."),
 ]
 
+ExecutorChoice = Literal["local", "ray"]
 ExecutorOpt = Annotated[
-    str,
+    ExecutorChoice,
     typer.Option("--executor", help="local (this machine's processes) or ray (Ray tasks and actors: pip install 'sfbd_guard[ray]'); the output is the same."),
 ]
 

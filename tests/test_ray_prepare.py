@@ -122,4 +122,4 @@ def test_without_ray_the_command_says_how_to_install_it(tmp_path: Path, cli: Any
     result = cli("audit", "--samples", tmp_path, "--data", tmp_path, "--executor", "ray")
     assert result.code == 2 and result.err.strip().count("\n") == 0 and "pip install 'sfbd_guard[ray]'" in result.err
     result = cli("prepare", "--policy", tmp_path / "p.yaml", "--executor", "dask")
-    assert result.code == 2 and "--executor: 'dask'" in result.err
+    assert result.code == 2 and "'dask' is not one of 'local', 'ray'" in result.err
