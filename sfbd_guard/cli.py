@@ -57,7 +57,7 @@ ThreadsOpt = Annotated[
 ExecutorChoice = Literal["local", "ray"]
 ExecutorOpt = Annotated[
     ExecutorChoice,
-    typer.Option("--executor", help="local (this machine's processes) or ray (Ray tasks and actors: pip install 'sfbd_guard[ray]'); the output is the same."),
+    typer.Option("--executor", help="local (this machine's processes) or ray (Ray tasks and actors: pip install 'sfbd_guard\\[ray]'); the output is the same."),
 ]
 
 RayAddressOpt = Annotated[
@@ -484,9 +484,28 @@ def info(
     typer.echo(f"threads: {choice.describe()}")
 
 
+def _plain_flags(command: Any) -> None:
+    """Flags take no value: show no type for them in help (typer would print `<bool>`)."""
+    for param in command.params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    make_help_option = command.get_help_option  # --help / -h is made per context, not in params
+
+    def help_option(ctx: Any) -> Any:
+        option = make_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = help_option
+    for sub in getattr(command, "commands", {}).values():
+        _plain_flags(sub)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: usage errors become one line and exit 2, never a box or a traceback."""
     command = typer.main.get_command(app)
+    _plain_flags(command)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         code = command.main(args=argv, prog_name="guard", standalone_mode=False, obj={"argv": argv})

@@ -63,6 +63,10 @@ def test_guard_alone_version_short_help_and_choices(cli, monkeypatch: pytest.Mon
         page = cli(command, "--help").out
         assert any(option in line and shown in line for line in page.splitlines()), (command, option)
     assert "list[str]" not in cli("train", "--help").out
+    prepare_page = cli("prepare", "--help").out
+    assert "<bool>" not in prepare_page, "flags take no value: no type shown"
+    assert "'sfbd_guard[ray]'" in prepare_page, "help text is not eaten as rich markup"
+    assert any("--executor" in line and "local|ray" in line for line in prepare_page.splitlines())
     bad = cli("audit", "--samples", ".", "--data", ".", "--embedder", "dino")
     assert bad.code == 2 and "'dino' is not one of" in bad.err
 

@@ -36,6 +36,8 @@ from .embed import Embedder, embed_chunks, l2_vectors
 from .index import build_ivf
 from .originals import PreparedInfo, iter_protected
 
+CHUNK_BYTES = 64 << 20  # decoded originals per unit of embedding work (one round trip to a Ray actor)
+CHUNK_ROWS = 4096
 LAYOUT_VERSION = 2  # 2: the vectors in shards of search.shard_size rows (emb-NNNNN.npy, pix-NNNNN.npy)
 
 
@@ -160,6 +162,13 @@ def _publish(staging: Path, folder: Path, meta: dict[str, Any]) -> Path | None:
     return folder
 
 
+def chunk_rows(batch: int, resolution: int, channels: int) -> int:
+    """Originals read and embedded per chunk: up to CHUNK_ROWS and CHUNK_BYTES of decoded pixels, whole batches
+    (few round trips to Ray actors, bounded memory; the same chunks for both executors, so the same vectors)."""
+    rows = min(CHUNK_ROWS, max(1, CHUNK_BYTES // max(1, resolution * resolution * channels)))
+    return batch * max(1, -(-rows // batch))
+
+
 def build(info: PreparedInfo, embedder: Embedder, config: AuditConfig, data_root: Path | None,
           start_progress: Callable[[int], Callable[[int], None]] | None = None) -> Reference:
     """Read, verify and embed every protected original (or reuse a cache entry with the same key), in shards of
@@ -178,7 +187,8 @@ def build(info: PreparedInfo, embedder: Embedder, config: AuditConfig, data_root
     staging = _staging(folder) if folder is not None else None
     try:
         sink = _ShardSink(config.search.shard_size, staging)
-        chunks = iter_protected(info, data_root, chunk=max(config.embedder.batch, 256), progress=progress)
+        chunks = iter_protected(info, data_root, chunk=chunk_rows(config.embedder.batch, info.resolution, info.channels),
+                                progress=progress)
         for chunk, embedded in embed_chunks(embedder, chunks, config.embedder.batch):
             sink.add(embedded, l2_vectors(chunk, size))
         built_at = datetime.now(UTC).isoformat(timespec="seconds")

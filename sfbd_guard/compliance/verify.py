@@ -233,7 +233,8 @@ def check_duplicates(card: Any, rows: list[dict[str, Any]]) -> Check:
             return Check("duplicates", False, f"{row['partition']} row {row['record_id']} is an exact copy of "
                                               f"{names[top]} record {other}")
     dedup = getattr(card, "dedup", None) or {}
-    setting = (f"dedup on (near: {dedup.get('embedder')} >= {dedup.get('threshold')}, mirror {'on' if dedup.get('mirror') else 'off'}; "
+    mirror = "on" if dedup.get("mirror") else "off"
+    setting = (f"dedup on (near: {dedup.get('embedder')} >= {dedup.get('threshold')}, mirror {mirror}; "
                f"{dedup.get('demoted', 0)} record(s) demoted)" if dedup.get("enabled") else "dedup off in the policy")
     return Check("duplicates", True, f"no stored row is an exact copy of a stricter one; {setting}")
 
