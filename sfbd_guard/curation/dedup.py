@@ -92,19 +92,15 @@ class Embedding:
         if self.kind == "pixel":
             return partial(embed, size=self.size)
         from ..audit.clip import ClipEmbedder
-        from ..audit.embed import mirror, normalize_rows
+        from ..audit.embed import embed_batched, mirror, normalize_rows
 
         clip = ClipEmbedder(weights=self.clip_weights, model=self.clip_model, quick_gelu=self.quick_gelu)
 
         def embed_clip(pixels: np.ndarray) -> np.ndarray:
-            out = np.zeros((len(pixels), self.dim), np.float32)
-            for start in range(0, len(pixels), self.batch):
-                chunk = pixels[start:start + self.batch]
-                features = clip.embed(chunk)
-                if self.mirror:
-                    features = normalize_rows(features + clip.embed(mirror(chunk)))
-                out[start:start + len(chunk)] = features
-            return out
+            features = embed_batched(clip, pixels, self.batch)
+            if self.mirror:
+                features = normalize_rows(features + embed_batched(clip, mirror(pixels), self.batch))
+            return np.asarray(features, np.float32)
 
         return embed_clip
 

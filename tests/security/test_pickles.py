@@ -44,3 +44,21 @@ def test_a_cifar_batch_pickle_cannot_run_code(tmp_path: Path) -> None:
     with pytest.raises(InputError):
         open_reader(SourceSpec("cifar10", root, "train", 32)).metadata()
     assert not marker.exists()
+
+
+def test_a_policy_naming_pickled_dedup_weights_cannot_run_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A hostile policy points dedup's clip embedder at a pickle: `guard prepare` exits 2 before any work."""
+    import torch
+
+    from helpers import guard, write_policy
+
+    marker = tmp_path / "pwned"
+    torch.save({"visual.proj": _Payload(marker)}, tmp_path / "evil.pt")
+    policy = write_policy(tmp_path / "p.yaml", {
+        "version": 1, "name": "p", "dataset": {"format": "digits", "resolution": 8},
+        "rules": [{"name": "all", "action": "protect"}], "noise": {"sigma": 0.5}, "output": "out",
+        "dedup": {"embedder": "clip", "clip_weights": "evil.pt"}})
+    assert guard("prepare", "--policy", policy, "--ledger", tmp_path / "ledger") == 2
+    err = capsys.readouterr().err
+    assert "cannot load" in err and "Traceback" not in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
