@@ -145,7 +145,8 @@ def prepare(
     workers: Annotated[int, typer.Option("--workers", min=1, help="Decoding processes; the output is identical for any count.")] = 1,
     strict: Annotated[bool, typer.Option("--strict", help="Stop with exit 1 at the first unreadable image instead of recording an error row.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output once the new one is complete.")] = False,
-    noise_key: Annotated[Path | None, typer.Option("--noise-key", help="Secret key file from guard keygen, for byte-identical re-runs; default a fresh key that is never stored.")] = None,
+    noise_key: Annotated[Path | None, typer.Option("--noise-key", help="Secret key file from guard keygen; default your owner key ($GUARD_KEY_FILE, else $XDG_CONFIG_HOME/sfbd_guard/owner.key, created on first use).", show_default=False)] = None,
+    ephemeral_key: Annotated[bool, typer.Option("--ephemeral-key", help="Key the noise with a throw-away secret that is never stored (no one can regenerate it, and each such prepare is a new release).")] = False,
     sign_key: Annotated[Path | None, typer.Option("--sign-key", help="Ed25519 private key (guard signkey create): sign card.json into card.sig for those you hand the directory to.")] = None,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
@@ -161,7 +162,7 @@ def prepare(
 
     result = prepare_recorded(policy, data_root=data_root, out=out, workers=workers, strict=strict,
                               overwrite=overwrite, ledger=ledger, command=_invocation(ctx), key_file=noise_key,
-                              progress=terminal_progress, sign_key=sign_key,
+                              ephemeral_key=ephemeral_key, progress=terminal_progress, sign_key=sign_key,
                               executor=executor_spec(executor, ray_address))
     print_summary(result)
 

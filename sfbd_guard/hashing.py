@@ -50,6 +50,14 @@ def pixel_sha256(pixels: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
 
 
+def keyed_digest(digest_key: bytes, pixel_sha256: str) -> str:
+    """A pixel digest that confirms nothing without the key: HMAC-SHA256(digest_key, the 32 bytes of a hex
+    pixel sha256), hex (digests.py: what a prepared directory says about a record's pixels)."""
+    import hmac
+
+    return hmac.new(digest_key, bytes.fromhex(pixel_sha256), hashlib.sha256).hexdigest()
+
+
 def unit_rank(seed: int, key: str) -> bytes:
     """A sortable pseudo-random rank of `key` under `seed`: sha256("seed:key"). Sorting by it gives a seeded
     shuffle that depends on neither the order nor the number of the other keys (sampling units, holdouts)."""

@@ -9,7 +9,7 @@ import os
 # small operation hundreds of times slower. Set before torch is imported, so subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,37 @@ import pytest
 
 from sfbd_guard.cli import main
 from sfbd_guard.datasets.synthetic import write_celeba, write_cifar10
+
+
+def _owner_config(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The owner's key and release register (created by the first prepare) go under `folder`, never the real
+    home: XDG_CONFIG_HOME is set and GUARD_KEY_FILE unset. HOME stays, so cached model weights are still found."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(folder))
+    monkeypatch.delenv("GUARD_KEY_FILE", raising=False)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_owner_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """For session-scoped fixtures that prepare (instantiated before any module or test fixture)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _owner_config(tmp_path_factory.mktemp("config-session"), monkeypatch)
+        yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_owner_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Each module's fixtures get an owner key and register of their own (two modules preparing the digits with
+    other keys are not one owner re-releasing them)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _owner_config(tmp_path_factory.mktemp("config-module"), monkeypatch)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _owner_config_per_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test its own owner key and release register (in its tmp_path)."""
+    _owner_config(tmp_path / "config", monkeypatch)
+    return tmp_path / "config"
 
 
 @pytest.fixture(autouse=True)

@@ -1,15 +1,28 @@
-"""The data owner's noise key: the secret that the protected records' noise is keyed with.
+"""The data owner's secret and the subkeys derived from it.
 
-By default `guard prepare` draws a fresh 256-bit secret (`secrets.token_bytes`) and forgets it when it
-ends, so nobody, the data owner included, can ever regenerate the noise. A data owner who wants
-byte-identical re-runs keeps a key file made by `guard keygen` (mode 0600) and passes it with
-`--noise-key` or `noise.key_file`. Only `guard prepare` reads it; the key never enters the prepared
-directory, a run directory, the ledger or a report. The card records the key id, HMAC(secret, label),
-which tells two directories made with one key apart from others and reveals nothing about the key.
+One 256-bit owner secret (a key file, mode 0600) is the root. Three subkeys are derived from it with HKDF
+(RFC 5869, SHA-256, `cryptography`), each under its own `info` label, so that holding one says nothing of
+the others or of the root:
+- the noise subkey keys every protected record's noise (noise.py);
+- the digest subkey keys every pixel digest written into a prepared directory; it can be exported for a
+  verifier (`guard key export-digest`), and regenerates no noise;
+- the register subkey keys the digests of the owner's release register (register.py).
+No subkey is ever written next to data. The card records the key id, HMAC(secret, label), which tells two
+directories made with one key apart from others and reveals nothing about the key.
+
+By default the first `guard prepare` creates the owner's secret in the user's configuration folder
+($GUARD_KEY_FILE if set, a path; else $XDG_CONFIG_HOME/sfbd_guard/owner.key, else
+~/.config/sfbd_guard/owner.key) and every later prepare reuses it: the same record with the same pixels then
+always carries the same noise, so preparing again after a rule change releases identical copies that
+averaging cannot thin out. `--noise-key` or `noise.key_file` choose another key file; `--ephemeral-key`
+draws a throw-away secret for one prepare (no one can ever regenerate that noise). Only `guard prepare` and
+`guard key` read a key file; the key never enters the prepared directory, a run directory, the ledger or a
+report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -18,18 +31,33 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..digests import DIGEST_HEADER, write_secret_file
 from ..errors import InputError
 
 KEY_BYTES = 32
 HEADER = "sfbd-guard-noise-key-v1"
+KEY_ENV = "GUARD_KEY_FILE"  # a path to the owner's key file, never the key itself
+DEFAULT_NAME = "owner.key"
 _ID_LABEL = b"sfbd_guard/key-id/v1"
-_COMMENT = ("# sfbd_guard noise key. Keep it secret: with it, anyone holding a prepared directory made with it can\n"
-            "# rebuild the protected originals. Only `guard prepare --noise-key` reads it; never copy it next to the data.\n")
+# HKDF info labels of the subkeys: distinct, versioned, never reused for another purpose.
+NOISE_INFO = b"sfbd_guard/subkey/noise/v2"
+DIGEST_INFO = b"sfbd_guard/subkey/digest/v1"
+REGISTER_INFO = b"sfbd_guard/subkey/register/v1"
+_COMMENT = ("# sfbd_guard owner key. Keep it secret: with it, anyone holding a prepared directory made with it can\n"
+            "# rebuild the protected originals. Only guard prepare and guard key read it; never copy it next to the data.\n")
+
+
+def derive(secret: bytes, info: bytes) -> bytes:
+    """A 256-bit subkey of `secret`: HKDF-SHA256 with no salt (the secret is uniform) and `info` as its label."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(secret)
 
 
 @dataclass(frozen=True)
 class NoiseKey:
-    """A secret and where it came from. Its repr never shows the secret."""
+    """The owner's secret and where it came from. Its repr never shows the secret or a subkey."""
 
     secret: bytes = field(repr=False)
     source: str  # "ephemeral" (fresh, discarded after the run) or "key_file"
@@ -43,6 +71,18 @@ class NoiseKey:
         """Public identifier of the key: HMAC-SHA256(secret, label), hex."""
         return hmac.new(self.secret, _ID_LABEL, hashlib.sha256).hexdigest()
 
+    @property
+    def noise_subkey(self) -> bytes:
+        return derive(self.secret, NOISE_INFO)
+
+    @property
+    def digest_subkey(self) -> bytes:
+        return derive(self.secret, DIGEST_INFO)
+
+    @property
+    def register_subkey(self) -> bytes:
+        return derive(self.secret, REGISTER_INFO)
+
     def __reduce__(self) -> tuple[type[NoiseKey], tuple[bytes, str]]:
         # Picklable for the decoding worker processes (sent through a pipe, never written to disk).
         return (NoiseKey, (self.secret, self.source))
@@ -53,20 +93,55 @@ def fresh_key() -> NoiseKey:
     return NoiseKey(secrets.token_bytes(KEY_BYTES), "ephemeral")
 
 
+def default_key_path() -> Path:
+    """Where the owner's key lives: $GUARD_KEY_FILE (a path), else the user's configuration folder."""
+    explicit = os.environ.get(KEY_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    config = os.environ.get("XDG_CONFIG_HOME")
+    base = Path(config) if config and os.path.isabs(config) else Path.home() / ".config"
+    return base / "sfbd_guard" / DEFAULT_NAME
+
+
 def create_key_file(path: Path) -> NoiseKey:
     """Write a new random key to `path` (mode 0600, never over an existing file)."""
     key = NoiseKey(secrets.token_bytes(KEY_BYTES), "key_file")
-    if not path.parent.is_dir():
-        raise InputError(f"{path}: folder {path.parent} does not exist")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    except FileExistsError:
-        raise InputError(f"{path}: already exists; a key file is never overwritten",
-                         hint="choose another file name, or delete the old key only once no one needs it") from None
-    with os.fdopen(fd, "w", encoding="ascii") as handle:
-        os.fchmod(handle.fileno(), 0o600)  # whatever the umask
-        handle.write(f"{_COMMENT}{HEADER} {key.secret.hex()}\n")
+    write_secret_file(path, f"{_COMMENT}{HEADER} {key.secret.hex()}\n")
     return key
+
+
+@dataclass(frozen=True)
+class OwnerKey:
+    """The owner's key as found (or created) at its default place."""
+
+    key: NoiseKey
+    path: Path
+    created: bool
+
+
+def owner_key(path: Path | None = None, *, forbidden: tuple[Path, ...] = ()) -> OwnerKey:
+    """The owner's key at `path` (default: `default_key_path()`), created there (folder 0700, file 0600) if missing.
+
+    Two first prepares racing create one key: the file is created exclusively and the loser reads the winner's."""
+    path = path or default_key_path()
+    resolved = path.resolve()
+    for folder in forbidden:
+        if _inside(resolved, folder.resolve()):
+            raise InputError(f"owner key {path}: lies inside {folder}, which is handed to others",
+                             hint=f"point {KEY_ENV} at a file outside the prepared directory")
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(InputError):
+            if not path.exists():
+                return OwnerKey(create_key_file(path), path, True)
+    return OwnerKey(read_key_file(path, forbidden=forbidden), path, False)
+
+
+def export_digest_key(key: NoiseKey, path: Path) -> None:
+    """Write `key`'s digest subkey to `path` (mode 0600, never over a file) for a verifier: it checks the keyed
+    pixel digests of prepared directories made with `key` and regenerates no noise."""
+    write_secret_file(path, f"# sfbd_guard digest key (key id {key.key_id[:16]}): checks pixel digests, "
+                            f"cannot regenerate noise\n{DIGEST_HEADER} {key.digest_subkey.hex()}\n")
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from .. import __version__
 from ..contracts.card import Card, card_from_dict, card_path, write_card
 from ..datasets import DatasetReader, Part, SourceSpec, open_reader
-from ..errors import DataError
+from ..errors import DataError, InputError
 from ..executor import LOCAL, ExecutorSpec
 from ..hashing import fingerprint, new_sha256, sha256_file
 from ..policy import DedupSpec as DedupPolicy
@@ -42,7 +42,7 @@ from ..progress import ProgressFactory
 from . import dedup
 from . import shards as shard_files
 from .decode import NoiseParams, PartResult, PartTask, init_worker, process_part, worker_part, worker_part_metadata
-from .keys import NoiseKey, fresh_key, read_key_file
+from .keys import NoiseKey, fresh_key, owner_key, read_key_file
 from .manifest import ACTION_PARTITION, MANIFEST_FIELDS, PARTITIONS, manifest_schema, manifest_table
 from .noise import GENERATOR
 from .output import abandon_output, claim_output, finish_output, start_output
@@ -65,6 +65,7 @@ class PrepareResult:
     seconds: float
     source_fingerprint: str = field(default="")
     error_count: int = 0
+    key_note: str = ""  # where the key is (one line for the data owner)
 
 
 def source_spec(loaded: LoadedPolicy, data_root: Path | None) -> SourceSpec:
@@ -271,30 +272,53 @@ def _deduplicate(staging: Path, records: Records, decisions: Decisions, store: d
     return counts, rule_counts, dedup.card_section(spec, embedding, plan, records.table.num_rows)
 
 
-def noise_key(loaded: LoadedPolicy, key_file: Path | None, output: Path) -> NoiseKey:
-    """The secret of the noise: --noise-key, else the policy's noise.key_file, else a fresh one."""
+@dataclass(frozen=True)
+class KeyChoice:
+    """The key a prepare uses, and the line that tells the data owner where it is (printed by the CLI)."""
+
+    key: NoiseKey
+    note: str
+
+
+def noise_key(loaded: LoadedPolicy, key_file: Path | None, output: Path, *, ephemeral: bool = False) -> KeyChoice:
+    """The owner's secret: --noise-key, else the policy's noise.key_file, else the owner's key at its default place
+    ($GUARD_KEY_FILE or the configuration folder, created on first use); a throw-away one only if `ephemeral`."""
     path = key_file
     if path is None and loaded.policy.noise.key_file:
         path = loaded.resolve(loaded.policy.noise.key_file)
-    if path is None:
-        return fresh_key()
-    return read_key_file(path, forbidden=(output,))
+    if ephemeral:
+        if path is not None:
+            raise InputError(f"--ephemeral-key and the key file {path} exclude each other",
+                             hint="drop --ephemeral-key to use the key file, or the key file for a throw-away key")
+        key = fresh_key()
+        return KeyChoice(key, f"noise: keyed by a throw-away secret that was never stored (key id {key.key_id[:16]}): "
+                              "no one can regenerate this noise")
+    if path is not None:
+        key = read_key_file(path, forbidden=(output,))
+        return KeyChoice(key, f"noise: keyed by {path} (key id {key.key_id[:16]}); keep that file away from this directory")
+    owner = owner_key(forbidden=(output,))
+    if owner.created:
+        return KeyChoice(owner.key, f"created your owner key {owner.path} (mode 0600): this file plus any prepared "
+                                    "directory made with it rebuilds the protected originals; keep it private and backed up")
+    return KeyChoice(owner.key, f"noise: keyed by your owner key {owner.path} (key id {owner.key.key_id[:16]})")
 
 
 def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | None = None, workers: int = 1,
-            strict: bool = False, overwrite: bool = False, key_file: Path | None = None,
+            strict: bool = False, overwrite: bool = False, key_file: Path | None = None, ephemeral_key: bool = False,
             progress: ProgressFactory | None = None, executor: ExecutorSpec = LOCAL) -> PrepareResult:
     """Apply `loaded` to its dataset and write the prepared directory atomically.
 
-    The noise is keyed by `key_file` (or the policy's noise.key_file); without one, by a fresh secret
-    that is forgotten when this returns. `progress(label, total)` may return a callback that is told how many
-    records were just processed. `executor` runs the part work in this machine's pool of `workers` processes or
-    as Ray tasks (ray_parts.py): the output is the same, byte for byte.
+    The noise is keyed by `key_file` (or the policy's noise.key_file); without one, by the owner's key at its
+    default place (created on first use), or with `ephemeral_key` by a fresh secret forgotten when this returns.
+    `progress(label, total)` may return a callback that is told how many records were just processed. `executor`
+    runs the part work in this machine's pool of `workers` processes or as Ray tasks (ray_parts.py): the output
+    is the same, byte for byte.
     """
     started = time.perf_counter()
     spec = source_spec(loaded, data_root)
     output = output_dir(loaded, out)
-    key = noise_key(loaded, key_file, output)
+    choice = noise_key(loaded, key_file, output, ephemeral=ephemeral_key)
+    key = choice.key
     dedup_spec = loaded.policy.dedup
     embedding = dedup.embedding_for(dedup_spec, spec.resolution, loaded.base_dir) if dedup_spec.enabled else None
     reader = open_reader(spec)
@@ -350,4 +374,4 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
             abandon_output(staging)
             raise
     return PrepareResult(output, dict(card.counts), dict(card.rule_counts), manifest.errors, card,
-                         time.perf_counter() - started, manifest.source.hexdigest(), manifest.error_count)
+                         time.perf_counter() - started, manifest.source.hexdigest(), manifest.error_count, choice.note)

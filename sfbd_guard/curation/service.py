@@ -13,7 +13,7 @@ from .prepare import PrepareResult, prepare
 
 def prepare_recorded(policy_path: Path, *, data_root: Path | None, out: Path | None, workers: int, strict: bool,
                      overwrite: bool, ledger: Path | None, command: list[str], key_file: Path | None = None,
-                     progress: ProgressFactory | None = None,
+                     ephemeral_key: bool = False, progress: ProgressFactory | None = None,
                      sign_key: Path | None = None, executor: ExecutorSpec = LOCAL) -> PrepareResult:
     """Load the policy, prepare the data, and append a `prepare` event to the ledger (ok or failed).
 
@@ -26,7 +26,8 @@ def prepare_recorded(policy_path: Path, *, data_root: Path | None, out: Path | N
         loaded = load_policy(policy_path)
         event.inputs[0] = Artifact("policy", str(loaded.path.resolve()), loaded.sha256)
         result = prepare(loaded, data_root=data_root, out=out, workers=workers, strict=strict,
-                         overwrite=overwrite, key_file=key_file, progress=progress, executor=executor)
+                         overwrite=overwrite, key_file=key_file, ephemeral_key=ephemeral_key, progress=progress,
+                         executor=executor)
         card = result.card
         if key is not None:
             event.summary["signed_by"] = sign_card(result.output, key)

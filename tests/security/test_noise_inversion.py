@@ -45,7 +45,9 @@ def _public_guesses(card: dict[str, Any], row: dict[str, Any]) -> Iterator[np.nd
         from sfbd_guard.curation.noise import keyed_normals, record_key
 
         for secret in (bytes.fromhex(public) if len(public) == 64 else digest, digest):
-            yield keyed_normals(record_key(secret, rid, sigma=float(card["sigma"]), shape=shape), int(np.prod(shape))).reshape(shape)
+            for pixels in (row["sha256"], "00" * 32):
+                key = record_key(secret, rid, sigma=float(card["sigma"]), shape=shape, pixel_sha256=pixels)
+                yield keyed_normals(key, int(np.prod(shape))).reshape(shape)
 
 
 def _invert(noisy: np.ndarray, eps: np.ndarray, sigma: float) -> np.ndarray:
