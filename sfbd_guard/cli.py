@@ -147,6 +147,7 @@ def prepare(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output once the new one is complete.")] = False,
     noise_key: Annotated[Path | None, typer.Option("--noise-key", help="Secret key file from guard keygen; default your owner key ($GUARD_KEY_FILE, else $XDG_CONFIG_HOME/sfbd_guard/owner.key, created on first use).", show_default=False)] = None,
     ephemeral_key: Annotated[bool, typer.Option("--ephemeral-key", help="Key the noise with a throw-away secret that is never stored (no one can regenerate it, and each such prepare is a new release).")] = False,
+    allow_rerelease: Annotated[bool, typer.Option("--allow-rerelease", help="Release protected images already released with other noise (another key, sigma or record id): their copies can then be averaged; recorded in the card and the ledger.")] = False,
     sign_key: Annotated[Path | None, typer.Option("--sign-key", help="Ed25519 private key (guard signkey create): sign card.json into card.sig for those you hand the directory to.")] = None,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
@@ -162,7 +163,7 @@ def prepare(
 
     result = prepare_recorded(policy, data_root=data_root, out=out, workers=workers, strict=strict,
                               overwrite=overwrite, ledger=ledger, command=_invocation(ctx), key_file=noise_key,
-                              ephemeral_key=ephemeral_key, progress=terminal_progress, sign_key=sign_key,
+                              ephemeral_key=ephemeral_key, allow_rerelease=allow_rerelease, progress=terminal_progress, sign_key=sign_key,
                               executor=executor_spec(executor, ray_address))
     print_summary(result)
 
@@ -409,9 +410,10 @@ def verify(
 
     checks = verify_run(run, ledger_dir(ledger), verify_key=verify_key, data=data)
     for check in checks:
-        typer.echo(f"{'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
+        typer.echo(f"{check.word}  {check.name}: {check.detail}")
     failed = [c.name for c in checks if not c.passed]
-    typer.echo(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+    attention = sum(c.passed and c.attention for c in checks)
+    typer.echo(f"{len(checks) - len(failed) - attention} passed, {attention} need attention, {len(failed)} failed")
     if failed:
         raise typer.Exit(1)
 

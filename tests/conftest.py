@@ -44,10 +44,12 @@ def _module_owner_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
 
 
 @pytest.fixture(autouse=True)
-def _owner_config_per_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Each test its own owner key and release register (in its tmp_path)."""
-    _owner_config(tmp_path / "config", monkeypatch)
-    return tmp_path / "config"
+def owner_config(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test its own owner key and release register, outside its tmp_path (a test may prepare into tmp_path
+    itself, which must not hold the owner's key): the test's XDG_CONFIG_HOME."""
+    folder = tmp_path_factory.mktemp("config")
+    _owner_config(folder, monkeypatch)
+    return folder
 
 
 @pytest.fixture(autouse=True)

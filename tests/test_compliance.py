@@ -61,7 +61,7 @@ def test_report_views_formats_html_and_datasheet(chain: tuple[Path, Path], tmp_p
 def test_verify_passes_on_the_untouched_run(chain: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     folder, ledger = chain
     assert _guard("verify", "--run", folder / "runs" / "chain", "--ledger", ledger) == 0
-    assert "8 passed, 0 failed" in capsys.readouterr().out
+    assert "9 passed, 0 need attention, 0 failed" in capsys.readouterr().out
 
 
 def _copy(chain: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
@@ -86,7 +86,7 @@ def _copy(chain: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
 
 def _verify(copy: Path, ledger: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, str]:
     code = _guard("verify", "--run", copy / "runs" / "chain", "--ledger", ledger)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "FAIL"))]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "FAIL", "ATTENTION"))]
     assert code == (1 if any(line.startswith("FAIL") for line in lines) else 0)
     return {line.split(":")[0].split("  ", 1)[1]: line.split("  ", 1)[0] for line in lines}
 
@@ -95,7 +95,7 @@ def test_verify_fails_when_a_clean_row_is_replaced_by_a_protected_image(chain, t
     from sfbd_guard.datasets import SourceSpec, open_reader
 
     copy, ledger = _copy(chain, tmp_path)
-    assert _verify(copy, ledger, capsys) == dict.fromkeys(["consumed arrays", "provenance", "noise", "noise statistics", "no protected pixels", "opt-outs", "duplicates", "audit"], "PASS")
+    assert _verify(copy, ledger, capsys) == dict.fromkeys(["consumed arrays", "provenance", "noise", "noise statistics", "releases", "no protected pixels", "opt-outs", "duplicates", "audit"], "PASS")
     rows = pq.read_table(copy / "prepared" / "manifest.parquet").to_pylist()
     protected = next(r for r in rows if r["partition"] == "protected")
     clean_file = copy / "prepared" / "clean" / "shard-00000.npy"

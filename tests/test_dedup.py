@@ -55,7 +55,9 @@ def run(tmp_path: Path, root: Path, name: str, *, workers: int = 1, **extra: Any
                         {"name": "rest", "action": "protect"}],
               "noise": {"sigma": SIGMA, "key_file": str(key_file(tmp_path / "keys"))},
               "output": str(tmp_path / name), **extra}
-    return prepare(load_policy(write_policy(tmp_path / f"{name}.yaml", policy)), workers=workers).output
+    # the tests prepare one folder with dedup on and off: other draws of the copies, allowed (test_release_register)
+    return prepare(load_policy(write_policy(tmp_path / f"{name}.yaml", policy)), workers=workers,
+                   allow_rerelease=True).output
 
 
 def manifest(output: Path) -> dict[str, dict[str, Any]]:

@@ -96,7 +96,8 @@ def test_two_runs_and_worker_counts_give_identical_bytes(tmp_path: Path, celeba_
 
 def test_a_throwaway_key_draws_new_noise_each_run_and_workers_agree(tmp_path: Path, celeba_root: Path) -> None:
     one = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "one"), workers=2, ephemeral_key=True)
-    two = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "two"), workers=1, ephemeral_key=True)
+    two = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "two"), workers=1, ephemeral_key=True,
+                   allow_rerelease=True)
     assert one.card.noise_key_source == "ephemeral" and one.card.noise_key_id != two.card.noise_key_id
     first, second = _files(one.output), _files(two.output)
     assert [n for n in first if n.startswith("clean/")] and all(first[n] == second[n] for n in first if n.startswith("clean/"))
@@ -166,7 +167,7 @@ def test_existing_output_is_refused_and_overwrite_replaces_it(tmp_path: Path, ce
     with pytest.raises(InputError, match="already exists"):
         _prepare(tmp_path, policy)
     policy["noise"] = {"sigma": 0.7}
-    second = _prepare(tmp_path, policy, overwrite=True)
+    second = _prepare(tmp_path, policy, overwrite=True, allow_rerelease=True)  # sigma 0.7: another draw
     assert second.card.sigma == 0.7 and second.card.fingerprint != first.card.fingerprint
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
 

@@ -32,7 +32,7 @@ def moved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _verify(project: Path, capsys: pytest.CaptureFixture[str], *extra: object) -> tuple[int, dict[str, str]]:
     code = _guard("verify", "--run", project / "runs" / "chain", "--ledger", project / "ledger", *extra)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "FAIL"))]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "FAIL", "ATTENTION"))]
     return code, {line.split(":")[0].split("  ", 1)[1]: line for line in lines}
 
 
@@ -40,7 +40,7 @@ def test_a_copied_and_moved_project_verifies(moved: tuple[Path, Path], capsys: p
     project, original = moved
     assert not original.exists()
     code, checks = _verify(project, capsys)
-    assert code == 0 and len(checks) == 8 and all(line.startswith("PASS") for line in checks.values()), checks
+    assert code == 0 and len(checks) == 9 and all(line.startswith("PASS") for line in checks.values()), checks
     assert str(project / "prepared") in checks["consumed arrays"]
 
 

@@ -7,9 +7,10 @@ directory; that is how failed and interrupted commands, which may not have recor
 
 Verdict: FAIL when the latest audit found copies, a `guard verify` check failed (or could not run), or a stage
 failed and has not completed since; ATTENTION when the audit flagged suspects, its thresholds were not
-calibrated on a holdout, a stage was interrupted and not completed, there is no audit, or the DP budget is
-weak (ε above `WEAK_EPSILON`); PASS otherwise. Notes (a stage that failed and completed later, the privacy
-status) are listed without changing the verdict.
+calibrated on a holdout, a stage was interrupted and not completed, there is no audit, the DP budget is
+weak (ε above `WEAK_EPSILON`), or a verify check needs attention (protected images released again with other
+noise, sigma_eff below the policy's sigma); PASS otherwise. Notes (a stage that failed and completed later, the
+privacy status) are listed without changing the verdict.
 """
 
 from __future__ import annotations
@@ -240,6 +241,7 @@ def judge(chain: Chain, *, verified: bool = True) -> list[Reason]:
         reasons.append(Reason("fail", f"guard verify could not run: {chain.verify_error}"))
     reasons += [Reason("fail", f"a verify check failed: {c.name}: {c.detail}") for c in chain.checks
                 if not c.passed and c.name != "audit"]  # the audit check repeats the audit reasons above
+    reasons += [Reason("attention", f"{c.name}: {c.detail}") for c in chain.checks if c.passed and c.attention]
     if not verified:
         reasons.append(Reason("info", "guard verify was not run for this report"))
     reasons += _stages(chain)

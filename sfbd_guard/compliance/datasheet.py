@@ -70,6 +70,19 @@ def _dedup(card: Card) -> str:
             f"(rule `duplicate`).{table}")
 
 
+def _releases(card: Card) -> str:
+    """The owner's release register, as the card records it (curation/register.py)."""
+    found = card.rerelease
+    if found is None:
+        return ("Releases: no protected image of this directory had been released before with other noise (another "
+                "key, σ, resolution or record id), by the data owner's release register (exact pixel match).")
+    verdict = "ATTENTION: " if found.min_sigma_eff < card.sigma else ""
+    return (f"Releases: {verdict}{found.images} protected image(s) had been released before with other noise "
+            f"(prepare(s) {', '.join(f'`{e[:12]}`' for e in found.earlier)}; released again with --allow-rerelease). "
+            f"Averaged over its distinct draws an image's noise is σ_eff = (Σ σᵢ⁻²)^(−1/2); the smallest here is "
+            f"{found.min_sigma_eff:.3g}, against the policy's σ = {card.sigma:g}.")
+
+
 def _latest_audit(con: Any, run_dir: Path) -> tuple[str, list[str]]:
     """The latest finished audit in words, and the rules it held out for calibration."""
     rows = con.execute(
@@ -149,6 +162,7 @@ directory, the run directory and the compliance ledger. Narrative answers marked
 - Protected records: stored only as y = x/127.5 − 1 + σ·ε with σ = {card.sigma} (one fixed draw per record,
   from a generator keyed by the data owner's secret, which never left them); the originals never entered the
   prepared directory.
+- {_releases(card)}
 - What the trainer could see: the prepared directory `{data}` (fingerprint `{run.data_fingerprint}`),
   nothing else; its array files were verified against their sha256 before training.
 - Synthetic data: SFBD's denoised copies of protected records are synthetic data derived from them

@@ -5,7 +5,8 @@
 2. provenance: the ledger's prepare event wrote exactly this prepared directory, or (`--verify-key`) the
    data owner's signature of card.json verifies; a run trained with --allow-unrecorded fails it otherwise;
    with `--verify-key`, also a "signature" check;
-3. noise: every protected record was noised with the policy's sigma;
+3. noise: every protected record was noised with the policy's sigma; releases: no protected image was released
+   before with other noise, or (ATTENTION) the sigma_eff of its draws is below the policy's sigma;
 4. noise statistics: the protected pixels themselves are noisy at that sigma (noise_check.py), so arrays
    replaced by the originals and re-hashed fail;
 5. no protected or excluded pixels in training: no clean array row has the sha256 of a protected or
@@ -42,6 +43,11 @@ class Check:
     name: str
     passed: bool
     detail: str
+    attention: bool = False  # passed, but with something a person must look at (ATTENTION, not PASS)
+
+    @property
+    def word(self) -> str:
+        return "FAIL" if not self.passed else "ATTENTION" if self.attention else "PASS"
 
 
 def _trainings(events: list[Event], run_dir: Path, project: Path) -> list[Event]:
@@ -239,6 +245,21 @@ def check_duplicates(card: Any, rows: list[dict[str, Any]]) -> Check:
     return Check("duplicates", True, f"no stored row is an exact copy of a stricter one; {setting}")
 
 
+def check_releases(card: Any) -> Check:
+    """The owner's release register (curation/register.py), as the card records it: protected images released
+    before with other noise can be averaged; ATTENTION when their sigma_eff is below the policy's sigma."""
+    found = getattr(card, "rerelease", None)
+    if found is None:
+        return Check("releases", True, "no protected image was released before with other noise (the owner's "
+                                       "release register, exact pixel match)")
+    detail = (f"{found.images} protected image(s) were released before with other noise (prepare(s) "
+              f"{', '.join(e[:12] for e in found.earlier)}; --allow-rerelease): averaged over their distinct draws, "
+              f"sigma_eff = {found.min_sigma_eff:.3g}")
+    if found.min_sigma_eff < card.sigma:
+        return Check("releases", True, f"{detail} < the policy's sigma {card.sigma:g}", attention=True)
+    return Check("releases", True, detail)
+
+
 def check_audit(con: Any, run_dir: Path) -> Check:
     rows = con.execute(
         f"SELECT status, copy, samples, started_at FROM audits WHERE {RUN_AUDITS} ORDER BY started_at DESC LIMIT 1",
@@ -271,8 +292,9 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
               *check_provenance(events, ledger, run_dir, prepared, verify_key)]
     if isinstance(prepared, GuardError):  # its files are not what the card says: read nothing it names
         skipped = [Check(name, False, f"the prepared directory does not verify: {prepared}")
-                   for name in ("noise", "noise statistics", "no protected pixels", "opt-outs", "duplicates")]
+                   for name in ("noise", "noise statistics", "releases", "no protected pixels", "opt-outs", "duplicates")]
         return [*checks, *skipped, check_audit(con, run_dir)]
     rows = _manifest(prepared.root)
-    return [*checks, check_noise(prepared, rows), check_noise_statistics(prepared), check_clean_rows(prepared.root, rows),
+    return [*checks, check_noise(prepared, rows), check_noise_statistics(prepared), check_releases(prepared.card),
+            check_clean_rows(prepared.root, rows),
             check_opt_outs(prepared, rows), check_duplicates(prepared.card, rows), check_audit(con, run_dir)]

@@ -54,6 +54,15 @@ class CardIdentity(Contract):
     policy_sha256: str
 
 
+class Rerelease(Contract):
+    """Images this prepare released again with other noise than an earlier release (curation/register.py)."""
+
+    allowed: bool  # --allow-rerelease was given (without it the prepare stops)
+    images: int
+    earlier: list[str]  # the earlier prepares' ledger event ids
+    min_sigma_eff: float  # the smallest (sum sigma_i^-2)^(-1/2) over such an image's distinct draws
+
+
 class Card(CardIdentity):
     """card.json (written by curation/prepare.py `_card`)."""
 
@@ -77,6 +86,7 @@ class Card(CardIdentity):
     shard_records: int
     created_at: str
     dedup: dict[str, Any] | None = None  # absent in cards made before dedup; {"enabled": false} when turned off
+    rerelease: Rerelease | None = None  # images released before with other noise (prepare --allow-rerelease)
 
     @field_validator("counts")
     @classmethod

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -39,10 +40,10 @@ from ..hashing import fingerprint, new_sha256, sha256_file
 from ..policy import DedupSpec as DedupPolicy
 from ..policy import LoadedPolicy
 from ..progress import ProgressFactory
-from . import dedup
+from . import dedup, register
 from . import shards as shard_files
 from .decode import NoiseParams, PartResult, PartTask, init_worker, process_part, worker_part, worker_part_metadata
-from .keys import NoiseKey, fresh_key, owner_key, read_key_file
+from .keys import NoiseKey, OwnerKey, fresh_key, owner_key, read_key_file
 from .manifest import ACTION_PARTITION, MANIFEST_FIELDS, PARTITIONS, manifest_schema, manifest_table
 from .noise import GENERATOR
 from .output import abandon_output, claim_output, finish_output, start_output
@@ -66,6 +67,9 @@ class PrepareResult:
     source_fingerprint: str = field(default="")
     error_count: int = 0
     key_note: str = ""  # where the key is (one line for the data owner)
+    register_file: Path | None = None  # the owner's release register
+    register_sha256: str = ""  # its sha256 after this prepare's releases were appended
+    rerelease: register.Rerelease | None = None  # images released before with other noise (--allow-rerelease)
 
 
 def source_spec(loaded: LoadedPolicy, data_root: Path | None) -> SourceSpec:
@@ -274,38 +278,62 @@ def _deduplicate(staging: Path, records: Records, decisions: Decisions, store: d
 
 @dataclass(frozen=True)
 class KeyChoice:
-    """The key a prepare uses, and the line that tells the data owner where it is (printed by the CLI)."""
+    """The key a prepare uses, the owner's key (its register's root), and the lines that tell the data owner where
+    they are (printed by the CLI)."""
 
     key: NoiseKey
+    owner: OwnerKey
     note: str
 
 
 def noise_key(loaded: LoadedPolicy, key_file: Path | None, output: Path, *, ephemeral: bool = False) -> KeyChoice:
     """The owner's secret: --noise-key, else the policy's noise.key_file, else the owner's key at its default place
-    ($GUARD_KEY_FILE or the configuration folder, created on first use); a throw-away one only if `ephemeral`."""
+    ($GUARD_KEY_FILE or the configuration folder, created on first use); a throw-away one only if `ephemeral`.
+    The owner's key is loaded (created on first use) in every case: it keys the release register."""
     path = key_file
     if path is None and loaded.policy.noise.key_file:
         path = loaded.resolve(loaded.policy.noise.key_file)
-    if ephemeral:
-        if path is not None:
-            raise InputError(f"--ephemeral-key and the key file {path} exclude each other",
-                             hint="drop --ephemeral-key to use the key file, or the key file for a throw-away key")
-        key = fresh_key()
-        return KeyChoice(key, f"noise: keyed by a throw-away secret that was never stored (key id {key.key_id[:16]}): "
-                              "no one can regenerate this noise")
-    if path is not None:
-        key = read_key_file(path, forbidden=(output,))
-        return KeyChoice(key, f"noise: keyed by {path} (key id {key.key_id[:16]}); keep that file away from this directory")
+    if ephemeral and path is not None:
+        raise InputError(f"--ephemeral-key and the key file {path} exclude each other",
+                         hint="drop --ephemeral-key to use the key file, or the key file for a throw-away key")
+    key = fresh_key() if ephemeral else read_key_file(path, forbidden=(output,)) if path is not None else None
     owner = owner_key(forbidden=(output,))
+    lines = []
     if owner.created:
-        return KeyChoice(owner.key, f"created your owner key {owner.path} (mode 0600): this file plus any prepared "
-                                    "directory made with it rebuilds the protected originals; keep it private and backed up")
-    return KeyChoice(owner.key, f"noise: keyed by your owner key {owner.path} (key id {owner.key.key_id[:16]})")
+        lines.append(f"created your owner key {owner.path} (mode 0600): this file plus any prepared directory made "
+                     "with it rebuilds the protected originals; keep it private and backed up")
+    if key is None:
+        if not owner.created:
+            lines.append(f"noise: keyed by your owner key {owner.path} (key id {owner.key.key_id[:16]})")
+        return KeyChoice(owner.key, owner, "\n".join(lines))
+    if ephemeral:
+        lines.append(f"noise: keyed by a throw-away secret that was never stored (key id {key.key_id[:16]}): no one "
+                     "can regenerate this noise")
+    else:
+        lines.append(f"noise: keyed by {path} (key id {key.key_id[:16]}); keep that file away from this directory")
+    return KeyChoice(key, owner, "\n".join(lines))
+
+
+def _released(manifest: Path) -> pa.Table:
+    """(record_id, sha256) of the protected records stored in the prepared directory: what this prepare releases."""
+    import pyarrow.compute as pc
+
+    table = pq.read_table(manifest, columns=["record_id", "partition", "sha256"])
+    keep = pc.and_(pc.equal(table.column("partition"), pa.scalar("protected")), pc.is_valid(table.column("sha256")))
+    return table.filter(keep).select(["record_id", "sha256"])
+
+
+def _rerelease_card(found: register.Rerelease | None, allowed: bool) -> dict[str, Any] | None:
+    if found is None:
+        return None
+    return {"allowed": allowed, "images": found.images, "earlier": [event for event, _ in found.earlier],
+            "min_sigma_eff": round(found.min_sigma_eff, 6)}
 
 
 def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | None = None, workers: int = 1,
             strict: bool = False, overwrite: bool = False, key_file: Path | None = None, ephemeral_key: bool = False,
-            progress: ProgressFactory | None = None, executor: ExecutorSpec = LOCAL) -> PrepareResult:
+            allow_rerelease: bool = False, event_id: str | None = None, progress: ProgressFactory | None = None,
+            executor: ExecutorSpec = LOCAL) -> PrepareResult:
     """Apply `loaded` to its dataset and write the prepared directory atomically.
 
     The noise is keyed by `key_file` (or the policy's noise.key_file); without one, by the owner's key at its
@@ -313,6 +341,10 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
     `progress(label, total)` may return a callback that is told how many records were just processed. `executor`
     runs the part work in this machine's pool of `workers` processes or as Ray tasks (ray_parts.py): the output
     is the same, byte for byte.
+
+    The protected images it releases are checked against the owner's release register (register.py) before the
+    directory is published, and appended to it after: an image released before with other noise stops the prepare
+    (InputError) unless `allow_rerelease`. `event_id` (the ledger event) names this prepare in the register.
     """
     started = time.perf_counter()
     spec = source_spec(loaded, data_root)
@@ -366,12 +398,23 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
                 counts, rule_counts, dedup_card = _deduplicate(staging, records, decisions, store, files, dedup_spec,
                                                                embedding, rule_counts)
             discard(staging)
-            card = card_from_dict(_card(loaded, spec, reader, counts, key, rule_counts, files,
-                                        sha256_file(staging / "manifest.parquet"), output, dedup_card))
-            write_card(staging, card)
-            finish_output(staging, output)
+            register_file = register.register_path(choice.owner.path)
+            with register.locked(register_file):
+                new = register.entries(choice.owner.key.register_subkey, _released(staging / "manifest.parquet"),
+                                       key_id=key.key_id, sigma=noise.sigma, resolution=spec.resolution,
+                                       event_id=event_id or uuid.uuid4().hex)
+                found = register.find_rereleases(register.read(register_file), new)
+                if found is not None and not allow_rerelease:
+                    raise register.rerelease_error(found, register_file)
+                card = card_from_dict({**_card(loaded, spec, reader, counts, key, rule_counts, files,
+                                                sha256_file(staging / "manifest.parquet"), output, dedup_card),
+                                       "rerelease": _rerelease_card(found, allow_rerelease)})
+                write_card(staging, card)
+                finish_output(staging, output)
+                register_sha256 = register.append(register_file, new)
         except BaseException:
             abandon_output(staging)
             raise
     return PrepareResult(output, dict(card.counts), dict(card.rule_counts), manifest.errors, card,
-                         time.perf_counter() - started, manifest.source.hexdigest(), manifest.error_count, choice.note)
+                         time.perf_counter() - started, manifest.source.hexdigest(), manifest.error_count, choice.note,
+                         register_file, register_sha256, found)

@@ -94,7 +94,8 @@ def test_preparing_again_with_the_default_settings_releases_identical_copies(tmp
 def test_what_remains_identical_records_are_linkable_under_one_key(tmp_path: Path, cli: Callable[..., Any]) -> None:
     """Documented (docs/security.md): the same record id with the same pixels, released twice under one key, gives
     byte-identical noisy copies (linkable across releases; nothing to average). The same pixels under another id
-    draw other noise, so a submitted image never tests a victim's record."""
+    draw other noise, so a submitted image never tests a victim's record (and the owner's release register counts
+    them as another draw of the image: refused without --allow-rerelease)."""
     key = key_file(tmp_path / "owner")
     root = write_image_set(tmp_path / "a", 8, formats=("imagefolder",), seed=0)["imagefolder"]
     renamed = tmp_path / "renamed"
@@ -103,7 +104,11 @@ def test_what_remains_identical_records_are_linkable_under_one_key(tmp_path: Pat
         shutil.copy(image, renamed / f"submitted-{image.name}")
     one = _noisy(_prepare(cli, tmp_path, root, tmp_path / "one", "--noise-key", key))
     again = _noisy(_prepare(cli, tmp_path, root, tmp_path / "again", "--noise-key", key))
-    other = _noisy(_prepare(cli, tmp_path, renamed, tmp_path / "other", "--noise-key", key))
+    policy = {"version": 1, "name": "attack", "dataset": {"format": "imagefolder", "root": str(renamed), "resolution": 16},
+              "rules": [{"name": "all", "action": "protect"}], "noise": {"sigma": SIGMA}, "output": str(tmp_path / "x")}
+    refused = cli("prepare", "--policy", write_policy(tmp_path / "x.yaml", policy), "--noise-key", key)
+    assert refused.code == 2 and "8 protected image(s) were already released with other noise" in refused.err
+    other = _noisy(_prepare(cli, tmp_path, renamed, tmp_path / "other", "--noise-key", key, "--allow-rerelease"))
     assert one.keys() == again.keys() and all(np.array_equal(one[r], again[r]) for r in one), "linkable"
     for rid, copy in one.items():
         difference = other[f"submitted-{rid}"] - copy  # same pixels: sigma * (eps' - eps)

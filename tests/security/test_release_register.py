@@ -1,0 +1,90 @@
+"""The owner's release register: an image released twice with independent noise can be averaged (sigma/sqrt(k) after
+k draws), so a prepare that would do it stops with exit 2, unless --allow-rerelease (recorded, with sigma_eff)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from helpers import digits_policy, key_file, read_events, write_policy
+from sfbd_guard.datasets import SourceSpec, open_reader
+from sfbd_guard.hashing import pixel_sha256
+
+
+def _policy(tmp_path: Path, name: str, sigma: float = 0.6) -> Path:
+    policy = digits_policy(tmp_path / name, drop=0.9)
+    policy["noise"]["sigma"] = sigma
+    return write_policy(tmp_path / f"{name}.yaml", policy)
+
+
+def _ok(result: Any) -> Any:
+    assert result.code == 0, result.err
+    return result
+
+
+def test_a_release_under_another_key_stops_naming_the_earlier_prepare(tmp_path: Path, cli: Callable[..., Any],
+                                                                      owner_config: Path) -> None:
+    _ok(cli("prepare", "--policy", _policy(tmp_path, "one")))
+    first = read_events(tmp_path / "ledger").to_pylist()[-1]
+    protected = json.loads((tmp_path / "one" / "card.json").read_text())["counts"]["protected"]
+    other = key_file(tmp_path / "keys")
+    refused = cli("prepare", "--policy", _policy(tmp_path, "two"), "--noise-key", other)
+    assert refused.code == 2 and not (tmp_path / "two").exists()
+    lines = refused.err.strip().splitlines()
+    assert lines[0] == (
+        f"error: {protected} protected image(s) were already released with other noise (another key, sigma, resolution "
+        f"or record id) by prepare {first['event_id'][:12]} ({protected} image(s)), in "
+        f"{owner_config / 'sfbd_guard' / 'releases.parquet'}: releasing them again lets their noisy copies be averaged "
+        f"down to sigma_eff {0.6 / np.sqrt(2):.3g}"), lines
+    assert lines[1].startswith("hint: ") and "--allow-rerelease" in lines[1] and len(lines) == 2
+    failed = read_events(tmp_path / "ledger").to_pylist()[-1]
+    assert failed["status"] == "failed" and "already released" in failed["summary"]
+    # the same at another sigma (same key): a second, independent draw too
+    assert cli("prepare", "--policy", _policy(tmp_path, "three", sigma=0.8)).code == 2
+    # allowed: the prepare goes through and says so in the card and the ledger, with sigma_eff
+    _ok(cli("prepare", "--policy", _policy(tmp_path, "two"), "--noise-key", other, "--allow-rerelease"))
+    card = json.loads((tmp_path / "two" / "card.json").read_text())
+    assert card["rerelease"] == {"allowed": True, "images": protected, "earlier": [first["event_id"]],
+                                 "min_sigma_eff": round(0.6 / np.sqrt(2), 6)}
+    event = read_events(tmp_path / "ledger").to_pylist()[-1]
+    assert event["status"] == "ok" and json.loads(event["summary"])["rerelease"] == card["rerelease"]
+    # a third draw, at sigma 0.8: sigma_eff over the three distinct draws
+    _ok(cli("prepare", "--policy", _policy(tmp_path, "three", sigma=0.8), "--allow-rerelease"))
+    card = json.loads((tmp_path / "three" / "card.json").read_text())
+    assert card["rerelease"]["min_sigma_eff"] == round((2 / 0.6 ** 2 + 1 / 0.8 ** 2) ** -0.5, 6)
+    assert len(card["rerelease"]["earlier"]) == 2
+
+
+def test_preparing_the_same_release_again_is_not_a_rerelease(tmp_path: Path, cli: Callable[..., Any],
+                                                             owner_config: Path) -> None:
+    """Same key, sigma, resolution, record ids and pixels: the same noisy copies, nothing new to average."""
+    _ok(cli("prepare", "--policy", _policy(tmp_path, "one")))
+    again = _ok(cli("prepare", "--policy", _policy(tmp_path, "again")))
+    assert "already released" not in again.out
+    assert json.loads((tmp_path / "again" / "card.json").read_text())["rerelease"] is None
+    register = owner_config / "sfbd_guard" / "releases.parquet"
+    assert register.stat().st_mode & 0o777 == 0o600
+    events = read_events(tmp_path / "ledger").to_pylist()
+    inputs = {a["role"]: a for a in events[-1]["inputs"]}
+    from sfbd_guard.hashing import sha256_file
+
+    assert inputs["register"]["sha256"] == sha256_file(register) == json.loads(events[-1]["summary"])["register_sha256"]
+    rows = pq.read_table(register).to_pylist()
+    protected = json.loads((tmp_path / "one" / "card.json").read_text())["counts"]["protected"]
+    assert len(rows) == 2 * protected and {r["event_id"] for r in rows} == {e["event_id"] for e in events}
+    # the register names images only by a keyed digest: no plain pixel sha256 of a released image is in it
+    reader = open_reader(SourceSpec("digits", None, "all", 8))
+    plain = {pixel_sha256(reader.load(r["record_id"])) for r in rows[:20]}
+    assert not plain & {r["digest"] for r in rows} and not any(p.encode() in register.read_bytes() for p in plain)
+
+
+def test_throwaway_keys_are_new_draws_each_time(tmp_path: Path, cli: Callable[..., Any]) -> None:
+    """The averaging attack with --ephemeral-key: the second throw-away release of the same images is refused."""
+    _ok(cli("prepare", "--policy", _policy(tmp_path, "one"), "--ephemeral-key"))
+    again = cli("prepare", "--policy", _policy(tmp_path, "two"), "--ephemeral-key")
+    assert again.code == 2 and "already released with other noise" in again.err
