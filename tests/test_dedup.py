@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import key_file, write_policy
+from helpers import key_file, lineage, write_policy
 from sfbd_guard.curation import dedup
 from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.datasets import base as base_module
@@ -61,7 +61,7 @@ def run(tmp_path: Path, root: Path, name: str, *, workers: int = 1, **extra: Any
 
 
 def manifest(output: Path) -> dict[str, dict[str, Any]]:
-    return {r["record_id"]: r for r in pq.read_table(output / "manifest.parquet").to_pylist()}
+    return {r["record_id"]: r for r in lineage(output).to_pylist()}  # the owner's full manifest (owner.py)
 
 
 def clean_hashes(output: Path) -> set[str]:

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import celeba_policy, key_file, write_policy
+from helpers import celeba_policy, key_file, lineage, write_policy
 from sfbd_guard.curation.keys import read_key_file
 from sfbd_guard.curation.noise import keyed_normals, record_key
 from sfbd_guard.curation.prepare import prepare
@@ -28,14 +28,17 @@ def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_directory_contract(tmp_path: Path, celeba_root: Path) -> None:
+def test_directory_contract(tmp_path: Path, celeba_root: Path, owner_config: Path) -> None:
     out = tmp_path / "prepared"
-    result = _prepare(tmp_path, celeba_policy(celeba_root, out))
+    result = _prepare(tmp_path, celeba_policy(celeba_root, out, manifest={"metadata": ["Smiling"]}))
     assert sorted(p.name for p in out.iterdir()) == ["card.json", "clean", "manifest.parquet", "protected"]
     manifest = pq.read_table(out / "manifest.parquet")
-    assert manifest.column_names[:8] == ["record_id", "partition", "rule", "sha256", "sigma", "file", "row", "error"]
+    assert manifest.column_names[:8] == ["record_id", "partition", "rule", "digest", "sigma", "file", "row", "error"]
     assert not any("seed" in name for name in manifest.column_names), "no noise seed in the manifest"
-    assert "identity" in manifest.column_names and "Smiling" in manifest.column_names
+    assert "Smiling" in manifest.column_names and "identity" not in manifest.column_names, "metadata by allow-list only"
+    lineage = pq.read_table(owner_config / "sfbd_guard" / "lineage" / f"{result.card.fingerprint}.parquet")
+    assert lineage.column("record_id").to_pylist() == manifest.column("record_id").to_pylist()
+    assert "sha256" in lineage.column_names and "identity" in lineage.column_names, "the owner keeps the full lineage"
     assert manifest.num_rows == 32  # the train split only
     card = json.loads((out / "card.json").read_text())
     for key in ("policy_name", "policy_sha256", "format", "root", "split", "resolution", "channels", "sigma",
@@ -130,7 +133,7 @@ def test_no_protected_or_excluded_original_is_written(tmp_path: Path, celeba_roo
                                "where": "identity IN (SELECT identity FROM read_csv('optout.csv'))"})
     result = _prepare(tmp_path, policy)
     assert result.counts["excluded"] == 4 and result.counts["clean"] > 0 and result.counts["protected"] > 0
-    manifest = pq.read_table(result.output / "manifest.parquet").to_pylist()
+    manifest = lineage(result.output).to_pylist()  # the owner's full manifest: every record's id and sha256
     reader = open_reader(SourceSpec("celeba", celeba_root, "train", 16))
     stored = b"".join(_files(result.output).values())
     suffixes = {p.suffix for p in result.output.rglob("*") if p.is_file()}

@@ -9,8 +9,9 @@ Verdict: FAIL when the latest audit found copies, a `guard verify` check failed 
 failed and has not completed since; ATTENTION when the audit flagged suspects, its thresholds were not
 calibrated on a holdout, a stage was interrupted and not completed, there is no audit, the DP budget is
 weak (ε above `WEAK_EPSILON`), or a verify check needs attention (protected images released again with other
-noise, sigma_eff below the policy's sigma); PASS otherwise. Notes (a stage that failed and completed later, the
-privacy status) are listed without changing the verdict.
+noise, sigma_eff below the policy's sigma; no digest key to compare the manifest's keyed digests); PASS
+otherwise. Notes (a stage that failed and completed later, the privacy status) are listed without changing the
+verdict.
 """
 
 from __future__ import annotations
@@ -134,9 +135,9 @@ def _latest_audit(chain: Chain, project: Path) -> None:
             chain.reasons.append(Reason("fail", f"the latest audit's summary.json could not be read: {err}"))
 
 
-def gather(ledger: Path, *, verify: bool = True) -> tuple[list[Chain], list[Event]]:
+def gather(ledger: Path, *, verify: bool = True, digest_key: Path | None = None) -> tuple[list[Chain], list[Event]]:
     """The run chains of `ledger`, oldest run first, each with its verdict; and the failed or interrupted events
-    that belong to no chain."""
+    that belong to no chain. `digest_key` (guard key export-digest) is passed to guard verify's pixel checks."""
     events = read_events(ledger)
     project = project_of(ledger)
     chains = [Chain(run) for run in _run_dirs(events, project)]
@@ -153,7 +154,7 @@ def gather(ledger: Path, *, verify: bool = True) -> tuple[list[Chain], list[Even
         _latest_audit(chain, project)
         if verify:
             try:
-                chain.checks = verify_run(chain.run_dir, ledger)
+                chain.checks = verify_run(chain.run_dir, ledger, digest_key=digest_key)
             except GuardError as err:
                 chain.verify_error = str(err)
         chain.reasons += judge(chain, verified=verify)

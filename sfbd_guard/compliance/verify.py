@@ -9,10 +9,12 @@
    before with other noise, or (ATTENTION) the sigma_eff of its draws is below the policy's sigma;
 4. noise statistics: the protected pixels themselves are noisy at that sigma (noise_check.py), so arrays
    replaced by the originals and re-hashed fail;
-5. no protected or excluded pixels in training: no clean array row has the sha256 of a protected or
-   excluded record, and every clean row is the record the manifest says;
+5. no protected or excluded pixels in training: no clean array row has the digest of a protected or
+   excluded record, and every clean row is the record the manifest says. The manifest's digests are keyed
+   (curation/disclosure.py): with the owner's digest key (`--digest-key`) the check compares them, without it
+   it is ATTENTION ("needs the owner's digest key"), never PASS;
 6. opt-outs: every record an exclude rule matched is absent from all arrays;
-7. duplicates: the exact part of dedup, from the manifest: no clean or protected row shares a pixel sha256
+7. duplicates: the exact part of dedup, from the manifest: no clean or protected row shares a pixel digest
    with a row of a stricter partition, and no two protected rows share one;
 8. audit: the latest audit of the run's samples exists and found no copy.
 """
@@ -27,8 +29,9 @@ import numpy as np
 
 from ..contracts.events import Event, TrainSummary
 from ..curation.manifest import ACTION_PARTITION
+from ..digests import read_digest_key
 from ..errors import GuardError, InputError
-from ..hashing import pixel_sha256
+from ..hashing import keyed_digest, pixel_sha256
 from ..locations import project_of
 from ..policy import DUPLICATE_RULE
 from ..relocate import prepared_of_run
@@ -142,11 +145,15 @@ def check_noise_statistics(prepared: PreparedData | GuardError) -> Check:
     return Check("noise statistics", stats.passed, stats.detail(prepared.card.sigma))
 
 
-def _manifest(data: Path) -> list[dict[str, Any]]:
+def _manifest(data: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The manifest's rows, with each row's pixel digest as `digest`; and whether the digests are keyed (made since
+    prepare keys them: curation/disclosure.py) or plain sha256 (older directories)."""
     import pyarrow.parquet as pq
 
-    columns = ["record_id", "partition", "rule", "sha256", "sigma", "file", "row"]
-    return pq.read_table(data / "manifest.parquet", columns=columns).to_pylist()
+    keyed = "digest" in pq.read_schema(data / "manifest.parquet").names
+    columns = ["record_id", "partition", "rule", "digest" if keyed else "sha256", "sigma", "file", "row"]
+    table = pq.read_table(data / "manifest.parquet", columns=columns)
+    return table.rename_columns([*columns[:3], "digest", *columns[4:]]).to_pylist(), keyed
 
 
 def check_noise(prepared: PreparedData, rows: list[dict[str, Any]]) -> Check:
@@ -159,45 +166,63 @@ def check_noise(prepared: PreparedData, rows: list[dict[str, Any]]) -> Check:
     return Check("noise", True, f"all {count} protected records noised with sigma {sigma}")
 
 
-def _clean_row_hashes(data: Path, rows: list[dict[str, Any]]) -> dict[str, str]:
-    """record_id → sha256 of the pixels actually stored in its clean array row."""
+def _clean_row_hashes(data: Path, rows: list[dict[str, Any]], digest_key: bytes | None) -> dict[str, str]:
+    """record_id → digest of the pixels actually stored in its clean array row: their sha256, keyed with
+    `digest_key` when given (as the manifest's digests are)."""
     arrays: dict[str, np.ndarray] = {}
     hashes = {}
     for row in rows:
         if row["partition"] == "clean":
             array = arrays.setdefault(row["file"], np.load(data / row["file"], mmap_mode="r"))
-            hashes[row["record_id"]] = pixel_sha256(np.asarray(array[row["row"]]))
+            sha = pixel_sha256(np.asarray(array[row["row"]]))
+            hashes[row["record_id"]] = keyed_digest(digest_key, sha) if digest_key is not None else sha
     return hashes
 
 
-def check_clean_rows(data: Path, rows: list[dict[str, Any]]) -> Check:
-    stored = _clean_row_hashes(data, rows)
-    forbidden = {r["sha256"]: r["record_id"] for r in rows if r["partition"] in ("protected", "excluded") and r["sha256"]}
+NEEDS_DIGEST_KEY = "needs the owner's digest key"
+
+
+def check_clean_rows(data: Path, rows: list[dict[str, Any]], keyed: bool = False, digest_key: bytes | None = None) -> Check:
+    """No clean row holds a protected or excluded image, and each is the image its manifest digest names. The
+    manifest's digests are keyed (curation/disclosure.py): without the owner's digest key they cannot be compared
+    with the pixels, and the check is ATTENTION, not PASS."""
+    if keyed and digest_key is None:
+        clean = sum(r["partition"] == "clean" for r in rows)
+        return Check("no protected pixels", True, f"{NEEDS_DIGEST_KEY}: the manifest's pixel digests are keyed, so the "
+                     f"{clean} clean rows cannot be compared with the protected and excluded images without it "
+                     "(the owner exports it with guard key export-digest; guard verify --digest-key FILE)",
+                     attention=True)
+    stored = _clean_row_hashes(data, rows, digest_key if keyed else None)
+    forbidden = {r["digest"]: r["record_id"] for r in rows if r["partition"] in ("protected", "excluded") and r["digest"]}
     leaks = [(rid, forbidden[h]) for rid, h in stored.items() if h in forbidden]
     if leaks:
         detail = f"clean row {leaks[0][0]} holds the pixels of {leaks[0][1]} ({len(leaks)} in all)"
         return Check("no protected pixels", False, detail)
-    expected = {r["record_id"]: r["sha256"] for r in rows if r["partition"] == "clean"}
+    expected = {r["record_id"]: r["digest"] for r in rows if r["partition"] == "clean"}
     mismatched = [rid for rid, h in stored.items() if expected[rid] != h]
     if mismatched:
-        detail = f"{len(mismatched)} clean row(s) differ from their manifest sha256, e.g. {mismatched[0]}"
+        also = " (or the digest key is not this directory's)" if keyed and len(mismatched) == len(stored) else ""
+        detail = f"{len(mismatched)} clean row(s) differ from their manifest digest{also}, e.g. {mismatched[0]}"
         return Check("no protected pixels", False, detail)
     return Check("no protected pixels", True, f"{len(stored)} clean rows checked: none holds a protected or excluded image")
 
 
-def check_opt_outs(prepared: PreparedData, rows: list[dict[str, Any]]) -> Check:
+def check_opt_outs(prepared: PreparedData, rows: list[dict[str, Any]], keyed: bool = False,
+                   digest_key: bytes | None = None) -> Check:
     data, card = prepared.root, prepared.card
     exclude_rules = set(card.exclude_rules())
     excluded = [r for r in rows if r["rule"] in exclude_rules]
     placed = [r["record_id"] for r in excluded if r["partition"] != "excluded" or r["file"] is not None]
-    stored = set(_clean_row_hashes(data, rows).values())
-    in_arrays = [r["record_id"] for r in excluded if r["sha256"] in stored]
+    pixels = not keyed or digest_key is not None  # the clean rows' pixels can be compared with the digests
+    stored = set(_clean_row_hashes(data, rows, digest_key if keyed else None).values()) if pixels else set()
+    in_arrays = [r["record_id"] for r in excluded if r["digest"] in stored]
     files_rows = sum(np.load(data / f, mmap_mode="r").shape[0] for f in card.files)
     listed = sum(r["file"] is not None for r in rows)
     if placed or in_arrays or files_rows != listed:
         why = placed[:1] or in_arrays[:1] or [f"{files_rows} array rows for {listed} placed records"]
         return Check("opt-outs", False, f"excluded record(s) found in the arrays: {why[0]}")
-    return Check("opt-outs", True, f"{len(excluded)} record(s) matched by exclude rules are absent from all arrays")
+    how = "" if pixels else f" (placement and row counts; comparing their pixels with the clean rows {NEEDS_DIGEST_KEY})"
+    return Check("opt-outs", True, f"{len(excluded)} record(s) matched by exclude rules are absent from all arrays{how}")
 
 
 STRICTNESS = {"clean": 0, "protected": 1, "excluded": 2}
@@ -219,22 +244,22 @@ def check_duplicates(card: Any, rows: list[dict[str, Any]]) -> Check:
     protected: dict[str, str] = {}
     for row in rows:
         level = _level(row, actions)
-        if level is None or not row["sha256"]:
+        if level is None or not row["digest"]:
             continue
-        held = strictest.get(row["sha256"])
+        held = strictest.get(row["digest"])
         if held is None or level > held[0]:
-            strictest[row["sha256"]] = (level, row["record_id"])
+            strictest[row["digest"]] = (level, row["record_id"])
         if row["partition"] == "protected":
-            if row["sha256"] in protected:
-                return Check("duplicates", False, f"protected rows {protected[row['sha256']]} and {row['record_id']} "
+            if row["digest"] in protected:
+                return Check("duplicates", False, f"protected rows {protected[row['digest']]} and {row['record_id']} "
                                                   "hold the same image (their noise averages down)")
-            protected[row["sha256"]] = row["record_id"]
+            protected[row["digest"]] = row["record_id"]
     names = {level: name for name, level in STRICTNESS.items()}
     for row in rows:
         level = STRICTNESS.get(row["partition"])
-        if level is None or level == STRICTNESS["excluded"] or not row["sha256"]:
+        if level is None or level == STRICTNESS["excluded"] or not row["digest"]:
             continue
-        top, other = strictest[row["sha256"]]
+        top, other = strictest[row["digest"]]
         if top > level:
             return Check("duplicates", False, f"{row['partition']} row {row['record_id']} is an exact copy of "
                                               f"{names[top]} record {other}")
@@ -274,15 +299,18 @@ def check_audit(con: Any, run_dir: Path) -> Check:
     return Check("audit", True, f"the latest audit of {samples} ({started:%Y-%m-%d %H:%M}) found no copy")
 
 
-def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, data: Path | None = None) -> list[Check]:
+def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, data: Path | None = None,
+               digest_key: Path | None = None) -> list[Check]:
     """Every check of the run in `run_dir` against `ledger`. Its prepared directory is `data` (--data), else
-    run.json's (`relocate.prepared_of_run`: relative to the run, or found by its fingerprint in the project)."""
+    run.json's (`relocate.prepared_of_run`: relative to the run, or found by its fingerprint in the project).
+    `digest_key` (a file from guard key export-digest) lets the pixel checks compare the keyed digests."""
     from ..contracts.events import read_events
     from ..contracts.run_record import read_run_record
 
     run_dir = run_dir.resolve()
     if not (run_dir / "run.json").is_file():
         raise InputError(f"{run_dir}: not a run directory (no run.json)", hint="--run takes a directory written by guard train")
+    key = read_digest_key(digest_key) if digest_key is not None else None
     record, project = read_run_record(run_dir), project_of(ledger)
     events = read_events(ledger)
     folder = prepared_of_run(run_dir, record.data, record.data_fingerprint, project, data)
@@ -294,7 +322,7 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
         skipped = [Check(name, False, f"the prepared directory does not verify: {prepared}")
                    for name in ("noise", "noise statistics", "releases", "no protected pixels", "opt-outs", "duplicates")]
         return [*checks, *skipped, check_audit(con, run_dir)]
-    rows = _manifest(prepared.root)
+    rows, keyed = _manifest(prepared.root)
     return [*checks, check_noise(prepared, rows), check_noise_statistics(prepared), check_releases(prepared.card),
-            check_clean_rows(prepared.root, rows),
-            check_opt_outs(prepared, rows), check_duplicates(prepared.card, rows), check_audit(con, run_dir)]
+            check_clean_rows(prepared.root, rows, keyed, key), check_opt_outs(prepared, rows, keyed, key),
+            check_duplicates(prepared.card, rows), check_audit(con, run_dir)]

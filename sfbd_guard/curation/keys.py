@@ -33,16 +33,16 @@ from pathlib import Path
 
 from ..digests import DIGEST_HEADER, write_secret_file
 from ..errors import InputError
+from ..owner import KEY_ENV, default_key_path
 
 KEY_BYTES = 32
 HEADER = "sfbd-guard-noise-key-v1"
-KEY_ENV = "GUARD_KEY_FILE"  # a path to the owner's key file, never the key itself
-DEFAULT_NAME = "owner.key"
 _ID_LABEL = b"sfbd_guard/key-id/v1"
 # HKDF info labels of the subkeys: distinct, versioned, never reused for another purpose.
 NOISE_INFO = b"sfbd_guard/subkey/noise/v2"
 DIGEST_INFO = b"sfbd_guard/subkey/digest/v1"
 REGISTER_INFO = b"sfbd_guard/subkey/register/v1"
+OPAQUE_INFO = b"sfbd_guard/subkey/opaque-id/v1"  # the opaque ids of excluded records in the trainer's manifest
 _COMMENT = ("# sfbd_guard owner key. Keep it secret: with it, anyone holding a prepared directory made with it can\n"
             "# rebuild the protected originals. Only guard prepare and guard key read it; never copy it next to the data.\n")
 
@@ -83,6 +83,10 @@ class NoiseKey:
     def register_subkey(self) -> bytes:
         return derive(self.secret, REGISTER_INFO)
 
+    @property
+    def opaque_subkey(self) -> bytes:
+        return derive(self.secret, OPAQUE_INFO)
+
     def __reduce__(self) -> tuple[type[NoiseKey], tuple[bytes, str]]:
         # Picklable for the decoding worker processes (sent through a pipe, never written to disk).
         return (NoiseKey, (self.secret, self.source))
@@ -91,16 +95,6 @@ class NoiseKey:
 def fresh_key() -> NoiseKey:
     """A random secret for one `guard prepare`, never stored."""
     return NoiseKey(secrets.token_bytes(KEY_BYTES), "ephemeral")
-
-
-def default_key_path() -> Path:
-    """Where the owner's key lives: $GUARD_KEY_FILE (a path), else the user's configuration folder."""
-    explicit = os.environ.get(KEY_ENV)
-    if explicit:
-        return Path(explicit).expanduser()
-    config = os.environ.get("XDG_CONFIG_HOME")
-    base = Path(config) if config and os.path.isabs(config) else Path.home() / ".config"
-    return base / "sfbd_guard" / DEFAULT_NAME
 
 
 def create_key_file(path: Path) -> NoiseKey:

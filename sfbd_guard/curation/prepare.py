@@ -1,11 +1,13 @@
 """`guard prepare`: apply a policy to a dataset and write the prepared directory.
 
 <output>/
-  manifest.parquet   one row per source record of the split (lineage: rule, sha256, sigma, file, row)
+  manifest.parquet   one row per source record of the split, saying only what training needs (disclosure.py:
+                     rule, keyed digest, sigma, file, row; excluded records opaque; metadata by allow-list)
   clean/             uint8 N×C×H×W .npy shards
   protected/         float16 N×C×H×W .npy shards of x/127.5 - 1 + sigma*eps (never the originals)
   card.json          what was done, counts, and the sha256 of every array file
-No protected or excluded original is written under <output>, in any form.
+No protected or excluded original is written under <output>, in any form. The full manifest (file names,
+metadata, plain pixel sha256) goes to the owner's folder as lineage/<fingerprint>.parquet (owner.py).
 
 Memory does not grow with the dataset: the records' metadata is written to a memory-mapped file
 (records.py), the rules keep one int per record, workers read and write their own parts
@@ -16,6 +18,7 @@ flight at once.
 from __future__ import annotations
 
 import multiprocessing
+import shutil
 import time
 import uuid
 from collections import deque
@@ -40,7 +43,7 @@ from ..hashing import fingerprint, new_sha256, sha256_file
 from ..policy import DedupSpec as DedupPolicy
 from ..policy import LoadedPolicy
 from ..progress import ProgressFactory
-from . import dedup, register
+from . import dedup, disclosure, register
 from . import shards as shard_files
 from .decode import NoiseParams, PartResult, PartTask, init_worker, process_part, worker_part, worker_part_metadata
 from .keys import NoiseKey, OwnerKey, fresh_key, owner_key, read_key_file
@@ -53,6 +56,7 @@ from .rules import Decisions, decide
 DUP_COLUMNS = ("dup_cluster", "dup_of", "dup_kind", "dup_similarity", "dup_rule")
 CHUNK_RECORDS = 64  # records per block a worker decodes, then noises and writes
 IN_FLIGHT_PER_WORKER = 2  # parts queued per worker process: enough to keep it busy, few enough to bound memory
+LINEAGE_FILE = ".lineage.parquet.tmp"  # in the staging folder until moved to the owner's folder (owner.py)
 MAX_ERRORS_KEPT = 1000  # error rows listed in the result (all of them are in the manifest)
 
 
@@ -398,9 +402,13 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
                 counts, rule_counts, dedup_card = _deduplicate(staging, records, decisions, store, files, dedup_spec,
                                                                embedding, rule_counts)
             discard(staging)
+            full = staging / LINEAGE_FILE  # the full manifest: the owner's lineage, never published
+            (staging / "manifest.parquet").rename(full)
+            disclosure.write_trainer_manifest(full, staging / "manifest.parquet", digest_key=key.digest_subkey,
+                                              opaque_key=key.opaque_subkey, allowed=loaded.policy.manifest.metadata)
             register_file = register.register_path(choice.owner.path)
             with register.locked(register_file):
-                new = register.entries(choice.owner.key.register_subkey, _released(staging / "manifest.parquet"),
+                new = register.entries(choice.owner.key.register_subkey, _released(full),
                                        key_id=key.key_id, sigma=noise.sigma, resolution=spec.resolution,
                                        event_id=event_id or uuid.uuid4().hex)
                 found = register.find_rereleases(register.read(register_file), new)
@@ -410,6 +418,9 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
                                                 sha256_file(staging / "manifest.parquet"), output, dedup_card),
                                        "rerelease": _rerelease_card(found, allow_rerelease)})
                 write_card(staging, card)
+                lineage = choice.owner.path.parent / "lineage"
+                lineage.mkdir(mode=0o700, exist_ok=True)
+                shutil.move(full, lineage / f"{card.fingerprint}.parquet")
                 finish_output(staging, output)
                 register_sha256 = register.append(register_file, new)
         except BaseException:
