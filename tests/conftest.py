@@ -24,7 +24,7 @@ def _owner_config(folder: Path, monkeypatch: pytest.MonkeyPatch, lineage: Path) 
     home: XDG_CONFIG_HOME is set and GUARD_KEY_FILE unset. HOME stays, so cached model weights are still found.
     The lineage folder (full manifests by fingerprint, read by the audit) is one for the session, linked into
     every owner folder: a module's fixture prepares under the module's owner folder, its tests audit under theirs."""
-    (folder / "sfbd_guard").mkdir(parents=True, exist_ok=True)
+    (folder / "sfbd_guard").mkdir(mode=0o700, parents=True, exist_ok=True)
     link = folder / "sfbd_guard" / "lineage"
     if not link.exists():
         link.symlink_to(lineage, target_is_directory=True)

@@ -42,8 +42,9 @@ def _exclusions(card: Card, found: Exclusions) -> str:
                 f"overridden: {found.opted_out} record(s) excluded.")
     else:
         text = "The policy has no opt-out rule (no exclude rule other than held-out samples)."
-    text += (" Excluded records exist only as manifest rows with their sha256; `guard verify` proves their pixels "
-             "are absent from every array. Machine-readable TDM reservations (robots, TDMRep, C2PA/IPTC) are honoured "
+    text += (" Excluded records exist in the prepared directory only as opaque manifest rows (rule and keyed pixel "
+             "digest; their names and metadata stay with the data owner); `guard verify --digest-key` proves their "
+             "pixels are absent from every array. Machine-readable TDM reservations (robots, TDMRep, C2PA/IPTC) are honoured "
              "to the extent the policy's `where` clauses encode them: TODO (describe the signals collected and when).")
     if found.held_out:
         names = ", ".join(f"`{name}` ({n})" for name, n in found.held_out.items())
