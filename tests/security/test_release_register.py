@@ -53,11 +53,32 @@ def test_a_release_under_another_key_stops_naming_the_earlier_prepare(tmp_path: 
                                  "min_sigma_eff": round(0.6 / np.sqrt(2), 6)}
     event = read_events(tmp_path / "ledger").to_pylist()[-1]
     assert event["status"] == "ok" and json.loads(event["summary"])["rerelease"] == card["rerelease"]
+    _attention_downstream(tmp_path / "two", tmp_path / "one")
     # a third draw, at sigma 0.8: sigma_eff over the three distinct draws
     _ok(cli("prepare", "--policy", _policy(tmp_path, "three", sigma=0.8), "--allow-rerelease"))
     card = json.loads((tmp_path / "three" / "card.json").read_text())
     assert card["rerelease"]["min_sigma_eff"] == round((2 / 0.6 ** 2 + 1 / 0.8 ** 2) ** -0.5, 6)
     assert len(card["rerelease"]["earlier"]) == 2
+
+
+def _attention_downstream(rereleased: Path, first: Path) -> None:
+    """guard verify's releases check, the report's verdict and the datasheet: ATTENTION with sigma_eff (not for the
+    first release)."""
+    from sfbd_guard.compliance.chains import Chain, judge
+    from sfbd_guard.compliance.datasheet import _releases
+    from sfbd_guard.compliance.verify import check_releases
+    from sfbd_guard.contracts.card import read_card
+
+    card = read_card(rereleased)
+    check = check_releases(card)
+    assert check.passed and check.attention and check.word == "ATTENTION"
+    assert f"sigma_eff = {0.6 / np.sqrt(2):.3g} < the policy's sigma 0.6" in check.detail
+    chain = Chain(rereleased, checks=[check])
+    chain.reasons += judge(chain)
+    assert chain.verdict == "ATTENTION" and any(r.level == "attention" and "releases:" in r.text for r in chain.reasons)
+    assert "ATTENTION" in _releases(card) and "σ_eff" in _releases(card)
+    clean = check_releases(read_card(first))
+    assert clean.word == "PASS" and "ATTENTION" not in _releases(read_card(first))
 
 
 def test_preparing_the_same_release_again_is_not_a_rerelease(tmp_path: Path, cli: Callable[..., Any],
