@@ -7,6 +7,8 @@
 2. The release register at N records: the register digests (HMAC per image), the lookup of N new releases in a
    register of N earlier ones (all the same images; a tenth under another sigma, so they are re-releases), and the
    locked atomic append.
+3. The trainer's manifest (keyed digests, opaque excluded records, allow-listed metadata) written from the full
+   manifest of N records.
 
     PYTHONPATH=. python benchmarks/keys_cost.py --records 100000 --resolution 64 [--json out.json]
 """
@@ -102,6 +104,37 @@ def register_costs(records: int) -> dict[str, float]:
             "register_bytes_after": size, "rereleases_found": found.images}
 
 
+def manifest_costs(records: int) -> dict[str, float]:
+    """The trainer's manifest (curation/disclosure.py) written from a full manifest of `records` rows, a tenth
+    excluded, with two metadata columns of which one is allow-listed."""
+    import pyarrow.parquet as pq
+
+    from sfbd_guard.curation.disclosure import write_trainer_manifest
+    from sfbd_guard.curation.manifest import MANIFEST_FIELDS, manifest_table
+
+    rng = np.random.default_rng(2)
+    partition = np.where(np.arange(records) % 10 == 0, "excluded", np.where(np.arange(records) % 10 == 1, "clean",
+                                                                             "protected"))
+    columns: dict[str, list[object]] = {f.name: [None] * records for f in MANIFEST_FIELDS}
+    columns["record_id"] = [f"{i:07d}.jpg" for i in range(records)]
+    columns["partition"] = partition.tolist()
+    columns["rule"] = ["r"] * records
+    columns["sha256"] = [rng.bytes(32).hex() for _ in range(records)]
+    metadata = pa.table({"record_id": columns["record_id"], "license": ["CC0-1.0"] * records,
+                         "caption": [f"caption {i}" for i in range(records)]})
+    key = NoiseKey(bytes(range(32)), "key_file")
+    with tempfile.TemporaryDirectory() as folder:
+        full, out = Path(folder) / "full.parquet", Path(folder) / "manifest.parquet"
+        with pq.ParquetWriter(str(full), manifest_table({k: v[:1] for k, v in columns.items()},
+                                                        metadata.slice(0, 1)).schema) as writer:
+            for start in range(0, records, 4096):
+                part = {k: v[start:start + 4096] for k, v in columns.items()}
+                writer.write_table(manifest_table(part, metadata.slice(start, 4096)))
+        seconds = best_of(3, lambda: write_trainer_manifest(full, out, digest_key=key.digest_subkey,
+                                                            opaque_key=key.opaque_subkey, allowed=["license"]))
+    return {"records": records, "trainer_manifest_s": seconds, "trainer_manifest_us_per_record": seconds * 1e6 / records}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=100_000)
@@ -110,7 +143,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     result = {"noise": noise_costs(args.noise_images, args.resolution), "register": register_costs(args.records),
-              "resolution": args.resolution}
+              "trainer_manifest": manifest_costs(args.records), "resolution": args.resolution}
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -37,4 +37,9 @@ def print_summary(result: PrepareResult, console: Console | None = None) -> None
         console.print(f"[yellow]{len(result.errors)} unreadable record(s) recorded as errors[/yellow]: {first}")
     if result.key_note:
         console.print(result.key_note, markup=False, highlight=False, soft_wrap=True)
+    if card.rerelease is not None:
+        console.print(f"re-released (--allow-rerelease): {card.rerelease.images} protected image(s) were released "
+                      f"before with other noise; their sigma_eff falls to {card.rerelease.min_sigma_eff:.3g} "
+                      f"(policy sigma {card.sigma:g}): recorded in the card and the ledger",
+                      markup=False, highlight=False, soft_wrap=True)
     console.print(f"fingerprint {card.fingerprint}  ({result.seconds:.1f} s)")
