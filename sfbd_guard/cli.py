@@ -206,7 +206,7 @@ def key_export_digest(
     """
     from .curation.keys import export_digest_key, owner_key, read_key_file
 
-    key = read_key_file(noise_key) if noise_key is not None else owner_key().key
+    key = read_key_file(noise_key) if noise_key is not None else owner_key(create=False).key
     export_digest_key(key, file)
     typer.echo(f"digest key: {file} (mode 0600, of the key {key.key_id[:16]}): it lets a verifier check the pixel "
                "digests of directories prepared with that key, and regenerates no noise")

@@ -34,7 +34,11 @@ def default_key_path() -> Path:
     """Where the owner's key lives: $GUARD_KEY_FILE (a path), else the user's configuration folder."""
     explicit = os.environ.get(KEY_ENV)
     if explicit:
-        return Path(explicit).expanduser()
+        path = Path(explicit).expanduser()
+        if not path.is_absolute():  # its value is never echoed: someone may have pasted the key itself
+            raise InputError(f"{KEY_ENV} must hold the absolute path of the owner's key file, never the key itself",
+                             hint=f"e.g. {KEY_ENV}=$HOME/.config/sfbd_guard/owner.key")
+        return path
     config = os.environ.get("XDG_CONFIG_HOME")
     base = Path(config) if config and os.path.isabs(config) else Path.home() / ".config"
     return base / "sfbd_guard" / KEY_NAME

@@ -22,12 +22,12 @@ report.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import os
 import secrets
 import stat
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,7 +113,7 @@ class OwnerKey:
     created: bool
 
 
-def owner_key(path: Path | None = None, *, forbidden: tuple[Path, ...] = ()) -> OwnerKey:
+def owner_key(path: Path | None = None, *, forbidden: tuple[Path, ...] = (), create: bool = True) -> OwnerKey:
     """The owner's key at `path` (default: `default_key_path()`), created there (folder 0700, file 0600) if missing.
 
     Two first prepares racing create one key: the file is created exclusively and the loser reads the winner's."""
@@ -123,12 +123,33 @@ def owner_key(path: Path | None = None, *, forbidden: tuple[Path, ...] = ()) -> 
         if _inside(resolved, folder.resolve()):
             raise InputError(f"owner key {path}: lies inside {folder}, which is handed to others",
                              hint=f"point {KEY_ENV} at a file outside the prepared directory")
+    if not path.exists() and not create:
+        raise InputError(f"owner key {path}: not there yet", hint=f"the first guard prepare creates it (or set {KEY_ENV})")
     if not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with contextlib.suppress(InputError):
-            if not path.exists():
-                return OwnerKey(create_key_file(path), path, True)
+        created = _publish_new_key(path)
+        if created is not None:
+            return OwnerKey(created, path, True)
     return OwnerKey(read_key_file(path, forbidden=forbidden), path, False)
+
+
+def _publish_new_key(path: Path) -> NoiseKey | None:
+    """A new key written whole to a temporary file (0600) and linked to `path` only if nothing is there (None if
+    another prepare got there first): a reader never sees a half-written key."""
+    key = NoiseKey(secrets.token_bytes(KEY_BYTES), "key_file")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(f"{_COMMENT}{HEADER} {key.secret.hex()}\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return None
+    finally:
+        os.unlink(tmp)
+    return key
 
 
 def export_digest_key(key: NoiseKey, path: Path) -> None:

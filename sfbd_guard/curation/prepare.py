@@ -420,7 +420,9 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
                 write_card(staging, card)
                 lineage = choice.owner.path.parent / "lineage"
                 lineage.mkdir(mode=0o700, exist_ok=True)
-                shutil.move(full, lineage / f"{card.fingerprint}.parquet")
+                kept = lineage / f"{card.fingerprint}.parquet"
+                shutil.move(full, kept)
+                kept.chmod(0o600)
                 finish_output(staging, output)
                 register_sha256 = register.append(register_file, new)
         except BaseException:

@@ -113,3 +113,26 @@ def test_what_remains_identical_records_are_linkable_under_one_key(tmp_path: Pat
     for rid, copy in one.items():
         difference = other[f"submitted-{rid}"] - copy  # same pixels: sigma * (eps' - eps)
         assert difference.std() > 0.8 * SIGMA * np.sqrt(2), f"{rid}: another id shares the noise"
+
+
+def test_the_owner_key_is_made_once_owner_only_and_found_through_a_path(tmp_path: Path, cli: Callable[..., Any],
+                                                                         monkeypatch: Any) -> None:
+    """First prepares racing make one key (never a half-written one); GUARD_KEY_FILE holds a path, not a key."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sfbd_guard.curation.keys import owner_key
+
+    monkeypatch.setenv("GUARD_KEY_FILE", str(tmp_path / "keys" / "mine.key"))
+    refused = cli("key", "export-digest", tmp_path / "digest.key")
+    assert refused.code == 2 and "not there yet" in refused.err and not (tmp_path / "digest.key").exists()
+    with ThreadPoolExecutor(8) as pool:
+        keys = list(pool.map(lambda _: owner_key(), range(16)))
+    assert len({k.key.secret for k in keys}) == 1 and sum(k.created for k in keys) == 1
+    assert (tmp_path / "keys" / "mine.key").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["mine.key"], "no temporary file left"
+    pasted = keys[0].key.secret.hex()
+    monkeypatch.setenv("GUARD_KEY_FILE", pasted)  # the key pasted into the variable: refused, never echoed or a file
+    monkeypatch.chdir(tmp_path)
+    result = cli("prepare", "--policy", write_policy(tmp_path / "p.yaml", digits_policy(tmp_path / "out", drop=0.9)))
+    assert result.code == 2 and "must hold the absolute path" in result.err and pasted not in result.err + result.out
+    assert not (tmp_path / pasted).exists() and not (tmp_path / "out").exists()
