@@ -81,7 +81,14 @@ def _releases(card: Card) -> str:
     return (f"Releases: {verdict}{found.images} protected image(s) had been released before with other noise "
             f"(prepare(s) {', '.join(f'`{e[:12]}`' for e in found.earlier)}; released again with --allow-rerelease). "
             f"Averaged over its distinct draws an image's noise is σ_eff = (Σ σᵢ⁻²)^(−1/2); the smallest here is "
-            f"{found.min_sigma_eff:.3g}, against the policy's σ = {card.sigma:g}.")
+            f"{found.min_sigma_eff:.3g}, against the policy's σ = {card.sigma:g}.{_sigma_eff_table(found.sigma_eff_images)}")
+
+
+def _sigma_eff_table(images: dict[str, int]) -> str:
+    if not images:
+        return ""
+    rows = "\n".join(f"  | {value} | {count} |" for value, count in images.items())
+    return f"\n\n  | σ_eff | images |\n  |---|---|\n{rows}"
 
 
 def _latest_audit(con: Any, run_dir: Path) -> tuple[str, list[str]]:

@@ -21,7 +21,7 @@ import multiprocessing
 import shutil
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -330,8 +330,10 @@ def _released(manifest: Path) -> pa.Table:
 def _rerelease_card(found: register.Rerelease | None, allowed: bool) -> dict[str, Any] | None:
     if found is None:
         return None
+    per_image = Counter(f"{value:.3g}" for value in found.sigma_eff)
     return {"allowed": allowed, "images": found.images, "earlier": [event for event, _ in found.earlier],
-            "min_sigma_eff": round(found.min_sigma_eff, 6)}
+            "min_sigma_eff": round(found.min_sigma_eff, 6),
+            "sigma_eff_images": dict(sorted(per_image.items(), key=lambda item: float(item[0])))}
 
 
 def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | None = None, workers: int = 1,

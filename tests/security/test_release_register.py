@@ -50,7 +50,8 @@ def test_a_release_under_another_key_stops_naming_the_earlier_prepare(tmp_path: 
     _ok(cli("prepare", "--policy", _policy(tmp_path, "two"), "--noise-key", other, "--allow-rerelease"))
     card = json.loads((tmp_path / "two" / "card.json").read_text())
     assert card["rerelease"] == {"allowed": True, "images": protected, "earlier": [first["event_id"]],
-                                 "min_sigma_eff": round(0.6 / np.sqrt(2), 6)}
+                                 "min_sigma_eff": round(0.6 / np.sqrt(2), 6),
+                                 "sigma_eff_images": {f"{0.6 / np.sqrt(2):.3g}": protected}}
     event = read_events(tmp_path / "ledger").to_pylist()[-1]
     assert event["status"] == "ok" and json.loads(event["summary"])["rerelease"] == card["rerelease"]
     _attention_downstream(tmp_path / "two", tmp_path / "one")
@@ -58,6 +59,7 @@ def test_a_release_under_another_key_stops_naming_the_earlier_prepare(tmp_path: 
     _ok(cli("prepare", "--policy", _policy(tmp_path, "three", sigma=0.8), "--allow-rerelease"))
     card = json.loads((tmp_path / "three" / "card.json").read_text())
     assert card["rerelease"]["min_sigma_eff"] == round((2 / 0.6 ** 2 + 1 / 0.8 ** 2) ** -0.5, 6)
+    assert card["rerelease"]["sigma_eff_images"] == {f"{(2 / 0.6 ** 2 + 1 / 0.8 ** 2) ** -0.5:.3g}": protected}
     assert len(card["rerelease"]["earlier"]) == 2
 
 
@@ -77,6 +79,7 @@ def _attention_downstream(rereleased: Path, first: Path) -> None:
     chain.reasons += judge(chain)
     assert chain.verdict == "ATTENTION" and any(r.level == "attention" and "releases:" in r.text for r in chain.reasons)
     assert "ATTENTION" in _releases(card) and "σ_eff" in _releases(card)
+    assert f"| {0.6 / np.sqrt(2):.3g} | {card.rerelease.images if card.rerelease else 0} |" in _releases(card)
     clean = check_releases(read_card(first))
     assert clean.word == "PASS" and "ATTENTION" not in _releases(read_card(first))
 
