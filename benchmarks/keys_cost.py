@@ -5,7 +5,8 @@
    sha256 ‖ id); the pixel sha256 was already computed for the manifest, so it is timed apart. Set next to the
    cost of drawing the image's noise itself (keyed_normals + noised_copies) at the given resolution.
 2. The release register at N records: the register digests (HMAC per image), the lookup of N new releases in a
-   register of N earlier ones (all the same images; a tenth under another sigma, so they are re-releases), and the
+   register of N earlier ones (all the same images; a tenth under another sigma, so they are re-releases), exact
+   only and with the near search (64-float embeddings, FAISS range search at 0.99 with mirror queries), and the
    locked atomic append.
 3. The trainer's manifest (keyed digests, opaque excluded records, allow-listed metadata) written from the full
    manifest of N records.
@@ -80,8 +81,11 @@ def register_costs(records: int) -> dict[str, float]:
     shas = [rng.bytes(32).hex() for _ in range(records)]
     released = pa.table({"record_id": [f"{i:07d}.jpg" for i in range(records)], "sha256": shas})
     start = time.perf_counter()
+    vectors = rng.standard_normal((records, 64)).astype(np.float32)  # dedup's pixel embedding (8×8), unit rows
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    near = register.Near("pixel:8:64:True:{}", 0.99, True, 8)
     earlier = register.entries(key.register_subkey, released, key_id=key.key_id, sigma=0.5, resolution=64,
-                               event_id="a" * 32)
+                               event_id="a" * 32, embedder=near.embedder, vectors=vectors)
     entries_s = time.perf_counter() - start
     sigmas = np.where(np.arange(records) % 10 == 0, 0.6, 0.5)  # a tenth re-released at another sigma
     new = earlier.set_column(2, "sigma", pa.array(sigmas)).set_column(5, "event_id", pa.array(["b" * 32] * records))
@@ -90,7 +94,14 @@ def register_costs(records: int) -> dict[str, float]:
         with register.locked(path):
             register.append(path, earlier)
         lookup_s = best_of(3, lambda: register.find_rereleases(register.read(path), new))
-        found = register.find_rereleases(register.read(path), new)
+        near_s = best_of(3, lambda: register.find_rereleases(register.read(path), new, near))
+        unseen = register.entries(key.register_subkey, released.set_column(1, "sha256", pa.array(
+            [rng.bytes(32).hex() for _ in range(records)])), key_id=key.key_id, sigma=0.5, resolution=64,
+            event_id="c" * 32, embedder=near.embedder, vectors=rng.standard_normal((records, 64)).astype(np.float32))
+        start = time.perf_counter()
+        register.find_rereleases(register.read(path), unseen, near)
+        unseen_s = time.perf_counter() - start
+        found = register.find_rereleases(register.read(path), new, near)
         start = time.perf_counter()
         with register.locked(path):
             register.append(path, new)
@@ -100,6 +111,8 @@ def register_costs(records: int) -> dict[str, float]:
     per = 1e6 / records
     return {"records": records, "entries_s": entries_s, "entries_us_per_image": entries_s * per,
             "read_and_lookup_s": lookup_s, "lookup_us_per_image": lookup_s * per,
+            "read_and_lookup_with_near_s (the same images again)": near_s, "lookup_with_near_us_per_image": near_s * per,
+            "near_search_of_N_unseen_images_s": unseen_s, "near_search_us_per_unseen_image": unseen_s * per,
             "append_s (register of 2N rows written)": append_s, "append_us_per_image": append_s * per,
             "register_bytes_after": size, "rereleases_found": found.images}
 

@@ -62,6 +62,7 @@ class Rerelease(Contract):
     earlier: list[str]  # the earlier prepares' ledger event ids
     min_sigma_eff: float  # the smallest (sum sigma_i^-2)^(-1/2) over such an image's distinct draws
     sigma_eff_images: dict[str, int] = Field(default_factory=dict)  # sigma_eff (3 significant digits) -> images
+    near: int = 0  # of `images`, those matched only as near copies of a released image (dedup's embedding)
 
 
 class Card(CardIdentity):

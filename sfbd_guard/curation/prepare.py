@@ -253,9 +253,10 @@ def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, counts:
 
 def _deduplicate(staging: Path, records: Records, decisions: Decisions, store: dedup.EmbeddingStore | None,
                  files: dict[str, str], spec: DedupPolicy, embedding: dedup.Embedding | None, decided: dict[str, int],
-                 ) -> tuple[dict[str, int], dict[str, int], dict[str, Any]]:
+                 ) -> tuple[dict[str, int], dict[str, int], dict[str, Any], np.ndarray | None]:
     """Merge the copies (dedup.py): rewrite the shards that hold demoted rows, write the final manifest from the
-    staged one, and delete the staged manifest and the embeddings. Returns counts, rule counts, the card entry."""
+    staged one, and delete the staged manifest and the embeddings. Returns counts, rule counts, the card entry, and
+    the embeddings of the released protected records (for the release register's near search), in manifest order."""
     import pyarrow.compute as pc
 
     staged = staging / dedup.STAGED_MANIFEST
@@ -266,18 +267,21 @@ def _deduplicate(staging: Path, records: Records, decisions: Decisions, store: d
         actions[pc.is_null(sha256).to_numpy(zero_copy_only=False)] = -1
         assert embedding is not None
         plan = dedup.find_plan(staged, store, actions, records.table.column("record_id"), sha256, spec, embedding)
-        if store is not None:
-            store.close()
-            store = None
         removed = dedup.removed_rows(staged, plan)
         dedup.rewrite_shards(staging, files, removed)
         counts = dedup.write_final_manifest(staged, staging / "manifest.parquet", plan, removed)
         rule_counts = dedup.rule_counts(decided, plan, staged)
+        released = None
+        if store is not None:
+            rows = _released_rows(staging / "manifest.parquet")
+            released = np.array(store.vectors[rows], np.float32)
+            store.close()
+            store = None
     finally:
         if store is not None:
             store.close()
         staged.unlink(missing_ok=True)
-    return counts, rule_counts, dedup.card_section(spec, embedding, plan, records.table.num_rows)
+    return counts, rule_counts, dedup.card_section(spec, embedding, plan, records.table.num_rows), released
 
 
 @dataclass(frozen=True)
@@ -318,13 +322,25 @@ def noise_key(loaded: LoadedPolicy, key_file: Path | None, output: Path, *, ephe
     return KeyChoice(key, owner, "\n".join(lines))
 
 
-def _released(manifest: Path) -> pa.Table:
-    """(record_id, sha256) of the protected records stored in the prepared directory: what this prepare releases."""
-    import pyarrow.compute as pc
+def _released_rows(manifest: Path) -> np.ndarray:
+    """Rows of the protected records stored in the prepared directory: what this prepare releases."""
+    table = pq.read_table(manifest, columns=["partition", "sha256"])
+    protected = np.array([p == "protected" for p in table.column("partition").to_pylist()], bool)
+    return np.flatnonzero(protected & table.column("sha256").is_valid().to_numpy(zero_copy_only=False))
 
-    table = pq.read_table(manifest, columns=["record_id", "partition", "sha256"])
-    keep = pc.and_(pc.equal(table.column("partition"), pa.scalar("protected")), pc.is_valid(table.column("sha256")))
-    return table.filter(keep).select(["record_id", "sha256"])
+
+def _released(manifest: Path) -> pa.Table:
+    """(record_id, sha256) of the protected records stored in the prepared directory, in manifest order."""
+    table = pq.read_table(manifest, columns=["record_id", "sha256"])
+    return table.take(pa.array(_released_rows(manifest))).select(["record_id", "sha256"])
+
+
+def _near(spec: DedupPolicy, embedding: dedup.Embedding | None) -> register.Near | None:
+    """How the register matches near copies: as this prepare's dedup does (None with dedup off)."""
+    if embedding is None:
+        return None
+    identity = f"{embedding.kind}:{embedding.size}:{embedding.dim}:{embedding.mirror}:{dict(embedding.clip_identity)}"
+    return register.Near(identity, spec.effective_threshold, embedding.mirror_search, embedding.size)
 
 
 def _rerelease_card(found: register.Rerelease | None, allowed: bool) -> dict[str, Any] | None:
@@ -333,7 +349,7 @@ def _rerelease_card(found: register.Rerelease | None, allowed: bool) -> dict[str
     per_image = Counter(f"{value:.3g}" for value in found.sigma_eff)
     return {"allowed": allowed, "images": found.images, "earlier": [event for event, _ in found.earlier],
             "min_sigma_eff": round(found.min_sigma_eff, 6),
-            "sigma_eff_images": dict(sorted(per_image.items(), key=lambda item: float(item[0])))}
+            "sigma_eff_images": dict(sorted(per_image.items(), key=lambda item: float(item[0]))), "near": found.near}
 
 
 def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | None = None, workers: int = 1,
@@ -400,9 +416,10 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
                     tick(stop - start)
             manifest.close()
             counts, rule_counts, dedup_card = manifest.counts, decisions.rule_counts(), {"enabled": False}
+            vectors = None
             if dedup_spec.enabled:
-                counts, rule_counts, dedup_card = _deduplicate(staging, records, decisions, store, files, dedup_spec,
-                                                               embedding, rule_counts)
+                counts, rule_counts, dedup_card, vectors = _deduplicate(staging, records, decisions, store, files,
+                                                                        dedup_spec, embedding, rule_counts)
             discard(staging)
             full = staging / LINEAGE_FILE  # the full manifest: the owner's lineage, never published
             (staging / "manifest.parquet").rename(full)
@@ -410,10 +427,12 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
                                               opaque_key=key.opaque_subkey, allowed=loaded.policy.manifest.metadata)
             register_file = register.register_path(choice.owner.path)
             with register.locked(register_file):
+                near = _near(dedup_spec, embedding)
                 new = register.entries(choice.owner.key.register_subkey, _released(full),
                                        key_id=key.key_id, sigma=noise.sigma, resolution=spec.resolution,
-                                       event_id=event_id or uuid.uuid4().hex)
-                found = register.find_rereleases(register.read(register_file), new)
+                                       event_id=event_id or uuid.uuid4().hex, embedder=near.embedder if near else None,
+                                       vectors=vectors)
+                found = register.find_rereleases(register.read(register_file), new, near)
                 if found is not None and not allow_rerelease:
                     raise register.rerelease_error(found, register_file)
                 card = card_from_dict({**_card(loaded, spec, reader, counts, key, rule_counts, files,

@@ -8,12 +8,18 @@ outside every prepared directory, and holds one row per released protected image
     digest      HMAC-SHA256(register subkey, pixel sha256): the image, under a key only the owner holds
     key_id      the noise key's id (keys.py)       sigma, resolution, record_id: the rest of what keys the noise
     event_id    the prepare's ledger event          released_at: when
+    embedder, embedding   the image's dedup embedding and how it was made (null with dedup off)
 
 Two rows with one digest and the same (key_id, sigma, resolution, record_id) are one draw (the noise is a function
 of them and the pixels, noise.py); any other pair is two draws. The register subkey is derived from the owner's
 key at its default place (even when a prepare's noise is keyed by another key file), so one register sees the
-releases under every key the owner uses. Matching is exact (same pixels after the policy's resize); near copies
-(a re-encoded or cropped image) are not matched here: dedup's embeddings of protected originals are never kept.
+releases under every key the owner uses.
+
+Matching is exact (same pixels after the policy's resize, by digest) and, when the policy's dedup is on, near:
+each row also keeps the image's dedup embedding (`embedder` names how it was made; `embedding`, a low-resolution
+summary of the original, which is why the register is as private as the originals), and a new release whose
+embedding (or its mirror image's, for the pixel embedder) has cosine >= the policy's dedup threshold with a
+released image of another digest is another draw of that image too, searched with dedup's FAISS range search.
 
 Writes are atomic (a new file renamed over the old) under an exclusive lock (`releases.parquet.lock`), so two
 prepares running at once both land.
@@ -33,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import InputError
@@ -44,6 +49,7 @@ _FIELDS: list[pa.Field[Any]] = [
     pa.field("digest", pa.string()), pa.field("key_id", pa.string()), pa.field("sigma", pa.float64()),
     pa.field("resolution", pa.int32()), pa.field("record_id", pa.string()), pa.field("event_id", pa.string()),
     pa.field("released_at", pa.timestamp("us", tz="UTC")),
+    pa.field("embedder", pa.string()), pa.field("embedding", pa.list_(pa.float32())),  # null without dedup
 ]
 SCHEMA = pa.schema(_FIELDS)
 DRAW = ("key_id", "sigma", "resolution", "record_id")  # with the pixels, what the noise is a function of
@@ -57,6 +63,17 @@ class Rerelease:
     earlier: list[tuple[str, int]]  # (prepare event id, images of this prepare it released), most first
     min_sigma_eff: float  # the smallest sigma_eff over them, this release included
     sigma_eff: list[float]  # per such image
+    near: int = 0  # of `images`, those matched only as near copies
+
+
+@dataclass(frozen=True)
+class Near:
+    """How to match near copies: the policy's dedup embedder (its identity), threshold and mirror search."""
+
+    embedder: str
+    threshold: float
+    mirror: bool
+    size: int
 
 
 def register_path(owner_key_path: Path) -> Path:
@@ -90,9 +107,17 @@ def read(path: Path) -> pa.Table:
 
 
 def entries(register_subkey: bytes, released: pa.Table, *, key_id: str, sigma: float, resolution: int,
-            event_id: str) -> pa.Table:
-    """The register rows of this prepare's released protected images (`released`: record_id, sha256)."""
+            event_id: str, embedder: str | None = None, vectors: np.ndarray | None = None) -> pa.Table:
+    """The register rows of this prepare's released protected images (`released`: record_id, sha256; `vectors`:
+    their dedup embeddings, in the same order, made by `embedder`)."""
     count = released.num_rows
+    if vectors is not None:
+        assert len(vectors) == count
+        flat = pa.array(np.ascontiguousarray(vectors, np.float32).reshape(-1), pa.float32())
+        embedding: pa.Array[Any] = pa.ListArray.from_arrays(pa.array(np.arange(count + 1) * vectors.shape[1],
+                                                                     pa.int32()), flat)
+    else:
+        embedding = pa.nulls(count, pa.list_(pa.float32()))
     digests = [keyed_digest(register_subkey, str(sha)) for sha in released.column("sha256").to_pylist()]
     now = datetime.now(UTC)
     return pa.table({
@@ -103,6 +128,8 @@ def entries(register_subkey: bytes, released: pa.Table, *, key_id: str, sigma: f
         "record_id": released.column("record_id").cast(pa.string()),
         "event_id": pa.array([event_id] * count, pa.string()),
         "released_at": pa.array([now] * count, pa.timestamp("us", tz="UTC")),
+        "embedder": pa.array([embedder if vectors is not None else None] * count, pa.string()),
+        "embedding": embedding,
     }, schema=SCHEMA)
 
 
@@ -111,36 +138,86 @@ def sigma_eff(sigmas: np.ndarray) -> float:
     return float(np.sum(np.asarray(sigmas, np.float64) ** -2.0) ** -0.5)
 
 
-def find_rereleases(register: pa.Table, new: pa.Table) -> Rerelease | None:
-    """The images of `new` already in `register` under another draw, or None."""
+def _vectors(table: pa.Table, rows: np.ndarray) -> np.ndarray:
+    """The embeddings of `rows` of a register-shaped table as one float32 (len(rows), dim) array."""
+    chosen: Any = table.column("embedding").take(pa.array(rows)).combine_chunks()
+    flat = np.asarray(chosen.flatten().to_numpy(zero_copy_only=False), np.float32)
+    return np.ascontiguousarray(flat.reshape(len(rows), -1))
+
+
+def near_pairs(register: pa.Table, new: pa.Table, near: Near, skip: np.ndarray | None = None,
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(new row, register row) of every pair whose embeddings (made by the same embedder) have cosine >= the
+    threshold, the new one also mirrored for the pixel embedder: dedup's FAISS range search (exhaustive: the cost
+    is new rows × register rows). New rows in `skip` are not searched."""
+    import faiss
+
+    from .dedup import _range_pairs, mirrored
+
+    def usable(table: pa.Table) -> np.ndarray:
+        embedders = table.column("embedder").to_pylist()
+        valid = table.column("embedding").is_valid().to_numpy(zero_copy_only=False)
+        return np.flatnonzero(np.array([e == near.embedder for e in embedders], bool) & valid)
+
+    old_rows, new_rows = usable(register), usable(new)
+    if skip is not None and len(skip):
+        new_rows = np.setdiff1d(new_rows, skip)
+    if not len(old_rows) or not len(new_rows):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    base, queries = _vectors(register, old_rows), _vectors(new, new_rows)
+    index = faiss.IndexFlatIP(base.shape[1])
+    index.add(base)
+    found_new, found_old = [], []
+    for searched in ([queries, mirrored(queries, near.size)] if near.mirror else [queries]):
+        at, other = _range_pairs(index, np.ascontiguousarray(searched), near.threshold)
+        found_new.append(new_rows[at])
+        found_old.append(old_rows[other])
+    return np.concatenate(found_new), np.concatenate(found_old)
+
+
+def find_rereleases(register: pa.Table, new: pa.Table, near: Near | None = None) -> Rerelease | None:
+    """The images of `new` already in `register` under another draw (exactly, or as a near copy), or None."""
     if register.num_rows == 0 or new.num_rows == 0:
         return None
-    wanted = pc.is_in(register.column("digest"), value_set=new.column("digest"))
-    earlier = register.filter(wanted)
-    if earlier.num_rows == 0:
+    ours = new.select(["digest"]).append_column("new_row", pa.array(np.arange(new.num_rows), pa.int64()))
+    theirs = register.select(["digest"]).append_column("old_row", pa.array(np.arange(register.num_rows), pa.int64()))
+    exact = theirs.join(ours, "digest", join_type="inner")
+    pairs_new = np.asarray(exact.column("new_row").to_numpy(), np.int64)  # an empty join's column reads as float
+    pairs_old = np.asarray(exact.column("old_row").to_numpy(), np.int64)
+    if near is not None:
+        # an image in the register already (any draw) needs no near search: a near copy released before it was
+        # matched at its release, one released after it was matched then (refused, or allowed and recorded)
+        more_new, more_old = near_pairs(register, new, near, skip=np.unique(pairs_new))
+        pairs_new, pairs_old = np.concatenate([pairs_new, more_new]), np.concatenate([pairs_old, more_old])
+    if not len(pairs_new):
         return None
-    ours = new.select(["digest", *DRAW]).rename_columns(["digest", *(f"new_{c}" for c in DRAW)])
-    joined = earlier.join(ours, "digest")
-    other = pc.or_(pc.or_(pc.not_equal(joined["key_id"], joined["new_key_id"]),
-                          pc.not_equal(joined["sigma"], joined["new_sigma"])),
-                   pc.or_(pc.not_equal(joined["resolution"], joined["new_resolution"]),
-                          pc.not_equal(joined["record_id"], joined["new_record_id"])))
-    conflicts = joined.filter(other)
-    if conflicts.num_rows == 0:
-        return None
-    images = pc.unique(conflicts.column("digest"))
+    draw = ["digest", *DRAW]
+    new_draws = list(zip(*(new.column(c).to_pylist() for c in draw), strict=True))
+    old_draws = list(zip(*(register.column(c).to_pylist() for c in draw), strict=True))
+    events = register.column("event_id").to_pylist()
+    draws: dict[int, set[tuple[Any, ...]]] = {}  # new row -> the distinct draws of its image, its own included
+    other: dict[int, bool] = {}  # new row -> released before under another draw (exactly)
     by_event: dict[str, set[str]] = {}
-    for event, digest in zip(conflicts.column("event_id").to_pylist(), conflicts.column("digest").to_pylist(),
-                             strict=True):
-        by_event.setdefault(str(event), set()).add(str(digest))
-    # sigma_eff per such image over its distinct draws: the register's, and this release's
-    draws = pa.concat_tables([earlier.filter(pc.is_in(earlier.column("digest"), value_set=images)).select(["digest", *DRAW]),
-                              new.filter(pc.is_in(new.column("digest"), value_set=images)).select(["digest", *DRAW])])
-    distinct = draws.group_by(["digest", *DRAW]).aggregate([])
-    grouped = distinct.group_by("digest").aggregate([("sigma", "list")])
-    effs = [sigma_eff(np.array(s)) for s in grouped.column("sigma_list").to_pylist()]
+    for new_row, old_row in zip(pairs_new.tolist(), pairs_old.tolist(), strict=True):
+        mine, theirs_draw = new_draws[new_row], old_draws[old_row]
+        draws.setdefault(new_row, {mine}).add(theirs_draw)
+        if theirs_draw != mine:
+            other[new_row] = other.get(new_row, False) or theirs_draw[0] == mine[0]
+            by_event.setdefault(str(events[old_row]), set()).add(str(mine[0]))
+    if not other:
+        return None
+    per_image: dict[str, float] = {}
+    near_only: set[str] = set()
+    for new_row, exactly in other.items():
+        digest = str(new_draws[new_row][0])
+        value = sigma_eff(np.array([d[2] for d in draws[new_row]]))  # d = (digest, key_id, sigma, ...)
+        per_image[digest] = min(value, per_image.get(digest, value))
+        if not exactly:
+            near_only.add(digest)
+    near_only -= {str(new_draws[r][0]) for r, exactly in other.items() if exactly}
+    effs = list(per_image.values())
     ranked = sorted(((event, len(d)) for event, d in by_event.items()), key=lambda item: (-item[1], item[0]))
-    return Rerelease(len(images), ranked, min(effs), effs)
+    return Rerelease(len(per_image), ranked, min(effs), effs, len(near_only))
 
 
 def append(path: Path, rows: pa.Table) -> str:
@@ -163,9 +240,10 @@ def rerelease_error(found: Rerelease, register: Path) -> InputError:
     """The refusal of a prepare that would release images again with other noise (exit 2)."""
     first, count = found.earlier[0]
     others = f" and {len(found.earlier) - 1} other prepare(s)" if len(found.earlier) > 1 else ""
+    near = f" ({found.near} of them as near copies)" if found.near else ""
     return InputError(
-        f"{found.images} protected image(s) were already released with other noise (another key, sigma, resolution or "
-        f"record id) by prepare {first[:12]} ({count} image(s)){others}, in {register}: releasing them again lets their "
-        f"noisy copies be averaged down to sigma_eff {found.min_sigma_eff:.3g}",
+        f"{found.images} protected image(s){near} were already released with other noise (another key, sigma, "
+        f"resolution or record id) by prepare {first[:12]} ({count} image(s)){others}, in {register}: releasing them "
+        f"again lets their noisy copies be averaged down to sigma_eff {found.min_sigma_eff:.3g}",
         hint="prepare them with the key, sigma and record ids of that release, or pass --allow-rerelease (recorded in "
              "the card and the ledger)")

@@ -51,7 +51,7 @@ def test_a_release_under_another_key_stops_naming_the_earlier_prepare(tmp_path: 
     card = json.loads((tmp_path / "two" / "card.json").read_text())
     assert card["rerelease"] == {"allowed": True, "images": protected, "earlier": [first["event_id"]],
                                  "min_sigma_eff": round(0.6 / np.sqrt(2), 6),
-                                 "sigma_eff_images": {f"{0.6 / np.sqrt(2):.3g}": protected}}
+                                 "sigma_eff_images": {f"{0.6 / np.sqrt(2):.3g}": protected}, "near": 0}
     event = read_events(tmp_path / "ledger").to_pylist()[-1]
     assert event["status"] == "ok" and json.loads(event["summary"])["rerelease"] == card["rerelease"]
     _attention_downstream(tmp_path / "two", tmp_path / "one")
@@ -112,3 +112,37 @@ def test_throwaway_keys_are_new_draws_each_time(tmp_path: Path, cli: Callable[..
     _ok(cli("prepare", "--policy", _policy(tmp_path, "one"), "--ephemeral-key"))
     again = cli("prepare", "--policy", _policy(tmp_path, "two"), "--ephemeral-key")
     assert again.code == 2 and "already released with other noise" in again.err
+
+
+def test_a_near_copy_of_a_released_image_is_a_rerelease(tmp_path: Path, cli: Callable[..., Any]) -> None:
+    """Brightened, re-encoded or mirrored copies of released images under new names: other pixels, so another draw of
+    noise on (almost) the same image; found by dedup's embedding search, not by the digest."""
+    from PIL import Image, ImageOps
+
+    from helpers import write_image_set
+
+    root = write_image_set(tmp_path / "a", 12, formats=("imagefolder",), seed=0)["imagefolder"]
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for i, image in enumerate(sorted(root.glob("*.png"))):
+        with Image.open(image) as original:
+            pixels = original.convert("RGB")
+            if i % 3 == 0:
+                pixels = Image.eval(pixels, lambda v: min(255, v + 3))
+            elif i % 3 == 1:
+                pixels = ImageOps.mirror(pixels)
+            pixels.save(copies / f"copy-{image.stem}.jpg", quality=95)
+    others = write_image_set(tmp_path / "b", 12, formats=("imagefolder",), seed=1)["imagefolder"]
+
+    def policy(name: str, folder: Path) -> Path:
+        return write_policy(tmp_path / f"{name}.yaml", {
+            "version": 1, "name": name, "dataset": {"format": "imagefolder", "root": str(folder), "resolution": 16},
+            "rules": [{"name": "all", "action": "protect"}], "noise": {"sigma": 0.5}, "output": str(tmp_path / "out" / name)})
+
+    _ok(cli("prepare", "--policy", policy("released", root)))
+    _ok(cli("prepare", "--policy", policy("unrelated", others)))  # other images: no false match
+    refused = cli("prepare", "--policy", policy("copies", copies))
+    assert refused.code == 2 and "12 protected image(s) (12 of them as near copies) were already released" in refused.err
+    _ok(cli("prepare", "--policy", policy("copies", copies), "--allow-rerelease"))
+    card = json.loads((tmp_path / "out" / "copies" / "card.json").read_text())
+    assert card["rerelease"]["near"] == 12 and card["rerelease"]["min_sigma_eff"] == round(0.5 / np.sqrt(2), 6)
