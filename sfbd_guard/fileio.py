@@ -1,4 +1,5 @@
-"""Small file utilities: atomic writes (temp file + rename) and owner-only folders (JSON reading: contracts/base.py)."""
+"""Small file utilities: atomic writes (temp file + rename), reading only regular files (never a FIFO or a device)
+and owner-only report folders (JSON reading: contracts/base.py)."""
 
 from __future__ import annotations
 
