@@ -18,9 +18,11 @@ _CHUNK = 1 << 20
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
+    """Hex sha256 of a regular file's bytes (OSError if it is not one)."""
+    from .fileio import open_regular  # fileio imports this module
+
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:  # a FIFO or a device is refused (NotRegularFileError), never waited on
         for block in iter(lambda: handle.read(_CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()

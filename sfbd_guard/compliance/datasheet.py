@@ -13,7 +13,7 @@ from ..contracts.audit_summary import read_audit_summary
 from ..contracts.card import Card, read_card
 from ..contracts.run_record import read_run_record
 from ..errors import GuardError, InputError
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, owner_only_dirs
 from ..locations import project_of
 from ..relocate import prepared_of_run
 from .composition import Exclusions, exclusions, holdout_rules_of, licence_counts, rule_words, source_words
@@ -160,5 +160,7 @@ directory, the run directory and the compliance ledger. Narrative answers marked
 
 
 def write_datasheet(path: Path, run_dir: Path, ledger: Path, data: Path | None = None) -> Path:
-    atomic_write_bytes(path, datasheet(run_dir, ledger, data).encode())
+    text = datasheet(run_dir, ledger, data)
+    owner_only_dirs(path.parent)  # new folders are owner-only (the file is 0600)
+    atomic_write_bytes(path, text.encode())
     return path

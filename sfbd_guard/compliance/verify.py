@@ -262,6 +262,10 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
     run_dir = run_dir.resolve()
     if not (run_dir / "run.json").is_file():
         raise InputError(f"{run_dir}: not a run directory (no run.json)", hint="--run takes a directory written by guard train")
+    if verify_key is not None:  # a key file that cannot be read is bad input (exit 2), not a failed check
+        from ..signing import load_public_key
+
+        load_public_key(verify_key)
     record, project = read_run_record(run_dir), project_of(ledger)
     events = read_events(ledger)
     folder = prepared_of_run(run_dir, record.data, record.data_fingerprint, project, data)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import ImageDecodeError, InputError
+from ..fileio import NotRegularFileError
+from ..fileio import open_regular as open_regular_file
 
 # Budgets for one source file (policy keys dataset.max_pixels and dataset.max_file_bytes). The pixel
 # default is PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS, about 0.18 gigapixels).
@@ -109,16 +110,13 @@ def open_regular(path: Path, label: str, error: type[ImageDecodeError] = ImageDe
     Raises `error` with "<label>: file not found | cannot open: … | not a regular file".
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        return open_regular_file(path, follow_links=False)
     except FileNotFoundError:
         raise error(f"{label}: file not found") from None
+    except NotRegularFileError:
+        raise error(f"{label}: not a regular file") from None
     except OSError as err:
         raise error(f"{label}: cannot open: {err.strerror or err}") from None
-    handle = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        handle.close()
-        raise error(f"{label}: not a regular file")
-    return handle
 
 
 def read_bounded(path: Path, max_bytes: int, setting: str = "dataset.max_file_bytes") -> bytes:

@@ -8,8 +8,11 @@ A part is a run of whole row groups of one file, about PART_RECORDS rows, found 
 `record_id` is `<file's relative path>/<row number in the file, 9 digits>`, e.g. `data/train-0000.parquet/000000042`.
 Metadata: the file's other scalar columns (booleans, numbers, text, dates, times, decimals) as they are;
 binary, list, struct and map columns are dropped; a name the tool owns (`sha256`, `error`, `record_id`, …)
-gets the prefix `source_`. Rows are streamed a batch at a time, reading the image column only for pixels and
-the other columns only for metadata. A null or corrupt image is an error row; a file that is not Parquet (or
+gets the prefix `source_`. Two columns of one name (also without case, or after that prefix) are refused as
+ambiguous; types the rules cannot read are converted without loss when the records are collected
+(curation/records.py `portable_type`: float16 → float32, a 256-bit decimal → decimal128 or its text).
+Rows are streamed a batch at a time, reading the image column only for pixels and the other columns only for
+metadata. A null or corrupt image is an error row; a file that is not Parquet (or
 whose footer cannot be read) is one record named after the file, whose read gives the reason.
 """
 
@@ -34,7 +37,7 @@ BATCH_ROWS = 16  # images decoded per Arrow batch: memory is this many images' b
 
 
 def _scalar(kind: pa.DataType) -> bool:
-    checks = (pa.types.is_boolean, pa.types.is_integer, pa.types.is_floating, pa.types.is_string,
+    checks = (pa.types.is_null, pa.types.is_boolean, pa.types.is_integer, pa.types.is_floating, pa.types.is_string,
               pa.types.is_large_string, pa.types.is_decimal, pa.types.is_date, pa.types.is_timestamp, pa.types.is_time)
     if pa.types.is_dictionary(kind):
         return _scalar(kind.value_type)
@@ -131,6 +134,11 @@ class ParquetReader(StreamedReader):
 
     def _image_field(self, file: Any, part: Part) -> pa.Field[Any]:
         schema: pa.Schema = file.schema_arrow
+        repeated = sorted({column for column in schema.names if schema.names.count(column) > 1})
+        if repeated:  # which one is the image, which one the opt-out? Refused rather than guessed
+            raise InputError(f"parquet dataset: {self.root / part.source}: column {repeated[0]!r} appears "
+                             f"{schema.names.count(repeated[0])} times (ambiguous metadata)",
+                             hint="give every column of the file its own name")
         name = self.spec.image_column
         if name not in schema.names:
             raise InputError(f"parquet dataset: {self.root / part.source}: no image column {name!r} "
@@ -152,11 +160,16 @@ class ParquetReader(StreamedReader):
             image = self._image_field(file, part)
             ids = [f"{part.source}/{row:0{ID_DIGITS}d}" for row in range(part.start, part.stop)]
             keep: list[str] = []
-            folded: set[str] = set()
-            for field in file.schema_arrow:  # names are compared without case, as SQL does: a later twin is dropped
-                if field.name != image.name and _scalar(field.type) and rename_reserved(field.name).lower() not in folded:
-                    folded.add(rename_reserved(field.name).lower())
-                    keep.append(field.name)
+            folded: dict[str, str] = {}
+            for field in file.schema_arrow:  # names are compared without case, as SQL does: twins are ambiguous
+                if field.name == image.name or not _scalar(field.type):
+                    continue
+                twin = folded.setdefault(rename_reserved(field.name).lower(), field.name)
+                if twin != field.name:
+                    raise InputError(f"parquet dataset: {self.root / part.source}: columns {twin!r} and {field.name!r} "
+                                     "are one name to the rules (compared without case; a name the tool owns gets the "
+                                     "prefix source_): ambiguous metadata", hint="give every column of the file its own name")
+                keep.append(field.name)
             try:
                 table = file.read_row_groups(self._row_groups(file, part), columns=keep, use_threads=False)
             except (pa.ArrowException, OSError) as err:  # unreadable metadata columns: the rows keep null metadata
