@@ -37,6 +37,7 @@ from .streamed import column_array
 METADATA_NAMES = ("metadata.parquet", "metadata.jsonl", "metadata.csv")
 NAME_COLUMN = "file_name"
 LINE_ENDS = re.compile(r"\r\n|\r|\n")
+MAX_COLUMNS = 1024  # distinct columns of one file (a hostile metadata.jsonl could add one per line)
 CSV_TYPES = (pa.int64(), pa.float64(), pa.bool_())  # tried in this order on a column of CSV text
 
 
@@ -80,10 +81,10 @@ def _name_problem(value: object, present: bool) -> str | None:
     """Why a file_name value is unusable, or None."""
     if not present:
         return f"no {NAME_COLUMN}"
+    if value is None or value == "":
+        return f"{NAME_COLUMN} is null or empty"
     if not isinstance(value, str):
         return f"{NAME_COLUMN} is {_kind(value)}, not a string"
-    if not value:
-        return f"{NAME_COLUMN} is empty"
     return None
 
 
@@ -104,13 +105,16 @@ def _check_columns(columns: list[str], label: str) -> None:
 
 
 class _Builder:
+    """Collects the rows column by column (a dict per row would take about twice the memory)."""
+
     def __init__(self, path: str, unit: Literal["line", "row"]) -> None:
         self.path, self.unit = path, unit
         self.names: list[str | None] = []
         self.lines: list[int] = []
         self.problems: list[str | None] = []
         self.unreadable: list[bool] = []
-        self.rows: list[dict[str, object]] = []
+        self.columns: dict[str, list[object]] = {}
+        self.count = 0
 
     def add(self, line: int, row: dict[str, object] | None, problem: str | None = None) -> None:
         """A row read (its problem, if its file_name is unusable) or, with `row` None, an unreadable line."""
@@ -121,14 +125,25 @@ class _Builder:
         self.lines.append(line)
         self.problems.append(problem)
         self.unreadable.append(row is None)
-        if row is not None and not isinstance(row.get(NAME_COLUMN), str | None):
-            row = {**row, NAME_COLUMN: None}  # the mistyped name is in the problem, not in a column of text
-        self.rows.append(row or {})
+        for key, value in (row or {}).items():
+            column = self.columns.get(key)
+            if column is None:
+                if len(self.columns) >= MAX_COLUMNS:
+                    raise InputError(f"{self.path} {self.unit} {line}: more than {MAX_COLUMNS} distinct columns",
+                                     hint="metadata keys must be the same few columns for every row")
+                column = self.columns[key] = [None] * self.count
+            # a mistyped name is in the row's problem, never in a column of text
+            column.append(value if key != NAME_COLUMN or isinstance(value, str) else None)
+        self.count += 1
+        if row is None or len(row) != len(self.columns):
+            for column in self.columns.values():
+                if len(column) < self.count:
+                    column.append(None)
 
     def build(self, columns: list[str], typed: bool) -> MetadataRows:
         arrays: dict[str, pa.Array[Any]] = {}
         for name in columns:
-            values = [row.get(name) for row in self.rows]
+            values = self.columns.get(name, [None] * self.count)
             arrays[name] = _typed_text(values) if typed and name != NAME_COLUMN else (
                 pa.array(values, pa.string()) if name == NAME_COLUMN else column_array(values))
         table = pa.table(arrays) if arrays else pa.table({NAME_COLUMN: pa.array([], pa.string())})
@@ -190,7 +205,7 @@ def read_jsonl(data: bytes, path: str) -> MetadataRows:
                 columns[key] = None
                 folded.add(key.lower())
         rows.add(number, value)
-    if rows.rows and NAME_COLUMN not in columns:
+    if rows.count and NAME_COLUMN not in columns:
         raise InputError(f"{path}: needs a {NAME_COLUMN} key (path of the image relative to its folder)")
     return rows.build(list(columns), typed=False)
 

@@ -22,7 +22,7 @@ from PIL import Image
 from helpers import write_policy
 from sfbd_guard.prepared import open_prepared
 
-OPT_OUT = "coalesce(TRY_CAST(opt_out AS BOOLEAN), false)"  # the shipped policies/imagefolder.yaml rule
+OPT_OUT = "coalesce(CAST(opt_out AS BOOLEAN), false)"  # the shipped policies/imagefolder.yaml rule
 
 
 def _images(root: Path, names: list[str], seed: int = 0) -> Path:
@@ -178,3 +178,201 @@ def test_the_summary_counts_records_actually_excluded(cli, tmp_path: Path) -> No
     assert card["rule_counts"] == {"rest": 2} and card["counts"]["excluded"] == 0
     assert "│ opt-out │ exclude │ 0       │" in result.out
     open_prepared(tmp_path / "out")  # the card's counts are those of the manifest (VerificationError otherwise)
+
+
+def test_the_shipped_policy_stops_on_an_opt_out_value_it_cannot_read(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """policies/imagefolder.yaml: `Yes ` or `opted out` is not silently read as "no opt-out" (TRY_CAST did)."""
+    shipped = Path(__file__).resolve().parents[2] / "policies" / "imagefolder.yaml"
+    root = _images(tmp_path / "data", ["a.png", "b.png", "c.png"])
+    (root / "metadata.csv").write_text("file_name,license,opt_out\na.png,CC0-1.0,\nb.png,,true\nc.png,,opted out\n")
+    result = cli("prepare", "--policy", shipped, "--data-root", root, "--out", tmp_path / "out")
+    assert result.code == 2 and "rules[0].where" in result.err and "opted out" not in result.err
+    (root / "metadata.csv").write_text("file_name,license,opt_out\na.png,CC0-1.0,\nb.png,,true\nc.png,,false\n")
+    result = cli("prepare", "--policy", shipped, "--data-root", root, "--out", tmp_path / "out")
+    assert result.code == 0, result.err
+    assert {r: row["partition"] for r, row in _rows(tmp_path / "out").items()} == {
+        "a.png": "clean", "b.png": "excluded", "c.png": "protected"}
+
+
+def test_rows_are_named_by_the_line_they_start_on(tmp_path: Path) -> None:
+    """BOM, CRLF/CR/LF mixed, a quoted field over two lines, blank lines: line numbers are the file's own."""
+    from sfbd_guard.datasets.metadata_file import read_metadata
+
+    csv_bytes = '\ufefffile_name,note\r\na.png,"two\nlines"\rb.png,x\n\n,empty name\r\nc.png,"bad"x\nd.png,1,2\n'.encode()
+    rows = read_metadata(tmp_path / "metadata.csv", csv_bytes, "metadata.csv")
+    assert rows.names == ["a.png", "b.png", None, None, None]
+    assert rows.lines == [2, 4, 6, 7, 8]
+    assert rows.problems[2:] == ["file_name is null or empty", "not a CSV row (',' expected after '\"')",
+                                 "3 field(s), the header has 2"]
+    assert rows.unreadable == [False, False, False, True, True]
+    assert rows.table.column("note").to_pylist() == ["two\nlines", "x", "empty name", None, None]
+    jsonl_bytes = ('\ufeff{"file_name": "a.png", "n": 1}\r\n\r{"file_name": 7, "n": 2}\n[1]\n'
+                   '{"file_name": "b.png", "file_name": "c.png"}\n{"file_name": "d.png", "n": "x"}').encode()
+    rows = read_metadata(tmp_path / "metadata.jsonl", jsonl_bytes, "metadata.jsonl")
+    assert rows.names == ["a.png", None, None, None, "d.png"] and rows.lines == [1, 3, 4, 5, 6]
+    assert rows.problems[1:4] == ["file_name is a number, not a string", "a list, not a JSON object",
+                                  "key 'file_name' appears twice in the object"]
+    assert rows.table.column("file_name").to_pylist() == ["a.png", None, None, None, "d.png"]
+    assert rows.table.column("n").to_pylist() == ["1", "2", None, None, "x"], "a column of mixed types is text"
+
+# ---- the invariant, on random metadata files -------------------------------------------------------------------
+# Random image folders (names in NFC or NFD on disk) with a random metadata file (csv, jsonl or parquet; rows
+# naming their image exactly, in the other Unicode form, with a different case, `./` or a trailing space, or with
+# a file_name that is a number, a list, null or missing; opt_out values of odd types; duplicates; byte-order marks,
+# mixed line ends, every CSV quoting style; now and then a line cut short or a CSV row with a field too many).
+# A reader written here, as simply as possible, says which images opted out; `guard prepare` (the library call)
+# must then either refuse (InputError, exit 2) or leave every one of them out of clean and protected.
+
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+STEMS = ("a", "b", "Zoë", "Beyoncé", "naïve café", "x,y", 'say "hi"', "Ångström", "trail ")
+OPT_OUT_RULE = "lower(CAST(opt_out AS VARCHAR)) IN ('true', 'yes', '1')"
+MISSING = object()  # a key left out of a JSON line (an empty field in a CSV)
+VALUES = (True, True, False, False, None, MISSING, "true", "false", "yes", "no", "TRUE", 1, 0, "1", "0", "", "maybe",
+          2, [True])
+NOTES = ("", "plain", "comma, inside", 'a "quote"', "two\nlines", "cr\rline", "ünï", "123", "true")
+
+
+def _says_opt_out(value: object) -> bool:
+    """What OPT_OUT_RULE means, on a value as written (the oracle's reading)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value == 1
+    return isinstance(value, str) and value.lower() in ("true", "yes", "1")
+
+
+@st.composite
+def _datasets(draw: st.DrawFn) -> dict:
+    stems = draw(st.lists(st.sampled_from(STEMS), min_size=1, max_size=5, unique=True))
+    images = [unicodedata.normalize(draw(st.sampled_from(["NFC", "NFD"])), stem) + ".png" for stem in stems]
+    rows = []
+    for image in images:
+        for _ in range(draw(st.sampled_from([0] + [1] * 12 + [2]))):
+            name = draw(st.sampled_from([image] * 20 + [unicodedata.normalize("NFC", image),
+                                                       unicodedata.normalize("NFD", image), image.upper(),
+                                                       "./" + image, image + " ", 5, None, [image], MISSING]))
+            rows.append({"file_name": name, "opt_out": draw(st.sampled_from(VALUES)),
+                         "license": draw(st.sampled_from(["CC0", "other", None])), "note": draw(st.sampled_from(NOTES))})
+    for ghost in draw(st.sampled_from([[]] * 4 + [["ghost.png"], ["b.PNG"], ["sub/a.png"]])):
+        rows.append({"file_name": ghost, "opt_out": draw(st.sampled_from(VALUES)), "license": "CC0", "note": ""})
+    if rows:  # every column present in some row (a policy naming a column the metadata lacks is refused anyway)
+        rows[0] = {**rows[0], "opt_out": draw(st.sampled_from([v for v in VALUES if v is not MISSING]))}
+    rows = draw(st.permutations(rows))
+    return {"images": images, "rows": rows, "format": draw(st.sampled_from(["csv", "jsonl", "parquet"])),
+            "bom": draw(st.booleans()), "ends": draw(st.lists(st.sampled_from(["\n", "\r\n", "\r"]), min_size=1, max_size=3)),
+            "quoting": draw(st.sampled_from(["minimal", "all", "nonnumeric"])),
+            "damage": draw(st.sampled_from([None] * 8 + ["cut", "extra"]))}
+
+
+def _csv_text(value: object) -> str:
+    if value is MISSING or value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _write_metadata(root: Path, data: dict) -> Path:
+    import csv
+    import io
+
+    import pyarrow as pa
+
+    rows, ends = data["rows"], data["ends"]
+    columns = ["file_name", "opt_out", "license", "note"]
+    if data["format"] == "parquet":
+        arrays = {}
+        for column in columns:
+            values = [None if row[column] is MISSING else row[column] for row in rows]
+            try:
+                arrays[column] = pa.array(values)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):  # as a person would store mixed values: as text
+                arrays[column] = pa.array([None if v is None else _csv_text(v) for v in values], pa.string())
+        path = root / "metadata.parquet"
+        pq.write_table(pa.table(arrays) if rows else pa.table({c: pa.array([], pa.string()) for c in columns}), path)
+        return path
+    lines = []
+    if data["format"] == "jsonl":
+        for row in rows:
+            lines.append(json.dumps({k: v for k, v in row.items() if v is not MISSING}, ensure_ascii=False))
+    else:
+        quoting = {"minimal": csv.QUOTE_MINIMAL, "all": csv.QUOTE_ALL, "nonnumeric": csv.QUOTE_NONNUMERIC}[data["quoting"]]
+        for values in [columns] + [[_csv_text(row[c]) for c in columns] for row in rows]:
+            buffer = io.StringIO()
+            csv.writer(buffer, quoting=quoting, lineterminator="").writerow(values)
+            lines.append(buffer.getvalue())
+    if data["damage"] and len(lines) > 1:
+        index = len(lines) // 2
+        lines[index] = lines[index][: len(lines[index]) // 2] if data["damage"] == "cut" else lines[index] + ",extra"
+    text = "".join(line + ends[i % len(ends)] for i, line in enumerate(lines))
+    path = root / f"metadata.{data['format']}"
+    path.write_bytes(("\ufeff" if data["bom"] else "").encode() + text.encode())
+    return path
+
+
+def _oracle(path: Path) -> list[tuple[object, object]]:
+    """(file_name, opt_out) of every row this simple reader can read; rows it cannot read are skipped."""
+    import csv
+    import io
+    import re
+
+    if path.suffix == ".parquet":
+        return [(row.get("file_name"), row.get("opt_out")) for row in pq.read_table(path).to_pylist()]
+    text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
+    found: list[tuple[object, object]] = []
+    if path.suffix == ".jsonl":
+        for line in re.split(r"\r\n|\r|\n", text):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                found.append((row.get("file_name"), row.get("opt_out")))
+        return found
+    try:
+        for row in csv.DictReader(io.StringIO(text, newline="")):
+            found.append((row.get("file_name"), row.get("opt_out")))
+    except csv.Error:
+        pass
+    return found
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(_datasets())
+def test_no_opt_out_ever_lands_in_clean_or_protected(data: dict) -> None:
+    import tempfile
+
+    from sfbd_guard.curation.prepare import prepare
+    from sfbd_guard.errors import InputError
+    from sfbd_guard.policy import load_policy
+
+    with tempfile.TemporaryDirectory(prefix="optout-") as folder:
+        tmp = Path(folder)
+        root = _images(tmp / "data", data["images"])
+        path = _write_metadata(root, data)
+        by_nfc = {unicodedata.normalize("NFC", image): image for image in data["images"]}
+        opted: set[str] = set()
+        orphans = []  # opt-out rows whose file_name names no image
+        for name, value in _oracle(path):
+            if _says_opt_out(value):
+                image = by_nfc.get(unicodedata.normalize("NFC", name)) if isinstance(name, str) else None
+                (opted.add(image) if image else orphans.append(name))
+        policy = {"version": 1, "name": "prop", "dataset": {"format": "imagefolder", "root": str(root), "resolution": 8},
+                  "rules": [{"name": "opt-out", "action": "exclude", "where": OPT_OUT_RULE},
+                            {"name": "licensed", "action": "clean", "where": "license = 'CC0'"},
+                            {"name": "rest", "action": "protect"}],
+                  "noise": {"sigma": 0.5}, "output": str(tmp / "out"), "dedup": {"enabled": False}}
+        try:
+            prepare(load_policy(write_policy(tmp / "p.yaml", policy)))
+        except InputError as err:
+            event(f"refused: {str(err)[-90:]}")
+            return  # refused (exit 2): nothing was prepared
+        assert not orphans, f"an opt-out row naming no image ({orphans}) did not stop prepare"
+        manifest = _rows(tmp / "out")
+        stored = {r: row["partition"] for r, row in manifest.items() if row["partition"] in ("clean", "protected")}
+        assert set(stored) <= set(data["images"]), "only scanned images are stored"
+        leaked = sorted(opted & set(stored))
+        assert not leaked, f"opted-out image(s) {leaked} stored as {[stored[r] for r in leaked]}"
+        event(f"prepared, {'some' if opted else 'no'} opt-outs")
