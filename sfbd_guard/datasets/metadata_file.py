@@ -32,7 +32,7 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from ..errors import InputError
-from .streamed import column_array
+from .streamed import RepeatedKey, column_array, unique_keys
 
 METADATA_NAMES = ("metadata.parquet", "metadata.jsonl", "metadata.csv")
 NAME_COLUMN = "file_name"
@@ -165,19 +165,6 @@ def _typed_text(values: list[object]) -> pa.Array[Any]:
     return text
 
 
-class _RepeatedKey(ValueError):
-    """A JSON object that gives one key twice (json.loads would silently keep the last value)."""
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    value: dict[str, Any] = {}
-    for key, item in pairs:
-        if key in value:
-            raise _RepeatedKey(repr(key))
-        value[key] = item
-    return value
-
-
 def read_jsonl(data: bytes, path: str) -> MetadataRows:
     """metadata.jsonl: one JSON object a line (see the module docstring)."""
     rows = _Builder(path, "line")
@@ -187,8 +174,8 @@ def read_jsonl(data: bytes, path: str) -> MetadataRows:
         if not line.strip():
             continue
         try:
-            value = json.loads(line, object_pairs_hook=_unique_keys)
-        except _RepeatedKey as err:
+            value = json.loads(line, object_pairs_hook=unique_keys)
+        except RepeatedKey as err:
             rows.add(number, None, f"key {err} appears twice in the object")
             continue
         except (ValueError, RecursionError):

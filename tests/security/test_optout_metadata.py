@@ -215,6 +215,35 @@ def test_rows_are_named_by_the_line_they_start_on(tmp_path: Path) -> None:
     assert rows.table.column("file_name").to_pylist() == ["a.png", None, None, None, "d.png"]
     assert rows.table.column("n").to_pylist() == ["1", "2", None, None, "x"], "a column of mixed types is text"
 
+def test_a_webdataset_json_whose_opt_out_is_ambiguous_is_an_error_row(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`{"opt_out": true, "opt_out": false}` (json.loads keeps the last) and `{"opt_out": false, "OPT_OUT": true}`
+    (the second key was dropped) were prepared as protected; each record is now an error row naming why."""
+    import io
+    import tarfile
+
+    root = tmp_path / "shards"
+    root.mkdir()
+    members = {"a": '{"opt_out": false}', "twice": '{"opt_out": true, "opt_out": false}',
+               "cased": '{"opt_out": false, "OPT_OUT": true}'}
+    with tarfile.open(root / "00000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for index, (key, text) in enumerate(members.items()):
+            image = io.BytesIO()
+            Image.fromarray(np.full((12, 12, 3), 40 * index, np.uint8)).save(image, format="PNG")
+            for name, data in ((f"{key}.png", image.getvalue()), (f"{key}.json", text.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    policy = {"version": 1, "name": "wds", "dataset": {"format": "webdataset", "root": str(root), "resolution": 8},
+              "rules": [{"name": "opt-out", "action": "exclude", "where": "opt_out IS TRUE"},
+                        {"name": "rest", "action": "protect"}],
+              "noise": {"sigma": 0.5}, "output": str(tmp_path / "out")}
+    result = cli("prepare", "--policy", write_policy(tmp_path / "wds.yaml", policy))
+    assert result.code == 0, result.err
+    manifest = _rows(tmp_path / "out")
+    assert manifest["00000/a"]["partition"] == "protected"
+    assert manifest["00000/twice"]["partition"] == "error" and "key 'opt_out' appears twice" in manifest["00000/twice"]["error"]
+    assert manifest["00000/cased"]["partition"] == "error" and "differ only in case" in manifest["00000/cased"]["error"]
+
 # ---- the invariant, on random metadata files -------------------------------------------------------------------
 # Random image folders (names in NFC or NFD on disk) with a random metadata file (csv, jsonl or parquet; rows
 # naming their image exactly, in the other Unicode form, with a different case, `./` or a trailing space, or with
