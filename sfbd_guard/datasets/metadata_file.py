@@ -232,14 +232,21 @@ def read_csv(data: bytes, path: str) -> MetadataRows:
 
 
 def read_parquet(path_on_disk: Path, path: str) -> MetadataRows:
-    """metadata.parquet: the file's own column types; `file_name` must be a string column."""
+    """metadata.parquet: the file's own column types (made readable by the rules' DuckDB: float16 as float32,
+    decimal256 as text, dictionary columns decoded); `file_name` must be a string column."""
     import pyarrow.parquet as pq
 
     try:
+        names = pq.read_schema(path_on_disk).names
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise InputError(f"{path}: column(s) {', '.join(map(repr, repeated))} appear more than once",
+                             hint="rename them in the dataset's metadata")
+        _check_columns(names, path)
         table = pq.read_table(path_on_disk)
     except (pa.ArrowException, OSError) as err:
         raise InputError(f"{path}: cannot read it as Parquet ({str(err).splitlines()[0][:120]})") from None
-    _check_columns(table.column_names, path)
+    table = pa.table({name: _readable(table.column(name)) for name in table.column_names})
     column = table.column(NAME_COLUMN)
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)):
         raise InputError(f"{path}: column {NAME_COLUMN} is {column.type}, not a string column",
@@ -249,6 +256,18 @@ def read_parquet(path_on_disk: Path, path: str) -> MetadataRows:
     table = table.set_column(table.column_names.index(NAME_COLUMN), NAME_COLUMN, pa.array(names, pa.string()))
     return MetadataRows(path, "row", [n if p is None else None for n, p in zip(names, problems, strict=True)],
                         list(range(1, table.num_rows + 1)), problems, [False] * table.num_rows, table)
+
+
+def _readable(column: pa.ChunkedArray[Any]) -> pa.ChunkedArray[Any]:
+    """A Parquet column in a type DuckDB can read (it refuses float16 and decimal256), with the same values."""
+    kind = column.type
+    if pa.types.is_dictionary(kind):
+        return _readable(column.cast(kind.value_type))
+    if pa.types.is_float16(kind):
+        return column.cast(pa.float32())
+    if pa.types.is_decimal256(kind):
+        return column.cast(pa.string())
+    return column
 
 
 def read_metadata(path_on_disk: Path, data: bytes | None, path: str) -> MetadataRows:

@@ -215,6 +215,30 @@ def test_rows_are_named_by_the_line_they_start_on(tmp_path: Path) -> None:
     assert rows.table.column("file_name").to_pylist() == ["a.png", None, None, None, "d.png"]
     assert rows.table.column("n").to_pylist() == ["1", "2", None, None, "x"], "a column of mixed types is text"
 
+@pytest.mark.parametrize("kind", ["float16", "decimal256", "dictionary", "repeated"])
+def test_metadata_parquet_of_odd_types_is_read_or_refused_never_a_traceback(cli, tmp_path: Path, kind: str) -> None:  # type: ignore[no-untyped-def]
+    import decimal
+
+    import pyarrow as pa
+
+    root = _images(tmp_path / "data", ["a.png", "b.png"])
+    names, opt_out = pa.array(["a.png", "b.png"]), pa.array([True, False])
+    extra = {"float16": pa.array(np.array([1.5, 2.0], np.float16)),
+             "decimal256": pa.array([decimal.Decimal("1.50"), None], pa.decimal256(40, 2)),
+             "dictionary": pa.array(["x", "y"]).dictionary_encode(), "repeated": pa.array([False, False])}[kind]
+    table = pa.Table.from_arrays([names.dictionary_encode() if kind == "dictionary" else names, opt_out, extra],
+                                 names=["file_name", "opt_out", "opt_out" if kind == "repeated" else "extra"])
+    pq.write_table(table, root / "metadata.parquet")
+    result = cli("prepare", "--policy", _policy(tmp_path, root))
+    assert "Traceback" not in result.err
+    if kind == "repeated":
+        assert result.code == 2 and "metadata.parquet: column(s) 'opt_out' appear more than once" in result.err
+        return
+    assert result.code == 0, result.err
+    manifest = _rows(tmp_path / "out")
+    assert manifest["a.png"]["partition"] == "excluded" and manifest["b.png"]["partition"] == "protected"
+    assert manifest["a.png"]["extra"] == {"float16": 1.5, "decimal256": "1.50", "dictionary": "x"}[kind]
+
 def test_a_webdataset_json_whose_opt_out_is_ambiguous_is_an_error_row(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """`{"opt_out": true, "opt_out": false}` (json.loads keeps the last) and `{"opt_out": false, "OPT_OUT": true}`
     (the second key was dropped) were prepared as protected; each record is now an error row naming why."""
