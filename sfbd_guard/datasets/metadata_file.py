@@ -237,12 +237,12 @@ def read_parquet(path_on_disk: Path, path: str) -> MetadataRows:
     import pyarrow.parquet as pq
 
     try:
-        names = pq.read_schema(path_on_disk).names
-        repeated = sorted({name for name in names if names.count(name) > 1})
+        fields = pq.read_schema(path_on_disk).names
+        repeated = sorted({name for name in fields if fields.count(name) > 1})
         if repeated:
             raise InputError(f"{path}: column(s) {', '.join(map(repr, repeated))} appear more than once",
                              hint="rename them in the dataset's metadata")
-        _check_columns(names, path)
+        _check_columns(fields, path)
         table = pq.read_table(path_on_disk)
     except (pa.ArrowException, OSError) as err:
         raise InputError(f"{path}: cannot read it as Parquet ({str(err).splitlines()[0][:120]})") from None
