@@ -102,6 +102,11 @@ def _check_columns(columns: list[str], label: str) -> None:
     empty = [i + 1 for i, name in enumerate(columns) if not name.strip()]
     if empty:
         raise InputError(f"{label}: column {empty[0]} of the header has no name", hint="name every column")
+    folded = [name.lower() for name in columns]
+    repeated = sorted({name for name in columns if folded.count(name.lower()) > 1})
+    if repeated:  # else one of them would silently win
+        raise InputError(f"{label}: column(s) {', '.join(map(repr, repeated))} appear more than once (names are "
+                         "compared without case)", hint="rename them in the dataset's metadata")
 
 
 class _Builder:
@@ -192,9 +197,9 @@ def read_jsonl(data: bytes, path: str) -> MetadataRows:
                 columns[key] = None
                 folded.add(key.lower())
         rows.add(number, value)
-    if rows.count and NAME_COLUMN not in columns:
+    if not all(rows.unreadable) and NAME_COLUMN not in columns:
         raise InputError(f"{path}: needs a {NAME_COLUMN} key (path of the image relative to its folder)")
-    return rows.build(list(columns), typed=False)
+    return rows.build(list(columns) if NAME_COLUMN in columns else [NAME_COLUMN, *columns], typed=False)
 
 
 def read_csv(data: bytes, path: str) -> MetadataRows:
@@ -238,10 +243,6 @@ def read_parquet(path_on_disk: Path, path: str) -> MetadataRows:
 
     try:
         fields = pq.read_schema(path_on_disk).names
-        repeated = sorted({name for name in fields if fields.count(name) > 1})
-        if repeated:
-            raise InputError(f"{path}: column(s) {', '.join(map(repr, repeated))} appear more than once",
-                             hint="rename them in the dataset's metadata")
         _check_columns(fields, path)
         table = pq.read_table(path_on_disk)
     except (pa.ArrowException, OSError) as err:

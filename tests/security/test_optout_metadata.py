@@ -239,6 +239,18 @@ def test_metadata_parquet_of_odd_types_is_read_or_refused_never_a_traceback(cli,
     assert manifest["a.png"]["partition"] == "excluded" and manifest["b.png"]["partition"] == "protected"
     assert manifest["a.png"]["extra"] == {"float16": 1.5, "decimal256": "1.50", "dictionary": "x"}[kind]
 
+@pytest.mark.parametrize("name,data", [
+    ("metadata.csv", b"file_name,opt_out,opt_out\na.png,true,false\n"),
+    ("metadata.csv", b"file_name,opt_out,Opt_Out\na.png,true,false\n"),
+    ("metadata.jsonl", b'{"file_name": "a.png", "opt_out": false}\n{"file_name": "b.png", "OPT_OUT": true}\n'),
+])
+def test_a_column_given_twice_is_refused_not_silently_won(tmp_path: Path, name: str, data: bytes) -> None:
+    from sfbd_guard.datasets.metadata_file import read_metadata
+    from sfbd_guard.errors import InputError
+
+    with pytest.raises(InputError, match=r"(appear more than once|differs from another key only in case)"):
+        read_metadata(tmp_path / name, data, name)
+
 def test_a_webdataset_json_whose_opt_out_is_ambiguous_is_an_error_row(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """`{"opt_out": true, "opt_out": false}` (json.loads keeps the last) and `{"opt_out": false, "OPT_OUT": true}`
     (the second key was dropped) were prepared as protected; each record is now an error row naming why."""
