@@ -1,10 +1,15 @@
 """A folder of images (recursive; jpg/png/webp) with an optional metadata.parquet, metadata.jsonl or metadata.csv.
 
-The metadata file has a `file_name` column (path relative to the root) and any other columns, exposed
-as they are. `record_id` is the relative path. An image with no metadata row gets null metadata; a
-metadata row whose file is missing is kept, and becomes an `error` row when curation tries to read it.
-So does a `file_name` that is absolute or climbs with `..`, and an image that is a symlink leading
-outside the root: nothing outside the root is ever read. The scan does not enter symlinked directories.
+The metadata file (one per folder: two are refused) has a `file_name` column (path relative to its folder) and any
+other columns; it is read row by row with each row's line (metadata_file.py). `record_id` is the image's relative
+path. A row meets the image whose name equals its file_name after Unicode NFC normalisation, and nothing else is
+folded (case, `./`, spaces): the record keeps the image's own name. An image with no metadata row gets null
+metadata; a metadata row that names no image is kept, and becomes an `error` row when curation tries to read it
+(`load` reads only an image the scan lists, by its exact name), as does a row whose file_name is not a string or
+that cannot be read (record id `<metadata file>:<line>`). `listing_report` says what met nothing;
+curation/listing.py stops a prepare when such a row is, or may be, an opt-out. A `file_name` that is absolute or
+climbs with `..`, and an image that is a symlink leading outside the root, are error rows too: nothing outside the
+root is ever read. The scan does not enter symlinked directories.
 
 Splits: with `train/`, `validation/` or `test/` folders under the root, a named split reads only its folder
 (record ids stay relative to the root) and a `split` column names each record's folder (null outside them);

@@ -280,6 +280,32 @@ def test_a_webdataset_json_whose_opt_out_is_ambiguous_is_an_error_row(cli, tmp_p
     assert manifest["00000/twice"]["partition"] == "error" and "key 'opt_out' appears twice" in manifest["00000/twice"]["error"]
     assert manifest["00000/cased"]["partition"] == "error" and "differ only in case" in manifest["00000/cased"]["error"]
 
+@pytest.mark.parametrize("change", ["identity twice", "identity missing", "attributes twice"])
+def test_celeba_lists_that_would_hide_an_identity_opt_out_are_refused(cli, tmp_path: Path, change: str) -> None:  # type: ignore[no-untyped-def]
+    """A file listed twice in identity_CelebA.txt (the last line won) or not at all (a null identity escapes
+    `identity IN (...)`) was prepared as protected."""
+    from sfbd_guard.datasets.synthetic import write_celeba
+
+    root = write_celeba(tmp_path / "celeba", 6, identities=2)
+    lines = (root / "identity_CelebA.txt").read_text().splitlines()
+    first, identity = lines[0].split()
+    if change == "identity twice":
+        lines.append(f"{first} {int(identity) + 100}")
+    elif change == "identity missing":
+        lines = lines[1:]
+    else:
+        with open(root / "list_attr_celeba.txt", "a") as handle:
+            handle.write(f"{first} " + " ".join(["1"] * 40) + "\n")
+    (root / "identity_CelebA.txt").write_text("\n".join(lines) + "\n")
+    policy = {"version": 1, "name": "celeba", "dataset": {"format": "celeba", "root": str(root), "split": "all",
+                                                          "resolution": 8},
+              "rules": [{"name": "opt-out", "action": "exclude", "where": f"identity = {identity}"},
+                        {"name": "rest", "action": "protect"}], "noise": {"sigma": 0.5}, "output": str(tmp_path / "out")}
+    result = cli("prepare", "--policy", write_policy(tmp_path / "c.yaml", policy))
+    assert result.code == 2, result.out
+    assert {"identity twice": "is listed twice (also on line 1)", "identity missing": "no identity for 1 file(s)",
+            "attributes twice": "is listed twice"}[change] in result.err
+
 # ---- the invariant, on random metadata files -------------------------------------------------------------------
 # Random image folders (names in NFC or NFD on disk) with a random metadata file (csv, jsonl or parquet; rows
 # naming their image exactly, in the other Unicode form, with a different case, `./` or a trailing space, or with
