@@ -5,9 +5,9 @@ no image (a typo, a name in another Unicode form than the file's, a file_name th
 cannot be read) leaves the image it meant without its metadata, and that image would be decided by the rules
 that come after the opt-outs: clean or protected. So, whether or not --strict is given:
 
-- a row naming no image that an exclude rule matches stops the prepare, naming the rows;
-- a row of which nothing could be read stops it when the policy has any exclude rule (whether the row opted an
-  image out cannot be known).
+- a row naming no image that the `where` of an exclude rule matches stops the prepare, naming the rows;
+- a row of which nothing could be read stops it when the policy has an exclude rule with a `where` (whether the
+  row opted an image out cannot be known).
 
 What remains is reported, not refused: images without a metadata row (null metadata) and rows naming no image
 that no exclude rule matches (error rows in the manifest).
@@ -15,6 +15,7 @@ that no exclude rule matches (error rows in the manifest).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,8 @@ import pyarrow as pa
 
 from ..datasets.base import ListingReport
 from ..errors import InputError
-from .rules import Decisions
+from ..policy import Rule
+from .rules import RuleEvaluator
 
 SHOWN = 5  # rows named in a message
 
@@ -40,21 +42,31 @@ def _named(items: list[str]) -> str:
     return "; ".join(items[:SHOWN]) + (f"; and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
 
 
-def check_listing(report: ListingReport | None, record_ids: pa.ChunkedArray[Any], decisions: Decisions) -> None:
-    """InputError (exit 2) when a row naming no image is, or may be, an opt-out (see the module docstring)."""
+def check_listing(report: ListingReport | None, metadata: pa.Table, rules: list[Rule], *, base_dir: Path,
+                  source: str, format_name: str | None = None) -> None:
+    """InputError (exit 2) when a row naming no image is, or may be, an opt-out (see the module docstring).
+
+    An exclude rule "matches" a row when its `where` does, whatever its `sample` and the other rules decided (a
+    sampled opt-out rule may leave the row to a later rule); an exclude rule without `where` (a sampled held-out
+    set) says nothing of a row's content and is not counted."""
     if report is None or not report.rows_without_image:
         return
-    rows = _rows_of(record_ids, sorted(report.rows_without_image))
-    actions = decisions.rule_actions
-    excluded = [int(r) for r in rows if decisions.chosen[r] >= 0 and actions[decisions.chosen[r]] == "exclude"]
-    if excluded:
-        names = [str(record_ids[r]) for r in excluded]
-        found = [f"{report.rows_without_image[n]} ({n!r}, rule {decisions.names[decisions.chosen[r]]})"
-                 for n, r in zip(names, excluded, strict=True)]
+    excluding = [(index, rule) for index, rule in enumerate(rules) if rule.action == "exclude" and rule.where]
+    if not excluding:
+        return
+    record_ids = metadata.column("record_id")
+    orphans = _rows_of(record_ids, sorted(report.rows_without_image))
+    evaluator = RuleEvaluator(metadata, rules, base_dir=base_dir, source=source, format_name=format_name)
+    found: list[str] = []
+    for index, rule in excluding:
+        for row in np.intersect1d(orphans, evaluator.matching_rows(rule, index)).tolist():
+            name = str(record_ids[row])
+            found.append(f"{report.rows_without_image[name]} ({name!r}, rule {rule.name})")
+    if found:
         raise InputError(f"{len(found)} metadata row(s) that an exclude rule matches name no image: {_named(found)}",
                          hint="fix their file_name (exact name, relative to the metadata file's folder); the image "
                               "they meant would otherwise be prepared without its opt-out")
-    if report.unreadable_rows and "exclude" in actions:
-        found = list(report.unreadable_rows.values())  # in file order
-        raise InputError(f"{len(found)} metadata row(s) cannot be read, so whether they opt an image out is unknown: "
-                         f"{_named(found)}", hint="fix these lines of the metadata file")
+    if report.unreadable_rows:
+        unread = list(report.unreadable_rows.values())  # in file order
+        raise InputError(f"{len(unread)} metadata row(s) cannot be read, so whether they opt an image out is unknown: "
+                         f"{_named(unread)}", hint="fix these lines of the metadata file")

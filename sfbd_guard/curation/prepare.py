@@ -320,7 +320,8 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
             decisions = decide(records.table, list(loaded.policy.rules), base_dir=loaded.base_dir, source=str(loaded.path),
                                format_name=spec.format)
             listing = reader.listing_report()
-            check_listing(listing, records.table.column("record_id"), decisions)
+            check_listing(listing, records.table, list(loaded.policy.rules), base_dir=loaded.base_dir,
+                          source=str(loaded.path), format_name=spec.format)
             noise = NoiseParams(sigma=loaded.policy.noise.sigma, key=key)
             tick = progress("decoding", records.table.num_rows) if progress else None
             staged = staging / (dedup.STAGED_MANIFEST if dedup_spec.enabled else "manifest.parquet")

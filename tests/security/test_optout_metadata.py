@@ -137,6 +137,34 @@ def test_a_row_naming_no_image_that_no_exclude_rule_matches_is_an_error_row(cli,
     assert "1 metadata row(s) name no image" in " ".join(result.out.split())
 
 
+def test_an_exclude_rule_counts_by_its_where_not_by_its_sample(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A held-out sample (exclude without `where`) taking a row that names no image is not an opt-out; an opt-out
+    rule with a `sample` that leaves the row to a later rule still stops prepare."""
+    from sfbd_guard.curation.rules import sample_rows
+    from sfbd_guard.policy import SampleSpec
+
+    root = _images(tmp_path / "data", [f"{i}.png" for i in range(6)])
+    (root / "metadata.csv").write_text("file_name,opt_out\n" + "".join(f"{i}.png,true\n" for i in range(6))
+                                       + "ghost.png,false\nspectre.png,true\n")
+
+    def run(rules: list[dict], out: str):  # type: ignore[no-untyped-def]
+        policy = {"version": 1, "name": "s", "dataset": {"format": "imagefolder", "root": str(root), "resolution": 8},
+                  "rules": [*rules, {"name": "rest", "action": "protect"}], "noise": {"sigma": 0.5},
+                  "output": str(tmp_path / out)}
+        return cli("prepare", "--policy", write_policy(tmp_path / f"{out}.yaml", policy))
+
+    held_out = {"name": "held-out", "action": "exclude", "sample": {"fraction": 1.0, "seed": 0}}
+    result = run([held_out], "held")
+    assert result.code == 0, result.err
+    assert _rows(tmp_path / "held")["ghost.png"]["partition"] == "error"
+    sampled = {"name": "opt-out", "action": "exclude", "where": "opt_out", "sample": {"count": 1, "seed": 0}}
+    kept = sample_rows(list(range(7)), SampleSpec(count=1, seed=0), [f"{i}.png" for i in range(6)] + ["spectre.png"],
+                       None)
+    assert kept == [3], "the sample keeps 3.png: spectre.png falls through to the protect rule"
+    result = run([sampled], "sampled")
+    assert result.code == 2 and "metadata.csv line 9 ('spectre.png', rule opt-out)" in result.err
+    assert "ghost.png" not in result.err
+
 @pytest.mark.parametrize("on_disk,written", [("NFD", "NFC"), ("NFC", "NFD")])
 def test_names_are_compared_in_unicode_nfc(cli, tmp_path: Path, on_disk: str, written: str) -> None:  # type: ignore[no-untyped-def]
     name = "Beyoncé/Zoë.png"
