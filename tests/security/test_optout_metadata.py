@@ -458,7 +458,7 @@ def _oracle(path: Path) -> list[tuple[object, object]]:
     return found
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(_datasets())
 def test_no_opt_out_ever_lands_in_clean_or_protected(data: dict) -> None:
     import tempfile
