@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from .. import __version__
 from ..contracts.card import Card, card_from_dict, card_path, write_card
 from ..datasets import DatasetReader, Part, SourceSpec, open_reader
+from ..datasets.base import ListingReport
 from ..errors import DataError
 from ..executor import LOCAL, ExecutorSpec
 from ..hashing import fingerprint, new_sha256, sha256_file
@@ -43,6 +44,7 @@ from . import dedup
 from . import shards as shard_files
 from .decode import NoiseParams, PartResult, PartTask, init_worker, process_part, worker_part, worker_part_metadata
 from .keys import NoiseKey, fresh_key, read_key_file
+from .listing import check_listing
 from .manifest import ACTION_PARTITION, MANIFEST_FIELDS, PARTITIONS, manifest_schema, manifest_table
 from .noise import GENERATOR
 from .output import abandon_output, claim_output, finish_output, start_output
@@ -65,6 +67,7 @@ class PrepareResult:
     seconds: float
     source_fingerprint: str = field(default="")
     error_count: int = 0
+    listing: ListingReport | None = None  # how an image folder's metadata met its images (examples for the summary)
 
 
 def source_spec(loaded: LoadedPolicy, data_root: Path | None) -> SourceSpec:
@@ -155,6 +158,7 @@ class ManifestWriter:
         self.writer = pq.ParquetWriter(str(path), self.schema)
         self.sigma = sigma
         self.counts = dict.fromkeys(PARTITIONS, 0)
+        self.rule_counts: dict[str, int] = {}  # records each rule decided that were read (an error row has no rule)
         self.errors: list[tuple[str, str]] = []
         self.error_count = 0
         self.source = new_sha256()  # over "record_id\tsha256\n" in manifest order
@@ -178,6 +182,8 @@ class ManifestWriter:
             for name in DUP_COLUMNS:  # filled in by dedup (dedup.write_final_manifest)
                 columns[name].append(None)
             self.counts[partition] += 1
+            if partition != "error" and rules[row] is not None:
+                self.rule_counts[str(rules[row])] = self.rule_counts.get(str(rules[row]), 0) + 1
             if error is not None:
                 self.error_count += 1
                 if len(self.errors) < MAX_ERRORS_KEPT:
@@ -213,9 +219,9 @@ def _publish_shards(staging: Path, result: PartResult, numbering: dict[str, int]
 
 def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, counts: dict[str, int], key: NoiseKey,
           rule_counts: dict[str, int], files: dict[str, str], manifest_sha256: str, output: Path,
-          dedup_card: dict[str, Any]) -> dict[str, Any]:
+          dedup_card: dict[str, Any], listing: ListingReport | None) -> dict[str, Any]:
     policy = loaded.policy
-    return {
+    card: dict[str, Any] = {
         "policy_name": policy.name,
         "policy_sha256": loaded.sha256,
         "policy_path": card_path(loaded.path, output),  # relative to the card's folder inside the project
@@ -240,6 +246,12 @@ def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, counts:
         "tool_version": __version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if listing is not None:
+        card["listing"] = {"metadata_files": listing.metadata_files, "metadata_rows": listing.rows,
+                           "images_without_row": len(listing.images_without_row),
+                           "rows_without_image": len(listing.rows_without_image),
+                           "unreadable_rows": len(listing.unreadable_rows)}
+    return card
 
 
 def _deduplicate(staging: Path, records: Records, decisions: Decisions, store: dedup.EmbeddingStore | None,
@@ -307,6 +319,9 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
             records = collect(reader, staging, runner.metadata, progress)
             decisions = decide(records.table, list(loaded.policy.rules), base_dir=loaded.base_dir, source=str(loaded.path),
                                format_name=spec.format)
+            listing = reader.listing_report()
+            check_listing(listing, records.table, list(loaded.policy.rules), base_dir=loaded.base_dir,
+                          source=str(loaded.path), format_name=spec.format)
             noise = NoiseParams(sigma=loaded.policy.noise.sigma, key=key)
             tick = progress("decoding", records.table.num_rows) if progress else None
             staged = staging / (dedup.STAGED_MANIFEST if dedup_spec.enabled else "manifest.parquet")
@@ -337,17 +352,17 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
                 if tick:
                     tick(stop - start)
             manifest.close()
-            counts, rule_counts, dedup_card = manifest.counts, decisions.rule_counts(), {"enabled": False}
+            counts, rule_counts, dedup_card = manifest.counts, manifest.rule_counts, {"enabled": False}
             if dedup_spec.enabled:
                 counts, rule_counts, dedup_card = _deduplicate(staging, records, decisions, store, files, dedup_spec,
                                                                embedding, rule_counts)
             discard(staging)
             card = card_from_dict(_card(loaded, spec, reader, counts, key, rule_counts, files,
-                                        sha256_file(staging / "manifest.parquet"), output, dedup_card))
+                                        sha256_file(staging / "manifest.parquet"), output, dedup_card, listing))
             write_card(staging, card)
             finish_output(staging, output)
         except BaseException:
             abandon_output(staging)
             raise
     return PrepareResult(output, dict(card.counts), dict(card.rule_counts), manifest.errors, card,
-                         time.perf_counter() - started, manifest.source.hexdigest(), manifest.error_count)
+                         time.perf_counter() - started, manifest.source.hexdigest(), manifest.error_count, listing)

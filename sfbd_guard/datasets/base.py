@@ -73,6 +73,21 @@ def listing_parts(count: int, size: int | None = None) -> list[Part]:
             for i, start in enumerate(range(0, count, size))]
 
 
+@dataclass(frozen=True)
+class ListingReport:
+    """How a listed reader joined its metadata file(s) to the images (image folders): what a person should check.
+
+    Record ids of the listing: `images_without_row` have null metadata; `rows_without_image` (id -> the file and
+    line of the row) are error rows, among them rows whose file_name is unusable and `unreadable_rows` (id -> the
+    file, line and why), of which nothing could be read."""
+
+    metadata_files: list[str]  # relative to the root
+    rows: int  # metadata rows of the selected split
+    images_without_row: list[str]
+    rows_without_image: dict[str, str]
+    unreadable_rows: dict[str, str]
+
+
 Loaded = tuple[str, "np.ndarray | ImageDecodeError"]  # a record id and its transformed pixels, or why they cannot be read
 
 
@@ -204,6 +219,10 @@ class DatasetReader(ABC):
                 yield record_id, self.load(record_id)
             except ImageDecodeError as err:
                 yield record_id, err
+
+    def listing_report(self) -> ListingReport | None:
+        """How the metadata file(s) met the images, for a layout that joins them by name (None: nothing joined)."""
+        return None
 
     def require_file(self, relative: str) -> Path:
         """The resolved path of one of the layout's own files; InputError if missing or outside the root."""

@@ -24,6 +24,20 @@ def rename_reserved(name: str) -> str:
     return name
 
 
+class RepeatedKey(ValueError):
+    """A JSON object giving one key twice: json.loads would silently keep the last value (which one holds?)."""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook that refuses a key given twice (RepeatedKey, a ValueError, naming it)."""
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value:
+            raise RepeatedKey(repr(key[:60]))
+        value[key] = item
+    return value
+
+
 def column_array(values: list[object]) -> pa.Array[Any]:
     """One metadata column's values as an Arrow array; values of mixed types become strings (JSON for non-strings)."""
     try:

@@ -9,7 +9,8 @@ The per-shard `.parquet` img2dataset writes beside each tar is not read (the JSO
 
 Shards are read with Python's tarfile from the file itself, in one pass; nothing is ever extracted to disk. The
 metadata pass reads only the JSON and text members (tarfile seeks over image data). Every problem is an error row
-for its record: a corrupt image, JSON that does not parse, a key without an image, a member that is a link or a
+for its record: a corrupt image, JSON that does not parse or that gives a key twice or two keys differing only in
+case (which one holds would be a guess), a key without an image, a member that is a link or a
 device, a member name that is absolute or climbs with `..`, a key repeated in the shard (the later one is named
 `<shard>/<key>#2`), a tar truncated or damaged (records before the break are fine). A shard that is not a tar, is
 missing, or is a symlink out of the root is one record named after the shard (`<shard without .tar>`).
@@ -31,7 +32,7 @@ import pyarrow as pa
 
 from ..errors import ImageDecodeError, InputError
 from .base import Loaded, Part, open_regular, safe_join
-from .streamed import StreamedReader, rename_reserved, rows_table
+from .streamed import RepeatedKey, StreamedReader, rename_reserved, rows_table, unique_keys
 from .transforms import load_bytes
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -231,7 +232,9 @@ class WebDatasetReader(StreamedReader):
         if info is None:
             return {}
         try:
-            value = json.loads(self._member(tar, info))
+            value = json.loads(self._member(tar, info), object_pairs_hook=unique_keys)
+        except RepeatedKey as err:
+            raise ImageDecodeError(f"member {info.name}: key {err} appears twice (which one holds?)") from None
         except (ValueError, RecursionError) as err:
             raise ImageDecodeError(f"member {info.name}: not valid JSON ({str(err)[:80]})") from None
         if not isinstance(value, dict):
@@ -256,8 +259,12 @@ class WebDatasetReader(StreamedReader):
             if not name or isinstance(value, dict | list):
                 continue
             column = rename_reserved(name)
-            if column.lower() in folded or column.lower() == "caption":  # names are compared without case, like SQL
+            if column.lower() == "caption":  # from KEY.txt, else the JSON's caption (below)
                 continue
+            if column.lower() in folded:  # names are compared without case, like SQL: neither may silently win
+                other = next(c for c in row if c.lower() == column.lower())
+                raise ImageDecodeError(f"member {group.members['json'].name}: keys {other!r} and {column!r} differ "
+                                       "only in case")
             folded.add(column.lower())
             row[column] = value
         caption = self._caption(tar, group)
