@@ -148,13 +148,6 @@ def _manifest(data: Path) -> list[dict[str, Any]]:
     return pq.read_table(data / "manifest.parquet", columns=columns).to_pylist()
 
 
-def _content(row: dict[str, Any]) -> str | None:
-    """What identifies a record's image for the duplicates check: its canonical sha256 (one for all its variants
-    under the dedup transforms), or its pixel sha256 in a manifest without one."""
-    content: str | None = row.get("canonical_sha256") or row["sha256"]
-    return content
-
-
 def card_variants(card: Any) -> tuple[Variant, ...]:
     """The dedup transforms' group of the card (the identity alone for dedup off or a card without transforms)."""
     dedup = getattr(card, "dedup", None) or {}
@@ -240,14 +233,12 @@ def _level(row: dict[str, Any], actions: dict[str, str]) -> int | None:
     return STRICTNESS.get(row["partition"])
 
 
-def check_duplicates(card: Any, rows: list[dict[str, Any]]) -> Check:
-    """No stored row is an exact copy of a row decided more strictly, and no content is stored protected twice
-    (curation/dedup.py). Checked whatever the card says of dedup: a copy that leaks, leaks."""
-    actions = {rule.name: rule.action for rule in card.policy.rules}
+def _duplicate_problem(rows: list[dict[str, Any]], actions: dict[str, str], key: str) -> str | None:
+    """What is wrong with the rows' duplicates by their `key` (sha256 or canonical_sha256), or None."""
     strictest: dict[str, tuple[int, str]] = {}
     protected: dict[str, str] = {}
     for row in rows:
-        level, content = _level(row, actions), _content(row)
+        level, content = _level(row, actions), row.get(key)
         if level is None or not content:
             continue
         held = strictest.get(content)
@@ -255,18 +246,30 @@ def check_duplicates(card: Any, rows: list[dict[str, Any]]) -> Check:
             strictest[content] = (level, row["record_id"])
         if row["partition"] == "protected":
             if content in protected:
-                return Check("duplicates", False, f"protected rows {protected[content]} and {row['record_id']} "
-                                                  "hold the same image (their noise averages down)")
+                return (f"protected rows {protected[content]} and {row['record_id']} hold the same image "
+                        "(their noise averages down)")
             protected[content] = row["record_id"]
     names = {level: name for name, level in STRICTNESS.items()}
     for row in rows:
-        level, content = STRICTNESS.get(row["partition"]), _content(row)
+        level, content = STRICTNESS.get(row["partition"]), row.get(key)
         if level is None or level == STRICTNESS["excluded"] or not content:
             continue
         top, other = strictest[content]
         if top > level:
-            return Check("duplicates", False, f"{row['partition']} row {row['record_id']} is an exact copy of "
-                                              f"{names[top]} record {other}")
+            what = "exact copy" if key == "sha256" else "rotated, flipped or inverted exact copy"
+            return f"{row['partition']} row {row['record_id']} is an {what} of {names[top]} record {other}"
+    return None
+
+
+def check_duplicates(card: Any, rows: list[dict[str, Any]]) -> Check:
+    """No stored row is an exact copy of a row decided more strictly, and no content is stored protected twice
+    (curation/dedup.py), by the pixel sha256 and by the canonical sha256 (the same for all variants of an image
+    under the dedup transforms). Checked whatever the card says of dedup: a copy that leaks, leaks."""
+    actions = {rule.name: rule.action for rule in card.policy.rules}
+    for key in ("sha256", "canonical_sha256"):
+        problem = _duplicate_problem(rows, actions, key)
+        if problem:
+            return Check("duplicates", False, problem)
     dedup = getattr(card, "dedup", None) or {}
     setting = (f"dedup on (near: {dedup.get('embedder')} >= {dedup.get('threshold')}, {transforms_words(dedup)}; "
                f"{dedup.get('demoted', 0)} record(s) demoted)" if dedup.get("enabled") else "dedup off in the policy")
