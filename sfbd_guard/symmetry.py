@@ -69,17 +69,13 @@ def group(generators: Iterable[str]) -> tuple[Variant, ...]:
                  for turns in (range(4) if "rotate" in chosen else range(1)))
 
 
-def canonical(pixels: np.ndarray, variants: Sequence[Variant]) -> np.ndarray:
-    """uint8 (N, C, H, W) → per image, the lexicographically smallest (C-order bytes) of its variants."""
-    if len(variants) <= 1 or not len(pixels):
-        return np.ascontiguousarray(pixels)
-    stacked = np.stack([v.pixels(pixels) for v in variants], axis=1)  # (N, V, C, H, W)
-    n, count = stacked.shape[:2]
-    flat = stacked.reshape(n, count, -1)
-    pad = (-flat.shape[2]) % 8
+def _lexicographic_min(rows: np.ndarray) -> np.ndarray:
+    """uint8 (N, V, L) → per N, the index of the lexicographically smallest of its V byte rows (the first on ties)."""
+    n, count, length = rows.shape
+    pad = (-length) % 8
     if pad:
-        flat = np.concatenate([flat, np.zeros((n, count, pad), np.uint8)], axis=2)
-    words = flat.view(">u8")  # big-endian words compare like the bytes they hold
+        rows = np.concatenate([rows, np.zeros((n, count, pad), np.uint8)], axis=2)
+    words = np.ascontiguousarray(rows).view(">u8")  # big-endian words compare like the bytes they hold
     alive = np.ones((n, count), bool)
     top = np.iinfo(np.uint64).max
     for column in range(words.shape[2]):
@@ -87,8 +83,35 @@ def canonical(pixels: np.ndarray, variants: Sequence[Variant]) -> np.ndarray:
         alive &= values == values.min(axis=1, keepdims=True)
         if (alive.sum(axis=1) == 1).all():
             break
-    chosen = alive.argmax(axis=1)  # ties are equal arrays
-    return np.ascontiguousarray(stacked[np.arange(n), chosen])
+    chosen: np.ndarray = alive.argmax(axis=1)
+    return chosen
+
+
+def canonical(pixels: np.ndarray, variants: Sequence[Variant]) -> np.ndarray:
+    """uint8 (N, C, H, W) → per image, the lexicographically smallest (C-order bytes) of its variants.
+
+    The first rows of channel 0 of the variants decide for almost every image (they are gathered, not computed by
+    transforming whole images); the images they leave tied are compared in full."""
+    if len(variants) <= 1 or not len(pixels):
+        return np.ascontiguousarray(pixels)
+    n, _, h, w = pixels.shape
+    grid = np.arange(h * w).reshape(h, w)
+    plane = pixels[:, 0].reshape(n, h * w)
+    heads = np.stack([Variant(v.flip, v.turns, False).pixels(grid)[0] for v in variants])  # (V, W) indices
+    first = plane[:, heads]  # (N, V, W): each variant's first row of channel 0
+    inverted = np.array([v.invert for v in variants])
+    first = np.where(inverted[None, :, None], 255 - first, first).astype(np.uint8)
+    chosen = _lexicographic_min(first)
+    best = first[np.arange(n), chosen]
+    tied = np.flatnonzero((first == best[:, None, :]).all(axis=2).sum(axis=1) > 1)
+    if len(tied):  # the same first row from two variants (e.g. a flat top row): compare all bytes
+        full = np.stack([v.pixels(pixels[tied]) for v in variants], axis=1)
+        chosen[tied] = _lexicographic_min(full.reshape(len(tied), len(variants), -1))
+    out = np.empty_like(pixels)
+    for index in np.unique(chosen).tolist():
+        rows = np.flatnonzero(chosen == index)
+        out[rows] = variants[index].pixels(pixels[rows])
+    return out
 
 
 def grid_variants(vectors: np.ndarray, side: int, variants: Sequence[Variant]) -> list[np.ndarray]:

@@ -374,12 +374,15 @@ def plan(roots: np.ndarray, actions: np.ndarray, record_ids: Any, sha256: Any, v
         rep = min((ids[i], i) for i in range(count) if member_actions[i] == strictest)[1]
         result.clusters += 1
         result.merged += count
+        near = [i for i in range(count) if i != rep and shas[i] != shas[rep]]
+        similarities = dict(zip(near, _similarities(vectors, members[near], int(members[rep]), variants=variants,
+                                                    size=size), strict=True))
         for i, row in enumerate(members.tolist()):
             if i == rep:
                 result.changes[row] = Change(ids[rep], None, None, None, False)
                 continue
             exact = shas[i] == shas[rep]
-            similarity = 1.0 if exact else _similarity(vectors, row, int(members[rep]), variants=variants, size=size)
+            similarity = 1.0 if exact else similarities[i]
             kind = "exact" if exact else "near"
             demoted = strictest > STRICTNESS["clean"] and member_actions[i] < STRICTNESS["exclude"]
             if demoted:
@@ -388,11 +391,15 @@ def plan(roots: np.ndarray, actions: np.ndarray, record_ids: Any, sha256: Any, v
     return result
 
 
-def _similarity(vectors: np.ndarray | None, a: int, b: int, *, variants: tuple[Variant, ...], size: int) -> float:
-    if vectors is None:
-        return 0.0
-    va, vb = np.asarray(vectors[a:a + 1], np.float32), np.asarray(vectors[b:b + 1], np.float32)
-    return round(float(best_similarity(va, vb, size, variants)[0] if len(variants) > 1 else va[0] @ vb[0]), 6)
+def _similarities(vectors: np.ndarray | None, rows: np.ndarray, rep: int, *, variants: tuple[Variant, ...],
+                  size: int) -> list[float]:
+    """Each row's similarity to the representative's embedding at the best variant, rounded (0.0 without vectors)."""
+    if vectors is None or not len(rows):
+        return [0.0] * len(rows)
+    members = np.asarray(vectors[rows], np.float32)
+    target = np.repeat(np.asarray(vectors[rep:rep + 1], np.float32), len(rows), axis=0)
+    best = best_similarity(members, target, size, variants) if len(variants) > 1 else np.einsum("ij,ij->i", members, target)
+    return [round(float(value), 6) for value in best]
 
 
 def find_plan(staged_manifest: Path, store: EmbeddingStore | None, actions: np.ndarray, record_ids: Any,

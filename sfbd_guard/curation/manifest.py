@@ -17,14 +17,14 @@ MANIFEST_FIELDS: list[pa.Field[Any]] = [
     pa.field("partition", pa.string(), nullable=False),  # clean | protected | excluded | error
     pa.field("rule", pa.string()),  # the deciding rule; null for error
     pa.field("sha256", pa.string()),  # sha256 of the transformed uint8 pixels (C, H, W); null for error
-    # with dedup on: sha256 of the canonical variant of those pixels under the policy's dedup transforms (symmetry.py;
-    # the same for a rotated, flipped or colour-inverted copy); null for error and with dedup off
-    pa.field("canonical_sha256", pa.string()),
     pa.field("sigma", pa.float64()),  # 0 for clean; null for excluded and error
     pa.field("file", pa.string()),  # .npy path relative to the prepared directory; null for excluded/error
     pa.field("row", pa.int64()),  # row in that file
     pa.field("error", pa.string()),  # why the record could not be read; null otherwise
-    # dedup (curation/dedup.py): null unless the record is in a cluster of copies of two or more records
+    # dedup (curation/dedup.py): sha256 of the canonical variant of the pixels under the policy's dedup transforms
+    # (symmetry.py; the same for a rotated, flipped or colour-inverted copy); null for error and with dedup off
+    pa.field("canonical_sha256", pa.string()),
+    # dedup: null unless the record is in a cluster of copies of two or more records
     pa.field("dup_cluster", pa.string()),  # the cluster's id: the record id of its representative (dup_of's target)
     pa.field("dup_of", pa.string()),  # the record that imposed the cluster's action; null for that record itself
     pa.field("dup_kind", pa.string()),  # exact (same canonical_sha256 as dup_of) | near (embedding at/above threshold)
