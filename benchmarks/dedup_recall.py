@@ -1,7 +1,7 @@
 """Dedup recall: planted copies of protected and opted-out images in the clean-licensed part.
 
 Distinct images: tiles of scikit-image's photos (each photo cut into non-overlapping squares, each tile
-once, as the photo has it), the LFW faces subset, scikit-learn's digits upscaled ×4 (32 px), then
+once, as the photo has it), the LFW subset (100 faces, 100 non-face patches), scikit-learn's digits upscaled ×4 (32 px), then
 synthetic smooth colour fields (sfbd_guard.datasets.synthetic.random_image) up to `--records`. A third
 are protected (proprietary), a tenth opted out, the rest CC0 (clean). Copies of protected and opted-out
 real images are planted as CC0 records: exact, JPEG quality 60, resized ±20 %, centre crop 85 %,
@@ -11,7 +11,7 @@ inversion + rotation by 90°, inversion + mirror.
 
 Reported: per transform, the share of planted copies merged with their source by `guard prepare`
 (recall) at the threshold in use; the share of distinct images wrongly merged with another distinct
-image, per source (photo tiles, faces, digits, synthetic); a sweep of both over thresholds (from the
+image, per source (photo tiles, LFW faces, LFW non-face patches, digits, synthetic); a sweep of both over thresholds (from the
 embeddings, computed as prepare computes them, on the transformed pixels); and the wall time of prepare
 without dedup, with dedup, and (`--baseline-src DIR`: another checkout, e.g. the main branch before the
 transforms) with that checkout's dedup, the three runs interleaved, each in a fresh process, best of
@@ -36,7 +36,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 TRANSFORMS = ("exact", "jpeg60", "resize", "crop85", "mirror", "brightness", "noise",
               "vflip", "rot90", "rot180", "rot270", "transpose", "invert", "invert_rot90", "invert_mirror")
-SOURCES = ("photo", "lfw", "digit", "synthetic")
+SOURCES = ("photo", "face", "patch", "digit", "synthetic")
 RESOLUTION = 32
 TILE = 96
 THRESHOLDS = (0.94, 0.95, 0.96, 0.97, 0.975, 0.98, 0.985, 0.99)
@@ -62,8 +62,9 @@ def real_images() -> list[tuple[str, Image.Image]]:
                 if np.asarray(tile.convert("L")).std() < 8:  # flat tiles (sky, background) are not distinct images
                     continue
                 images.append((f"photo-{name}-{top}-{left}", tile))
-    for i, face in enumerate(data.lfw_subset()):
-        images.append((f"lfw-{i}", Image.fromarray((face * 255).astype(np.uint8)).resize((100, 100), Image.Resampling.BICUBIC)))
+    for i, face in enumerate(data.lfw_subset()):  # 100 faces, then 100 non-face patches (edges, flat, gradients)
+        upscaled = Image.fromarray((face * 255).astype(np.uint8)).resize((100, 100), Image.Resampling.BICUBIC)
+        images.append((f"{'face' if i < 100 else 'patch'}-{i}", upscaled))
     for i, digit in enumerate(load_digits().images):
         pixels = (digit * 255 / 16).round().astype(np.uint8)
         images.append((f"digit-{i}", Image.fromarray(pixels).resize((32, 32), Image.Resampling.NEAREST)))
@@ -101,7 +102,7 @@ def transformed(image: Image.Image, transform: str, rng: np.random.Generator, i:
 
 
 def source_of(role: str) -> str:
-    """photo | lfw | digit | synthetic, from a distinct image's role."""
+    """photo | face | patch (LFW's non-face patches) | digit | synthetic, from a distinct image's role."""
     return role.removeprefix("distinct:").split("-")[0]
 
 

@@ -253,3 +253,36 @@ def test_the_datasheet_and_the_prepare_summary_show_demotions_by_cause(tmp_path:
     assert "dedup: 2 record(s) (28.57 %) merged into 1 cluster(s)" in console.export_text()
     off = open_prepared(run(tmp_path, dataset(tmp_path / "b", 6), "off", **OFF)).card
     assert "turned off" in _dedup(off)
+
+
+def test_canonical_variant_is_the_smallest_of_the_variants_and_the_same_for_each() -> None:
+    from sfbd_guard.symmetry import canonical
+
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (40, 3, 8, 8), dtype=np.uint8)
+    images[:10, :, 0, :] = 17  # tied first rows: decided by the full comparison
+    images[10:15] = np.rot90(images[10:15], 1, axes=(2, 3))[..., ::-1]
+    images[15] = 0  # a constant image: its inversion is the other constant
+    images[16] = np.eye(8, dtype=np.uint8) * 255  # symmetric under the transpose
+    for generators in (GENERATORS, ("flip",), ("rotate", "invert"), ()):
+        variants = group(generators)
+        got = canonical(images, variants)
+        for image, chosen in zip(images, got, strict=True):
+            assert chosen.tobytes() == min(v.pixels(image).tobytes() for v in variants)
+        for v in variants:
+            assert np.array_equal(canonical(v.pixels(images), variants), got), (generators, v.name)
+
+
+def test_the_invariant_embedding_is_the_same_for_every_variant_and_never_farther_apart() -> None:
+    from sfbd_guard.symmetry import best_similarity, invariant
+
+    rng = np.random.default_rng(5)
+    vectors = dedup.embed(rng.integers(0, 256, (50, 3, 16, 16), dtype=np.uint8), 8)
+    variants = group(GENERATORS)
+    base = invariant(vectors, 8)
+    assert np.allclose(np.linalg.norm(base, axis=1), 1.0, atol=1e-5)
+    for moved in grid_variants(vectors, 8, variants):
+        assert np.allclose(invariant(moved, 8), base, atol=1e-6)
+    a, b = vectors[:25], vectors[25:]
+    nearest = np.sqrt(np.maximum(0, 2 - 2 * best_similarity(a, b, 8, variants)))  # distance to the nearest variant
+    assert (np.linalg.norm(base[:25] - base[25:], axis=1) <= nearest + 1e-5).all()
