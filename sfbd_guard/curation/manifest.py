@@ -6,6 +6,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from ..errors import InputError
+
 SCHEMA_VERSION = 4  # 2: no noise_seed column (the noise is keyed by a secret); 3: dup_* columns (dedup);
 # 4: canonical_sha256 (dedup through rotations, flips and inversion)
 PARTITIONS = ("clean", "protected", "excluded", "error")
@@ -34,7 +36,13 @@ MANIFEST_FIELDS: list[pa.Field[Any]] = [
 
 
 def manifest_schema(metadata: pa.Schema) -> pa.Schema:
-    """The manifest's schema: the product's columns, then the dataset's metadata columns (but its record_id)."""
+    """The manifest's schema: the product's columns, then the dataset's metadata columns (but its record_id).
+    A metadata column named like one of the product's is refused (the readers refuse most of them already)."""
+    own = {f.name.lower() for f in MANIFEST_FIELDS}
+    clashes = [name for name in metadata.names if name != "record_id" and name.lower() in own]
+    if clashes:
+        raise InputError(f"metadata column(s) {', '.join(map(repr, clashes))} clash with the manifest's own columns",
+                         hint="rename them in the metadata file")
     fields = [*MANIFEST_FIELDS, *(f for f in metadata if f.name != "record_id")]
     return pa.schema(fields, metadata={b"guard.manifest_schema": str(SCHEMA_VERSION).encode()})
 

@@ -170,3 +170,14 @@ def test_the_audit_flags_a_rotated_or_inverted_memorised_sample(cli, tmp_path: P
         assert row["verdict"] == "copy" and row["top1_record_id"] == source and row["hash_match"], (name, row)
         assert row["flipped"] and row["transform"] != "identity" and row["s1"] == pytest.approx(1.0, abs=1e-5)
     assert all(r["verdict"] == "novel" for n, r in rows.items() if n.startswith("novel"))
+
+
+def test_a_metadata_column_named_canonical_sha256_is_refused(tmp_path: Path) -> None:
+    from sfbd_guard.errors import InputError
+
+    rows: list[dict[str, object]] = [{"file_name": f"{i:02d}.png", "kind": "open", "canonical_sha256": "0" * 64}
+                                     for i in range(3)]
+    root = write_imagefolder(tmp_path / "images", rows)
+    with pytest.raises(InputError, match="canonical_sha256"):
+        _prepare(tmp_path, root)
+    assert not (tmp_path / "out").exists()
