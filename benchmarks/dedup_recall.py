@@ -39,7 +39,7 @@ TRANSFORMS = ("exact", "jpeg60", "resize", "crop85", "mirror", "brightness", "no
 SOURCES = ("photo", "face", "patch", "digit", "synthetic")
 RESOLUTION = 32
 TILE = 96
-THRESHOLDS = (0.94, 0.95, 0.96, 0.97, 0.975, 0.98, 0.985, 0.99)
+THRESHOLDS = (0.94, 0.95, 0.96, 0.97, 0.975, 0.98, 0.985, 0.99, 0.9925, 0.995)
 
 
 def real_images() -> list[tuple[str, Image.Image]]:
@@ -189,7 +189,7 @@ def sweep(root: Path, rows: list[dict[str, str]], planted: dict[str, str], embed
     import faiss
 
     from sfbd_guard.datasets import SourceSpec, open_reader
-    from sfbd_guard.symmetry import best_similarity, grid_variants
+    from sfbd_guard.symmetry import best_similarity, grid_variants, group
 
     reader = open_reader(SourceSpec("imagefolder", root, "all", RESOLUTION))
     names = [r["file_name"] for r in rows]
@@ -208,12 +208,19 @@ def sweep(root: Path, rows: list[dict[str, str]], planted: dict[str, str], embed
     dv = vectors[distinct]
     index = faiss.IndexFlatIP(dv.shape[1])
     index.add(dv)
-    nearest = np.full(len(dv), -1.0, np.float32)  # best similarity to another distinct image, over the variants
-    for moved in grid_variants(dv, size, variants) if len(variants) > 1 else [dv]:
-        scores, found = index.search(moved, 3)
-        for column in range(3):
-            other = (found[:, column] != np.arange(len(dv))) & (found[:, column] >= 0)
-            nearest = np.where(other, np.maximum(nearest, scores[:, column]), nearest)
+
+    def nearest_other(searched: tuple[Any, ...]) -> np.ndarray:
+        """Per distinct image, its best similarity to another distinct image over the variants `searched`."""
+        nearest = np.full(len(dv), -1.0, np.float32)
+        for moved in grid_variants(dv, size, searched) if len(searched) > 1 else [dv]:
+            scores, found = index.search(moved, 3)
+            for column in range(3):
+                other = (found[:, column] != np.arange(len(dv))) & (found[:, column] >= 0)
+                nearest = np.where(other, np.maximum(nearest, scores[:, column]), nearest)
+        return nearest
+
+    nearest = nearest_other(variants)
+    mirror_only = nearest_other(group(("flip",))) if embedding.kind == "pixel" else nearest  # the former search
     copy_sim: dict[str, list[float]] = {t: [] for t in TRANSFORMS}
     for r in rows:
         if r["role"].startswith("copy:"):
@@ -228,6 +235,9 @@ def sweep(root: Path, rows: list[dict[str, str]], planted: dict[str, str], embed
     return {"thresholds": table, "min_copy_similarity": {k: min(v) if v else None for k, v in copy_sim.items()},
             "wrongly_merged_by_source": {
                 source: {f"{t:.3f}": float(np.mean(nearest[sources == source] >= t)) for t in THRESHOLDS}
+                for source in SOURCES if (sources == source).any()},
+            "wrongly_merged_by_source_mirror_only": {
+                source: {f"{t:.3f}": float(np.mean(mirror_only[sources == source] >= t)) for t in THRESHOLDS}
                 for source in SOURCES if (sources == source).any()},
             "distinct_by_source": {source: int((sources == source).sum()) for source in SOURCES}}
 
