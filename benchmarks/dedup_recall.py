@@ -101,6 +101,11 @@ def transformed(image: Image.Image, transform: str, rng: np.random.Generator, i:
     return image, ".png"
 
 
+def key(threshold: float) -> str:
+    """A threshold as a results key: 0.990, 0.9925."""
+    return f"{threshold:.3f}" if round(threshold, 3) == threshold else f"{threshold:.4f}"
+
+
 def source_of(role: str) -> str:
     """photo | face | patch (LFW's non-face patches) | digit | synthetic, from a distinct image's role."""
     return role.removeprefix("distinct:").split("-")[0]
@@ -165,14 +170,16 @@ def write_policy(tmp: Path, name: str, root: Path, key: Path, dedup: dict[str, A
     return path
 
 
-TIMED = ("import sys, time; from pathlib import Path; from sfbd_guard.curation.prepare import prepare; "
+TIMED = ("import os, sys, time; from pathlib import Path; from sfbd_guard.curation.prepare import prepare; "
          "from sfbd_guard.policy import load_policy; loaded = load_policy(Path(sys.argv[1])); "
-         "start = time.perf_counter(); prepare(loaded, workers=int(sys.argv[2]), overwrite=True); "
-         "print(time.perf_counter() - start)")
+         "cpu = lambda: sum(os.times()[:4]); start, used = time.perf_counter(), cpu(); "
+         "prepare(loaded, workers=int(sys.argv[2]), overwrite=True); "
+         "print(time.perf_counter() - start, cpu() - used)")
 
 
-def timed_prepare(policy_path: Path, workers: int, source: Path) -> float:
-    """Seconds of `prepare` in a fresh process running the code of `source` (a checkout's root)."""
+def timed_prepare(policy_path: Path, workers: int, source: Path) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system, the worker processes included) of `prepare` in a fresh process
+    running the code of `source` (a checkout's root)."""
     import os
     import subprocess
     import sys
@@ -180,7 +187,8 @@ def timed_prepare(policy_path: Path, workers: int, source: Path) -> float:
     env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     done = subprocess.run([sys.executable, "-c", TIMED, str(policy_path), str(workers)], env=env, check=True,
                           capture_output=True, text=True)
-    return float(done.stdout.strip().splitlines()[-1])
+    wall, cpu = done.stdout.strip().splitlines()[-1].split()
+    return float(wall), float(cpu)
 
 
 def sweep(root: Path, rows: list[dict[str, str]], planted: dict[str, str], embedding: Any) -> dict[str, Any]:
@@ -229,15 +237,15 @@ def sweep(root: Path, rows: list[dict[str, str]], planted: dict[str, str], embed
             copy_sim[r["role"][5:]].append(float(best))
     table = {}
     for t in THRESHOLDS:
-        table[f"{t:.3f}"] = {"recall": {k: float(np.mean(np.array(v) >= t)) if v else None for k, v in copy_sim.items()},
+        table[key(t)] = {"recall": {k: float(np.mean(np.array(v) >= t)) if v else None for k, v in copy_sim.items()},
                              "wrongly_merged": float(np.mean(nearest >= t))}
     sources = np.array([source_of(r["role"]) for r in rows if r["role"].startswith("distinct")])
     return {"thresholds": table, "min_copy_similarity": {k: min(v) if v else None for k, v in copy_sim.items()},
             "wrongly_merged_by_source": {
-                source: {f"{t:.3f}": float(np.mean(nearest[sources == source] >= t)) for t in THRESHOLDS}
+                source: {key(t): float(np.mean(nearest[sources == source] >= t)) for t in THRESHOLDS}
                 for source in SOURCES if (sources == source).any()},
             "wrongly_merged_by_source_mirror_only": {
-                source: {f"{t:.3f}": float(np.mean(mirror_only[sources == source] >= t)) for t in THRESHOLDS}
+                source: {key(t): float(np.mean(mirror_only[sources == source] >= t)) for t in THRESHOLDS}
                 for source in SOURCES if (sources == source).any()},
             "distinct_by_source": {source: int((sources == source).sum()) for source in SOURCES}}
 
@@ -310,24 +318,27 @@ def main() -> None:
         if args.baseline_src:
             runs["with_baseline_dedup"] = (write_policy(tmp, "baseline", root, key, old_options), args.baseline_src.resolve())
         timed_prepare(runs["without_dedup"][0], args.workers, here)  # warm-up: file cache
-        seconds: dict[str, list[float]] = {name: [] for name in runs}
+        measured_runs: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
         for _ in range(args.rounds):  # interleaved, best of
             for run_name, (path, source) in runs.items():
-                seconds[run_name].append(timed_prepare(path, args.workers, source))
-        best = {run_name: min(values) for run_name, values in seconds.items()}
+                measured_runs[run_name].append(timed_prepare(path, args.workers, source))
         output = tmp / "dedup"
         from sfbd_guard.prepared import open_prepared
 
         card = open_prepared(output).card
-        timing: dict[str, Any] = {run_name: round(value, 2) for run_name, value in best.items()}
-        timing["all_rounds"] = {run_name: [round(v, 2) for v in values] for run_name, values in seconds.items()}
-        timing["extra_ratio"] = round(best["with_dedup"] / best["without_dedup"] - 1, 3)
-        timing["dedup_seconds"] = round(best["with_dedup"] - best["without_dedup"], 2)
-        if "with_baseline_dedup" in best:
-            baseline_cost = best["with_baseline_dedup"] - best["without_dedup"]
-            timing["baseline_dedup_seconds"] = round(baseline_cost, 2)
-            timing["dedup_cost_vs_baseline"] = round((best["with_dedup"] - best["without_dedup"]) / baseline_cost, 3) \
-                if baseline_cost > 0 else None
+        timing: dict[str, Any] = {}
+        for clock, column in (("wall", 0), ("cpu", 1)):  # cpu: little changed by other jobs on a shared machine
+            best = {run_name: min(v[column] for v in values) for run_name, values in measured_runs.items()}
+            entry: dict[str, Any] = {run_name: round(value, 2) for run_name, value in best.items()}
+            entry["all_rounds"] = {run_name: [round(v[column], 2) for v in values]
+                                   for run_name, values in measured_runs.items()}
+            entry["extra_ratio"] = round(best["with_dedup"] / best["without_dedup"] - 1, 3)
+            entry["dedup_seconds"] = round(best["with_dedup"] - best["without_dedup"], 2)
+            if "with_baseline_dedup" in best:
+                baseline_cost = best["with_baseline_dedup"] - best["without_dedup"]
+                entry["baseline_dedup_seconds"] = round(baseline_cost, 2)
+                entry["dedup_cost_vs_baseline"] = round(entry["dedup_seconds"] / baseline_cost, 3) if baseline_cost > 0 else None
+            timing[clock] = entry
         result = {"records": len(rows), "per_transform": args.per_transform, "workers": args.workers,
                   "resolution": RESOLUTION, "dedup": card.dedup, "build_seconds": round(built, 2),
                   "prepare_seconds": timing, "measured": measured(output, planted, rows),
