@@ -12,7 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import numpy as np
+
+    from .symmetry import Variant
 
 _CHUNK = 1 << 20
 
@@ -50,6 +54,14 @@ def pixel_sha256(pixels: np.ndarray) -> str:
 
     assert pixels.dtype == np.uint8 and pixels.ndim == 3
     return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
+
+
+def canonical_sha256(pixels: np.ndarray, variants: Sequence[Variant]) -> list[str]:
+    """Per uint8 (N, C, H, W) image, the pixel sha256 of its canonical variant (symmetry.canonical): equal for an
+    image and each of its variants under the group of `variants`; the pixel sha256 itself for the trivial group."""
+    from .symmetry import canonical
+
+    return [pixel_sha256(image) for image in canonical(pixels, variants)]
 
 
 def unit_rank(seed: int, key: str) -> bytes:

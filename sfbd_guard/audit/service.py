@@ -131,7 +131,8 @@ def _pairs(ctx: _Context, loaded: LoadedImages, scores: Scores, verdict: list[st
         row = int(scores.rows[i, 0])
         pairs.append(Pair(names[i], loaded.pixels[i], ctx.info.protected_ids[row] if row >= 0 else None,
                           originals.get(row) if verdict[i] != "novel" else None, float(scores.s1[i]),
-                          float(scores.margin[i]), float(scores.l2_ratio[i]), verdict[i], rules[i], bool(scores.flipped[i])))
+                          float(scores.margin[i]), float(scores.l2_ratio[i]), verdict[i], rules[i], bool(scores.flipped[i]),
+                          scores.transform[i] if scores.transform else "identity"))
     return pairs, note
 
 

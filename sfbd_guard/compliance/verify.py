@@ -9,10 +9,12 @@
 4. noise statistics: the protected pixels themselves are noisy at that sigma (noise_check.py), so arrays
    replaced by the originals and re-hashed fail;
 5. no protected or excluded pixels in training: no clean array row has the sha256 of a protected or
-   excluded record, and every clean row is the record the manifest says;
+   excluded record, nor (with dedup transforms) the canonical sha256 of one, recomputed from its pixels, and
+   every clean row is the record the manifest says;
 6. opt-outs: every record an exclude rule matched is absent from all arrays;
-7. duplicates: the exact part of dedup, from the manifest: no clean or protected row shares a pixel sha256
-   with a row of a stricter partition, and no two protected rows share one;
+7. duplicates: the exact part of dedup, from the manifest: no clean or protected row shares a canonical
+   sha256 (the pixel sha256 where the manifest has none) with a row of a stricter partition, and no two
+   protected rows share one: a rotated, flipped or inverted copy (the card's dedup transforms) is a copy;
 8. audit: the latest audit of the run's samples exists and found no copy.
 """
 
@@ -27,10 +29,11 @@ import numpy as np
 from ..contracts.events import Event, TrainSummary
 from ..curation.manifest import ACTION_PARTITION
 from ..errors import GuardError, InputError
-from ..hashing import pixel_sha256
+from ..hashing import canonical_sha256, pixel_sha256
 from ..locations import project_of
 from ..policy import DUPLICATE_RULE
 from ..relocate import prepared_of_run
+from ..symmetry import GENERATORS, Variant, group
 from .views import RUN_AUDITS, connect
 
 if TYPE_CHECKING:
@@ -140,7 +143,16 @@ def _manifest(data: Path) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     columns = ["record_id", "partition", "rule", "sha256", "sigma", "file", "row"]
+    names = set(pq.read_schema(data / "manifest.parquet").names)
+    columns += ["canonical_sha256"] if "canonical_sha256" in names else []  # absent from older manifests
     return pq.read_table(data / "manifest.parquet", columns=columns).to_pylist()
+
+
+def card_variants(card: Any) -> tuple[Variant, ...]:
+    """The dedup transforms' group of the card (the identity alone for dedup off or a card without transforms)."""
+    dedup = getattr(card, "dedup", None) or {}
+    transforms = dedup.get("transforms") if dedup.get("enabled") else None
+    return group(transforms if isinstance(transforms, list) and all(t in GENERATORS for t in transforms) else ())
 
 
 def check_noise(prepared: PreparedData, rows: list[dict[str, Any]]) -> Check:
@@ -164,10 +176,26 @@ def _clean_row_hashes(data: Path, rows: list[dict[str, Any]]) -> dict[str, str]:
     return hashes
 
 
-def check_clean_rows(data: Path, rows: list[dict[str, Any]]) -> Check:
+def _clean_row_canonical(data: Path, rows: list[dict[str, Any]], variants: tuple[Variant, ...]) -> dict[str, str]:
+    """record_id → canonical sha256 of the pixels actually stored in its clean array row."""
+    arrays: dict[str, np.ndarray] = {}
+    hashes = {}
+    for row in rows:
+        if row["partition"] == "clean":
+            array = arrays.setdefault(row["file"], np.load(data / row["file"], mmap_mode="r"))
+            hashes[row["record_id"]] = canonical_sha256(np.asarray(array[row["row"]:row["row"] + 1]), variants)[0]
+    return hashes
+
+
+def check_clean_rows(data: Path, rows: list[dict[str, Any]], variants: tuple[Variant, ...] = ()) -> Check:
     stored = _clean_row_hashes(data, rows)
     forbidden = {r["sha256"]: r["record_id"] for r in rows if r["partition"] in ("protected", "excluded") and r["sha256"]}
     leaks = [(rid, forbidden[h]) for rid, h in stored.items() if h in forbidden]
+    if not leaks and len(variants) > 1:  # a transformed copy: by the canonical sha256 of the stored pixels
+        forbidden = {r["canonical_sha256"]: r["record_id"] for r in rows
+                     if r["partition"] in ("protected", "excluded") and r.get("canonical_sha256")}
+        if forbidden:
+            leaks = [(rid, forbidden[h]) for rid, h in _clean_row_canonical(data, rows, variants).items() if h in forbidden]
     if leaks:
         detail = f"clean row {leaks[0][0]} holds the pixels of {leaks[0][1]} ({len(leaks)} in all)"
         return Check("no protected pixels", False, detail)
@@ -205,38 +233,55 @@ def _level(row: dict[str, Any], actions: dict[str, str]) -> int | None:
     return STRICTNESS.get(row["partition"])
 
 
-def check_duplicates(card: Any, rows: list[dict[str, Any]]) -> Check:
-    """No stored row is an exact copy of a row decided more strictly, and no content is stored protected twice
-    (curation/dedup.py). Checked whatever the card says of dedup: a copy that leaks, leaks."""
-    actions = {rule.name: rule.action for rule in card.policy.rules}
+def _duplicate_problem(rows: list[dict[str, Any]], actions: dict[str, str], key: str) -> str | None:
+    """What is wrong with the rows' duplicates by their `key` (sha256 or canonical_sha256), or None."""
     strictest: dict[str, tuple[int, str]] = {}
     protected: dict[str, str] = {}
     for row in rows:
-        level = _level(row, actions)
-        if level is None or not row["sha256"]:
+        level, content = _level(row, actions), row.get(key)
+        if level is None or not content:
             continue
-        held = strictest.get(row["sha256"])
+        held = strictest.get(content)
         if held is None or level > held[0]:
-            strictest[row["sha256"]] = (level, row["record_id"])
+            strictest[content] = (level, row["record_id"])
         if row["partition"] == "protected":
-            if row["sha256"] in protected:
-                return Check("duplicates", False, f"protected rows {protected[row['sha256']]} and {row['record_id']} "
-                                                  "hold the same image (their noise averages down)")
-            protected[row["sha256"]] = row["record_id"]
+            if content in protected:
+                return (f"protected rows {protected[content]} and {row['record_id']} hold the same image "
+                        "(their noise averages down)")
+            protected[content] = row["record_id"]
     names = {level: name for name, level in STRICTNESS.items()}
     for row in rows:
-        level = STRICTNESS.get(row["partition"])
-        if level is None or level == STRICTNESS["excluded"] or not row["sha256"]:
+        level, content = STRICTNESS.get(row["partition"]), row.get(key)
+        if level is None or level == STRICTNESS["excluded"] or not content:
             continue
-        top, other = strictest[row["sha256"]]
+        top, other = strictest[content]
         if top > level:
-            return Check("duplicates", False, f"{row['partition']} row {row['record_id']} is an exact copy of "
-                                              f"{names[top]} record {other}")
+            what = "exact copy" if key == "sha256" else "rotated, flipped or inverted exact copy"
+            return f"{row['partition']} row {row['record_id']} is an {what} of {names[top]} record {other}"
+    return None
+
+
+def check_duplicates(card: Any, rows: list[dict[str, Any]]) -> Check:
+    """No stored row is an exact copy of a row decided more strictly, and no content is stored protected twice
+    (curation/dedup.py), by the pixel sha256 and by the canonical sha256 (the same for all variants of an image
+    under the dedup transforms). Checked whatever the card says of dedup: a copy that leaks, leaks."""
+    actions = {rule.name: rule.action for rule in card.policy.rules}
+    for key in ("sha256", "canonical_sha256"):
+        problem = _duplicate_problem(rows, actions, key)
+        if problem:
+            return Check("duplicates", False, problem)
     dedup = getattr(card, "dedup", None) or {}
-    mirror = "on" if dedup.get("mirror") else "off"
-    setting = (f"dedup on (near: {dedup.get('embedder')} >= {dedup.get('threshold')}, mirror {mirror}; "
+    setting = (f"dedup on (near: {dedup.get('embedder')} >= {dedup.get('threshold')}, {transforms_words(dedup)}; "
                f"{dedup.get('demoted', 0)} record(s) demoted)" if dedup.get("enabled") else "dedup off in the policy")
     return Check("duplicates", True, f"no stored row is an exact copy of a stricter one; {setting}")
+
+
+def transforms_words(dedup: dict[str, Any]) -> str:
+    """The card's dedup transforms in words (cards before them said `mirror`)."""
+    if "transforms" in dedup:
+        names = dedup.get("transforms") or []
+        return f"transforms {', '.join(map(str, names))}" if names else "no transforms"
+    return f"mirror {'on' if dedup.get('mirror') else 'off'}"
 
 
 def check_audit(con: Any, run_dir: Path) -> Check:
@@ -278,5 +323,6 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
                    for name in ("noise", "noise statistics", "no protected pixels", "opt-outs", "duplicates")]
         return [*checks, *skipped, check_audit(con, run_dir)]
     rows = _manifest(prepared.root)
-    return [*checks, check_noise(prepared, rows), check_noise_statistics(prepared), check_clean_rows(prepared.root, rows),
+    return [*checks, check_noise(prepared, rows), check_noise_statistics(prepared),
+            check_clean_rows(prepared.root, rows, card_variants(prepared.card)),
             check_opt_outs(prepared, rows), check_duplicates(prepared.card, rows), check_audit(con, run_dir)]

@@ -175,6 +175,7 @@ class ManifestWriter:
             columns["partition"].append(partition)
             columns["rule"].append(None if partition == "error" else rules[row])
             columns["sha256"].append(sha)
+            columns["canonical_sha256"].append(result.canonical[row] if result.canonical else None)
             columns["sigma"].append({"clean": 0.0, "protected": self.sigma}.get(partition))
             columns["file"].append(file)
             columns["row"].append(place_row)
@@ -263,7 +264,7 @@ def _deduplicate(staging: Path, records: Records, decisions: Decisions, store: d
 
     staged = staging / dedup.STAGED_MANIFEST
     try:
-        sha256 = pq.read_table(staged, columns=["sha256"]).column("sha256")
+        sha256 = pq.read_table(staged, columns=["canonical_sha256"]).column("canonical_sha256")
         strictness = np.array([dedup.STRICTNESS[a] for a in decisions.rule_actions] or [0], np.int8)
         actions = strictness[np.maximum(decisions.chosen, 0)]
         actions[pc.is_null(sha256).to_numpy(zero_copy_only=False)] = -1
