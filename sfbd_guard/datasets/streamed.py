@@ -81,8 +81,9 @@ def _unwrapped(column: Any) -> Any:
     if pa.types.is_dictionary(kind):
         return _unwrapped(column.cast(kind.value_type))
     if isinstance(kind, pa.BaseExtensionType):
-        chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-        return _unwrapped(pa.chunked_array([chunk.storage for chunk in chunks], kind.storage_type))
+        chunks: list[Any] = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+        storage: Any = kind.storage_type
+        return _unwrapped(pa.chunked_array([chunk.storage for chunk in chunks], storage))
     return column
 
 
