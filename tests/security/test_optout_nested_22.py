@@ -392,3 +392,46 @@ def test_no_webdataset_opt_out_lands_in_clean_or_protected(shards: list[list[obj
         leaked = sorted(r for r in opted if partitions[r] in ("clean", "protected"))
         assert not leaked, f"opted-out record(s) {leaked} stored as {[partitions[r] for r in leaked]}"
         event(f"webdataset prepared, {'some' if opted else 'no'} opt-outs")
+
+
+# ---- CelebA and CIFAR-10: no metadata value becomes null on the way -----------------------------------------------
+
+@pytest.mark.parametrize("change", ["attributes missing", "odd partition"])
+def test_celeba_lists_that_would_leave_a_null_value_are_refused(cli, tmp_path: Path, change: str) -> None:  # type: ignore[no-untyped-def]
+    """A file without a row in list_attr_celeba.txt got null attributes (`Eyeglasses` excluded nothing); a
+    partition value other than 0/1/2 got a null split (a held-out `split = 'test'` rule missed it)."""
+    from sfbd_guard.datasets.synthetic import write_celeba
+
+    root = write_celeba(tmp_path / "celeba", 4, identities=2)
+    if change == "attributes missing":
+        lines = (root / "list_attr_celeba.txt").read_text().splitlines()
+        (root / "list_attr_celeba.txt").write_text("\n".join(lines[:-1]) + "\n")
+        where, fragment = "Eyeglasses OR NOT Eyeglasses", "no attributes for 1 file(s)"
+    else:
+        lines = (root / "list_eval_partition.txt").read_text().splitlines()
+        lines[-1] = lines[-1].split()[0] + " 3"
+        (root / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
+        where, fragment = "split = 'test' OR split <> 'test'", "partition '3'"
+    policy = {"version": 1, "name": "celeba", "dataset": {"format": "celeba", "root": str(root), "split": "all",
+                                                          "resolution": 8},
+              "rules": [{"name": "held-out", "action": "exclude", "where": where}, {"name": "rest", "action": "protect"}],
+              "noise": {"sigma": 0.5}, "output": str(tmp_path / "out")}
+    _refused(cli("prepare", "--policy", write_policy(tmp_path / "c.yaml", policy)), fragment)
+
+
+def test_cifar10_label_names_for_every_label(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """batches.meta naming fewer than 10 classes gave those labels a null label_name (`label_name = 'truck'`
+    excluded nothing)."""
+    import pickle
+
+    from sfbd_guard.datasets.synthetic import write_cifar10
+
+    root = write_cifar10(tmp_path / "cifar", 20)
+    meta_path = next(root.rglob("batches.meta"))
+    meta = {b"label_names": [b"airplane", b"automobile"], b"num_cases_per_batch": 20, b"num_vis": 3072}
+    meta_path.write_bytes(pickle.dumps(meta, protocol=2))
+    policy = {"version": 1, "name": "cifar", "dataset": {"format": "cifar10", "root": str(root), "split": "test",
+                                                         "resolution": 8},
+              "rules": [{"name": "trucks", "action": "exclude", "where": "label_name = 'truck' OR label > 1"},
+                        {"name": "rest", "action": "protect"}], "noise": {"sigma": 0.5}, "output": str(tmp_path / "out")}
+    _refused(cli("prepare", "--policy", write_policy(tmp_path / "c.yaml", policy)), "names 2 classes, not 10")
