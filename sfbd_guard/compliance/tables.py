@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -118,19 +119,33 @@ def _parquet_fits(kind: Any) -> bool:
     return True
 
 
-def serialise(tables: dict[str, Any], fmt: str) -> bytes:
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float (anywhere in lists and dicts) replaced by None: JSON has neither."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def serialise(tables: dict[str, Any], fmt: str, label: str | None = None) -> bytes:
     """CSV / JSON / Parquet bytes; several tables need JSON (one key per table). A column CSV or Parquet cannot
     hold (a list, a struct, a map, a union, an interval) is written as JSON text; one that still cannot be written
-    (binary that is not UTF-8, in CSV) is an InputError naming it."""
+    (binary that is not UTF-8, in CSV) is an InputError naming it, and the option given (`label`, default
+    `--format <fmt>`). JSON is strict: NaN and ±infinity are written as null."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
+    label = label or f"--format {fmt}"
     if fmt == "json":
-        payload = {t: table.to_pylist() for t, table in tables.items()}
-        return (json.dumps(payload if len(payload) > 1 else next(iter(payload.values())), indent=2, default=str) + "\n").encode()
+        payload = _finite({t: table.to_pylist() for t, table in tables.items()})
+        document = payload if len(payload) > 1 else next(iter(payload.values()))
+        return (json.dumps(document, indent=2, default=str, allow_nan=False) + "\n").encode()
     if len(tables) > 1:
-        raise InputError(f"--format {fmt} writes one table", hint="add --sql 'SELECT ... FROM <view>' or use --format json")
+        raise InputError(f"{label} writes one table", hint="add --sql 'SELECT ... FROM <view>' or use --format json")
     table = next(iter(tables.values()))
     def write(part: Any) -> bytes:
         buffer = io.BytesIO()
@@ -148,7 +163,7 @@ def serialise(tables: dict[str, Any], fmt: str) -> bytes:
                 write(table.select([name]))
             except failures:
                 bad.append(name)
-        raise InputError(f"--format {fmt}: column(s) {', '.join(map(repr, bad or table.column_names))} cannot be "
+        raise InputError(f"{label}: column(s) {', '.join(map(repr, bad or table.column_names))} cannot be "
                          f"written as {fmt.upper()} ({str(err).splitlines()[0][:120]})",
                          hint="cast them in --sql (e.g. hex(column)), or use --format json") from None
 
@@ -162,7 +177,8 @@ def emit(tables: dict[str, Any], fmt: str, output: Path | None, project: Path | 
     if fmt == "table" and output is None:
         print_tables(tables, project)
         return
-    data = serialise(tables, "csv" if fmt == "table" else fmt)
+    label = "--format table --output (written as CSV)" if fmt == "table" else None
+    data = serialise(tables, "csv" if fmt == "table" else fmt, label)
     if output is not None:
         owner_only_dirs(output.parent)  # new folders are owner-only (the file is 0600)
         atomic_write_bytes(output, data)

@@ -2,9 +2,16 @@
 
 A listed dataset's listing is read once here; a streamed dataset's parts are read by the workers, each part's
 rows written to a file of its own as it arrives. The parts' columns are then unified (a column missing from a
-part is null there; int and float meet as float; types that do not meet become strings) and written to one
-Arrow IPC file that is memory-mapped: the policy's rules, the duplicate check and the manifest read it without
-holding it in this process's own memory.
+part is null there; integers widen, integers and floats meet as float; types that do not meet become text, each
+value Arrow's text of it: `true`, `1.5`, an ISO date) and written to one Arrow IPC file that is memory-mapped: the
+policy's rules, the duplicate check and the manifest read it without holding it in this process's own memory.
+
+A type conflict never turns a value into null: a value that does not convert exactly (an integer beyond 2**53
+meeting floats, a uint64 beyond int64, bytes that are not UTF-8 meeting text) stops prepare naming the part and
+the column. Text keeps typed rules working and failing closed: DuckDB reads `opt_out IS TRUE` over text by casting
+it, so `true` and `yes` are true and a value it cannot read as a boolean (`[true]`, `opted out`) stops the rule
+(exit 2). A rule that compares the column with text (`opt_out = 'yes'`) sees `true` for a boolean of another part:
+write rules over mixed columns in the column's text (docs/policy.md).
 """
 
 from __future__ import annotations

@@ -81,7 +81,12 @@ class CelebAReader(DatasetReader):
                              hint="point dataset.root at the real CelebA folder") from None
         if not images.is_dir():
             raise InputError(f"celeba dataset: missing {self.root / 'img_align_celeba'}/", hint=self.layout_hint())
-        partitions = _pairs(*self._list("list_eval_partition.txt"))
+        partition_path, partition_text = self._list("list_eval_partition.txt")
+        partitions = _pairs(partition_path, partition_text)
+        odd = [f for f, p in partitions.items() if p not in SPLIT_NAMES]
+        if odd:  # a null split: a held-out `split = 'test'` rule would not see the file, a named split would skip it
+            raise InputError(f"{partition_path}: partition {partitions[odd[0]]!r} of {odd[0]} (and {len(odd) - 1} "
+                             "other file(s)) is not 0, 1 or 2", hint="0 is train, 1 valid, 2 test")
         identity_path, identity_text = self._list("identity_CelebA.txt")
         identities = _pairs(identity_path, identity_text)
         unknown = [f for f in partitions if f not in identities]
@@ -96,7 +101,11 @@ class CelebAReader(DatasetReader):
             twice = next(f for row, f in enumerate(attribute_files) if attribute_row[f] != row)
             raise InputError(f"{self.root / 'list_attr_celeba.txt'}: {twice} is listed twice",
                              hint="keep one line per file")
-        rows = pa.array([attribute_row.get(f) for f in files], pa.int64())  # null for a file without attributes
+        missing = [f for f in files if f not in attribute_row]
+        if missing:  # null attributes would escape every rule on them
+            raise InputError(f"{self.root / 'list_attr_celeba.txt'}: no attributes for {len(missing)} file(s) of "
+                             f"list_eval_partition.txt, e.g. {', '.join(missing[:3])}", hint="list every image's attributes")
+        rows = pa.array([attribute_row[f] for f in files], pa.int64())
         columns: dict[str, pa.Array[Any]] = {
             "record_id": pa.array(files, pa.string()),
             "identity": pa.array([_int_or_none(identities.get(f), identity_path, f) for f in files], pa.int64()),

@@ -3,8 +3,12 @@
 The shards are the root's `*.tar` files (not recursive), or `dataset.shards`, a brace pattern relative to the root
 (`shards/{00000..00099}.tar`, `{a,b}.tar`). One shard is one part. A record is the run of adjacent members sharing
 a key (the member name up to the first dot of its last component); `record_id` is `<shard without .tar>/<key>`.
-Metadata: the JSON's top-level scalars (nested values dropped; a name the tool owns, such as img2dataset's
-`sha256` or `error`, gets the prefix `source_`) and `caption`, from KEY.txt or else the JSON's `caption`.
+Metadata: the JSON's top-level keys (a name the tool owns, such as img2dataset's `sha256` or `error`, gets the
+prefix `source_`) and `caption`, from KEY.txt or else the JSON's `caption`. A nested value (an array or object) is
+its JSON text, never dropped: `"opt_out": [true]` reaches the rules as the text `[true]`, which a boolean rule
+refuses to read (exit 2), where dropping it would have left a null opt-out (datasets/streamed.py `rule_column`).
+A key whose values differ in type between records is text (`true`, `"yes"` → `true`, `yes`), within a shard and
+between shards (curation/records.py), never null.
 The per-shard `.parquet` img2dataset writes beside each tar is not read (the JSON holds the same fields).
 
 Shards are read with Python's tarfile from the file itself, in one pass; nothing is ever extracted to disk. The
@@ -32,7 +36,7 @@ import pyarrow as pa
 
 from ..errors import ImageDecodeError, InputError
 from .base import Loaded, Part, open_regular, safe_join
-from .streamed import RepeatedKey, StreamedReader, rename_reserved, rows_table, unique_keys
+from .streamed import RepeatedKey, StreamedReader, nested_text, rename_reserved, rows_table, unique_keys
 from .transforms import load_bytes
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -251,12 +255,14 @@ class WebDatasetReader(StreamedReader):
             raise ImageDecodeError(f"member {info.name}: not UTF-8 text") from None
 
     def _fields(self, tar: tarfile.TarFile, group: _Group) -> dict[str, object]:
-        """The record's metadata: the JSON's top-level scalars (renamed if they clash) and `caption`."""
-        values = self._json(tar, group)
+        """The record's metadata: the JSON's top-level keys (renamed if they clash; nested values as JSON text) and
+        `caption`."""
+        values = {name: nested_text(value) if isinstance(value, dict | list) else value
+                  for name, value in self._json(tar, group).items()}
         row: dict[str, object] = {}
         folded: set[str] = set()
         for name, value in values.items():
-            if not name or isinstance(value, dict | list):
+            if not name:
                 continue
             column = rename_reserved(name)
             if column.lower() == "caption":  # from KEY.txt, else the JSON's caption (below)
@@ -269,8 +275,8 @@ class WebDatasetReader(StreamedReader):
             row[column] = value
         caption = self._caption(tar, group)
         if caption is None:
-            found = next((v for k, v in values.items() if k.lower() == "caption" and isinstance(v, str)), None)
-            caption = found
+            found = next((v for k, v in values.items() if k.lower() == "caption" and v is not None), None)
+            caption = found if found is None or isinstance(found, str) else json.dumps(found)
         row["caption"] = caption
         return row
 

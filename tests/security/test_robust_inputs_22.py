@@ -124,7 +124,7 @@ ODD_COLUMNS: dict[str, Callable[[], pa.Array]] = {
 
 @pytest.mark.parametrize("kind", list(ODD_COLUMNS))
 def test_odd_arrow_metadata_types_never_crash_prepare(cli, tmp_path: Path, kind: str) -> None:  # type: ignore[no-untyped-def]
-    """Scalar columns reach the rules (converted if DuckDB cannot read them); nested ones are dropped; none crash."""
+    """Scalar columns reach the rules (converted if DuckDB cannot read them); nested ones as JSON text; none crash."""
     table = pa.table({"image": _images(), "x": ODD_COLUMNS[kind]()})
     result = cli("prepare", "--policy", _parquet_policy(tmp_path, table, tmp_path / "out"))
     assert result.code == 0, result.err
