@@ -6,7 +6,7 @@
    cost of drawing the image's noise itself (keyed_normals + noised_copies) at the given resolution.
 2. The release register at N records: the register digests (HMAC per image), the lookup of N new releases in a
    register of N earlier ones (all the same images; a tenth under another sigma, so they are re-releases), exact
-   only and with the near search (64-float embeddings, FAISS range search at 0.99 with mirror queries), and the
+   only and with the near search (64-float embeddings, FAISS range search at 0.99 with the mirror variant), and the
    locked atomic append.
 3. The trainer's manifest (keyed digests, opaque excluded records, allow-listed metadata) written from the full
    manifest of N records.
@@ -74,6 +74,10 @@ def noise_costs(count: int, resolution: int) -> dict[str, float]:
     }
 
 
+def unit_rows(values: np.ndarray) -> np.ndarray:
+    return np.asarray(values / np.linalg.norm(values, axis=1, keepdims=True), np.float32)
+
+
 def register_costs(records: int) -> dict[str, float]:
     """Seconds and microseconds per image of the register's steps at `records` images."""
     key = NoiseKey(bytes(range(32)), "key_file")
@@ -81,9 +85,10 @@ def register_costs(records: int) -> dict[str, float]:
     shas = [rng.bytes(32).hex() for _ in range(records)]
     released = pa.table({"record_id": [f"{i:07d}.jpg" for i in range(records)], "sha256": shas})
     start = time.perf_counter()
-    vectors = rng.standard_normal((records, 64)).astype(np.float32)  # dedup's pixel embedding (8×8), unit rows
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    near = register.Near("pixel:8:64:True:{}", 0.99, True, 8)
+    vectors = unit_rows(rng.standard_normal((records, 64)))  # stand-ins for dedup's pixel embedding (8×8)
+    from sfbd_guard.symmetry import group
+
+    near = register.Near("pixel:8:64:flip:{}", 0.99, group(["flip"]), 8)
     earlier = register.entries(key.register_subkey, released, key_id=key.key_id, sigma=0.5, resolution=64,
                                event_id="a" * 32, embedder=near.embedder, vectors=vectors)
     entries_s = time.perf_counter() - start
@@ -97,7 +102,7 @@ def register_costs(records: int) -> dict[str, float]:
         near_s = best_of(3, lambda: register.find_rereleases(register.read(path), new, near))
         unseen = register.entries(key.register_subkey, released.set_column(1, "sha256", pa.array(
             [rng.bytes(32).hex() for _ in range(records)])), key_id=key.key_id, sigma=0.5, resolution=64,
-            event_id="c" * 32, embedder=near.embedder, vectors=rng.standard_normal((records, 64)).astype(np.float32))
+            event_id="c" * 32, embedder=near.embedder, vectors=unit_rows(rng.standard_normal((records, 64))))
         start = time.perf_counter()
         register.find_rereleases(register.read(path), unseen, near)
         unseen_s = time.perf_counter() - start

@@ -300,6 +300,7 @@ def sample(
     seed: Annotated[int, typer.Option("--seed", help="Seed; image i depends only on (seed, i).")] = 0,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Images per sampling batch.")] = 64,
     device: Annotated[str, typer.Option("--device", metavar=DEVICES, help="Device for sampling.")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a folder that holds images (without it, refused): same names are replaced, and the images a previous guard sample listed there but this one does not write are removed.")] = False,
     threads: ThreadsOpt = None,
     ledger: LedgerOpt = None,
 ) -> None:
@@ -311,7 +312,8 @@ def sample(
     from .engine.service import sample_recorded
 
     outcome = sample_recorded(run, ledger=ledger, command=_invocation(ctx), count=n, out=out, steps=steps, seed=seed,
-                              batch=batch, checkpoint=checkpoint, device=device, progress=terminal_progress)
+                              batch=batch, checkpoint=checkpoint, device=device, progress=terminal_progress,
+                              overwrite=overwrite)
     typer.echo(f"wrote {len(outcome.files)} images to {outcome.out} ({outcome.seconds:.1f} s)")
     typer.echo(f"grid: {outcome.grid}")
 

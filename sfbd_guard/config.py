@@ -63,9 +63,10 @@ class StrictModel(BaseModel):
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """Read a YAML file that must hold a mapping at its top level (UTF-8, at most MAX_YAML_BYTES, no aliases)."""
+    from .fileio import read_regular
+
     try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_YAML_BYTES + 1)
+        data = read_regular(path, MAX_YAML_BYTES)  # a FIFO or a device is refused, never waited on
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except OSError as err:

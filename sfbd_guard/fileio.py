@@ -1,19 +1,52 @@
-"""Small file utilities: atomic writes (temp file + rename) and owner-only folders (JSON reading: contracts/base.py)."""
+"""Small file utilities: atomic writes (temp file + rename), reading only regular files (never a FIFO or a device)
+and owner-only report folders (JSON reading: contracts/base.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
+from .errors import InputError
+
 # The digests live in hashing.py.
 from .hashing import new_sha256
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "private_dir", "save_npy"]
+__all__ = ["NotRegularFileError", "atomic_write_bytes", "atomic_write_json", "check_report_dir", "open_regular",
+           "owner_only_dirs", "read_regular", "report_dir", "save_npy"]
+
+
+class NotRegularFileError(OSError):
+    """A path that names a FIFO, a socket, a device or a directory where a regular file is read."""
+
+
+def open_regular(path: Path, *, follow_links: bool = True) -> BinaryIO:
+    """`path` opened for reading, only if it is a regular file; OSError (FileNotFoundError, NotRegularFileError...)
+    otherwise.
+
+    O_NONBLOCK: opening a FIFO returns at once (a blocking open waits for a writer forever), and the fstat of
+    the open file, not of the name, decides, so a file swapped after a check is judged as what is opened.
+    follow_links=False adds O_NOFOLLOW (a dataset's own files: a final symlink is refused, not followed); an
+    option the user typed (a key, a config) may be a symlink, as key stores and mounted secrets make them.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags if follow_links else flags | getattr(os, "O_NOFOLLOW", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotRegularFileError(0, "not a regular file", str(path))
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """At most `limit` + 1 bytes of the regular file `path` (the caller refuses more than `limit`); OSError if
+    it is missing, unreadable or not a regular file (see `open_regular`)."""
+    with open_regular(path) as handle:
+        return handle.read(limit + 1)
 
 
 class _HashingWriter:
@@ -33,17 +66,34 @@ def _atomic_target(path: Path) -> tuple[int, str]:
     return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
 
 
-def private_dir(path: Path) -> Path:
-    """Create `path` (and missing parents) owner-only (0700) for protected-derived data; returns it.
+def check_report_dir(path: Path, option: str) -> None:
+    """Refuse (InputError) an existing `path` that is not a folder, or that group or others can open: a report
+    of protected-derived data (the audit's page shows protected originals) is written only where its owner
+    alone can read it. A missing folder passes (`report_dir` creates it owner-only)."""
+    if not path.exists():
+        return
+    info = path.stat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise InputError(f"{option} {path}: not a folder")
+    if info.st_mode & 0o077:
+        raise InputError(f"{option} {path}: group or others can open this folder (mode {stat.S_IMODE(info.st_mode):04o}); "
+                         f"make it owner-only (chmod 700 {path}) or choose a new folder")
 
-    A directory this call creates is 0700 whatever the umask; an existing one keeps its mode (it may be
-    a folder the user chose, such as the current directory), while the files written in it by
-    `atomic_write_bytes`/`save_npy` are 0600 anyway (mkstemp).
-    """
-    if not path.is_dir():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(path, 0o700)
+
+def report_dir(path: Path, option: str) -> Path:
+    """`path` as a report folder (see `check_report_dir`): created owner-only (0700, also its missing parents,
+    whatever the umask) or an existing owner-only folder; returns it."""
+    check_report_dir(path, option)
+    return owner_only_dirs(path)
+
+
+def owner_only_dirs(path: Path) -> Path:
+    """Create the folder `path` and its missing parents owner-only (0700, whatever the umask); a folder that
+    exists keeps its mode. Returns `path`."""
+    missing = [folder for folder in (path, *path.parents) if not folder.exists()]
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)
     return path
 
 

@@ -12,15 +12,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import numpy as np
+
+    from .symmetry import Variant
 
 _CHUNK = 1 << 20
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
+    """Hex sha256 of a regular file's bytes (OSError if it is not one)."""
+    from .fileio import open_regular  # fileio imports this module
+
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:  # a FIFO or a device is refused (NotRegularFileError), never waited on
         for block in iter(lambda: handle.read(_CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -48,6 +54,14 @@ def pixel_sha256(pixels: np.ndarray) -> str:
 
     assert pixels.dtype == np.uint8 and pixels.ndim == 3
     return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
+
+
+def canonical_sha256(pixels: np.ndarray, variants: Sequence[Variant]) -> list[str]:
+    """Per uint8 (N, C, H, W) image, the pixel sha256 of its canonical variant (symmetry.canonical): equal for an
+    image and each of its variants under the group of `variants`; the pixel sha256 itself for the trivial group."""
+    from .symmetry import canonical
+
+    return [pixel_sha256(image) for image in canonical(pixels, variants)]
 
 
 def keyed_digest(digest_key: bytes, pixel_sha256: str) -> str:

@@ -96,6 +96,8 @@ class NoiseSpec(StrictModel):
 PIXEL_THRESHOLD = 0.99  # default near-duplicate cosine of the pixel embedder (benchmarks/dedup_recall.py, docs/policy.md)
 CLIP_THRESHOLD = 0.95  # default near-duplicate cosine of the clip embedder (docs/policy.md: not measured here, no weights)
 DUPLICATE_RULE = "duplicate"  # the rule a record demoted by dedup carries in the manifest
+Transform = Literal["flip", "rotate", "invert"]
+TRANSFORMS: tuple[Transform, ...] = ("flip", "rotate", "invert")  # symmetry.GENERATORS, all by default
 
 
 class DedupSpec(StrictModel):
@@ -105,11 +107,38 @@ class DedupSpec(StrictModel):
     embedder: Literal["pixel", "clip"] = "pixel"  # pixel: weight-free z-scored grey pixels (cosine = correlation)
     size: int = Field(default=8, ge=4, le=64)  # side of the pixel embedding (capped at the resolution)
     threshold: float | None = Field(default=None, gt=0, le=1)  # cosine at or above which two records join; none = default
-    mirror: bool = True  # pixel: also compare with the mirror images; clip: embed each record as image + mirror image
+    # copies hidden by these exact transforms count as copies (symmetry.py): flip (mirror), rotate (quarter turns;
+    # with flip, all eight rotations and flips), invert (255 - x); exact: by a canonical digest; pixel: searched
+    # against every variant; clip: each record embedded as the normalised sum of its variants' features
+    transforms: list[Transform] = Field(default_factory=lambda: list(TRANSFORMS))
     clip_weights: str | None = None  # clip: local open_clip weights file or directory, relative to the policy file
     clip_model: str = "ViT-B-32"  # clip: the architecture of a weights file (a directory brings its own config)
     quick_gelu: bool = False  # clip: OpenAI CLIP weights need QuickGELU
     batch: int = Field(default=64, ge=1, le=4096)  # clip: images per embedding batch
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_mirror(cls, data: Any) -> Any:
+        """`mirror` (before transforms): true is the default (now also rotations and inversion); false is
+        `transforms: []` (untransformed images only), as it was."""
+        if isinstance(data, dict) and "mirror" in data:
+            if "transforms" in data:
+                raise ValueError("give transforms only (mirror is its old name: mirror: true is transforms: "
+                                 "[flip, rotate, invert], mirror: false is transforms: [])")
+            data = dict(data)
+            mirror = data.pop("mirror")
+            if not isinstance(mirror, bool):
+                raise ValueError("mirror (the old name of transforms) must be true or false")
+            if not mirror:
+                data["transforms"] = []
+        return data
+
+    @field_validator("transforms")
+    @classmethod
+    def _unique_transforms(cls, transforms: list[str]) -> list[str]:
+        if len(set(transforms)) != len(transforms):
+            raise ValueError("each transform once")
+        return [name for name in TRANSFORMS if name in transforms]  # one order, whatever the file's
 
     @property
     def effective_threshold(self) -> float:

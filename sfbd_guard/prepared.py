@@ -83,7 +83,11 @@ def read_prepared_card(root: Path) -> Card:
     for name in card.files:  # a card names only the directory's own shards: nothing outside is ever read
         if not re.fullmatch(r"(clean|protected)/[A-Za-z0-9_.-]+\.npy", name) or ".." in name or (root / name).is_symlink():
             raise _fail(root, f"card.json names {name!r}, not a shard of this directory")
-    if sha256_file(root / "manifest.parquet") != card.manifest_sha256:
+    try:
+        manifest_sha256 = sha256_file(root / "manifest.parquet")
+    except OSError as err:
+        raise _fail(root, f"manifest.parquet: cannot read it ({err.strerror or err})") from None
+    if manifest_sha256 != card.manifest_sha256:
         raise _fail(root, "manifest.parquet does not match the sha256 recorded at prepare time")
     if fingerprint({**card.files, "manifest.parquet": card.manifest_sha256}) != card.fingerprint:
         raise _fail(root, "card.json fingerprint does not match its files")
@@ -107,7 +111,11 @@ def _verify_files(root: Path, card: Card) -> dict[str, str]:
     for name, digest in sorted(recorded.items()):
         if not (root / name).is_file():
             raise _fail(root, f"{name} is missing")
-        if sha256_file(root / name) != digest:
+        try:
+            matches = sha256_file(root / name) == digest
+        except OSError as err:  # e.g. swapped for a FIFO after the check above
+            raise _fail(root, f"{name}: cannot read it ({err.strerror or err})") from None
+        if not matches:
             raise _fail(root, f"{name} does not match the sha256 recorded at prepare time")
     return recorded
 
@@ -164,7 +172,9 @@ def _check_counts(root: Path, card: Card, manifest: _Manifest) -> None:
     recorded = card.rule_counts
     errors = counts.get("error", 0)
     over = sorted(name for name, n in rules.items() if n > recorded.get(name, 0))
-    if over or sum(recorded.values()) != sum(rules.values()) + errors:
+    # the manifest's own counts (records each rule decided that were read), or, in cards written before they
+    # were, those plus the error rows (which the rules had also decided)
+    if recorded != rules and (over or sum(recorded.values()) != sum(rules.values()) + errors):
         name = over[0] if over else "(total)"
         raise _fail(root, f"card.json rule_counts {recorded} do not match the manifest (rule {name}: "
                           f"{rules.get(name, sum(rules.values()))} record(s), {errors} error row(s))")

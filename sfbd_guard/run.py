@@ -95,7 +95,7 @@ def _sample(config: PipelineConfig, ledger: Path | None, command: list[str], say
         return "skipped (samples of these weights exist)"
     say(f"sampling {spec.n} images")
     sample_recorded(run_dir, ledger=ledger, command=[*command, "(sample)"], count=spec.n, out=run_dir / "samples",
-                    steps=spec.steps, seed=spec.seed, batch=spec.batch)
+                    steps=spec.steps, seed=spec.seed, batch=spec.batch, overwrite=True)  # the run's own folder
     atomic_write_json(marker, wanted)
     return "done"
 

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, VerificationError
-from .fileio import atomic_write_bytes
+from .fileio import NotRegularFileError, atomic_write_bytes, open_regular, read_regular
 from .hashing import sha256_bytes
 
 SIGNATURE_FILE = "card.sig"
 ALGORITHM = "ed25519"
+MAX_KEY_BYTES = 16384  # an Ed25519 PEM key is about 120 bytes
 
 
 def _raw_public(public: Any) -> bytes:
@@ -68,17 +69,21 @@ def load_private_key(path: Path) -> Any:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    try:
-        mode = path.stat().st_mode
+    try:  # the mode is checked on the file opened (a FIFO is refused, never waited on)
+        with open_regular(path) as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            data = handle.read(MAX_KEY_BYTES + 1)
+    except NotRegularFileError:
+        raise InputError(f"--sign-key {path}: not a regular file") from None
     except OSError as err:
         raise InputError(f"--sign-key {path}: cannot read the private key ({err.strerror})") from None
-    if not stat.S_ISREG(mode):
-        raise InputError(f"--sign-key {path}: not a regular file")
     if mode & 0o077:
         raise InputError(f"--sign-key {path}: the private key is readable by group or others (mode {stat.S_IMODE(mode):04o})",
                          hint=f"chmod 600 {path}")
+    if len(data) > MAX_KEY_BYTES:
+        raise InputError(f"--sign-key {path}: not a PEM private key (larger than {MAX_KEY_BYTES} bytes)")
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as err:
         raise InputError(f"--sign-key {path}: not a PEM private key without passphrase ({err})") from None
     if not isinstance(key, Ed25519PrivateKey):
@@ -91,9 +96,13 @@ def load_public_key(path: Path) -> Any:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     try:
-        key = serialization.load_pem_public_key(path.read_bytes())
+        data = read_regular(path, MAX_KEY_BYTES)  # a FIFO or a device is refused, never waited on
     except OSError as err:
         raise InputError(f"verify key {path}: cannot read it ({err.strerror})") from None
+    if len(data) > MAX_KEY_BYTES:
+        raise InputError(f"verify key {path}: not a PEM public key (larger than {MAX_KEY_BYTES} bytes)")
+    try:
+        key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as err:
         raise InputError(f"verify key {path}: not a PEM public key ({err})") from None
     if not isinstance(key, Ed25519PublicKey):

@@ -159,8 +159,8 @@ def test_clip_without_weights_says_how_to_provide_them(cli, tmp_path: Path, prep
 
 def test_bad_audit_config_exits_2(cli, tmp_path: Path, prepared: Path) -> None:  # type: ignore[no-untyped-def]
     plant_samples(prepared, tmp_path / "samples", copies=0, novel=1)
-    bad = write_policy(tmp_path / "bad.yaml", {"embedder": {"flips": True}})
-    _assert_one_line_error(_audit(cli, tmp_path, tmp_path / "samples", prepared, "--config", bad), "did you mean flip")
+    bad = write_policy(tmp_path / "bad.yaml", {"embedder": {"transform": ["flip"]}})
+    _assert_one_line_error(_audit(cli, tmp_path, tmp_path / "samples", prepared, "--config", bad), "did you mean transforms")
     _assert_one_line_error(_audit(cli, tmp_path, tmp_path / "samples", prepared, "--alpha-copy", "0.5"), "alpha_copy")
 
 

@@ -20,6 +20,7 @@ from sfbd_guard.datasets.synthetic import write_imagefolder
 from sfbd_guard.errors import ConfigError
 from sfbd_guard.policy import load_policy
 from sfbd_guard.prepared import open_prepared
+from sfbd_guard.symmetry import GENERATORS, grid_variants, group
 
 SIGMA = 0.5
 
@@ -83,9 +84,10 @@ def test_a_protected_image_copied_into_clean_is_not_trained_on_as_clean(tmp_path
 
     after = run(tmp_path, root, "on")
     rows = manifest(after)
-    for copy, source, kind in (("open-copy.png", "01.png", "exact"), ("open-mirror.png", "04.png", "near")):
+    # the mirror image is exact (canonical sha256) when cropping and resizing commute with the flip, else near
+    for copy, source, kinds in (("open-copy.png", "01.png", {"exact"}), ("open-mirror.png", "04.png", {"exact", "near"})):
         assert rows[copy]["partition"] == "excluded" and rows[copy]["rule"] == "duplicate"
-        assert (rows[copy]["dup_of"], rows[copy]["dup_kind"], rows[copy]["dup_rule"]) == (source, kind, "open")
+        assert (rows[copy]["dup_of"], rows[copy]["dup_rule"]) == (source, "open") and rows[copy]["dup_kind"] in kinds
         assert rows[copy]["dup_cluster"] == source and rows[copy]["file"] is None
         assert rows[source]["partition"] == "protected" and rows[source]["dup_of"] is None
     assert rows["01.png"]["sha256"] not in clean_hashes(after)
@@ -165,7 +167,8 @@ def test_dedup_off_is_recorded_and_duplicate_is_a_reserved_rule_name(tmp_path: P
     root = dataset(tmp_path, 6)
     assert open_prepared(run(tmp_path, root, "off", **OFF)).card.dedup == {"enabled": False}
     on = open_prepared(run(tmp_path, root, "on")).card.dedup
-    assert on is not None and on["enabled"] and on["threshold"] == 0.99 and on["mirror"] and on["merged"] == 0
+    assert on is not None and on["enabled"] and on["threshold"] == 0.99 and on["merged"] == 0
+    assert on["transforms"] == ["flip", "rotate", "invert"] and on["variants"] == 16
     policy = {"version": 1, "name": "p", "dataset": {"format": "digits", "resolution": 8},
               "rules": [{"name": "duplicate", "action": "protect"}], "noise": {"sigma": 1.0}, "output": "out"}
     with pytest.raises(ConfigError, match="reserved"):
@@ -179,7 +182,7 @@ def test_strictest_action_rule() -> None:
     actions = np.array([dedup.STRICTNESS[a] for a in ("clean", "protect", "protect", "exclude", "clean", "clean", "protect")],
                        np.int8)
     roots = np.array([0, 0, 0, 0, 4, 4, 6])  # clusters {e,d,c,b}, {a,z} and {y}
-    result = dedup.plan(roots, actions, ids, shas, None, mirror=True, size=8)
+    result = dedup.plan(roots, actions, ids, shas, None, variants=group(("flip",)), size=8)
     got = {ids[i].as_py(): (c.of, c.demoted, c.kind) for i, c in result.changes.items()}
     assert got == {"b": (None, False, None), "e": ("b", True, "exact"), "d": ("b", True, "exact"), "c": ("b", True, "near"),
                    "a": (None, False, None), "z": ("a", False, "near")}
@@ -188,23 +191,29 @@ def test_strictest_action_rule() -> None:
     roots = np.array([0, 0, 0, 3, 3, 3, 6])
     actions = np.array([dedup.STRICTNESS[a] for a in ("protect", "clean", "protect", "clean", "clean", "clean", "clean")],
                        np.int8)
-    result = dedup.plan(roots, actions, ids, shas, None, mirror=True, size=8)
+    result = dedup.plan(roots, actions, ids, shas, None, variants=group(("flip",)), size=8)
     assert result.changes[2] == dedup.Change("c", None, None, None, False), "the smallest id among the protected ones"
     assert result.changes[0].demoted and result.changes[1].demoted and result.changes[0].of == "c"
 
 
-def test_embedding_sees_mirror_and_brightness_but_not_other_images() -> None:
+def test_embedding_sees_every_variant_and_brightness_but_not_other_images() -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (4, 3, 16, 16), dtype=np.uint8)
     brighter = np.clip(images.astype(np.int16) + 20, 0, 255).astype(np.uint8)
-    vectors = dedup.embed(np.concatenate([images, brighter, images[..., ::-1]]), 8)
+    variants = group(GENERATORS)
+    vectors = dedup.embed(np.concatenate([images, brighter, *(v.pixels(images) for v in variants)]), 8)
     assert np.allclose((vectors[:4] * vectors[4:8]).sum(axis=1), 1.0, atol=0.02)
-    assert np.allclose((dedup.mirrored(vectors[:4], 8) * vectors[8:]).sum(axis=1), 1.0, atol=1e-5)
+    for i, moved in enumerate(grid_variants(vectors[:4], 8, variants)):  # a variant's embedding: the moved embedding
+        assert np.allclose(moved, vectors[8 + 4 * i:12 + 4 * i], atol=1e-5), variants[i].name
     others = vectors[:4] @ vectors[:4].T
     assert (others[~np.eye(4, dtype=bool)] < 0.5).all()
-    pairs = dedup.near_pairs(np.concatenate([vectors[:4], vectors[8:]]), 0.95, mirror=True, size=8, block=3)
-    found = sorted(zip(*(np.concatenate(side).tolist() for side in zip(*pairs, strict=True)), strict=True))
-    assert found == [(0, 4), (1, 5), (2, 6), (3, 7)]
+    for i, variant in enumerate(variants):
+        copies = vectors[8 + 4 * i:12 + 4 * i]
+        pairs = dedup.near_pairs(np.concatenate([vectors[:4], copies]), 0.95, variants=variants, size=8, block=3)
+        found = sorted(zip(*(np.concatenate(side).tolist() for side in zip(*pairs, strict=True)), strict=True))
+        assert found == [(0, 4), (1, 5), (2, 6), (3, 7)], variant.name
+        plain = dedup.near_pairs(np.concatenate([vectors[:4], copies]), 0.95, variants=group(()), size=8, block=3)
+        assert bool(plain) == variant.identity
 
 
 def test_banded_search_finds_exactly_the_pairs_of_the_full_search() -> None:
@@ -212,19 +221,22 @@ def test_banded_search_finds_exactly_the_pairs_of_the_full_search() -> None:
     images = rng.integers(0, 256, (60, 1, 8, 8), dtype=np.uint8)
     smooth = np.repeat(np.repeat(rng.integers(0, 256, (40, 1, 2, 2), dtype=np.uint8), 4, axis=2), 4, axis=3)
     noisy = np.clip(images[:30].astype(np.int16) + rng.integers(-6, 7, (30, 1, 8, 8)), 0, 255).astype(np.uint8)
-    vectors = dedup.embed(np.concatenate([images, smooth, noisy, images[30:45, ..., ::-1], smooth[:10]]), 8)
+    turned = np.rot90(255 - images[45:55], 1, axes=(2, 3))
+    vectors = dedup.embed(np.concatenate([images, smooth, noisy, images[30:45, ..., ::-1], smooth[:10], turned]), 8)
     vectors[5] = 0.0  # a zero row (an exact copy's or an unreadable record's) never matches
 
     def pairs(found: list[tuple[np.ndarray, np.ndarray]]) -> set[tuple[int, int]]:
         return {(a, b) for rows_a, rows_b in found for a, b in zip(rows_a.tolist(), rows_b.tolist(), strict=True)}
 
     for threshold in (0.9, 0.97, 0.99):
-        for mirror in (True, False):
-            full = pairs(dedup.near_pairs_all(vectors, threshold, mirror=mirror, size=8, block=16))
-            banded = pairs(dedup.near_pairs(vectors, threshold, mirror=mirror, size=8, block=7, band_sample=50))
-            assert banded == full and all(a < b for a, b in banded)
+        for generators in ((), ("flip",), ("rotate",), GENERATORS):
+            variants = group(generators)
+            full = pairs(dedup.near_pairs_all(vectors, threshold, variants=variants, size=8, block=16))
+            banded = pairs(dedup.near_pairs(vectors, threshold, variants=variants, size=8, block=7, band_sample=50))
+            assert banded == full and all(a < b for a, b in banded), (threshold, generators)
             assert 5 not in {row for pair in banded for row in pair}
-    assert len(pairs(dedup.near_pairs(vectors, 0.97, mirror=True, size=8))) >= 30 + 15 + 10
+    assert len(pairs(dedup.near_pairs(vectors, 0.97, variants=group(("flip",)), size=8))) >= 30 + 15 + 10
+    assert len(pairs(dedup.near_pairs(vectors, 0.97, variants=group(GENERATORS), size=8))) >= 30 + 15 + 10 + 10
 
 
 def test_the_datasheet_and_the_prepare_summary_show_demotions_by_cause(tmp_path: Path) -> None:
@@ -243,3 +255,36 @@ def test_the_datasheet_and_the_prepare_summary_show_demotions_by_cause(tmp_path:
     assert "dedup: 2 record(s) (28.57 %) merged into 1 cluster(s)" in console.export_text()
     off = open_prepared(run(tmp_path, dataset(tmp_path / "b", 6), "off", **OFF)).card
     assert "turned off" in _dedup(off)
+
+
+def test_canonical_variant_is_the_smallest_of_the_variants_and_the_same_for_each() -> None:
+    from sfbd_guard.symmetry import canonical
+
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (40, 3, 8, 8), dtype=np.uint8)
+    images[:10, :, 0, :] = 17  # tied first rows: decided by the full comparison
+    images[10:15] = np.rot90(images[10:15], 1, axes=(2, 3))[..., ::-1]
+    images[15] = 0  # a constant image: its inversion is the other constant
+    images[16] = np.eye(8, dtype=np.uint8) * 255  # symmetric under the transpose
+    for generators in (GENERATORS, ("flip",), ("rotate", "invert"), ()):
+        variants = group(generators)
+        got = canonical(images, variants)
+        for image, chosen in zip(images, got, strict=True):
+            assert chosen.tobytes() == min(v.pixels(image).tobytes() for v in variants)
+        for v in variants:
+            assert np.array_equal(canonical(v.pixels(images), variants), got), (generators, v.name)
+
+
+def test_the_invariant_embedding_is_the_same_for_every_variant_and_never_farther_apart() -> None:
+    from sfbd_guard.symmetry import best_similarity, invariant
+
+    rng = np.random.default_rng(5)
+    vectors = dedup.embed(rng.integers(0, 256, (50, 3, 16, 16), dtype=np.uint8), 8)
+    variants = group(GENERATORS)
+    base = invariant(vectors, 8)
+    assert np.allclose(np.linalg.norm(base, axis=1), 1.0, atol=1e-5)
+    for moved in grid_variants(vectors, 8, variants):
+        assert np.allclose(invariant(moved, 8), base, atol=1e-6)
+    a, b = vectors[:25], vectors[25:]
+    nearest = np.sqrt(np.maximum(0, 2 - 2 * best_similarity(a, b, 8, variants)))  # distance to the nearest variant
+    assert (np.linalg.norm(base[:25] - base[25:], axis=1) <= nearest + 1e-5).all()

@@ -91,7 +91,9 @@ def test_webdataset_record_ids_metadata_columns_and_caption(tmp_path: Path) -> N
     assert rows["00000/000001"]["caption"] == "image number 1"  # from KEY.txt
     assert rows["00002/sub/x1"]["caption"] == "from json"  # no KEY.txt: the JSON's caption
     assert rows["00000/000001"]["source_sha256"] and "sha256" not in table.column_names  # img2dataset's sha256 renamed
-    assert "source_error" in table.column_names and "nested" not in table.column_names and "tags" not in table.column_names
+    assert "source_error" in table.column_names  # nested values are their JSON text, never dropped (a null opt-out)
+    assert rows["00002/sub/x1"]["nested"] == '{"a": 1}' and rows["00002/sub/x1"]["tags"] == "[1, 2]"
+    assert rows["00000/000001"]["nested"] is None
     assert rows["00000/000002"]["license"] == "proprietary" and rows["00000/000003"]["width"] == 24
     assert _errors(results).keys() == {"00002/x2"} and "cannot decode" in _errors(results)["00002/x2"]
     assert results["00002/sub/x1"].shape == (3, 16, 16)  # type: ignore[union-attr]
@@ -202,7 +204,9 @@ def test_parquet_corrupt_and_null_images_are_error_rows(tmp_path: Path) -> None:
     reader = open_reader(SourceSpec("parquet", root, "all", 16))
     table, results = _read_all(reader)
     assert table.column("record_id").to_pylist() == [f"a.parquet/{i:09d}" for i in range(5)] + ["b.parquet"]
-    assert table.column_names == ["record_id", "n", "source_sha256"]  # list and binary columns dropped
+    assert table.column_names == ["record_id", "n", "source_sha256", "nested", "raw"]  # no column dropped
+    assert table.column("nested").to_pylist() == ["[1]"] * 5 + [None]  # a list as its JSON text
+    assert table.column("raw").to_pylist() == [b"b"] * 5 + [None]  # short binary as it is
     errors = _errors(results)
     assert errors.keys() == {"a.parquet/000000001", "a.parquet/000000002", "a.parquet/000000003", "b.parquet"}
     assert "cannot decode" in errors["a.parquet/000000001"] and "no image bytes" in errors["a.parquet/000000003"]

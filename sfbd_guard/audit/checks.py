@@ -2,12 +2,13 @@
 
 Scores (all against the protected originals):
   * top-k neighbours by embedding cosine similarity, s1 = top-1, margin = s1 - s2;
-    with `flip`, the image and its mirror are both searched and each reference keeps its better score;
+    with `transforms`, every variant of the image (symmetry.py: its rotations, flips and colour inversion) is
+    searched and each reference keeps its best score;
   * relative L2 ratio (Carlini et al. 2023, arXiv 2301.13188, §5.1, adaptive distance): RMS pixel
     distance to the nearest protected image over the mean RMS distance to the k nearest, in [0, 1];
-    Carlini's "extracted" (d1 / (0.5 * mean) <= 1) is ratio <= 0.5; with `flip` the smaller of the two
-    orientations counts;
-  * hash_match: the image at the prepared resolution is byte-identical to a protected record.
+    Carlini's "extracted" (d1 / (0.5 * mean) <= 1) is ratio <= 0.5; with `transforms` the smallest over the
+    variants counts;
+  * hash_match: the image (or a variant of it) at the prepared resolution is byte-identical to a protected record.
 Verdict: copy if hash_match or s1 >= tau_copy; else suspect if s1 >= tau_suspect, or ratio <= tau_ratio while
 s1 >= min_sim (the ratio rule speaks only for images already close in the embedding: an image far from every
 protected image can still have one neighbour twice as close as the others); else novel.
@@ -15,15 +16,16 @@ protected image can still have one neighbour twice as close as the others); else
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..hashing import pixel_sha256
 from ..knn import Shards
+from ..symmetry import Variant, group
 from .config import AuditConfig
-from .embed import Embedder, embed_batched, l2_vectors, mirror
-from .index import InnerProductIndex, Neighbours, l2_neighbours, merge_mirrored
+from .embed import Embedder, embed_batched, l2_vectors
+from .index import InnerProductIndex, Neighbours, l2_neighbours, merge_variants
 
 VERDICTS = ("copy", "suspect", "novel")
 # The rules a verdict can rest on, as samples.parquet `rules` names them, and what each means in words.
@@ -39,11 +41,12 @@ RULES = {
 class Scores:
     rows: np.ndarray  # int64 (N, k): protected rows (manifest order among protected), best first; -1 = none
     sims: np.ndarray  # float32 (N, k): cosine similarity, descending
-    flipped: np.ndarray  # bool (N,): the mirror image gave the top-1 match
+    flipped: np.ndarray  # bool (N,): a variant (not the image itself: mirror, rotation, inversion) gave the top-1 match
     l2_nearest: np.ndarray  # float32 (N,): RMS [0, 1] pixel distance to the nearest protected image
     l2_row: np.ndarray  # int64 (N,): that image's protected row
     l2_ratio: np.ndarray  # float32 (N,): l2_nearest / mean distance to the k nearest
     hash_match: np.ndarray  # bool (N,)
+    transform: list[str] = field(default_factory=list)  # per image, the variant that gave the top-1 (symmetry.Variant.name)
 
     @property
     def s1(self) -> np.ndarray:
@@ -65,30 +68,32 @@ def relative_l2(found: Neighbours) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pixel_scores(pixels: np.ndarray, reference_pixels: np.ndarray | Shards, config: AuditConfig,
-                  size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    found = l2_neighbours(reference_pixels, l2_vectors(pixels, size), config.l2.k, config.search.batch)
-    d1, ratio = relative_l2(found)
-    rows = found.rows[:, 0]
-    if config.embedder.flip:
-        mirrored = l2_neighbours(reference_pixels, l2_vectors(mirror(pixels), size), config.l2.k, config.search.batch)
-        d1_m, ratio_m = relative_l2(mirrored)
-        rows = np.where(d1_m < d1, mirrored.rows[:, 0], rows)
-        d1, ratio = np.minimum(d1, d1_m), np.minimum(ratio, ratio_m)
+                  size: int, variants: tuple[Variant, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    d1 = ratio = rows = np.zeros(0)
+    for i, variant in enumerate(variants):
+        found = l2_neighbours(reference_pixels, l2_vectors(variant.pixels(pixels), size), config.l2.k, config.search.batch)
+        d1_v, ratio_v = relative_l2(found)
+        if i == 0:
+            d1, ratio, rows = d1_v, ratio_v, found.rows[:, 0]
+            continue
+        rows = np.where(d1_v < d1, found.rows[:, 0], rows)
+        d1, ratio = np.minimum(d1, d1_v), np.minimum(ratio, ratio_v)
     return d1, rows, ratio
 
 
 def score(pixels: np.ndarray, *, embedder: Embedder, index: InnerProductIndex, reference_pixels: np.ndarray | Shards,
           protected_sha256: set[str], config: AuditConfig, l2_size: int) -> Scores:
-    """Scores of uint8 (N, C, H, W) images (already at the prepared resolution)."""
+    """Scores of uint8 (N, C, H, W) images (already at the prepared resolution), over their variants under
+    `config.embedder.transforms` (the identity first)."""
     k, batch = config.search.k, config.embedder.batch
-    found = index.search(embed_batched(embedder, pixels, batch), k)
-    flipped = np.zeros(len(pixels), dtype=bool)
-    if config.embedder.flip:
-        mirrored = index.search(embed_batched(embedder, mirror(pixels), batch), k)
-        found, flipped = merge_mirrored(found, mirrored, min(k, found.rows.shape[1]))
-    d1, l2_row, ratio = _pixel_scores(pixels, reference_pixels, config, l2_size)
-    hashes = np.asarray([pixel_sha256(p) in protected_sha256 for p in pixels], dtype=bool)
-    return Scores(found.rows, found.scores, flipped, d1, l2_row, ratio, hashes)
+    variants = group(config.embedder.transforms)
+    found = [index.search(embed_batched(embedder, v.pixels(pixels) if not v.identity else pixels, batch), k)
+             for v in variants]
+    merged, winner = merge_variants(found, min(k, found[0].rows.shape[1]))
+    d1, l2_row, ratio = _pixel_scores(pixels, reference_pixels, config, l2_size, variants)
+    hashes = np.asarray([any(pixel_sha256(v.pixels(p)) in protected_sha256 for v in variants) for p in pixels], dtype=bool)
+    return Scores(merged.rows, merged.scores, winner > 0, d1, l2_row, ratio, hashes,
+                  [variants[int(w)].name for w in winner])
 
 
 def background(index: InnerProductIndex, embeddings: np.ndarray | Shards, *, limit: int = 1000, seed: int = 0) -> np.ndarray:

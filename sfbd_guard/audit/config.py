@@ -11,9 +11,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..config import StrictModel, read_yaml_mapping, set_dotted, validate_mapping
+from ..policy import TRANSFORMS, Transform
 
 # Used only when no holdout is available (calibration.method = "default"): copy / suspect on the top-1
 # cosine similarity, and suspect when the relative L2 ratio is at or below `ratio` (Carlini et al.'s
@@ -32,11 +33,37 @@ CACHE_ENV = "GUARD_AUDIT_CACHE"
 class EmbedderSpec(StrictModel):
     kind: Literal["auto", "pixel", "clip"] = "auto"  # auto: clip when clip_weights is set, else pixel
     pixel_size: int = Field(default=32, ge=4, le=512)  # side of the pixel embedding (capped at the resolution)
-    flip: bool = True  # also embed each query's mirror image and keep the better match
+    # also search each sample's variants under these exact transforms (symmetry.py: flip = mirror, rotate = quarter
+    # turns, invert = 255 - x, and their combinations: 16 variants by default); each reference keeps its best score
+    transforms: list[Transform] = Field(default_factory=lambda: list(TRANSFORMS))
     clip_model: str = "ViT-B-32"  # open_clip architecture for a weights FILE (a directory brings its config)
     clip_weights: str | None = None  # local weights file or open_clip directory; relative to the YAML file
     quick_gelu: bool = False  # OpenAI CLIP weights need QuickGELU; a file path cannot tell open_clip
     batch: int = Field(default=64, ge=1)  # images per embedding batch
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_flip(cls, data: Any) -> Any:
+        """`flip` (before transforms): true is the default (now also rotations and inversion); false is
+        `transforms: []`, as it was."""
+        if isinstance(data, dict) and "flip" in data:
+            if "transforms" in data:
+                raise ValueError("give transforms only (flip is its old name: flip: true is transforms: "
+                                 "[flip, rotate, invert], flip: false is transforms: [])")
+            data = dict(data)
+            flip = data.pop("flip")
+            if not isinstance(flip, bool):
+                raise ValueError("flip (the old name of transforms) must be true or false")
+            if not flip:
+                data["transforms"] = []
+        return data
+
+    @field_validator("transforms")
+    @classmethod
+    def _unique_transforms(cls, transforms: list[str]) -> list[str]:
+        if len(set(transforms)) != len(transforms):
+            raise ValueError("each transform once")
+        return [name for name in TRANSFORMS if name in transforms]
 
 
 class SearchSpec(StrictModel):

@@ -35,7 +35,8 @@ class Pair:
     l2_ratio: float
     verdict: str
     rules: list[str] = field(default_factory=list)  # the rules that fired (checks.RULES)
-    mirror: bool = False  # the mirror image gave the top-1 match
+    mirror: bool = False  # a variant (mirror, rotation, inversion), not the image itself, gave the top-1 match
+    transform: str = "identity"  # that variant (symmetry.Variant.name)
 
 
 def png_data_uri(image: Image.Image) -> str:
@@ -100,10 +101,11 @@ def histogram(series: dict[str, np.ndarray], marks: dict[str, float], *, width: 
     return image
 
 
-def rule_words(rules: list[str], mirror: bool, summary: AuditSummary) -> list[str]:
-    """What fired for one sample, in words with the numbers (checks.RULES names)."""
+def rule_words(rules: list[str], transform: str, summary: AuditSummary) -> list[str]:
+    """What fired for one sample, in words with the numbers (checks.RULES names); `transform`: the variant of the
+    sample that matched (symmetry.Variant.name)."""
     th = summary.thresholds
-    flip = " (of its mirror image)" if mirror else ""
+    flip = f" (of its variant {transform})" if transform != "identity" else ""
     minimum = th.ratio_min_similarity
     words = {
         "hash": "exact copy (byte-identical pixels)",
@@ -131,7 +133,7 @@ def _rule_rows(summary: AuditSummary) -> list[dict[str, Any]]:
          "bound": 0.0, "measured": None},
         {"verdict": "copy", "formula": f"s1 ≥ {th.copy_:.4f}",
          "words": f"its nearest protected image (s1: cosine similarity of the {summary.embedder.kind} embeddings; with the "
-                  f"mirror image too when flip is on) is as close as {_tail_words(th.method, th.alpha_copy)}",
+                  f"variants too, as `transforms` says) is as close as {_tail_words(th.method, th.alpha_copy)}",
          "bound": bound.get("copy"), "measured": measured.get("copy")},
         {"verdict": "suspect", "formula": f"s1 ≥ {th.suspect:.4f}",
          "words": f"as close as {_tail_words(th.method, th.alpha_suspect)}",
@@ -175,7 +177,7 @@ def _pair_view(pair: Pair, size: int, summary: AuditSummary) -> dict[str, Any]:
     from ..templating import markup
 
     return {"sample": pair.sample, "record_id": pair.record_id or "–", "verdict": pair.verdict, "s1": pair.s1,
-            "margin": pair.margin, "l2_ratio": pair.l2_ratio, "rules": rule_words(pair.rules, pair.mirror, summary),
+            "margin": pair.margin, "l2_ratio": pair.l2_ratio, "rules": rule_words(pair.rules, pair.transform, summary),
             "sample_src": markup(png_data_uri(thumbnail(pair.sample_pixels, size))),
             "original_src": markup(png_data_uri(thumbnail(pair.original, size))) if pair.original is not None else None}
 

@@ -25,6 +25,7 @@ from ..errors import ImageDecodeError, InputError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 LISTING = "samples.json"
+MAX_LISTING_BYTES = 256 << 20  # a listing of millions of sample names; a larger one is refused unparsed
 MAX_PIXELS = DEFAULT_MAX_PIXELS  # as curation: PIL's decompression-bomb limit; larger images are never decoded
 MAX_BYTES = DEFAULT_MAX_FILE_BYTES  # no generated sample is this large; bigger files are not read
 
@@ -43,13 +44,21 @@ class LoadedImages:
 
 def _listing(folder: Path, what: str) -> tuple[list[Path], Path | None]:
     """The files `samples.json` names (each inside `folder`) and its grid; ([], None) without one."""
+    from ..fileio import read_regular
+
     listing = folder / LISTING
-    if not listing.is_file():
+    if not listing.exists() and not listing.is_symlink():
         return [], None
     hint = f"{LISTING} is written by guard sample; fix or remove it (every image in the folder is audited anyway)"
     try:
-        payload = json.loads(listing.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = read_regular(listing, MAX_LISTING_BYTES)  # a FIFO or a device is refused, never waited on
+    except OSError as err:
+        raise InputError(f"{what} {listing}: cannot read it ({err.strerror or err})", hint=hint) from None
+    if len(data) > MAX_LISTING_BYTES:
+        raise InputError(f"{what} {listing}: larger than {MAX_LISTING_BYTES >> 20} MiB; refused unparsed", hint=hint)
+    try:
+        payload = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(f"{what} {listing}: not valid JSON ({err})", hint=hint) from None
     if not isinstance(payload, dict):
         raise InputError(f"{what} {listing}: expected a JSON object, got {type(payload).__name__}", hint=hint)

@@ -109,10 +109,11 @@ def l2_neighbours(references: np.ndarray | Shards, queries: np.ndarray, k: int, 
     return Neighbours(found, np.sqrt(np.maximum(squared, 0) / max(1, shards.dim)).astype(np.float32))
 
 
-def merge_mirrored(plain: Neighbours, mirrored: Neighbours, k: int) -> tuple[Neighbours, np.ndarray]:
-    """Top-k over both orientations (a reference keeps its better score) and whether the mirror won top-1."""
-    rows = np.concatenate([plain.rows, mirrored.rows], axis=1)
-    sims = np.concatenate([plain.scores, mirrored.scores], axis=1).astype(np.float64)
+def merge_variants(found: list[Neighbours], k: int) -> tuple[Neighbours, np.ndarray]:
+    """Top-k over the searches of several variants of each query (a reference keeps its best score), and per query
+    the index of the variant whose top-1 won (the first on ties, so the identity when it is first)."""
+    rows = np.concatenate([f.rows for f in found], axis=1)
+    sims = np.concatenate([f.scores for f in found], axis=1).astype(np.float64)
     sims = np.where(rows >= 0, sims, -np.inf)
     order = np.lexsort((-sims, rows), axis=1)  # by row id, best score first within an id
     rows, sims = np.take_along_axis(rows, order, 1), np.take_along_axis(sims, order, 1)
@@ -122,5 +123,12 @@ def merge_mirrored(plain: Neighbours, mirrored: Neighbours, k: int) -> tuple[Nei
     best = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     rows, sims = np.take_along_axis(rows, best, 1), np.take_along_axis(sims, best, 1)
     rows = np.where(np.isfinite(sims), rows, -1)
-    flipped = mirrored.scores[:, 0] > plain.scores[:, 0] if len(rows) else np.zeros(0, bool)
-    return Neighbours(rows, np.where(np.isfinite(sims), sims, np.nan).astype(np.float32)), flipped
+    tops = np.stack([np.where(f.rows[:, 0] >= 0, f.scores[:, 0], -np.inf) for f in found], axis=1) if len(rows) else None
+    winner = np.argmax(tops, axis=1) if tops is not None else np.zeros(0, np.int64)
+    return Neighbours(rows, np.where(np.isfinite(sims), sims, np.nan).astype(np.float32)), winner
+
+
+def merge_mirrored(plain: Neighbours, mirrored: Neighbours, k: int) -> tuple[Neighbours, np.ndarray]:
+    """Top-k over both orientations (a reference keeps its better score) and whether the mirror won top-1."""
+    merged, winner = merge_variants([plain, mirrored], k)
+    return merged, winner == 1

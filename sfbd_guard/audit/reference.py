@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..fileio import read_regular
 from ..hashing import json_sha256
 from ..knn import Shards
 from .config import AuditConfig
@@ -84,7 +85,7 @@ def _shard_files(folder: Path, index: int) -> tuple[Path, Path]:
 def _load(folder: Path, count: int) -> tuple[Shards, Shards, dict[str, Any]] | None:
     """The entry's shards (read lazily, one at a time), if the entry is whole: every file there, right shapes."""
     try:
-        meta = json.loads((folder / "meta.json").read_text())
+        meta = json.loads(read_regular(folder / "meta.json", 1 << 20))  # a FIFO: OSError (rebuilt), never waited on
         counts, dims = [int(c) for c in meta["shards"]], (int(meta["dim"]), int(meta["pixel_dim"]))
         for index, rows in enumerate(counts):
             for path, dim in zip(_shard_files(folder, index), dims, strict=True):

@@ -12,7 +12,7 @@ from ..contracts.audit_summary import AuditSummary
 from ..fileio import atomic_write_bytes
 from .checks import Scores
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: transform (rotations, flips, colour inversion searched, not the mirror image only)
 REPORT_FIELDS: list[pa.Field[Any]] = [
     pa.field("sample", pa.string(), nullable=False),  # path relative to --samples
     pa.field("status", pa.string(), nullable=False),  # ok | error
@@ -25,13 +25,14 @@ REPORT_FIELDS: list[pa.Field[Any]] = [
     pa.field("top1_record_id", pa.string()),
     pa.field("s1", pa.float32()),  # top-1 cosine similarity to the protected set
     pa.field("margin", pa.float32()),  # s1 - s2
-    pa.field("flipped", pa.bool_()),  # the mirror image gave the top-1 match
+    pa.field("flipped", pa.bool_()),  # a variant (mirror, rotation, inversion), not the image itself, gave the top-1 match
     pa.field("topk_record_ids", pa.list_(pa.string())),
     pa.field("topk_similarities", pa.list_(pa.float32())),
     pa.field("l2_nearest", pa.float32()),  # RMS [0, 1] pixel distance to the nearest protected image
     pa.field("l2_nearest_record_id", pa.string()),
     pa.field("l2_ratio", pa.float32()),  # l2_nearest / mean distance to the k nearest (Carlini et al.)
-    pa.field("hash_match", pa.bool_()),  # byte-identical to a protected record at the prepared resolution
+    pa.field("hash_match", pa.bool_()),  # it or a variant is byte-identical to a protected record at the prepared resolution
+    pa.field("transform", pa.string()),  # the variant that gave the top-1 match: identity, flip, rot90, invert+rot180, ...
 ]
 REPORT_SCHEMA = pa.schema(REPORT_FIELDS, metadata={b"guard.audit_schema": str(SCHEMA_VERSION).encode()})
 
@@ -50,6 +51,7 @@ def _ok_rows(scores: Scores, verdicts: list[str], rules: list[list[str]], ids: l
             "topk_similarities": [float(v) for v in scores.sims[i][valid]],
             "l2_nearest": float(scores.l2_nearest[i]), "l2_nearest_record_id": rid(int(scores.l2_row[i])),
             "l2_ratio": float(scores.l2_ratio[i]), "hash_match": bool(scores.hash_match[i]),
+            "transform": scores.transform[i] if scores.transform else None,
         })
     return rows
 

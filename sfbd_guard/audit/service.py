@@ -21,7 +21,7 @@ from ..contracts.audit_summary import AuditSummary, write_audit_summary
 from ..contracts.base import dump, validate
 from ..errors import GuardError
 from ..executor import LOCAL, ExecutorSpec
-from ..fileio import private_dir
+from ..fileio import check_report_dir, report_dir
 from ..hashing import fingerprint, sha256_file
 from ..ledger import Artifact, ledger_dir, recorded
 from ..progress import ProgressFactory
@@ -131,7 +131,8 @@ def _pairs(ctx: _Context, loaded: LoadedImages, scores: Scores, verdict: list[st
         row = int(scores.rows[i, 0])
         pairs.append(Pair(names[i], loaded.pixels[i], ctx.info.protected_ids[row] if row >= 0 else None,
                           originals.get(row) if verdict[i] != "novel" else None, float(scores.s1[i]),
-                          float(scores.margin[i]), float(scores.l2_ratio[i]), verdict[i], rules[i], bool(scores.flipped[i])))
+                          float(scores.margin[i]), float(scores.l2_ratio[i]), verdict[i], rules[i], bool(scores.flipped[i]),
+                          scores.transform[i] if scores.transform else "identity"))
     return pairs, note
 
 
@@ -148,7 +149,7 @@ def _write(report: Path, table: Any, summary: AuditSummary, page: str, figure: A
 
     from ..fileio import atomic_write_bytes
 
-    private_dir(report)  # report.html may hold thumbnails of protected originals
+    report_dir(report, "--report")  # report.html may hold thumbnails of protected originals: owner-only
     files = {name: report / name for name in REPORT_FILES}
     write_parquet(files["samples.parquet"], table)
     write_audit_summary(report, summary)
@@ -204,6 +205,7 @@ def run_audit(*, samples: Path, data: Path, report: Path, config: AuditConfig, d
     InputError or VerificationError (exit 2 in the CLI); `result.counts["copy"]` decides exit 0 or 3.
     `executor` ray: the embeddings are computed by Ray actors (ray_embed.py), with the same results.
     """
+    check_report_dir(report, "--report")  # before any work: a folder others can read is refused
     started = time.perf_counter()
     info = read_prepared(data)
     loaded = load_folder(samples, info.resolution, info.channels)

@@ -50,7 +50,8 @@ def _top(scores: Scores, verdicts: list[str], rules: list[list[str]], names: lis
     order = np.argsort(-scores.s1, kind="stable")[:count]
     return [{"sample": names[i], "record_id": ids[int(scores.rows[i, 0])] if scores.rows[i, 0] >= 0 else None,
              "s1": round(float(scores.s1[i]), 6), "l2_ratio": round(float(scores.l2_ratio[i]), 6),
-             "verdict": verdicts[i], "rules": rules[i], "mirror": bool(scores.flipped[i])} for i in order]
+             "verdict": verdicts[i], "rules": rules[i], "mirror": bool(scores.flipped[i]),
+             "transform": scores.transform[i] if scores.transform else "identity"} for i in order]
 
 
 HISTOGRAM_BINS = 40
@@ -98,7 +99,8 @@ def build_summary(*, samples: Path, samples_fingerprint: str, info: PreparedInfo
         "references": len(info.protected_ids), "counts": counts,
         "flagged": _share(counts["copy"] + counts["suspect"], scored), "copies": _share(counts["copy"], scored),
         "thresholds": _thresholds(calibration, config),
-        "embedder": {**embedder.identity(), "dim": embedder.dim, "flip": config.embedder.flip},
+        "embedder": {**embedder.identity(), "dim": embedder.dim, "flip": "flip" in config.embedder.transforms,
+                     "transforms": list(config.embedder.transforms)},
         "index": {"kind": index.kind, "references": len(reference.embeddings), "dim": int(reference.embeddings.shape[1]),
                   "cache": reference.status, "cache_key": reference.key, "built_at": reference.built_at},
         "l2": {"size": round((reference.pixels.shape[1] / info.channels) ** 0.5),

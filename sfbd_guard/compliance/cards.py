@@ -16,7 +16,7 @@ from typing import Any
 from ..contracts.card import Card, read_card
 from ..contracts.run_record import read_run_record
 from ..errors import InputError
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, owner_only_dirs
 from ..locations import project_of
 from ..relocate import prepared_of_run
 from .chains import Chain, gather
@@ -187,7 +187,7 @@ The directory's fingerprint is `{card.fingerprint}`; card.json lists the sha256 
 
 
 def write_model_card(folder: Path, run_dir: Path, ledger: Path, data: Path | None = None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+    owner_only_dirs(folder)  # a new folder is owner-only, as every report's
     path = folder / "README.md"
     atomic_write_bytes(path, model_card_text(run_dir, ledger, data).encode())
     return path
@@ -200,7 +200,7 @@ def write_dataset_card(folder: Path, ledger: Path, *, run: Path | None = None, d
             raise InputError("--dataset-card needs --data DIR or --run DIR")
         record = read_run_record(run.resolve())
         data = prepared_of_run(run.resolve(), record.data, record.data_fingerprint, project_of(ledger), None)
-    folder.mkdir(parents=True, exist_ok=True)
+    owner_only_dirs(folder)  # a new folder is owner-only, as every report's
     path = folder / "README.md"
     atomic_write_bytes(path, dataset_card_text(data).encode())
     return path

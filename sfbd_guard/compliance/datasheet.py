@@ -13,10 +13,11 @@ from ..contracts.audit_summary import read_audit_summary
 from ..contracts.card import Card, read_card
 from ..contracts.run_record import read_run_record
 from ..errors import GuardError, InputError
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, owner_only_dirs
 from ..locations import project_of
 from ..relocate import prepared_of_run
 from .composition import Exclusions, exclusions, holdout_rules_of, licence_counts, rule_words, source_words
+from .verify import transforms_words
 from .views import RUN_AUDITS, connect
 
 
@@ -64,8 +65,8 @@ def _dedup(card: Card) -> str:
     lines = [f"| {cause} | {kinds.get('exact', 0)} | {kinds.get('near', 0)} |"
              for cause, kinds in sorted(dedup.get("demotions", {}).items())]
     table = ("\n\n| demoted record | exact copies | near copies |\n|---|---|---|\n" + "\n".join(lines)) if lines else ""
-    return (f"Copies: exact (pixel sha256) and near ({dedup.get('embedder')} embedder, cosine ≥ {dedup.get('threshold')}, "
-            f"mirror {'on' if dedup.get('mirror') else 'off'}) copies were merged, each cluster taking its strictest "
+    return (f"Copies: exact (pixel sha256, up to the transforms) and near ({dedup.get('embedder')} embedder, cosine ≥ "
+            f"{dedup.get('threshold')}, {transforms_words(dedup)}) copies were merged, each cluster taking its strictest "
             f"action; {dedup.get('merged', 0)} record(s) in {dedup.get('clusters', 0)} cluster(s) "
             f"({100 * float(dedup.get('merged_share', 0)):.2f} %), {dedup.get('demoted', 0)} demoted to excluded "
             f"(rule `duplicate`).{table}")
@@ -182,5 +183,7 @@ directory, the run directory and the compliance ledger. Narrative answers marked
 
 
 def write_datasheet(path: Path, run_dir: Path, ledger: Path, data: Path | None = None) -> Path:
-    atomic_write_bytes(path, datasheet(run_dir, ledger, data).encode())
+    text = datasheet(run_dir, ledger, data)
+    owner_only_dirs(path.parent)  # new folders are owner-only (the file is 0600)
+    atomic_write_bytes(path, text.encode())
     return path

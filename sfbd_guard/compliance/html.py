@@ -21,7 +21,7 @@ from .. import __version__
 from ..audit.html import similarity_chart
 from ..charts import Frame, bar_chart, line_chart
 from ..contracts.events import Event
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, owner_only_dirs
 from ..locations import project_of, resolve
 from ..templating import markup, render
 from .chains import Chain, gather, message
@@ -141,5 +141,7 @@ def report_page(ledger: Path, page: Path, tables: dict[str, Any], *, verify: boo
 
 def write_html(path: Path, ledger: Path, tables: dict[str, Any], *, verify: bool = True,
                digest_key: Path | None = None) -> Path:
-    atomic_write_bytes(path, report_page(ledger, path, tables, verify=verify, digest_key=digest_key).encode())
+    page = report_page(ledger, path, tables, verify=verify, digest_key=digest_key)
+    owner_only_dirs(path.parent)  # new folders are owner-only (the file is 0600)
+    atomic_write_bytes(path, page.encode())
     return path

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, owner_only_dirs
 from .views import connect, query
 
 DEFAULT_QUERIES = {
@@ -76,23 +77,95 @@ def print_tables(tables: dict[str, Any], project: Path | None = None) -> None:
         console.print(shown)
 
 
-def serialise(tables: dict[str, Any], fmt: str) -> bytes:
-    """CSV / JSON / Parquet bytes; several tables need JSON (one key per table)."""
+def _as_json_text(column: Any) -> Any:
+    """A column's values as JSON text (nulls stay null): lists, structs and maps keep their structure."""
+    import pyarrow as pa
+
+    return pa.array([None if value is None else json.dumps(value, default=str, ensure_ascii=False)
+                     for value in column.to_pylist()], pa.string())
+
+
+def _writable(table: Any, fits: Any) -> Any:
+    """`table` with each column whose type `fits(type)` refuses turned into JSON text (`_as_json_text`)."""
+    import pyarrow as pa
+
+    for index, field in enumerate(table.schema):
+        if not fits(field.type):
+            table = table.set_column(index, pa.field(field.name, pa.string()), _as_json_text(table.column(index)))
+    return table
+
+
+def _csv_fits(kind: Any) -> bool:
+    """Whether CSV can hold a column of `kind` as it is: the types Arrow turns into text (lists, structs, maps,
+    unions and intervals are not)."""
+    import pyarrow as pa
+
+    try:
+        pa.array([], kind).cast(pa.string())
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
+        return False
+    return True
+
+
+def _parquet_fits(kind: Any) -> bool:
+    """Whether Parquet can store a column of `kind` (unions and month-day-nano intervals, for instance, cannot)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pq.write_table(pa.table({"c": pa.array([], kind)}), io.BytesIO())
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
+        return False
+    return True
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float (anywhere in lists and dicts) replaced by None: JSON has neither."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def serialise(tables: dict[str, Any], fmt: str, label: str | None = None) -> bytes:
+    """CSV / JSON / Parquet bytes; several tables need JSON (one key per table). A column CSV or Parquet cannot
+    hold (a list, a struct, a map, a union, an interval) is written as JSON text; one that still cannot be written
+    (binary that is not UTF-8, in CSV) is an InputError naming it, and the option given (`label`, default
+    `--format <fmt>`). JSON is strict: NaN and ±infinity are written as null."""
+    import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
+    label = label or f"--format {fmt}"
     if fmt == "json":
-        payload = {t: table.to_pylist() for t, table in tables.items()}
-        return (json.dumps(payload if len(payload) > 1 else next(iter(payload.values())), indent=2, default=str) + "\n").encode()
+        payload = _finite({t: table.to_pylist() for t, table in tables.items()})
+        document = payload if len(payload) > 1 else next(iter(payload.values()))
+        return (json.dumps(document, indent=2, default=str, allow_nan=False) + "\n").encode()
     if len(tables) > 1:
-        raise InputError(f"--format {fmt} writes one table", hint="add --sql 'SELECT ... FROM <view>' or use --format json")
+        raise InputError(f"{label} writes one table", hint="add --sql 'SELECT ... FROM <view>' or use --format json")
     table = next(iter(tables.values()))
-    buffer = io.BytesIO()
-    if fmt == "csv":
-        pacsv.write_csv(table, buffer)
-    else:
-        pq.write_table(table, buffer)
-    return buffer.getvalue()
+    def write(part: Any) -> bytes:
+        buffer = io.BytesIO()
+        (pacsv.write_csv if fmt == "csv" else pq.write_table)(part, buffer)
+        return buffer.getvalue()
+
+    table = _writable(table, _csv_fits if fmt == "csv" else _parquet_fits)
+    failures = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError)
+    try:
+        return write(table)
+    except failures as err:
+        bad = []
+        for name in table.column_names:
+            try:
+                write(table.select([name]))
+            except failures:
+                bad.append(name)
+        raise InputError(f"{label}: column(s) {', '.join(map(repr, bad or table.column_names))} cannot be "
+                         f"written as {fmt.upper()} ({str(err).splitlines()[0][:120]})",
+                         hint="cast them in --sql (e.g. hex(column)), or use --format json") from None
 
 
 def emit(tables: dict[str, Any], fmt: str, output: Path | None, project: Path | None = None) -> None:
@@ -104,8 +177,10 @@ def emit(tables: dict[str, Any], fmt: str, output: Path | None, project: Path | 
     if fmt == "table" and output is None:
         print_tables(tables, project)
         return
-    data = serialise(tables, "csv" if fmt == "table" else fmt)
+    label = "--format table --output (written as CSV)" if fmt == "table" else None
+    data = serialise(tables, "csv" if fmt == "table" else fmt, label)
     if output is not None:
+        owner_only_dirs(output.parent)  # new folders are owner-only (the file is 0600)
         atomic_write_bytes(output, data)
     elif fmt == "parquet":
         raise InputError("--format parquet needs --output FILE")

@@ -10,12 +10,14 @@
 4. noise statistics: the protected pixels themselves are noisy at that sigma (noise_check.py), so arrays
    replaced by the originals and re-hashed fail;
 5. no protected or excluded pixels in training: no clean array row has the digest of a protected or
-   excluded record, and every clean row is the record the manifest says. The manifest's digests are keyed
-   (curation/disclosure.py): with the owner's digest key (`--digest-key`) the check compares them, without it
-   it is ATTENTION ("needs the owner's digest key"), never PASS;
+   excluded record, nor (with dedup transforms) the canonical digest of one, recomputed from its pixels, and
+   every clean row is the record the manifest says. The manifest's digests are keyed (curation/disclosure.py):
+   with the owner's digest key (`--digest-key`) the check compares them, without it it is ATTENTION ("needs
+   the owner's digest key"), never PASS;
 6. opt-outs: every record an exclude rule matched is absent from all arrays;
-7. duplicates: the exact part of dedup, from the manifest: no clean or protected row shares a pixel digest
-   with a row of a stricter partition, and no two protected rows share one;
+7. duplicates: the exact part of dedup, from the manifest: no clean or protected row shares a canonical
+   digest (the pixel digest where the manifest has none) with a row of a stricter partition, and no two
+   protected rows share one: a rotated, flipped or inverted copy (the card's dedup transforms) is a copy;
 8. audit: the latest audit of the run's samples exists and found no copy.
 """
 
@@ -31,10 +33,11 @@ from ..contracts.events import Event, TrainSummary
 from ..curation.manifest import ACTION_PARTITION
 from ..digests import read_digest_key
 from ..errors import GuardError, InputError
-from ..hashing import keyed_digest, pixel_sha256
+from ..hashing import canonical_sha256, keyed_digest, pixel_sha256
 from ..locations import project_of
 from ..policy import DUPLICATE_RULE
 from ..relocate import prepared_of_run
+from ..symmetry import GENERATORS, Variant, group
 from .views import RUN_AUDITS, connect
 
 if TYPE_CHECKING:
@@ -150,10 +153,21 @@ def _manifest(data: Path) -> tuple[list[dict[str, Any]], bool]:
     prepare keys them: curation/disclosure.py) or plain sha256 (older directories)."""
     import pyarrow.parquet as pq
 
-    keyed = "digest" in pq.read_schema(data / "manifest.parquet").names
-    columns = ["record_id", "partition", "rule", "digest" if keyed else "sha256", "sigma", "file", "row"]
+    names = set(pq.read_schema(data / "manifest.parquet").names)
+    keyed = "digest" in names
+    digest, canonical = ("digest", "canonical_digest") if keyed else ("sha256", "canonical_sha256")
+    columns = ["record_id", "partition", "rule", digest, "sigma", "file", "row"]
+    columns += [canonical] if canonical in names else []  # absent from older manifests
     table = pq.read_table(data / "manifest.parquet", columns=columns)
-    return table.rename_columns([*columns[:3], "digest", *columns[4:]]).to_pylist(), keyed
+    renamed = {digest: "digest", canonical: "canonical"}
+    return table.rename_columns([renamed.get(name, name) for name in columns]).to_pylist(), keyed
+
+
+def card_variants(card: Any) -> tuple[Variant, ...]:
+    """The dedup transforms' group of the card (the identity alone for dedup off or a card without transforms)."""
+    dedup = getattr(card, "dedup", None) or {}
+    transforms = dedup.get("transforms") if dedup.get("enabled") else None
+    return group(transforms if isinstance(transforms, list) and all(t in GENERATORS for t in transforms) else ())
 
 
 def check_noise(prepared: PreparedData, rows: list[dict[str, Any]]) -> Check:
@@ -179,22 +193,43 @@ def _clean_row_hashes(data: Path, rows: list[dict[str, Any]], digest_key: bytes 
     return hashes
 
 
+def _clean_row_canonical(data: Path, rows: list[dict[str, Any]], variants: tuple[Variant, ...],
+                         digest_key: bytes | None) -> dict[str, str]:
+    """record_id → canonical digest of the pixels actually stored in its clean array row (keyed as `_clean_row_hashes`)."""
+    arrays: dict[str, np.ndarray] = {}
+    hashes = {}
+    for row in rows:
+        if row["partition"] == "clean":
+            array = arrays.setdefault(row["file"], np.load(data / row["file"], mmap_mode="r"))
+            sha = canonical_sha256(np.asarray(array[row["row"]:row["row"] + 1]), variants)[0]
+            hashes[row["record_id"]] = keyed_digest(digest_key, sha) if digest_key is not None else sha
+    return hashes
+
+
 NEEDS_DIGEST_KEY = "needs the owner's digest key"
 
 
-def check_clean_rows(data: Path, rows: list[dict[str, Any]], keyed: bool = False, digest_key: bytes | None = None) -> Check:
-    """No clean row holds a protected or excluded image, and each is the image its manifest digest names. The
-    manifest's digests are keyed (curation/disclosure.py): without the owner's digest key they cannot be compared
-    with the pixels, and the check is ATTENTION, not PASS."""
+def check_clean_rows(data: Path, rows: list[dict[str, Any]], variants: tuple[Variant, ...] = (), keyed: bool = False,
+                     digest_key: bytes | None = None) -> Check:
+    """No clean row holds a protected or excluded image (nor, with dedup transforms, a transformed copy of one), and
+    each is the image its manifest digest names. The manifest's digests are keyed (curation/disclosure.py): without
+    the owner's digest key they cannot be compared with the pixels, and the check is ATTENTION, not PASS."""
     if keyed and digest_key is None:
         clean = sum(r["partition"] == "clean" for r in rows)
         return Check("no protected pixels", True, f"{NEEDS_DIGEST_KEY}: the manifest's pixel digests are keyed, so the "
                      f"{clean} clean rows cannot be compared with the protected and excluded images without it "
                      "(the owner exports it with guard key export-digest; guard verify --digest-key FILE)",
                      attention=True)
-    stored = _clean_row_hashes(data, rows, digest_key if keyed else None)
+    key = digest_key if keyed else None
+    stored = _clean_row_hashes(data, rows, key)
     forbidden = {r["digest"]: r["record_id"] for r in rows if r["partition"] in ("protected", "excluded") and r["digest"]}
     leaks = [(rid, forbidden[h]) for rid, h in stored.items() if h in forbidden]
+    if not leaks and len(variants) > 1:  # a transformed copy: by the canonical digest of the stored pixels
+        forbidden = {r["canonical"]: r["record_id"] for r in rows
+                     if r["partition"] in ("protected", "excluded") and r.get("canonical")}
+        if forbidden:
+            canonical = _clean_row_canonical(data, rows, variants, key)
+            leaks = [(rid, forbidden[h]) for rid, h in canonical.items() if h in forbidden]
     if leaks:
         detail = f"clean row {leaks[0][0]} holds the pixels of {leaks[0][1]} ({len(leaks)} in all)"
         return Check("no protected pixels", False, detail)
@@ -236,36 +271,45 @@ def _level(row: dict[str, Any], actions: dict[str, str]) -> int | None:
     return STRICTNESS.get(row["partition"])
 
 
-def check_duplicates(card: Any, rows: list[dict[str, Any]]) -> Check:
-    """No stored row is an exact copy of a row decided more strictly, and no content is stored protected twice
-    (curation/dedup.py). Checked whatever the card says of dedup: a copy that leaks, leaks."""
-    actions = {rule.name: rule.action for rule in card.policy.rules}
+def _duplicate_problem(rows: list[dict[str, Any]], actions: dict[str, str], key: str) -> str | None:
+    """What is wrong with the rows' duplicates by their `key` (digest or canonical: see `_manifest`), or None."""
     strictest: dict[str, tuple[int, str]] = {}
     protected: dict[str, str] = {}
     for row in rows:
-        level = _level(row, actions)
-        if level is None or not row["digest"]:
+        level, content = _level(row, actions), row.get(key)
+        if level is None or not content:
             continue
-        held = strictest.get(row["digest"])
+        held = strictest.get(content)
         if held is None or level > held[0]:
-            strictest[row["digest"]] = (level, row["record_id"])
+            strictest[content] = (level, row["record_id"])
         if row["partition"] == "protected":
-            if row["digest"] in protected:
-                return Check("duplicates", False, f"protected rows {protected[row['digest']]} and {row['record_id']} "
-                                                  "hold the same image (their noise averages down)")
-            protected[row["digest"]] = row["record_id"]
+            if content in protected:
+                return (f"protected rows {protected[content]} and {row['record_id']} hold the same image "
+                        "(their noise averages down)")
+            protected[content] = row["record_id"]
     names = {level: name for name, level in STRICTNESS.items()}
     for row in rows:
-        level = STRICTNESS.get(row["partition"])
-        if level is None or level == STRICTNESS["excluded"] or not row["digest"]:
+        level, content = STRICTNESS.get(row["partition"]), row.get(key)
+        if level is None or level == STRICTNESS["excluded"] or not content:
             continue
-        top, other = strictest[row["digest"]]
+        top, other = strictest[content]
         if top > level:
-            return Check("duplicates", False, f"{row['partition']} row {row['record_id']} is an exact copy of "
-                                              f"{names[top]} record {other}")
+            what = "exact copy" if key == "digest" else "rotated, flipped or inverted exact copy"
+            return f"{row['partition']} row {row['record_id']} is an {what} of {names[top]} record {other}"
+    return None
+
+
+def check_duplicates(card: Any, rows: list[dict[str, Any]]) -> Check:
+    """No stored row is an exact copy of a row decided more strictly, and no content is stored protected twice
+    (curation/dedup.py), by the pixel sha256 and by the canonical sha256 (the same for all variants of an image
+    under the dedup transforms). Checked whatever the card says of dedup: a copy that leaks, leaks."""
+    actions = {rule.name: rule.action for rule in card.policy.rules}
+    for key in ("digest", "canonical"):
+        problem = _duplicate_problem(rows, actions, key)
+        if problem:
+            return Check("duplicates", False, problem)
     dedup = getattr(card, "dedup", None) or {}
-    mirror = "on" if dedup.get("mirror") else "off"
-    setting = (f"dedup on (near: {dedup.get('embedder')} >= {dedup.get('threshold')}, mirror {mirror}; "
+    setting = (f"dedup on (near: {dedup.get('embedder')} >= {dedup.get('threshold')}, {transforms_words(dedup)}; "
                f"{dedup.get('demoted', 0)} record(s) demoted)" if dedup.get("enabled") else "dedup off in the policy")
     return Check("duplicates", True, f"no stored row is an exact copy of a stricter one; {setting}")
 
@@ -283,6 +327,14 @@ def check_releases(card: Any) -> Check:
     if found.min_sigma_eff < card.sigma:
         return Check("releases", True, f"{detail} < the policy's sigma {card.sigma:g}", attention=True)
     return Check("releases", True, detail)
+
+
+def transforms_words(dedup: dict[str, Any]) -> str:
+    """The card's dedup transforms in words (cards before them said `mirror`)."""
+    if "transforms" in dedup:
+        names = dedup.get("transforms") or []
+        return f"transforms {', '.join(map(str, names))}" if names else "no transforms"
+    return f"mirror {'on' if dedup.get('mirror') else 'off'}"
 
 
 def check_audit(con: Any, run_dir: Path) -> Check:
@@ -311,6 +363,10 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
     if not (run_dir / "run.json").is_file():
         raise InputError(f"{run_dir}: not a run directory (no run.json)", hint="--run takes a directory written by guard train")
     key = read_digest_key(digest_key) if digest_key is not None else None
+    if verify_key is not None:  # a key file that cannot be read is bad input (exit 2), not a failed check
+        from ..signing import load_public_key
+
+        load_public_key(verify_key)
     record, project = read_run_record(run_dir), project_of(ledger)
     events = read_events(ledger)
     folder = prepared_of_run(run_dir, record.data, record.data_fingerprint, project, data)
@@ -324,5 +380,5 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
         return [*checks, *skipped, check_audit(con, run_dir)]
     rows, keyed = _manifest(prepared.root)
     return [*checks, check_noise(prepared, rows), check_noise_statistics(prepared), check_releases(prepared.card),
-            check_clean_rows(prepared.root, rows, keyed, key), check_opt_outs(prepared, rows, keyed, key),
-            check_duplicates(prepared.card, rows), check_audit(con, run_dir)]
+            check_clean_rows(prepared.root, rows, card_variants(prepared.card), keyed, key),
+            check_opt_outs(prepared, rows, keyed, key), check_duplicates(prepared.card, rows), check_audit(con, run_dir)]

@@ -57,9 +57,10 @@ def validate(model: type[ModelT], payload: Any, *, source: str, error: type[Guar
 
 def load_json(path: Path, *, error: type[GuardError] = InputError, hint: str | None = None) -> dict[str, Any]:
     """A JSON file that must hold an object (UTF-8, at most MAX_JSON_BYTES); any fault is `error` naming it."""
+    from ..fileio import read_regular
+
     try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_JSON_BYTES + 1)
+        data = read_regular(path, MAX_JSON_BYTES)  # a FIFO or a device is refused, never waited on
     except FileNotFoundError:
         raise error(f"{path}: missing", hint=hint) from None
     except OSError as err:

@@ -44,6 +44,16 @@ class CardPolicy(Contract):
     noise: CardNoise
 
 
+class CardListing(Contract):
+    """How an image folder's metadata file(s) met its images (absent for other formats and without metadata)."""
+
+    metadata_files: list[str]  # relative to the dataset root
+    metadata_rows: int = Field(ge=0)  # rows of the selected split
+    images_without_row: int = Field(ge=0)  # images that got null metadata
+    rows_without_image: int = Field(ge=0)  # error rows: a file_name naming no image, unusable or unreadable
+    unreadable_rows: int = Field(ge=0)  # of those, rows of which nothing could be read
+
+
 class CardIdentity(Contract):
     """The keys that make a card.json a card of this tool, of any version: what `--overwrite` checks (tolerant
     mode: a directory prepared by any version, even one this version refuses to train on, may be replaced)."""
@@ -89,6 +99,7 @@ class Card(CardIdentity):
     created_at: str
     dedup: dict[str, Any] | None = None  # absent in cards made before dedup; {"enabled": false} when turned off
     rerelease: Rerelease | None = None  # images released before with other noise (prepare --allow-rerelease)
+    listing: CardListing | None = None  # image folders with a metadata file (absent otherwise, and in older cards)
 
     @field_validator("counts")
     @classmethod

@@ -32,6 +32,17 @@ def print_summary(result: PrepareResult, console: Console | None = None) -> None
                           "(manifest columns dup_cluster, dup_similarity)[/yellow]")
     elif card.dedup is not None:
         console.print("dedup: off (copies of protected or excluded images are not caught)")
+    listing = card.listing
+    if listing is not None and (listing.images_without_row or listing.rows_without_image):
+        files = ", ".join(listing.metadata_files)
+        if listing.images_without_row:
+            shown = ", ".join(result.listing.images_without_row[:3]) if result.listing else ""
+            console.print(f"[yellow]{listing.images_without_row} image(s) have no row in {files}[/yellow] (null "
+                          f"metadata: no opt-out of theirs is known){': ' + shown if shown else ''}")
+        if listing.rows_without_image:
+            shown = ", ".join(list(result.listing.rows_without_image.values())[:3]) if result.listing else ""
+            console.print(f"[yellow]{listing.rows_without_image} metadata row(s) name no image[/yellow] "
+                          f"({listing.unreadable_rows} unreadable; error rows){': ' + shown if shown else ''}")
     if result.errors:
         first = ", ".join(f"{r} ({why})" for r, why in result.errors[:3])
         console.print(f"[yellow]{len(result.errors)} unreadable record(s) recorded as errors[/yellow]: {first}")

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from ..datasets import DatasetReader, Part, SourceSpec, open_reader
 from ..errors import ImageDecodeError
-from ..hashing import pixel_sha256
+from ..hashing import canonical_sha256, pixel_sha256
 from .dedup import Embedding
 from .keys import NoiseKey
 from .noise import noised_copies, record_key
@@ -69,6 +69,7 @@ class PartResult:
     places: list[tuple[str, int] | None]
     shards: list[ShardFile]
     embeddings: str | None = None  # staging file of the records' dedup embeddings (zero rows: unreadable)
+    canonical: list[str | None] | None = None  # with dedup: per record, its canonical sha256 (None if unreadable)
 
 
 def _check(reader: DatasetReader, pixels: np.ndarray) -> str | None:
@@ -129,12 +130,14 @@ def embeddings_name(part: int) -> str:
 
 
 class _Embeddings:
-    """The part's dedup embeddings, computed a block at a time, written to one staging file at the end."""
+    """The part's dedup embeddings and canonical sha256 (symmetry.canonical under the policy's transforms),
+    computed a block at a time; the embeddings are written to one staging file at the end."""
 
     def __init__(self, task: PartTask, count: int) -> None:
         self.task = task
         self.embedding = task.embedding
         self.vectors = np.zeros((count, self.embedding.dim) if self.embedding else (0, 0), np.float32)
+        self.canonical: list[str | None] | None = [None] * count if self.embedding else None
         self.pending: list[tuple[int, np.ndarray]] = []
         self.name = embeddings_name(task.part.index)
         self.embed: Callable[[np.ndarray], np.ndarray] | None = None  # made at the first block (a clip model loads)
@@ -151,7 +154,11 @@ class _Embeddings:
             if self.embed is None:
                 self.embed = self.embedding.embedder()
             rows = [row for row, _ in self.pending]
-            self.vectors[rows] = self.embed(np.stack([pixels for _, pixels in self.pending]))
+            stacked = np.stack([pixels for _, pixels in self.pending])
+            self.vectors[rows] = self.embed(stacked)
+            assert self.canonical is not None
+            for row, digest in zip(rows, canonical_sha256(stacked, self.embedding.variants), strict=True):
+                self.canonical[row] = digest
             self.pending = []
 
     def close(self) -> str | None:
@@ -199,7 +206,7 @@ def process_part(reader: DatasetReader, task: PartTask, noise: NoiseParams) -> P
         blocks.discard()
         embedded.discard()
         raise
-    return PartResult(task.part.index, sha256, errors, places, shards, embeddings)
+    return PartResult(task.part.index, sha256, errors, places, shards, embeddings, embedded.canonical)
 
 
 # Worker processes open their own reader once (pool initializer) and keep it for their lifetime.

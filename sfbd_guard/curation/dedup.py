@@ -4,16 +4,19 @@ Without this, an image that occurs twice leaks: a protected (or opted-out) image
 puts in the clean partition is trained on as a clean original, and k protected copies of one image get k
 independent noise draws whose mean has noise sigma/sqrt(k).
 
-`guard prepare` (prepare.py) decodes once: the workers hash every record's transformed pixels (sha256)
-and compute its embedding here (`embed`) in the same pass; the parent gathers the embeddings into one
+`guard prepare` (prepare.py) decodes once: the workers hash every record's transformed pixels (sha256), and,
+with dedup on, the pixels of its canonical variant under the policy's `transforms` (symmetry.py: the eight
+rotations and flips and colour inversion by default; `canonical_sha256`), and compute its embedding here
+(`embed`) in the same pass; the parent gathers the embeddings into one
 staging file (never published: an embedding of a protected original is a low-resolution copy of it), and
 after all parts:
 
-1. exact: rows with the same pixel sha256 join (DuckDB group-by over the staged manifest, which spills
-   to disk rather than grow);
+1. exact: rows with the same canonical sha256 join (DuckDB group-by over the staged manifest, which spills
+   to disk rather than grow): a rotated, flipped or inverted copy is an exact copy;
 2. near: FAISS inner-product range search over the unit embeddings, a block of rows against a block at
-   a time (bounded memory), with the mirror image of every query when `mirror` is on; pairs at or above
-   the threshold join (union-find over one int64 per record);
+   a time (bounded memory); with transforms, over an embedding invariant to them, its pairs then checked
+   against every variant (`near_pairs`); pairs at or above the threshold join (union-find over one int64
+   per record);
 3. each cluster of two or more takes its strictest action (exclude > protect > clean). Its
    representative, the member with the smallest record id among those whose own rule chose that action,
    keeps its row; with `exclude` or `protect`, every other member that was stored (clean or protected) is
@@ -26,7 +29,6 @@ The shard files holding demoted rows are then rewritten without them and the fin
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -39,11 +41,13 @@ import pyarrow.parquet as pq
 
 from ..hashing import sha256_file
 from ..policy import DUPLICATE_RULE, DedupSpec
+from ..symmetry import Variant, best_similarity, group, invariant
 from .manifest import MANIFEST_FIELDS, PARTITIONS
 from .shards import READ_BLOCK, npy_header
 
 STAGED_MANIFEST = ".manifest-staged.parquet.tmp"  # the manifest before dedup, in the staging folder
 EMBEDDINGS_FILE = ".dedup-embeddings.npy.tmp"  # in the staging folder; deleted before the directory is published
+INVARIANT_FILE = ".dedup-invariant.npy.tmp"  # in the staging folder, during the near search only
 SEARCH_BLOCK = 4096  # rows per block of the range search: two blocks and their matches are in memory at once
 STRICTNESS = {"clean": 0, "protect": 1, "exclude": 2}
 
@@ -59,24 +63,19 @@ def embed(pixels: np.ndarray, size: int) -> np.ndarray:
     return normalize_rows(grey - grey.mean(axis=1, keepdims=True))
 
 
-def mirrored(vectors: np.ndarray, size: int) -> np.ndarray:
-    """The pixel embeddings of the mirror images (a horizontal flip commutes with area averaging and z-scoring)."""
-    side = math.isqrt(vectors.shape[1]) if vectors.shape[1] else size
-    return np.ascontiguousarray(vectors.reshape(len(vectors), side, side)[..., ::-1].reshape(len(vectors), -1))
-
-
 @dataclass(frozen=True)
 class Embedding:
     """How dedup embeds a record; picklable, it travels to the workers (which load a clip model once per part).
 
-    pixel: `embed` at `size`, mirror copies found by searching with `mirrored` queries (`mirror_search`).
-    clip: open_clip image features from local weights (audit/clip.py); with `mirror`, the normalised sum of the
-    image's and its mirror image's features, so an image and its mirror image get one embedding."""
+    pixel: `embed` at `size`; copies under the transforms are found by searching against every variant
+    (`near_pairs`). clip: open_clip image features from local weights (audit/clip.py), each record embedded as
+    the normalised sum of the features of its variants (one embedding for an image and all its variants).
+    `transforms`: the policy's generators (symmetry.py); the exact digest is canonical under their group."""
 
     kind: str  # pixel | clip
     size: int  # pixel: side of the embedding
     dim: int
-    mirror: bool
+    transforms: tuple[str, ...]
     clip_weights: str | None = None  # absolute
     clip_model: str = "ViT-B-32"
     quick_gelu: bool = False
@@ -84,39 +83,47 @@ class Embedding:
     clip_identity: tuple[tuple[str, str], ...] = ()  # model and weights sha256, for the card
 
     @property
-    def mirror_search(self) -> bool:
-        return self.kind == "pixel" and self.mirror
+    def variants(self) -> tuple[Variant, ...]:
+        """The group of the transforms (identity first): the exact digest's."""
+        return group(self.transforms)
+
+    @property
+    def search_variants(self) -> tuple[Variant, ...]:
+        """The variants the near search compares with (pixel); clip's embedding holds them already."""
+        return self.variants if self.kind == "pixel" else group(())
 
     def embedder(self) -> Callable[[np.ndarray], np.ndarray]:
         """A function from uint8 (N, C, H, W) pixels to float32 (N, dim) unit rows."""
         if self.kind == "pixel":
             return partial(embed, size=self.size)
         from ..audit.clip import ClipEmbedder
-        from ..audit.embed import embed_batched, mirror, normalize_rows
+        from ..audit.embed import embed_batched, normalize_rows
 
         clip = ClipEmbedder(weights=self.clip_weights, model=self.clip_model, quick_gelu=self.quick_gelu)
+        variants = self.variants
 
         def embed_clip(pixels: np.ndarray) -> np.ndarray:
             features = embed_batched(clip, pixels, self.batch)
-            if self.mirror:
-                features = normalize_rows(features + embed_batched(clip, mirror(pixels), self.batch))
-            return np.asarray(features, np.float32)
+            for variant in variants[1:]:
+                features = features + embed_batched(clip, variant.pixels(pixels), self.batch)
+            return np.asarray(normalize_rows(features) if len(variants) > 1 else features, np.float32)
 
         return embed_clip
 
 
 def embedding_for(spec: DedupSpec, resolution: int, base_dir: Path) -> Embedding:
     """The policy's embedding; for clip, the weights are loaded once here (bad weights: exit 2 before any work)."""
+    transforms = tuple(spec.transforms)
     if spec.embedder == "pixel":
         size = min(spec.size, resolution)
-        return Embedding("pixel", size, size * size, spec.mirror)
+        return Embedding("pixel", size, size * size, transforms)
     from ..audit.clip import ClipEmbedder
 
     assert spec.clip_weights is not None  # DedupSpec's validator
     weights = str((base_dir / spec.clip_weights).expanduser().resolve())
     clip = ClipEmbedder(weights=weights, model=spec.clip_model, quick_gelu=spec.quick_gelu)
     identity = (("model", clip.model_name), ("weights_sha256", clip.weights_sha256))
-    return Embedding("clip", 0, clip.dim, spec.mirror, weights, spec.clip_model, spec.quick_gelu, spec.batch, identity)
+    return Embedding("clip", 0, clip.dim, transforms, weights, spec.clip_model, spec.quick_gelu, spec.batch, identity)
 
 
 class EmbeddingStore:
@@ -171,13 +178,15 @@ class UnionFind:
 
 
 def exact_groups(manifest: Path) -> list[list[int]]:
-    """Rows (manifest order) of each pixel sha256 held by two or more records."""
+    """Rows (manifest order) of each canonical sha256 (the pixel sha256 of the record's canonical variant under the
+    policy's transforms, symmetry.canonical) held by two or more records."""
     import duckdb
 
     con = duckdb.connect(config={"threads": 1, "enable_external_access": True})
     try:
         query = ("SELECT list(file_row_number ORDER BY file_row_number) FROM read_parquet(?, file_row_number = true) "
-                 "WHERE sha256 IS NOT NULL GROUP BY sha256 HAVING count(*) > 1 ORDER BY min(file_row_number)")
+                 "WHERE canonical_sha256 IS NOT NULL GROUP BY canonical_sha256 HAVING count(*) > 1 "
+                 "ORDER BY min(file_row_number)")
         return [[int(r) for r in rows] for (rows,) in con.execute(query, [str(manifest)]).fetchall()]
     finally:
         con.close()
@@ -191,15 +200,10 @@ def _range_pairs(index: Any, queries: np.ndarray, threshold: float) -> tuple[np.
     return rows, labels[keep].astype(np.int64)
 
 
-def band_direction(sample: np.ndarray, size: int, mirror: bool = True) -> np.ndarray:
-    """A unit direction p: the first principal axis of the sample's embeddings, sign fixed by its largest entry.
-    With `mirror`, of their mirror-symmetrised pixel embeddings and made symmetric, so p == mirror(p) and
-    p·mirror(a) == p·a."""
-    symmetric = (sample + mirrored(sample, size)) / 2 if mirror else sample
-    _, vectors = np.linalg.eigh(symmetric.T.astype(np.float64) @ symmetric.astype(np.float64))
+def band_direction(sample: np.ndarray) -> np.ndarray:
+    """A unit direction p: the first principal axis of the sample's rows, sign fixed by its largest entry."""
+    _, vectors = np.linalg.eigh(sample.T.astype(np.float64) @ sample.astype(np.float64))
     direction = vectors[:, -1]
-    if mirror:
-        direction = (direction + mirrored(direction[None], size)[0]) / 2
     norm = np.linalg.norm(direction)
     if norm < 1e-9:
         direction, norm = np.ones(len(direction)), np.sqrt(len(direction))
@@ -207,15 +211,9 @@ def band_direction(sample: np.ndarray, size: int, mirror: bool = True) -> np.nda
     return np.asarray(direction * np.sign(direction[np.argmax(np.abs(direction))]), np.float32)
 
 
-def near_pairs(vectors: np.ndarray, threshold: float, *, mirror: bool, size: int,
-               block: int = SEARCH_BLOCK, band_sample: int = 20000) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Row pairs (a < b) whose embeddings (or one's mirror image) have cosine >= threshold, as (a rows, b rows)
-    arrays. Zero rows (unreadable, constant, or not the first of an exact group) never match.
-
-    Exact, but not every pair is compared: for unit vectors, a·b >= t implies |p·a - p·b| <= |a - b| <=
-    sqrt(2 - 2t) for any unit p, and for a mirror-symmetric p also p·mirror(a) == p·a. So the rows are sorted
-    by their projection on such a p (`band_direction`) and each block of rows is searched (FAISS inner
-    product, direct and mirrored) only against the rows whose projection lies within that band of it."""
+def _banded_pairs(vectors: np.ndarray, threshold: float, block: int, band_sample: int
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Row pairs (a < b) of unit rows with inner product >= threshold (zero rows never match), by the band."""
     import faiss
 
     n, _ = vectors.shape
@@ -227,7 +225,7 @@ def near_pairs(vectors: np.ndarray, threshold: float, *, mirror: bool, size: int
     rows = np.flatnonzero(present)
     if len(rows) < 2:
         return []
-    direction = band_direction(np.asarray(vectors[rows[:band_sample]], np.float32), size, mirror)
+    direction = band_direction(np.asarray(vectors[rows[:band_sample]], np.float32))
     for start in range(0, len(rows), block):
         projections[rows[start:start + block]] = np.asarray(vectors[rows[start:start + block]], np.float32) @ direction
     order = np.argsort(projections[rows], kind="stable")
@@ -238,26 +236,75 @@ def near_pairs(vectors: np.ndarray, threshold: float, *, mirror: bool, size: int
     for query_start in range(0, len(ordered), block):
         query_stop = min(len(ordered), query_start + block)
         query = np.ascontiguousarray(vectors[ordered[query_start:query_stop]], dtype=np.float32)
-        queries = [query, mirrored(query, size)] if mirror else [query]
         window_stop = int(np.searchsorted(band, band[query_stop - 1] + width, side="right"))
         for base_start in range(query_start, window_stop, block):
             base_rows = ordered[base_start:min(window_stop, base_start + block)]
             index = faiss.IndexFlatIP(query.shape[1])
             index.add(np.ascontiguousarray(vectors[base_rows], dtype=np.float32))
-            for searched in queries:
-                at, other = _range_pairs(index, searched, threshold)
-                at, other = at + query_start, other + base_start  # positions in `ordered`
-                later = other > at
-                if later.any():
-                    a, b = ordered[at[later]], ordered[other[later]]
-                    found.append((np.minimum(a, b), np.maximum(a, b)))
+            at, other = _range_pairs(index, query, threshold)
+            at, other = at + query_start, other + base_start  # positions in `ordered`
+            later = other > at
+            if later.any():
+                a, b = ordered[at[later]], ordered[other[later]]
+                found.append((np.minimum(a, b), np.maximum(a, b)))
     return found
 
 
-def near_pairs_all(vectors: np.ndarray, threshold: float, *, mirror: bool, size: int,
+CANDIDATE_SLACK = 1e-4  # the invariant search keeps a little more than the threshold (float32 rounding)
+VERIFY_BLOCK = 65536  # candidate pairs compared at a time
+
+
+def _verified(vectors: np.ndarray, candidates: list[tuple[np.ndarray, np.ndarray]], threshold: float, size: int,
+              variants: tuple[Variant, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The candidate pairs whose best variant similarity (symmetry.best_similarity) is >= threshold."""
+    found = []
+    for rows_a, rows_b in candidates:
+        for start in range(0, len(rows_a), VERIFY_BLOCK):
+            a, b = rows_a[start:start + VERIFY_BLOCK], rows_b[start:start + VERIFY_BLOCK]
+            best = best_similarity(np.asarray(vectors[a], np.float32), np.asarray(vectors[b], np.float32), size, variants)
+            keep = best >= np.float32(threshold)
+            if keep.any():
+                found.append((a[keep], b[keep]))
+    return found
+
+
+def near_pairs(vectors: np.ndarray, threshold: float, *, variants: tuple[Variant, ...], size: int,
+               block: int = SEARCH_BLOCK, band_sample: int = 20000, scratch: Path | None = None
+               ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Row pairs (a < b) such that a variant of a's embedding (under `variants`, symmetry.py) has cosine >= threshold
+    with b's, as (a rows, b rows) arrays. Zero rows (unreadable, constant, or not the first of an exact group)
+    never match.
+
+    Exact, but not every pair is compared: for unit vectors, a·b >= t implies |p·a - p·b| <= |a - b| <=
+    sqrt(2 - 2t) for any unit p. So the rows are sorted by their projection on p (`band_direction`) and each
+    block of rows is searched (FAISS inner product) only against the rows whose projection lies within that band
+    of it. With transforms, the search runs on `symmetry.invariant` of the embeddings (one row per record, the
+    same for all its variants, never farther apart than the nearest variants): its pairs are the candidates, and
+    each is kept if its best variant reaches the threshold. `scratch`: a folder for the invariant rows (memory-
+    mapped, deleted before returning); None keeps them in memory."""
+    if len(variants) <= 1:
+        return _banded_pairs(vectors, threshold, block, band_sample)
+    n, dim = vectors.shape
+    path = scratch / INVARIANT_FILE if scratch is not None else None
+    features = (np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim)) if path is not None
+                else np.zeros((n, dim), np.float32))
+    try:
+        for start in range(0, n, block):
+            features[start:start + block] = invariant(np.asarray(vectors[start:start + block], np.float32), size)
+        candidates = _banded_pairs(features, threshold - CANDIDATE_SLACK, block, band_sample)
+    finally:
+        del features
+        if path is not None:
+            path.unlink(missing_ok=True)
+    return _verified(vectors, candidates, threshold, size, variants)
+
+
+def near_pairs_all(vectors: np.ndarray, threshold: float, *, variants: tuple[Variant, ...], size: int,
                    block: int = SEARCH_BLOCK) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`near_pairs` comparing every pair (the reference the banded search is tested against)."""
+    """`near_pairs` comparing every pair with every variant (the reference the banded search is tested against)."""
     import faiss
+
+    from ..symmetry import grid_variants
 
     n, dim = vectors.shape
     found: list[tuple[np.ndarray, np.ndarray]] = []
@@ -265,16 +312,17 @@ def near_pairs_all(vectors: np.ndarray, threshold: float, *, mirror: bool, size:
         base = np.ascontiguousarray(vectors[base_start:base_start + block], dtype=np.float32)
         index = faiss.IndexFlatIP(dim)
         index.add(base)
-        for query_start in range(0, base_start + len(base), block):
+        for query_start in range(0, n, block):
             query = np.ascontiguousarray(vectors[query_start:query_start + block], dtype=np.float32)
-            queries = [query, mirrored(query, size)] if mirror else [query]
-            for searched in queries:
-                rows, others = _range_pairs(index, searched, threshold)
+            for searched in grid_variants(query, size, variants) if len(variants) > 1 else [query]:
+                rows, others = _range_pairs(index, searched, threshold - CANDIDATE_SLACK)
                 rows, others = rows + query_start, others + base_start
                 below = rows < others
                 if below.any():
                     found.append((rows[below], others[below]))
-    return found
+    return _verified(vectors, found, threshold, size, variants) if len(variants) > 1 else [
+        (a[keep], b[keep]) for a, b in found
+        for keep in [np.einsum("ij,ij->i", vectors[a], vectors[b]) >= np.float32(threshold)]]
 
 
 @dataclass(frozen=True)
@@ -305,11 +353,12 @@ ACTION_NAMES = {"clean": "clean", "protect": "protected", "exclude": "excluded"}
 
 
 def plan(roots: np.ndarray, actions: np.ndarray, record_ids: Any, sha256: Any, vectors: np.ndarray | None,
-         *, mirror: bool, size: int) -> Plan:
+         *, variants: tuple[Variant, ...], size: int) -> Plan:
     """The change of every member of every cluster of two or more (see the module docstring).
 
     `actions`: int8 per row (STRICTNESS; -1 for an unreadable record, which is never a member); `record_ids` and
-    `sha256`: Arrow arrays in manifest order; `vectors`: the embeddings (None: exact only)."""
+    `sha256` (the canonical sha256: equal for exact copies up to the transforms): Arrow arrays in manifest order;
+    `vectors`: the embeddings (None: exact only)."""
     result = Plan()
     order = np.argsort(roots, kind="stable")
     sorted_roots = roots[order]
@@ -325,12 +374,15 @@ def plan(roots: np.ndarray, actions: np.ndarray, record_ids: Any, sha256: Any, v
         rep = min((ids[i], i) for i in range(count) if member_actions[i] == strictest)[1]
         result.clusters += 1
         result.merged += count
+        near = [i for i in range(count) if i != rep and shas[i] != shas[rep]]
+        similarities = dict(zip(near, _similarities(vectors, members[near], int(members[rep]), variants=variants,
+                                                    size=size), strict=True))
         for i, row in enumerate(members.tolist()):
             if i == rep:
                 result.changes[row] = Change(ids[rep], None, None, None, False)
                 continue
             exact = shas[i] == shas[rep]
-            similarity = 1.0 if exact else _similarity(vectors, row, int(members[rep]), mirror=mirror, size=size)
+            similarity = 1.0 if exact else similarities[i]
             kind = "exact" if exact else "near"
             demoted = strictest > STRICTNESS["clean"] and member_actions[i] < STRICTNESS["exclude"]
             if demoted:
@@ -339,21 +391,22 @@ def plan(roots: np.ndarray, actions: np.ndarray, record_ids: Any, sha256: Any, v
     return result
 
 
-def _similarity(vectors: np.ndarray | None, a: int, b: int, *, mirror: bool, size: int) -> float:
-    if vectors is None:
-        return 0.0
-    va, vb = np.asarray(vectors[a], np.float32), np.asarray(vectors[b], np.float32)
-    best = float(va @ vb)
-    if mirror:
-        best = max(best, float(mirrored(va[None], size)[0] @ vb))
-    return round(best, 6)
+def _similarities(vectors: np.ndarray | None, rows: np.ndarray, rep: int, *, variants: tuple[Variant, ...],
+                  size: int) -> list[float]:
+    """Each row's similarity to the representative's embedding at the best variant, rounded (0.0 without vectors)."""
+    if vectors is None or not len(rows):
+        return [0.0] * len(rows)
+    members = np.asarray(vectors[rows], np.float32)
+    target = np.repeat(np.asarray(vectors[rep:rep + 1], np.float32), len(rows), axis=0)
+    best = best_similarity(members, target, size, variants) if len(variants) > 1 else np.einsum("ij,ij->i", members, target)
+    return [round(float(value), 6) for value in best]
 
 
 def find_plan(staged_manifest: Path, store: EmbeddingStore | None, actions: np.ndarray, record_ids: Any,
               sha256: Any, spec: DedupSpec, embedding: Embedding) -> Plan:
     """Cluster the records (exact, then near on the embeddings) and plan each cluster's changes."""
     n = len(actions)
-    mirror = embedding.mirror_search
+    variants = embedding.search_variants
     sets = UnionFind(n)
     vectors = store.vectors if store is not None else None
     groups = exact_groups(staged_manifest)
@@ -361,9 +414,10 @@ def find_plan(staged_manifest: Path, store: EmbeddingStore | None, actions: np.n
         for row in rows[1:]:
             sets.union(rows[0], row)
             if vectors is not None:
-                vectors[row] = 0.0  # one row per sha256 takes part in the near search
+                vectors[row] = 0.0  # one row per canonical sha256 takes part in the near search
     if vectors is not None:
-        for rows_a, rows_b in near_pairs(vectors, spec.effective_threshold, mirror=mirror, size=embedding.size):
+        for rows_a, rows_b in near_pairs(vectors, spec.effective_threshold, variants=variants, size=embedding.size,
+                                       scratch=store.path.parent if store is not None else None):
             for a, b in zip(rows_a.tolist(), rows_b.tolist(), strict=True):
                 sets.union(a, b)
     roots = sets.roots()
@@ -372,7 +426,7 @@ def find_plan(staged_manifest: Path, store: EmbeddingStore | None, actions: np.n
         for rows in groups:
             for row in rows[1:]:
                 vectors[row] = vectors[rows[0]]
-    return plan(roots, actions, record_ids, sha256, vectors, mirror=mirror, size=embedding.size)
+    return plan(roots, actions, record_ids, sha256, vectors, variants=variants, size=embedding.size)
 
 
 def card_section(spec: DedupSpec, embedding: Embedding | None, result: Plan | None, records: int) -> dict[str, Any]:
@@ -381,7 +435,8 @@ def card_section(spec: DedupSpec, embedding: Embedding | None, result: Plan | No
         return {"enabled": False}
     settings: dict[str, Any] = {"size": embedding.size} if embedding.kind == "pixel" else {"clip": dict(embedding.clip_identity)}
     return {"enabled": True, "embedder": embedding.kind, **settings, "threshold": spec.effective_threshold,
-            "threshold_default": spec.threshold is None, "mirror": spec.mirror, "clusters": result.clusters,
+            "threshold_default": spec.threshold is None, "transforms": list(spec.transforms),
+            "variants": len(embedding.variants), "clusters": result.clusters,
             "merged": result.merged, "merged_share": round(result.merged / records, 6) if records else 0.0,
             "demoted": sum(n for kinds in result.demotions.values() for n in kinds.values()),
             "demotions": {cause: dict(kinds) for cause, kinds in sorted(result.demotions.items())},

@@ -4,9 +4,10 @@
 sha256). That full manifest is the owner's lineage (owner.py: `lineage/<fingerprint>.parquet` in the owner's
 folder, never in the prepared directory). The manifest handed to the trainer is derived from it here:
 
-- `digest` replaces `sha256`: HMAC-SHA256(digest subkey, pixel sha256) (hashing.keyed_digest). Equal images have
-  equal digests (the duplicate check still works), but a digest confirms no guess without the digest key, which
-  the owner may hand to a verifier (`guard key export-digest`; `guard verify --digest-key`).
+- `digest` replaces `sha256` and `canonical_digest` replaces `canonical_sha256` (dedup's canonical variant):
+  HMAC-SHA256(digest subkey, the sha256) (hashing.keyed_digest). Equal images have equal digests (the duplicate
+  checks still work), but a digest confirms no guess without the digest key, which the owner may hand to a
+  verifier (`guard key export-digest`; `guard verify --digest-key`).
 - excluded records keep only their partition, their rule, their keyed digest and an opaque id
   (`excluded-` + HMAC(opaque subkey, record id), 32 hex digits): no file name, licence, metadata or plain digest;
   a `dup_cluster`/`dup_of` that names an excluded record names its opaque id.
@@ -27,10 +28,10 @@ from ..errors import InputError
 from ..hashing import keyed_digest, keyed_text
 from .manifest import MANIFEST_FIELDS
 
-SCHEMA_VERSION = 4  # 4: keyed `digest` instead of `sha256`; excluded records opaque; metadata by allow-list
+SCHEMA_VERSION = 5  # 5: keyed `digest` and `canonical_digest` instead of `sha256` and `canonical_sha256`;
+# excluded records opaque; metadata by allow-list (the full manifest, manifest.py, is version 4)
 OPAQUE_PREFIX = "excluded-"
-_OWN = [f for f in MANIFEST_FIELDS if f.name != "sha256"]
-_DIGEST = pa.field("digest", pa.string())  # HMAC-SHA256(digest subkey, pixel sha256); null for error rows
+KEYED = {"sha256": "digest", "canonical_sha256": "canonical_digest"}  # plain column -> its keyed replacement
 
 
 def opaque_id(opaque_key: bytes, record_id: str) -> str:
@@ -38,11 +39,7 @@ def opaque_id(opaque_key: bytes, record_id: str) -> str:
 
 
 def trainer_schema(full: pa.Schema, allowed: list[str]) -> pa.Schema:
-    own: list[pa.Field[Any]] = []
-    for field in _OWN:
-        own.append(field)
-        if field.name == "rule":
-            own.append(_DIGEST)
+    own: list[pa.Field[Any]] = [pa.field(KEYED[f.name], pa.string()) if f.name in KEYED else f for f in MANIFEST_FIELDS]
     own += [full.field(name) for name in allowed]
     return pa.schema(own, metadata={b"guard.manifest_schema": str(SCHEMA_VERSION).encode()})
 
@@ -86,10 +83,12 @@ def _trainer_rows(rows: pa.Table, schema: pa.Schema, digest_key: bytes, opaque: 
         return hidden
 
     columns: dict[str, pa.Array[Any] | pa.ChunkedArray[Any]] = {}
+    plain = {keyed: name for name, keyed in KEYED.items()}
     for field in schema:
-        if field.name == "digest":
-            shas = rows.column("sha256").to_pylist()
-            columns["digest"] = pa.array([None if s is None else keyed_digest(digest_key, s) for s in shas], pa.string())
+        if field.name in plain:
+            shas = rows.column(plain[field.name]).to_pylist()
+            columns[field.name] = pa.array([None if s is None else keyed_digest(digest_key, s) for s in shas],
+                                           pa.string())
         elif field.name in ("record_id", "dup_cluster", "dup_of"):
             columns[field.name] = hide(field.name) if opaque else rows.column(field.name)
         elif field.name in ("dup_similarity", *allowed):

@@ -33,9 +33,11 @@ from pathlib import Path
 
 from ..digests import DIGEST_HEADER, write_secret_file
 from ..errors import InputError
+from ..fileio import NotRegularFileError, open_regular
 from ..owner import KEY_ENV, default_key_path
 
 KEY_BYTES = 32
+MAX_KEY_FILE_BYTES = 4096
 HEADER = "sfbd-guard-noise-key-v1"
 _ID_LABEL = b"sfbd_guard/key-id/v1"
 # HKDF info labels of the subkeys: distinct, versioned, never reused for another purpose.
@@ -165,12 +167,16 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def read_key_file(path: Path, *, forbidden: tuple[Path, ...] = ()) -> NoiseKey:
     """Read a key file made by `guard keygen`; refuse one that others can read or that lies in `forbidden`."""
-    try:
-        info = path.stat()
+    try:  # checked on the file opened (a FIFO is refused, never waited on)
+        with open_regular(path) as handle:
+            info = os.fstat(handle.fileno())
+            data = handle.read(MAX_KEY_FILE_BYTES + 1)
     except FileNotFoundError:
         raise InputError(f"noise key {path}: file not found", hint="create one with: guard keygen FILE") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise InputError(f"noise key {path}: not a regular file")
+    except NotRegularFileError:
+        raise InputError(f"noise key {path}: not a regular file") from None
+    except OSError as err:
+        raise InputError(f"noise key {path}: cannot read it ({err.strerror})") from None
     if info.st_mode & 0o077:
         raise InputError(f"noise key {path}: readable or writable by group or others (mode {stat.S_IMODE(info.st_mode):04o})",
                          hint=f"chmod 600 {path}")
@@ -181,11 +187,11 @@ def read_key_file(path: Path, *, forbidden: tuple[Path, ...] = ()) -> NoiseKey:
         if _inside(resolved, folder.resolve()):
             raise InputError(f"noise key {path}: lies inside {folder}, which is handed to others",
                              hint="keep the key outside the prepared directory")
-    if info.st_size > 4096:
+    if len(data) > MAX_KEY_FILE_BYTES:
         raise InputError(f"noise key {path}: not a key file (too large)")
     try:
-        lines = [line.strip() for line in path.read_text(encoding="ascii").splitlines()]
-    except (UnicodeDecodeError, OSError):
+        lines = [line.strip() for line in data.decode("ascii").splitlines()]
+    except UnicodeDecodeError:
         raise InputError(f"noise key {path}: not a key file made by guard keygen") from None
     body = [line for line in lines if line and not line.startswith("#")]
     parts = body[0].split() if len(body) == 1 else []

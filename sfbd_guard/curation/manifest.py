@@ -6,7 +6,10 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3  # 2: no noise_seed column (the noise is keyed by a secret); 3: dup_* columns (dedup)
+from ..errors import InputError
+
+SCHEMA_VERSION = 4  # 2: no noise_seed column (the noise is keyed by a secret); 3: dup_* columns (dedup);
+# 4: canonical_sha256 (dedup through rotations, flips and inversion)
 PARTITIONS = ("clean", "protected", "excluded", "error")
 ACTION_PARTITION = {"clean": "clean", "protect": "protected", "exclude": "excluded"}
 
@@ -20,17 +23,26 @@ MANIFEST_FIELDS: list[pa.Field[Any]] = [
     pa.field("file", pa.string()),  # .npy path relative to the prepared directory; null for excluded/error
     pa.field("row", pa.int64()),  # row in that file
     pa.field("error", pa.string()),  # why the record could not be read; null otherwise
-    # dedup (curation/dedup.py): null unless the record is in a cluster of copies of two or more records
+    # dedup (curation/dedup.py): sha256 of the canonical variant of the pixels under the policy's dedup transforms
+    # (symmetry.py; the same for a rotated, flipped or colour-inverted copy); null for error and with dedup off
+    pa.field("canonical_sha256", pa.string()),
+    # dedup: null unless the record is in a cluster of copies of two or more records
     pa.field("dup_cluster", pa.string()),  # the cluster's id: the record id of its representative (dup_of's target)
     pa.field("dup_of", pa.string()),  # the record that imposed the cluster's action; null for that record itself
-    pa.field("dup_kind", pa.string()),  # exact (same pixel sha256 as dup_of) | near (embedding at/above threshold)
-    pa.field("dup_similarity", pa.float64()),  # cosine similarity to dup_of's embedding (1.0 for exact)
+    pa.field("dup_kind", pa.string()),  # exact (same canonical_sha256 as dup_of) | near (embedding at/above threshold)
+    pa.field("dup_similarity", pa.float64()),  # cosine similarity to dup_of's embedding, best variant (1.0 for exact)
     pa.field("dup_rule", pa.string()),  # a demoted record's own deciding rule (its `rule` is then `duplicate`)
 ]
 
 
 def manifest_schema(metadata: pa.Schema) -> pa.Schema:
-    """The manifest's schema: the product's columns, then the dataset's metadata columns (but its record_id)."""
+    """The manifest's schema: the product's columns, then the dataset's metadata columns (but its record_id).
+    A metadata column named like one of the product's is refused (the readers refuse most of them already)."""
+    own = {f.name.lower() for f in MANIFEST_FIELDS}
+    clashes = [name for name in metadata.names if name != "record_id" and name.lower() in own]
+    if clashes:
+        raise InputError(f"metadata column(s) {', '.join(map(repr, clashes))} clash with the manifest's own columns",
+                         hint="rename them in the metadata file")
     fields = [*MANIFEST_FIELDS, *(f for f in metadata if f.name != "record_id")]
     return pa.schema(fields, metadata={b"guard.manifest_schema": str(SCHEMA_VERSION).encode()})
 

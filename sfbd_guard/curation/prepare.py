@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from .. import __version__
 from ..contracts.card import Card, card_from_dict, card_path, write_card
 from ..datasets import DatasetReader, Part, SourceSpec, open_reader
+from ..datasets.base import ListingReport
 from ..errors import DataError, InputError
 from ..executor import LOCAL, ExecutorSpec
 from ..hashing import fingerprint, new_sha256, sha256_file
@@ -47,6 +48,7 @@ from . import dedup, disclosure, register
 from . import shards as shard_files
 from .decode import NoiseParams, PartResult, PartTask, init_worker, process_part, worker_part, worker_part_metadata
 from .keys import NoiseKey, OwnerKey, fresh_key, owner_key, read_key_file
+from .listing import check_listing
 from .manifest import ACTION_PARTITION, MANIFEST_FIELDS, PARTITIONS, manifest_schema, manifest_table
 from .noise import GENERATOR
 from .output import abandon_output, claim_output, finish_output, start_output
@@ -70,6 +72,7 @@ class PrepareResult:
     seconds: float
     source_fingerprint: str = field(default="")
     error_count: int = 0
+    listing: ListingReport | None = None  # how an image folder's metadata met its images (examples for the summary)
     key_note: str = ""  # where the key is (one line for the data owner)
     register_file: Path | None = None  # the owner's release register
     register_sha256: str = ""  # its sha256 after this prepare's releases were appended
@@ -164,6 +167,7 @@ class ManifestWriter:
         self.writer = pq.ParquetWriter(str(path), self.schema)
         self.sigma = sigma
         self.counts = dict.fromkeys(PARTITIONS, 0)
+        self.rule_counts: dict[str, int] = {}  # records each rule decided that were read (an error row has no rule)
         self.errors: list[tuple[str, str]] = []
         self.error_count = 0
         self.source = new_sha256()  # over "record_id\tsha256\n" in manifest order
@@ -180,6 +184,7 @@ class ManifestWriter:
             columns["partition"].append(partition)
             columns["rule"].append(None if partition == "error" else rules[row])
             columns["sha256"].append(sha)
+            columns["canonical_sha256"].append(result.canonical[row] if result.canonical else None)
             columns["sigma"].append({"clean": 0.0, "protected": self.sigma}.get(partition))
             columns["file"].append(file)
             columns["row"].append(place_row)
@@ -187,6 +192,8 @@ class ManifestWriter:
             for name in DUP_COLUMNS:  # filled in by dedup (dedup.write_final_manifest)
                 columns[name].append(None)
             self.counts[partition] += 1
+            if partition != "error" and rules[row] is not None:
+                self.rule_counts[str(rules[row])] = self.rule_counts.get(str(rules[row]), 0) + 1
             if error is not None:
                 self.error_count += 1
                 if len(self.errors) < MAX_ERRORS_KEPT:
@@ -222,9 +229,9 @@ def _publish_shards(staging: Path, result: PartResult, numbering: dict[str, int]
 
 def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, counts: dict[str, int], key: NoiseKey,
           rule_counts: dict[str, int], files: dict[str, str], manifest_sha256: str, output: Path,
-          dedup_card: dict[str, Any]) -> dict[str, Any]:
+          dedup_card: dict[str, Any], listing: ListingReport | None) -> dict[str, Any]:
     policy = loaded.policy
-    return {
+    card: dict[str, Any] = {
         "policy_name": policy.name,
         "policy_sha256": loaded.sha256,
         "policy_path": card_path(loaded.path, output),  # relative to the card's folder inside the project
@@ -249,6 +256,12 @@ def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, counts:
         "tool_version": __version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if listing is not None:
+        card["listing"] = {"metadata_files": listing.metadata_files, "metadata_rows": listing.rows,
+                           "images_without_row": len(listing.images_without_row),
+                           "rows_without_image": len(listing.rows_without_image),
+                           "unreadable_rows": len(listing.unreadable_rows)}
+    return card
 
 
 def _deduplicate(staging: Path, records: Records, decisions: Decisions, store: dedup.EmbeddingStore | None,
@@ -261,7 +274,7 @@ def _deduplicate(staging: Path, records: Records, decisions: Decisions, store: d
 
     staged = staging / dedup.STAGED_MANIFEST
     try:
-        sha256 = pq.read_table(staged, columns=["sha256"]).column("sha256")
+        sha256 = pq.read_table(staged, columns=["canonical_sha256"]).column("canonical_sha256")
         strictness = np.array([dedup.STRICTNESS[a] for a in decisions.rule_actions] or [0], np.int8)
         actions = strictness[np.maximum(decisions.chosen, 0)]
         actions[pc.is_null(sha256).to_numpy(zero_copy_only=False)] = -1
@@ -339,8 +352,9 @@ def _near(spec: DedupPolicy, embedding: dedup.Embedding | None) -> register.Near
     """How the register matches near copies: as this prepare's dedup does (None with dedup off)."""
     if embedding is None:
         return None
-    identity = f"{embedding.kind}:{embedding.size}:{embedding.dim}:{embedding.mirror}:{dict(embedding.clip_identity)}"
-    return register.Near(identity, spec.effective_threshold, embedding.mirror_search, embedding.size)
+    identity = (f"{embedding.kind}:{embedding.size}:{embedding.dim}:{','.join(embedding.transforms)}:"
+                f"{dict(embedding.clip_identity)}")
+    return register.Near(identity, spec.effective_threshold, embedding.search_variants, embedding.size)
 
 
 def _rerelease_card(found: register.Rerelease | None, allowed: bool) -> dict[str, Any] | None:
@@ -385,6 +399,9 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
             records = collect(reader, staging, runner.metadata, progress)
             decisions = decide(records.table, list(loaded.policy.rules), base_dir=loaded.base_dir, source=str(loaded.path),
                                format_name=spec.format)
+            listing = reader.listing_report()
+            check_listing(listing, records.table, list(loaded.policy.rules), base_dir=loaded.base_dir,
+                          source=str(loaded.path), format_name=spec.format)
             noise = NoiseParams(sigma=loaded.policy.noise.sigma, key=key)
             tick = progress("decoding", records.table.num_rows) if progress else None
             staged = staging / (dedup.STAGED_MANIFEST if dedup_spec.enabled else "manifest.parquet")
@@ -415,7 +432,7 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
                 if tick:
                     tick(stop - start)
             manifest.close()
-            counts, rule_counts, dedup_card = manifest.counts, decisions.rule_counts(), {"enabled": False}
+            counts, rule_counts, dedup_card = manifest.counts, manifest.rule_counts, {"enabled": False}
             vectors = None
             if dedup_spec.enabled:
                 counts, rule_counts, dedup_card, vectors = _deduplicate(staging, records, decisions, store, files,
@@ -436,7 +453,7 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
                 if found is not None and not allow_rerelease:
                     raise register.rerelease_error(found, register_file)
                 card = card_from_dict({**_card(loaded, spec, reader, counts, key, rule_counts, files,
-                                                sha256_file(staging / "manifest.parquet"), output, dedup_card),
+                                                sha256_file(staging / "manifest.parquet"), output, dedup_card, listing),
                                        "rerelease": _rerelease_card(found, allow_rerelease)})
                 write_card(staging, card)
                 lineage = choice.owner.path.parent / "lineage"
@@ -450,5 +467,5 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
             abandon_output(staging)
             raise
     return PrepareResult(output, dict(card.counts), dict(card.rule_counts), manifest.errors, card,
-                         time.perf_counter() - started, manifest.source.hexdigest(), manifest.error_count, choice.note,
-                         register_file, register_sha256, found)
+                         time.perf_counter() - started, manifest.source.hexdigest(), manifest.error_count, listing,
+                         choice.note, register_file, register_sha256, found)

@@ -2,9 +2,16 @@
 
 A listed dataset's listing is read once here; a streamed dataset's parts are read by the workers, each part's
 rows written to a file of its own as it arrives. The parts' columns are then unified (a column missing from a
-part is null there; int and float meet as float; types that do not meet become strings) and written to one
-Arrow IPC file that is memory-mapped: the policy's rules, the duplicate check and the manifest read it without
-holding it in this process's own memory.
+part is null there; integers widen, integers and floats meet as float; types that do not meet become text, each
+value Arrow's text of it: `true`, `1.5`, an ISO date) and written to one Arrow IPC file that is memory-mapped: the
+policy's rules, the duplicate check and the manifest read it without holding it in this process's own memory.
+
+A type conflict never turns a value into null: a value that does not convert exactly (an integer beyond 2**53
+meeting floats, a uint64 beyond int64, bytes that are not UTF-8 meeting text) stops prepare naming the part and
+the column. Text keeps typed rules working and failing closed: DuckDB reads `opt_out IS TRUE` over text by casting
+it, so `true` and `yes` are true and a value it cannot read as a boolean (`[true]`, `opted out`) stops the rule
+(exit 2). A rule that compares the column with text (`opt_out = 'yes'`) sees `true` for a boolean of another part:
+write rules over mixed columns in the column's text (docs/policy.md).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -97,13 +105,64 @@ def conform(table: pa.Table, schema: pa.Schema, where: str = "") -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+MAX_DECIMAL_DIGITS = 38  # DuckDB's widest decimal (and decimal128's)
+
+
+def portable_type(kind: pa.DataType) -> pa.DataType:
+    """`kind` with every part that DuckDB (the rules) cannot read replaced by one it can, losing no value:
+    float16 → float32; a 256-bit decimal → decimal128 when its precision allows, else its exact text;
+    a dictionary → its values' type; an extension type → its storage; lists, structs and maps part by part."""
+    if pa.types.is_float16(kind):
+        return pa.float32()
+    if pa.types.is_decimal(kind) and (pa.types.is_decimal256(kind) or kind.precision > MAX_DECIMAL_DIGITS):
+        return pa.decimal128(kind.precision, kind.scale) if kind.precision <= MAX_DECIMAL_DIGITS else pa.string()
+    if pa.types.is_dictionary(kind):
+        return portable_type(kind.value_type)
+    if isinstance(kind, pa.BaseExtensionType):
+        storage: pa.DataType = kind.storage_type
+        return portable_type(storage)
+    if pa.types.is_map(kind):
+        mapped: pa.DataType = pa.map_(portable_type(kind.key_type), portable_type(kind.item_type))
+        return mapped
+    if pa.types.is_fixed_size_list(kind):
+        fixed: pa.DataType = pa.list_(kind.value_field.with_type(portable_type(kind.value_type)), kind.list_size)
+        return fixed
+    if pa.types.is_list(kind):
+        return pa.list_(kind.value_field.with_type(portable_type(kind.value_type)))
+    if pa.types.is_large_list(kind):
+        return pa.large_list(kind.value_field.with_type(portable_type(kind.value_type)))
+    if pa.types.is_struct(kind):
+        return pa.struct([field.with_type(portable_type(field.type)) for field in kind])
+    return kind
+
+
+def _portable(table: pa.Table, where: str) -> pa.Table:
+    """`table` with every column of a type DuckDB cannot read cast to `portable_type` (InputError naming the
+    column if Arrow cannot cast it)."""
+    for index, field in enumerate(table.schema):
+        kind = portable_type(field.type)
+        if kind == field.type:
+            continue
+        try:
+            column: Any = table.column(index)
+            if isinstance(field.type, pa.BaseExtensionType):  # Arrow casts an extension array only from its storage
+                storage: Any = field.type.storage_type
+                column = pa.chunked_array([chunk.storage for chunk in column.chunks], storage)
+            table = table.set_column(index, field.with_type(kind), column.cast(kind))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            raise InputError(f"{where}: metadata column {field.name!r} has type {field.type}, which the rules cannot "
+                             "read and which does not convert", hint="convert or drop the column") from None
+    return table
+
+
 def _check_part(table: pa.Table, part: Part, format_name: str) -> pa.Table:
     if not table.column_names or table.column_names[0] != "record_id":
         raise InputError(f"{format_name} reader: {part.name}: metadata must start with record_id")
     ids = table.column("record_id")
     if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)) or ids.null_count:
         raise InputError(f"{format_name} dataset: {part.name}: record ids must be non-null strings")
-    return table if pa.types.is_string(ids.type) else table.set_column(0, "record_id", ids.cast(pa.string()))
+    table = table if pa.types.is_string(ids.type) else table.set_column(0, "record_id", ids.cast(pa.string()))
+    return _portable(table, f"{format_name} dataset: {part.name}")
 
 
 def _write(path: Path, schema: pa.Schema, tables: Iterable[pa.Table]) -> None:

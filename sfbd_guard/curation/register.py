@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 
 from ..errors import InputError
 from ..hashing import keyed_digest, sha256_file
+from ..symmetry import Variant
 
 REGISTER_NAME = "releases.parquet"
 _FIELDS: list[pa.Field[Any]] = [
@@ -68,11 +69,12 @@ class Rerelease:
 
 @dataclass(frozen=True)
 class Near:
-    """How to match near copies: the policy's dedup embedder (its identity), threshold and mirror search."""
+    """How to match near copies: the policy's dedup embedder (its identity), threshold and the variants the near
+    search compares (dedup.Embedding.search_variants: the transforms' group for the pixel embedder)."""
 
     embedder: str
     threshold: float
-    mirror: bool
+    variants: tuple[Variant, ...]
     size: int
 
 
@@ -148,11 +150,13 @@ def _vectors(table: pa.Table, rows: np.ndarray) -> np.ndarray:
 def near_pairs(register: pa.Table, new: pa.Table, near: Near, skip: np.ndarray | None = None,
                ) -> tuple[np.ndarray, np.ndarray]:
     """(new row, register row) of every pair whose embeddings (made by the same embedder) have cosine >= the
-    threshold, the new one also mirrored for the pixel embedder: dedup's FAISS range search (exhaustive: the cost
-    is new rows × register rows). New rows in `skip` are not searched."""
+    threshold at the best variant (the policy's dedup transforms, pixel embedder): dedup's FAISS range search over
+    every variant of the new rows, then each candidate verified (exhaustive: the cost is new rows × register rows ×
+    variants). New rows in `skip` are not searched."""
     import faiss
 
-    from .dedup import _range_pairs, mirrored
+    from ..symmetry import best_similarity, grid_variants
+    from .dedup import CANDIDATE_SLACK, _range_pairs
 
     def usable(table: pa.Table) -> np.ndarray:
         embedders = table.column("embedder").to_pylist()
@@ -167,12 +171,20 @@ def near_pairs(register: pa.Table, new: pa.Table, near: Near, skip: np.ndarray |
     base, queries = _vectors(register, old_rows), _vectors(new, new_rows)
     index = faiss.IndexFlatIP(base.shape[1])
     index.add(base)
-    found_new, found_old = [], []
-    for searched in ([queries, mirrored(queries, near.size)] if near.mirror else [queries]):
-        at, other = _range_pairs(index, np.ascontiguousarray(searched), near.threshold)
-        found_new.append(new_rows[at])
-        found_old.append(old_rows[other])
-    return np.concatenate(found_new), np.concatenate(found_old)
+    several = len(near.variants) > 1
+    found_at, found_other = [], []
+    for searched in grid_variants(queries, near.size, near.variants) if several else [queries]:
+        at, other = _range_pairs(index, np.ascontiguousarray(searched, np.float32),
+                                 near.threshold - CANDIDATE_SLACK if several else near.threshold)
+        found_at.append(at)
+        found_other.append(other)
+    at, other = np.concatenate(found_at), np.concatenate(found_other)
+    if several and len(at):
+        pairs = np.unique(np.stack([at, other], axis=1), axis=0)
+        at, other = pairs[:, 0], pairs[:, 1]
+        keep = best_similarity(queries[at], base[other], near.size, near.variants) >= np.float32(near.threshold)
+        at, other = at[keep], other[keep]
+    return new_rows[at], old_rows[other]
 
 
 def find_rereleases(register: pa.Table, new: pa.Table, near: Near | None = None) -> Rerelease | None:

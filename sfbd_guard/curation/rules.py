@@ -24,7 +24,9 @@ expression over the `records` table and may read files of the policy's own folde
    used as a table (a replacement scan), a qualified or unknown table, WITH, PIVOT, SHOW/SUMMARIZE
    and functions that reach the engine (`current_setting`, `write_log`, the JSON SQL (de)serialisers,
    ...) are refused: ConfigError naming the policy file, `rules[i].where` and what was refused.
-2. Pre-read. Each file is read by a throwaway connection that can open that one resolved path and
+2. Pre-read. A file whose column names repeat (also without case: `opt_out` and `OPT_OUT`) is refused, naming
+   it: DuckDB would silently rename the second (`opt_out_1`) and the rule would read only one of them. Each file
+   is read by a throwaway connection that can open that one resolved path and
    nothing else (`allowed_paths` = [the path], then `enable_external_access = false`,
    `lock_configuration = true`), and its rows are registered as an Arrow table under an internal
    name. The reader call in the parse tree is replaced by that table, and DuckDB turns the tree back
@@ -419,12 +421,54 @@ class RuleEvaluator:
             reader_con.execute("SET enable_external_access = false")
             reader_con.execute("SET lock_configuration = true")
             table: pa.Table = reader_con.sql(query).to_arrow_table()
-            return table
+            header = self._header(call, path, reader, reader_con, table.column_names)
         except duckdb.Error as err:  # the message may quote the file's lines: never shown
             raise self._fail(index, f"cannot read {name!r} with {reader} ({type(err).__name__}; DuckDB's message "
                                     "is not shown because it may quote the file)") from None
         finally:
             reader_con.close()
+        folded = [column.lower() for column in header]
+        twins = sorted({column for column in header if folded.count(column.lower()) > 1}, key=str.lower)
+        if twins:  # DuckDB would rename the second (opt_out_1): which one does the rule read?
+            raise self._fail(index, f"file {name!r}: column name(s) {', '.join(map(repr, twins[:4]))} given more than "
+                                    "once (compared without case; DuckDB would rename one): give every column its own name")
+        return table
+
+    def _header(self, call: dict[str, Any], path: Path, reader: str, con: Any, names: list[str]) -> list[str]:
+        """The file's column names as written, before DuckDB renames a repeated one (`opt_out`, `opt_out_1`):
+        Parquet's schema; a CSV's header row (read again without header); every key of a JSON file's objects.
+        `names` (DuckDB's) when the call gives the names itself or the CSV has no header row."""
+        options: dict[str, Any] = {}
+        for argument in call["function"].get("arguments", []):
+            expression = argument.get("expression", {})
+            if argument.get("name"):  # header := false
+                options[str(argument["name"]).lower()] = argument
+            elif expression.get("class") == "COMPARISON" and expression.get("left", {}).get("class") == "COLUMN_REF":
+                options[str(expression["left"]["column_names"][-1]).lower()] = argument
+        if options.keys() & {"names", "column_names", "columns", "column_types", "types", "dtypes"}:
+            return names
+        if reader == "read_parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                return list(pq.read_schema(path).names)
+            except (pa.ArrowException, OSError):
+                return names
+        if reader.startswith("read_json"):
+            rows = con.execute("SELECT DISTINCT unnest(json_keys(json)) FROM read_json_objects(?) "
+                               "WHERE json_type(json) = 'OBJECT'", [str(path)]).fetchall()
+            return [str(row[0]) for row in rows]
+        if all(name == f"column{i}" for i, name in enumerate(names)):  # DuckDB found no header row
+            return names
+        again = copy.deepcopy(call)
+        template = json.loads(_scalar(con, "SELECT json_serialize_sql('SELECT * FROM read_csv(''x'', header = false)')", []))
+        header_false = template["statements"][0]["node"]["from_table"]["function"]["arguments"][1]
+        again["function"]["arguments"] = [a for a in again["function"]["arguments"] if a not in [options.get("header")]]
+        again["function"]["arguments"].append(header_false)
+        select = json.loads(_scalar(con, "SELECT json_serialize_sql('SELECT * FROM t LIMIT 1')", []))
+        select["statements"][0]["node"]["from_table"] = again
+        first = con.sql(self._print(con, select["statements"][0])).fetchall()
+        return [str(value) for value in first[0]] if first else names
 
     @staticmethod
     def _projection(tree: dict[str, Any]) -> dict[str, Any]:

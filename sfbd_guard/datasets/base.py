@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import ImageDecodeError, InputError
+from ..fileio import NotRegularFileError
+from ..fileio import open_regular as open_regular_file
 
 # Budgets for one source file (policy keys dataset.max_pixels and dataset.max_file_bytes). The pixel
 # default is PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS, about 0.18 gigapixels).
@@ -72,6 +73,21 @@ def listing_parts(count: int, size: int | None = None) -> list[Part]:
             for i, start in enumerate(range(0, count, size))]
 
 
+@dataclass(frozen=True)
+class ListingReport:
+    """How a listed reader joined its metadata file(s) to the images (image folders): what a person should check.
+
+    Record ids of the listing: `images_without_row` have null metadata; `rows_without_image` (id -> the file and
+    line of the row) are error rows, among them rows whose file_name is unusable and `unreadable_rows` (id -> the
+    file, line and why), of which nothing could be read."""
+
+    metadata_files: list[str]  # relative to the root
+    rows: int  # metadata rows of the selected split
+    images_without_row: list[str]
+    rows_without_image: dict[str, str]
+    unreadable_rows: dict[str, str]
+
+
 Loaded = tuple[str, "np.ndarray | ImageDecodeError"]  # a record id and its transformed pixels, or why they cannot be read
 
 
@@ -109,16 +125,13 @@ def open_regular(path: Path, label: str, error: type[ImageDecodeError] = ImageDe
     Raises `error` with "<label>: file not found | cannot open: … | not a regular file".
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        return open_regular_file(path, follow_links=False)
     except FileNotFoundError:
         raise error(f"{label}: file not found") from None
+    except NotRegularFileError:
+        raise error(f"{label}: not a regular file") from None
     except OSError as err:
         raise error(f"{label}: cannot open: {err.strerror or err}") from None
-    handle = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        handle.close()
-        raise error(f"{label}: not a regular file")
-    return handle
 
 
 def read_bounded(path: Path, max_bytes: int, setting: str = "dataset.max_file_bytes") -> bytes:
@@ -206,6 +219,10 @@ class DatasetReader(ABC):
                 yield record_id, self.load(record_id)
             except ImageDecodeError as err:
                 yield record_id, err
+
+    def listing_report(self) -> ListingReport | None:
+        """How the metadata file(s) met the images, for a layout that joins them by name (None: nothing joined)."""
+        return None
 
     def require_file(self, relative: str) -> Path:
         """The resolved path of one of the layout's own files; InputError if missing or outside the root."""

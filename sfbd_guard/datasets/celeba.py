@@ -28,12 +28,18 @@ def _lines(text: str) -> list[list[str]]:
 
 
 def _pairs(path: Path, text: str) -> dict[str, str]:
-    """`000001.jpg value` lines → {file: value}."""
-    pairs = {}
+    """`000001.jpg value` lines → {file: value}; a file listed twice is refused (which value holds would be a guess:
+    an identity listed twice could hide an opt-out)."""
+    pairs: dict[str, str] = {}
+    first: dict[str, int] = {}
     for number, fields in enumerate(_lines(text), start=1):
         if len(fields) != 2:
             raise InputError(f"{path}:{number}: expected '<file> <value>', got {' '.join(fields)!r}")
+        if fields[0] in pairs:
+            raise InputError(f"{path}:{number}: {fields[0]} is listed twice (also on line {first[fields[0]]})",
+                             hint="keep one line per file")
         pairs[fields[0]] = fields[1]
+        first[fields[0]] = number
     return pairs
 
 
@@ -75,14 +81,31 @@ class CelebAReader(DatasetReader):
                              hint="point dataset.root at the real CelebA folder") from None
         if not images.is_dir():
             raise InputError(f"celeba dataset: missing {self.root / 'img_align_celeba'}/", hint=self.layout_hint())
-        partitions = _pairs(*self._list("list_eval_partition.txt"))
+        partition_path, partition_text = self._list("list_eval_partition.txt")
+        partitions = _pairs(partition_path, partition_text)
+        odd = [f for f, p in partitions.items() if p not in SPLIT_NAMES]
+        if odd:  # a null split: a held-out `split = 'test'` rule would not see the file, a named split would skip it
+            raise InputError(f"{partition_path}: partition {partitions[odd[0]]!r} of {odd[0]} (and {len(odd) - 1} "
+                             "other file(s)) is not 0, 1 or 2", hint="0 is train, 1 valid, 2 test")
         identity_path, identity_text = self._list("identity_CelebA.txt")
         identities = _pairs(identity_path, identity_text)
+        unknown = [f for f in partitions if f not in identities]
+        if unknown:  # a null identity would escape every opt-out by identity
+            raise InputError(f"{identity_path}: no identity for {len(unknown)} file(s) of list_eval_partition.txt, "
+                             f"e.g. {', '.join(unknown[:3])}", hint="list every image's identity")
         names, attribute_files, attributes = _attributes(*self._list("list_attr_celeba.txt"))
         check_reserved(names, str(self.root / "list_attr_celeba.txt"), own=("identity", "split"))
         files = sorted(f for f, p in partitions.items() if self.spec.split == "all" or SPLIT_NAMES.get(p) == self.spec.split)
         attribute_row = {f: row for row, f in enumerate(attribute_files)}
-        rows = pa.array([attribute_row.get(f) for f in files], pa.int64())  # null for a file without attributes
+        if len(attribute_row) != len(attribute_files):
+            twice = next(f for row, f in enumerate(attribute_files) if attribute_row[f] != row)
+            raise InputError(f"{self.root / 'list_attr_celeba.txt'}: {twice} is listed twice",
+                             hint="keep one line per file")
+        missing = [f for f in files if f not in attribute_row]
+        if missing:  # null attributes would escape every rule on them
+            raise InputError(f"{self.root / 'list_attr_celeba.txt'}: no attributes for {len(missing)} file(s) of "
+                             f"list_eval_partition.txt, e.g. {', '.join(missing[:3])}", hint="list every image's attributes")
+        rows = pa.array([attribute_row[f] for f in files], pa.int64())
         columns: dict[str, pa.Array[Any]] = {
             "record_id": pa.array(files, pa.string()),
             "identity": pa.array([_int_or_none(identities.get(f), identity_path, f) for f in files], pa.int64()),

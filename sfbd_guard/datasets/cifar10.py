@@ -84,7 +84,7 @@ class Cifar10Reader(DatasetReader):
                 "record_id": pa.array([f"{split}-{i:05d}" for i in range(count)], pa.string()),
                 "index": pa.array(range(count), pa.int64()),
                 "label": pa.array(labels, pa.int64()),
-                "label_name": pa.array([label_names[v] if v < len(label_names) else None for v in labels], pa.string()),
+                "label_name": pa.array([label_names[v] for v in labels], pa.string()),
                 "split": pa.array([split] * count, pa.string()),
             }))
         return pa.concat_tables(tables).sort_by("record_id")
@@ -136,6 +136,8 @@ def _label_names(path: Path, meta: dict[str, Any]) -> list[str]:
     names = meta.get("label_names", [])
     if not isinstance(names, list) or not all(isinstance(n, (bytes, str)) for n in names):
         raise InputError(f"{path}: 'label_names' must be a list of strings")
+    if len(names) < CLASSES:  # a label without a name would be a null label_name, which no rule on it matches
+        raise InputError(f"{path}: 'label_names' names {len(names)} classes, not {CLASSES}")
     try:
         return [n.decode() if isinstance(n, bytes) else n for n in names]
     except UnicodeDecodeError:

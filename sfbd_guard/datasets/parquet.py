@@ -6,10 +6,18 @@ default `image`) is the Hugging Face `{bytes, path}` struct or plain binary. Onl
 struct's `path` is a name from the file and is NEVER opened (a row without bytes is an error row).
 A part is a run of whole row groups of one file, about PART_RECORDS rows, found from the file's footer.
 `record_id` is `<file's relative path>/<row number in the file, 9 digits>`, e.g. `data/train-0000.parquet/000000042`.
-Metadata: the file's other scalar columns (booleans, numbers, text, dates, times, decimals) as they are;
-binary, list, struct and map columns are dropped; a name the tool owns (`sha256`, `error`, `record_id`, …)
-gets the prefix `source_`. Rows are streamed a batch at a time, reading the image column only for pixels and
-the other columns only for metadata. A null or corrupt image is an error row; a file that is not Parquet (or
+Metadata: every other column of the file, none dropped (a column dropped from one file but read from another
+would leave that file's records null there, and a null opt-out is no opt-out): scalar columns (booleans, numbers,
+text, dates, times, decimals) as they are; list, struct and map values as their JSON text (`[true]`, which a
+boolean rule refuses to read: exit 2); binary values of at most 64 bytes as they are, longer ones (a second image
+column) as a marker, never their bytes (datasets/streamed.py `rule_column`). When files disagree on a column's type,
+numbers widen and other mixes become text, never null (curation/records.py). A name the tool owns (`sha256`,
+`error`, `record_id`, …) gets the prefix `source_`. Two columns of one name (also without case, or after that
+prefix) are refused as ambiguous; types the rules cannot read are converted without loss when the records are
+collected (curation/records.py `portable_type`: float16 → float32, a 256-bit decimal → decimal128 or its text).
+A file whose metadata columns cannot be read (a damaged column chunk) stops prepare, naming the file.
+Rows are streamed a batch at a time, reading the image column only for pixels and the other columns only for
+metadata. A null or corrupt image is an error row; a file that is not Parquet (or
 whose footer cannot be read) is one record named after the file, whose read gives the reason.
 """
 
@@ -26,19 +34,11 @@ import pyarrow as pa
 
 from ..errors import ImageDecodeError, InputError
 from .base import PART_RECORDS, Loaded, Part, open_regular, safe_join
-from .streamed import StreamedReader, rename_reserved, rows_table
+from .streamed import StreamedReader, rename_reserved, rows_table, rule_column
 from .transforms import load_bytes
 
 ID_DIGITS = 9
 BATCH_ROWS = 16  # images decoded per Arrow batch: memory is this many images' bytes, whatever the file's size
-
-
-def _scalar(kind: pa.DataType) -> bool:
-    checks = (pa.types.is_boolean, pa.types.is_integer, pa.types.is_floating, pa.types.is_string,
-              pa.types.is_large_string, pa.types.is_decimal, pa.types.is_date, pa.types.is_timestamp, pa.types.is_time)
-    if pa.types.is_dictionary(kind):
-        return _scalar(kind.value_type)
-    return any(check(kind) for check in checks)
 
 
 class _FileError(ImageDecodeError):
@@ -131,6 +131,11 @@ class ParquetReader(StreamedReader):
 
     def _image_field(self, file: Any, part: Part) -> pa.Field[Any]:
         schema: pa.Schema = file.schema_arrow
+        repeated = sorted({column for column in schema.names if schema.names.count(column) > 1})
+        if repeated:  # which one is the image, which one the opt-out? Refused rather than guessed
+            raise InputError(f"parquet dataset: {self.root / part.source}: column {repeated[0]!r} appears "
+                             f"{schema.names.count(repeated[0])} times (ambiguous metadata)",
+                             hint="give every column of the file its own name")
         name = self.spec.image_column
         if name not in schema.names:
             raise InputError(f"parquet dataset: {self.root / part.source}: no image column {name!r} "
@@ -152,22 +157,25 @@ class ParquetReader(StreamedReader):
             image = self._image_field(file, part)
             ids = [f"{part.source}/{row:0{ID_DIGITS}d}" for row in range(part.start, part.stop)]
             keep: list[str] = []
-            folded: set[str] = set()
-            for field in file.schema_arrow:  # names are compared without case, as SQL does: a later twin is dropped
-                if field.name != image.name and _scalar(field.type) and rename_reserved(field.name).lower() not in folded:
-                    folded.add(rename_reserved(field.name).lower())
-                    keep.append(field.name)
+            folded: dict[str, str] = {}
+            for field in file.schema_arrow:  # names are compared without case, as SQL does: twins are ambiguous
+                if field.name == image.name:
+                    continue
+                twin = folded.setdefault(rename_reserved(field.name).lower(), field.name)
+                if twin != field.name:
+                    raise InputError(f"parquet dataset: {self.root / part.source}: columns {twin!r} and {field.name!r} "
+                                     "are one name to the rules (compared without case; a name the tool owns gets the "
+                                     "prefix source_): ambiguous metadata", hint="give every column of the file its own name")
+                keep.append(field.name)
             try:
                 table = file.read_row_groups(self._row_groups(file, part), columns=keep, use_threads=False)
-            except (pa.ArrowException, OSError) as err:  # unreadable metadata columns: the rows keep null metadata
-                del err
-                return rows_table(ids, [{} for _ in ids])
+            except (pa.ArrowException, OSError) as err:  # null metadata would hide an opt-out: stop instead
+                raise InputError(f"parquet dataset: {self.root / part.source}: the metadata columns of rows "
+                                 f"{part.start}-{part.stop - 1} cannot be read ({str(err).splitlines()[0][:120]})",
+                                 hint="repair or rewrite the file") from None
             columns: dict[str, Any] = {"record_id": pa.array(ids, pa.string())}
             for name in keep:
-                column = table.column(name)
-                if pa.types.is_dictionary(column.type):
-                    column = column.cast(column.type.value_type)
-                columns[rename_reserved(name)] = column
+                columns[rename_reserved(name)] = rule_column(table.column(name))
             return pa.table(columns)
         finally:
             self._close(file)

@@ -1,4 +1,22 @@
-"""What the streamed readers (WebDataset shards, Parquet files) share: metadata columns and record lookup by part."""
+"""What the streamed readers (WebDataset shards, Parquet files) share: metadata columns and record lookup by part.
+
+Metadata values a rule cannot read as they are still reach the rules, so that no column a rule could name is ever
+dropped (a column dropped from one file and kept in another would leave that file's records null, and an opt-out
+null is no opt-out). `rule_column` does it for both readers:
+
+- a nested value (a list, struct or map; a JSON array or object) is its JSON text (`[true]`, `{"v": true}`; a
+  map is a list of [key, value] pairs; bytes inside it are `"<N bytes>"`). A boolean rule (`opt_out IS TRUE`,
+  `CAST(opt_out AS BOOLEAN)`) stops on such a value (DuckDB cannot read `[true]` as a boolean): exit 2, never a
+  silent "no". A text longer than MAX_NESTED_TEXT characters (an embedding, a pixel array) is replaced by
+  `<list: N characters of JSON, not kept>`: never a flag, and never copied whole into the manifest;
+- binary values of at most MAX_BINARY bytes are kept as they are (DuckDB reads them as BLOB: `opt_out = 'yes'`
+  compares bytes); a longer one (a second image, a mask, audio) becomes the bytes `<binary: N bytes, not kept>`,
+  so no image is ever copied into the records table or the manifest;
+- other types Arrow and DuckDB cannot share (durations, intervals, unions) are their text.
+
+A column whose values differ in type within one part is text (`column_array`: non-strings as JSON); between parts,
+curation/records.py unifies the types the same way (numbers widen, other mixes become text, never null).
+"""
 
 from __future__ import annotations
 
@@ -24,12 +42,91 @@ def rename_reserved(name: str) -> str:
     return name
 
 
+class RepeatedKey(ValueError):
+    """A JSON object giving one key twice: json.loads would silently keep the last value (which one holds?)."""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook that refuses a key given twice (RepeatedKey, a ValueError, naming it)."""
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value:
+            raise RepeatedKey(repr(key[:60]))
+        value[key] = item
+    return value
+
+
+MAX_BINARY = 64  # bytes of a binary metadata value kept as they are (a flag, a hash, a UUID; never an image)
+MAX_NESTED_TEXT = 16384  # characters of a nested value's JSON text kept (a tag list fits; an embedding may not)
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    return str(value)  # dates, times, decimals, durations inside a nested value
+
+
+def nested_text(value: object) -> str:
+    """A nested value (list, dict, list of map pairs) as its JSON text, or a marker when the text is too long."""
+    text = json.dumps(value, ensure_ascii=False, default=_json_default)
+    if len(text) > MAX_NESTED_TEXT:
+        kind = "object" if isinstance(value, dict) else "list"
+        return f"<{kind}: {len(text)} characters of JSON, not kept>"
+    return text
+
+
+def _unwrapped(column: Any) -> Any:
+    """The column without dictionary encoding or extension type (its values, its storage)."""
+    kind = column.type
+    if pa.types.is_dictionary(kind):
+        return _unwrapped(column.cast(kind.value_type))
+    if isinstance(kind, pa.BaseExtensionType):
+        chunks: list[Any] = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+        storage: Any = kind.storage_type
+        return _unwrapped(pa.chunked_array([chunk.storage for chunk in chunks], storage))
+    return column
+
+
+SCALAR_CHECKS = (pa.types.is_null, pa.types.is_boolean, pa.types.is_integer, pa.types.is_floating, pa.types.is_string,
+                 pa.types.is_large_string, pa.types.is_decimal, pa.types.is_date, pa.types.is_timestamp,
+                 pa.types.is_time)
+BINARY_CHECKS = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary, pa.types.is_binary_view)
+
+
+def rule_column(column: Any) -> Any:
+    """A metadata column as the rules see it (see the module docstring): scalars as they are, nested values as
+    JSON text, short binary values as they are and long ones as a marker, anything else as text."""
+    column = _unwrapped(column)
+    kind = column.type
+    if any(check(kind) for check in SCALAR_CHECKS):
+        return column
+    values = column.to_pylist()
+    if any(check(kind) for check in BINARY_CHECKS):
+        return pa.array([v if v is None or len(v) <= MAX_BINARY else f"<binary: {len(v)} bytes, not kept>".encode()
+                         for v in values], pa.binary())
+    if pa.types.is_string_view(kind):
+        return pa.array(values, pa.string())
+    if pa.types.is_nested(kind):
+        return pa.array([None if v is None else nested_text(v) for v in values], pa.string())
+    return pa.array([None if v is None else str(v) for v in values], pa.string())
+
+
 def column_array(values: list[object]) -> pa.Array[Any]:
     """One metadata column's values as an Arrow array; values of mixed types become strings (JSON for non-strings)."""
     try:
         return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError):
         return pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values], pa.string())
+
+
+def as_text(column: Any) -> Any:
+    """A column's values as text, as a column of mixed types is: Arrow's text of a scalar (`true`, `1.5`, an ISO
+    date), JSON of a nested value; null stays null."""
+    try:
+        return column.cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return pa.array([None if v is None else v if isinstance(v, str) else nested_text(v) if isinstance(v, list | dict)
+                         else json.dumps(v, default=_json_default) for v in column.to_pylist()], pa.string())
 
 
 def rows_table(record_ids: list[str], rows: list[dict[str, object]]) -> pa.Table:
@@ -60,9 +157,7 @@ def concat_parts(tables: list[pa.Table]) -> pa.Table:
     fixed = []
     for table in tables:
         for name in mixed & set(table.column_names):
-            values = table.column(name).to_pylist()
-            text = [None if v is None else v if isinstance(v, str) else str(v) for v in values]
-            table = table.set_column(table.column_names.index(name), name, pa.array(text, pa.string()))
+            table = table.set_column(table.column_names.index(name), name, as_text(table.column(name)))
         fixed.append(table)
     return pa.concat_tables(fixed, promote_options="permissive")
 

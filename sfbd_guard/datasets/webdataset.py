@@ -3,13 +3,18 @@
 The shards are the root's `*.tar` files (not recursive), or `dataset.shards`, a brace pattern relative to the root
 (`shards/{00000..00099}.tar`, `{a,b}.tar`). One shard is one part. A record is the run of adjacent members sharing
 a key (the member name up to the first dot of its last component); `record_id` is `<shard without .tar>/<key>`.
-Metadata: the JSON's top-level scalars (nested values dropped; a name the tool owns, such as img2dataset's
-`sha256` or `error`, gets the prefix `source_`) and `caption`, from KEY.txt or else the JSON's `caption`.
+Metadata: the JSON's top-level keys (a name the tool owns, such as img2dataset's `sha256` or `error`, gets the
+prefix `source_`) and `caption`, from KEY.txt or else the JSON's `caption`. A nested value (an array or object) is
+its JSON text, never dropped: `"opt_out": [true]` reaches the rules as the text `[true]`, which a boolean rule
+refuses to read (exit 2), where dropping it would have left a null opt-out (datasets/streamed.py `rule_column`).
+A key whose values differ in type between records is text (`true`, `"yes"` → `true`, `yes`), within a shard and
+between shards (curation/records.py), never null.
 The per-shard `.parquet` img2dataset writes beside each tar is not read (the JSON holds the same fields).
 
 Shards are read with Python's tarfile from the file itself, in one pass; nothing is ever extracted to disk. The
 metadata pass reads only the JSON and text members (tarfile seeks over image data). Every problem is an error row
-for its record: a corrupt image, JSON that does not parse, a key without an image, a member that is a link or a
+for its record: a corrupt image, JSON that does not parse or that gives a key twice or two keys differing only in
+case (which one holds would be a guess), a key without an image, a member that is a link or a
 device, a member name that is absolute or climbs with `..`, a key repeated in the shard (the later one is named
 `<shard>/<key>#2`), a tar truncated or damaged (records before the break are fine). A shard that is not a tar, is
 missing, or is a symlink out of the root is one record named after the shard (`<shard without .tar>`).
@@ -31,7 +36,7 @@ import pyarrow as pa
 
 from ..errors import ImageDecodeError, InputError
 from .base import Loaded, Part, open_regular, safe_join
-from .streamed import StreamedReader, rename_reserved, rows_table
+from .streamed import RepeatedKey, StreamedReader, nested_text, rename_reserved, rows_table, unique_keys
 from .transforms import load_bytes
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -231,7 +236,9 @@ class WebDatasetReader(StreamedReader):
         if info is None:
             return {}
         try:
-            value = json.loads(self._member(tar, info))
+            value = json.loads(self._member(tar, info), object_pairs_hook=unique_keys)
+        except RepeatedKey as err:
+            raise ImageDecodeError(f"member {info.name}: key {err} appears twice (which one holds?)") from None
         except (ValueError, RecursionError) as err:
             raise ImageDecodeError(f"member {info.name}: not valid JSON ({str(err)[:80]})") from None
         if not isinstance(value, dict):
@@ -248,22 +255,28 @@ class WebDatasetReader(StreamedReader):
             raise ImageDecodeError(f"member {info.name}: not UTF-8 text") from None
 
     def _fields(self, tar: tarfile.TarFile, group: _Group) -> dict[str, object]:
-        """The record's metadata: the JSON's top-level scalars (renamed if they clash) and `caption`."""
-        values = self._json(tar, group)
+        """The record's metadata: the JSON's top-level keys (renamed if they clash; nested values as JSON text) and
+        `caption`."""
+        values = {name: nested_text(value) if isinstance(value, dict | list) else value
+                  for name, value in self._json(tar, group).items()}
         row: dict[str, object] = {}
         folded: set[str] = set()
         for name, value in values.items():
-            if not name or isinstance(value, dict | list):
+            if not name:
                 continue
             column = rename_reserved(name)
-            if column.lower() in folded or column.lower() == "caption":  # names are compared without case, like SQL
+            if column.lower() == "caption":  # from KEY.txt, else the JSON's caption (below)
                 continue
+            if column.lower() in folded:  # names are compared without case, like SQL: neither may silently win
+                other = next(c for c in row if c.lower() == column.lower())
+                raise ImageDecodeError(f"member {group.members['json'].name}: keys {other!r} and {column!r} differ "
+                                       "only in case")
             folded.add(column.lower())
             row[column] = value
         caption = self._caption(tar, group)
         if caption is None:
-            found = next((v for k, v in values.items() if k.lower() == "caption" and isinstance(v, str)), None)
-            caption = found
+            found = next((v for k, v in values.items() if k.lower() == "caption" and v is not None), None)
+            caption = found if found is None or isinstance(found, str) else json.dumps(found)
         row["caption"] = caption
         return row
 

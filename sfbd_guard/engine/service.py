@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -243,9 +246,48 @@ def load_ema_net(run_dir: Path, *, checkpoint: Path | None = None,
     return net, weights, shape
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+_SAMPLE_NAME = re.compile(r"[0-9]{6,}\.png")  # the names guard sample gives its images
+
+
+def _previous_samples(out: Path) -> set[str]:
+    """The image names a previous guard sample listed in out/samples.json (its own files only; none if unreadable)."""
+    from ..fileio import read_regular
+
+    try:
+        listed = json.loads(read_regular(out / "samples.json", 1 << 26)).get("images", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    if not isinstance(listed, list):
+        return set()
+    return {name for name in listed if isinstance(name, str) and _SAMPLE_NAME.fullmatch(name)}
+
+
+def sample_folder(out: Path, overwrite: bool) -> set[str]:
+    """Check `out` before any sampling: a folder holding images (or a previous sample set) is refused unless
+    `overwrite`, so nobody's pictures are replaced, nor mixed into what guard audit reads. Returns the images of
+    a previous guard sample there, which `sample` removes when the new set does not rewrite them."""
+    if not out.exists() and not out.is_symlink():
+        return set()
+    if not out.is_dir():
+        raise InputError(f"--out {out}: not a folder")
+    if not overwrite:
+        for folder, _, names in os.walk(out):
+            found = [n for n in sorted(names) if n.lower().endswith(IMAGE_SUFFIXES) or n == "samples.json"]
+            if found:
+                raise InputError(f"--out {out}: holds images ({Path(folder, found[0]).relative_to(out)}); they would "
+                                 "be overwritten or audited with the samples: choose an empty folder, or add --overwrite")
+        return set()
+    return _previous_samples(out)
+
+
 def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int = 0, batch: int = 64,
-           checkpoint: Path | None = None, device: str = "auto", progress: ProgressFactory | None = None) -> SampleOutcome:
-    """Draw `count` images from a run's EMA weights; one PNG each plus grid.png. Same seed, same images."""
+           checkpoint: Path | None = None, device: str = "auto", progress: ProgressFactory | None = None,
+           overwrite: bool = False) -> SampleOutcome:
+    """Draw `count` images from a run's EMA weights; one PNG each plus grid.png. Same seed, same images.
+
+    A folder that holds images is refused unless `overwrite`; with it, images of a previous guard sample that
+    the new set does not rewrite are removed (the audit reads every image of the folder)."""
     import time
 
     import torch
@@ -253,6 +295,7 @@ def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int =
     from .generate import generate
     from .images import save_grid, save_pngs
 
+    previous = sample_folder(out, overwrite)
     started = time.perf_counter()
     net, weights, shape = load_ema_net(run_dir, checkpoint=checkpoint, device=device)
     target = next(net.parameters()).device
@@ -264,6 +307,8 @@ def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int =
         if tick:
             tick(len(images))
     grid = save_grid(torch.cat(grid_images)[:256], out / "grid.png")
+    for name in previous - {f.name for f in files}:
+        (out / name).unlink(missing_ok=True)
     atomic_write_json(out / "samples.json", {  # what the folder holds: the audit reads the samples from it
         "images": [f.name for f in files], "grid": grid.name, "seed": seed, "steps": steps,
         "weights": str(weights), "weights_sha256": sha256_file(weights)})

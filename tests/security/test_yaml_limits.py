@@ -57,12 +57,12 @@ def test_oversized_policy_is_refused_before_it_is_parsed(cli, tmp_path: Path) ->
     assert not (tmp_path / "out").exists()
 
 
-def test_oversized_stream_is_not_read_whole(tmp_path: Path) -> None:
-    """/dev/zero has no size; reading stops at the limit instead of filling the memory."""
+def test_endless_stream_is_not_read(tmp_path: Path) -> None:
+    """/dev/zero has no size and no end: a device (like a FIFO) is refused before a byte is read (issue 22)."""
     zero = Path("/dev/zero")
     if not zero.exists():
         pytest.skip("no /dev/zero")
-    with pytest.raises(ConfigError, match="larger than"):
+    with pytest.raises(ConfigError, match="not a regular file"):
         read_yaml_mapping(zero)
 
 
