@@ -18,8 +18,9 @@ releases under every key the owner uses.
 Matching is exact (same pixels after the policy's resize, by digest) and, when the policy's dedup is on, near:
 each row also keeps the image's dedup embedding (`embedder` names how it was made; `embedding`, a low-resolution
 summary of the original, which is why the register is as private as the originals), and a new release whose
-embedding (or its mirror image's, for the pixel embedder) has cosine >= the policy's dedup threshold with a
-released image of another digest is another draw of that image too, searched with dedup's FAISS range search.
+embedding, at its best variant under the policy's dedup transforms (pixel embedder), has cosine >= the policy's
+dedup threshold with a released image of another digest is another draw of that image too, searched with
+dedup's FAISS range search.
 
 Writes are atomic (a new file renamed over the old) under an exclusive lock (`releases.parquet.lock`), so two
 prepares running at once both land.
