@@ -145,7 +145,9 @@ def prepare(
     workers: Annotated[int, typer.Option("--workers", min=1, help="Decoding processes; the output is identical for any count.")] = 1,
     strict: Annotated[bool, typer.Option("--strict", help="Stop with exit 1 at the first unreadable image instead of recording an error row.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output once the new one is complete.")] = False,
-    noise_key: Annotated[Path | None, typer.Option("--noise-key", help="Secret key file from guard keygen, for byte-identical re-runs; default a fresh key that is never stored.")] = None,
+    noise_key: Annotated[Path | None, typer.Option("--noise-key", help="Secret key file from guard keygen; default your owner key ($GUARD_KEY_FILE, else $XDG_CONFIG_HOME/sfbd_guard/owner.key, created on first use).", show_default=False)] = None,
+    ephemeral_key: Annotated[bool, typer.Option("--ephemeral-key", help="Key the noise with a throw-away secret that is never stored (no one can regenerate it, and each such prepare is a new release).")] = False,
+    allow_rerelease: Annotated[bool, typer.Option("--allow-rerelease", help="Release protected images already released with other noise (another key, sigma or record id): their copies can then be averaged; recorded in the card and the ledger.")] = False,
     sign_key: Annotated[Path | None, typer.Option("--sign-key", help="Ed25519 private key (guard signkey create): sign card.json into card.sig for those you hand the directory to.")] = None,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
@@ -161,7 +163,7 @@ def prepare(
 
     result = prepare_recorded(policy, data_root=data_root, out=out, workers=workers, strict=strict,
                               overwrite=overwrite, ledger=ledger, command=_invocation(ctx), key_file=noise_key,
-                              progress=terminal_progress, sign_key=sign_key,
+                              ephemeral_key=ephemeral_key, allow_rerelease=allow_rerelease, progress=terminal_progress, sign_key=sign_key,
                               executor=executor_spec(executor, ray_address))
     print_summary(result)
 
@@ -173,9 +175,10 @@ def keygen(
 ) -> None:
     """Create a secret noise key for `guard prepare --noise-key` (only the data owner keeps it).
 
-    With the same key, policy and data, guard prepare writes byte-identical protected arrays. Anyone who
-    holds the key and a prepared directory made with it can rebuild the protected originals: keep it
-    away from the prepared directory, the training team and backups they can read.
+    guard prepare creates and reuses the owner's key by itself ($GUARD_KEY_FILE, else
+    $XDG_CONFIG_HOME/sfbd_guard/owner.key); a key file made here is for a prepare that wants another one.
+    Anyone who holds the key and a prepared directory made with it can rebuild the protected originals:
+    keep it away from the prepared directory, the training team and backups they can read.
 
     Example: guard keygen ~/.config/sfbd_guard/celeba.key
     """
@@ -183,6 +186,30 @@ def keygen(
 
     key = create_key_file(file)
     typer.echo(f"noise key: {file} (mode 0600, key id {key.key_id[:16]})")
+
+
+key_app = typer.Typer(help="The data owner's key: export what a verifier needs.\n\n"
+                           "Example: guard key export-digest verifier-digest.key", no_args_is_help=True)
+app.add_typer(key_app, name="key")
+
+
+@key_app.command("export-digest")
+@reports_errors
+def key_export_digest(
+    file: Annotated[Path, typer.Argument(help="Digest key file to create (mode 0600; never overwritten).")],
+    noise_key: Annotated[Path | None, typer.Option("--noise-key", help="The key file the directories were prepared with; default your owner key.", show_default=False)] = None,
+) -> None:
+    """Write the digest subkey for a verifier (guard verify --digest-key): it checks that no clean row of a prepared
+    directory is a protected or excluded image; it cannot regenerate any noise nor derive the owner's key.
+
+    Example: guard key export-digest verifier-digest.key
+    """
+    from .curation.keys import export_digest_key, owner_key, read_key_file
+
+    key = read_key_file(noise_key) if noise_key is not None else owner_key(create=False).key
+    export_digest_key(key, file)
+    typer.echo(f"digest key: {file} (mode 0600, of the key {key.key_id[:16]}): it lets a verifier check the pixel "
+               "digests of directories prepared with that key, and regenerates no noise")
 
 
 def _parse_sets(values: list[str]) -> dict[str, Any]:
@@ -353,6 +380,7 @@ def report(
     model_card: Annotated[Path | None, typer.Option("--model-card", help="Write a Hugging Face model card (README.md) of --run into this folder.")] = None,
     dataset_card: Annotated[Path | None, typer.Option("--dataset-card", help="Write a Hugging Face dataset card (README.md) of the prepared directory (--data, or --run's) into this folder.")] = None,
     run: Annotated[Path | None, typer.Option("--run", help="The run that --datasheet and --model-card describe.")] = None,
+    digest_key: Annotated[Path | None, typer.Option("--digest-key", help="With --html: the data owner's digest key (guard key export-digest), for guard verify's pixel checks.")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="The prepared directory: --run's when run.json's path to it does not resolve, or the one --dataset-card describes.")] = None,
     ledger: LedgerOpt = None,
 ) -> None:
@@ -378,7 +406,7 @@ def report(
     if html is not None:
         from .compliance.html import write_html
 
-        typer.echo(f"html report: {write_html(html, where, report_tables(where, None))}")
+        typer.echo(f"html report: {write_html(html, where, report_tables(where, None), digest_key=digest_key)}")
     if datasheet is not None and run is not None:
         from .compliance.datasheet import write_datasheet
 
@@ -399,6 +427,7 @@ def verify(
     run: Annotated[Path, typer.Option("--run", help="Run directory to check, written by guard train.")],
     verify_key: Annotated[Path | None, typer.Option("--verify-key", help="Data owner's Ed25519 public key: also check the prepared directory's card.sig.")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="The run's prepared directory, when run.json's path to it does not resolve.")] = None,
+    digest_key: Annotated[Path | None, typer.Option("--digest-key", help="The data owner's digest key (guard key export-digest): compare the manifest's keyed pixel digests with the clean rows (without it that check needs attention).")] = None,
     ledger: LedgerOpt = None,
 ) -> None:
     """Check from files alone that a run saw only what its policy allowed; exit 1 if any check fails.
@@ -408,11 +437,12 @@ def verify(
     from .compliance.verify import verify_run
     from .ledger import ledger_dir
 
-    checks = verify_run(run, ledger_dir(ledger), verify_key=verify_key, data=data)
+    checks = verify_run(run, ledger_dir(ledger), verify_key=verify_key, data=data, digest_key=digest_key)
     for check in checks:
-        typer.echo(f"{'PASS' if check.passed else 'FAIL'}  {check.name}: {check.detail}")
+        typer.echo(f"{check.word}  {check.name}: {check.detail}")
     failed = [c.name for c in checks if not c.passed]
-    typer.echo(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+    attention = sum(c.passed and c.attention for c in checks)
+    typer.echo(f"{len(checks) - len(failed) - attention} passed, {attention} need attention, {len(failed)} failed")
     if failed:
         raise typer.Exit(1)
 

@@ -64,6 +64,21 @@ def canonical_sha256(pixels: np.ndarray, variants: Sequence[Variant]) -> list[st
     return [pixel_sha256(image) for image in canonical(pixels, variants)]
 
 
+def keyed_digest(digest_key: bytes, pixel_sha256: str) -> str:
+    """A pixel digest that confirms nothing without the key: HMAC-SHA256(digest_key, the 32 bytes of a hex
+    pixel sha256), hex (digests.py: what a prepared directory says about a record's pixels)."""
+    import hmac
+
+    return hmac.new(digest_key, bytes.fromhex(pixel_sha256), hashlib.sha256).hexdigest()
+
+
+def keyed_text(key: bytes, text: str) -> str:
+    """HMAC-SHA256(key, UTF-8 text), hex: an id that names nothing without the key (disclosure.py's opaque ids)."""
+    import hmac
+
+    return hmac.new(key, text.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
 def unit_rank(seed: int, key: str) -> bytes:
     """A sortable pseudo-random rank of `key` under `seed`: sha256("seed:key"). Sorting by it gives a seeded
     shuffle that depends on neither the order nor the number of the other keys (sampling units, holdouts)."""

@@ -154,6 +154,12 @@ class DedupSpec(StrictModel):
         return self
 
 
+class ManifestSpec(StrictModel):
+    """What the prepared directory's manifest may tell the trainer (curation/disclosure.py)."""
+
+    metadata: list[str] = Field(default_factory=list)  # dataset metadata columns kept for clean and protected rows
+
+
 class Policy(StrictModel):
     version: Literal[1]
     name: str = Field(min_length=1)
@@ -162,6 +168,7 @@ class Policy(StrictModel):
     noise: NoiseSpec
     output: str  # prepared directory, relative to the policy file
     dedup: DedupSpec = DedupSpec()  # on unless `dedup: {enabled: false}`
+    manifest: ManifestSpec = ManifestSpec()  # metadata columns the trainer's manifest keeps (default none)
 
     @field_validator("rules")
     @classmethod

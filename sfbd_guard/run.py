@@ -60,8 +60,9 @@ def _prepare(config: PipelineConfig, ledger: Path | None, command: list[str], sa
         open_prepared(data)
         return "skipped (prepared directory verified)"
     say(f"preparing {data} from {policy}")
-    prepare_recorded(policy, data_root=None, out=data, workers=1, strict=False, overwrite=False, ledger=ledger,
-                     command=[*command, "(prepare)"], executor=_executor(config))
+    result = prepare_recorded(policy, data_root=None, out=data, workers=1, strict=False, overwrite=False, ledger=ledger,
+                              command=[*command, "(prepare)"], executor=_executor(config))
+    say(result.key_note)
     return "done"
 
 

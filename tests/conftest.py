@@ -9,7 +9,7 @@ import os
 # small operation hundreds of times slower. Set before torch is imported, so subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,51 @@ import pytest
 
 from sfbd_guard.cli import main
 from sfbd_guard.datasets.synthetic import write_celeba, write_cifar10
+
+
+def _owner_config(folder: Path, monkeypatch: pytest.MonkeyPatch, lineage: Path) -> None:
+    """The owner's key and release register (created by the first prepare) go under `folder`, never the real
+    home: XDG_CONFIG_HOME is set and GUARD_KEY_FILE unset. HOME stays, so cached model weights are still found.
+    The lineage folder (full manifests by fingerprint, read by the audit) is one for the session, linked into
+    every owner folder: a module's fixture prepares under the module's owner folder, its tests audit under theirs."""
+    (folder / "sfbd_guard").mkdir(mode=0o700, parents=True, exist_ok=True)
+    link = folder / "sfbd_guard" / "lineage"
+    if not link.exists():
+        link.symlink_to(lineage, target_is_directory=True)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(folder))
+    monkeypatch.delenv("GUARD_KEY_FILE", raising=False)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_lineage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("lineage")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_owner_config(tmp_path_factory: pytest.TempPathFactory, _session_lineage: Path) -> Iterator[None]:
+    """For session-scoped fixtures that prepare (instantiated before any module or test fixture)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _owner_config(tmp_path_factory.mktemp("config-session"), monkeypatch, _session_lineage)
+        yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_owner_config(tmp_path_factory: pytest.TempPathFactory, _session_lineage: Path) -> Iterator[None]:
+    """Each module's fixtures get an owner key and register of their own (two modules preparing the digits with
+    other keys are not one owner re-releasing them)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _owner_config(tmp_path_factory.mktemp("config-module"), monkeypatch, _session_lineage)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def owner_config(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+                 _session_lineage: Path) -> Path:
+    """Each test its own owner key and release register, outside its tmp_path (a test may prepare into tmp_path
+    itself, which must not hold the owner's key): the test's XDG_CONFIG_HOME."""
+    folder = tmp_path_factory.mktemp("config")
+    _owner_config(folder, monkeypatch, _session_lineage)
+    return folder
 
 
 @pytest.fixture(autouse=True)

@@ -53,6 +53,18 @@ def key_file(folder: Path, name: str = "noise.key", secret: bytes | None = None)
     return path
 
 
+def lineage(prepared: Path):  # type: ignore[no-untyped-def]
+    """The owner's full manifest of a prepared directory (file names, metadata, plain sha256: owner.py), found by
+    its card's fingerprint in the test's owner folder (XDG_CONFIG_HOME, conftest.py), as an Arrow table."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from sfbd_guard.owner import lineage_path
+
+    return pq.read_table(lineage_path(json.loads((prepared / "card.json").read_text())["fingerprint"]))
+
+
 def write_policy(path: Path, policy: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(policy, sort_keys=False))

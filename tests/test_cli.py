@@ -71,13 +71,18 @@ def test_guard_alone_version_short_help_and_choices(cli, monkeypatch: pytest.Mon
     assert bad.code == 2 and "'dino' is not one of" in bad.err
 
 
-def test_prepare_prints_a_summary_and_exits_0(cli, tmp_path: Path, celeba_root: Path) -> None:  # type: ignore[no-untyped-def]
+def test_prepare_prints_a_summary_and_exits_0(cli, tmp_path: Path, celeba_root: Path, owner_config: Path) -> None:  # type: ignore[no-untyped-def]
     path = write_policy(tmp_path / "p.yaml", celeba_policy(celeba_root, tmp_path / "ignored"))
     result = cli("prepare", "--policy", path, "--out", tmp_path / "out", "--workers", "2")
     assert result.code == 0, result.err
     assert "records per partition" in result.out and "records per rule" in result.out and "licensed" in result.out
     assert (tmp_path / "out" / "card.json").exists() and not (tmp_path / "ignored").exists()
-    assert "fresh secret that was never stored" in " ".join(result.out.split()), "the user is told the noise key's fate"
+    key = owner_config / "sfbd_guard" / "owner.key"  # XDG_CONFIG_HOME of the test (conftest.py)
+    assert f"created your owner key {key} (mode 0600): this file plus any prepared directory made with it rebuilds " \
+           "the protected originals" in result.out, "the owner is told on first use where the key is and what it opens"
+    assert key.stat().st_mode & 0o777 == 0o600 and key.parent.stat().st_mode & 0o777 == 0o700
+    again = cli("prepare", "--policy", path, "--out", tmp_path / "again")
+    assert again.code == 0 and f"noise: keyed by your owner key {key}" in again.out and "created" not in again.out
 
 
 def _assert_one_line_error(result, code: int, *fragments: str) -> None:  # type: ignore[no-untyped-def]

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import guard as _guard
-from helpers import write_chain
+from helpers import lineage, write_chain
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +19,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("chain")
     pipeline = write_chain(folder)
     assert _guard("run", pipeline, "--ledger", folder / "ledger") == 0
+    assert _guard("key", "export-digest", folder / "digest.key") == 0  # the owner's (this module's), for verifiers
     return folder, folder / "ledger"
 
 
@@ -61,7 +62,11 @@ def test_report_views_formats_html_and_datasheet(chain: tuple[Path, Path], tmp_p
 def test_verify_passes_on_the_untouched_run(chain: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     folder, ledger = chain
     assert _guard("verify", "--run", folder / "runs" / "chain", "--ledger", ledger) == 0
-    assert "8 passed, 0 failed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "8 passed, 1 need attention, 0 failed" in out, "without the digest key the pixel check is not a PASS"
+    assert "ATTENTION  no protected pixels: needs the owner's digest key" in out
+    assert _guard("verify", "--run", folder / "runs" / "chain", "--ledger", ledger, "--digest-key", folder / "digest.key") == 0
+    assert "9 passed, 0 need attention, 0 failed" in capsys.readouterr().out
 
 
 def _copy(chain: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
@@ -85,8 +90,8 @@ def _copy(chain: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _verify(copy: Path, ledger: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, str]:
-    code = _guard("verify", "--run", copy / "runs" / "chain", "--ledger", ledger)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "FAIL"))]
+    code = _guard("verify", "--run", copy / "runs" / "chain", "--ledger", ledger, "--digest-key", copy / "digest.key")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "FAIL", "ATTENTION"))]
     assert code == (1 if any(line.startswith("FAIL") for line in lines) else 0)
     return {line.split(":")[0].split("  ", 1)[1]: line.split("  ", 1)[0] for line in lines}
 
@@ -95,8 +100,8 @@ def test_verify_fails_when_a_clean_row_is_replaced_by_a_protected_image(chain, t
     from sfbd_guard.datasets import SourceSpec, open_reader
 
     copy, ledger = _copy(chain, tmp_path)
-    assert _verify(copy, ledger, capsys) == dict.fromkeys(["consumed arrays", "provenance", "noise", "noise statistics", "no protected pixels", "opt-outs", "duplicates", "audit"], "PASS")
-    rows = pq.read_table(copy / "prepared" / "manifest.parquet").to_pylist()
+    assert _verify(copy, ledger, capsys) == dict.fromkeys(["consumed arrays", "provenance", "noise", "noise statistics", "releases", "no protected pixels", "opt-outs", "duplicates", "audit"], "PASS")
+    rows = lineage(copy / "prepared").to_pylist()  # the owner's: record ids of protected images
     protected = next(r for r in rows if r["partition"] == "protected")
     clean_file = copy / "prepared" / "clean" / "shard-00000.npy"
     array = np.load(clean_file)
@@ -178,6 +183,10 @@ def test_the_report_of_the_untouched_chain_passes_and_prints(chain, tmp_path: Pa
     _, ledger = chain
     page = tmp_path / "r.html"
     assert _guard("report", "--ledger", ledger, "--html", page) == 0
+    text = _page_text(page.read_text())
+    banner = text.split("Run chain: chain", 1)[1]
+    assert banner.split()[0] == "ATTENTION" and "needs the owner's digest key" in banner, "without the key: not PASS"
+    assert _guard("report", "--ledger", ledger, "--html", page, "--digest-key", chain[0] / "digest.key") == 0
     text = _page_text(page.read_text())
     assert text.split("Run chain: chain", 1)[1].split()[0] == "PASS"
     assert "@media print" in page.read_text() and "no differential-privacy guarantee" in text

@@ -347,6 +347,9 @@ def test_hashing_keeps_its_outputs_byte_for_byte(tmp_path: Path) -> None:
     assert hashing.image_seed(3, 5) == 4005430000755285262
     assert hashing.seeded_subset(["e", "d", "c", "b", "a"], 2, 1) == ["a", "d"]
     assert hashing.json_sha256({"b": 1, "a": [1, 2]}) == "3813f9409eb0095bf9c8e1225c627acf867d89bd18b8856fc38588a0c8c490f3"
+    import hmac
+
+    assert hashing.keyed_digest(b"k" * 32, digest) == hmac.new(b"k" * 32, bytes.fromhex(digest), "sha256").hexdigest()
 
 
 def test_only_hashing_imports_hashlib() -> None:

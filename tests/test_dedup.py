@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import key_file, write_policy
+from helpers import key_file, lineage, write_policy
 from sfbd_guard.curation import dedup
 from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.datasets import base as base_module
@@ -56,11 +56,13 @@ def run(tmp_path: Path, root: Path, name: str, *, workers: int = 1, **extra: Any
                         {"name": "rest", "action": "protect"}],
               "noise": {"sigma": SIGMA, "key_file": str(key_file(tmp_path / "keys"))},
               "output": str(tmp_path / name), **extra}
-    return prepare(load_policy(write_policy(tmp_path / f"{name}.yaml", policy)), workers=workers).output
+    # the tests prepare one folder with dedup on and off: other draws of the copies, allowed (test_release_register)
+    return prepare(load_policy(write_policy(tmp_path / f"{name}.yaml", policy)), workers=workers,
+                   allow_rerelease=True).output
 
 
 def manifest(output: Path) -> dict[str, dict[str, Any]]:
-    return {r["record_id"]: r for r in pq.read_table(output / "manifest.parquet").to_pylist()}
+    return {r["record_id"]: r for r in lineage(output).to_pylist()}  # the owner's full manifest (owner.py)
 
 
 def clean_hashes(output: Path) -> set[str]:

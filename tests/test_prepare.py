@@ -9,14 +9,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import celeba_policy, key_file, write_policy
+from helpers import celeba_policy, key_file, lineage, write_policy
 from sfbd_guard.curation.keys import read_key_file
 from sfbd_guard.curation.noise import keyed_normals, record_key
 from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.datasets import SourceSpec, open_reader
 from sfbd_guard.datasets.synthetic import write_imagefolder
 from sfbd_guard.errors import DataError, InputError
-from sfbd_guard.hashing import sha256_file
+from sfbd_guard.hashing import pixel_sha256, sha256_file
 from sfbd_guard.policy import load_policy
 
 
@@ -28,21 +28,24 @@ def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_directory_contract(tmp_path: Path, celeba_root: Path) -> None:
+def test_directory_contract(tmp_path: Path, celeba_root: Path, owner_config: Path) -> None:
     out = tmp_path / "prepared"
-    result = _prepare(tmp_path, celeba_policy(celeba_root, out))
+    result = _prepare(tmp_path, celeba_policy(celeba_root, out, manifest={"metadata": ["Smiling"]}))
     assert sorted(p.name for p in out.iterdir()) == ["card.json", "clean", "manifest.parquet", "protected"]
     manifest = pq.read_table(out / "manifest.parquet")
-    assert manifest.column_names[:8] == ["record_id", "partition", "rule", "sha256", "sigma", "file", "row", "error"]
+    assert manifest.column_names[:8] == ["record_id", "partition", "rule", "digest", "sigma", "file", "row", "error"]
     assert not any("seed" in name for name in manifest.column_names), "no noise seed in the manifest"
-    assert "identity" in manifest.column_names and "Smiling" in manifest.column_names
+    assert "Smiling" in manifest.column_names and "identity" not in manifest.column_names, "metadata by allow-list only"
+    lineage = pq.read_table(owner_config / "sfbd_guard" / "lineage" / f"{result.card.fingerprint}.parquet")
+    assert lineage.column("record_id").to_pylist() == manifest.column("record_id").to_pylist()
+    assert "sha256" in lineage.column_names and "identity" in lineage.column_names, "the owner keeps the full lineage"
     assert manifest.num_rows == 32  # the train split only
     card = json.loads((out / "card.json").read_text())
     for key in ("policy_name", "policy_sha256", "format", "root", "split", "resolution", "channels", "sigma",
                 "counts", "rule_counts", "files", "tool_version", "created_at", "noise_key_id", "noise_generator"):
         assert key in card
     assert "noise_seed" not in card and "seed" not in card["policy"]["noise"]
-    assert card["noise_key_source"] == "ephemeral"
+    assert card["noise_key_source"] == "key_file"  # the owner's key, created by this first prepare
     assert card["counts"] == result.counts and sum(card["counts"].values()) == 32
     assert card["files"] == {name: sha256_file(out / name) for name in card["files"]}
     assert card["manifest_sha256"] == sha256_file(out / "manifest.parquet")
@@ -73,12 +76,13 @@ def test_noise_is_gaussian_with_the_policy_sigma(tmp_path: Path) -> None:
     n = eps.size  # 115k draws of a fresh key each run: tolerances of 5 standard errors (0.015 and 0.010)
     assert abs(eps.mean()) < 5 / np.sqrt(n) and abs(eps.std() - 1) < 5 / np.sqrt(2 * n)
     assert noisy.min() < -1.5 and noisy.max() > 1.5, "noised values are not clipped"
-    row = manifest[10]  # the key holder can regenerate a record's noise: ChaCha20 keyed by HMAC(secret, context, id)
-    secret = read_key_file(key).secret
-    expected = keyed_normals(record_key(secret, row["record_id"], sigma=0.8, shape=(1, 8, 8)), 64).reshape(1, 8, 8)
-    assert np.allclose(eps[10], expected, atol=2e-3 / 0.8 * 4)
-    assert not np.allclose(eps[10], keyed_normals(record_key(secret, row["record_id"], sigma=0.7, shape=(1, 8, 8)), 64).reshape(1, 8, 8),
-                           atol=0.5), "another sigma draws independent noise"
+    row = manifest[10]  # the key holder can regenerate a record's noise: ChaCha20 keyed by HMAC(noise subkey, context,
+    subkey = read_key_file(key).noise_subkey  # pixel sha256, id)
+    pixels = pixel_sha256(reader.load(row["record_id"]))
+    expected = keyed_normals(record_key(subkey, row["record_id"], sigma=0.8, shape=(1, 8, 8), pixel_sha256=pixels), 64)
+    assert np.allclose(eps[10], expected.reshape(1, 8, 8), atol=2e-3 / 0.8 * 4)
+    other = keyed_normals(record_key(subkey, row["record_id"], sigma=0.7, shape=(1, 8, 8), pixel_sha256=pixels), 64)
+    assert not np.allclose(eps[10], other.reshape(1, 8, 8), atol=0.5), "another sigma draws independent noise"
 
 
 def test_two_runs_and_worker_counts_give_identical_bytes(tmp_path: Path, celeba_root: Path) -> None:
@@ -93,9 +97,10 @@ def test_two_runs_and_worker_counts_give_identical_bytes(tmp_path: Path, celeba_
     assert one.card.noise_key_id == two.card.noise_key_id and one.card.noise_key_source == "key_file"
 
 
-def test_without_a_key_every_run_draws_new_noise_and_workers_agree(tmp_path: Path, celeba_root: Path) -> None:
-    one = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "one"), workers=2)
-    two = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "two"), workers=1)
+def test_a_throwaway_key_draws_new_noise_each_run_and_workers_agree(tmp_path: Path, celeba_root: Path) -> None:
+    one = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "one"), workers=2, ephemeral_key=True)
+    two = _prepare(tmp_path, celeba_policy(celeba_root, tmp_path / "two"), workers=1, ephemeral_key=True,
+                   allow_rerelease=True)
     assert one.card.noise_key_source == "ephemeral" and one.card.noise_key_id != two.card.noise_key_id
     first, second = _files(one.output), _files(two.output)
     assert [n for n in first if n.startswith("clean/")] and all(first[n] == second[n] for n in first if n.startswith("clean/"))
@@ -128,7 +133,7 @@ def test_no_protected_or_excluded_original_is_written(tmp_path: Path, celeba_roo
                                "where": "identity IN (SELECT identity FROM read_csv('optout.csv'))"})
     result = _prepare(tmp_path, policy)
     assert result.counts["excluded"] == 4 and result.counts["clean"] > 0 and result.counts["protected"] > 0
-    manifest = pq.read_table(result.output / "manifest.parquet").to_pylist()
+    manifest = lineage(result.output).to_pylist()  # the owner's full manifest: every record's id and sha256
     reader = open_reader(SourceSpec("celeba", celeba_root, "train", 16))
     stored = b"".join(_files(result.output).values())
     suffixes = {p.suffix for p in result.output.rglob("*") if p.is_file()}
@@ -165,7 +170,7 @@ def test_existing_output_is_refused_and_overwrite_replaces_it(tmp_path: Path, ce
     with pytest.raises(InputError, match="already exists"):
         _prepare(tmp_path, policy)
     policy["noise"] = {"sigma": 0.7}
-    second = _prepare(tmp_path, policy, overwrite=True)
+    second = _prepare(tmp_path, policy, overwrite=True, allow_rerelease=True)  # sigma 0.7: another draw
     assert second.card.sigma == 0.7 and second.card.fingerprint != first.card.fingerprint
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
 
@@ -220,7 +225,7 @@ def test_noised_copies_draw_each_row_from_its_own_key() -> None:
 
     pixels = np.random.default_rng(1).integers(0, 256, (400, 3, 8, 8), dtype=np.uint8)
     secret = bytes(range(32))
-    keys = [record_key(secret, f"{i:06d}.jpg", sigma=0.5, shape=(3, 8, 8)) for i in range(400)]
+    keys = [record_key(secret, f"{i:06d}.jpg", sigma=0.5, shape=(3, 8, 8), pixel_sha256=pixel_sha256(pixels[i])) for i in range(400)]
     noisy = noised_copies(pixels, sigma=0.5, keys=keys)
     assert noisy.dtype == np.float16 and noisy.shape == pixels.shape
     for i in (0, 123, 399):  # each row is its record's own ChaCha20 draw, whatever the other rows
@@ -232,12 +237,13 @@ def test_noised_copies_draw_each_row_from_its_own_key() -> None:
     assert noised_copies(pixels[order], sigma=0.5, keys=[keys[i] for i in order]).tobytes() == noisy[order].tobytes()
     eps = (noisy.astype(np.float64) - (pixels.astype(np.float64) / 127.5 - 1)) / 0.5
     assert abs(eps.mean()) < 0.01 and abs(eps.std() - 1) < 0.01  # 76,800 draws: standard errors 0.004 and 0.003
-    other = noised_copies(pixels, sigma=0.5, keys=[record_key(bytes(32), f"{i:06d}.jpg", sigma=0.5, shape=(3, 8, 8)) for i in range(400)])
+    other = noised_copies(pixels, sigma=0.5, keys=[record_key(bytes(32), f"{i:06d}.jpg", sigma=0.5, shape=(3, 8, 8),
+                                                             pixel_sha256=pixel_sha256(pixels[i])) for i in range(400)])
     assert not np.array_equal(other, noisy), "another secret draws other noise"
 
 
 def test_keyed_normals_are_standard_normal() -> None:
-    z = keyed_normals(record_key(b"k" * 32, "a", sigma=1.0, shape=(1,)), 200_001)
+    z = keyed_normals(record_key(b"k" * 32, "a", sigma=1.0, shape=(1,), pixel_sha256="00" * 32), 200_001)
     assert z.shape == (200_001,) and z.dtype == np.float64
     assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
     assert abs(np.mean(z ** 3)) < 0.03 and abs(np.mean(z ** 4) - 3) < 0.06  # skewness 0, kurtosis 3

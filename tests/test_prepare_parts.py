@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import key_file, write_policy
+from helpers import key_file, lineage, write_policy
 from sfbd_guard.curation import prepare as prepare_module
 from sfbd_guard.curation.prepare import ordered_map, prepare
 from sfbd_guard.curation.records import SchemaUnion, conform
@@ -107,7 +107,7 @@ def test_streamed_parts_with_different_columns_are_unified(tmp_path: Path, monke
                                          {"name": "captioned", "action": "exclude", "where": "caption = 'a cat'"},
                                          {"name": "rest", "action": "protect"}])
     result = prepare(load_policy(policy))
-    manifest = pq.read_table(result.output / "manifest.parquet")
+    manifest = lineage(result.output)  # the owner's full manifest (the trainer's keeps no metadata by default)
     assert manifest.column("record_id").to_pylist() == ["a/1", "a/2", "b/1", "b/bad", "d/1"]
     assert manifest.schema.field("width").type == pa.string(), "int, float and string meet as string"
     assert manifest.column("width").to_pylist() == ["64", "128", "32.5", None, "wide"]

@@ -32,15 +32,20 @@ def moved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _verify(project: Path, capsys: pytest.CaptureFixture[str], *extra: object) -> tuple[int, dict[str, str]]:
     code = _guard("verify", "--run", project / "runs" / "chain", "--ledger", project / "ledger", *extra)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "FAIL"))]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "FAIL", "ATTENTION"))]
     return code, {line.split(":")[0].split("  ", 1)[1]: line for line in lines}
+
+
+def _all_pass(checks: dict[str, str]) -> bool:
+    """Every check passes; the pixel check needs the owner's digest key, which these runs are not given (ATTENTION)."""
+    return all(line.startswith("ATTENTION" if name == "no protected pixels" else "PASS") for name, line in checks.items())
 
 
 def test_a_copied_and_moved_project_verifies(moved: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     project, original = moved
     assert not original.exists()
     code, checks = _verify(project, capsys)
-    assert code == 0 and len(checks) == 8 and all(line.startswith("PASS") for line in checks.values()), checks
+    assert code == 0 and len(checks) == 9 and _all_pass(checks), checks
     assert str(project / "prepared") in checks["consumed arrays"]
 
 
@@ -81,7 +86,7 @@ def test_a_prepared_directory_moved_inside_the_project_is_found_by_its_fingerpri
     (project / "data").mkdir()
     os.rename(project / "prepared", project / "data" / "prepared-v1")
     code, checks = _verify(project, capsys)
-    assert code == 0 and all(line.startswith("PASS") for line in checks.values()), checks
+    assert code == 0 and _all_pass(checks), checks
     assert str(project / "data" / "prepared-v1") in checks["consumed arrays"]
 
 
@@ -98,7 +103,7 @@ def test_a_moved_run_without_its_prepared_directory_names_the_path_and_the_flag(
         assert f"{project / 'runs' / 'chain' / 'run.json'}: data: the prepared directory {project / 'prepared'} is not there" in err[0]
         assert "--data" in err[1] and "Traceback" not in "".join(err)
     code, checks = _verify(project, capsys, "--data", tmp_path / "kept-apart")
-    assert code == 0 and all(line.startswith("PASS") for line in checks.values()), checks
+    assert code == 0 and _all_pass(checks), checks
     assert "(outside the project)" in checks["consumed arrays"]
     assert _guard("report", "--datasheet", tmp_path / "d.md", "--run", project / "runs" / "chain", "--ledger",
                   project / "ledger", "--data", tmp_path / "kept-apart") == 0

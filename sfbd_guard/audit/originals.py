@@ -48,11 +48,22 @@ class PreparedInfo:
         return self.card.channels
 
 
+def _lineage(root: Path, card: Any, columns: list[str]) -> Any:
+    """The records' plain pixel sha256 and ids: from the owner's lineage (owner.py) for a directory prepared since
+    the trainer's manifest says only what training needs, from the manifest itself for an older one."""
+    import pyarrow.parquet as pq
+
+    from ..owner import read_lineage
+
+    if "sha256" in pq.read_schema(root / "manifest.parquet").names:
+        return pq.read_table(root / "manifest.parquet", columns=columns)
+    return read_lineage(card.fingerprint, columns, why="the audit (it checks each protected original it reads)")
+
+
 def read_prepared(root: Path) -> PreparedInfo:
     """The prepared directory's card and the manifest's protected rows; exit 2 unless it is an intact prepared
     directory. The structural checks are `prepared.read_prepared_card`, the same as training's; the audit reads
     no array file, and needs no provenance (it reads the originals, each checked against the manifest)."""
-    import pyarrow.parquet as pq
 
     from ..prepared import read_prepared_card
 
@@ -61,7 +72,7 @@ def read_prepared(root: Path) -> PreparedInfo:
     if card.format not in READERS:
         raise InputError(f"{root / 'card.json'}: format: {card.format[:40]!r} is not one guard prepare writes",
                          hint="--data must be a directory written by guard prepare")
-    table = pq.read_table(root / "manifest.parquet", columns=["record_id", "partition", "sha256"]).to_pylist()
+    table = _lineage(root, card, ["record_id", "partition", "sha256"]).to_pylist()
     protected = [row for row in table if row["partition"] == "protected"]
     if not protected:
         raise InputError(f"--data {root}: the manifest has no protected records, so there is nothing to audit against")
@@ -215,9 +226,8 @@ def holdout_from_rules(info: PreparedInfo, data_root: Path | None, rules: list[s
 
     They are read like protected originals: same reader and transforms, checked against the manifest's sha256.
     """
-    import pyarrow.parquet as pq
 
-    rows = pq.read_table(info.root / "manifest.parquet", columns=["record_id", "partition", "rule", "sha256"]).to_pylist()
+    rows = _lineage(info.root, info.card, ["record_id", "partition", "rule", "sha256"]).to_pylist()
     known = {r.name for r in card_policy(info).rules if r.action == "exclude"}
     unknown = sorted(set(rules) - known)
     if unknown:

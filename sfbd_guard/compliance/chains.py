@@ -7,9 +7,11 @@ directory; that is how failed and interrupted commands, which may not have recor
 
 Verdict: FAIL when the latest audit found copies, a `guard verify` check failed (or could not run), or a stage
 failed and has not completed since; ATTENTION when the audit flagged suspects, its thresholds were not
-calibrated on a holdout, a stage was interrupted and not completed, there is no audit, or the DP budget is
-weak (ε above `WEAK_EPSILON`); PASS otherwise. Notes (a stage that failed and completed later, the privacy
-status) are listed without changing the verdict.
+calibrated on a holdout, a stage was interrupted and not completed, there is no audit, the DP budget is
+weak (ε above `WEAK_EPSILON`), or a verify check needs attention (protected images released again with other
+noise, sigma_eff below the policy's sigma; no digest key to compare the manifest's keyed digests); PASS
+otherwise. Notes (a stage that failed and completed later, the privacy status) are listed without changing the
+verdict.
 """
 
 from __future__ import annotations
@@ -133,9 +135,9 @@ def _latest_audit(chain: Chain, project: Path) -> None:
             chain.reasons.append(Reason("fail", f"the latest audit's summary.json could not be read: {err}"))
 
 
-def gather(ledger: Path, *, verify: bool = True) -> tuple[list[Chain], list[Event]]:
+def gather(ledger: Path, *, verify: bool = True, digest_key: Path | None = None) -> tuple[list[Chain], list[Event]]:
     """The run chains of `ledger`, oldest run first, each with its verdict; and the failed or interrupted events
-    that belong to no chain."""
+    that belong to no chain. `digest_key` (guard key export-digest) is passed to guard verify's pixel checks."""
     events = read_events(ledger)
     project = project_of(ledger)
     chains = [Chain(run) for run in _run_dirs(events, project)]
@@ -152,7 +154,7 @@ def gather(ledger: Path, *, verify: bool = True) -> tuple[list[Chain], list[Even
         _latest_audit(chain, project)
         if verify:
             try:
-                chain.checks = verify_run(chain.run_dir, ledger)
+                chain.checks = verify_run(chain.run_dir, ledger, digest_key=digest_key)
             except GuardError as err:
                 chain.verify_error = str(err)
         chain.reasons += judge(chain, verified=verify)
@@ -240,6 +242,7 @@ def judge(chain: Chain, *, verified: bool = True) -> list[Reason]:
         reasons.append(Reason("fail", f"guard verify could not run: {chain.verify_error}"))
     reasons += [Reason("fail", f"a verify check failed: {c.name}: {c.detail}") for c in chain.checks
                 if not c.passed and c.name != "audit"]  # the audit check repeats the audit reasons above
+    reasons += [Reason("attention", f"{c.name}: {c.detail}") for c in chain.checks if c.passed and c.attention]
     if not verified:
         reasons.append(Reason("info", "guard verify was not run for this report"))
     reasons += _stages(chain)

@@ -16,14 +16,21 @@ NO_LICENCE = "NOASSERTION"  # SPDX: no licence information for the record
 
 
 def licence_counts(data: Path) -> Counter[tuple[str, str]] | None:
-    """{(partition, SPDX licence): records} from the manifest; None when it has no `license` column."""
+    """{(partition, SPDX licence): records} from the manifest, or the owner's lineage (owner.py) when the policy
+    kept `license` out of the manifest; None when neither has a `license` column."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from ..contracts.card import read_card
+    from ..owner import lineage_path
+
     manifest = data / "manifest.parquet"
     try:
-        if "license" not in pq.read_schema(manifest).names:
-            return None
+        if "license" not in pq.read_schema(manifest).names:  # not allow-listed: the owner's lineage has it
+            lineage = lineage_path(read_card(data).fingerprint) if (data / "card.json").is_file() else None
+            if lineage is None or not lineage.is_file() or "license" not in pq.read_schema(lineage).names:
+                return None
+            manifest = lineage
         rows = pq.read_table(manifest, columns=["partition", "license"]).to_pylist()
     except (OSError, pa.ArrowException) as err:
         raise InputError(f"{manifest}: unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None

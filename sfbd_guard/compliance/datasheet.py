@@ -43,8 +43,9 @@ def _exclusions(card: Card, found: Exclusions) -> str:
                 f"overridden: {found.opted_out} record(s) excluded.")
     else:
         text = "The policy has no opt-out rule (no exclude rule other than held-out samples)."
-    text += (" Excluded records exist only as manifest rows with their sha256; `guard verify` proves their pixels "
-             "are absent from every array. Machine-readable TDM reservations (robots, TDMRep, C2PA/IPTC) are honoured "
+    text += (" Excluded records exist in the prepared directory only as opaque manifest rows (rule and keyed pixel "
+             "digest; their names and metadata stay with the data owner); `guard verify --digest-key` proves their "
+             "pixels are absent from every array. Machine-readable TDM reservations (robots, TDMRep, C2PA/IPTC) are honoured "
              "to the extent the policy's `where` clauses encode them: TODO (describe the signals collected and when).")
     if found.held_out:
         names = ", ".join(f"`{name}` ({n})" for name, n in found.held_out.items())
@@ -69,6 +70,26 @@ def _dedup(card: Card) -> str:
             f"action; {dedup.get('merged', 0)} record(s) in {dedup.get('clusters', 0)} cluster(s) "
             f"({100 * float(dedup.get('merged_share', 0)):.2f} %), {dedup.get('demoted', 0)} demoted to excluded "
             f"(rule `duplicate`).{table}")
+
+
+def _releases(card: Card) -> str:
+    """The owner's release register, as the card records it (curation/register.py)."""
+    found = card.rerelease
+    if found is None:
+        return ("Releases: no protected image of this directory had been released before with other noise (another "
+                "key, σ, resolution or record id), by the data owner's release register (exact pixel match).")
+    verdict = "ATTENTION: " if found.min_sigma_eff < card.sigma else ""
+    return (f"Releases: {verdict}{found.images} protected image(s) had been released before with other noise "
+            f"(prepare(s) {', '.join(f'`{e[:12]}`' for e in found.earlier)}; released again with --allow-rerelease). "
+            f"Averaged over its distinct draws an image's noise is σ_eff = (Σ σᵢ⁻²)^(−1/2); the smallest here is "
+            f"{found.min_sigma_eff:.3g}, against the policy's σ = {card.sigma:g}.{_sigma_eff_table(found.sigma_eff_images)}")
+
+
+def _sigma_eff_table(images: dict[str, int]) -> str:
+    if not images:
+        return ""
+    rows = "\n".join(f"  | {value} | {count} |" for value, count in images.items())
+    return f"\n\n  | σ_eff | images |\n  |---|---|\n{rows}"
 
 
 def _latest_audit(con: Any, run_dir: Path) -> tuple[str, list[str]]:
@@ -150,6 +171,7 @@ directory, the run directory and the compliance ledger. Narrative answers marked
 - Protected records: stored only as y = x/127.5 − 1 + σ·ε with σ = {card.sigma} (one fixed draw per record,
   from a generator keyed by the data owner's secret, which never left them); the originals never entered the
   prepared directory.
+- {_releases(card)}
 - What the trainer could see: the prepared directory `{data}` (fingerprint `{run.data_fingerprint}`),
   nothing else; its array files were verified against their sha256 before training.
 - Synthetic data: SFBD's denoised copies of protected records are synthetic data derived from them

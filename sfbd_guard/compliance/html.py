@@ -122,9 +122,10 @@ def _rows(table: Any) -> list[list[Any]]:
     return [list(row.values()) for row in table.to_pylist()]
 
 
-def report_page(ledger: Path, page: Path, tables: dict[str, Any], *, verify: bool = True) -> str:
+def report_page(ledger: Path, page: Path, tables: dict[str, Any], *, verify: bool = True,
+                digest_key: Path | None = None) -> str:
     """The whole page as a string; `page` is where it will be written (its links are relative to its folder)."""
-    chains, orphans = gather(ledger, verify=verify)
+    chains, orphans = gather(ledger, verify=verify, digest_key=digest_key)
     project, page_dir = project_of(ledger), page.resolve().parent
     overall = ("FAIL" if any(c.verdict == "FAIL" for c in chains) else
                "ATTENTION" if orphans or not chains or any(c.verdict == "ATTENTION" for c in chains) else "PASS")
@@ -138,8 +139,9 @@ def report_page(ledger: Path, page: Path, tables: dict[str, Any], *, verify: boo
     )
 
 
-def write_html(path: Path, ledger: Path, tables: dict[str, Any], *, verify: bool = True) -> Path:
-    page = report_page(ledger, path, tables, verify=verify)
+def write_html(path: Path, ledger: Path, tables: dict[str, Any], *, verify: bool = True,
+               digest_key: Path | None = None) -> Path:
+    page = report_page(ledger, path, tables, verify=verify, digest_key=digest_key)
     owner_only_dirs(path.parent)  # new folders are owner-only (the file is 0600)
     atomic_write_bytes(path, page.encode())
     return path

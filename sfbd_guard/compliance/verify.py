@@ -5,15 +5,18 @@
 2. provenance: the ledger's prepare event wrote exactly this prepared directory, or (`--verify-key`) the
    data owner's signature of card.json verifies; a run trained with --allow-unrecorded fails it otherwise;
    with `--verify-key`, also a "signature" check;
-3. noise: every protected record was noised with the policy's sigma;
+3. noise: every protected record was noised with the policy's sigma; releases: no protected image was released
+   before with other noise, or (ATTENTION) the sigma_eff of its draws is below the policy's sigma;
 4. noise statistics: the protected pixels themselves are noisy at that sigma (noise_check.py), so arrays
    replaced by the originals and re-hashed fail;
-5. no protected or excluded pixels in training: no clean array row has the sha256 of a protected or
-   excluded record, nor (with dedup transforms) the canonical sha256 of one, recomputed from its pixels, and
-   every clean row is the record the manifest says;
+5. no protected or excluded pixels in training: no clean array row has the digest of a protected or
+   excluded record, nor (with dedup transforms) the canonical digest of one, recomputed from its pixels, and
+   every clean row is the record the manifest says. The manifest's digests are keyed (curation/disclosure.py):
+   with the owner's digest key (`--digest-key`) the check compares them, without it it is ATTENTION ("needs
+   the owner's digest key"), never PASS;
 6. opt-outs: every record an exclude rule matched is absent from all arrays;
 7. duplicates: the exact part of dedup, from the manifest: no clean or protected row shares a canonical
-   sha256 (the pixel sha256 where the manifest has none) with a row of a stricter partition, and no two
+   digest (the pixel digest where the manifest has none) with a row of a stricter partition, and no two
    protected rows share one: a rotated, flipped or inverted copy (the card's dedup transforms) is a copy;
 8. audit: the latest audit of the run's samples exists and found no copy.
 """
@@ -28,8 +31,9 @@ import numpy as np
 
 from ..contracts.events import Event, TrainSummary
 from ..curation.manifest import ACTION_PARTITION
+from ..digests import read_digest_key
 from ..errors import GuardError, InputError
-from ..hashing import canonical_sha256, pixel_sha256
+from ..hashing import canonical_sha256, keyed_digest, pixel_sha256
 from ..locations import project_of
 from ..policy import DUPLICATE_RULE
 from ..relocate import prepared_of_run
@@ -45,6 +49,11 @@ class Check:
     name: str
     passed: bool
     detail: str
+    attention: bool = False  # passed, but with something a person must look at (ATTENTION, not PASS)
+
+    @property
+    def word(self) -> str:
+        return "FAIL" if not self.passed else "ATTENTION" if self.attention else "PASS"
 
 
 def _trainings(events: list[Event], run_dir: Path, project: Path) -> list[Event]:
@@ -139,13 +148,19 @@ def check_noise_statistics(prepared: PreparedData | GuardError) -> Check:
     return Check("noise statistics", stats.passed, stats.detail(prepared.card.sigma))
 
 
-def _manifest(data: Path) -> list[dict[str, Any]]:
+def _manifest(data: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The manifest's rows, with each row's pixel digest as `digest`; and whether the digests are keyed (made since
+    prepare keys them: curation/disclosure.py) or plain sha256 (older directories)."""
     import pyarrow.parquet as pq
 
-    columns = ["record_id", "partition", "rule", "sha256", "sigma", "file", "row"]
     names = set(pq.read_schema(data / "manifest.parquet").names)
-    columns += ["canonical_sha256"] if "canonical_sha256" in names else []  # absent from older manifests
-    return pq.read_table(data / "manifest.parquet", columns=columns).to_pylist()
+    keyed = "digest" in names
+    digest, canonical = ("digest", "canonical_digest") if keyed else ("sha256", "canonical_sha256")
+    columns = ["record_id", "partition", "rule", digest, "sigma", "file", "row"]
+    columns += [canonical] if canonical in names else []  # absent from older manifests
+    table = pq.read_table(data / "manifest.parquet", columns=columns)
+    renamed = {digest: "digest", canonical: "canonical"}
+    return table.rename_columns([renamed.get(name, name) for name in columns]).to_pylist(), keyed
 
 
 def card_variants(card: Any) -> tuple[Variant, ...]:
@@ -165,61 +180,84 @@ def check_noise(prepared: PreparedData, rows: list[dict[str, Any]]) -> Check:
     return Check("noise", True, f"all {count} protected records noised with sigma {sigma}")
 
 
-def _clean_row_hashes(data: Path, rows: list[dict[str, Any]]) -> dict[str, str]:
-    """record_id → sha256 of the pixels actually stored in its clean array row."""
+def _clean_row_hashes(data: Path, rows: list[dict[str, Any]], digest_key: bytes | None) -> dict[str, str]:
+    """record_id → digest of the pixels actually stored in its clean array row: their sha256, keyed with
+    `digest_key` when given (as the manifest's digests are)."""
     arrays: dict[str, np.ndarray] = {}
     hashes = {}
     for row in rows:
         if row["partition"] == "clean":
             array = arrays.setdefault(row["file"], np.load(data / row["file"], mmap_mode="r"))
-            hashes[row["record_id"]] = pixel_sha256(np.asarray(array[row["row"]]))
+            sha = pixel_sha256(np.asarray(array[row["row"]]))
+            hashes[row["record_id"]] = keyed_digest(digest_key, sha) if digest_key is not None else sha
     return hashes
 
 
-def _clean_row_canonical(data: Path, rows: list[dict[str, Any]], variants: tuple[Variant, ...]) -> dict[str, str]:
-    """record_id → canonical sha256 of the pixels actually stored in its clean array row."""
+def _clean_row_canonical(data: Path, rows: list[dict[str, Any]], variants: tuple[Variant, ...],
+                         digest_key: bytes | None) -> dict[str, str]:
+    """record_id → canonical digest of the pixels actually stored in its clean array row (keyed as `_clean_row_hashes`)."""
     arrays: dict[str, np.ndarray] = {}
     hashes = {}
     for row in rows:
         if row["partition"] == "clean":
             array = arrays.setdefault(row["file"], np.load(data / row["file"], mmap_mode="r"))
-            hashes[row["record_id"]] = canonical_sha256(np.asarray(array[row["row"]:row["row"] + 1]), variants)[0]
+            sha = canonical_sha256(np.asarray(array[row["row"]:row["row"] + 1]), variants)[0]
+            hashes[row["record_id"]] = keyed_digest(digest_key, sha) if digest_key is not None else sha
     return hashes
 
 
-def check_clean_rows(data: Path, rows: list[dict[str, Any]], variants: tuple[Variant, ...] = ()) -> Check:
-    stored = _clean_row_hashes(data, rows)
-    forbidden = {r["sha256"]: r["record_id"] for r in rows if r["partition"] in ("protected", "excluded") and r["sha256"]}
+NEEDS_DIGEST_KEY = "needs the owner's digest key"
+
+
+def check_clean_rows(data: Path, rows: list[dict[str, Any]], variants: tuple[Variant, ...] = (), keyed: bool = False,
+                     digest_key: bytes | None = None) -> Check:
+    """No clean row holds a protected or excluded image (nor, with dedup transforms, a transformed copy of one), and
+    each is the image its manifest digest names. The manifest's digests are keyed (curation/disclosure.py): without
+    the owner's digest key they cannot be compared with the pixels, and the check is ATTENTION, not PASS."""
+    if keyed and digest_key is None:
+        clean = sum(r["partition"] == "clean" for r in rows)
+        return Check("no protected pixels", True, f"{NEEDS_DIGEST_KEY}: the manifest's pixel digests are keyed, so the "
+                     f"{clean} clean rows cannot be compared with the protected and excluded images without it "
+                     "(the owner exports it with guard key export-digest; guard verify --digest-key FILE)",
+                     attention=True)
+    key = digest_key if keyed else None
+    stored = _clean_row_hashes(data, rows, key)
+    forbidden = {r["digest"]: r["record_id"] for r in rows if r["partition"] in ("protected", "excluded") and r["digest"]}
     leaks = [(rid, forbidden[h]) for rid, h in stored.items() if h in forbidden]
-    if not leaks and len(variants) > 1:  # a transformed copy: by the canonical sha256 of the stored pixels
-        forbidden = {r["canonical_sha256"]: r["record_id"] for r in rows
-                     if r["partition"] in ("protected", "excluded") and r.get("canonical_sha256")}
+    if not leaks and len(variants) > 1:  # a transformed copy: by the canonical digest of the stored pixels
+        forbidden = {r["canonical"]: r["record_id"] for r in rows
+                     if r["partition"] in ("protected", "excluded") and r.get("canonical")}
         if forbidden:
-            leaks = [(rid, forbidden[h]) for rid, h in _clean_row_canonical(data, rows, variants).items() if h in forbidden]
+            canonical = _clean_row_canonical(data, rows, variants, key)
+            leaks = [(rid, forbidden[h]) for rid, h in canonical.items() if h in forbidden]
     if leaks:
         detail = f"clean row {leaks[0][0]} holds the pixels of {leaks[0][1]} ({len(leaks)} in all)"
         return Check("no protected pixels", False, detail)
-    expected = {r["record_id"]: r["sha256"] for r in rows if r["partition"] == "clean"}
+    expected = {r["record_id"]: r["digest"] for r in rows if r["partition"] == "clean"}
     mismatched = [rid for rid, h in stored.items() if expected[rid] != h]
     if mismatched:
-        detail = f"{len(mismatched)} clean row(s) differ from their manifest sha256, e.g. {mismatched[0]}"
+        also = " (or the digest key is not this directory's)" if keyed and len(mismatched) == len(stored) else ""
+        detail = f"{len(mismatched)} clean row(s) differ from their manifest digest{also}, e.g. {mismatched[0]}"
         return Check("no protected pixels", False, detail)
     return Check("no protected pixels", True, f"{len(stored)} clean rows checked: none holds a protected or excluded image")
 
 
-def check_opt_outs(prepared: PreparedData, rows: list[dict[str, Any]]) -> Check:
+def check_opt_outs(prepared: PreparedData, rows: list[dict[str, Any]], keyed: bool = False,
+                   digest_key: bytes | None = None) -> Check:
     data, card = prepared.root, prepared.card
     exclude_rules = set(card.exclude_rules())
     excluded = [r for r in rows if r["rule"] in exclude_rules]
     placed = [r["record_id"] for r in excluded if r["partition"] != "excluded" or r["file"] is not None]
-    stored = set(_clean_row_hashes(data, rows).values())
-    in_arrays = [r["record_id"] for r in excluded if r["sha256"] in stored]
+    pixels = not keyed or digest_key is not None  # the clean rows' pixels can be compared with the digests
+    stored = set(_clean_row_hashes(data, rows, digest_key if keyed else None).values()) if pixels else set()
+    in_arrays = [r["record_id"] for r in excluded if r["digest"] in stored]
     files_rows = sum(np.load(data / f, mmap_mode="r").shape[0] for f in card.files)
     listed = sum(r["file"] is not None for r in rows)
     if placed or in_arrays or files_rows != listed:
         why = placed[:1] or in_arrays[:1] or [f"{files_rows} array rows for {listed} placed records"]
         return Check("opt-outs", False, f"excluded record(s) found in the arrays: {why[0]}")
-    return Check("opt-outs", True, f"{len(excluded)} record(s) matched by exclude rules are absent from all arrays")
+    how = "" if pixels else f" (placement and row counts; comparing their pixels with the clean rows {NEEDS_DIGEST_KEY})"
+    return Check("opt-outs", True, f"{len(excluded)} record(s) matched by exclude rules are absent from all arrays{how}")
 
 
 STRICTNESS = {"clean": 0, "protected": 1, "excluded": 2}
@@ -234,7 +272,7 @@ def _level(row: dict[str, Any], actions: dict[str, str]) -> int | None:
 
 
 def _duplicate_problem(rows: list[dict[str, Any]], actions: dict[str, str], key: str) -> str | None:
-    """What is wrong with the rows' duplicates by their `key` (sha256 or canonical_sha256), or None."""
+    """What is wrong with the rows' duplicates by their `key` (digest or canonical: see `_manifest`), or None."""
     strictest: dict[str, tuple[int, str]] = {}
     protected: dict[str, str] = {}
     for row in rows:
@@ -256,7 +294,7 @@ def _duplicate_problem(rows: list[dict[str, Any]], actions: dict[str, str], key:
             continue
         top, other = strictest[content]
         if top > level:
-            what = "exact copy" if key == "sha256" else "rotated, flipped or inverted exact copy"
+            what = "exact copy" if key == "digest" else "rotated, flipped or inverted exact copy"
             return f"{row['partition']} row {row['record_id']} is an {what} of {names[top]} record {other}"
     return None
 
@@ -266,7 +304,7 @@ def check_duplicates(card: Any, rows: list[dict[str, Any]]) -> Check:
     (curation/dedup.py), by the pixel sha256 and by the canonical sha256 (the same for all variants of an image
     under the dedup transforms). Checked whatever the card says of dedup: a copy that leaks, leaks."""
     actions = {rule.name: rule.action for rule in card.policy.rules}
-    for key in ("sha256", "canonical_sha256"):
+    for key in ("digest", "canonical"):
         problem = _duplicate_problem(rows, actions, key)
         if problem:
             return Check("duplicates", False, problem)
@@ -274,6 +312,21 @@ def check_duplicates(card: Any, rows: list[dict[str, Any]]) -> Check:
     setting = (f"dedup on (near: {dedup.get('embedder')} >= {dedup.get('threshold')}, {transforms_words(dedup)}; "
                f"{dedup.get('demoted', 0)} record(s) demoted)" if dedup.get("enabled") else "dedup off in the policy")
     return Check("duplicates", True, f"no stored row is an exact copy of a stricter one; {setting}")
+
+
+def check_releases(card: Any) -> Check:
+    """The owner's release register (curation/register.py), as the card records it: protected images released
+    before with other noise can be averaged; ATTENTION when their sigma_eff is below the policy's sigma."""
+    found = getattr(card, "rerelease", None)
+    if found is None:
+        return Check("releases", True, "no protected image was released before with other noise (the owner's "
+                                       "release register, exact pixel match)")
+    detail = (f"{found.images} protected image(s) were released before with other noise (prepare(s) "
+              f"{', '.join(e[:12] for e in found.earlier)}; --allow-rerelease): averaged over their distinct draws, "
+              f"sigma_eff = {found.min_sigma_eff:.3g}")
+    if found.min_sigma_eff < card.sigma:
+        return Check("releases", True, f"{detail} < the policy's sigma {card.sigma:g}", attention=True)
+    return Check("releases", True, detail)
 
 
 def transforms_words(dedup: dict[str, Any]) -> str:
@@ -298,15 +351,18 @@ def check_audit(con: Any, run_dir: Path) -> Check:
     return Check("audit", True, f"the latest audit of {samples} ({started:%Y-%m-%d %H:%M}) found no copy")
 
 
-def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, data: Path | None = None) -> list[Check]:
+def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, data: Path | None = None,
+               digest_key: Path | None = None) -> list[Check]:
     """Every check of the run in `run_dir` against `ledger`. Its prepared directory is `data` (--data), else
-    run.json's (`relocate.prepared_of_run`: relative to the run, or found by its fingerprint in the project)."""
+    run.json's (`relocate.prepared_of_run`: relative to the run, or found by its fingerprint in the project).
+    `digest_key` (a file from guard key export-digest) lets the pixel checks compare the keyed digests."""
     from ..contracts.events import read_events
     from ..contracts.run_record import read_run_record
 
     run_dir = run_dir.resolve()
     if not (run_dir / "run.json").is_file():
         raise InputError(f"{run_dir}: not a run directory (no run.json)", hint="--run takes a directory written by guard train")
+    key = read_digest_key(digest_key) if digest_key is not None else None
     if verify_key is not None:  # a key file that cannot be read is bad input (exit 2), not a failed check
         from ..signing import load_public_key
 
@@ -320,9 +376,9 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
               *check_provenance(events, ledger, run_dir, prepared, verify_key)]
     if isinstance(prepared, GuardError):  # its files are not what the card says: read nothing it names
         skipped = [Check(name, False, f"the prepared directory does not verify: {prepared}")
-                   for name in ("noise", "noise statistics", "no protected pixels", "opt-outs", "duplicates")]
+                   for name in ("noise", "noise statistics", "releases", "no protected pixels", "opt-outs", "duplicates")]
         return [*checks, *skipped, check_audit(con, run_dir)]
-    rows = _manifest(prepared.root)
-    return [*checks, check_noise(prepared, rows), check_noise_statistics(prepared),
-            check_clean_rows(prepared.root, rows, card_variants(prepared.card)),
-            check_opt_outs(prepared, rows), check_duplicates(prepared.card, rows), check_audit(con, run_dir)]
+    rows, keyed = _manifest(prepared.root)
+    return [*checks, check_noise(prepared, rows), check_noise_statistics(prepared), check_releases(prepared.card),
+            check_clean_rows(prepared.root, rows, card_variants(prepared.card), keyed, key),
+            check_opt_outs(prepared, rows, keyed, key), check_duplicates(prepared.card, rows), check_audit(con, run_dir)]

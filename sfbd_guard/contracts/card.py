@@ -64,6 +64,17 @@ class CardIdentity(Contract):
     policy_sha256: str
 
 
+class Rerelease(Contract):
+    """Images this prepare released again with other noise than an earlier release (curation/register.py)."""
+
+    allowed: bool  # --allow-rerelease was given (without it the prepare stops)
+    images: int
+    earlier: list[str]  # the earlier prepares' ledger event ids
+    min_sigma_eff: float  # the smallest (sum sigma_i^-2)^(-1/2) over such an image's distinct draws
+    sigma_eff_images: dict[str, int] = Field(default_factory=dict)  # sigma_eff (3 significant digits) -> images
+    near: int = 0  # of `images`, those matched only as near copies of a released image (dedup's embedding)
+
+
 class Card(CardIdentity):
     """card.json (written by curation/prepare.py `_card`)."""
 
@@ -87,6 +98,7 @@ class Card(CardIdentity):
     shard_records: int
     created_at: str
     dedup: dict[str, Any] | None = None  # absent in cards made before dedup; {"enabled": false} when turned off
+    rerelease: Rerelease | None = None  # images released before with other noise (prepare --allow-rerelease)
     listing: CardListing | None = None  # image folders with a metadata file (absent otherwise, and in older cards)
 
     @field_validator("counts")

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from ..errors import InputError
 from .audit_summary import EmbedderInfo, Share
 from .base import Contract, problem
+from .card import Rerelease
 
 STATUSES = ("ok", "failed", "interrupted")
 
@@ -103,6 +104,8 @@ class PrepareSummary(EventSummary):
     errors: int
     seconds: float
     signed_by: str | None = None  # prepared with --sign-key: the public key's sha256
+    register_sha256: str | None = None  # the owner's release register after this prepare (curation/register.py)
+    rerelease: Rerelease | None = None  # images released again with other noise (--allow-rerelease)
 
 
 class NoiseCheck(Contract):

@@ -46,10 +46,11 @@ def print_summary(result: PrepareResult, console: Console | None = None) -> None
     if result.errors:
         first = ", ".join(f"{r} ({why})" for r, why in result.errors[:3])
         console.print(f"[yellow]{len(result.errors)} unreadable record(s) recorded as errors[/yellow]: {first}")
-    if card.noise_key_source == "ephemeral":
-        console.print("noise: keyed by a fresh secret that was never stored (no one can regenerate it; "
-                      "guard keygen + --noise-key for byte-identical re-runs)")
-    else:
-        console.print(f"noise: keyed by your key file (key id {str(card.noise_key_id)[:16]}); keep that file away from "
-                      "this directory")
+    if result.key_note:
+        console.print(result.key_note, markup=False, highlight=False, soft_wrap=True)
+    if card.rerelease is not None:
+        console.print(f"re-released (--allow-rerelease): {card.rerelease.images} protected image(s) were released "
+                      f"before with other noise; their sigma_eff falls to {card.rerelease.min_sigma_eff:.3g} "
+                      f"(policy sigma {card.sigma:g}): recorded in the card and the ledger",
+                      markup=False, highlight=False, soft_wrap=True)
     console.print(f"fingerprint {card.fingerprint}  ({result.seconds:.1f} s)")

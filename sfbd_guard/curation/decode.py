@@ -38,6 +38,11 @@ class NoiseParams:
     sigma: float
     key: NoiseKey
 
+    @property
+    def subkey(self) -> bytes:
+        """The noise subkey (HKDF of the owner's secret, keys.py), derived where the noise is drawn."""
+        return self.key.noise_subkey
+
 
 @dataclass(frozen=True)
 class PartTask:
@@ -80,8 +85,10 @@ def _check(reader: DatasetReader, pixels: np.ndarray) -> str | None:
 class _Blocks:
     """Collects decoded records and writes them a block at a time to the part's clean and protected shards."""
 
-    def __init__(self, task: PartTask, noise: NoiseParams, places: list[tuple[str, int] | None]) -> None:
-        self.task, self.noise, self.places = task, noise, places
+    def __init__(self, task: PartTask, noise: NoiseParams, places: list[tuple[str, int] | None],
+                 sha256: list[str | None]) -> None:
+        self.task, self.noise, self.places, self.sha256 = task, noise, places, sha256
+        self.subkey = noise.subkey if "protect" in task.actions else b""
         self.writers = {
             "clean": PartShardWriter(task.staging, "clean", np.dtype(np.uint8), task.part.index, task.shard_records),
             "protect": PartShardWriter(task.staging, "protected", np.dtype(np.float16), task.part.index,
@@ -101,8 +108,8 @@ class _Blocks:
                 continue
             stacked = np.stack([pixels for _, pixels in rows])
             if action == "protect":
-                keys = [record_key(self.noise.key.secret, self.task.record_ids[row], sigma=self.noise.sigma,
-                                   shape=stacked.shape[1:]) for row, _ in rows]
+                keys = [record_key(self.subkey, self.task.record_ids[row], sigma=self.noise.sigma,
+                                   shape=stacked.shape[1:], pixel_sha256=str(self.sha256[row])) for row, _ in rows]
                 stacked = noised_copies(stacked, sigma=self.noise.sigma, keys=keys)
             for (row, _), place in zip(rows, writer.add(stacked), strict=True):
                 self.places[row] = place
@@ -174,7 +181,7 @@ def process_part(reader: DatasetReader, task: PartTask, noise: NoiseParams) -> P
     errors: list[str | None] = [None] * count
     places: list[tuple[str, int] | None] = [None] * count
     seen = [False] * count
-    blocks = _Blocks(task, noise, places)
+    blocks = _Blocks(task, noise, places, sha256)
     embedded = _Embeddings(task, count)
     try:
         for record_id, loaded in reader.read_part(task.part, task.record_ids):

@@ -1,11 +1,13 @@
 """`guard prepare`: apply a policy to a dataset and write the prepared directory.
 
 <output>/
-  manifest.parquet   one row per source record of the split (lineage: rule, sha256, sigma, file, row)
+  manifest.parquet   one row per source record of the split, saying only what training needs (disclosure.py:
+                     rule, keyed digest, sigma, file, row; excluded records opaque; metadata by allow-list)
   clean/             uint8 N×C×H×W .npy shards
   protected/         float16 N×C×H×W .npy shards of x/127.5 - 1 + sigma*eps (never the originals)
   card.json          what was done, counts, and the sha256 of every array file
-No protected or excluded original is written under <output>, in any form.
+No protected or excluded original is written under <output>, in any form. The full manifest (file names,
+metadata, plain pixel sha256) goes to the owner's folder as lineage/<fingerprint>.parquet (owner.py).
 
 Memory does not grow with the dataset: the records' metadata is written to a memory-mapped file
 (records.py), the rules keep one int per record, workers read and write their own parts
@@ -16,8 +18,10 @@ flight at once.
 from __future__ import annotations
 
 import multiprocessing
+import shutil
 import time
-from collections import deque
+import uuid
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -34,16 +38,16 @@ from .. import __version__
 from ..contracts.card import Card, card_from_dict, card_path, write_card
 from ..datasets import DatasetReader, Part, SourceSpec, open_reader
 from ..datasets.base import ListingReport
-from ..errors import DataError
+from ..errors import DataError, InputError
 from ..executor import LOCAL, ExecutorSpec
 from ..hashing import fingerprint, new_sha256, sha256_file
 from ..policy import DedupSpec as DedupPolicy
 from ..policy import LoadedPolicy
 from ..progress import ProgressFactory
-from . import dedup
+from . import dedup, disclosure, register
 from . import shards as shard_files
 from .decode import NoiseParams, PartResult, PartTask, init_worker, process_part, worker_part, worker_part_metadata
-from .keys import NoiseKey, fresh_key, read_key_file
+from .keys import NoiseKey, OwnerKey, fresh_key, owner_key, read_key_file
 from .listing import check_listing
 from .manifest import ACTION_PARTITION, MANIFEST_FIELDS, PARTITIONS, manifest_schema, manifest_table
 from .noise import GENERATOR
@@ -54,6 +58,7 @@ from .rules import Decisions, decide
 DUP_COLUMNS = ("dup_cluster", "dup_of", "dup_kind", "dup_similarity", "dup_rule")
 CHUNK_RECORDS = 64  # records per block a worker decodes, then noises and writes
 IN_FLIGHT_PER_WORKER = 2  # parts queued per worker process: enough to keep it busy, few enough to bound memory
+LINEAGE_FILE = ".lineage.parquet.tmp"  # in the staging folder until moved to the owner's folder (owner.py)
 MAX_ERRORS_KEPT = 1000  # error rows listed in the result (all of them are in the manifest)
 
 
@@ -68,6 +73,10 @@ class PrepareResult:
     source_fingerprint: str = field(default="")
     error_count: int = 0
     listing: ListingReport | None = None  # how an image folder's metadata met its images (examples for the summary)
+    key_note: str = ""  # where the key is (one line for the data owner)
+    register_file: Path | None = None  # the owner's release register
+    register_sha256: str = ""  # its sha256 after this prepare's releases were appended
+    rerelease: register.Rerelease | None = None  # images released before with other noise (--allow-rerelease)
 
 
 def source_spec(loaded: LoadedPolicy, data_root: Path | None) -> SourceSpec:
@@ -257,9 +266,10 @@ def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, counts:
 
 def _deduplicate(staging: Path, records: Records, decisions: Decisions, store: dedup.EmbeddingStore | None,
                  files: dict[str, str], spec: DedupPolicy, embedding: dedup.Embedding | None, decided: dict[str, int],
-                 ) -> tuple[dict[str, int], dict[str, int], dict[str, Any]]:
+                 ) -> tuple[dict[str, int], dict[str, int], dict[str, Any], np.ndarray | None]:
     """Merge the copies (dedup.py): rewrite the shards that hold demoted rows, write the final manifest from the
-    staged one, and delete the staged manifest and the embeddings. Returns counts, rule counts, the card entry."""
+    staged one, and delete the staged manifest and the embeddings. Returns counts, rule counts, the card entry, and
+    the embeddings of the released protected records (for the release register's near search), in manifest order."""
     import pyarrow.compute as pc
 
     staged = staging / dedup.STAGED_MANIFEST
@@ -270,44 +280,113 @@ def _deduplicate(staging: Path, records: Records, decisions: Decisions, store: d
         actions[pc.is_null(sha256).to_numpy(zero_copy_only=False)] = -1
         assert embedding is not None
         plan = dedup.find_plan(staged, store, actions, records.table.column("record_id"), sha256, spec, embedding)
-        if store is not None:
-            store.close()
-            store = None
         removed = dedup.removed_rows(staged, plan)
         dedup.rewrite_shards(staging, files, removed)
         counts = dedup.write_final_manifest(staged, staging / "manifest.parquet", plan, removed)
         rule_counts = dedup.rule_counts(decided, plan, staged)
+        released = None
+        if store is not None:
+            rows = _released_rows(staging / "manifest.parquet")
+            released = np.array(store.vectors[rows], np.float32)
+            store.close()
+            store = None
     finally:
         if store is not None:
             store.close()
         staged.unlink(missing_ok=True)
-    return counts, rule_counts, dedup.card_section(spec, embedding, plan, records.table.num_rows)
+    return counts, rule_counts, dedup.card_section(spec, embedding, plan, records.table.num_rows), released
 
 
-def noise_key(loaded: LoadedPolicy, key_file: Path | None, output: Path) -> NoiseKey:
-    """The secret of the noise: --noise-key, else the policy's noise.key_file, else a fresh one."""
+@dataclass(frozen=True)
+class KeyChoice:
+    """The key a prepare uses, the owner's key (its register's root), and the lines that tell the data owner where
+    they are (printed by the CLI)."""
+
+    key: NoiseKey
+    owner: OwnerKey
+    note: str
+
+
+def noise_key(loaded: LoadedPolicy, key_file: Path | None, output: Path, *, ephemeral: bool = False) -> KeyChoice:
+    """The owner's secret: --noise-key, else the policy's noise.key_file, else the owner's key at its default place
+    ($GUARD_KEY_FILE or the configuration folder, created on first use); a throw-away one only if `ephemeral`.
+    The owner's key is loaded (created on first use) in every case: it keys the release register."""
     path = key_file
     if path is None and loaded.policy.noise.key_file:
         path = loaded.resolve(loaded.policy.noise.key_file)
-    if path is None:
-        return fresh_key()
-    return read_key_file(path, forbidden=(output,))
+    if ephemeral and path is not None:
+        raise InputError(f"--ephemeral-key and the key file {path} exclude each other",
+                         hint="drop --ephemeral-key to use the key file, or the key file for a throw-away key")
+    key = fresh_key() if ephemeral else read_key_file(path, forbidden=(output,)) if path is not None else None
+    owner = owner_key(forbidden=(output,))
+    lines = []
+    if owner.created:
+        lines.append(f"created your owner key {owner.path} (mode 0600): this file plus any prepared directory made "
+                     "with it rebuilds the protected originals; keep it private and backed up")
+    if key is None:
+        if not owner.created:
+            lines.append(f"noise: keyed by your owner key {owner.path} (key id {owner.key.key_id[:16]})")
+        return KeyChoice(owner.key, owner, "\n".join(lines))
+    if ephemeral:
+        lines.append(f"noise: keyed by a throw-away secret that was never stored (key id {key.key_id[:16]}): no one "
+                     "can regenerate this noise")
+    else:
+        lines.append(f"noise: keyed by {path} (key id {key.key_id[:16]}); keep that file away from this directory")
+    return KeyChoice(key, owner, "\n".join(lines))
+
+
+def _released_rows(manifest: Path) -> np.ndarray:
+    """Rows of the protected records stored in the prepared directory: what this prepare releases."""
+    table = pq.read_table(manifest, columns=["partition", "sha256"])
+    protected = np.array([p == "protected" for p in table.column("partition").to_pylist()], bool)
+    return np.flatnonzero(protected & table.column("sha256").is_valid().to_numpy(zero_copy_only=False))
+
+
+def _released(manifest: Path) -> pa.Table:
+    """(record_id, sha256) of the protected records stored in the prepared directory, in manifest order."""
+    table = pq.read_table(manifest, columns=["record_id", "sha256"])
+    return table.take(pa.array(_released_rows(manifest))).select(["record_id", "sha256"])
+
+
+def _near(spec: DedupPolicy, embedding: dedup.Embedding | None) -> register.Near | None:
+    """How the register matches near copies: as this prepare's dedup does (None with dedup off)."""
+    if embedding is None:
+        return None
+    identity = (f"{embedding.kind}:{embedding.size}:{embedding.dim}:{','.join(embedding.transforms)}:"
+                f"{dict(embedding.clip_identity)}")
+    return register.Near(identity, spec.effective_threshold, embedding.search_variants, embedding.size)
+
+
+def _rerelease_card(found: register.Rerelease | None, allowed: bool) -> dict[str, Any] | None:
+    if found is None:
+        return None
+    per_image = Counter(f"{value:.3g}" for value in found.sigma_eff)
+    return {"allowed": allowed, "images": found.images, "earlier": [event for event, _ in found.earlier],
+            "min_sigma_eff": round(found.min_sigma_eff, 6),
+            "sigma_eff_images": dict(sorted(per_image.items(), key=lambda item: float(item[0]))), "near": found.near}
 
 
 def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | None = None, workers: int = 1,
-            strict: bool = False, overwrite: bool = False, key_file: Path | None = None,
-            progress: ProgressFactory | None = None, executor: ExecutorSpec = LOCAL) -> PrepareResult:
+            strict: bool = False, overwrite: bool = False, key_file: Path | None = None, ephemeral_key: bool = False,
+            allow_rerelease: bool = False, event_id: str | None = None, progress: ProgressFactory | None = None,
+            executor: ExecutorSpec = LOCAL) -> PrepareResult:
     """Apply `loaded` to its dataset and write the prepared directory atomically.
 
-    The noise is keyed by `key_file` (or the policy's noise.key_file); without one, by a fresh secret
-    that is forgotten when this returns. `progress(label, total)` may return a callback that is told how many
-    records were just processed. `executor` runs the part work in this machine's pool of `workers` processes or
-    as Ray tasks (ray_parts.py): the output is the same, byte for byte.
+    The noise is keyed by `key_file` (or the policy's noise.key_file); without one, by the owner's key at its
+    default place (created on first use), or with `ephemeral_key` by a fresh secret forgotten when this returns.
+    `progress(label, total)` may return a callback that is told how many records were just processed. `executor`
+    runs the part work in this machine's pool of `workers` processes or as Ray tasks (ray_parts.py): the output
+    is the same, byte for byte.
+
+    The protected images it releases are checked against the owner's release register (register.py) before the
+    directory is published, and appended to it after: an image released before with other noise stops the prepare
+    (InputError) unless `allow_rerelease`. `event_id` (the ledger event) names this prepare in the register.
     """
     started = time.perf_counter()
     spec = source_spec(loaded, data_root)
     output = output_dir(loaded, out)
-    key = noise_key(loaded, key_file, output)
+    choice = noise_key(loaded, key_file, output, ephemeral=ephemeral_key)
+    key = choice.key
     dedup_spec = loaded.policy.dedup
     embedding = dedup.embedding_for(dedup_spec, spec.resolution, loaded.base_dir) if dedup_spec.enabled else None
     reader = open_reader(spec)
@@ -354,16 +433,39 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
                     tick(stop - start)
             manifest.close()
             counts, rule_counts, dedup_card = manifest.counts, manifest.rule_counts, {"enabled": False}
+            vectors = None
             if dedup_spec.enabled:
-                counts, rule_counts, dedup_card = _deduplicate(staging, records, decisions, store, files, dedup_spec,
-                                                               embedding, rule_counts)
+                counts, rule_counts, dedup_card, vectors = _deduplicate(staging, records, decisions, store, files,
+                                                                        dedup_spec, embedding, rule_counts)
             discard(staging)
-            card = card_from_dict(_card(loaded, spec, reader, counts, key, rule_counts, files,
-                                        sha256_file(staging / "manifest.parquet"), output, dedup_card, listing))
-            write_card(staging, card)
-            finish_output(staging, output)
+            full = staging / LINEAGE_FILE  # the full manifest: the owner's lineage, never published
+            (staging / "manifest.parquet").rename(full)
+            disclosure.write_trainer_manifest(full, staging / "manifest.parquet", digest_key=key.digest_subkey,
+                                              opaque_key=key.opaque_subkey, allowed=loaded.policy.manifest.metadata)
+            register_file = register.register_path(choice.owner.path)
+            with register.locked(register_file):
+                near = _near(dedup_spec, embedding)
+                new = register.entries(choice.owner.key.register_subkey, _released(full),
+                                       key_id=key.key_id, sigma=noise.sigma, resolution=spec.resolution,
+                                       event_id=event_id or uuid.uuid4().hex, embedder=near.embedder if near else None,
+                                       vectors=vectors)
+                found = register.find_rereleases(register.read(register_file), new, near)
+                if found is not None and not allow_rerelease:
+                    raise register.rerelease_error(found, register_file)
+                card = card_from_dict({**_card(loaded, spec, reader, counts, key, rule_counts, files,
+                                                sha256_file(staging / "manifest.parquet"), output, dedup_card, listing),
+                                       "rerelease": _rerelease_card(found, allow_rerelease)})
+                write_card(staging, card)
+                lineage = choice.owner.path.parent / "lineage"
+                lineage.mkdir(mode=0o700, exist_ok=True)
+                kept = lineage / f"{card.fingerprint}.parquet"
+                shutil.move(full, kept)
+                kept.chmod(0o600)
+                finish_output(staging, output)
+                register_sha256 = register.append(register_file, new)
         except BaseException:
             abandon_output(staging)
             raise
     return PrepareResult(output, dict(card.counts), dict(card.rule_counts), manifest.errors, card,
-                         time.perf_counter() - started, manifest.source.hexdigest(), manifest.error_count, listing)
+                         time.perf_counter() - started, manifest.source.hexdigest(), manifest.error_count, listing,
+                         choice.note, register_file, register_sha256, found)

@@ -13,7 +13,7 @@ from .prepare import PrepareResult, prepare
 
 def prepare_recorded(policy_path: Path, *, data_root: Path | None, out: Path | None, workers: int, strict: bool,
                      overwrite: bool, ledger: Path | None, command: list[str], key_file: Path | None = None,
-                     progress: ProgressFactory | None = None,
+                     ephemeral_key: bool = False, allow_rerelease: bool = False, progress: ProgressFactory | None = None,
                      sign_key: Path | None = None, executor: ExecutorSpec = LOCAL) -> PrepareResult:
     """Load the policy, prepare the data, and append a `prepare` event to the ledger (ok or failed).
 
@@ -26,7 +26,8 @@ def prepare_recorded(policy_path: Path, *, data_root: Path | None, out: Path | N
         loaded = load_policy(policy_path)
         event.inputs[0] = Artifact("policy", str(loaded.path.resolve()), loaded.sha256)
         result = prepare(loaded, data_root=data_root, out=out, workers=workers, strict=strict,
-                         overwrite=overwrite, key_file=key_file, progress=progress, executor=executor)
+                         overwrite=overwrite, key_file=key_file, ephemeral_key=ephemeral_key,
+                         allow_rerelease=allow_rerelease, event_id=event.event_id, progress=progress, executor=executor)
         card = result.card
         if key is not None:
             event.summary["signed_by"] = sign_card(result.output, key)
@@ -39,6 +40,10 @@ def prepare_recorded(policy_path: Path, *, data_root: Path | None, out: Path | N
             policy_name=card.policy_name, format=card.format, split=card.split, sigma=card.sigma,
             noise_key_id=card.noise_key_id, noise_key_source=card.noise_key_source,
             resolution=card.resolution, counts=dict(card.counts), rule_counts=dict(card.rule_counts),
-            errors=len(result.errors), seconds=round(result.seconds, 3),
+            errors=len(result.errors), seconds=round(result.seconds, 3), register_sha256=result.register_sha256,
         )
+        if card.rerelease is not None:
+            event.summary["rerelease"] = card.rerelease.model_dump(mode="json")
+        if result.register_file is not None:  # owner-side: the path names the owner's config folder, never a key
+            event.inputs.append(Artifact("register", str(result.register_file), result.register_sha256))
         return result

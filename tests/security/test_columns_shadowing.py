@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import write_policy
+from helpers import lineage, write_policy
 from sfbd_guard.datasets.synthetic import write_celeba, write_imagefolder
 
 
@@ -40,7 +40,7 @@ def test_guard_row_column_cannot_move_an_opt_out_into_protected(cli, tmp_path: P
     path = write_policy(tmp_path / "p.yaml", _imagefolder_policy(root, tmp_path / "out"))
     result = cli("prepare", "--policy", path)
     if result.code == 0:  # what the old code did: say which record ended where, for the failure message
-        manifest = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+        manifest = lineage(tmp_path / "out").to_pylist()  # the owner's full manifest (real ids of excluded records)
         pytest.fail(f"prepared with a shadowing _guard_row: {[(r['record_id'], r['partition']) for r in manifest]}")
     _assert_clash(result, "_guard_row", root / "metadata.csv")
     assert not (tmp_path / "out").exists()
@@ -98,5 +98,5 @@ def test_user_columns_that_shadow_nothing_still_work(cli, tmp_path: Path) -> Non
     policy["rules"].insert(1, {"name": "licensed", "action": "clean", "sample": {"count": 1, "by": "identity"}})
     result = cli("prepare", "--policy", write_policy(tmp_path / "p.yaml", policy))
     assert result.code == 0, result.err
-    manifest = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    manifest = lineage(tmp_path / "out").to_pylist()  # the owner's full manifest (real ids of excluded records)
     assert [r["partition"] for r in manifest if r["record_id"] == "0.png"] == ["excluded"]

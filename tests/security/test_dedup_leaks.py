@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import key_file, write_policy
+from helpers import key_file, lineage, write_policy
 from sfbd_guard.compliance.verify import check_duplicates
 from sfbd_guard.curation import dedup
 from sfbd_guard.curation.prepare import prepare
@@ -63,7 +63,10 @@ def test_a_failed_dedup_leaves_no_embeddings_behind(tmp_path: Path, monkeypatch:
 
 
 def _rows(output: Path) -> list[dict[str, Any]]:
-    return pq.read_table(output / "manifest.parquet").to_pylist()
+    """The owner's full manifest (record ids of excluded records too), its sha256 as the `digest` verify compares
+    (equal images, equal digests, keyed or not)."""
+    table = lineage(output)
+    return table.rename_columns(["digest" if n == "sha256" else n for n in table.column_names]).to_pylist()
 
 
 def test_verify_catches_a_clean_row_that_shares_a_sha256_with_a_protected_one(tmp_path: Path) -> None:
@@ -74,7 +77,7 @@ def test_verify_catches_a_clean_row_that_shares_a_sha256_with_a_protected_one(tm
     protected = next(r for r in rows if r["partition"] == "protected")
     forged = [dict(r) for r in rows]
     clean = next(r for r in forged if r["partition"] == "clean")
-    clean["sha256"] = protected["sha256"]  # e.g. dedup skipped, or the manifest edited and the card re-hashed
+    clean["digest"] = protected["digest"]  # e.g. dedup skipped, or the manifest edited and the card re-hashed
     check = check_duplicates(card, forged)
     assert not check.passed and "exact copy of protected" in check.detail
 
@@ -94,5 +97,5 @@ def test_verify_catches_a_clean_row_that_shares_a_sha256_with_a_protected_one(tm
     optout = next(r for r in forged if r["record_id"] == "90.png")
     optout["dup_rule"] = "no-such-rule"  # a demoted row whose own rule is unknown counts as excluded
     protected_source = next(r for r in forged if r["record_id"] == "00.png")
-    assert protected_source["sha256"] == optout["sha256"]
+    assert protected_source["digest"] == optout["digest"]
     assert not check_duplicates(card, forged).passed

@@ -99,7 +99,7 @@ def train_unchecked(prepared: Path, run: Path, ledger: Path, tmp: Path) -> Path:
 
 def _verify(cli, run: Path, ledger: Path, *extra: object) -> tuple[int, dict[str, str], str]:  # type: ignore[no-untyped-def]
     result = cli("verify", "--run", run, "--ledger", ledger, *extra)
-    lines = [line for line in result.out.splitlines() if line.startswith(("PASS", "FAIL"))]
+    lines = [line for line in result.out.splitlines() if line.startswith(("PASS", "FAIL", "ATTENTION"))]
     return result.code, {line.split(":")[0].split("  ", 1)[1]: line.split("  ", 1)[0] for line in lines}, result.out
 
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import write_policy
+from helpers import lineage, write_policy
 from sfbd_guard.prepared import open_prepared
 
 OPT_OUT = "coalesce(CAST(opt_out AS BOOLEAN), false)"  # the shipped policies/imagefolder.yaml rule
@@ -43,7 +43,7 @@ def _policy(tmp_path: Path, root: Path, out: str = "out", where: str = "opt_out 
 
 
 def _rows(out: Path) -> dict[str, dict]:
-    return {row["record_id"]: row for row in pq.read_table(out / "manifest.parquet").to_pylist()}
+    return {row["record_id"]: row for row in lineage(out).to_pylist()}  # the owner's full manifest (owner.py)
 
 
 def _jsonl(rows: list[dict]) -> str:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import write_policy
+from helpers import lineage, write_policy
 
 BOOLEAN_RULES = ("opt_out IS TRUE", "coalesce(CAST(opt_out AS BOOLEAN), false)")  # the second: shipped policies'
 
@@ -65,7 +65,7 @@ def _policy(tmp: Path, fmt: str, root: Path, where: str, out: str = "out", rules
 
 
 def _rows(out: Path) -> dict[str, dict]:
-    return {row["record_id"]: row for row in pq.read_table(out / "manifest.parquet").to_pylist()}
+    return {row["record_id"]: row for row in lineage(out).to_pylist()}  # the owner's full manifest (owner.py)
 
 
 def _refused(result: Any, *fragments: str) -> str:
@@ -123,7 +123,7 @@ def test_parquet_second_image_column_reaches_the_rules_but_never_the_manifest(cl
                                   "raw": pa.array(originals), "id": pa.array([b"ab", b"cd", None])})
     result = cli("prepare", "--policy", _policy(tmp_path, "parquet", root, "raw IS NULL"))
     assert result.code == 0, result.err
-    manifest = pq.read_table(tmp_path / "out" / "manifest.parquet")
+    manifest = lineage(tmp_path / "out")  # the owner's full manifest: the trainer's keeps no metadata by default
     assert manifest.column("mask").to_pylist()[0] == json.dumps({"bytes": f"<{len(originals[0])} bytes>", "path": "m.png"})
     assert manifest.column("raw").to_pylist()[0] == f"<binary: {len(originals[0])} bytes, not kept>".encode()
     assert manifest.column("id").to_pylist() == [b"ab", b"cd", None], "short binary values are kept as they are"

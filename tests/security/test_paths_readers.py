@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 
-from helpers import write_policy
+from helpers import lineage, write_policy
 from sfbd_guard.datasets.synthetic import random_image, write_celeba, write_imagefolder
 from sfbd_guard.datasets.transforms import load_square
 
@@ -34,7 +33,7 @@ def _secret(path: Path, seed: int, size: tuple[int, int] = (64, 64)) -> Path:
 
 
 def _rows(out: Path) -> dict[str, dict]:
-    return {row["record_id"]: row for row in pq.read_table(out / "manifest.parquet").to_pylist()}
+    return {row["record_id"]: row for row in lineage(out).to_pylist()}  # the owner's full manifest
 
 
 def _assert_never_read(secret: Path, crop: int | None, *outputs: Path) -> None:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from helpers import celeba_policy, key_file, plant_samples, write_policy
+from helpers import celeba_policy, key_file, lineage, plant_samples, write_policy
 from sfbd_guard.compliance.verify import card_variants, check_clean_rows, check_duplicates
 from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.datasets.synthetic import write_imagefolder
@@ -61,7 +61,7 @@ def _prepare(tmp_path: Path, root: Path, name: str = "out", **extra: Any) -> Pat
 
 
 def _manifest(output: Path) -> dict[str, dict[str, Any]]:
-    return {r["record_id"]: r for r in pq.read_table(output / "manifest.parquet").to_pylist()}
+    return {r["record_id"]: r for r in lineage(output).to_pylist()}  # the owner's full manifest (owner.py)
 
 
 @pytest.mark.parametrize("transform", sorted(TRANSFORMS))
@@ -112,7 +112,10 @@ def test_verify_sees_a_transformed_copy_in_a_forged_manifest_or_in_the_clean_arr
     pixels = np.random.default_rng(4).integers(0, 256, (3, 16, 16), dtype=np.uint8)
     output = _prepare(tmp_path, _exact_dataset(tmp_path, pixels))
     prepared = open_prepared(output)
-    rows = pq.read_table(output / "manifest.parquet").to_pylist()
+    # the owner's full manifest, its plain digests under the names verify reads (`_manifest`: digest, canonical)
+    table = lineage(output)
+    plain = {"sha256": "digest", "canonical_sha256": "canonical"}
+    rows = table.rename_columns([plain.get(n, n) for n in table.column_names]).to_pylist()
     variants = card_variants(prepared.card)
     assert len(variants) == 16
     assert check_duplicates(prepared.card, rows).passed and check_clean_rows(output, rows, variants).passed
@@ -128,7 +131,7 @@ def test_verify_sees_a_transformed_copy_in_a_forged_manifest_or_in_the_clean_arr
     clean = next(r for r in forged if r["partition"] == "clean")
     stored = np.load(output / clean["file"])[clean["row"]]
     protected = next(r for r in forged if r["partition"] == "protected")
-    protected["canonical_sha256"] = canonical_sha256(np.rot90(255 - stored, 1, axes=(1, 2))[None], variants)[0]
+    protected["canonical"] = canonical_sha256(np.rot90(255 - stored, 1, axes=(1, 2))[None], variants)[0]
     check = check_clean_rows(output, forged, variants)
     assert not check.passed and f"holds the pixels of {protected['record_id']}" in check.detail
     assert check_clean_rows(output, forged, ()).passed, "the plain sha256 alone does not see it"
