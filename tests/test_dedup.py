@@ -251,9 +251,12 @@ def test_the_datasheet_and_the_prepare_summary_show_demotions_by_cause(tmp_path:
     card = open_prepared(output).card
     text = _dedup(card)
     assert "| clean copy of protected | 1 | 0 |" in text and "1 demoted to excluded" in text
+    assert "cosine ≥ 0.99 and ≥ 0.97 at 16 px" in text
     console = Console(record=True, width=200)
     print_summary(PrepareResult(output, dict(card.counts), dict(card.rule_counts), [], card, 0.1), console)
-    assert "dedup: 2 record(s) (28.57 %) merged into 1 cluster(s)" in console.export_text()
+    printed = console.export_text()
+    assert "dedup: 2 record(s) (28.57 %) merged into 1 cluster(s)" in printed
+    assert "pixel cosine >= 0.99 and >= 0.97 at 16 px" in printed
     off = open_prepared(run(tmp_path, dataset(tmp_path / "b", 6), "off", **OFF)).card
     assert "turned off" in _dedup(off)
 
