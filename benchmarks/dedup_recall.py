@@ -12,7 +12,8 @@ inversion + rotation by 90°, inversion + mirror.
 Reported: per transform, the share of planted copies merged with their source by `guard prepare`
 (recall) at the threshold in use; the share of distinct images wrongly merged with another distinct
 image, per source (photo tiles, LFW faces, LFW non-face patches, digits, synthetic); a sweep of both over thresholds (from the
-embeddings, computed as prepare computes them, on the transformed pixels); and the wall time of prepare
+embeddings, computed as prepare computes them, on the transformed pixels; with and without the pixel embedder's
+second look at twice the size, dedup.Fine, and for the former mirror-only search); and the wall time of prepare
 without dedup, with dedup, and (`--baseline-src DIR`: another checkout, e.g. the main branch before the
 transforms) with that checkout's dedup, the three runs interleaved, each in a fresh process, best of
 `--rounds`, so that a machine shared with other jobs slows all three alike.
@@ -191,17 +192,21 @@ def timed_prepare(policy_path: Path, workers: int, source: Path) -> tuple[float,
     return float(wall), float(cpu)
 
 
-def sweep(root: Path, rows: list[dict[str, str]], planted: dict[str, str], embedding: Any) -> dict[str, Any]:
+def sweep(root: Path, rows: list[dict[str, str]], planted: dict[str, str], embedding: Any, spec: Any) -> dict[str, Any]:
     """Recall and wrong merges over THRESHOLDS, from the embeddings of the transformed pixels (as prepare computes
-    them), each pair compared at its best variant (symmetry.py) as prepare's near search does."""
+    them), each pair compared at its best variant (symmetry.py) as prepare's near search does, and (pixel) kept only
+    if its finer embedding also reaches the fine threshold (dedup.Fine; at each threshold t: the policy's
+    fine_threshold, or t - FINE_MARGIN). Also without the finer look, and with the former mirror-only search."""
     import faiss
 
+    from sfbd_guard.curation.dedup import near_pairs
     from sfbd_guard.datasets import SourceSpec, open_reader
+    from sfbd_guard.policy import FINE_MARGIN
     from sfbd_guard.symmetry import best_similarity, grid_variants, group
 
     reader = open_reader(SourceSpec("imagefolder", root, "all", RESOLUTION))
     names = [r["file_name"] for r in rows]
-    vectors = np.zeros((len(names), embedding.dim), np.float32)
+    stored = np.zeros((len(names), embedding.dim), np.float32)
     index_of = {n: i for i, n in enumerate(names)}
     embed = embedding.embedder()
     size, variants = embedding.size, embedding.search_variants
@@ -210,39 +215,87 @@ def sweep(root: Path, rows: list[dict[str, str]], planted: dict[str, str], embed
         wanted = ids or names[part.start:part.stop]
         loaded = [(record_id, pixels) for record_id, pixels in reader.read_part(part, wanted) if isinstance(pixels, np.ndarray)]
         if loaded:
-            vectors[[index_of[r] for r, _ in loaded]] = embed(np.stack([p for _, p in loaded]))
+            stored[[index_of[r] for r, _ in loaded]] = embed(np.stack([p for _, p in loaded]))
+    searched = embedding.dim - embedding.fine_size ** 2
+    vectors, fine = stored[:, :searched], stored[:, searched:]
+
+    def fine_threshold(t: float) -> float:
+        if not embedding.fine_size:
+            return -2.0
+        return spec.fine_threshold if spec.fine_threshold is not None else t - FINE_MARGIN
+
+    def best(a: np.ndarray, b: np.ndarray, which: np.ndarray, side: int) -> np.ndarray:
+        if len(variants) > 1:
+            return best_similarity(which[a], which[b], side, variants)
+        return np.einsum("ij,ij->i", which[a], which[b])
 
     distinct = np.array([r["role"].startswith("distinct") for r in rows])
-    dv = vectors[distinct]
+    dv = np.ascontiguousarray(vectors[distinct])
     index = faiss.IndexFlatIP(dv.shape[1])
     index.add(dv)
 
-    def nearest_other(searched: tuple[Any, ...]) -> np.ndarray:
-        """Per distinct image, its best similarity to another distinct image over the variants `searched`."""
+    def nearest_other(searched_variants: tuple[Any, ...]) -> np.ndarray:
+        """Per distinct image, its best similarity to another distinct image over the variants searched (no fine)."""
         nearest = np.full(len(dv), -1.0, np.float32)
-        for moved in grid_variants(dv, size, searched) if len(searched) > 1 else [dv]:
+        for moved in grid_variants(dv, size, searched_variants) if len(searched_variants) > 1 else [dv]:
             scores, found = index.search(moved, 3)
             for column in range(3):
                 other = (found[:, column] != np.arange(len(dv))) & (found[:, column] >= 0)
                 nearest = np.where(other, np.maximum(nearest, scores[:, column]), nearest)
         return nearest
 
-    nearest = nearest_other(variants)
-    mirror_only = nearest_other(group(("flip",))) if embedding.kind == "pixel" else nearest  # the former search
-    copy_sim: dict[str, list[float]] = {t: [] for t in TRANSFORMS}
+    without_fine = nearest_other(variants)
+    mirror_only = nearest_other(group(("flip",))) if embedding.kind == "pixel" else without_fine  # the former search
+    # every pair of distinct images at or above the lowest threshold (the exact banded search), with both similarities
+    pairs = near_pairs(dv, min(THRESHOLDS), variants=variants, size=size)
+    pair_a = np.concatenate([a for a, _ in pairs]) if pairs else np.zeros(0, np.int64)
+    pair_b = np.concatenate([b for _, b in pairs]) if pairs else np.zeros(0, np.int64)
+    rows_distinct = np.flatnonzero(distinct)
+    pair_coarse = best(rows_distinct[pair_a], rows_distinct[pair_b], vectors, size)
+    pair_fine = (best(rows_distinct[pair_a], rows_distinct[pair_b], fine, embedding.fine_size)
+                 if embedding.fine_size else np.ones(len(pair_a), np.float32))
+
+    def merged_with_fine(t: float) -> np.ndarray:
+        keep = (pair_coarse >= np.float32(t)) & (pair_fine >= np.float32(fine_threshold(t)))
+        hit = np.zeros(len(dv), bool)
+        hit[pair_a[keep]] = True
+        hit[pair_b[keep]] = True
+        return hit
+
+    copy_pairs: dict[str, list[tuple[int, int]]] = {t: [] for t in TRANSFORMS}
     for r in rows:
         if r["role"].startswith("copy:"):
-            a, b = vectors[index_of[r["file_name"]]][None], vectors[index_of[planted[r["file_name"]]]][None]
-            best = best_similarity(a, b, size, variants)[0] if len(variants) > 1 else float(a[0] @ b[0])
-            copy_sim[r["role"][5:]].append(float(best))
+            copy_pairs[r["role"][5:]].append((index_of[r["file_name"]], index_of[planted[r["file_name"]]]))
+    copy_sim: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for transform, found_pairs in copy_pairs.items():
+        a, b = np.array([x for x, _ in found_pairs], np.int64), np.array([y for _, y in found_pairs], np.int64)
+        copy_sim[transform] = (best(a, b, vectors, size),
+                               best(a, b, fine, embedding.fine_size) if embedding.fine_size else np.ones(len(a), np.float32))
     table = {}
     for t in THRESHOLDS:
-        table[key(t)] = {"recall": {k: float(np.mean(np.array(v) >= t)) if v else None for k, v in copy_sim.items()},
-                             "wrongly_merged": float(np.mean(nearest >= t))}
+        table[key(t)] = {
+            "recall": {k: float(np.mean((c >= np.float32(t)) & (f >= np.float32(fine_threshold(t))))) if len(c) else None
+                       for k, (c, f) in copy_sim.items()},
+            "recall_without_fine": {k: float(np.mean(c >= np.float32(t))) if len(c) else None for k, (c, _) in copy_sim.items()},
+            "fine_threshold": round(fine_threshold(t), 6) if embedding.fine_size else None,
+            "wrongly_merged": float(np.mean(merged_with_fine(t))),
+            "wrongly_merged_without_fine": float(np.mean(without_fine >= t))}
     sources = np.array([source_of(r["role"]) for r in rows if r["role"].startswith("distinct")])
-    return {"thresholds": table, "min_copy_similarity": {k: min(v) if v else None for k, v in copy_sim.items()},
+    by_source = {t: merged_with_fine(t) for t in THRESHOLDS}
+    near_threshold = (pair_coarse >= np.float32(min(THRESHOLDS)))
+    return {"thresholds": table,
+            "min_copy_similarity": {k: float(c.min()) if len(c) else None for k, (c, _) in copy_sim.items()},
+            "min_copy_fine_similarity": {k: float(f.min()) if len(f) else None for k, (_, f) in copy_sim.items()},
+            "largest_copy_drop_to_fine": {k: float((c - f)[c >= 0.97].max()) if (c >= 0.97).any() else None
+                                          for k, (c, f) in copy_sim.items()},
+            "fine": {"size": embedding.fine_size, "threshold": spec.fine_threshold,
+                     "margin": FINE_MARGIN} if embedding.fine_size else None,
+            "distinct_pairs_searched": int(near_threshold.sum()),
             "wrongly_merged_by_source": {
-                source: {key(t): float(np.mean(nearest[sources == source] >= t)) for t in THRESHOLDS}
+                source: {key(t): float(np.mean(by_source[t][sources == source])) for t in THRESHOLDS}
+                for source in SOURCES if (sources == source).any()},
+            "wrongly_merged_by_source_without_fine": {
+                source: {key(t): float(np.mean(without_fine[sources == source] >= t)) for t in THRESHOLDS}
                 for source in SOURCES if (sources == source).any()},
             "wrongly_merged_by_source_mirror_only": {
                 source: {key(t): float(np.mean(mirror_only[sources == source] >= t)) for t in THRESHOLDS}
@@ -285,6 +338,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threshold", type=float, default=None, help="default: the policy's default")
     parser.add_argument("--size", type=int, default=None, help="embedding side; default: the policy's default")
+    parser.add_argument("--fine-threshold", type=float, default=None,
+                        help="pixel: the finer look's threshold (dedup.Fine); default: threshold - FINE_MARGIN; -1: off")
     parser.add_argument("--embedder", choices=("pixel", "clip"), default="pixel")
     parser.add_argument("--clip-weights", type=Path, help="local open_clip weights (file or directory) for --embedder clip")
     parser.add_argument("--clip-model", default="ViT-B-32", help="architecture of a --clip-weights file")
@@ -301,7 +356,8 @@ def main() -> None:
     options = {"threshold": args.threshold, "size": args.size, "embedder": args.embedder, "clip_model": args.clip_model,
                "clip_weights": str(args.clip_weights.resolve()) if args.clip_weights else None}
     old_options = {k: v for k, v in options.items() if v is not None}  # what an older checkout's policy accepts too
-    spec = DedupSpec(**old_options, transforms=[t for t in args.transforms.split(",") if t])
+    spec = DedupSpec(**old_options, transforms=[t for t in args.transforms.split(",") if t],
+                     fine_threshold=args.fine_threshold)
     embedding = embedding_for(spec, RESOLUTION, Path.cwd())
     here = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as name:
@@ -342,7 +398,7 @@ def main() -> None:
         result = {"records": len(rows), "per_transform": args.per_transform, "workers": args.workers,
                   "resolution": RESOLUTION, "dedup": card.dedup, "build_seconds": round(built, 2),
                   "prepare_seconds": timing, "measured": measured(output, planted, rows),
-                  "sweep": sweep(root, rows, planted, embedding)}
+                  "sweep": sweep(root, rows, planted, embedding, spec)}
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

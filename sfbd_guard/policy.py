@@ -94,6 +94,7 @@ class NoiseSpec(StrictModel):
 
 
 PIXEL_THRESHOLD = 0.99  # default near-duplicate cosine of the pixel embedder (benchmarks/dedup_recall.py, docs/policy.md)
+FINE_MARGIN = 0.02  # default fine_threshold = threshold - this (pixel; benchmarks/README.md, docs/policy.md)
 CLIP_THRESHOLD = 0.95  # default near-duplicate cosine of the clip embedder (docs/policy.md: not measured here, no weights)
 DUPLICATE_RULE = "duplicate"  # the rule a record demoted by dedup carries in the manifest
 Transform = Literal["flip", "rotate", "invert"]
@@ -107,6 +108,9 @@ class DedupSpec(StrictModel):
     embedder: Literal["pixel", "clip"] = "pixel"  # pixel: weight-free z-scored grey pixels (cosine = correlation)
     size: int = Field(default=8, ge=4, le=64)  # side of the pixel embedding (capped at the resolution)
     threshold: float | None = Field(default=None, gt=0, le=1)  # cosine at or above which two records join; none = default
+    # pixel: each near pair is compared again at twice the size (16 px at size 8, best variant) and joins only if
+    # that cosine reaches fine_threshold too; none = threshold - FINE_MARGIN; -1 = no second look (not computed)
+    fine_threshold: float | None = Field(default=None, ge=-1, le=1)
     # copies hidden by these exact transforms count as copies (symmetry.py): flip (mirror), rotate (quarter turns;
     # with flip, all eight rotations and flips), invert (255 - x); exact: by a canonical digest; pixel: searched
     # against every variant; clip: each record embedded as the normalised sum of its variants' features
@@ -145,6 +149,13 @@ class DedupSpec(StrictModel):
         if self.threshold is not None:
             return self.threshold
         return CLIP_THRESHOLD if self.embedder == "clip" else PIXEL_THRESHOLD
+
+    @property
+    def effective_fine_threshold(self) -> float:
+        """pixel: the cosine a near pair must also reach at the finer size (-1: no such check)."""
+        if self.fine_threshold is not None:
+            return self.fine_threshold
+        return round(self.effective_threshold - FINE_MARGIN, 6)
 
     @model_validator(mode="after")
     def _clip_needs_weights(self) -> DedupSpec:

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from helpers import key_file, lineage, write_policy
 from sfbd_guard.curation import dedup
@@ -37,6 +37,9 @@ def dataset(tmp_path: Path, count: int = 12, copies: dict[str, tuple[str, str]] 
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         elif transform == "resize":
             image = image.resize((int(image.width * 1.2), int(image.height * 1.2)), Image.Resampling.BICUBIC)
+        elif transform.startswith("contrast"):  # contrast cut to a quarter (around the mean grey), then turned
+            image = ImageEnhance.Contrast(image).enhance(0.25)
+            image = image.transpose(Image.Transpose.ROTATE_90) if transform == "contrast-rot90" else image
         elif transform == "jpeg":
             name = name.replace(".png", ".jpg")
             image.save(root / name, quality=60)
@@ -250,9 +253,12 @@ def test_the_datasheet_and_the_prepare_summary_show_demotions_by_cause(tmp_path:
     card = open_prepared(output).card
     text = _dedup(card)
     assert "| clean copy of protected | 1 | 0 |" in text and "1 demoted to excluded" in text
+    assert "cosine ≥ 0.99 and ≥ 0.97 at 16 px" in text
     console = Console(record=True, width=200)
     print_summary(PrepareResult(output, dict(card.counts), dict(card.rule_counts), [], card, 0.1), console)
-    assert "dedup: 2 record(s) (28.57 %) merged into 1 cluster(s)" in console.export_text()
+    printed = console.export_text()
+    assert "dedup: 2 record(s) (28.57 %) merged into 1 cluster(s)" in printed
+    assert "pixel cosine >= 0.99 and >= 0.97 at 16 px" in printed
     off = open_prepared(run(tmp_path, dataset(tmp_path / "b", 6), "off", **OFF)).card
     assert "turned off" in _dedup(off)
 
@@ -288,3 +294,56 @@ def test_the_invariant_embedding_is_the_same_for_every_variant_and_never_farther
     a, b = vectors[:25], vectors[25:]
     nearest = np.sqrt(np.maximum(0, 2 - 2 * best_similarity(a, b, 8, variants)))  # distance to the nearest variant
     assert (np.linalg.norm(base[:25] - base[25:], axis=1) <= nearest + 1e-5).all()
+
+
+def _alike_at_8px_only(root: Path) -> None:
+    """Two 16 px images with the same 2×2 block means (so the same 8×8 embedding), one of them stored rotated and
+    inverted, that differ in their pixels: an independent ±40 checker inside each 2×2 block (zero block mean).
+    Like the benchmark's binary silhouette tiles and step edges: variants of one another at 8×8, not at 16."""
+    rng = np.random.default_rng(7)
+    coarse = np.kron(rng.integers(70, 186, (8, 8)), np.ones((2, 2)))
+    checker = np.kron(np.ones((8, 8)), np.array([[1, -1], [-1, 1]]))
+    a, b = (coarse + 40 * checker * np.kron(rng.choice([-1, 1], (8, 8)), np.ones((2, 2))) for _ in range(2))
+    b = 255 - np.rot90(b)
+    for name, grey in (("closed-a.png", a), ("open-b.png", b)):
+        Image.fromarray(np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)).save(root / name)
+    (root / "metadata.csv").write_text("file_name,kind\nclosed-a.png,closed\nopen-b.png,open\n")
+
+
+def test_two_distinct_images_alike_only_at_8px_are_not_merged(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    root.mkdir()
+    _alike_at_8px_only(root)
+    loose = manifest(run(tmp_path, root, "loose", dedup={"fine_threshold": -1}))  # the search alone: one image
+    assert loose["open-b.png"]["dup_of"] == "closed-a.png" and loose["open-b.png"]["dup_similarity"] > 0.999
+    output = run(tmp_path, root, "on")
+    rows = manifest(output)
+    assert rows["open-b.png"]["partition"] == "clean" and rows["open-b.png"]["dup_cluster"] is None
+    card = open_prepared(output).card.dedup
+    assert card is not None and card["fine"] == {"size": 16, "threshold": 0.97} and card["merged"] == 0
+    loose_card = open_prepared(tmp_path / "loose").card.dedup
+    assert loose_card is not None and "fine" not in loose_card
+
+
+def test_the_finer_look_keeps_jpeg_resized_and_contrast_reduced_copies(tmp_path: Path) -> None:
+    """A contrast-reduced copy is no escape: the finer look compares correlations (contrast-blind) like the search,
+    and a copy's correlation falls little from 8 to 16 px."""
+    copies = {"open-jpeg.png": ("01.png", "jpeg"), "open-resized.png": ("04.png", "resize"),
+              "open-faint.png": ("07.png", "contrast"), "open-faint-turned.png": ("10.png", "contrast-rot90")}
+    rows = manifest(run(tmp_path, dataset(tmp_path, copies=copies), "on"))
+    for copy, source in (("open-jpeg.jpg", "01.png"), ("open-resized.png", "04.png"), ("open-faint.png", "07.png"),
+                         ("open-faint-turned.png", "10.png")):
+        assert rows[copy]["dup_of"] == source and rows[copy]["partition"] == "excluded", copy
+        assert rows[copy]["dup_kind"] == "near" and rows[copy]["dup_similarity"] >= 0.99
+
+
+def test_the_fine_threshold_follows_the_threshold(tmp_path: Path) -> None:
+    from sfbd_guard.policy import DedupSpec
+
+    assert DedupSpec().effective_fine_threshold == 0.97
+    assert DedupSpec(threshold=0.95).effective_fine_threshold == 0.93
+    assert DedupSpec(threshold=0.95, fine_threshold=0.99).effective_fine_threshold == 0.99
+    at_8px = dedup.embedding_for(DedupSpec(), 8, tmp_path)  # nothing finer than the resolution: no second look
+    assert at_8px.fine_size == 0 and at_8px.dim == 64
+    assert dedup.embedding_for(DedupSpec(), 32, tmp_path).dim == 64 + 256
+    assert dedup.embedding_for(DedupSpec(fine_threshold=-1), 32, tmp_path).dim == 64

@@ -65,8 +65,10 @@ def _dedup(card: Card) -> str:
     lines = [f"| {cause} | {kinds.get('exact', 0)} | {kinds.get('near', 0)} |"
              for cause, kinds in sorted(dedup.get("demotions", {}).items())]
     table = ("\n\n| demoted record | exact copies | near copies |\n|---|---|---|\n" + "\n".join(lines)) if lines else ""
+    fine = dedup.get("fine")
+    finer = f" and ≥ {fine.get('threshold')} at {fine.get('size')} px" if isinstance(fine, dict) else ""
     return (f"Copies: exact (pixel sha256, up to the transforms) and near ({dedup.get('embedder')} embedder, cosine ≥ "
-            f"{dedup.get('threshold')}, {transforms_words(dedup)}) copies were merged, each cluster taking its strictest "
+            f"{dedup.get('threshold')}{finer}, {transforms_words(dedup)}) copies were merged, each cluster taking its strictest "
             f"action; {dedup.get('merged', 0)} record(s) in {dedup.get('clusters', 0)} cluster(s) "
             f"({100 * float(dedup.get('merged_share', 0)):.2f} %), {dedup.get('demoted', 0)} demoted to excluded "
             f"(rule `duplicate`).{table}")

@@ -24,8 +24,10 @@ def print_summary(result: PrepareResult, console: Console | None = None) -> None
     dedup = card.dedup or {}
     if dedup.get("enabled"):
         share = 100 * float(dedup.get("merged_share", 0))
+        fine = dedup.get("fine")
+        finer = f" and >= {fine.get('threshold')} at {fine.get('size')} px" if isinstance(fine, dict) else ""
         console.print(f"dedup: {dedup.get('merged', 0)} record(s) ({share:.2f} %) merged into {dedup.get('clusters', 0)} "
-                      f"cluster(s) of copies (exact, or {dedup.get('embedder')} cosine >= {dedup.get('threshold')}); "
+                      f"cluster(s) of copies (exact, or {dedup.get('embedder')} cosine >= {dedup.get('threshold')}{finer}); "
                       f"{dedup.get('demoted', 0)} demoted to excluded (rule duplicate)")
         if share > 5:
             console.print("[yellow]dedup merged more than 5 % of the records: check dedup.threshold "

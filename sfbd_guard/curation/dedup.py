@@ -15,8 +15,8 @@ after all parts:
    to disk rather than grow): a rotated, flipped or inverted copy is an exact copy;
 2. near: FAISS inner-product range search over the unit embeddings, a block of rows against a block at
    a time (bounded memory); with transforms, over an embedding invariant to them, its pairs then checked
-   against every variant (`near_pairs`); pairs at or above the threshold join (union-find over one int64
-   per record);
+   against every variant (`near_pairs`); with the pixel embedder, each pair found is looked at again at
+   twice the size (`Fine`); pairs at or above the threshold(s) join (union-find over one int64 per record);
 3. each cluster of two or more takes its strictest action (exclude > protect > clean). Its
    representative, the member with the smallest record id among those whose own rule chose that action,
    keeps its row; with `exclude` or `protect`, every other member that was stored (clean or protected) is
@@ -52,15 +52,48 @@ SEARCH_BLOCK = 4096  # rows per block of the range search: two blocks and their 
 STRICTNESS = {"clean": 0, "protect": 1, "exclude": 2}
 
 
-def embed(pixels: np.ndarray, size: int) -> np.ndarray:
+def embed(pixels: np.ndarray, size: int, fine: int = 0) -> np.ndarray:
     """float32 (N, size*size) unit vectors of uint8 (N, C, H, W) images: the audit's weight-free pixel embedding
     (audit/embed.py: area-downsampled, minus its own mean, L2-normalised, so cosine = Pearson correlation) of the
-    grey image (mean of the channels). Zero for a constant image (it then only joins by sha256)."""
+    grey image (mean of the channels). Zero for a constant image (it then only joins by sha256).
+
+    With `fine` (a side larger than `size`): each row is followed by the same embedding at fine*fine, the finer
+    look a near pair must pass too (`Fine`), so (N, size*size + fine*fine), each part a unit vector.
+
+    When the side divides the image, the area average is an exact integer block sum of the channel sum (the
+    centring and the normalisation make the scale irrelevant): no rounding before the centring, and a third of
+    the cost of averaging each channel in floats."""
     from ..audit.embed import downsample, normalize_rows
 
-    size = min(size, pixels.shape[-1])
-    grey = downsample(pixels, size).mean(axis=1).reshape(len(pixels), -1)
-    return normalize_rows(grey - grey.mean(axis=1, keepdims=True))
+    n, _, h, w = pixels.shape
+    summed: np.ndarray | None = None
+    parts = []
+    for side in (size, fine) if fine else (size,):
+        side = min(side, w)
+        if h % side == 0 and w % side == 0:
+            if summed is None:
+                summed = pixels.sum(axis=1, dtype=np.float32)  # integers; the block sums exact up to 1024 px
+            grey = summed.reshape(n, side, h // side, side, w // side).sum(axis=(2, 4)).reshape(n, -1)
+        else:
+            grey = downsample(pixels, side).mean(axis=1).reshape(n, -1)
+        parts.append(normalize_rows(grey - grey.mean(axis=1, keepdims=True)))
+    return parts[0] if len(parts) == 1 else np.ascontiguousarray(np.concatenate(parts, axis=1))
+
+
+@dataclass(frozen=True)
+class Fine:
+    """The second look at each near pair: the pairs the search finds on the `size` embedding are kept only if
+    their embeddings at the finer `side` (best variant) also reach `threshold`.
+
+    Why: at 8×8 two distinct images with little structure (a silhouette, a straight edge) can be variants of one
+    another within 0.99, and searching 16 variants gives every pair 16 chances; at 16×16 they part, while a copy
+    (JPEG, resized, noisy, brightened, rotated...) loses at most about 0.014 of its similarity from 8 to 16 px
+    (benchmarks/README.md). The search itself stays on the small embedding (its cost and its recall bound), and
+    the candidate pairs are few, so the second look costs little."""
+
+    vectors: np.ndarray  # (N, side*side) unit rows, in the order of the searched ones
+    side: int
+    threshold: float
 
 
 @dataclass(frozen=True)
@@ -81,6 +114,8 @@ class Embedding:
     quick_gelu: bool = False
     batch: int = 64
     clip_identity: tuple[tuple[str, str], ...] = ()  # model and weights sha256, for the card
+    fine_size: int = 0  # pixel: side of the finer embedding stored after each row (0: none), see `Fine`
+    fine_threshold: float = -1.0  # pixel: the cosine a near pair must also reach at fine_size
 
     @property
     def variants(self) -> tuple[Variant, ...]:
@@ -95,7 +130,7 @@ class Embedding:
     def embedder(self) -> Callable[[np.ndarray], np.ndarray]:
         """A function from uint8 (N, C, H, W) pixels to float32 (N, dim) unit rows."""
         if self.kind == "pixel":
-            return partial(embed, size=self.size)
+            return partial(embed, size=self.size, fine=self.fine_size)
         from ..audit.clip import ClipEmbedder
         from ..audit.embed import embed_batched, normalize_rows
 
@@ -116,7 +151,11 @@ def embedding_for(spec: DedupSpec, resolution: int, base_dir: Path) -> Embedding
     transforms = tuple(spec.transforms)
     if spec.embedder == "pixel":
         size = min(spec.size, resolution)
-        return Embedding("pixel", size, size * size, transforms)
+        fine_threshold = spec.effective_fine_threshold
+        fine = min(2 * size, resolution) if fine_threshold > -1 else 0
+        fine = fine if fine > size else 0  # at the resolution already: nothing finer to look at
+        return Embedding("pixel", size, size * size + fine * fine, transforms, fine_size=fine,
+                         fine_threshold=fine_threshold if fine else -1.0)
     from ..audit.clip import ClipEmbedder
 
     assert spec.clip_weights is not None  # DedupSpec's validator
@@ -268,9 +307,26 @@ def _verified(vectors: np.ndarray, candidates: list[tuple[np.ndarray, np.ndarray
     return found
 
 
+def _finer(pairs: list[tuple[np.ndarray, np.ndarray]], fine: Fine | None, variants: tuple[Variant, ...]
+           ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The pairs whose finer embeddings (`Fine`) also reach its threshold at their best variant (all without)."""
+    if fine is None:
+        return pairs
+    kept = []
+    for rows_a, rows_b in pairs:
+        for start in range(0, len(rows_a), VERIFY_BLOCK):
+            a, b = rows_a[start:start + VERIFY_BLOCK], rows_b[start:start + VERIFY_BLOCK]
+            best = best_similarity(np.asarray(fine.vectors[a], np.float32), np.asarray(fine.vectors[b], np.float32),
+                                   fine.side, variants)
+            keep = best >= np.float32(fine.threshold)
+            if keep.any():
+                kept.append((a[keep], b[keep]))
+    return kept
+
+
 def near_pairs(vectors: np.ndarray, threshold: float, *, variants: tuple[Variant, ...], size: int,
-               block: int = SEARCH_BLOCK, band_sample: int = 20000, scratch: Path | None = None
-               ) -> list[tuple[np.ndarray, np.ndarray]]:
+               block: int = SEARCH_BLOCK, band_sample: int = 20000, scratch: Path | None = None,
+               fine: Fine | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Row pairs (a < b) such that a variant of a's embedding (under `variants`, symmetry.py) has cosine >= threshold
     with b's, as (a rows, b rows) arrays. Zero rows (unreadable, constant, or not the first of an exact group)
     never match.
@@ -281,9 +337,10 @@ def near_pairs(vectors: np.ndarray, threshold: float, *, variants: tuple[Variant
     of it. With transforms, the search runs on `symmetry.invariant` of the embeddings (one row per record, the
     same for all its variants, never farther apart than the nearest variants): its pairs are the candidates, and
     each is kept if its best variant reaches the threshold. `scratch`: a folder for the invariant rows (memory-
-    mapped, deleted before returning); None keeps them in memory."""
+    mapped, deleted before returning); None keeps them in memory. `fine`: a second look at each pair found (`Fine`).
+    """
     if len(variants) <= 1:
-        return _banded_pairs(vectors, threshold, block, band_sample)
+        return _finer(_banded_pairs(vectors, threshold, block, band_sample), fine, variants)
     n, dim = vectors.shape
     path = scratch / INVARIANT_FILE if scratch is not None else None
     features = (np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim)) if path is not None
@@ -296,11 +353,11 @@ def near_pairs(vectors: np.ndarray, threshold: float, *, variants: tuple[Variant
         del features
         if path is not None:
             path.unlink(missing_ok=True)
-    return _verified(vectors, candidates, threshold, size, variants)
+    return _finer(_verified(vectors, candidates, threshold, size, variants), fine, variants)
 
 
 def near_pairs_all(vectors: np.ndarray, threshold: float, *, variants: tuple[Variant, ...], size: int,
-                   block: int = SEARCH_BLOCK) -> list[tuple[np.ndarray, np.ndarray]]:
+                   block: int = SEARCH_BLOCK, fine: Fine | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """`near_pairs` comparing every pair with every variant (the reference the banded search is tested against)."""
     import faiss
 
@@ -320,9 +377,9 @@ def near_pairs_all(vectors: np.ndarray, threshold: float, *, variants: tuple[Var
                 below = rows < others
                 if below.any():
                     found.append((rows[below], others[below]))
-    return _verified(vectors, found, threshold, size, variants) if len(variants) > 1 else [
+    return _finer(_verified(vectors, found, threshold, size, variants) if len(variants) > 1 else [
         (a[keep], b[keep]) for a, b in found
-        for keep in [np.einsum("ij,ij->i", vectors[a], vectors[b]) >= np.float32(threshold)]]
+        for keep in [np.einsum("ij,ij->i", vectors[a], vectors[b]) >= np.float32(threshold)]], fine, variants)
 
 
 @dataclass(frozen=True)
@@ -408,24 +465,28 @@ def find_plan(staged_manifest: Path, store: EmbeddingStore | None, actions: np.n
     n = len(actions)
     variants = embedding.search_variants
     sets = UnionFind(n)
-    vectors = store.vectors if store is not None else None
+    stored = store.vectors if store is not None else None  # the searched embedding, then the finer one (pixel)
+    searched = embedding.dim - embedding.fine_size ** 2
+    vectors = stored[:, :searched] if stored is not None and embedding.fine_size else stored
+    fine = (Fine(stored[:, searched:], embedding.fine_size, embedding.fine_threshold)
+            if stored is not None and embedding.fine_size else None)
     groups = exact_groups(staged_manifest)
     for rows in groups:
         for row in rows[1:]:
             sets.union(rows[0], row)
-            if vectors is not None:
-                vectors[row] = 0.0  # one row per canonical sha256 takes part in the near search
+            if stored is not None:
+                stored[row] = 0.0  # one row per canonical sha256 takes part in the near search
     if vectors is not None:
         for rows_a, rows_b in near_pairs(vectors, spec.effective_threshold, variants=variants, size=embedding.size,
-                                       scratch=store.path.parent if store is not None else None):
+                                       scratch=store.path.parent if store is not None else None, fine=fine):
             for a, b in zip(rows_a.tolist(), rows_b.tolist(), strict=True):
                 sets.union(a, b)
     roots = sets.roots()
     roots[actions < 0] = np.arange(n)[actions < 0]  # unreadable records are never members
-    if vectors is not None:  # restore the zeroed rows for the similarities of the plan
+    if stored is not None:  # restore the zeroed rows for the similarities of the plan
         for rows in groups:
             for row in rows[1:]:
-                vectors[row] = vectors[rows[0]]
+                stored[row] = stored[rows[0]]
     return plan(roots, actions, record_ids, sha256, vectors, variants=variants, size=embedding.size)
 
 
@@ -434,6 +495,8 @@ def card_section(spec: DedupSpec, embedding: Embedding | None, result: Plan | No
     if not spec.enabled or result is None or embedding is None:
         return {"enabled": False}
     settings: dict[str, Any] = {"size": embedding.size} if embedding.kind == "pixel" else {"clip": dict(embedding.clip_identity)}
+    if embedding.fine_size:
+        settings["fine"] = {"size": embedding.fine_size, "threshold": embedding.fine_threshold}
     return {"enabled": True, "embedder": embedding.kind, **settings, "threshold": spec.effective_threshold,
             "threshold_default": spec.threshold is None, "transforms": list(spec.transforms),
             "variants": len(embedding.variants), "clusters": result.clusters,
