@@ -17,6 +17,7 @@ import stat
 from pathlib import Path
 
 from .errors import InputError
+from .fileio import read_regular
 from .hashing import keyed_digest
 
 __all__ = ["DIGEST_HEADER", "keyed_digest", "read_digest_key", "write_secret_file"]
@@ -52,7 +53,7 @@ def read_digest_key(path: Path) -> bytes:
         raise InputError(f"digest key {path}: readable or writable by group or others "
                          f"(mode {stat.S_IMODE(info.st_mode):04o})", hint=f"chmod 600 {path}")
     try:
-        lines = [line.strip() for line in path.read_text(encoding="ascii").splitlines()]
+        lines = [line.strip() for line in read_regular(path, 4096).decode("ascii").splitlines()]  # never a FIFO
     except (UnicodeDecodeError, OSError):
         raise InputError(f"digest key {path}: not a digest key file") from None
     body = [line for line in lines if line and not line.startswith("#")]

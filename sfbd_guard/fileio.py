@@ -3,6 +3,7 @@ and owner-only report folders (JSON reading: contracts/base.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -13,9 +14,6 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .errors import InputError
-
-# The digests live in hashing.py.
-from .hashing import new_sha256
 
 __all__ = ["NotRegularFileError", "atomic_write_bytes", "atomic_write_json", "check_report_dir", "open_regular",
            "owner_only_dirs", "read_regular", "report_dir", "save_npy"]
@@ -54,7 +52,7 @@ class _HashingWriter:
 
     def __init__(self, handle: BinaryIO) -> None:
         self._handle = handle
-        self.digest = new_sha256()
+        self.digest = hashlib.sha256()  # not hashing.new_sha256: hashing imports this module
 
     def write(self, data: bytes | memoryview) -> int:
         self.digest.update(data)

@@ -23,7 +23,7 @@ _CHUNK = 1 << 20
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a regular file's bytes (OSError if it is not one)."""
-    from .fileio import open_regular  # fileio imports this module
+    from .fileio import open_regular
 
     digest = hashlib.sha256()
     with open_regular(path) as handle:  # a FIFO or a device is refused (NotRegularFileError), never waited on
@@ -62,6 +62,17 @@ def canonical_sha256(pixels: np.ndarray, variants: Sequence[Variant]) -> list[st
     from .symmetry import canonical
 
     return [pixel_sha256(image) for image in canonical(pixels, variants)]
+
+
+DIGEST_KEY_ID_LABEL = b"sfbd_guard/digest-key-id/v1"
+
+
+def digest_key_id(digest_key: bytes) -> str:
+    """Public name of a digest key (HMAC-SHA256(digest_key, label), hex): the card records it, so a verifier
+    given another directory's digest key is told so instead of reading every clean row as tampered."""
+    import hmac
+
+    return hmac.new(digest_key, DIGEST_KEY_ID_LABEL, hashlib.sha256).hexdigest()
 
 
 def keyed_digest(digest_key: bytes, pixel_sha256: str) -> str:

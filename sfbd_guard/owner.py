@@ -5,6 +5,10 @@ file (a path, never the key itself), else $XDG_CONFIG_HOME/sfbd_guard, else ~/.c
 
     owner.key           the owner's secret (curation/keys.py; 0600)
     releases.parquet    the release register (curation/register.py)
+    digest-keys/<digest key id>.key
+                        the digest subkey of each key that prepared a directory here (the file guard key
+                        export-digest writes), so the owner's own `guard run` can check the keyed pixel digests
+                        without opening the owner's secret
     lineage/<fingerprint>.parquet
                         the full manifest of each prepared directory (file names, licences, metadata, plain pixel
                         sha256 of every record, excluded ones included), written by `guard prepare`; the prepared
@@ -28,6 +32,7 @@ if TYPE_CHECKING:
 KEY_ENV = "GUARD_KEY_FILE"  # a path to the owner's key file, never the key itself
 KEY_NAME = "owner.key"
 LINEAGE = "lineage"
+DIGEST_KEYS = "digest-keys"
 
 
 def default_key_path() -> Path:
@@ -53,6 +58,21 @@ def lineage_path(fingerprint: str) -> Path:
     if not fingerprint or not all(c in "0123456789abcdef" for c in fingerprint):
         raise InputError(f"fingerprint {fingerprint[:80]!r}: not a sha256")
     return owner_dir() / LINEAGE / f"{fingerprint}.parquet"
+
+
+def digest_key_path(digest_key_id: str, folder: Path | None = None) -> Path:
+    """Where the owner keeps the digest key named `digest_key_id` (hashing.digest_key_id; a card records it)."""
+    if not digest_key_id or not all(c in "0123456789abcdef" for c in digest_key_id):
+        raise InputError(f"digest key id {digest_key_id[:80]!r}: not a sha256")
+    return (folder or owner_dir()) / DIGEST_KEYS / f"{digest_key_id}.key"
+
+
+def owner_digest_key(digest_key_id: str | None) -> Path | None:
+    """The owner's digest key file for a card's `digest_key_id`, if this machine's owner folder has it."""
+    if digest_key_id is None:
+        return None
+    path = digest_key_path(digest_key_id)
+    return path if path.is_file() else None
 
 
 def read_lineage(fingerprint: str, columns: list[str], *, why: str) -> pa.Table:

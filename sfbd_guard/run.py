@@ -130,9 +130,14 @@ def _report(config: PipelineConfig, ledger: Path) -> dict[str, Path]:
     from .compliance.datasheet import write_datasheet
     from .compliance.html import write_html
     from .compliance.tables import report_tables
+    from .owner import owner_digest_key
 
     run_dir = Path(str(config.out))
-    html = write_html(run_dir / "report.html", ledger, report_tables(ledger, None))
+    # guard run prepares the data, so it runs on the owner's side: the digest key prepare kept in the owner's folder
+    # lets verify compare the manifest's keyed pixel digests (without it that check says ATTENTION)
+    card = read_card(Path(config.data), hint="--data must be a directory written by guard prepare")
+    html = write_html(run_dir / "report.html", ledger, report_tables(ledger, None),
+                      digest_key=owner_digest_key(card.digest_key_id))
     sheet = write_datasheet(run_dir / "DATASHEET.md", run_dir, ledger)
     return {"report": html, "datasheet": sheet, "grid": run_dir / "samples" / "grid.png",
             "audit": run_dir / "audit" / "report.html"}

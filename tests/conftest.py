@@ -22,12 +22,14 @@ from sfbd_guard.datasets.synthetic import write_celeba, write_cifar10
 def _owner_config(folder: Path, monkeypatch: pytest.MonkeyPatch, lineage: Path) -> None:
     """The owner's key and release register (created by the first prepare) go under `folder`, never the real
     home: XDG_CONFIG_HOME is set and GUARD_KEY_FILE unset. HOME stays, so cached model weights are still found.
-    The lineage folder (full manifests by fingerprint, read by the audit) is one for the session, linked into
-    every owner folder: a module's fixture prepares under the module's owner folder, its tests audit under theirs."""
+    The lineage folder (full manifests by fingerprint, read by the audit) and the digest keys are one for the
+    session, linked into every owner folder: a module's fixture prepares under the module's owner folder, its tests audit under theirs."""
     (folder / "sfbd_guard").mkdir(mode=0o700, parents=True, exist_ok=True)
-    link = folder / "sfbd_guard" / "lineage"
-    if not link.exists():
-        link.symlink_to(lineage, target_is_directory=True)
+    for name in ("lineage", "digest-keys"):  # digest-keys: the digest keys prepare keeps for the owner's guard run
+        link = folder / "sfbd_guard" / name
+        if not link.exists():
+            (lineage.parent / f"{lineage.name}-{name}").mkdir(mode=0o700, exist_ok=True)
+            link.symlink_to(lineage.parent / f"{lineage.name}-{name}", target_is_directory=True)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(folder))
     monkeypatch.delenv("GUARD_KEY_FILE", raising=False)
 

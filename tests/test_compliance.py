@@ -233,3 +233,25 @@ def test_report_tables_fit_a_100_column_terminal(chain, capsys, monkeypatch) -> 
     assert max(len(line) for line in out.splitlines()) <= 100, out
     assert "runs/chain" in out and str(folder) not in out  # paths relative to the project
     assert "empty column(s) hidden" in out  # the DP columns of runs without DP
+
+
+def test_guard_run_checks_the_pixel_digests_with_the_owners_digest_key(chain: tuple[Path, Path]) -> None:
+    """guard run is the owner's pipeline: its report's verify compares the keyed digests (the digest key prepare kept
+    in the owner's folder), so the owner's own report is not ATTENTION for want of a key the owner holds."""
+    folder, _ = chain
+    page = (folder / "runs" / "chain" / "report.html").read_text()
+    assert "clean rows checked: none holds a protected or excluded image" in page
+    assert "needs the owner&#39;s digest key" not in page and "needs the owner's digest key" not in page
+
+
+def test_another_directorys_digest_key_is_named_not_read_as_tampering(chain: tuple[Path, Path], tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from sfbd_guard.digests import DIGEST_HEADER, write_secret_file
+
+    folder, ledger = chain
+    other = tmp_path / "other.key"
+    write_secret_file(other, f"{DIGEST_HEADER} {'ab' * 32}\n")
+    assert _guard("verify", "--run", folder / "runs" / "chain", "--ledger", ledger, "--digest-key", other) == 0
+    out = capsys.readouterr().out
+    assert "ATTENTION  no protected pixels: the digest key given is another directory's" in out
+    assert "0 failed" in out

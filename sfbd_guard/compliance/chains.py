@@ -135,7 +135,7 @@ def _latest_audit(chain: Chain, project: Path) -> None:
             chain.reasons.append(Reason("fail", f"the latest audit's summary.json could not be read: {err}"))
 
 
-def gather(ledger: Path, *, verify: bool = True, digest_key: Path | None = None) -> tuple[list[Chain], list[Event]]:
+def gather(ledger: Path, *, verify: bool = True, digest_key: Path | bytes | None = None) -> tuple[list[Chain], list[Event]]:
     """The run chains of `ledger`, oldest run first, each with its verdict; and the failed or interrupted events
     that belong to no chain. `digest_key` (guard key export-digest) is passed to guard verify's pixel checks."""
     events = read_events(ledger)

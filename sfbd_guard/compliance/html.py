@@ -123,7 +123,7 @@ def _rows(table: Any) -> list[list[Any]]:
 
 
 def report_page(ledger: Path, page: Path, tables: dict[str, Any], *, verify: bool = True,
-                digest_key: Path | None = None) -> str:
+                digest_key: Path | bytes | None = None) -> str:
     """The whole page as a string; `page` is where it will be written (its links are relative to its folder)."""
     chains, orphans = gather(ledger, verify=verify, digest_key=digest_key)
     project, page_dir = project_of(ledger), page.resolve().parent
@@ -140,7 +140,7 @@ def report_page(ledger: Path, page: Path, tables: dict[str, Any], *, verify: boo
 
 
 def write_html(path: Path, ledger: Path, tables: dict[str, Any], *, verify: bool = True,
-               digest_key: Path | None = None) -> Path:
+               digest_key: Path | bytes | None = None) -> Path:
     page = report_page(ledger, path, tables, verify=verify, digest_key=digest_key)
     owner_only_dirs(path.parent)  # new folders are owner-only (the file is 0600)
     atomic_write_bytes(path, page.encode())

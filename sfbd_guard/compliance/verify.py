@@ -33,7 +33,7 @@ from ..contracts.events import Event, TrainSummary
 from ..curation.manifest import ACTION_PARTITION
 from ..digests import read_digest_key
 from ..errors import GuardError, InputError
-from ..hashing import canonical_sha256, keyed_digest, pixel_sha256
+from ..hashing import canonical_sha256, digest_key_id, keyed_digest, pixel_sha256
 from ..locations import project_of
 from ..policy import DUPLICATE_RULE
 from ..relocate import prepared_of_run
@@ -210,13 +210,15 @@ NEEDS_DIGEST_KEY = "needs the owner's digest key"
 
 
 def check_clean_rows(data: Path, rows: list[dict[str, Any]], variants: tuple[Variant, ...] = (), keyed: bool = False,
-                     digest_key: bytes | None = None) -> Check:
+                     digest_key: bytes | None = None, *, foreign_key: bool = False) -> Check:
     """No clean row holds a protected or excluded image (nor, with dedup transforms, a transformed copy of one), and
     each is the image its manifest digest names. The manifest's digests are keyed (curation/disclosure.py): without
     the owner's digest key they cannot be compared with the pixels, and the check is ATTENTION, not PASS."""
     if keyed and digest_key is None:
         clean = sum(r["partition"] == "clean" for r in rows)
-        return Check("no protected pixels", True, f"{NEEDS_DIGEST_KEY}: the manifest's pixel digests are keyed, so the "
+        given = "the digest key given is another directory's (its key id differs from the card's digest_key_id); "
+        return Check("no protected pixels", True, f"{given if foreign_key else ''}{NEEDS_DIGEST_KEY}: the manifest's "
+                     "pixel digests are keyed, so the "
                      f"{clean} clean rows cannot be compared with the protected and excluded images without it "
                      "(the owner exports it with guard key export-digest; guard verify --digest-key FILE)",
                      attention=True)
@@ -352,17 +354,18 @@ def check_audit(con: Any, run_dir: Path) -> Check:
 
 
 def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, data: Path | None = None,
-               digest_key: Path | None = None) -> list[Check]:
+               digest_key: Path | bytes | None = None) -> list[Check]:
     """Every check of the run in `run_dir` against `ledger`. Its prepared directory is `data` (--data), else
     run.json's (`relocate.prepared_of_run`: relative to the run, or found by its fingerprint in the project).
-    `digest_key` (a file from guard key export-digest) lets the pixel checks compare the keyed digests."""
+    `digest_key` (a file from guard key export-digest, or the subkey itself) lets the pixel checks compare the keyed
+    digests."""
     from ..contracts.events import read_events
     from ..contracts.run_record import read_run_record
 
     run_dir = run_dir.resolve()
     if not (run_dir / "run.json").is_file():
         raise InputError(f"{run_dir}: not a run directory (no run.json)", hint="--run takes a directory written by guard train")
-    key = read_digest_key(digest_key) if digest_key is not None else None
+    key = read_digest_key(digest_key) if isinstance(digest_key, Path) else digest_key
     if verify_key is not None:  # a key file that cannot be read is bad input (exit 2), not a failed check
         from ..signing import load_public_key
 
@@ -379,6 +382,8 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
                    for name in ("noise", "noise statistics", "releases", "no protected pixels", "opt-outs", "duplicates")]
         return [*checks, *skipped, check_audit(con, run_dir)]
     rows, keyed = _manifest(prepared.root)
+    foreign = key is not None and prepared.card.digest_key_id not in (None, digest_key_id(key))
+    key = None if foreign else key  # another directory's digest key: the pixel checks say so (ATTENTION)
     return [*checks, check_noise(prepared, rows), check_noise_statistics(prepared), check_releases(prepared.card),
-            check_clean_rows(prepared.root, rows, card_variants(prepared.card), keyed, key),
+            check_clean_rows(prepared.root, rows, card_variants(prepared.card), keyed, key, foreign_key=foreign),
             check_opt_outs(prepared, rows, keyed, key), check_duplicates(prepared.card, rows), check_audit(con, run_dir)]

@@ -91,6 +91,7 @@ class Card(CardIdentity):
     noise_generator: str | None = None  # absent in cards made before the noise was keyed
     noise_key_id: str | None = None  # absent in cards made before the noise was keyed
     noise_key_source: str | None = None  # absent in cards made before the noise was keyed
+    digest_key_id: str | None = None  # names the digest subkey of the manifest's keyed digests (hashing.digest_key_id)
     noise_seed: int | None = None  # only in cards made before the noise was keyed: their noise is invertible
     counts: dict[str, int]
     rule_counts: dict[str, int]

@@ -40,14 +40,15 @@ from ..datasets import DatasetReader, Part, SourceSpec, open_reader
 from ..datasets.base import ListingReport
 from ..errors import DataError, InputError
 from ..executor import LOCAL, ExecutorSpec
-from ..hashing import fingerprint, new_sha256, sha256_file
+from ..hashing import digest_key_id, fingerprint, new_sha256, sha256_file
+from ..owner import digest_key_path
 from ..policy import DedupSpec as DedupPolicy
 from ..policy import LoadedPolicy
 from ..progress import ProgressFactory
 from . import dedup, disclosure, register
 from . import shards as shard_files
 from .decode import NoiseParams, PartResult, PartTask, init_worker, process_part, worker_part, worker_part_metadata
-from .keys import NoiseKey, OwnerKey, fresh_key, owner_key, read_key_file
+from .keys import NoiseKey, OwnerKey, export_digest_key, fresh_key, owner_key, read_key_file
 from .listing import check_listing
 from .manifest import ACTION_PARTITION, MANIFEST_FIELDS, PARTITIONS, manifest_schema, manifest_table
 from .noise import GENERATOR
@@ -245,6 +246,7 @@ def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, counts:
         "sigma": policy.noise.sigma,
         "noise_generator": GENERATOR,
         "noise_key_id": key.key_id,  # HMAC(secret, label): names the key, reveals nothing of it
+        "digest_key_id": digest_key_id(key.digest_subkey),  # lets verify tell another directory's digest key
         "noise_key_source": key.source,  # ephemeral (discarded: the noise can never be regenerated) or key_file
         "counts": counts,
         "rule_counts": rule_counts,
@@ -305,6 +307,15 @@ class KeyChoice:
     key: NoiseKey
     owner: OwnerKey
     note: str
+
+
+def _keep_digest_key(key: NoiseKey, folder: Path, card: Card) -> None:
+    """The digest subkey of `key` in the owner's folder (owner.py), for the owner's own checks of the directory."""
+    assert card.digest_key_id is not None
+    path = digest_key_path(card.digest_key_id, folder)
+    if not path.is_file():
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        export_digest_key(key, path)
 
 
 def noise_key(loaded: LoadedPolicy, key_file: Path | None, output: Path, *, ephemeral: bool = False) -> KeyChoice:
@@ -461,6 +472,7 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
                 kept = lineage / f"{card.fingerprint}.parquet"
                 shutil.move(full, kept)
                 kept.chmod(0o600)
+                _keep_digest_key(key, choice.owner.path.parent, card)
                 finish_output(staging, output)
                 register_sha256 = register.append(register_file, new)
         except BaseException:
