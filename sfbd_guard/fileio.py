@@ -3,7 +3,6 @@ and owner-only report folders (JSON reading: contracts/base.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -14,37 +13,11 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .errors import InputError
+from .hashing import new_sha256
+from .regular import NotRegularFileError, open_regular, read_regular
 
 __all__ = ["NotRegularFileError", "atomic_write_bytes", "atomic_write_json", "check_report_dir", "open_regular",
            "owner_only_dirs", "read_regular", "report_dir", "save_npy"]
-
-
-class NotRegularFileError(OSError):
-    """A path that names a FIFO, a socket, a device or a directory where a regular file is read."""
-
-
-def open_regular(path: Path, *, follow_links: bool = True) -> BinaryIO:
-    """`path` opened for reading, only if it is a regular file; OSError (FileNotFoundError, NotRegularFileError...)
-    otherwise.
-
-    O_NONBLOCK: opening a FIFO returns at once (a blocking open waits for a writer forever), and the fstat of
-    the open file, not of the name, decides, so a file swapped after a check is judged as what is opened.
-    follow_links=False adds O_NOFOLLOW (a dataset's own files: a final symlink is refused, not followed); an
-    option the user typed (a key, a config) may be a symlink, as key stores and mounted secrets make them.
-    """
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags if follow_links else flags | getattr(os, "O_NOFOLLOW", 0))
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise NotRegularFileError(0, "not a regular file", str(path))
-    return os.fdopen(fd, "rb")
-
-
-def read_regular(path: Path, limit: int) -> bytes:
-    """At most `limit` + 1 bytes of the regular file `path` (the caller refuses more than `limit`); OSError if
-    it is missing, unreadable or not a regular file (see `open_regular`)."""
-    with open_regular(path) as handle:
-        return handle.read(limit + 1)
 
 
 class _HashingWriter:
@@ -52,7 +25,7 @@ class _HashingWriter:
 
     def __init__(self, handle: BinaryIO) -> None:
         self._handle = handle
-        self.digest = hashlib.sha256()  # not hashing.new_sha256: hashing imports this module
+        self.digest = new_sha256()
 
     def write(self, data: bytes | memoryview) -> int:
         self.digest.update(data)

@@ -11,6 +11,8 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .regular import open_regular
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -23,8 +25,6 @@ _CHUNK = 1 << 20
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a regular file's bytes (OSError if it is not one)."""
-    from .fileio import open_regular
-
     digest = hashlib.sha256()
     with open_regular(path) as handle:  # a FIFO or a device is refused (NotRegularFileError), never waited on
         for block in iter(lambda: handle.read(_CHUNK), b""):

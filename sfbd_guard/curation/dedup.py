@@ -118,6 +118,11 @@ class Embedding:
     fine_threshold: float = -1.0  # pixel: the cosine a near pair must also reach at fine_size
 
     @property
+    def searched_dim(self) -> int:
+        """Columns of the embedding the near search reads (the finer look's columns follow them)."""
+        return self.dim - self.fine_size ** 2
+
+    @property
     def variants(self) -> tuple[Variant, ...]:
         """The group of the transforms (identity first): the exact digest's."""
         return group(self.transforms)
@@ -466,7 +471,7 @@ def find_plan(staged_manifest: Path, store: EmbeddingStore | None, actions: np.n
     variants = embedding.search_variants
     sets = UnionFind(n)
     stored = store.vectors if store is not None else None  # the searched embedding, then the finer one (pixel)
-    searched = embedding.dim - embedding.fine_size ** 2
+    searched = embedding.searched_dim
     vectors = stored[:, :searched] if stored is not None and embedding.fine_size else stored
     fine = (Fine(stored[:, searched:], embedding.fine_size, embedding.fine_threshold)
             if stored is not None and embedding.fine_size else None)

@@ -289,7 +289,7 @@ def _deduplicate(staging: Path, records: Records, decisions: Decisions, store: d
         released = None
         if store is not None:
             rows = _released_rows(staging / "manifest.parquet")
-            released = np.array(store.vectors[rows], np.float32)
+            released = np.array(store.vectors[rows, :embedding.searched_dim], np.float32)  # the register's search
             store.close()
             store = None
     finally:
