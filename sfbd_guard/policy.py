@@ -101,6 +101,29 @@ Transform = Literal["flip", "rotate", "invert"]
 TRANSFORMS: tuple[Transform, ...] = ("flip", "rotate", "invert")  # symmetry.GENERATORS, all by default
 
 
+def old_transforms_flag(data: Any, old: str) -> Any:
+    """A config section's `transforms` from its boolean `old` name (`mirror` in a policy's dedup, `flip` in an
+    audit's embedder): true is the default (all transforms), false is `transforms: []`; both given is an error."""
+    if isinstance(data, dict) and old in data:
+        if "transforms" in data:
+            raise ValueError(f"give transforms only ({old} is its old name: {old}: true is transforms: "
+                             f"[flip, rotate, invert], {old}: false is transforms: [])")
+        data = dict(data)
+        flag = data.pop(old)
+        if not isinstance(flag, bool):
+            raise ValueError(f"{old} (the old name of transforms) must be true or false")
+        if not flag:
+            data["transforms"] = []
+    return data
+
+
+def ordered_transforms(transforms: list[str]) -> list[str]:
+    """Each transform once, in one order whatever the file's (ValueError for a repeat)."""
+    if len(set(transforms)) != len(transforms):
+        raise ValueError("each transform once")
+    return [name for name in TRANSFORMS if name in transforms]
+
+
 class DedupSpec(StrictModel):
     """Near-duplicate and exact-copy merging (curation/dedup.py): each cluster takes its strictest action."""
 
@@ -125,24 +148,12 @@ class DedupSpec(StrictModel):
     def _old_mirror(cls, data: Any) -> Any:
         """`mirror` (before transforms): true is the default (now also rotations and inversion); false is
         `transforms: []` (untransformed images only), as it was."""
-        if isinstance(data, dict) and "mirror" in data:
-            if "transforms" in data:
-                raise ValueError("give transforms only (mirror is its old name: mirror: true is transforms: "
-                                 "[flip, rotate, invert], mirror: false is transforms: [])")
-            data = dict(data)
-            mirror = data.pop("mirror")
-            if not isinstance(mirror, bool):
-                raise ValueError("mirror (the old name of transforms) must be true or false")
-            if not mirror:
-                data["transforms"] = []
-        return data
+        return old_transforms_flag(data, "mirror")
 
     @field_validator("transforms")
     @classmethod
     def _unique_transforms(cls, transforms: list[str]) -> list[str]:
-        if len(set(transforms)) != len(transforms):
-            raise ValueError("each transform once")
-        return [name for name in TRANSFORMS if name in transforms]  # one order, whatever the file's
+        return ordered_transforms(transforms)
 
     @property
     def effective_threshold(self) -> float:

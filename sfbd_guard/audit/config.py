@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..config import StrictModel, read_yaml_mapping, set_dotted, validate_mapping
-from ..policy import TRANSFORMS, Transform
+from ..policy import TRANSFORMS, Transform, old_transforms_flag, ordered_transforms
 
 # Used only when no holdout is available (calibration.method = "default"): copy / suspect on the top-1
 # cosine similarity, and suspect when the relative L2 ratio is at or below `ratio` (Carlini et al.'s
@@ -46,24 +46,12 @@ class EmbedderSpec(StrictModel):
     def _old_flip(cls, data: Any) -> Any:
         """`flip` (before transforms): true is the default (now also rotations and inversion); false is
         `transforms: []`, as it was."""
-        if isinstance(data, dict) and "flip" in data:
-            if "transforms" in data:
-                raise ValueError("give transforms only (flip is its old name: flip: true is transforms: "
-                                 "[flip, rotate, invert], flip: false is transforms: [])")
-            data = dict(data)
-            flip = data.pop("flip")
-            if not isinstance(flip, bool):
-                raise ValueError("flip (the old name of transforms) must be true or false")
-            if not flip:
-                data["transforms"] = []
-        return data
+        return old_transforms_flag(data, "flip")
 
     @field_validator("transforms")
     @classmethod
     def _unique_transforms(cls, transforms: list[str]) -> list[str]:
-        if len(set(transforms)) != len(transforms):
-            raise ValueError("each transform once")
-        return [name for name in TRANSFORMS if name in transforms]
+        return ordered_transforms(transforms)
 
 
 class SearchSpec(StrictModel):

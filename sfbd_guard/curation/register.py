@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,6 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import InputError
+from ..fileio import atomic_write_bytes
 from ..hashing import keyed_digest, sha256_file
 from ..symmetry import Variant
 
@@ -236,16 +236,9 @@ def find_rereleases(register: pa.Table, new: pa.Table, near: Near | None = None)
 def append(path: Path, rows: pa.Table) -> str:
     """Append `rows` to the register atomically (call under `locked`); returns the new file's sha256."""
     table = pa.concat_tables([read(path), rows])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            pq.write_table(table, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    atomic_write_bytes(path, buffer.getvalue().to_pybytes())
     return sha256_file(path)
 
 
