@@ -23,7 +23,7 @@ import re
 _BREAKS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]+")  # line breaks, tabs and every other control character
 _INLINE = str.maketrans({"\\": "\\\\", "`": "\\`", "*": "\\*", "_": "\\_", "[": "\\[", "]": "\\]", "|": "\\|",
                          "~": "\\~", "&": "&amp;", "<": "&lt;", ">": "&gt;"})
-_BLOCK_START = re.compile(r"^([#+=-]|\d+[.)])")  # ATX heading, list item, setext underline or rule, ordered list
+_BLOCK_START = re.compile(r"^([#+=-]|\d{1,9}[.)](?=\s|$))")  # heading, list item, setext underline, rule, ordered item
 
 
 def one_line(value: object) -> str:
