@@ -28,6 +28,8 @@ def test_run_writes_every_stage(chain: tuple[Path, Path], capsys: pytest.Capture
     run = folder / "runs" / "chain"
     for path in ("samples/grid.png", "samples/000007.png", "audit/summary.json", "audit/similarity.png", "report.html", "DATASHEET.md"):
         assert (run / path).is_file(), path
+    audit_page = (run / "audit" / "report.html").read_text()
+    assert '<a href="../report.html">compliance report</a>' in audit_page, "the audit page links back to the run's report"
     summary = json.loads((run / "audit" / "summary.json").read_text())
     assert summary["thresholds"]["method"] != "default", "calibrated on the held-out rule"
     assert sum(summary["counts"].values()) == 8, "the 8 samples, not the grid"
