@@ -67,7 +67,7 @@ class NoiseStats:
 
     def detail(self, sigma: float) -> str:
         """What was checked and found, in words a reviewer can follow, with the numbers."""
-        rule = (f"checked: the noise each image carries, estimated from its finest detail (σ̂, Haar median absolute "
+        rule = (f"checked: the noise each image carries, estimated from its finest detail (σ̂, Haar MAD: median absolute "
                 f"deviation over n={self.coefficients} coefficients), must be ≥ {self.tau:.3f}σ; at most "
                 f"{self.pooled_limit:.1%} of all coefficients may be below 0.6745σ; under {GRID_SHARE:.0%} of an image's "
                 f"pixels may lie within {GRID_DELTA} of a whole uint8 value (an original's pixels all do); an honest "
@@ -82,8 +82,8 @@ class NoiseStats:
                 f"estimated σ̂/σ from {self.min_ratio:.3f} (median {self.median_ratio:.3f}), where honest noise gives "
                 f"≥ {self.tau:.3f} per image (less: noise removed or weakened); no image has {GRID_SHARE:.0%} of its pixels "
                 f"within {GRID_DELTA} of a whole uint8 value, as a stored original would (all of them); "
-                f"{self.pooled_share:.1%} of all coefficients below 0.6745σ (limit {self.pooled_limit:.1%}). σ̂: Haar median "
-                f"absolute deviation over the n={self.coefficients} finest detail coefficients of an image; an honest noisy "
+                f"{self.pooled_share:.1%} of all coefficients below 0.6745σ (limit {self.pooled_limit:.1%}). σ̂: Haar MAD, the "
+                f"median absolute deviation of the n={self.coefficients} finest detail coefficients of an image; an honest noisy "
                 f"image fails by chance with probability ≤ {ALPHA_IMAGE:g}")
 
 

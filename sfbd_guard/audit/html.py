@@ -138,7 +138,7 @@ def _rule_rows(summary: AuditSummary) -> list[dict[str, Any]]:
          "bound": 0.0, "measured": None},
         {"verdict": "copy", "formula": f"s1 ≥ {th.copy_:.4f}",
          "words": f"its nearest protected image (s1: cosine similarity of the {summary.embedder.kind} embeddings; with the "
-                  f"variants too, as `transforms` says) is as close as {_tail_words(th.method, th.alpha_copy)}",
+                  f"variants the transforms make, listed above) is as close as {_tail_words(th.method, th.alpha_copy)}",
          "bound": bound.get("copy"), "measured": measured.get("copy")},
         {"verdict": "suspect", "formula": f"s1 ≥ {th.suspect:.4f}",
          "words": f"as close as {_tail_words(th.method, th.alpha_suspect)}",
