@@ -439,7 +439,7 @@ def verify(
     """
     import sys
 
-    from .compliance.tables import checks_json, print_checks
+    from .compliance.tables import checks_json, print_checks, printable
     from .compliance.verify import verify_run
     from .ledger import ledger_dir
 
@@ -453,7 +453,7 @@ def verify(
             print_checks(checks)
         else:
             for check in checks:
-                typer.echo(f"{check.word}  {check.name}: {check.detail}")
+                typer.echo(printable(f"{check.word}  {check.name}: {check.detail}"))
         typer.echo(f"{len(checks) - len(failed) - attention} passed, {attention} need attention, {len(failed)} failed")
     if failed:
         raise typer.Exit(1)

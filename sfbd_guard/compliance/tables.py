@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,13 @@ def _cell(value: Any, project: Path | None = None) -> str:
     return str(value)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 LONGEST_WORD = 40  # a column is never narrower than its longest word up to this (longer ones, paths, fold)
+
+
+def printable(text: str) -> str:
+    """`text` safe for a terminal: control characters (escape sequences, line breaks, bells) written as `\\xNN`."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _word_width(texts: list[str]) -> int:
@@ -84,7 +91,7 @@ def print_tables(tables: dict[str, Any], project: Path | None = None) -> None:
         columns = [c for c in table.column_names if not rows or any(row[c] is not None for row in rows)]
         hidden = len(table.column_names) - len(columns)
         note = f", {hidden} empty column(s) hidden" if hidden else ""
-        cells = [[_cell(row[c], project) for c in columns] for row in rows]
+        cells = [[printable(_cell(row[c], project)) for c in columns] for row in rows]
         heads = [Column(HEADERS.get(c, c), overflow="fold",
                         min_width=_word_width([HEADERS.get(c, c), *(r[i] for r in cells)]),
                         no_wrap=all(isinstance(r[c], (int, float)) or r[c] is None for r in rows))
@@ -109,7 +116,7 @@ def print_checks(checks: list[Any]) -> None:
                   box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False, expand=True)
     styles = {"PASS": "green", "ATTENTION": "yellow", "FAIL": "bold red"}
     for check in checks:
-        shown.add_row(Text(check.word, style=styles[check.word]), Text(check.name), Text(check.detail))
+        shown.add_row(Text(check.word, style=styles[check.word]), Text(printable(check.name)), Text(printable(check.detail)))
     _console().print(shown)
 
 

@@ -2,7 +2,8 @@
 the datasheet and both Hugging Face cards. Each must stay the text it is where it lands: one table cell (a licence
 of `| protected | MIT | clean | 999 |` forges no composition row), no heading or rule from a name with newlines,
 no live HTML from `<script>`; the YAML front matter keeps its keys. The documents are parsed (markdown-it with GFM
-tables, huggingface_hub's card loader), not string-matched."""
+tables, huggingface_hub's card loader), not string-matched. `guard report`'s terminal tables print the same names
+as text (no rich markup, no escape sequence)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from helpers import guard, tiny_pipeline, write_image_set, write_policy
 FORGED_ROWS = "| protected | MIT | clean | 999 |"
 SCRIPT = "<script>alert(1)</script>"
 LICENCES = [FORGED_ROWS, SCRIPT, "MIT\n# Injected licence heading\n---\n| forged | row |", "cc\\|by `x` [l](http://e) *b*"]
-POLICY_NAME = "demo\n# Injected policy heading\n---\n<img src=x onerror=alert(1)>\n---"
+POLICY_NAME = "demo\n# Injected policy heading\n---\n<img src=x onerror=alert(1)>\n---[/]\x1b[2J"  # rich markup, a terminal escape
 RULE_NAMES = ["opt | out | 999 |", "<b>held</b>\n## Injected rule heading", "--- licensed", "# rest"]
 
 
@@ -41,7 +42,7 @@ def documents(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     assert guard("run", pipeline, "--ledger", ledger) == 0
     assert guard("report", "--ledger", ledger, "--run", folder / "run", "--datasheet", folder / "sheet.md",
                  "--model-card", folder / "model", "--dataset-card", folder / "data") == 0
-    return {"sheet": folder / "sheet.md", "model": folder / "model" / "README.md", "data": folder / "data" / "README.md",
+    return {"ledger": ledger, "sheet": folder / "sheet.md", "model": folder / "model" / "README.md", "data": folder / "data" / "README.md",
             "card": json.loads((folder / "prepared" / "card.json").read_text())}
 
 
@@ -152,3 +153,12 @@ def test_the_escapes_round_trip_through_a_markdown_parser() -> None:
             assert " ".join(got.split()) == expect or (pick == "h" and not expect), (value, doc, got)
 
     check()
+
+
+def test_the_terminal_tables_print_hostile_names_as_text(documents: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    """`guard report` prints the policy name as it is: `[/]` is not rich markup (it raised a MarkupError, a
+    traceback), an escape sequence reaches no terminal."""
+    capsys.readouterr()
+    assert guard("report", "--ledger", documents["ledger"]) == 0
+    out = capsys.readouterr().out
+    assert "[/]" in out and "\x1b" not in out and "\\x1b[2J" in out, out
