@@ -6,12 +6,8 @@ Only paths that exist are named. A check this table does not know (a newer check
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .verify import Check
 
 
 def _in(folder: Path | None, name: str) -> Path | None:
@@ -39,9 +35,12 @@ def _sources(run_dir: Path, prepared: Path | None, ledger: Path, audit: Path | N
     }
 
 
-def with_evidence(checks: list[Check], *, run_dir: Path, prepared: Path | None, ledger: Path,
-                  audit: Path | None) -> list[Check]:
-    """`checks`, each naming the existing files it read (`audit`: the folder of the latest audit's summary.json)."""
+def evidence_paths(*, run_dir: Path, prepared: Path | None, ledger: Path,
+                   audit: Path | None) -> Callable[[str], tuple[Path, ...]]:
+    """check name -> the existing files that check read (`audit`: the folder of the latest audit's summary.json)."""
     sources = _sources(run_dir, prepared, ledger, audit)
-    return [replace(check, evidence=tuple(p for p in sources.get(check.name, [ledger]) if p is not None and p.exists()))
-            for check in checks]
+
+    def of(name: str) -> tuple[Path, ...]:
+        return tuple(p for p in sources.get(name, [ledger]) if p is not None and p.exists())
+
+    return of

@@ -23,8 +23,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +39,7 @@ from ..locations import project_of
 from ..policy import DUPLICATE_RULE
 from ..relocate import prepared_of_run
 from ..symmetry import GENERATORS, Variant, group
-from .evidence import with_evidence
+from .evidence import evidence_paths
 from .views import RUN_AUDITS, connect
 
 if TYPE_CHECKING:
@@ -356,6 +356,11 @@ def check_audit(con: Any, run_dir: Path) -> Check:
     return Check("audit", True, f"the latest audit of {samples} ({started:%Y-%m-%d %H:%M}) found no copy")
 
 
+def _with_evidence(paths: Callable[[str], tuple[Path, ...]]) -> Callable[[list[Check]], list[Check]]:
+    """Name on each check the files it read (compliance/evidence.py)."""
+    return lambda checks: [replace(check, evidence=paths(check.name)) for check in checks]
+
+
 def _audit_folder(con: Any, run_dir: Path) -> Path | None:
     """The folder of the latest audit's summary.json of the run (the audit check's evidence), if recorded."""
     rows = con.execute(f"SELECT summary_file FROM audits WHERE {RUN_AUDITS} ORDER BY started_at DESC LIMIT 1",
@@ -385,7 +390,7 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
     folder = prepared_of_run(run_dir, record.data, record.data_fingerprint, project, data)
     con = connect(ledger, events)
     prepared = _open(folder)
-    evidence = partial(with_evidence, run_dir=run_dir, prepared=folder, ledger=ledger, audit=_audit_folder(con, run_dir))
+    evidence = _with_evidence(evidence_paths(run_dir=run_dir, prepared=folder, ledger=ledger, audit=_audit_folder(con, run_dir)))
     checks = [check_consumed(events, run_dir, prepared, project),
               *check_provenance(events, ledger, run_dir, prepared, verify_key)]
     if isinstance(prepared, GuardError):  # its files are not what the card says: read nothing it names
