@@ -428,21 +428,33 @@ def verify(
     verify_key: Annotated[Path | None, typer.Option("--verify-key", help="Data owner's Ed25519 public key: also check the prepared directory's card.sig.")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="The run's prepared directory, when run.json's path to it does not resolve.")] = None,
     digest_key: Annotated[Path | None, typer.Option("--digest-key", help="The data owner's digest key (guard key export-digest): compare the manifest's keyed pixel digests with the clean rows (without it that check needs attention).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON (name, status PASS/ATTENTION/FAIL, detail, evidence paths); same exit codes.")] = False,
     ledger: LedgerOpt = None,
 ) -> None:
     """Check from files alone that a run saw only what its policy allowed; exit 1 if any check fails.
 
+    On a terminal the checks are a table wrapped to its width; piped, one line per check (STATUS  name: detail).
+
     Example: guard verify --run runs/digits
     """
+    import sys
+
+    from .compliance.tables import checks_json, print_checks, printable
     from .compliance.verify import verify_run
     from .ledger import ledger_dir
 
     checks = verify_run(run, ledger_dir(ledger), verify_key=verify_key, data=data, digest_key=digest_key)
-    for check in checks:
-        typer.echo(f"{check.word}  {check.name}: {check.detail}")
     failed = [c.name for c in checks if not c.passed]
     attention = sum(c.passed and c.attention for c in checks)
-    typer.echo(f"{len(checks) - len(failed) - attention} passed, {attention} need attention, {len(failed)} failed")
+    if as_json:
+        typer.echo(checks_json(run.resolve(), checks))
+    else:
+        if sys.stdout.isatty():
+            print_checks(checks)
+        else:
+            for check in checks:
+                typer.echo(printable(f"{check.word}  {check.name}: {check.detail}"))
+        typer.echo(f"{len(checks) - len(failed) - attention} passed, {attention} need attention, {len(failed)} failed")
     if failed:
         raise typer.Exit(1)
 

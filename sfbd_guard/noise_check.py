@@ -66,17 +66,25 @@ class NoiseStats:
     first_failure: str | None  # "record_id (σ̂/σ = …, … on grid)"
 
     def detail(self, sigma: float) -> str:
-        rule = (f"Haar MAD σ̂ per image (n={self.coefficients} finest detail coefficients) ≥ {self.tau:.3f}σ, "
-                f"≤ {self.pooled_limit:.1%} of all coefficients below 0.6745σ, < {GRID_SHARE:.0%} of pixels within "
-                f"{GRID_DELTA} of the uint8 grid; false-failure bound {ALPHA_IMAGE:g} per image")
+        """What was checked and found, in words a reviewer can follow, with the numbers."""
+        rule = (f"checked: the noise each image carries, estimated from its finest detail (σ̂, Haar MAD: median absolute "
+                f"deviation over n={self.coefficients} coefficients), must be ≥ {self.tau:.3f}σ; at most "
+                f"{self.pooled_limit:.1%} of all coefficients may be below 0.6745σ; under {GRID_SHARE:.0%} of an image's "
+                f"pixels may lie within {GRID_DELTA} of a whole uint8 value (an original's pixels all do); an honest "
+                f"noisy image fails by chance with probability ≤ {ALPHA_IMAGE:g}")
         if self.images == 0:
             return "no protected records"
         if not self.passed:
             where = (f"{self.failures} of {self.images} image(s) fail, first {self.first_failure}" if self.failures else
                      f"the partition: {self.pooled_share:.1%} of coefficients below 0.6745σ")
             return f"protected arrays are not noisy copies at sigma {sigma}: {where} [{rule}]"
-        return (f"{self.images} protected images consistent with sigma {sigma}: σ̂/σ min {self.min_ratio:.3f}, "
-                f"median {self.median_ratio:.3f}; {self.pooled_share:.1%} of coefficients below 0.6745σ [{rule}]")
+        return (f"the noise in each of the {self.images} protected images has the policy's strength (σ = {sigma}): "
+                f"estimated σ̂/σ from {self.min_ratio:.3f} (median {self.median_ratio:.3f}), where honest noise gives "
+                f"≥ {self.tau:.3f} per image (less: noise removed or weakened); no image has {GRID_SHARE:.0%} of its pixels "
+                f"within {GRID_DELTA} of a whole uint8 value, as a stored original would (all of them); "
+                f"{self.pooled_share:.1%} of all coefficients below 0.6745σ (limit {self.pooled_limit:.1%}). σ̂: Haar MAD, the "
+                f"median absolute deviation of the n={self.coefficients} finest detail coefficients of an image; an honest noisy "
+                f"image fails by chance with probability ≤ {ALPHA_IMAGE:g}")
 
 
 def _kl(q: float, p: float) -> float:

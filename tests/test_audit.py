@@ -89,6 +89,47 @@ def test_no_thumbnails_writes_no_original(cli, tmp_path: Path, prepared: Path) -
     assert page.count("data:image/png") == 5 and "not shown" in page
 
 
+def _links(page: Path) -> dict[str, Path]:
+    """{link text: the file it points to} of every relative link on an HTML page, as a browser resolves them."""
+    from html.parser import HTMLParser
+    from urllib.parse import unquote
+
+    found: dict[str, Path] = {}
+
+    class Links(HTMLParser):
+        href: str | None = None
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            self.href = dict(attrs).get("href") if tag == "a" else None
+
+        def handle_data(self, data: str) -> None:
+            if self.href and not self.href.startswith("#") and data.strip():
+                found[data.strip()] = (page.parent / unquote(self.href)).resolve()
+            self.href = None
+
+    Links().feed(page.read_text())
+    return found
+
+
+def test_the_page_links_its_evidence_and_says_why_no_original_is_shown(cli, tmp_path: Path, prepared: Path) -> None:  # type: ignore[no-untyped-def]
+    planted = plant_samples(prepared, tmp_path / "samples", copies=2, novel=3)
+    odd = "a b#?&<i>.png"  # a hostile file name stays one link to that file
+    shutil.copy(tmp_path / "samples" / "copy-000.png", tmp_path / "samples" / odd)
+    assert _audit(cli, tmp_path, tmp_path / "samples", prepared).code == 3
+    page = tmp_path / "report" / "report.html"
+    links = _links(page)
+    assert links["summary.json"] == (tmp_path / "report" / "summary.json").resolve()
+    assert links["samples.parquet"] == (tmp_path / "report" / "samples.parquet").resolve()
+    for name in [*planted, odd]:  # every flagged sample links to its file
+        assert links[name] == (tmp_path / "samples" / name).resolve() and links[name].is_file(), name
+    assert not any(n.startswith("novel-") for n in links), "novel samples are not evidence"
+    text = page.read_text()
+    assert "<i>.png" not in text and text.count("not shown: the sample is novel") == 3
+    assert "compliance report: not next to this audit" in text  # not in a run directory
+    assert _audit(cli, tmp_path, tmp_path / "samples", prepared, "--no-thumbnails").code == 3
+    assert page.read_text().count("not shown: thumbnails are off (--no-thumbnails)") == 6
+
+
 def test_novel_only_exits_0(cli, tmp_path: Path, prepared: Path) -> None:  # type: ignore[no-untyped-def]
     plant_samples(prepared, tmp_path / "samples", copies=0, novel=4)
     result = _audit(cli, tmp_path, tmp_path / "samples", prepared)

@@ -28,6 +28,8 @@ def test_run_writes_every_stage(chain: tuple[Path, Path], capsys: pytest.Capture
     run = folder / "runs" / "chain"
     for path in ("samples/grid.png", "samples/000007.png", "audit/summary.json", "audit/similarity.png", "report.html", "DATASHEET.md"):
         assert (run / path).is_file(), path
+    audit_page = (run / "audit" / "report.html").read_text()
+    assert '<a href="../report.html">compliance report</a>' in audit_page, "the audit page links back to the run's report"
     summary = json.loads((run / "audit" / "summary.json").read_text())
     assert summary["thresholds"]["method"] != "default", "calibrated on the held-out rule"
     assert sum(summary["counts"].values()) == 8, "the 8 samples, not the grid"
@@ -233,6 +235,98 @@ def test_report_tables_fit_a_100_column_terminal(chain, capsys, monkeypatch) -> 
     assert max(len(line) for line in out.splitlines()) <= 100, out
     assert "runs/chain" in out and str(folder) not in out  # paths relative to the project
     assert "empty column(s) hidden" in out  # the DP columns of runs without DP
+
+
+def _under_a_terminal(*args: object, columns: int = 100) -> tuple[int, str]:
+    """`guard ARGS` in a subprocess whose stdout is a real pseudo-terminal `columns` wide (as a user's is): its
+    exit code and the screen text (colour codes removed)."""
+    import fcntl
+    import os
+    import re
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    leader, follower = os.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")} | {"TERM": "xterm-256color"}
+    command = [sys.executable, "-c", "from sfbd_guard.cli import main; main()", *map(str, args)]
+    process = subprocess.Popen(command, stdout=follower, stderr=follower, env=env)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the process is done
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    code = process.wait(timeout=120)
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode()).replace("\r\n", "\n")
+    return code, screen
+
+
+def _words(text: str) -> set[str]:
+    return set(text.split())
+
+
+def test_verify_and_report_fit_a_100_column_terminal_without_breaking_words(chain: tuple[Path, Path]) -> None:
+    """Under a real terminal of 100 columns, every line fits and every word of every check's detail (and of the
+    ledger tables' names) is shown whole: cells wrap between words only."""
+    from rich.cells import cell_len
+
+    from sfbd_guard.compliance.verify import verify_run
+
+    folder, ledger = chain
+    run = folder / "runs" / "chain"
+    code, screen = _under_a_terminal("verify", "--run", run, "--ledger", ledger)
+    assert code == 0 and max(cell_len(line) for line in screen.splitlines()) <= 100, screen
+    shown = _words(screen)
+    for check in verify_run(run, ledger):
+        assert _words(check.detail) <= shown, (check.name, _words(check.detail) - shown)
+    assert "σ̂/σ" in screen and "honest noise gives" in screen  # the noise statistics in words
+    code, screen = _under_a_terminal("report", "--ledger", ledger)
+    assert code == 0 and max(cell_len(line) for line in screen.splitlines()) <= 100, screen
+    for word in ("fingerprint", "digits-chain", "protected", "thresholds", "holdout", "runs/chain/samples"):
+        assert word in shown | _words(screen), word
+
+
+def test_verify_json_names_each_check_its_status_and_evidence(chain: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    folder, ledger = chain
+    run = folder / "runs" / "chain"
+    capsys.readouterr()
+    assert _guard("verify", "--run", run, "--ledger", ledger, "--json") == 0
+    document = json.loads(capsys.readouterr().out)
+    checks = {c["name"]: c for c in document["checks"]}
+    assert set(checks) >= {"consumed arrays", "provenance", "noise", "noise statistics", "no protected pixels", "opt-outs",
+                           "duplicates", "audit"}
+    assert {c["status"] for c in checks.values()} <= {"PASS", "ATTENTION", "FAIL"}
+    assert checks["no protected pixels"]["status"] == "ATTENTION" and document["attention"] == 1 and document["failed"] == 0
+    assert document["passed"] + document["attention"] + document["failed"] == len(checks)
+    for check in checks.values():
+        assert check["evidence"] and all(Path(p).exists() for p in check["evidence"]), check
+    assert str(folder / "prepared" / "manifest.parquet") in checks["opt-outs"]["evidence"]
+    assert str(run / "audit" / "summary.json") in checks["audit"]["evidence"]
+
+
+def test_the_html_report_links_each_check_to_its_evidence(chain: tuple[Path, Path], tmp_path: Path) -> None:
+    import re
+    from urllib.parse import unquote
+
+    from sfbd_guard.compliance.verify import verify_run
+
+    folder, ledger = chain
+    page = tmp_path / "pages" / "report.html"
+    assert _guard("report", "--ledger", ledger, "--html", page) == 0
+    html = page.read_text()
+    rows = re.findall(r"<tr><td>([^<]+)</td><td class=\"\w+check\">\w+</td>.*?<td class=\"evidence\">(.*?)</td></tr>", html, re.S)
+    linked = {name: {(page.parent / unquote(h)).resolve() for h in re.findall(r'href="([^"]+)"', cell)} for name, cell in rows}
+    for check in verify_run(folder / "runs" / "chain", ledger):
+        assert linked[check.name] == {p.resolve() for p in check.evidence} and linked[check.name], check.name
+    assert (folder / "runs" / "chain" / "audit" / "samples.parquet").resolve() in linked["audit"]
 
 
 def test_guard_run_checks_the_pixel_digests_with_the_owners_digest_key(chain: tuple[Path, Path]) -> None:

@@ -5,15 +5,20 @@ from templates/audit.html.j2 with autoescaping (sample names are hostile input).
 histogram as a picture of its own, is drawn with PIL.
 
 Originals appear only as thumbnails of flagged matches (copy or suspect), and not at all with
-`--no-thumbnails`; unflagged rows show the sample and the matched record id only.
+`--no-thumbnails`; unflagged rows show the sample and the matched record id only, and say why no original is shown.
+The page links (relative to its folder) to its evidence: summary.json, samples.parquet, every flagged sample file,
+and the run's compliance report (`guard run` writes it as report.html in the run directory).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -133,7 +138,7 @@ def _rule_rows(summary: AuditSummary) -> list[dict[str, Any]]:
          "bound": 0.0, "measured": None},
         {"verdict": "copy", "formula": f"s1 ≥ {th.copy_:.4f}",
          "words": f"its nearest protected image (s1: cosine similarity of the {summary.embedder.kind} embeddings; with the "
-                  f"variants too, as `transforms` says) is as close as {_tail_words(th.method, th.alpha_copy)}",
+                  f"variants the transforms make, listed above) is as close as {_tail_words(th.method, th.alpha_copy)}",
          "bound": bound.get("copy"), "measured": measured.get("copy")},
         {"verdict": "suspect", "formula": f"s1 ≥ {th.suspect:.4f}",
          "words": f"as close as {_tail_words(th.method, th.alpha_suspect)}",
@@ -173,19 +178,64 @@ def similarity_chart(summary: AuditSummary) -> Any:
                                    title="similarity of samples and holdout to the protected set"))
 
 
-def _pair_view(pair: Pair, size: int, summary: AuditSummary) -> dict[str, Any]:
+def not_shown_reason(pair: Pair, summary: AuditSummary) -> str:
+    """Why the pairs table shows no original next to a sample, in words."""
+    if pair.record_id is None:
+        return "no protected image matched"
+    if summary.thumbnails.startswith("off"):
+        return "thumbnails are off (--no-thumbnails)"
+    if summary.thumbnails.startswith("unavailable"):
+        return f"the original could not be read ({summary.thumbnails.removeprefix('unavailable: ')})"
+    if pair.verdict == "novel":
+        return "the sample is novel, and originals are shown for flagged matches only"
+    return "the original could not be read"
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Where the page's links point, relative to the page's folder (None: not there)."""
+
+    compliance_report: str | None
+    summary: str
+    samples_table: str
+    samples: dict[str, str]  # flagged sample name -> link to its file
+
+
+def relative_link(target: Path, page_dir: Path) -> str:
+    """A URL-quoted link from a page in `page_dir` to `target` (hostile names stay one path)."""
+    return quote(Path(os.path.relpath(target, page_dir)).as_posix())
+
+
+def evidence_links(report: Path, samples: Path, flagged: list[str]) -> Evidence:
+    """The links of an audit page written to `report`/report.html: its run's compliance report (report.html in the
+    run directory, when the report folder sits in one), summary.json, samples.parquet, the flagged sample files."""
+    report, samples = report.resolve(), samples.resolve()
+    run = report.parent
+    compliance = relative_link(run / "report.html", report) if (run / "run.json").is_file() else None
+    return Evidence(compliance, "summary.json", "samples.parquet",
+                    {name: relative_link(samples / name, report) for name in flagged})
+
+
+def _pair_view(pair: Pair, size: int, summary: AuditSummary, evidence: Evidence | None) -> dict[str, Any]:
     from ..templating import markup
 
-    return {"sample": pair.sample, "record_id": pair.record_id or "–", "verdict": pair.verdict, "s1": pair.s1,
+    href = evidence.samples.get(pair.sample) if evidence else None
+    return {"sample": pair.sample, "href": href, "record_id": pair.record_id or "–", "verdict": pair.verdict, "s1": pair.s1,
             "margin": pair.margin, "l2_ratio": pair.l2_ratio, "rules": rule_words(pair.rules, pair.transform, summary),
             "sample_src": markup(png_data_uri(thumbnail(pair.sample_pixels, size))),
-            "original_src": markup(png_data_uri(thumbnail(pair.original, size))) if pair.original is not None else None}
+            "original_src": markup(png_data_uri(thumbnail(pair.original, size))) if pair.original is not None else None,
+            "why": not_shown_reason(pair, summary)}
 
 
-def render(summary: AuditSummary, pairs: list[Pair], thumb_size: int) -> str:
-    """The whole report.html as a string."""
+def render(summary: AuditSummary, pairs: list[Pair], thumb_size: int, evidence: Evidence | None = None,
+           flagged: list[tuple[str, str, str | None]] | None = None) -> str:
+    """The whole report.html as a string; `flagged`: (sample name, verdict, nearest record id) of every flagged
+    sample, each linked through `evidence`."""
     from ..templating import render as render_template
 
-    return render_template("sfbd_guard.audit", "audit.html.j2", s=summary, th=summary.thresholds,
-                           pairs=[_pair_view(p, thumb_size, summary) for p in pairs], rules=_rule_rows(summary),
+    rows = [{"sample": name, "verdict": verdict, "record_id": record or "–",
+             "href": evidence.samples.get(name) if evidence else None} for name, verdict, record in flagged or []]
+    return render_template("sfbd_guard.audit", "audit.html.j2", s=summary, th=summary.thresholds, evidence=evidence,
+                           flagged=rows, pairs=[_pair_view(p, thumb_size, summary, evidence) for p in pairs],
+                           rules=_rule_rows(summary),
                            histogram=similarity_chart(summary), calibrated=summary.thresholds.method == "holdout")

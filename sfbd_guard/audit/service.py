@@ -29,7 +29,7 @@ from . import calibrate as cal
 from .checks import Scores, background, score, verdicts
 from .config import AuditConfig
 from .embed import Embedder, PixelEmbedder
-from .html import Pair, histogram, render
+from .html import Pair, evidence_links, histogram, render
 from .images import LoadedImages, load_folder
 from .index import InnerProductIndex
 from .originals import (
@@ -192,7 +192,12 @@ def _report(ctx: _Context, samples: Path, report: Path, loaded: LoadedImages, sc
     clock["report"] = time.perf_counter() - mark
     summary["timings"] = {k: round(v, 3) for k, v in {**clock, "total": sum(clock.values())}.items()}
     contract = validate(AuditSummary, summary, source="audit summary.json")  # a bug if it does not fit
-    files = _write(report, table, contract, render(contract, pairs, ctx.config.report.thumb_size), figure)
+    ok_names = [n for n, ok in zip(loaded.names, loaded.ok, strict=True) if ok]
+    flagged = [(ok_names[i], verdict[i], ctx.info.protected_ids[int(scores.rows[i, 0])] if scores.rows[i, 0] >= 0 else None)
+               for i in np.argsort(-scores.s1, kind="stable") if verdict[i] != "novel"]
+    evidence = evidence_links(report, samples, [name for name, _, _ in flagged])
+    page = render(contract, pairs, ctx.config.report.thumb_size, evidence, flagged)
+    files = _write(report, table, contract, page, figure)
     return AuditResult(report, contract, files)
 
 

@@ -21,6 +21,7 @@ from ..locations import project_of
 from ..relocate import prepared_of_run
 from .chains import Chain, gather
 from .composition import Exclusions, demoted, exclusions, holdout_rules_of, licence_counts, source_words, trained_licences
+from .markdown import code, row, text
 
 TAGS = ["sfbd-guard", "diffusion", "protected-data"]
 
@@ -34,6 +35,12 @@ def _hub_licence(licences: list[str]) -> tuple[str, str | None]:
     return "other", "mixed-training-data-licences" if known else "unknown-training-data-licence"
 
 
+def _licence_words(licences: list[str]) -> str:
+    if not licences:
+        return "The dataset records no per-record licence."
+    return "The training data's licences: " + ", ".join(map(text, licences)) + "."
+
+
 def _size_category(count: int) -> str:
     for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
         if count < limit:
@@ -43,19 +50,19 @@ def _size_category(count: int) -> str:
 
 def _composition(card: Card, counts: Counter[tuple[str, str]] | None) -> str:
     if counts is None:
-        rows = "\n".join(f"| {p} | dataset licence (no per-record `license` column) | {card.counts.get(p, 0)} |"
+        rows = "\n".join(row(p, "dataset licence (no per-record `license` column)", card.counts.get(p, 0))
                          for p in ("clean", "protected", "excluded"))
     else:
-        rows = "\n".join(f"| {p} | {lic} | {n} |" for (p, lic), n in sorted(counts.items()))
+        rows = "\n".join(row(text(p), text(lic), n) for (p, lic), n in sorted(counts.items()))
     return ("| partition | licence (SPDX) | records |\n|---|---|---|\n" + rows + "\n\n"
             "clean: trained on as they are; protected: seen only as noised copies (σ = "
             f"{card.sigma:g}); excluded: never stored (opt-outs, held-out records, demoted copies).")
 
 
 def _exclusions(found: Exclusions, card: Card) -> str:
-    opt = (", ".join(f"`{name}`: {n} record(s)" for name, n in found.opt_outs.items())
+    opt = (", ".join(f"{code(name)}: {n} record(s)" for name, n in found.opt_outs.items())
            if found.opt_outs else "the policy has no opt-out rule")
-    held = ", ".join(f"`{name}`: {n}" for name, n in found.held_out.items()) or "none"
+    held = ", ".join(f"{code(name)}: {n}" for name, n in found.held_out.items()) or "none"
     return (f"- Opt-outs honoured: {opt}. Exclude rules run before every other rule; `guard verify` proves the "
             "excluded pixels are in no array.\n"
             f"- Held out for the audit's calibration (not opt-outs): {held}.\n"
@@ -74,10 +81,10 @@ def _audit_words(chain: Chain | None) -> tuple[str, dict[str, Any]]:
     counts = summary.counts
     how = ("thresholds calibrated on held-out real images" if summary.thresholds.method == "holdout"
            else "uncalibrated default thresholds (false-positive rate unknown)")
-    text = (f"Latest memorization audit of {summary.flagged.of} generated images against the protected originals: "
+    words = (f"Latest memorization audit of {summary.flagged.of} generated images against the protected originals: "
             f"{counts.get('copy', 0)} copy, {counts.get('suspect', 0)} suspect, {counts.get('novel', 0)} novel "
-            f"({summary.embedder.kind} embedder, {how}).")
-    return text, {"audited": True, "copies": counts.get("copy", 0), "suspects": counts.get("suspect", 0),
+            f"({text(summary.embedder.kind)} embedder, {how}).")
+    return words, {"audited": True, "copies": counts.get("copy", 0), "suspects": counts.get("suspect", 0),
                   "samples": summary.flagged.of, "thresholds": summary.thresholds.method}
 
 
@@ -110,10 +117,10 @@ def model_card_text(run_dir: Path, ledger: Path, data: Path | None = None) -> st
                     "opt_outs_honoured": found.opted_out, "audit": audit_meta,
                     "dp": {"epsilon": dp[0], "delta": dp[1]} if dp else None})
     body = f"""
-# {run_dir.name}
+# {text(run_dir.name)}
 
-An image diffusion model trained with sfbd_guard (method `{method}`, {card.resolution}×{card.resolution},
-{card.channels} channel(s)) on the prepared dataset `{card.policy_name}` (fingerprint `{card.fingerprint[:16]}…`),
+An image diffusion model trained with sfbd_guard (method {code(method)}, {card.resolution}×{card.resolution},
+{card.channels} channel(s)) on the prepared dataset {code(card.policy_name)} (fingerprint {code(card.fingerprint[:16] + "…")}),
 made from {source_words(card)}.
 
 ## Training data composition
@@ -134,8 +141,8 @@ made from {source_words(card)}.
 
 ## Licence
 
-{"The training data's licences: " + ", ".join(licences) + "." if licences else "The dataset records no per-record licence."}
-The model's own licence is the owner's to set (`license` above says `{licence}`).
+{_licence_words(licences)}
+The model's own licence is the owner's to set (`license` above says {code(licence)}).
 """
     return str(ModelCard(f"---\n{meta.to_yaml()}\n---\n{body}"))
 
@@ -155,9 +162,9 @@ def dataset_card_text(data: Path) -> str:
         sfbd_guard={"fingerprint": card.fingerprint, "policy_sha256": card.policy_sha256, "sigma": card.sigma,
                     "records": {k: card.counts.get(k, 0) for k in ("clean", "protected", "excluded", "error")},
                     "opt_outs_honoured": found.opted_out})
-    rules = "\n".join(f"| {rule.name} | {rule.action} | {card.rule_counts.get(rule.name, 0)} |" for rule in card.policy.rules)
+    rules = "\n".join(row(text(rule.name), text(rule.action), card.rule_counts.get(rule.name, 0)) for rule in card.policy.rules)
     body = f"""
-# {card.policy_name}
+# {text(card.policy_name)}
 
 A dataset prepared by sfbd_guard from {source_words(card)}: {card.resolution}×{card.resolution} images,
 {card.channels} channel(s). Clean records are stored as they are; protected records only with Gaussian noise of
@@ -169,7 +176,7 @@ A dataset prepared by sfbd_guard from {source_words(card)}: {card.resolution}×{
 
 ## Policy
 
-Policy `{card.policy_name}` (sha256 `{card.policy_sha256[:16]}…`), applied on {card.created_at}:
+Policy {code(card.policy_name)} (sha256 {code(card.policy_sha256[:16] + "…")}), applied on {text(card.created_at)}:
 
 | rule | action | records |
 |---|---|---|
@@ -181,7 +188,7 @@ Policy `{card.policy_name}` (sha256 `{card.policy_sha256[:16]}…`), applied on 
 
 ## Integrity
 
-The directory's fingerprint is `{card.fingerprint}`; card.json lists the sha256 of every file.
+The directory's fingerprint is {code(card.fingerprint)}; card.json lists the sha256 of every file.
 """
     return str(DatasetCard(f"---\n{meta.to_yaml()}\n---\n{body}"))
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..contracts.card import Card, CardRule
 from ..errors import InputError
+from .markdown import code, text
 
 NO_LICENCE = "NOASSERTION"  # SPDX: no licence information for the record
 
@@ -48,18 +49,19 @@ def trained_licences(counts: Counter[tuple[str, str]] | None) -> list[str]:
     return [licence for licence, _ in per.most_common()]
 
 
-def rule_words(rule: CardRule) -> str:
-    """What a rule matches, in words (its `where` clause as code, its sample as a fraction or count)."""
-    where = f"records where `{rule.where}`" if rule.where else "every record"
+def rule_words(rule: CardRule, *, cell: bool = False) -> str:
+    """What a rule matches, in Markdown (its `where` clause as code, its sample as a fraction or count); `cell`:
+    for a table cell."""
+    where = f"records where {code(rule.where, cell=cell)}" if rule.where else "every record"
     sample = rule.sample or {}
     if sample.get("fraction") is not None:
         kept = f"a random {100 * float(sample['fraction']):g} %"
     elif sample.get("count") is not None:
-        kept = f"a random {int(sample['count'])}"
+        kept = f"a random {text(int(sample['count']))}"
     else:
         return where
-    group = f" (whole groups by `{sample['by']}`)" if sample.get("by") else ""
-    return f"{kept} of {where}{group}, seed {sample.get('seed', 0)}"
+    group = f" (whole groups by {code(sample['by'], cell=cell)})" if sample.get("by") else ""
+    return f"{kept} of {where}{group}, seed {text(sample.get('seed', 0))}"
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ def demoted(card: Card) -> int:
 
 
 def source_words(card: Card) -> str:
-    """Where the data came from: the dataset's format and split, a built-in dataset said as such."""
+    """Where the data came from, in Markdown: the dataset's format and split, a built-in dataset said as such."""
     if card.root is None:
-        return f"the built-in `{card.format}` dataset (shipped with the tool), split `{card.split}`"
-    return f"a `{card.format}` dataset, split `{card.split}`"
+        return f"the built-in {code(card.format)} dataset (shipped with the tool), split {code(card.split)}"
+    return f"a {code(card.format)} dataset, split {code(card.split)}"

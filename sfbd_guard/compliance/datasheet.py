@@ -17,6 +17,7 @@ from ..fileio import atomic_write_bytes, owner_only_dirs
 from ..locations import project_of
 from ..relocate import prepared_of_run
 from .composition import Exclusions, exclusions, holdout_rules_of, licence_counts, rule_words, source_words
+from .markdown import code, row, text
 from .verify import transforms_words
 from .views import RUN_AUDITS, connect
 
@@ -25,12 +26,12 @@ def _licenses(data: Path) -> str:
     counts = licence_counts(data)
     if counts is None:
         return "The dataset has no per-record `license` column; its licence is the dataset's own (check its terms)."
-    lines = "\n".join(f"| {p} | {lic} | {n} |" for (p, lic), n in sorted(counts.items()))
+    lines = "\n".join(row(text(p), text(lic), n) for (p, lic), n in sorted(counts.items()))
     return f"| partition | licence (SPDX) | records |\n|---|---|---|\n{lines}"
 
 
 def _rules(card: Card) -> str:
-    lines = [f"| {rule.name} | {rule.action} | {rule_words(rule)} | {card.rule_counts.get(rule.name, 0)} |"
+    lines = [row(text(rule.name), text(rule.action), rule_words(rule, cell=True), card.rule_counts.get(rule.name, 0))
              for rule in card.policy.rules]
     return "| rule | action | matches | records |\n|---|---|---|---|\n" + "\n".join(lines)
 
@@ -38,7 +39,7 @@ def _rules(card: Card) -> str:
 def _exclusions(card: Card, found: Exclusions) -> str:
     """Opt-outs honoured, then (apart) the records held out to calibrate the audit."""
     if found.opt_outs:
-        names = ", ".join(f"`{name}` ({n})" for name, n in found.opt_outs.items())
+        names = ", ".join(f"{code(name)} ({n})" for name, n in found.opt_outs.items())
         text = (f"Opt-out rules: {names}. Exclude rules apply before any other rule, so an opt-out can never be "
                 f"overridden: {found.opted_out} record(s) excluded.")
     else:
@@ -48,7 +49,7 @@ def _exclusions(card: Card, found: Exclusions) -> str:
              "pixels are absent from every array. Machine-readable TDM reservations (robots, TDMRep, C2PA/IPTC) are honoured "
              "to the extent the policy's `where` clauses encode them: TODO (describe the signals collected and when).")
     if found.held_out:
-        names = ", ".join(f"`{name}` ({n})" for name, n in found.held_out.items())
+        names = ", ".join(f"{code(name)} ({n})" for name, n in found.held_out.items())
         text += (f"\n\n### Records held out (not opt-outs)\nHeld out from training so the memorization audit can "
                  f"calibrate its thresholds on real images the model never saw: {names}.")
     return text
@@ -62,15 +63,15 @@ def _dedup(card: Card) -> str:
     if not dedup.get("enabled"):
         return ("Copies: duplicate merging was turned off in the policy (`dedup: {enabled: false}`): a copy of a "
                 "protected or opted-out image in another partition was not caught.")
-    lines = [f"| {cause} | {kinds.get('exact', 0)} | {kinds.get('near', 0)} |"
+    lines = [row(text(cause), text(kinds.get('exact', 0)), text(kinds.get('near', 0)))
              for cause, kinds in sorted(dedup.get("demotions", {}).items())]
     table = ("\n\n| demoted record | exact copies | near copies |\n|---|---|---|\n" + "\n".join(lines)) if lines else ""
     fine = dedup.get("fine")
-    finer = f" and ≥ {fine.get('threshold')} at {fine.get('size')} px" if isinstance(fine, dict) else ""
-    return (f"Copies: exact (pixel sha256, up to the transforms) and near ({dedup.get('embedder')} embedder, cosine ≥ "
-            f"{dedup.get('threshold')}{finer}, {transforms_words(dedup)}) copies were merged, each cluster taking its strictest "
-            f"action; {dedup.get('merged', 0)} record(s) in {dedup.get('clusters', 0)} cluster(s) "
-            f"({100 * float(dedup.get('merged_share', 0)):.2f} %), {dedup.get('demoted', 0)} demoted to excluded "
+    finer = f" and ≥ {text(fine.get('threshold'))} at {text(fine.get('size'))} px" if isinstance(fine, dict) else ""
+    return (f"Copies: exact (pixel sha256, up to the transforms) and near ({text(dedup.get('embedder'))} embedder, cosine ≥ "
+            f"{text(dedup.get('threshold'))}{finer}, {text(transforms_words(dedup))}) copies were merged, each cluster taking "
+            f"its strictest action; {text(dedup.get('merged', 0))} record(s) in {text(dedup.get('clusters', 0))} cluster(s) "
+            f"({100 * float(dedup.get('merged_share', 0)):.2f} %), {text(dedup.get('demoted', 0))} demoted to excluded "
             f"(rule `duplicate`).{table}")
 
 
@@ -82,7 +83,7 @@ def _releases(card: Card) -> str:
                 "key, σ, resolution or record id), by the data owner's release register (exact pixel match).")
     verdict = "ATTENTION: " if found.min_sigma_eff < card.sigma else ""
     return (f"Releases: {verdict}{found.images} protected image(s) had been released before with other noise "
-            f"(prepare(s) {', '.join(f'`{e[:12]}`' for e in found.earlier)}; released again with --allow-rerelease). "
+            f"(prepare(s) {', '.join(code(e[:12]) for e in found.earlier)}; released again with --allow-rerelease). "
             f"Averaged over its distinct draws an image's noise is σ_eff = (Σ σᵢ⁻²)^(−1/2); the smallest here is "
             f"{found.min_sigma_eff:.3g}, against the policy's σ = {card.sigma:g}.{_sigma_eff_table(found.sigma_eff_images)}")
 
@@ -90,7 +91,7 @@ def _releases(card: Card) -> str:
 def _sigma_eff_table(images: dict[str, int]) -> str:
     if not images:
         return ""
-    rows = "\n".join(f"  | {value} | {count} |" for value, count in images.items())
+    rows = "\n".join(f"  {row(text(value), count)}" for value, count in images.items())
     return f"\n\n  | σ_eff | images |\n  |---|---|\n{rows}"
 
 
@@ -107,7 +108,7 @@ def _latest_audit(con: Any, run_dir: Path) -> tuple[str, list[str]]:
     if summary_file and Path(summary_file).is_absolute():
         try:
             summary = read_audit_summary(Path(summary_file).parent)
-            held, fpr = holdout_rules_of(summary.config), summary.thresholds.expected_fpr_text
+            held, fpr = holdout_rules_of(summary.config), text(summary.thresholds.expected_fpr_text)
         except GuardError:
             fpr = "not known (the audit's summary.json could not be read)"
     how = "calibrated on held-out real images" if method == "holdout" else "uncalibrated documented defaults"
@@ -133,7 +134,7 @@ def datasheet(run_dir: Path, ledger: Path, data: Path | None = None) -> str:
     card = read_card(data, hint="the run's prepared directory (run.json `data`, or --data) must be one written by guard prepare")
     con = connect(ledger)
     trainings = _trainings(con, run_dir)
-    method = trainings[-1][1] if trainings else "unknown"
+    method = code(trainings[-1][1] if trainings else "unknown")
     eps = trainings[-1][4] if trainings else None
     privacy = (f"DP-SGD with ε = {eps:.3g}, δ = {trainings[-1][5]:.3g} on the private stages." if eps else
                "No differential-privacy guarantee: the noised partition is obfuscation against memorization and "
@@ -141,22 +142,22 @@ def datasheet(run_dir: Path, ledger: Path, data: Path | None = None) -> str:
     counts = card.counts
     audit, held = _latest_audit(con, run_dir)
     root = card.source_root(data)
-    where = f" at `{root}`" if root is not None else ""
-    return f"""# Training-data summary: run `{run_dir.name}`
+    where = f" at {code(root)}" if root is not None else ""
+    return f"""# Training-data summary: run {code(run_dir.name)}
 
 Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by sfbd_guard {__version__} from the prepared
 directory, the run directory and the compliance ledger. Narrative answers marked TODO need a person.
 
 ## 1. General information
-- Model: diffusion model trained with method `{method}` ({len(trainings)} recorded training session(s)).
-- Modality: images, {card.resolution}×{card.resolution}, {card.channels} channel(s) ({card.color}).
+- Model: diffusion model trained with method {method} ({len(trainings)} recorded training session(s)).
+- Modality: images, {card.resolution}×{card.resolution}, {card.channels} channel(s) ({text(card.color)}).
 - Training data size: {counts['clean']} clean images and {counts['protected']} protected images seen only as
   noised copies; {counts['excluded']} records excluded; {counts['error']} unreadable.
 - Purpose and intended use: TODO.
 
 ## 2. Data sources
 - Source dataset: {source_words(card)}{where}.
-- Policy: `{card.policy_name}` (sha256 `{card.policy_sha256}`), applied by `guard prepare` on {card.created_at}.
+- Policy: {code(card.policy_name)} (sha256 {code(card.policy_sha256)}), applied by `guard prepare` on {text(card.created_at)}.
 
 {_rules(card)}
 
@@ -174,7 +175,7 @@ directory, the run directory and the compliance ledger. Narrative answers marked
   from a generator keyed by the data owner's secret, which never left them); the originals never entered the
   prepared directory.
 - {_releases(card)}
-- What the trainer could see: the prepared directory `{data}` (fingerprint `{run.data_fingerprint}`),
+- What the trainer could see: the prepared directory {code(data)} (fingerprint {code(run.data_fingerprint)}),
   nothing else; its array files were verified against their sha256 before training.
 - Synthetic data: SFBD's denoised copies of protected records are synthetic data derived from them
   (the model's own reconstructions), used for training.

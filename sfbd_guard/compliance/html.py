@@ -1,9 +1,10 @@
 """`guard report --html FILE`: one self-contained page a compliance reviewer can act on.
 
 Per run chain (compliance/chains.py): a PASS / ATTENTION / FAIL banner with its reasons in plain words, the
-`guard verify` checks, every ledger event of the chain (failed and interrupted ones with their message) linking
-to its artifacts (links relative to the page), a training-loss chart per phase from metrics.parquet, the records
-per partition as a chart, the latest sample grid and the audit's similarity histogram. Then the ledger's tables.
+`guard verify` checks each with links to its evidence (the files it read, compliance/evidence.py), every ledger
+event of the chain (failed and interrupted ones with their message) linking to its artifacts (links relative to
+the page), a training-loss chart per phase from metrics.parquet, the records per partition as a chart, the latest
+sample grid and the audit's similarity histogram. Then the ledger's tables.
 Rendered from templates/report.html.j2 with autoescaping; the charts are SVG drawn by charts.py.
 """
 
@@ -97,7 +98,10 @@ def _chain_view(chain: Chain, project: Path, page_dir: Path) -> dict[str, Any]:
         "name": chain.name, "verdict": chain.verdict, "reasons": chain.reasons,
         "run": link(chain.run_dir, page_dir, str(_short(chain.run_dir, project))),
         "prepared": link(chain.prepared, page_dir, str(_short(chain.prepared, project))) if chain.prepared else None,
-        "checks": chain.checks, "verify_error": chain.verify_error,
+        "checks": [{"check": c, "links": [found for path in c.evidence
+                                           if (found := link(path, page_dir, str(_short(path, project)))) is not None]}
+                   for c in chain.checks],
+        "verify_error": chain.verify_error,
         "events": [{"event": e, "message": message(e), "links": _event_links(e, project, page_dir)} for e in chain.events],
         "loss_chart": markup(line_chart(losses, xlabel="training step", ylabel="loss (mean per point)",
                                         title=f"training loss of {chain.name} per phase", frame=Frame(width=600)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,30 +52,82 @@ def _cell(value: Any, project: Path | None = None) -> str:
     return str(value)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+LONGEST_WORD = 40  # a column is never narrower than its longest word up to this (longer ones, paths, fold)
+
+
+def printable(text: str) -> str:
+    """`text` safe for a terminal: control characters (escape sequences, line breaks, bells) written as `\\xNN`."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _word_width(texts: list[str]) -> int:
+    """The width of the longest word (run of non-spaces) in `texts`, at most LONGEST_WORD."""
+    from rich.cells import cell_len
+
+    return min(LONGEST_WORD, max((cell_len(word) for text in texts for word in text.split()), default=1))
+
+
+def _console() -> Any:
+    """A terminal's own width; pipes and files get 200 columns (no wrapping at 80)."""
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def print_tables(tables: dict[str, Any], project: Path | None = None) -> None:
     """The tables on the terminal, narrowed to fit it: columns empty in every row are left out (DP columns of runs
-    without DP), times shown to the minute, paths relative to the project (CSV, JSON and Parquet keep them all)."""
-    import sys
-    from datetime import datetime
-
+    without DP), times shown to the minute, paths relative to the project (CSV, JSON and Parquet keep them all).
+    Cells wrap between words only: no column is narrower than its longest word (header included)."""
     from rich import box
-    from rich.console import Console
     from rich.table import Column, Table
+    from rich.text import Text
 
-    console = Console() if sys.stdout.isatty() else Console(width=200)  # pipes and files: no wrapping at 80
+    console = _console()
     for title, table in tables.items():
         rows = table.to_pylist()
         columns = [c for c in table.column_names if not rows or any(row[c] is not None for row in rows)]
         hidden = len(table.column_names) - len(columns)
         note = f", {hidden} empty column(s) hidden" if hidden else ""
-        heads = [Column(HEADERS.get(c, c), overflow="fold", min_width=16 if c == "started_at" else None,
-                        no_wrap=all(isinstance(r[c], (int, float, datetime)) or r[c] is None for r in rows))
-                 for c in columns]  # numbers and times never wrap; text (names, paths) folds, never cut
+        cells = [[printable(_cell(row[c], project)) for c in columns] for row in rows]
+        heads = [Column(HEADERS.get(c, c), overflow="fold",
+                        min_width=_word_width([HEADERS.get(c, c), *(r[i] for r in cells)]),
+                        no_wrap=all(isinstance(r[c], (int, float)) or r[c] is None for r in rows))
+                 for i, c in enumerate(columns)]  # numbers never wrap; times wrap at their space; words are never cut
+        tight = sum(h.min_width or 1 for h in heads) + 2 * len(heads) > console.width  # then one space between columns
         shown = Table(*heads, title=f"{title} ({table.num_rows}{note})", title_justify="left", box=box.SIMPLE_HEAD,
-                      padding=(0, 1), collapse_padding=True, pad_edge=False)
-        for row in rows:
-            shown.add_row(*(_cell(row[c], project) for c in columns))
+                      padding=(0, 0 if tight else 1), collapse_padding=True, pad_edge=False)
+        for row_cells in cells:
+            shown.add_row(*map(Text, row_cells))  # text, never rich markup (ledger values are hostile)
         console.print(shown)
+
+
+def print_checks(checks: list[Any]) -> None:
+    """`guard verify` on a terminal: one row per check (status, check, what it checked and found), wrapped between
+    words to the terminal's width."""
+    from rich import box
+    from rich.table import Column, Table
+    from rich.text import Text
+
+    shown = Table(Column("status", no_wrap=True), Column("check", min_width=_word_width([c.name for c in checks])),
+                  Column("what was checked, and what was found", overflow="fold", ratio=1),
+                  box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False, expand=True)
+    styles = {"PASS": "green", "ATTENTION": "yellow", "FAIL": "bold red"}
+    for check in checks:
+        shown.add_row(Text(check.word, style=styles[check.word]), Text(printable(check.name)), Text(printable(check.detail)))
+    _console().print(shown)
+
+
+def checks_json(run_dir: Path, checks: list[Any]) -> str:
+    """`guard verify --json`: the run, each check (name, status PASS/ATTENTION/FAIL, detail, evidence paths) and
+    the totals."""
+    words = [c.word for c in checks]
+    document = {"run": str(run_dir), "checks": [{"name": c.name, "status": c.word, "detail": c.detail,
+                                                 "evidence": [str(p) for p in c.evidence]} for c in checks],
+                "passed": words.count("PASS"), "attention": words.count("ATTENTION"), "failed": words.count("FAIL")}
+    return json.dumps(document, indent=2, ensure_ascii=False)
 
 
 def _as_json_text(column: Any) -> Any:

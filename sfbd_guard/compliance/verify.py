@@ -23,7 +23,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ from ..locations import project_of
 from ..policy import DUPLICATE_RULE
 from ..relocate import prepared_of_run
 from ..symmetry import GENERATORS, Variant, group
+from .evidence import evidence_paths
 from .views import RUN_AUDITS, connect
 
 if TYPE_CHECKING:
@@ -50,6 +52,7 @@ class Check:
     passed: bool
     detail: str
     attention: bool = False  # passed, but with something a person must look at (ATTENTION, not PASS)
+    evidence: tuple[Path, ...] = ()  # the files the check read (compliance/evidence.py)
 
     @property
     def word(self) -> str:
@@ -353,6 +356,18 @@ def check_audit(con: Any, run_dir: Path) -> Check:
     return Check("audit", True, f"the latest audit of {samples} ({started:%Y-%m-%d %H:%M}) found no copy")
 
 
+def _with_evidence(paths: Callable[[str], tuple[Path, ...]]) -> Callable[[list[Check]], list[Check]]:
+    """Name on each check the files it read (compliance/evidence.py)."""
+    return lambda checks: [replace(check, evidence=paths(check.name)) for check in checks]
+
+
+def _audit_folder(con: Any, run_dir: Path) -> Path | None:
+    """The folder of the latest audit's summary.json of the run (the audit check's evidence), if recorded."""
+    rows = con.execute(f"SELECT summary_file FROM audits WHERE {RUN_AUDITS} ORDER BY started_at DESC LIMIT 1",
+                       [str(run_dir), str(run_dir)]).fetchall()
+    return Path(rows[0][0]).parent if rows and rows[0][0] and Path(rows[0][0]).is_absolute() else None
+
+
 def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, data: Path | None = None,
                digest_key: Path | bytes | None = None) -> list[Check]:
     """Every check of the run in `run_dir` against `ledger`. Its prepared directory is `data` (--data), else
@@ -375,15 +390,17 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
     folder = prepared_of_run(run_dir, record.data, record.data_fingerprint, project, data)
     con = connect(ledger, events)
     prepared = _open(folder)
+    evidence = _with_evidence(evidence_paths(run_dir=run_dir, prepared=folder, ledger=ledger, audit=_audit_folder(con, run_dir)))
     checks = [check_consumed(events, run_dir, prepared, project),
               *check_provenance(events, ledger, run_dir, prepared, verify_key)]
     if isinstance(prepared, GuardError):  # its files are not what the card says: read nothing it names
         skipped = [Check(name, False, f"the prepared directory does not verify: {prepared}")
                    for name in ("noise", "noise statistics", "releases", "no protected pixels", "opt-outs", "duplicates")]
-        return [*checks, *skipped, check_audit(con, run_dir)]
+        return evidence([*checks, *skipped, check_audit(con, run_dir)])
     rows, keyed = _manifest(prepared.root)
     foreign = key is not None and prepared.card.digest_key_id not in (None, digest_key_id(key))
     key = None if foreign else key  # another directory's digest key: the pixel checks say so (ATTENTION)
-    return [*checks, check_noise(prepared, rows), check_noise_statistics(prepared), check_releases(prepared.card),
-            check_clean_rows(prepared.root, rows, card_variants(prepared.card), keyed, key, foreign_key=foreign),
-            check_opt_outs(prepared, rows, keyed, key), check_duplicates(prepared.card, rows), check_audit(con, run_dir)]
+    return evidence([*checks, check_noise(prepared, rows), check_noise_statistics(prepared), check_releases(prepared.card),
+                     check_clean_rows(prepared.root, rows, card_variants(prepared.card), keyed, key, foreign_key=foreign),
+                     check_opt_outs(prepared, rows, keyed, key), check_duplicates(prepared.card, rows),
+                     check_audit(con, run_dir)])
