@@ -20,7 +20,7 @@ def prepare_recorded(policy_path: Path, *, data_root: Path | None, out: Path | N
     With `sign_key` (an Ed25519 private key, checked before any work), card.json is signed into card.sig."""
     from ..signing import load_private_key, sign_card
 
-    with recorded(ledger_dir(ledger), "prepare", command) as event:
+    with recorded(ledger_dir(ledger), "prepare", command, sign_key) as event:
         event.inputs.append(Artifact("policy", str(policy_path.resolve()), None))
         key = load_private_key(sign_key) if sign_key is not None else None
         loaded = load_policy(policy_path)
