@@ -125,7 +125,7 @@ def check_chain(ledger: Path, events: list[Event], anchors: list[Anchor] = ()) -
                      "removal or insertion among them cannot be detected", attention=True)
     anchored = sum(a.head.seq <= newest for a in anchors)
     detail = (f"{len(chained)} events linked by sha256 (#1…#{newest}); {HEAD_FILE} and {anchored} head(s) recorded "
-              "in run.json/summary.json agree")
+              "in run.json, summary.json and card.json agree")
     if legacy:
         return Check(CHAIN, True, f"{detail}; {len(legacy)} older event(s) written before the chain existed cannot be "
                      "checked", attention=True)
@@ -225,12 +225,16 @@ def anchors_of_run(events: list[Event], run_dir: Path, project: Path) -> list[An
     return found
 
 
-def ledger_checks(ledger: Path, events: list[Event], run_dir: Path, trusted: list[Path]) -> list[Check]:
-    """verify's ledger checks: the chain (with the run's anchors) and, when the ledger holds signatures or
-    `trusted` keys are given, the signatures."""
+def ledger_checks(ledger: Path, events: list[Event], run_dir: Path, trusted: list[Path],
+                  card: tuple[Path, Any] | None = None) -> list[Check]:
+    """verify's ledger checks: the chain (with the run's anchors, and `card`: the prepared directory's card.json
+    and its Card) and, when the ledger holds signatures or `trusted` keys are given, the signatures."""
     from ..locations import project_of
 
-    checks = [check_chain(ledger, events, anchors_of_run(events, run_dir, project_of(ledger)))]
+    anchors = anchors_of_run(events, run_dir, project_of(ledger))
+    if card is not None and getattr(card[1], "ledger_head", None) is not None:
+        anchors.append(Anchor(str(card[0]), Head(card[1].ledger_head.seq, card[1].ledger_head.sha256)))
+    checks = [check_chain(ledger, events, anchors)]
     if trusted or any((ledger / SIGNATURES).glob("*.json")):
         checks.append(check_signatures(ledger, events, trusted))
     return checks

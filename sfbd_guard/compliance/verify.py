@@ -525,7 +525,9 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
     folder = prepared_of_run(run_dir, record.data, record.data_fingerprint, project, data)
     connect(ledger, events)  # an empty ledger is an input error
     prepared = _open(folder)
-    checks = [*ledger_checks(ledger, events, run_dir, ledger_keys or []), check_consumed(events, run_dir, prepared, project),
+    card = None if isinstance(prepared, GuardError) else (prepared.root / "card.json", prepared.card)
+    checks = [*ledger_checks(ledger, events, run_dir, ledger_keys or [], card),
+              check_consumed(events, run_dir, prepared, project),
               *check_provenance(events, ledger, run_dir, prepared, verify_key)]
     if isinstance(prepared, GuardError):  # its files are not what the card says: read nothing it names
         skipped = [Check(name, False, f"the prepared directory does not verify: {prepared}")

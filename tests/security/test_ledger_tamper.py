@@ -6,6 +6,7 @@ One signed `guard run` (plus an audit of a folder with a planted copy) per modul
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -157,7 +158,7 @@ def test_rewriting_the_chain_after_an_edit_is_caught_by_the_recorded_heads(signe
     shutil.rmtree(ledger / "signatures")
     _edit(ledger, "train")
     events = _events(ledger)
-    for (previous, _), (path, row) in zip(events, events[1:], strict=False):
+    for (previous, _), (path, row) in itertools.pairwise(events):
         row["prev_sha256"] = sha256_file(previous)
         row["signer"] = None
         _write(path, row)
@@ -269,3 +270,32 @@ def test_thirty_concurrent_writers_keep_the_chain(tmp_path: Path) -> None:
     assert sorted(e.seq for e in events) == list(range(1, 31))
     check = check_chain(ledger, events)
     assert check.word == "PASS" and "30 events linked" in check.detail, check.detail
+
+
+def test_dropping_the_newest_event_is_caught_by_head_and_signature(signed: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    project = _copy(signed, tmp_path)
+    ledger = project / "ledger"
+    path, row = _events(ledger)[-1]
+    path.unlink()
+    code, checks = _verify(project, capsys)
+    assert code == 1 and "were removed: HEAD.json names" in checks["ledger chain"][1], checks["ledger chain"]
+    assert "which the ledger no longer has (removed)" in checks["ledger signatures"][1]
+    (ledger / "HEAD.json").unlink()  # the attacker removes the evidence too: the signature still names it
+    (ledger / "signatures" / f"{row['seq']:08d}.json").unlink()
+    code, checks = _verify(project, capsys)
+    assert checks["ledger chain"][0] == "PASS" and "drops the newest events" in checks["ledger chain"][1]
+
+
+def test_a_copied_ledger_that_cannot_resolve_the_run_is_an_error(signed: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`--ledger` at a copy elsewhere (its paths resolve against the copy's folder): no card or datasheet of unknowns."""
+    copy = Path(shutil.copytree(signed / "ledger", tmp_path / "elsewhere" / "ledger"))
+    run = signed / "runs" / "chain"
+    capsys.readouterr()
+    for flag in ("--model-card", "--datasheet"):
+        target = tmp_path / ("card" if flag == "--model-card" else "sheet.md")
+        assert guard("report", "--ledger", copy, flag, target, "--run", run, "--data", signed / "prepared") == 2
+        err = capsys.readouterr().err
+        assert f"records no finished training of {run}" in err and "Traceback" not in err, err
+        assert not (target / "README.md").exists() and not (target.is_file())
