@@ -145,6 +145,10 @@ def test_count_edit_in_the_audit_event_fails(signed: Path, tmp_path: Path, capsy
     assert word == "FAIL" and row["event_id"][:12] in detail and "summary.counts.copy is 0" in detail
     assert "summary.json says 1" in detail
     assert checks["ledger chain"][0] == "FAIL" and "edited" in checks["ledger chain"][1]
+    assert guard("report", "--ledger", ledger, "--html", tmp_path / "r.html") == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "summary.counts.copy is 0" in page, "the report's verify table fails the audit's counts"
+    assert "the audit&#39;s counts do not match its files" in page or "the audit's counts do not match its files" in page
 
 
 def test_rewriting_the_chain_after_an_edit_is_caught_by_the_recorded_heads(signed: Path, tmp_path: Path,
