@@ -145,6 +145,10 @@ def test_count_edit_in_the_audit_event_fails(signed: Path, tmp_path: Path, capsy
     assert word == "FAIL" and row["event_id"][:12] in detail and "summary.counts.copy is 0" in detail
     assert "summary.json says 1" in detail
     assert checks["ledger chain"][0] == "FAIL" and "edited" in checks["ledger chain"][1]
+    capsys.readouterr()
+    assert guard("report", "--ledger", ledger) == 0
+    out = capsys.readouterr().out
+    assert "MISMATCH" in out and "counts from" in out, "the audits table says its files do not back the event"
     assert guard("report", "--ledger", ledger, "--html", tmp_path / "r.html") == 0
     page = (tmp_path / "r.html").read_text()
     assert "summary.counts.copy is 0" in page, "the report's verify table fails the audit's counts"
