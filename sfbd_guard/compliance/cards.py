@@ -18,6 +18,7 @@ from ..contracts.events import TrainSummary
 from ..contracts.run_record import read_run_record
 from ..errors import InputError
 from ..fileio import atomic_write_bytes, owner_only_dirs
+from ..ledger import current_head
 from ..locations import project_of
 from ..relocate import prepared_of_run
 from .chains import Chain, gather
@@ -115,7 +116,8 @@ def model_card_text(run_dir: Path, ledger: Path, data: Path | None = None) -> st
         sfbd_guard={"data_fingerprint": card.fingerprint, "method": method, "training_licences": licences or ["NOASSERTION"],
                     "records": {k: card.counts.get(k, 0) for k in ("clean", "protected", "excluded")},
                     "opt_outs_honoured": found.opted_out, "audit": audit_meta,
-                    "dp": {"epsilon": dp[0], "delta": dp[1]} if dp else None})
+                    "dp": {"epsilon": dp[0], "delta": dp[1]} if dp else None,
+                    "ledger_head": current_head(ledger).as_dict()})  # the ledger this card was written from
     body = f"""
 # {run_dir.name}
 

@@ -214,7 +214,8 @@ def test_forged_head_without_the_key_fails(signed: Path, tmp_path: Path, capsys:
     assert code == 1 and word == "FAIL" and "not one of the --ledger-key keys" in detail, detail
 
 
-def test_untouched_signed_ledger_passes_with_the_team_key(signed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_untouched_signed_ledger_passes_with_the_team_key(signed: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
     code, checks = _verify(signed, capsys, "--ledger-key", signed / "team.pub")
     assert checks["ledger chain"][0] == "PASS" and checks["ledger signatures"][0] == "PASS", checks
     assert checks["ledger counts"][0] == "PASS" and checks["audit"][0] == "FAIL" and code == 1  # the planted copy
@@ -222,6 +223,12 @@ def test_untouched_signed_ledger_passes_with_the_team_key(signed: Path, capsys: 
     assert [r["seq"] for r in rows] == list(range(1, len(rows) + 1)) and all(r["signer"] for r in rows)
     run = json.loads((signed / "runs" / "chain" / "run.json").read_text())
     assert run["ledger_head"]["seq"] == 1, "the head when training began: the prepare event"
+    card = json.loads((signed / "prepared" / "card.json").read_text())
+    assert card["ledger_head"] == {"seq": 0, "sha256": ""}, "prepare began on an empty ledger"
+    capsys.readouterr()
+    assert guard("report", "--ledger", signed / "ledger", "--model-card", tmp_path / "card", "--run", signed / "runs" / "chain") == 0
+    head = json.loads((signed / "ledger" / "HEAD.json").read_text())
+    assert f"sha256: {head['sha256']}" in (tmp_path / "card" / "README.md").read_text(), "the model card names the head"
 
 
 def _legacy_event(ledger: Path, kind: str = "sample", when: str = "2020-01-01") -> Path:
