@@ -77,6 +77,7 @@ def event_schema() -> Any:
 
 
 HEAD_FILE = "HEAD.json"
+SMALL_FILE = 65536  # HEAD.json and a signature file are a few hundred bytes
 LOCK_FILE = ".lock"
 SIGNATURES = "signatures"
 
@@ -128,10 +129,11 @@ def current_head(ledger: Path) -> Head:
     """The ledger's head: HEAD.json when the file it names still has its sha256, else found by scanning."""
     import json
 
+    from .fileio import read_regular
     from .hashing import sha256_file
 
-    try:
-        data = json.loads((ledger / HEAD_FILE).read_text())
+    try:  # a FIFO or a huge file in its place is not a head (read_regular: never waits on a FIFO)
+        data = json.loads(read_regular(ledger / HEAD_FILE, SMALL_FILE)[:SMALL_FILE])
         head, where = Head(int(data["seq"]), str(data["sha256"])), ledger / str(data["file"])
         if where.is_relative_to(ledger) and ".." not in Path(data["file"]).parts and sha256_file(where) == head.sha256:
             return head

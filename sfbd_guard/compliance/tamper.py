@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from ..contracts.events import Event
+from ..fileio import read_regular
 from ..hashing import sha256_bytes, sha256_file
-from ..ledger import HEAD_FILE, SIGNATURES, Head, head_message
+from ..ledger import HEAD_FILE, SIGNATURES, SMALL_FILE, Head, head_message
 from .verify import Check
 
 CHAIN = "ledger chain"
@@ -83,7 +84,7 @@ def _links(chained: list[Event], hashes: dict[str, str]) -> list[str]:
 
 def _head_file(ledger: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads((ledger / HEAD_FILE).read_text())
+        data = json.loads(read_regular(ledger / HEAD_FILE, SMALL_FILE)[:SMALL_FILE])
         return data if isinstance(data, dict) else None
     except (OSError, ValueError):
         return None
@@ -137,7 +138,7 @@ def _signature(path: Path) -> tuple[Head, str, Any, bytes]:
     """A signatures/<seq>.json file: the head it signs, the key id, the public key and the signature."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    data = json.loads(path.read_text())
+    data = json.loads(read_regular(path, SMALL_FILE)[:SMALL_FILE])
     raw = bytes.fromhex(data["public_key"])
     key = Ed25519PublicKey.from_public_bytes(raw)
     if sha256_bytes(raw) != data["public_key_sha256"] or data["algorithm"] != "ed25519":

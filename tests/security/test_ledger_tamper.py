@@ -314,3 +314,23 @@ def test_a_copied_ledger_that_cannot_resolve_the_run_is_an_error(signed: Path, t
         err = capsys.readouterr().err
         assert f"records no finished training of {run}" in err and "Traceback" not in err, err
         assert not (target / "README.md").exists() and not (target.is_file())
+
+
+def test_head_and_signature_files_as_fifos_are_never_waited_on(tmp_path: Path) -> None:
+    import os
+
+    from sfbd_guard.compliance.tamper import check_chain, check_signatures
+    from sfbd_guard.contracts.events import read_events
+    from sfbd_guard.ledger import EventDraft, write_event
+
+    ledger = tmp_path / "ledger"
+    write_event(ledger, EventDraft(kind="run", command=["guard", "run"]), status="failed")
+    (ledger / "HEAD.json").unlink()
+    os.mkfifo(ledger / "HEAD.json")
+    (ledger / "signatures").mkdir()
+    os.mkfifo(ledger / "signatures" / "00000001.json")
+    write_event(ledger, EventDraft(kind="run", command=["guard", "run"]), status="failed")  # the head found by a scan
+    events = read_events(ledger)
+    assert sorted(e.seq for e in events) == [1, 2] and check_chain(ledger, events).word == "PASS"
+    check = check_signatures(ledger, events)
+    assert check.word == "FAIL" and "not a signature file" in check.detail
