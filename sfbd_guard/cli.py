@@ -73,6 +73,13 @@ LedgerOpt = Annotated[
 ]
 
 
+SignKeyOpt = Annotated[
+    Path | None,
+    typer.Option("--sign-key", help="Ed25519 private key (guard signkey create): sign the ledger head this command appends; the event names the key.",
+                 show_default=False),
+]
+
+
 def _fail(message: str, hint: str | None, code: int) -> None:
     typer.echo(f"error: {message}", err=True)
     if hint:
@@ -247,6 +254,7 @@ def train(
     verify_key: Annotated[Path | None, typer.Option("--verify-key", help="Data owner's Ed25519 public key: the prepared directory's card.sig must verify with it (verify_key).")] = None,
     allow_unrecorded: Annotated[bool, typer.Option("--allow-unrecorded", help="Train on a prepared directory that no prepare event of this ledger wrote and no signature vouches for (recorded; guard verify fails it).")] = False,
     threads: ThreadsOpt = None,
+    sign_key: SignKeyOpt = None,
     ledger: LedgerOpt = None,
 ) -> None:
     """Train a diffusion model on a prepared directory (never on a raw dataset).
@@ -276,7 +284,7 @@ def train(
                                       verify_key=verify_key)
     _threads(threads, config.threads)  # before torch is imported (training imports it)
     outcome = train_recorded(config, resume=resume is not None, ledger=ledger, command=_invocation(ctx),
-                             progress=terminal_progress, allow_unrecorded=allow_unrecorded)
+                             progress=terminal_progress, allow_unrecorded=allow_unrecorded, sign_key=sign_key)
     if outcome.checkpoint is not None:
         typer.echo(f"trained {config.method} for {outcome.kimg:g} kimg ({outcome.step} steps, {outcome.seconds:.0f} s)")
         typer.echo(f"run: {outcome.run_dir}")
@@ -302,6 +310,7 @@ def sample(
     device: Annotated[str, typer.Option("--device", metavar=DEVICES, help="Device for sampling.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a folder that holds images (without it, refused): same names are replaced, and the images a previous guard sample listed there but this one does not write are removed.")] = False,
     threads: ThreadsOpt = None,
+    sign_key: SignKeyOpt = None,
     ledger: LedgerOpt = None,
 ) -> None:
     """Draw images from a trained run: one PNG per image plus grid.png.
@@ -311,7 +320,7 @@ def sample(
     _threads(threads)
     from .engine.service import sample_recorded
 
-    outcome = sample_recorded(run, ledger=ledger, command=_invocation(ctx), count=n, out=out, steps=steps, seed=seed,
+    outcome = sample_recorded(run, ledger=ledger, command=_invocation(ctx), sign_key=sign_key, count=n, out=out, steps=steps, seed=seed,
                               batch=batch, checkpoint=checkpoint, device=device, progress=terminal_progress,
                               overwrite=overwrite)
     typer.echo(f"wrote {len(outcome.files)} images to {outcome.out} ({outcome.seconds:.1f} s)")
@@ -340,6 +349,7 @@ def audit(
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
     threads: ThreadsOpt = None,
+    sign_key: SignKeyOpt = None,
     ledger: LedgerOpt = None,
 ) -> None:
     """Find generated images that copy protected originals; exit 3 if any sample is a copy.
@@ -363,7 +373,7 @@ def audit(
     })
     result = audit_recorded(samples=samples, data=data, report=report, config=settings, config_path=config,
                             ledger=ledger, command=_invocation(ctx), data_root=data_root, holdout_dir=holdout,
-                            progress=terminal_progress, executor=chosen)
+                            progress=terminal_progress, executor=chosen, sign_key=sign_key)
     print_summary(result.summary, report)
     if result.counts["copy"]:
         raise typer.Exit(3)
@@ -428,6 +438,7 @@ def verify(
     verify_key: Annotated[Path | None, typer.Option("--verify-key", help="Data owner's Ed25519 public key: also check the prepared directory's card.sig.")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="The run's prepared directory, when run.json's path to it does not resolve.")] = None,
     digest_key: Annotated[Path | None, typer.Option("--digest-key", help="The data owner's digest key (guard key export-digest): compare the manifest's keyed pixel digests with the clean rows (without it that check needs attention).")] = None,
+    ledger_key: Annotated[list[Path] | None, typer.Option("--ledger-key", help="Public key (repeatable) of those who sign the ledger's heads (--sign-key): each signature must be by one of them, and the chain must be anchored by one.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON (name, status PASS/ATTENTION/FAIL, detail, evidence paths); same exit codes.")] = False,
     ledger: LedgerOpt = None,
 ) -> None:
@@ -443,7 +454,8 @@ def verify(
     from .compliance.verify import verify_run
     from .ledger import ledger_dir
 
-    checks = verify_run(run, ledger_dir(ledger), verify_key=verify_key, data=data, digest_key=digest_key)
+    checks = verify_run(run, ledger_dir(ledger), verify_key=verify_key, data=data, digest_key=digest_key,
+                        ledger_keys=ledger_key or [])
     failed = [c.name for c in checks if not c.passed]
     attention = sum(c.passed and c.attention for c in checks)
     if as_json:
@@ -466,6 +478,7 @@ def run_command(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML naming the policy, the training, the sampling and the audit.")],
     allow_unrecorded: Annotated[bool, typer.Option("--allow-unrecorded", help="Train on a prepared directory that no prepare event of this ledger wrote (recorded; guard verify fails it).")] = False,
     threads: ThreadsOpt = None,
+    sign_key: SignKeyOpt = None,
     ledger: LedgerOpt = None,
 ) -> None:
     """Prepare, train, sample, audit and report in one command; re-running continues where it stopped.
@@ -479,7 +492,7 @@ def run_command(
     from .run import run_pipeline
 
     summary = run_pipeline(pipeline, ledger=ledger_dir(ledger), command=_invocation(ctx),
-                           progress=terminal_progress, say=typer.echo, allow_unrecorded=allow_unrecorded)
+                           progress=terminal_progress, say=typer.echo, allow_unrecorded=allow_unrecorded, sign_key=sign_key)
     for stage, what in summary.stages.items():
         typer.echo(f"{stage:>8}: {what}")
     typer.echo(f"samples grid: {summary.files['grid']}")

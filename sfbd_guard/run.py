@@ -44,7 +44,7 @@ def _executor(config: PipelineConfig) -> ExecutorSpec:
     return executor_spec(config.executor.kind, config.executor.address)
 
 
-def _prepare(config: PipelineConfig, ledger: Path | None, command: list[str], say: Say) -> str:
+def _prepare(config: PipelineConfig, ledger: Path | None, command: list[str], say: Say, sign_key: Path | None = None) -> str:
     from .curation.service import prepare_recorded
     from .policy import load_policy
     from .prepared import open_prepared
@@ -61,13 +61,13 @@ def _prepare(config: PipelineConfig, ledger: Path | None, command: list[str], sa
         return "skipped (prepared directory verified)"
     say(f"preparing {data} from {policy}")
     result = prepare_recorded(policy, data_root=None, out=data, workers=1, strict=False, overwrite=False, ledger=ledger,
-                              command=[*command, "(prepare)"], executor=_executor(config))
+                              command=[*command, "(prepare)"], executor=_executor(config), sign_key=sign_key)
     say(result.key_note)
     return "done"
 
 
 def _train(config: PipelineConfig, ledger: Path | None, command: list[str], progress: Any, say: Say,
-           allow_unrecorded: bool = False) -> str:
+           allow_unrecorded: bool = False, sign_key: Path | None = None) -> str:
     from .engine.service import pipeline_of_run, train_recorded
     from .ledger import ledger_dir
     from .locations import project_of
@@ -77,11 +77,11 @@ def _train(config: PipelineConfig, ledger: Path | None, command: list[str], prog
     chosen = pipeline_of_run(run_dir, project=project_of(ledger_dir(ledger))) if resume else config
     say(f"{'resuming' if resume else 'training'} {chosen.method} in {run_dir}")
     outcome = train_recorded(chosen, resume=resume, ledger=ledger, command=[*command, "(train)"], progress=progress,
-                             allow_unrecorded=allow_unrecorded)
+                             allow_unrecorded=allow_unrecorded, sign_key=sign_key)
     return f"done ({outcome.step} steps, {outcome.kimg:g} kimg)"
 
 
-def _sample(config: PipelineConfig, ledger: Path | None, command: list[str], say: Say) -> str:
+def _sample(config: PipelineConfig, ledger: Path | None, command: list[str], say: Say, sign_key: Path | None = None) -> str:
     from .engine.checkpoint import latest_checkpoint
     from .engine.service import sample_recorded
 
@@ -94,13 +94,15 @@ def _sample(config: PipelineConfig, ledger: Path | None, command: list[str], say
     if marker.is_file() and load_json(marker, hint=_REDO) == wanted:
         return "skipped (samples of these weights exist)"
     say(f"sampling {spec.n} images")
-    sample_recorded(run_dir, ledger=ledger, command=[*command, "(sample)"], count=spec.n, out=run_dir / "samples",
-                    steps=spec.steps, seed=spec.seed, batch=spec.batch, overwrite=True)  # the run's own folder
+    sample_recorded(run_dir, ledger=ledger, command=[*command, "(sample)"], sign_key=sign_key, count=spec.n,
+                    out=run_dir / "samples", steps=spec.steps, seed=spec.seed, batch=spec.batch,
+                    overwrite=True)  # the run's own folder
     atomic_write_json(marker, wanted)
     return "done"
 
 
-def _audit(config: PipelineConfig, ledger: Path | None, command: list[str], say: Say) -> tuple[str, int]:
+def _audit(config: PipelineConfig, ledger: Path | None, command: list[str], say: Say,
+           sign_key: Path | None = None) -> tuple[str, int]:
     from .audit.config import resolve_audit_config
     from .audit.service import audit_recorded
 
@@ -120,7 +122,7 @@ def _audit(config: PipelineConfig, ledger: Path | None, command: list[str], say:
     config_path = Path(config.audit.config) if config.audit.config else None
     result = audit_recorded(samples=samples, data=Path(config.data), report=report,
                             config=resolve_audit_config(config_path, {}), config_path=config_path, ledger=ledger,
-                            command=[*command, "(audit)"], executor=_executor(config))
+                            command=[*command, "(audit)"], executor=_executor(config), sign_key=sign_key)
     copies = int(result.counts.get("copy", 0))
     atomic_write_json(done, {"samples_marker": sha256_file(marker), "copies": copies})
     return "done", copies
@@ -144,14 +146,15 @@ def _report(config: PipelineConfig, ledger: Path) -> dict[str, Path]:
 
 
 def run_pipeline(pipeline: Path, *, ledger: Path, command: list[str], progress: Any = None,
-                 say: Say = print, allow_unrecorded: bool = False) -> RunSummary:
-    """Run every stage of `pipeline` that is not already done; returns what happened and where to look."""
+                 say: Say = print, allow_unrecorded: bool = False, sign_key: Path | None = None) -> RunSummary:
+    """Run every stage of `pipeline` that is not already done; returns what happened and where to look.
+    `sign_key` signs the ledger head each stage appends (ledger.py)."""
     config = load_pipeline(pipeline)
     summary = RunSummary(Path(str(config.out)))
-    summary.stages["prepare"] = _prepare(config, ledger, command, say)
-    summary.stages["train"] = _train(config, ledger, command, progress, say, allow_unrecorded)
-    summary.stages["sample"] = _sample(config, ledger, command, say)
-    summary.stages["audit"], summary.copies = _audit(config, ledger, command, say)
+    summary.stages["prepare"] = _prepare(config, ledger, command, say, sign_key)
+    summary.stages["train"] = _train(config, ledger, command, progress, say, allow_unrecorded, sign_key)
+    summary.stages["sample"] = _sample(config, ledger, command, say, sign_key)
+    summary.stages["audit"], summary.copies = _audit(config, ledger, command, say, sign_key)
     summary.files = _report(config, ledger)
     summary.stages["report"] = "done"
     return summary

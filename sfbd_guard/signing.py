@@ -36,6 +36,11 @@ def _raw_public(public: Any) -> bytes:
     return raw
 
 
+def raw_public_key(public: Any) -> bytes:
+    """The raw 32 bytes of an Ed25519 public key (the ledger's signature files hold them in hex)."""
+    return _raw_public(public)
+
+
 def key_fingerprint(public: Any) -> str:
     """sha256 (hex) of the raw 32-byte Ed25519 public key: the id recorded in card.sig and the ledger."""
     return sha256_bytes(_raw_public(public))

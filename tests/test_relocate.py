@@ -45,7 +45,7 @@ def test_a_copied_and_moved_project_verifies(moved: tuple[Path, Path], capsys: p
     project, original = moved
     assert not original.exists()
     code, checks = _verify(project, capsys)
-    assert code == 0 and len(checks) == 9 and _all_pass(checks), checks
+    assert code == 0 and len(checks) == 11 and _all_pass(checks), checks
     assert str(project / "prepared") in checks["consumed arrays"]
 
 

@@ -23,7 +23,7 @@ from ..errors import GuardError
 from ..executor import LOCAL, ExecutorSpec
 from ..fileio import check_report_dir, report_dir
 from ..hashing import fingerprint, sha256_file
-from ..ledger import Artifact, ledger_dir, recorded
+from ..ledger import Artifact, current_head, ledger_dir, recorded
 from ..progress import ProgressFactory
 from . import calibrate as cal
 from .checks import Scores, background, score, verdicts
@@ -171,7 +171,7 @@ def _context(info: PreparedInfo, config: AuditConfig, data_root: Path | None,
 
 def _report(ctx: _Context, samples: Path, report: Path, loaded: LoadedImages, scores: Scores,
             calibration: cal.Calibration, holdout_s1: np.ndarray, data_root: Path | None,
-            clock: dict[str, float]) -> AuditResult:
+            clock: dict[str, float], ledger_head: dict[str, Any] | None = None) -> AuditResult:
     """Verdicts, then samples.parquet, summary.json and report.html."""
     mark = time.perf_counter()
     verdict, rules = verdicts(scores, calibration.thresholds)
@@ -186,6 +186,7 @@ def _report(ctx: _Context, samples: Path, report: Path, loaded: LoadedImages, sc
         names=[n for n, ok in zip(loaded.names, loaded.ok, strict=True) if ok], holdout_s1=holdout_s1,
         background_s1=background(ctx.index, ctx.reference.embeddings, seed=ctx.config.calibration.seed),
         thumbnails=thumbs, timings=clock)
+    summary["ledger_head"] = ledger_head  # the ledger's head when the audit began (compliance/tamper.py)
     summary["skipped"] = dict(loaded.skipped)  # files not audited and why (only a verified sample grid)
     th = calibration.thresholds
     figure = histogram({"samples": scores.s1, "holdout": holdout_s1}, {"copy": th.copy, "suspect": th.suspect})
@@ -203,7 +204,7 @@ def _report(ctx: _Context, samples: Path, report: Path, loaded: LoadedImages, sc
 
 def run_audit(*, samples: Path, data: Path, report: Path, config: AuditConfig, data_root: Path | None = None,
               holdout_dir: Path | None = None, progress: ProgressFactory | None = None,
-              executor: ExecutorSpec = LOCAL) -> AuditResult:
+              executor: ExecutorSpec = LOCAL, ledger_head: dict[str, Any] | None = None) -> AuditResult:
     """Score every image under `samples` against the protected originals of `data`; write the report.
 
     Bad input (no images, not a prepared directory, missing weights, changed originals) raises an
@@ -224,7 +225,7 @@ def run_audit(*, samples: Path, data: Path, report: Path, config: AuditConfig, d
         mark = time.perf_counter()
         calibration, holdout_s1 = _calibrate(ctx, data_root, holdout_dir)
         clock["calibration"] = time.perf_counter() - mark
-    return _report(ctx, samples, report, loaded, scores, calibration, holdout_s1, data_root, clock)
+    return _report(ctx, samples, report, loaded, scores, calibration, holdout_s1, data_root, clock, ledger_head)
 
 
 def _file_sha256(path: Path) -> str | None:
@@ -237,14 +238,17 @@ def _file_sha256(path: Path) -> str | None:
 def audit_recorded(*, samples: Path, data: Path, report: Path, config: AuditConfig, config_path: Path | None,
                    ledger: Path | None, command: list[str], data_root: Path | None = None,
                    holdout_dir: Path | None = None, progress: ProgressFactory | None = None,
-                   executor: ExecutorSpec = LOCAL) -> AuditResult:
-    """`run_audit` plus an `audit` ledger event (ok or failed): inputs, report files with sha256, summary."""
-    with recorded(ledger_dir(ledger), "audit", command) as event:
+                   executor: ExecutorSpec = LOCAL, sign_key: Path | None = None) -> AuditResult:
+    """`run_audit` plus an `audit` ledger event (ok or failed): inputs, report files with sha256, summary.
+    `sign_key` signs the ledger head the event makes; summary.json records the head before it."""
+    where = ledger_dir(ledger)
+    with recorded(where, "audit", command, sign_key) as event:
         event.inputs.append(Artifact("samples", str(samples.resolve()), None))
         if config_path is not None:
             event.inputs.append(Artifact("audit_config", str(config_path.resolve()), sha256_file(config_path)))
         result = run_audit(samples=samples, data=data, report=report, config=config, data_root=data_root,
-                           holdout_dir=holdout_dir, progress=progress, executor=executor)
+                           holdout_dir=holdout_dir, progress=progress, executor=executor,
+                           ledger_head=current_head(where).as_dict())
         summary = result.summary
         event.inputs[0] = Artifact("samples", summary.samples, summary.samples_fingerprint)
         event.inputs.append(Artifact("prepared", summary.prepared.path, summary.prepared.fingerprint))

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from ..contracts.card import Card, read_card
+from ..contracts.events import TrainSummary
 from ..contracts.run_record import read_run_record
 from ..errors import InputError
 from ..fileio import atomic_write_bytes, owner_only_dirs
+from ..ledger import current_head
 from ..locations import project_of
 from ..relocate import prepared_of_run
 from .chains import Chain, gather
@@ -69,13 +71,19 @@ def _exclusions(found: Exclusions, card: Card) -> str:
             f"- Copies demoted to excluded by duplicate merging: {demoted(card)}.")
 
 
-def _chain(ledger: Path, run_dir: Path) -> Chain | None:
+def _chain(ledger: Path, run_dir: Path) -> Chain:
+    """The run's chain in `ledger`; a ledger with no finished training of the run (a copy of another project's
+    ledger, or the wrong --ledger) cannot describe the model: an input error, not a card of unknowns."""
     chains, _ = gather(ledger, verify=False)
-    return next((c for c in chains if c.run_dir == run_dir), None)
+    chain = next((c for c in chains if c.run_dir == run_dir and c.ok("train")), None)
+    if chain is None:
+        raise InputError(f"ledger {ledger} records no finished training of {run_dir}: it cannot say how the model was "
+                         "trained or audited", hint="pass the ledger the run was trained into (--ledger DIR)")
+    return chain
 
 
-def _audit_words(chain: Chain | None) -> tuple[str, dict[str, Any]]:
-    summary = chain.audit if chain else None
+def _audit_words(chain: Chain) -> tuple[str, dict[str, Any]]:
+    summary = chain.audit
     if summary is None:
         return "No finished audit of this model's samples is recorded.", {"audited": False}
     counts = summary.counts
@@ -101,11 +109,11 @@ def model_card_text(run_dir: Path, ledger: Path, data: Path | None = None) -> st
     counts = licence_counts(folder)
     licences = trained_licences(counts)
     licence, licence_name = _hub_licence(licences)
-    found = exclusions(card, holdout_rules_of(chain.audit.config if chain and chain.audit else None))
-    trainings = chain.ok("train") if chain else []
-    method = getattr(trainings[-1].summary, "method", "unknown") if trainings else "unknown"
+    found = exclusions(card, holdout_rules_of(chain.audit.config if chain.audit else None))
+    trained = chain.ok("train")[-1].summary
+    method = trained.method if isinstance(trained, TrainSummary) else "unknown"
     audit, audit_meta = _audit_words(chain)
-    dp = chain.epsilon() if chain else None
+    dp = chain.epsilon()
     privacy = (f"DP-SGD on the stages that read protected data: ε = {dp[0]:.3g}" + (f", δ = {dp[1]:.3g}." if dp[1] else ".")
                if dp else "No differential-privacy guarantee: protected images were seen only as noised copies "
                           f"(σ = {card.sigma:g}), which is obfuscation, not DP.")
@@ -115,7 +123,8 @@ def model_card_text(run_dir: Path, ledger: Path, data: Path | None = None) -> st
         sfbd_guard={"data_fingerprint": card.fingerprint, "method": method, "training_licences": licences or ["NOASSERTION"],
                     "records": {k: card.counts.get(k, 0) for k in ("clean", "protected", "excluded")},
                     "opt_outs_honoured": found.opted_out, "audit": audit_meta,
-                    "dp": {"epsilon": dp[0], "delta": dp[1]} if dp else None})
+                    "dp": {"epsilon": dp[0], "delta": dp[1]} if dp else None,
+                    "ledger_head": current_head(ledger).as_dict()})  # the ledger this card was written from
     body = f"""
 # {text(run_dir.name)}
 

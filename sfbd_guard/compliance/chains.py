@@ -162,8 +162,9 @@ def gather(ledger: Path, *, verify: bool = True, digest_key: Path | bytes | None
     return chains, orphans
 
 
-def message(event: Event) -> str:
-    """What an event says in one line: its error, or a summary of what it did."""
+def message(event: Event, project: Path | None = None) -> str:
+    """What an event says in one line: its error, or a summary of what it did. With `project`, an audit's counts
+    are those of its summary.json and samples.parquet (the files whose sha256 it holds), or say why they are not."""
     s: Any = event.summary
     if event.status != "ok":
         return str(s.error or f"{event.kind} {event.status} (no message recorded)")
@@ -178,6 +179,13 @@ def message(event: Event) -> str:
         return f"{s.count} images"
     if event.kind == "audit":
         counts = s.counts or {}
+        if project is not None:
+            from .verify import audit_files
+
+            summary, _, problems = audit_files(event, project)
+            if problems or summary is None:
+                return f"the audit's counts do not match its files: {problems[0] if problems else 'unreadable'}"
+            counts = summary.counts
         return (f"{counts.get('copy', 0)} copy, {counts.get('suspect', 0)} suspect, {counts.get('novel', 0)} novel "
                 f"({'calibrated on a holdout' if s.thresholds.method == 'holdout' else 'uncalibrated thresholds'})")
     return event.kind

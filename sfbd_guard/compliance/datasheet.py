@@ -96,7 +96,8 @@ def _sigma_eff_table(images: dict[str, int]) -> str:
 
 
 def _latest_audit(con: Any, run_dir: Path) -> tuple[str, list[str]]:
-    """The latest finished audit in words, and the rules it held out for calibration."""
+    """The latest finished audit in words, and the rules it held out for calibration. The counts are summary.json's
+    (guard verify checks that the event's copies of them match it), never taken from the event alone."""
     rows = con.execute(
         "SELECT started_at, copy, suspect, novel, threshold_method, copy_threshold, summary_file FROM audits "
         f"WHERE status = 'ok' AND {RUN_AUDITS} ORDER BY started_at DESC LIMIT 1", [str(run_dir), str(run_dir)]).fetchall()
@@ -109,8 +110,10 @@ def _latest_audit(con: Any, run_dir: Path) -> tuple[str, list[str]]:
         try:
             summary = read_audit_summary(Path(summary_file).parent)
             held, fpr = holdout_rules_of(summary.config), text(summary.thresholds.expected_fpr_text)
+            copy, suspect, novel = (summary.counts.get(k, 0) for k in ("copy", "suspect", "novel"))
         except GuardError:
             fpr = "not known (the audit's summary.json could not be read)"
+            copy = suspect = novel = "unknown"
     how = "calibrated on held-out real images" if method == "holdout" else "uncalibrated documented defaults"
     return (f"Latest audit ({started:%Y-%m-%d %H:%M} UTC): {copy} copy, {suspect} suspect, {novel} novel. "
             f"Copy threshold {'n/a' if threshold is None else f'{threshold:.4f}'} ({how}); {fpr}.", held)
@@ -134,7 +137,10 @@ def datasheet(run_dir: Path, ledger: Path, data: Path | None = None) -> str:
     card = read_card(data, hint="the run's prepared directory (run.json `data`, or --data) must be one written by guard prepare")
     con = connect(ledger)
     trainings = _trainings(con, run_dir)
-    method = code(trainings[-1][1] if trainings else "unknown")
+    if not trainings:  # a copied or wrong ledger: no datasheet of unknowns
+        raise InputError(f"ledger {ledger} records no finished training of {run_dir}: it cannot say how the model was "
+                         "trained or audited", hint="pass the ledger the run was trained into (--ledger DIR)")
+    method = code(trainings[-1][1])
     eps = trainings[-1][4] if trainings else None
     privacy = (f"DP-SGD with ε = {eps:.3g}, δ = {trainings[-1][5]:.3g} on the private stages." if eps else
                "No differential-privacy guarantee: the noised partition is obfuscation against memorization and "

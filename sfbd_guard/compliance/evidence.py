@@ -32,6 +32,10 @@ def _sources(run_dir: Path, prepared: Path | None, ledger: Path, audit: Path | N
         "opt-outs": [data("manifest.parquet"), data("clean"), data("protected")],
         "duplicates": [data("manifest.parquet"), data("card.json")],
         "audit": [report("summary.json"), report("samples.parquet"), report("report.html"), ledger / "audit"],
+        "ledger chain": [ledger / "HEAD.json", ledger, run_dir / "run.json", data("card.json"), report("summary.json")],
+        "ledger signatures": [ledger / "signatures", ledger / "HEAD.json"],
+        "ledger counts": [ledger, data("manifest.parquet"), data("card.json"), run_dir / "run.json",
+                          report("summary.json"), report("samples.parquet")],
     }
 
 

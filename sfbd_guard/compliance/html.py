@@ -102,7 +102,8 @@ def _chain_view(chain: Chain, project: Path, page_dir: Path) -> dict[str, Any]:
                                            if (found := link(path, page_dir, str(_short(path, project)))) is not None]}
                    for c in chain.checks],
         "verify_error": chain.verify_error,
-        "events": [{"event": e, "message": message(e), "links": _event_links(e, project, page_dir)} for e in chain.events],
+        "events": [{"event": e, "message": message(e, project), "links": _event_links(e, project, page_dir)}
+                   for e in chain.events],
         "loss_chart": markup(line_chart(losses, xlabel="training step", ylabel="loss (mean per point)",
                                         title=f"training loss of {chain.name} per phase", frame=Frame(width=600)))
         if losses else None,

@@ -20,7 +20,7 @@ DEFAULT_QUERIES = {
                      "round(seconds, 1) AS seconds, epsilon, delta, noise_multiplier, sample_rate, private_steps, run "
                      "FROM trainings ORDER BY started_at",
     "audits": "SELECT started_at, status, samples, copy, suspect, novel, round(copy_threshold, 4) AS copy_threshold, "
-              "round(suspect_threshold, 4) AS suspect_threshold, threshold_method FROM audits ORDER BY started_at",
+              "round(suspect_threshold, 4) AS suspect_threshold, threshold_method, event_id FROM audits ORDER BY started_at",
 }
 FORMATS = ("table", "csv", "json", "parquet")
 HEADERS = {"started_at": "started (UTC)", "copy_threshold": "copy ≥", "suspect_threshold": "suspect ≥",
@@ -29,10 +29,40 @@ HEADERS = {"started_at": "started (UTC)", "copy_threshold": "copy ≥", "suspect
 
 def report_tables(ledger: Path, sql: str | None) -> dict[str, Any]:
     """{title: Arrow table}: the three standard tables, or the result of `sql`."""
-    con = connect(ledger)
+    from ..contracts.events import read_events
+
+    events = read_events(ledger)
+    con = connect(ledger, events)
     if sql:
         return {"query": query(con, sql)}
-    return {title: query(con, q) for title, q in DEFAULT_QUERIES.items()}
+    tables = {title: query(con, q) for title, q in DEFAULT_QUERIES.items()}
+    tables["audits"] = _audit_counts_from_files(tables["audits"], events, ledger)
+    return tables
+
+
+def _audit_counts_from_files(table: Any, events: list[Any], ledger: Path) -> Any:
+    """The audits table with each finished audit's copy, suspect and novel counts taken from its summary.json and
+    samples.parquet (the files whose sha256 the event holds), not from the event; `counts from` says which, or
+    why the files do not back the event (guard verify names the event, the field and the file)."""
+    import pyarrow as pa
+
+    from ..locations import project_of
+    from .verify import audit_files
+
+    by_id = {e.event_id: e for e in events}
+    project = project_of(ledger)
+    rows = []
+    for row in table.to_pylist():
+        event = by_id.get(row.pop("event_id"))
+        source = None
+        if event is not None and event.status == "ok":
+            summary, _, problems = audit_files(event, project)
+            if summary is not None:
+                row |= {k: summary.counts.get(k, 0) for k in ("copy", "suspect", "novel")}
+            source = "summary.json" if not problems else f"MISMATCH: {problems[0]}"
+        rows.append({**row, "counts from": source})
+    fields = [f for f in table.schema if f.name != "event_id"] + [pa.field("counts from", pa.string())]
+    return pa.Table.from_pylist(rows, schema=pa.schema(fields))
 
 
 def _cell(value: Any, project: Path | None = None) -> str:

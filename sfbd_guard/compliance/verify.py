@@ -342,18 +342,167 @@ def transforms_words(dedup: dict[str, Any]) -> str:
     return f"mirror {'on' if dedup.get('mirror') else 'off'}"
 
 
-def check_audit(con: Any, run_dir: Path) -> Check:
-    rows = con.execute(
-        f"SELECT status, copy, samples, started_at FROM audits WHERE {RUN_AUDITS} ORDER BY started_at DESC LIMIT 1",
-        [str(run_dir), str(run_dir)]).fetchall()
-    if not rows:
+def _inside(path: Path | None, folder: Path) -> bool:
+    return path is not None and (path == folder or path.is_relative_to(folder))
+
+
+def run_audits(events: list[Event], run_dir: Path, project: Path) -> list[Event]:
+    """The audits of the run's samples, oldest first: the samples folder is inside the run directory, or was drawn
+    from its weights (the views' RUN_AUDITS, on the typed events)."""
+    drawn = {p for e in events if e.kind == "sample" and any(_inside(w, run_dir) for w in e.located("inputs", "weights", project))
+             for p in e.located("outputs", "samples", project) if p is not None}
+    return [e for e in events if e.kind == "audit"
+            and any(_inside(p, run_dir) or p in drawn for p in e.located("inputs", "samples", project))]
+
+
+def _event_name(event: Event) -> str:
+    where = Path(event.file).name if event.file else "?"
+    return f"{event.kind} event {event.event_id[:12]} ({event.kind}/{where})"
+
+
+def _artifact_file(event: Event, role: str, project: Path) -> tuple[Path | None, str | None]:
+    """The event's output `role`: where it is now, and why it cannot be read as the one the event recorded."""
+    from ..hashing import sha256_file
+
+    artifacts = event.artifacts("outputs", role)
+    if not artifacts:
+        return None, f"{_event_name(event)} records no {role}"
+    where = event.located("outputs", role, project)[0]
+    if where is None or not where.is_file():
+        return None, f"{role} of {_event_name(event)} is missing ({artifacts[0].path})"
+    if sha256_file(where) != artifacts[0].sha256:
+        return None, f"{where} is not the {role} {_event_name(event)} recorded (its sha256 differs)"
+    return where, None
+
+
+def audit_files(event: Event, project: Path) -> tuple[Any, dict[str, int] | None, list[str]]:
+    """The audit event's summary.json (an AuditSummary) and the verdict counts of its samples.parquet, both read
+    from the files whose sha256 the event holds; and what is wrong (each naming the event, the field and the file)."""
+    import pyarrow.parquet as pq
+
+    from ..contracts.audit_summary import read_audit_summary
+
+    problems: list[str] = []
+    summary_path, why = _artifact_file(event, "summary.json", project)
+    summary = None
+    if why:
+        problems.append(why)
+    elif summary_path is not None:
+        try:
+            summary = read_audit_summary(summary_path.parent)
+        except GuardError as err:
+            problems.append(str(err))
+    table_path, why = _artifact_file(event, "samples.parquet", project)
+    counted = None
+    if why:
+        problems.append(why)
+    elif table_path is not None:
+        verdicts = pq.read_table(table_path, columns=["verdict"]).column("verdict").to_pylist()
+        counted = {v: verdicts.count(v) for v in ("copy", "suspect", "novel")} | {"error": verdicts.count(None)}
+    s: Any = event.summary
+    if summary is not None and event.status == "ok":
+        for key in sorted(set(s.counts) | set(summary.counts)):
+            if s.counts.get(key) != summary.counts.get(key):
+                problems.append(f"{_event_name(event)}: summary.counts.{key} is {s.counts.get(key)}, but {summary_path} "
+                                f"says {summary.counts.get(key)}")
+        pairs = (("flagged.count", s.flagged.count, summary.flagged.count), ("flagged.of", s.flagged.of, summary.flagged.of),
+                 ("thresholds.copy", s.thresholds.copy_, summary.thresholds.copy_),
+                 ("thresholds.suspect", s.thresholds.suspect, summary.thresholds.suspect),
+                 ("thresholds.method", s.thresholds.method, summary.thresholds.method),
+                 ("references", s.references, summary.references))
+        problems += [f"{_event_name(event)}: summary.{field} is {mine}, but {summary_path} says {theirs}"
+                     for field, mine, theirs in pairs if mine != theirs]
+    if summary is not None and counted is not None:
+        problems += [f"{summary_path}: counts.{key} is {summary.counts.get(key, 0)}, but {table_path} holds {n} "
+                     f"{key} verdict(s)" for key, n in counted.items() if summary.counts.get(key, 0) != n]
+    return summary, counted, problems
+
+
+def check_counts(events: list[Event], run_dir: Path, project: Path, prepared: PreparedData | GuardError,
+                 rows: list[dict[str, Any]] | None) -> Check:
+    """Every count the run's events copy is the count of the artifact whose hash they hold: the prepare event's
+    counts (the manifest, card.json), the training's data (run.json), the sampling's (samples.json) and the
+    audits' (summary.json, samples.parquet). A mismatch names the event, the field and the file."""
+    import json
+    from collections import Counter
+
+    from ..contracts.run_record import read_run_record
+
+    problems: list[str] = []
+    compared = 0
+    if not isinstance(prepared, GuardError) and rows is not None:
+        manifest = prepared.root / "manifest.parquet"
+        partitions, rules = Counter(r["partition"] for r in rows), Counter(r["rule"] for r in rows if r["rule"])
+        for event in events:
+            if event.kind != "prepare" or event.status != "ok" or prepared.fingerprint not in {
+                    a.sha256 for a in event.artifacts("outputs", "prepared")}:
+                continue
+            s: Any = event.summary
+            compared += 1
+            problems += [f"{_event_name(event)}: summary.counts.{k} is {s.counts.get(k, 0)}, but {manifest} holds "
+                         f"{partitions.get(k, 0)}" for k in sorted(set(s.counts) | set(partitions))
+                         if s.counts.get(k, 0) != partitions.get(k, 0)]
+            problems += [f"{_event_name(event)}: summary.rule_counts.{k} is {s.rule_counts.get(k, 0)}, but {manifest} "
+                         f"holds {rules.get(k, 0)}" for k in sorted(set(s.rule_counts) | set(rules))
+                         if s.rule_counts.get(k, 0) != rules.get(k, 0)]
+            card = prepared.card
+            problems += [f"{_event_name(event)}: summary.{field} is {mine}, but {prepared.root / 'card.json'} says {theirs}"
+                         for field, mine, theirs in (("sigma", s.sigma, card.sigma),
+                                                     ("policy_name", s.policy_name, card.policy_name),
+                                                     ("resolution", s.resolution, card.resolution)) if mine != theirs]
+    record = read_run_record(run_dir)
+    for event in _trainings(events, run_dir, project):
+        compared += 1
+        recorded = {a.sha256 for a in event.artifacts("inputs", "prepared")}
+        if recorded != {record.data_fingerprint}:
+            problems.append(f"{_event_name(event)}: inputs.prepared fingerprint {sorted(map(str, recorded))[0][:16]}…, but "
+                            f"{run_dir / 'run.json'} says {record.data_fingerprint[:16]}…")
+    for event in events:
+        if event.kind != "sample" or event.status != "ok" or not any(
+                _inside(w, run_dir) for w in event.located("inputs", "weights", project)):
+            continue
+        for folder in event.located("outputs", "samples", project):
+            marker = folder / "samples.json" if folder is not None else None
+            if marker is None or not marker.is_file():
+                continue
+            try:
+                images = json.loads(marker.read_text()).get("images")
+            except (OSError, ValueError, AttributeError):
+                images = None
+            compared += 1
+            count = getattr(event.summary, "count", None)
+            if isinstance(images, list) and count != len(images):
+                problems.append(f"{_event_name(event)}: summary.count is {count}, but {marker} lists {len(images)} images")
+    for event in run_audits(events, run_dir, project):
+        if event.status == "ok":
+            compared += 1
+            problems += audit_files(event, project)[2]
+    if problems:
+        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:3])})" if len(problems) > 1 else ""
+        return Check("ledger counts", False, problems[0] + more)
+    return Check("ledger counts", True, f"the counts of {compared} event(s) of this run match the files whose sha256 they "
+                 "hold (manifest, card.json, run.json, samples.json, summary.json, samples.parquet)")
+
+
+def check_audit(events: list[Event], run_dir: Path, project: Path) -> Check:
+    """The latest audit of the run's samples found no copy, by its summary.json (the file whose sha256 the audit
+    event holds) and the verdicts of its samples.parquet, never by the counts copied into the event."""
+    audits = sorted(run_audits(events, run_dir, project), key=lambda e: e.started_at)
+    if not audits:
         return Check("audit", False, "no audit of this run's samples in the ledger")
-    status, copies, samples, started = rows[0]
-    if status != "ok" or copies is None:
+    event = audits[-1]
+    started = event.started_at
+    if event.status != "ok":
         return Check("audit", False, f"the latest audit ({started:%Y-%m-%d %H:%M}) did not finish")
+    summary, counted, problems = audit_files(event, project)
+    if summary is None or counted is None:
+        return Check("audit", False, f"the latest audit's report cannot be read as recorded: {problems[0]}")
+    copies = max(summary.copy_count, counted["copy"])
+    samples = summary.samples
     if copies:
-        return Check("audit", False, f"the latest audit of {samples} found {copies} copy(ies)")
-    return Check("audit", True, f"the latest audit of {samples} ({started:%Y-%m-%d %H:%M}) found no copy")
+        return Check("audit", False, f"the latest audit of {samples} found {copies} copy(ies) (summary.json, samples.parquet)")
+    return Check("audit", True, f"the latest audit of {samples} ({started:%Y-%m-%d %H:%M}) found no copy "
+                 "(summary.json, samples.parquet)")
 
 
 def _with_evidence(paths: Callable[[str], tuple[Path, ...]]) -> Callable[[list[Check]], list[Check]]:
@@ -369,38 +518,42 @@ def _audit_folder(con: Any, run_dir: Path) -> Path | None:
 
 
 def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, data: Path | None = None,
-               digest_key: Path | bytes | None = None) -> list[Check]:
+               digest_key: Path | bytes | None = None, ledger_keys: list[Path] | None = None) -> list[Check]:
     """Every check of the run in `run_dir` against `ledger`. Its prepared directory is `data` (--data), else
     run.json's (`relocate.prepared_of_run`: relative to the run, or found by its fingerprint in the project).
     `digest_key` (a file from guard key export-digest, or the subkey itself) lets the pixel checks compare the keyed
-    digests."""
+    digests. `ledger_keys` (--ledger-key): the public keys whose signatures of the ledger's heads are trusted."""
     from ..contracts.events import read_events
     from ..contracts.run_record import read_run_record
+    from .tamper import ledger_checks
 
     run_dir = run_dir.resolve()
     if not (run_dir / "run.json").is_file():
         raise InputError(f"{run_dir}: not a run directory (no run.json)", hint="--run takes a directory written by guard train")
     key = read_digest_key(digest_key) if isinstance(digest_key, Path) else digest_key
-    if verify_key is not None:  # a key file that cannot be read is bad input (exit 2), not a failed check
-        from ..signing import load_public_key
+    from ..signing import load_public_key
 
-        load_public_key(verify_key)
+    for path in [*([verify_key] if verify_key is not None else []), *(ledger_keys or [])]:
+        load_public_key(path)  # a key file that cannot be read is bad input (exit 2), not a failed check
     record, project = read_run_record(run_dir), project_of(ledger)
     events = read_events(ledger)
     folder = prepared_of_run(run_dir, record.data, record.data_fingerprint, project, data)
-    con = connect(ledger, events)
+    con = connect(ledger, events)  # an empty ledger is an input error
     prepared = _open(folder)
     evidence = _with_evidence(evidence_paths(run_dir=run_dir, prepared=folder, ledger=ledger, audit=_audit_folder(con, run_dir)))
-    checks = [check_consumed(events, run_dir, prepared, project),
+    card = None if isinstance(prepared, GuardError) else (prepared.root / "card.json", prepared.card)
+    checks = [*ledger_checks(ledger, events, run_dir, ledger_keys or [], card),
+              check_consumed(events, run_dir, prepared, project),
               *check_provenance(events, ledger, run_dir, prepared, verify_key)]
     if isinstance(prepared, GuardError):  # its files are not what the card says: read nothing it names
         skipped = [Check(name, False, f"the prepared directory does not verify: {prepared}")
                    for name in ("noise", "noise statistics", "releases", "no protected pixels", "opt-outs", "duplicates")]
-        return evidence([*checks, *skipped, check_audit(con, run_dir)])
+        return evidence([*checks, *skipped, check_counts(events, run_dir, project, prepared, None),
+                         check_audit(events, run_dir, project)])
     rows, keyed = _manifest(prepared.root)
     foreign = key is not None and prepared.card.digest_key_id not in (None, digest_key_id(key))
     key = None if foreign else key  # another directory's digest key: the pixel checks say so (ATTENTION)
     return evidence([*checks, check_noise(prepared, rows), check_noise_statistics(prepared), check_releases(prepared.card),
                      check_clean_rows(prepared.root, rows, card_variants(prepared.card), keyed, key, foreign_key=foreign),
                      check_opt_outs(prepared, rows, keyed, key), check_duplicates(prepared.card, rows),
-                     check_audit(con, run_dir)])
+                     check_counts(events, run_dir, project, prepared, rows), check_audit(events, run_dir, project)])

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import Field
 
 from .base import Contract, read_contract, write_contract
+from .run_record import LedgerHead
 
 AUDIT_SUMMARY = "summary.json"
 
@@ -79,6 +80,7 @@ class AuditSummary(Contract):
     timings: dict[str, float]
     config: dict[str, Any]
     skipped: dict[str, Any] | None = None  # files not audited and why (absent in early summaries)
+    ledger_head: LedgerHead | None = None  # the ledger's head when the audit began (absent before the hash chain)
 
     @property
     def copy_count(self) -> int:

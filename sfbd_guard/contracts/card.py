@@ -18,6 +18,7 @@ from pydantic import Field, field_validator
 
 from ..errors import GuardError, InputError
 from .base import Contract, dump, load_json, read_contract, validate, write_contract
+from .run_record import LedgerHead
 
 CARD = "card.json"
 PARTITIONS = ("clean", "protected", "excluded", "error")
@@ -100,6 +101,7 @@ class Card(CardIdentity):
     created_at: str
     dedup: dict[str, Any] | None = None  # absent in cards made before dedup; {"enabled": false} when turned off
     rerelease: Rerelease | None = None  # images released before with other noise (prepare --allow-rerelease)
+    ledger_head: LedgerHead | None = None  # the ledger's head when prepare began (absent before the hash chain)
     listing: CardListing | None = None  # image folders with a metadata file (absent otherwise, and in older cards)
 
     @field_validator("counts")

@@ -254,6 +254,11 @@ class Event(BaseModel):
     inputs: list[EventArtifact]
     outputs: list[EventArtifact]
     summary: EventSummary
+    # the hash chain (ledger.py): absent (None) in events written before it existed
+    seq: int | None = None
+    prev_sha256: str | None = None
+    signer: str | None = None  # sha256 of the Ed25519 public key that signed the head this event made
+    file: str | None = Field(default=None, exclude=True)  # the event's file, as read (set by read_event_file)
 
     def artifacts(self, column: Literal["inputs", "outputs"], role: str) -> list[EventArtifact]:
         return [a for a in getattr(self, column) if a.role == role]
@@ -267,6 +272,7 @@ class Event(BaseModel):
 
 
 def _event(row: dict[str, Any], source: str) -> Event:
+    row = {**row, "file": source}
     text = row.get("summary")
     kind, status = row.get("kind"), row.get("status")
     for key, ok, expected in (("kind", isinstance(kind, str), "a string"), ("status", status in STATUSES, " | ".join(STATUSES)),

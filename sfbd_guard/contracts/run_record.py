@@ -23,6 +23,13 @@ HINT = "run.json is written by guard train when the run starts; restore it from 
 Dimension = Annotated[int, Field(gt=0, le=65536)]
 
 
+class LedgerHead(Contract):
+    """The ledger's head when a file was written (ledger.py `Head`): compliance/tamper.py checks the ledger still has it."""
+
+    seq: int = Field(ge=0)
+    sha256: str
+
+
 class RunRecord(Contract):
     data: str = Field(min_length=1)  # the prepared directory: relative to the run directory, or absolute
     data_fingerprint: str = Field(min_length=1)
@@ -30,6 +37,7 @@ class RunRecord(Contract):
     image_shape: list[Dimension] = Field(min_length=3, max_length=3)  # [channels, height, width]
     created_at: str
     threads: dict[str, Any] | None = None  # CPU threads and OpenMP wait policy the run started with (threads.py)
+    ledger_head: LedgerHead | None = None  # the ledger's head when the run began (absent before the hash chain)
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -380,7 +380,7 @@ def _rerelease_card(found: register.Rerelease | None, allowed: bool) -> dict[str
 def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | None = None, workers: int = 1,
             strict: bool = False, overwrite: bool = False, key_file: Path | None = None, ephemeral_key: bool = False,
             allow_rerelease: bool = False, event_id: str | None = None, progress: ProgressFactory | None = None,
-            executor: ExecutorSpec = LOCAL) -> PrepareResult:
+            executor: ExecutorSpec = LOCAL, ledger_head: dict[str, Any] | None = None) -> PrepareResult:
     """Apply `loaded` to its dataset and write the prepared directory atomically.
 
     The noise is keyed by `key_file` (or the policy's noise.key_file); without one, by the owner's key at its
@@ -391,7 +391,8 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
 
     The protected images it releases are checked against the owner's release register (register.py) before the
     directory is published, and appended to it after: an image released before with other noise stops the prepare
-    (InputError) unless `allow_rerelease`. `event_id` (the ledger event) names this prepare in the register.
+    (InputError) unless `allow_rerelease`. `event_id` (the ledger event) names this prepare in the register;
+    `ledger_head` (ledger.current_head) is the ledger's head when it began, recorded in the card.
     """
     started = time.perf_counter()
     spec = source_spec(loaded, data_root)
@@ -465,7 +466,8 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
                     raise register.rerelease_error(found, register_file)
                 card = card_from_dict({**_card(loaded, spec, reader, counts, key, rule_counts, files,
                                                 sha256_file(staging / "manifest.parquet"), output, dedup_card, listing),
-                                       "rerelease": _rerelease_card(found, allow_rerelease)})
+                                       "rerelease": _rerelease_card(found, allow_rerelease),
+                                       **({"ledger_head": ledger_head} if ledger_head else {})})
                 write_card(staging, card)
                 lineage = choice.owner.path.parent / "lineage"
                 lineage.mkdir(mode=0o700, exist_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..executor import LOCAL, ExecutorSpec
-from ..ledger import Artifact, ledger_dir, recorded
+from ..ledger import Artifact, current_head, ledger_dir, recorded
 from ..policy import load_policy
 from ..progress import ProgressFactory
 from .prepare import PrepareResult, prepare
@@ -20,14 +20,16 @@ def prepare_recorded(policy_path: Path, *, data_root: Path | None, out: Path | N
     With `sign_key` (an Ed25519 private key, checked before any work), card.json is signed into card.sig."""
     from ..signing import load_private_key, sign_card
 
-    with recorded(ledger_dir(ledger), "prepare", command) as event:
+    where = ledger_dir(ledger)
+    with recorded(where, "prepare", command, sign_key) as event:
         event.inputs.append(Artifact("policy", str(policy_path.resolve()), None))
         key = load_private_key(sign_key) if sign_key is not None else None
         loaded = load_policy(policy_path)
         event.inputs[0] = Artifact("policy", str(loaded.path.resolve()), loaded.sha256)
         result = prepare(loaded, data_root=data_root, out=out, workers=workers, strict=strict,
                          overwrite=overwrite, key_file=key_file, ephemeral_key=ephemeral_key,
-                         allow_rerelease=allow_rerelease, event_id=event.event_id, progress=progress, executor=executor)
+                         allow_rerelease=allow_rerelease, event_id=event.event_id, progress=progress, executor=executor,
+                         ledger_head=current_head(where).as_dict())
         card = result.card
         if key is not None:
             event.summary["signed_by"] = sign_card(result.output, key)

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config import dump_yaml, load_config
-from ..contracts.run_record import RunRecord, read_run_record, write_run_record
+from ..contracts.run_record import LedgerHead, RunRecord, read_run_record, write_run_record
 from ..errors import InputError, VerificationError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..hashing import sha256_file
-from ..ledger import Artifact, ledger_dir, recorded
+from ..ledger import Artifact, current_head, ledger_dir, recorded
 from ..locations import project_of, store
 from ..prepared import PreparedData, open_prepared, require_noisy, require_provenance
 from ..progress import ProgressFactory
@@ -79,7 +79,8 @@ def pipeline_of_run(run_dir: Path, *, data: Path | None = None, project: Path | 
     return config.model_copy(update=updates)
 
 
-def _start_run_dir(config: PipelineConfig, data: PreparedData, project: Path | None) -> Path:
+def _start_run_dir(config: PipelineConfig, data: PreparedData, project: Path | None,
+                   ledger_head: dict[str, Any] | None = None) -> Path:
     run_dir = Path(str(config.out))
     if (run_dir / "checkpoints").exists():
         raise InputError(f"run directory {run_dir} already has checkpoints",
@@ -89,7 +90,8 @@ def _start_run_dir(config: PipelineConfig, data: PreparedData, project: Path | N
     stored = store(data.root, run_dir, project=project) if project is not None else str(data.root)
     write_run_record(run_dir, RunRecord(
         data=stored, data_fingerprint=data.fingerprint, files=dict(data.files), image_shape=list(data.image_shape),
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"), threads=in_force()))
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"), threads=in_force(),
+        ledger_head=LedgerHead.model_validate(ledger_head) if ledger_head is not None else None))
     return run_dir
 
 
@@ -121,11 +123,13 @@ def _resume(trainer: Any, run_dir: Path) -> bool:
 
 
 def train(config: PipelineConfig, *, resume: bool, progress: ProgressFactory | None = None,
-          on_start: Callable[[PreparedData], None] | None = None, project: Path | None = None) -> TrainOutcome:
+          on_start: Callable[[PreparedData], None] | None = None, project: Path | None = None,
+          ledger_head: dict[str, Any] | None = None) -> TrainOutcome:
     """Verify the prepared data, then train (or continue) the run described by `config`.
 
     With `project` (the ledger's parent), run.json names the prepared directory relative to the run directory
-    when both lie inside it (locations.py); without, by its absolute path."""
+    when both lie inside it (locations.py); without, by its absolute path. `ledger_head` (ledger.current_head)
+    is recorded in a new run's run.json: the ledger's head when the run began."""
     import time
 
     from .privacy import plan_privacy
@@ -146,7 +150,7 @@ def train(config: PipelineConfig, *, resume: bool, progress: ProgressFactory | N
             if rt.is_main:
                 _settle_in(run_dir, config)
         elif rt.is_main:
-            _start_run_dir(config, data, project)
+            _start_run_dir(config, data, project, ledger_head)
         rt.barrier()
         trainer = Trainer(config, data, run_dir, rt, progress, privacy_plan)
         resumed = _resume(trainer, run_dir) if resume else False
@@ -173,7 +177,8 @@ def check_trusted(data: PreparedData, config: PipelineConfig, ledger: Path, *, a
 
 
 def train_recorded(config: PipelineConfig, *, resume: bool, ledger: Path | None, command: list[str],
-                   progress: ProgressFactory | None = None, allow_unrecorded: bool = False) -> TrainOutcome:
+                   progress: ProgressFactory | None = None, allow_unrecorded: bool = False,
+                   sign_key: Path | None = None) -> TrainOutcome:
     """`train` plus a `train` ledger event (on rank 0): the arrays it read and the checkpoint it wrote.
 
     Before anything is written, the prepared directory must be trusted (`check_trusted`)."""
@@ -185,7 +190,7 @@ def train_recorded(config: PipelineConfig, *, resume: bool, ledger: Path | None,
             check_trusted(data, config, where, allow_unrecorded=allow_unrecorded)
 
         return train(config, resume=resume, progress=None, on_start=check_only)
-    with recorded(where, "train", command) as event:
+    with recorded(where, "train", command, sign_key) as event:
         event.inputs.append(Artifact("prepared", str(Path(config.data).resolve()), None))
 
         def note_data(data: PreparedData) -> None:
@@ -193,7 +198,8 @@ def train_recorded(config: PipelineConfig, *, resume: bool, ledger: Path | None,
             event.inputs.extend(Artifact("array", f"{data.root}/{name}", digest) for name, digest in sorted(data.files.items()))
             event.summary.update(check_trusted(data, config, where, allow_unrecorded=allow_unrecorded))
 
-        outcome = train(config, resume=resume, progress=progress, on_start=note_data, project=project_of(where))
+        outcome = train(config, resume=resume, progress=progress, on_start=note_data, project=project_of(where),
+                        ledger_head=current_head(where).as_dict())
         if outcome.checkpoint is not None:
             for name in ("net.safetensors", "ema.safetensors"):
                 weights = outcome.checkpoint / name
@@ -315,8 +321,9 @@ def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int =
     return SampleOutcome(out, files, grid, weights, time.perf_counter() - started)
 
 
-def sample_recorded(run_dir: Path, *, ledger: Path | None, command: list[str], **options: Any) -> SampleOutcome:
-    with recorded(ledger_dir(ledger), "sample", command) as event:
+def sample_recorded(run_dir: Path, *, ledger: Path | None, command: list[str], sign_key: Path | None = None,
+                    **options: Any) -> SampleOutcome:
+    with recorded(ledger_dir(ledger), "sample", command, sign_key) as event:
         outcome = sample(run_dir, **options)
         event.inputs.append(Artifact("weights", str(outcome.checkpoint.resolve()), sha256_file(outcome.checkpoint)))
         event.outputs.append(Artifact("samples", str(outcome.out.resolve()), None))
