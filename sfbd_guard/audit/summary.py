@@ -29,10 +29,16 @@ def _share(count: int, total: int) -> dict[str, Any]:
 
 def fpr_text(calibration: Calibration) -> str:
     fpr = calibration.expected_fpr
-    if fpr["copy"] is None:
+    if fpr["copy"] is None or fpr["flagged"] is None:
         return "expected false-positive rate: unknown (uncalibrated default thresholds)"
-    return (f"expected false-positive rate on real unseen images: copy <= {fpr['copy']:.4g}, "
-            f"copy or suspect <= {fpr['flagged']:.4g}")
+    level = calibration.confidence or 0.95
+    count = calibration.holdout.get("count", 0)
+    text = (f"false-positive rate on real unseen images, with {level:.0%} confidence over the draw of the "
+            f"{count} holdout images: copy <= {fpr['copy']:.2%}, copy or suspect <= {fpr['flagged']:.2%}")
+    missed = [name for name, met in (calibration.holdout.get("targets_met") or {}).items() if not met]
+    if missed:
+        text += " (the holdout is too small for the configured target of " + ", ".join(missed) + ")"
+    return text
 
 
 def _thresholds(calibration: Calibration, config: AuditConfig) -> dict[str, Any]:
@@ -42,6 +48,7 @@ def _thresholds(calibration: Calibration, config: AuditConfig) -> dict[str, Any]
             "method": th.method, "note": th.note,
             "alpha_copy": config.calibration.alpha_copy, "alpha_suspect": config.calibration.alpha_suspect,
             "expected_fpr": calibration.expected_fpr, "expected_fpr_text": fpr_text(calibration),
+            "confidence": calibration.confidence,
             "holdout": calibration.holdout}
 
 

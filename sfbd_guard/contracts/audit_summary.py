@@ -40,8 +40,11 @@ class SummaryThresholds(Contract):
     note: str
     alpha_copy: float
     alpha_suspect: float
+    # per rule, a bound on the false-positive rate on real unseen images that holds with `confidence` over the
+    # draw of the holdout (calibration-conditional; audit/calibrate.py); None = unknown (no holdout)
     expected_fpr: dict[str, float | None]
     expected_fpr_text: str
+    confidence: float | None = None  # 0.95 when calibrated (absent in early summaries, whose bounds were averages)
     holdout: dict[str, Any]
 
 
