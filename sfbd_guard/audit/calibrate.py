@@ -63,6 +63,27 @@ def choose_rank(m: int, alpha: float, level: float = CONFIDENCE) -> tuple[int, f
     return low, rate_quantile(low, m, level), True
 
 
+def predicted_count(k: int, m: int, n: int, level: float = CONFIDENCE) -> int:
+    """The `level` quantile of how many of n new non-copy images a threshold at the k-th most extreme of m holdout
+    scores flags: Beta-binomial(n, k, m - k + 1), the realised rate's Beta with the binomial draw of n images on top
+    (what a reviewer who counts false positives among n images sees)."""
+    from scipy.stats import betabinom
+
+    return int(betabinom.ppf(level, n, k, m - k + 1)) if n > 0 else 0
+
+
+def predicted_false(calibration: Calibration, n: int) -> dict[str, int] | None:
+    """Among n audited images none of which copies anything, at most this many called copy / flagged, with
+    CONFIDENCE (flagged: both suspect rules at once, Bonferroni); None without a holdout."""
+    ranks, m = calibration.holdout.get("ranks"), int(calibration.holdout.get("count") or 0)
+    if not ranks or not m:
+        return None
+    half = 1 - (1 - CONFIDENCE) / 2
+    flagged = (predicted_count(ranks["suspect_similarity"], m, n, half)
+               + predicted_count(ranks["suspect_ratio"], m, n, half))
+    return {"of": n, "copy": predicted_count(ranks["copy"], m, n), "flagged": min(n, flagged)}
+
+
 def holdout_needed(alpha: float, level: float = CONFIDENCE) -> int:
     """The smallest m for which the holdout maximum meets alpha with confidence `level`."""
     return math.ceil(math.log(1 - level) / math.log(1 - alpha))

@@ -44,6 +44,8 @@ class SummaryThresholds(Contract):
     # draw of the holdout (calibration-conditional; audit/calibrate.py); None = unknown (no holdout)
     expected_fpr: dict[str, float | None]
     expected_fpr_text: str
+    # among the audited samples, if none copied anything: at most this many called copy / flagged with `confidence`
+    predicted_false: dict[str, int] | None = None
     confidence: float | None = None  # 0.95 when calibrated (absent in early summaries, whose bounds were averages)
     holdout: dict[str, Any]
 
