@@ -85,14 +85,15 @@ def find_holdout(info: PreparedInfo, config: AuditConfig, data_root: Path | None
         return found, "every --holdout image is a copy of a protected record"
     if spec.holdout == "none":
         return None, "calibration.holdout is none"
-    if spec.holdout_rules:
-        found = holdout_from_rules(info, data_root, spec.holdout_rules, limit=spec.max_holdout, seed=spec.seed)
+    rules = spec.holdout_rules or info.card.holdout_rules()  # the policy's `action: holdout` rules by default
+    if rules:
+        found = holdout_from_rules(info, data_root, rules, limit=spec.max_holdout, seed=spec.seed)
         return found, "the held-out rules matched no usable record"
     if not holdout_splits(info):
         split = info.card.split
         why = "uses every split" if split == "all" else "has no other split"
-        return None, (f"the policy's dataset ({info.card.format}, split {split}) {why}; "
-                      "excluded records are never a holdout")
+        return None, (f"the policy's dataset ({info.card.format}, split {split}) {why} and the policy has no "
+                      "`action: holdout` rule; excluded records are never a holdout (opt-outs)")
     found = holdout_from_splits(info, data_root, limit=spec.max_holdout, seed=spec.seed)
     return found, "the other split(s) hold no usable image"
 
