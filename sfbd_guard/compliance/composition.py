@@ -76,7 +76,8 @@ class Exclusions:
 
 
 def exclusions(card: Card, holdout_rules: list[str]) -> Exclusions:
-    """Held out: a holdout rule, or (policies from before `action: holdout`) an exclude rule the audit named in `calibration.holdout_rules`, or one that takes a random
+    """Held out: a holdout rule, or (policies from before `action: holdout`) an exclude rule the audit named in
+    `calibration.holdout_rules`, or one that takes a random
     sample of every record (no `where`: it cannot be anyone's opt-out). Every other exclude rule is an opt-out."""
     opt_outs: dict[str, int] = {}
     held: dict[str, int] = {}
