@@ -55,9 +55,7 @@ class Scorer:
 
 
 def subset(scores: Scores, rows: np.ndarray) -> Scores:
-    return Scores(scores.rows[rows], scores.sims[rows], scores.flipped[rows], scores.l2_nearest[rows],
-                  scores.l2_row[rows], scores.l2_ratio[rows], scores.hash_match[rows],
-                  [scores.transform[i] for i in rows] if scores.transform else [])
+    return scores.take(rows)
 
 
 def split_set(images: np.ndarray, protected: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -105,3 +105,26 @@ def test_holdout_and_samples_are_scored_by_one_function(cli, tmp_path: Path) -> 
     false_copies = sum(r["verdict"] == "copy" for r in innocent)
     assert false_copies <= th["predicted_false"]["copy"]
     assert len(planted) / (len(planted) + false_copies) >= 0.99
+
+
+def test_a_transformed_exact_copy_in_the_holdout_is_dropped_like_a_plain_one(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The samples' hash rule sees exact copies under all 16 variants; the holdout drops them the same way (a
+    rotated copy of a protected digit would otherwise set the copy threshold at 1.0)."""
+    digits = image_sets.digits()
+    policy = {"version": 1, "name": "rot", "dataset": {"format": "digits", "resolution": 8},
+              "rules": [{"name": "unseen", "action": "exclude", "where": "index >= 400"},
+                        {"name": "rest", "action": "protect"}],
+              "noise": {"sigma": 0.6}, "output": str(tmp_path / "prepared")}
+    assert cli("prepare", "--policy", write_policy(tmp_path / "p.yaml", policy), "--ephemeral-key").code == 0
+    for folder in ("holdout", "samples"):
+        (tmp_path / folder).mkdir()
+    for i in range(1000, 1100):
+        Image.fromarray(digits[i, 0]).save(tmp_path / "holdout" / f"h{i}.png")
+    Image.fromarray(np.rot90(digits[5, 0]).copy()).save(tmp_path / "holdout" / "rotated-copy.png")
+    Image.fromarray(digits[1500, 0]).save(tmp_path / "samples" / "u.png")
+    result = cli("audit", "--samples", tmp_path / "samples", "--holdout", tmp_path / "holdout", "--data",
+                 tmp_path / "prepared", "--report", tmp_path / "report")
+    assert result.code in (0, 3), result.err
+    th = json.loads((tmp_path / "report" / "summary.json").read_text())["thresholds"]
+    assert th["holdout"]["dropped"]["copy_of_protected"] == 1 and th["holdout"]["count"] == 100, result.err
+    assert th["copy"] < 0.9999

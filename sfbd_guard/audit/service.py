@@ -141,8 +141,14 @@ def _calibrate(ctx: _Context, data_root: Path | None, holdout_dir: Path | None) 
     holdout, reason = find_holdout(ctx.info, ctx.config, data_root, holdout_dir)
     if holdout is None:
         return cal.uncalibrated(ctx.config, ctx.embedder.kind, reason), np.zeros(0, np.float32)
-    held = ctx.score(holdout.pixels)
-    return cal.calibrated(ctx.config, ctx.embedder.kind, held, holdout.source, holdout.dropped), held.s1
+    held, dropped = ctx.score(holdout.pixels), dict(holdout.dropped)
+    if held.hash_match.any():  # exact copies under the transforms too, as the samples' hash rule sees them
+        dropped["copy_of_protected"] = dropped.get("copy_of_protected", 0) + int(held.hash_match.sum())
+        if held.hash_match.all():
+            return cal.uncalibrated(ctx.config, ctx.embedder.kind, "every holdout image is a copy of a protected "
+                                    "record"), np.zeros(0, np.float32)
+        held = held.take(~held.hash_match)
+    return cal.calibrated(ctx.config, ctx.embedder.kind, held, holdout.source, dropped), held.s1
 
 
 def _write(report: Path, table: Any, summary: AuditSummary, page: str, figure: Any) -> dict[str, Path]:
