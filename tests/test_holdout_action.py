@@ -79,6 +79,11 @@ def test_prepare_audit_verify_with_a_holdout(cli, tmp_path: Path) -> None:  # ty
     assert held and all(r["partition"] == "excluded" and r["file"] is None for r in held)
     assert card["holdout"] == card["rule_counts"]["held-out"] == len(held)
     assert not {r["record_id"] for r in held} & {r["record_id"] for r in rows if r["rule"] == "opt-out"}
+    from sfbd_guard.hashing import pixel_sha256
+
+    stored = {pixel_sha256(pixels) for f in card["files"] if f.startswith("clean/")
+              for pixels in np.load(prepared / f)}
+    assert stored and not stored & {r["sha256"] for r in held}  # no held-out image among the clean arrays
     samples = tmp_path / "samples"
     samples.mkdir()
     from PIL import Image
