@@ -15,7 +15,9 @@ from .config import StrictModel, load_config
 from .datasets.base import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, SourceSpec
 from .hashing import sha256_bytes
 
-Action = Literal["exclude", "clean", "protect"]
+# exclude: opt-outs (never stored, never read again, not even by the audit); holdout: never trained on, kept where it
+# is for the audit's calibration and later model tests (decided after exclude, before clean and protect)
+Action = Literal["exclude", "holdout", "clean", "protect"]
 
 
 class DatasetSpec(StrictModel):
@@ -74,7 +76,7 @@ class SampleSpec(StrictModel):
 
 class Rule(StrictModel):
     name: str = Field(min_length=1)  # recorded in the manifest as the deciding rule
-    action: Action  # exclude | clean | protect
+    action: Action  # exclude | holdout | clean | protect
     where: str | None = None  # DuckDB SQL boolean expression over the metadata; omitted = every record
     sample: SampleSpec | None = None  # keep a deterministic subset of what `where` matches
 

@@ -157,7 +157,7 @@ def write_chain(folder: Path, name: str = "digits-chain") -> Path:
     (folder / "optout.csv").write_text("idx\n3\n14\n15\n")
     policy = {"version": 1, "name": name, "dataset": {"format": "digits", "resolution": 8},
               "rules": [{"name": "opt-out", "action": "exclude", "where": "index IN (SELECT idx FROM read_csv('optout.csv'))"},
-                        {"name": "held-out", "action": "exclude", "sample": {"fraction": 0.2, "seed": 1}},
+                        {"name": "held-out", "action": "holdout", "sample": {"fraction": 0.2, "seed": 1}},
                         {"name": "licensed", "action": "clean", "sample": {"fraction": 0.1}},
                         {"name": "rest", "action": "protect"}],
               "noise": {"sigma": 0.6}, "output": "prepared"}

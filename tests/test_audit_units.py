@@ -25,24 +25,29 @@ def _scores(s1: list[float], ratio: list[float], hashes: list[bool] | None = Non
                   np.asarray(ratio, np.float32), np.asarray(hashes or [False] * n))
 
 
-def test_conformal_thresholds_are_the_documented_order_statistics() -> None:
-    values = np.arange(1, 1000, dtype=np.float64)[::-1].copy()  # 999 values, shuffled order does not matter
-    assert cal.upper_threshold(values, 0.001) == (999.0, pytest.approx(1 / 1000))  # rank ceil(1000 * 0.999) = 999
-    assert cal.upper_threshold(values, 0.01) == (990.0, pytest.approx(10 / 1000))  # rank 990
-    assert cal.upper_threshold(values[:998], 0.001) == (None, None)  # needs m >= 999
-    assert cal.lower_threshold(values, 0.01) == (10.0, pytest.approx(10 / 1000))  # rank floor(1000 * 0.01) = 10
-    assert cal.lower_threshold(values[:98], 0.01) == (None, None)
+def test_rank_is_the_least_strict_whose_95_percent_quantile_meets_alpha() -> None:
+    from scipy.stats import beta
+
+    # the maximum of 300 scores: mean rate 1/301 = 0.33 %, but its 95 % quantile is 1 - 0.05**(1/300) = 0.99 %
+    assert cal.rate_quantile(1, 300) == pytest.approx(1 - 0.05 ** (1 / 300)) and cal.rate_quantile(1, 300) > 0.0099
+    assert cal.choose_rank(300, 0.001) == (1, pytest.approx(cal.rate_quantile(1, 300)), False)  # needs ~3,000
+    assert cal.holdout_needed(0.001) == 2995 and cal.holdout_needed(0.01) == 299
+    k, bound, met = cal.choose_rank(5000, 0.01)
+    assert met and bound <= 0.01 < beta.ppf(0.95, k + 1, 5000 - k) and bound == pytest.approx(beta.ppf(0.95, k, 5001 - k))
+    values = np.arange(1, 5001, dtype=np.float64)
+    tau, k_up, _, _ = cal.upper_threshold(values, 0.01)
+    low, k_low, _, _ = cal.lower_threshold(values, 0.01)
+    assert (tau, low, k_up, k_low) == (5001 - k, k, k, k)
 
 
-def test_conformal_threshold_keeps_the_false_positive_rate() -> None:
+def test_stated_bound_holds_for_95_percent_of_holdouts() -> None:
+    """Calibration-conditional: over many holdouts, the realised rate exceeds the stated bound in <= 5 %."""
     rng = np.random.default_rng(0)
-    alpha, m, trials = 0.05, 199, 4000
-    hits = 0
+    alpha, m, trials, over = 0.05, 199, 2000, 0
     for _ in range(trials):
-        tau, bound = cal.upper_threshold(rng.random(m), alpha)
-        hits += rng.random() >= tau
-    assert bound == pytest.approx(10 / 200)
-    assert hits / trials == pytest.approx(0.05, abs=0.012)  # exact rate (m + 1 - r)/(m + 1) = 0.05
+        tau, _, bound, met = cal.upper_threshold(rng.random(m), alpha)
+        over += (1 - tau) > bound  # uniform scores: the realised rate of `s >= tau` is 1 - tau
+    assert met and over / trials == pytest.approx(0.05, abs=0.015)
 
 
 def test_calibrated_small_holdout_falls_back_to_the_stricter_value() -> None:
@@ -51,11 +56,14 @@ def test_calibrated_small_holdout_falls_back_to_the_stricter_value() -> None:
     result = cal.calibrated(config, "pixel", held, "split:valid", {})
     th = result.thresholds
     assert (th.copy, th.suspect, th.ratio) == pytest.approx((0.99, 0.99, 0.5))  # max(holdout max, 0.97/0.90); min(holdout min, 0.5)
-    assert result.expected_fpr["copy"] == pytest.approx(1 / 4) and "too small" in th.note
-    big = _scores(list(np.linspace(0, 0.8, 1500)), list(np.linspace(0.3, 1, 1500)))
-    th = cal.calibrated(config, "pixel", big, "dir:x", {}).thresholds
-    assert th.copy == pytest.approx(0.8) and th.suspect < th.copy  # rank ceil(1501 * 0.999) = 1500: the max
+    assert result.expected_fpr["copy"] == pytest.approx(1 - 0.05 ** (1 / 3)) and "too small" in th.note
+    assert result.confidence == 0.95 and result.holdout["targets_met"]["copy"] is False
+    big = _scores(list(np.linspace(0, 0.8, 4000)), list(np.linspace(0.3, 1, 4000)))
+    result = cal.calibrated(config, "pixel", big, "dir:x", {})
+    th = result.thresholds
+    assert th.copy == pytest.approx(0.8) and th.suspect < th.copy  # k = 1 meets 0.1 % from 2,995 images
     assert "too small" not in th.note and th.method == "holdout"
+    assert result.expected_fpr["copy"] <= 0.001 and result.expected_fpr["suspect_similarity"] <= 0.01
 
 
 def test_uncalibrated_uses_documented_defaults_or_yaml_values() -> None:
@@ -92,13 +100,13 @@ def test_the_l2_ratio_rule_needs_a_minimum_similarity() -> None:
     scores = _scores([0.1, 0.3, 0.85], [0.2, 0.4, 0.4], [False, False, False])
     out, rules = verdicts(scores, th)
     assert out == ["novel", "novel", "suspect"] and rules[2] == ["l2_ratio<=ratio"]
-    holdout = _scores(list(np.linspace(0.2, 0.6, 101)), [0.9] * 101, [False] * 101)
+    holdout = _scores(list(np.linspace(0.2, 0.6, 401)), [0.9] * 401, [False] * 401)  # >= 299: k = 1 meets 1 %
     calibrated = cal.calibrated(AuditConfig(), "pixel", holdout, "test", {})
     assert calibrated.thresholds.ratio_min_similarity == pytest.approx(0.4)  # the median of the holdout's s1
     measured = calibrated.holdout["holdout_exceedance"]
     # every holdout ratio sits at the ratio threshold, but only the images from the median similarity up count
     assert set(measured) == {"copy", "suspect_similarity", "suspect_ratio", "flagged"}
-    assert measured["suspect_ratio"] == pytest.approx(51 / 101)
+    assert measured["suspect_ratio"] == pytest.approx(201 / 401)
 
 
 def test_relative_l2_ratio() -> None:

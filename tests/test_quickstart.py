@@ -8,6 +8,7 @@ user's folder replaced by a synthetic one and a tiny training budget added to `g
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -76,6 +77,10 @@ def test_the_readme_quickstart_runs_on_a_folder_of_images(cli, tmp_path: Path,  
         result = cli(*_tiny(command, images))
         assert result.code == 0, f"{shlex.join(command)} exited {result.code}:\n{result.out}\n{result.err}"
     assert (work / "prepared/imagefolder-32/card.json").is_file()
+    audit = next(c for c in quickstart_commands() if c[1] == "audit")
+    summary = json.loads((work / audit[audit.index("--report") + 1] / "summary.json").read_text())
+    assert summary["thresholds"]["method"] == "holdout", "the quickstart's audit is calibrated on its held-out images"
+    assert "95% confidence" in summary["thresholds"]["expected_fpr_text"]
     assert command[1] == "verify" and " 0 failed" in result.out, result.out
 
 

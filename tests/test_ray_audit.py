@@ -41,7 +41,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Prepared digits (8 px; 20 % held out to calibrate) and a sample folder with planted copies."""
     tmp = tmp_path_factory.mktemp("ray-audit")
     policy = {"version": 1, "name": "digits", "dataset": {"format": "digits", "resolution": 8},
-              "rules": [{"name": "held-out", "action": "exclude", "sample": {"fraction": 0.2, "seed": 1}},
+              "rules": [{"name": "held-out", "action": "holdout", "sample": {"fraction": 0.2, "seed": 1}},
                         {"name": "licensed", "action": "clean", "sample": {"fraction": 0.1}},
                         {"name": "rest", "action": "protect"}],
               "noise": {"sigma": 0.6}, "output": str(tmp / "prepared")}

@@ -52,6 +52,13 @@ class Scores:
     def s1(self) -> np.ndarray:
         return self.sims[:, 0]
 
+    def take(self, rows: np.ndarray) -> Scores:
+        """The scores of the images at `rows` (int indices or a bool mask)."""
+        index = np.flatnonzero(rows) if rows.dtype == bool else rows
+        return Scores(self.rows[index], self.sims[index], self.flipped[index], self.l2_nearest[index],
+                      self.l2_row[index], self.l2_ratio[index], self.hash_match[index],
+                      [self.transform[i] for i in index.tolist()] if self.transform else [])
+
     @property
     def margin(self) -> np.ndarray:
         if self.sims.shape[1] < 2:

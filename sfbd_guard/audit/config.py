@@ -72,7 +72,7 @@ class L2Spec(StrictModel):
 
 class CalibrationSpec(StrictModel):
     holdout: Literal["auto", "none"] = "auto"  # auto: the splits the policy did not select; none: defaults
-    # exclude rules whose records were held out to calibrate (never opt-outs)
+    # the policy's `action: holdout` rules to calibrate on; empty = all of them (exclude rules are refused: opt-outs)
     holdout_rules: list[str] = Field(default_factory=list)
     alpha_copy: float = Field(default=0.001, gt=0, lt=1)  # false-positive rate of copy on real unseen images
     alpha_suspect: float = Field(default=0.01, gt=0, lt=1)  # the same for suspect (per rule)

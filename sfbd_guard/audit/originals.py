@@ -3,9 +3,10 @@
 The prepared directory's manifest names the protected records and the sha256 of each one's
 transformed pixels. Originals are read through the same reader and transforms as `guard prepare`
 and every one is checked against that sha256 before it is used; nothing here writes them anywhere.
-The holdout (calibration negatives) is the dataset's other split(s), never the prepared split's
-clean, excluded or error records, minus records the policy's exclude rules match (opt-outs) and
-minus exact copies of protected records.
+The holdout (calibration negatives) is the records the policy held out (`action: holdout`: never stored,
+read here where they are, each checked against the owner's lineage), else the dataset's other split(s),
+never the prepared split's clean, excluded or error records, minus records the policy's exclude rules
+match (opt-outs: never read) and minus exact copies of protected records.
 """
 
 from __future__ import annotations
@@ -222,17 +223,23 @@ def _without_protected(pixels: np.ndarray | None, info: PreparedInfo, source: st
 
 def holdout_from_rules(info: PreparedInfo, data_root: Path | None, rules: list[str], *, limit: int,
                        seed: int) -> Holdout | None:
-    """Records the policy excluded by the named rules (a held-out set, declared so in the audit config).
+    """Records the policy held out (`action: holdout`) by the named rules: never stored, read where they are.
 
     They are read like protected originals: same reader and transforms, checked against the manifest's sha256.
     """
 
+    actions = {r.name: r.action for r in card_policy(info).rules}
+    known = sorted(name for name, action in actions.items() if action == "holdout")
+    for name in rules:
+        if actions.get(name) == "exclude":  # configs from before `action: holdout` named exclude rules
+            raise InputError(f"calibration.holdout_rules: {name!r} is an exclude rule: excluded records are opt-outs, "
+                             "never read again, not even by the audit",
+                             hint=f"make {name!r} `action: holdout` in the policy and run guard prepare again (the "
+                                  "audit then calibrates on its records by itself: drop calibration.holdout_rules)")
+        if actions.get(name) != "holdout":
+            raise InputError(f"calibration.holdout_rules: {name!r} is not a holdout rule of the policy",
+                             hint=f"holdout rules: {', '.join(known) or 'none'}")
     rows = _lineage(info.root, info.card, ["record_id", "partition", "rule", "sha256"]).to_pylist()
-    known = {r.name for r in card_policy(info).rules if r.action == "exclude"}
-    unknown = sorted(set(rules) - known)
-    if unknown:
-        raise InputError(f"calibration.holdout_rules: {unknown[0]!r} is not an exclude rule of the policy",
-                         hint=f"exclude rules: {', '.join(sorted(known)) or 'none'}")
     held = {r["record_id"]: r["sha256"] for r in rows if r["partition"] == "excluded" and r["rule"] in rules}
     chosen = seeded_subset(list(held), limit, seed)
     reader = open_reader(source_spec(info, data_root))

@@ -85,14 +85,15 @@ def find_holdout(info: PreparedInfo, config: AuditConfig, data_root: Path | None
         return found, "every --holdout image is a copy of a protected record"
     if spec.holdout == "none":
         return None, "calibration.holdout is none"
-    if spec.holdout_rules:
-        found = holdout_from_rules(info, data_root, spec.holdout_rules, limit=spec.max_holdout, seed=spec.seed)
+    rules = spec.holdout_rules or info.card.holdout_rules()  # the policy's `action: holdout` rules by default
+    if rules:
+        found = holdout_from_rules(info, data_root, rules, limit=spec.max_holdout, seed=spec.seed)
         return found, "the held-out rules matched no usable record"
     if not holdout_splits(info):
         split = info.card.split
         why = "uses every split" if split == "all" else "has no other split"
-        return None, (f"the policy's dataset ({info.card.format}, split {split}) {why}; "
-                      "excluded records are never a holdout")
+        return None, (f"the policy's dataset ({info.card.format}, split {split}) {why} and the policy has no "
+                      "`action: holdout` rule; excluded records are never a holdout (opt-outs)")
     found = holdout_from_splits(info, data_root, limit=spec.max_holdout, seed=spec.seed)
     return found, "the other split(s) hold no usable image"
 
@@ -140,8 +141,14 @@ def _calibrate(ctx: _Context, data_root: Path | None, holdout_dir: Path | None) 
     holdout, reason = find_holdout(ctx.info, ctx.config, data_root, holdout_dir)
     if holdout is None:
         return cal.uncalibrated(ctx.config, ctx.embedder.kind, reason), np.zeros(0, np.float32)
-    held = ctx.score(holdout.pixels)
-    return cal.calibrated(ctx.config, ctx.embedder.kind, held, holdout.source, holdout.dropped), held.s1
+    held, dropped = ctx.score(holdout.pixels), dict(holdout.dropped)
+    if held.hash_match.any():  # exact copies under the transforms too, as the samples' hash rule sees them
+        dropped["copy_of_protected"] = dropped.get("copy_of_protected", 0) + int(held.hash_match.sum())
+        if held.hash_match.all():
+            return cal.uncalibrated(ctx.config, ctx.embedder.kind, "every holdout image is a copy of a protected "
+                                    "record"), np.zeros(0, np.float32)
+        held = held.take(~held.hash_match)
+    return cal.calibrated(ctx.config, ctx.embedder.kind, held, holdout.source, dropped), held.s1
 
 
 def _write(report: Path, table: Any, summary: AuditSummary, page: str, figure: Any) -> dict[str, Path]:

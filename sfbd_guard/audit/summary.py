@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from .calibrate import Calibration, clopper_pearson
+from .calibrate import Calibration, clopper_pearson, predicted_false
 from .checks import VERDICTS, Scores
 from .config import AuditConfig
 from .embed import Embedder
@@ -27,21 +27,32 @@ def _share(count: int, total: int) -> dict[str, Any]:
             "ci95": [round(low, 6), round(high, 6)], "interval": "Clopper-Pearson (exact binomial)"}
 
 
-def fpr_text(calibration: Calibration) -> str:
+def fpr_text(calibration: Calibration, samples: int | None = None) -> str:
     fpr = calibration.expected_fpr
-    if fpr["copy"] is None:
+    if fpr["copy"] is None or fpr["flagged"] is None:
         return "expected false-positive rate: unknown (uncalibrated default thresholds)"
-    return (f"expected false-positive rate on real unseen images: copy <= {fpr['copy']:.4g}, "
-            f"copy or suspect <= {fpr['flagged']:.4g}")
+    level = calibration.confidence or 0.95
+    count = calibration.holdout.get("count", 0)
+    text = (f"false-positive rate on real unseen images, with {level:.0%} confidence over the draw of the "
+            f"{count} holdout images: copy <= {fpr['copy']:.2%}, copy or suspect <= {fpr['flagged']:.2%}")
+    predicted = predicted_false(calibration, samples) if samples else None
+    if predicted:
+        text += (f"; so among these {predicted['of']} samples, if none copied anything, at most {predicted['copy']} "
+                 f"would be called copies and {predicted['flagged']} flagged ({level:.0%} confidence)")
+    missed = [name for name, met in (calibration.holdout.get("targets_met") or {}).items() if not met]
+    if missed:
+        text += " (the holdout is too small for the configured target of " + ", ".join(missed) + ")"
+    return text
 
 
-def _thresholds(calibration: Calibration, config: AuditConfig) -> dict[str, Any]:
+def _thresholds(calibration: Calibration, config: AuditConfig, samples: int) -> dict[str, Any]:
     th = calibration.thresholds
     return {"copy": th.copy, "suspect": th.suspect, "ratio": th.ratio, "ratio_min_similarity": th.ratio_min_similarity,
             "ratio_min_quantile": config.calibration.ratio_min_quantile if th.method == "holdout" else None,
             "method": th.method, "note": th.note,
             "alpha_copy": config.calibration.alpha_copy, "alpha_suspect": config.calibration.alpha_suspect,
-            "expected_fpr": calibration.expected_fpr, "expected_fpr_text": fpr_text(calibration),
+            "expected_fpr": calibration.expected_fpr, "expected_fpr_text": fpr_text(calibration, samples),
+            "confidence": calibration.confidence, "predicted_false": predicted_false(calibration, samples),
             "holdout": calibration.holdout}
 
 
@@ -98,7 +109,7 @@ def build_summary(*, samples: Path, samples_fingerprint: str, info: PreparedInfo
                      "split": info.card.split, "resolution": info.resolution},
         "references": len(info.protected_ids), "counts": counts,
         "flagged": _share(counts["copy"] + counts["suspect"], scored), "copies": _share(counts["copy"], scored),
-        "thresholds": _thresholds(calibration, config),
+        "thresholds": _thresholds(calibration, config, scored),
         "embedder": {**embedder.identity(), "dim": embedder.dim, "flip": "flip" in config.embedder.transforms,
                      "transforms": list(config.embedder.transforms)},
         "index": {"kind": index.kind, "references": len(reference.embeddings), "dim": int(reference.embeddings.shape[1]),

@@ -78,11 +78,14 @@ class Exclusions:
 
 
 def exclusions(card: Card, holdout_rules: list[str]) -> Exclusions:
-    """Held out: an exclude rule the audit named in `calibration.holdout_rules`, or one that takes a random
+    """Held out: a holdout rule, or (policies from before `action: holdout`) an exclude rule the audit named in
+    `calibration.holdout_rules`, or one that takes a random
     sample of every record (no `where`: it cannot be anyone's opt-out). Every other exclude rule is an opt-out."""
     opt_outs: dict[str, int] = {}
     held: dict[str, int] = {}
     for rule in card.policy.rules:
+        if rule.action == "holdout":  # action holdout: never an opt-out
+            held[rule.name] = card.rule_counts.get(rule.name, 0)
         if rule.action != "exclude":
             continue
         random_sample = rule.where is None and rule.sample is not None

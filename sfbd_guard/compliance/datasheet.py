@@ -43,7 +43,8 @@ def _exclusions(card: Card, found: Exclusions) -> str:
         text = (f"Opt-out rules: {names}. Exclude rules apply before any other rule, so an opt-out can never be "
                 f"overridden: {found.opted_out} record(s) excluded.")
     else:
-        text = "The policy has no opt-out rule (no exclude rule other than held-out samples)."
+        text = ("The policy has no opt-out rule (no exclude rule); the records it holds out are listed below."
+                if found.held_out else "The policy has no opt-out rule (no exclude rule).")
     text += (" Excluded records exist in the prepared directory only as opaque manifest rows (rule and keyed pixel "
              "digest; their names and metadata stay with the data owner); `guard verify --digest-key` proves their "
              "pixels are absent from every array. Machine-readable TDM reservations (robots, TDMRep, C2PA/IPTC) are honoured "

@@ -250,8 +250,9 @@ def check_clean_rows(data: Path, rows: list[dict[str, Any]], variants: tuple[Var
 def check_opt_outs(prepared: PreparedData, rows: list[dict[str, Any]], keyed: bool = False,
                    digest_key: bytes | None = None) -> Check:
     data, card = prepared.root, prepared.card
-    exclude_rules = set(card.exclude_rules())
-    excluded = [r for r in rows if r["rule"] in exclude_rules]
+    exclude_rules, holdout_rules = set(card.exclude_rules()), set(card.holdout_rules())
+    excluded = [r for r in rows if r["rule"] in exclude_rules or r["rule"] in holdout_rules]  # neither is stored
+    held = sum(r["rule"] in holdout_rules for r in excluded)
     placed = [r["record_id"] for r in excluded if r["partition"] != "excluded" or r["file"] is not None]
     pixels = not keyed or digest_key is not None  # the clean rows' pixels can be compared with the digests
     stored = set(_clean_row_hashes(data, rows, digest_key if keyed else None).values()) if pixels else set()
@@ -262,7 +263,9 @@ def check_opt_outs(prepared: PreparedData, rows: list[dict[str, Any]], keyed: bo
         why = placed[:1] or in_arrays[:1] or [f"{files_rows} array rows for {listed} placed records"]
         return Check("opt-outs", False, f"excluded record(s) found in the arrays: {why[0]}")
     how = "" if pixels else f" (placement and row counts; comparing their pixels with the clean rows {NEEDS_DIGEST_KEY})"
-    return Check("opt-outs", True, f"{len(excluded)} record(s) matched by exclude rules are absent from all arrays{how}")
+    also = f" (and {held} held-out record(s), not opt-outs)" if held else ""
+    return Check("opt-outs", True, f"{len(excluded) - held} record(s) matched by exclude rules{also} are absent from "
+                 f"all arrays{how}")
 
 
 STRICTNESS = {"clean": 0, "protected": 1, "excluded": 2}
@@ -272,6 +275,8 @@ def _level(row: dict[str, Any], actions: dict[str, str]) -> int | None:
     """How strict the decision on `row` was: its partition's, except for a copy dedup demoted to excluded (rule
     `duplicate`), whose own rule's action (`dup_rule`) counts (an unknown or missing one counts as exclude)."""
     if row["partition"] == "excluded" and row["rule"] == DUPLICATE_RULE:
+        if actions.get(row.get("dup_rule") or "") == "holdout":
+            return None  # a held-out copy dedup dropped from the holdout: it decided nothing (curation/dedup.py)
         return STRICTNESS.get(ACTION_PARTITION.get(actions.get(row.get("dup_rule") or "", ""), "excluded"), 2)
     return STRICTNESS.get(row["partition"])
 

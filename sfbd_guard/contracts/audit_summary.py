@@ -41,8 +41,13 @@ class SummaryThresholds(Contract):
     note: str
     alpha_copy: float
     alpha_suspect: float
+    # per rule, a bound on the false-positive rate on real unseen images that holds with `confidence` over the
+    # draw of the holdout (calibration-conditional; audit/calibrate.py); None = unknown (no holdout)
     expected_fpr: dict[str, float | None]
     expected_fpr_text: str
+    # among the audited samples, if none copied anything: at most this many called copy / flagged with `confidence`
+    predicted_false: dict[str, int] | None = None
+    confidence: float | None = None  # 0.95 when calibrated (absent in early summaries, whose bounds were averages)
     holdout: dict[str, Any]
 
 

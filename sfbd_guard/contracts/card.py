@@ -96,6 +96,8 @@ class Card(CardIdentity):
     noise_seed: int | None = None  # only in cards made before the noise was keyed: their noise is invertible
     counts: dict[str, int]
     rule_counts: dict[str, int]
+    # records held out (action holdout; counted in `excluded` too): never stored, kept for the audit's calibration
+    holdout: int | None = None  # absent in cards made before the holdout action
     manifest_sha256: str
     shard_records: int
     created_at: str
@@ -131,6 +133,9 @@ class Card(CardIdentity):
 
     def exclude_rules(self) -> list[str]:
         return [rule.name for rule in self.policy.rules if rule.action == "exclude"]
+
+    def holdout_rules(self) -> list[str]:
+        return [rule.name for rule in self.policy.rules if rule.action == "holdout"]
 
 
 def card_path(path: Path, folder: Path) -> str:

@@ -195,7 +195,7 @@ def process_part(reader: DatasetReader, task: PartTask, noise: NoiseParams) -> P
                 continue
             sha256[row] = pixel_sha256(loaded)
             embedded.add(row, loaded)
-            if task.actions[row] != "exclude":
+            if task.actions[row] not in ("exclude", "holdout"):
                 blocks.add(row, loaded)
         for row in range(count):
             if not seen[row]:

@@ -22,7 +22,10 @@ after all parts:
    keeps its row; with `exclude` or `protect`, every other member that was stored (clean or protected) is
    demoted to `excluded` with rule `duplicate` (its own rule kept in `dup_rule`). So a cluster has at most
    one protected row and no record ever needs new noise: members only lose their stored rows. A cluster
-   whose members are all clean changes nothing (its members are still marked with their cluster).
+   whose members are all clean changes nothing (its members are still marked with their cluster). A held-out
+   record (action holdout) takes no part in that order: in a cluster with any other record it is dropped from
+   the holdout (rule `duplicate`, never stored either), so it neither removes a trained copy from the audit's
+   reference set nor lets an opt-out's copy be held out.
 
 The shard files holding demoted rows are then rewritten without them and the final manifest is written.
 """
@@ -49,7 +52,8 @@ STAGED_MANIFEST = ".manifest-staged.parquet.tmp"  # the manifest before dedup, i
 EMBEDDINGS_FILE = ".dedup-embeddings.npy.tmp"  # in the staging folder; deleted before the directory is published
 INVARIANT_FILE = ".dedup-invariant.npy.tmp"  # in the staging folder, during the near search only
 SEARCH_BLOCK = 4096  # rows per block of the range search: two blocks and their matches are in memory at once
-STRICTNESS = {"clean": 0, "protect": 1, "exclude": 2}
+STRICTNESS = {"clean": 0, "protect": 1, "exclude": 2, "holdout": 3}  # holdout: outside the order (see `plan`)
+HOLDOUT = STRICTNESS["holdout"]
 
 
 def embed(pixels: np.ndarray, size: int, fine: int = 0) -> np.ndarray:
@@ -411,7 +415,7 @@ class Plan:
         self.demotions.setdefault(cause, {"exact": 0, "near": 0})[kind] += 1
 
 
-ACTION_NAMES = {"clean": "clean", "protect": "protected", "exclude": "excluded"}
+ACTION_NAMES = {"clean": "clean", "protect": "protected", "exclude": "excluded", "holdout": "held-out"}
 
 
 def plan(roots: np.ndarray, actions: np.ndarray, record_ids: Any, sha256: Any, vectors: np.ndarray | None,
@@ -432,8 +436,13 @@ def plan(roots: np.ndarray, actions: np.ndarray, record_ids: Any, sha256: Any, v
         ids = [str(v) for v in record_ids.take(members).to_pylist()]
         shas = sha256.take(members).to_pylist()
         member_actions = actions[members]
-        strictest = int(member_actions.max())
-        rep = min((ids[i], i) for i in range(count) if member_actions[i] == strictest)[1]
+        held = member_actions == HOLDOUT
+        # a held-out record in a cluster with any other record is dropped from the holdout (demoted to `duplicate`):
+        # the other members decide as if it were not there, so a held-out copy never removes a trained image (or
+        # an opt-out's copy) and an opt-out's copy is never held out; a cluster of held-out records only stays so
+        deciding = member_actions if held.all() else np.where(held, -1, member_actions)
+        strictest = int(deciding.max())
+        rep = min((ids[i], i) for i in range(count) if deciding[i] == strictest)[1]
         result.clusters += 1
         result.merged += count
         near = [i for i in range(count) if i != rep and shas[i] != shas[rep]]
@@ -446,7 +455,8 @@ def plan(roots: np.ndarray, actions: np.ndarray, record_ids: Any, sha256: Any, v
             exact = shas[i] == shas[rep]
             similarity = 1.0 if exact else similarities[i]
             kind = "exact" if exact else "near"
-            demoted = strictest > STRICTNESS["clean"] and member_actions[i] < STRICTNESS["exclude"]
+            demoted = bool(held[i] and not held.all()) or (
+                strictest > STRICTNESS["clean"] and deciding[i] < STRICTNESS["exclude"] and not held[i])
             if demoted:
                 result.count(f"{ACTION_NAMES[names[int(member_actions[i])]]} copy of {ACTION_NAMES[names[strictest]]}", kind)
             result.changes[row] = Change(ids[rep], ids[rep], kind, similarity, demoted)

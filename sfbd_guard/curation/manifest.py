@@ -11,7 +11,8 @@ from ..errors import InputError
 SCHEMA_VERSION = 4  # 2: no noise_seed column (the noise is keyed by a secret); 3: dup_* columns (dedup);
 # 4: canonical_sha256 (dedup through rotations, flips and inversion)
 PARTITIONS = ("clean", "protected", "excluded", "error")
-ACTION_PARTITION = {"clean": "clean", "protect": "protected", "exclude": "excluded"}
+# held-out records are stored nowhere either: partition excluded, told apart from opt-outs by their rule's action
+ACTION_PARTITION = {"clean": "clean", "protect": "protected", "exclude": "excluded", "holdout": "excluded"}
 
 # The columns the product owns, in this order; the format's metadata columns follow.
 MANIFEST_FIELDS: list[pa.Field[Any]] = [

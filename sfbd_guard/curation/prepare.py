@@ -250,6 +250,7 @@ def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, counts:
         "noise_key_source": key.source,  # ephemeral (discarded: the noise can never be regenerated) or key_file
         "counts": counts,
         "rule_counts": rule_counts,
+        "holdout": sum(rule_counts.get(r.name, 0) for r in policy.rules if r.action == "holdout"),
         "files": dict(sorted(files.items())),
         "manifest_sha256": manifest_sha256,
         "fingerprint": fingerprint({**files, "manifest.parquet": manifest_sha256}),

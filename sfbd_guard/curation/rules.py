@@ -525,8 +525,11 @@ def decide(metadata: pa.Table, rules: list[Rule], *, base_dir: Path, source: str
     evaluator = RuleEvaluator(metadata, rules, base_dir=base_dir, source=source, format_name=format_name)
     chosen = np.full(metadata.num_rows, -1, dtype=np.int32)
     record_ids: list[str] | None = None  # each reader names records by file; only sampling needs them all
+    # exclude decides first (an opt-out is never held out), then holdout (a sample of the whole pool, drawn before
+    # the licence rules), then clean and protect in the policy's order
     ordered = [(i, r) for i, r in enumerate(rules) if r.action == "exclude"]
-    ordered += [(i, r) for i, r in enumerate(rules) if r.action != "exclude"]
+    ordered += [(i, r) for i, r in enumerate(rules) if r.action == "holdout"]
+    ordered += [(i, r) for i, r in enumerate(rules) if r.action not in ("exclude", "holdout")]
     for index, rule in ordered:
         rows = evaluator.matching_rows(rule, index)
         rows = rows[chosen[rows] < 0]
