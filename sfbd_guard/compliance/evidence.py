@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from ..ledger import HEAD_FILE, SIGNATURES
+
 
 def _in(folder: Path | None, name: str) -> Path | None:
     return folder / name if folder is not None else None
@@ -32,8 +34,8 @@ def _sources(run_dir: Path, prepared: Path | None, ledger: Path, audit: Path | N
         "opt-outs": [data("manifest.parquet"), data("clean"), data("protected")],
         "duplicates": [data("manifest.parquet"), data("card.json")],
         "audit": [report("summary.json"), report("samples.parquet"), report("report.html"), ledger / "audit"],
-        "ledger chain": [ledger / "HEAD.json", ledger, run_dir / "run.json", data("card.json"), report("summary.json")],
-        "ledger signatures": [ledger / "signatures", ledger / "HEAD.json"],
+        "ledger chain": [ledger / HEAD_FILE, ledger, run_dir / "run.json", data("card.json"), report("summary.json")],
+        "ledger signatures": [ledger / SIGNATURES, ledger / HEAD_FILE],
         "ledger counts": [ledger, data("manifest.parquet"), data("card.json"), run_dir / "run.json",
                           report("summary.json"), report("samples.parquet")],
     }
