@@ -25,7 +25,8 @@ from ..contracts.card import Card, read_card
 from ..contracts.events import Event, read_events
 from ..errors import GuardError
 from ..locations import project_of, resolve
-from .verify import Check, verify_run
+from .check import Check
+from .verify import verify_run
 
 WEAK_EPSILON = 10.0  # above this ε, DP-SGD's guarantee is weak (a common reading of the DP literature)
 STAGES = ("prepare", "train", "sample", "audit")

@@ -19,7 +19,7 @@ from ..contracts.events import Event
 from ..fileio import read_regular
 from ..hashing import sha256_bytes, sha256_file
 from ..ledger import HEAD_FILE, SIGNATURES, SMALL_FILE, Head, head_message
-from .verify import Check
+from .check import Check, run_audits
 
 CHAIN = "ledger chain"
 SIGNED = "ledger signatures"
@@ -207,7 +207,6 @@ def anchors_of_run(events: list[Event], run_dir: Path, project: Path) -> list[An
     from ..contracts.audit_summary import read_audit_summary
     from ..contracts.run_record import read_run_record
     from ..errors import GuardError
-    from .verify import run_audits
 
     found: list[Anchor] = []
     record = read_run_record(run_dir)

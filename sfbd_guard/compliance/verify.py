@@ -24,7 +24,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,24 +39,12 @@ from ..locations import project_of
 from ..policy import DUPLICATE_RULE
 from ..relocate import prepared_of_run
 from ..symmetry import GENERATORS, Variant, group
+from .check import Check, inside, run_audits
 from .evidence import evidence_paths
 from .views import RUN_AUDITS, connect
 
 if TYPE_CHECKING:
     from ..prepared import PreparedData
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    passed: bool
-    detail: str
-    attention: bool = False  # passed, but with something a person must look at (ATTENTION, not PASS)
-    evidence: tuple[Path, ...] = ()  # the files the check read (compliance/evidence.py)
-
-    @property
-    def word(self) -> str:
-        return "FAIL" if not self.passed else "ATTENTION" if self.attention else "PASS"
 
 
 def _trainings(events: list[Event], run_dir: Path, project: Path) -> list[Event]:
@@ -347,19 +335,6 @@ def transforms_words(dedup: dict[str, Any]) -> str:
     return f"mirror {'on' if dedup.get('mirror') else 'off'}"
 
 
-def _inside(path: Path | None, folder: Path) -> bool:
-    return path is not None and (path == folder or path.is_relative_to(folder))
-
-
-def run_audits(events: list[Event], run_dir: Path, project: Path) -> list[Event]:
-    """The audits of the run's samples, oldest first: the samples folder is inside the run directory, or was drawn
-    from its weights (the views' RUN_AUDITS, on the typed events)."""
-    drawn = {p for e in events if e.kind == "sample" and any(_inside(w, run_dir) for w in e.located("inputs", "weights", project))
-             for p in e.located("outputs", "samples", project) if p is not None}
-    return [e for e in events if e.kind == "audit"
-            and any(_inside(p, run_dir) or p in drawn for p in e.located("inputs", "samples", project))]
-
-
 def _event_name(event: Event) -> str:
     where = Path(event.file).name if event.file else "?"
     return f"{event.kind} event {event.event_id[:12]} ({event.kind}/{where})"
@@ -464,7 +439,7 @@ def check_counts(events: list[Event], run_dir: Path, project: Path, prepared: Pr
                             f"{run_dir / 'run.json'} says {record.data_fingerprint[:16]}…")
     for event in events:
         if event.kind != "sample" or event.status != "ok" or not any(
-                _inside(w, run_dir) for w in event.located("inputs", "weights", project)):
+                inside(w, run_dir) for w in event.located("inputs", "weights", project)):
             continue
         for folder in event.located("outputs", "samples", project):
             marker = folder / "samples.json" if folder is not None else None
