@@ -235,6 +235,6 @@ def ledger_checks(ledger: Path, events: list[Event], run_dir: Path, trusted: lis
     if card is not None and getattr(card[1], "ledger_head", None) is not None:
         anchors.append(Anchor(str(card[0]), Head(card[1].ledger_head.seq, card[1].ledger_head.sha256)))
     checks = [check_chain(ledger, events, anchors)]
-    if trusted or any((ledger / SIGNATURES).glob("*.json")):
+    if trusted or any(e.signer for e in events) or any((ledger / SIGNATURES).glob("*.json")):  # a removed folder too
         checks.append(check_signatures(ledger, events, trusted))
     return checks

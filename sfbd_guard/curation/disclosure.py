@@ -11,8 +11,11 @@ folder, never in the prepared directory). The manifest handed to the trainer is 
 - excluded records keep only their partition, their rule, their keyed digest and an opaque id
   (`excluded-` + HMAC(opaque subkey, record id), 32 hex digits): no file name, licence, metadata or plain digest;
   a `dup_cluster`/`dup_of` that names an excluded record names its opaque id.
+- error rows (records that could not be read) are opaque the same way (`error-` + the same HMAC), and their
+  `error` says only that the owner's lineage holds the reason: a reason names the file, and a file that failed
+  to decode may be an opted-out or protected image.
 - the dataset's metadata columns reach the manifest only when the policy lists them (`manifest: {metadata: [...]}`,
-  default none), and never for excluded records.
+  default none), and never for excluded or error records.
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ from .manifest import MANIFEST_FIELDS
 SCHEMA_VERSION = 5  # 5: keyed `digest` and `canonical_digest` instead of `sha256` and `canonical_sha256`;
 # excluded records opaque; metadata by allow-list (the full manifest, manifest.py, is version 4)
 OPAQUE_PREFIX = "excluded-"
+HIDDEN = {"excluded": OPAQUE_PREFIX, "error": "error-"}  # partitions whose records the trainer sees opaque: prefix
+ERROR_TEXT = "unreadable (the reason is in the data owner's lineage)"
 KEYED = {"sha256": "digest", "canonical_sha256": "canonical_digest"}  # plain column -> its keyed replacement
 
 
-def opaque_id(opaque_key: bytes, record_id: str) -> str:
-    return OPAQUE_PREFIX + keyed_text(opaque_key, record_id)[:32]
+def opaque_id(opaque_key: bytes, record_id: str, prefix: str = OPAQUE_PREFIX) -> str:
+    return prefix + keyed_text(opaque_key, record_id)[:32]
 
 
 def trainer_schema(full: pa.Schema, allowed: list[str]) -> pa.Schema:
@@ -59,8 +64,10 @@ def write_trainer_manifest(full: Path, out: Path, *, digest_key: bytes, opaque_k
     _check_allowed(source.schema_arrow, allowed)
     schema = trainer_schema(source.schema_arrow, allowed)
     ids = pq.read_table(full, columns=["record_id", "partition"])
-    excluded_ids = ids.filter(pc.equal(ids.column("partition"), pa.scalar("excluded"))).column("record_id").to_pylist()
-    opaque = {str(rid): opaque_id(opaque_key, str(rid)) for rid in excluded_ids}
+    opaque: dict[str, str] = {}
+    for partition, prefix in HIDDEN.items():
+        hidden = ids.filter(pc.equal(ids.column("partition"), pa.scalar(partition))).column("record_id").to_pylist()
+        opaque |= {str(rid): opaque_id(opaque_key, str(rid), prefix) for rid in hidden}
     del ids
     with pq.ParquetWriter(str(out), schema) as writer:
         for group in range(source.num_row_groups):
@@ -71,7 +78,7 @@ def write_trainer_manifest(full: Path, out: Path, *, digest_key: bytes, opaque_k
 
 def _trainer_rows(rows: pa.Table, schema: pa.Schema, digest_key: bytes, opaque: dict[str, str],
                   allowed: list[str]) -> pa.Table:
-    excluded = [p == "excluded" for p in rows.column("partition").to_pylist()]
+    excluded = [p in HIDDEN for p in rows.column("partition").to_pylist()]  # excluded and error rows
 
     def hide(name: str) -> pa.Array[Any]:
         """The column with excluded rows' values replaced: ids by their opaque ids, anything else by null."""
@@ -91,6 +98,9 @@ def _trainer_rows(rows: pa.Table, schema: pa.Schema, digest_key: bytes, opaque: 
                                            pa.string())
         elif field.name in ("record_id", "dup_cluster", "dup_of"):
             columns[field.name] = hide(field.name) if opaque else rows.column(field.name)
+        elif field.name == "error":
+            columns[field.name] = pa.array([ERROR_TEXT if e is not None else None for e in rows.column("error").to_pylist()],
+                                           pa.string())
         elif field.name in ("dup_similarity", *allowed):
             columns[field.name] = hide(field.name) if any(excluded) else rows.column(field.name)
         else:

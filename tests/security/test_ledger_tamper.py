@@ -334,3 +334,12 @@ def test_head_and_signature_files_as_fifos_are_never_waited_on(tmp_path: Path) -
     assert sorted(e.seq for e in events) == [1, 2] and check_chain(ledger, events).word == "PASS"
     check = check_signatures(ledger, events)
     assert check.word == "FAIL" and "not a signature file" in check.detail
+
+
+def test_removing_every_signature_file_is_caught(signed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The events name their signers: deleting the whole signatures folder (so no signature is left to check) fails."""
+    project = _copy(signed, tmp_path)
+    shutil.rmtree(project / "ledger" / "signatures")
+    code, checks = _verify(project, capsys)
+    assert code == 1 and checks["ledger signatures"][0] == "FAIL", checks.get("ledger signatures")
+    assert "its signature file is missing" in checks["ledger signatures"][1]

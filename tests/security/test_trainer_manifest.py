@@ -100,3 +100,26 @@ def test_every_digest_is_keyed_and_only_the_digest_key_checks_it(tmp_path: Path,
     check = check_clean_rows(prepared, with_rows, keyed=True, digest_key=key)
     assert not check.passed and "holds the pixels of excluded-" in check.detail
     assert check_clean_rows(prepared, with_rows, keyed=True, digest_key=bytes(32)).passed is False, "a wrong key fails"
+
+
+def test_an_unreadable_image_tells_the_trainer_neither_its_name_nor_the_reason(tmp_path: Path,
+                                                                              cli: Callable[..., Any]) -> None:
+    """An image that fails to decode may be an opt-out or a protected image: its file name (in the record id and in
+    the decoder's message) stays in the owner's lineage; the trainer sees an opaque id and a count."""
+    root = write_image_set(tmp_path / "images", 24, formats=("imagefolder",))["imagefolder"]
+    (root / "portraits").mkdir()
+    (root / "portraits" / "anna-private.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    policy = {"version": 1, "name": "errors", "dataset": {"format": "imagefolder", "root": str(root), "resolution": 16},
+              "rules": [{"name": "opted-out", "action": "exclude", "where": "opt_out"},
+                        {"name": "rest", "action": "protect"}],
+              "noise": {"sigma": 0.5}, "output": str(tmp_path / "prepared")}
+    assert cli("prepare", "--policy", write_policy(tmp_path / "policy.yaml", policy)).code == 0
+    prepared = tmp_path / "prepared"
+    manifest = pq.read_table(prepared / "manifest.parquet")
+    cells = [str(v) for column in manifest.columns for v in column.to_pylist() if v is not None]
+    assert not any("anna" in cell for cell in cells) and b"anna" not in (prepared / "manifest.parquet").read_bytes()
+    errors = [r for r in manifest.to_pylist() if r["partition"] == "error"]
+    assert len(errors) == 1 and errors[0]["record_id"].startswith("error-") and "lineage" in errors[0]["error"]
+    assert json.loads((prepared / "card.json").read_text())["counts"]["error"] == 1
+    owner = [r for r in lineage(prepared).to_pylist() if r["partition"] == "error"]
+    assert owner[0]["record_id"] == "portraits/anna-private.png" and owner[0]["error"], "the owner keeps the reason"
