@@ -155,7 +155,7 @@ def test_unreadable_images_become_error_rows_or_stop_under_strict(tmp_path: Path
               "rules": [{"name": "all", "action": "clean"}], "noise": {"sigma": 1.0}, "output": str(tmp_path / "out")}
     result = _prepare(tmp_path, policy)
     assert result.counts == {"clean": 3, "protected": 0, "excluded": 0, "error": 1}
-    row = next(r for r in pq.read_table(result.output / "manifest.parquet").to_pylist() if r["record_id"] == "2.png")
+    row = next(r for r in lineage(result.output).to_pylist() if r["record_id"] == "2.png")  # the owner's lineage
     assert row["partition"] == "error" and "cannot decode" in row["error"] and row["rule"] is None
     policy["output"] = str(tmp_path / "strict")
     with pytest.raises(DataError, match=r"2\.png"):
