@@ -347,3 +347,27 @@ def test_the_fine_threshold_follows_the_threshold(tmp_path: Path) -> None:
     assert at_8px.fine_size == 0 and at_8px.dim == 64
     assert dedup.embedding_for(DedupSpec(), 32, tmp_path).dim == 64 + 256
     assert dedup.embedding_for(DedupSpec(fine_threshold=-1), 32, tmp_path).dim == 64
+
+
+def test_verify_reads_the_own_rule_of_a_demoted_copy(tmp_path: Path) -> None:
+    """verify's duplicates check judges a copy dedup demoted by its own rule (`dup_rule`): the manifest reader must
+    load that column (it did not, so every demoted copy counted as an opt-out, and a held-out one was never skipped)."""
+    import shutil
+
+    from helpers import write_policy
+    from sfbd_guard.compliance.verify import _manifest
+    from sfbd_guard.curation.prepare import prepare
+    from sfbd_guard.datasets.synthetic import write_imagefolder
+    from sfbd_guard.policy import load_policy
+
+    root = write_imagefolder(tmp_path / "images", [{"file_name": f"{i}.png", "license": "CC0-1.0" if i < 3 else None}
+                                                   for i in range(6)])
+    shutil.copy(root / "4.png", root / "copy.png")  # a CC0-less image's copy under a CC0 licence
+    policy = {"version": 1, "name": "dups", "dataset": {"format": "imagefolder", "root": str(root), "resolution": 16},
+              "rules": [{"name": "free", "action": "clean", "where": "license = 'CC0-1.0' OR record_id = 'copy.png'"},
+                        {"name": "rest", "action": "protect"}],
+              "noise": {"sigma": 0.5}, "output": str(tmp_path / "out")}
+    result = prepare(load_policy(write_policy(tmp_path / "policy.yaml", policy)))
+    rows, _ = _manifest(result.output)
+    demoted = [r for r in rows if r["rule"] == "duplicate"]
+    assert len(demoted) == 1 and demoted[0]["dup_rule"] == "free", demoted

@@ -148,7 +148,7 @@ def _manifest(data: Path) -> tuple[list[dict[str, Any]], bool]:
     keyed = "digest" in names
     digest, canonical = ("digest", "canonical_digest") if keyed else ("sha256", "canonical_sha256")
     columns = ["record_id", "partition", "rule", digest, "sigma", "file", "row"]
-    columns += [canonical] if canonical in names else []  # absent from older manifests
+    columns += [name for name in (canonical, "dup_rule") if name in names]  # absent from older manifests
     table = pq.read_table(data / "manifest.parquet", columns=columns)
     renamed = {digest: "digest", canonical: "canonical"}
     return table.rename_columns([renamed.get(name, name) for name in columns]).to_pylist(), keyed
