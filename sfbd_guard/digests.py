@@ -17,10 +17,10 @@ import stat
 from pathlib import Path
 
 from .errors import InputError
-from .fileio import read_regular
+from .fileio import NotRegularFileError, open_regular
 from .hashing import keyed_digest
 
-__all__ = ["DIGEST_HEADER", "keyed_digest", "read_digest_key", "write_secret_file"]
+__all__ = ["DIGEST_HEADER", "keyed_digest", "read_digest_key", "read_secret_file", "write_secret_file"]
 
 DIGEST_HEADER = "sfbd-guard-digest-key-v1"
 KEY_BYTES = 32
@@ -40,28 +40,45 @@ def write_secret_file(path: Path, text: str) -> None:
         handle.write(text)
 
 
-def read_digest_key(path: Path) -> bytes:
-    """The digest key in a file written by `guard key export-digest` (owner-only, as a key file)."""
+MAX_SECRET_FILE_BYTES = 4096
+
+
+def read_secret_file(path: Path, header: str, *, what: str, missing_hint: str, foreign: str) -> bytes:
+    """The 32-byte secret of a key file (`header` + hex on its one uncommented line): a regular file (checked on
+    the file opened: a FIFO is refused, never waited on), owner-only, owned by this user; InputError naming `what`
+    otherwise, `foreign` when its content is not such a file."""
     try:
-        info = path.stat()
+        with open_regular(path) as handle:
+            info = os.fstat(handle.fileno())
+            data = handle.read(MAX_SECRET_FILE_BYTES + 1)
     except FileNotFoundError:
-        raise InputError(f"digest key {path}: file not found",
-                         hint="the data owner writes it with: guard key export-digest FILE") from None
-    if not stat.S_ISREG(info.st_mode) or info.st_size > 4096:
-        raise InputError(f"digest key {path}: not a digest key file")
+        raise InputError(f"{what} {path}: file not found", hint=missing_hint) from None
+    except NotRegularFileError:
+        raise InputError(f"{what} {path}: not a regular file") from None
+    except OSError as err:
+        raise InputError(f"{what} {path}: cannot read it ({err.strerror})") from None
     if info.st_mode & 0o077:
-        raise InputError(f"digest key {path}: readable or writable by group or others "
-                         f"(mode {stat.S_IMODE(info.st_mode):04o})", hint=f"chmod 600 {path}")
+        raise InputError(f"{what} {path}: readable or writable by group or others (mode {stat.S_IMODE(info.st_mode):04o})",
+                         hint=f"chmod 600 {path}")
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise InputError(f"{what} {path}: owned by another user")
+    if len(data) > MAX_SECRET_FILE_BYTES:
+        raise InputError(f"{what} {path}: {foreign} (too large)")
     try:
-        lines = [line.strip() for line in read_regular(path, 4096).decode("ascii").splitlines()]  # never a FIFO
-    except (UnicodeDecodeError, OSError):
-        raise InputError(f"digest key {path}: not a digest key file") from None
+        lines = [line.strip() for line in data.decode("ascii").splitlines()]
+    except UnicodeDecodeError:
+        raise InputError(f"{what} {path}: {foreign}") from None
     body = [line for line in lines if line and not line.startswith("#")]
     parts = body[0].split() if len(body) == 1 else []
-    if len(parts) != 2 or parts[0] != DIGEST_HEADER or len(parts[1]) != 2 * KEY_BYTES:
-        raise InputError(f"digest key {path}: not a digest key file",
-                         hint="the data owner writes it with: guard key export-digest FILE")
+    if len(parts) != 2 or parts[0] != header or len(parts[1]) != 2 * KEY_BYTES:
+        raise InputError(f"{what} {path}: {foreign}", hint=missing_hint)
     try:
         return bytes.fromhex(parts[1])
     except ValueError:
-        raise InputError(f"digest key {path}: not a digest key file") from None
+        raise InputError(f"{what} {path}: {foreign}") from None
+
+
+def read_digest_key(path: Path) -> bytes:
+    """The digest key in a file written by `guard key export-digest` (owner-only, as a key file)."""
+    return read_secret_file(path, DIGEST_HEADER, what="digest key", foreign="not a digest key file",
+                            missing_hint="the data owner writes it with: guard key export-digest FILE")

@@ -11,7 +11,6 @@ they become that sample's error row, like any unreadable file.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -44,24 +43,13 @@ class LoadedImages:
 
 def _listing(folder: Path, what: str) -> tuple[list[Path], Path | None]:
     """The files `samples.json` names (each inside `folder`) and its grid; ([], None) without one."""
-    from ..fileio import read_regular
+    from ..contracts.base import load_json
 
     listing = folder / LISTING
     if not listing.exists() and not listing.is_symlink():
         return [], None
     hint = f"{LISTING} is written by guard sample; fix or remove it (every image in the folder is audited anyway)"
-    try:
-        data = read_regular(listing, MAX_LISTING_BYTES)  # a FIFO or a device is refused, never waited on
-    except OSError as err:
-        raise InputError(f"{what} {listing}: cannot read it ({err.strerror or err})", hint=hint) from None
-    if len(data) > MAX_LISTING_BYTES:
-        raise InputError(f"{what} {listing}: larger than {MAX_LISTING_BYTES >> 20} MiB; refused unparsed", hint=hint)
-    try:
-        payload = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{what} {listing}: not valid JSON ({err})", hint=hint) from None
-    if not isinstance(payload, dict):
-        raise InputError(f"{what} {listing}: expected a JSON object, got {type(payload).__name__}", hint=hint)
+    payload = load_json(listing, hint=hint, limit=MAX_LISTING_BYTES, label=f"{what} {listing}")
     names, grid = payload.get("images", []), payload.get("grid")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise InputError(f"{what} {listing}: images must be a list of file names", hint=hint)

@@ -55,24 +55,27 @@ def validate(model: type[ModelT], payload: Any, *, source: str, error: type[Guar
         raise error(f"{source}: {problem(err.errors()[0])}", hint=hint) from None
 
 
-def load_json(path: Path, *, error: type[GuardError] = InputError, hint: str | None = None) -> dict[str, Any]:
-    """A JSON file that must hold an object (UTF-8, at most MAX_JSON_BYTES); any fault is `error` naming it."""
+def load_json(path: Path, *, error: type[GuardError] = InputError, hint: str | None = None,
+              limit: int = MAX_JSON_BYTES, label: str | None = None) -> dict[str, Any]:
+    """A JSON file that must hold an object (UTF-8, at most `limit` bytes); any fault is `error` naming it (as
+    `label`, default the path)."""
     from ..fileio import read_regular
 
+    name = label or str(path)
     try:
-        data = read_regular(path, MAX_JSON_BYTES)  # a FIFO or a device is refused, never waited on
+        data = read_regular(path, limit)  # a FIFO or a device is refused, never waited on
     except FileNotFoundError:
-        raise error(f"{path}: missing", hint=hint) from None
+        raise error(f"{name}: missing", hint=hint) from None
     except OSError as err:
-        raise error(f"{path}: cannot read: {err.strerror or err}", hint=hint) from None
-    if len(data) > MAX_JSON_BYTES:
-        raise error(f"{path}: larger than {MAX_JSON_BYTES >> 20} MiB; refused unparsed", hint=hint)
+        raise error(f"{name}: cannot read: {err.strerror or err}", hint=hint) from None
+    if len(data) > limit:
+        raise error(f"{name}: larger than {limit >> 20} MiB; refused unparsed", hint=hint)
     try:
         payload = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise error(f"{path}: not valid JSON ({err})", hint=hint) from None
+        raise error(f"{name}: not valid JSON ({err})", hint=hint) from None
     if not isinstance(payload, dict):
-        raise error(f"{path}: expected a JSON object, got {type(payload).__name__}", hint=hint)
+        raise error(f"{name}: expected a JSON object, got {type(payload).__name__}", hint=hint)
     return payload
 
 

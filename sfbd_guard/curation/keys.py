@@ -26,18 +26,14 @@ import hashlib
 import hmac
 import os
 import secrets
-import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..digests import DIGEST_HEADER, write_secret_file
+from ..digests import DIGEST_HEADER, KEY_BYTES, read_secret_file, write_secret_file
 from ..errors import InputError
-from ..fileio import NotRegularFileError, open_regular
 from ..owner import KEY_ENV, default_key_path
 
-KEY_BYTES = 32
-MAX_KEY_FILE_BYTES = 4096
 HEADER = "sfbd-guard-noise-key-v1"
 _ID_LABEL = b"sfbd_guard/key-id/v1"
 # HKDF info labels of the subkeys: distinct, versioned, never reused for another purpose.
@@ -167,38 +163,11 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def read_key_file(path: Path, *, forbidden: tuple[Path, ...] = ()) -> NoiseKey:
     """Read a key file made by `guard keygen`; refuse one that others can read or that lies in `forbidden`."""
-    try:  # checked on the file opened (a FIFO is refused, never waited on)
-        with open_regular(path) as handle:
-            info = os.fstat(handle.fileno())
-            data = handle.read(MAX_KEY_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise InputError(f"noise key {path}: file not found", hint="create one with: guard keygen FILE") from None
-    except NotRegularFileError:
-        raise InputError(f"noise key {path}: not a regular file") from None
-    except OSError as err:
-        raise InputError(f"noise key {path}: cannot read it ({err.strerror})") from None
-    if info.st_mode & 0o077:
-        raise InputError(f"noise key {path}: readable or writable by group or others (mode {stat.S_IMODE(info.st_mode):04o})",
-                         hint=f"chmod 600 {path}")
-    if hasattr(os, "getuid") and info.st_uid != os.getuid():
-        raise InputError(f"noise key {path}: owned by another user")
     resolved = path.resolve()
     for folder in forbidden:
         if _inside(resolved, folder.resolve()):
             raise InputError(f"noise key {path}: lies inside {folder}, which is handed to others",
                              hint="keep the key outside the prepared directory")
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise InputError(f"noise key {path}: not a key file (too large)")
-    try:
-        lines = [line.strip() for line in data.decode("ascii").splitlines()]
-    except UnicodeDecodeError:
-        raise InputError(f"noise key {path}: not a key file made by guard keygen") from None
-    body = [line for line in lines if line and not line.startswith("#")]
-    parts = body[0].split() if len(body) == 1 else []
-    if len(parts) != 2 or parts[0] != HEADER or len(parts[1]) != 2 * KEY_BYTES:
-        raise InputError(f"noise key {path}: not a key file made by guard keygen")
-    try:
-        secret = bytes.fromhex(parts[1])
-    except ValueError:
-        raise InputError(f"noise key {path}: not a key file made by guard keygen") from None
+    secret = read_secret_file(path, HEADER, what="noise key", foreign="not a key file made by guard keygen",
+                              missing_hint="create one with: guard keygen FILE")
     return NoiseKey(secret, "key_file")
