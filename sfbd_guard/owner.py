@@ -53,11 +53,11 @@ def owner_dir() -> Path:
     return default_key_path().parent
 
 
-def lineage_path(fingerprint: str) -> Path:
-    """The owner's full manifest of the prepared directory of this fingerprint."""
+def lineage_path(fingerprint: str, folder: Path | None = None) -> Path:
+    """The owner's full manifest of the prepared directory of this fingerprint (in `folder`, default the owner's)."""
     if not fingerprint or not all(c in "0123456789abcdef" for c in fingerprint):
         raise InputError(f"fingerprint {fingerprint[:80]!r}: not a sha256")
-    return owner_dir() / LINEAGE / f"{fingerprint}.parquet"
+    return (folder or owner_dir()) / LINEAGE / f"{fingerprint}.parquet"
 
 
 def digest_key_path(digest_key_id: str, folder: Path | None = None) -> Path:

@@ -240,7 +240,7 @@ def exact_groups(manifest: Path) -> list[list[int]]:
         con.close()
 
 
-def _range_pairs(index: Any, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def range_pairs(index: Any, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """(query row, index row) of every similarity >= threshold (FAISS keeps those strictly above its radius)."""
     limits, similarities, labels = index.range_search(queries, float(np.float32(threshold) - np.float32(1e-6)))
     keep = similarities >= np.float32(threshold)
@@ -289,7 +289,7 @@ def _banded_pairs(vectors: np.ndarray, threshold: float, block: int, band_sample
             base_rows = ordered[base_start:min(window_stop, base_start + block)]
             index = faiss.IndexFlatIP(query.shape[1])
             index.add(np.ascontiguousarray(vectors[base_rows], dtype=np.float32))
-            at, other = _range_pairs(index, query, threshold)
+            at, other = range_pairs(index, query, threshold)
             at, other = at + query_start, other + base_start  # positions in `ordered`
             later = other > at
             if later.any():
@@ -381,7 +381,7 @@ def near_pairs_all(vectors: np.ndarray, threshold: float, *, variants: tuple[Var
         for query_start in range(0, n, block):
             query = np.ascontiguousarray(vectors[query_start:query_start + block], dtype=np.float32)
             for searched in grid_variants(query, size, variants) if len(variants) > 1 else [query]:
-                rows, others = _range_pairs(index, searched, threshold - CANDIDATE_SLACK)
+                rows, others = range_pairs(index, searched, threshold - CANDIDATE_SLACK)
                 rows, others = rows + query_start, others + base_start
                 below = rows < others
                 if below.any():

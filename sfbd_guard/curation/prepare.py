@@ -41,7 +41,7 @@ from ..datasets.base import ListingReport
 from ..errors import DataError, InputError
 from ..executor import LOCAL, ExecutorSpec
 from ..hashing import digest_key_id, fingerprint, new_sha256, sha256_file
-from ..owner import digest_key_path
+from ..owner import digest_key_path, lineage_path
 from ..policy import DedupSpec as DedupPolicy
 from ..policy import LoadedPolicy
 from ..progress import ProgressFactory
@@ -289,7 +289,7 @@ def _deduplicate(staging: Path, records: Records, decisions: Decisions, store: d
         rule_counts = dedup.rule_counts(decided, plan, staged)
         released = None
         if store is not None:
-            rows = _released_rows(staging / "manifest.parquet")
+            rows = _released_rows(pq.read_table(staging / "manifest.parquet", columns=["partition", "sha256"]))
             released = np.array(store.vectors[rows, :embedding.searched_dim], np.float32)  # the register's search
             store.close()
             store = None
@@ -347,17 +347,17 @@ def noise_key(loaded: LoadedPolicy, key_file: Path | None, output: Path, *, ephe
     return KeyChoice(key, owner, "\n".join(lines))
 
 
-def _released_rows(manifest: Path) -> np.ndarray:
-    """Rows of the protected records stored in the prepared directory: what this prepare releases."""
-    table = pq.read_table(manifest, columns=["partition", "sha256"])
+def _released_rows(table: pa.Table) -> np.ndarray:
+    """Rows of the protected records stored in the prepared directory (`table`: the manifest's partition and
+    sha256 columns): what this prepare releases."""
     protected = np.array([p == "protected" for p in table.column("partition").to_pylist()], bool)
     return np.flatnonzero(protected & table.column("sha256").is_valid().to_numpy(zero_copy_only=False))
 
 
 def _released(manifest: Path) -> pa.Table:
     """(record_id, sha256) of the protected records stored in the prepared directory, in manifest order."""
-    table = pq.read_table(manifest, columns=["record_id", "sha256"])
-    return table.take(pa.array(_released_rows(manifest))).select(["record_id", "sha256"])
+    table = pq.read_table(manifest, columns=["record_id", "partition", "sha256"])
+    return table.take(pa.array(_released_rows(table))).select(["record_id", "sha256"])
 
 
 def _near(spec: DedupPolicy, embedding: dedup.Embedding | None) -> register.Near | None:
@@ -470,9 +470,8 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
                                        "rerelease": _rerelease_card(found, allow_rerelease),
                                        **({"ledger_head": ledger_head} if ledger_head else {})})
                 write_card(staging, card)
-                lineage = choice.owner.path.parent / "lineage"
-                lineage.mkdir(mode=0o700, exist_ok=True)
-                kept = lineage / f"{card.fingerprint}.parquet"
+                kept = lineage_path(card.fingerprint, choice.owner.path.parent)
+                kept.parent.mkdir(mode=0o700, exist_ok=True)
                 shutil.move(full, kept)
                 kept.chmod(0o600)
                 _keep_digest_key(key, choice.owner.path.parent, card)

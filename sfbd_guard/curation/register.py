@@ -151,13 +151,14 @@ def _vectors(table: pa.Table, rows: np.ndarray) -> np.ndarray:
 def near_pairs(register: pa.Table, new: pa.Table, near: Near, skip: np.ndarray | None = None,
                ) -> tuple[np.ndarray, np.ndarray]:
     """(new row, register row) of every pair whose embeddings (made by the same embedder) have cosine >= the
-    threshold at the best variant (the policy's dedup transforms, pixel embedder): dedup's FAISS range search over
-    every variant of the new rows, then each candidate verified (exhaustive: the cost is new rows × register rows ×
-    variants). New rows in `skip` are not searched."""
+    threshold at the best variant (the policy's dedup transforms, pixel embedder): as dedup's near search, one
+    FAISS range search on `symmetry.invariant` of both sides (never farther apart than the nearest variants) gives
+    the candidates, each kept if its best variant reaches the threshold (exhaustive over the register: the cost
+    is new rows × register rows). New rows in `skip` are not searched."""
     import faiss
 
-    from ..symmetry import best_similarity, grid_variants
-    from .dedup import CANDIDATE_SLACK, _range_pairs
+    from ..symmetry import best_similarity, invariant
+    from .dedup import CANDIDATE_SLACK, range_pairs
 
     def usable(table: pa.Table) -> np.ndarray:
         embedders = table.column("embedder").to_pylist()
@@ -170,19 +171,13 @@ def near_pairs(register: pa.Table, new: pa.Table, near: Near, skip: np.ndarray |
     if not len(old_rows) or not len(new_rows):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     base, queries = _vectors(register, old_rows), _vectors(new, new_rows)
-    index = faiss.IndexFlatIP(base.shape[1])
-    index.add(base)
     several = len(near.variants) > 1
-    found_at, found_other = [], []
-    for searched in grid_variants(queries, near.size, near.variants) if several else [queries]:
-        at, other = _range_pairs(index, np.ascontiguousarray(searched, np.float32),
-                                 near.threshold - CANDIDATE_SLACK if several else near.threshold)
-        found_at.append(at)
-        found_other.append(other)
-    at, other = np.concatenate(found_at), np.concatenate(found_other)
+    searched_base, searched = (invariant(base, near.size), invariant(queries, near.size)) if several else (base, queries)
+    index = faiss.IndexFlatIP(base.shape[1])
+    index.add(np.ascontiguousarray(searched_base, np.float32))
+    at, other = range_pairs(index, np.ascontiguousarray(searched, np.float32),
+                            near.threshold - CANDIDATE_SLACK if several else near.threshold)
     if several and len(at):
-        pairs = np.unique(np.stack([at, other], axis=1), axis=0)
-        at, other = pairs[:, 0], pairs[:, 1]
         keep = best_similarity(queries[at], base[other], near.size, near.variants) >= np.float32(near.threshold)
         at, other = at[keep], other[keep]
     return new_rows[at], old_rows[other]
