@@ -88,7 +88,7 @@ def register_costs(records: int) -> dict[str, float]:
     vectors = unit_rows(rng.standard_normal((records, 64)))  # stand-ins for dedup's pixel embedding (8×8)
     from sfbd_guard.symmetry import group
 
-    near = register.Near("pixel:8:64:flip,rotate,invert:{}", 0.99, group(["flip", "rotate", "invert"]), 8)  # the default transforms
+    near = register.Near("pixel:8:64:flip,rotate,invert:{}", 0.99, group(["flip", "rotate", "invert"]), 8)  # defaults
     earlier = register.entries(key.register_subkey, released, key_id=key.key_id, sigma=0.5, resolution=64,
                                event_id="a" * 32, embedder=near.embedder, vectors=vectors)
     entries_s = time.perf_counter() - start

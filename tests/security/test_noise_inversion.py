@@ -249,3 +249,23 @@ def test_only_curation_and_keygen_import_the_key_module() -> None:
                 assert path in allowed, f"{path.relative_to(package)} imports the noise key module"
     cli = (package / "cli.py").read_text()
     assert cli.count("curation.keys") == 2 and "def keygen" in cli and "def key_export_digest" in cli
+
+
+def test_train_and_sample_open_nothing_of_the_owner_nor_the_originals(tmp_path: Path, cli: Callable[..., Any],
+                                                                       owner_config: Path, watch_opens: list[str]) -> None:
+    """The training boundary: `guard train` and `guard sample` read only the prepared directory and the run. Neither
+    opens the owner's folder (key, release register, digest keys, lineage) nor the source data (the digits'
+    file in scikit-learn), whatever the owner's files next to them."""
+    write_policy(tmp_path / "policy.yaml", digits_policy(tmp_path / "prepared", drop=0.8))
+    _guard(cli, "prepare", "--policy", tmp_path / "policy.yaml")
+    opened_by_prepare = list(watch_opens)
+    assert any("digits" in Path(p).name for p in opened_by_prepare), "positive control: prepare reads the originals"
+    assert any(Path(p).resolve().is_relative_to(owner_config.resolve()) for p in opened_by_prepare), (
+        "positive control: prepare uses the owner's folder")
+    watch_opens.clear()
+    write_policy(tmp_path / "pipe.yaml", tiny_pipeline(tmp_path / "prepared", tmp_path / "run"))
+    _guard(cli, "train", "--pipeline", tmp_path / "pipe.yaml")
+    _guard(cli, "sample", "--run", tmp_path / "run", "--n", "4", "--steps", "2", "--out", tmp_path / "samples")
+    owner = [p for p in watch_opens if Path(p).resolve().is_relative_to(owner_config.resolve())]
+    originals = [p for p in watch_opens if "digits" in Path(p).name and "sklearn" in p]
+    assert owner == [] and originals == [], f"train or sample opened {owner or originals}"
