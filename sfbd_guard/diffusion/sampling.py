@@ -220,7 +220,7 @@ def denoise_backward(
     sigma: float,
     *,
     steps: int = 40,
-    solver: Solver = "heun",
+    solver: Solver | Literal["mean"] = "heun",
     grid: Literal["edm", "fitted"] = "edm",
     rho: float = 7.0,
     sigma_min: float = 0.002,
@@ -236,10 +236,14 @@ def denoise_backward(
         denoiser: ``D(x, sigma)`` (normally the EMA network).
         y: noisy images ``y = x + sigma * eps``, ``(B, C, H, W)``.
         sigma: corruption level sigma_zeta (relative to the [-1, 1] pixel range).
+        solver: ``heun`` or ``euler`` integrate the PF-ODE; ``mean`` returns the model's posterior mean
+            ``D(y; sigma)`` instead (one evaluation; a blurrier set, measured in benchmarks/quality.py).
 
     Returns:
         Denoised images, same shape and dtype as ``y``.
     """
+    if solver == "mean":  # the posterior mean E[x | y] (Tweedie): one evaluation, no integration
+        return denoiser(y, as_sigma_tensor(sigma, y)).to(y.dtype)
     sigmas = backward_sigmas(sigma, steps, grid=grid, sigma_min=sigma_min, rho=rho, rtol=rtol)
     sampler = sample_heun if solver == "heun" else sample_euler
     if solver not in ("heun", "euler"):

@@ -52,7 +52,7 @@ class ScheduleSpec(StrictModel):
 
 class DenoiseSpec(StrictModel):
     steps: int = Field(18, ge=2)  # EDM grid size whose truncation at the record's sigma is integrated
-    solver: Literal["heun", "euler"] = "heun"  # ODE solver of the backward step
+    solver: Literal["heun", "euler", "mean"] = "heun"  # ODE solver of the backward step; mean: the posterior mean D(y; σ)
     grid: Literal["edm", "fitted"] = "edm"  # edm: the EDM grid cut at sigma; fitted: `steps` points on [sigma_min, sigma]
     rho: float = Field(7.0, gt=0)  # grid spacing exponent (EDM: 7)
     sigma_min: float = Field(0.002, gt=0)  # smallest non-zero grid point
@@ -62,7 +62,22 @@ class DenoiseSpec(StrictModel):
 class SFBDSpec(StrictModel):
     clean_weight: float | None = Field(None, gt=0, lt=1)  # share of clean images per batch; null: natural proportion
     transfer_ema: bool = True  # each round starts from the EMA weights with a fresh optimizer (reference code)
+    # the denoised images' noise floor in the loss (the ambient loss above it, as for noisy copies): 0 / null trains on
+    # them as clean; auto: the RMS error of the round set that the validation measure estimates (validation.py)
+    denoised_floor: float | Literal["auto"] | None = None
     quantize: bool = True  # denoised images kept as uint8, as the reference code's PNG round trip does; false: float16
+
+
+class ValidationSpec(StrictModel):
+    """SFBD's validation measure on held-back protected copies (engine/validation.py) and what it decides."""
+
+    enabled: bool = True  # sfbd and online-sfbd: hold back copies, measure the model at each round, keep the best
+    fraction: float = Field(0.05, ge=0, lt=0.5)  # share of the protected copies held back (never trained on)
+    min_size: int = Field(64, ge=8)  # at least this many (the measure is off when that is over a quarter of the copies)
+    max_size: int = Field(256, ge=8)  # and at most this many: the measure's cost does not grow with the data
+    size: int | None = Field(None, ge=8)  # exactly this many (overrides fraction, min_size, max_size)
+    probes: int = Field(2, ge=1)  # Rademacher probes of SURE's divergence term per image
+    keep_best: bool = True  # sfbd: a round whose model measures worse is rolled back; the run ends on the best model
 
 
 class PrivacySpec(StrictModel):
@@ -112,6 +127,7 @@ class PipelineConfig(StrictModel):
     denoise: DenoiseSpec = DenoiseSpec()
     sfbd: SFBDSpec = SFBDSpec()
     ema: EmaSpec = EmaSpec()
+    validation: ValidationSpec = ValidationSpec()
     privacy: PrivacySpec | None = None  # differential privacy (DP-SGD); none: non-private
     seed: int = 0  # seeds every random choice of the run
     threads: int | None = Field(None, ge=1)  # CPU threads per process; none: the CPUs it may use (--threads wins)

@@ -66,6 +66,24 @@ class TensorImages:
         return self.images[rows]
 
 
+class RowSubset:
+    """Some rows of an image set: row i of the view is row `keep[i]` of the set (validation's held-back copies
+    are left out of what SFBD trains on)."""
+
+    def __init__(self, images: ImageSet, keep: torch.Tensor) -> None:
+        self.images, self.keep = images, keep
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.images.image_shape
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.images.gather(self.keep[rows])
+
+
 def clean_images(data: PreparedData) -> MappedImages:
     """The clean partition: uint8 shards, gathered as float32 x/127.5 - 1, (N, C, H, W)."""
     return MappedImages(data.clean.pixels)

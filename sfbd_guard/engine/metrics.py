@@ -17,6 +17,8 @@ from ..fileio import atomic_write_bytes
 _METRICS_FIELDS: list[tuple[str, pa.DataType]] = [
     ("step", pa.int64()), ("kimg", pa.float64()), ("round", pa.int64()), ("phase", pa.string()),
     ("loss", pa.float64()), ("lr", pa.float64()), ("seconds_per_kimg", pa.float64()),
+    # SFBD's validation measure (validation.py), on the step after which it was taken; null on other steps
+    ("validation", pa.float64()), ("round_psnr", pa.float64()), ("decision", pa.string()),
 ]
 METRICS_SCHEMA = pa.schema(_METRICS_FIELDS)
 
@@ -33,6 +35,13 @@ class MetricsLog:
 
     def append(self, **row: Any) -> None:
         self.rows.append(row)
+
+    def annotate(self, step: int, **values: Any) -> None:
+        """Add `values` to the row of `step` (a row of its own when no step has been taken yet)."""
+        if self.rows and self.rows[-1]["step"] == step:
+            self.rows[-1].update(values)
+        else:
+            self.rows.append({"step": step, **values})
 
     def write(self) -> None:
         buffer = io.BytesIO()

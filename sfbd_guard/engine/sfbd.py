@@ -24,6 +24,7 @@ The trainer lends the EMA model (the denoiser) and the training state; this modu
 
 from __future__ import annotations
 
+import math
 import shutil
 import uuid
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from ..prepared import PreparedData
 from ..progress import ProgressFactory
 from .checkpoint import TrainingState
 from .config import PipelineConfig
-from .data import MappedImages, Mixture, Source, clean_images, noisy_images
+from .data import ImageSet, MappedImages, Mixture, RowSubset, Source, clean_images, noisy_images
 from .denoise import (
     RoundSetError,
     ShardWriter,
@@ -53,6 +54,7 @@ from .denoise import (
 )
 from .methods import Phase, SourceName
 from .runtime import Runtime
+from .validation import Validator, held_back_rows
 
 BANK = "bank.npy"  # online SFBD's bank, in bank/ of the run directory and attached to every checkpoint
 
@@ -76,6 +78,16 @@ class SFBDSources:
         self.record_ids = data.protected.record_ids
         self.shape = data.image_shape
         self.dtype = torch.uint8 if config.sfbd.quantize else torch.float16  # how denoised images are kept
+        self.validator: Validator | None = None  # the validation measure on held-back copies (validation.py)
+        self.trained_rows: torch.Tensor | None = None  # the protected rows SFBD trains on (None: all)
+        held = (held_back_rows(len(self.noisy), config.validation, config.seed)
+                if config.method in ("sfbd", "online-sfbd") and config.privacy is None else torch.empty(0))
+        if len(held):  # never trained on: off under DP-SGD, whose accounting covers no choice made on them
+            keep = torch.ones(len(self.noisy), dtype=torch.bool)
+            keep[held] = False
+            self.trained_rows = keep.nonzero().flatten()
+            self.validator = Validator(self.noisy, held, self.sigma, config.denoise, config.validation, config.seed,
+                                       rt.device)
         self.bank: Source | None = None
         self.bank_array: np.ndarray | None = None  # the mapped bank file (writable on rank 0)
 
@@ -95,9 +107,30 @@ class SFBDSources:
         if name == "noisy":
             return Source("noisy", self.noisy, floor=self.sigma if phase.spec.loss == "ambient" else 0.0)
         if name == "denoised":
-            return Source("denoised", MappedImages(self._round_set(phase.round, denoiser, state, fresh)))
-        self.bank = Source("bank", MappedImages(self._bank(denoiser, state, fresh)), weight=self._ramp_weight(state))
+            return Source("denoised", self._trained(MappedImages(self._round_set(phase.round, denoiser, state, fresh))),
+                          floor=self._denoised_floor(state, fresh))
+        self.bank = Source("bank", self._trained(MappedImages(self._bank(denoiser, state, fresh))),
+                           weight=self._ramp_weight(state))
         return self.bank
+
+    def _denoised_floor(self, state: TrainingState, fresh: bool) -> float:
+        """The round set's noise floor in the loss (sfbd.denoised_floor), fixed when the round starts."""
+        setting = self.config.sfbd.denoised_floor
+        if not setting:
+            return 0.0
+        if not fresh and "denoised_floor" in state.info:  # a resume inside the round: the floor it started with
+            return float(state.info["denoised_floor"])
+        if setting == "auto":
+            psnr = state.info.get("validation", {}).get("denoiser_psnr")
+            floor = math.sqrt(4.0 / 10 ** (float(psnr) / 10)) if psnr is not None else 0.0
+        else:
+            floor = float(setting)
+        state.info["denoised_floor"] = floor
+        return floor
+
+    def _trained(self, images: ImageSet) -> ImageSet:
+        """A denoised set without the validation's held-back rows (they are made, never trained on)."""
+        return images if self.trained_rows is None else RowSubset(images, self.trained_rows)
 
     def _denoise(self, denoiser: torch.nn.Module, rows: torch.Tensor, label: str,
                  into: Sink | None = None) -> torch.Tensor | None:

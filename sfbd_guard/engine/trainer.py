@@ -28,6 +28,7 @@ from .sfbd import SFBDSources
 
 SNAPSHOT_STEPS = 18  # sampler steps of snapshot grids
 SNAPSHOT_SEED = 0  # the same images are drawn at every snapshot, so grids show progress
+BEST = "best_ema."  # training-state tensors holding the EMA weights the validation measured best
 
 
 def unet_config(config: PipelineConfig) -> UNetConfig:
@@ -184,6 +185,8 @@ class Trainer:
         phase = self.phases[index]
         fresh = self.state.info.get("entered_phase") != index
         self.state.phase, self.state.round = index, phase.round
+        if fresh and phase.spec.fine_tune:  # the model that is about to denoise: measured, perhaps rolled back
+            self.validate(phase.name)
         if phase.spec.fine_tune:
             self.ema.rampup_ratio = None  # fine-tuning: the full half-life from the start
             if fresh and self.config.sfbd.transfer_ema:  # SFBD's update starts from the EMA weights, fresh Adam
@@ -193,6 +196,42 @@ class Trainer:
         self.private = self._enter_private(phase, mixture)
         self.state.info["entered_phase"] = index
         return mixture
+
+    def validate(self, label: str) -> None:
+        """SFBD's validation measure of the EMA model (validation.py) before `label` (a round, or the end): kept in
+        the metrics and the training state; with validation.keep_best, a model that measures worse than the best
+        so far is replaced by that one (weights and EMA), so a round that made the model worse is rolled back and
+        the run ends on its best model. Every rank computes the same measure on the same inputs."""
+        validator = self.sources.validator
+        if validator is None:
+            return
+        record = self.state.info.setdefault("validation", {"history": []})
+        tick = self.progress(f"validation before {label} ({len(validator)} held-back copies)", 1) if self.progress else None
+        measure = validator.measure(self.ema.module, batch=self.config.denoise.batch)
+        best = record.get("best")
+        if best is None or measure.loss < best["loss"]:
+            record["best"] = {"before": label, "kimg": self.state.nimg / 1000, "loss": measure.loss,
+                              "round_psnr": measure.round_psnr}
+            for key in [k for k in self.state.tensors if k.startswith(BEST)]:
+                del self.state.tensors[key]
+            self.state.tensors.update({BEST + k: v.detach().cpu().clone() for k, v in self.ema.module.state_dict().items()})
+            decision = "best so far"
+            record["denoiser_psnr"] = measure.round_psnr  # the next round set's estimated worth (sfbd.denoised_floor)
+        elif self.config.validation.keep_best:
+            weights = {k.removeprefix(BEST): v for k, v in self.state.tensors.items() if k.startswith(BEST)}
+            self.ema.module.load_state_dict(weights)
+            self.net.load_state_dict(weights)
+            self.optimizer = self._new_optimizer()
+            decision = f"worse: rolled back to the model before {best['before']}"
+            record["denoiser_psnr"] = best["round_psnr"]
+        else:
+            record["denoiser_psnr"] = measure.round_psnr
+            decision = f"worse than the model before {best['before']} (kept: validation.keep_best is off)"
+        record["history"].append({"before": label, "kimg": self.state.nimg / 1000, "loss": measure.loss,
+                                  "round_psnr": measure.round_psnr, "decision": decision})
+        self.metrics.annotate(self.state.step, validation=measure.loss, round_psnr=measure.round_psnr, decision=decision)
+        if tick:
+            tick(1)
 
     def _enter_private(self, phase: Phase, mixture: Mixture) -> PrivatePhase | None:
         if self.privacy is None or not self.privacy.is_private(phase):
@@ -232,6 +271,7 @@ class Trainer:
         for index in range(self.state.phase, len(self.phases)):
             self.run_phase(index)
             self.checkpoint()
+        self.validate("end")
         self.state.phase = len(self.phases)
         self.snapshot()
         final = self.checkpoint()

@@ -1,0 +1,144 @@
+"""SFBD's validation measure (engine/validation.py): SURE against the true error, held-back copies never trained
+on, rounds that make the model worse rolled back, the run ending on its best model, and the measure in the metrics."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from helpers import digits_policy, tiny_pipeline, write_policy
+from sfbd_guard.curation.prepare import prepare
+from sfbd_guard.engine.config import DenoiseSpec, ValidationSpec, load_pipeline
+from sfbd_guard.engine.data import RowSubset, TensorImages
+from sfbd_guard.engine.service import train
+from sfbd_guard.engine.validation import Measure, Validator, _sure, held_back_rows
+from sfbd_guard.policy import load_policy
+
+
+@settings(max_examples=25, deadline=None)
+@given(scale=st.floats(0.2, 1.0), sigma=st.floats(0.2, 1.2), shrink=st.floats(0.0, 1.2), seed=st.integers(0, 2**16))
+def test_sure_estimates_the_error_against_the_originals(scale: float, sigma: float, shrink: float, seed: int) -> None:
+    """For a smooth nonlinear denoiser, SURE (from the noisy copies alone) matches the mean squared error against
+    the clean images (the independent oracle), within its sampling error."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((512, 1, 8, 8), generator=gen) * scale
+    y = x + sigma * torch.randn(x.shape, generator=gen)
+
+    def f(v: torch.Tensor) -> torch.Tensor:  # shrinkage with a soft nonlinearity
+        return shrink * torch.tanh(v) + 0.1 * v
+
+    probes = (torch.randint(0, 2, (2, *y.shape), generator=gen) * 2 - 1).float()
+    estimate = _sure(f, y, sigma, probes)
+    truth = ((f(y) - x) ** 2).mean(dim=(1, 2, 3)).double()
+    spread = float((estimate - truth).std()) / math.sqrt(len(y))
+    assert abs(float(estimate.mean()) - float(truth.mean())) < 4 * spread + 1e-3
+
+
+def test_held_back_rows_are_seeded_bounded_and_off_for_small_sets() -> None:
+    spec = ValidationSpec()
+    rows = held_back_rows(10_000, spec, seed=3)
+    assert len(rows) == 256 and rows.unique().numel() == 256 and bool((rows[1:] > rows[:-1]).all())
+    assert torch.equal(rows, held_back_rows(10_000, spec, seed=3)) and not torch.equal(rows, held_back_rows(10_000, spec, 4))
+    assert len(held_back_rows(2000, spec, 0)) == 100  # 5 %
+    assert len(held_back_rows(255, spec, 0)) == 0  # 64 would be over a quarter of the copies
+    assert len(held_back_rows(10_000, ValidationSpec(enabled=False), 0)) == 0
+
+
+def test_the_measure_ranks_a_better_denoiser_first() -> None:
+    """Two 'models' on Gaussian data: the exact posterior mean measures lower than a worse shrinkage, and its
+    round PSNR matches the true PSNR of its output."""
+    gen = torch.Generator().manual_seed(0)
+    sigma, scale = 0.6, 0.5
+    x = torch.randn((256, 1, 8, 8), generator=gen) * scale
+    noisy = TensorImages(x + sigma * torch.randn(x.shape, generator=gen))
+
+    class Shrink(torch.nn.Module):
+        def __init__(self, factor: float | None) -> None:
+            super().__init__()
+            self.factor = factor
+
+        def forward(self, v: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+            t = torch.as_tensor(t, dtype=v.dtype).reshape(-1, 1, 1, 1)
+            optimal = scale**2 / (scale**2 + t**2)  # the posterior mean of Gaussian data at noise t
+            return v * (optimal if self.factor is None else self.factor)
+
+    validator = Validator(noisy, torch.arange(256), sigma, DenoiseSpec(steps=8, grid="fitted", rho=2, sigma_min=0.02),
+                          ValidationSpec(probes=2), seed=0, device=torch.device("cpu"))
+    best, worse = validator.measure(Shrink(None)), validator.measure(Shrink(0.9))
+    assert best.loss < worse.loss
+    assert validator.measure(Shrink(None)) == best  # paired: the same inputs every time
+
+
+@pytest.fixture(scope="module")
+def digits_mid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("digits-val")
+    return prepare(load_policy(write_policy(tmp / "policy.yaml", digits_policy(tmp / "prepared", drop=0.5)))).output
+
+
+def _run(tmp_path: Path, data: Path, name: str, **overrides: object):  # type: ignore[no-untyped-def]
+    pipeline = tiny_pipeline(data, tmp_path / name, method="sfbd", denoise={"steps": 4, "batch": 1024},
+                             schedule={"pretrain_kimg": 0.064, "rounds": 2, "round_kimg": 0.048}, **overrides)
+    return train(load_pipeline(write_policy(tmp_path / f"{name}.yaml", pipeline)), resume=False)
+
+
+def test_held_back_copies_are_never_trained_on(tmp_path: Path, digits_mid: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[torch.Tensor] = []
+    original = RowSubset.gather
+
+    def spy(self: RowSubset, rows: torch.Tensor) -> torch.Tensor:
+        seen.append(self.keep[rows])
+        return original(self, rows)
+
+    monkeypatch.setattr(RowSubset, "gather", spy)
+    outcome = _run(tmp_path, digits_mid, "held")
+    import json
+
+    protected = json.loads((digits_mid / "card.json").read_text())["counts"]["protected"]
+    held = held_back_rows(protected, outcome.config.validation, outcome.config.seed)
+    assert len(held) == 64 and seen, "the denoised rounds draw through the subset"
+    assert not set(torch.cat(seen).tolist()) & set(held.tolist())
+    rows = [r for r in pq.read_table(outcome.run_dir / "metrics.parquet").to_pylist() if r["validation"] is not None]
+    assert [r["phase"] for r in rows] == ["pretrain", "round-1", "round-2"]  # before round 1, before round 2, the end
+    assert all(r["round_psnr"] > 0 and r["decision"] for r in rows)
+
+
+def test_a_round_that_measures_worse_is_rolled_back(tmp_path: Path, digits_mid: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The measure says round 1's model is worse than the pretrained one and round 2's the best: round 2 starts
+    from the pretrained weights, and the run ends on round 2's model; with a worse end, on the best earlier one."""
+    losses = iter([1.0, 2.0, 0.5])
+    kept: dict[str, dict[str, torch.Tensor]] = {}
+
+    def scripted(self: Validator, net: torch.nn.Module, batch: int = 256) -> Measure:
+        kept[f"m{len(kept)}"] = {k: v.clone() for k, v in net.state_dict().items()}
+        return Measure(loss=next(losses), round_psnr=20.0)
+
+    monkeypatch.setattr(Validator, "measure", scripted)
+    outcome = _run(tmp_path, digits_mid, "rollback")
+    rows = [r for r in pq.read_table(outcome.run_dir / "metrics.parquet").to_pylist() if r["validation"] is not None]
+    assert [r["decision"] for r in rows] == ["best so far", "worse: rolled back to the model before round-1", "best so far"]
+    final = load_file(outcome.checkpoint / "ema.safetensors")
+    assert all(torch.equal(final[k], kept["m2"][k]) for k in final), "the end model is the best: kept as it is"
+
+    losses2 = iter([1.0, 0.8, 3.0])
+    kept.clear()
+    monkeypatch.setattr(Validator, "measure",
+                        lambda self, net, batch=256: (kept.__setitem__(f"m{len(kept)}", {k: v.clone() for k, v in
+                                                      net.state_dict().items()}), Measure(next(losses2), 20.0))[1])
+    outcome = _run(tmp_path, digits_mid, "end-worse")
+    final = load_file(outcome.checkpoint / "ema.safetensors")
+    assert all(torch.equal(final[k], kept["m1"][k]) for k in final), "the run ends on the best model (before round 2)"
+    assert not all(torch.equal(final[k], kept["m2"][k]) for k in final)
+
+
+def test_validation_is_off_under_dp_and_when_disabled(tmp_path: Path, digits_mid: Path) -> None:
+    outcome = _run(tmp_path, digits_mid, "off", validation={"enabled": False})
+    rows = pq.read_table(outcome.run_dir / "metrics.parquet").to_pylist()
+    assert all(r["validation"] is None for r in rows)
