@@ -142,3 +142,17 @@ def test_validation_is_off_under_dp_and_when_disabled(tmp_path: Path, digits_mid
     outcome = _run(tmp_path, digits_mid, "off", validation={"enabled": False})
     rows = pq.read_table(outcome.run_dir / "metrics.parquet").to_pylist()
     assert all(r["validation"] is None for r in rows)
+
+
+def test_bf16_autocast_on_a_cpu_with_native_bf16_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """precision: bf16 runs the network in bf16 on a CPU that computes it natively, and stays fp32 elsewhere."""
+    from sfbd_guard.engine import runtime
+
+    net = torch.nn.Conv2d(1, 4, 3, padding=1)
+    x = torch.randn(2, 1, 8, 8)
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(runtime, "cpu_has_bf16", lambda native=native: native)
+        with runtime.Runtime(torch.device("cpu"), precision="bf16").autocast():
+            assert net(x).dtype == expected
+    with runtime.Runtime(torch.device("cpu"), precision="fp32").autocast():
+        assert net(x).dtype == torch.float32

@@ -78,6 +78,9 @@ class ValidationSpec(StrictModel):
     size: int | None = Field(None, ge=8)  # exactly this many (overrides fraction, min_size, max_size)
     probes: int = Field(2, ge=1)  # Rademacher probes of SURE's divergence term per image
     keep_best: bool = True  # sfbd: a round whose model measures worse is rolled back; the run ends on the best model
+    # which number decides: loss (the denoising loss at and above the copies' sigma, lower is better) or round_psnr (the
+    # backward solver's estimated PSNR, which also sees the scales below sigma; higher is better)
+    select_by: Literal["loss", "round_psnr"] = "loss"
 
 
 class PrivacySpec(StrictModel):
@@ -132,7 +135,7 @@ class PipelineConfig(StrictModel):
     seed: int = 0  # seeds every random choice of the run
     threads: int | None = Field(None, ge=1)  # CPU threads per process; none: the CPUs it may use (--threads wins)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast applies on CUDA only
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast: on CUDA, and on CPUs with native bf16 (else fp32)
     checkpoint_every: int = Field(200, ge=1)  # optimizer steps between checkpoints
     snapshot_every: int = Field(1000, ge=1)  # optimizer steps between sample grids
     grid_size: int = Field(64, ge=1)  # images in a snapshot grid

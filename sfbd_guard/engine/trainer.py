@@ -209,7 +209,9 @@ class Trainer:
         tick = self.progress(f"validation before {label} ({len(validator)} held-back copies)", 1) if self.progress else None
         measure = validator.measure(self.ema.module, batch=self.config.denoise.batch)
         best = record.get("best")
-        if best is None or measure.loss < best["loss"]:
+        by = self.config.validation.select_by
+        score = measure.loss if by == "loss" else -measure.round_psnr  # lower is better
+        if best is None or score < (best["loss"] if by == "loss" else -best["round_psnr"]):
             record["best"] = {"before": label, "kimg": self.state.nimg / 1000, "loss": measure.loss,
                               "round_psnr": measure.round_psnr}
             for key in [k for k in self.state.tensors if k.startswith(BEST)]:
