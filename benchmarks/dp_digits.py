@@ -1,6 +1,6 @@
 """Quality and speed of SFBD with differential privacy (DP-SGD, Opacus) on scikit-learn's digits.
 
-The setting, scorer and metrics are those of `quality_digits.py` (imported): a held-out fifth of the
+The setting, scorer and metrics are those of `quality.py --set digits` (imported): a held-out fifth of the
 digits is the reference; of the rest 10% is clean and 90% protected at sigma 0.6. Variants: `sfbd`
 without DP, and `sfbd` with privacy.epsilon 10 and 1 (rdp or prv accountant, delta 1/(10 N),
 max_grad_norm 1, the SFBD rounds private, clean pretraining not), all at the same compute budget;
@@ -31,7 +31,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quality_digits as quality
+import quality
 
 from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.engine.config import load_pipeline
@@ -43,7 +43,7 @@ from sfbd_guard.prepared import open_prepared
 def variant_pipeline(name: str, epsilon: float | None, data: Path, out: Path, budget: float, folder: Path,
                      accountant: str, private_lr: float | None = None) -> Path:
     """The quality benchmark's sfbd pipeline, with a privacy section for the private variants."""
-    base = quality.pipeline_for("sfbd", data, out, budget, folder)
+    base = quality.pipeline_for("sfbd", data, out, budget, folder, {})
     pipeline = yaml.safe_load(base.read_text())
     if epsilon is not None:
         pipeline["privacy"] = {"epsilon": epsilon, "accountant": accountant, "max_grad_norm": 1.0}
@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    mixed_policy, _ = quality.write_policies(args.out, args.sigma)
+    mixed_policy, _ = quality.write_policies("digits", args.out, args.sigma)
     output = args.out / "prepared-mixed"
     prepared = output if (output / "card.json").exists() else prepare(load_policy(mixed_policy)).output
     data = open_prepared(prepared)
@@ -151,14 +151,15 @@ def main() -> None:
     if args.skip_runs:
         finish(results, args.json)
         return
-    held, _, rest, rest_labels = quality.held_out_and_train_digits(prepared)
+    split = quality.split_images("digits", prepared)
+    held, rest = split["held"], split["rest"]
     shape = data.image_shape
-    scorer = quality.train_scorer(rest, rest_labels, shape[1])
+    scorer = quality.train_scorer(rest, split["rest_labels"], split["classes"])
     real = quality.features(scorer, held)
     base = yaml.safe_load((quality.REPO / "pipelines" / "digits.yaml").read_text())["schedule"]
     budget = args.budget_kimg or base["pretrain_kimg"] + base["rounds"] * base["round_kimg"]
     results["setting"].update(budget_kimg=budget, held_out=len(held), accountant=args.accountant,  # type: ignore[union-attr]
-                              real=quality.real_floor(scorer, rest, real, min(args.samples, len(rest))))
+                              real=quality.real_floor(scorer, rest, real, held, min(args.samples, len(rest))))
     variants = [("sfbd", None, None)] + [(f"sfbd-dp-eps{eps:g}" + (f"-lr{lr:g}" if lr else ""), eps, lr)
                                          for eps in args.epsilons for lr in [None, *args.private_lrs]]
     rows = {}
@@ -171,7 +172,7 @@ def main() -> None:
             path = variant_pipeline(name, epsilon, prepared, run, budget, args.out, args.accountant, private_lr)
             outcome = train(load_pipeline(path), resume=False)
         seconds = time.perf_counter() - started
-        row = {**quality.score_run(run, scorer, real, shape, args.samples, args.out / f"samples-{name}.png"),
+        row = {**quality.score_run(run, scorer, real, held, shape, args.samples, args.out / f"samples-{name}.png"),
                "train_seconds": round(seconds, 1), "round_step_s": quartiles(round_step_seconds(run))}
         if outcome.privacy:
             row["privacy"] = {k: v for k, v in outcome.privacy.items() if k != "history"}

@@ -121,7 +121,7 @@ def test_a_round_that_measures_worse_is_rolled_back(tmp_path: Path, digits_mid: 
         return Measure(loss=next(losses), round_psnr=20.0)
 
     monkeypatch.setattr(Validator, "measure", scripted)
-    outcome = _run(tmp_path, digits_mid, "rollback")
+    outcome = _run(tmp_path, digits_mid, "rollback", validation={"keep_best": True})
     rows = [r for r in pq.read_table(outcome.run_dir / "metrics.parquet").to_pylist() if r["validation"] is not None]
     assert [r["decision"] for r in rows] == ["best so far", "worse: rolled back to the model before round-1", "best so far"]
     final = load_file(outcome.checkpoint / "ema.safetensors")
@@ -132,16 +132,22 @@ def test_a_round_that_measures_worse_is_rolled_back(tmp_path: Path, digits_mid: 
     monkeypatch.setattr(Validator, "measure",
                         lambda self, net, batch=256: (kept.__setitem__(f"m{len(kept)}", {k: v.clone() for k, v in
                                                       net.state_dict().items()}), Measure(next(losses2), 20.0))[1])
-    outcome = _run(tmp_path, digits_mid, "end-worse")
+    outcome = _run(tmp_path, digits_mid, "end-worse", validation={"keep_best": True})
     final = load_file(outcome.checkpoint / "ema.safetensors")
     assert all(torch.equal(final[k], kept["m1"][k]) for k in final), "the run ends on the best model (before round 2)"
     assert not all(torch.equal(final[k], kept["m2"][k]) for k in final)
 
 
-def test_validation_is_off_under_dp_and_when_disabled(tmp_path: Path, digits_mid: Path) -> None:
+def test_without_keep_best_the_measure_only_records(tmp_path: Path, digits_mid: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    losses = iter([1.0, 2.0, 3.0])
+    monkeypatch.setattr(Validator, "measure", lambda self, net, batch=256: Measure(next(losses), 20.0))
+    outcome = _run(tmp_path, digits_mid, "record")
+    rows = [r for r in pq.read_table(outcome.run_dir / "metrics.parquet").to_pylist() if r["validation"] is not None]
+    assert [r["decision"] for r in rows] == ["best so far"] + ["worse than the model before round-1 (kept: "
+                                                               "validation.keep_best is off)"] * 2
     outcome = _run(tmp_path, digits_mid, "off", validation={"enabled": False})
-    rows = pq.read_table(outcome.run_dir / "metrics.parquet").to_pylist()
-    assert all(r["validation"] is None for r in rows)
+    assert all(r["validation"] is None for r in pq.read_table(outcome.run_dir / "metrics.parquet").to_pylist())
 
 
 def test_bf16_autocast_on_a_cpu_with_native_bf16_only(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,3 +162,21 @@ def test_bf16_autocast_on_a_cpu_with_native_bf16_only(monkeypatch: pytest.Monkey
             assert net(x).dtype == expected
     with runtime.Runtime(torch.device("cpu"), precision="fp32").autocast():
         assert net(x).dtype == torch.float32
+
+
+def test_the_report_reads_the_measure_from_the_metrics(tmp_path: Path) -> None:
+    """The HTML report's validation table: the measured rows of metrics.parquet; none from a run that predates it."""
+    import pyarrow as pa
+
+    from sfbd_guard.compliance.html import validation_rows
+    from sfbd_guard.engine.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.parquet")
+    log.append(step=1, kimg=0.064, round=0, phase="pretrain", loss=0.5, lr=1e-3, seconds_per_kimg=1.0)
+    log.annotate(1, validation=0.2, round_psnr=21.5, decision="best so far")
+    log.append(step=2, kimg=0.128, round=1, phase="round-1", loss=0.4, lr=1e-3, seconds_per_kimg=1.0)
+    log.write()
+    assert [(r["step"], r["validation"], r["decision"]) for r in validation_rows(tmp_path / "metrics.parquet")] == [
+        (1, 0.2, "best so far")]
+    pq.write_table(pa.table({"step": [1], "phase": ["train"], "loss": [0.5]}), tmp_path / "old.parquet")
+    assert validation_rows(tmp_path / "old.parquet") == [] and validation_rows(tmp_path / "missing.parquet") == []

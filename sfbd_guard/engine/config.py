@@ -71,13 +71,15 @@ class SFBDSpec(StrictModel):
 class ValidationSpec(StrictModel):
     """SFBD's validation measure on held-back protected copies (engine/validation.py) and what it decides."""
 
-    enabled: bool = True  # sfbd and online-sfbd: hold back copies, measure the model at each round, keep the best
+    enabled: bool = True  # sfbd and online-sfbd: hold back copies, measure the model before each round and at the end
     fraction: float = Field(0.05, ge=0, lt=0.5)  # share of the protected copies held back (never trained on)
     min_size: int = Field(64, ge=8)  # at least this many (the measure is off when that is over a quarter of the copies)
     max_size: int = Field(256, ge=8)  # and at most this many: the measure's cost does not grow with the data
     size: int | None = Field(None, ge=8)  # exactly this many (overrides fraction, min_size, max_size)
     probes: int = Field(2, ge=1)  # Rademacher probes of SURE's divergence term per image
-    keep_best: bool = True  # sfbd: a round whose model measures worse is rolled back; the run ends on the best model
+    # a round whose model measures worse is rolled back and the run ends on the best model; off by default: neither
+    # number tracked sample quality on both benchmark sets (benchmarks/README.md, "Quality on unseen data")
+    keep_best: bool = False
     # which number decides: loss (the denoising loss at and above the copies' sigma, lower is better) or round_psnr (the
     # backward solver's estimated PSNR, which also sees the scales below sigma; higher is better)
     select_by: Literal["loss", "round_psnr"] = "loss"
