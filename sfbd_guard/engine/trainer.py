@@ -216,7 +216,8 @@ class Trainer:
                               "round_psnr": measure.round_psnr}
             for key in [k for k in self.state.tensors if k.startswith(BEST)]:
                 del self.state.tensors[key]
-            self.state.tensors.update({BEST + k: v.detach().cpu().clone() for k, v in self.ema.module.state_dict().items()})
+            if self.config.validation.keep_best:  # the checkpoints carry the best weights only when they may be needed
+                self.state.tensors.update({BEST + k: v.detach().cpu().clone() for k, v in self.ema.module.state_dict().items()})
             decision = "best so far"
             record["denoiser_psnr"] = measure.round_psnr  # the next round set's estimated worth (sfbd.denoised_floor)
         elif self.config.validation.keep_best:
