@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -53,6 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     from sfbd_guard import run as run_module
+    from sfbd_guard.config import set_dotted
     from sfbd_guard.engine import sfbd, trainer
     from sfbd_guard.engine.validation import Validator
 
@@ -61,11 +61,7 @@ def main() -> None:
         data = yaml.safe_load(pipeline.read_text())
         for pair in args.set_key:
             key, value = pair.split("=", 1)
-            target = data
-            *parents, last = key.split(".")
-            for parent in parents:
-                target = target.setdefault(parent, {})
-            target[last] = yaml.safe_load(value)
+            set_dotted(data, key, yaml.safe_load(value))
         copy = pipeline.parent / f".bench-{pipeline.name}"
         copy.write_text(yaml.safe_dump(data, sort_keys=False))
         pipeline = copy
@@ -76,12 +72,9 @@ def main() -> None:
     trainer.Trainer.checkpoint = timed(totals, counts, "checkpoints", trainer.Trainer.checkpoint)  # type: ignore[method-assign]
     Validator.measure = timed(totals, counts, "validation", Validator.measure)  # type: ignore[method-assign]
     sfbd.SFBDSources._denoise = timed(totals, counts, "denoising", sfbd.SFBDSources._denoise)  # type: ignore[method-assign]
-    stages: dict[str, float] = {}
-    for name in ("prepare", "train", "sample", "audit", "report"):
-        function = getattr(run_module, f"_{name}", None) or getattr(run_module, name, None)
-        if callable(function):
-            setattr(run_module, f"_{name}" if hasattr(run_module, f"_{name}") else name,
-                    timed(stages, defaultdict(int), name, function))  # type: ignore[arg-type]
+    stages: dict[str, float] = defaultdict(float)
+    for name in ("prepare", "train", "sample", "audit", "report"):  # run.py's stage functions, looked up at call time
+        setattr(run_module, f"_{name}", timed(stages, defaultdict(int), name, getattr(run_module, f"_{name}")))
     from sfbd_guard.cli import main as guard
 
     imported = time.perf_counter() - started
@@ -101,7 +94,6 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
-    shutil.rmtree(Path("runs") / ".bench", ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import torch
 import yaml
 from scipy import linalg
 
+from sfbd_guard.config import set_dotted
 from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.engine.config import load_pipeline
 from sfbd_guard.engine.generate import generate
@@ -272,11 +273,7 @@ def pipeline_for(method: str, data: Path, out: Path, budget: float, folder: Path
     else:
         schedule["total_kimg"] = budget
     for dotted, value in overrides.items():
-        target = pipeline
-        *parents, key = dotted.split(".")
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[key] = value
+        set_dotted(pipeline, dotted, value)
     path = folder / f"pipeline-{out.name}.yaml"
     path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
     return path

@@ -41,6 +41,14 @@ def test_sure_estimates_the_error_against_the_originals(scale: float, sigma: flo
     assert abs(float(estimate.mean()) - float(truth.mean())) < 4 * spread + 1e-3
 
 
+def test_a_negative_denoised_floor_is_refused_naming_the_key(tmp_path: Path) -> None:
+    from sfbd_guard.errors import InputError
+
+    path = write_policy(tmp_path / "p.yaml", tiny_pipeline(tmp_path, tmp_path / "run", sfbd={"denoised_floor": -0.1}))
+    with pytest.raises(InputError, match="denoised_floor"):
+        load_pipeline(path)
+
+
 def test_held_back_rows_are_seeded_bounded_and_off_for_small_sets() -> None:
     spec = ValidationSpec()
     rows = held_back_rows(10_000, spec, seed=3)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -64,7 +64,7 @@ class SFBDSpec(StrictModel):
     transfer_ema: bool = True  # each round starts from the EMA weights with a fresh optimizer (reference code)
     # the denoised images' noise floor in the loss (the ambient loss above it, as for noisy copies): 0 / null trains on
     # them as clean; auto: the RMS error of the round set that the validation measure estimates (validation.py)
-    denoised_floor: float | Literal["auto"] | None = None
+    denoised_floor: Annotated[float, Field(ge=0)] | Literal["auto"] | None = None
     quantize: bool = True  # denoised images kept as uint8, as the reference code's PNG round trip does; false: float16
 
 

@@ -7,6 +7,7 @@ Nothing here hard-codes a device: `auto` picks CUDA when it is available, else t
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class Runtime:
             dist.barrier()
 
 
+@functools.cache  # a property of the machine, asked on every training step
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (oneDNN's own check); without it bf16 would be emulated, slower than fp32."""
     try:

@@ -52,7 +52,7 @@ from .denoise import (
     round_dir,
     write_round,
 )
-from .methods import Phase, SourceName
+from .methods import METHODS, Phase, SourceName
 from .runtime import Runtime
 from .validation import Validator, held_back_rows
 
@@ -80,8 +80,9 @@ class SFBDSources:
         self.dtype = torch.uint8 if config.sfbd.quantize else torch.float16  # how denoised images are kept
         self.validator: Validator | None = None  # the validation measure on held-back copies (validation.py)
         self.trained_rows: torch.Tensor | None = None  # the protected rows SFBD trains on (None: all)
+        denoises = any(spec.fine_tune for spec in METHODS[config.method])  # sfbd, online-sfbd (methods.py)
         held = (held_back_rows(len(self.noisy), config.validation, config.seed)
-                if config.method in ("sfbd", "online-sfbd") and config.privacy is None else torch.empty(0))
+                if denoises and config.privacy is None else torch.empty(0))
         if len(held):  # never trained on: off under DP-SGD, whose accounting covers no choice made on them
             keep = torch.ones(len(self.noisy), dtype=torch.bool)
             keep[held] = False

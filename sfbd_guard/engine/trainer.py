@@ -211,6 +211,7 @@ class Trainer:
         best = record.get("best")
         by = self.config.validation.select_by
         score = measure.loss if by == "loss" else -measure.round_psnr  # lower is better
+        rolled_back = False
         if best is None or score < (best["loss"] if by == "loss" else -best["round_psnr"]):
             record["best"] = {"before": label, "kimg": self.state.nimg / 1000, "loss": measure.loss,
                               "round_psnr": measure.round_psnr}
@@ -219,17 +220,17 @@ class Trainer:
             if self.config.validation.keep_best:  # the checkpoints carry the best weights only when they may be needed
                 self.state.tensors.update({BEST + k: v.detach().cpu().clone() for k, v in self.ema.module.state_dict().items()})
             decision = "best so far"
-            record["denoiser_psnr"] = measure.round_psnr  # the next round set's estimated worth (sfbd.denoised_floor)
         elif self.config.validation.keep_best:
             weights = {k.removeprefix(BEST): v for k, v in self.state.tensors.items() if k.startswith(BEST)}
             self.ema.module.load_state_dict(weights)
             self.net.load_state_dict(weights)
             self.optimizer = self._new_optimizer()
+            rolled_back = True
             decision = f"worse: rolled back to the model before {best['before']}"
-            record["denoiser_psnr"] = best["round_psnr"]
         else:
-            record["denoiser_psnr"] = measure.round_psnr
             decision = f"worse than the model before {best['before']} (kept: validation.keep_best is off)"
+        # the estimated worth of the round set the model now in place will make (sfbd.denoised_floor: auto)
+        record["denoiser_psnr"] = record["best"]["round_psnr"] if rolled_back else measure.round_psnr
         record["history"].append({"before": label, "kimg": self.state.nimg / 1000, "loss": measure.loss,
                                   "round_psnr": measure.round_psnr, "decision": decision})
         self.metrics.annotate(self.state.step, validation=measure.loss, round_psnr=measure.round_psnr, decision=decision)
