@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from helpers import digits_policy, tiny_pipeline, write_policy
 from sfbd_guard.curation.prepare import prepare
+from sfbd_guard.diffusion.sampling import denoise_backward
 from sfbd_guard.engine.config import DenoiseSpec, ValidationSpec, load_pipeline
 from sfbd_guard.engine.data import RowSubset, TensorImages
 from sfbd_guard.engine.service import train
@@ -82,6 +83,18 @@ def test_the_measure_ranks_a_better_denoiser_first() -> None:
     best, worse = validator.measure(Shrink(None)), validator.measure(Shrink(0.9))
     assert best.loss < worse.loss
     assert validator.measure(Shrink(None)) == best  # paired: the same inputs every time
+
+    # a posterior sampler: SURE with the sampler's noise held fixed estimates the error of the very draws it makes
+    sde = DenoiseSpec(steps=6, grid="fitted", rho=2, sigma_min=0.02, solver="sde")
+    sampling = Validator(noisy, torch.arange(256), sigma, sde, ValidationSpec(probes=2), seed=0,
+                         device=torch.device("cpu"))
+    measured = sampling.measure(Shrink(None))
+    draws = denoise_backward(Shrink(None), noisy.gather(torch.arange(256)), sigma, steps=6, grid="fitted", rho=2,
+                             sigma_min=0.02, solver="sde", seeds=(sampling.noise_seed, torch.arange(256))).clamp(-1, 1)
+    true_psnr = 10 * math.log10(4.0 / float(((draws - x) ** 2).mean()))
+    assert measured.round_psnr == pytest.approx(true_psnr, abs=0.3)
+    assert measured.round_psnr < best.round_psnr - 1.5  # a draw is ~3 dB farther from x than the posterior mean
+    assert sampling.measure(Shrink(None)) == measured
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ corruption level) is the *same* sampler on a grid that starts at ``sigma_zeta``.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -24,10 +25,13 @@ __all__ = [
     "count_nfe",
     "sample_euler",
     "sample_heun",
+    "sample_ancestral",
+    "row_generators",
     "denoise_backward",
 ]
 
 Solver = Literal["heun", "euler"]
+BackwardSolver = Literal["heun", "euler", "mean", "sde"]
 Callback = Callable[[dict[str, Any]], None]
 
 
@@ -214,13 +218,74 @@ def sample_euler(
     )
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(value: int) -> int:
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def row_generators(seed: int, rows: Sequence[int] | Tensor) -> list[torch.Generator]:
+    """One CPU generator per row, a function of ``(seed, row)`` only: a row's noise does not depend on the
+    batch it is in or on the number of processes."""
+    return [torch.Generator().manual_seed(_splitmix64(_splitmix64(seed & _MASK64) ^ int(r)) >> 1) for r in rows]
+
+
+def sample_ancestral(denoiser: Denoiser, x: Tensor, sigmas: Tensor, generators: Sequence[torch.Generator],
+                     *, state_dtype: torch.dtype | None = None, corrected: bool = True) -> Tensor:
+    """Posterior sampling by the reverse (variance-exploding) SDE, one Gaussian step per grid interval.
+
+    A step from ``s`` to ``t < s`` draws ``x_t`` with the exact conditional mean ``D + (t/s)^2 (x_s - D)``,
+    ``D = D(x_s; s)``, and variance ``t^2 (1 - r) + (1 - r)^2 v``, ``r = (t/s)^2``, where ``v`` is the posterior
+    variance of the clean image given ``x_s``, ``s^2 tr(dD/dx) / d`` (Tweedie's second-order identity, the trace
+    by one Rademacher probe and a finite difference: a second network evaluation). The step is exact for
+    Gaussian data at any step size; ``corrected=False`` drops ``v`` (the DDPM ancestral step, which needs many
+    steps: it under-draws the spread). The step into 0 returns ``D``. Started at ``y`` with an exact denoiser
+    it draws from ``p(x | y)``: the SFBD paper's backward SDE (P1 Eq. 3), where the PF-ODE maps ``y`` to one
+    point. ``generators``: one per image, so an image's noise depends on its own generator only.
+    """
+    if len(generators) != len(x):
+        raise ValueError(f"need one generator per image: {len(generators)} for {len(x)} images")
+    out_dtype = x.dtype
+    x = x.to(state_dtype or x.dtype)
+    dims = tuple(range(1, x.ndim))
+    pixels = x[0].numel()
+
+    def draw(rademacher: bool) -> Tensor:
+        if rademacher:
+            parts = [torch.randint(0, 2, x.shape[1:], generator=g).float() * 2 - 1 for g in generators]
+        else:
+            parts = [torch.randn(x.shape[1:], generator=g, dtype=torch.float32) for g in generators]
+        return torch.stack(parts).to(x.device, x.dtype)
+
+    for cur, nxt in itertools.pairwise(float(s) for s in sigmas):
+        denoised = denoiser(x, as_sigma_tensor(cur, x)).to(x.dtype)
+        if nxt <= 0:
+            x = denoised
+            break
+        ratio = (nxt / cur) ** 2
+        variance = torch.full((len(x),), nxt**2 * (1 - ratio), dtype=x.dtype, device=x.device)
+        if corrected:
+            probe, step = draw(True), 0.05 * cur
+            moved = denoiser(x + step * probe, as_sigma_tensor(cur, x)).to(x.dtype)
+            slope = ((moved - denoised) * probe).sum(dims) / (step * pixels)
+            variance = variance + (1 - ratio) ** 2 * cur**2 * slope.clamp(0.0, 1.0)
+        spread = variance.sqrt().reshape(-1, *([1] * (x.ndim - 1)))
+        x = denoised + ratio * (x - denoised) + spread * draw(False)
+    return x.to(out_dtype)
+
+
 def denoise_backward(
     denoiser: Denoiser,
     y: Tensor,
     sigma: float,
     *,
     steps: int = 40,
-    solver: Solver | Literal["mean"] = "heun",
+    solver: BackwardSolver = "heun",
+    seeds: tuple[int, Sequence[int] | Tensor] | None = None,
     grid: Literal["edm", "fitted"] = "edm",
     rho: float = 7.0,
     sigma_min: float = 0.002,
@@ -237,7 +302,9 @@ def denoise_backward(
         y: noisy images ``y = x + sigma * eps``, ``(B, C, H, W)``.
         sigma: corruption level sigma_zeta (relative to the [-1, 1] pixel range).
         solver: ``heun`` or ``euler`` integrate the PF-ODE; ``mean`` returns the model's posterior mean
-            ``D(y; sigma)`` instead (one evaluation; a blurrier set, measured in benchmarks/quality.py).
+            ``D(y; sigma)`` instead (one evaluation; a blurrier set, measured in benchmarks/quality.py);
+            ``sde`` draws a posterior sample (``sample_ancestral``, one evaluation per grid step).
+        seeds: ``sde`` only: ``(seed, row of each image)``, whose generators (``row_generators``) draw its noise.
 
     Returns:
         Denoised images, same shape and dtype as ``y``.
@@ -245,7 +312,12 @@ def denoise_backward(
     if solver == "mean":  # the posterior mean E[x | y] (Tweedie): one evaluation, no integration
         return denoiser(y, as_sigma_tensor(sigma, y)).to(y.dtype)
     sigmas = backward_sigmas(sigma, steps, grid=grid, sigma_min=sigma_min, rho=rho, rtol=rtol)
+    if solver == "sde":
+        if seeds is None:
+            raise ValueError("the sde solver needs seeds: (seed, row of each image)")
+        generators = row_generators(seeds[0], seeds[1])
+        return sample_ancestral(denoiser, y, sigmas.to(y.device), generators, state_dtype=state_dtype)
     sampler = sample_heun if solver == "heun" else sample_euler
     if solver not in ("heun", "euler"):
-        raise ValueError(f"unknown solver {solver!r}; expected 'heun' or 'euler'")
+        raise ValueError(f"unknown solver {solver!r}; expected 'heun', 'euler', 'mean' or 'sde'")
     return sampler(denoiser, y, sigmas.to(y.device), state_dtype=state_dtype)

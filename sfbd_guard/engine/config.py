@@ -52,7 +52,9 @@ class ScheduleSpec(StrictModel):
 
 class DenoiseSpec(StrictModel):
     steps: int = Field(18, ge=2)  # EDM grid size whose truncation at the record's sigma is integrated
-    solver: Literal["heun", "euler", "mean"] = "heun"  # ODE solver of the backward step; mean: the posterior mean D(y; σ)
+    # heun / euler: PF-ODE solvers of the backward step; mean: the posterior mean D(y; σ); sde: a posterior sample by
+    # the reverse SDE (ancestral steps on the same grid, one network evaluation each)
+    solver: Literal["heun", "euler", "mean", "sde"] = "heun"
     grid: Literal["edm", "fitted"] = "edm"  # edm: the EDM grid cut at sigma; fitted: `steps` points on [sigma_min, sigma]
     rho: float = Field(7.0, gt=0)  # grid spacing exponent (EDM: 7)
     sigma_min: float = Field(0.002, gt=0)  # smallest non-zero grid point

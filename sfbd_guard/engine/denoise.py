@@ -1,5 +1,6 @@
 """SFBD's backward step over the protected copies: each noisy y is integrated by the PF-ODE from
-its sigma down to 0 with the EMA model (the same sampler as generation, on the truncated grid).
+its sigma down to 0 with the EMA model (the same sampler as generation, on the truncated grid), or
+with `denoise.solver: sde` a posterior sample is drawn by the reverse SDE.
 
 Records are split across ranks (rank r takes rows r, r + W, ...) and gathered back in record order,
 so the result does not depend on the number of processes; every row stays tied to its record_id.
@@ -41,13 +42,14 @@ Sink = Callable[[int, torch.Tensor], None]  # (position of the block's first row
 @torch.no_grad()
 def denoise_rows(denoiser: torch.nn.Module, noisy: ImageSet | torch.Tensor, rows: torch.Tensor, sigma: float,
                  spec: DenoiseSpec, rt: Runtime, tick: Tick | None = None, quantize: bool = True,
-                 into: Sink | None = None) -> torch.Tensor | None:
+                 into: Sink | None = None, noise_seed: int = 0) -> torch.Tensor | None:
     """Denoise `noisy[rows]` (this rank's share of `rows`), gathered back in the order of `rows`.
 
     Rows are taken in windows of `spec.batch` per rank; every rank receives each gathered window (B, C, H, W),
     clipped to [-1, 1]: uint8 pixels when `quantize` (the reference code's PNG round trip, rounded), else
     float16 on the [-1, 1] scale. Without `into` the windows are returned as one tensor (len(rows), C, H, W);
     with `into` each is handed to `into(start, window)` as soon as it is made and None is returned.
+    The sde solver's noise for row r is drawn from a generator of (`noise_seed`, r) alone.
     """
     images: ImageSet = TensorImages(noisy) if isinstance(noisy, torch.Tensor) else noisy
     dtype = torch.uint8 if quantize else torch.float16
@@ -62,7 +64,7 @@ def denoise_rows(denoiser: torch.nn.Module, noisy: ImageSet | torch.Tensor, rows
             y = images.gather(part[mine]).to(rt.device)
             with rt.autocast():
                 clean = denoise_backward(denoiser, y, sigma, steps=spec.steps, solver=spec.solver, grid=spec.grid,
-                                         rho=spec.rho, sigma_min=spec.sigma_min)
+                                         rho=spec.rho, sigma_min=spec.sigma_min, seeds=(noise_seed, part[mine]))
             clean = clean.clamp(-1, 1)
             local = (to_uint8(clean) if quantize else clean.to(dtype)).to(rt.device)
             if tick:

@@ -133,15 +133,18 @@ class SFBDSources:
         """A denoised set without the validation's held-back rows (they are made, never trained on)."""
         return images if self.trained_rows is None else RowSubset(images, self.trained_rows)
 
-    def _denoise(self, denoiser: torch.nn.Module, rows: torch.Tensor, label: str,
+    def _denoise(self, denoiser: torch.nn.Module, rows: torch.Tensor, label: str, draw: int,
                  into: Sink | None = None) -> torch.Tensor | None:
+        """`draw` numbers the pass over the copies, so that a posterior sampler draws new noise in each pass."""
         tick = self.progress(label, len(rows)) if self.progress and len(rows) > 256 else None
         return denoise_rows(denoiser, self.noisy, rows, self.sigma, self.config.denoise, self.rt, tick,
-                            quantize=self.config.sfbd.quantize, into=into)
+                            quantize=self.config.sfbd.quantize, into=into,
+                            noise_seed=self.config.seed * 1_000_003 + draw)
 
-    def _denoise_all(self, denoiser: torch.nn.Module, label: str, sink: Sink) -> None:
+    def _denoise_all(self, denoiser: torch.nn.Module, label: str, draw: int, sink: Sink) -> None:
         """Every protected copy denoised in record order into `sink` (rank 0); the other ranks only take part."""
-        self._denoise(denoiser, torch.arange(len(self.noisy)), label, sink if self.rt.is_main else lambda _s, _b: None)
+        self._denoise(denoiser, torch.arange(len(self.noisy)), label, draw,
+                      sink if self.rt.is_main else lambda _s, _b: None)
 
     # ----- SFBD rounds -----------------------------------------------------------------------------------
 
@@ -167,7 +170,7 @@ class SFBDSources:
                             lambda sink: sink(0, legacy))
         else:
             def fill(sink: Sink) -> None:
-                self._denoise_all(denoiser, f"denoising (round {round_})", sink)
+                self._denoise_all(denoiser, f"denoising (round {round_})", round_, sink)
 
             if self.rt.is_main:
                 write_round(path, len(self.noisy), self.shape, self.dtype, self.record_ids, round_, fill)
@@ -215,11 +218,11 @@ class SFBDSources:
             def fill(target: Path) -> None:
                 writer = ShardWriter(target.parent, len(self.noisy), self.shape, numpy_dtype(self.dtype),
                                      len(self.noisy), lambda _k: target.name)
-                self._denoise_all(denoiser, "denoising (bank)", writer.put)
+                self._denoise_all(denoiser, "denoising (bank)", 0, writer.put)
                 writer.close()
 
             if not self.rt.is_main:  # takes part in the denoising's collectives, writes nothing
-                self._denoise_all(denoiser, "denoising (bank)", lambda _s, _b: None)
+                self._denoise_all(denoiser, "denoising (bank)", 0, lambda _s, _b: None)
             self._write_bank(fill)
             state.info["bank_cursor"] = 0
             state.info["online_start_step"] = state.step
@@ -257,7 +260,7 @@ class SFBDSources:
             return
         cursor = int(state.info["bank_cursor"])
         rows = (torch.arange(schedule.refresh_size) + cursor) % len(self.noisy)
-        fresh = self._denoise(denoiser, rows, "refresh")
+        fresh = self._denoise(denoiser, rows, "refresh", 1000 + state.step)
         assert fresh is not None
         if self.rt.is_main:  # written in place; the other ranks map the same file
             self.bank_array[rows.numpy()] = fresh.numpy()

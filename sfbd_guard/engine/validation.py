@@ -18,6 +18,7 @@ and the probes are drawn once, so two models are compared on exactly the same in
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ class Validator:
                  seed: int, device: torch.device) -> None:
         self.sigma, self.denoise, self.device = sigma, denoise, device
         generator = torch.Generator().manual_seed(seed * 1000 + 78)
+        self.noise_seed = seed * 1000 + 79  # the sde solver's noise: fixed, so that measures of two models are paired
         self.y = noisy.gather(rows).float()
         shape = (spec.probes, *self.y.shape)
         self.extra = [math.sqrt(max(0.0, (k * sigma) ** 2 - sigma**2)) * torch.randn(self.y.shape, generator=generator)
@@ -83,25 +85,30 @@ class Validator:
         for k, extra, probes in zip(LEVELS, self.extra, self.probes, strict=False):
             t = k * self.sigma
 
-            def one_step(y: torch.Tensor, t: float = t) -> torch.Tensor:
+            def one_step(y: torch.Tensor, _rows: torch.Tensor, t: float = t) -> torch.Tensor:
                 return net(y, torch.full((len(y),), t, device=y.device))  # type: ignore[no-any-return]
 
             weight = (t**2 + SIGMA_DATA**2) / (t * SIGMA_DATA) ** 2
             losses.append(weight * self._batched(one_step, self.y + extra, t, probes, batch))
         spec = self.denoise
 
-        def backward(y: torch.Tensor) -> torch.Tensor:
+        def backward(y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # sde: the same noise for y and y + probe
             return denoise_backward(net, y, self.sigma, steps=spec.steps, solver=spec.solver, grid=spec.grid, rho=spec.rho,
-                                    sigma_min=spec.sigma_min).clamp(-1, 1)
+                                    sigma_min=spec.sigma_min, seeds=(self.noise_seed, rows)).clamp(-1, 1)
 
         ode = self._batched(backward, self.y, self.sigma, self.probes[-1], batch)
         return Measure(loss=float(sum(losses) / len(losses)), round_psnr=10 * math.log10(4.0 / max(ode, 1e-12)))
 
-    def _batched(self, f: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, level: float, probes: torch.Tensor,
-                 batch: int) -> float:
+    def _batched(self, f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], y: torch.Tensor, level: float,
+                 probes: torch.Tensor, batch: int) -> float:
         total = 0.0
         for start in range(0, len(y), batch):
             part = slice(start, start + batch)
-            estimate = _sure(lambda v: f(v.to(self.device)).cpu().float(), y[part], level, probes[:, part])
+            rows = torch.arange(len(y))[part]
+            estimate = _sure(functools.partial(self._call, f, rows), y[part], level, probes[:, part])
             total += float(estimate.sum())
         return total / len(y)
+
+    def _call(self, f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], rows: torch.Tensor,
+              v: torch.Tensor) -> torch.Tensor:
+        return f(v.to(self.device), rows).cpu().float()
