@@ -88,6 +88,8 @@ def write_policies(name: str, folder: Path, sigma: float) -> tuple[Path, Path]:
             (root / "metadata.jsonl").write_text("".join(
                 json.dumps({"file_name": f"{i:05d}.png", "label": int(label)}) + "\n" for i, label in enumerate(labels)))
         base["dataset"] = {"format": "imagefolder", "root": str(root), "split": "all", "resolution": images.shape[-1]}
+        if images.shape[1] == 1:  # a grey set: stored with one channel (dataset.channels), as the issue measured it
+            base["dataset"]["channels"] = 1
     held_out = [rule for rule in base["rules"] if rule["name"] == "held-out"]
     mixed = {**base, "name": f"{name}-bench", "output": str(folder / "prepared-mixed")}
     clean = {**base, "name": f"{name}-bench-clean", "output": str(folder / "prepared-clean"),

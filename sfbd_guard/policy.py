@@ -34,6 +34,9 @@ class DatasetSpec(StrictModel):
     shards: str | None = Field(default=None, min_length=1, max_length=1000)
     # parquet: the column holding the images (Hugging Face {bytes, path} struct, or binary)
     image_column: str | None = Field(default=None, min_length=1, max_length=200)
+    # 1: store grey images (the luma of the decoded RGB: scans of grey content stored as RGB or grey files);
+    # 3: RGB. Default: the format's own (digits 1, the others 3)
+    channels: Literal[1, 3] | None = None
 
     @field_validator("shards")
     @classmethod
@@ -52,13 +55,15 @@ class DatasetSpec(StrictModel):
             raise ValueError(f"shards: only for format webdataset, not {self.format!r}")
         if self.image_column is not None and self.format != "parquet":
             raise ValueError(f"image_column: only for format parquet, not {self.format!r}")
+        if self.channels == 3 and self.format == "digits":
+            raise ValueError("channels: 3 is not available for format 'digits' (grey, 1 channel)")
         return self
 
     def source_spec(self, root: Path | None) -> SourceSpec:
         """What a reader needs to read this dataset from `root` (already resolved; None for digits)."""
         return SourceSpec(format=self.format, root=root, split=self.split, resolution=self.resolution,
                           max_pixels=self.max_pixels, max_file_bytes=self.max_file_bytes, shards=self.shards,
-                          image_column=self.image_column or "image")
+                          image_column=self.image_column or "image", channels=self.channels)
 
 
 class SampleSpec(StrictModel):

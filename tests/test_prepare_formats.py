@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from helpers import guard, key_file, lineage, write_image_set, write_policy
 
@@ -99,3 +100,38 @@ def test_broken_members_become_error_rows(tmp_path: Path) -> None:
             assert len(ok) == 8
         else:
             assert list(errors) == [f"data/{data.name}/000000001"] and len(ok) == 7
+
+
+def test_channels_1_stores_the_luma_and_the_audit_reads_the_same(tmp_path: Path, image_set: dict[str, Path]) -> None:
+    """`dataset.channels: 1`: every format stores one grey channel, PIL's "L" of the decoded RGB (the oracle), and
+    the audit's reader of the protected originals gives the very pixels whose sha256 prepare recorded."""
+    from PIL import Image
+
+    from sfbd_guard.audit.originals import iter_protected, read_prepared
+    from sfbd_guard.contracts.card import read_card
+    from sfbd_guard.datasets import SourceSpec, open_reader
+
+    for fmt in FORMATS:
+        policy = yaml.safe_load(_policy(tmp_path / fmt, fmt, image_set[fmt], tmp_path / f"grey-{fmt}").read_text())
+        policy["dataset"]["channels"] = 1
+        out = tmp_path / f"grey-{fmt}"
+        assert guard("prepare", "--policy", write_policy(tmp_path / fmt / "policy.yaml", policy),
+                     "--allow-rerelease") == 0
+        assert read_card(out).channels == 1
+        rgb = open_reader(SourceSpec(format=fmt, root=image_set[fmt], split="all", resolution=8))
+        rows = lineage(out).to_pylist()
+        clean = [r for r in rows if r["partition"] == "clean"]
+        assert clean
+        for row, (_rid, pixels) in zip(clean, rgb.load_many([r["record_id"] for r in clean]), strict=True):
+            stored = np.load(out / row["file"])[row["row"]]
+            assert stored.shape == (1, 8, 8)
+            oracle = np.asarray(Image.fromarray(np.asarray(pixels).transpose(1, 2, 0)).convert("L"))
+            assert np.array_equal(stored[0], oracle), f"{fmt} {row['record_id']}"
+        originals = np.concatenate(list(iter_protected(read_prepared(out), None)))
+        assert originals.shape[1:] == (1, 8, 8)
+
+
+def test_channels_3_is_refused_for_the_grey_digits(tmp_path: Path) -> None:
+    policy = {"version": 1, "name": "d", "dataset": {"format": "digits", "resolution": 8, "channels": 3},
+              "rules": [{"name": "rest", "action": "protect"}], "output": str(tmp_path / "out")}
+    assert guard("prepare", "--policy", write_policy(tmp_path / "policy.yaml", policy)) == 2

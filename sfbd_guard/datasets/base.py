@@ -43,6 +43,7 @@ class SourceSpec:
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # a larger file becomes an error row (or, for a list, an InputError), unread
     shards: str | None = None  # webdataset: a brace pattern of tar shards relative to the root (None: the root's *.tar)
     image_column: str = "image"  # parquet: the column holding the images ({bytes, path} struct or binary)
+    channels: int | None = None  # 1: a 3-channel format's images as grey (datasets/grey.py); None: the format's own
 
 
 # Records per part of a listed dataset (one worker's unit of work in guard prepare; see DatasetReader.parts).
