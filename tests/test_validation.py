@@ -104,8 +104,8 @@ def digits_mid(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(tmp_path: Path, data: Path, name: str, **overrides: object):  # type: ignore[no-untyped-def]
-    pipeline = tiny_pipeline(data, tmp_path / name, method="sfbd", denoise={"steps": 4, "batch": 1024},
-                             schedule={"pretrain_kimg": 0.064, "rounds": 2, "round_kimg": 0.048}, **overrides)
+    overrides = {"schedule": {"pretrain_kimg": 0.064, "rounds": 2, "round_kimg": 0.048}, **overrides}
+    pipeline = tiny_pipeline(data, tmp_path / name, method="sfbd", denoise={"steps": 4, "batch": 1024}, **overrides)
     return train(load_pipeline(write_policy(tmp_path / f"{name}.yaml", pipeline)), resume=False)
 
 
@@ -201,3 +201,96 @@ def test_the_report_reads_the_measure_from_the_metrics(tmp_path: Path) -> None:
         (1, 0.2, "best so far")]
     pq.write_table(pa.table({"step": [1], "phase": ["train"], "loss": [0.5]}), tmp_path / "old.parquet")
     assert validation_rows(tmp_path / "old.parquet") == [] and validation_rows(tmp_path / "missing.parquet") == []
+
+
+# ----- schedule.pretrain_until: converged -------------------------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.01, 10), min_size=1, max_size=30), st.floats(0.5, 5), st.floats(0, 0.5))
+def test_converged_against_its_definition(losses: list[float], window: float, tol: float) -> None:
+    """The rule, against a direct reading of its definition: the checks are one kimg apart."""
+    from sfbd_guard.engine.methods import converged
+
+    checks = [[float(k + 1), loss] for k, loss in enumerate(losses)]
+    now = len(losses)
+    before = [loss for k, loss in enumerate(losses, start=1) if k <= now - window]
+    expected = bool(before) and not losses[-1] <= (1 - tol) * min(before)
+    assert converged(checks, window, tol) == expected
+
+
+ADAPTIVE = {"pretrain_kimg": 0.032, "rounds": 2, "round_kimg": 0.064, "pretrain_until": "converged",
+            "check_every_kimg": 0.016, "converge_window_kimg": 0.032, "converge_tol": 0.05}  # 10 steps of 16 images
+
+
+def _scripted_losses(monkeypatch: pytest.MonkeyPatch, values: list[float]) -> None:
+    """Validator.loss gives `values` in turn (pretraining's checks), then 1.0 (the measures before the rounds)."""
+    it = iter(values)
+    monkeypatch.setattr(Validator, "loss", lambda self, net, batch=256: next(it, 1.0))
+
+
+def test_rounds_start_when_pretraining_has_converged(tmp_path: Path, digits_mid: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checks after steps 1, 2, 3, 4: at step 4 the loss is less than 5 % below the best of the checks a window
+    (two steps) before (0.87 against 0.9): the rounds share the other 6 steps, 3 each; the decisions are in the
+    metrics."""
+    _scripted_losses(monkeypatch, [1.0, 0.9, 0.88, 0.87])
+    outcome = _run(tmp_path, digits_mid, "adaptive", schedule=ADAPTIVE)
+    rows = pq.read_table(outcome.run_dir / "metrics.parquet").to_pylist()
+    assert [r["phase"] for r in rows] == ["pretrain"] * 4 + ["round-1"] * 3 + ["round-2"] * 3
+    decisions = [r["decision"] for r in rows if r["decision"]]
+    assert decisions[:4] == ["pretraining: still improving"] * 3 + ["converged: the rounds start; best so far"]
+    assert (outcome.run_dir / "rounds" / "round-02").is_dir()
+
+
+def test_pretraining_that_never_converges_runs_no_round(tmp_path: Path, digits_mid: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loss that keeps falling: the whole budget is pretraining on the clean images, no round set is made."""
+    from sfbd_guard.engine import sfbd
+
+    _scripted_losses(monkeypatch, [1.0 / (k + 1) for k in range(20)])
+    monkeypatch.setattr(sfbd, "denoise_rows", lambda *a, **k: pytest.fail("no round may denoise"))
+    outcome = _run(tmp_path, digits_mid, "never", schedule=ADAPTIVE)
+    rows = pq.read_table(outcome.run_dir / "metrics.parquet").to_pylist()
+    assert [r["phase"] for r in rows] == ["pretrain"] * 10
+    assert not (outcome.run_dir / "rounds").exists() or not any((outcome.run_dir / "rounds").iterdir())
+
+
+def test_a_resume_keeps_where_pretraining_converged(tmp_path: Path, digits_mid: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted in round 1: the resumed run keeps the decided pretraining end and ends on the same weights."""
+    from sfbd_guard.engine import trainer
+
+    losses = [1.0, 0.9, 0.88, 0.87]
+    _scripted_losses(monkeypatch, losses)
+    straight = _run(tmp_path, digits_mid, "straight", schedule=ADAPTIVE, checkpoint_every=1)
+    real_step = trainer.Trainer.train_step
+
+    def crash(self, mixture, phase):  # type: ignore[no-untyped-def]
+        if self.state.step == 6:
+            raise KeyboardInterrupt
+        real_step(self, mixture, phase)
+
+    _scripted_losses(monkeypatch, losses)
+    monkeypatch.setattr(trainer.Trainer, "train_step", crash)
+    pipeline = tiny_pipeline(digits_mid, tmp_path / "crashed", method="sfbd", denoise={"steps": 4, "batch": 1024},
+                             schedule=ADAPTIVE, checkpoint_every=1)
+    config = load_pipeline(write_policy(tmp_path / "crashed.yaml", pipeline))
+    with pytest.raises(KeyboardInterrupt):
+        train(config, resume=False)
+    monkeypatch.setattr(trainer.Trainer, "train_step", real_step)
+    _scripted_losses(monkeypatch, [0.1])  # a check now would converge later: pretraining's end is in the checkpoint
+    resumed = train(config, resume=True)
+    phases = [r["phase"] for r in pq.read_table(resumed.run_dir / "metrics.parquet").to_pylist()]
+    assert phases == ["pretrain"] * 4 + ["round-1"] * 3 + ["round-2"] * 3
+    a, b = load_file(straight.checkpoint / "ema.safetensors"), load_file(resumed.checkpoint / "ema.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_converged_pretraining_is_refused_where_it_cannot_work(tmp_path: Path) -> None:
+    from sfbd_guard.errors import InputError
+
+    for method, extra in (("online-sfbd", {}), ("sfbd", {"validation": {"enabled": False}})):
+        schedule = {**ADAPTIVE, **({"total_kimg": 0.16} if method == "online-sfbd" else {})}
+        pipeline = tiny_pipeline(tmp_path, tmp_path / "x", method=method, schedule=schedule, **extra)
+        with pytest.raises(InputError, match="pretrain_until"):
+            load_pipeline(write_policy(tmp_path / f"{method}.yaml", pipeline))

@@ -37,6 +37,21 @@ class ScheduleSpec(StrictModel):
     refresh_size: int = Field(64, ge=1)  # online-sfbd: records re-denoised per refresh
     ramp_start_kimg: float | None = Field(None, ge=0)  # online-sfbd: denoised weight starts rising (default: pretrain end)
     ramp_end_kimg: float | None = Field(None, ge=0)  # online-sfbd: and reaches 1 (default: a quarter into the online phase)
+    # sfbd: when the rounds start. kimg: at pretrain_kimg. converged: at the first check, from pretrain_kimg on, at
+    # which the validation loss on held-back copies (validation.py) is less than converge_tol below its best value
+    # of converge_window_kimg before; the rounds then share the rest of the budget equally, and if pretraining never
+    # converges no round runs (the run is clean-only training). Needs the validation measure (not under DP-SGD).
+    pretrain_until: Literal["kimg", "converged"] = "kimg"
+    check_every_kimg: float | None = Field(None, gt=0)  # converged: kimg between checks (default: budget / 50)
+    converge_window_kimg: float | None = Field(None, gt=0)  # converged: the look-back (default: budget / 10)
+    converge_tol: float = Field(0.01, ge=0, lt=1)  # converged: relative improvement below which pretraining has
+
+    def converge_window(self) -> tuple[float, float]:
+        """(check interval, look-back window) of `pretrain_until: converged`, in kimg."""
+        budget = self.budget_kimg()
+        every = self.check_every_kimg if self.check_every_kimg is not None else budget / 50
+        window = self.converge_window_kimg if self.converge_window_kimg is not None else budget / 10
+        return every, window
 
     def ramp(self) -> tuple[float, float]:
         """(start, end) of online SFBD's linear 0 → 1 ramp of the denoised-loss weight, in kimg."""
@@ -162,6 +177,12 @@ class PipelineConfig(StrictModel):
         if "rounds" in stages and schedule.total_kimg is not None and abs(schedule.total_kimg - rounds_end) > 1e-9:
             raise ValueError(f"method {method} runs pretrain_kimg + rounds × round_kimg = {rounds_end:g} kimg; "
                              "drop schedule.total_kimg or make it equal")
+        if schedule.pretrain_until == "converged":
+            if method != "sfbd":
+                raise ValueError(f"schedule.pretrain_until: converged is for method sfbd, not {method}")
+            if self.privacy is not None or not self.validation.enabled:
+                raise ValueError("schedule.pretrain_until: converged needs the validation measure (validation.enabled, "
+                                 "and no privacy: DP-SGD's accounting needs a fixed schedule)")
         if "online" in stages:
             if schedule.total_kimg is None or schedule.total_kimg <= schedule.pretrain_kimg:
                 raise ValueError(f"method {method} needs schedule.total_kimg > schedule.pretrain_kimg")

@@ -94,22 +94,38 @@ class Phase:
     spec: StageSpec  # what the phase trains on
 
 
-def _cut(spec: StageSpec, schedule: Schedule) -> list[Phase]:
+def _cut(spec: StageSpec, schedule: Schedule, pretrain_end: float | None) -> list[Phase]:
     """The phases of one stage: the whole budget, the pretraining, one per SFBD round, or the rest."""
     budget = schedule.budget_kimg()
     if spec.stage == "train":
         return [Phase("train", 0, budget, spec)]
     if spec.stage == "pretrain":
-        return [Phase("pretrain", 0, min(schedule.pretrain_kimg, budget), spec)]
+        return [Phase("pretrain", 0, min(schedule.pretrain_kimg if pretrain_end is None else pretrain_end, budget), spec)]
     if spec.stage == "rounds":
-        return [Phase(f"round-{k}", k, schedule.pretrain_kimg + k * schedule.round_kimg, spec)
+        if pretrain_end is None:
+            return [Phase(f"round-{k}", k, schedule.pretrain_kimg + k * schedule.round_kimg, spec)
+                    for k in range(1, schedule.rounds + 1)]
+        if pretrain_end >= budget:  # pretraining took the whole budget: no round
+            return []
+        length = (budget - pretrain_end) / schedule.rounds
+        return [Phase(f"round-{k}", k, budget if k == schedule.rounds else pretrain_end + k * length, spec)
                 for k in range(1, schedule.rounds + 1)]
     return [Phase("online", 1, budget, spec)]
 
 
-def plan(method: Method, schedule: Schedule) -> list[Phase]:
-    """The method's phases in order, each ending at a point of the run's image count."""
-    return [phase for spec in METHODS[method] for phase in _cut(spec, schedule)]
+def plan(method: Method, schedule: Schedule, pretrain_end: float | None = None) -> list[Phase]:
+    """The method's phases in order, each ending at a point of the run's image count. `pretrain_end`: where the
+    pretraining ended (or may end at the latest) when the run decides it (`schedule.pretrain_until: converged`):
+    the rounds share the rest of the budget."""
+    return [phase for spec in METHODS[method] for phase in _cut(spec, schedule, pretrain_end)]
+
+
+def converged(checks: list[list[float]], window: float, tol: float) -> bool:
+    """`schedule.pretrain_until: converged`: `checks` are (kimg, validation loss) in order; True when the last loss
+    is less than `tol` (relative) below the best loss of the checks at least `window` kimg before it."""
+    kimg, loss = checks[-1]
+    earlier = [value for at, value in checks if at <= kimg - window + 1e-9]
+    return bool(earlier) and loss > (1 - tol) * min(earlier)
 
 
 def phase_steps(phases: list[Phase], global_batch: int) -> list[int]:

@@ -37,8 +37,12 @@ class MetricsLog:
         self.rows.append(row)
 
     def annotate(self, step: int, **values: Any) -> None:
-        """Add `values` to the row of `step` (a row of its own when no step has been taken yet)."""
+        """Add `values` to the row of `step` (a row of its own when no step has been taken yet); two decisions at one
+        step are both kept, joined by "; "."""
         if self.rows and self.rows[-1]["step"] == step:
+            earlier = self.rows[-1].get("decision")
+            if earlier and values.get("decision"):
+                values = {**values, "decision": f"{earlier}; {values['decision']}"}
             self.rows[-1].update(values)
         else:
             self.rows.append({"step": step, **values})

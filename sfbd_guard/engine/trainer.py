@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from .config import PipelineConfig
 from .data import Mixture
 from .generate import generate
 from .images import save_grid
-from .methods import Phase, plan
+from .methods import Phase, converged, plan
 from .metrics import MetricsLog
 from .privacy import PrivacyPlan, PrivateGenerators, PrivatePhase, PrivateTraining, plan_privacy
 from .runtime import Runtime
@@ -78,12 +79,45 @@ class Trainer:
         self.state = TrainingState()
         self.metrics = MetricsLog(run_dir / "metrics.parquet")
         self.config_json = config.model_dump_json()
-        self.phases = plan(config.method, config.schedule)
+        self.phases = self._plan()
         self.sources = SFBDSources(config, data, run_dir, rt, self.progress)
         self.privacy: PrivateTraining | None = None
         if config.privacy:  # validates the model; the plan fixes the noise multiplier for the budget
             self.privacy = PrivateTraining(privacy_plan or plan_privacy(config, data, rt.world_size), self.net)
         self.private: PrivatePhase | None = None  # set while a private phase runs
+
+    @property
+    def _adaptive(self) -> bool:
+        return self.config.schedule.pretrain_until == "converged"
+
+    def _plan(self) -> list[Phase]:
+        """The run's phases; with `pretrain_until: converged`, pretraining ends where the run decided (until it has,
+        at the end of the budget at the latest, and no round is planned)."""
+        if not self._adaptive:
+            return plan(self.config.method, self.config.schedule)
+        budget = self.config.schedule.budget_kimg()
+        return plan(self.config.method, self.config.schedule, float(self.state.info.get("pretrain_end_kimg", budget)))
+
+    def _pretrain_converged(self) -> bool:
+        """`pretrain_until: converged`: at each check point, measure the EMA model's validation loss; True (and the
+        rounds planned over the rest of the budget) once it has stopped improving (`converged`)."""
+        validator, schedule = self.sources.validator, self.config.schedule
+        every, window = schedule.converge_window()
+        kimg = self.state.nimg / 1000
+        checks = self.state.info.setdefault("pretrain_checks", [])
+        due = float(self.state.info.get("next_check_kimg", every))
+        if validator is None or kimg < due:
+            return False
+        self.state.info["next_check_kimg"] = (math.floor(kimg / every) + 1) * every
+        loss = validator.loss(self.ema.module, batch=self.config.denoise.batch)
+        checks.append([kimg, loss])
+        done = kimg >= schedule.pretrain_kimg and converged(checks, window, schedule.converge_tol)
+        decision = "converged: the rounds start" if done else "pretraining: still improving"
+        self.metrics.annotate(self.state.step, validation=loss, decision=decision)
+        if done:
+            self.state.info["pretrain_end_kimg"] = kimg
+            self.phases = self._plan()
+        return done
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         opt = self.config.optimizer
@@ -112,6 +146,7 @@ class Trainer:
         if self.privacy is not None and "privacy" in self.state.info:
             self.privacy.info = self.state.info["privacy"]  # the accountant's history so far
         self.metrics = MetricsLog.resume(self.run_dir / "metrics.parquet", self.state.step)
+        self.phases = self._plan()  # where a converged pretraining ended, if it has
         return True
 
     def _private_gens(self) -> dict[str, torch.Generator]:
@@ -252,7 +287,10 @@ class Trainer:
         mixture = self.enter_phase(index)
         total = max(0, int(phase.end_kimg * 1000) - self.state.nimg)
         tick = self.progress(f"{phase.name}", total) if self.progress and total else None
+        adaptive = self._adaptive and phase.spec.stage == "pretrain" and "pretrain_end_kimg" not in self.state.info
         while self.state.nimg < phase.end_kimg * 1000:
+            if adaptive and self._pretrain_converged():
+                break
             self.sources.before_step(phase, self.ema.module, self.state)
             self.train_step(mixture, phase)
             if tick:
@@ -272,9 +310,11 @@ class Trainer:
         finished = latest_checkpoint(self.run_dir)
         if self.state.phase >= len(self.phases) and finished is not None:
             return finished  # a resumed run that had already finished
-        for index in range(self.state.phase, len(self.phases)):
+        index = self.state.phase
+        while index < len(self.phases):  # the plan may change: pretrain_until: converged adds the rounds
             self.run_phase(index)
             self.checkpoint()
+            index += 1
         self.validate("end")
         self.state.phase = len(self.phases)
         self.snapshot()

@@ -81,6 +81,18 @@ class Validator:
 
     @torch.no_grad()
     def measure(self, net: torch.nn.Module, batch: int = 256) -> Measure:
+        spec = self.denoise
+
+        def backward(y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # sde: the same noise for y and y + probe
+            return denoise_backward(net, y, self.sigma, steps=spec.steps, solver=spec.solver, grid=spec.grid, rho=spec.rho,
+                                    sigma_min=spec.sigma_min, seeds=(self.noise_seed, rows)).clamp(-1, 1)
+
+        ode = self._batched(backward, self.y, self.sigma, self.probes[-1], batch)
+        return Measure(loss=self.loss(net, batch), round_psnr=10 * math.log10(4.0 / max(ode, 1e-12)))
+
+    @torch.no_grad()
+    def loss(self, net: torch.nn.Module, batch: int = 256) -> float:
+        """The measure's `loss` alone: a few one-step evaluations per copy (what pretraining's convergence reads)."""
         losses = []
         for k, extra, probes in zip(LEVELS, self.extra, self.probes, strict=False):
             t = k * self.sigma
@@ -90,14 +102,7 @@ class Validator:
 
             weight = (t**2 + SIGMA_DATA**2) / (t * SIGMA_DATA) ** 2
             losses.append(weight * self._batched(one_step, self.y + extra, t, probes, batch))
-        spec = self.denoise
-
-        def backward(y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # sde: the same noise for y and y + probe
-            return denoise_backward(net, y, self.sigma, steps=spec.steps, solver=spec.solver, grid=spec.grid, rho=spec.rho,
-                                    sigma_min=spec.sigma_min, seeds=(self.noise_seed, rows)).clamp(-1, 1)
-
-        ode = self._batched(backward, self.y, self.sigma, self.probes[-1], batch)
-        return Measure(loss=float(sum(losses) / len(losses)), round_psnr=10 * math.log10(4.0 / max(ode, 1e-12)))
+        return float(sum(losses) / len(losses))
 
     def _batched(self, f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], y: torch.Tensor, level: float,
                  probes: torch.Tensor, batch: int) -> float:
