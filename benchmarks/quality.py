@@ -272,15 +272,18 @@ def pipeline_for(method: str, data: Path, out: Path, budget: float, folder: Path
     schedule = pipeline["schedule"]
     default_budget = schedule.get("total_kimg") or schedule["pretrain_kimg"] + schedule["rounds"] * schedule["round_kimg"]
     schedule["pretrain_kimg"] *= budget / default_budget  # the same share of pretraining at any budget
-    if method == "sfbd":
-        schedule["round_kimg"] = (budget - schedule["pretrain_kimg"]) / schedule["rounds"]
-        schedule.pop("total_kimg", None)
-    else:
+    if method != "sfbd":  # the whole budget; deciding when pretraining ends is SFBD's
+        for key in ("round_kimg", "pretrain_until", "check_every_kimg", "converge_window_kimg", "converge_tol"):
+            schedule.pop(key, None)
         schedule["total_kimg"] = budget
     for dotted, value in overrides.items():
         set_dotted(pipeline, dotted, value)
-    if method == "sfbd" and "schedule.round_kimg" not in overrides:  # the same budget after a pretraining override
+    if method == "sfbd" and schedule.get("pretrain_until") == "converged":  # the rounds share what pretraining leaves
+        schedule.pop("round_kimg", None)
+        schedule["total_kimg"] = budget
+    elif method == "sfbd" and "schedule.round_kimg" not in overrides:  # the same budget after a pretraining override
         schedule["round_kimg"] = (budget - schedule["pretrain_kimg"]) / schedule["rounds"]
+        schedule.pop("total_kimg", None)
     path = folder / f"pipeline-{out.name}.yaml"
     path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
     return path

@@ -218,7 +218,7 @@ def test_converged_against_its_definition(losses: list[float], window: float, to
     assert converged(checks, window, tol) == expected
 
 
-ADAPTIVE = {"pretrain_kimg": 0.032, "rounds": 2, "round_kimg": 0.064, "pretrain_until": "converged",
+ADAPTIVE = {"pretrain_kimg": 0.032, "rounds": 2, "total_kimg": 0.16, "pretrain_until": "converged",
             "check_every_kimg": 0.016, "converge_window_kimg": 0.032, "converge_tol": 0.05}  # 10 steps of 16 images
 
 
@@ -289,8 +289,10 @@ def test_a_resume_keeps_where_pretraining_converged(tmp_path: Path, digits_mid: 
 def test_converged_pretraining_is_refused_where_it_cannot_work(tmp_path: Path) -> None:
     from sfbd_guard.errors import InputError
 
-    for method, extra in (("online-sfbd", {}), ("sfbd", {"validation": {"enabled": False}})):
-        schedule = {**ADAPTIVE, **({"total_kimg": 0.16} if method == "online-sfbd" else {})}
-        pipeline = tiny_pipeline(tmp_path, tmp_path / "x", method=method, schedule=schedule, **extra)
-        with pytest.raises(InputError, match="pretrain_until"):
+    cases: list[tuple[str, dict[str, object], str]] = [
+        ("online-sfbd", {}, "pretrain_until"), ("sfbd", {"validation": {"enabled": False}}, "pretrain_until"),
+        ("sfbd", {"schedule": {**ADAPTIVE, "round_kimg": 0.1}}, "round_kimg")]
+    for method, extra, key in cases:
+        pipeline = tiny_pipeline(tmp_path, tmp_path / "x", method=method, **{"schedule": ADAPTIVE, **extra})
+        with pytest.raises(InputError, match=key):
             load_pipeline(write_policy(tmp_path / f"{method}.yaml", pipeline))

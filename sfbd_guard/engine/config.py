@@ -32,7 +32,7 @@ class ScheduleSpec(StrictModel):
     pretrain_kimg: float = Field(100.0, gt=0)  # training on the clean partition (sfbd, online-sfbd)
     rounds: int = Field(0, ge=0)  # sfbd: denoise + fine-tune rounds
     round_kimg: float = Field(0.0, ge=0)  # sfbd: fine-tuning length of each round
-    total_kimg: float | None = Field(None, gt=0)  # whole run; default pretrain_kimg + rounds × round_kimg
+    total_kimg: float | None = Field(None, gt=0)  # whole run; default pretrain_kimg + rounds × round_kimg (sfbd)
     refresh_every: int = Field(20, ge=1)  # online-sfbd: optimizer steps between bank refreshes (P2: m = 20)
     refresh_size: int = Field(64, ge=1)  # online-sfbd: records re-denoised per refresh
     ramp_start_kimg: float | None = Field(None, ge=0)  # online-sfbd: denoised weight starts rising (default: pretrain end)
@@ -171,10 +171,19 @@ class PipelineConfig(StrictModel):
         if self.model.model_channels % 4:
             raise ValueError("model.model_channels must be a multiple of 4")
         schedule, stages, method = self.schedule, stages_of(self.method), self.method
-        if "rounds" in stages and (schedule.rounds < 1 or schedule.round_kimg <= 0):
+        adaptive = schedule.pretrain_until == "converged"
+        if adaptive and "rounds" in stages:  # the rounds share what pretraining leaves of the budget
+            if schedule.rounds < 1 or schedule.total_kimg is None or schedule.total_kimg <= schedule.pretrain_kimg:
+                raise ValueError("schedule.pretrain_until: converged needs schedule.rounds >= 1 and schedule.total_kimg "
+                                 "(the budget) > schedule.pretrain_kimg (the least pretraining)")
+            if schedule.round_kimg:
+                raise ValueError("schedule.round_kimg: the rounds share the budget left when pretraining has converged; "
+                                 "drop it and set schedule.total_kimg")
+        elif "rounds" in stages and (schedule.rounds < 1 or schedule.round_kimg <= 0):
             raise ValueError(f"method {method} needs schedule.rounds >= 1 and schedule.round_kimg > 0")
         rounds_end = schedule.pretrain_kimg + schedule.rounds * schedule.round_kimg
-        if "rounds" in stages and schedule.total_kimg is not None and abs(schedule.total_kimg - rounds_end) > 1e-9:
+        fixed_rounds = "rounds" in stages and not adaptive
+        if fixed_rounds and schedule.total_kimg is not None and abs(schedule.total_kimg - rounds_end) > 1e-9:
             raise ValueError(f"method {method} runs pretrain_kimg + rounds × round_kimg = {rounds_end:g} kimg; "
                              "drop schedule.total_kimg or make it equal")
         if schedule.pretrain_until == "converged":
