@@ -37,3 +37,19 @@ def test_pipeline_loads_matches_its_policy_and_builds(path: Path) -> None:
     x = torch.randn(1, channels, resolution, resolution)
     with torch.no_grad():
         assert net(x, torch.ones(1)).shape == x.shape
+
+
+def test_the_digits_pipeline_under_dp_needs_the_fixed_schedule_docs_dp_gives() -> None:
+    """The default decides when SFBD's rounds start from held-back protected copies: refused with DP-SGD, naming
+    the keys; docs/dp.md's command (those keys) loads, with the same 100 kimg budget; --method clean-only loads."""
+    from sfbd_guard.errors import InputError
+
+    digits = next(p for p in PIPELINES if p.stem == "digits")
+    with pytest.raises(InputError, match="schedule.pretrain_until=kimg"):
+        load_pipeline(digits, {"privacy": {"epsilon": 10}})
+    fixed = load_pipeline(digits, {"privacy": {"epsilon": 10}, "schedule.pretrain_until": "kimg",
+                                   "schedule.pretrain_kimg": 40, "schedule.round_kimg": 20})
+    assert fixed.schedule.budget_kimg() == load_pipeline(digits).schedule.budget_kimg() == 100
+    dp_doc = (digits.parents[1] / "docs" / "dp.md").read_text()
+    assert "--set schedule.pretrain_until=kimg --set schedule.pretrain_kimg=40 --set schedule.round_kimg=20" in dp_doc
+    assert load_pipeline(digits, {"method": "clean-only"}).schedule.budget_kimg() == 100

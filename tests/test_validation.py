@@ -287,10 +287,15 @@ def test_a_resume_keeps_where_pretraining_converged(tmp_path: Path, digits_mid: 
 
 
 def test_converged_pretraining_is_refused_where_it_cannot_work(tmp_path: Path) -> None:
+    """Refused without the measure and with round_kimg; another method (`--method` on an SFBD pipeline) ignores it."""
     from sfbd_guard.errors import InputError
 
+    for method in ("clean-only", "online-sfbd"):
+        pipeline = tiny_pipeline(tmp_path, tmp_path / "x", method=method, schedule=ADAPTIVE)
+        assert load_pipeline(write_policy(tmp_path / f"{method}.yaml", pipeline)).schedule.budget_kimg() == 0.16
+
     cases: list[tuple[str, dict[str, object], str]] = [
-        ("online-sfbd", {}, "pretrain_until"), ("sfbd", {"validation": {"enabled": False}}, "pretrain_until"),
+        ("sfbd", {"validation": {"enabled": False}}, "pretrain_until"),
         ("sfbd", {"schedule": {**ADAPTIVE, "round_kimg": 0.1}}, "round_kimg")]
     for method, extra, key in cases:
         pipeline = tiny_pipeline(tmp_path, tmp_path / "x", method=method, **{"schedule": ADAPTIVE, **extra})

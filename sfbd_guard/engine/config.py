@@ -37,7 +37,7 @@ class ScheduleSpec(StrictModel):
     refresh_size: int = Field(64, ge=1)  # online-sfbd: records re-denoised per refresh
     ramp_start_kimg: float | None = Field(None, ge=0)  # online-sfbd: denoised weight starts rising (default: pretrain end)
     ramp_end_kimg: float | None = Field(None, ge=0)  # online-sfbd: and reaches 1 (default: a quarter into the online phase)
-    # sfbd: when the rounds start. kimg: at pretrain_kimg. converged: at the first check, from pretrain_kimg on, at
+    # sfbd (other methods ignore it): when the rounds start. kimg: at pretrain_kimg. converged: at the first check, from pretrain_kimg on, at
     # which the validation loss on held-back copies (validation.py) is less than converge_tol below its best value
     # of converge_window_kimg before; the rounds then share the rest of the budget equally, and if pretraining never
     # converges no round runs (the run is clean-only training). Needs the validation measure (not under DP-SGD).
@@ -186,12 +186,13 @@ class PipelineConfig(StrictModel):
         if fixed_rounds and schedule.total_kimg is not None and abs(schedule.total_kimg - rounds_end) > 1e-9:
             raise ValueError(f"method {method} runs pretrain_kimg + rounds × round_kimg = {rounds_end:g} kimg; "
                              "drop schedule.total_kimg or make it equal")
-        if schedule.pretrain_until == "converged":
-            if method != "sfbd":
-                raise ValueError(f"schedule.pretrain_until: converged is for method sfbd, not {method}")
-            if self.privacy is not None or not self.validation.enabled:
-                raise ValueError("schedule.pretrain_until: converged needs the validation measure (validation.enabled, "
-                                 "and no privacy: DP-SGD's accounting needs a fixed schedule)")
+        if adaptive and "rounds" in stages:  # other methods have no rounds to start: the setting does not apply
+            if self.privacy is not None:
+                raise ValueError("schedule.pretrain_until: converged decides on the held-back protected copies, which "
+                                 "DP-SGD's accounting does not cover; give DP-SGD a fixed schedule: --set "
+                                 "schedule.pretrain_until=kimg --set schedule.pretrain_kimg=40 --set schedule.round_kimg=20")
+            if not self.validation.enabled:
+                raise ValueError("schedule.pretrain_until: converged needs the validation measure (validation.enabled)")
         if "online" in stages:
             if schedule.total_kimg is None or schedule.total_kimg <= schedule.pretrain_kimg:
                 raise ValueError(f"method {method} needs schedule.total_kimg > schedule.pretrain_kimg")

@@ -21,7 +21,7 @@ from .config import PipelineConfig
 from .data import Mixture
 from .generate import generate
 from .images import save_grid
-from .methods import Phase, converged, plan
+from .methods import Phase, converged, plan, stages_of
 from .metrics import MetricsLog
 from .privacy import PrivacyPlan, PrivateGenerators, PrivatePhase, PrivateTraining, plan_privacy
 from .runtime import Runtime
@@ -88,7 +88,8 @@ class Trainer:
 
     @property
     def _adaptive(self) -> bool:
-        return self.config.schedule.pretrain_until == "converged"
+        """`schedule.pretrain_until: converged` for a method with SFBD rounds (the others ignore it)."""
+        return self.config.schedule.pretrain_until == "converged" and "rounds" in stages_of(self.config.method)
 
     def _plan(self) -> list[Phase]:
         """The run's phases; with `pretrain_until: converged`, pretraining ends where the run decided (until it has,
