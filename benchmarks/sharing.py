@@ -54,7 +54,8 @@ def run_jobs(count: int, setting: str, work: Path, kimg: float) -> list[float]:
     for i in range(count):
         out = work / f"run-{setting}-{count}-{i}-{time.monotonic_ns()}"
         args = ["train", "--pipeline", "pipelines/digits.yaml", "--data", str(work / "prepared"), "--out", str(out),
-                "--method", "clean-only", "--set", f"schedule.pretrain_kimg={kimg}", "--set", f"schedule.total_kimg={kimg}", "--set", "schedule.rounds=0",
+                "--method", "clean-only", "--set", f"schedule.pretrain_kimg={kimg}",
+                "--set", f"schedule.total_kimg={kimg}", "--set", "schedule.rounds=0",
                 "--set", "snapshot_every=100000", "--set", "checkpoint_every=100000", *EXTRA_SETS[setting]]
         started.append(time.perf_counter())
         jobs.append(_guard(args, env))

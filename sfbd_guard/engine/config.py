@@ -37,10 +37,11 @@ class ScheduleSpec(StrictModel):
     refresh_size: int = Field(64, ge=1)  # online-sfbd: records re-denoised per refresh
     ramp_start_kimg: float | None = Field(None, ge=0)  # online-sfbd: denoised weight starts rising (default: pretrain end)
     ramp_end_kimg: float | None = Field(None, ge=0)  # online-sfbd: and reaches 1 (default: a quarter into the online phase)
-    # sfbd (other methods ignore it): when the rounds start. kimg: at pretrain_kimg. converged: at the first check, from pretrain_kimg on, at
-    # which the validation loss on held-back copies (validation.py) is less than converge_tol below its best value
-    # of converge_window_kimg before; the rounds then share the rest of the budget equally, and if pretraining never
-    # converges no round runs (the run is clean-only training). Needs the validation measure (not under DP-SGD).
+    # sfbd (other methods ignore it): when the rounds start. kimg: at pretrain_kimg. converged: at the first check,
+    # from pretrain_kimg on, at which the validation loss on held-back copies (validation.py) is less than
+    # converge_tol below its best value of converge_window_kimg before; the rounds then share the rest of the budget
+    # equally, and if pretraining never converges no round runs (the run is clean-only training). Needs the
+    # validation measure (not under DP-SGD).
     pretrain_until: Literal["kimg", "converged"] = "kimg"
     check_every_kimg: float | None = Field(None, gt=0)  # converged: kimg between checks (default: budget / 50)
     converge_window_kimg: float | None = Field(None, gt=0)  # converged: the look-back (default: budget / 10)
