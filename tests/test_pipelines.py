@@ -45,7 +45,7 @@ def test_the_digits_pipeline_under_dp_needs_the_fixed_schedule_docs_dp_gives() -
     from sfbd_guard.errors import InputError
 
     digits = next(p for p in PIPELINES if p.stem == "digits")
-    with pytest.raises(InputError, match="schedule.pretrain_until=kimg"):
+    with pytest.raises(InputError, match=r"schedule\.pretrain_until=kimg"):
         load_pipeline(digits, {"privacy": {"epsilon": 10}})
     fixed = load_pipeline(digits, {"privacy": {"epsilon": 10}, "schedule.pretrain_until": "kimg",
                                    "schedule.pretrain_kimg": 40, "schedule.round_kimg": 20})
