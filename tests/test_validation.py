@@ -301,3 +301,12 @@ def test_converged_pretraining_is_refused_where_it_cannot_work(tmp_path: Path) -
         pipeline = tiny_pipeline(tmp_path, tmp_path / "x", method=method, **{"schedule": ADAPTIVE, **extra})
         with pytest.raises(InputError, match=key):
             load_pipeline(write_policy(tmp_path / f"{method}.yaml", pipeline))
+
+
+def test_without_held_back_copies_the_rounds_start_at_pretrain_kimg(tmp_path: Path, digits_mid: Path) -> None:
+    """A set too small to hold copies back has no measure: pretraining then ends at pretrain_kimg (2 steps here),
+    not at the end of the budget, and the metrics say why."""
+    outcome = _run(tmp_path, digits_mid, "small", schedule=ADAPTIVE, validation={"size": 100_000})
+    rows = pq.read_table(outcome.run_dir / "metrics.parquet").to_pylist()
+    assert [r["phase"] for r in rows] == ["pretrain"] * 2 + ["round-1"] * 4 + ["round-2"] * 4
+    assert any("no held-back copies" in (r["decision"] or "") for r in rows)

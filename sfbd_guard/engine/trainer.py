@@ -107,14 +107,20 @@ class Trainer:
         kimg = self.state.nimg / 1000
         checks = self.state.info.setdefault("pretrain_checks", [])
         due = float(self.state.info.get("next_check_kimg", every))
-        if validator is None or kimg < due:
+        if validator is None:  # too few protected copies to hold any back: the rounds start at pretrain_kimg
+            done = kimg >= schedule.pretrain_kimg
+            if done:
+                self.metrics.annotate(self.state.step, decision="no held-back copies to measure convergence on: "
+                                                                "the rounds start at schedule.pretrain_kimg")
+        elif kimg < due:
             return False
-        self.state.info["next_check_kimg"] = (math.floor(kimg / every) + 1) * every
-        loss = validator.loss(self.ema.module, batch=self.config.denoise.batch)
-        checks.append([kimg, loss])
-        done = kimg >= schedule.pretrain_kimg and converged(checks, window, schedule.converge_tol)
-        decision = "converged: the rounds start" if done else "pretraining: still improving"
-        self.metrics.annotate(self.state.step, validation=loss, decision=decision)
+        else:
+            self.state.info["next_check_kimg"] = (math.floor(kimg / every) + 1) * every
+            loss = validator.loss(self.ema.module, batch=self.config.denoise.batch)
+            checks.append([kimg, loss])
+            done = kimg >= schedule.pretrain_kimg and converged(checks, window, schedule.converge_tol)
+            decision = "converged: the rounds start" if done else "pretraining: still improving"
+            self.metrics.annotate(self.state.step, validation=loss, decision=decision)
         if done:
             self.state.info["pretrain_end_kimg"] = kimg
             self.phases = self._plan()
