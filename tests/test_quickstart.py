@@ -23,6 +23,7 @@ HEADING = "## Quickstart: your own folder of images"
 USER_FOLDER = "~/my-images"
 # A budget that runs in seconds: 4 clean steps and one SFBD round of 2 steps, on a tiny U-Net.
 TINY_TRAINING = ["--device", "cpu", "--set", "batch=16", "--set", "schedule.pretrain_kimg=0.064",
+                 "--set", "schedule.pretrain_until=kimg", "--set", "schedule.total_kimg=0.096",
                  "--set", "schedule.rounds=1", "--set", "schedule.round_kimg=0.032",
                  "--set", "model.model_channels=8", "--set", "model.num_blocks=1",
                  "--set", "denoise.steps=2", "--set", "grid_size=4", "--set", "optimizer.warmup_kimg=0.01"]
