@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/guard run pipelines/digits.yaml
 
 lint: $(STAMP)
-	$(BIN)/ruff check sfbd_guard tests benchmarks
+	$(BIN)/ruff check sfbd_guard fixtures tests benchmarks
 	$(BIN)/mypy
 
 test: lint

@@ -29,11 +29,11 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from sfbd_guard.audit import AuditConfig, run_audit
+from fixtures.synthetic import write_celeba
+from sfbd_guard.auditing import AuditConfig, run_audit
 from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.datasets import SourceSpec, open_reader
-from sfbd_guard.datasets.synthetic import write_celeba
-from sfbd_guard.policy import load_policy
+from sfbd_guard.policy.model import load_policy
 
 RESOLUTION = 64
 Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]

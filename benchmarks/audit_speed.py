@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sfbd_guard.audit.config import SearchSpec
-from sfbd_guard.audit.embed import Embedder, PixelEmbedder
-from sfbd_guard.audit.index import InnerProductIndex
+from sfbd_guard.auditing.config import SearchSpec
+from sfbd_guard.auditing.index import InnerProductIndex
+from sfbd_guard.embedding.embed import Embedder, PixelEmbedder
 
 
 def unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -64,7 +64,7 @@ def tiny_clip(folder: Path) -> Embedder:
     import torch
     from safetensors.torch import save_file
 
-    from sfbd_guard.audit.clip import ClipEmbedder
+    from sfbd_guard.embedding.clip import ClipEmbedder
 
     cfg = {"embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
            "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}}
@@ -80,7 +80,7 @@ def vit_b_32(folder: Path) -> Embedder:
     import torch
     from safetensors.torch import save_file
 
-    from sfbd_guard.audit.clip import ClipEmbedder
+    from sfbd_guard.embedding.clip import ClipEmbedder
 
     torch.manual_seed(0)
     save_file(open_clip.create_model("ViT-B-32").state_dict(), str(folder / "vit-b-32-random.safetensors"))

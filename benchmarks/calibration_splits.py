@@ -2,9 +2,9 @@
 false positives on the other half, over many seeded random splits, on two real image sets (image_sets.py).
 
 Each set is split once (seeded) into a protected reference set and a pool of images never trained on. Every pool
-image is scored once against the protected set by the audit's own scoring (audit/checks.py `score`: the pixel
+image is scored once against the protected set by the audit's own scoring (auditing/checks.py `score`: the pixel
 embedder, all 16 variants of `transforms`, the relative L2 ratio); each split then calibrates the thresholds on a
-random half of the pool (audit/calibrate.py `calibrated`, as `guard audit` does) and applies them to the other
+random half of the pool (auditing/calibrate.py `calibrated`, as `guard audit` does) and applies them to the other
 half (`verdicts`). Reported per set: the stated bounds (95 % confidence) and how often the observed rate on the
 unseen half exceeded them, for "copy" and for "copy or suspect"; and the precision of "copy" on sample sets where
 planted copies (exact, mirrored, rotated, JPEG-like noise) make up a third.
@@ -25,17 +25,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sfbd_guard.audit import calibrate as cal
-from sfbd_guard.audit.checks import Scores, score, verdicts
-from sfbd_guard.audit.config import AuditConfig
-from sfbd_guard.audit.embed import PixelEmbedder, embed_batched, l2_vectors
-from sfbd_guard.audit.index import InnerProductIndex
+from sfbd_guard.auditing import calibrate as cal
+from sfbd_guard.auditing.checks import Scores, score, verdicts
+from sfbd_guard.auditing.config import AuditConfig
+from sfbd_guard.auditing.index import InnerProductIndex
+from sfbd_guard.embedding.embed import PixelEmbedder, embed_batched, l2_vectors
 from sfbd_guard.hashing import pixel_sha256
 
 
 @dataclass
 class Scorer:
-    """The audit's scoring against one protected set (what audit/service.py `_Context` builds from originals)."""
+    """The audit's scoring against one protected set (what auditing/service.py `_Context` builds from originals)."""
 
     protected: np.ndarray
     config: AuditConfig

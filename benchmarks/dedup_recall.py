@@ -2,7 +2,7 @@
 
 Distinct images: tiles of scikit-image's photos (each photo cut into non-overlapping squares, each tile
 once, as the photo has it), the LFW subset (100 faces, 100 non-face patches), scikit-learn's digits upscaled ×4 (32 px), then
-synthetic smooth colour fields (sfbd_guard.datasets.synthetic.random_image) up to `--records`. A third
+synthetic smooth colour fields (fixtures.synthetic.random_image) up to `--records`. A third
 are protected (proprietary), a tenth opted out, the rest CC0 (clean). Copies of protected and opted-out
 real images are planted as CC0 records: exact, JPEG quality 60, resized ±20 %, centre crop 85 %,
 mirrored, brightness ±10 %, small noise (σ = 5/255), and the exact reversible transforms dedup sees
@@ -114,7 +114,7 @@ def source_of(role: str) -> str:
 
 def build(root: Path, records: int, per_transform: int, seed: int) -> tuple[list[dict[str, str]], dict[str, str]]:
     """The image folder: rows (file_name, license, opt_out, role) and {planted copy: its source}."""
-    from sfbd_guard.datasets.synthetic import random_image
+    from fixtures.synthetic import random_image
 
     rng = np.random.default_rng(seed)
     real = real_images()
@@ -172,7 +172,7 @@ def write_policy(tmp: Path, name: str, root: Path, key: Path, dedup: dict[str, A
 
 
 TIMED = ("import os, sys, time; from pathlib import Path; from sfbd_guard.curation.prepare import prepare; "
-         "from sfbd_guard.policy import load_policy; loaded = load_policy(Path(sys.argv[1])); "
+         "from sfbd_guard.policy.model import load_policy; loaded = load_policy(Path(sys.argv[1])); "
          "cpu = lambda: sum(os.times()[:4]); start, used = time.perf_counter(), cpu(); "
          "prepare(loaded, workers=int(sys.argv[2]), overwrite=True); "
          "print(time.perf_counter() - start, cpu() - used)")
@@ -201,7 +201,7 @@ def sweep(root: Path, rows: list[dict[str, str]], planted: dict[str, str], embed
 
     from sfbd_guard.curation.dedup import near_pairs
     from sfbd_guard.datasets import SourceSpec, open_reader
-    from sfbd_guard.policy import FINE_MARGIN
+    from sfbd_guard.policy.model import FINE_MARGIN
     from sfbd_guard.symmetry import best_similarity, grid_variants, group
 
     reader = open_reader(SourceSpec("imagefolder", root, "all", RESOLUTION))
@@ -350,8 +350,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here (full runs only)")
     args = parser.parse_args()
     from sfbd_guard.curation.dedup import embedding_for
-    from sfbd_guard.curation.keys import create_key_file
-    from sfbd_guard.policy import DedupSpec
+    from sfbd_guard.keys.secret import create_key_file
+    from sfbd_guard.policy.model import DedupSpec
 
     options = {"threshold": args.threshold, "size": args.size, "embedder": args.embedder, "clip_model": args.clip_model,
                "clip_weights": str(args.clip_weights.resolve()) if args.clip_weights else None}
@@ -379,7 +379,7 @@ def main() -> None:
             for run_name, (path, source) in runs.items():
                 measured_runs[run_name].append(timed_prepare(path, args.workers, source))
         output = tmp / "dedup"
-        from sfbd_guard.prepared import open_prepared
+        from sfbd_guard.prepared.reader import open_prepared
 
         card = open_prepared(output).card
         timing: dict[str, Any] = {}

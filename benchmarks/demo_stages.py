@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     started = time.perf_counter()
-    from sfbd_guard import run as run_module
+    from sfbd_guard import stages as run_module
     from sfbd_guard.config import set_dotted
     from sfbd_guard.engine import sfbd, trainer
     from sfbd_guard.engine.validation import Validator
@@ -73,8 +73,8 @@ def main() -> None:
     Validator.measure = timed(totals, counts, "validation", Validator.measure)  # type: ignore[method-assign]
     sfbd.SFBDSources._denoise = timed(totals, counts, "denoising", sfbd.SFBDSources._denoise)  # type: ignore[method-assign]
     stages: dict[str, float] = defaultdict(float)
-    for name in ("prepare", "train", "sample", "audit", "report"):  # run.py's stage functions, looked up at call time
-        setattr(run_module, f"_{name}", timed(stages, defaultdict(int), name, getattr(run_module, f"_{name}")))
+    for stage in run_module.STAGES:  # guard run's stages (stages.py): each one's work, timed
+        stage.run = timed(stages, defaultdict(int), stage.name, stage.run)  # type: ignore[method-assign]
     from sfbd_guard.cli import main as guard
 
     imported = time.perf_counter() - started

@@ -36,8 +36,8 @@ import quality
 from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.engine.config import load_pipeline
 from sfbd_guard.engine.service import train
-from sfbd_guard.policy import load_policy
-from sfbd_guard.prepared import open_prepared
+from sfbd_guard.policy.model import load_policy
+from sfbd_guard.prepared.reader import open_prepared
 
 
 def variant_pipeline(name: str, epsilon: float | None, data: Path, out: Path, budget: float, folder: Path,

@@ -30,9 +30,9 @@ import numpy as np
 import pyarrow as pa
 
 from sfbd_guard.curation import register
-from sfbd_guard.curation.keys import NoiseKey
 from sfbd_guard.curation.noise import keyed_normals, noised_copies, record_key
 from sfbd_guard.hashing import pixel_sha256
+from sfbd_guard.keys.secret import NoiseKey
 
 
 def best_of(repeats: int, work: Callable[[], object]) -> float:
@@ -128,7 +128,7 @@ def manifest_costs(records: int) -> dict[str, float]:
     import pyarrow.parquet as pq
 
     from sfbd_guard.curation.disclosure import write_trainer_manifest
-    from sfbd_guard.curation.manifest import MANIFEST_FIELDS, manifest_table
+    from sfbd_guard.prepared.manifest import MANIFEST_FIELDS, manifest_table
 
     rng = np.random.default_rng(2)
     partition = np.where(np.arange(records) % 10 == 0, "excluded", np.where(np.arange(records) % 10 == 1, "clean",

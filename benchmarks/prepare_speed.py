@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from sfbd_guard.datasets.synthetic import write_celeba
+from fixtures.synthetic import write_celeba
 
 
 def decode_floor(folder: Path) -> float:

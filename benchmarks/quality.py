@@ -48,8 +48,8 @@ from sfbd_guard.engine.config import load_pipeline
 from sfbd_guard.engine.generate import generate
 from sfbd_guard.engine.images import save_grid
 from sfbd_guard.engine.service import load_ema_net, train
-from sfbd_guard.policy import load_policy
-from sfbd_guard.prepared import open_prepared
+from sfbd_guard.policy.model import load_policy
+from sfbd_guard.prepared.reader import open_prepared
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("clean-only", "noisy-direct", "ambient", "sfbd", "online-sfbd", "upper-bound")
@@ -112,7 +112,7 @@ def split_images(name: str, prepared_mixed: Path) -> dict[str, Any]:
     """Real images on [-1, 1] with labels: the held-out fifth and the rest (dedup's drops left out); and the
     protected originals in the order of the prepared directory's protected partition (the owner's PSNR of the
     round sets). Read from the owner's lineage: the trainer's manifest names records by keyed digests."""
-    from sfbd_guard.owner import read_lineage
+    from sfbd_guard.keys.owner import read_lineage
 
     images, labels = set_images(name)
     card = json.loads((prepared_mixed / "card.json").read_text())

@@ -51,7 +51,7 @@ FORMATS = ("webdataset", "parquet", "imagefolder")
 
 def _records(count: int, seed: int = 0) -> Any:
     """(key, jpeg bytes, metadata) for `count` records, generated one at a time."""
-    from sfbd_guard.datasets.synthetic import random_image
+    from fixtures.synthetic import random_image
 
     rng = np.random.default_rng(seed)
     for i in range(count):

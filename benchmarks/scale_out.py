@@ -85,14 +85,14 @@ def child(args: argparse.Namespace) -> None:
     extra: dict[str, Any] = {}
     if args.child == "prepare":
         from sfbd_guard.curation.prepare import prepare
-        from sfbd_guard.policy import load_policy
+        from sfbd_guard.policy.model import load_policy
 
         out = work / f"prepared-{args.executor}"
         result = prepare(load_policy(_policy(work)), out=out, workers=args.workers, executor=executor, overwrite=True)
         extra["records"] = sum(result.counts.values())
     else:
-        from sfbd_guard.audit.config import resolve_audit_config
-        from sfbd_guard.audit.service import run_audit
+        from sfbd_guard.auditing.config import resolve_audit_config
+        from sfbd_guard.auditing.service import run_audit
 
         overrides: dict[str, Any] = {"calibration.holdout": "none", "report.thumbnails": False}
         if args.shard_size:
@@ -133,7 +133,7 @@ def main() -> None:
     work = Path(args.work)
     try:
         if not (work / "data").is_dir():
-            from sfbd_guard.curation.keys import create_key_file
+            from sfbd_guard.keys.secret import create_key_file
 
             work.mkdir(parents=True, exist_ok=True)
             create_key_file(work / "noise.key")

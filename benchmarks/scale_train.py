@@ -91,7 +91,7 @@ def _env(ledger: Path) -> dict[str, str]:
 
 def prepare_records(n: int, folder: Path) -> Path:
     """A prepared directory of about `n` 32 px records (10% clean), via the synthetic CIFAR-10 layout."""
-    from sfbd_guard.datasets.synthetic import write_cifar10
+    from fixtures.synthetic import write_cifar10
 
     prepared = folder / "prepared"
     if (prepared / "card.json").is_file():

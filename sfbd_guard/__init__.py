@@ -1,8 +1,13 @@
 """sfbd_guard: train image diffusion models on data with protected content without the model seeing it.
 
-Curation (`guard prepare`) writes a *prepared directory* whose protected part exists only as fixed
-Gaussian-noised copies; the training engine reads nothing else; the audit checks generated images
-against the protected originals; every command appends to a Parquet compliance ledger.
+Curation (`prepare`) writes a *prepared directory* whose protected part exists only as fixed
+Gaussian-noised copies; training (`train`) reads nothing else; the audit (`audit`) checks generated images
+against the protected originals; every command appends to a Parquet compliance ledger (`report`, `verify`).
+The functions below are the `guard` commands as a library (docs/api.md); importing the package loads no torch.
 """
 
-__version__ = "0.1.0"
+from .api import LoadedRun, audit, load_run, prepare, report, run, sample, train, training_config, verify
+from .version import __version__
+
+__all__ = ["LoadedRun", "__version__", "audit", "load_run", "prepare", "report", "run", "sample", "train",
+           "training_config", "verify"]

@@ -13,8 +13,10 @@ from typer import Abort
 from typer._click.exceptions import NoArgsIsHelpError  # `guard` alone: the help was printed
 from typer.exceptions import TyperException  # base of typer's usage and parameter errors
 
+from . import api
 from .errors import GuardError, InputError
 from .progress import terminal_progress
+from .rundir import SNAPSHOTS
 
 app = typer.Typer(
     name="guard",
@@ -35,7 +37,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _version(value: bool) -> None:
     if value:
-        from . import __version__
+        from .version import __version__
 
         typer.echo(f"sfbd_guard {__version__}")
         raise typer.Exit(0)
@@ -87,46 +89,44 @@ def _fail(message: str, hint: str | None, code: int) -> None:
     raise typer.Exit(code)
 
 
-# Commands that append a ledger event, and the event's kind. An error raised before the command's own
-# `recorded` block starts (a config that does not load, a run directory that is not one) is recorded here.
-RECORDED_KINDS = {"prepare": "prepare", "train": "train", "sample": "sample", "audit": "audit", "run_command": "run"}
-
-
-def _record_failure(command: Callable[..., Any], kwargs: dict[str, Any], err: BaseException) -> None:
+def _record_failure(kind: str | None, kwargs: dict[str, Any], err: BaseException) -> None:
+    """The `failed` event of an error the library call did not record (one in parsing the options); once per error."""
     from .ledger import ledger_dir, record_failure
 
-    kind = RECORDED_KINDS.get(command.__name__)
     ctx = kwargs.get("ctx")
     if kind is None or getattr(ctx, "command_path", None) is None:  # typer's context (a click context)
         return
     record_failure(ledger_dir(kwargs.get("ledger")), kind, _invocation(cast("typer.Context", ctx)), err)
 
 
-def reports_errors(command: F) -> F:
+def reports_errors(kind: str | None = None) -> Callable[[F], F]:
     """Turn a GuardError (or an OS error) into one line on stderr and the error's exit code.
 
-    Every error of a ledger-recorded command leaves a `failed` event (`interrupted` for Ctrl-C), also
-    one raised before the command's work started; an unexpected error (a bug) still propagates as is.
+    A command that appends a ledger event of `kind` leaves a `failed` event (`interrupted` for Ctrl-C) for every
+    error, also one raised before its work started; an unexpected error (a bug) still propagates as is.
     """
 
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except (typer.Exit, Abort):
-            raise
-        except GuardError as err:
-            _record_failure(command, kwargs, err)
-            _fail(str(err), err.hint, err.exit_code)
-        except OSError as err:
-            _record_failure(command, kwargs, err)
-            where = f": {err.filename}" if err.filename else ""
-            _fail(f"{err.strerror or err}{where}", None, 1)
-        except BaseException as err:
-            _record_failure(command, kwargs, err)
-            raise
+    def decorate(command: F) -> F:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return command(*args, **kwargs)
+            except (typer.Exit, Abort):
+                raise
+            except GuardError as err:
+                _record_failure(kind, kwargs, err)
+                _fail(str(err), err.hint, err.exit_code)
+            except OSError as err:
+                _record_failure(kind, kwargs, err)
+                where = f": {err.filename}" if err.filename else ""
+                _fail(f"{err.strerror or err}{where}", None, 1)
+            except BaseException as err:
+                _record_failure(kind, kwargs, err)
+                raise
 
-    return wrapper  # type: ignore[return-value]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def _threads(explicit: int | None, preferred: int | None = None) -> None:
@@ -143,7 +143,7 @@ def _invocation(ctx: typer.Context) -> list[str]:
 
 
 @app.command()
-@reports_errors
+@reports_errors("prepare")
 def prepare(
     ctx: typer.Context,
     policy: Annotated[Path, typer.Option("--policy", help="Policy YAML: dataset, rules, noise and output.")],
@@ -165,18 +165,15 @@ def prepare(
     Example: guard prepare --policy policies/digits.yaml --workers 2
     """
     from .curation.console import print_summary
-    from .curation.service import prepare_recorded
-    from .executor import executor_spec
 
-    result = prepare_recorded(policy, data_root=data_root, out=out, workers=workers, strict=strict,
-                              overwrite=overwrite, ledger=ledger, command=_invocation(ctx), key_file=noise_key,
-                              ephemeral_key=ephemeral_key, allow_rerelease=allow_rerelease, progress=terminal_progress, sign_key=sign_key,
-                              executor=executor_spec(executor, ray_address))
-    print_summary(result)
+    print_summary(api.prepare(policy, data_root=data_root, out=out, workers=workers, strict=strict, overwrite=overwrite,
+                              noise_key=noise_key, ephemeral_key=ephemeral_key, allow_rerelease=allow_rerelease,
+                              sign_key=sign_key, executor=executor, ray_address=ray_address, ledger=ledger,
+                              progress=terminal_progress, command=_invocation(ctx)))
 
 
 @app.command()
-@reports_errors
+@reports_errors()
 def keygen(
     file: Annotated[Path, typer.Argument(help="Key file to create (mode 0600; never overwritten).")],
 ) -> None:
@@ -189,7 +186,7 @@ def keygen(
 
     Example: guard keygen ~/.config/sfbd_guard/celeba.key
     """
-    from .curation.keys import create_key_file
+    from .keys.secret import create_key_file
 
     key = create_key_file(file)
     typer.echo(f"noise key: {file} (mode 0600, key id {key.key_id[:16]})")
@@ -201,7 +198,7 @@ app.add_typer(key_app, name="key")
 
 
 @key_app.command("export-digest")
-@reports_errors
+@reports_errors()
 def key_export_digest(
     file: Annotated[Path, typer.Argument(help="Digest key file to create (mode 0600; never overwritten).")],
     noise_key: Annotated[Path | None, typer.Option("--noise-key", help="The key file the directories were prepared with; default your owner key.", show_default=False)] = None,
@@ -211,7 +208,7 @@ def key_export_digest(
 
     Example: guard key export-digest verifier-digest.key
     """
-    from .curation.keys import export_digest_key, owner_key, read_key_file
+    from .keys.secret import export_digest_key, owner_key, read_key_file
 
     key = read_key_file(noise_key) if noise_key is not None else owner_key(create=False).key
     export_digest_key(key, file)
@@ -233,7 +230,7 @@ def _parse_sets(values: list[str]) -> dict[str, Any]:
 
 
 @app.command()
-@reports_errors
+@reports_errors("train")
 def train(
     ctx: typer.Context,
     pipeline: Annotated[Path | None, typer.Option("--pipeline", help="Pipeline YAML: data, method, model, optimizer, schedule.")] = None,
@@ -261,35 +258,22 @@ def train(
 
     Example: guard train --pipeline pipelines/digits.yaml --out runs/digits
     """
-    from .engine.service import pipeline_for_new_run, pipeline_of_run, train_recorded
-
-    if (pipeline is None) == (resume is None):
-        raise InputError("give either --pipeline (a new run) or --resume RUN_DIR (continue one)")
     dp = {f"privacy.{key}": value for key, value in (
         ("epsilon", dp_epsilon), ("delta", dp_delta), ("max_grad_norm", dp_max_grad_norm), ("accountant", dp_accountant),
         ("stages", dp_stages.split(",") if dp_stages else None), ("physical_batch", dp_physical_batch), ("lr", dp_lr)) if value is not None}
-    if resume is not None:
-        if out or method or device or seed is not None or sets or dp or verify_key:
-            raise InputError("--resume continues a run with its saved config; other options (but --data and "
-                             "--allow-unrecorded) do not apply")
-        from .ledger import ledger_dir
-        from .locations import project_of
-
-        config = pipeline_of_run(resume, data=data, project=project_of(ledger_dir(ledger)))
-    else:
-        overrides = _parse_sets(sets)
-        overrides.update({k: v for k, v in (("device", device), ("seed", seed)) if v is not None})
-        overrides.update(dp)
-        config = pipeline_for_new_run(pipeline, overrides=overrides, data=data, out=out, method=method,  # type: ignore[arg-type]
-                                      verify_key=verify_key)
+    overrides = _parse_sets(sets)
+    overrides.update({k: v for k, v in (("device", device), ("seed", seed)) if v is not None})
+    overrides.update(dp)
+    config = api.training_config(pipeline, resume=resume, data=data, out=out, method=method, overrides=overrides,
+                                 verify_key=verify_key, ledger=ledger)
     _threads(threads, config.threads)  # before torch is imported (training imports it)
-    outcome = train_recorded(config, resume=resume is not None, ledger=ledger, command=_invocation(ctx),
-                             progress=terminal_progress, allow_unrecorded=allow_unrecorded, sign_key=sign_key)
+    outcome = api.train(config, resume=resume, allow_unrecorded=allow_unrecorded, sign_key=sign_key, ledger=ledger,
+                        progress=terminal_progress, command=_invocation(ctx))
     if outcome.checkpoint is not None:
         typer.echo(f"trained {config.method} for {outcome.kimg:g} kimg ({outcome.step} steps, {outcome.seconds:.0f} s)")
         typer.echo(f"run: {outcome.run_dir}")
         typer.echo(f"checkpoint: {outcome.checkpoint}")
-        typer.echo(f"snapshots: {outcome.run_dir / 'snapshots'}")
+        typer.echo(f"snapshots: {outcome.run_dir / SNAPSHOTS}")
         if outcome.privacy:
             p = outcome.privacy
             typer.echo(f"privacy: epsilon {p['epsilon']:.3g} at delta {p['delta']:.3g} ({p['accountant']}), noise multiplier "
@@ -297,7 +281,7 @@ def train(
 
 
 @app.command()
-@reports_errors
+@reports_errors("sample")
 def sample(
     ctx: typer.Context,
     run: Annotated[Path, typer.Option("--run", help="Run directory written by guard train.")],
@@ -318,17 +302,15 @@ def sample(
     Example: guard sample --run runs/digits --n 64 --out samples/digits
     """
     _threads(threads)
-    from .engine.service import sample_recorded
-
-    outcome = sample_recorded(run, ledger=ledger, command=_invocation(ctx), sign_key=sign_key, count=n, out=out, steps=steps, seed=seed,
-                              batch=batch, checkpoint=checkpoint, device=device, progress=terminal_progress,
-                              overwrite=overwrite)
+    outcome = api.sample(run, n=n, out=out, checkpoint=checkpoint, steps=steps, seed=seed, batch=batch, device=device,
+                         overwrite=overwrite, sign_key=sign_key, ledger=ledger, progress=terminal_progress,
+                         command=_invocation(ctx))
     typer.echo(f"wrote {len(outcome.files)} images to {outcome.out} ({outcome.seconds:.1f} s)")
     typer.echo(f"grid: {outcome.grid}")
 
 
 @app.command()
-@reports_errors
+@reports_errors("audit")
 def audit(
     ctx: typer.Context,
     samples: Annotated[Path, typer.Option("--samples", help="Folder of generated PNG/JPEG images to audit (recursive, any size).")],
@@ -357,30 +339,24 @@ def audit(
     Example: guard audit --samples runs/celeba/samples --data prepared/celeba-64 --report runs/celeba/audit
     """
     _threads(threads)
-    from .audit.config import resolve_audit_config
-    from .audit.results import print_summary
-    from .audit.service import audit_recorded
-    from .executor import executor_spec
+    from .auditing.results import print_summary
 
-    chosen = executor_spec(executor, ray_address)
-    settings = resolve_audit_config(config, {
+    result = api.audit(samples, data, report=report, config=config, overrides={
         "embedder.kind": embedder, "embedder.clip_model": clip_model,
         "embedder.clip_weights": str(clip_weights.resolve()) if clip_weights else None,
         "calibration.alpha_copy": alpha_copy, "calibration.alpha_suspect": alpha_suspect, "search.k": k,
         "cache.dir": str(index_cache.resolve()) if index_cache else None,
         "cache.enabled": False if no_index_cache else (True if index_cache else None),
         "report.thumbnails": False if no_thumbnails else None,
-    })
-    result = audit_recorded(samples=samples, data=data, report=report, config=settings, config_path=config,
-                            ledger=ledger, command=_invocation(ctx), data_root=data_root, holdout_dir=holdout,
-                            progress=terminal_progress, executor=chosen, sign_key=sign_key)
+    }, data_root=data_root, holdout=holdout, executor=executor, ray_address=ray_address, sign_key=sign_key, ledger=ledger,
+        progress=terminal_progress, command=_invocation(ctx))
     print_summary(result.summary, report)
     if result.counts["copy"]:
         raise typer.Exit(3)
 
 
 @app.command()
-@reports_errors
+@reports_errors()
 def report(
     sql: Annotated[str | None, typer.Option("--sql", help="Any query over the views events, prepares, trainings, samplings, audits.")] = None,
     fmt: Annotated[Literal["table", "csv", "json", "parquet"], typer.Option("--format", help="Output format (parquet needs --output).")] = "table",
@@ -412,7 +388,7 @@ def report(
     if not documents or sql is not None or output is not None or fmt != "table":
         from .locations import project_of
 
-        emit(report_tables(where, sql), fmt, output, project_of(where))
+        emit(api.report(sql, ledger=where), fmt, output, project_of(where))
     if html is not None:
         from .compliance.html import write_html
 
@@ -432,7 +408,7 @@ def report(
 
 
 @app.command()
-@reports_errors
+@reports_errors()
 def verify(
     run: Annotated[Path, typer.Option("--run", help="Run directory to check, written by guard train.")],
     verify_key: Annotated[Path | None, typer.Option("--verify-key", help="Data owner's Ed25519 public key: also check the prepared directory's card.sig.")] = None,
@@ -451,11 +427,8 @@ def verify(
     import sys
 
     from .compliance.tables import checks_json, print_checks, printable
-    from .compliance.verify import verify_run
-    from .ledger import ledger_dir
-
-    checks = verify_run(run, ledger_dir(ledger), verify_key=verify_key, data=data, digest_key=digest_key,
-                        ledger_keys=ledger_key or [])
+    checks = api.verify(run, verify_key=verify_key, data=data, digest_key=digest_key, ledger_keys=ledger_key or [],
+                        ledger=ledger)
     failed = [c.name for c in checks if not c.passed]
     attention = sum(c.passed and c.attention for c in checks)
     if as_json:
@@ -472,7 +445,7 @@ def verify(
 
 
 @app.command("run")
-@reports_errors
+@reports_errors("run")
 def run_command(
     ctx: typer.Context,
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML naming the policy, the training, the sampling and the audit.")],
@@ -488,11 +461,8 @@ def run_command(
     from .engine.config import load_pipeline
 
     _threads(threads, load_pipeline(pipeline).threads)  # before torch is imported
-    from .ledger import ledger_dir
-    from .run import run_pipeline
-
-    summary = run_pipeline(pipeline, ledger=ledger_dir(ledger), command=_invocation(ctx),
-                           progress=terminal_progress, say=typer.echo, allow_unrecorded=allow_unrecorded, sign_key=sign_key)
+    summary = api.run(pipeline, allow_unrecorded=allow_unrecorded, sign_key=sign_key, ledger=ledger,
+                      progress=terminal_progress, say=typer.echo, command=_invocation(ctx))
     for stage, what in summary.stages.items():
         typer.echo(f"{stage:>8}: {what}")
     typer.echo(f"samples grid: {summary.files['grid']}")
@@ -509,7 +479,7 @@ app.add_typer(signkey_app, name="signkey")
 
 
 @signkey_app.command("create")
-@reports_errors
+@reports_errors()
 def signkey_create(
     private: Annotated[Path, typer.Option("--private", help="Private key file to create (PEM, mode 0600); keep it with the data owner.")],
     public: Annotated[Path, typer.Option("--public", help="Public key file to create (PEM); give it to whoever trains or verifies.")],
@@ -518,7 +488,7 @@ def signkey_create(
 
     Example: guard signkey create --private owner.key --public owner.pub
     """
-    from .signing import create_keypair
+    from .keys.signing import create_keypair
 
     fingerprint = create_keypair(private, public)
     typer.echo(f"private key: {private} (mode 0600)")
@@ -533,8 +503,8 @@ def info(
 
     Example: taskset -c 0 guard info
     """
-    from . import __version__
     from .threads import choose_threads
+    from .version import __version__
 
     choice = choose_threads(threads)
     typer.echo(f"sfbd_guard {__version__}")

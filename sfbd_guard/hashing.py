@@ -77,7 +77,7 @@ def digest_key_id(digest_key: bytes) -> str:
 
 def keyed_digest(digest_key: bytes, pixel_sha256: str) -> str:
     """A pixel digest that confirms nothing without the key: HMAC-SHA256(digest_key, the 32 bytes of a hex
-    pixel sha256), hex (digests.py: what a prepared directory says about a record's pixels)."""
+    pixel sha256), hex (keys/digests.py: what a prepared directory says about a record's pixels)."""
     import hmac
 
     return hmac.new(digest_key, bytes.fromhex(pixel_sha256), hashlib.sha256).hexdigest()

@@ -28,8 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .errors import GuardError
+from .version import __version__
 
 DEFAULT_LEDGER = Path("guard-ledger")
 ENV_VAR = "GUARD_LEDGER"
@@ -147,7 +147,7 @@ def sign_head(ledger: Path, head: Head, key: Any) -> None:
     import json
 
     from .fileio import atomic_write_bytes
-    from .signing import ALGORITHM, key_fingerprint, raw_public_key
+    from .keys.signing import ALGORITHM, key_fingerprint, raw_public_key
 
     public = key.public_key()
     payload = {"algorithm": ALGORITHM, "seq": head.seq, "head": head.sha256, "public_key": raw_public_key(public).hex(),
@@ -175,8 +175,8 @@ def write_event(ledger: Path, draft: EventDraft, *, status: str, finished_at: da
     from .contracts.events import summary_json
     from .fileio import atomic_write_bytes
     from .hashing import sha256_bytes
+    from .keys.signing import key_fingerprint
     from .locations import project_of, store
-    from .signing import key_fingerprint
 
     finished_at = finished_at or datetime.now(UTC)
     project = project_of(ledger)
@@ -247,7 +247,7 @@ def recorded(ledger: Path, kind: str, command: list[str], sign_key: Path | None 
     (any exception, not only a GuardError; Ctrl-C is recorded as `interrupted`). The error propagates.
     `sign_key` (a private key file, guard signkey create) signs the ledger head the event makes; it is read
     before the work starts, so a bad key file is an error before anything runs."""
-    from .signing import load_private_key
+    from .keys.signing import load_private_key
 
     key = load_private_key(sign_key) if sign_key is not None else None
     draft = EventDraft(kind=kind, command=command)

@@ -14,7 +14,7 @@ Relative paths are written as POSIX paths (`prepared/digits-8`, `../../prepared/
 them against the same base; a relative path that leads outside the project (`../../etc`, or a symlink out)
 is never opened (`resolve` returns None, and the caller refuses it, naming the file, key and value). Files
 written before this rule hold absolute paths only, which read as they always did. Finding a run's moved
-prepared directory: relocate.py.
+prepared directory: prepared/relocate.py.
 """
 
 from __future__ import annotations

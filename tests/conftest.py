@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.synthetic import write_celeba, write_cifar10
 from sfbd_guard.cli import main
-from sfbd_guard.datasets.synthetic import write_celeba, write_cifar10
 
 
 def _owner_config(folder: Path, monkeypatch: pytest.MonkeyPatch, lineage: Path) -> None:

@@ -39,7 +39,7 @@ def key_file(folder: Path, name: str = "noise.key", secret: bytes | None = None)
     `secret`, that fixed secret in the same format (tests whose margins depend on the noise drawn)."""
     import os
 
-    from sfbd_guard.curation.keys import HEADER, create_key_file
+    from sfbd_guard.keys.secret import HEADER, create_key_file
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
@@ -54,13 +54,13 @@ def key_file(folder: Path, name: str = "noise.key", secret: bytes | None = None)
 
 
 def lineage(prepared: Path):  # type: ignore[no-untyped-def]
-    """The owner's full manifest of a prepared directory (file names, metadata, plain sha256: owner.py), found by
+    """The owner's full manifest of a prepared directory (file names, metadata, plain sha256: keys/owner.py), found by
     its card's fingerprint in the test's owner folder (XDG_CONFIG_HOME, conftest.py), as an Arrow table."""
     import json
 
     import pyarrow.parquet as pq
 
-    from sfbd_guard.owner import lineage_path
+    from sfbd_guard.keys.owner import lineage_path
 
     return pq.read_table(lineage_path(json.loads((prepared / "card.json").read_text())["fingerprint"]))
 
@@ -105,8 +105,8 @@ def plant_samples(prepared: Path, out: Path, *, copies: int, novel: int, seed: i
     import pyarrow.parquet as pq
     from PIL import Image
 
+    from fixtures.synthetic import random_image
     from sfbd_guard.datasets import SourceSpec, open_reader
-    from sfbd_guard.datasets.synthetic import random_image
 
     card = json.loads((prepared / "card.json").read_text())
     rows = pq.read_table(prepared / "manifest.parquet", columns=["record_id", "partition"]).to_pylist()
@@ -145,8 +145,8 @@ def write_image_set(folder: Path, count: int, size: int = 24,
                     per_shard: int = 4, seed: int = 0) -> dict[str, Path]:
     """The same `count` PNG images and metadata (columns key, caption, license, opt_out) as an image folder with
     metadata.jsonl, as WebDataset shards and as Parquet files (HF struct): {format: dataset root}. See
-    sfbd_guard.datasets.synthetic.write_image_set."""
-    from sfbd_guard.datasets.synthetic import write_image_set as write
+    fixtures.synthetic.write_image_set."""
+    from fixtures.synthetic import write_image_set as write
 
     return write(folder, count, size, formats, per_shard=per_shard, seed=seed)
 

@@ -14,7 +14,7 @@ from PIL import Image
 from helpers import celeba_policy, plant_samples, read_events, write_policy
 from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.datasets.celeba import CelebAReader
-from sfbd_guard.policy import load_policy
+from sfbd_guard.policy.model import load_policy
 
 
 @pytest.fixture(scope="module")

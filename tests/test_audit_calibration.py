@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from helpers import write_policy
-from sfbd_guard.audit import calibrate as cal
-from sfbd_guard.audit.config import AuditConfig
+from sfbd_guard.auditing import calibrate as cal
+from sfbd_guard.auditing.config import AuditConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import celeba_policy, plant_samples, write_policy
-from sfbd_guard.audit.clip import ClipEmbedder
 from sfbd_guard.curation.prepare import prepare
+from sfbd_guard.embedding.clip import ClipEmbedder
 from sfbd_guard.errors import InputError
-from sfbd_guard.policy import load_policy
+from sfbd_guard.policy.model import load_policy
 
 TINY = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
         "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sfbd_guard.audit import calibrate as cal
-from sfbd_guard.audit.checks import Scores, Thresholds, relative_l2, verdicts
-from sfbd_guard.audit.config import AuditConfig, SearchSpec, resolve_audit_config
-from sfbd_guard.audit.embed import PixelEmbedder, downsample
-from sfbd_guard.audit.index import InnerProductIndex, Neighbours, l2_neighbours, merge_mirrored
+from sfbd_guard.auditing import calibrate as cal
+from sfbd_guard.auditing.checks import Scores, Thresholds, relative_l2, verdicts
+from sfbd_guard.auditing.config import AuditConfig, SearchSpec, resolve_audit_config
+from sfbd_guard.auditing.index import InnerProductIndex, Neighbours, l2_neighbours, merge_mirrored
+from sfbd_guard.embedding.embed import PixelEmbedder, downsample
 from sfbd_guard.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -113,14 +113,15 @@ def test_verify_fails_for_an_edited_array_and_a_missing_audit(chain, tmp_path, c
 
 
 def test_run_resumes_after_an_interrupted_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
-    from sfbd_guard import run as module
+    from sfbd_guard.stages import STAGES
 
     pipeline = write_chain(tmp_path)
 
     def crash(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(module, "_audit", crash)
+    (audit,) = [stage for stage in STAGES if stage.name == "audit"]
+    monkeypatch.setattr(audit, "run", crash)
     assert _guard("run", pipeline, "--ledger", tmp_path / "ledger") == 130  # interrupted, as by Ctrl-C
     monkeypatch.undo()
     capsys.readouterr()
@@ -328,7 +329,7 @@ def test_guard_run_checks_the_pixel_digests_with_the_owners_digest_key(chain: tu
 
 def test_another_directorys_digest_key_is_named_not_read_as_tampering(chain: tuple[Path, Path], tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    from sfbd_guard.digests import DIGEST_HEADER, write_secret_file
+    from sfbd_guard.keys.digests import DIGEST_HEADER, write_secret_file
 
     folder, ledger = chain
     other = tmp_path / "other.key"

@@ -22,8 +22,8 @@ import pytest
 
 from helpers import guard as _guard
 from helpers import read_events, tiny_pipeline, write_policy
-from sfbd_guard.contracts import read_events as read_typed_events
 from sfbd_guard.contracts.events import SUMMARIES, ArtifactColumn, EventSummary, SummaryColumn, TrainSummary
+from sfbd_guard.contracts.events import read_events as read_typed_events
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_audit_summary_faults_are_one_line_naming_file_and_key(chain: Path, tmp_
 
 
 def test_audit_summary_reads_back_as_written(chain: Path) -> None:
-    from sfbd_guard.contracts import read_audit_summary
+    from sfbd_guard.contracts.audit_summary import read_audit_summary
     from sfbd_guard.contracts.base import dump
 
     summary = read_audit_summary(chain / "run" / "audit")
@@ -291,7 +291,7 @@ def test_a_view_column_naming_no_field_of_its_model_is_refused() -> None:
 # --- card bytes, the tolerant card check, hashing ---------------------------------------------------------------
 
 def test_the_card_writer_writes_the_bytes_of_the_card(chain: Path, tmp_path: Path) -> None:
-    from sfbd_guard.contracts.card import read_card, write_card
+    from sfbd_guard.prepared.card import read_card, write_card
 
     card = read_card(chain / "prepared")
     write_card(tmp_path, card)
@@ -301,7 +301,7 @@ def test_the_card_writer_writes_the_bytes_of_the_card(chain: Path, tmp_path: Pat
 
 def test_a_card_of_an_earlier_version_is_read(chain: Path, tmp_path: Path) -> None:
     """Cards written before the noise was keyed (noise_seed, no noise_key_*) still read: their noise is invertible."""
-    from sfbd_guard.contracts.card import read_card, write_card
+    from sfbd_guard.prepared.card import read_card, write_card
 
     old = json.loads((chain / "prepared" / "card.json").read_text())
     for key in ("noise_key_id", "noise_key_source", "noise_generator"):
@@ -316,7 +316,7 @@ def test_a_card_of_an_earlier_version_is_read(chain: Path, tmp_path: Path) -> No
 
 
 def test_the_overwrite_check_uses_the_card_contract_in_its_tolerant_mode(tmp_path: Path) -> None:
-    from sfbd_guard.contracts.card import card_problem
+    from sfbd_guard.prepared.card import card_problem
 
     (tmp_path / "card.json").write_text(json.dumps({"fingerprint": "x", "files": {}, "tool_version": "0", "policy_sha256": "y"}))
     assert card_problem(tmp_path) is None  # a card of any version: its identity keys are enough
@@ -357,14 +357,14 @@ def test_only_hashing_imports_hashlib() -> None:
     import ast
 
     package = Path(__file__).resolve().parents[1] / "sfbd_guard"
-    allowed = {package / "hashing.py", package / "curation" / "noise.py", package / "curation" / "keys.py"}
+    allowed = {package / "hashing.py", package / "curation" / "noise.py", package / "keys" / "secret.py"}
     for path in package.rglob("*.py"):
         tree = ast.parse(path.read_text())
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         if "hashlib" in names and path not in allowed:
             pytest.fail(f"{path.relative_to(package)} imports hashlib; use sfbd_guard.hashing")
-    for name in ("noise.py", "keys.py"):
-        assert "hashlib.sha256(" not in (package / "curation" / name).read_text(), name
+    for path in (package / "curation" / "noise.py", package / "keys" / "secret.py"):
+        assert "hashlib.sha256(" not in path.read_text(), path
 
 
 def test_the_contracts_import_no_heavy_library() -> None:

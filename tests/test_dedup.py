@@ -12,14 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageEnhance
 
+from fixtures.synthetic import write_imagefolder
 from helpers import key_file, lineage, write_policy
 from sfbd_guard.curation import dedup
 from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.datasets import base as base_module
-from sfbd_guard.datasets.synthetic import write_imagefolder
 from sfbd_guard.errors import ConfigError
-from sfbd_guard.policy import load_policy
-from sfbd_guard.prepared import open_prepared
+from sfbd_guard.policy.model import load_policy
+from sfbd_guard.prepared.reader import open_prepared
 from sfbd_guard.symmetry import GENERATORS, grid_variants, group
 
 SIGMA = 0.5
@@ -65,7 +65,7 @@ def run(tmp_path: Path, root: Path, name: str, *, workers: int = 1, **extra: Any
 
 
 def manifest(output: Path) -> dict[str, dict[str, Any]]:
-    return {r["record_id"]: r for r in lineage(output).to_pylist()}  # the owner's full manifest (owner.py)
+    return {r["record_id"]: r for r in lineage(output).to_pylist()}  # the owner's full manifest (keys/owner.py)
 
 
 def clean_hashes(output: Path) -> set[str]:
@@ -338,7 +338,7 @@ def test_the_finer_look_keeps_jpeg_resized_and_contrast_reduced_copies(tmp_path:
 
 
 def test_the_fine_threshold_follows_the_threshold(tmp_path: Path) -> None:
-    from sfbd_guard.policy import DedupSpec
+    from sfbd_guard.policy.model import DedupSpec
 
     assert DedupSpec().effective_fine_threshold == 0.97
     assert DedupSpec(threshold=0.95).effective_fine_threshold == 0.93
@@ -354,11 +354,11 @@ def test_verify_reads_the_own_rule_of_a_demoted_copy(tmp_path: Path) -> None:
     load that column (it did not, so every demoted copy counted as an opt-out, and a held-out one was never skipped)."""
     import shutil
 
+    from fixtures.synthetic import write_imagefolder
     from helpers import write_policy
     from sfbd_guard.compliance.verify import _manifest
     from sfbd_guard.curation.prepare import prepare
-    from sfbd_guard.datasets.synthetic import write_imagefolder
-    from sfbd_guard.policy import load_policy
+    from sfbd_guard.policy.model import load_policy
 
     root = write_imagefolder(tmp_path / "images", [{"file_name": f"{i}.png", "license": "CC0-1.0" if i < 3 else None}
                                                    for i in range(6)])

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import guard, key_file, write_policy
 from sfbd_guard.errors import ConfigError, InputError
-from sfbd_guard.policy import CLIP_THRESHOLD, load_policy
+from sfbd_guard.policy.model import CLIP_THRESHOLD, load_policy
 from test_audit_clip import clip_files  # noqa: F401  (the module-scoped fixture that writes the tiny model)
 from test_dedup import dataset, manifest, run
 

@@ -50,7 +50,7 @@ def test_karras_sigmas_endpoints() -> None:
 
 
 def test_reference_sigmas_lie_on_edm_grids() -> None:
-    # sfbd.md §1: 0.59 and 1.3824 are points of the rho=7 grids with 18 and 40 steps.
+    # 0.59 and 1.3824 are points of the rho=7 grids with 18 and 40 steps.
     assert karras_sigmas(18).sub(0.58535).abs().min().item() < 1e-4
     assert karras_sigmas(40).sub(1.38237).abs().min().item() < 1e-4
 

@@ -19,7 +19,7 @@ from helpers import digits_policy, tiny_pipeline, write_policy
 from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.engine.config import load_pipeline
 from sfbd_guard.engine.service import train
-from sfbd_guard.policy import load_policy
+from sfbd_guard.policy.model import load_policy
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import yaml
 
 from helpers import lineage, write_policy
 from sfbd_guard.curation import dedup
-from sfbd_guard.policy import DUPLICATE_RULE, Rule
+from sfbd_guard.policy.model import DUPLICATE_RULE, Rule
 from sfbd_guard.symmetry import group
 
 RULES = [{"name": "licensed", "action": "clean", "where": "index % 2 = 0"},
@@ -33,7 +33,7 @@ def test_exclude_decides_first_then_holdout_then_the_licence_rules(tmp_path: Pat
     pool minus the opt-outs: an opt-out is never held out, and clean records are held out as often as others."""
     import pyarrow as pa
 
-    from sfbd_guard.curation.rules import decide
+    from sfbd_guard.policy.rules import decide
 
     metadata = pa.table({"record_id": [f"r{i:04d}" for i in range(1000)], "index": list(range(1000))})
     decisions = decide(metadata, [Rule.model_validate(r) for r in RULES], base_dir=tmp_path, source="test")
@@ -67,8 +67,8 @@ def test_a_mixed_cluster_drops_the_holdout_record(actions: list[str], dropped: s
 def test_prepare_audit_verify_with_a_holdout(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Held-out records: partition excluded without a file, counted on the card, calibrate the audit by themselves
     (no calibration.holdout_rules), and verify does not count them as opt-outs."""
-    from sfbd_guard.audit.config import AuditConfig
-    from sfbd_guard.audit.service import run_audit
+    from sfbd_guard.auditing.config import AuditConfig
+    from sfbd_guard.auditing.service import run_audit
 
     policy = _policy(tmp_path, RULES)
     assert cli("prepare", "--policy", policy, "--ephemeral-key").code == 0
@@ -94,7 +94,7 @@ def test_prepare_audit_verify_with_a_holdout(cli, tmp_path: Path) -> None:  # ty
     assert th.method == "holdout" and th.holdout["source"] == "rules:held-out"
     assert th.holdout["count"] + th.holdout["dropped"]["copy_of_protected"] <= len(held)
     from sfbd_guard.compliance.verify import check_opt_outs
-    from sfbd_guard.prepared import read_prepared_card
+    from sfbd_guard.prepared.reader import read_prepared_card
 
     class _Prepared:
         root = prepared

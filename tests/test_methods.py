@@ -23,7 +23,7 @@ from sfbd_guard.engine.methods import plan
 from sfbd_guard.engine.runtime import Runtime
 from sfbd_guard.engine.service import train
 from sfbd_guard.engine.sfbd import linear_ramp
-from sfbd_guard.policy import load_policy
+from sfbd_guard.policy.model import load_policy
 
 SFBD_SCHEDULE = {"pretrain_kimg": 0.064, "rounds": 2, "round_kimg": 0.048}  # 4 + 3 + 3 steps of 16
 

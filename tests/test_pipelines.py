@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sfbd_guard.audit import resolve_audit_config
+from sfbd_guard.auditing import resolve_audit_config
 from sfbd_guard.engine.config import load_pipeline
 from sfbd_guard.engine.trainer import build_net
-from sfbd_guard.policy import load_policy
+from sfbd_guard.policy.model import load_policy
 
 PIPELINES = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.yaml"))
 

@@ -8,7 +8,7 @@ import pytest
 
 from helpers import celeba_policy, write_policy
 from sfbd_guard.errors import ConfigError
-from sfbd_guard.policy import load_policy
+from sfbd_guard.policy.model import load_policy
 
 REPO = Path(__file__).resolve().parents[1]
 

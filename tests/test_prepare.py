@@ -9,15 +9,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from fixtures.synthetic import write_imagefolder
 from helpers import celeba_policy, key_file, lineage, write_policy
-from sfbd_guard.curation.keys import read_key_file
 from sfbd_guard.curation.noise import keyed_normals, record_key
 from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.datasets import SourceSpec, open_reader
-from sfbd_guard.datasets.synthetic import write_imagefolder
 from sfbd_guard.errors import DataError, InputError
 from sfbd_guard.hashing import pixel_sha256, sha256_file
-from sfbd_guard.policy import load_policy
+from sfbd_guard.keys.secret import read_key_file
+from sfbd_guard.policy.model import load_policy
 
 
 def _prepare(tmp_path: Path, policy: dict, name: str = "p.yaml", **options: object):  # type: ignore[no-untyped-def]

@@ -107,9 +107,9 @@ def test_channels_1_stores_the_luma_and_the_audit_reads_the_same(tmp_path: Path,
     the audit's reader of the protected originals gives the very pixels whose sha256 prepare recorded."""
     from PIL import Image
 
-    from sfbd_guard.audit.originals import iter_protected, read_prepared
-    from sfbd_guard.contracts.card import read_card
+    from sfbd_guard.auditing.originals import iter_protected, read_prepared
     from sfbd_guard.datasets import SourceSpec, open_reader
+    from sfbd_guard.prepared.card import read_card
 
     for fmt in FORMATS:
         policy = yaml.safe_load(_policy(tmp_path / fmt, fmt, image_set[fmt], tmp_path / f"grey-{fmt}").read_text())

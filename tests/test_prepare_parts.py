@@ -12,15 +12,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from fixtures.synthetic import write_imagefolder
 from helpers import key_file, lineage, write_policy
 from sfbd_guard.curation import prepare as prepare_module
 from sfbd_guard.curation.prepare import ordered_map, prepare
 from sfbd_guard.curation.records import SchemaUnion, conform
 from sfbd_guard.datasets import READERS, DatasetReader, Loaded, Part
 from sfbd_guard.datasets import base as base_module
-from sfbd_guard.datasets.synthetic import write_imagefolder
 from sfbd_guard.errors import ImageDecodeError, InputError
-from sfbd_guard.policy import load_policy
+from sfbd_guard.policy.model import load_policy
 
 
 def _files(root: Path) -> dict[str, bytes]:

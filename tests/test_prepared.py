@@ -17,8 +17,8 @@ from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.errors import VerificationError
 from sfbd_guard.fileio import atomic_write_json
 from sfbd_guard.hashing import sha256_file
-from sfbd_guard.policy import load_policy
-from sfbd_guard.prepared import open_prepared
+from sfbd_guard.policy.model import load_policy
+from sfbd_guard.prepared.reader import open_prepared
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sfbd_guard"
 
@@ -94,7 +94,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_the_trainer_side_never_imports_the_dataset_readers() -> None:
-    trainer_side = [PACKAGE / "prepared.py"] + [p for d in ("diffusion", "engine") for p in (PACKAGE / d).rglob("*.py")]
+    trainer_side = [PACKAGE / "prepared/reader.py"] + [p for d in ("diffusion", "engine") for p in (PACKAGE / d).rglob("*.py")]
     for path in trainer_side:
         for name in _imports(path):
             assert "datasets" not in name and "curation" not in name, f"{path.name} imports {name}"
@@ -106,7 +106,7 @@ def test_the_trainer_side_does_not_load_the_readers_even_indirectly() -> None:
     import sys
 
     code = ("import sys; import sfbd_guard.engine.service, sfbd_guard.engine.trainer, sfbd_guard.engine.sfbd, "
-            "sfbd_guard.engine.privacy, sfbd_guard.prepared; "
+            "sfbd_guard.engine.privacy, sfbd_guard.prepared.reader; "
             "print([m for m in sys.modules if m.startswith(('sfbd_guard.datasets', 'sfbd_guard.curation'))])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out

@@ -22,8 +22,8 @@ from sfbd_guard.engine import trainer as trainer_module
 from sfbd_guard.engine.config import load_pipeline
 from sfbd_guard.engine.runtime import Runtime
 from sfbd_guard.engine.service import train, train_recorded
-from sfbd_guard.policy import load_policy
-from sfbd_guard.prepared import open_prepared
+from sfbd_guard.policy.model import load_policy
+from sfbd_guard.prepared.reader import open_prepared
 
 EPSILON = 8.0
 FIXED_PRIVATE_SEED = 20261202  # tests that compare two private runs fix the secret seed of the DP randomness

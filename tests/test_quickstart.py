@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sfbd_guard.datasets.synthetic import write_imagefolder
+from fixtures.synthetic import write_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
 HEADING = "## Quickstart: your own folder of images"

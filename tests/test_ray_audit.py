@@ -15,12 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import plant_samples, write_policy
-from sfbd_guard.audit import ray_embed
-from sfbd_guard.audit.config import resolve_audit_config
-from sfbd_guard.audit.service import run_audit
+from sfbd_guard.auditing.config import resolve_audit_config
+from sfbd_guard.auditing.service import run_audit
 from sfbd_guard.curation.prepare import prepare
+from sfbd_guard.embedding import ray_embed
 from sfbd_guard.executor import LOCAL, ExecutorSpec
-from sfbd_guard.policy import load_policy
+from sfbd_guard.policy.model import load_policy
 
 ray = pytest.importorskip("ray")
 RAY = ExecutorSpec("ray")

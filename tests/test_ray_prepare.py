@@ -18,7 +18,7 @@ from sfbd_guard.curation import ray_parts
 from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.datasets import base as base_module
 from sfbd_guard.executor import ExecutorSpec
-from sfbd_guard.policy import load_policy
+from sfbd_guard.policy.model import load_policy
 
 ray = pytest.importorskip("ray")
 RAY = ExecutorSpec("ray")

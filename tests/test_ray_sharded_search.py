@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 import pytest
 
-from sfbd_guard.knn import Shards, knn
+from sfbd_guard.embedding.knn import Shards, knn
 
 
 def _flat(refs: np.ndarray, queries: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:

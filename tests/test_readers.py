@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fixtures.synthetic import CELEBA_ATTRIBUTES, write_imagefolder
 from sfbd_guard.datasets import SourceSpec, open_reader
-from sfbd_guard.datasets.synthetic import CELEBA_ATTRIBUTES, write_imagefolder
 from sfbd_guard.errors import ImageDecodeError, InputError
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from fixtures.synthetic import write_imagefolder
 from sfbd_guard.datasets import SourceSpec, open_reader
-from sfbd_guard.datasets.synthetic import write_imagefolder
 from sfbd_guard.errors import ConfigError, InputError
 
 
@@ -67,8 +67,8 @@ def test_a_named_split_without_split_folders_says_so(tmp_path: Path) -> None:
 
 
 def test_a_where_on_a_missing_column_names_the_format(tmp_path: Path) -> None:
-    from sfbd_guard.curation.rules import decide
-    from sfbd_guard.policy import Rule
+    from sfbd_guard.policy.model import Rule
+    from sfbd_guard.policy.rules import decide
 
     metadata = pa.table({"record_id": ["a.png"], "license": ["CC0-1.0"]})
     rules = [Rule(name="opt-out", action="exclude", where="opt_out"), Rule(name="rest", action="protect")]
@@ -81,7 +81,7 @@ def test_a_where_on_a_missing_column_names_the_format(tmp_path: Path) -> None:
 
 def test_the_audit_holdout_reads_the_other_split_folders(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from helpers import write_policy
-    from sfbd_guard.audit.originals import holdout_from_splits, holdout_splits, iter_protected, read_prepared
+    from sfbd_guard.auditing.originals import holdout_from_splits, holdout_splits, iter_protected, read_prepared
 
     root = _images(tmp_path / "d", [f"train/{i}.png" for i in range(6)] + [f"test/{i}.png" for i in range(3)]
                    + ["validation/v.png"])

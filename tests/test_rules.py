@@ -7,9 +7,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from sfbd_guard.curation.rules import decide
 from sfbd_guard.errors import ConfigError, InputError
-from sfbd_guard.policy import Rule, SampleSpec
+from sfbd_guard.policy.model import Rule, SampleSpec
+from sfbd_guard.policy.rules import decide
 
 
 def _records(count: int = 20) -> pa.Table:

@@ -21,10 +21,10 @@ from sfbd_guard.engine.config import load_pipeline
 from sfbd_guard.engine.data import MappedImages, Mixture, Source, TensorImages
 from sfbd_guard.engine.service import pipeline_of_run, train
 from sfbd_guard.hashing import sha256_file
-from sfbd_guard.mapped import MappedRows
-from sfbd_guard.noise_check import check_protected
-from sfbd_guard.policy import load_policy
-from sfbd_guard.prepared import open_prepared
+from sfbd_guard.policy.model import load_policy
+from sfbd_guard.prepared.mapped import MappedRows
+from sfbd_guard.prepared.noise_check import check_protected
+from sfbd_guard.prepared.reader import open_prepared
 
 SFBD_SCHEDULE = {"pretrain_kimg": 0.064, "rounds": 2, "round_kimg": 0.048}  # 4 + 3 + 3 steps of 16
 ONLINE_SCHEDULE = {"pretrain_kimg": 0.064, "total_kimg": 0.192, "refresh_every": 2, "refresh_size": 100}  # 4 + 8
@@ -234,56 +234,28 @@ def test_a_crashed_online_run_resumes_exactly(tmp_path: Path, digits8: Path, mon
     assert _same_ema(straight, tmp_path / "crashed")
 
 
-def test_a_checkpoint_of_an_earlier_version_with_the_bank_in_its_state_resumes(
+def test_a_checkpoint_inside_the_online_phase_without_its_bank_is_refused(
         tmp_path: Path, digits8: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resume needs the bank as of its checkpoint: one without it (damaged, or not written by guard train) would
+    silently train on another bank, so it is refused in one line, and nothing of the run is lost."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    straight, config = _straight_and_crashed(tmp_path, digits8, monkeypatch, "old", 10, method="online-sfbd",
-                                             schedule=ONLINE_SCHEDULE, checkpoint_every=3)
+    from sfbd_guard.errors import InputError
+
+    _, config = _straight_and_crashed(tmp_path, digits8, monkeypatch, "old", 10, method="online-sfbd",
+                                      schedule=ONLINE_SCHEDULE, checkpoint_every=3)
     latest = tmp_path / "old" / "checkpoints" / "step-000000009"
-    with safe_open(latest / "state.safetensors", framework="pt") as handle:  # rewritten as earlier versions wrote it
-        meta = handle.metadata()
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    state = json.loads(meta["state"])
-    del state["attachments"]
-    tensors["state.bank"] = torch.from_numpy(np.load(latest / "bank.npy"))
-    save_file(tensors, latest / "state.safetensors", metadata={**meta, "state": json.dumps(state)})
-    (latest / "bank.npy").unlink()
-    shutil.rmtree(tmp_path / "old" / "bank")
-    assert train(config, resume=True).step == 12
-    assert _same_ema(straight, tmp_path / "old")
-
-
-def test_a_round_set_of_an_earlier_version_is_rewritten_as_shards(tmp_path: Path, digits8: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """A run stopped inside round 1 by an earlier version (rounds/round-01.safetensors, no fingerprint in its
-    checkpoint) resumes on that same set, rewritten as shards."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from sfbd_guard.engine.denoise import record_digest
-
-    straight, config = _straight_and_crashed(tmp_path, digits8, monkeypatch, "old", 6, method="sfbd",
-                                             schedule=SFBD_SCHEDULE, checkpoint_every=1)
-    run = tmp_path / "old"
-    folder = run / "rounds" / "round-01"
-    denoised = torch.from_numpy(np.concatenate([np.load(p) for p in sorted(folder.glob("part-*.npy"))]))
-    ids = open_prepared(digits8).protected.record_ids
-    save_file({"denoised": denoised}, run / "rounds" / "round-01.safetensors",
-              metadata={"round": "1", "records": str(len(ids)), "record_ids_sha256": record_digest(ids)})
-    shutil.rmtree(folder)
-    latest = run / "checkpoints" / "step-000000005"
     with safe_open(latest / "state.safetensors", framework="pt") as handle:
         meta = handle.metadata()
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
     state = json.loads(meta["state"])
-    del state["info"]["round_set"], state["attachments"]
+    del state["attachments"]
     save_file(tensors, latest / "state.safetensors", metadata={**meta, "state": json.dumps(state)})
-    (run / "checkpoints" / "latest").write_text(latest.name)
-    assert train(config, resume=True).step == 10
-    assert sorted(p.name for p in folder.iterdir()) == ["part-00000.npy", "round.json"]
-    assert _same_ema(straight, run)
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "old").rglob("*"))
+    with pytest.raises(InputError, match="holds no copy of the bank"):
+        train(config, resume=True)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "old").rglob("*")) == before
 
 
 @pytest.mark.parametrize("method", ["sfbd", "online-sfbd"])

@@ -20,7 +20,7 @@ from sfbd_guard.engine.config import DenoiseSpec, ValidationSpec, load_pipeline
 from sfbd_guard.engine.data import RowSubset, TensorImages
 from sfbd_guard.engine.service import train
 from sfbd_guard.engine.validation import Measure, Validator, _sure, held_back_rows
-from sfbd_guard.policy import load_policy
+from sfbd_guard.policy.model import load_policy
 
 
 @settings(max_examples=25, deadline=None)

@@ -13,14 +13,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..contracts.card import Card, read_card
 from ..contracts.events import TrainSummary
 from ..contracts.run_record import read_run_record
 from ..errors import InputError
 from ..fileio import atomic_write_bytes, owner_only_dirs
 from ..ledger import current_head
 from ..locations import project_of
-from ..relocate import prepared_of_run
+from ..prepared.card import Card, read_card
+from ..prepared.relocate import prepared_of_run
+from ..rundir import RunPaths
 from .chains import Chain, gather
 from .composition import Exclusions, demoted, exclusions, holdout_rules_of, licence_counts, source_words, trained_licences
 from .markdown import code, row, text
@@ -100,7 +101,7 @@ def model_card_text(run_dir: Path, ledger: Path, data: Path | None = None) -> st
     from huggingface_hub import ModelCard, ModelCardData
 
     run_dir = run_dir.resolve()
-    if not (run_dir / "run.json").is_file():
+    if not RunPaths(run_dir).record.is_file():
         raise InputError(f"{run_dir}: not a run directory (no run.json)", hint="--run takes a directory written by guard train")
     record = read_run_record(run_dir)
     folder = prepared_of_run(run_dir, record.data, record.data_fingerprint, project_of(ledger), data)

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..contracts.audit_summary import AuditSummary, read_audit_summary
-from ..contracts.card import Card, read_card
 from ..contracts.events import Event, read_events
 from ..errors import GuardError
 from ..locations import project_of, resolve
+from ..prepared.card import Card, read_card
+from ..rundir import AUDIT_SUMMARY
 from .check import Check
 from .verify import verify_run
 
@@ -126,7 +127,7 @@ def _latest_audit(chain: Chain, project: Path) -> None:
     audits = chain.ok("audit")
     if not audits:
         return
-    for artifact in audits[-1].artifacts("outputs", "summary.json"):
+    for artifact in audits[-1].artifacts("outputs", AUDIT_SUMMARY):
         where = resolve(artifact.path, project)
         if where is None:
             continue

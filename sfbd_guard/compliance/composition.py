@@ -9,26 +9,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..contracts.card import Card, CardRule
 from ..errors import InputError
+from ..prepared.card import Card, CardRule
+from ..prepared.layout import CARD, MANIFEST
 from .markdown import code, text
 
 NO_LICENCE = "NOASSERTION"  # SPDX: no licence information for the record
 
 
 def licence_counts(data: Path) -> Counter[tuple[str, str]] | None:
-    """{(partition, SPDX licence): records} from the manifest, or the owner's lineage (owner.py) when the policy
+    """{(partition, SPDX licence): records} from the manifest, or the owner's lineage (keys/owner.py) when the policy
     kept `license` out of the manifest; None when neither has a `license` column."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ..contracts.card import read_card
-    from ..owner import lineage_path
+    from ..keys.owner import lineage_path
+    from ..prepared.card import read_card
 
-    manifest = data / "manifest.parquet"
+    manifest = data / MANIFEST
     try:
         if "license" not in pq.read_schema(manifest).names:  # not allow-listed: the owner's lineage has it
-            lineage = lineage_path(read_card(data).fingerprint) if (data / "card.json").is_file() else None
+            lineage = lineage_path(read_card(data).fingerprint) if (data / CARD).is_file() else None
             if lineage is None or not lineage.is_file() or "license" not in pq.read_schema(lineage).names:
                 return None
             manifest = lineage

@@ -8,14 +8,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
 from ..contracts.audit_summary import read_audit_summary
-from ..contracts.card import Card, read_card
 from ..contracts.run_record import read_run_record
 from ..errors import GuardError, InputError
 from ..fileio import atomic_write_bytes, owner_only_dirs
 from ..locations import project_of
-from ..relocate import prepared_of_run
+from ..prepared.card import Card, read_card
+from ..prepared.relocate import prepared_of_run
+from ..rundir import RunPaths
+from ..version import __version__
 from .composition import Exclusions, exclusions, holdout_rules_of, licence_counts, rule_words, source_words
 from .markdown import code, row, text
 from .verify import transforms_words
@@ -131,7 +132,7 @@ def datasheet(run_dir: Path, ledger: Path, data: Path | None = None) -> str:
     """The datasheet of the run in `run_dir`; its prepared directory is `data` (--data), else run.json's
     (`relocate.prepared_of_run`: relative to the run, or found by its fingerprint in the project)."""
     run_dir = run_dir.resolve()
-    if not (run_dir / "run.json").is_file():
+    if not RunPaths(run_dir).record.is_file():
         raise InputError(f"{run_dir}: not a run directory (no run.json)")
     run = read_run_record(run_dir)
     data = prepared_of_run(run_dir, run.data, run.data_fingerprint, project_of(ledger), data)

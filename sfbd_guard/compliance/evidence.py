@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..ledger import HEAD_FILE, SIGNATURES
+from ..prepared.layout import CARD, CLEAN, MANIFEST, PROTECTED, SIGNATURE
+from ..rundir import AUDIT_SUMMARY, AUDIT_TABLE, REPORT, RunPaths
 
 
 def _in(folder: Path | None, name: str) -> Path | None:
@@ -24,20 +26,20 @@ def _sources(run_dir: Path, prepared: Path | None, ledger: Path, audit: Path | N
         return _in(audit, name)
 
     return {
-        "consumed arrays": [run_dir / "run.json", ledger / "train", data("card.json"), data("manifest.parquet")],
-        "provenance": [ledger / "prepare", data("card.json")],
-        "signature": [data("card.sig"), data("card.json")],
-        "noise": [data("card.json"), data("manifest.parquet")],
-        "noise statistics": [data("protected"), data("card.json")],
-        "releases": [data("card.json")],
-        "no protected pixels": [data("manifest.parquet"), data("clean")],
-        "opt-outs": [data("manifest.parquet"), data("clean"), data("protected")],
-        "duplicates": [data("manifest.parquet"), data("card.json")],
-        "audit": [report("summary.json"), report("samples.parquet"), report("report.html"), ledger / "audit"],
-        "ledger chain": [ledger / HEAD_FILE, ledger, run_dir / "run.json", data("card.json"), report("summary.json")],
+        "consumed arrays": [RunPaths(run_dir).record, ledger / "train", data(CARD), data(MANIFEST)],
+        "provenance": [ledger / "prepare", data(CARD)],
+        "signature": [data(SIGNATURE), data(CARD)],
+        "noise": [data(CARD), data(MANIFEST)],
+        "noise statistics": [data(PROTECTED), data(CARD)],
+        "releases": [data(CARD)],
+        "no protected pixels": [data(MANIFEST), data(CLEAN)],
+        "opt-outs": [data(MANIFEST), data(CLEAN), data(PROTECTED)],
+        "duplicates": [data(MANIFEST), data(CARD)],
+        "audit": [report(AUDIT_SUMMARY), report(AUDIT_TABLE), report(REPORT), ledger / "audit"],
+        "ledger chain": [ledger / HEAD_FILE, ledger, RunPaths(run_dir).record, data(CARD), report(AUDIT_SUMMARY)],
         "ledger signatures": [ledger / SIGNATURES, ledger / HEAD_FILE],
-        "ledger counts": [ledger, data("manifest.parquet"), data("card.json"), run_dir / "run.json",
-                          report("summary.json"), report("samples.parquet")],
+        "ledger counts": [ledger, data(MANIFEST), data(CARD), RunPaths(run_dir).record,
+                          report(AUDIT_SUMMARY), report(AUDIT_TABLE)],
     }
 
 

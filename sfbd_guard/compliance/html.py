@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from .. import __version__
-from ..audit.html import similarity_chart
+from ..auditing.html import similarity_chart
 from ..charts import Frame, bar_chart, line_chart
 from ..contracts.events import Event
 from ..fileio import atomic_write_bytes, owner_only_dirs
 from ..locations import project_of, resolve
+from ..rundir import GRID, REPORT, SIMILARITY, SNAPSHOTS, RunPaths
 from ..templating import markup, render
+from ..version import __version__
 from .chains import Chain, gather, message
 
 PARTITION_COLOURS = {"clean": "#2ca02c", "protected": "#1f77b4", "excluded": "#7f7f7f", "error": "#d62728",
@@ -64,9 +65,10 @@ def _png(path: Path | None) -> Any:
 
 
 def _grid(run_dir: Path) -> Path | None:
-    if (run_dir / "samples" / "grid.png").is_file():
-        return run_dir / "samples" / "grid.png"
-    snapshots = sorted(run_dir.glob("snapshots/*.png"), key=lambda p: p.stat().st_mtime)
+    grid = RunPaths(run_dir).samples / GRID
+    if grid.is_file():
+        return grid
+    snapshots = sorted((run_dir / SNAPSHOTS).glob("*.png"), key=lambda p: p.stat().st_mtime)
     return snapshots[-1] if snapshots else None
 
 
@@ -105,7 +107,7 @@ def validation_rows(metrics: Path) -> list[dict[str, Any]]:
 
 
 def _chain_view(chain: Chain, project: Path, page_dir: Path) -> dict[str, Any]:
-    losses = loss_series(chain.run_dir / "metrics.parquet")
+    losses = loss_series(RunPaths(chain.run_dir).metrics)
     counts = chain.counts()
     audit = chain.audit
     return {
@@ -121,14 +123,14 @@ def _chain_view(chain: Chain, project: Path, page_dir: Path) -> dict[str, Any]:
         "loss_chart": markup(line_chart(losses, xlabel="training step", ylabel="loss (mean per point)",
                                         title=f"training loss of {chain.name} per phase", frame=Frame(width=600)))
         if losses else None,
-        "validation": validation_rows(chain.run_dir / "metrics.parquet"),
+        "validation": validation_rows(RunPaths(chain.run_dir).metrics),
         "counts_chart": markup(bar_chart(counts, title="records per partition", colours=PARTITION_COLOURS, width=480))
         if counts else None,
         "grid": _png(_grid(chain.run_dir)),
         "audit": audit,
-        "audit_page": link(chain.audit_dir / "report.html", page_dir, "audit page") if chain.audit_dir else None,
+        "audit_page": link(chain.audit_dir / REPORT, page_dir, "audit page") if chain.audit_dir else None,
         "histogram": similarity_chart(audit) if audit else None,
-        "histogram_png": _png(chain.audit_dir / "similarity.png") if chain.audit_dir else None,
+        "histogram_png": _png(chain.audit_dir / SIMILARITY) if chain.audit_dir else None,
     }
 
 

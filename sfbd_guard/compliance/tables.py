@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..fileio import atomic_write_bytes, owner_only_dirs
+from ..rundir import AUDIT_SUMMARY
 from .views import connect, query
 
 DEFAULT_QUERIES = {
@@ -59,7 +60,7 @@ def _audit_counts_from_files(table: Any, events: list[Any], ledger: Path) -> Any
             summary, _, problems = audit_files(event, project)
             if summary is not None:
                 row |= {k: summary.counts.get(k, 0) for k in ("copy", "suspect", "novel")}
-            source = "summary.json" if not problems else f"MISMATCH: {problems[0]}"
+            source = AUDIT_SUMMARY if not problems else f"MISMATCH: {problems[0]}"
         rows.append({**row, "counts from": source})
     fields = [f for f in table.schema if f.name != "event_id"] + [pa.field("counts from", pa.string())]
     return pa.Table.from_pylist(rows, schema=pa.schema(fields))

@@ -19,6 +19,7 @@ from ..contracts.events import Event
 from ..fileio import read_regular
 from ..hashing import sha256_bytes, sha256_file
 from ..ledger import HEAD_FILE, SIGNATURES, SMALL_FILE, Head, head_message
+from ..rundir import AUDIT_SUMMARY, RunPaths
 from .check import Check, run_audits
 
 CHAIN = "ledger chain"
@@ -151,7 +152,7 @@ def check_signatures(ledger: Path, events: list[Event], trusted: list[Path] = ()
     with `trusted` public keys (--ledger-key), by one of them, and the newest event is covered by one."""
     from cryptography.exceptions import InvalidSignature
 
-    from ..signing import key_fingerprint, load_public_key
+    from ..keys.signing import key_fingerprint, load_public_key
 
     keys = {key_fingerprint(load_public_key(path)) for path in trusted}
     by_seq = {int(e.seq): e for e in events if e.seq is not None}
@@ -211,9 +212,9 @@ def anchors_of_run(events: list[Event], run_dir: Path, project: Path) -> list[An
     found: list[Anchor] = []
     record = read_run_record(run_dir)
     if record.ledger_head is not None:
-        found.append(Anchor(f"{run_dir / 'run.json'}", Head(record.ledger_head.seq, record.ledger_head.sha256)))
+        found.append(Anchor(f"{RunPaths(run_dir).record}", Head(record.ledger_head.seq, record.ledger_head.sha256)))
     for event in run_audits(events, run_dir, project):
-        for where in event.located("outputs", "summary.json", project):
+        for where in event.located("outputs", AUDIT_SUMMARY, project):
             if where is None or not where.is_file():
                 continue
             try:

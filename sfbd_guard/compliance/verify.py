@@ -7,7 +7,7 @@
    with `--verify-key`, also a "signature" check;
 3. noise: every protected record was noised with the policy's sigma; releases: no protected image was released
    before with other noise, or (ATTENTION) the sigma_eff of its draws is below the policy's sigma;
-4. noise statistics: the protected pixels themselves are noisy at that sigma (noise_check.py), so arrays
+4. noise statistics: the protected pixels themselves are noisy at that sigma (prepared/noise_check.py), so arrays
    replaced by the originals and re-hashed fail;
 5. no protected or excluded pixels in training: no clean array row has the digest of a protected or
    excluded record, nor (with dedup transforms) the canonical digest of one, recomputed from its pixels, and
@@ -31,20 +31,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..contracts.events import Event, TrainSummary
-from ..curation.manifest import ACTION_PARTITION
-from ..digests import read_digest_key
 from ..errors import GuardError, InputError
 from ..hashing import canonical_sha256, digest_key_id, keyed_digest, pixel_sha256
+from ..keys.digests import read_digest_key
 from ..locations import project_of
-from ..policy import DUPLICATE_RULE
-from ..relocate import prepared_of_run
+from ..policy.model import DUPLICATE_RULE
+from ..prepared.layout import CARD, MANIFEST, PreparedPaths
+from ..prepared.manifest import ACTION_PARTITION
+from ..prepared.relocate import prepared_of_run
+from ..rundir import AUDIT_SUMMARY, AUDIT_TABLE, SAMPLES_INDEX, RunPaths
 from ..symmetry import GENERATORS, Variant, group
 from .check import Check, inside, run_audits
 from .evidence import evidence_paths
 from .views import RUN_AUDITS, connect
 
 if TYPE_CHECKING:
-    from ..prepared import PreparedData
+    from ..prepared.reader import PreparedData
 
 
 def _trainings(events: list[Event], run_dir: Path, project: Path) -> list[Event]:
@@ -74,7 +76,7 @@ def _consumed_arrays(events: list[Event], run_dir: Path, project: Path) -> tuple
 
 def _open(data: Path) -> PreparedData | GuardError:
     """The verified prepared directory, or why it does not verify (opened once for all checks)."""
-    from ..prepared import open_prepared
+    from ..prepared.reader import open_prepared
 
     try:
         return open_prepared(data)
@@ -103,8 +105,8 @@ def check_consumed(events: list[Event], run_dir: Path, prepared: PreparedData | 
 def check_provenance(events: list[Event], ledger: Path, run_dir: Path, prepared: PreparedData | GuardError,
                      verify_key: Path | None) -> list[Check]:
     """The provenance check (and, with a key, the signature check) of the run's prepared directory."""
-    from ..prepared import establish_provenance
-    from ..signing import verify_card
+    from ..keys.signing import verify_card
+    from ..prepared.reader import establish_provenance
 
     if isinstance(prepared, GuardError):
         return [Check("provenance", False, str(prepared))] + ([Check("signature", False, str(prepared))] if verify_key else [])
@@ -131,7 +133,7 @@ def check_provenance(events: list[Event], ledger: Path, run_dir: Path, prepared:
 
 
 def check_noise_statistics(prepared: PreparedData | GuardError) -> Check:
-    from ..prepared import check_noise_statistics as statistics
+    from ..prepared.reader import check_noise_statistics as statistics
 
     if isinstance(prepared, GuardError):
         return Check("noise statistics", False, str(prepared))
@@ -144,12 +146,12 @@ def _manifest(data: Path) -> tuple[list[dict[str, Any]], bool]:
     prepare keys them: curation/disclosure.py) or plain sha256 (older directories)."""
     import pyarrow.parquet as pq
 
-    names = set(pq.read_schema(data / "manifest.parquet").names)
+    names = set(pq.read_schema(data / MANIFEST).names)
     keyed = "digest" in names
     digest, canonical = ("digest", "canonical_digest") if keyed else ("sha256", "canonical_sha256")
     columns = ["record_id", "partition", "rule", digest, "sigma", "file", "row"]
     columns += [name for name in (canonical, "dup_rule") if name in names]  # absent from older manifests
-    table = pq.read_table(data / "manifest.parquet", columns=columns)
+    table = pq.read_table(data / MANIFEST, columns=columns)
     renamed = {digest: "digest", canonical: "canonical"}
     return table.rename_columns([renamed.get(name, name) for name in columns]).to_pylist(), keyed
 
@@ -363,7 +365,7 @@ def audit_files(event: Event, project: Path) -> tuple[Any, dict[str, int] | None
     from ..contracts.audit_summary import read_audit_summary
 
     problems: list[str] = []
-    summary_path, why = _artifact_file(event, "summary.json", project)
+    summary_path, why = _artifact_file(event, AUDIT_SUMMARY, project)
     summary = None
     if why:
         problems.append(why)
@@ -372,7 +374,7 @@ def audit_files(event: Event, project: Path) -> tuple[Any, dict[str, int] | None
             summary = read_audit_summary(summary_path.parent)
         except GuardError as err:
             problems.append(str(err))
-    table_path, why = _artifact_file(event, "samples.parquet", project)
+    table_path, why = _artifact_file(event, AUDIT_TABLE, project)
     counted = None
     if why:
         problems.append(why)
@@ -411,7 +413,7 @@ def check_counts(events: list[Event], run_dir: Path, project: Path, prepared: Pr
     problems: list[str] = []
     compared = 0
     if not isinstance(prepared, GuardError) and rows is not None:
-        manifest = prepared.root / "manifest.parquet"
+        manifest = prepared.root / MANIFEST
         partitions, rules = Counter(r["partition"] for r in rows), Counter(r["rule"] for r in rows if r["rule"])
         for event in events:
             if event.kind != "prepare" or event.status != "ok" or prepared.fingerprint not in {
@@ -426,7 +428,7 @@ def check_counts(events: list[Event], run_dir: Path, project: Path, prepared: Pr
                          f"holds {rules.get(k, 0)}" for k in sorted(set(s.rule_counts) | set(rules))
                          if s.rule_counts.get(k, 0) != rules.get(k, 0)]
             card = prepared.card
-            problems += [f"{_event_name(event)}: summary.{field} is {mine}, but {prepared.root / 'card.json'} says {theirs}"
+            problems += [f"{_event_name(event)}: summary.{field} is {mine}, but {PreparedPaths(prepared.root).card} says {theirs}"
                          for field, mine, theirs in (("sigma", s.sigma, card.sigma),
                                                      ("policy_name", s.policy_name, card.policy_name),
                                                      ("resolution", s.resolution, card.resolution)) if mine != theirs]
@@ -436,13 +438,13 @@ def check_counts(events: list[Event], run_dir: Path, project: Path, prepared: Pr
         recorded = {a.sha256 for a in event.artifacts("inputs", "prepared")}
         if recorded != {record.data_fingerprint}:
             problems.append(f"{_event_name(event)}: inputs.prepared fingerprint {sorted(map(str, recorded))[0][:16]}…, but "
-                            f"{run_dir / 'run.json'} says {record.data_fingerprint[:16]}…")
+                            f"{RunPaths(run_dir).record} says {record.data_fingerprint[:16]}…")
     for event in events:
         if event.kind != "sample" or event.status != "ok" or not any(
                 inside(w, run_dir) for w in event.located("inputs", "weights", project)):
             continue
         for folder in event.located("outputs", "samples", project):
-            marker = folder / "samples.json" if folder is not None else None
+            marker = folder / SAMPLES_INDEX if folder is not None else None
             if marker is None or not marker.is_file():
                 continue
             try:
@@ -508,10 +510,10 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
     from .tamper import ledger_checks
 
     run_dir = run_dir.resolve()
-    if not (run_dir / "run.json").is_file():
+    if not RunPaths(run_dir).record.is_file():
         raise InputError(f"{run_dir}: not a run directory (no run.json)", hint="--run takes a directory written by guard train")
     key = read_digest_key(digest_key) if isinstance(digest_key, Path) else digest_key
-    from ..signing import load_public_key
+    from ..keys.signing import load_public_key
 
     for path in [*([verify_key] if verify_key is not None else []), *(ledger_keys or [])]:
         load_public_key(path)  # a key file that cannot be read is bad input (exit 2), not a failed check
@@ -521,7 +523,7 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
     con = connect(ledger, events)  # an empty ledger is an input error
     prepared = _open(folder)
     evidence = _with_evidence(evidence_paths(run_dir=run_dir, prepared=folder, ledger=ledger, audit=_audit_folder(con, run_dir)))
-    card = None if isinstance(prepared, GuardError) else (prepared.root / "card.json", prepared.card)
+    card = None if isinstance(prepared, GuardError) else (prepared.root / CARD, prepared.card)
     checks = [*ledger_checks(ledger, events, run_dir, ledger_keys or [], card),
               check_consumed(events, run_dir, prepared, project),
               *check_provenance(events, ledger, run_dir, prepared, verify_key)]

@@ -1,4 +1,4 @@
-"""summary.json of an audit report folder (built by audit/summary.py): counts per verdict, the flagged share with
+"""summary.json of an audit report folder (built by auditing/summary.py): counts per verdict, the flagged share with
 its interval, thresholds and how they were set, the embedder and index. `write_audit_summary` is its only writer
 and `read_audit_summary` its only reader."""
 
@@ -9,10 +9,9 @@ from typing import Any
 
 from pydantic import Field
 
+from ..rundir import AUDIT_SUMMARY
 from .base import Contract, read_contract, write_contract
 from .run_record import LedgerHead
-
-AUDIT_SUMMARY = "summary.json"
 
 
 class Share(Contract):
@@ -42,7 +41,7 @@ class SummaryThresholds(Contract):
     alpha_copy: float
     alpha_suspect: float
     # per rule, a bound on the false-positive rate on real unseen images that holds with `confidence` over the
-    # draw of the holdout (calibration-conditional; audit/calibrate.py); None = unknown (no holdout)
+    # draw of the holdout (calibration-conditional; auditing/calibrate.py); None = unknown (no holdout)
     expected_fpr: dict[str, float | None]
     expected_fpr_text: str
     # among the audited samples, if none copied anything: at most this many called copy / flagged with `confidence`

@@ -4,7 +4,7 @@
 summary key the model does not declare is refused, so a renamed key fails where it is written); a `failed` or
 `interrupted` event holds what the command had recorded before it stopped (every key optional) plus `error`.
 `read_events` is the only reader: compliance/views.py builds the DuckDB `events` view from it, and compliance/verify.py
-and prepared.py (the provenance lookup) read the events through it.
+and prepared/reader.py (the provenance lookup) read the events through it.
 
 Each summary model also declares the columns of its DuckDB view (`VIEW`, `COLUMNS`): compliance/views.py generates
 the views' SQL from them, taking every JSON path and SQL type from the model's fields, so a column can only
@@ -23,9 +23,10 @@ from typing import Any, ClassVar, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ..errors import InputError
+from ..prepared.card import Rerelease
+from ..rundir import AUDIT_SUMMARY
 from .audit_summary import EmbedderInfo, Share
 from .base import Contract, problem
-from .card import Rerelease
 
 STATUSES = ("ok", "failed", "interrupted")
 
@@ -180,7 +181,7 @@ class AuditThresholds(Contract):
 
 
 class AuditEventSummary(EventSummary):
-    """audit/service.py `audit_recorded`."""
+    """auditing/service.py `audit_recorded`."""
 
     KIND = "audit"
     VIEW = "audits"
@@ -189,7 +190,7 @@ class AuditEventSummary(EventSummary):
                SummaryColumn("copy_threshold", "thresholds.copy"), SummaryColumn("suspect_threshold", "thresholds.suspect"),
                SummaryColumn("threshold_method", "thresholds.method"), SummaryColumn("expected_fpr", "thresholds.expected_fpr"),
                SummaryColumn("embedder"), ArtifactColumn("data_fingerprint", "inputs", "prepared"),
-               ArtifactColumn("summary_file", "outputs", "summary.json", "path"), EVENT_ID)
+               ArtifactColumn("summary_file", "outputs", AUDIT_SUMMARY, "path"), EVENT_ID)
 
     counts: dict[str, int]
     flagged: Share

@@ -15,9 +15,9 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from ..errors import InputError
+from ..rundir import RUN_RECORD
 from .base import Contract, read_contract, write_contract
 
-RUN_RECORD = "run.json"
 HINT = "run.json is written by guard train when the run starts; restore it from a backup of the run"
 
 Dimension = Annotated[int, Field(gt=0, le=65536)]

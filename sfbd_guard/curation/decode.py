@@ -25,8 +25,8 @@ import pyarrow as pa
 from ..datasets import DatasetReader, Part, SourceSpec, open_reader
 from ..errors import ImageDecodeError
 from ..hashing import canonical_sha256, pixel_sha256
+from ..keys.secret import NoiseKey
 from .dedup import Embedding
-from .keys import NoiseKey
 from .noise import noised_copies, record_key
 from .shards import PartShardWriter, ShardFile
 

@@ -43,9 +43,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..hashing import sha256_file
-from ..policy import DUPLICATE_RULE, DedupSpec
+from ..policy.model import DUPLICATE_RULE, DedupSpec
+from ..prepared.manifest import MANIFEST_FIELDS, PARTITIONS
 from ..symmetry import Variant, best_similarity, group, invariant
-from .manifest import MANIFEST_FIELDS, PARTITIONS
 from .shards import READ_BLOCK, npy_header
 
 STAGED_MANIFEST = ".manifest-staged.parquet.tmp"  # the manifest before dedup, in the staging folder
@@ -58,7 +58,7 @@ HOLDOUT = STRICTNESS["holdout"]
 
 def embed(pixels: np.ndarray, size: int, fine: int = 0) -> np.ndarray:
     """float32 (N, size*size) unit vectors of uint8 (N, C, H, W) images: the audit's weight-free pixel embedding
-    (audit/embed.py: area-downsampled, minus its own mean, L2-normalised, so cosine = Pearson correlation) of the
+    (embedding/embed.py: area-downsampled, minus its own mean, L2-normalised, so cosine = Pearson correlation) of the
     grey image (mean of the channels). Zero for a constant image (it then only joins by sha256).
 
     With `fine` (a side larger than `size`): each row is followed by the same embedding at fine*fine, the finer
@@ -67,7 +67,7 @@ def embed(pixels: np.ndarray, size: int, fine: int = 0) -> np.ndarray:
     When the side divides the image, the area average is an exact integer block sum of the channel sum (the
     centring and the normalisation make the scale irrelevant): no rounding before the centring, and a third of
     the cost of averaging each channel in floats."""
-    from ..audit.embed import downsample, normalize_rows
+    from ..embedding.embed import downsample, normalize_rows
 
     n, _, h, w = pixels.shape
     summed: np.ndarray | None = None
@@ -105,7 +105,7 @@ class Embedding:
     """How dedup embeds a record; picklable, it travels to the workers (which load a clip model once per part).
 
     pixel: `embed` at `size`; copies under the transforms are found by searching against every variant
-    (`near_pairs`). clip: open_clip image features from local weights (audit/clip.py), each record embedded as
+    (`near_pairs`). clip: open_clip image features from local weights (embedding/clip.py), each record embedded as
     the normalised sum of the features of its variants (one embedding for an image and all its variants).
     `transforms`: the policy's generators (symmetry.py); the exact digest is canonical under their group."""
 
@@ -140,8 +140,8 @@ class Embedding:
         """A function from uint8 (N, C, H, W) pixels to float32 (N, dim) unit rows."""
         if self.kind == "pixel":
             return partial(embed, size=self.size, fine=self.fine_size)
-        from ..audit.clip import ClipEmbedder
-        from ..audit.embed import embed_batched, normalize_rows
+        from ..embedding.clip import ClipEmbedder
+        from ..embedding.embed import embed_batched, normalize_rows
 
         clip = ClipEmbedder(weights=self.clip_weights, model=self.clip_model, quick_gelu=self.quick_gelu)
         variants = self.variants
@@ -165,7 +165,7 @@ def embedding_for(spec: DedupSpec, resolution: int, base_dir: Path) -> Embedding
         fine = fine if fine > size else 0  # at the resolution already: nothing finer to look at
         return Embedding("pixel", size, size * size + fine * fine, transforms, fine_size=fine,
                          fine_threshold=fine_threshold if fine else -1.0)
-    from ..audit.clip import ClipEmbedder
+    from ..embedding.clip import ClipEmbedder
 
     assert spec.clip_weights is not None  # DedupSpec's validator
     weights = str((base_dir / spec.clip_weights).expanduser().resolve())

@@ -1,7 +1,7 @@
 """What the prepared directory's manifest tells the trainer: only what training needs.
 
 `guard prepare` first writes the full manifest (manifest.py: every record's file name, metadata and plain pixel
-sha256). That full manifest is the owner's lineage (owner.py: `lineage/<fingerprint>.parquet` in the owner's
+sha256). That full manifest is the owner's lineage (keys/owner.py: `lineage/<fingerprint>.parquet` in the owner's
 folder, never in the prepared directory). The manifest handed to the trainer is derived from it here:
 
 - `digest` replaces `sha256` and `canonical_digest` replaces `canonical_sha256` (dedup's canonical variant):
@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from ..errors import InputError
 from ..hashing import keyed_digest, keyed_text
-from .manifest import MANIFEST_FIELDS
+from ..prepared.manifest import MANIFEST_FIELDS
 
 SCHEMA_VERSION = 5  # 5: keyed `digest` and `canonical_digest` instead of `sha256` and `canonical_sha256`;
 # excluded records opaque; metadata by allow-list (the full manifest, manifest.py, is version 4)

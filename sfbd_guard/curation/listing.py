@@ -23,8 +23,8 @@ import pyarrow as pa
 
 from ..datasets.base import ListingReport
 from ..errors import InputError
-from ..policy import Rule
-from .rules import RuleEvaluator
+from ..policy.model import Rule
+from ..policy.rules import RuleEvaluator
 
 SHOWN = 5  # rows named in a message
 

@@ -7,7 +7,7 @@
   protected/         float16 N×C×H×W .npy shards of x/127.5 - 1 + sigma*eps (never the originals)
   card.json          what was done, counts, and the sha256 of every array file
 No protected or excluded original is written under <output>, in any form. The full manifest (file names,
-metadata, plain pixel sha256) goes to the owner's folder as lineage/<fingerprint>.parquet (owner.py).
+metadata, plain pixel sha256) goes to the owner's folder as lineage/<fingerprint>.parquet (keys/owner.py).
 
 Memory does not grow with the dataset: the records' metadata is written to a memory-mapped file
 (records.py), the rules keep one int per record, workers read and write their own parts
@@ -34,32 +34,39 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import __version__
-from ..contracts.card import Card, card_from_dict, card_path, write_card
 from ..datasets import DatasetReader, Part, SourceSpec, open_reader
 from ..datasets.base import ListingReport
 from ..errors import DataError, InputError
 from ..executor import LOCAL, ExecutorSpec
 from ..hashing import digest_key_id, fingerprint, new_sha256, sha256_file
-from ..owner import digest_key_path, lineage_path
-from ..policy import DedupSpec as DedupPolicy
-from ..policy import LoadedPolicy
+from ..keys.owner import digest_key_path, lineage_path
+from ..keys.secret import NoiseKey, OwnerKey, export_digest_key, fresh_key, owner_key, read_key_file
+from ..policy.model import DedupSpec as DedupPolicy
+from ..policy.model import LoadedPolicy
+from ..policy.rules import Decisions, decide
+from ..prepared import layout
+from ..prepared.card import Card, card_from_dict, card_path, write_card
+from ..prepared.manifest import (
+    ACTION_PARTITION,
+    DUP_COLUMNS,
+    MANIFEST_FIELDS,
+    PARTITIONS,
+    manifest_schema,
+    manifest_table,
+)
+from ..prepared.writer import abandon_output, claim_output, finish_output, start_output
 from ..progress import ProgressFactory
+from ..version import __version__
 from . import dedup, disclosure, register
 from . import shards as shard_files
 from .decode import NoiseParams, PartResult, PartTask, init_worker, process_part, worker_part, worker_part_metadata
-from .keys import NoiseKey, OwnerKey, export_digest_key, fresh_key, owner_key, read_key_file
 from .listing import check_listing
-from .manifest import ACTION_PARTITION, MANIFEST_FIELDS, PARTITIONS, manifest_schema, manifest_table
 from .noise import GENERATOR
-from .output import abandon_output, claim_output, finish_output, start_output
 from .records import Records, collect, discard, metadata_slice, slice_ids
-from .rules import Decisions, decide
 
-DUP_COLUMNS = ("dup_cluster", "dup_of", "dup_kind", "dup_similarity", "dup_rule")
 CHUNK_RECORDS = 64  # records per block a worker decodes, then noises and writes
 IN_FLIGHT_PER_WORKER = 2  # parts queued per worker process: enough to keep it busy, few enough to bound memory
-LINEAGE_FILE = ".lineage.parquet.tmp"  # in the staging folder until moved to the owner's folder (owner.py)
+LINEAGE_FILE = ".lineage.parquet.tmp"  # in the staging folder until moved to the owner's folder (keys/owner.py)
 MAX_ERRORS_KEPT = 1000  # error rows listed in the result (all of them are in the manifest)
 
 
@@ -220,7 +227,7 @@ def _publish_shards(staging: Path, result: PartResult, numbering: dict[str, int]
     """Give the part's shard files their final names (in part order) and return the records' final places."""
     renamed: dict[str, str] = {}
     for shard in result.shards:
-        name = shard_files.shard_name(shard.partition, numbering[shard.partition])
+        name = layout.shard_name(shard.partition, numbering[shard.partition])
         numbering[shard.partition] += 1
         (staging / shard.temp).rename(staging / name)
         renamed[shard.temp] = name
@@ -253,7 +260,7 @@ def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, counts:
         "holdout": sum(rule_counts.get(r.name, 0) for r in policy.rules if r.action == "holdout"),
         "files": dict(sorted(files.items())),
         "manifest_sha256": manifest_sha256,
-        "fingerprint": fingerprint({**files, "manifest.parquet": manifest_sha256}),
+        "fingerprint": fingerprint({**files, layout.MANIFEST: manifest_sha256}),
         "shard_records": shard_files.SHARD_RECORDS,
         "dedup": dedup_card,
         "tool_version": __version__,
@@ -285,11 +292,11 @@ def _deduplicate(staging: Path, records: Records, decisions: Decisions, store: d
         plan = dedup.find_plan(staged, store, actions, records.table.column("record_id"), sha256, spec, embedding)
         removed = dedup.removed_rows(staged, plan)
         dedup.rewrite_shards(staging, files, removed)
-        counts = dedup.write_final_manifest(staged, staging / "manifest.parquet", plan, removed)
+        counts = dedup.write_final_manifest(staged, staging / layout.MANIFEST, plan, removed)
         rule_counts = dedup.rule_counts(decided, plan, staged)
         released = None
         if store is not None:
-            rows = _released_rows(pq.read_table(staging / "manifest.parquet", columns=["partition", "sha256"]))
+            rows = _released_rows(pq.read_table(staging / layout.MANIFEST, columns=["partition", "sha256"]))
             released = np.array(store.vectors[rows, :embedding.searched_dim], np.float32)  # the register's search
             store.close()
             store = None
@@ -311,7 +318,7 @@ class KeyChoice:
 
 
 def _keep_digest_key(key: NoiseKey, folder: Path, card: Card) -> None:
-    """The digest subkey of `key` in the owner's folder (owner.py), for the owner's own checks of the directory."""
+    """The digest subkey of `key` in the owner's folder (keys/owner.py), for the owner's own checks of the directory."""
     assert card.digest_key_id is not None
     path = digest_key_path(card.digest_key_id, folder)
     if not path.is_file():
@@ -417,7 +424,7 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
                           source=str(loaded.path), format_name=spec.format)
             noise = NoiseParams(sigma=loaded.policy.noise.sigma, key=key)
             tick = progress("decoding", records.table.num_rows) if progress else None
-            staged = staging / (dedup.STAGED_MANIFEST if dedup_spec.enabled else "manifest.parquet")
+            staged = staging / (dedup.STAGED_MANIFEST if dedup_spec.enabled else layout.MANIFEST)
             manifest = ManifestWriter(staged, records.table.schema, noise.sigma)
             store = dedup.EmbeddingStore(staging, records.table.num_rows, embedding.dim) if embedding else None
             numbering = {"clean": 0, "protected": 0}
@@ -452,8 +459,8 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
                                                                         dedup_spec, embedding, rule_counts)
             discard(staging)
             full = staging / LINEAGE_FILE  # the full manifest: the owner's lineage, never published
-            (staging / "manifest.parquet").rename(full)
-            disclosure.write_trainer_manifest(full, staging / "manifest.parquet", digest_key=key.digest_subkey,
+            (staging / layout.MANIFEST).rename(full)
+            disclosure.write_trainer_manifest(full, staging / layout.MANIFEST, digest_key=key.digest_subkey,
                                               opaque_key=key.opaque_subkey, allowed=loaded.policy.manifest.metadata)
             register_file = register.register_path(choice.owner.path)
             with register.locked(register_file):
@@ -466,7 +473,7 @@ def prepare(loaded: LoadedPolicy, *, data_root: Path | None = None, out: Path | 
                 if found is not None and not allow_rerelease:
                     raise register.rerelease_error(found, register_file)
                 card = card_from_dict({**_card(loaded, spec, reader, counts, key, rule_counts, files,
-                                                sha256_file(staging / "manifest.parquet"), output, dedup_card, listing),
+                                                sha256_file(staging / layout.MANIFEST), output, dedup_card, listing),
                                        "rerelease": _rerelease_card(found, allow_rerelease),
                                        **({"ledger_head": ledger_head} if ledger_head else {})})
                 write_card(staging, card)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..executor import LOCAL, ExecutorSpec
 from ..ledger import Artifact, current_head, ledger_dir, recorded
-from ..policy import load_policy
+from ..policy.model import load_policy
 from ..progress import ProgressFactory
 from .prepare import PrepareResult, prepare
 
@@ -18,7 +18,7 @@ def prepare_recorded(policy_path: Path, *, data_root: Path | None, out: Path | N
     """Load the policy, prepare the data, and append a `prepare` event to the ledger (ok or failed).
 
     With `sign_key` (an Ed25519 private key, checked before any work), card.json is signed into card.sig."""
-    from ..signing import load_private_key, sign_card
+    from ..keys.signing import load_private_key, sign_card
 
     where = ledger_dir(ledger)
     with recorded(where, "prepare", command, sign_key) as event:

@@ -123,6 +123,3 @@ class PartShardWriter:
             (self.root / shard.temp).unlink(missing_ok=True)
 
 
-def shard_name(partition: str, index: int) -> str:
-    """The final name of a partition's `index`-th shard (in part order)."""
-    return f"{partition}/shard-{index:05d}.npy"

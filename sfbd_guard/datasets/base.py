@@ -15,6 +15,7 @@ import pyarrow as pa
 from ..errors import ImageDecodeError, InputError
 from ..fileio import NotRegularFileError
 from ..fileio import open_regular as open_regular_file
+from ..prepared.manifest import MANIFEST_COLUMNS
 
 # Budgets for one source file (policy keys dataset.max_pixels and dataset.max_file_bytes). The pixel
 # default is PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS, about 0.18 gigapixels).
@@ -23,11 +24,10 @@ DEFAULT_MAX_FILE_BYTES = 256 * 2**20
 ESCAPES = "path escapes the dataset root"
 
 # Column names the tool owns; a name a dataset supplies (an image folder's metadata file, CelebA's attribute
-# list) may not be one of them, compared without case as DuckDB compares names: the manifest's columns, the
-# reader's `record_id`, the names a later duplicate finder will write, and every name starting with `_guard`
-# (the rule evaluator's internal row number is `_guard_row`). A reader adds its own columns with `own`.
-RESERVED_COLUMNS = ("record_id", "partition", "rule", "sha256", "sigma", "noise_seed", "file", "row", "error",
-                    "dup_cluster", "dup_of", "dup_kind", "dup_similarity", "dup_rule")
+# list) may not be one of them, compared without case as DuckDB compares names: the manifest's columns
+# (prepared/manifest.py; `record_id` is the reader's own) and every name starting with `_guard` (the rule
+# evaluator's internal row number is `_guard_row`). A reader adds its own columns with `own`.
+RESERVED_COLUMNS = MANIFEST_COLUMNS
 RESERVED_PREFIX = "_guard"
 
 

@@ -2,7 +2,7 @@
 
 ``beta = 0.5 ** (batch_size / max(halflife_nimg, 1e-8))`` with, during ramp-up,
 ``halflife_nimg = min(halflife_kimg * 1000, cur_nimg * rampup_ratio)``. Sampling and SFBD's
-backward step use the EMA network (sfbd.md §2).
+backward step use the EMA network.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Optimiser helpers for EDM training (Karras et al. 2022, App. F; sfbd.md §2).
+"""Optimiser helpers for EDM training (Karras et al. 2022, App. F).
 
 Adam(beta=(0.9, 0.999), eps=1e-8); learning rate ramped linearly over ``warmup_kimg``
 thousand images, then constant; non-finite gradients sanitised (NaN -> 0, +-inf -> +-1e5)

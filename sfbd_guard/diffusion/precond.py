@@ -1,7 +1,7 @@
 """EDM preconditioning (Karras et al. 2022, Table 1 / Eq. 7).
 
 The denoiser is ``D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma))``
-with ``sigma_data = 0.5`` and ``c_noise = ln(sigma) / 4`` (sfbd.md §2). Everything in SFBD
+with ``sigma_data = 0.5`` and ``c_noise = ln(sigma) / 4``. Everything in SFBD
 (training, the backward solver of P1 Alg. 1, generation) talks to a network through this
 interface: ``denoiser(x, sigma) -> x0_hat``.
 """

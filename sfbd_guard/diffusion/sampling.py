@@ -59,7 +59,7 @@ def karras_sigmas(
 
 
 def truncate_sigmas(sigmas: Tensor, start: float, *, rtol: float = 1e-3) -> Tensor:
-    """Start a decreasing grid at ``start`` (the SFBD backward solver, sfbd.md §3.2 b).
+    """Start a decreasing grid at ``start``: the backward solver of SFBD starts at a copy's own sigma.
 
     Drops every point ``>= start * (1 - rtol)``, so no step is (nearly) zero-length, and
     prepends ``start``. ``rtol=0`` reproduces the reference code, which at sigma 1.3824 keeps

@@ -24,10 +24,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .. import __version__
 from ..errors import InputError
 from ..fileio import atomic_write_bytes
 from ..hashing import sha256_file
+from ..rundir import RunPaths
+from ..version import __version__
 
 LATEST = "latest"
 
@@ -83,7 +84,7 @@ def save_checkpoint(run_dir: Path, *, net: torch.nn.Module, ema: torch.nn.Module
 
     `attachments`: name (e.g. bank.npy) → a file of the run as it is now; each is copied into the checkpoint
     and its sha256 recorded in the state."""
-    root = run_dir / "checkpoints"
+    root = RunPaths(run_dir).checkpoints
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:09d}"
     staging = root / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -122,7 +123,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     a symlink, is refused, as is a pointer to a checkpoint that is not there (resuming from scratch
     next to a later checkpoint would silently lose the run).
     """
-    root = run_dir / "checkpoints"
+    root = RunPaths(run_dir).checkpoints
     pointer = root / LATEST
     if not pointer.exists() and not pointer.is_symlink():
         return None

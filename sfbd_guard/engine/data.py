@@ -14,8 +14,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ..mapped import MappedRows
-from ..prepared import PreparedData
+from ..prepared.mapped import MappedRows
+from ..prepared.reader import PreparedData
 
 
 class ImageSet(Protocol):

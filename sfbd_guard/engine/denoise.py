@@ -28,8 +28,9 @@ import torch
 
 from ..diffusion.sampling import denoise_backward
 from ..hashing import new_sha256, sha256_file
-from ..mapped import MappedRows
+from ..prepared.mapped import MappedRows
 from ..progress import Tick
+from ..rundir import RunPaths
 from .config import DenoiseSpec
 from .data import ImageSet, TensorImages, to_uint8
 from .runtime import Runtime, gather_rows, rank_slice
@@ -127,7 +128,7 @@ class RoundSetError(Exception):
 
 
 def round_dir(run_dir: Path, round_: int) -> Path:
-    return run_dir / "rounds" / f"round-{round_:02d}"
+    return RunPaths(run_dir).round_set(round_)
 
 
 def write_round(path: Path, count: int, image_shape: tuple[int, int, int], dtype: torch.dtype,
@@ -183,21 +184,3 @@ def open_round(path: Path, record_ids: Sequence[str], dtype: torch.dtype,
     if len(rows) != len(record_ids):
         raise RoundSetError(f"{path}: {len(rows)} rows for {len(record_ids)} records")
     return rows, dict(shards)
-
-
-def load_legacy_round(path: Path, record_ids: Sequence[str], dtype: torch.dtype) -> torch.Tensor | None:
-    """A round set saved by earlier versions (`rounds/round-XX.safetensors`), if it exists, belongs to these
-    records and is kept as `dtype` (loaded whole, once, to be rewritten as shards)."""
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    try:
-        with safe_open(path, framework="pt") as handle:
-            if (handle.metadata() or {}).get("record_ids_sha256") != record_digest(record_ids):
-                return None
-        denoised = load_file(path)["denoised"]
-    except Exception:  # noqa: BLE001 (a damaged file raises SafetensorError): not usable, made again
-        return None
-    return denoised if denoised.dtype == dtype else None

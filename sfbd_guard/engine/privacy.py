@@ -44,7 +44,7 @@ import torch
 from ..diffusion.ambient import AmbientLoss
 from ..diffusion.optim import set_lr, warmup_lr
 from ..errors import InputError
-from ..prepared import PreparedData
+from ..prepared.reader import PreparedData
 from .clipping import ClippedGradients, unsupported_layers
 from .config import PipelineConfig
 from .data import Mixture

@@ -18,13 +18,12 @@ from ..fileio import atomic_write_bytes, atomic_write_json
 from ..hashing import sha256_file
 from ..ledger import Artifact, current_head, ledger_dir, recorded
 from ..locations import project_of, store
-from ..prepared import PreparedData, open_prepared, require_noisy, require_provenance
+from ..prepared.reader import PreparedData, open_prepared, require_noisy, require_provenance
+from ..prepared.relocate import prepared_of_run
 from ..progress import ProgressFactory
-from ..relocate import prepared_of_run
+from ..rundir import GRID, RESOLVED, SAMPLES_INDEX, RunPaths
 from ..threads import in_force
 from .config import PipelineConfig, load_pipeline
-
-RESOLVED = "config.resolved.yaml"
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ def pipeline_of_run(run_dir: Path, *, data: Path | None = None, project: Path | 
 def _start_run_dir(config: PipelineConfig, data: PreparedData, project: Path | None,
                    ledger_head: dict[str, Any] | None = None) -> Path:
     run_dir = Path(str(config.out))
-    if (run_dir / "checkpoints").exists():
+    if RunPaths(run_dir).checkpoints.exists():
         raise InputError(f"run directory {run_dir} already has checkpoints",
                          hint=f"continue it with --resume {run_dir}, or pass --out for a new run")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -261,7 +260,7 @@ def _previous_samples(out: Path) -> set[str]:
     from ..fileio import read_regular
 
     try:
-        listed = json.loads(read_regular(out / "samples.json", 1 << 26)).get("images", [])
+        listed = json.loads(read_regular(out / SAMPLES_INDEX, 1 << 26)).get("images", [])
     except (OSError, ValueError, AttributeError):
         return set()
     if not isinstance(listed, list):
@@ -279,7 +278,7 @@ def sample_folder(out: Path, overwrite: bool) -> set[str]:
         raise InputError(f"--out {out}: not a folder")
     if not overwrite:
         for folder, _, names in os.walk(out):
-            found = [n for n in sorted(names) if n.lower().endswith(IMAGE_SUFFIXES) or n == "samples.json"]
+            found = [n for n in sorted(names) if n.lower().endswith(IMAGE_SUFFIXES) or n == SAMPLES_INDEX]
             if found:
                 raise InputError(f"--out {out}: holds images ({Path(folder, found[0]).relative_to(out)}); they would "
                                  "be overwritten or audited with the samples: choose an empty folder, or add --overwrite")
@@ -312,10 +311,10 @@ def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int =
         grid_images.append(images[: max(0, 256 - start)].cpu())
         if tick:
             tick(len(images))
-    grid = save_grid(torch.cat(grid_images)[:256], out / "grid.png")
+    grid = save_grid(torch.cat(grid_images)[:256], out / GRID)
     for name in previous - {f.name for f in files}:
         (out / name).unlink(missing_ok=True)
-    atomic_write_json(out / "samples.json", {  # what the folder holds: the audit reads the samples from it
+    atomic_write_json(out / SAMPLES_INDEX, {  # what the folder holds: the audit reads the samples from it
         "images": [f.name for f in files], "grid": grid.name, "seed": seed, "steps": steps,
         "weights": str(weights), "weights_sha256": sha256_file(weights)})
     return SampleOutcome(out, files, grid, weights, time.perf_counter() - started)

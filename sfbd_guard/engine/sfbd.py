@@ -9,13 +9,11 @@ The sources of a phase come from the methods table (`methods.METHODS`):
   checkpoints carry them: a run resumed inside a round maps the same set, and a round set changed,
   swapped or truncated since is refused (re-denoising it with later weights would not give the run that
   was interrupted). A round set left by a crash before its round's first checkpoint is reused if its own
-  round.json vouches for it, else made again. Round sets of earlier versions (round-XX.safetensors) are
-  rewritten as shards.
+  round.json vouches for it, else made again.
 - bank (online SFBD): one slot per protected record in bank/bank.npy, memory-mapped and updated in place:
   filled when the phase starts and refreshed `refresh_size` records at a time every `refresh_every` steps;
   its loss weight ramps 0 → 1. Every checkpoint holds a copy of the bank as of its step (`attachments`),
-  which a resume restores. A checkpoint of an earlier version (the bank as a state tensor) is supported:
-  the bank is written from it.
+  which a resume restores; a checkpoint inside the phase without that copy is refused.
 Denoised images are kept as uint8 (sfbd.quantize, the reference code's PNG round trip) or float16.
 Under torchrun rank 0 writes the files, the ranks wait at a barrier, and every rank maps the same files
 (the run directory must be one every rank sees, as for checkpoints).
@@ -35,9 +33,10 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..mapped import MappedRows
-from ..prepared import PreparedData
+from ..prepared.mapped import MappedRows
+from ..prepared.reader import PreparedData
 from ..progress import ProgressFactory
+from ..rundir import BANK, RunPaths
 from .checkpoint import TrainingState
 from .config import PipelineConfig
 from .data import ImageSet, MappedImages, Mixture, RowSubset, Source, clean_images, noisy_images
@@ -46,7 +45,6 @@ from .denoise import (
     ShardWriter,
     Sink,
     denoise_rows,
-    load_legacy_round,
     numpy_dtype,
     open_round,
     round_dir,
@@ -55,8 +53,6 @@ from .denoise import (
 from .methods import METHODS, Phase, SourceName
 from .runtime import Runtime
 from .validation import Validator, held_back_rows
-
-BANK = "bank.npy"  # online SFBD's bank, in bank/ of the run directory and attached to every checkpoint
 
 
 def linear_ramp(kimg: float, start: float, end: float) -> float:
@@ -163,19 +159,13 @@ class SFBDSources:
         return rows
 
     def _make_round(self, path: Path, round_: int, denoiser: torch.nn.Module) -> None:
-        legacy = load_legacy_round(path.parent / f"{path.name}.safetensors", self.record_ids, self.dtype)
-        if legacy is not None:  # made by an earlier version: the same set, rewritten as shards
-            if self.rt.is_main:
-                write_round(path, len(self.noisy), self.shape, self.dtype, self.record_ids, round_,
-                            lambda sink: sink(0, legacy))
-        else:
-            def fill(sink: Sink) -> None:
-                self._denoise_all(denoiser, f"denoising (round {round_})", round_, sink)
+        def fill(sink: Sink) -> None:
+            self._denoise_all(denoiser, f"denoising (round {round_})", round_, sink)
 
-            if self.rt.is_main:
-                write_round(path, len(self.noisy), self.shape, self.dtype, self.record_ids, round_, fill)
-            else:
-                fill(lambda _s, _b: None)
+        if self.rt.is_main:
+            write_round(path, len(self.noisy), self.shape, self.dtype, self.record_ids, round_, fill)
+        else:
+            fill(lambda _s, _b: None)
         self.rt.barrier()
 
     def _open_round(self, path: Path) -> tuple[MappedRows, dict[str, str]]:
@@ -201,7 +191,7 @@ class SFBDSources:
 
     @property
     def bank_path(self) -> Path:
-        return self.run_dir / "bank" / BANK
+        return RunPaths(self.run_dir).bank
 
     def attachments(self) -> dict[str, Path]:
         """The files a checkpoint must capture as of its step: the bank, while online SFBD uses it."""
@@ -211,9 +201,9 @@ class SFBDSources:
         if not fresh and BANK in state.attachments:  # the bank as of the checkpoint resumed from
             copy = state.attachments[BANK]
             self._write_bank(lambda target: shutil.copyfile(copy, target))
-        elif not fresh and "bank" in state.tensors:  # a checkpoint of an earlier version: the bank as a tensor
-            legacy = state.tensors.pop("bank")
-            self._write_bank(lambda target: np.save(target, legacy.numpy()))
+        elif not fresh:
+            raise InputError(f"{self.run_dir}: the checkpoint resumed from is inside online SFBD's phase but holds no "
+                             f"copy of the bank ({BANK})", hint="resume from a checkpoint guard train wrote, or start a new run")
         else:
             def fill(target: Path) -> None:
                 writer = ShardWriter(target.parent, len(self.noisy), self.shape, numpy_dtype(self.dtype),

@@ -14,8 +14,9 @@ from ..diffusion.ambient import AmbientLoss
 from ..diffusion.ema import EMA
 from ..diffusion.networks import UNetConfig, build_denoiser
 from ..diffusion.optim import make_adam, optimizer_step
-from ..prepared import PreparedData
+from ..prepared.reader import PreparedData
 from ..progress import ProgressFactory
+from ..rundir import RunPaths
 from .checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import PipelineConfig
 from .data import Mixture
@@ -77,7 +78,7 @@ class Trainer:
         self.private_batch_gen = torch.Generator().manual_seed(private_seed()) if config.privacy else None
         self.private_noise_gen = torch.Generator(rt.device).manual_seed(private_seed()) if config.privacy else None
         self.state = TrainingState()
-        self.metrics = MetricsLog(run_dir / "metrics.parquet")
+        self.metrics = MetricsLog(RunPaths(run_dir).metrics)
         self.config_json = config.model_dump_json()
         self.phases = self._plan()
         self.sources = SFBDSources(config, data, run_dir, rt, self.progress)
@@ -152,7 +153,7 @@ class Trainer:
             gen.set_state(self.state.tensors[f"{name}.{rank}"].to(gen.get_state().device))
         if self.privacy is not None and "privacy" in self.state.info:
             self.privacy.info = self.state.info["privacy"]  # the accountant's history so far
-        self.metrics = MetricsLog.resume(self.run_dir / "metrics.parquet", self.state.step)
+        self.metrics = MetricsLog.resume(RunPaths(self.run_dir).metrics, self.state.step)
         self.phases = self._plan()  # where a converged pretraining ended, if it has
         return True
 
@@ -212,7 +213,7 @@ class Trainer:
         if not self.rt.is_main:
             return None
         count = self.config.grid_size
-        path = self.run_dir / "snapshots" / f"{name or f'grid-step-{self.state.step:09d}'}.png"
+        path = RunPaths(self.run_dir).snapshot(name or f"grid-step-{self.state.step:09d}")
         # a grid takes SNAPSHOT_STEPS sampler steps of the whole grid (minutes on a CPU): shown as they go, counted
         # in image-steps (each step of the sampler advances every image of the grid)
         tick = (self.progress(f"snapshot {path.stem} ({SNAPSHOT_STEPS} sampler steps)", SNAPSHOT_STEPS * count)
@@ -326,4 +327,4 @@ class Trainer:
         self.state.phase = len(self.phases)
         self.snapshot()
         final = self.checkpoint()
-        return final or self.run_dir / "checkpoints"
+        return final or RunPaths(self.run_dir).checkpoints

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from helpers import celeba_policy, plant_samples, write_policy
-from sfbd_guard.audit.images import is_grid_of
+from sfbd_guard.auditing.images import is_grid_of
 from sfbd_guard.curation.prepare import prepare
-from sfbd_guard.policy import load_policy
+from sfbd_guard.policy.model import load_policy
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from fixtures.synthetic import write_cifar10, write_imagefolder
 from helpers import lineage, write_policy
 from sfbd_guard.datasets import SourceSpec, open_reader
-from sfbd_guard.datasets.synthetic import write_cifar10, write_imagefolder
 from sfbd_guard.datasets.transforms import load_square
 from sfbd_guard.errors import ImageDecodeError
 

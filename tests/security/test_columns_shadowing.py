@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from fixtures.synthetic import write_celeba, write_imagefolder
 from helpers import lineage, write_policy
-from sfbd_guard.datasets.synthetic import write_celeba, write_imagefolder
 
 
 def _imagefolder_policy(root: Path, out: Path) -> dict:
@@ -46,8 +46,8 @@ def test_guard_row_column_cannot_move_an_opt_out_into_protected(cli, tmp_path: P
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("column", ["_GUARD_ROW", "record_id", "partition", "noise_seed", "Sigma",
-                                    "dup_cluster", "dup_of", "dup_kind", "dup_similarity"])
+@pytest.mark.parametrize("column", ["_GUARD_ROW", "record_id", "partition", "Sigma", "canonical_sha256",
+                                    "dup_cluster", "dup_of", "dup_kind", "dup_similarity", "dup_rule"])
 def test_imagefolder_metadata_cannot_use_a_reserved_column(cli, tmp_path: Path, column: str) -> None:  # type: ignore[no-untyped-def]
     rows = [{"file_name": "a.png", "opt_out": "true", column: "x"},
             {"file_name": "b.png", "opt_out": "false", column: "y"}]

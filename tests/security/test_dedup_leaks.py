@@ -15,13 +15,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from fixtures.synthetic import write_imagefolder
 from helpers import key_file, lineage, write_policy
 from sfbd_guard.compliance.verify import check_duplicates
 from sfbd_guard.curation import dedup
 from sfbd_guard.curation.prepare import prepare
-from sfbd_guard.datasets.synthetic import write_imagefolder
-from sfbd_guard.policy import load_policy
-from sfbd_guard.prepared import open_prepared
+from sfbd_guard.policy.model import load_policy
+from sfbd_guard.prepared.reader import open_prepared
 
 
 def _prepare(tmp_path: Path, name: str = "out") -> Path:

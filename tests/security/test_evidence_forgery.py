@@ -155,7 +155,7 @@ def test_verify_passes_the_honest_run(honest, cli) -> None:  # type: ignore[no-u
 
 @pytest.mark.parametrize("noise", [1e-3, 0.1])
 def test_originals_disguised_with_small_noise_fail_the_statistics(honest, tmp_path: Path, noise: float) -> None:  # type: ignore[no-untyped-def]
-    from sfbd_guard.prepared import check_noise_statistics, open_prepared
+    from sfbd_guard.prepared.reader import check_noise_statistics, open_prepared
 
     folder, _ = honest
     stats = check_noise_statistics(open_prepared(forge(folder / "prepared", tmp_path / "forged", noise=noise)))
@@ -163,7 +163,7 @@ def test_originals_disguised_with_small_noise_fail_the_statistics(honest, tmp_pa
 
 
 def test_originals_with_noise_at_a_third_of_sigma_fail_the_pooled_test(honest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from sfbd_guard.prepared import check_noise_statistics, open_prepared
+    from sfbd_guard.prepared.reader import check_noise_statistics, open_prepared
 
     folder, _ = honest
     stats = check_noise_statistics(open_prepared(forge(folder / "prepared", tmp_path / "forged", noise=1 / 3)))
@@ -171,7 +171,7 @@ def test_originals_with_noise_at_a_third_of_sigma_fail_the_pooled_test(honest, t
 
 
 def test_originals_with_full_sigma_noise_are_a_valid_noisy_copy(honest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from sfbd_guard.prepared import check_noise_statistics, open_prepared
+    from sfbd_guard.prepared.reader import check_noise_statistics, open_prepared
 
     folder, _ = honest
     assert check_noise_statistics(open_prepared(forge(folder / "prepared", tmp_path / "forged", noise=1.0))).passed

@@ -11,11 +11,11 @@ import duckdb
 import pytest
 
 from helpers import digits_policy, tiny_pipeline, write_policy
-from sfbd_guard.contracts.card import Card
 from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.errors import VerificationError
-from sfbd_guard.policy import load_policy
-from sfbd_guard.prepared import find_prepare_event, open_prepared
+from sfbd_guard.policy.model import load_policy
+from sfbd_guard.prepared.card import Card
+from sfbd_guard.prepared.reader import find_prepare_event, open_prepared
 
 
 @pytest.fixture(scope="module")

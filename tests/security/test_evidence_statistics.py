@@ -10,9 +10,9 @@ import pytest
 
 from helpers import celeba_policy, digits_policy, key_file, write_policy
 from sfbd_guard.curation.prepare import prepare
-from sfbd_guard.noise_check import ALPHA_IMAGE, MAD, check_protected, haar_details, image_threshold, pooled_limit
-from sfbd_guard.policy import load_policy
-from sfbd_guard.prepared import check_noise_statistics, open_prepared
+from sfbd_guard.policy.model import load_policy
+from sfbd_guard.prepared.noise_check import ALPHA_IMAGE, MAD, check_protected, haar_details, image_threshold, pooled_limit
+from sfbd_guard.prepared.reader import check_noise_statistics, open_prepared
 
 
 def _exact_tail(n: int, k: int, p: float) -> float:

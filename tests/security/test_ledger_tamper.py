@@ -182,8 +182,8 @@ def test_forged_head_without_the_key_fails(signed: Path, tmp_path: Path, capsys:
     """The newest event edited and HEAD.json rewritten: the chain alone cannot tell (it says so), the signature can;
     re-signed with another key, the --ledger-key check refuses it."""
     from sfbd_guard.hashing import sha256_file
+    from sfbd_guard.keys.signing import create_keypair, load_private_key
     from sfbd_guard.ledger import Head, sign_head
-    from sfbd_guard.signing import create_keypair, load_private_key
 
     project = _copy(signed, tmp_path)
     ledger = project / "ledger"
@@ -200,7 +200,7 @@ def test_forged_head_without_the_key_fails(signed: Path, tmp_path: Path, capsys:
     assert checks["ledger signatures"][0] == "FAIL" and "edited after it was signed" in checks["ledger signatures"][1]
     create_keypair(tmp_path / "forger.key", tmp_path / "forger.pub")  # the forger signs with a key of their own
     forger = load_private_key(tmp_path / "forger.key")
-    from sfbd_guard.signing import key_fingerprint
+    from sfbd_guard.keys.signing import key_fingerprint
 
     row["signer"] = key_fingerprint(forger.public_key())
     _write(path, row)

@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import digits_policy, key_file, lineage, tiny_pipeline, write_policy
-from sfbd_guard.curation.keys import read_key_file
 from sfbd_guard.datasets import SourceSpec, open_reader
+from sfbd_guard.keys.secret import read_key_file
 
 SIGMA = 0.6
 
@@ -75,7 +75,7 @@ def _attack(prepared: Path, arrays: dict[str, np.ndarray] | None = None) -> tupl
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from sfbd_guard.curation.prepare import prepare
-    from sfbd_guard.policy import load_policy
+    from sfbd_guard.policy.model import load_policy
 
     tmp = tmp_path_factory.mktemp("inversion")
     policy = digits_policy(tmp / "prepared", drop=0.7)  # ~480 protected digits: enough, and fast
@@ -236,19 +236,29 @@ def test_train_refuses_a_directory_with_invertible_noise(tmp_path: Path, cli: Ca
 
 def test_only_curation_and_keygen_import_the_key_module() -> None:
     """Static half of the key boundary (the chain test above is the runtime half): reading a key file is
-    `curation/keys.py`, imported by prepare, its decoding workers and `guard keygen` only."""
+    `keys/secret.py`, imported by prepare, its decoding workers and `guard keygen` only."""
     import ast
 
     package = Path(__file__).resolve().parents[2] / "sfbd_guard"
     allowed = {package / "curation" / "prepare.py", package / "curation" / "decode.py", package / "cli.py"}
+    importers = set()
     for path in package.rglob("*.py"):
+        here = ["sfbd_guard", *path.relative_to(package).with_suffix("").parts[:-1]]
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
-                [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            if any(n.endswith("keys") and ("curation" in n or path.parent.name == "curation") for n in names):
-                assert path in allowed, f"{path.relative_to(package)} imports the noise key module"
+            if isinstance(node, ast.ImportFrom):
+                base = here[: len(here) - node.level + 1] if node.level else []
+                module = ".".join([*base, *([node.module] if node.module else [])])
+                names = [module, *(f"{module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if "sfbd_guard.keys.secret" in names:
+                importers.add(path)
+    assert importers, "positive control: prepare imports the key module"
+    assert importers <= allowed, f"{sorted(str(p.relative_to(package)) for p in importers - allowed)} import the key module"
     cli = (package / "cli.py").read_text()
-    assert cli.count("curation.keys") == 2 and "def keygen" in cli and "def key_export_digest" in cli
+    assert cli.count("keys.secret import") == 2 and "def keygen" in cli and "def key_export_digest" in cli
 
 
 def test_train_and_sample_open_nothing_of_the_owner_nor_the_originals(tmp_path: Path, cli: Callable[..., Any],

@@ -120,7 +120,7 @@ def test_the_owner_key_is_made_once_owner_only_and_found_through_a_path(tmp_path
     """First prepares racing make one key (never a half-written one); GUARD_KEY_FILE holds a path, not a key."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from sfbd_guard.curation.keys import owner_key
+    from sfbd_guard.keys.secret import owner_key
 
     monkeypatch.setenv("GUARD_KEY_FILE", str(tmp_path / "keys" / "mine.key"))
     refused = cli("key", "export-digest", tmp_path / "digest.key")

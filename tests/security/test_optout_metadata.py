@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from helpers import lineage, write_policy
-from sfbd_guard.prepared import open_prepared
+from sfbd_guard.prepared.reader import open_prepared
 
 OPT_OUT = "coalesce(CAST(opt_out AS BOOLEAN), false)"  # the shipped policies/imagefolder.yaml rule
 
@@ -43,7 +43,7 @@ def _policy(tmp_path: Path, root: Path, out: str = "out", where: str = "opt_out 
 
 
 def _rows(out: Path) -> dict[str, dict]:
-    return {row["record_id"]: row for row in lineage(out).to_pylist()}  # the owner's full manifest (owner.py)
+    return {row["record_id"]: row for row in lineage(out).to_pylist()}  # the owner's full manifest (keys/owner.py)
 
 
 def _jsonl(rows: list[dict]) -> str:
@@ -140,8 +140,8 @@ def test_a_row_naming_no_image_that_no_exclude_rule_matches_is_an_error_row(cli,
 def test_an_exclude_rule_counts_by_its_where_not_by_its_sample(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A held-out sample (exclude without `where`) taking a row that names no image is not an opt-out; an opt-out
     rule with a `sample` that leaves the row to a later rule still stops prepare."""
-    from sfbd_guard.curation.rules import sample_rows
-    from sfbd_guard.policy import SampleSpec
+    from sfbd_guard.policy.model import SampleSpec
+    from sfbd_guard.policy.rules import sample_rows
 
     root = _images(tmp_path / "data", [f"{i}.png" for i in range(6)])
     (root / "metadata.csv").write_text("file_name,opt_out\n" + "".join(f"{i}.png,true\n" for i in range(6))
@@ -316,7 +316,7 @@ def test_a_webdataset_json_whose_opt_out_is_ambiguous_is_an_error_row(cli, tmp_p
 def test_celeba_lists_that_would_hide_an_identity_opt_out_are_refused(cli, tmp_path: Path, change: str) -> None:  # type: ignore[no-untyped-def]
     """A file listed twice in identity_CelebA.txt (the last line won) or not at all (a null identity escapes
     `identity IN (...)`) was prepared as protected."""
-    from sfbd_guard.datasets.synthetic import write_celeba
+    from fixtures.synthetic import write_celeba
 
     root = write_celeba(tmp_path / "celeba", 6, identities=2)
     lines = (root / "identity_CelebA.txt").read_text().splitlines()
@@ -469,7 +469,7 @@ def test_no_opt_out_ever_lands_in_clean_or_protected(data: dict) -> None:
 
     from sfbd_guard.curation.prepare import prepare
     from sfbd_guard.errors import InputError
-    from sfbd_guard.policy import load_policy
+    from sfbd_guard.policy.model import load_policy
 
     with tempfile.TemporaryDirectory(prefix="optout-") as folder:
         tmp = Path(folder)

@@ -65,7 +65,7 @@ def _policy(tmp: Path, fmt: str, root: Path, where: str, out: str = "out", rules
 
 
 def _rows(out: Path) -> dict[str, dict]:
-    return {row["record_id"]: row for row in lineage(out).to_pylist()}  # the owner's full manifest (owner.py)
+    return {row["record_id"]: row for row in lineage(out).to_pylist()}  # the owner's full manifest (keys/owner.py)
 
 
 def _refused(result: Any, *fragments: str) -> str:
@@ -336,7 +336,7 @@ def _webdataset_data(draw: st.DrawFn) -> list[list[object]]:
 def _prepare_or_refuse(tmp: Path, fmt: str, root: Path, where: str) -> dict[str, str] | None:
     from sfbd_guard.curation.prepare import prepare
     from sfbd_guard.errors import InputError
-    from sfbd_guard.policy import load_policy
+    from sfbd_guard.policy.model import load_policy
 
     policy = _policy(tmp, fmt, root, where, rules=[{"name": "some", "action": "clean", "where": "record_id LIKE '%1'"}])
     try:
@@ -400,7 +400,7 @@ def test_no_webdataset_opt_out_lands_in_clean_or_protected(shards: list[list[obj
 def test_celeba_lists_that_would_leave_a_null_value_are_refused(cli, tmp_path: Path, change: str) -> None:  # type: ignore[no-untyped-def]
     """A file without a row in list_attr_celeba.txt got null attributes (`Eyeglasses` excluded nothing); a
     partition value other than 0/1/2 got a null split (a held-out `split = 'test'` rule missed it)."""
-    from sfbd_guard.datasets.synthetic import write_celeba
+    from fixtures.synthetic import write_celeba
 
     root = write_celeba(tmp_path / "celeba", 4, identities=2)
     if change == "attributes missing":
@@ -424,7 +424,7 @@ def test_cifar10_label_names_for_every_label(cli, tmp_path: Path) -> None:  # ty
     excluded nothing)."""
     import pickle
 
-    from sfbd_guard.datasets.synthetic import write_cifar10
+    from fixtures.synthetic import write_cifar10
 
     root = write_cifar10(tmp_path / "cifar", 20)
     meta_path = next(root.rglob("batches.meta"))

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.synthetic import write_imagefolder
 from helpers import write_policy
-from sfbd_guard.datasets.synthetic import write_imagefolder
 
 
 def _policy(root: Path, out: Path) -> dict:

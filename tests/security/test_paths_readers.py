@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fixtures.synthetic import random_image, write_celeba, write_imagefolder
 from helpers import lineage, write_policy
-from sfbd_guard.datasets.synthetic import random_image, write_celeba, write_imagefolder
 from sfbd_guard.datasets.transforms import load_square
 
 RESOLUTION = 16

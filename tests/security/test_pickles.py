@@ -23,7 +23,7 @@ class _Payload:
 def test_a_clip_weights_pickle_cannot_run_code(tmp_path: Path) -> None:
     import torch
 
-    from sfbd_guard.audit.clip import ClipEmbedder
+    from sfbd_guard.embedding.clip import ClipEmbedder
 
     marker = tmp_path / "pwned"
     weights = tmp_path / "evil.pt"
@@ -34,8 +34,8 @@ def test_a_clip_weights_pickle_cannot_run_code(tmp_path: Path) -> None:
 
 
 def test_a_cifar_batch_pickle_cannot_run_code(tmp_path: Path) -> None:
+    from fixtures.synthetic import write_cifar10
     from sfbd_guard.datasets import SourceSpec, open_reader
-    from sfbd_guard.datasets.synthetic import write_cifar10
 
     root = write_cifar10(tmp_path / "cifar", 4)
     marker = tmp_path / "pwned"

@@ -130,7 +130,7 @@ def test_a_shard_symlinked_out_of_the_root_is_an_error_record_and_never_opened(t
 
 
 def test_brace_patterns_that_leave_the_root_or_name_too_many_shards_are_refused(tmp_path: Path) -> None:
-    from sfbd_guard.policy import load_policy
+    from sfbd_guard.policy.model import load_policy
 
     (tmp_path / "wds").mkdir()
     for pattern, reason in [("../{0..3}.tar", "climbs"), ("shards/{a,../../etc}.tar", "climbs"),

@@ -69,7 +69,7 @@ def _attention_downstream(rereleased: Path, first: Path) -> None:
     from sfbd_guard.compliance.chains import Chain, judge
     from sfbd_guard.compliance.datasheet import _releases
     from sfbd_guard.compliance.verify import check_releases
-    from sfbd_guard.contracts.card import read_card
+    from sfbd_guard.prepared.card import read_card
 
     card = read_card(rereleased)
     check = check_releases(card)

@@ -62,8 +62,8 @@ def test_the_trainer_learns_nothing_about_excluded_records_but_counts(tmp_path: 
 def test_every_digest_is_keyed_and_only_the_digest_key_checks_it(tmp_path: Path, cli: Callable[..., Any],
                                                                  owner_config: Path) -> None:
     from sfbd_guard.compliance.verify import check_clean_rows
-    from sfbd_guard.digests import read_digest_key
     from sfbd_guard.hashing import keyed_digest
+    from sfbd_guard.keys.digests import read_digest_key
 
     prepared = _prepare(cli, tmp_path, manifest={"metadata": ["license"]})
     plain = {r["record_id"]: r["sha256"] for r in lineage(prepared).to_pylist()}
@@ -77,7 +77,7 @@ def test_every_digest_is_keyed_and_only_the_digest_key_checks_it(tmp_path: Path,
     for row in rows:
         if row["partition"] in ("clean", "protected"):
             assert row["digest"] == keyed_digest(key, plain[row["record_id"]])
-    from sfbd_guard.curation.keys import read_key_file
+    from sfbd_guard.keys.secret import read_key_file
 
     owner = read_key_file(owner_config / "sfbd_guard" / "owner.key")
     exported = (tmp_path / "digest.key").read_text()

@@ -17,8 +17,8 @@ from sfbd_guard.curation.prepare import prepare
 from sfbd_guard.errors import VerificationError
 from sfbd_guard.fileio import atomic_write_json
 from sfbd_guard.hashing import fingerprint, sha256_file
-from sfbd_guard.policy import load_policy
-from sfbd_guard.prepared import open_prepared
+from sfbd_guard.policy.model import load_policy
+from sfbd_guard.prepared.reader import open_prepared
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from sfbd_guard.engine.config import load_pipeline
 from sfbd_guard.engine.service import pipeline_of_run, train
 from sfbd_guard.errors import InputError
 from sfbd_guard.hashing import sha256_file
-from sfbd_guard.policy import load_policy
+from sfbd_guard.policy.model import load_policy
 
 SFBD_SCHEDULE = {"pretrain_kimg": 0.064, "rounds": 2, "round_kimg": 0.048}  # round 1: steps 5-7
 ONLINE_SCHEDULE = {"pretrain_kimg": 0.064, "total_kimg": 0.128, "refresh_every": 2, "refresh_size": 100}

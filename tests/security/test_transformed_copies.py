@@ -17,13 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
+from fixtures.synthetic import write_imagefolder
 from helpers import celeba_policy, key_file, lineage, plant_samples, write_policy
 from sfbd_guard.compliance.verify import card_variants, check_clean_rows, check_duplicates
 from sfbd_guard.curation.prepare import prepare
-from sfbd_guard.datasets.synthetic import write_imagefolder
 from sfbd_guard.hashing import canonical_sha256
-from sfbd_guard.policy import load_policy
-from sfbd_guard.prepared import open_prepared
+from sfbd_guard.policy.model import load_policy
+from sfbd_guard.prepared.reader import open_prepared
 from sfbd_guard.symmetry import GENERATORS, group
 
 TRANSFORMS = {
@@ -61,7 +61,7 @@ def _prepare(tmp_path: Path, root: Path, name: str = "out", **extra: Any) -> Pat
 
 
 def _manifest(output: Path) -> dict[str, dict[str, Any]]:
-    return {r["record_id"]: r for r in lineage(output).to_pylist()}  # the owner's full manifest (owner.py)
+    return {r["record_id"]: r for r in lineage(output).to_pylist()}  # the owner's full manifest (keys/owner.py)
 
 
 @pytest.mark.parametrize("transform", sorted(TRANSFORMS))

@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
+from ..embedding.embed import Embedder
+from ..version import __version__
 from .calibrate import Calibration, clopper_pearson, predicted_false
 from .checks import VERDICTS, Scores
 from .config import AuditConfig
-from .embed import Embedder
 from .index import InnerProductIndex
 from .originals import PreparedInfo
 from .reference import Reference

@@ -21,10 +21,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..contracts.card import card_problem
 from ..errors import InputError
-
-PREPARED_ENTRIES = {"manifest.parquet": "file", "card.json": "file", "card.sig": "file", "clean": "dir", "protected": "dir"}
+from .card import card_problem
+from .layout import ENTRIES
 
 
 def _pid_alive(pid: int) -> bool:
@@ -56,7 +55,7 @@ def _strays(folder: Path, *, partial: bool = False) -> list[str]:
     clean/ and protected/ (plus, unless `partial`, atomic-write temporaries). Empty for one this tool wrote."""
     strays = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        kind = PREPARED_ENTRIES.get(entry.name)
+        kind = ENTRIES.get(entry.name)
         if partial and _is_temp(entry):
             continue
         if kind is None or entry.is_symlink() or (kind == "file" and not entry.is_file(follow_symlinks=False)):

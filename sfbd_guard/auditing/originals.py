@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from ..contracts.base import dump
-from ..contracts.card import Card
 from ..datasets import READERS, DatasetReader, SourceSpec, open_reader
 from ..errors import ImageDecodeError, InputError, VerificationError
 from ..hashing import pixel_sha256, seeded_subset
+from ..prepared.card import Card
+from ..prepared.layout import MANIFEST, PreparedPaths
 
 Progress = Callable[[int], None]
 
@@ -50,14 +51,14 @@ class PreparedInfo:
 
 
 def _lineage(root: Path, card: Any, columns: list[str]) -> Any:
-    """The records' plain pixel sha256 and ids: from the owner's lineage (owner.py) for a directory prepared since
+    """The records' plain pixel sha256 and ids: from the owner's lineage (keys/owner.py) for a directory prepared since
     the trainer's manifest says only what training needs, from the manifest itself for an older one."""
     import pyarrow.parquet as pq
 
-    from ..owner import read_lineage
+    from ..keys.owner import read_lineage
 
-    if "sha256" in pq.read_schema(root / "manifest.parquet").names:
-        return pq.read_table(root / "manifest.parquet", columns=columns)
+    if "sha256" in pq.read_schema(root / MANIFEST).names:
+        return pq.read_table(root / MANIFEST, columns=columns)
     return read_lineage(card.fingerprint, columns, why="the audit (it checks each protected original it reads)")
 
 
@@ -66,12 +67,12 @@ def read_prepared(root: Path) -> PreparedInfo:
     directory. The structural checks are `prepared.read_prepared_card`, the same as training's; the audit reads
     no array file, and needs no provenance (it reads the originals, each checked against the manifest)."""
 
-    from ..prepared import read_prepared_card
+    from ..prepared.reader import read_prepared_card
 
     root = root.resolve()
     card = read_prepared_card(root)
     if card.format not in READERS:
-        raise InputError(f"{root / 'card.json'}: format: {card.format[:40]!r} is not one guard prepare writes",
+        raise InputError(f"{PreparedPaths(root).card}: format: {card.format[:40]!r} is not one guard prepare writes",
                          hint="--data must be a directory written by guard prepare")
     table = _lineage(root, card, ["record_id", "partition", "sha256"]).to_pylist()
     protected = [row for row in table if row["partition"] == "protected"]
@@ -152,21 +153,21 @@ def card_policy(info: PreparedInfo) -> Any:
     """The policy recorded in card.json, validated (a damaged card is an input error naming it)."""
     from pydantic import ValidationError
 
-    from ..policy import Policy
+    from ..policy.model import Policy
 
     try:
         return Policy.model_validate(dump(info.card.policy))
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
-        raise InputError(f"--data {info.root / 'card.json'}: policy.{where}: {first['msg']}",
+        raise InputError(f"--data {PreparedPaths(info.root).card}: policy.{where}: {first['msg']}",
                          hint="--data must be a directory written by guard prepare") from None
 
 
 def _excluded_by_policy(info: PreparedInfo, metadata: Any) -> set[str]:
     """Records the policy's exclude rules match (opt-outs must never be used, not even to calibrate)."""
-    from ..curation.rules import decide
-    from ..policy import Rule
+    from ..policy.model import Rule
+    from ..policy.rules import decide
 
     policy = card_policy(info)
     excludes = [r for r in policy.rules if r.action == "exclude"]

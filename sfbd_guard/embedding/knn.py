@@ -9,7 +9,7 @@ where the reference sits in its shard, so sharded and single scores are the same
 
 Only one shard is in memory at a time when the shards are files (`Shards.files`), so the memory of a
 search is one shard plus the queries' running top-k. The audit's reference index uses it
-(audit/index.py); it is also meant for any other exact search over a large set (near-duplicates).
+(auditing/index.py); it is also meant for any other exact search over a large set (near-duplicates).
 """
 
 from __future__ import annotations

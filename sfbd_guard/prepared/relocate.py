@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .locations import resolve
+from ..locations import resolve
+from ..rundir import RUN_RECORD
+from .layout import CARD
 
 SEARCH_DEPTH = 3  # how deep under the project a moved prepared directory is looked for
 SEARCH_FOLDERS = 5000  # at most this many folders are listed (a project may hold a dataset of millions of files)
@@ -19,16 +21,16 @@ def find_prepared(project: Path, fingerprint: str) -> Path | None:
     (`prepared.read_prepared_card`: the manifest's sha256 and the fingerprint recomputed from the card's files),
     or None. Symlinks are not followed; the search stops at SEARCH_DEPTH and SEARCH_FOLDERS. Finding a directory
     establishes nothing: its callers still verify its arrays, its provenance and the ledger's fingerprints."""
-    from .contracts.card import read_card
-    from .errors import GuardError
-    from .prepared import read_prepared_card
+    from ..errors import GuardError
+    from .card import read_card
+    from .reader import read_prepared_card
 
     project = project.resolve()
     queue, listed = [(project, 0)], 0
     while queue and listed < SEARCH_FOLDERS:
         folder, depth = queue.pop(0)
         listed += 1
-        card = folder / "card.json"
+        card = folder / CARD
         if card.is_file() and not card.is_symlink():
             try:
                 if read_card(folder).fingerprint == fingerprint and read_prepared_card(folder).fingerprint == fingerprint:
@@ -36,7 +38,7 @@ def find_prepared(project: Path, fingerprint: str) -> Path | None:
             except GuardError:
                 pass
             continue  # a prepared directory holds no other
-        if depth >= SEARCH_DEPTH or (folder / "run.json").is_file():
+        if depth >= SEARCH_DEPTH or (folder / RUN_RECORD).is_file():
             continue
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -52,11 +54,11 @@ def prepared_of_run(run_dir: Path, data: str, fingerprint: str, project: Path, e
     run directory (a relative path must stay inside `project`, the ledger's parent), else, when that path is not
     there (a moved or copied project), the prepared directory of the project with the run's fingerprint.
     Raises an InputError naming run.json, the path and the --data flag when none is found."""
-    from .errors import InputError
+    from ..errors import InputError
 
     if explicit is not None:
         return explicit.resolve()
-    source = run_dir / "run.json"
+    source = run_dir / RUN_RECORD
     found = resolve(data, run_dir, project=project)
     if found is None:
         raise InputError(f"{source}: data: {data!r} leads outside the project {project.resolve()}; it is not read",

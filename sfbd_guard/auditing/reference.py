@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from ..embedding.embed import Embedder, embed_chunks, l2_vectors
+from ..embedding.knn import Shards
 from ..errors import InputError
 from ..fileio import read_regular
 from ..hashing import json_sha256
-from ..knn import Shards
 from .config import AuditConfig
-from .embed import Embedder, embed_chunks, l2_vectors
 from .index import build_ivf
 from .originals import PreparedInfo, iter_protected
 

@@ -2,7 +2,7 @@
 
 Up to `search.exact_limit` references the search is exact brute force (`faiss.knn`, the kernel of
 `IndexFlatIP`, without copying the reference vectors into an index), one reference shard at a time
-(`search.shard_size` references each; knn.py merges the shards' top-k into exactly the single search's,
+(`search.shard_size` references each; embedding/knn.py merges the shards' top-k into exactly the single search's,
 ties by reference row). Beyond it an IVF index only
 proposes `search.candidates` ids per query; their similarities are then recomputed exactly from the
 stored vectors, so every reported similarity (and every verdict) is exact for the ids it names. The
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..knn import Shards, knn
+from ..embedding.knn import Shards, knn
 from .config import SearchSpec
 
 IVF_MIN_POINTS_PER_LIST = 39  # FAISS warns below this many training points per list

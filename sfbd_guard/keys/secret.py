@@ -30,9 +30,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..digests import DIGEST_HEADER, KEY_BYTES, read_secret_file, write_secret_file
 from ..errors import InputError
-from ..owner import KEY_ENV, default_key_path
+from .digests import DIGEST_HEADER, KEY_BYTES, read_secret_file, write_secret_file
+from .owner import KEY_ENV, default_key_path
 
 HEADER = "sfbd-guard-noise-key-v1"
 _ID_LABEL = b"sfbd_guard/key-id/v1"

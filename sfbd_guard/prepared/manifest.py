@@ -34,6 +34,8 @@ MANIFEST_FIELDS: list[pa.Field[Any]] = [
     pa.field("dup_similarity", pa.float64()),  # cosine similarity to dup_of's embedding, best variant (1.0 for exact)
     pa.field("dup_rule", pa.string()),  # a demoted record's own deciding rule (its `rule` is then `duplicate`)
 ]
+MANIFEST_COLUMNS = tuple(f.name for f in MANIFEST_FIELDS)  # a dataset's metadata may not use these names
+DUP_COLUMNS = tuple(name for name in MANIFEST_COLUMNS if name.startswith("dup_"))  # filled in by dedup
 
 
 def manifest_schema(metadata: pa.Schema) -> pa.Schema:

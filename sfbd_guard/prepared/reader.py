@@ -9,7 +9,7 @@ a raw dataset or a protected original.
 Re-hashing defeats those checks (a forger can replace the arrays and recompute every sha256 in the card),
 so `guard train` and `guard verify` also establish where the directory came from (`establish_provenance`):
 the ledger's `prepare` event that wrote exactly this fingerprint, or a valid Ed25519 signature of card.json
-by the data owner (`signing.py`); and they test the protected pixels themselves (`noise_check.py`).
+by the data owner (`keys/signing.py`); and they test the protected pixels themselves (`prepared/noise_check.py`).
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from .contracts.card import Card, read_card
-from .contracts.events import Event, read_events
-from .errors import VerificationError
-from .hashing import fingerprint, sha256_file
+from ..contracts.events import Event, read_events
+from ..errors import VerificationError
+from ..hashing import fingerprint, sha256_file
+from .card import Card, read_card
+from .layout import MANIFEST, REQUIRED, SHARD_FOLDERS
 from .mapped import MappedRows
 from .noise_check import NoiseStats
 
-REQUIRED = ("card.json", "manifest.parquet", "clean", "protected")
 DTYPES: dict[str, np.dtype[Any]] = {"clean": np.dtype(np.uint8), "protected": np.dtype(np.float16)}
 
 
@@ -84,12 +84,12 @@ def read_prepared_card(root: Path) -> Card:
         if not re.fullmatch(r"(clean|protected)/[A-Za-z0-9_.-]+\.npy", name) or ".." in name or (root / name).is_symlink():
             raise _fail(root, f"card.json names {name!r}, not a shard of this directory")
     try:
-        manifest_sha256 = sha256_file(root / "manifest.parquet")
+        manifest_sha256 = sha256_file(root / MANIFEST)
     except OSError as err:
         raise _fail(root, f"manifest.parquet: cannot read it ({err.strerror or err})") from None
     if manifest_sha256 != card.manifest_sha256:
         raise _fail(root, "manifest.parquet does not match the sha256 recorded at prepare time")
-    if fingerprint({**card.files, "manifest.parquet": card.manifest_sha256}) != card.fingerprint:
+    if fingerprint({**card.files, MANIFEST: card.manifest_sha256}) != card.fingerprint:
         raise _fail(root, "card.json fingerprint does not match its files")
     return card
 
@@ -104,7 +104,7 @@ def _check_keyed_noise(root: Path, card: Card) -> None:
 
 def _verify_files(root: Path, card: Card) -> dict[str, str]:
     recorded = dict(card.files)
-    present = {p.relative_to(root).as_posix() for part in ("clean", "protected") for p in (root / part).rglob("*") if p.is_file()}
+    present = {p.relative_to(root).as_posix() for part in SHARD_FOLDERS for p in (root / part).rglob("*") if p.is_file()}
     unexpected = sorted(present - set(recorded))
     if unexpected:
         raise _fail(root, f"{unexpected[0]} is not recorded in card.json")
@@ -129,7 +129,7 @@ class _Manifest:
 
         columns = ["record_id", "partition", "rule", "sigma", "file", "row"]
         try:
-            table = pq.read_table(root / "manifest.parquet", columns=columns, use_threads=False)  # fewer buffers
+            table = pq.read_table(root / MANIFEST, columns=columns, use_threads=False)  # fewer buffers
             types = {"record_id": pa.string(), "partition": pa.string(), "rule": pa.string(), "sigma": pa.float64(),
                      "file": pa.string(), "row": pa.int64()}
             self.table = pa.table({name: table.column(name).cast(kind) for name, kind in types.items()})
@@ -246,7 +246,7 @@ def open_prepared(root: Path) -> PreparedData:
 
 
 def check_noise_statistics(data: PreparedData) -> NoiseStats:
-    """The protected pixels tested for noise at the card's sigma (see noise_check.py)."""
+    """The protected pixels tested for noise at the card's sigma (see prepared/noise_check.py)."""
     from .noise_check import CHUNK, check_protected
 
     return check_protected(data.protected.pixels.blocks(CHUNK), data.card.sigma, data.protected.record_ids)
@@ -277,7 +277,7 @@ class Provenance:
 def is_prepare_event_of(event: Event, card: Card) -> bool:
     """Whether `event` is an ok `prepare` event that wrote a directory with this card's fingerprint, array files,
     policy, sigma and counts."""
-    from .contracts.events import PrepareSummary
+    from ..contracts.events import PrepareSummary
 
     summary = event.summary
     if event.kind != "prepare" or event.status != "ok" or not isinstance(summary, PrepareSummary):
@@ -303,7 +303,7 @@ def find_prepare_event(ledger: Path, card: Card) -> str | None:
 
 def establish_provenance(data: PreparedData, ledger: Path, verify_key: Path | None) -> Provenance:
     """Look up the prepare event in `ledger`; with `verify_key`, also check card.sig (raises if it fails)."""
-    from .signing import verify_card
+    from ..keys.signing import verify_card
 
     signer = verify_card(data.root, verify_key) if verify_key is not None else None
     return Provenance(find_prepare_event(ledger, data.card), signer, ledger)

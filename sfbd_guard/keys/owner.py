@@ -3,7 +3,7 @@
 The owner's folder is the folder of the owner's key: $GUARD_KEY_FILE's folder when that variable names a key
 file (a path, never the key itself), else $XDG_CONFIG_HOME/sfbd_guard, else ~/.config/sfbd_guard. It holds:
 
-    owner.key           the owner's secret (curation/keys.py; 0600)
+    owner.key           the owner's secret (keys/secret.py; 0600)
     releases.parquet    the release register (curation/register.py)
     digest-keys/<digest key id>.key
                         the digest subkey of each key that prepared a directory here (the file guard key
@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import InputError
+from ..errors import InputError
 
 if TYPE_CHECKING:
     import pyarrow as pa

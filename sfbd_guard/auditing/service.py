@@ -1,6 +1,6 @@
 """`guard audit` as library calls: `run_audit` (the work) and `audit_recorded` (the same, plus a ledger event).
 
-    from sfbd_guard.audit import AuditConfig, run_audit
+    from sfbd_guard.auditing import AuditConfig, run_audit
     result = run_audit(samples=Path("out"), data=Path("prepared/celeba-64"), report=Path("audit"),
                        config=AuditConfig())
     result.counts["copy"]  # 0 → nothing copied
@@ -19,16 +19,18 @@ import numpy as np
 
 from ..contracts.audit_summary import AuditSummary, write_audit_summary
 from ..contracts.base import dump, validate
+from ..embedding.embed import Embedder, PixelEmbedder
+from ..embedding.ray_embed import embedder_session
 from ..errors import GuardError
 from ..executor import LOCAL, ExecutorSpec
 from ..fileio import check_report_dir, report_dir
 from ..hashing import fingerprint, sha256_file
 from ..ledger import Artifact, current_head, ledger_dir, recorded
 from ..progress import ProgressFactory
+from ..rundir import AUDIT_FILES, AUDIT_TABLE, REPORT, SIMILARITY
 from . import calibrate as cal
 from .checks import Scores, background, score, verdicts
 from .config import AuditConfig
-from .embed import Embedder, PixelEmbedder
 from .html import Pair, evidence_links, histogram, render
 from .images import LoadedImages, load_folder
 from .index import InnerProductIndex
@@ -42,12 +44,11 @@ from .originals import (
     load_protected,
     read_prepared,
 )
-from .ray_embed import embedder_session
 from .reference import Reference, build, l2_size
 from .results import samples_table, write_parquet
 from .summary import build_summary
 
-REPORT_FILES = ("samples.parquet", "summary.json", "report.html", "similarity.png")
+REPORT_FILES = AUDIT_FILES  # rundir.py: the audit report folder
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class AuditResult:
 def embedder_factory(config: AuditConfig, info: PreparedInfo) -> Callable[[], Embedder]:
     """What builds the audit's embedder: picklable, so Ray actors can build their own (ray_embed.py)."""
     if config.embedder_kind == "clip":
-        from .clip import ClipEmbedder, check_weights
+        from ..embedding.clip import ClipEmbedder, check_weights
 
         check_weights(config.embedder.clip_weights)  # missing weights: exit 2 here, before any actor starts
         return partial(ClipEmbedder, weights=config.embedder.clip_weights, model=config.embedder.clip_model,
@@ -158,12 +159,12 @@ def _write(report: Path, table: Any, summary: AuditSummary, page: str, figure: A
 
     report_dir(report, "--report")  # report.html may hold thumbnails of protected originals: owner-only
     files = {name: report / name for name in REPORT_FILES}
-    write_parquet(files["samples.parquet"], table)
+    write_parquet(files[AUDIT_TABLE], table)
     write_audit_summary(report, summary)
-    atomic_write_bytes(files["report.html"], page.encode())
+    atomic_write_bytes(files[REPORT], page.encode())
     picture = io.BytesIO()
     figure.save(picture, format="PNG")  # the similarity histogram, also as a picture of its own
-    atomic_write_bytes(files["similarity.png"], picture.getvalue())
+    atomic_write_bytes(files[SIMILARITY], picture.getvalue())
     return files
 
 

@@ -68,7 +68,7 @@ import pyarrow as pa
 
 from ..errors import ConfigError, InputError
 from ..hashing import unit_rank
-from ..policy import Rule, SampleSpec
+from .model import Rule, SampleSpec
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..contracts.audit_summary import AuditSummary
+from ..rundir import AUDIT_SUMMARY, AUDIT_TABLE, RunPaths
 
 COLOURS = {"samples": (214, 39, 40), "holdout": (31, 119, 180)}
 HEX = {"samples": "#d62728", "holdout": "#1f77b4"}
@@ -211,8 +212,8 @@ def evidence_links(report: Path, samples: Path, flagged: list[str]) -> Evidence:
     run directory, when the report folder sits in one), summary.json, samples.parquet, the flagged sample files."""
     report, samples = report.resolve(), samples.resolve()
     run = report.parent
-    compliance = relative_link(run / "report.html", report) if (run / "run.json").is_file() else None
-    return Evidence(compliance, "summary.json", "samples.parquet",
+    compliance = relative_link(RunPaths(run).report, report) if RunPaths(run).record.is_file() else None
+    return Evidence(compliance, AUDIT_SUMMARY, AUDIT_TABLE,
                     {name: relative_link(samples / name, report) for name in flagged})
 
 
@@ -235,7 +236,7 @@ def render(summary: AuditSummary, pairs: list[Pair], thumb_size: int, evidence: 
 
     rows = [{"sample": name, "verdict": verdict, "record_id": record or "–",
              "href": evidence.samples.get(name) if evidence else None} for name, verdict, record in flagged or []]
-    return render_template("sfbd_guard.audit", "audit.html.j2", s=summary, th=summary.thresholds, evidence=evidence,
+    return render_template("sfbd_guard.auditing", "audit.html.j2", s=summary, th=summary.thresholds, evidence=evidence,
                            flagged=rows, pairs=[_pair_view(p, thumb_size, summary, evidence) for p in pairs],
                            rules=_rule_rows(summary),
                            histogram=similarity_chart(summary), calibrated=summary.thresholds.method == "holdout")

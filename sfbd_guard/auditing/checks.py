@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..embedding.embed import Embedder, embed_batched, l2_vectors
+from ..embedding.knn import Shards
 from ..hashing import pixel_sha256
-from ..knn import Shards
 from ..symmetry import Variant, group
 from .config import AuditConfig
-from .embed import Embedder, embed_batched, l2_vectors
 from .index import InnerProductIndex, Neighbours, l2_neighbours, merge_variants
 
 VERDICTS = ("copy", "suspect", "novel")

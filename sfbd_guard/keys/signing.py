@@ -20,11 +20,11 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, VerificationError
-from .fileio import NotRegularFileError, atomic_write_bytes, open_regular, read_regular
-from .hashing import sha256_bytes
+from ..errors import InputError, VerificationError
+from ..fileio import NotRegularFileError, atomic_write_bytes, open_regular, read_regular
+from ..hashing import sha256_bytes
+from ..prepared.layout import CARD, SIGNATURE
 
-SIGNATURE_FILE = "card.sig"
 ALGORITHM = "ed25519"
 MAX_KEY_BYTES = 16384  # an Ed25519 PEM key is about 120 bytes
 
@@ -117,10 +117,10 @@ def load_public_key(path: Path) -> Any:
 
 def sign_card(root: Path, key: Any) -> str:
     """Sign root/card.json (its exact bytes) into root/card.sig; returns the public key's fingerprint."""
-    card = (root / "card.json").read_bytes()
+    card = (root / CARD).read_bytes()
     public = key.public_key()
     payload = {"algorithm": ALGORITHM, "public_key_sha256": key_fingerprint(public), "signature": key.sign(card).hex()}
-    atomic_write_bytes(root / SIGNATURE_FILE, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(root / SIGNATURE, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
     return str(payload["public_key_sha256"])
 
 
@@ -133,10 +133,10 @@ def verify_card(root: Path, public_key: Path) -> str:
 
     public = load_public_key(public_key)
     expected = key_fingerprint(public)
-    sig_path = root / SIGNATURE_FILE
+    sig_path = root / SIGNATURE
     hint = "the data owner signs with guard prepare --sign-key; ask for the signed directory or the right public key"
     if not sig_path.is_file():
-        raise VerificationError(f"{root}: no {SIGNATURE_FILE}, but a verify key ({public_key}) was given", hint=hint)
+        raise VerificationError(f"{root}: no {SIGNATURE}, but a verify key ({public_key}) was given", hint=hint)
     try:
         payload = json.loads(sig_path.read_bytes())
         signature = bytes.fromhex(payload["signature"])
@@ -146,7 +146,7 @@ def verify_card(root: Path, public_key: Path) -> str:
     if algorithm != ALGORITHM:
         raise VerificationError(f"{sig_path}: algorithm {algorithm!r}, expected {ALGORITHM!r}", hint=hint)
     try:
-        public.verify(signature, (root / "card.json").read_bytes())
+        public.verify(signature, (root / CARD).read_bytes())
     except InvalidSignature:
         other = payload.get("public_key_sha256")
         why = "it was made by another key" if other != expected else "card.json was changed after signing"

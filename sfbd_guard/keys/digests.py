@@ -3,11 +3,11 @@
 A plain sha256 of a protected or excluded image confirms a guess: whoever holds a candidate image learns
 whether it is in the data. Every pixel digest written into a prepared directory is therefore
 HMAC-SHA256(digest_key, pixel sha256), where the digest key is a subkey of the owner's secret
-(curation/keys.py). The owner can export it (`guard key export-digest FILE`) to a verifier, who can then
+(keys/secret.py). The owner can export it (`guard key export-digest FILE`) to a verifier, who can then
 check that no clean row is a protected or excluded image (`guard verify --digest-key FILE`); the digest key
 regenerates no noise and derives no other key.
 
-This module reads and writes digest key files only; the owner's secret is read by curation/keys.py alone.
+This module reads and writes digest key files only; the owner's secret is read by keys/secret.py alone.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import InputError
-from .fileio import NotRegularFileError, open_regular
-from .hashing import keyed_digest
+from ..errors import InputError
+from ..fileio import NotRegularFileError, open_regular
+from ..hashing import keyed_digest
 
 __all__ = ["DIGEST_HEADER", "keyed_digest", "read_digest_key", "read_secret_file", "write_secret_file"]
 

@@ -21,9 +21,10 @@ import numpy as np
 from ..datasets.base import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 from ..datasets.transforms import decode_square, to_chw
 from ..errors import ImageDecodeError, InputError
+from ..rundir import SAMPLES_INDEX
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
-LISTING = "samples.json"
+LISTING = SAMPLES_INDEX
 MAX_LISTING_BYTES = 256 << 20  # a listing of millions of sample names; a larger one is refused unparsed
 MAX_PIXELS = DEFAULT_MAX_PIXELS  # as curation: PIL's decompression-bomb limit; larger images are never decoded
 MAX_BYTES = DEFAULT_MAX_FILE_BYTES  # no generated sample is this large; bigger files are not read

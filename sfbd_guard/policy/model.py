@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .config import StrictModel, load_config
-from .datasets.base import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, SourceSpec
-from .hashing import sha256_bytes
+from ..config import StrictModel, load_config
+from ..datasets.base import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, SourceSpec
+from ..hashing import sha256_bytes
 
 # exclude: opt-outs (never stored, never read again, not even by the audit); holdout: never trained on, kept where it
 # is for the audit's calibration and later model tests (decided after exclude, before clean and protect)
@@ -42,7 +42,7 @@ class DatasetSpec(StrictModel):
     @classmethod
     def _shards_inside(cls, value: str | None) -> str | None:
         if value is not None:
-            from .datasets.webdataset import shard_paths
+            from ..datasets.webdataset import shard_paths
 
             shard_paths(value)  # ValueError: absolute, `..`, not .tar, bad braces, too many shards
         return value

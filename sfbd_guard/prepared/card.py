@@ -1,6 +1,6 @@
 """card.json, the prepared directory's card: what `guard prepare` did, its counts, and the sha256 of every file.
 
-`read_card` is the only reader and `write_card` the only writer. The card's bytes are signed (signing.py)
+`read_card` is the only reader and `write_card` the only writer. The card's bytes are signed (keys/signing.py)
 and compared by tests: `write_card` writes exactly the keys of the card it is given, sorted, indented.
 
 `root` (the source dataset) and `policy_path` are relative to the card's own folder (the prepared directory)
@@ -16,11 +16,11 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from ..contracts.base import Contract, dump, load_json, read_contract, validate, write_contract
+from ..contracts.run_record import LedgerHead
 from ..errors import GuardError, InputError
-from .base import Contract, dump, load_json, read_contract, validate, write_contract
-from .run_record import LedgerHead
+from .layout import CARD
 
-CARD = "card.json"
 PARTITIONS = ("clean", "protected", "excluded", "error")
 
 
@@ -38,7 +38,7 @@ class CardNoise(Contract):
 
 
 class CardPolicy(Contract):
-    """The policy as `guard prepare` applied it (policy.py's `Policy`, dumped); audit/originals.py re-validates it
+    """The policy as `guard prepare` applied it (policy/model.py's `Policy`, dumped); auditing/originals.py re-validates it
     as a `Policy` where it needs its rules to select records."""
 
     rules: list[CardRule]
@@ -160,7 +160,7 @@ def card_from_dict(payload: dict[str, Any]) -> Card:
 
 
 def write_card(folder: Path, card: Card) -> None:
-    """Write folder/card.json (the bytes signing.py signs)."""
+    """Write folder/card.json (the bytes keys/signing.py signs)."""
     write_contract(folder / CARD, card)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..config import StrictModel, read_yaml_mapping, set_dotted, validate_mapping
-from ..policy import TRANSFORMS, Transform, old_transforms_flag, ordered_transforms
+from ..policy.model import TRANSFORMS, Transform, old_transforms_flag, ordered_transforms
 
 # Used only when no holdout is available (calibration.method = "default"): copy / suspect on the top-1
 # cosine similarity, and suspect when the relative L2 ratio is at or below `ratio` (Carlini et al.'s

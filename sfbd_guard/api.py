@@ -1,0 +1,229 @@
+"""The library's face: what each `guard` command does, as a typed function (docs/api.md).
+
+    import sfbd_guard as guard
+
+    prepared = guard.prepare("policies/digits.yaml")
+    outcome = guard.train("pipelines/digits.yaml", overrides={"schedule.total_kimg": 10})
+    run = guard.load_run(outcome.run_dir)
+    images = run.sample(16, seed=0)                 # uint8 (16, C, H, W), the pixels guard sample writes
+
+Every function appends its event to the compliance ledger (`ledger`, default the one `guard` uses), also a
+`failed` event when it raises; errors are `sfbd_guard.errors.GuardError`s with a one-line message and a hint.
+The CLI (cli.py) parses its options, calls these functions and prints their results; nothing else.
+Importing this module imports no torch, pyarrow or faiss: each function imports what it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .auditing.service import AuditResult
+    from .compliance.check import Check
+    from .curation.prepare import PrepareResult
+    from .engine.config import PipelineConfig
+    from .engine.methods import Method
+    from .engine.service import SampleOutcome, TrainOutcome
+    from .progress import ProgressFactory
+    from .stages import RunSummary
+
+PathLike = str | Path
+Executor = Literal["local", "ray"]
+
+
+def _command(name: str, command: Sequence[str] | None) -> list[str]:
+    """The invocation the ledger records: the CLI's argv, or the API call's name."""
+    return list(command) if command is not None else [f"sfbd_guard.{name}()"]
+
+
+@contextmanager
+def _failures_recorded(kind: str, ledger: PathLike | None, command: list[str]) -> Iterator[None]:
+    """A `failed` event for an error raised before a command's own recorded block starts (a config that does not
+    load, options that do not go together); an error the block recorded already is not recorded twice."""
+    try:
+        yield
+    except BaseException as err:
+        from .ledger import ledger_dir, record_failure
+
+        record_failure(ledger_dir(_path(ledger)), kind, command, err)
+        raise
+
+
+def _path(value: PathLike | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def prepare(policy: PathLike, *, out: PathLike | None = None, data_root: PathLike | None = None, workers: int = 1,
+            strict: bool = False, overwrite: bool = False, noise_key: PathLike | None = None, ephemeral_key: bool = False,
+            allow_rerelease: bool = False, sign_key: PathLike | None = None, executor: Executor = "local",
+            ray_address: str | None = None, ledger: PathLike | None = None, progress: ProgressFactory | None = None,
+            command: Sequence[str] | None = None) -> PrepareResult:
+    """Split a dataset into licensed-clean and noised-protected partitions as `policy` (a YAML file) says, into a
+    prepared directory (`out`, default the policy's `output`). `guard prepare`."""
+    argv = _command("prepare", command)
+    with _failures_recorded("prepare", ledger, argv):
+        from .curation.service import prepare_recorded
+        from .executor import executor_spec
+
+        return prepare_recorded(Path(policy), data_root=_path(data_root), out=_path(out), workers=workers, strict=strict,
+                                overwrite=overwrite, ledger=_path(ledger), command=argv, key_file=_path(noise_key),
+                                ephemeral_key=ephemeral_key, allow_rerelease=allow_rerelease, progress=progress,
+                                sign_key=_path(sign_key), executor=executor_spec(executor, ray_address))
+
+
+def training_config(pipeline: PathLike | None = None, *, resume: PathLike | None = None, data: PathLike | None = None,
+                    out: PathLike | None = None, method: Method | None = None,
+                    overrides: Mapping[str, Any] | None = None, verify_key: PathLike | None = None,
+                    ledger: PathLike | None = None) -> PipelineConfig:
+    """The validated configuration `train` would run: a new run of `pipeline` with dotted `overrides`
+    (e.g. {"schedule.total_kimg": 10}), or the saved one of the run directory `resume`."""
+    from .engine.service import pipeline_for_new_run, pipeline_of_run
+
+    if (pipeline is None) == (resume is None):
+        raise InputError("give either --pipeline (a new run) or --resume RUN_DIR (continue one)")
+    if resume is not None:
+        if out or method or overrides or verify_key:
+            raise InputError("--resume continues a run with its saved config; other options (but --data and "
+                             "--allow-unrecorded) do not apply")
+        from .ledger import ledger_dir
+        from .locations import project_of
+
+        return pipeline_of_run(Path(resume), data=_path(data), project=project_of(ledger_dir(_path(ledger))))
+    assert pipeline is not None
+    return pipeline_for_new_run(Path(pipeline), overrides=dict(overrides or {}), data=_path(data), out=_path(out),
+                                method=method, verify_key=_path(verify_key))
+
+
+def train(pipeline: PathLike | PipelineConfig | None = None, *, resume: PathLike | None = None,
+          data: PathLike | None = None, out: PathLike | None = None, method: Method | None = None,
+          overrides: Mapping[str, Any] | None = None, verify_key: PathLike | None = None,
+          allow_unrecorded: bool = False, sign_key: PathLike | None = None, ledger: PathLike | None = None,
+          progress: ProgressFactory | None = None, command: Sequence[str] | None = None) -> TrainOutcome:
+    """Train a diffusion model on a prepared directory: a new run of `pipeline` (a YAML file), or the run in
+    `resume` continued from its last checkpoint. `pipeline` may also be the config `training_config` gave (for the
+    same `resume`), which is trained as it is. `guard train`."""
+    from .engine.config import PipelineConfig
+
+    argv = _command("train", command)
+    with _failures_recorded("train", ledger, argv):
+        if isinstance(pipeline, PipelineConfig):
+            if data or out or method or overrides or verify_key:
+                raise InputError("a PipelineConfig is trained as it is: data, out, method, overrides and verify_key "
+                                 "belong to training_config")
+            config = pipeline
+        else:
+            config = training_config(pipeline, resume=resume, data=data, out=out, method=method, overrides=overrides,
+                                     verify_key=verify_key, ledger=ledger)
+        from .engine.service import train_recorded
+
+        return train_recorded(config, resume=resume is not None, ledger=_path(ledger), command=argv, progress=progress,
+                              allow_unrecorded=allow_unrecorded, sign_key=_path(sign_key))
+
+
+def sample(run: PathLike, *, n: int, out: PathLike, checkpoint: PathLike | None = None, steps: int = 18, seed: int = 0,
+           batch: int = 64, device: str = "auto", overwrite: bool = False, sign_key: PathLike | None = None,
+           ledger: PathLike | None = None, progress: ProgressFactory | None = None,
+           command: Sequence[str] | None = None) -> SampleOutcome:
+    """Draw `n` images from a run's EMA weights into `out`: one PNG each, grid.png and samples.json. Image i
+    depends only on (seed, i). `guard sample`."""
+    argv = _command("sample", command)
+    with _failures_recorded("sample", ledger, argv):
+        from .engine.service import sample_recorded
+
+        return sample_recorded(Path(run), ledger=_path(ledger), command=argv, sign_key=_path(sign_key), count=n,
+                               out=Path(out), steps=steps, seed=seed, batch=batch, checkpoint=_path(checkpoint),
+                               device=device, progress=progress, overwrite=overwrite)
+
+
+def audit(samples: PathLike, data: PathLike, *, report: PathLike = "audit-report", config: PathLike | None = None,
+          overrides: Mapping[str, Any] | None = None, data_root: PathLike | None = None,
+          holdout: PathLike | None = None, executor: Executor = "local", ray_address: str | None = None,
+          sign_key: PathLike | None = None, ledger: PathLike | None = None, progress: ProgressFactory | None = None,
+          command: Sequence[str] | None = None) -> AuditResult:
+    """Compare every image in `samples` with the protected originals of the prepared directory `data`; a verdict
+    per sample (copy, suspect, novel) at calibrated thresholds, written to `report`. `config` is an audit YAML,
+    `overrides` its dotted keys (e.g. {"search.k": 5}). `guard audit`."""
+    argv = _command("audit", command)
+    with _failures_recorded("audit", ledger, argv):
+        from .auditing.config import resolve_audit_config
+        from .auditing.service import audit_recorded
+        from .executor import executor_spec
+
+        chosen = executor_spec(executor, ray_address)
+        settings = resolve_audit_config(_path(config), {k: v for k, v in (overrides or {}).items() if v is not None})
+        return audit_recorded(samples=Path(samples), data=Path(data), report=Path(report), config=settings,
+                              config_path=_path(config), ledger=_path(ledger), command=argv, data_root=_path(data_root),
+                              holdout_dir=_path(holdout), progress=progress, executor=chosen, sign_key=_path(sign_key))
+
+
+def report(sql: str | None = None, *, ledger: PathLike | None = None) -> dict[str, Any]:
+    """The ledger's tables as {title: pyarrow.Table}: prepares, trainings, audits; or the result of `sql` over the
+    views events, prepares, trainings, samplings, audits. `guard report`."""
+    from .compliance.tables import report_tables
+    from .ledger import ledger_dir
+
+    return report_tables(ledger_dir(_path(ledger)), sql)
+
+
+def verify(run: PathLike, *, verify_key: PathLike | None = None, data: PathLike | None = None,
+           digest_key: PathLike | None = None, ledger_keys: Sequence[PathLike] = (),
+           ledger: PathLike | None = None) -> list[Check]:
+    """Check from files alone that the run saw only what its policy allowed; each check PASS, ATTENTION or FAIL
+    (`check.passed`, `check.attention`). `guard verify`."""
+    from .compliance.verify import verify_run
+    from .ledger import ledger_dir
+
+    return verify_run(Path(run), ledger_dir(_path(ledger)), verify_key=_path(verify_key), data=_path(data),
+                      digest_key=_path(digest_key), ledger_keys=[Path(k) for k in ledger_keys])
+
+
+def run(pipeline: PathLike, *, allow_unrecorded: bool = False, sign_key: PathLike | None = None,
+        ledger: PathLike | None = None, progress: ProgressFactory | None = None, say: Any = print,
+        command: Sequence[str] | None = None) -> RunSummary:
+    """Prepare, train, sample, audit and report as the pipeline says; stages already done are skipped. `guard run`."""
+    argv = _command("run", command)
+    with _failures_recorded("run", ledger, argv):
+        from .ledger import ledger_dir
+        from .stages import run_pipeline
+
+        return run_pipeline(Path(pipeline), ledger=ledger_dir(_path(ledger)), command=argv, progress=progress, say=say,
+                            allow_unrecorded=allow_unrecorded, sign_key=_path(sign_key))
+
+
+@dataclass
+class LoadedRun:
+    """A trained run's EMA network, ready to sample from (`load_run`)."""
+
+    run_dir: Path
+    config: PipelineConfig
+    net: torch.nn.Module  # the EDM denoiser D(x; sigma), eval mode
+    weights: Path  # the EMA weights file it holds
+    shape: tuple[int, int, int]  # (C, H, W)
+
+    def sample(self, n: int, *, seed: int = 0, steps: int = 18, batch: int = 64) -> torch.Tensor:
+        """uint8 (n, C, H, W) images: the pixels `sample` writes as PNGs for the same seed and steps."""
+        import torch
+
+        from .engine.data import to_uint8
+        from .engine.generate import generate
+
+        device = next(self.net.parameters()).device
+        parts = [to_uint8(images).cpu() for _, images in generate(self.net, seed=seed, count=n, shape=self.shape,
+                                                                   steps=steps, batch=batch, device=device)]
+        return torch.cat(parts) if parts else torch.empty((0, *self.shape), dtype=torch.uint8)
+
+
+def load_run(run: PathLike, *, checkpoint: PathLike | None = None, device: str = "auto") -> LoadedRun:
+    """A run directory's network with its latest EMA weights (or `checkpoint`'s), for sampling in Python."""
+    from .engine.service import load_ema_net, pipeline_of_run
+
+    net, weights, shape = load_ema_net(Path(run), checkpoint=_path(checkpoint), device=device)
+    return LoadedRun(Path(run), pipeline_of_run(Path(run)), net, weights, shape)
