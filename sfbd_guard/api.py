@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import InputError
+from .executor import executor_spec
+from .ledger import ledger_dir, record_failure
+from .locations import project_of
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +54,6 @@ def _failures_recorded(kind: str, ledger: PathLike | None, command: list[str]) -
     try:
         yield
     except BaseException as err:
-        from .ledger import ledger_dir, record_failure
 
         record_failure(ledger_dir(_path(ledger)), kind, command, err)
         raise
@@ -71,7 +73,6 @@ def prepare(policy: PathLike, *, out: PathLike | None = None, data_root: PathLik
     argv = _command("prepare", command)
     with _failures_recorded("prepare", ledger, argv):
         from .curation.service import prepare_recorded
-        from .executor import executor_spec
 
         return prepare_recorded(Path(policy), data_root=_path(data_root), out=_path(out), workers=workers, strict=strict,
                                 overwrite=overwrite, ledger=_path(ledger), command=argv, key_file=_path(noise_key),
@@ -93,8 +94,6 @@ def training_config(pipeline: PathLike | None = None, *, resume: PathLike | None
         if out or method or overrides or verify_key:
             raise InputError("--resume continues a run with its saved config; other options (but --data and "
                              "--allow-unrecorded) do not apply")
-        from .ledger import ledger_dir
-        from .locations import project_of
 
         return pipeline_of_run(Path(resume), data=_path(data), project=project_of(ledger_dir(_path(ledger))))
     assert pipeline is not None
@@ -155,7 +154,6 @@ def audit(samples: PathLike, data: PathLike, *, report: PathLike = "audit-report
     with _failures_recorded("audit", ledger, argv):
         from .auditing.config import resolve_audit_config
         from .auditing.service import audit_recorded
-        from .executor import executor_spec
 
         chosen = executor_spec(executor, ray_address)
         settings = resolve_audit_config(_path(config), {k: v for k, v in (overrides or {}).items() if v is not None})
@@ -168,7 +166,6 @@ def report(sql: str | None = None, *, ledger: PathLike | None = None) -> dict[st
     """The ledger's tables as {title: pyarrow.Table}: prepares, trainings, audits; or the result of `sql` over the
     views events, prepares, trainings, samplings, audits. `guard report`."""
     from .compliance.tables import report_tables
-    from .ledger import ledger_dir
 
     return report_tables(ledger_dir(_path(ledger)), sql)
 
@@ -179,7 +176,6 @@ def verify(run: PathLike, *, verify_key: PathLike | None = None, data: PathLike 
     """Check from files alone that the run saw only what its policy allowed; each check PASS, ATTENTION or FAIL
     (`check.passed`, `check.attention`). `guard verify`."""
     from .compliance.verify import verify_run
-    from .ledger import ledger_dir
 
     return verify_run(Path(run), ledger_dir(_path(ledger)), verify_key=_path(verify_key), data=_path(data),
                       digest_key=_path(digest_key), ledger_keys=[Path(k) for k in ledger_keys])
@@ -191,7 +187,6 @@ def run(pipeline: PathLike, *, allow_unrecorded: bool = False, sign_key: PathLik
     """Prepare, train, sample, audit and report as the pipeline says; stages already done are skipped. `guard run`."""
     argv = _command("run", command)
     with _failures_recorded("run", ledger, argv):
-        from .ledger import ledger_dir
         from .stages import run_pipeline
 
         return run_pipeline(Path(pipeline), ledger=ledger_dir(_path(ledger)), command=argv, progress=progress, say=say,

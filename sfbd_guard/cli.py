@@ -15,8 +15,12 @@ from typer.exceptions import TyperException  # base of typer's usage and paramet
 
 from . import api
 from .errors import GuardError, InputError
+from .ledger import ledger_dir, record_failure
+from .locations import project_of
 from .progress import terminal_progress
 from .rundir import SNAPSHOTS
+from .threads import choose_threads, configure
+from .version import __version__
 
 app = typer.Typer(
     name="guard",
@@ -37,7 +41,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _version(value: bool) -> None:
     if value:
-        from .version import __version__
 
         typer.echo(f"sfbd_guard {__version__}")
         raise typer.Exit(0)
@@ -91,7 +94,6 @@ def _fail(message: str, hint: str | None, code: int) -> None:
 
 def _record_failure(kind: str | None, kwargs: dict[str, Any], err: BaseException) -> None:
     """The `failed` event of an error the library call did not record (one in parsing the options); once per error."""
-    from .ledger import ledger_dir, record_failure
 
     ctx = kwargs.get("ctx")
     if kind is None or getattr(ctx, "command_path", None) is None:  # typer's context (a click context)
@@ -131,7 +133,6 @@ def reports_errors(kind: str | None = None) -> Callable[[F], F]:
 
 def _threads(explicit: int | None, preferred: int | None = None) -> None:
     """Passive OpenMP waiting and a thread count sized to this process's CPUs, before torch loads."""
-    from .threads import configure
 
     configure(explicit, preferred)
 
@@ -377,7 +378,6 @@ def report(
     Example: guard report --sql "SELECT method, epsilon FROM trainings" --format csv
     """
     from .compliance.tables import emit, report_tables
-    from .ledger import ledger_dir
 
     where = ledger_dir(ledger)
     if (datasheet is not None or model_card is not None) and run is None:
@@ -386,7 +386,6 @@ def report(
         raise InputError("--dataset-card describes a prepared directory: add --data DIR (or --run DIR)")
     documents = datasheet is not None or model_card is not None or dataset_card is not None
     if not documents or sql is not None or output is not None or fmt != "table":
-        from .locations import project_of
 
         emit(api.report(sql, ledger=where), fmt, output, project_of(where))
     if html is not None:
@@ -424,7 +423,6 @@ def verify(
 
     Example: guard verify --run runs/digits
     """
-    import sys
 
     from .compliance.tables import checks_json, print_checks, printable
     checks = api.verify(run, verify_key=verify_key, data=data, digest_key=digest_key, ledger_keys=ledger_key or [],
@@ -503,8 +501,6 @@ def info(
 
     Example: taskset -c 0 guard info
     """
-    from .threads import choose_threads
-    from .version import __version__
 
     choice = choose_threads(threads)
     typer.echo(f"sfbd_guard {__version__}")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import InputError
+from .threads import affinity_cpus, cgroup_quota
 
 RAY_VERSION = "2.60.0"
 INSTALL_LINE = f"pip install 'sfbd_guard[ray]' (or: pip install 'ray=={RAY_VERSION}')"
@@ -73,7 +74,6 @@ def import_ray() -> Any:
 
 def usable_cpus() -> int:
     """The CPUs this process may use: its affinity mask capped by a cgroup CPU quota (as threads.py counts)."""
-    from .threads import affinity_cpus, cgroup_quota
 
     quota = cgroup_quota()
     cpus = float(affinity_cpus()) if quota is None else min(float(affinity_cpus()), quota)

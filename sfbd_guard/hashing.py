@@ -8,6 +8,8 @@ recorded evidence, so each one is pinned by a test (tests/test_contracts.py).
 from __future__ import annotations
 
 import hashlib
+import hmac
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,7 +72,6 @@ DIGEST_KEY_ID_LABEL = b"sfbd_guard/digest-key-id/v1"
 def digest_key_id(digest_key: bytes) -> str:
     """Public name of a digest key (HMAC-SHA256(digest_key, label), hex): the card records it, so a verifier
     given another directory's digest key is told so instead of reading every clean row as tampered."""
-    import hmac
 
     return hmac.new(digest_key, DIGEST_KEY_ID_LABEL, hashlib.sha256).hexdigest()
 
@@ -78,14 +79,12 @@ def digest_key_id(digest_key: bytes) -> str:
 def keyed_digest(digest_key: bytes, pixel_sha256: str) -> str:
     """A pixel digest that confirms nothing without the key: HMAC-SHA256(digest_key, the 32 bytes of a hex
     pixel sha256), hex (keys/digests.py: what a prepared directory says about a record's pixels)."""
-    import hmac
 
     return hmac.new(digest_key, bytes.fromhex(pixel_sha256), hashlib.sha256).hexdigest()
 
 
 def keyed_text(key: bytes, text: str) -> str:
     """HMAC-SHA256(key, UTF-8 text), hex: an id that names nothing without the key (disclosure.py's opaque ids)."""
-    import hmac
 
     return hmac.new(key, text.encode("utf-8"), hashlib.sha256).hexdigest()
 
@@ -109,6 +108,5 @@ def image_seed(seed: int, index: int) -> int:
 
 def json_sha256(payload: object) -> str:
     """Hex sha256 of `payload` as compact JSON with sorted keys (cache keys)."""
-    import json
 
     return sha256_bytes(json.dumps(payload, sort_keys=True).encode())

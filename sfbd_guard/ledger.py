@@ -18,7 +18,9 @@ edited, removed, inserted or reordered event breaks the chain (compliance/tamper
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -29,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import GuardError
+from .hashing import sha256_bytes, sha256_file
+from .locations import project_of, store
 from .version import __version__
 
 DEFAULT_LEDGER = Path("guard-ledger")
@@ -96,7 +100,6 @@ class Head:
 @contextmanager
 def locked(ledger: Path) -> Iterator[None]:
     """The ledger's append lock (an exclusive flock on ledger/.lock): one writer at a time extends the chain."""
-    import fcntl
 
     ledger.mkdir(parents=True, exist_ok=True)
     fd = os.open(ledger / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
@@ -111,7 +114,6 @@ def _scan_head(ledger: Path) -> Head:
     """The chain's head found by reading every event file (HEAD.json missing or not matching its file)."""
     import pyarrow.parquet as pq
 
-    from .hashing import sha256_file
 
     best = Head(0, "")
     for path in ledger.glob("*/*.parquet"):
@@ -127,10 +129,8 @@ def _scan_head(ledger: Path) -> Head:
 
 def current_head(ledger: Path) -> Head:
     """The ledger's head: HEAD.json when the file it names still has its sha256, else found by scanning."""
-    import json
 
     from .fileio import read_regular
-    from .hashing import sha256_file
 
     try:  # a FIFO or a huge file in its place is not a head (read_regular: never waits on a FIFO)
         data = json.loads(read_regular(ledger / HEAD_FILE, SMALL_FILE)[:SMALL_FILE])
@@ -144,7 +144,6 @@ def current_head(ledger: Path) -> Head:
 
 def sign_head(ledger: Path, head: Head, key: Any) -> None:
     """signatures/<seq>.json: the Ed25519 signature of "sfbd-guard-ledger-head:<seq>:<sha256>", with the public key."""
-    import json
 
     from .fileio import atomic_write_bytes
     from .keys.signing import ALGORITHM, key_fingerprint, raw_public_key
@@ -167,16 +166,13 @@ def write_event(ledger: Path, draft: EventDraft, *, status: str, finished_at: da
     The only writer of events: the summary is checked against its kind's model in contracts/events.py (an `ok`
     event must have every key of it and no other; a failed one a subset, plus `error`), whose reader is
     `contracts.events.read_events`."""
-    import json
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from .contracts.events import summary_json
     from .fileio import atomic_write_bytes
-    from .hashing import sha256_bytes
     from .keys.signing import key_fingerprint
-    from .locations import project_of, store
 
     finished_at = finished_at or datetime.now(UTC)
     project = project_of(ledger)

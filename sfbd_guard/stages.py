@@ -21,9 +21,11 @@ from .contracts.audit_summary import read_audit_summary
 from .contracts.base import load_json
 from .engine.config import PipelineConfig, load_pipeline
 from .errors import InputError
-from .executor import ExecutorSpec
+from .executor import ExecutorSpec, executor_spec
 from .fileio import atomic_write_json
 from .hashing import sha256_file
+from .keys.owner import owner_digest_key
+from .locations import project_of
 from .prepared.card import read_card
 from .prepared.layout import PreparedPaths
 from .rundir import DONE, GRID, REPORT, RunPaths
@@ -62,7 +64,6 @@ class Context:
 
     def executor(self) -> ExecutorSpec:
         """The pipeline's `executor` section as prepare and audit take it (checked: Ray installed, address)."""
-        from .executor import executor_spec
 
         return executor_spec(self.config.executor.kind, self.config.executor.address)
 
@@ -119,7 +120,6 @@ class Train:
 
     def run(self, ctx: Context, summary: RunSummary) -> str:
         from .engine.service import pipeline_of_run, train_recorded
-        from .locations import project_of
 
         resume = ctx.run.resolved.is_file()
         chosen = pipeline_of_run(ctx.run.root, project=project_of(ctx.ledger)) if resume else ctx.config
@@ -200,7 +200,6 @@ class Report:
         from .compliance.datasheet import write_datasheet
         from .compliance.html import write_html
         from .compliance.tables import report_tables
-        from .keys.owner import owner_digest_key
 
         # guard run prepares the data, so it runs on the owner's side: the digest key prepare kept in the owner's
         # folder lets verify compare the manifest's keyed pixel digests (without it that check says ATTENTION)

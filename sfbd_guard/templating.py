@@ -7,6 +7,7 @@ jinja2 is imported here only, inside the function, so `guard --help` does not lo
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 
@@ -34,7 +35,6 @@ def markup(text: str) -> Any:
 def _number(value: Any, digits: int = 4) -> str:
     """A value for a reader: integers as they are, floats with `digits` significant digits, times to the second,
     None as a dash."""
-    from datetime import datetime
 
     if value is None:
         return "–"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +117,6 @@ def choose_threads(explicit: int | None = None, environ: Mapping[str, str] | Non
 def apply(choice: ThreadChoice, environ: MutableMapping[str, str] | None = None) -> None:
     """Set what OpenMP and torch read when they start (call before torch is imported; if torch is already
     loaded, as in a test process, its intra-op thread count is set directly)."""
-    import sys
 
     env = os.environ if environ is None else environ
     env.setdefault("OMP_WAIT_POLICY", choice.wait_policy)

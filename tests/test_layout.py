@@ -77,3 +77,82 @@ def test_only_the_owner_spells_a_directory_s_names(owner: str, names: set[str]) 
     offenders = {str(p.relative_to(PACKAGE)): found for p in PACKAGE.rglob("*.py")
                  if p != PACKAGE / owner and (found := spelled(p, names))}
     assert not offenders, f"spelled outside {owner}: {offenders}"
+
+
+# Libraries whose import costs more than a tenth of a second here (measured with -X importtime; pydantic with the
+# contracts built on it): a module that needs them late imports them, or a module that loads them, in the function.
+HEAVY = {"torch", "torchvision", "faiss", "open_clip", "ray", "jinja2", "opacus", "duckdb", "pyarrow", "sklearn", "scipy",
+         "numpy", "webdataset", "huggingface_hub", "pydantic"}
+
+
+def _module_level(name: str, path: Path) -> tuple[set[str], set[str]]:
+    """(package modules, other top-level packages) `name` imports at module level, run time only (no TYPE_CHECKING)."""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    internal, external = set(), set()
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+                visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    (internal if alias.name.startswith("sfbd_guard") else external).add(alias.name)
+            elif isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else []
+                module = ".".join([*base, *([node.module] if node.module else [])])
+                if module.startswith("sfbd_guard"):
+                    internal.update(f"{module}.{a.name}" for a in node.names)
+                    internal.add(module)
+                else:
+                    external.add(module)
+
+    visit(ast.parse(path.read_text()).body)
+    return internal, {e.split(".")[0] for e in external}
+
+
+def test_function_local_imports_are_only_for_heavy_modules() -> None:
+    """An import inside a function is there to keep `guard --help` and `import sfbd_guard` fast: only a module whose
+    import loads a heavy library (directly or through the package modules it imports) may be imported there."""
+    import sys
+
+    graph = import_graph()
+    paths = {name: path for name, path in _paths().items()}
+    heavy: dict[str, bool] = {}
+
+    def is_heavy(module: str, seen: frozenset[str] = frozenset()) -> bool:
+        if module not in heavy:
+            internal, external = _module_level(module, paths[module])
+            parents = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)}
+            inner = {m for m in internal | parents if m in paths and m != module and m not in seen}
+            heavy[module] = bool(external & HEAVY) or any(is_heavy(m, seen | {module}) for m in inner)
+        return heavy[module]
+
+    light = []
+    for name, path in paths.items():
+        for function in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                targets: list[str] = []
+                if isinstance(node, ast.Import):
+                    targets = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+                    base = package[: len(package) - node.level + 1] if node.level else []
+                    module = ".".join([*base, *([node.module] if node.module else [])])
+                    targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in paths else module for a in node.names]
+                for target in targets:
+                    if target.split(".")[0] in sys.stdlib_module_names or (target in paths and not is_heavy(target)):
+                        light.append(f"{name}:{node.lineno} imports {target}")
+    assert graph and not light, f"function-local imports of light modules (move them to the top): {light}"
+
+
+def _paths() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = ["sfbd_guard", *path.relative_to(PACKAGE).with_suffix("").parts]
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found

@@ -23,8 +23,11 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..charts import histogram_counts, nice_ticks
 from ..contracts.audit_summary import AuditSummary
 from ..rundir import AUDIT_SUMMARY, AUDIT_TABLE, RunPaths
+from ..templating import markup
+from ..templating import render as render_template
 
 COLOURS = {"samples": (214, 39, 40), "holdout": (31, 119, 180)}
 HEX = {"samples": "#d62728", "holdout": "#1f77b4"}
@@ -71,7 +74,6 @@ def histogram(series: dict[str, np.ndarray], marks: dict[str, float], *, width: 
     scale_x = (right - left) / (1.0 - low)
     counts = {name: np.histogram(np.clip(v, low, 1.0), edges)[0] / max(len(v), 1) for name, v in series.items()}
     peak = max((float(c.max()) for c in counts.values() if len(c)), default=1.0) or 1.0
-    from ..charts import nice_ticks
 
     ticks = nice_ticks(0.0, peak, 4)
     peak = max(peak, ticks[-1])
@@ -166,8 +168,6 @@ def _quantile_words(quantile: float | None) -> str:
 def similarity_chart(summary: AuditSummary) -> Any:
     """The similarity histogram as trusted SVG markup, from summary.json's binned counts (None for summaries
     written before them)."""
-    from ..charts import histogram_counts
-    from ..templating import markup
 
     hist = summary.similarity.get("histogram")
     if not isinstance(hist, dict):  # a summary written before the binned counts
@@ -218,7 +218,6 @@ def evidence_links(report: Path, samples: Path, flagged: list[str]) -> Evidence:
 
 
 def _pair_view(pair: Pair, size: int, summary: AuditSummary, evidence: Evidence | None) -> dict[str, Any]:
-    from ..templating import markup
 
     href = evidence.samples.get(pair.sample) if evidence else None
     return {"sample": pair.sample, "href": href, "record_id": pair.record_id or "–", "verdict": pair.verdict, "s1": pair.s1,
@@ -232,7 +231,6 @@ def render(summary: AuditSummary, pairs: list[Pair], thumb_size: int, evidence: 
            flagged: list[tuple[str, str, str | None]] | None = None) -> str:
     """The whole report.html as a string; `flagged`: (sample name, verdict, nearest record id) of every flagged
     sample, each linked through `evidence`."""
-    from ..templating import render as render_template
 
     rows = [{"sample": name, "verdict": verdict, "record_id": record or "–",
              "href": evidence.samples.get(name) if evidence else None} for name, verdict, record in flagged or []]

@@ -22,6 +22,7 @@ from ..contracts.base import dump
 from ..datasets import READERS, DatasetReader, SourceSpec, open_reader
 from ..errors import ImageDecodeError, InputError, VerificationError
 from ..hashing import pixel_sha256, seeded_subset
+from ..keys.owner import read_lineage
 from ..prepared.card import Card
 from ..prepared.layout import MANIFEST, PreparedPaths
 
@@ -55,7 +56,6 @@ def _lineage(root: Path, card: Any, columns: list[str]) -> Any:
     the trainer's manifest says only what training needs, from the manifest itself for an older one."""
     import pyarrow.parquet as pq
 
-    from ..keys.owner import read_lineage
 
     if "sha256" in pq.read_schema(root / MANIFEST).names:
         return pq.read_table(root / MANIFEST, columns=columns)

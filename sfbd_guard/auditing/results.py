@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,6 @@ def samples_table(names: list[str], ok: np.ndarray, sizes: list[tuple[int, int] 
 
 
 def write_parquet(path: Path, table: pa.Table) -> None:
-    import io
 
     import pyarrow.parquet as pq
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,7 +154,6 @@ def _calibrate(ctx: _Context, data_root: Path | None, holdout_dir: Path | None) 
 
 
 def _write(report: Path, table: Any, summary: AuditSummary, page: str, figure: Any) -> dict[str, Path]:
-    import io
 
     from ..fileio import atomic_write_bytes
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..keys.owner import lineage_path
 from ..prepared.card import Card, CardRule
 from ..prepared.layout import CARD, MANIFEST
 from .markdown import code, text
@@ -23,7 +24,6 @@ def licence_counts(data: Path) -> Counter[tuple[str, str]] | None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ..keys.owner import lineage_path
     from ..prepared.card import read_card
 
     manifest = data / MANIFEST

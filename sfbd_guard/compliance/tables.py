@@ -6,11 +6,14 @@ import io
 import json
 import math
 import re
+import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
 from ..fileio import atomic_write_bytes, owner_only_dirs
+from ..locations import project_of
 from ..rundir import AUDIT_SUMMARY
 from .views import connect, query
 
@@ -47,7 +50,6 @@ def _audit_counts_from_files(table: Any, events: list[Any], ledger: Path) -> Any
     why the files do not back the event (guard verify names the event, the field and the file)."""
     import pyarrow as pa
 
-    from ..locations import project_of
     from .verify import audit_files
 
     by_id = {e.event_id: e for e in events}
@@ -68,7 +70,6 @@ def _audit_counts_from_files(table: Any, events: list[Any], ledger: Path) -> Any
 
 def _cell(value: Any, project: Path | None = None) -> str:
     """A value for the terminal: floats to 6 digits, times to the minute, paths inside the project relative to it."""
-    from datetime import datetime
 
     if value is None:
         return ""
@@ -101,7 +102,6 @@ def _word_width(texts: list[str]) -> int:
 
 def _console() -> Any:
     """A terminal's own width; pipes and files get 200 columns (no wrapping at 80)."""
-    import sys
 
     from rich.console import Console
 
@@ -254,7 +254,6 @@ def serialise(tables: dict[str, Any], fmt: str, label: str | None = None) -> byt
 
 def emit(tables: dict[str, Any], fmt: str, output: Path | None, project: Path | None = None) -> None:
     """Print or write `tables` in `fmt` (Parquet needs --output); printed paths are shortened against `project`."""
-    import sys
 
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")

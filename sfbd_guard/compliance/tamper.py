@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from ..contracts.events import Event
+from ..errors import GuardError
 from ..fileio import read_regular
 from ..hashing import sha256_bytes, sha256_file
 from ..ledger import HEAD_FILE, SIGNATURES, SMALL_FILE, Head, head_message
+from ..locations import project_of
 from ..rundir import AUDIT_SUMMARY, RunPaths
 from .check import Check, run_audits
 
@@ -207,7 +209,6 @@ def anchors_of_run(events: list[Event], run_dir: Path, project: Path) -> list[An
     """The ledger heads recorded by the run's run.json and by its audits' summary.json files."""
     from ..contracts.audit_summary import read_audit_summary
     from ..contracts.run_record import read_run_record
-    from ..errors import GuardError
 
     found: list[Anchor] = []
     record = read_run_record(run_dir)
@@ -230,7 +231,6 @@ def ledger_checks(ledger: Path, events: list[Event], run_dir: Path, trusted: lis
                   card: tuple[Path, Any] | None = None) -> list[Check]:
     """verify's ledger checks: the chain (with the run's anchors, and `card`: the prepared directory's card.json
     and its Card) and, when the ledger holds signatures or `trusted` keys are given, the signatures."""
-    from ..locations import project_of
 
     anchors = anchors_of_run(events, run_dir, project_of(ledger))
     if card is not None and getattr(card[1], "ledger_head", None) is not None:

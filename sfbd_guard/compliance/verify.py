@@ -23,6 +23,8 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +34,7 @@ import numpy as np
 
 from ..contracts.events import Event, TrainSummary
 from ..errors import GuardError, InputError
-from ..hashing import canonical_sha256, digest_key_id, keyed_digest, pixel_sha256
+from ..hashing import canonical_sha256, digest_key_id, keyed_digest, pixel_sha256, sha256_file
 from ..keys.digests import read_digest_key
 from ..locations import project_of
 from ..policy.model import DUPLICATE_RULE
@@ -344,7 +346,6 @@ def _event_name(event: Event) -> str:
 
 def _artifact_file(event: Event, role: str, project: Path) -> tuple[Path | None, str | None]:
     """The event's output `role`: where it is now, and why it cannot be read as the one the event recorded."""
-    from ..hashing import sha256_file
 
     artifacts = event.artifacts("outputs", role)
     if not artifacts:
@@ -405,8 +406,6 @@ def check_counts(events: list[Event], run_dir: Path, project: Path, prepared: Pr
     """Every count the run's events copy is the count of the artifact whose hash they hold: the prepare event's
     counts (the manifest, card.json), the training's data (run.json), the sampling's (samples.json) and the
     audits' (summary.json, samples.parquet). A mismatch names the event, the field and the file."""
-    import json
-    from collections import Counter
 
     from ..contracts.run_record import read_run_record
 

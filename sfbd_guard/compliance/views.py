@@ -12,6 +12,7 @@ model) writes; a renamed field fails where the views are built, never turns into
 
 from __future__ import annotations
 
+import json
 import types
 import typing
 from pathlib import Path
@@ -21,6 +22,7 @@ from pydantic import BaseModel
 
 from ..contracts.events import SUMMARIES, ArtifactColumn, EnvelopeColumn, Event, EventSummary, SummaryColumn
 from ..errors import InputError
+from ..ledger import event_schema
 from ..locations import project_of, resolve
 
 _SQL_TYPES = {str: "VARCHAR", int: "BIGINT", float: "DOUBLE", bool: "BOOLEAN"}
@@ -91,7 +93,6 @@ def events_table(events: list[Event], project: Path | None = None) -> Any:
     artifact paths resolved against it (see the module's docstring)."""
     import pyarrow as pa
 
-    from ..ledger import event_schema
 
     def located(artifact: dict[str, Any]) -> dict[str, Any]:
         where = resolve(artifact["path"], project) if project is not None and artifact["role"] != "source" else None
@@ -106,7 +107,6 @@ def events_table(events: list[Event], project: Path | None = None) -> Any:
 
 
 def _summary_text(event: Event) -> str:
-    import json
 
     return json.dumps(event.summary.model_dump(mode="json", exclude_unset=True, by_alias=True), sort_keys=True)
 

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ..errors import InputError
+from ..locations import resolve
 from ..prepared.card import Rerelease
 from ..rundir import AUDIT_SUMMARY
 from .audit_summary import EmbedderInfo, Share
@@ -267,7 +268,6 @@ class Event(BaseModel):
     def located(self, column: Literal["inputs", "outputs"], role: str, project: Path) -> list[Path | None]:
         """Where the artifacts with `role` are now: each path resolved against the project (the ledger's parent,
         locations.py); None for a relative path that leads outside it (never opened, never matched)."""
-        from ..locations import resolve
 
         return [resolve(a.path, project) for a in self.artifacts(column, role)]
 

@@ -32,6 +32,7 @@ The shard files holding demoted rows are then rewritten without them and the fin
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -537,7 +538,6 @@ def removed_rows(staged_manifest: Path, result: Plan) -> dict[str, np.ndarray]:
 def rewrite_shards(staging: Path, files: dict[str, str], removed: dict[str, np.ndarray]) -> None:
     """Rewrite each shard file that holds demoted rows without them (rows renumbered, new sha256 in `files`);
     a shard left empty is deleted."""
-    import os
 
     for name, rows in sorted(removed.items()):
         path = staging / name

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from ..datasets import DatasetReader, Part, SourceSpec, open_reader
 from ..datasets.base import ListingReport
 from ..errors import DataError, InputError
-from ..executor import LOCAL, ExecutorSpec
+from ..executor import LOCAL, ExecutorSpec, cluster_cpus, ray_session
 from ..hashing import digest_key_id, fingerprint, new_sha256, sha256_file
 from ..keys.owner import digest_key_path, lineage_path
 from ..keys.secret import NoiseKey, OwnerKey, export_digest_key, fresh_key, owner_key, read_key_file
@@ -143,7 +143,6 @@ def part_runner(spec: SourceSpec, reader: DatasetReader, workers: int, executor:
         with worker_pool(spec, workers) as pool:
             yield LocalParts(pool, reader, max(1, workers) * IN_FLIGHT_PER_WORKER)
         return
-    from ..executor import cluster_cpus, ray_session
     from .ray_parts import IN_FLIGHT_PER_CPU, RayParts
 
     local_cpus = executor.cpus or (workers if workers > 1 else None)

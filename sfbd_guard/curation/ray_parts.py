@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 
 from ..datasets import DatasetReader, Part, SourceSpec, open_reader
+from ..executor import ordered_remote_map
 from .decode import NoiseParams, PartResult, PartTask, embeddings_name, process_part
 
 MAX_RETRIES = 3  # Ray re-runs a task this many times when its worker process dies
@@ -73,13 +74,11 @@ class RayParts:
         self._metadata = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(part_metadata)
 
     def metadata(self, parts: Iterable[Part]) -> Iterator[pa.Table]:
-        from ..executor import ordered_remote_map
 
         spec = self.ray.put(self.spec)
         return ordered_remote_map(self.ray, lambda part: self._metadata.remote(spec, part), parts, self.window)
 
     def decode(self, jobs: Iterable[tuple[PartTask, NoiseParams]]) -> Iterator[PartResult]:
-        from ..executor import ordered_remote_map
 
         spec = self.ray.put(self.spec)
         return ordered_remote_map(self.ray, lambda job: self._decode.remote(spec, *job), jobs, self.window)

@@ -7,6 +7,7 @@ Shard boundaries depend only on the records, so any worker count gives the same 
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,6 @@ READ_BLOCK = 1 << 20
 
 def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     """The .npy (format 1.0) header of a C-order array of `dtype` and `shape`, as numpy writes it."""
-    import io
 
     buffer = io.BytesIO()
     np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(dtype),

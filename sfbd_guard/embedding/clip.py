@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..hashing import sha256_file
+from ..hashing import fingerprint, sha256_file
 from .embed import normalize_rows
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -51,7 +51,6 @@ def check_weights(weights: str | None) -> Path:
 def _weights_digest(path: Path) -> str:
     if path.is_file():
         return sha256_file(path)
-    from ..hashing import fingerprint
 
     return fingerprint({p.name: sha256_file(p) for p in [path / "open_clip_config.json", *_checkpoints(path)]})
 

@@ -7,8 +7,10 @@ Nothing here hard-codes a device: `auto` picks CUDA when it is available, else t
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -73,8 +75,6 @@ def fix_malloc_thresholds(threshold: int = 1 << 20) -> bool:
     memory then grows with the number of batches denoised (measured: +60 MB from 900 to 9000 records), though
     it holds nothing more. Fixed, blocks of `threshold` bytes or more are mapped and returned on free. Returns
     whether the C library took the setting (not glibc: nothing to do)."""
-    import ctypes
-    import sys
 
     if not sys.platform.startswith("linux"):
         return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -129,7 +130,6 @@ def train(config: PipelineConfig, *, resume: bool, progress: ProgressFactory | N
     With `project` (the ledger's parent), run.json names the prepared directory relative to the run directory
     when both lie inside it (locations.py); without, by its absolute path. `ledger_head` (ledger.current_head)
     is recorded in a new run's run.json: the ledger's head when the run began."""
-    import time
 
     from .privacy import plan_privacy
     from .privacy import summary as privacy_summary
@@ -181,7 +181,6 @@ def train_recorded(config: PipelineConfig, *, resume: bool, ledger: Path | None,
     """`train` plus a `train` ledger event (on rank 0): the arrays it read and the checkpoint it wrote.
 
     Before anything is written, the prepared directory must be trusted (`check_trusted`)."""
-    import os
 
     where = ledger_dir(ledger)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -293,7 +292,6 @@ def sample(run_dir: Path, *, count: int, out: Path, steps: int = 18, seed: int =
 
     A folder that holds images is refused unless `overwrite`; with it, images of a previous guard sample that
     the new set does not rewrite are removed (the audit reads every image of the folder)."""
-    import time
 
     import torch
 

@@ -11,6 +11,7 @@ resolve them. A moved project keeps its relative paths; a dataset kept elsewhere
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from pydantic import Field, field_validator
 from ..contracts.base import Contract, dump, load_json, read_contract, validate, write_contract
 from ..contracts.run_record import LedgerHead
 from ..errors import GuardError, InputError
+from ..locations import store
 from .layout import CARD
 
 PARTITIONS = ("clean", "protected", "excluded", "error")
@@ -141,7 +143,6 @@ class Card(CardIdentity):
 def card_path(path: Path, folder: Path) -> str:
     """How card.json in `folder` stores `path`: relative to `folder` when both lie inside the working directory
     (the project `guard prepare` runs in), else absolute (locations.py)."""
-    from ..locations import store
 
     return store(path, folder, project=Path.cwd())
 
@@ -166,7 +167,6 @@ def write_card(folder: Path, card: Card) -> None:
 
 def card_problem(folder: Path) -> str | None:
     """Why folder/card.json is not a card of this tool (tolerant: `CardIdentity` only), or None if it is one."""
-    import stat
 
     path = folder / CARD
     try:

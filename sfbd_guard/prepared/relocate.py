@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import GuardError, InputError
 from ..locations import resolve
 from ..rundir import RUN_RECORD
 from .layout import CARD
@@ -21,7 +22,6 @@ def find_prepared(project: Path, fingerprint: str) -> Path | None:
     (`prepared.read_prepared_card`: the manifest's sha256 and the fingerprint recomputed from the card's files),
     or None. Symlinks are not followed; the search stops at SEARCH_DEPTH and SEARCH_FOLDERS. Finding a directory
     establishes nothing: its callers still verify its arrays, its provenance and the ledger's fingerprints."""
-    from ..errors import GuardError
     from .card import read_card
     from .reader import read_prepared_card
 
@@ -54,7 +54,6 @@ def prepared_of_run(run_dir: Path, data: str, fingerprint: str, project: Path, e
     run directory (a relative path must stay inside `project`, the ledger's parent), else, when that path is not
     there (a moved or copied project), the prepared directory of the project with the run's fingerprint.
     Raises an InputError naming run.json, the path and the --data flag when none is found."""
-    from ..errors import InputError
 
     if explicit is not None:
         return explicit.resolve()

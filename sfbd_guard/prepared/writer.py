@@ -14,6 +14,7 @@ into the same output stops at once with exit 2.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import uuid
@@ -115,7 +116,6 @@ def _lock_path(output: Path) -> Path:
 
 
 def _acquire(output: Path) -> int:
-    import fcntl
 
     lock = _lock_path(output)
     for _ in range(10):
