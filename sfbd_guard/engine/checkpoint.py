@@ -29,6 +29,7 @@ from ..fileio import atomic_write_bytes
 from ..hashing import sha256_file
 from ..rundir import RunPaths
 from ..version import __version__
+from .state import RunInfo
 
 LATEST = "latest"
 
@@ -41,7 +42,7 @@ class TrainingState:
     nimg: int = 0  # training images seen (global)
     phase: int = 0  # index of the phase of the method's plan
     round: int = 0  # SFBD round (0 = pretraining)
-    info: dict[str, Any] = field(default_factory=dict)  # small JSON-able extras
+    info: RunInfo = field(default_factory=RunInfo)  # the typed records of the trainer, SFBD and DP (state.py)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # generator states, ...
     # files captured by the checkpoint loaded (name → its verified copy inside the checkpoint); see save_checkpoint
     attachments: dict[str, Path] = field(default_factory=dict)
@@ -100,7 +101,7 @@ def save_checkpoint(run_dir: Path, *, net: torch.nn.Module, ema: torch.nn.Module
             raise ValueError(f"attachment name {name!r}")
         shutil.copyfile(source, staging / name)
         copied[name] = sha256_file(staging / name)
-    info = {"step": state.step, "nimg": state.nimg, "phase": state.phase, "round": state.round, "info": state.info,
+    info = {"step": state.step, "nimg": state.nimg, "phase": state.phase, "round": state.round, "info": state.info.to_json(),
             "optimizer": opt_meta, "attachments": copied}
     save_file(tensors, staging / "state.safetensors", metadata={"state": json.dumps(info), **meta})
     if final.exists():
@@ -225,5 +226,6 @@ def load_checkpoint(path: Path, *, net: torch.nn.Module, ema: torch.nn.Module,
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
         raise InputError(f"{state_file}: the optimizer state does not fit this run ({_first_line(err)})") from None
     extra = {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}
-    return TrainingState(info["step"], info["nimg"], info["phase"], info["round"], info["info"], extra,
+    return TrainingState(info["step"], info["nimg"], info["phase"], info["round"],
+                         RunInfo.from_json(info["info"], str(state_file)), extra,
                          _attachments(path, info["attachments"]))

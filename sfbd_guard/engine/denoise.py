@@ -42,7 +42,7 @@ Sink = Callable[[int, torch.Tensor], None]  # (position of the block's first row
 
 @torch.no_grad()
 def denoise_rows(denoiser: torch.nn.Module, noisy: ImageSet | torch.Tensor, rows: torch.Tensor, sigma: float,
-                 spec: DenoiseSpec, rt: Runtime, tick: Tick | None = None, quantize: bool = True,
+                 spec: DenoiseSpec, runtime: Runtime, tick: Tick | None = None, quantize: bool = True,
                  into: Sink | None = None, noise_seed: int = 0) -> torch.Tensor | None:
     """Denoise `noisy[rows]` (this rank's share of `rows`), gathered back in the order of `rows`.
 
@@ -55,22 +55,22 @@ def denoise_rows(denoiser: torch.nn.Module, noisy: ImageSet | torch.Tensor, rows
     images: ImageSet = TensorImages(noisy) if isinstance(noisy, torch.Tensor) else noisy
     dtype = torch.uint8 if quantize else torch.float16
     wire = torch.int32 if quantize else torch.float32  # types every collective backend gathers
-    window = spec.batch * rt.world_size  # rank r's share of window k is its k-th batch of rows r, r + W, ...
+    window = spec.batch * runtime.world_size  # rank r's share of window k is its k-th batch of rows r, r + W, ...
     kept: list[torch.Tensor] = []
     for start in range(0, len(rows), window):
         part = rows[start : start + window]
-        mine = rank_slice(len(part), rt)
-        local = torch.empty((0, *images.image_shape), dtype=dtype, device=rt.device)
+        mine = rank_slice(len(part), runtime)
+        local = torch.empty((0, *images.image_shape), dtype=dtype, device=runtime.device)
         if len(mine):
-            y = images.gather(part[mine]).to(rt.device)
-            with rt.autocast():
+            y = images.gather(part[mine]).to(runtime.device)
+            with runtime.autocast():
                 clean = denoise_backward(denoiser, y, sigma, steps=spec.steps, solver=spec.solver, grid=spec.grid,
                                          rho=spec.rho, sigma_min=spec.sigma_min, seeds=(noise_seed, part[mine]))
             clean = clean.clamp(-1, 1)
-            local = (to_uint8(clean) if quantize else clean.to(dtype)).to(rt.device)
+            local = (to_uint8(clean) if quantize else clean.to(dtype)).to(runtime.device)
             if tick:
-                tick(len(mine) * rt.world_size)
-        gathered = gather_rows(local.to(wire) if rt.distributed else local, mine.to(rt.device), len(part), rt)
+                tick(len(mine) * runtime.world_size)
+        gathered = gather_rows(local.to(wire) if runtime.distributed else local, mine.to(runtime.device), len(part), runtime)
         block = gathered.to(dtype).cpu()
         if into is None:
             kept.append(block)

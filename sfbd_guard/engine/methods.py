@@ -27,7 +27,9 @@ from typing import Literal, Protocol, get_args
 Method = Literal["clean-only", "noisy-direct", "ambient", "sfbd", "online-sfbd"]
 Stage = Literal["train", "pretrain", "rounds", "online"]  # how the schedule cuts a stage into phases, below
 SourceName = Literal["clean", "noisy", "denoised", "bank"]
-Loss = Literal["edm", "ambient"]
+# how a stage trains on the noisy copies (every stage trains with the ambient loss, whose noise floor 0 is EDM's loss):
+# as-clean, as if they were clean images (floor 0); above-sigma, only at noise levels above their own sigma
+NoisyCopies = Literal["as-clean", "above-sigma"]
 
 # which training sources hold one row per protected record (the privacy unit): all but the clean partition
 PROTECTED: dict[SourceName, bool] = {
@@ -40,11 +42,12 @@ PROTECTED: dict[SourceName, bool] = {
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One stage of a method: what it trains on, with which loss, and whether DP-SGD trains it by default."""
+    """One stage of a method: what it trains on, at which noise levels its noisy copies count, and whether DP-SGD
+    trains it by default."""
 
     stage: Stage
     sources: tuple[SourceName, ...]  # clean first; a fine-tuning stage has exactly one other source
-    loss: Loss  # edm: every image treated as clean (noise floor 0); ambient: noisy copies keep their floor σ
+    noisy_copies: NoisyCopies  # as-clean: noise floor 0 for every image; above-sigma: the noisy copies keep their σ
     private: bool  # trained with DP-SGD when privacy is on and privacy.stages is not given
     fine_tune: bool = False  # SFBD fine-tuning: sfbd.transfer_ema, the full EMA half-life, sfbd.clean_weight shares
 
@@ -54,13 +57,13 @@ class StageSpec:
 
 
 METHODS: dict[Method, tuple[StageSpec, ...]] = {
-    "clean-only": (StageSpec("train", ("clean",), "edm", private=False),),
-    "noisy-direct": (StageSpec("train", ("clean", "noisy"), "edm", private=True),),
-    "ambient": (StageSpec("train", ("clean", "noisy"), "ambient", private=True),),
-    "sfbd": (StageSpec("pretrain", ("clean",), "edm", private=False),
-             StageSpec("rounds", ("clean", "denoised"), "edm", private=True, fine_tune=True)),
-    "online-sfbd": (StageSpec("pretrain", ("clean",), "edm", private=False),
-                    StageSpec("online", ("clean", "bank"), "edm", private=True, fine_tune=True)),
+    "clean-only": (StageSpec("train", ("clean",), "as-clean", private=False),),
+    "noisy-direct": (StageSpec("train", ("clean", "noisy"), "as-clean", private=True),),
+    "ambient": (StageSpec("train", ("clean", "noisy"), "above-sigma", private=True),),
+    "sfbd": (StageSpec("pretrain", ("clean",), "as-clean", private=False),
+             StageSpec("rounds", ("clean", "denoised"), "as-clean", private=True, fine_tune=True)),
+    "online-sfbd": (StageSpec("pretrain", ("clean",), "as-clean", private=False),
+                    StageSpec("online", ("clean", "bank"), "as-clean", private=True, fine_tune=True)),
 }
 if set(METHODS) != set(get_args(Method)):
     raise AssertionError("methods.METHODS and methods.Method must name the same methods")

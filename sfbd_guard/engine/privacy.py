@@ -16,7 +16,7 @@ The privacy unit is one protected record. A private phase:
   its distributed version, which adds the noise on rank 0 only) adds Gaussian noise of std
   noise_multiplier × max_grad_norm to the sum and divides by the expected batch;
 - steps the accountant with (noise_multiplier, q). Its history [(noise_multiplier, q, steps)] lives
-  in `TrainingState.info["privacy"]`, so a resumed run continues it, and composes over every
+  in `TrainingState.info.privacy`, so a resumed run continues it, and composes over every
   private phase (all SFBD rounds) of the run.
 
 Which phases are private by default, what each trains on and hence its Poisson rates, and how many
@@ -219,12 +219,13 @@ def check_clippable(net: torch.nn.Module) -> None:
                          hint="DP-SGD here supports nn.Conv2d (zero padding), nn.Linear and nn.GroupNorm layers")
 
 
-def new_account(plan_: PrivacyPlan) -> dict[str, Any]:
-    """The accountant's state of a new run (JSON, checkpointed in `TrainingState.info["privacy"]`)."""
-    return {"target_epsilon": plan_.epsilon, "delta": plan_.delta, "accountant": plan_.accountant,
-            "max_grad_norm": plan_.max_grad_norm, "noise_multiplier": plan_.noise_multiplier,
-            "sample_rate": plan_.sample_rate, "planned_steps": plan_.steps, "protected_records": plan_.records,
-            "stages": list(plan_.stages), "steps": 0, "epsilon": 0.0, "history": [], "phases": []}
+def new_account(privacy_plan: PrivacyPlan) -> dict[str, Any]:
+    """The accountant's state of a new run (JSON, checkpointed in `TrainingState.info.privacy`)."""
+    return {"target_epsilon": privacy_plan.epsilon, "delta": privacy_plan.delta, "accountant": privacy_plan.accountant,
+            "max_grad_norm": privacy_plan.max_grad_norm, "noise_multiplier": privacy_plan.noise_multiplier,
+            "sample_rate": privacy_plan.sample_rate, "planned_steps": privacy_plan.steps,
+            "protected_records": privacy_plan.records,
+            "stages": list(privacy_plan.stages), "steps": 0, "epsilon": 0.0, "history": [], "phases": []}
 
 
 @dataclass(frozen=True)
@@ -239,63 +240,63 @@ class PrivateGenerators:
 class PrivateTraining:
     """DP-SGD of one run: the plan (checked against the network) and the accountant's state.
 
-    `info` is the accountant's state; the trainer keeps it in `TrainingState.info["privacy"]` and hands a
+    `info` is the accountant's state; the trainer keeps it in `TrainingState.info.privacy` and hands a
     resumed run's back. `enter` starts a private phase with the network, optimizer and generators it is lent.
     """
 
-    def __init__(self, plan_: PrivacyPlan, net: torch.nn.Module) -> None:
+    def __init__(self, privacy_plan: PrivacyPlan, net: torch.nn.Module) -> None:
         validate_model(net)
         check_clippable(net)
-        self.plan = plan_
-        self.info: dict[str, Any] = new_account(plan_)
+        self.plan = privacy_plan
+        self.info: dict[str, Any] = new_account(privacy_plan)
 
     def is_private(self, phase: Phase) -> bool:
         return phase.name in self.plan.phases
 
     def enter(self, phase: Phase, mixture: Mixture, *, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
-              loss: AmbientLoss, generators: PrivateGenerators, rt: Runtime, global_batch: int, base_lr: float,
+              loss: AmbientLoss, generators: PrivateGenerators, runtime: Runtime, global_batch: int, base_lr: float,
               warmup_kimg: float) -> PrivatePhase | None:
         """Attach Opacus to the network and optimizer if `phase` is private; None otherwise."""
         if not self.is_private(phase):
             return None
         return PrivatePhase(phase, mixture, self.plan, self.info, net=net, optimizer=optimizer, loss=loss,
-                            generators=generators, rt=rt, global_batch=global_batch, lr=self.plan.lr or base_lr,
+                            generators=generators, runtime=runtime, global_batch=global_batch, lr=self.plan.lr or base_lr,
                             warmup_kimg=warmup_kimg)
 
 
 class PrivatePhase:
     """One private phase: Poisson batches, clipped per-sample gradients, DP noise, accounting; `leave` detaches."""
 
-    def __init__(self, phase: Phase, mixture: Mixture, plan_: PrivacyPlan, info: dict[str, Any], *,
+    def __init__(self, phase: Phase, mixture: Mixture, privacy_plan: PrivacyPlan, info: dict[str, Any], *,
                  net: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: AmbientLoss, generators: PrivateGenerators,
-                 rt: Runtime, global_batch: int, lr: float, warmup_kimg: float) -> None:
+                 runtime: Runtime, global_batch: int, lr: float, warmup_kimg: float) -> None:
         from opacus.optimizers import DistributedDPOptimizerFastGradientClipping, DPOptimizerFastGradientClipping
 
         self.info = info
         sizes = torch.tensor([float(len(s.images)) for s in mixture.sources], dtype=torch.float64)
         rates = (global_batch * mixture.probs / sizes).tolist()
         self.sample_rate = accounting_rate({s.name: r for s, r in zip(mixture.sources, rates, strict=True)})
-        planned = plan_.phases[phase.name][1]
+        planned = privacy_plan.phases[phase.name][1]
         if not math.isclose(self.sample_rate, planned, rel_tol=1e-9):
             raise RuntimeError(f"{phase.name}: Poisson rate {self.sample_rate} differs from the planned {planned}")
-        clipper = ClippedGradients(net, plan_.max_grad_norm)
+        clipper = ClippedGradients(net, privacy_plan.max_grad_norm)
         optimizer_class: Any
-        if rt.distributed:
+        if runtime.distributed:
             from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
             model: torch.nn.Module = DPDDP(net)  # broadcasts rank 0's weights; gradients are reduced by the optimizer
             optimizer_class = DistributedDPOptimizerFastGradientClipping
         else:
             model, optimizer_class = net, DPOptimizerFastGradientClipping
-        local_batch = global_batch // rt.world_size
+        local_batch = global_batch // runtime.world_size
         # p.grad holds the sum of clipped per-sample gradients (ClippedGradients); the optimizer sums the
         # physical batches, adds the noise and divides by the expected batch
         dp_optimizer = optimizer_class(
-            optimizer, noise_multiplier=info["noise_multiplier"], max_grad_norm=plan_.max_grad_norm,
+            optimizer, noise_multiplier=info["noise_multiplier"], max_grad_norm=privacy_plan.max_grad_norm,
             expected_batch_size=local_batch, loss_reduction="mean", generator=generators.noise)
         self.net, self.model, self.optimizer, self.clipper, self.loss = net, model, dp_optimizer, clipper, loss
-        self.generators, self.rt, self.rates = generators, rt, rates
-        self.physical_batch, self.lr, self.warmup_kimg = plan_.physical_batch, lr, warmup_kimg
+        self.generators, self.runtime, self.rates = generators, runtime, rates
+        self.physical_batch, self.lr, self.warmup_kimg = privacy_plan.physical_batch, lr, warmup_kimg
 
     def leave(self, phase: Phase) -> None:
         """Detach Opacus and record the epsilon spent so far (after each round, and at the end)."""
@@ -313,10 +314,10 @@ class PrivatePhase:
 
     def poisson_batch(self, mixture: Mixture) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's share of a Poisson batch: each of its rows joins with its source's rate."""
-        rt, gen = self.rt, self.generators.batches
+        runtime, gen = self.runtime, self.generators.batches
         images, floors, weights = [], [], []
         for source, rate in zip(mixture.sources, self.rates, strict=True):
-            rows = torch.arange(rt.rank, len(source.images), rt.world_size)
+            rows = torch.arange(runtime.rank, len(source.images), runtime.world_size)
             rows = rows[torch.rand(len(rows), generator=gen, dtype=torch.float64) < rate]
             images.append(source.images.gather(rows))
             floors.append(torch.full((len(rows),), source.floor))
@@ -327,7 +328,7 @@ class PrivatePhase:
         """Poisson batch → sum of per-sample clipped gradients (in physical batches) → noise → Adam step.
 
         `nimg`: images seen in the run before this step (the learning-rate warm-up)."""
-        optimizer, clipper, device = self.optimizer, self.clipper, self.rt.device
+        optimizer, clipper, device = self.optimizer, self.clipper, self.runtime.device
         images, floors, weights = self.poisson_batch(mixture)
         lr = warmup_lr(self.lr, nimg, self.warmup_kimg)
         set_lr(optimizer, lr)
@@ -336,7 +337,7 @@ class PrivatePhase:
         losses = []
         for k, rows in enumerate(chunks):
             x, w = images[rows].to(device), weights[rows].to(device)
-            with self.rt.autocast(), clipper.recording():
+            with self.runtime.autocast(), clipper.recording():
                 loss = self.loss(self.model, x, floors[rows], generator=self.generators.loss)
             clipper.backward(loss.float() * w)  # p.grad = Σ_i clip(∇ w_i loss_i)
             losses.append(loss.detach().float())
@@ -362,7 +363,7 @@ class PrivatePhase:
 
 
 def summary(info: dict[str, Any]) -> dict[str, Any]:
-    """The ledger's privacy fields of a run (from `TrainingState.info["privacy"]`); epsilon from the history."""
+    """The ledger's privacy fields of a run (from `TrainingState.info.privacy`); epsilon from the history."""
     info = {**info, "epsilon": epsilon_of(info["history"], info["delta"], info["accountant"])}
     keys = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "accountant", "max_grad_norm",
             "target_epsilon", "stages", "protected_records", "phases", "history")

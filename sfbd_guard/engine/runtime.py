@@ -87,7 +87,7 @@ def fix_malloc_thresholds(threshold: int = 1 << 20) -> bool:
 
 
 @contextlib.contextmanager
-def runtime(device: str, precision: str) -> Iterator[Runtime]:
+def start_runtime(device: str, precision: str) -> Iterator[Runtime]:
     """Set up (and tear down) the process group when launched by torchrun; yield the Runtime."""
     fix_malloc_thresholds()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -106,23 +106,23 @@ def runtime(device: str, precision: str) -> Iterator[Runtime]:
             dist.destroy_process_group()
 
 
-def gather_rows(local: torch.Tensor, local_index: torch.Tensor, total: int, rt: Runtime) -> torch.Tensor:
+def gather_rows(local: torch.Tensor, local_index: torch.Tensor, total: int, runtime: Runtime) -> torch.Tensor:
     """Put each rank's rows back in record order: row `local_index[i]` of the result is `local[i]`.
 
     Ranks hold strided slices (rank r has rows r, r + W, ...), so the slices differ in length by at
     most one; they are padded to the same length for all_gather, and the padding is dropped.
     """
-    if not rt.distributed:
+    if not runtime.distributed:
         out = local.new_empty((total, *local.shape[1:]))
         out[local_index] = local
         return out
-    per_rank = -(-total // rt.world_size)
+    per_rank = -(-total // runtime.world_size)
     padded = local.new_zeros((per_rank, *local.shape[1:]))
     padded[: len(local)] = local
     index = torch.full((per_rank,), -1, dtype=torch.long, device=local.device)
     index[: len(local_index)] = local_index
-    rows = [torch.empty_like(padded) for _ in range(rt.world_size)]
-    indices = [torch.empty_like(index) for _ in range(rt.world_size)]
+    rows = [torch.empty_like(padded) for _ in range(runtime.world_size)]
+    indices = [torch.empty_like(index) for _ in range(runtime.world_size)]
     dist.all_gather(rows, padded)
     dist.all_gather(indices, index)
     all_rows, all_index = torch.cat(rows), torch.cat(indices)
@@ -132,6 +132,6 @@ def gather_rows(local: torch.Tensor, local_index: torch.Tensor, total: int, rt: 
     return out
 
 
-def rank_slice(total: int, rt: Runtime) -> torch.Tensor:
+def rank_slice(total: int, runtime: Runtime) -> torch.Tensor:
     """The record rows this rank handles in a batch-inference pass over `total` records."""
-    return torch.arange(rt.rank, total, rt.world_size)
+    return torch.arange(runtime.rank, total, runtime.world_size)

@@ -101,7 +101,7 @@ def _check_same_data(run_dir: Path, data: PreparedData) -> None:
                                 hint="a run resumes only on the exact prepared data it began on")
 
 
-def _settle_in(run_dir: Path, config: PipelineConfig) -> None:
+def _record_new_locations(run_dir: Path, config: PipelineConfig) -> None:
     """A run continued in a copy of its directory (or on its moved prepared directory): its saved config names
     them from now on."""
     saved = load_config(PipelineConfig, run_dir / RESOLVED)
@@ -133,28 +133,28 @@ def train(config: PipelineConfig, *, resume: bool, progress: ProgressFactory | N
 
     from .privacy import plan_privacy
     from .privacy import summary as privacy_summary
-    from .runtime import runtime
+    from .runtime import start_runtime
     from .trainer import Trainer
 
     started = time.perf_counter()
     data = open_prepared(Path(config.data))
     if on_start:
         on_start(data)
-    with runtime(config.device, config.precision) as rt:
+    with start_runtime(config.device, config.precision) as runtime:
         run_dir = Path(str(config.out))
         # refuse an unreachable epsilon before anything is written; the trainer uses this plan
-        privacy_plan = plan_privacy(config, data, rt.world_size) if config.privacy is not None else None
+        privacy_plan = plan_privacy(config, data, runtime.world_size) if config.privacy is not None else None
         if resume:
             _check_same_data(run_dir, data)
-            if rt.is_main:
-                _settle_in(run_dir, config)
-        elif rt.is_main:
+            if runtime.is_main:
+                _record_new_locations(run_dir, config)
+        elif runtime.is_main:
             _start_run_dir(config, data, project, ledger_head)
-        rt.barrier()
-        trainer = Trainer(config, data, run_dir, rt, progress, privacy_plan)
+        runtime.barrier()
+        trainer = Trainer(config, data, run_dir, runtime, progress, privacy_plan)
         resumed = _resume(trainer, run_dir) if resume else False
         checkpoint = trainer.run()
-        return TrainOutcome(run_dir, config, checkpoint if rt.is_main else None, trainer.state.step,
+        return TrainOutcome(run_dir, config, checkpoint if runtime.is_main else None, trainer.state.step,
                             trainer.state.nimg / 1000, resumed, time.perf_counter() - started,
                             privacy_summary(trainer.privacy.info) if trainer.privacy else None)
 

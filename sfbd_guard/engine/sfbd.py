@@ -5,7 +5,7 @@ The sources of a phase come from the methods table (`methods.METHODS`):
   ambient loss the noisy copies keep their noise floor σ.
 - denoised (SFBD rounds): on entering a round every protected copy is denoised by the current EMA
   model and streamed to .npy shards under rounds/round-XX/ (`denoise.write_round`), which every rank
-  memory-maps. The shards' sha256 are recorded in the training state (`info["round_set"]`), so the
+  memory-maps. The shards' sha256 are recorded in the training state (`RunInfo.round_set`, state.py), so the
   checkpoints carry them: a run resumed inside a round maps the same set, and a round set changed,
   swapped or truncated since is refused (re-denoising it with later weights would not give the run that
   was interrupted). A round set left by a crash before its round's first checkpoint is reused if its own
@@ -52,6 +52,7 @@ from .denoise import (
 )
 from .methods import METHODS, Phase, SourceName
 from .runtime import Runtime
+from .state import BankRecord, RoundRecord
 from .validation import Validator, held_back_rows
 
 
@@ -65,9 +66,9 @@ def linear_ramp(kimg: float, start: float, end: float) -> float:
 class SFBDSources:
     """The training sources of a run's phases, denoising the protected copies where a phase needs it."""
 
-    def __init__(self, config: PipelineConfig, data: PreparedData, run_dir: Path, rt: Runtime,
+    def __init__(self, config: PipelineConfig, data: PreparedData, run_dir: Path, runtime: Runtime,
                  progress: ProgressFactory | None = None) -> None:
-        self.config, self.run_dir, self.rt, self.progress = config, run_dir, rt, progress
+        self.config, self.run_dir, self.runtime, self.progress = config, run_dir, runtime, progress
         self.clean = clean_images(data)
         self.noisy = noisy_images(data)
         self.sigma = float(data.card.sigma)
@@ -84,45 +85,45 @@ class SFBDSources:
             keep[held] = False
             self.trained_rows = keep.nonzero().flatten()
             self.validator = Validator(self.noisy, held, self.sigma, config.denoise, config.validation, config.seed,
-                                       rt.device)
+                                       runtime.device)
         self.bank: Source | None = None
         self.bank_array: np.ndarray | None = None  # the mapped bank file (writable on rank 0)
 
-    def mixture(self, phase: Phase, denoiser: torch.nn.Module, state: TrainingState, fresh: bool) -> Mixture:
-        """What `phase` trains on; `fresh`: the phase starts now (not a resume inside it)."""
+    def mixture(self, phase: Phase, denoiser: torch.nn.Module, state: TrainingState, first_entry: bool) -> Mixture:
+        """What `phase` trains on; `first_entry`: the phase starts now (not a resume inside it)."""
         spec = phase.spec
-        sources = [self._source(name, phase, denoiser, state, fresh) for name in spec.sources]
+        sources = [self._source(name, phase, denoiser, state, first_entry) for name in spec.sources]
         clean_weight = self.config.sfbd.clean_weight
         if spec.fine_tune and clean_weight is not None:  # clean vs the denoised images, in fixed shares
             return Mixture(sources, [clean_weight, 1 - clean_weight])
         return Mixture(sources)
 
     def _source(self, name: SourceName, phase: Phase, denoiser: torch.nn.Module, state: TrainingState,
-                fresh: bool) -> Source:
+                first_entry: bool) -> Source:
         if name == "clean":
             return Source("clean", self.clean)
         if name == "noisy":
-            return Source("noisy", self.noisy, floor=self.sigma if phase.spec.loss == "ambient" else 0.0)
+            return Source("noisy", self.noisy, floor=self.sigma if phase.spec.noisy_copies == "above-sigma" else 0.0)
         if name == "denoised":
-            return Source("denoised", self._trained(MappedImages(self._round_set(phase.round, denoiser, state, fresh))),
-                          floor=self._denoised_floor(state, fresh))
-        self.bank = Source("bank", self._trained(MappedImages(self._bank(denoiser, state, fresh))),
+            return Source("denoised", self._trained(MappedImages(self._round_set(phase.round, denoiser, state, first_entry))),
+                          floor=self._denoised_floor(state, first_entry))
+        self.bank = Source("bank", self._trained(MappedImages(self._bank(denoiser, state, first_entry))),
                            weight=self._ramp_weight(state))
         return self.bank
 
-    def _denoised_floor(self, state: TrainingState, fresh: bool) -> float:
+    def _denoised_floor(self, state: TrainingState, first_entry: bool) -> float:
         """The round set's noise floor in the loss (sfbd.denoised_floor), fixed when the round starts."""
         setting = self.config.sfbd.denoised_floor
         if not setting:
             return 0.0
-        if not fresh and "denoised_floor" in state.info:  # a resume inside the round: the floor it started with
-            return float(state.info["denoised_floor"])
+        if not first_entry and state.info.denoised_floor is not None:  # a resume inside the round: its floor
+            return state.info.denoised_floor
         if setting == "auto":
-            psnr = state.info.get("validation", {}).get("denoiser_psnr")
+            psnr = state.info.validation.denoiser_psnr if state.info.validation is not None else None
             floor = math.sqrt(4.0 / 10 ** (float(psnr) / 10)) if psnr is not None else 0.0
         else:
             floor = float(setting)
-        state.info["denoised_floor"] = floor
+        state.info.denoised_floor = floor
         return floor
 
     def _trained(self, images: ImageSet) -> ImageSet:
@@ -133,40 +134,40 @@ class SFBDSources:
                  into: Sink | None = None) -> torch.Tensor | None:
         """`draw` numbers the pass over the copies, so that a posterior sampler draws new noise in each pass."""
         tick = self.progress(label, len(rows)) if self.progress and len(rows) > 256 else None
-        return denoise_rows(denoiser, self.noisy, rows, self.sigma, self.config.denoise, self.rt, tick,
+        return denoise_rows(denoiser, self.noisy, rows, self.sigma, self.config.denoise, self.runtime, tick,
                             quantize=self.config.sfbd.quantize, into=into,
                             noise_seed=self.config.seed * 1_000_003 + draw)
 
     def _denoise_all(self, denoiser: torch.nn.Module, label: str, draw: int, sink: Sink) -> None:
         """Every protected copy denoised in record order into `sink` (rank 0); the other ranks only take part."""
         self._denoise(denoiser, torch.arange(len(self.noisy)), label, draw,
-                      sink if self.rt.is_main else lambda _s, _b: None)
+                      sink if self.runtime.is_main else lambda _s, _b: None)
 
     # ----- SFBD rounds -----------------------------------------------------------------------------------
 
-    def _round_set(self, round_: int, denoiser: torch.nn.Module, state: TrainingState, fresh: bool) -> MappedRows:
+    def _round_set(self, round_: int, denoiser: torch.nn.Module, state: TrainingState, first_entry: bool) -> MappedRows:
         """Round k's denoised set, memory-mapped: the one this round made (resume), else made now."""
         path = round_dir(self.run_dir, round_)
-        recorded = state.info.get("round_set")
-        if not fresh and isinstance(recorded, dict) and recorded.get("round") == round_:
-            return self._recorded_round(path, recorded.get("shards"))
+        recorded = state.info.round_set
+        if not first_entry and recorded is not None and recorded.round == round_:
+            return self._recorded_round(path, recorded.shards)
         try:  # a set left by a crash before this round's first checkpoint: reused if it is whole
             rows, shards = open_round(path, self.record_ids, self.dtype, self.shape)
         except RoundSetError:
             self._make_round(path, round_, denoiser)
             rows, shards = self._open_round(path)
-        state.info["round_set"] = {"round": round_, "shards": shards}
+        state.info.round_set = RoundRecord(round_, shards)
         return rows
 
     def _make_round(self, path: Path, round_: int, denoiser: torch.nn.Module) -> None:
         def fill(sink: Sink) -> None:
             self._denoise_all(denoiser, f"denoising (round {round_})", round_, sink)
 
-        if self.rt.is_main:
+        if self.runtime.is_main:
             write_round(path, len(self.noisy), self.shape, self.dtype, self.record_ids, round_, fill)
         else:
             fill(lambda _s, _b: None)
-        self.rt.barrier()
+        self.runtime.barrier()
 
     def _open_round(self, path: Path) -> tuple[MappedRows, dict[str, str]]:
         try:
@@ -197,11 +198,11 @@ class SFBDSources:
         """The files a checkpoint must capture as of its step: the bank, while online SFBD uses it."""
         return {BANK: self.bank_path} if self.bank is not None else {}
 
-    def _bank(self, denoiser: torch.nn.Module, state: TrainingState, fresh: bool) -> MappedRows:
-        if not fresh and BANK in state.attachments:  # the bank as of the checkpoint resumed from
+    def _bank(self, denoiser: torch.nn.Module, state: TrainingState, first_entry: bool) -> MappedRows:
+        if not first_entry and BANK in state.attachments:  # the bank as of the checkpoint resumed from
             copy = state.attachments[BANK]
             self._write_bank(lambda target: shutil.copyfile(copy, target))
-        elif not fresh:
+        elif not first_entry:
             raise InputError(f"{self.run_dir}: the checkpoint resumed from is inside online SFBD's phase but holds no "
                              f"copy of the bank ({BANK})", hint="resume from a checkpoint guard train wrote, or start a new run")
         else:
@@ -211,24 +212,23 @@ class SFBDSources:
                 self._denoise_all(denoiser, "denoising (bank)", 0, writer.put)
                 writer.close()
 
-            if not self.rt.is_main:  # takes part in the denoising's collectives, writes nothing
+            if not self.runtime.is_main:  # takes part in the denoising's collectives, writes nothing
                 self._denoise_all(denoiser, "denoising (bank)", 0, lambda _s, _b: None)
             self._write_bank(fill)
-            state.info["bank_cursor"] = 0
-            state.info["online_start_step"] = state.step
+            state.info.bank = BankRecord(cursor=0, start_step=state.step)
         return self._map_bank()
 
     def _write_bank(self, write: Callable[[Path], object]) -> None:
         """Rank 0 writes bank/bank.npy by `write(temporary path)` and renames it into place; every rank waits."""
-        if self.rt.is_main:
+        if self.runtime.is_main:
             self.bank_path.parent.mkdir(parents=True, exist_ok=True)
             staging = self.bank_path.parent / f".bank.partial-{uuid.uuid4().hex[:8]}.npy"
             write(staging)
             staging.replace(self.bank_path)
-        self.rt.barrier()
+        self.runtime.barrier()
 
     def _map_bank(self) -> MappedRows:
-        array = np.load(self.bank_path, mmap_mode="r+" if self.rt.is_main else "r", allow_pickle=False)
+        array = np.load(self.bank_path, mmap_mode="r+" if self.runtime.is_main else "r", allow_pickle=False)
         if array.dtype != numpy_dtype(self.dtype) or array.shape != (len(self.noisy), *self.shape):
             raise InputError(f"{self.bank_path}: holds {array.dtype} {array.shape}, expected "
                              f"{numpy_dtype(self.dtype)} {(len(self.noisy), *self.shape)}",
@@ -245,14 +245,15 @@ class SFBDSources:
             return
         self.bank.weight = self._ramp_weight(state)
         schedule = self.config.schedule
-        since = state.step - state.info["online_start_step"]
+        assert state.info.bank is not None, "the bank's record is made when the online phase starts"
+        since = state.step - state.info.bank.start_step
         if since == 0 or since % schedule.refresh_every:
             return
-        cursor = int(state.info["bank_cursor"])
+        cursor = state.info.bank.cursor
         rows = (torch.arange(schedule.refresh_size) + cursor) % len(self.noisy)
-        fresh = self._denoise(denoiser, rows, "refresh", 1000 + state.step)
-        assert fresh is not None
-        if self.rt.is_main:  # written in place; the other ranks map the same file
-            self.bank_array[rows.numpy()] = fresh.numpy()
-        self.rt.barrier()
-        state.info["bank_cursor"] = (cursor + schedule.refresh_size) % len(self.noisy)
+        refreshed = self._denoise(denoiser, rows, "refresh", 1000 + state.step)
+        assert refreshed is not None
+        if self.runtime.is_main:  # written in place; the other ranks map the same file
+            self.bank_array[rows.numpy()] = refreshed.numpy()
+        self.runtime.barrier()
+        state.info.bank.cursor = (cursor + schedule.refresh_size) % len(self.noisy)

@@ -27,6 +27,7 @@ from .metrics import MetricsLog
 from .privacy import PrivacyPlan, PrivateGenerators, PrivatePhase, PrivateTraining, plan_privacy
 from .runtime import Runtime
 from .sfbd import SFBDSources
+from .state import ValidationRecord
 
 SNAPSHOT_STEPS = 18  # sampler steps of snapshot grids
 SNAPSHOT_SEED = 0  # the same images are drawn at every snapshot, so grids show progress
@@ -57,34 +58,34 @@ class Trainer:
     phases (`privacy.PrivateTraining`: network, optimizer, generators); neither holds the trainer.
     """
 
-    def __init__(self, config: PipelineConfig, data: PreparedData, run_dir: Path, rt: Runtime,
+    def __init__(self, config: PipelineConfig, data: PreparedData, run_dir: Path, runtime: Runtime,
                  progress: ProgressFactory | None = None, privacy_plan: PrivacyPlan | None = None) -> None:
         """`privacy_plan`: the run's DP plan if the caller has made it already (else made here)."""
-        self.config, self.data, self.run_dir, self.rt = config, data, run_dir, rt
-        self.progress = progress if rt.is_main else None
-        torch.manual_seed(config.seed * 1000 + rt.rank)  # dropout; its state is checkpointed too
-        self.net = build_net(config, data.image_shape).to(rt.device).train()
-        if rt.device.type == "cuda":  # faster convolutions; the DP clipper is layout-agnostic (tested)
+        self.config, self.data, self.run_dir, self.runtime = config, data, run_dir, runtime
+        self.progress = progress if runtime.is_main else None
+        torch.manual_seed(config.seed * 1000 + runtime.rank)  # dropout; its state is checkpointed too
+        self.net = build_net(config, data.image_shape).to(runtime.device).train()
+        if runtime.device.type == "cuda":  # faster convolutions; the DP clipper is layout-agnostic (tested)
             self.net = self.net.to(memory_format=torch.channels_last)
         self.ema = EMA(self.net, halflife_kimg=config.ema.halflife_kimg, rampup_ratio=config.ema.rampup_ratio)
-        self.model = DistributedDataParallel(self.net) if rt.distributed else self.net
+        self.model = DistributedDataParallel(self.net) if runtime.distributed else self.net
         self.optimizer = self._new_optimizer()
         self.loss = AmbientLoss()
-        self.batch_gen = torch.Generator().manual_seed(config.seed * 1000 + rt.rank)
-        self.noise_gen = torch.Generator(rt.device).manual_seed(config.seed * 1000 + 500 + rt.rank)
+        self.batch_gen = torch.Generator().manual_seed(config.seed * 1000 + runtime.rank)
+        self.noise_gen = torch.Generator(runtime.device).manual_seed(config.seed * 1000 + 500 + runtime.rank)
         # DP-SGD's guarantee needs its Poisson batches and its Gaussian noise to be unknown to whoever sees the
         # weights: private phases draw them from generators seeded by the OS's secure random source, not from the
         # public config.seed (the states are in the checkpoints, so a resumed run stays exact)
         self.private_batch_gen = torch.Generator().manual_seed(private_seed()) if config.privacy else None
-        self.private_noise_gen = torch.Generator(rt.device).manual_seed(private_seed()) if config.privacy else None
+        self.private_noise_gen = torch.Generator(runtime.device).manual_seed(private_seed()) if config.privacy else None
         self.state = TrainingState()
         self.metrics = MetricsLog(RunPaths(run_dir).metrics)
         self.config_json = config.model_dump_json()
         self.phases = self._plan()
-        self.sources = SFBDSources(config, data, run_dir, rt, self.progress)
+        self.sources = SFBDSources(config, data, run_dir, runtime, self.progress)
         self.privacy: PrivateTraining | None = None
         if config.privacy:  # validates the model; the plan fixes the noise multiplier for the budget
-            self.privacy = PrivateTraining(privacy_plan or plan_privacy(config, data, rt.world_size), self.net)
+            self.privacy = PrivateTraining(privacy_plan or plan_privacy(config, data, runtime.world_size), self.net)
         self.private: PrivatePhase | None = None  # set while a private phase runs
 
     @property
@@ -98,7 +99,8 @@ class Trainer:
         if not self._adaptive:
             return plan(self.config.method, self.config.schedule)
         budget = self.config.schedule.budget_kimg()
-        return plan(self.config.method, self.config.schedule, float(self.state.info.get("pretrain_end_kimg", budget)))
+        end = self.state.info.pretrain.end_kimg
+        return plan(self.config.method, self.config.schedule, budget if end is None else end)
 
     def _pretrain_converged(self) -> bool:
         """`pretrain_until: converged`: at each check point, measure the EMA model's validation loss; True (and the
@@ -106,8 +108,8 @@ class Trainer:
         validator, schedule = self.sources.validator, self.config.schedule
         every, window = schedule.converge_window()
         kimg = self.state.nimg / 1000
-        checks = self.state.info.setdefault("pretrain_checks", [])
-        due = float(self.state.info.get("next_check_kimg", every))
+        record = self.state.info.pretrain
+        due = every if record.next_check_kimg is None else record.next_check_kimg
         if validator is None:  # too few protected copies to hold any back: the rounds start at pretrain_kimg
             done = kimg >= schedule.pretrain_kimg
             if done:
@@ -116,14 +118,14 @@ class Trainer:
         elif kimg < due:
             return False
         else:
-            self.state.info["next_check_kimg"] = (math.floor(kimg / every) + 1) * every
+            record.next_check_kimg = (math.floor(kimg / every) + 1) * every
             loss = validator.loss(self.ema.module, batch=self.config.denoise.batch)
-            checks.append([kimg, loss])
-            done = kimg >= schedule.pretrain_kimg and converged(checks, window, schedule.converge_tol)
+            record.checks.append([kimg, loss])
+            done = kimg >= schedule.pretrain_kimg and converged(record.checks, window, schedule.converge_tol)
             decision = "converged: the rounds start" if done else "pretraining: still improving"
             self.metrics.annotate(self.state.step, validation=loss, decision=decision)
         if done:
-            self.state.info["pretrain_end_kimg"] = kimg
+            record.end_kimg = kimg
             self.phases = self._plan()
         return done
 
@@ -133,11 +135,11 @@ class Trainer:
 
     @property
     def local_batch(self) -> int:
-        return max(1, self.config.batch // self.rt.world_size)
+        return max(1, self.config.batch // self.runtime.world_size)
 
     @property
     def global_batch(self) -> int:
-        return self.local_batch * self.rt.world_size
+        return self.local_batch * self.runtime.world_size
 
     def resume(self) -> bool:
         """Continue from the latest checkpoint if there is one."""
@@ -145,14 +147,14 @@ class Trainer:
         if path is None:
             return False
         self.state = load_checkpoint(path, net=self.net, ema=self.ema.module, optimizer=self.optimizer)
-        rank = self.rt.rank
+        rank = self.runtime.rank
         self.batch_gen.set_state(self.state.tensors[f"batch_gen.{rank}"])
         self.noise_gen.set_state(self.state.tensors[f"noise_gen.{rank}"].to(self.noise_gen.get_state().device))
         torch.set_rng_state(self.state.tensors[f"torch_rng.{rank}"])
         for name, gen in self._private_gens().items():
             gen.set_state(self.state.tensors[f"{name}.{rank}"].to(gen.get_state().device))
-        if self.privacy is not None and "privacy" in self.state.info:
-            self.privacy.info = self.state.info["privacy"]  # the accountant's history so far
+        if self.privacy is not None and self.state.info.privacy is not None:
+            self.privacy.info = self.state.info.privacy  # the accountant's history so far
         self.metrics = MetricsLog.resume(RunPaths(self.run_dir).metrics, self.state.step)
         self.phases = self._plan()  # where a converged pretraining ended, if it has
         return True
@@ -166,10 +168,10 @@ class Trainer:
         mine = {"batch_gen": self.batch_gen.get_state(), "noise_gen": self.noise_gen.get_state().cpu(),
                 "torch_rng": torch.get_rng_state(), **{n: g.get_state().cpu() for n, g in self._private_gens().items()}}
         states = [mine]
-        if self.rt.distributed:
+        if self.runtime.distributed:
             import torch.distributed as dist
 
-            states = [{} for _ in range(self.rt.world_size)]
+            states = [{} for _ in range(self.runtime.world_size)]
             dist.all_gather_object(states, mine)  # small CPU tensors: objects keep gloo and nccl simple
         return {f"{name}.{rank}": value for rank, state in enumerate(states) for name, value in state.items()}
 
@@ -186,8 +188,8 @@ class Trainer:
 
     def _step(self, mixture: Mixture) -> tuple[torch.Tensor, float]:
         images, floors, weights = mixture.batch(self.local_batch, self.batch_gen)
-        images, weights = images.to(self.rt.device), weights.to(self.rt.device)
-        with self.rt.autocast():
+        images, weights = images.to(self.runtime.device), weights.to(self.runtime.device)
+        with self.runtime.autocast():
             losses = self.loss(self.model, images, floors, generator=self.noise_gen)
         (losses.float() * weights).mean().backward()
         lr = optimizer_step(self.optimizer, list(self.net.parameters()), base_lr=self.config.optimizer.lr,
@@ -198,19 +200,19 @@ class Trainer:
 
     def checkpoint(self) -> Path | None:
         rng = self._rng_tensors()
-        if not self.rt.is_main:
-            self.rt.barrier()
+        if not self.runtime.is_main:
+            self.runtime.barrier()
             return None
         self.state.tensors.update(rng)
         self.metrics.write()
         path = save_checkpoint(self.run_dir, net=self.net, ema=self.ema.module, optimizer=self.optimizer,
                                state=self.state, config_json=self.config_json, keep=self.config.keep_checkpoints,
                                attachments=self.sources.attachments())
-        self.rt.barrier()
+        self.runtime.barrier()
         return path
 
     def snapshot(self, name: str | None = None) -> Path | None:
-        if not self.rt.is_main:
+        if not self.runtime.is_main:
             return None
         count = self.config.grid_size
         path = RunPaths(self.run_dir).snapshot(name or f"grid-step-{self.state.step:09d}")
@@ -220,24 +222,24 @@ class Trainer:
                 if self.progress else None)
         images = torch.cat([batch for _, batch in generate(
             self.ema.module, seed=SNAPSHOT_SEED, count=count, shape=self.data.image_shape, steps=SNAPSHOT_STEPS,
-            batch=count, device=self.rt.device, callback=(lambda _: tick(count)) if tick else None)])
+            batch=count, device=self.runtime.device, callback=(lambda _: tick(count)) if tick else None)])
         return save_grid(images, path)
 
     def enter_phase(self, index: int) -> Mixture:
         """Start (or, after a resume, re-enter) phase `index`: fine-tuning, its mixture, DP-SGD if private."""
         phase = self.phases[index]
-        fresh = self.state.info.get("entered_phase") != index
+        first_entry = self.state.info.entered_phase != index
         self.state.phase, self.state.round = index, phase.round
-        if fresh and phase.spec.fine_tune:  # the model that is about to denoise: measured, perhaps rolled back
+        if first_entry and phase.spec.fine_tune:  # the model that is about to denoise: measured, perhaps rolled back
             self.validate(phase.name)
         if phase.spec.fine_tune:
             self.ema.rampup_ratio = None  # fine-tuning: the full half-life from the start
-            if fresh and self.config.sfbd.transfer_ema:  # SFBD's update starts from the EMA weights, fresh Adam
+            if first_entry and self.config.sfbd.transfer_ema:  # SFBD's update starts from the EMA weights, a fresh Adam
                 self.net.load_state_dict(self.ema.module.state_dict())
                 self.optimizer = self._new_optimizer()
-        mixture = self.sources.mixture(phase, self.ema.module, self.state, fresh)
+        mixture = self.sources.mixture(phase, self.ema.module, self.state, first_entry)
         self.private = self._enter_private(phase, mixture)
-        self.state.info["entered_phase"] = index
+        self.state.info.entered_phase = index
         return mixture
 
     def validate(self, label: str) -> None:
@@ -248,16 +250,18 @@ class Trainer:
         validator = self.sources.validator
         if validator is None:
             return
-        record = self.state.info.setdefault("validation", {"history": []})
+        if self.state.info.validation is None:
+            self.state.info.validation = ValidationRecord()
+        record = self.state.info.validation
         tick = self.progress(f"validation before {label} ({len(validator)} held-back copies)", 1) if self.progress else None
         measure = validator.measure(self.ema.module, batch=self.config.denoise.batch)
-        best = record.get("best")
+        best = record.best
         by = self.config.validation.select_by
         score = measure.loss if by == "loss" else -measure.round_psnr  # lower is better
         rolled_back = False
         if best is None or score < (best["loss"] if by == "loss" else -best["round_psnr"]):
-            record["best"] = {"before": label, "kimg": self.state.nimg / 1000, "loss": measure.loss,
-                              "round_psnr": measure.round_psnr}
+            record.best = {"before": label, "kimg": self.state.nimg / 1000, "loss": measure.loss,
+                           "round_psnr": measure.round_psnr}
             for key in [k for k in self.state.tensors if k.startswith(BEST)]:
                 del self.state.tensors[key]
             if self.config.validation.keep_best:  # the checkpoints carry the best weights only when they may be needed
@@ -273,9 +277,9 @@ class Trainer:
         else:
             decision = f"worse than the model before {best['before']} (kept: validation.keep_best is off)"
         # the estimated worth of the round set the model now in place will make (sfbd.denoised_floor: auto)
-        record["denoiser_psnr"] = record["best"]["round_psnr"] if rolled_back else measure.round_psnr
-        record["history"].append({"before": label, "kimg": self.state.nimg / 1000, "loss": measure.loss,
-                                  "round_psnr": measure.round_psnr, "decision": decision})
+        record.denoiser_psnr = best["round_psnr"] if rolled_back and best is not None else measure.round_psnr
+        record.history.append({"before": label, "kimg": self.state.nimg / 1000, "loss": measure.loss,
+                               "round_psnr": measure.round_psnr, "decision": decision})
         self.metrics.annotate(self.state.step, validation=measure.loss, round_psnr=measure.round_psnr, decision=decision)
         if tick:
             tick(1)
@@ -284,10 +288,10 @@ class Trainer:
         if self.privacy is None or not self.privacy.is_private(phase):
             return None
         assert self.private_batch_gen is not None and self.private_noise_gen is not None
-        self.state.info["privacy"] = self.privacy.info  # checkpointed from now on
+        self.state.info.privacy = self.privacy.info  # checkpointed from now on
         generators = PrivateGenerators(self.private_batch_gen, self.private_noise_gen, self.noise_gen)
         return self.privacy.enter(phase, mixture, net=self.net, optimizer=self.optimizer, loss=self.loss,
-                                  generators=generators, rt=self.rt, global_batch=self.global_batch,
+                                  generators=generators, runtime=self.runtime, global_batch=self.global_batch,
                                   base_lr=self.config.optimizer.lr, warmup_kimg=self.config.optimizer.warmup_kimg)
 
     def run_phase(self, index: int) -> None:
@@ -295,7 +299,7 @@ class Trainer:
         mixture = self.enter_phase(index)
         total = max(0, int(phase.end_kimg * 1000) - self.state.nimg)
         tick = self.progress(f"{phase.name}", total) if self.progress and total else None
-        adaptive = self._adaptive and phase.spec.stage == "pretrain" and "pretrain_end_kimg" not in self.state.info
+        adaptive = self._adaptive and phase.spec.stage == "pretrain" and self.state.info.pretrain.end_kimg is None
         while self.state.nimg < phase.end_kimg * 1000:
             if adaptive and self._pretrain_converged():
                 break

@@ -1,0 +1,129 @@
+"""The run's state besides weights and generators, typed: one record per owner, saved in every checkpoint.
+
+    RunInfo
+      entered_phase   the trainer: the phase entered last (a resume re-enters it, a new phase is entered afresh)
+      pretrain        the trainer: `schedule.pretrain_until: converged`'s checks and the end it decided
+      validation      the trainer: SFBD's validation measure before each round and at the end, the best so far
+      round_set       the SFBD rounds (sfbd.py): the round set being trained on, and the sha256 of its shards
+      denoised_floor  the SFBD rounds: the noise floor that round set is trained with
+      bank            online SFBD (sfbd.py): where the bank's refresh stands
+      privacy         the DP accountant (privacy.py): its history, steps and epsilon so far
+
+In the checkpoint (state.safetensors' JSON, `info`) the records keep the flat keys they always had, so a run
+resumes from a checkpoint written before they were typed; a damaged or foreign value is refused naming its key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InputError
+
+
+@dataclass
+class PretrainRecord:
+    """`schedule.pretrain_until: converged`: each check's [kimg, validation loss], the next check, the decided end."""
+
+    checks: list[list[float]] = field(default_factory=list)
+    next_check_kimg: float | None = None
+    end_kimg: float | None = None  # where pretraining ended, once decided
+
+
+@dataclass
+class ValidationRecord:
+    """The measures of the validation (validation.py) before each round and at the end."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)  # before, kimg, loss, round_psnr, decision
+    best: dict[str, Any] | None = None  # before, kimg, loss, round_psnr of the best model so far
+    denoiser_psnr: float | None = None  # the estimated PSNR of the round set the model now in place makes
+
+
+@dataclass
+class RoundRecord:
+    """The round set a round trains on: a resume inside the round maps exactly these shards."""
+
+    round: int
+    shards: dict[str, str]  # file name → sha256
+
+
+@dataclass
+class BankRecord:
+    """Online SFBD's bank: the next record to re-denoise, and the step the online phase started at."""
+
+    cursor: int
+    start_step: int
+
+
+@dataclass
+class RunInfo:
+    entered_phase: int | None = None
+    pretrain: PretrainRecord = field(default_factory=PretrainRecord)
+    validation: ValidationRecord | None = None
+    round_set: RoundRecord | None = None
+    denoised_floor: float | None = None
+    bank: BankRecord | None = None
+    privacy: dict[str, Any] | None = None  # the accountant's state (privacy.new_account), shared with it
+
+    def to_json(self) -> dict[str, Any]:
+        """The checkpoint's `info` object (the flat keys of earlier checkpoints; absent records are left out)."""
+        info: dict[str, Any] = {}
+        if self.entered_phase is not None:
+            info["entered_phase"] = self.entered_phase
+        if self.pretrain.checks:
+            info["pretrain_checks"] = self.pretrain.checks
+        if self.pretrain.next_check_kimg is not None:
+            info["next_check_kimg"] = self.pretrain.next_check_kimg
+        if self.pretrain.end_kimg is not None:
+            info["pretrain_end_kimg"] = self.pretrain.end_kimg
+        if self.validation is not None:
+            info["validation"] = {"history": self.validation.history, **(
+                {"best": self.validation.best} if self.validation.best is not None else {}),
+                **({"denoiser_psnr": self.validation.denoiser_psnr} if self.validation.denoiser_psnr is not None else {})}
+        if self.round_set is not None:
+            info["round_set"] = {"round": self.round_set.round, "shards": self.round_set.shards}
+        if self.denoised_floor is not None:
+            info["denoised_floor"] = self.denoised_floor
+        if self.bank is not None:
+            info["bank_cursor"], info["online_start_step"] = self.bank.cursor, self.bank.start_step
+        if self.privacy is not None:
+            info["privacy"] = self.privacy
+        return info
+
+    @classmethod
+    def from_json(cls, info: dict[str, Any], where: str) -> RunInfo:
+        """The records of a checkpoint's `info`, each value checked (an InputError names `where` and the key)."""
+
+        def get(key: str, kind: type | tuple[type, ...]) -> Any:
+            value = info.get(key)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise InputError(f"{where}: state.info.{key} is {value!r:.60}, expected {getattr(kind, '__name__', kind)}")
+            return value
+
+        number = (int, float)
+        checks = get("pretrain_checks", list) or []
+        if not all(isinstance(c, list) and len(c) == 2 and all(isinstance(x, number) for x in c) for c in checks):
+            raise InputError(f"{where}: state.info.pretrain_checks is not a list of [kimg, loss] pairs")
+        validation = get("validation", dict)
+        round_set = get("round_set", dict)
+        if round_set is not None and not (isinstance(round_set.get("round"), int) and isinstance(round_set.get("shards"), dict)):
+            raise InputError(f"{where}: state.info.round_set needs round (integer) and shards (object)")
+        cursor, start = get("bank_cursor", int), get("online_start_step", int)
+        if (cursor is None) != (start is None):
+            raise InputError(f"{where}: state.info.bank_cursor and state.info.online_start_step go together (one is missing)")
+        history = validation.get("history", []) if validation is not None else []
+        best, psnr = (validation.get("best"), validation.get("denoiser_psnr")) if validation is not None else (None, None)
+        if not isinstance(history, list) or (best is not None and not isinstance(best, dict)) or (
+                psnr is not None and not isinstance(psnr, number)):
+            raise InputError(f"{where}: state.info.validation needs history (list), best (object), denoiser_psnr (number)")
+        next_check, end = get("next_check_kimg", number), get("pretrain_end_kimg", number)
+        floor = get("denoised_floor", number)
+        return cls(entered_phase=get("entered_phase", int),
+                   pretrain=PretrainRecord([[float(k), float(v)] for k, v in checks],
+                                           None if next_check is None else float(next_check),
+                                           None if end is None else float(end)),
+                   validation=None if validation is None else ValidationRecord(history, best, psnr),
+                   round_set=None if round_set is None else RoundRecord(round_set["round"], dict(round_set["shards"])),
+                   denoised_floor=None if floor is None else float(floor),
+                   bank=None if cursor is None else BankRecord(cursor, start),
+                   privacy=get("privacy", dict))
