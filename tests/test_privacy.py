@@ -159,7 +159,7 @@ def test_per_sample_gradients_are_clipped(digits: Path, tmp_path: Path) -> None:
         return adam_step(*args, **kwargs)
 
     trainer.optimizer.step = spy  # type: ignore[method-assign]
-    private.step(mixture, trainer.state.nimg)
+    trainer.train_step(mixture, phase)  # the one training step, with DP-SGD's parts
     private.leave(phase)
 
     # the same batch and loss noise again, per-sample gradients one sample at a time, clipped by hand
@@ -211,8 +211,7 @@ def test_an_empty_poisson_batch_takes_a_noise_only_step_and_is_accounted(digits:
 
     trainer.optimizer.step = spy  # type: ignore[method-assign]
     steps_before = private.info["steps"]
-    losses, _ = private.step(mixture, trainer.state.nimg)
-    assert len(losses) == 0
+    trainer.train_step(mixture, phase)
     assert private.info["steps"] == steps_before + 1  # the step counts towards epsilon like any other
     assert sum(h[2] for h in private.info["history"]) == private.info["steps"]
     noise = torch.cat([g.flatten() for g in applied])

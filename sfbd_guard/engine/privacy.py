@@ -36,12 +36,12 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..diffusion.ambient import AmbientLoss
 from ..diffusion.optim import set_lr, warmup_lr
 from ..errors import InputError
 from ..prepared.reader import PreparedData
@@ -233,8 +233,7 @@ class PrivateGenerators:
     """What a private step draws its randomness from (the trainer's generators, checkpointed by it)."""
 
     batches: torch.Generator  # Poisson batches: seeded from the OS's secure random source
-    noise: torch.Generator  # DP noise: likewise
-    loss: torch.Generator  # the diffusion loss's noise levels and noise: the run's public seed
+    noise: torch.Generator  # DP noise: likewise (the loss's own noise levels and noise are the trainer's, public seed)
 
 
 class PrivateTraining:
@@ -254,12 +253,12 @@ class PrivateTraining:
         return phase.name in self.plan.phases
 
     def enter(self, phase: Phase, mixture: Mixture, *, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
-              loss: AmbientLoss, generators: PrivateGenerators, runtime: Runtime, global_batch: int, base_lr: float,
+              generators: PrivateGenerators, runtime: Runtime, global_batch: int, base_lr: float,
               warmup_kimg: float) -> PrivatePhase | None:
         """Attach Opacus to the network and optimizer if `phase` is private; None otherwise."""
         if not self.is_private(phase):
             return None
-        return PrivatePhase(phase, mixture, self.plan, self.info, net=net, optimizer=optimizer, loss=loss,
+        return PrivatePhase(phase, mixture, self.plan, self.info, net=net, optimizer=optimizer,
                             generators=generators, runtime=runtime, global_batch=global_batch, lr=self.plan.lr or base_lr,
                             warmup_kimg=warmup_kimg)
 
@@ -268,7 +267,7 @@ class PrivatePhase:
     """One private phase: Poisson batches, clipped per-sample gradients, DP noise, accounting; `leave` detaches."""
 
     def __init__(self, phase: Phase, mixture: Mixture, privacy_plan: PrivacyPlan, info: dict[str, Any], *,
-                 net: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: AmbientLoss, generators: PrivateGenerators,
+                 net: torch.nn.Module, optimizer: torch.optim.Optimizer, generators: PrivateGenerators,
                  runtime: Runtime, global_batch: int, lr: float, warmup_kimg: float) -> None:
         from opacus.optimizers import DistributedDPOptimizerFastGradientClipping, DPOptimizerFastGradientClipping
 
@@ -294,7 +293,7 @@ class PrivatePhase:
         dp_optimizer = optimizer_class(
             optimizer, noise_multiplier=info["noise_multiplier"], max_grad_norm=privacy_plan.max_grad_norm,
             expected_batch_size=local_batch, loss_reduction="mean", generator=generators.noise)
-        self.net, self.model, self.optimizer, self.clipper, self.loss = net, model, dp_optimizer, clipper, loss
+        self.net, self.model, self.optimizer, self.clipper = net, model, dp_optimizer, clipper
         self.generators, self.runtime, self.rates = generators, runtime, rates
         self.physical_batch, self.lr, self.warmup_kimg = privacy_plan.physical_batch, lr, warmup_kimg
 
@@ -324,31 +323,36 @@ class PrivatePhase:
             weights.append(torch.full((len(rows),), source.weight))
         return torch.cat(images), torch.cat(floors), torch.cat(weights)
 
-    def step(self, mixture: Mixture, nimg: int) -> tuple[torch.Tensor, float]:
-        """Poisson batch → sum of per-sample clipped gradients (in physical batches) → noise → Adam step.
+    # ----- the parts of one DP-SGD step (trainer.StepRecipe; Trainer.train_step runs them) ----------------------
 
-        `nimg`: images seen in the run before this step (the learning-rate warm-up)."""
-        optimizer, clipper, device = self.optimizer, self.clipper, self.runtime.device
-        images, floors, weights = self.poisson_batch(mixture)
+    def batch(self, mixture: Mixture) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.poisson_batch(mixture)
+
+    def start(self, nimg: int) -> float:
         lr = warmup_lr(self.lr, nimg, self.warmup_kimg)
-        set_lr(optimizer, lr)
-        # an empty Poisson batch is one empty chunk: its clipped sum is zero, so the step adds noise only
-        chunks = torch.arange(len(images)).split(self.physical_batch)
-        losses = []
-        for k, rows in enumerate(chunks):
-            x, w = images[rows].to(device), weights[rows].to(device)
-            with self.runtime.autocast(), clipper.recording():
-                loss = self.loss(self.model, x, floors[rows], generator=self.generators.loss)
-            clipper.backward(loss.float() * w)  # p.grad = Σ_i clip(∇ w_i loss_i)
-            losses.append(loss.detach().float())
-            if k < len(chunks) - 1:
-                optimizer.signal_skip_step(True)  # clip and accumulate only
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        set_lr(self.optimizer, lr)
+        return lr
+
+    def chunks(self, rows: int) -> tuple[torch.Tensor, ...]:
+        """Physical batches; an empty Poisson batch is one empty piece: its clipped sum is zero, the step adds noise only."""
+        return tuple(torch.arange(rows).split(self.physical_batch))
+
+    def recording(self) -> AbstractContextManager[object]:
+        return self.clipper.recording()
+
+    def backward(self, weighted: torch.Tensor) -> None:
+        self.clipper.backward(weighted)  # p.grad = Σ_i clip(∇ w_i loss_i)
+
+    def accumulate(self) -> None:
+        self.optimizer.signal_skip_step(True)  # clip and accumulate only
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def update(self, nimg: int) -> None:
+        """The noisy Adam step over the sum of the clipped per-sample gradients, then the accountant's count."""
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         self._account()
-        return (torch.cat(losses) if losses else torch.zeros(0)), lr
 
     def _account(self) -> None:
         info = self.info

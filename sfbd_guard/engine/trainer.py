@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import secrets
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -13,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..diffusion.ambient import AmbientLoss
 from ..diffusion.ema import EMA
 from ..diffusion.networks import UNetConfig, build_denoiser
-from ..diffusion.optim import make_adam, optimizer_step
+from ..diffusion.optim import make_adam, optimizer_step, warmup_lr
 from ..prepared.reader import PreparedData
 from ..progress import ProgressFactory
 from ..rundir import RunPaths
@@ -49,6 +51,66 @@ def build_net(config: PipelineConfig, image_shape: tuple[int, int, int]) -> torc
 def private_seed() -> int:
     """A seed from the OS's secure random source, for the randomness DP-SGD's guarantee rests on."""
     return secrets.randbits(63)
+
+
+class StepRecipe(Protocol):
+    """The parts of one training step (Trainer.train_step). `PlainStep` is ordinary training; DP-SGD replaces every
+    part, in the spirit of opacus' make_private (privacy.PrivatePhase): Poisson batches, per-sample clipping in
+    physical batches, noise in the optimizer's step, and the accountant."""
+
+    model: torch.nn.Module  # what the loss calls: the network, or its (DP-)DDP wrapper
+
+    def batch(self, mixture: Mixture) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's images, noise floors and loss weights of the step."""
+
+    def start(self, nimg: int) -> float:
+        """The step's learning rate (set on the optimizer); `nimg` images were seen before it."""
+
+    def chunks(self, rows: int) -> tuple[torch.Tensor, ...]:
+        """The batch's rows in the pieces that go through the network at once."""
+
+    def recording(self) -> AbstractContextManager[object]:
+        """Around each piece's forward pass."""
+
+    def backward(self, weighted: torch.Tensor) -> None:
+        """Gradients of one piece's weighted per-image losses."""
+
+    def accumulate(self) -> None:
+        """Between pieces."""
+
+    def update(self, nimg: int) -> None:
+        """Move the weights once the last piece's gradients are in."""
+
+
+class PlainStep:
+    """Ordinary training: a batch of the mixture, one piece, the mean loss, EDM's sanitised Adam step."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.model, self.net, self.optimizer = trainer.model, trainer.net, trainer.optimizer
+        self.local_batch, self.generator, self.config = trainer.local_batch, trainer.batch_gen, trainer.config.optimizer
+
+    def batch(self, mixture: Mixture) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return mixture.batch(self.local_batch, self.generator)
+
+    def start(self, nimg: int) -> float:
+        return warmup_lr(self.config.lr, nimg, self.config.warmup_kimg)
+
+    def chunks(self, rows: int) -> tuple[torch.Tensor, ...]:
+        return (torch.arange(rows),)
+
+    def recording(self) -> AbstractContextManager[object]:
+        return nullcontext()
+
+    def backward(self, weighted: torch.Tensor) -> None:
+        weighted.mean().backward()
+
+    def accumulate(self) -> None:
+        raise AssertionError("ordinary training takes its batch in one piece")
+
+    def update(self, nimg: int) -> None:
+        optimizer_step(self.optimizer, list(self.net.parameters()), base_lr=self.config.lr, cur_nimg=nimg,
+                       warmup_kimg=self.config.warmup_kimg, max_grad_norm=self.config.grad_clip)
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 class Trainer:
@@ -176,27 +238,30 @@ class Trainer:
         return {f"{name}.{rank}": value for rank, state in enumerate(states) for name, value in state.items()}
 
     def train_step(self, mixture: Mixture, phase: Phase) -> None:
+        """One optimizer step, the same code with and without DP-SGD: the step's parts (`recipe`) say how its batch is
+        drawn, how gradients are made and how the weights move; a private phase swaps them (privacy.PrivatePhase)."""
         started = time.perf_counter()
-        # DP-SGD in private phases (privacy.py): Poisson batch, clipped per-sample gradients, noise, accounting
-        losses, lr = self.private.step(mixture, self.state.nimg) if self.private else self._step(mixture)
+        recipe: StepRecipe = self.private or PlainStep(self)
+        images, floors, weights = recipe.batch(mixture)
+        lr = recipe.start(self.state.nimg)
+        losses = []
+        chunks = recipe.chunks(len(images))
+        for k, rows in enumerate(chunks):
+            x, w = images[rows].to(self.runtime.device), weights[rows].to(self.runtime.device)
+            with self.runtime.autocast(), recipe.recording():
+                loss = self.loss(recipe.model, x, floors[rows], generator=self.noise_gen)
+            recipe.backward(loss.float() * w)
+            losses.append(loss.detach().float())
+            if k < len(chunks) - 1:
+                recipe.accumulate()
+        recipe.update(self.state.nimg)
         self.state.nimg += self.global_batch
         self.state.step += 1
         self.ema.update(self.net, self.global_batch, self.state.nimg)
         seconds = time.perf_counter() - started
+        mean = float(torch.cat(losses).mean()) if losses and sum(len(part) for part in losses) else float("nan")
         self.metrics.append(step=self.state.step, kimg=self.state.nimg / 1000, round=phase.round, phase=phase.name,
-                            loss=float(losses.detach().mean()), lr=lr, seconds_per_kimg=seconds / self.global_batch * 1000)
-
-    def _step(self, mixture: Mixture) -> tuple[torch.Tensor, float]:
-        images, floors, weights = mixture.batch(self.local_batch, self.batch_gen)
-        images, weights = images.to(self.runtime.device), weights.to(self.runtime.device)
-        with self.runtime.autocast():
-            losses = self.loss(self.model, images, floors, generator=self.noise_gen)
-        (losses.float() * weights).mean().backward()
-        lr = optimizer_step(self.optimizer, list(self.net.parameters()), base_lr=self.config.optimizer.lr,
-                            cur_nimg=self.state.nimg, warmup_kimg=self.config.optimizer.warmup_kimg,
-                            max_grad_norm=self.config.optimizer.grad_clip)
-        self.optimizer.zero_grad(set_to_none=True)
-        return losses, lr
+                            loss=mean, lr=lr, seconds_per_kimg=seconds / self.global_batch * 1000)
 
     def checkpoint(self) -> Path | None:
         rng = self._rng_tensors()
@@ -289,8 +354,8 @@ class Trainer:
             return None
         assert self.private_batch_gen is not None and self.private_noise_gen is not None
         self.state.info.privacy = self.privacy.info  # checkpointed from now on
-        generators = PrivateGenerators(self.private_batch_gen, self.private_noise_gen, self.noise_gen)
-        return self.privacy.enter(phase, mixture, net=self.net, optimizer=self.optimizer, loss=self.loss,
+        generators = PrivateGenerators(self.private_batch_gen, self.private_noise_gen)
+        return self.privacy.enter(phase, mixture, net=self.net, optimizer=self.optimizer,
                                   generators=generators, runtime=self.runtime, global_batch=self.global_batch,
                                   base_lr=self.config.optimizer.lr, warmup_kimg=self.config.optimizer.warmup_kimg)
 
@@ -318,7 +383,19 @@ class Trainer:
             self.snapshot(f"grid-{phase.name}")
 
     def run(self) -> Path:
-        """Run every phase from the current state; returns the final checkpoint."""
+        """Train the method's schedule from the current state (a resume re-enters its phase); the final checkpoint.
+
+        The schedule is the methods table's (methods.py), cut into phases by `methods.plan`:
+        - clean-only, noisy-direct, ambient: one phase, `train`, on the stage's sources;
+        - sfbd: `pretrain` on the clean images (with pretrain_until: converged, until the validation loss on the
+          held-back copies stops improving; then the rounds share the rest of the budget); then for each round:
+          measure the model (`validate`), denoise every noisy copy with its EMA into the round set (sfbd.py,
+          denoise.py), fine-tune on clean ∪ round set;
+        - online-sfbd: `pretrain`; then `online`: fine-tune on clean ∪ the bank, a chunk of the bank re-denoised
+          with the current EMA every refresh_every steps.
+        A phase is entered (its mixture; a private phase swaps the step's parts for DP-SGD's), stepped to its end
+        (`train_step`, the same for every phase), and left (the accountant's epsilon; a grid after a round).
+        """
         finished = latest_checkpoint(self.run_dir)
         if self.state.phase >= len(self.phases) and finished is not None:
             return finished  # a resumed run that had already finished
