@@ -50,7 +50,7 @@ from .denoise import (
     round_dir,
     write_round,
 )
-from .methods import METHODS, Phase, SourceName
+from .methods import METHODS, Phase
 from .runtime import Runtime
 from .state import BankRecord, RoundRecord
 from .validation import Validator, held_back_rows
@@ -86,30 +86,43 @@ class SFBDSources:
             self.trained_rows = keep.nonzero().flatten()
             self.validator = Validator(self.noisy, held, self.sigma, config.denoise, config.validation, config.seed,
                                        runtime.device)
+        self.denoised: Source | None = None  # the current round's set (round_set)
         self.bank: Source | None = None
         self.bank_array: np.ndarray | None = None  # the mapped bank file (writable on rank 0)
 
-    def mixture(self, phase: Phase, denoiser: torch.nn.Module, state: TrainingState, first_entry: bool) -> Mixture:
-        """What `phase` trains on; `first_entry`: the phase starts now (not a resume inside it)."""
+    def round_set(self, round_: int, denoiser: torch.nn.Module, state: TrainingState, first_entry: bool) -> Source:
+        """SFBD's round `round_`: every noisy copy denoised by `denoiser` (the EMA model) into the round set, trained
+        on at its noise floor (`first_entry`: the round starts now; else a resume inside it maps the set it made)."""
+        rows = self._round_set(round_, denoiser, state, first_entry)
+        self.denoised = Source("denoised", self._trained(MappedImages(rows)), floor=self._denoised_floor(state, first_entry))
+        return self.denoised
+
+    def open_bank(self, denoiser: torch.nn.Module, state: TrainingState, first_entry: bool) -> Source:
+        """Online SFBD's bank: every noisy copy denoised once when the phase starts (or the checkpoint's copy on a
+        resume), then refreshed a chunk at a time (`before_step`); its loss weight follows the ramp."""
+        self.bank = Source("bank", self._trained(MappedImages(self._bank(denoiser, state, first_entry))),
+                           weight=self._ramp_weight(state))
+        return self.bank
+
+    def mixture(self, phase: Phase) -> Mixture:
+        """What `phase` trains on: its sources (the round set or the bank made before, by `round_set`/`open_bank`)."""
         spec = phase.spec
-        sources = [self._source(name, phase, denoiser, state, first_entry) for name in spec.sources]
+        made = {"denoised": self.denoised, "bank": self.bank}
+        sources = []
+        for name in spec.sources:
+            if name == "clean":
+                sources.append(Source("clean", self.clean))
+            elif name == "noisy":
+                sources.append(Source("noisy", self.noisy, floor=self.sigma if spec.noisy_copies == "above-sigma" else 0.0))
+            else:
+                source = made[name]
+                if source is None:
+                    raise RuntimeError(f"{phase.name} trains on {name}, which was not made when the phase was entered")
+                sources.append(source)
         clean_weight = self.config.sfbd.clean_weight
         if spec.fine_tune and clean_weight is not None:  # clean vs the denoised images, in fixed shares
             return Mixture(sources, [clean_weight, 1 - clean_weight])
         return Mixture(sources)
-
-    def _source(self, name: SourceName, phase: Phase, denoiser: torch.nn.Module, state: TrainingState,
-                first_entry: bool) -> Source:
-        if name == "clean":
-            return Source("clean", self.clean)
-        if name == "noisy":
-            return Source("noisy", self.noisy, floor=self.sigma if phase.spec.noisy_copies == "above-sigma" else 0.0)
-        if name == "denoised":
-            return Source("denoised", self._trained(MappedImages(self._round_set(phase.round, denoiser, state, first_entry))),
-                          floor=self._denoised_floor(state, first_entry))
-        self.bank = Source("bank", self._trained(MappedImages(self._bank(denoiser, state, first_entry))),
-                           weight=self._ramp_weight(state))
-        return self.bank
 
     def _denoised_floor(self, state: TrainingState, first_entry: bool) -> float:
         """The round set's noise floor in the loss (sfbd.denoised_floor), fixed when the round starts."""

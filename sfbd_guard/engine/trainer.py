@@ -291,7 +291,8 @@ class Trainer:
         return save_grid(images, path)
 
     def enter_phase(self, index: int) -> Mixture:
-        """Start (or, after a resume, re-enter) phase `index`: fine-tuning, its mixture, DP-SGD if private."""
+        """Start (or, after a resume, re-enter) phase `index`, in the order SFBD does it: measure the model about to
+        denoise, start fine-tuning, make the denoised images (round set or bank), the mixture, DP-SGD if private."""
         phase = self.phases[index]
         first_entry = self.state.info.entered_phase != index
         self.state.phase, self.state.round = index, phase.round
@@ -302,7 +303,12 @@ class Trainer:
             if first_entry and self.config.sfbd.transfer_ema:  # SFBD's update starts from the EMA weights, a fresh Adam
                 self.net.load_state_dict(self.ema.module.state_dict())
                 self.optimizer = self._new_optimizer()
-        mixture = self.sources.mixture(phase, self.ema.module, self.state, first_entry)
+        # the denoised images a fine-tuning phase trains on, made by the model that was just measured
+        if "denoised" in phase.spec.sources:  # SFBD: the round set, every noisy copy denoised by the EMA model
+            self.sources.round_set(phase.round, self.ema.module, self.state, first_entry)
+        if "bank" in phase.spec.sources:  # online SFBD: the bank, refreshed a chunk at a time as the phase goes on
+            self.sources.open_bank(self.ema.module, self.state, first_entry)
+        mixture = self.sources.mixture(phase)
         self.private = self._enter_private(phase, mixture)
         self.state.info.entered_phase = index
         return mixture
