@@ -23,7 +23,8 @@ infos = st.builds(
     validation=st.none() | st.builds(ValidationRecord,
                                      history=st.lists(st.fixed_dictionaries({"before": st.text(max_size=8), "loss": finite}),
                                                       max_size=3),
-                                     best=st.none() | st.fixed_dictionaries({"before": st.text(max_size=8), "loss": finite}),
+                                     best=st.none() | st.fixed_dictionaries({"before": st.text(max_size=8), "loss": finite,
+                                                                             "round_psnr": finite}),
                                      denoiser_psnr=st.none() | finite),
     round_set=st.none() | st.builds(RoundRecord, round=counts, shards=st.dictionaries(st.text(max_size=12), sha, max_size=3)),
     denoised_floor=st.none() | finite,
@@ -41,12 +42,14 @@ def test_the_state_round_trips_through_the_checkpoint_json(info: RunInfo) -> Non
 def test_the_checkpoint_keys_are_those_earlier_checkpoints_used() -> None:
     """An oracle written out by hand: the flat keys of the checkpoints written before the state was typed."""
     info = RunInfo(entered_phase=2, pretrain=PretrainRecord([[2.0, 0.5]], 4.0, 6.0),
-                   validation=ValidationRecord([{"before": "round-1"}], {"before": "round-1"}, 21.5),
+                   validation=ValidationRecord([{"before": "round-1"}], {"before": "round-1", "loss": 0.5, "round_psnr": 21.5},
+                                               21.5),
                    round_set=RoundRecord(1, {"part-00000.npy": "a" * 64}), denoised_floor=0.1,
                    bank=BankRecord(64, 10), privacy={"steps": 3})
     assert info.to_json() == {
         "entered_phase": 2, "pretrain_checks": [[2.0, 0.5]], "next_check_kimg": 4.0, "pretrain_end_kimg": 6.0,
-        "validation": {"history": [{"before": "round-1"}], "best": {"before": "round-1"}, "denoiser_psnr": 21.5},
+        "validation": {"history": [{"before": "round-1"}], "best": {"before": "round-1", "loss": 0.5, "round_psnr": 21.5},
+                       "denoiser_psnr": 21.5},
         "round_set": {"round": 1, "shards": {"part-00000.npy": "a" * 64}}, "denoised_floor": 0.1,
         "bank_cursor": 64, "online_start_step": 10, "privacy": {"steps": 3}}
     assert RunInfo().to_json() == {}
@@ -60,6 +63,7 @@ def test_the_checkpoint_keys_are_those_earlier_checkpoints_used() -> None:
     ({"pretrain_checks": [[1.0]]}, "pretrain_checks"),
     ({"bank_cursor": 3}, "bank_cursor"),
     ({"validation": {"history": {}}}, "validation"),
+    ({"validation": {"history": [], "best": {"before": "round-1"}}}, "validation"),
     ({"privacy": [1, 2]}, "privacy"),
     ({"denoised_floor": "0.1"}, "denoised_floor"),
 ])

@@ -113,9 +113,11 @@ class RunInfo:
             raise InputError(f"{where}: state.info.bank_cursor and state.info.online_start_step go together (one is missing)")
         history = validation.get("history", []) if validation is not None else []
         best, psnr = (validation.get("best"), validation.get("denoiser_psnr")) if validation is not None else (None, None)
-        if not isinstance(history, list) or (best is not None and not isinstance(best, dict)) or (
-                psnr is not None and not isinstance(psnr, number)):
-            raise InputError(f"{where}: state.info.validation needs history (list), best (object), denoiser_psnr (number)")
+        best_ok = best is None or (isinstance(best, dict) and isinstance(best.get("before"), str)
+                                   and isinstance(best.get("loss"), number) and isinstance(best.get("round_psnr"), number))
+        if not isinstance(history, list) or not best_ok or (psnr is not None and not isinstance(psnr, number)):
+            raise InputError(f"{where}: state.info.validation needs history (list), best (object: before, loss, "
+                             "round_psnr) and denoiser_psnr (number)")
         next_check, end = get("next_check_kimg", number), get("pretrain_end_kimg", number)
         floor = get("denoised_floor", number)
         return cls(entered_phase=get("entered_phase", int),

@@ -259,9 +259,9 @@ class Trainer:
         self.state.step += 1
         self.ema.update(self.net, self.global_batch, self.state.nimg)
         seconds = time.perf_counter() - started
-        mean = float(torch.cat(losses).mean()) if losses and sum(len(part) for part in losses) else float("nan")
         self.metrics.append(step=self.state.step, kimg=self.state.nimg / 1000, round=phase.round, phase=phase.name,
-                            loss=mean, lr=lr, seconds_per_kimg=seconds / self.global_batch * 1000)
+                            loss=float(torch.cat(losses).mean()),  # NaN for an empty Poisson batch
+                            lr=lr, seconds_per_kimg=seconds / self.global_batch * 1000)
 
     def checkpoint(self) -> Path | None:
         rng = self._rng_tensors()
