@@ -115,3 +115,42 @@ def test_the_untampered_copies_resume(crashed: dict[str, Path], tmp_path: Path) 
         run = _copy(crashed[method], tmp_path)
         _resume(run)
         assert (run / "checkpoints" / "latest").read_text() in ("step-000000010", "step-000000008")
+
+
+@pytest.mark.parametrize(("method", "key", "value"), [
+    ("sfbd", "round_set", "../../../etc/passwd"),  # a path where the record of the round's shards belongs
+    ("sfbd", "round_set", {"round": 1, "shards": ["part-00000.npy"]}),
+    ("sfbd", "entered_phase", "1"),
+    ("sfbd", "validation", {"history": [], "best": {"before": "round-1"}}),  # would be a KeyError mid-run
+    ("online-sfbd", "bank_cursor", "0; rm -rf /"),
+    ("online-sfbd", "online_start_step", None),  # the cursor without its start step
+])
+def test_a_forged_training_state_is_refused_before_any_step(crashed: dict[str, Path], tmp_path: Path, method: str,
+                                                            key: str, value: object) -> None:
+    """The checkpoint's `info` (engine/state.py) is JSON inside state.safetensors: a value of the wrong shape is
+    refused on resume with one error naming the checkpoint and the key, and the run directory is left as it was."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run = _copy(crashed[method], tmp_path)
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    with safe_open(latest / "state.safetensors", framework="pt") as handle:
+        meta = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    state = json.loads(meta["state"])
+    assert key in state["info"] or value is None, "positive control: the forged key is one the run really wrote"
+    if value is None:
+        del state["info"][key]
+    else:
+        state["info"][key] = value
+    save_file(tensors, latest / "state.safetensors", metadata={**meta, "state": json.dumps(state)})
+    _resume_in_place = pipeline_of_run(run)  # a copied run records its new folder in its config first, by design
+
+    def files() -> dict[Path, bytes]:
+        return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+    before = files()
+    with pytest.raises(InputError, match=rf"state\.safetensors: state\.info\.(bank_cursor|{key})"):
+        train(_resume_in_place, resume=True)
+    after = files()
+    assert {k for k in after if after[k] != before.get(k)} <= {Path("config.resolved.yaml")}, "nothing else changed"
