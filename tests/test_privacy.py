@@ -145,9 +145,10 @@ def test_per_sample_gradients_are_clipped(digits: Path, tmp_path: Path) -> None:
     trainer = Trainer(config, open_prepared(digits), tmp_path / "clip", Runtime(torch.device("cpu")))
     phase = trainer.phases[0]
     assert phase.name == "train"  # the baselines' single phase reads the noisy copies: private by default
-    trainer.privacy.info["noise_multiplier"] = 0.0  # so the update is exactly the clipped mean
-    mixture = trainer.enter_phase(0)
-    private = trainer.private
+    trainer.privacy.account.noise_multiplier = 0.0  # so the update is exactly the clipped mean
+    trainer.enter(0)
+    mixture = trainer.sources.mixture(phase)
+    private = trainer.private = trainer.make_private(phase, mixture)
     params = dict(trainer.net.named_parameters())
     before = {name: p.detach().clone() for name, p in params.items()}
     generators = trainer.private_batch_gen.get_state(), trainer.noise_gen.get_state()
@@ -197,9 +198,10 @@ def test_an_empty_poisson_batch_takes_a_noise_only_step_and_is_accounted(digits:
                      privacy={"epsilon": EPSILON, "max_grad_norm": clip, "physical_batch": 5})
     trainer = Trainer(config, open_prepared(digits), tmp_path / "empty", Runtime(torch.device("cpu")))
     phase = trainer.phases[0]
-    trainer.privacy.info["noise_multiplier"] = noise_multiplier
-    mixture = trainer.enter_phase(0)
-    private = trainer.private
+    trainer.privacy.account.noise_multiplier = noise_multiplier
+    trainer.enter(0)
+    mixture = trainer.sources.mixture(phase)
+    private = trainer.private = trainer.make_private(phase, mixture)
     shape = trainer.data.image_shape
     monkeypatch.setattr(private, "poisson_batch", lambda _: (torch.zeros((0, *shape)), torch.zeros(0), torch.zeros(0)))
     applied: list[torch.Tensor] = []
@@ -210,10 +212,10 @@ def test_an_empty_poisson_batch_takes_a_noise_only_step_and_is_accounted(digits:
         return adam_step(*args, **kwargs)
 
     trainer.optimizer.step = spy  # type: ignore[method-assign]
-    steps_before = private.info["steps"]
+    steps_before = private.account.steps
     trainer.train_step(mixture, phase)
-    assert private.info["steps"] == steps_before + 1  # the step counts towards epsilon like any other
-    assert sum(h[2] for h in private.info["history"]) == private.info["steps"]
+    assert private.account.steps == steps_before + 1  # the step counts towards epsilon like any other
+    assert sum(h[2] for h in private.account.history) == private.account.steps
     noise = torch.cat([g.flatten() for g in applied])
     expected_std = noise_multiplier * clip / trainer.local_batch  # noise on a zero sum, over the expected batch
     assert abs(float(noise.mean())) < 0.05 * expected_std
@@ -294,9 +296,10 @@ def _ddp_worker(rank: int, port: int, pipeline: str, results: dict) -> None:  # 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    from sfbd_guard.engine import schedule
     from sfbd_guard.engine import trainer as module
 
-    real_run, real_step = module.Trainer.run, module.Trainer.train_step
+    real_run, real_step = schedule.run_schedule, module.Trainer.train_step
     models = set()
 
     def step_and_note(self, mixture, phase):  # type: ignore[no-untyped-def]
@@ -304,13 +307,13 @@ def _ddp_worker(rank: int, port: int, pipeline: str, results: dict) -> None:  # 
             models.add(type(self.private.model).__name__)
         real_step(self, mixture, phase)
 
-    def run_and_report(self):  # type: ignore[no-untyped-def]
-        final = real_run(self)
-        flat = torch.cat([p.detach().flatten() for p in self.net.parameters()])
+    def run_and_report(trainer):  # type: ignore[no-untyped-def]
+        final = real_run(trainer)
+        flat = torch.cat([p.detach().flatten() for p in trainer.net.parameters()])
         results[rank] = {"weights": flat.tolist(), "models": sorted(models)}
         return final
 
-    module.Trainer.run = run_and_report
+    schedule.run_schedule = run_and_report  # type: ignore[assignment]
     module.Trainer.train_step = step_and_note
     outcome = train(load_pipeline(Path(pipeline)), resume=False)
     results[rank] = {**results[rank], "privacy": outcome.privacy}

@@ -16,7 +16,7 @@ The privacy unit is one protected record. A private phase:
   its distributed version, which adds the noise on rank 0 only) adds Gaussian noise of std
   noise_multiplier × max_grad_norm to the sum and divides by the expected batch;
 - steps the accountant with (noise_multiplier, q). Its history [(noise_multiplier, q, steps)] lives
-  in `TrainingState.info.privacy`, so a resumed run continues it, and composes over every
+  in the training state (`state.PrivacyAccount`), so a resumed run continues it, and composes over every
   private phase (all SFBD rounds) of the run.
 
 Which phases are private by default, what each trains on and hence its Poisson rates, and how many
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +50,7 @@ from .config import PipelineConfig
 from .data import Mixture
 from .methods import PROTECTED, Phase, Stage, StageSpec, default_private_stages, phase_steps, plan, stages_of
 from .runtime import Runtime
+from .state import PrivacyAccount
 
 PROTECTED_SOURCES = frozenset(name for name, protected in PROTECTED.items() if protected)
 MAX_NOISE_MULTIPLIER = 50.0  # above this, training would be noise only: treat the budget as unreachable
@@ -108,7 +109,7 @@ class PrivacyPlan:
     lr: float | None  # learning rate of the private steps (None: optimizer.lr)
 
 
-def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
+def epsilon_of(history: Sequence[Sequence[float]], delta: float, accountant: str) -> float:
     """Epsilon spent by a history [(noise_multiplier, sample_rate, steps)] with Opacus' accountant."""
     from opacus.accountants import create_accountant
 
@@ -219,13 +220,13 @@ def check_clippable(net: torch.nn.Module) -> None:
                          hint="DP-SGD here supports nn.Conv2d (zero padding), nn.Linear and nn.GroupNorm layers")
 
 
-def new_account(privacy_plan: PrivacyPlan) -> dict[str, Any]:
-    """The accountant's state of a new run (JSON, checkpointed in `TrainingState.info.privacy`)."""
-    return {"target_epsilon": privacy_plan.epsilon, "delta": privacy_plan.delta, "accountant": privacy_plan.accountant,
-            "max_grad_norm": privacy_plan.max_grad_norm, "noise_multiplier": privacy_plan.noise_multiplier,
-            "sample_rate": privacy_plan.sample_rate, "planned_steps": privacy_plan.steps,
-            "protected_records": privacy_plan.records,
-            "stages": list(privacy_plan.stages), "steps": 0, "epsilon": 0.0, "history": [], "phases": []}
+def new_account(privacy_plan: PrivacyPlan) -> PrivacyAccount:
+    """The accountant's state of a new run (checkpointed as `RunInfo.privacy`)."""
+    return PrivacyAccount(target_epsilon=privacy_plan.epsilon, delta=privacy_plan.delta,
+                          accountant=privacy_plan.accountant, max_grad_norm=privacy_plan.max_grad_norm,
+                          noise_multiplier=privacy_plan.noise_multiplier, sample_rate=privacy_plan.sample_rate,
+                          planned_steps=privacy_plan.steps, protected_records=privacy_plan.records,
+                          stages=list(privacy_plan.stages))
 
 
 @dataclass(frozen=True)
@@ -239,26 +240,27 @@ class PrivateGenerators:
 class PrivateTraining:
     """DP-SGD of one run: the plan (checked against the network) and the accountant's state.
 
-    `info` is the accountant's state; the trainer keeps it in `TrainingState.info.privacy` and hands a
-    resumed run's back. `enter` starts a private phase with the network, optimizer and generators it is lent.
+    `account` is the accountant's state; the trainer keeps it in the training state (`RunInfo.privacy`) and hands
+    a resumed run's back. `make_private` wraps the network, optimizer and data of a private phase.
     """
 
     def __init__(self, privacy_plan: PrivacyPlan, net: torch.nn.Module) -> None:
         validate_model(net)
         check_clippable(net)
         self.plan = privacy_plan
-        self.info: dict[str, Any] = new_account(privacy_plan)
+        self.account = new_account(privacy_plan)
 
     def is_private(self, phase: Phase) -> bool:
         return phase.name in self.plan.phases
 
-    def enter(self, phase: Phase, mixture: Mixture, *, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
-              generators: PrivateGenerators, runtime: Runtime, global_batch: int, base_lr: float,
-              warmup_kimg: float) -> PrivatePhase | None:
-        """Attach Opacus to the network and optimizer if `phase` is private; None otherwise."""
+    def make_private(self, phase: Phase, mixture: Mixture, *, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     generators: PrivateGenerators, runtime: Runtime, global_batch: int, base_lr: float,
+                     warmup_kimg: float) -> PrivatePhase | None:
+        """In the spirit of opacus' make_private: the phase's model, optimizer and data wrapped for DP-SGD (per-sample
+        clipping, a noisy optimizer, Poisson batches, the accountant) if `phase` is private; None otherwise."""
         if not self.is_private(phase):
             return None
-        return PrivatePhase(phase, mixture, self.plan, self.info, net=net, optimizer=optimizer,
+        return PrivatePhase(phase, mixture, self.plan, self.account, net=net, optimizer=optimizer,
                             generators=generators, runtime=runtime, global_batch=global_batch, lr=self.plan.lr or base_lr,
                             warmup_kimg=warmup_kimg)
 
@@ -266,12 +268,12 @@ class PrivateTraining:
 class PrivatePhase:
     """One private phase: Poisson batches, clipped per-sample gradients, DP noise, accounting; `leave` detaches."""
 
-    def __init__(self, phase: Phase, mixture: Mixture, privacy_plan: PrivacyPlan, info: dict[str, Any], *,
+    def __init__(self, phase: Phase, mixture: Mixture, privacy_plan: PrivacyPlan, account: PrivacyAccount, *,
                  net: torch.nn.Module, optimizer: torch.optim.Optimizer, generators: PrivateGenerators,
                  runtime: Runtime, global_batch: int, lr: float, warmup_kimg: float) -> None:
         from opacus.optimizers import DistributedDPOptimizerFastGradientClipping, DPOptimizerFastGradientClipping
 
-        self.info = info
+        self.account = account
         sizes = torch.tensor([float(len(s.images)) for s in mixture.sources], dtype=torch.float64)
         rates = (global_batch * mixture.probs / sizes).tolist()
         self.sample_rate = accounting_rate({s.name: r for s, r in zip(mixture.sources, rates, strict=True)})
@@ -291,7 +293,7 @@ class PrivatePhase:
         # p.grad holds the sum of clipped per-sample gradients (ClippedGradients); the optimizer sums the
         # physical batches, adds the noise and divides by the expected batch
         dp_optimizer = optimizer_class(
-            optimizer, noise_multiplier=info["noise_multiplier"], max_grad_norm=privacy_plan.max_grad_norm,
+            optimizer, noise_multiplier=account.noise_multiplier, max_grad_norm=privacy_plan.max_grad_norm,
             expected_batch_size=local_batch, loss_reduction="mean", generator=generators.noise)
         self.net, self.model, self.optimizer, self.clipper = net, model, dp_optimizer, clipper
         self.generators, self.runtime, self.rates = generators, runtime, rates
@@ -304,10 +306,10 @@ class PrivatePhase:
         for p in self.net.parameters():
             if hasattr(p, "summed_grad"):
                 del p.summed_grad
-        info = self.info
-        info["epsilon"] = epsilon_of(info["history"], info["delta"], info["accountant"])
-        if not any(entry["phase"] == phase.name for entry in info["phases"]):
-            info["phases"].append({"phase": phase.name, "steps": info["steps"], "epsilon": info["epsilon"]})
+        account = self.account
+        account.epsilon = epsilon_of(account.history, account.delta, account.accountant)
+        if not any(entry["phase"] == phase.name for entry in account.phases):
+            account.phases.append({"phase": phase.name, "steps": account.steps, "epsilon": account.epsilon})
 
     # ----- one DP-SGD step --------------------------------------------------------------------------------
 
@@ -355,20 +357,19 @@ class PrivatePhase:
         self._account()
 
     def _account(self) -> None:
-        info = self.info
-        history = [tuple(h) for h in info["history"]]
-        sigma, q = info["noise_multiplier"], self.sample_rate
-        if history and history[-1][0] == sigma and history[-1][1] == q:
-            history[-1] = (sigma, q, history[-1][2] + 1)
+        account = self.account
+        sigma, q = account.noise_multiplier, self.sample_rate
+        last = account.history[-1] if account.history else None
+        if last is not None and last[0] == sigma and last[1] == q:
+            last[2] += 1
         else:
-            history.append((sigma, q, 1))
-        info["history"] = [list(h) for h in history]
-        info["steps"] += 1
+            account.history.append([sigma, q, 1])
+        account.steps += 1
 
 
-def summary(info: dict[str, Any]) -> dict[str, Any]:
-    """The ledger's privacy fields of a run (from `TrainingState.info.privacy`); epsilon from the history."""
-    info = {**info, "epsilon": epsilon_of(info["history"], info["delta"], info["accountant"])}
+def summary(account: PrivacyAccount) -> dict[str, Any]:
+    """The ledger's privacy fields of a run (from its accountant's state); epsilon from the history."""
+    info = {**account.to_json(), "epsilon": epsilon_of(account.history, account.delta, account.accountant)}
     keys = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "accountant", "max_grad_norm",
             "target_epsilon", "stages", "protected_records", "phases", "history")
     return {key: info[key] for key in keys if key in info}

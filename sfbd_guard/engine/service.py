@@ -134,6 +134,7 @@ def train(config: PipelineConfig, *, resume: bool, progress: ProgressFactory | N
     from .privacy import plan_privacy
     from .privacy import summary as privacy_summary
     from .runtime import start_runtime
+    from .schedule import run_schedule
     from .trainer import Trainer
 
     started = time.perf_counter()
@@ -153,10 +154,10 @@ def train(config: PipelineConfig, *, resume: bool, progress: ProgressFactory | N
         runtime.barrier()
         trainer = Trainer(config, data, run_dir, runtime, progress, privacy_plan)
         resumed = _resume(trainer, run_dir) if resume else False
-        checkpoint = trainer.run()
+        checkpoint = run_schedule(trainer)
         return TrainOutcome(run_dir, config, checkpoint if runtime.is_main else None, trainer.state.step,
                             trainer.state.nimg / 1000, resumed, time.perf_counter() - started,
-                            privacy_summary(trainer.privacy.info) if trainer.privacy else None)
+                            privacy_summary(trainer.privacy.account) if trainer.privacy else None)
 
 
 def check_trusted(data: PreparedData, config: PipelineConfig, ledger: Path, *, allow_unrecorded: bool) -> dict[str, Any]:

@@ -99,7 +99,7 @@ class SFBDSources:
 
     def open_bank(self, denoiser: torch.nn.Module, state: TrainingState, first_entry: bool) -> Source:
         """Online SFBD's bank: every noisy copy denoised once when the phase starts (or the checkpoint's copy on a
-        resume), then refreshed a chunk at a time (`before_step`); its loss weight follows the ramp."""
+        resume), then refreshed a chunk at a time (`refresh_bank`); its loss weight follows the ramp."""
         self.bank = Source("bank", self._trained(MappedImages(self._bank(denoiser, state, first_entry))),
                            weight=self._ramp_weight(state))
         return self.bank
@@ -252,10 +252,11 @@ class SFBDSources:
     def _ramp_weight(self, state: TrainingState) -> float:
         return linear_ramp(state.nimg / 1000, *self.config.schedule.ramp())
 
-    def before_step(self, phase: Phase, denoiser: torch.nn.Module, state: TrainingState) -> None:
-        """Online SFBD: the bank's weight follows the ramp, and every `refresh_every` steps a chunk is re-denoised."""
-        if "bank" not in phase.spec.sources or self.bank is None or self.bank_array is None:
-            return
+    def refresh_bank(self, denoiser: torch.nn.Module, state: TrainingState) -> None:
+        """Online SFBD, before each step: the bank's weight follows the ramp, and every `refresh_every` steps a chunk
+        is denoised again by `denoiser` (the current EMA model)."""
+        if self.bank is None or self.bank_array is None:
+            raise RuntimeError("the bank is refreshed only after open_bank")
         self.bank.weight = self._ramp_weight(state)
         schedule = self.config.schedule
         assert state.info.bank is not None, "the bank's record is made when the online phase starts"

@@ -7,7 +7,7 @@
       round_set       the SFBD rounds (sfbd.py): the round set being trained on, and the sha256 of its shards
       denoised_floor  the SFBD rounds: the noise floor that round set is trained with
       bank            online SFBD (sfbd.py): where the bank's refresh stands
-      privacy         the DP accountant (privacy.py): its history, steps and epsilon so far
+      privacy         the DP accountant (privacy.py): the plan it counts for, its history, steps and epsilon so far
 
 In the checkpoint (state.safetensors' JSON, `info`) the records keep the flat keys they always had, so a run
 resumes from a checkpoint written before they were typed; a damaged or foreign value is refused naming its key.
@@ -56,6 +56,48 @@ class BankRecord:
 
 
 @dataclass
+class PrivacyAccount:
+    """DP-SGD's accountant (privacy.py): what it was planned for, and what the run has spent so far."""
+
+    target_epsilon: float
+    delta: float
+    accountant: str  # Opacus' accountant: rdp or prv
+    max_grad_norm: float
+    noise_multiplier: float
+    sample_rate: float  # the planned accounting rate (the largest if private phases differ)
+    planned_steps: int
+    protected_records: int
+    stages: list[str]  # the private stages
+    steps: int = 0  # private steps taken
+    epsilon: float = 0.0  # spent, as of the end of the last private phase left
+    history: list[list[float]] = field(default_factory=list)  # [noise_multiplier, sample_rate, steps], in order
+    phases: list[dict[str, Any]] = field(default_factory=list)  # phase, steps, epsilon when it was left
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in PRIVACY_KEYS}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any], where: str) -> PrivacyAccount:
+        number = (int, float)
+        kinds: dict[str, type | tuple[type, ...]] = {
+            "target_epsilon": number, "delta": number, "accountant": str, "max_grad_norm": number,
+            "noise_multiplier": number, "sample_rate": number, "planned_steps": int, "protected_records": int,
+            "stages": list, "steps": int, "epsilon": number, "history": list, "phases": list}
+        for key, kind in kinds.items():
+            if not isinstance(value.get(key), kind) or isinstance(value.get(key), bool):
+                raise InputError(f"{where}: state.info.privacy.{key} is {value.get(key)!r:.60}, expected "
+                                 f"{getattr(kind, '__name__', 'number')}")
+        history = value["history"]
+        if not all(isinstance(h, list) and len(h) == 3 and all(isinstance(x, number) for x in h) for h in history):
+            raise InputError(f"{where}: state.info.privacy.history is not a list of [noise_multiplier, sample_rate, "
+                             "steps]")
+        return cls(**{key: value[key] for key in PRIVACY_KEYS})
+
+
+PRIVACY_KEYS = tuple(PrivacyAccount.__dataclass_fields__)
+
+
+@dataclass
 class RunInfo:
     entered_phase: int | None = None
     pretrain: PretrainRecord = field(default_factory=PretrainRecord)
@@ -63,7 +105,7 @@ class RunInfo:
     round_set: RoundRecord | None = None
     denoised_floor: float | None = None
     bank: BankRecord | None = None
-    privacy: dict[str, Any] | None = None  # the accountant's state (privacy.new_account), shared with it
+    privacy: PrivacyAccount | None = None  # shared with privacy.PrivateTraining, which counts into it
 
     def to_json(self) -> dict[str, Any]:
         """The checkpoint's `info` object (the flat keys of earlier checkpoints; absent records are left out)."""
@@ -87,7 +129,7 @@ class RunInfo:
         if self.bank is not None:
             info["bank_cursor"], info["online_start_step"] = self.bank.cursor, self.bank.start_step
         if self.privacy is not None:
-            info["privacy"] = self.privacy
+            info["privacy"] = self.privacy.to_json()
         return info
 
     @classmethod
@@ -120,6 +162,7 @@ class RunInfo:
                              "round_psnr) and denoiser_psnr (number)")
         next_check, end = get("next_check_kimg", number), get("pretrain_end_kimg", number)
         floor = get("denoised_floor", number)
+        privacy = get("privacy", dict)
         return cls(entered_phase=get("entered_phase", int),
                    pretrain=PretrainRecord([[float(k), float(v)] for k, v in checks],
                                            None if next_check is None else float(next_check),
@@ -128,4 +171,4 @@ class RunInfo:
                    round_set=None if round_set is None else RoundRecord(round_set["round"], dict(round_set["shards"])),
                    denoised_floor=None if floor is None else float(floor),
                    bank=None if cursor is None else BankRecord(cursor, start),
-                   privacy=get("privacy", dict))
+                   privacy=None if privacy is None else PrivacyAccount.from_json(privacy, where))

@@ -1,10 +1,13 @@
-"""The training loop: phases of EDM training with EMA, checkpoints, metrics, snapshots and resume."""
+"""The trainer: the model, EMA, optimizer, generators and state of one process of a run, and the parts the schedule
+(schedule.py) is written in: entering a phase, fitting it step by step (one `train_step` for every method, with and
+without DP-SGD), validating, snapshots, checkpoints and resume."""
 
 from __future__ import annotations
 
 import math
 import secrets
 import time
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Protocol
@@ -164,7 +167,7 @@ class Trainer:
         end = self.state.info.pretrain.end_kimg
         return plan(self.config.method, self.config.schedule, budget if end is None else end)
 
-    def _pretrain_converged(self) -> bool:
+    def pretraining_converged(self) -> bool:
         """`pretrain_until: converged`: at each check point, measure the EMA model's validation loss; True (and the
         rounds planned over the rest of the budget) once it has stopped improving (`converged`)."""
         validator, schedule = self.sources.validator, self.config.schedule
@@ -216,7 +219,7 @@ class Trainer:
         for name, gen in self._private_gens().items():
             gen.set_state(self.state.tensors[f"{name}.{rank}"].to(gen.get_state().device))
         if self.privacy is not None and self.state.info.privacy is not None:
-            self.privacy.info = self.state.info.privacy  # the accountant's history so far
+            self.privacy.account = self.state.info.privacy  # the accountant's history so far
         self.metrics = MetricsLog.resume(RunPaths(self.run_dir).metrics, self.state.step)
         self.phases = self._plan()  # where a converged pretraining ended, if it has
         return True
@@ -290,28 +293,74 @@ class Trainer:
             batch=count, device=self.runtime.device, callback=(lambda _: tick(count)) if tick else None)])
         return save_grid(images, path)
 
-    def enter_phase(self, index: int) -> Mixture:
-        """Start (or, after a resume, re-enter) phase `index`, in the order SFBD does it: measure the model about to
-        denoise, start fine-tuning, make the denoised images (round set or bank), the mixture, DP-SGD if private."""
-        phase = self.phases[index]
-        first_entry = self.state.info.entered_phase != index
-        self.state.phase, self.state.round = index, phase.round
-        if first_entry and phase.spec.fine_tune:  # the model that is about to denoise: measured, perhaps rolled back
-            self.validate(phase.name)
-        if phase.spec.fine_tune:
-            self.ema.rampup_ratio = None  # fine-tuning: the full half-life from the start
-            if first_entry and self.config.sfbd.transfer_ema:  # SFBD's update starts from the EMA weights, a fresh Adam
-                self.net.load_state_dict(self.ema.module.state_dict())
-                self.optimizer = self._new_optimizer()
-        # the denoised images a fine-tuning phase trains on, made by the model that was just measured
-        if "denoised" in phase.spec.sources:  # SFBD: the round set, every noisy copy denoised by the EMA model
-            self.sources.round_set(phase.round, self.ema.module, self.state, first_entry)
-        if "bank" in phase.spec.sources:  # online SFBD: the bank, refreshed a chunk at a time as the phase goes on
-            self.sources.open_bank(self.ema.module, self.state, first_entry)
-        mixture = self.sources.mixture(phase)
-        self.private = self._enter_private(phase, mixture)
-        self.state.info.entered_phase = index
-        return mixture
+    # ----- the parts the schedule (schedule.py) is written in ------------------------------------------
+
+    def remaining_phases(self) -> Iterator[tuple[int, Phase]]:
+        """The phases from the one the state is in (0 for a new run, the interrupted one after a resume) to the end of
+        the plan, which may grow as they go: `pretrain_until: converged` plans the rounds when pretraining ends."""
+        index = self.state.phase
+        while index < len(self.phases):
+            yield index, self.phases[index]
+            index += 1
+
+    def enter(self, index: int) -> bool:
+        """Phase `index` becomes the state's phase; True if it starts now, False if a resume re-enters it."""
+        self.state.phase, self.state.round = index, self.phases[index].round
+        return self.state.info.entered_phase != index
+
+    def start_fine_tuning(self, first_entry: bool) -> None:
+        """An SFBD fine-tuning phase: the EMA at its full half-life from the start; with sfbd.transfer_ema (the
+        reference code's update), the weights start from the EMA's and Adam starts afresh."""
+        self.ema.rampup_ratio = None
+        if first_entry and self.config.sfbd.transfer_ema:
+            self.net.load_state_dict(self.ema.module.state_dict())
+            self.optimizer = self._new_optimizer()
+
+    def decides_pretraining_end(self, phase: Phase) -> bool:
+        """True for a pretraining whose end `pretrain_until: converged` has still to decide."""
+        return self._adaptive and phase.spec.stage == "pretrain" and self.state.info.pretrain.end_kimg is None
+
+    def refresh_bank(self) -> None:
+        """Online SFBD, before each step: the bank's weight follows its ramp; every refresh_every steps a chunk of the
+        bank is denoised again by the current EMA model."""
+        self.sources.refresh_bank(self.ema.module, self.state)
+
+    def make_private(self, phase: Phase, mixture: Mixture) -> PrivatePhase | None:
+        """DP-SGD's wrapping of the network, optimizer and data (privacy.PrivateTraining.make_private) if `phase` is
+        private; its accountant's state is checkpointed from then on."""
+        if self.privacy is None or not self.privacy.is_private(phase):
+            return None
+        assert self.private_batch_gen is not None and self.private_noise_gen is not None
+        self.state.info.privacy = self.privacy.account
+        generators = PrivateGenerators(self.private_batch_gen, self.private_noise_gen)
+        return self.privacy.make_private(phase, mixture, net=self.net, optimizer=self.optimizer,
+                                         generators=generators, runtime=self.runtime, global_batch=self.global_batch,
+                                         base_lr=self.config.optimizer.lr, warmup_kimg=self.config.optimizer.warmup_kimg)
+
+    def fit(self, phase: Phase, mixture: Mixture, *, stop: Callable[[], bool] | None = None,
+            before_step: Callable[[], None] | None = None) -> None:
+        """Train on `mixture` until the run has seen `phase.end_kimg` thousand images (or `stop()` says so), one
+        `train_step` at a time (DP-SGD's wrapping around the phase if it is private), with snapshots and checkpoints
+        as the config asks."""
+        self.private = self.make_private(phase, mixture)
+        self.state.info.entered_phase = self.state.phase
+        total = max(0, int(phase.end_kimg * 1000) - self.state.nimg)
+        tick = self.progress(f"{phase.name}", total) if self.progress and total else None
+        while self.state.nimg < phase.end_kimg * 1000:
+            if stop is not None and stop():
+                break
+            if before_step is not None:
+                before_step()
+            self.train_step(mixture, phase)
+            if tick:
+                tick(self.global_batch)
+            if self.state.step % self.config.snapshot_every == 0:
+                self.snapshot()
+            if self.state.step % self.config.checkpoint_every == 0:
+                self.checkpoint()
+        if self.private:
+            self.private.leave(phase)
+            self.private = None
 
     def validate(self, label: str) -> None:
         """SFBD's validation measure of the EMA model (validation.py) before `label` (a round, or the end): kept in
@@ -354,64 +403,3 @@ class Trainer:
         self.metrics.annotate(self.state.step, validation=measure.loss, round_psnr=measure.round_psnr, decision=decision)
         if tick:
             tick(1)
-
-    def _enter_private(self, phase: Phase, mixture: Mixture) -> PrivatePhase | None:
-        if self.privacy is None or not self.privacy.is_private(phase):
-            return None
-        assert self.private_batch_gen is not None and self.private_noise_gen is not None
-        self.state.info.privacy = self.privacy.info  # checkpointed from now on
-        generators = PrivateGenerators(self.private_batch_gen, self.private_noise_gen)
-        return self.privacy.enter(phase, mixture, net=self.net, optimizer=self.optimizer,
-                                  generators=generators, runtime=self.runtime, global_batch=self.global_batch,
-                                  base_lr=self.config.optimizer.lr, warmup_kimg=self.config.optimizer.warmup_kimg)
-
-    def run_phase(self, index: int) -> None:
-        phase = self.phases[index]
-        mixture = self.enter_phase(index)
-        total = max(0, int(phase.end_kimg * 1000) - self.state.nimg)
-        tick = self.progress(f"{phase.name}", total) if self.progress and total else None
-        adaptive = self._adaptive and phase.spec.stage == "pretrain" and self.state.info.pretrain.end_kimg is None
-        while self.state.nimg < phase.end_kimg * 1000:
-            if adaptive and self._pretrain_converged():
-                break
-            self.sources.before_step(phase, self.ema.module, self.state)
-            self.train_step(mixture, phase)
-            if tick:
-                tick(self.global_batch)
-            if self.state.step % self.config.snapshot_every == 0:
-                self.snapshot()
-            if self.state.step % self.config.checkpoint_every == 0:
-                self.checkpoint()
-        if self.private:
-            self.private.leave(phase)
-            self.private = None
-        if phase.round:
-            self.snapshot(f"grid-{phase.name}")
-
-    def run(self) -> Path:
-        """Train the method's schedule from the current state (a resume re-enters its phase); the final checkpoint.
-
-        The schedule is the methods table's (methods.py), cut into phases by `methods.plan`:
-        - clean-only, noisy-direct, ambient: one phase, `train`, on the stage's sources;
-        - sfbd: `pretrain` on the clean images (with pretrain_until: converged, until the validation loss on the
-          held-back copies stops improving; then the rounds share the rest of the budget); then for each round:
-          measure the model (`validate`), denoise every noisy copy with its EMA into the round set (sfbd.py,
-          denoise.py), fine-tune on clean ∪ round set;
-        - online-sfbd: `pretrain`; then `online`: fine-tune on clean ∪ the bank, a chunk of the bank re-denoised
-          with the current EMA every refresh_every steps.
-        A phase is entered (its mixture; a private phase swaps the step's parts for DP-SGD's), stepped to its end
-        (`train_step`, the same for every phase), and left (the accountant's epsilon; a grid after a round).
-        """
-        finished = latest_checkpoint(self.run_dir)
-        if self.state.phase >= len(self.phases) and finished is not None:
-            return finished  # a resumed run that had already finished
-        index = self.state.phase
-        while index < len(self.phases):  # the plan may change: pretrain_until: converged adds the rounds
-            self.run_phase(index)
-            self.checkpoint()
-            index += 1
-        self.validate("end")
-        self.state.phase = len(self.phases)
-        self.snapshot()
-        final = self.checkpoint()
-        return final or RunPaths(self.run_dir).checkpoints
