@@ -2,12 +2,25 @@
 
 Curation (`prepare`) writes a *prepared directory* whose protected part exists only as fixed
 Gaussian-noised copies; training (`train`) reads nothing else; the audit (`audit`) checks generated images
-against the protected originals; every command appends to a Parquet compliance ledger (`report`, `verify`).
+against the protected originals, `membership` asks the trained model itself; every command appends to a
+Parquet compliance ledger (`report`, `verify`).
 The functions below are the `guard` commands as a library (docs/api.md); importing the package loads no torch.
 """
 
-from .api import LoadedRun, audit, load_run, prepare, report, run, sample, train, training_config, verify
+from .api import (
+    LoadedRun,
+    audit,
+    load_run,
+    membership,
+    prepare,
+    report,
+    run,
+    sample,
+    train,
+    training_config,
+    verify,
+)
 from .version import __version__
 
-__all__ = ["LoadedRun", "__version__", "audit", "load_run", "prepare", "report", "run", "sample", "train",
+__all__ = ["LoadedRun", "__version__", "audit", "load_run", "membership", "prepare", "report", "run", "sample", "train",
            "training_config", "verify"]

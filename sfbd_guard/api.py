@@ -29,6 +29,7 @@ from .locations import project_of
 if TYPE_CHECKING:
     import torch
 
+    from .auditing.model_audit import MembershipResult
     from .auditing.service import AuditResult
     from .compliance.check import Check
     from .curation.prepare import PrepareResult
@@ -160,6 +161,27 @@ def audit(samples: PathLike, data: PathLike, *, report: PathLike = "audit-report
         return audit_recorded(samples=Path(samples), data=Path(data), report=Path(report), config=settings,
                               config_path=_path(config), ledger=_path(ledger), command=argv, data_root=_path(data_root),
                               holdout_dir=_path(holdout), progress=progress, executor=chosen, sign_key=_path(sign_key))
+
+
+def membership(run: PathLike, *, report: PathLike = "membership-report", data: PathLike | None = None,
+               control: PathLike | None = None, config: PathLike | None = None,
+               overrides: Mapping[str, Any] | None = None, data_root: PathLike | None = None,
+               holdout: PathLike | None = None, sign_key: PathLike | None = None, ledger: PathLike | None = None,
+               progress: ProgressFactory | None = None, command: Sequence[str] | None = None) -> MembershipResult:
+    """Does `run`'s model remember what it never saw clean? A membership-inference test of its EMA weights: clean,
+    protected and holdout images (the originals, on the data owner's side), their denoising errors with common noise,
+    each group's AUC and TPR at 1 % FPR against the holdout with intervals; `control` is a clean-only run of the same
+    data, tested on the same images. Written to `report`; `result.summary.verdict` is PASS or ATTENTION.
+    `overrides`: the audit YAML's dotted keys (e.g. {"membership.max_images": 256}). `guard membership`."""
+    argv = _command("membership", command)
+    with _failures_recorded("membership", ledger, argv):
+        from .auditing.config import resolve_audit_config
+        from .auditing.model_audit import membership_recorded
+
+        settings = resolve_audit_config(_path(config), {k: v for k, v in (overrides or {}).items() if v is not None})
+        return membership_recorded(run=Path(run), report=Path(report), config=settings, ledger=_path(ledger),
+                                   command=argv, data=_path(data), control=_path(control), data_root=_path(data_root),
+                                   holdout_dir=_path(holdout), progress=progress, sign_key=_path(sign_key))
 
 
 def report(sql: str | None = None, *, ledger: PathLike | None = None) -> dict[str, Any]:

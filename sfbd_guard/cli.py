@@ -18,7 +18,7 @@ from .errors import GuardError, InputError
 from .ledger import ledger_dir, record_failure
 from .locations import project_of
 from .progress import terminal_progress
-from .rundir import SNAPSHOTS
+from .rundir import MEMBERSHIP_PAGE, SNAPSHOTS
 from .threads import choose_threads, configure
 from .version import __version__
 
@@ -353,6 +353,42 @@ def audit(
         progress=terminal_progress, command=_invocation(ctx))
     print_summary(result.summary, report)
     if result.counts["copy"]:
+        raise typer.Exit(3)
+
+
+@app.command()
+@reports_errors("membership")
+def membership(
+    ctx: typer.Context,
+    run: Annotated[Path, typer.Option("--run", help="The run whose model (its latest EMA weights) is tested.")],
+    data: Annotated[Path | None, typer.Option("--data", help="Its prepared directory; default the one the run trained on.")] = None,
+    control: Annotated[Path | None, typer.Option("--control", help="A clean-only run of the same prepared data: the same test on a model that never saw the protected copies, so a selection difference is not read as memorisation.")] = None,
+    report: Annotated[Path, typer.Option("--report", help="Folder for membership.json, membership.parquet, membership.html and roc.svg (owner-only).")] = Path("membership-report"),
+    config: Annotated[Path | None, typer.Option("--config", help="Audit settings YAML; its membership section (noise levels, draws, caps, margin).")] = None,
+    data_root: Annotated[Path | None, typer.Option("--data-root", help="Where the source dataset with the originals lives; default the root recorded by guard prepare.")] = None,
+    holdout: Annotated[Path | None, typer.Option("--holdout", help="Folder of real images never trained on; default the policy's holdout records, else the dataset's other splits.")] = None,
+    max_images: Annotated[int | None, typer.Option("--max-images", help="At most this many images per group (default 512; a seeded subset).")] = None,
+    threads: ThreadsOpt = None,
+    sign_key: SignKeyOpt = None,
+    ledger: LedgerOpt = None,
+) -> None:
+    """Does the model remember what it never saw clean? A membership test of its weights; exit 3 on ATTENTION.
+
+    Example: guard membership --run runs/sfbd --control runs/clean-only --report runs/sfbd-membership
+    """
+    _threads(threads)
+    result = api.membership(run, report=report, data=data, control=control, config=config,
+                            overrides={"membership.max_images": max_images}, data_root=data_root, holdout=holdout,
+                            sign_key=sign_key, ledger=ledger, progress=terminal_progress, command=_invocation(ctx))
+    s = result.summary
+    for group in s.groups:
+        control_auc = f", control {group.control.auc:.3f}" if group.control else ""
+        typer.echo(f"{group.group:>9}: AUC {group.model.auc:.3f} ({group.model.auc_ci95[0]:.3f}–{group.model.auc_ci95[1]:.3f}), "
+                   f"TPR@1%FPR {group.model.tpr_at_1pct_fpr:.3f}{control_auc}; {group.images} images vs "
+                   f"{group.holdout_images} holdout")
+    typer.echo(f"{s.verdict}: {s.verdict_reason}")
+    typer.echo(f"report: {result.report / MEMBERSHIP_PAGE}")
+    if s.verdict == "ATTENTION":
         raise typer.Exit(3)
 
 

@@ -11,7 +11,8 @@
     audit/                 guard run's audit report of those samples, and done.json
     report.html, DATASHEET.md   guard run's compliance report and datasheet
 
-`samples/` and `audit/` have the layout of any samples folder and audit report (`guard sample --out`,
+A membership report (`guard membership --report`) holds membership.parquet, membership.json, membership.html
+and roc.svg. `samples/` and `audit/` have the layout of any samples folder and audit report (`guard sample --out`,
 `guard audit --report`), whose file names are kept here too.
 """
 
@@ -41,6 +42,12 @@ AUDIT_TABLE = "samples.parquet"  # one row per sample: its verdict and nearest p
 AUDIT_SUMMARY = "summary.json"  # contracts/audit_summary.py
 SIMILARITY = "similarity.png"
 AUDIT_FILES = (AUDIT_TABLE, AUDIT_SUMMARY, REPORT, SIMILARITY)
+# a membership report folder (guard membership --report)
+MEMBERSHIP_SCORES = "membership.parquet"  # one row per image and model: its group, errors per level and score
+MEMBERSHIP_SUMMARY = "membership.json"  # contracts/membership.py
+MEMBERSHIP_PAGE = "membership.html"
+MEMBERSHIP_ROC = "roc.svg"
+MEMBERSHIP_FILES = (MEMBERSHIP_SCORES, MEMBERSHIP_SUMMARY, MEMBERSHIP_PAGE, MEMBERSHIP_ROC)
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,28 @@ class CacheSpec(StrictModel):
     dir: str | None = None  # where, when enabled: default $GUARD_AUDIT_CACHE, else ~/.cache/sfbd_guard/audit-index
 
 
+class MembershipSpec(StrictModel):
+    """`guard membership`: the membership-inference test of a trained model (auditing/membership.py)."""
+
+    sigmas: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4, 0.8], min_length=1, max_length=16)
+    draws: int = Field(default=4, ge=1, le=64)  # noise images per level, the same for every image and model
+    max_images: int = Field(default=512, ge=8)  # per group (clean, protected, holdout): a seeded subset above it
+    bootstrap: int = Field(default=1000, ge=100, le=100_000)  # resamples of each interval
+    # the flag: the protected group is told from the holdout when the AUC's 95 % interval lies above 0.5 + margin
+    # (with a control model: when the paired interval of AUC(model) - AUC(control) lies above margin)
+    margin: float = Field(default=0.02, ge=0, lt=0.5)
+    min_holdout: int = Field(default=20, ge=2)  # fewer holdout images: refused (no test)
+    batch: int = Field(default=256, ge=1)
+    seed: int = 0  # the common noise, the subsets and the bootstrap
+
+    @field_validator("sigmas")
+    @classmethod
+    def _positive(cls, sigmas: list[float]) -> list[float]:
+        if any(not 0 < s <= 80 for s in sigmas):
+            raise ValueError("every sigma must be in (0, 80]")
+        return sigmas
+
+
 class AuditConfig(StrictModel):
     version: Literal[1] = 1
     name: str = "default"
@@ -121,6 +143,7 @@ class AuditConfig(StrictModel):
     thresholds: ThresholdSpec = ThresholdSpec()
     report: ReportSpec = ReportSpec()
     cache: CacheSpec = CacheSpec()
+    membership: MembershipSpec = MembershipSpec()
 
     @property
     def embedder_kind(self) -> Literal["pixel", "clip"]:

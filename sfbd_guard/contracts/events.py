@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from ..errors import InputError
 from ..locations import resolve
 from ..prepared.card import Rerelease
-from ..rundir import AUDIT_SUMMARY
+from ..rundir import AUDIT_SUMMARY, MEMBERSHIP_SUMMARY
 from .audit_summary import EmbedderInfo, Share
 from .base import Contract, problem
 
@@ -201,6 +201,29 @@ class AuditEventSummary(EventSummary):
     references: int
 
 
+class MembershipEventSummary(EventSummary):
+    """auditing/model_audit.py `membership_recorded`: the membership test of a trained model (contracts/membership.py)."""
+
+    KIND = "membership"
+    VIEW = "memberships"
+    COLUMNS = (STARTED, STATUS, SummaryColumn("verdict"), SummaryColumn("method"),
+               SummaryColumn("protected_auc"), SummaryColumn("protected_auc_ci95"),
+               SummaryColumn("clean_auc"), SummaryColumn("clean_auc_ci95"),
+               ArtifactColumn("weights", "inputs", "weights", "path"), ArtifactColumn("weights_sha256", "inputs", "weights"),
+               ArtifactColumn("data_fingerprint", "inputs", "prepared"),
+               ArtifactColumn("summary_file", "outputs", MEMBERSHIP_SUMMARY, "path"), EVENT_ID)
+
+    verdict: str
+    method: str
+    protected_auc: float
+    protected_auc_ci95: list[float]
+    clean_auc: float | None = None
+    clean_auc_ci95: list[float] | None = None
+    images: dict[str, int]
+    sigmas: list[float]
+    scores_sha256: str
+
+
 class RunSummary(EventSummary):
     """`guard run` records its stages' own events; a `run` event is only the failure of the command itself."""
 
@@ -208,7 +231,7 @@ class RunSummary(EventSummary):
 
 
 SUMMARIES: dict[str, type[EventSummary]] = {m.KIND: m for m in (PrepareSummary, TrainSummary, SampleSummary,
-                                                                 AuditEventSummary, RunSummary)}
+                                                                 AuditEventSummary, MembershipEventSummary, RunSummary)}
 
 
 @functools.cache

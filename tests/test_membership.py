@@ -1,0 +1,172 @@
+"""`guard membership`: the membership test of a trained model (auditing/membership.py, auditing/model_audit.py).
+
+- The statistics against brute-force oracles (every pair for the AUC, every threshold for the TPR).
+- Power: a deliberately memorised network (a small U-Net over-trained on 32 digits) is told from unseen digits with
+  AUC >= 0.9; two disjoint samples of unseen digits are not (the interval holds 0.5).
+- The command on a digits run: the report, its ledger event, every number recomputed from membership.parquet, and
+  forged numbers or scores caught; bad input is one line and exit 2 with a failed event.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import digits_policy, key_file, tiny_pipeline, write_policy
+from sfbd_guard.auditing.membership import (
+    auc,
+    common_noise,
+    compare,
+    denoising_errors,
+    membership_score,
+    tpr_at_fpr,
+)
+
+SIGMAS = [0.05, 0.1, 0.2, 0.4, 0.8]
+scores = st.lists(st.integers(-6, 6).map(float), min_size=1, max_size=30).map(np.asarray)
+
+
+@settings(deadline=None)  # the first call imports scipy
+@given(scores, scores)
+def test_the_auc_is_the_share_of_pairs_a_member_wins(members: np.ndarray, others: np.ndarray) -> None:
+    wins = sum(1.0 if m > o else 0.5 if m == o else 0.0 for m in members for o in others)
+    assert auc(members, others) == pytest.approx(wins / (len(members) * len(others)), abs=1e-12)
+
+
+@settings(deadline=None)
+@given(scores, scores, st.sampled_from([0.0, 0.01, 0.1, 0.5]))
+def test_tpr_at_fpr_is_the_best_threshold_within_the_false_positive_rate(members: np.ndarray, others: np.ndarray,
+                                                                         fpr: float) -> None:
+    candidates = [t for t in [*others, -np.inf, np.inf] if (others > t).mean() <= fpr]  # every admissible threshold
+    assert tpr_at_fpr(members, others, fpr) == pytest.approx(max((members > t).mean() for t in candidates))
+
+
+@pytest.fixture(scope="module")
+def memorised() -> tuple[object, np.ndarray, np.ndarray]:
+    """A small U-Net over-trained on 32 digits (EDM's loss, 300 full-batch steps), its members and 64 unseen digits."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    from sfbd_guard.diffusion.loss import EDMLoss
+    from sfbd_guard.diffusion.networks import UNetConfig, build_denoiser
+
+    torch.manual_seed(0)
+    pixels = np.clip(np.round(load_digits().images / 16 * 255), 0, 255).astype(np.uint8)[:, None]
+    members, unseen = pixels[:32], pixels[32:96]
+    net = build_denoiser(UNetConfig(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(),
+                                    dropout=0.0, num_heads=1), 8, 1)
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
+    x = torch.from_numpy(members.astype(np.float32) / 127.5 - 1)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        loss = EDMLoss()(net, x, generator=generator).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return net.eval(), members, unseen
+
+
+def test_a_memorised_set_is_told_from_unseen_images(memorised: tuple[object, np.ndarray, np.ndarray]) -> None:
+    net, members, unseen = memorised
+    noise = common_noise((1, 8, 8), len(SIGMAS), 4, seed=0)
+    member_scores = membership_score(denoising_errors(net, members, SIGMAS, noise, batch=64))
+    unseen_scores = membership_score(denoising_errors(net, unseen, SIGMAS, noise, batch=64))
+    result, _ = compare(member_scores, unseen_scores, resamples=1000, seed=0)
+    assert result.auc >= 0.9 and result.auc_ci95[0] > 0.8
+    # two disjoint samples of unseen images: nothing to tell apart
+    null, _ = compare(unseen_scores[:32], unseen_scores[32:], resamples=1000, seed=0)
+    assert null.auc_ci95[0] < 0.5 < null.auc_ci95[1]
+    # common random numbers: an image's errors do not depend on the batch it is denoised in
+    again = denoising_errors(net, unseen[5:6], SIGMAS, noise, batch=1)
+    np.testing.assert_allclose(again, denoising_errors(net, unseen, SIGMAS, noise, batch=64)[5:6], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The digits prepared with a holdout rule, and a tiny clean-only run on them (no ledger)."""
+    from sfbd_guard.curation.prepare import prepare
+    from sfbd_guard.engine.config import PipelineConfig
+    from sfbd_guard.engine.service import train
+    from sfbd_guard.policy.model import load_policy
+
+    tmp = tmp_path_factory.mktemp("membership")
+    policy = digits_policy(tmp / "prepared", drop=0.6)
+    policy["rules"].insert(1, {"name": "held-out", "action": "holdout", "sample": {"fraction": 0.2, "seed": 1}})
+    policy["noise"]["key_file"] = str(key_file(tmp / "keys"))
+    data = prepare(load_policy(write_policy(tmp / "policy.yaml", policy))).output
+    run = tmp / "runs" / "clean"
+    train(PipelineConfig.model_validate(tiny_pipeline(data, run)), resume=False)
+    return data, run
+
+
+def _events(ledger: Path) -> list[dict[str, object]]:
+    import pyarrow.parquet as pq
+
+    return [row for part in sorted(ledger.glob("**/*.parquet")) for row in pq.read_table(part).to_pylist()]
+
+
+def test_the_command_reports_and_verifies_its_numbers(digits_run: tuple[Path, Path], tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    from sfbd_guard.auditing.model_audit import recompute
+    from sfbd_guard.contracts.membership import read_membership_summary
+
+    data, run = digits_run
+    report = tmp_path / "report"
+    result = cli("membership", "--run", run, "--control", run, "--report", report, "--max-images", "64")
+    assert result.code in (0, 3), result.err
+    summary = read_membership_summary(report)
+    assert summary.verdict in result.out and [g.group for g in summary.groups] == ["clean", "protected"]
+    clean_records = sum(1 for _ in (data / "clean").glob("*")) and len(__import__("sfbd_guard.prepared.reader", fromlist=[
+        "open_prepared"]).open_prepared(data).clean.record_ids)
+    assert [(g.images, g.holdout_images) for g in summary.groups] == [(min(64, clean_records), 64), (64, 64)]
+    protected = summary.groups[1]
+    assert protected.control is not None and protected.difference_ci95 == [0.0, 0.0]  # the model is its own control
+    assert not protected.distinguishable
+    assert sorted(p.name for p in report.iterdir()) == ["membership.html", "membership.json", "membership.parquet",
+                                                        "roc.svg"]
+    assert "<svg" in (report / "membership.html").read_text() and "cannot be told from chance" in (
+        report / "membership.html").read_text()
+    assert recompute(report) == []
+    events = [e for e in _events(tmp_path / "ledger") if e["kind"] == "membership"]
+    assert [e["status"] for e in events] == ["ok"]
+    assert json.loads(str(events[0]["summary"]))["scores_sha256"] == summary.scores_sha256
+
+    forged = json.loads((report / "membership.json").read_text())  # a better number, re-hashed nowhere
+    forged["groups"][1]["model"]["auc"] = 0.5
+    (report / "membership.json").write_text(json.dumps(forged))
+    assert any("group protected says" in p for p in recompute(report))
+    shutil.copy(report / "membership.parquet", tmp_path / "kept.parquet")
+    (report / "membership.parquet").write_bytes(b"PAR1" + b"\0" * 16)
+    assert any("sha256" in p for p in recompute(report))
+
+
+def test_bad_input_is_one_line_and_exit_2(digits_run: tuple[Path, Path], tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    _data, run = digits_run
+    empty = tmp_path / "no-checkpoints"
+    shutil.copytree(run, empty, ignore=shutil.ignore_patterns("checkpoints"))
+    result = cli("membership", "--run", empty, "--report", tmp_path / "r1")
+    assert result.code == 2 and "no checkpoint" in result.err and "Traceback" not in result.err
+
+    three = tmp_path / "three"
+    three.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(three / f"{i}.png")
+    result = cli("membership", "--run", run, "--holdout", three, "--report", tmp_path / "r2")
+    assert result.code == 2 and "fewer than membership.min_holdout" in result.err
+
+    other = tmp_path / "not-a-control"
+    shutil.copytree(run, other)
+    resolved = other / "config.resolved.yaml"
+    resolved.write_text(resolved.read_text().replace("method: clean-only", "method: noisy-direct"))
+    result = cli("membership", "--run", run, "--control", other, "--report", tmp_path / "r3")
+    assert result.code == 2 and "control must never have seen them" in result.err
+    statuses = [e["status"] for e in _events(tmp_path / "ledger") if e["kind"] == "membership"]
+    assert statuses == ["failed"] * 3
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
