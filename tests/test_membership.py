@@ -136,10 +136,20 @@ def test_the_command_reports_and_verifies_its_numbers(digits_run: tuple[Path, Pa
     assert [e["status"] for e in events] == ["ok"]
     assert json.loads(str(events[0]["summary"]))["scores_sha256"] == summary.scores_sha256
 
+    from sfbd_guard.compliance.verify import check_membership
+    from sfbd_guard.contracts.events import read_events
+
+    def verified() -> list[object]:
+        return check_membership(read_events(tmp_path / "ledger"), run.resolve(), tmp_path)
+
+    assert [(c.name, c.passed) for c in verified()] == [("membership", True)]  # type: ignore[attr-defined]
+    assert check_membership(read_events(tmp_path / "ledger"), tmp_path / "elsewhere", tmp_path) == []  # no test: no check
+
     forged = json.loads((report / "membership.json").read_text())  # a better number, re-hashed nowhere
     forged["groups"][1]["model"]["auc"] = 0.5
     (report / "membership.json").write_text(json.dumps(forged))
     assert any("group protected says" in p for p in recompute(report))
+    assert not verified()[0].passed  # type: ignore[attr-defined]  # the summary's sha256 is not the ledger's
     shutil.copy(report / "membership.parquet", tmp_path / "kept.parquet")
     (report / "membership.parquet").write_bytes(b"PAR1" + b"\0" * 16)
     assert any("sha256" in p for p in recompute(report))

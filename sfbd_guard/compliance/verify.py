@@ -41,7 +41,7 @@ from ..policy.model import DUPLICATE_RULE
 from ..prepared.layout import CARD, MANIFEST, PreparedPaths
 from ..prepared.manifest import ACTION_PARTITION
 from ..prepared.relocate import prepared_of_run
-from ..rundir import AUDIT_SUMMARY, AUDIT_TABLE, SAMPLES_INDEX, RunPaths
+from ..rundir import AUDIT_SUMMARY, AUDIT_TABLE, MEMBERSHIP_SUMMARY, SAMPLES_INDEX, RunPaths
 from ..symmetry import GENERATORS, Variant, group
 from .check import Check, inside, run_audits
 from .evidence import evidence_paths
@@ -486,6 +486,37 @@ def check_audit(events: list[Event], run_dir: Path, project: Path) -> Check:
                  "(summary.json, samples.parquet)")
 
 
+def check_membership(events: list[Event], run_dir: Path, project: Path) -> list[Check]:
+    """The latest membership test of the run's weights (guard membership), if there is one: every number of its
+    membership.json recomputed from membership.parquet, both files as the event's sha256 say. Its verdict is the
+    compliance report's to weigh (ATTENTION), not a failed check; no test at all adds no check."""
+    from ..auditing.model_audit import recompute
+
+    tests = sorted((e for e in events if e.kind == "membership"
+                    and any(p is not None and inside(p, run_dir) for p in e.located("inputs", "weights", project))),
+                   key=lambda e: e.started_at)
+    if not tests:
+        return []
+    event = tests[-1]
+    if event.status != "ok":
+        return [Check("membership", False, f"the latest membership test ({event.started_at:%Y-%m-%d %H:%M}) did not finish")]
+    summary = next(iter(event.located("outputs", MEMBERSHIP_SUMMARY, project)), None)
+    recorded_sha = next((a.sha256 for a in event.artifacts("outputs", MEMBERSHIP_SUMMARY)), None)
+    if summary is None or not summary.is_file():
+        return [Check("membership", False, f"the latest membership test's {MEMBERSHIP_SUMMARY} is not where the ledger says")]
+    if sha256_file(summary) != recorded_sha:
+        return [Check("membership", False, f"{summary}: its sha256 is not the one the ledger's membership event holds")]
+    try:
+        problems = recompute(summary.parent)
+    except GuardError as err:
+        problems = [str(err)]
+    if problems:
+        return [Check("membership", False, problems[0])]
+    verdict = json.loads(summary.read_text()).get("verdict")
+    return [Check("membership", True, f"the latest membership test ({verdict}) recomputes from its membership.parquet: "
+                  "every AUC, TPR and interval")]
+
+
 def _with_evidence(paths: Callable[[str], tuple[Path, ...]]) -> Callable[[list[Check]], list[Check]]:
     """Name on each check the files it read (compliance/evidence.py)."""
     return lambda checks: [replace(check, evidence=paths(check.name)) for check in checks]
@@ -530,11 +561,12 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
         skipped = [Check(name, False, f"the prepared directory does not verify: {prepared}")
                    for name in ("noise", "noise statistics", "releases", "no protected pixels", "opt-outs", "duplicates")]
         return evidence([*checks, *skipped, check_counts(events, run_dir, project, prepared, None),
-                         check_audit(events, run_dir, project)])
+                         check_audit(events, run_dir, project), *check_membership(events, run_dir, project)])
     rows, keyed = _manifest(prepared.root)
     foreign = key is not None and prepared.card.digest_key_id not in (None, digest_key_id(key))
     key = None if foreign else key  # another directory's digest key: the pixel checks say so (ATTENTION)
     return evidence([*checks, check_noise(prepared, rows), check_noise_statistics(prepared), check_releases(prepared.card),
                      check_clean_rows(prepared.root, rows, card_variants(prepared.card), keyed, key, foreign_key=foreign),
                      check_opt_outs(prepared, rows, keyed, key), check_duplicates(prepared.card, rows),
-                     check_counts(events, run_dir, project, prepared, rows), check_audit(events, run_dir, project)])
+                     check_counts(events, run_dir, project, prepared, rows), check_audit(events, run_dir, project),
+                     *check_membership(events, run_dir, project)])
