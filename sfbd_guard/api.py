@@ -166,7 +166,8 @@ def audit(samples: PathLike, data: PathLike, *, report: PathLike = "audit-report
 def membership(run: PathLike, *, report: PathLike = "membership-report", data: PathLike | None = None,
                control: PathLike | None = None, config: PathLike | None = None,
                overrides: Mapping[str, Any] | None = None, data_root: PathLike | None = None,
-               holdout: PathLike | None = None, sign_key: PathLike | None = None, ledger: PathLike | None = None,
+               holdout: PathLike | None = None, executor: Executor = "local", ray_address: str | None = None,
+               sign_key: PathLike | None = None, ledger: PathLike | None = None,
                progress: ProgressFactory | None = None, command: Sequence[str] | None = None) -> MembershipResult:
     """Does `run`'s model remember what it never saw clean? A membership-inference test of its EMA weights: clean,
     protected and holdout images (the originals, on the data owner's side), their denoising errors with common noise,
@@ -178,10 +179,12 @@ def membership(run: PathLike, *, report: PathLike = "membership-report", data: P
         from .auditing.config import resolve_audit_config
         from .auditing.model_audit import membership_recorded
 
+        chosen = executor_spec(executor, ray_address)
         settings = resolve_audit_config(_path(config), {k: v for k, v in (overrides or {}).items() if v is not None})
         return membership_recorded(run=Path(run), report=Path(report), config=settings, ledger=_path(ledger),
                                    command=argv, data=_path(data), control=_path(control), data_root=_path(data_root),
-                                   holdout_dir=_path(holdout), progress=progress, sign_key=_path(sign_key))
+                                   holdout_dir=_path(holdout), progress=progress, sign_key=_path(sign_key),
+                                   executor=chosen)
 
 
 def report(sql: str | None = None, *, ledger: PathLike | None = None) -> dict[str, Any]:

@@ -368,6 +368,8 @@ def membership(
     data_root: Annotated[Path | None, typer.Option("--data-root", help="Where the source dataset with the originals lives; default the root recorded by guard prepare.")] = None,
     holdout: Annotated[Path | None, typer.Option("--holdout", help="Folder of real images never trained on; default the policy's holdout records, else the dataset's other splits.")] = None,
     max_images: Annotated[int | None, typer.Option("--max-images", help="At most this many images per group (default 512; a seeded subset).")] = None,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
     threads: ThreadsOpt = None,
     sign_key: SignKeyOpt = None,
     ledger: LedgerOpt = None,
@@ -379,7 +381,7 @@ def membership(
     _threads(threads)
     result = api.membership(run, report=report, data=data, control=control, config=config,
                             overrides={"membership.max_images": max_images}, data_root=data_root, holdout=holdout,
-                            sign_key=sign_key, ledger=ledger, progress=terminal_progress, command=_invocation(ctx))
+                            executor=executor, ray_address=ray_address, sign_key=sign_key, ledger=ledger, progress=terminal_progress, command=_invocation(ctx))
     s = result.summary
     for group in s.groups:
         control_auc = f", control {group.control.auc:.3f}" if group.control else ""

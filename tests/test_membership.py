@@ -180,3 +180,41 @@ def test_bad_input_is_one_line_and_exit_2(digits_run: tuple[Path, Path], tmp_pat
     statuses = [e["status"] for e in _events(tmp_path / "ledger") if e["kind"] == "membership"]
     assert statuses == ["failed"] * 3
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
+def _summary(verdict: str, protected_low: float) -> object:
+    from sfbd_guard.contracts.base import validate
+    from sfbd_guard.contracts.membership import MembershipSummary
+
+    def result(auc: float, low: float) -> dict[str, object]:
+        return {"auc": auc, "auc_ci95": [low, min(1.0, 2 * auc - low)], "tpr_at_1pct_fpr": 0.1, "tpr_ci95": [0.0, 0.2]}
+
+    def group(name: str, auc: float, low: float) -> dict[str, object]:
+        return {"group": name, "images": 100, "holdout_images": 80, "model": result(auc, low), "control": None,
+                "difference_ci95": None, "control_note": "none", "distinguishable": low > 0.52, "power": "±0.1"}
+
+    model = {"run": "/r", "checkpoint": "/r/ema.safetensors", "sha256": "0" * 64, "method": "sfbd"}
+    return validate(MembershipSummary, {
+        "model": model, "control": None, "prepared": "/p", "prepared_fingerprint": "f", "holdout_source": "rules:h",
+        "score": "s", "sigmas": [0.1], "draws": 1, "seed": 0, "bootstrap": 100, "margin": 0.02, "max_images": 100,
+        "groups": [group("clean", 0.9, 0.85), group("protected", protected_low + 0.05, protected_low)],
+        "verdict": verdict, "verdict_reason": "r", "scores_sha256": "0" * 64, "seconds": 1.0}, source="test")
+
+
+def test_the_compliance_verdict_and_model_card_weigh_the_membership_test() -> None:
+    from sfbd_guard.compliance.cards import _membership_words
+    from sfbd_guard.compliance.chains import Chain, judge
+
+    def reasons(chain: Chain) -> list[tuple[str, str]]:
+        return [(r.level, r.text) for r in judge(chain, verified=False) if "membership" in r.text]
+
+    plain = Chain(Path("run"))
+    assert reasons(plain) == [("info", "no membership test of the model's weights (guard membership): only its samples "
+                                       "were audited")]
+    passed = Chain(Path("run"), membership=_summary("PASS", 0.45))  # type: ignore[arg-type]
+    [(level, text)] = reasons(passed)
+    assert level == "info" and "AUC 0.500 (95 % interval 0.450–0.550)" in text and "0.900" in text and "power" in text
+    flagged = Chain(Path("run"), membership=_summary("ATTENTION", 0.6))  # type: ignore[arg-type]
+    [(level, text)] = reasons(flagged)
+    assert level == "attention" and "tells the protected images from never-seen ones" in text
+    assert _membership_words(flagged).startswith("Membership test of the weights (ATTENTION)")

@@ -109,3 +109,33 @@ def test_an_embedding_actor_that_dies_is_restarted_with_the_same_result(chain: t
     assert (tmp_path / "died").exists(), "an actor did die"
     monkeypatch.undo()
     assert_same(_audit(chain, tmp_path / "local"), remote)
+
+
+def test_membership_errors_are_the_same_with_one_and_two_ray_workers(chain: tuple[Path, Path], tmp_path: Path) -> None:
+    """guard membership --executor ray: the denoising errors, hence every number, identical with 1 and 2 actors, and
+    the local run's within float tolerance (it may use other thread counts)."""
+    import numpy as np
+
+    from helpers import tiny_pipeline
+    from sfbd_guard.auditing.model_audit import run_membership
+    from sfbd_guard.engine.config import PipelineConfig
+    from sfbd_guard.engine.service import train
+
+    prepared = chain[0]
+    run = tmp_path / "run"
+    train(PipelineConfig.model_validate(tiny_pipeline(prepared, run)), resume=False)
+
+    def errors(name: str, executor: ExecutorSpec, workers: int | None = None) -> tuple[Any, np.ndarray]:
+        config = resolve_audit_config(None, {"membership.max_images": 48, "membership.batch": 16,
+                                             "membership.workers": workers, "membership.bootstrap": 200})
+        result = run_membership(run=run, report=tmp_path / name, config=config, executor=executor)
+        table = pq.read_table(tmp_path / name / "membership.parquet")
+        return result.summary, np.asarray(table.column("errors").to_pylist())
+
+    one, one_errors = errors("one", RAY, workers=1)
+    two, two_errors = errors("two", RAY, workers=2)
+    local, local_errors = errors("local", LOCAL)
+    assert one_errors.shape == (48 * 3, 5)
+    assert np.array_equal(one_errors, two_errors)
+    assert one.groups == two.groups and one.scores_sha256 == two.scores_sha256
+    np.testing.assert_allclose(local_errors, one_errors, rtol=1e-4)

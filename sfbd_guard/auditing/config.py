@@ -123,6 +123,7 @@ class MembershipSpec(StrictModel):
     margin: float = Field(default=0.02, ge=0, lt=0.5)
     min_holdout: int = Field(default=20, ge=2)  # fewer holdout images: refused (no test)
     batch: int = Field(default=256, ge=1)
+    workers: int | None = Field(default=None, ge=1)  # Ray actors with --executor ray (default: one per cluster CPU)
     seed: int = 0  # the common noise, the subsets and the bootstrap
 
     @field_validator("sigmas")

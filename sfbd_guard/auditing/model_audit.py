@@ -27,6 +27,7 @@ from ..charts import line_chart
 from ..contracts.base import dump, validate
 from ..contracts.membership import GroupResult, MembershipSummary, ModelRef, Result, write_membership_summary
 from ..errors import InputError
+from ..executor import LOCAL, ExecutorSpec
 from ..fileio import atomic_write_bytes, check_report_dir, report_dir
 from ..hashing import seeded_subset, sha256_file
 from ..ledger import Artifact, current_head, ledger_dir, recorded
@@ -34,15 +35,8 @@ from ..progress import ProgressFactory
 from ..rundir import MEMBERSHIP_FILES, MEMBERSHIP_PAGE, MEMBERSHIP_ROC, MEMBERSHIP_SCORES, MEMBERSHIP_SUMMARY
 from ..templating import markup, render
 from .config import AuditConfig, MembershipSpec
-from .membership import (
-    Comparison,
-    common_noise,
-    compare,
-    denoising_errors,
-    distinguishable,
-    membership_score,
-    power_words,
-)
+from .membership import Comparison, common_noise, compare, distinguishable, membership_score, power_words
+from .membership_workers import error_session
 from .originals import PreparedInfo, load_protected, read_prepared
 
 SCORE = "minus the mean over noise levels of the log mean-squared denoising error (common random numbers)"
@@ -124,11 +118,12 @@ def _groups(info: PreparedInfo, config: AuditConfig, data_root: Path | None,
 
 
 def _errors(model: _Model, groups: dict[str, Group], spec: MembershipSpec, noise: np.ndarray,
-            progress: ProgressFactory | None, label: str) -> dict[str, np.ndarray]:
+            progress: ProgressFactory | None, label: str, executor: ExecutorSpec) -> dict[str, np.ndarray]:
     total = sum(len(g.pixels) for g in groups.values())
     tick = progress(f"membership: denoising errors ({label})", total) if progress else None
-    return {name: denoising_errors(model.net, group.pixels, spec.sigmas, noise, batch=spec.batch, progress=tick)
-            for name, group in groups.items()}
+    with error_session(model.net, Path(model.ref.run), Path(model.ref.checkpoint), spec.sigmas, noise, spec.batch,
+                       executor, spec.workers) as errors:
+        return {name: errors(group.pixels, tick) for name, group in groups.items()}
 
 
 def _result(c: Comparison) -> Result:
@@ -159,14 +154,26 @@ def group_results(scores: dict[tuple[str, str], np.ndarray], spec: MembershipSpe
     return results
 
 
+def _span(interval: list[float]) -> str:
+    return f"{interval[0]:.3f}–{interval[1]:.3f}"
+
+
 def _verdict(groups: list[GroupResult], margin: float) -> tuple[str, str]:
     protected = next(g for g in groups if g.group == "protected")
     if protected.distinguishable:
-        how = (f"the paired interval of AUC(model) − AUC(control) {protected.difference_ci95} lies above {margin}"
-               if protected.difference_ci95 else f"its AUC interval {protected.model.auc_ci95} lies above {0.5 + margin}")
+        how = (f"the paired 95 % interval of AUC(model) − AUC(control), {_span(protected.difference_ci95)}, lies above "
+               f"{margin}" if protected.difference_ci95 else
+               f"its AUC's 95 % interval, {_span(protected.model.auc_ci95)}, lies above {0.5 + margin}")
         return "ATTENTION", f"the protected images are told apart from the holdout: {how}"
     return "PASS", (f"the protected images are not told apart from the holdout beyond the margin {margin} "
-                    f"(AUC {protected.model.auc:.3f}, 95 % interval {protected.model.auc_ci95})")
+                    f"(AUC {protected.model.auc:.3f}, 95 % interval {_span(protected.model.auc_ci95)})")
+
+
+def holdout_words(source: str) -> str:
+    """Where the holdout came from, for a reader."""
+    kind, _, what = source.partition(":")
+    return {"rules": f"the records of the policy's holdout rule(s) {what}", "split": f"the dataset's other split(s) {what}",
+            "dir": f"the images in {what}"}.get(kind, source)
 
 
 def _table(groups: dict[str, Group], errors: dict[tuple[str, str], np.ndarray]) -> Any:
@@ -208,15 +215,17 @@ def _page(summary: MembershipSummary, scores: dict[tuple[str, str], np.ndarray])
     series["chance"] = [(0.0, 0.0), (1.0, 1.0)]
     svg = line_chart(series, xlabel="false-positive rate (holdout images called members)",
                      ylabel="true-positive rate", title="membership ROC against the holdout")
-    page = render("sfbd_guard.auditing", "membership.html.j2", s=summary, roc=markup(svg))
+    page = render("sfbd_guard.auditing", "membership.html.j2", s=summary, roc=markup(svg),
+                  holdout=holdout_words(summary.holdout_source))
     return page, svg
 
 
 def run_membership(*, run: Path, report: Path, config: AuditConfig, data: Path | None = None,
                    control: Path | None = None, data_root: Path | None = None, holdout_dir: Path | None = None,
                    progress: ProgressFactory | None = None, ledger_head: dict[str, Any] | None = None,
-                   ) -> MembershipResult:
-    """The membership test of `run`'s EMA model (and of `control`'s on the same images); writes the report."""
+                   executor: ExecutorSpec = LOCAL) -> MembershipResult:
+    """The membership test of `run`'s EMA model (and of `control`'s on the same images); writes the report.
+    `executor` ray: the denoising errors are computed by Ray actors (membership_workers.py), with the same results."""
     from ..engine.service import pipeline_of_run
 
     check_report_dir(report, "--report")
@@ -231,10 +240,11 @@ def run_membership(*, run: Path, report: Path, config: AuditConfig, data: Path |
                          "control must never have seen them", hint="pass the clean-only run of the same prepared data")
     groups, holdout_source = _groups(info, config, data_root, holdout_dir)
     noise = common_noise((info.channels, info.resolution, info.resolution), len(spec.sigmas), spec.draws, spec.seed)
-    errors = {("model", name): values for name, values in _errors(model, groups, spec, noise, progress, "model").items()}
+    errors = {("model", name): values
+              for name, values in _errors(model, groups, spec, noise, progress, "model", executor).items()}
     if control_model is not None:
         errors.update({("control", name): values
-                       for name, values in _errors(control_model, groups, spec, noise, progress, "control").items()})
+                       for name, values in _errors(control_model, groups, spec, noise, progress, "control", executor).items()})
     table = _table(groups, errors)
     scores = scores_of(table)
     control_note = (f"the {control_model.ref.method} run {control_model.ref.run} (never saw the protected copies)"
@@ -298,13 +308,13 @@ def recompute(report: Path) -> list[str]:
 def membership_recorded(*, run: Path, report: Path, config: AuditConfig, ledger: Path | None, command: list[str],
                         data: Path | None = None, control: Path | None = None, data_root: Path | None = None,
                         holdout_dir: Path | None = None, progress: ProgressFactory | None = None,
-                        sign_key: Path | None = None) -> MembershipResult:
+                        sign_key: Path | None = None, executor: ExecutorSpec = LOCAL) -> MembershipResult:
     """`run_membership` plus a `membership` ledger event (ok or failed)."""
     where = ledger_dir(ledger)
     with recorded(where, "membership", command, sign_key) as event:
         result = run_membership(run=run, report=report, config=config, data=data, control=control,
                                 data_root=data_root, holdout_dir=holdout_dir, progress=progress,
-                                ledger_head=current_head(where).as_dict())
+                                ledger_head=current_head(where).as_dict(), executor=executor)
         s = result.summary
         event.inputs.append(Artifact("weights", s.model.checkpoint, s.model.sha256))
         if s.control is not None:

@@ -22,7 +22,7 @@ from ..locations import project_of
 from ..prepared.card import Card, read_card
 from ..prepared.relocate import prepared_of_run
 from ..rundir import RunPaths
-from .chains import Chain, gather
+from .chains import Chain, gather, membership_words
 from .composition import Exclusions, demoted, exclusions, holdout_rules_of, licence_counts, source_words, trained_licences
 from .markdown import code, row, text
 
@@ -97,6 +97,20 @@ def _audit_words(chain: Chain) -> tuple[str, dict[str, Any]]:
                   "samples": summary.flagged.of, "thresholds": summary.thresholds.method}
 
 
+def _membership_words(chain: Chain) -> str:
+    if chain.membership is None:
+        return "No membership test of the weights is recorded (guard membership)."
+    return text(membership_words(chain.membership)[0].upper() + membership_words(chain.membership)[1:]) + "."
+
+
+def _membership_meta(chain: Chain) -> dict[str, Any] | None:
+    summary = chain.membership
+    if summary is None:
+        return None
+    return {"verdict": summary.verdict, **{f"{g.group}_auc": g.model.auc for g in summary.groups},
+            **{f"{g.group}_auc_ci95": g.model.auc_ci95 for g in summary.groups}}
+
+
 def model_card_text(run_dir: Path, ledger: Path, data: Path | None = None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -124,6 +138,7 @@ def model_card_text(run_dir: Path, ledger: Path, data: Path | None = None) -> st
         sfbd_guard={"data_fingerprint": card.fingerprint, "method": method, "training_licences": licences or ["NOASSERTION"],
                     "records": {k: card.counts.get(k, 0) for k in ("clean", "protected", "excluded")},
                     "opt_outs_honoured": found.opted_out, "audit": audit_meta,
+                    "membership": _membership_meta(chain),
                     "dp": {"epsilon": dp[0], "delta": dp[1]} if dp else None,
                     "ledger_head": current_head(ledger).as_dict()})  # the ledger this card was written from
     body = f"""
@@ -144,6 +159,8 @@ made from {source_words(card)}.
 ## Memorization audit
 
 {audit}
+
+{_membership_words(chain)}
 
 ## Privacy
 

@@ -7,11 +7,12 @@ directory; that is how failed and interrupted commands, which may not have recor
 
 Verdict: FAIL when the latest audit found copies, a `guard verify` check failed (or could not run), or a stage
 failed and has not completed since; ATTENTION when the audit flagged suspects, its thresholds were not
-calibrated on a holdout, a stage was interrupted and not completed, there is no audit, the DP budget is
+calibrated on a holdout, a stage was interrupted and not completed, there is no audit, the latest membership
+test of the weights tells the protected images from never-seen ones (guard membership), the DP budget is
 weak (ε above `WEAK_EPSILON`), or a verify check needs attention (protected images released again with other
 noise, sigma_eff below the policy's sigma; no digest key to compare the manifest's keyed digests); PASS
-otherwise. Notes (a stage that failed and completed later, the privacy status) are listed without changing the
-verdict.
+otherwise. Notes (a stage that failed and completed later, the membership test's numbers, the privacy status)
+are listed without changing the verdict.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from typing import Any, Literal
 
 from ..contracts.audit_summary import AuditSummary, read_audit_summary
 from ..contracts.events import Event, read_events
+from ..contracts.membership import MembershipSummary, read_membership_summary
 from ..errors import GuardError
 from ..locations import project_of, resolve
 from ..prepared.card import Card, read_card
-from ..rundir import AUDIT_SUMMARY
+from ..rundir import AUDIT_SUMMARY, MEMBERSHIP_SUMMARY
 from .check import Check
 from .verify import verify_run
 
@@ -49,6 +51,7 @@ class Chain:
     card: Card | None = None
     audit: AuditSummary | None = None  # the latest finished audit's summary.json
     audit_dir: Path | None = None
+    membership: MembershipSummary | None = None  # the latest finished membership test of the run's weights
     checks: list[Check] = field(default_factory=list)
     verify_error: str | None = None
     reasons: list[Reason] = field(default_factory=list)
@@ -137,6 +140,19 @@ def _latest_audit(chain: Chain, project: Path) -> None:
             chain.reasons.append(Reason("fail", f"the latest audit's summary.json could not be read: {err}"))
 
 
+def _latest_membership(chain: Chain, project: Path) -> None:
+    tests = chain.ok("membership")
+    if not tests:
+        return
+    for where in tests[-1].located("outputs", MEMBERSHIP_SUMMARY, project):
+        if where is None:
+            continue
+        try:
+            chain.membership = read_membership_summary(where.parent)
+        except GuardError as err:
+            chain.reasons.append(Reason("fail", f"the latest membership test's {MEMBERSHIP_SUMMARY} could not be read: {err}"))
+
+
 def gather(ledger: Path, *, verify: bool = True, digest_key: Path | bytes | None = None) -> tuple[list[Chain], list[Event]]:
     """The run chains of `ledger`, oldest run first, each with its verdict; and the failed or interrupted events
     that belong to no chain. `digest_key` (guard key export-digest) is passed to guard verify's pixel checks."""
@@ -154,6 +170,7 @@ def gather(ledger: Path, *, verify: bool = True, digest_key: Path | bytes | None
             e.kind == "prepare" and chain.prepared is not None and chain.prepared in _paths(e, project))]
         claimed |= {e.event_id for e in chain.events}
         _latest_audit(chain, project)
+        _latest_membership(chain, project)
         if verify:
             try:
                 chain.checks = verify_run(chain.run_dir, ledger, digest_key=digest_key)
@@ -190,6 +207,9 @@ def message(event: Event, project: Path | None = None) -> str:
             counts = summary.counts
         return (f"{counts.get('copy', 0)} copy, {counts.get('suspect', 0)} suspect, {counts.get('novel', 0)} novel "
                 f"({'calibrated on a holdout' if s.thresholds.method == 'holdout' else 'uncalibrated thresholds'})")
+    if event.kind == "membership":
+        clean = f", clean AUC {s.clean_auc:.3f} (the test's power)" if s.clean_auc is not None else ""
+        return f"{s.verdict}: protected AUC {s.protected_auc:.3f} against the holdout{clean}"
     return event.kind
 
 
@@ -232,6 +252,33 @@ def _audit(chain: Chain) -> list[Reason]:
     return reasons
 
 
+def membership_words(summary: MembershipSummary) -> str:
+    """The membership test in a sentence: the protected group against the holdout, and the clean group as its power."""
+    groups = {g.group: g for g in summary.groups}
+    protected, clean = groups["protected"], groups.get("clean")
+
+    def auc(result: Any) -> str:
+        return f"AUC {result.auc:.3f} (95 % interval {result.auc_ci95[0]:.3f}–{result.auc_ci95[1]:.3f})"
+
+    control = (f"; the clean-only control gives {auc(protected.control)}" if protected.control is not None else
+               "; no clean-only control was tested")
+    power = (f"; the clean images the model trained on give {auc(clean.model)}, the test's power" if clean is not None
+             else "; no clean group to show the test's power")
+    return (f"membership test of the weights ({summary.verdict}): protected images against {protected.holdout_images} "
+            f"never-seen images, {auc(protected.model)} over {protected.images} images{control}{power}")
+
+
+def _membership(chain: Chain) -> list[Reason]:
+    summary = chain.membership
+    if summary is None:
+        return [Reason("info", "no membership test of the model's weights (guard membership): only its samples "
+                               "were audited")]
+    words = membership_words(summary)
+    if summary.verdict == "ATTENTION":
+        return [Reason("attention", f"the model tells the protected images from never-seen ones: {words}")]
+    return [Reason("info", words)]
+
+
 def _privacy(chain: Chain) -> list[Reason]:
     found = chain.epsilon()
     if found is None:
@@ -256,6 +303,7 @@ def judge(chain: Chain, *, verified: bool = True) -> list[Reason]:
     if not verified:
         reasons.append(Reason("info", "guard verify was not run for this report"))
     reasons += _stages(chain)
+    reasons += _membership(chain)
     reasons += _privacy(chain)
     order = {"fail": 0, "attention": 1, "info": 2}
     return sorted(reasons, key=lambda r: order[r.level])

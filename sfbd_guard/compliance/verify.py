@@ -41,7 +41,15 @@ from ..policy.model import DUPLICATE_RULE
 from ..prepared.layout import CARD, MANIFEST, PreparedPaths
 from ..prepared.manifest import ACTION_PARTITION
 from ..prepared.relocate import prepared_of_run
-from ..rundir import AUDIT_SUMMARY, AUDIT_TABLE, MEMBERSHIP_SUMMARY, SAMPLES_INDEX, RunPaths
+from ..rundir import (
+    AUDIT_SUMMARY,
+    AUDIT_TABLE,
+    MEMBERSHIP_PAGE,
+    MEMBERSHIP_SCORES,
+    MEMBERSHIP_SUMMARY,
+    SAMPLES_INDEX,
+    RunPaths,
+)
 from ..symmetry import GENERATORS, Variant, group
 from .check import Check, inside, run_audits
 from .evidence import evidence_paths
@@ -510,16 +518,17 @@ def check_membership(events: list[Event], run_dir: Path, project: Path) -> list[
         problems = recompute(summary.parent)
     except GuardError as err:
         problems = [str(err)]
+    files = (summary, summary.parent / MEMBERSHIP_SCORES, summary.parent / MEMBERSHIP_PAGE)
     if problems:
-        return [Check("membership", False, problems[0])]
+        return [Check("membership", False, problems[0], evidence=files)]
     verdict = json.loads(summary.read_text()).get("verdict")
     return [Check("membership", True, f"the latest membership test ({verdict}) recomputes from its membership.parquet: "
-                  "every AUC, TPR and interval")]
+                  "every AUC, TPR and interval", evidence=files)]
 
 
 def _with_evidence(paths: Callable[[str], tuple[Path, ...]]) -> Callable[[list[Check]], list[Check]]:
-    """Name on each check the files it read (compliance/evidence.py)."""
-    return lambda checks: [replace(check, evidence=paths(check.name)) for check in checks]
+    """Name on each check the files it read (compliance/evidence.py), unless the check named them itself."""
+    return lambda checks: [replace(check, evidence=check.evidence or paths(check.name)) for check in checks]
 
 
 def _audit_folder(con: Any, run_dir: Path) -> Path | None:
