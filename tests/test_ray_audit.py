@@ -134,7 +134,7 @@ def test_membership_errors_are_the_same_with_one_and_two_ray_workers(chain: tupl
 
     one, one_errors = errors("one", RAY, workers=1)
     two, two_errors = errors("two", RAY, workers=2)
-    local, local_errors = errors("local", LOCAL)
+    _local, local_errors = errors("local", LOCAL)
     assert one_errors.shape == (48 * 3, 5)
     assert np.array_equal(one_errors, two_errors)
     assert one.groups == two.groups and one.scores_sha256 == two.scores_sha256
