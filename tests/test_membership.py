@@ -218,3 +218,36 @@ def test_the_compliance_verdict_and_model_card_weigh_the_membership_test() -> No
     [(level, text)] = reasons(flagged)
     assert level == "attention" and "tells the protected images from never-seen ones" in text
     assert _membership_words(flagged).startswith("Membership test of the weights (ATTENTION)")
+
+
+def test_an_interrupted_test_goes_on_where_it_stopped(digits_run: tuple[Path, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from sfbd_guard.auditing import membership_workers
+    from sfbd_guard.auditing.config import resolve_audit_config
+    from sfbd_guard.auditing.model_audit import run_membership
+
+    _data, run = digits_run
+    config = resolve_audit_config(None, {"membership.max_images": 32, "membership.batch": 1, "membership.bootstrap": 200})
+    straight = run_membership(run=run, report=tmp_path / "straight", config=config).summary
+    real, calls = membership_workers.denoising_errors, []
+
+    def killed_later(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(membership_workers, "denoising_errors", killed_later)
+    with pytest.raises(KeyboardInterrupt):
+        run_membership(run=run, report=tmp_path / "resumed", config=config)
+    kept = sorted((tmp_path / "resumed" / ".partial").glob("*/*.npy"))
+    assert len(kept) == 2 and not (tmp_path / "resumed" / "membership.json").exists()
+    kept_rows = sum(np.load(path).shape[0] for path in kept)
+
+    computed: list[int] = []
+    monkeypatch.setattr(membership_workers, "denoising_errors", lambda *a, **k: computed.append(len(a[1])) or real(*a, **k))
+    resumed = run_membership(run=run, report=tmp_path / "resumed", config=config).summary
+    every = sum(g.images for g in straight.groups) + straight.groups[0].holdout_images
+    assert sum(computed) == every - kept_rows > 0  # the 2 units kept are not computed again
+    assert resumed.groups == straight.groups and resumed.scores_sha256 == straight.scores_sha256
+    assert not (tmp_path / "resumed" / ".partial").exists()

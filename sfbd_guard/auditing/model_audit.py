@@ -16,6 +16,9 @@ images, so a difference between the groups that is there without training (selec
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +35,22 @@ from ..fileio import atomic_write_bytes, check_report_dir, report_dir
 from ..hashing import seeded_subset, sha256_file
 from ..ledger import Artifact, current_head, ledger_dir, recorded
 from ..progress import ProgressFactory
-from ..rundir import MEMBERSHIP_FILES, MEMBERSHIP_PAGE, MEMBERSHIP_ROC, MEMBERSHIP_SCORES, MEMBERSHIP_SUMMARY
+from ..rundir import (
+    MEMBERSHIP_FILES,
+    MEMBERSHIP_PAGE,
+    MEMBERSHIP_PARTIAL,
+    MEMBERSHIP_ROC,
+    MEMBERSHIP_SCORES,
+    MEMBERSHIP_SUMMARY,
+)
 from ..templating import markup, render
 from .config import AuditConfig, MembershipSpec
-from .membership import Comparison, common_noise, compare, distinguishable, membership_score, power_words
-from .membership_workers import error_session
+from .membership import Comparison, Progress, common_noise, compare, distinguishable, membership_score, power_words
+from .membership_workers import Errors, error_session
 from .originals import PreparedInfo, load_protected, read_prepared
 
+PARTIAL = MEMBERSHIP_PARTIAL
+UNIT_BATCHES = 16  # batches per resumable unit
 SCORE = "minus the mean over noise levels of the log mean-squared denoising error (common random numbers)"
 CLEAN_CONTROL = ("none: every clean record trained the model, and a model trained without them (e.g. on the other half "
                  "of the clean set) is not part of a run; read the clean group's AUC as the test's power, not as a leak")
@@ -117,13 +129,47 @@ def _groups(info: PreparedInfo, config: AuditConfig, data_root: Path | None,
     return {"clean": clean, "protected": protected, "holdout": holdout}, found.source
 
 
+def _resumable(errors: Errors, pixels: np.ndarray, progress: Progress | None, folder: Path, unit: int) -> np.ndarray:
+    """`errors(pixels)` a unit of rows at a time, each unit's result kept in `folder` as it is made, so a test that
+    was interrupted goes on where it stopped (units are whole batches: the same numbers as in one go)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for k, start in enumerate(range(0, len(pixels), unit)):
+        rows = pixels[start : start + unit]
+        done = folder / f"{k:06d}.npy"
+        part = None
+        if done.is_file():
+            try:
+                part = np.load(done, allow_pickle=False)
+            except (OSError, ValueError):
+                part = None
+            if part is not None and part.shape[0] != len(rows):
+                part = None
+            if part is not None and progress:
+                progress(len(rows))
+        if part is None:
+            part = errors(rows, progress)
+            staging = folder / f".{k:06d}.partial.npy"
+            np.save(staging, part)
+            staging.replace(done)
+        parts.append(part)
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float64)
+
+
 def _errors(model: _Model, groups: dict[str, Group], spec: MembershipSpec, noise: np.ndarray,
-            progress: ProgressFactory | None, label: str, executor: ExecutorSpec) -> dict[str, np.ndarray]:
+            progress: ProgressFactory | None, label: str, executor: ExecutorSpec, partial: Path) -> dict[str, np.ndarray]:
+    """Each group's denoising errors under `model`; units already computed by an interrupted test (under `partial`,
+    keyed by the weights, the settings and the group's pixels) are taken as they are."""
     total = sum(len(g.pixels) for g in groups.values())
     tick = progress(f"membership: denoising errors ({label})", total) if progress else None
+    settings = json.dumps([model.ref.sha256, spec.sigmas, spec.draws, spec.seed, spec.batch])
     with error_session(model.net, Path(model.ref.run), Path(model.ref.checkpoint), spec.sigmas, noise, spec.batch,
                        executor, spec.workers) as errors:
-        return {name: errors(group.pixels, tick) for name, group in groups.items()}
+        found = {}
+        for name, group in groups.items():
+            key = hashlib.sha256(settings.encode() + group.pixels.tobytes()).hexdigest()[:24]
+            found[name] = _resumable(errors, group.pixels, tick, partial / f"{label}-{name}-{key}", spec.batch * UNIT_BATCHES)
+        return found
 
 
 def _result(c: Comparison) -> Result:
@@ -240,11 +286,13 @@ def run_membership(*, run: Path, report: Path, config: AuditConfig, data: Path |
                          "control must never have seen them", hint="pass the clean-only run of the same prepared data")
     groups, holdout_source = _groups(info, config, data_root, holdout_dir)
     noise = common_noise((info.channels, info.resolution, info.resolution), len(spec.sigmas), spec.draws, spec.seed)
+    report_dir(report, "--report")  # per-image scores of protected records: owner-only, as the sample audit's report
+    partial = report / PARTIAL
     errors = {("model", name): values
-              for name, values in _errors(model, groups, spec, noise, progress, "model", executor).items()}
+              for name, values in _errors(model, groups, spec, noise, progress, "model", executor, partial).items()}
     if control_model is not None:
-        errors.update({("control", name): values
-                       for name, values in _errors(control_model, groups, spec, noise, progress, "control", executor).items()})
+        errors.update({("control", name): values for name, values in
+                       _errors(control_model, groups, spec, noise, progress, "control", executor, partial).items()})
     table = _table(groups, errors)
     scores = scores_of(table)
     control_note = (f"the {control_model.ref.method} run {control_model.ref.run} (never saw the protected copies)"
@@ -254,7 +302,6 @@ def run_membership(*, run: Path, report: Path, config: AuditConfig, data: Path |
 
     import pyarrow.parquet as pq
 
-    report_dir(report, "--report")  # per-image scores of protected records: owner-only, as the sample audit's report
     files = {name: report / name for name in MEMBERSHIP_FILES}
     staging = files[MEMBERSHIP_SCORES].with_name(f".{MEMBERSHIP_SCORES}.partial")
     pq.write_table(table, staging)
@@ -271,6 +318,7 @@ def run_membership(*, run: Path, report: Path, config: AuditConfig, data: Path |
     atomic_write_bytes(files[MEMBERSHIP_ROC], svg.encode())
     atomic_write_bytes(files[MEMBERSHIP_PAGE], page.encode())
     write_membership_summary(report, summary)
+    shutil.rmtree(partial, ignore_errors=True)
     return MembershipResult(report, summary, files)
 
 
