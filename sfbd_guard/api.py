@@ -189,7 +189,7 @@ def membership(run: PathLike, *, report: PathLike = "membership-report", data: P
 
 def report(sql: str | None = None, *, ledger: PathLike | None = None) -> dict[str, Any]:
     """The ledger's tables as {title: pyarrow.Table}: prepares, trainings, audits; or the result of `sql` over the
-    views events, prepares, trainings, samplings, audits. `guard report`."""
+    views events, prepares, trainings, samplings, audits, memberships. `guard report`."""
     from .compliance.tables import report_tables
 
     return report_tables(ledger_dir(_path(ledger)), sql)

@@ -397,7 +397,7 @@ def membership(
 @app.command()
 @reports_errors()
 def report(
-    sql: Annotated[str | None, typer.Option("--sql", help="Any query over the views events, prepares, trainings, samplings, audits.")] = None,
+    sql: Annotated[str | None, typer.Option("--sql", help="Any query over the views events, prepares, trainings, samplings, audits, memberships.")] = None,
     fmt: Annotated[Literal["table", "csv", "json", "parquet"], typer.Option("--format", help="Output format (parquet needs --output).")] = "table",
     output: Annotated[Path | None, typer.Option("--output", help="Write the result to this file instead of printing it.")] = None,
     html: Annotated[Path | None, typer.Option("--html", help="Write the compliance report: a verdict per run chain, guard verify's checks, events, charts (one HTML file).")] = None,

@@ -25,6 +25,8 @@ DEFAULT_QUERIES = {
                      "FROM trainings ORDER BY started_at",
     "audits": "SELECT started_at, status, samples, copy, suspect, novel, round(copy_threshold, 4) AS copy_threshold, "
               "round(suspect_threshold, 4) AS suspect_threshold, threshold_method, event_id FROM audits ORDER BY started_at",
+    "membership tests": "SELECT started_at, status, verdict, method, round(protected_auc, 3) AS protected_auc, "
+                        "round(clean_auc, 3) AS clean_auc, weights, event_id FROM memberships ORDER BY started_at",
 }
 FORMATS = ("table", "csv", "json", "parquet")
 HEADERS = {"started_at": "started (UTC)", "copy_threshold": "copy ≥", "suspect_threshold": "suspect ≥",
@@ -32,7 +34,7 @@ HEADERS = {"started_at": "started (UTC)", "copy_threshold": "copy ≥", "suspect
 
 
 def report_tables(ledger: Path, sql: str | None) -> dict[str, Any]:
-    """{title: Arrow table}: the three standard tables, or the result of `sql`."""
+    """{title: Arrow table}: the standard tables, or the result of `sql`."""
     from ..contracts.events import read_events
 
     events = read_events(ledger)

@@ -1,4 +1,4 @@
-"""DuckDB views over the ledger: events, prepares, trainings, samplings, audits.
+"""DuckDB views over the ledger: events, prepares, trainings, samplings, audits, memberships.
 
 `events` holds every event as `contracts.events.read_events` read and checked it (a file that is not a valid
 event is an input error naming it), with its artifact paths resolved against the project (the ledger's parent,
