@@ -166,3 +166,20 @@ def write_chain(folder: Path, name: str = "digits-chain") -> Path:
     pipeline = tiny_pipeline(Path("prepared"), Path("runs/chain"), policy="policy.yaml",
                              sample={"n": 8, "steps": 4, "batch": 8}, audit={"config": "audit.yaml"})
     return write_policy(folder / "pipeline.yaml", pipeline)
+
+
+def digits_run_with_holdout(tmp: Path) -> tuple[Path, Path]:
+    """The digits (60 % dropped first) with a holdout rule, prepared, and a tiny clean-only run on them (no ledger):
+    what the membership tests need."""
+    from sfbd_guard.curation.prepare import prepare
+    from sfbd_guard.engine.config import PipelineConfig
+    from sfbd_guard.engine.service import train
+    from sfbd_guard.policy.model import load_policy
+
+    policy = digits_policy(tmp / "prepared", drop=0.6)
+    policy["rules"].insert(1, {"name": "held-out", "action": "holdout", "sample": {"fraction": 0.2, "seed": 1}})
+    policy["noise"]["key_file"] = str(key_file(tmp / "keys"))
+    data = prepare(load_policy(write_policy(tmp / "policy.yaml", policy))).output
+    run = tmp / "runs" / "clean"
+    train(PipelineConfig.model_validate(tiny_pipeline(data, run)), resume=False)
+    return data, run

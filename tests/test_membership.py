@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import digits_policy, key_file, tiny_pipeline, write_policy
+from helpers import digits_run_with_holdout
 from sfbd_guard.auditing.membership import (
     auc,
     common_noise,
@@ -89,20 +89,7 @@ def test_a_memorised_set_is_told_from_unseen_images(memorised: tuple[object, np.
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The digits prepared with a holdout rule, and a tiny clean-only run on them (no ledger)."""
-    from sfbd_guard.curation.prepare import prepare
-    from sfbd_guard.engine.config import PipelineConfig
-    from sfbd_guard.engine.service import train
-    from sfbd_guard.policy.model import load_policy
-
-    tmp = tmp_path_factory.mktemp("membership")
-    policy = digits_policy(tmp / "prepared", drop=0.6)
-    policy["rules"].insert(1, {"name": "held-out", "action": "holdout", "sample": {"fraction": 0.2, "seed": 1}})
-    policy["noise"]["key_file"] = str(key_file(tmp / "keys"))
-    data = prepare(load_policy(write_policy(tmp / "policy.yaml", policy))).output
-    run = tmp / "runs" / "clean"
-    train(PipelineConfig.model_validate(tiny_pipeline(data, run)), resume=False)
-    return data, run
+    return digits_run_with_holdout(tmp_path_factory.mktemp("membership"))
 
 
 def _events(ledger: Path) -> list[dict[str, object]]:
