@@ -242,6 +242,7 @@ def train(
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the run; overrides seed of the pipeline.")] = None,
     sets: Annotated[list[str], typer.Option("--set", metavar="KEY=VALUE", help="Override any pipeline key, e.g. --set schedule.pretrain_kimg=50 (repeatable).")] = [],  # noqa: B006
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this directory from its last checkpoint.")] = None,
+    init: Annotated[Path | None, typer.Option("--init", help="Start from this run's EMA weights (its latest checkpoint; init.checkpoint names another); recorded as the new run's lineage.")] = None,
     dp_epsilon: Annotated[float | None, typer.Option("--dp-epsilon", help="Train the stages that read protected data with DP-SGD to this epsilon (privacy.epsilon).")] = None,
     dp_delta: Annotated[float | None, typer.Option("--dp-delta", help="Delta of the DP guarantee; default 1/(10 × protected records) (privacy.delta).")] = None,
     dp_max_grad_norm: Annotated[float | None, typer.Option("--dp-max-grad-norm", help="Per-sample gradient clipping norm (privacy.max_grad_norm).")] = None,
@@ -265,6 +266,8 @@ def train(
     overrides = _parse_sets(sets)
     overrides.update({k: v for k, v in (("device", device), ("seed", seed)) if v is not None})
     overrides.update(dp)
+    if init is not None:
+        overrides["init.run"] = str(init.resolve())
     config = api.training_config(pipeline, resume=resume, data=data, out=out, method=method, overrides=overrides,
                                  verify_key=verify_key, ledger=ledger)
     _threads(threads, config.threads)  # before torch is imported (training imports it)

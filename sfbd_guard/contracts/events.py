@@ -28,6 +28,7 @@ from ..prepared.card import Rerelease
 from ..rundir import AUDIT_SUMMARY, MEMBERSHIP_SUMMARY
 from .audit_summary import EmbedderInfo, Share
 from .base import Contract, problem
+from .run_record import LineageLink
 
 STATUSES = ("ok", "failed", "interrupted")
 
@@ -155,6 +156,7 @@ class TrainSummary(EventSummary):
     world_size: int
     threads: dict[str, Any] | None = None  # CPU threads and OpenMP wait policy of this session (threads.py)
     privacy: PrivacyInfo | None = None  # DP-SGD runs only
+    lineage: list[LineageLink] | None = None  # a run started from another's weights (init): parent first (run.json)
 
 
 class SampleSummary(EventSummary):

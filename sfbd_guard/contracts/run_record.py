@@ -30,6 +30,17 @@ class LedgerHead(Contract):
     sha256: str
 
 
+class LineageLink(Contract):
+    """One ancestor of a run's weights: the run it came from, or weights brought in by guard import-weights."""
+
+    run: str  # the ancestor's run directory (absolute when recorded)
+    weights: str  # the weights file the next generation started from
+    weights_sha256: str
+    data_fingerprint: str | None  # the prepared data the ancestor trained on (None: imported weights)
+    method: str | None
+    declared: dict[str, str] | None = None  # imported weights: what the user declared (licence, source), not verified
+
+
 class RunRecord(Contract):
     data: str = Field(min_length=1)  # the prepared directory: relative to the run directory, or absolute
     data_fingerprint: str = Field(min_length=1)
@@ -38,6 +49,7 @@ class RunRecord(Contract):
     created_at: str
     threads: dict[str, Any] | None = None  # CPU threads and OpenMP wait policy the run started with (threads.py)
     ledger_head: LedgerHead | None = None  # the ledger's head when the run began (absent before the hash chain)
+    lineage: list[LineageLink] = Field(default_factory=list)  # the weights it started from: parent first, then its own
 
     @property
     def shape(self) -> tuple[int, int, int]:

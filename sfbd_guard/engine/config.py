@@ -29,7 +29,7 @@ class OptimizerSpec(StrictModel):
 
 
 class ScheduleSpec(StrictModel):
-    pretrain_kimg: float = Field(100.0, gt=0)  # training on the clean partition (sfbd, online-sfbd)
+    pretrain_kimg: float = Field(100.0, ge=0)  # training on the clean partition (sfbd, online-sfbd); 0 only with init
     rounds: int = Field(0, ge=0)  # sfbd: denoise + fine-tune rounds
     round_kimg: float = Field(0.0, ge=0)  # sfbd: fine-tuning length of each round
     total_kimg: float | None = Field(None, gt=0)  # whole run; default pretrain_kimg + rounds × round_kimg (sfbd)
@@ -136,6 +136,13 @@ class ExecutorStageSpec(StrictModel):
     address: str | None = None  # with ray: auto | HOST:PORT | ray://HOST:PORT; none: start a Ray on this machine
 
 
+class InitSpec(StrictModel):
+    """Start from another run's EMA weights (`guard train --init RUN`): its lineage is recorded and verified."""
+
+    run: str  # the run directory, relative to the pipeline file
+    checkpoint: str | None = None  # a checkpoint folder or ema.safetensors of that run; default its latest
+
+
 class PipelineConfig(StrictModel):
     version: Literal[1]
     name: str = Field(min_length=1)
@@ -152,6 +159,7 @@ class PipelineConfig(StrictModel):
     ema: EmaSpec = EmaSpec()
     validation: ValidationSpec = ValidationSpec()
     privacy: PrivacySpec | None = None  # differential privacy (DP-SGD); none: non-private
+    init: InitSpec | None = None  # start from another run's EMA weights; none: random weights
     seed: int = 0  # seeds every random choice of the run
     threads: int | None = Field(None, ge=1)  # CPU threads per process; none: the CPUs it may use (--threads wins)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -173,6 +181,13 @@ class PipelineConfig(StrictModel):
             raise ValueError("model.model_channels must be a multiple of 4")
         schedule, stages, method = self.schedule, stages_of(self.method), self.method
         adaptive = schedule.pretrain_until == "converged"
+        if "pretrain" in stages and schedule.pretrain_kimg == 0:
+            if self.init is None:
+                raise ValueError(f"schedule.pretrain_kimg: 0 leaves method {method} nothing to denoise its first round "
+                                 "with; give it a model to start from (init.run, guard train --init RUN)")
+            if adaptive:
+                raise ValueError("schedule.pretrain_kimg: 0 with init starts the rounds at once; set "
+                                 "schedule.pretrain_until: kimg (converged decides when a pretraining ends)")
         if adaptive and "rounds" in stages:  # the rounds share what pretraining leaves of the budget
             if schedule.rounds < 1 or schedule.total_kimg is None or schedule.total_kimg <= schedule.pretrain_kimg:
                 raise ValueError("schedule.pretrain_until: converged needs schedule.rounds >= 1 and schedule.total_kimg "
@@ -206,7 +221,7 @@ class PipelineConfig(StrictModel):
 def load_pipeline(path: Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Load a pipeline YAML; `overrides` ({'a.b': value}) replace keys before validation.
 
-    Relative `data`, `policy`, `verify_key` and `out` are resolved against the pipeline file.
+    Relative `data`, `policy`, `verify_key`, `out` and `init.run` are resolved against the pipeline file.
     """
     data = read_yaml_mapping(path)
     for dotted, value in (overrides or {}).items():
@@ -221,5 +236,7 @@ def resolve_paths(config: PipelineConfig, base: Path) -> PipelineConfig:
 
     out = absolute(config.out) if config.out else str(Path("runs", config.name).resolve())  # default: ./runs/<name>
     audit = config.audit.model_copy(update={"config": absolute(config.audit.config)})
+    init = config.init.model_copy(update={"run": absolute(config.init.run),
+                                          "checkpoint": absolute(config.init.checkpoint)}) if config.init else None
     return config.model_copy(update={"data": absolute(config.data), "policy": absolute(config.policy), "out": out,
-                                     "audit": audit, "verify_key": absolute(config.verify_key)})
+                                     "audit": audit, "verify_key": absolute(config.verify_key), "init": init})

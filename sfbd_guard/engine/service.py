@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import dump_yaml, load_config
-from ..contracts.run_record import LedgerHead, RunRecord, read_run_record, write_run_record
+from ..contracts.base import dump
+from ..contracts.run_record import LedgerHead, LineageLink, RunRecord, read_run_record, write_run_record
 from ..errors import InputError, VerificationError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..hashing import sha256_file
@@ -80,7 +81,7 @@ def pipeline_of_run(run_dir: Path, *, data: Path | None = None, project: Path | 
 
 
 def _start_run_dir(config: PipelineConfig, data: PreparedData, project: Path | None,
-                   ledger_head: dict[str, Any] | None = None) -> Path:
+                   ledger_head: dict[str, Any] | None = None, lineage: list[LineageLink] | None = None) -> Path:
     run_dir = Path(str(config.out))
     if RunPaths(run_dir).checkpoints.exists():
         raise InputError(f"run directory {run_dir} already has checkpoints",
@@ -91,8 +92,25 @@ def _start_run_dir(config: PipelineConfig, data: PreparedData, project: Path | N
     write_run_record(run_dir, RunRecord(
         data=stored, data_fingerprint=data.fingerprint, files=dict(data.files), image_shape=list(data.image_shape),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"), threads=in_force(),
-        ledger_head=LedgerHead.model_validate(ledger_head) if ledger_head is not None else None))
+        ledger_head=LedgerHead.model_validate(ledger_head) if ledger_head is not None else None,
+        lineage=lineage or []))
     return run_dir
+
+
+def check_trainable(config: PipelineConfig, data: PreparedData) -> None:
+    """Refuse a run that would have nothing to train on: no clean records where the schedule trains on them alone."""
+    from .methods import stages_of
+
+    if len(data.clean.record_ids):
+        return
+    stages = stages_of(config.method)
+    if stages == ("train",) and config.method == "clean-only":
+        raise InputError(f"{data.root}: no clean records, and method clean-only trains on nothing else")
+    if "pretrain" in stages and config.schedule.pretrain_kimg > 0:
+        hint = ("start from a model with init (guard train --init RUN) and set schedule.pretrain_kimg: 0"
+                if config.init is None else "set schedule.pretrain_kimg: 0: the rounds start from the init's weights")
+        raise InputError(f"{data.root}: no clean records to pretrain {config.method} on "
+                         f"(schedule.pretrain_kimg {config.schedule.pretrain_kimg:g})", hint=hint)
 
 
 def _check_same_data(run_dir: Path, data: PreparedData) -> None:
@@ -131,6 +149,7 @@ def train(config: PipelineConfig, *, resume: bool, progress: ProgressFactory | N
     when both lie inside it (locations.py); without, by its absolute path. `ledger_head` (ledger.current_head)
     is recorded in a new run's run.json: the ledger's head when the run began."""
 
+    from .lineage import lineage_of, start_from
     from .privacy import plan_privacy
     from .privacy import summary as privacy_summary
     from .runtime import start_runtime
@@ -141,6 +160,8 @@ def train(config: PipelineConfig, *, resume: bool, progress: ProgressFactory | N
     data = open_prepared(Path(config.data))
     if on_start:
         on_start(data)
+    check_trainable(config, data)
+    lineage = lineage_of(config.init, data.image_shape) if config.init is not None and not resume else []
     with start_runtime(config.device, config.precision) as runtime:
         run_dir = Path(str(config.out))
         # refuse an unreachable epsilon before anything is written; the trainer uses this plan
@@ -150,10 +171,14 @@ def train(config: PipelineConfig, *, resume: bool, progress: ProgressFactory | N
             if runtime.is_main:
                 _record_new_locations(run_dir, config)
         elif runtime.is_main:
-            _start_run_dir(config, data, project, ledger_head)
+            _start_run_dir(config, data, project, ledger_head, lineage)
         runtime.barrier()
         trainer = Trainer(config, data, run_dir, runtime, progress, privacy_plan)
         resumed = _resume(trainer, run_dir) if resume else False
+        if resume and not resumed:  # killed before its first checkpoint: it starts again, from its init if it has one
+            lineage = read_run_record(run_dir).lineage
+        if lineage and not resumed:  # a run from another run's weights (engine/lineage.py)
+            start_from(Path(lineage[0].weights), trainer.net, trainer.ema.module, lineage[0].weights_sha256)
         checkpoint = run_schedule(trainer)
         return TrainOutcome(run_dir, config, checkpoint if runtime.is_main else None, trainer.state.step,
                             trainer.state.nimg / 1000, resumed, time.perf_counter() - started,
@@ -209,6 +234,11 @@ def train_recorded(config: PipelineConfig, *, resume: bool, ledger: Path | None,
                              world_size=int(os.environ.get("WORLD_SIZE", "1")), threads=in_force())
         if outcome.privacy is not None:
             event.summary["privacy"] = outcome.privacy
+        lineage = read_run_record(outcome.run_dir).lineage
+        if lineage:
+            parent = lineage[0]
+            event.inputs.append(Artifact("init_weights", parent.weights, parent.weights_sha256))
+            event.summary["lineage"] = [dump(link) for link in lineage]
         return outcome
 
 
@@ -221,7 +251,7 @@ class SampleOutcome:
     seconds: float
 
 
-def _weights_file(run_dir: Path, checkpoint: Path | None) -> Path:
+def weights_file(run_dir: Path, checkpoint: Path | None) -> Path:
     from .checkpoint import latest_checkpoint
 
     if checkpoint is None:
@@ -245,7 +275,7 @@ def load_ema_net(run_dir: Path, *, checkpoint: Path | None = None,
 
     config = pipeline_of_run(run_dir)
     shape = read_run_record(run_dir).shape
-    weights = _weights_file(run_dir, checkpoint)
+    weights = weights_file(run_dir, checkpoint)
     net = build_net(config, shape).to(resolve_device(device)).eval()
     load_weights(weights, net)
     return net, weights, shape

@@ -1,0 +1,130 @@
+"""`init`: a run started from another run's EMA weights (engine/lineage.py), and the lineage its run.json records.
+
+- the new run starts from the parent's EMA weights exactly; three generations list their ancestors in order;
+- SFBD on data with no clean record: refused without an init, trained with one (the first round denoises with the
+  parent's model);
+- a crash in the first round of such a run, resumed: the uninterrupted result, bit for bit;
+- another architecture is one line, exit 2, naming the differing keys.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import digits_policy, key_file, tiny_pipeline, write_policy
+from sfbd_guard.curation.prepare import prepare
+from sfbd_guard.engine.config import load_pipeline
+from sfbd_guard.engine.service import train
+from sfbd_guard.policy.model import load_policy
+
+SFBD = {"pretrain_kimg": 0, "rounds": 2, "round_kimg": 0.032, "pretrain_until": "kimg"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The digits with 10 % clean (`mixed`), and the same policy with no clean rule (`protected`)."""
+    tmp = tmp_path_factory.mktemp("lineage")
+    found = {}
+    for name, clean in (("mixed", True), ("protected", False)):
+        policy = digits_policy(tmp / name, drop=0.7)
+        policy["name"] = f"digits-{name}"
+        if not clean:
+            policy["rules"] = [r for r in policy["rules"] if r["action"] != "clean"]
+        policy["noise"]["key_file"] = str(key_file(tmp / "keys"))
+        found[name] = prepare(load_policy(write_policy(tmp / f"{name}.yaml", policy))).output
+    return found
+
+
+def _config(tmp_path: Path, data: Path, name: str, **overrides: object):  # type: ignore[no-untyped-def]
+    return load_pipeline(write_policy(tmp_path / f"{name}.yaml", tiny_pipeline(data, tmp_path / name, **overrides)))
+
+
+def _ema(run: Path) -> dict[str, torch.Tensor]:
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    return load_file(run / "checkpoints" / latest / "ema.safetensors")
+
+
+def test_a_run_starts_from_its_parent_and_three_generations_list_their_ancestors(
+        tmp_path: Path, data: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    parent = train(_config(tmp_path, data["mixed"], "a"), resume=False).run_dir
+    from sfbd_guard.engine import lineage
+
+    started: dict[str, torch.Tensor] = {}
+    real = lineage.start_from
+
+    def spy(weights: Path, net: torch.nn.Module, ema: torch.nn.Module, sha256: str) -> None:
+        real(weights, net, ema, sha256)
+        started.update({k: v.clone() for k, v in net.state_dict().items()})
+        assert all(torch.equal(v, ema.state_dict()[k]) for k, v in net.state_dict().items())
+
+    monkeypatch.setattr(lineage, "start_from", spy)
+    child = train(_config(tmp_path, data["mixed"], "b", init={"run": str(parent)}), resume=False).run_dir
+    assert started and all(torch.equal(started[k], v) for k, v in _ema(parent).items())  # the parent's EMA, exactly
+    grandchild = train(_config(tmp_path, data["protected"], "c", method="sfbd", schedule=SFBD,
+                               init={"run": str(child)}), resume=False).run_dir
+    from sfbd_guard.contracts.run_record import read_run_record
+    from sfbd_guard.hashing import sha256_file
+
+    chain = read_run_record(grandchild).lineage
+    assert [Path(link.run) for link in chain] == [child.resolve(), parent.resolve()]
+    for link in chain:
+        assert sha256_file(Path(link.weights)) == link.weights_sha256 and link.method == "clean-only"
+    assert chain[0].data_fingerprint == json.loads((data["mixed"] / "card.json").read_text())["fingerprint"]
+    assert read_run_record(child).lineage == chain[1:]
+
+
+def test_sfbd_without_clean_records_needs_an_init(tmp_path: Path, data: dict[str, Path], cli) -> None:  # type: ignore[no-untyped-def]
+    pipeline = write_policy(tmp_path / "p.yaml", tiny_pipeline(data["protected"], tmp_path / "none", method="sfbd",
+                                                               schedule={"pretrain_kimg": 0.064, "rounds": 1,
+                                                                         "round_kimg": 0.032, "pretrain_until": "kimg"}))
+    result = cli("train", "--pipeline", pipeline, "--allow-unrecorded")
+    assert result.code == 2 and "no clean records to pretrain sfbd on" in result.err and "--init" in result.err
+    zero = write_policy(tmp_path / "z.yaml", tiny_pipeline(data["protected"], tmp_path / "zero", method="sfbd",
+                                                           schedule=SFBD))
+    result = cli("train", "--pipeline", zero, "--allow-unrecorded")
+    assert result.code == 2 and "schedule.pretrain_kimg: 0" in result.err and "init" in result.err
+
+
+@pytest.mark.parametrize("at_step", [0, 1])  # 0: and before any checkpoint was written (the run starts again from its init)
+def test_a_crash_in_the_first_round_of_an_init_run_resumes_exactly(tmp_path: Path, data: dict[str, Path],
+                                                                     monkeypatch: pytest.MonkeyPatch, at_step: int) -> None:
+    parent = train(_config(tmp_path, data["mixed"], "parent"), resume=False).run_dir
+    overrides = {"method": "sfbd", "schedule": SFBD, "init": {"run": str(parent)}, "checkpoint_every": 1}
+    straight = train(_config(tmp_path, data["protected"], "straight", **overrides), resume=False)
+    from sfbd_guard.engine import trainer as module
+
+    real_step = module.Trainer.train_step
+
+    def crash(self, mixture, phase):  # type: ignore[no-untyped-def]
+        if self.state.step == at_step:
+            raise KeyboardInterrupt
+        real_step(self, mixture, phase)
+
+    config = _config(tmp_path, data["protected"], "crashed", **overrides)
+    monkeypatch.setattr(module.Trainer, "train_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, resume=False)
+    monkeypatch.undo()
+    assert (tmp_path / "crashed" / "rounds" / "round-01").is_dir(), "killed inside round 1"
+    if at_step == 0:  # as if killed before its first checkpoint
+        shutil.rmtree(tmp_path / "crashed" / "checkpoints")
+    resumed = train(config, resume=True)
+    assert resumed.step == straight.step
+    for name, tensor in _ema(straight.run_dir).items():
+        assert torch.equal(tensor, _ema(resumed.run_dir)[name]), name
+
+
+def test_another_architecture_is_refused_naming_the_keys(tmp_path: Path, data: dict[str, Path], cli) -> None:  # type: ignore[no-untyped-def]
+    parent = train(_config(tmp_path, data["mixed"], "small"), resume=False).run_dir
+    wider = tiny_pipeline(data["mixed"], tmp_path / "wide")
+    wider["model"] = {**wider["model"], "model_channels": 8}
+    pipeline = write_policy(tmp_path / "wide.yaml", wider)
+    result = cli("train", "--pipeline", pipeline, "--init", parent, "--allow-unrecorded")
+    assert result.code == 2 and "another architecture" in result.err and "other shapes" in result.err
+    assert "Traceback" not in result.err
