@@ -566,11 +566,14 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
     checks = [*ledger_checks(ledger, events, run_dir, ledger_keys or [], card),
               check_consumed(events, run_dir, prepared, project),
               *check_provenance(events, ledger, run_dir, prepared, verify_key)]
+    from .lineage import check_lineage
+
     if isinstance(prepared, GuardError):  # its files are not what the card says: read nothing it names
         skipped = [Check(name, False, f"the prepared directory does not verify: {prepared}")
                    for name in ("noise", "noise statistics", "releases", "no protected pixels", "opt-outs", "duplicates")]
         return evidence([*checks, *skipped, check_counts(events, run_dir, project, prepared, None),
-                         check_audit(events, run_dir, project), *check_membership(events, run_dir, project)])
+                         check_audit(events, run_dir, project), *check_membership(events, run_dir, project),
+                         *check_lineage(record, None, False, None, events, ledger, project)])
     rows, keyed = _manifest(prepared.root)
     foreign = key is not None and prepared.card.digest_key_id not in (None, digest_key_id(key))
     key = None if foreign else key  # another directory's digest key: the pixel checks say so (ATTENTION)
@@ -578,4 +581,6 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
                      check_clean_rows(prepared.root, rows, card_variants(prepared.card), keyed, key, foreign_key=foreign),
                      check_opt_outs(prepared, rows, keyed, key), check_duplicates(prepared.card, rows),
                      check_counts(events, run_dir, project, prepared, rows), check_audit(events, run_dir, project),
-                     *check_membership(events, run_dir, project)])
+                     *check_membership(events, run_dir, project),
+                     *check_lineage(record, rows, keyed, key, events, ledger, project,
+                                    frozenset(prepared.card.holdout_rules()))])

@@ -1,0 +1,123 @@
+"""guard verify's lineage check: a run started from another run's weights (`init`) is only as clean as its ancestors.
+
+For each generation of run.json's lineage (parent first):
+- the weights file it names is there and has the recorded sha256;
+- the ancestor's run directory is there, its own run.json lists the rest of the chain, and this ledger records
+  its training (a chain whose ancestor's ledger is missing cannot be checked: FAIL, with the reason);
+- no clean image it trained on is a record this run's policy protects or excludes: the ancestor's clean rows are
+  digested with *this* owner's digest key and compared with this manifest's keyed digests. Digests of images at
+  another resolution never match, and without the key nothing can be compared: both are said (ATTENTION), never
+  passed in silence;
+- the parent verifies (guard verify of the parent, which checks its own ancestors in turn), but for the checks of
+  its own samples and model (its audit, its membership test), which say nothing of what this run inherits.
+Imported weights (guard import-weights) are a root of the chain: shown as declared, not verified (ATTENTION).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ..contracts.events import Event
+from ..contracts.run_record import LineageLink, RunRecord, read_run_record
+from ..errors import GuardError
+from ..hashing import sha256_file
+from .check import Check, inside
+
+Verdict = Literal["PASS", "ATTENTION", "FAIL"]
+
+
+@dataclass(frozen=True)
+class LinkResult:
+    link: LineageLink
+    verdict: Verdict
+    reasons: list[str]
+
+    def words(self) -> str:
+        return f"{Path(self.link.run).name} ({self.verdict}: {'; '.join(self.reasons)})"
+
+
+def _trained_here(events: list[Event], run: Path, project: Path) -> bool:
+    return any(e.kind == "train" and e.status == "ok" and any(
+        p is not None and inside(p, run) and p == run for p in e.located("outputs", "run", project)) for e in events)
+
+
+def _overlap(link: LineageLink, ancestor: RunRecord, run: Path, project: Path, forbidden: dict[str, str],
+             resolution: tuple[int, int, int], key: bytes | None, keyed: bool) -> tuple[Verdict, str]:
+    """Does the ancestor's clean data hold a record this policy protects or excludes? (verdict, words)"""
+    from ..prepared.relocate import prepared_of_run
+    from .verify import _clean_row_hashes, _manifest
+
+    if keyed and key is None:
+        return "ATTENTION", "its clean images not compared with this policy's records: needs the owner's digest key"
+    if ancestor.shape != resolution:
+        return "ATTENTION", (f"its clean images ({ancestor.shape}) not compared with this policy's records "
+                             f"({resolution}): exact digests never match at another resolution")
+    try:
+        folder = prepared_of_run(run, ancestor.data, ancestor.data_fingerprint, project)
+        rows, _ = _manifest(folder)
+        stored = _clean_row_hashes(folder, rows, key if keyed else None)
+    except (GuardError, OSError) as err:
+        return "FAIL", f"its prepared data cannot be read: {err}"
+    leaks = [(rid, forbidden[h]) for rid, h in stored.items() if h in forbidden]
+    if leaks:
+        return "FAIL", (f"it trained on {len(leaks)} clean image(s) that this policy protects or excludes, e.g. its "
+                        f"{leaks[0][0]} is {leaks[0][1]}")
+    return "PASS", f"none of its {len(stored)} clean images is a record this policy protects or excludes"
+
+
+ORDER: dict[Verdict, int] = {"PASS": 0, "ATTENTION": 1, "FAIL": 2}
+# an ancestor's checks of its own samples and model (its audit, its membership test) say nothing of what this run
+# inherits from it: the data it trained on, the noise, the opt-outs and the ledger do
+SAMPLE_CHECKS = frozenset({"audit", "membership"})
+
+
+def _check_link(depth: int, record: RunRecord, rows: list[dict[str, Any]] | None, forbidden: dict[str, str],
+                keyed: bool, key: bytes | None, events: list[Event], ledger: Path, project: Path) -> LinkResult:
+    from .verify import verify_run
+
+    link = record.lineage[depth]
+    found: list[tuple[Verdict, str]] = []
+    weights = Path(link.weights)
+    if link.declared is not None:
+        found.append(("ATTENTION", f"imported weights, declared {link.declared}, not verified"))
+    if not weights.is_file():
+        found.append(("FAIL", f"its weights {weights} are missing"))
+    elif sha256_file(weights) != link.weights_sha256:
+        found.append(("FAIL", f"its weights {weights} are not the file the lineage records (sha256 differs)"))
+    if link.declared is None:
+        run = Path(link.run)
+        try:
+            ancestor = read_run_record(run)
+        except GuardError as err:
+            return LinkResult(link, "FAIL", [*(why for _, why in found), f"its run cannot be checked: {err}"])
+        if ancestor.lineage != record.lineage[depth + 1:]:
+            found.append(("FAIL", "its own run.json lists other ancestors than this lineage"))
+        if not _trained_here(events, run, project):
+            found.append(("FAIL", f"this ledger records no finished training of {run}: its chain cannot be checked "
+                                  "(verify with the ledger it was trained into)"))
+        if rows is not None:
+            found.append(_overlap(link, ancestor, run, project, forbidden, record.shape, key, keyed))
+        if depth == 0 and all(level != "FAIL" for level, _ in found):  # the parent verifies, and so its ancestors
+            failed = [c for c in verify_run(run, ledger, digest_key=key) if not c.passed and c.name not in SAMPLE_CHECKS]
+            if failed:
+                found.append(("FAIL", f"guard verify of it fails {failed[0].name}: {failed[0].detail}"))
+    verdict: Verdict = max((level for level, _ in found), key=ORDER.__getitem__, default="PASS")
+    return LinkResult(link, verdict, [why for _, why in found] or ["checked"])
+
+
+def check_lineage(record: RunRecord, rows: list[dict[str, Any]] | None, keyed: bool, key: bytes | None,
+                  events: list[Event], ledger: Path, project: Path, holdout_rules: frozenset[str] = frozenset()) -> list[Check]:
+    """The lineage check of a run (none for a run from random weights); `rows` is this run's manifest (None when its
+    prepared directory does not verify: the overlap is then not checked). Records of `holdout_rules` are neither
+    protected nor excluded (an ancestor may have trained on them)."""
+    if not record.lineage:
+        return []
+    forbidden = {r["digest"]: r["record_id"] for r in rows or [] if r["digest"] and (
+        r["partition"] == "protected" or (r["partition"] == "excluded" and r["rule"] not in holdout_rules))}
+    results = [_check_link(depth, record, rows, forbidden, keyed, key, events, ledger, project)
+               for depth in range(len(record.lineage))]
+    verdicts = {r.verdict for r in results}
+    detail = f"{len(results)} generation(s), parent first: " + "; ".join(r.words() for r in results)
+    return [Check("lineage", "FAIL" not in verdicts, detail, attention="ATTENTION" in verdicts)]
