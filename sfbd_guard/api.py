@@ -163,6 +163,27 @@ def audit(samples: PathLike, data: PathLike, *, report: PathLike = "audit-report
                               holdout_dir=_path(holdout), progress=progress, executor=chosen, sign_key=_path(sign_key))
 
 
+def import_weights(file: PathLike, *, out: PathLike, licence: str, source: str, ledger: PathLike | None = None,
+                   command: Sequence[str] | None = None) -> Path:
+    """Bring in weights trained elsewhere (safetensors only) as a root of lineages: a folder `out` to start runs from
+    (`init.run`), recording the `licence` (SPDX) and `source` the user declares; shown as declared, never as verified.
+    `guard import-weights`."""
+    argv = _command("import-weights", command)
+    with _failures_recorded("import", ledger, argv):
+        from .engine.lineage import import_weights as bring_in
+        from .hashing import sha256_file
+        from .ledger import Artifact, recorded
+
+        target = Path(out)
+        with recorded(ledger_dir(_path(ledger)), "import", argv) as event:
+            event.inputs.append(Artifact("weights", str(Path(file).resolve()), sha256_file(Path(file))
+                                         if Path(file).is_file() else None))
+            record = bring_in(Path(file), target, licence=licence, source=source)
+            event.outputs.append(Artifact("imported", str(target.resolve()), record.weights_sha256))
+            event.summary.update(licence=record.licence, source=record.source, tensors=record.tensors)
+        return target
+
+
 def membership(run: PathLike, *, report: PathLike = "membership-report", data: PathLike | None = None,
                control: PathLike | None = None, config: PathLike | None = None,
                overrides: Mapping[str, Any] | None = None, data_root: PathLike | None = None,

@@ -359,6 +359,25 @@ def audit(
         raise typer.Exit(3)
 
 
+@app.command("import-weights")
+@reports_errors("import")
+def import_weights(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="The weights: a .safetensors file (no pickle is ever read).")],
+    licence: Annotated[str, typer.Option("--licence", help="Their licence, as an SPDX expression (e.g. CC-BY-4.0): recorded as declared.")],
+    source: Annotated[str, typer.Option("--source", help="Where they come from (a URL, a paper, a team): recorded as declared.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to create, to start runs from (guard train --init FOLDER).")],
+    ledger: LedgerOpt = None,
+) -> None:
+    """Bring in weights trained elsewhere as the root of a lineage (declared, not verified).
+
+    Example: guard import-weights unet.safetensors --licence CC-BY-4.0 --source "https://example.org/model" --out imports/base
+    """
+    folder = api.import_weights(file, out=out, licence=licence, source=source, ledger=ledger, command=_invocation(ctx))
+    typer.echo(f"imported {file} into {folder} (licence {licence}, as declared); start a run from it with "
+               f"guard train --init {folder}")
+
+
 @app.command()
 @reports_errors("membership")
 def membership(

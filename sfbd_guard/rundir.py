@@ -42,6 +42,9 @@ AUDIT_TABLE = "samples.parquet"  # one row per sample: its verdict and nearest p
 AUDIT_SUMMARY = "summary.json"  # contracts/audit_summary.py
 SIMILARITY = "similarity.png"
 AUDIT_FILES = (AUDIT_TABLE, AUDIT_SUMMARY, REPORT, SIMILARITY)
+# a folder of imported weights (guard import-weights): the weights, and what the user declared about them
+IMPORT_RECORD = "import.json"
+IMPORT_WEIGHTS = "ema.safetensors"
 # a membership report folder (guard membership --report)
 MEMBERSHIP_SCORES = "membership.parquet"  # one row per image and model: its group, errors per level and score
 MEMBERSHIP_SUMMARY = "membership.json"  # contracts/membership.py

@@ -49,8 +49,12 @@ def generations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     b = run("b", prepared["licensed"], "--init", a)
     c = run("c", prepared["held"], "--init", b, method="sfbd", schedule=SFBD)
     d = run("d", prepared["protecting"], "--init", b, method="sfbd", schedule=SFBD)
+    weights = a / "checkpoints" / (a / "checkpoints" / "latest").read_text().strip() / "ema.safetensors"
+    assert _guard("import-weights", weights, "--licence", "CC-BY-4.0", "--source", "a model from elsewhere",
+                  "--out", tmp / "imported", "--ledger", ledger) == 0
+    e = run("e", prepared["held"], "--init", tmp / "imported", method="sfbd", schedule=SFBD)
     assert _guard("key", "export-digest", tmp / "digest.key", "--noise-key", keys) == 0
-    return {"a": a, "b": b, "c": c, "d": d, "ledger": ledger, "digest": tmp / "digest.key", "tmp": tmp}
+    return {"a": a, "b": b, "c": c, "d": d, "e": e, "ledger": ledger, "digest": tmp / "digest.key", "tmp": tmp}
 
 
 def _lineage_check(run: Path, ledger: Path, *args: object, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict]:  # type: ignore[type-arg]
@@ -92,3 +96,30 @@ def test_a_changed_ancestor_checkpoint_fails_naming_it(generations: dict[str, Pa
         assert "a (FAIL: its weights" in check["detail"] and "sha256 differs" in check["detail"]
     finally:
         shutil.copy(kept, latest)
+
+
+def test_imported_weights_are_a_root_shown_as_declared(generations: dict[str, Path],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from sfbd_guard.contracts.run_record import read_run_record
+
+    g = generations
+    [link] = read_run_record(g["e"]).lineage
+    assert link.declared == {"licence": "CC-BY-4.0", "source": "a model from elsewhere"} and link.data_fingerprint is None
+    _code, check = _lineage_check(g["e"], g["ledger"], "--digest-key", g["digest"], capsys=capsys)
+    assert check["status"] == "ATTENTION" and "imported weights, declared" in check["detail"] and "not verified" in check["detail"]
+
+
+def test_import_weights_refuses_what_it_cannot_vouch_for(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    import pickle
+
+    pickled = tmp_path / "model.safetensors"
+    pickled.write_bytes(pickle.dumps({"w": 1}))
+    result = cli("import-weights", pickled, "--licence", "MIT", "--source", "x", "--out", tmp_path / "p")
+    assert result.code == 2 and "cannot read it as safetensors" in result.err
+    torch_file = tmp_path / "model.pt"
+    torch_file.write_bytes(b"PK")
+    result = cli("import-weights", torch_file, "--licence", "MIT", "--source", "x", "--out", tmp_path / "t")
+    assert result.code == 2 and "safetensors only" in result.err
+    result = cli("import-weights", pickled, "--licence", "not a licence!", "--source", "x", "--out", tmp_path / "l")
+    assert result.code == 2 and "not an SPDX licence expression" in result.err
+    assert not any((tmp_path / name).exists() for name in ("p", "t", "l"))

@@ -226,6 +226,16 @@ class MembershipEventSummary(EventSummary):
     scores_sha256: str
 
 
+class ImportSummary(EventSummary):
+    """engine/lineage.py `import_weights` (guard import-weights): weights trained elsewhere, as declared."""
+
+    KIND = "import"
+
+    licence: str
+    source: str
+    tensors: int
+
+
 class RunSummary(EventSummary):
     """`guard run` records its stages' own events; a `run` event is only the failure of the command itself."""
 
@@ -233,7 +243,8 @@ class RunSummary(EventSummary):
 
 
 SUMMARIES: dict[str, type[EventSummary]] = {m.KIND: m for m in (PrepareSummary, TrainSummary, SampleSummary,
-                                                                 AuditEventSummary, MembershipEventSummary, RunSummary)}
+                                                                 AuditEventSummary, MembershipEventSummary, ImportSummary,
+                                                                 RunSummary)}
 
 
 @functools.cache

@@ -1,4 +1,5 @@
-"""Where a run's weights came from: `init` (`guard train --init RUN`) starts a run from another run's EMA weights.
+"""Where a run's weights came from: `init` (`guard train --init RUN`) starts a run from another run's EMA weights, or
+from weights imported with `guard import-weights` (a root of the lineage, recorded as the user declared it).
 
 The new run's run.json records its lineage: the parent (its run directory, the weights file, their sha256, the
 prepared data it trained on, its method) followed by the parent's own lineage, so every generation lists all of
@@ -8,16 +9,19 @@ that differs (naming the keys). guard verify checks the chain (compliance/lineag
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..contracts.run_record import LineageLink, read_run_record
 from ..errors import InputError
 from ..hashing import sha256_file
+from ..rundir import IMPORT_RECORD, IMPORT_WEIGHTS
 
 if TYPE_CHECKING:
     import torch
 
+    from ..contracts.import_record import ImportRecord
     from .config import InitSpec
 
 MAX_GENERATIONS = 64  # a longer chain is refused (a cycle written by hand would never end)
@@ -30,6 +34,8 @@ def init_weights(init: InitSpec) -> Path:
     run = Path(init.run)
     if not run.is_dir():
         raise InputError(f"init.run {run}: not a run directory", hint="--init takes a directory written by guard train")
+    if is_import(run):
+        return run / IMPORT_WEIGHTS
     return weights_file(run, Path(init.checkpoint) if init.checkpoint else None)
 
 
@@ -38,6 +44,10 @@ def lineage_of(init: InitSpec, image_shape: tuple[int, int, int]) -> list[Lineag
     from .service import pipeline_of_run
 
     run = Path(init.run).resolve()
+    if is_import(run):  # weights from outside: a root, as declared
+        if init.checkpoint:
+            raise InputError(f"init.checkpoint: {run} holds imported weights, one file; drop init.checkpoint")
+        return [_import_link(run)]
     record = read_run_record(run)
     if record.shape != image_shape:
         raise InputError(f"init.run {run}: trained on {record.shape} images, this data holds {image_shape}",
@@ -76,3 +86,58 @@ def start_from(weights: Path, net: torch.nn.Module, ema: torch.nn.Module, sha256
                          hint="start from a run whose model section (channels, blocks, attention) is this pipeline's")
     net.load_state_dict(tensors)
     ema.load_state_dict(tensors)
+
+
+SPDX = re.compile(r"^[A-Za-z0-9.+-]+(?: (?:AND|OR|WITH) [A-Za-z0-9.+-]+)*$")
+
+
+def import_weights(file: Path, out: Path, *, licence: str, source: str) -> ImportRecord:
+    """Weights trained elsewhere, as a root of lineages: `file` (safetensors only: no pickle is ever read) copied to
+    `out`/ema.safetensors with import.json saying what the user declared (licence, source), which nothing verifies."""
+    from datetime import UTC, datetime
+
+    from safetensors import safe_open
+
+    from ..contracts.import_record import ImportRecord, write_import_record
+    from ..fileio import atomic_write_bytes
+
+    if not SPDX.match(licence):
+        raise InputError(f"--licence {licence!r}: not an SPDX licence expression", hint="e.g. CC-BY-4.0, MIT, Apache-2.0")
+    if not source.strip():
+        raise InputError("--source: say where the weights come from")
+    if file.suffix != ".safetensors" or not file.is_file():
+        raise InputError(f"{file}: not a .safetensors file", hint="weights come in as safetensors only (no pickles)")
+    try:
+        with safe_open(file, framework="pt") as handle:
+            tensors = len(list(handle.keys()))
+    except Exception as err:  # noqa: BLE001 (safetensors raises its own SafetensorError for a damaged file)
+        raise InputError(f"{file}: cannot read it as safetensors ({str(err).splitlines()[0] if str(err) else err})") from None
+    if tensors == 0:
+        raise InputError(f"{file}: holds no tensor")
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"--out {out}: not empty", hint="import into a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    data = file.read_bytes()
+    atomic_write_bytes(out / IMPORT_WEIGHTS, data)
+    record = ImportRecord(weights_sha256=sha256_file(out / IMPORT_WEIGHTS), licence=licence, source=source.strip(),
+                          original=str(file.resolve()), tensors=tensors,
+                          imported_at=datetime.now(UTC).isoformat(timespec="seconds"))
+    write_import_record(out, record)
+    return record
+
+
+def is_import(folder: Path) -> bool:
+    return (folder / IMPORT_RECORD).is_file()
+
+
+def _import_link(folder: Path) -> LineageLink:
+    from ..contracts.import_record import read_import_record
+
+    record = read_import_record(folder)
+    weights = (folder / IMPORT_WEIGHTS).resolve()
+    if not weights.is_file() or sha256_file(weights) != record.weights_sha256:
+        raise InputError(f"init.run {folder}: {IMPORT_WEIGHTS} is not the file import.json records",
+                         hint="import the weights again with guard import-weights")
+    return LineageLink(run=str(folder.resolve()), weights=str(weights), weights_sha256=record.weights_sha256,
+                       data_fingerprint=None, method=None,
+                       declared={"licence": record.licence, "source": record.source})
