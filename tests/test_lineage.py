@@ -128,3 +128,21 @@ def test_another_architecture_is_refused_naming_the_keys(tmp_path: Path, data: d
     result = cli("train", "--pipeline", pipeline, "--init", parent, "--allow-unrecorded")
     assert result.code == 2 and "another architecture" in result.err and "other shapes" in result.err
     assert "Traceback" not in result.err
+
+
+def test_the_privacy_budget_is_composed_over_ancestors_that_saw_this_owners_protected_data() -> None:
+    from sfbd_guard.compliance.cards import _composed_words
+    from sfbd_guard.compliance.lineage import AncestorPrivacy
+    from sfbd_guard.contracts.run_record import LineageLink
+
+    def ancestor(method: str, same: bool, epsilon: float | None) -> AncestorPrivacy:
+        link = LineageLink(run=f"/runs/{method}", weights="/w", weights_sha256="0" * 64, data_fingerprint="f",
+                           method=method)
+        return AncestorPrivacy(link, same, epsilon, 1e-5 if epsilon is not None else None)
+
+    assert _composed_words((2.0, 1e-5), [ancestor("clean-only", True, None)]) == ""  # saw no protected record
+    assert _composed_words((2.0, 1e-5), [ancestor("sfbd", False, None)]) == ""  # another owner's data
+    both = _composed_words((2.0, 1e-5), [ancestor("sfbd", True, 3.0), ancestor("ambient", True, 1.5)])
+    assert "ε = 6.5" in both and "δ = 3e-05" in both and "3 generations" in both
+    assert "no DP guarantee holds" in _composed_words((2.0, 1e-5), [ancestor("noisy-direct", True, None)])
+    assert "no guarantee over the chain" in _composed_words(None, [ancestor("sfbd", True, 3.0)])

@@ -123,3 +123,16 @@ def test_import_weights_refuses_what_it_cannot_vouch_for(tmp_path: Path, cli) ->
     result = cli("import-weights", pickled, "--licence", "not a licence!", "--source", "x", "--out", tmp_path / "l")
     assert result.code == 2 and "not an SPDX licence expression" in result.err
     assert not any((tmp_path / name).exists() for name in ("p", "t", "l"))
+
+
+def test_the_model_card_lists_the_lineage(generations: dict[str, Path], tmp_path: Path) -> None:
+    g = generations
+    assert _guard("report", "--ledger", g["ledger"], "--model-card", tmp_path / "c", "--run", g["c"]) == 0
+    card = (tmp_path / "c" / "README.md").read_text()
+    lineage = card.split("## Lineage", 1)[1].split("##", 1)[0]
+    assert lineage.index("`b`") < lineage.index("`a`") and lineage.count("method `clean-only`") == 2
+    assert "weights_sha256" in card.split("---")[1]  # in the card's metadata too
+    assert _guard("report", "--ledger", g["ledger"], "--model-card", tmp_path / "e", "--run", g["e"]) == 0
+    assert "as declared by the user, not verified" in (tmp_path / "e" / "README.md").read_text()
+    assert _guard("report", "--ledger", g["ledger"], "--model-card", tmp_path / "a", "--run", g["a"]) == 0
+    assert "Trained from random weights" in (tmp_path / "a" / "README.md").read_text()

@@ -13,8 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..contracts.events import TrainSummary
-from ..contracts.run_record import read_run_record
+from ..contracts.events import TrainSummary, read_events
+from ..contracts.run_record import RunRecord, read_run_record
 from ..errors import InputError
 from ..fileio import atomic_write_bytes, owner_only_dirs
 from ..ledger import current_head
@@ -24,6 +24,7 @@ from ..prepared.relocate import prepared_of_run
 from ..rundir import RunPaths
 from .chains import Chain, gather, membership_words
 from .composition import Exclusions, demoted, exclusions, holdout_rules_of, licence_counts, source_words, trained_licences
+from .lineage import AncestorPrivacy, ancestor_privacy
 from .markdown import code, row, text
 
 TAGS = ["sfbd-guard", "diffusion", "protected-data"]
@@ -97,6 +98,46 @@ def _audit_words(chain: Chain) -> tuple[str, dict[str, Any]]:
                   "samples": summary.flagged.of, "thresholds": summary.thresholds.method}
 
 
+def _lineage_words(record: RunRecord) -> str:
+    if not record.lineage:
+        return "Trained from random weights (no init)."
+    lines = ["Started from the weights of (parent first; guard verify checks the chain):", ""]
+    for link in record.lineage:
+        if link.declared is not None:
+            lines.append(f"- {code(Path(link.run).name)}: imported weights (sha256 {code(link.weights_sha256[:16] + '…')}), "
+                         f"licence {text(link.declared.get('licence', '?'))} and source {text(link.declared.get('source', '?'))} "
+                         "as declared by the user, not verified")
+        else:
+            data, weights = (link.data_fingerprint or "?")[:16] + "…", link.weights_sha256[:16] + "…"
+            lines.append(f"- {code(Path(link.run).name)}: method {code(link.method or '?')}, trained on prepared data "
+                         f"{code(data)}, weights sha256 {code(weights)}")
+    return "\n".join(lines)
+
+
+def _composed_words(dp: tuple[float, float | None] | None, ancestors: list[AncestorPrivacy]) -> str:
+    """ε over the chain: an ancestor that trained on this owner's protected data adds its ε (basic composition), or
+    voids the guarantee if it trained on that data without DP."""
+    from ..engine.methods import METHODS
+
+    def read_protected(a: AncestorPrivacy) -> bool:  # a clean-only ancestor saw no protected record: nothing to compose
+        specs = METHODS.get(a.link.method or "", ())  # type: ignore[call-overload]
+        return any(spec.reads_protected for spec in specs)
+
+    same = [a for a in ancestors if a.same_owner and read_protected(a)]
+    if not same:
+        return ""
+    without = [a for a in same if a.epsilon is None]
+    if without:
+        return (f" {len(without)} ancestor(s) trained on this owner's data without DP (e.g. "
+                f"{code(Path(without[0].link.run).name)}): no DP guarantee holds over the chain.")
+    if dp is None:
+        return " Ancestors trained on this owner's data with DP, but this run without it: no guarantee over the chain."
+    epsilon = dp[0] + sum(a.epsilon or 0.0 for a in same)
+    delta = (dp[1] or 0.0) + sum(a.delta or 0.0 for a in same)
+    return (f" Composed over the chain (basic composition over {len(same) + 1} generations that trained on this owner's "
+            f"data with DP-SGD): ε = {epsilon:.3g}, δ = {delta:.3g}.")
+
+
 def _membership_words(chain: Chain) -> str:
     if chain.membership is None:
         return "No membership test of the weights is recorded (guard membership)."
@@ -132,6 +173,8 @@ def model_card_text(run_dir: Path, ledger: Path, data: Path | None = None) -> st
     privacy = (f"DP-SGD on the stages that read protected data: ε = {dp[0]:.3g}" + (f", δ = {dp[1]:.3g}." if dp[1] else ".")
                if dp else "No differential-privacy guarantee: protected images were seen only as noised copies "
                           f"(σ = {card.sigma:g}), which is obfuscation, not DP.")
+    ancestors = ancestor_privacy(record, read_events(ledger), project_of(ledger), card.digest_key_id)
+    privacy += _composed_words(dp, ancestors)
     meta = ModelCardData(
         license=licence, datasets=[card.policy_name], tags=[*TAGS, method], pipeline_tag="unconditional-image-generation",
         library_name="sfbd_guard", license_name=licence_name,
@@ -139,6 +182,9 @@ def model_card_text(run_dir: Path, ledger: Path, data: Path | None = None) -> st
                     "records": {k: card.counts.get(k, 0) for k in ("clean", "protected", "excluded")},
                     "opt_outs_honoured": found.opted_out, "audit": audit_meta,
                     "membership": _membership_meta(chain),
+                    "lineage": [{"run": Path(link.run).name, "method": link.method, "weights_sha256": link.weights_sha256,
+                                 "data_fingerprint": link.data_fingerprint, "declared": link.declared}
+                                for link in record.lineage],
                     "dp": {"epsilon": dp[0], "delta": dp[1]} if dp else None,
                     "ledger_head": current_head(ledger).as_dict()})  # the ledger this card was written from
     body = f"""
@@ -161,6 +207,10 @@ made from {source_words(card)}.
 {audit}
 
 {_membership_words(chain)}
+
+## Lineage
+
+{_lineage_words(record)}
 
 ## Privacy
 

@@ -121,3 +121,40 @@ def check_lineage(record: RunRecord, rows: list[dict[str, Any]] | None, keyed: b
     verdicts = {r.verdict for r in results}
     detail = f"{len(results)} generation(s), parent first: " + "; ".join(r.words() for r in results)
     return [Check("lineage", "FAIL" not in verdicts, detail, attention="ATTENTION" in verdicts)]
+
+
+@dataclass(frozen=True)
+class AncestorPrivacy:
+    link: LineageLink
+    same_owner: bool  # trained on data prepared with this owner's key
+    epsilon: float | None  # its DP-SGD epsilon (None: trained without DP)
+    delta: float | None
+
+
+def ancestor_privacy(record: RunRecord, events: list[Event], project: Path, digest_key_id: str | None) -> list[AncestorPrivacy]:
+    """Each ancestor run's DP guarantee (from its latest finished training in the ledger) and whether it trained on
+    data of the owner whose directory has `digest_key_id`."""
+    from ..prepared.card import read_card
+    from ..prepared.relocate import prepared_of_run
+
+    found = []
+    for link in record.lineage:
+        if link.declared is not None:
+            continue
+        run = Path(link.run)
+        same = False
+        try:
+            ancestor = read_run_record(run)
+            card = read_card(prepared_of_run(run, ancestor.data, ancestor.data_fingerprint, project))
+            same = digest_key_id is not None and card.digest_key_id == digest_key_id
+        except (GuardError, OSError):
+            same = False
+        epsilon = delta = None
+        for event in events:
+            if event.kind == "train" and event.status == "ok" and any(
+                    p is not None and p == run for p in event.located("outputs", "run", project)):
+                privacy = getattr(event.summary, "privacy", None)
+                epsilon = privacy.epsilon if privacy is not None else None
+                delta = privacy.delta if privacy is not None else None
+        found.append(AncestorPrivacy(link, same, epsilon, delta))
+    return found
