@@ -31,7 +31,9 @@ from sfbd_guard.engine.config import load_pipeline
 from sfbd_guard.engine.service import train
 from sfbd_guard.policy.model import load_policy
 
-METHODS = ("clean-only", "noisy-direct", "ambient", "sfbd", "online-sfbd")
+METHODS = ("clean-only", "noisy-direct", "ambient", "sfbd", "online-sfbd", "all-clean")
+# all-clean: clean-only on every non-held-out record as a clean image (quality.py's upper bound): it trained on the
+# protected group's originals, so its protected AUC is the test's power on that group (a positive control)
 
 
 def train_or_resume(method: str, data: Path, run: Path, budget: float, out: Path) -> float:
@@ -55,10 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out: Path = args.out or Path(f"bench-membership-{args.set}")
     out.mkdir(parents=True, exist_ok=True)
-    mixed, _ = write_policies(args.set, out, args.sigma)
-    data = out / "prepared-mixed"
+    mixed, clean = write_policies(args.set, out, args.sigma)
+    data, everything = out / "prepared-mixed", out / "prepared-clean"
     if not (data / "card.json").exists():
         data = prepare(load_policy(mixed)).output
+    if "all-clean" in args.methods and not (everything / "card.json").exists():
+        everything = prepare(load_policy(clean)).output
     config = AuditConfig(membership=MembershipSpec(max_images=args.max_images))
     results: dict[str, Any] = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
     results.update(set=args.set, sigma=args.sigma, membership=dump(config.membership))
@@ -68,10 +72,14 @@ def main(argv: list[str] | None = None) -> None:
         methods = ["clean-only", *[m for m in args.methods if m != "clean-only"]]
         for method in methods:
             run = out / f"run-{method}-{budget:g}"
-            seconds = train_or_resume(method, data, run, budget, out)
+            if method == "all-clean":  # its groups are the mixed data's: the same images as every other run's test
+                seconds = train_or_resume("upper-bound", everything, run, budget, out)
+            else:
+                seconds = train_or_resume(method, data, run, budget, out)
             started = time.perf_counter()
-            summary = run_membership(run=run, report=out / f"membership-{method}-{budget:g}", config=config,
-                                     control=None if method == "clean-only" else control).summary
+            summary = run_membership(run=run, report=out / f"membership-{method}-{budget:g}", config=config, data=data,
+                                     control=None if method in ("clean-only", "all-clean") else control,
+                                     other_data=method == "all-clean").summary
             row: dict[str, Any] = {"train_seconds": seconds, "membership_seconds": round(time.perf_counter() - started, 1),
                                    "verdict": summary.verdict}
             for group in summary.groups:

@@ -76,13 +76,13 @@ class _Model:
     ref: ModelRef
 
 
-def _load_model(run: Path, info: PreparedInfo, what: str) -> _Model:
-    """The run's EMA network; refused unless it was trained on this prepared directory."""
+def _load_model(run: Path, info: PreparedInfo, what: str, other_data: bool = False) -> _Model:
+    """The run's EMA network; refused unless it was trained on this prepared directory (or `other_data`)."""
     from ..contracts.run_record import read_run_record
     from ..engine.service import load_ema_net, pipeline_of_run
 
     record = read_run_record(run)
-    if record.data_fingerprint != info.fingerprint:
+    if record.data_fingerprint != info.fingerprint and not other_data:
         raise InputError(f"{what} {run}: trained on prepared data {record.data_fingerprint[:12]}, not on --data "
                          f"{info.root} ({info.fingerprint[:12]})", hint="test a model against the data it was trained on")
     net, weights, shape = load_ema_net(run, device="cpu")
@@ -269,9 +269,11 @@ def _page(summary: MembershipSummary, scores: dict[tuple[str, str], np.ndarray])
 def run_membership(*, run: Path, report: Path, config: AuditConfig, data: Path | None = None,
                    control: Path | None = None, data_root: Path | None = None, holdout_dir: Path | None = None,
                    progress: ProgressFactory | None = None, ledger_head: dict[str, Any] | None = None,
-                   executor: ExecutorSpec = LOCAL) -> MembershipResult:
+                   executor: ExecutorSpec = LOCAL, other_data: bool = False) -> MembershipResult:
     """The membership test of `run`'s EMA model (and of `control`'s on the same images); writes the report.
-    `executor` ray: the denoising errors are computed by Ray actors (membership_workers.py), with the same results."""
+    `executor` ray: the denoising errors are computed by Ray actors (membership_workers.py), with the same results.
+    `other_data`: test a model trained on another prepared directory against this one's groups (a benchmark's positive
+    control: a model trained on the protected originals themselves); the CLI never sets it."""
     from ..engine.service import pipeline_of_run
 
     check_report_dir(report, "--report")
@@ -279,7 +281,7 @@ def run_membership(*, run: Path, report: Path, config: AuditConfig, data: Path |
     spec = config.membership
     prepared = data if data is not None else Path(str(pipeline_of_run(run).data))
     info = read_prepared(prepared)
-    model = _load_model(run, info, "--run")
+    model = _load_model(run, info, "--run", other_data)
     control_model = _load_model(control, info, "--control") if control is not None else None
     if control_model is not None and control_model.ref.method != "clean-only":
         raise InputError(f"--control {control}: a {control_model.ref.method} run trained on the protected copies; the "
