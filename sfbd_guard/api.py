@@ -218,13 +218,14 @@ def report(sql: str | None = None, *, ledger: PathLike | None = None) -> dict[st
 
 def verify(run: PathLike, *, verify_key: PathLike | None = None, data: PathLike | None = None,
            digest_key: PathLike | None = None, ledger_keys: Sequence[PathLike] = (),
-           ledger: PathLike | None = None) -> list[Check]:
+           ledger: PathLike | None = None, data_root: PathLike | None = None) -> list[Check]:
     """Check from files alone that the run saw only what its policy allowed; each check PASS, ATTENTION or FAIL
     (`check.passed`, `check.attention`). `guard verify`."""
     from .compliance.verify import verify_run
 
     return verify_run(Path(run), ledger_dir(_path(ledger)), verify_key=_path(verify_key), data=_path(data),
-                      digest_key=_path(digest_key), ledger_keys=[Path(k) for k in ledger_keys])
+                      digest_key=_path(digest_key), ledger_keys=[Path(k) for k in ledger_keys],
+                      data_root=_path(data_root))
 
 
 def run(pipeline: PathLike, *, allow_unrecorded: bool = False, sign_key: PathLike | None = None,

@@ -475,6 +475,7 @@ def verify(
     digest_key: Annotated[Path | None, typer.Option("--digest-key", help="The data owner's digest key (guard key export-digest): compare the manifest's keyed pixel digests with the clean rows (without it that check needs attention).")] = None,
     ledger_key: Annotated[list[Path] | None, typer.Option("--ledger-key", help="Public key (repeatable) of those who sign the ledger's heads (--sign-key): each signature must be by one of them, and the chain must be anchored by one.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON (name, status PASS/ATTENTION/FAIL, detail, evidence paths); same exit codes.")] = False,
+    data_root: Annotated[Path | None, typer.Option("--data-root", help="The owner's source dataset (default the root card.json records, when readable): the lineage check then searches ancestors' clean images for near copies of protected originals.")] = None,
     ledger: LedgerOpt = None,
 ) -> None:
     """Check from files alone that a run saw only what its policy allowed; exit 1 if any check fails.
@@ -486,7 +487,7 @@ def verify(
 
     from .compliance.tables import checks_json, print_checks, printable
     checks = api.verify(run, verify_key=verify_key, data=data, digest_key=digest_key, ledger_keys=ledger_key or [],
-                        ledger=ledger)
+                        ledger=ledger, data_root=data_root)
     failed = [c.name for c in checks if not c.passed]
     attention = sum(c.passed and c.attention for c in checks)
     if as_json:

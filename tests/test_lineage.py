@@ -146,3 +146,24 @@ def test_the_privacy_budget_is_composed_over_ancestors_that_saw_this_owners_prot
     assert "ε = 6.5" in both and "δ = 3e-05" in both and "3 generations" in both
     assert "no DP guarantee holds" in _composed_words((2.0, 1e-5), [ancestor("noisy-direct", True, None)])
     assert "no guarantee over the chain" in _composed_words(None, [ancestor("sfbd", True, 3.0)])
+
+
+def test_the_near_search_finds_an_ancestors_slightly_changed_copy_of_a_protected_original() -> None:
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from sfbd_guard.compliance.lineage import _near
+
+    digits = np.clip(np.round(load_digits().images / 16 * 255), 0, 255).astype(np.uint8)[:, None]
+    protected, others = digits[:200], digits[200:400]
+    ids = [f"p-{i}" for i in range(200)]
+
+    def originals():  # type: ignore[no-untyped-def]
+        yield ids[:100], protected[:100]
+        yield ids[100:], protected[100:]
+
+    assert _near([f"c-{i}" for i in range(200)], others, originals)[0] == "PASS"
+    changed = others.copy()
+    changed[17] = np.clip(protected[150].astype(int) + np.random.default_rng(0).integers(-3, 4, (1, 8, 8)), 0, 255)
+    verdict, words = _near([f"c-{i}" for i in range(200)], changed, originals)
+    assert verdict == "FAIL" and "p-150 ~ its c-17" in words

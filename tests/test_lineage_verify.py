@@ -2,7 +2,8 @@
 
 A (clean-only on the digits' licensed tenth) → B (--init A) → C (SFBD from B on a policy that holds the licensed
 tenth out and protects the rest: no clean record). Then:
-- verify C with the owner's digest key: the lineage passes (no ancestor trained on a record C's policy protects);
+- verify C with the owner's digest key: the lineage passes (no ancestor trained on a record C's policy protects,
+  nor on a near copy of one: the digits' originals are readable here);
   without the key: ATTENTION, saying what was not compared;
 - A's weights changed after B started from them: verify C fails naming A;
 - D (--init B) on a policy that protects the licensed tenth: verify D fails, naming an image A and B trained on.
@@ -69,6 +70,7 @@ def test_a_clean_lineage_verifies_with_the_owners_key(generations: dict[str, Pat
     _code, check = _lineage_check(g["c"], g["ledger"], "--digest-key", g["digest"], capsys=capsys)
     assert check["status"] == "PASS", check["detail"]
     assert check["detail"].startswith("2 generation(s), parent first: b (PASS") and "a (PASS" in check["detail"]
+    assert check["detail"].count("no near copy of a protected original") == 2  # the digits' originals are readable
     _, without = _lineage_check(g["c"], g["ledger"], capsys=capsys)
     assert without["status"] == "ATTENTION" and "needs the owner's digest key" in without["detail"]
 

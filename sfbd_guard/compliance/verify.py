@@ -538,12 +538,37 @@ def _audit_folder(con: Any, run_dir: Path) -> Path | None:
     return Path(rows[0][0]).parent if rows and rows[0][0] and Path(rows[0][0]).is_absolute() else None
 
 
+def _originals(prepared: Path, data_root: Path | None) -> Any:
+    """The protected originals of `prepared`, read from the source dataset (hash-verified), chunk by chunk, as
+    (record ids, pixels); None when the source dataset is not readable here (a verifier without the owner's data)."""
+    from ..auditing.originals import iter_protected, read_prepared, source_spec
+
+    try:
+        info = read_prepared(prepared)
+        spec = source_spec(info, data_root)
+    except GuardError:
+        return None
+    if spec.root is not None and not Path(spec.root).exists() and info.card.format != "digits":
+        return None
+
+    def chunks() -> Any:
+        chunk = 1024
+        for start, pixels in zip(range(0, len(info.protected_ids), chunk), iter_protected(info, data_root, chunk=chunk),
+                                 strict=True):
+            yield info.protected_ids[start : start + chunk], pixels
+
+    return chunks
+
+
 def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, data: Path | None = None,
-               digest_key: Path | bytes | None = None, ledger_keys: list[Path] | None = None) -> list[Check]:
+               digest_key: Path | bytes | None = None, ledger_keys: list[Path] | None = None,
+               data_root: Path | None = None) -> list[Check]:
     """Every check of the run in `run_dir` against `ledger`. Its prepared directory is `data` (--data), else
     run.json's (`relocate.prepared_of_run`: relative to the run, or found by its fingerprint in the project).
     `digest_key` (a file from guard key export-digest, or the subkey itself) lets the pixel checks compare the keyed
-    digests. `ledger_keys` (--ledger-key): the public keys whose signatures of the ledger's heads are trusted."""
+    digests. `data_root` (the owner's source dataset, else the root card.json records, when readable) lets the
+    lineage check search the ancestors' clean images for near copies of protected originals. `ledger_keys`
+    (--ledger-key): the public keys whose signatures of the ledger's heads are trusted."""
     from ..contracts.events import read_events
     from ..contracts.run_record import read_run_record
     from .tamper import ledger_checks
@@ -583,4 +608,5 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
                      check_counts(events, run_dir, project, prepared, rows), check_audit(events, run_dir, project),
                      *check_membership(events, run_dir, project),
                      *check_lineage(record, rows, keyed, key, events, ledger, project,
-                                    frozenset(prepared.card.holdout_rules()))])
+                                    frozenset(prepared.card.holdout_rules()),
+                                    _originals(prepared.root, data_root) if record.lineage else None)])
