@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import InputError
 from .executor import executor_spec
-from .ledger import ledger_dir, record_failure
+from .hashing import sha256_file
+from .ledger import Artifact, ledger_dir, record_failure, recorded
 from .locations import project_of
 
 if TYPE_CHECKING:
@@ -171,8 +172,6 @@ def import_weights(file: PathLike, *, out: PathLike, licence: str, source: str, 
     argv = _command("import-weights", command)
     with _failures_recorded("import", ledger, argv):
         from .engine.lineage import import_weights as bring_in
-        from .hashing import sha256_file
-        from .ledger import Artifact, recorded
 
         target = Path(out)
         with recorded(ledger_dir(_path(ledger)), "import", argv) as event:

@@ -28,7 +28,7 @@ from sfbd_guard.contracts.events import read_events as read_typed_events
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """prepare → train → sample → audit through `guard run`: one event of every kind, all files written."""
+    """prepare → train → sample → audit through `guard run`, then guard membership: an event of every kind with a view."""
     folder = tmp_path_factory.mktemp("contracts-chain")
     policy = {"version": 1, "name": "digits-contracts", "dataset": {"format": "digits", "resolution": 8},
               "rules": [{"name": "dropped", "action": "exclude", "sample": {"fraction": 0.8, "seed": 5}},
@@ -39,6 +39,15 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pipeline = tiny_pipeline(Path("prepared"), Path("run"), policy="policy.yaml", sample={"n": 4, "steps": 2, "batch": 4})
     write_policy(folder / "pipeline.yaml", pipeline)
     assert _guard("run", folder / "pipeline.yaml", "--ledger", folder / "ledger") == 0
+    from PIL import Image
+
+    unseen = folder / "unseen"  # a holdout for the membership test: images no run saw
+    unseen.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(unseen / f"{i:02d}.png")
+    assert _guard("membership", "--run", folder / "run", "--holdout", unseen, "--max-images", 24, "--report",
+                  folder / "membership", "--ledger", folder / "ledger") in (0, 3)
     return folder
 
 
@@ -240,7 +249,7 @@ def unfilled_cells(ledger: Path, models: dict[str, type[EventSummary]] | None = 
 def test_every_view_column_is_filled_where_the_event_has_the_value(chain: Path) -> None:
     from sfbd_guard.compliance.views import VIEWS, connect
 
-    assert set(VIEWS) == {"prepares", "trainings", "samplings", "audits"}
+    assert set(VIEWS) == {"prepares", "trainings", "samplings", "audits", "memberships"}
     assert not unfilled_cells(chain / "ledger")
     con = connect(chain / "ledger")
     for model in SUMMARIES.values():

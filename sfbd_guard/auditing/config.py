@@ -133,6 +133,13 @@ class MembershipSpec(StrictModel):
             raise ValueError("every sigma must be in (0, 80]")
         return sigmas
 
+    @model_validator(mode="after")
+    def _enough_holdout(self) -> MembershipSpec:
+        if self.max_images < self.min_holdout:
+            raise ValueError(f"membership.max_images ({self.max_images}) caps the holdout below membership.min_holdout "
+                             f"({self.min_holdout})")
+        return self
+
 
 class AuditConfig(StrictModel):
     version: Literal[1] = 1

@@ -16,7 +16,6 @@ images, so a difference between the groups that is there without training (selec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -32,7 +31,7 @@ from ..contracts.membership import GroupResult, MembershipSummary, ModelRef, Res
 from ..errors import InputError
 from ..executor import LOCAL, ExecutorSpec
 from ..fileio import atomic_write_bytes, check_report_dir, report_dir
-from ..hashing import seeded_subset, sha256_file
+from ..hashing import seeded_subset, sha256_bytes, sha256_file
 from ..ledger import Artifact, current_head, ledger_dir, recorded
 from ..progress import ProgressFactory
 from ..rundir import (
@@ -167,7 +166,7 @@ def _errors(model: _Model, groups: dict[str, Group], spec: MembershipSpec, noise
                        executor, spec.workers) as errors:
         found = {}
         for name, group in groups.items():
-            key = hashlib.sha256(settings.encode() + group.pixels.tobytes()).hexdigest()[:24]
+            key = sha256_bytes(settings.encode() + group.pixels.tobytes())[:24]
             found[name] = _resumable(errors, group.pixels, tick, partial / f"{label}-{name}-{key}", spec.batch * UNIT_BATCHES)
         return found
 

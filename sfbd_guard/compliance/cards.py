@@ -15,6 +15,7 @@ from typing import Any
 
 from ..contracts.events import TrainSummary, read_events
 from ..contracts.run_record import RunRecord, read_run_record
+from ..engine.methods import METHODS
 from ..errors import InputError
 from ..fileio import atomic_write_bytes, owner_only_dirs
 from ..ledger import current_head
@@ -117,8 +118,6 @@ def _lineage_words(record: RunRecord) -> str:
 def _composed_words(dp: tuple[float, float | None] | None, ancestors: list[AncestorPrivacy]) -> str:
     """ε over the chain: an ancestor that trained on this owner's protected data adds its ε (basic composition), or
     voids the guarantee if it trained on that data without DP."""
-    from ..engine.methods import METHODS
-
     def read_protected(a: AncestorPrivacy) -> bool:  # a clean-only ancestor saw no protected record: nothing to compose
         specs = METHODS.get(a.link.method or "", ())  # type: ignore[call-overload]
         return any(spec.reads_protected for spec in specs)

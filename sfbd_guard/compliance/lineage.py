@@ -28,10 +28,13 @@ from ..contracts.events import Event
 from ..contracts.run_record import LineageLink, RunRecord, read_run_record
 from ..errors import GuardError
 from ..hashing import sha256_file
+from ..prepared.relocate import prepared_of_run
 from .check import Check, inside
+from .rows import clean_row_hashes, manifest_rows
 
 Verdict = Literal["PASS", "ATTENTION", "FAIL"]
 Originals = Callable[[], Iterator[tuple[list[str], np.ndarray]]]  # (record ids, uint8 pixels) chunks, hash-verified
+Verify = Callable[[Path, Path, bytes | None], list[Check]]  # guard verify of a run against a ledger, with a digest key
 NEAR_SIZE = 16  # side of the pixel embedding of the near search (dedup's, capped at the resolution)
 NEAR_THRESHOLD = 0.99  # cosine at which two images are near copies (dedup's pixel threshold)
 
@@ -89,12 +92,9 @@ def _overlap(link: LineageLink, ancestor: RunRecord, run: Path, project: Path, f
     """Does the ancestor's clean data hold a record this policy protects or excludes? Exact: keyed digests (needs the
     owner's digest key); near: pixel embeddings against the protected originals (needs the source dataset; excluded
     records are opt-outs, never read, so they are compared by digest only)."""
-    from ..prepared.relocate import prepared_of_run
-    from .verify import _clean_row_hashes, _manifest
-
     try:
         folder = prepared_of_run(run, ancestor.data, ancestor.data_fingerprint, project)
-        rows, _ = _manifest(folder)
+        rows, _ = manifest_rows(folder)
     except (GuardError, OSError) as err:
         return [("FAIL", f"its prepared data cannot be read: {err}")]
     found: list[tuple[Verdict, str]] = []
@@ -105,7 +105,7 @@ def _overlap(link: LineageLink, ancestor: RunRecord, run: Path, project: Path, f
         found.append(("ATTENTION", f"its clean images ({ancestor.shape}) not compared by digest with this policy's "
                                    f"records ({resolution}): exact digests never match at another resolution"))
     else:
-        stored = _clean_row_hashes(folder, rows, key if keyed else None)
+        stored = clean_row_hashes(folder, rows, key if keyed else None)
         leaks = [(rid, forbidden[h]) for rid, h in stored.items() if h in forbidden]
         if leaks:
             return [("FAIL", f"it trained on {len(leaks)} clean image(s) that this policy protects or excludes, e.g. "
@@ -130,9 +130,7 @@ SAMPLE_CHECKS = frozenset({"audit", "membership"})
 
 def _check_link(depth: int, record: RunRecord, rows: list[dict[str, Any]] | None, forbidden: dict[str, str],
                 keyed: bool, key: bytes | None, events: list[Event], ledger: Path, project: Path,
-                originals: Originals | None) -> LinkResult:
-    from .verify import verify_run
-
+                originals: Originals | None, verify: Verify) -> LinkResult:
     link = record.lineage[depth]
     found: list[tuple[Verdict, str]] = []
     weights = Path(link.weights)
@@ -156,7 +154,7 @@ def _check_link(depth: int, record: RunRecord, rows: list[dict[str, Any]] | None
         if rows is not None:
             found += _overlap(link, ancestor, run, project, forbidden, record.shape, key, keyed, originals)
         if depth == 0 and all(level != "FAIL" for level, _ in found):  # the parent verifies, and so its ancestors
-            failed = [c for c in verify_run(run, ledger, digest_key=key) if not c.passed and c.name not in SAMPLE_CHECKS]
+            failed = [c for c in verify(run, ledger, key) if not c.passed and c.name not in SAMPLE_CHECKS]
             if failed:
                 found.append(("FAIL", f"guard verify of it fails {failed[0].name}: {failed[0].detail}"))
     verdict: Verdict = max((level for level, _ in found), key=ORDER.__getitem__, default="PASS")
@@ -165,15 +163,17 @@ def _check_link(depth: int, record: RunRecord, rows: list[dict[str, Any]] | None
 
 def check_lineage(record: RunRecord, rows: list[dict[str, Any]] | None, keyed: bool, key: bytes | None,
                   events: list[Event], ledger: Path, project: Path, holdout_rules: frozenset[str] = frozenset(),
-                  originals: Originals | None = None) -> list[Check]:
+                  originals: Originals | None = None, verify: Verify | None = None) -> list[Check]:
     """The lineage check of a run (none for a run from random weights); `rows` is this run's manifest (None when its
     prepared directory does not verify: the overlap is then not checked). Records of `holdout_rules` are neither
-    protected nor excluded (an ancestor may have trained on them)."""
+    protected nor excluded (an ancestor may have trained on them). `verify(run, ledger, digest key)` is guard verify
+    of the parent (compliance/verify.py passes its own)."""
     if not record.lineage:
         return []
+    assert verify is not None, "the parent is verified by guard verify's own checks"
     forbidden = {r["digest"]: r["record_id"] for r in rows or [] if r["digest"] and (
         r["partition"] == "protected" or (r["partition"] == "excluded" and r["rule"] not in holdout_rules))}
-    results = [_check_link(depth, record, rows, forbidden, keyed, key, events, ledger, project, originals)
+    results = [_check_link(depth, record, rows, forbidden, keyed, key, events, ledger, project, originals, verify)
                for depth in range(len(record.lineage))]
     verdicts = {r.verdict for r in results}
     detail = f"{len(results)} generation(s), parent first: " + "; ".join(r.words() for r in results)
@@ -192,7 +192,6 @@ def ancestor_privacy(record: RunRecord, events: list[Event], project: Path, dige
     """Each ancestor run's DP guarantee (from its latest finished training in the ledger) and whether it trained on
     data of the owner whose directory has `digest_key_id`."""
     from ..prepared.card import read_card
-    from ..prepared.relocate import prepared_of_run
 
     found = []
     for link in record.lineage:

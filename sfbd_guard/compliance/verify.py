@@ -34,7 +34,7 @@ import numpy as np
 
 from ..contracts.events import Event, TrainSummary
 from ..errors import GuardError, InputError
-from ..hashing import canonical_sha256, digest_key_id, keyed_digest, pixel_sha256, sha256_file
+from ..hashing import canonical_sha256, digest_key_id, keyed_digest, sha256_file
 from ..keys.digests import read_digest_key
 from ..locations import project_of
 from ..policy.model import DUPLICATE_RULE
@@ -53,6 +53,8 @@ from ..rundir import (
 from ..symmetry import GENERATORS, Variant, group
 from .check import Check, inside, run_audits
 from .evidence import evidence_paths
+from .rows import clean_row_hashes as _clean_row_hashes
+from .rows import manifest_rows as _manifest
 from .views import RUN_AUDITS, connect
 
 if TYPE_CHECKING:
@@ -151,21 +153,6 @@ def check_noise_statistics(prepared: PreparedData | GuardError) -> Check:
     return Check("noise statistics", stats.passed, stats.detail(prepared.card.sigma))
 
 
-def _manifest(data: Path) -> tuple[list[dict[str, Any]], bool]:
-    """The manifest's rows, with each row's pixel digest as `digest`; and whether the digests are keyed (made since
-    prepare keys them: curation/disclosure.py) or plain sha256 (older directories)."""
-    import pyarrow.parquet as pq
-
-    names = set(pq.read_schema(data / MANIFEST).names)
-    keyed = "digest" in names
-    digest, canonical = ("digest", "canonical_digest") if keyed else ("sha256", "canonical_sha256")
-    columns = ["record_id", "partition", "rule", digest, "sigma", "file", "row"]
-    columns += [name for name in (canonical, "dup_rule") if name in names]  # absent from older manifests
-    table = pq.read_table(data / MANIFEST, columns=columns)
-    renamed = {digest: "digest", canonical: "canonical"}
-    return table.rename_columns([renamed.get(name, name) for name in columns]).to_pylist(), keyed
-
-
 def card_variants(card: Any) -> tuple[Variant, ...]:
     """The dedup transforms' group of the card (the identity alone for dedup off or a card without transforms)."""
     dedup = getattr(card, "dedup", None) or {}
@@ -181,19 +168,6 @@ def check_noise(prepared: PreparedData, rows: list[dict[str, Any]]) -> Check:
         return Check("noise", False, f"{len(wrong)} protected record(s) not at the policy's sigma {sigma}, e.g. {wrong[:3]}")
     count = sum(r["partition"] == "protected" for r in rows)
     return Check("noise", True, f"all {count} protected records noised with sigma {sigma}")
-
-
-def _clean_row_hashes(data: Path, rows: list[dict[str, Any]], digest_key: bytes | None) -> dict[str, str]:
-    """record_id → digest of the pixels actually stored in its clean array row: their sha256, keyed with
-    `digest_key` when given (as the manifest's digests are)."""
-    arrays: dict[str, np.ndarray] = {}
-    hashes = {}
-    for row in rows:
-        if row["partition"] == "clean":
-            array = arrays.setdefault(row["file"], np.load(data / row["file"], mmap_mode="r"))
-            sha = pixel_sha256(np.asarray(array[row["row"]]))
-            hashes[row["record_id"]] = keyed_digest(digest_key, sha) if digest_key is not None else sha
-    return hashes
 
 
 def _clean_row_canonical(data: Path, rows: list[dict[str, Any]], variants: tuple[Variant, ...],
@@ -598,7 +572,7 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
                    for name in ("noise", "noise statistics", "releases", "no protected pixels", "opt-outs", "duplicates")]
         return evidence([*checks, *skipped, check_counts(events, run_dir, project, prepared, None),
                          check_audit(events, run_dir, project), *check_membership(events, run_dir, project),
-                         *check_lineage(record, None, False, None, events, ledger, project)])
+                         *check_lineage(record, None, False, None, events, ledger, project, verify=_verify_parent)])
     rows, keyed = _manifest(prepared.root)
     foreign = key is not None and prepared.card.digest_key_id not in (None, digest_key_id(key))
     key = None if foreign else key  # another directory's digest key: the pixel checks say so (ATTENTION)
@@ -609,4 +583,8 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
                      *check_membership(events, run_dir, project),
                      *check_lineage(record, rows, keyed, key, events, ledger, project,
                                     frozenset(prepared.card.holdout_rules()),
-                                    _originals(prepared.root, data_root) if record.lineage else None)])
+                                    _originals(prepared.root, data_root) if record.lineage else None, _verify_parent)])
+
+
+def _verify_parent(run: Path, ledger: Path, digest_key: bytes | None) -> list[Check]:
+    return verify_run(run, ledger, digest_key=digest_key)

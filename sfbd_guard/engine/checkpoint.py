@@ -149,6 +149,19 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path
 
 
+def ema_weights_file(run_dir: Path, checkpoint: Path | None) -> Path:
+    """The EMA weights of `run_dir`'s latest checkpoint, or of `checkpoint` (a checkpoint folder or a .safetensors)."""
+    if checkpoint is None:
+        latest = latest_checkpoint(run_dir)
+        if latest is None:
+            raise InputError(f"{run_dir}: no checkpoint yet", hint="train first, or pass --checkpoint FILE")
+        return latest / "ema.safetensors"
+    path = checkpoint / "ema.safetensors" if checkpoint.is_dir() else checkpoint
+    if not path.is_file() or path.suffix != ".safetensors":
+        raise InputError(f"--checkpoint {checkpoint}: not a .safetensors file or a checkpoint directory")
+    return path
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__

@@ -10,13 +10,14 @@ that differs (naming the keys). guard verify checks the chain (compliance/lineag
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..contracts.run_record import LineageLink, read_run_record
 from ..errors import InputError
 from ..hashing import sha256_file
-from ..rundir import IMPORT_RECORD, IMPORT_WEIGHTS
+from ..rundir import IMPORT_RECORD, IMPORT_WEIGHTS, RunPaths
 
 if TYPE_CHECKING:
     import torch
@@ -29,19 +30,20 @@ MAX_GENERATIONS = 64  # a longer chain is refused (a cycle written by hand would
 
 def init_weights(init: InitSpec) -> Path:
     """The EMA weights file `init` names: its checkpoint's, else the run's latest."""
-    from .service import weights_file
+    from .checkpoint import ema_weights_file
 
     run = Path(init.run)
     if not run.is_dir():
         raise InputError(f"init.run {run}: not a run directory", hint="--init takes a directory written by guard train")
     if is_import(run):
         return run / IMPORT_WEIGHTS
-    return weights_file(run, Path(init.checkpoint) if init.checkpoint else None)
+    return ema_weights_file(run, Path(init.checkpoint) if init.checkpoint else None)
 
 
 def lineage_of(init: InitSpec, image_shape: tuple[int, int, int]) -> list[LineageLink]:
     """The lineage of a run started from `init`: the parent, then the parent's own lineage (its run.json)."""
-    from .service import pipeline_of_run
+    from ..config import load_config
+    from .config import PipelineConfig
 
     run = Path(init.run).resolve()
     if is_import(run):  # weights from outside: a root, as declared
@@ -54,7 +56,8 @@ def lineage_of(init: InitSpec, image_shape: tuple[int, int, int]) -> list[Lineag
                          hint="start from a run of the same resolution and channels")
     weights = init_weights(init).resolve()
     parent = LineageLink(run=str(run), weights=str(weights), weights_sha256=sha256_file(weights),
-                         data_fingerprint=record.data_fingerprint, method=pipeline_of_run(run).method)
+                         data_fingerprint=record.data_fingerprint,
+                         method=load_config(PipelineConfig, RunPaths(run).resolved).method)
     chain = [parent, *record.lineage]
     if len(chain) > MAX_GENERATIONS:
         raise InputError(f"init.run {run}: a lineage of more than {MAX_GENERATIONS} generations")
@@ -94,8 +97,6 @@ SPDX = re.compile(r"^[A-Za-z0-9.+-]+(?: (?:AND|OR|WITH) [A-Za-z0-9.+-]+)*$")
 def import_weights(file: Path, out: Path, *, licence: str, source: str) -> ImportRecord:
     """Weights trained elsewhere, as a root of lineages: `file` (safetensors only: no pickle is ever read) copied to
     `out`/ema.safetensors with import.json saying what the user declared (licence, source), which nothing verifies."""
-    from datetime import UTC, datetime
-
     from safetensors import safe_open
 
     from ..contracts.import_record import ImportRecord, write_import_record

@@ -26,6 +26,7 @@ from ..progress import ProgressFactory
 from ..rundir import GRID, RESOLVED, SAMPLES_INDEX, RunPaths
 from ..threads import in_force
 from .config import PipelineConfig, load_pipeline
+from .methods import stages_of
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,6 @@ def _start_run_dir(config: PipelineConfig, data: PreparedData, project: Path | N
 
 def check_trainable(config: PipelineConfig, data: PreparedData) -> None:
     """Refuse a run that would have nothing to train on: no clean records where the schedule trains on them alone."""
-    from .methods import stages_of
-
     if len(data.clean.record_ids):
         return
     stages = stages_of(config.method)
@@ -251,31 +250,17 @@ class SampleOutcome:
     seconds: float
 
 
-def weights_file(run_dir: Path, checkpoint: Path | None) -> Path:
-    from .checkpoint import latest_checkpoint
-
-    if checkpoint is None:
-        latest = latest_checkpoint(run_dir)
-        if latest is None:
-            raise InputError(f"{run_dir}: no checkpoint yet", hint="train first, or pass --checkpoint FILE")
-        return latest / "ema.safetensors"
-    path = checkpoint / "ema.safetensors" if checkpoint.is_dir() else checkpoint
-    if not path.is_file() or path.suffix != ".safetensors":
-        raise InputError(f"--checkpoint {checkpoint}: not a .safetensors file or a checkpoint directory")
-    return path
-
-
 def load_ema_net(run_dir: Path, *, checkpoint: Path | None = None,
                  device: str = "auto") -> tuple[Any, Path, tuple[int, int, int]]:
     """A run's network with its EMA weights (the latest checkpoint's, or `checkpoint`'s), in eval mode;
     also the weights file and the run's image shape (C, H, W)."""
-    from .checkpoint import load_weights
+    from .checkpoint import ema_weights_file, load_weights
     from .runtime import resolve_device
     from .trainer import build_net
 
     config = pipeline_of_run(run_dir)
     shape = read_run_record(run_dir).shape
-    weights = weights_file(run_dir, checkpoint)
+    weights = ema_weights_file(run_dir, checkpoint)
     net = build_net(config, shape).to(resolve_device(device)).eval()
     load_weights(weights, net)
     return net, weights, shape
