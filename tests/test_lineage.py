@@ -77,6 +77,10 @@ def test_a_run_starts_from_its_parent_and_three_generations_list_their_ancestors
         assert sha256_file(Path(link.weights)) == link.weights_sha256 and link.method == "clean-only"
     assert chain[0].data_fingerprint == json.loads((data["mixed"] / "card.json").read_text())["fingerprint"]
     assert read_run_record(child).lineage == chain[1:]
+    online = train(_config(tmp_path, data["protected"], "d", method="online-sfbd", init={"run": str(child)},
+                           schedule={"pretrain_kimg": 0, "total_kimg": 0.064, "refresh_every": 2, "refresh_size": 32}),
+                   resume=False)  # online SFBD likewise: no clean record, the bank denoised by the init's model
+    assert online.step == 4 and (online.run_dir / "bank" / "bank.npy").is_file()
 
 
 def test_sfbd_without_clean_records_needs_an_init(tmp_path: Path, data: dict[str, Path], cli) -> None:  # type: ignore[no-untyped-def]
