@@ -161,13 +161,32 @@ def _check_link(depth: int, record: RunRecord, rows: list[dict[str, Any]] | None
     return LinkResult(link, verdict, [why for _, why in found] or ["checked"])
 
 
+def recorded_lineage(events: list[Event], run: Path, project: Path) -> list[list[dict[str, Any]]]:
+    """The lineage each finished training of `run` recorded in the ledger (its train events' summaries)."""
+    found = []
+    for event in events:
+        if event.kind == "train" and event.status == "ok" and any(
+                p is not None and p == run for p in event.located("outputs", "run", project)):
+            lineage = getattr(event.summary, "lineage", None) or []
+            found.append([link.model_dump(mode="json") for link in lineage])
+    return found
+
+
 def check_lineage(record: RunRecord, rows: list[dict[str, Any]] | None, keyed: bool, key: bytes | None,
                   events: list[Event], ledger: Path, project: Path, holdout_rules: frozenset[str] = frozenset(),
-                  originals: Originals | None = None, verify: Verify | None = None) -> list[Check]:
+                  originals: Originals | None = None, verify: Verify | None = None,
+                  run: Path | None = None) -> list[Check]:
     """The lineage check of a run (none for a run from random weights); `rows` is this run's manifest (None when its
     prepared directory does not verify: the overlap is then not checked). Records of `holdout_rules` are neither
     protected nor excluded (an ancestor may have trained on them). `verify(run, ledger, digest key)` is guard verify
     of the parent (compliance/verify.py passes its own)."""
+    if run is not None:  # run.json's lineage is the one its trainings recorded: an edit that hides an ancestor shows
+        mine = [link.model_dump(mode="json") for link in record.lineage]
+        differing = [found for found in recorded_lineage(events, run, project) if found != mine]
+        if differing:
+            told = f"{len(differing[0])} generation(s)" if differing[0] else "random weights (no init)"
+            return [Check("lineage", False, f"run.json's lineage ({len(mine)} generation(s)) is not the one the ledger's "
+                                            f"train event recorded ({told}): run.json was edited")]
     if not record.lineage:
         return []
     assert verify is not None, "the parent is verified by guard verify's own checks"

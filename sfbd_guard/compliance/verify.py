@@ -572,7 +572,8 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
                    for name in ("noise", "noise statistics", "releases", "no protected pixels", "opt-outs", "duplicates")]
         return evidence([*checks, *skipped, check_counts(events, run_dir, project, prepared, None),
                          check_audit(events, run_dir, project), *check_membership(events, run_dir, project),
-                         *check_lineage(record, None, False, None, events, ledger, project, verify=_verify_parent)])
+                         *check_lineage(record, None, False, None, events, ledger, project, verify=_verify_parent,
+                                        run=run_dir)])
     rows, keyed = _manifest(prepared.root)
     foreign = key is not None and prepared.card.digest_key_id not in (None, digest_key_id(key))
     key = None if foreign else key  # another directory's digest key: the pixel checks say so (ATTENTION)
@@ -583,7 +584,8 @@ def verify_run(run_dir: Path, ledger: Path, *, verify_key: Path | None = None, d
                      *check_membership(events, run_dir, project),
                      *check_lineage(record, rows, keyed, key, events, ledger, project,
                                     frozenset(prepared.card.holdout_rules()),
-                                    _originals(prepared.root, data_root) if record.lineage else None, _verify_parent)])
+                                    _originals(prepared.root, data_root) if record.lineage else None, _verify_parent,
+                                    run_dir)])
 
 
 def _verify_parent(run: Path, ledger: Path, digest_key: bytes | None) -> list[Check]:
