@@ -138,3 +138,15 @@ def test_the_model_card_lists_the_lineage(generations: dict[str, Path], tmp_path
     assert "as declared by the user, not verified" in (tmp_path / "e" / "README.md").read_text()
     assert _guard("report", "--ledger", g["ledger"], "--model-card", tmp_path / "a", "--run", g["a"]) == 0
     assert "Trained from random weights" in (tmp_path / "a" / "README.md").read_text()
+
+
+def test_the_compliance_report_lists_the_chain_with_a_verdict_per_link(generations: dict[str, Path], tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    g = generations
+    capsys.readouterr()
+    _guard("verify", "--run", g["c"], "--ledger", g["ledger"], "--json", "--digest-key", g["digest"])
+    check = next(c for c in json.loads(capsys.readouterr().out)["checks"] if c["name"] == "lineage")
+    assert [item.split(" (")[0] for item in check["items"]] == ["b", "a"]
+    assert _guard("report", "--ledger", g["ledger"], "--html", tmp_path / "r.html") == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "<li>b (" in page and "<li>a (" in page

@@ -18,6 +18,7 @@ class Check:
     detail: str
     attention: bool = False  # passed, but with something a person must look at (ATTENTION, not PASS)
     evidence: tuple[Path, ...] = ()  # the files the check read (compliance/evidence.py)
+    items: tuple[str, ...] = ()  # a list the detail sums up (the lineage: one line per generation with its verdict)
 
     @property
     def word(self) -> str:

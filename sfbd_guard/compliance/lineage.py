@@ -196,7 +196,8 @@ def check_lineage(record: RunRecord, rows: list[dict[str, Any]] | None, keyed: b
                for depth in range(len(record.lineage))]
     verdicts = {r.verdict for r in results}
     detail = f"{len(results)} generation(s), parent first: " + "; ".join(r.words() for r in results)
-    return [Check("lineage", "FAIL" not in verdicts, detail, attention="ATTENTION" in verdicts)]
+    return [Check("lineage", "FAIL" not in verdicts, detail, attention="ATTENTION" in verdicts,
+                  items=tuple(r.words() for r in results))]
 
 
 @dataclass(frozen=True)

@@ -158,7 +158,8 @@ def checks_json(run_dir: Path, checks: list[Any]) -> str:
     the totals."""
     words = [c.word for c in checks]
     document = {"run": str(run_dir), "checks": [{"name": c.name, "status": c.word, "detail": c.detail,
-                                                 "evidence": [str(p) for p in c.evidence]} for c in checks],
+                                                 "evidence": [str(p) for p in c.evidence],
+                                                 **({"items": list(c.items)} if c.items else {})} for c in checks],
                 "passed": words.count("PASS"), "attention": words.count("ATTENTION"), "failed": words.count("FAIL")}
     return json.dumps(document, indent=2, ensure_ascii=False)
 
