@@ -126,8 +126,9 @@ def test_membership_errors_are_the_same_with_one_and_two_ray_workers(chain: tupl
     train(PipelineConfig.model_validate(tiny_pipeline(prepared, run)), resume=False)
 
     def errors(name: str, executor: ExecutorSpec, workers: int | None = None) -> tuple[Any, np.ndarray]:
-        config = resolve_audit_config(None, {"membership.max_images": 48, "membership.batch": 16,
-                                             "membership.workers": workers, "membership.bootstrap": 200})
+        config = resolve_audit_config(None, {"membership.max_images": 24, "membership.batch": 8, "membership.draws": 2,
+                                             "membership.sigmas": [0.1, 0.4], "membership.workers": workers,
+                                             "membership.bootstrap": 200})
         result = run_membership(run=run, report=tmp_path / name, config=config, executor=executor)
         table = pq.read_table(tmp_path / name / "membership.parquet")
         return result.summary, np.asarray(table.column("errors").to_pylist())
@@ -135,7 +136,7 @@ def test_membership_errors_are_the_same_with_one_and_two_ray_workers(chain: tupl
     one, one_errors = errors("one", RAY, workers=1)
     two, two_errors = errors("two", RAY, workers=2)
     _local, local_errors = errors("local", LOCAL)
-    assert one_errors.shape == (48 * 3, 5)
+    assert one_errors.shape == (24 * 3, 2)
     assert np.array_equal(one_errors, two_errors)
     assert one.groups == two.groups and one.scores_sha256 == two.scores_sha256
     np.testing.assert_allclose(local_errors, one_errors, rtol=1e-4)

@@ -59,8 +59,8 @@ def error_session(net: Any, run: Path, weights: Path, sigmas: list[float], noise
     with ray_session(executor) as ray:
         worker = ray.remote(num_cpus=1, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)(ErrorWorker)
         count = max(1, workers or cluster_cpus(ray))
-        noise_ref = ray.put(noise)
-        actors = [worker.remote(str(run), str(weights), sigmas, noise_ref, batch) for _ in range(count)]
+        # the common noise is an argument of each actor (no ObjectRef of ours that could go out of scope on a restart)
+        actors = [worker.remote(str(run), str(weights), sigmas, noise, batch) for _ in range(count)]
         turn = iter(range(1 << 62))
 
         def submit(unit: np.ndarray) -> Any:
