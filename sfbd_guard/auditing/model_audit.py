@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from ..charts import line_chart
-from ..contracts.base import dump, validate
+from ..contracts.base import dump
 from ..contracts.membership import GroupResult, MembershipSummary, ModelRef, Result, write_membership_summary
+from ..contracts.run_record import LedgerHead
 from ..errors import InputError
 from ..executor import LOCAL, ExecutorSpec
 from ..fileio import atomic_write_bytes, check_report_dir, report_dir
@@ -49,7 +50,7 @@ from .membership_workers import Errors, error_session
 from .originals import PreparedInfo, load_protected, read_prepared
 
 PARTIAL = MEMBERSHIP_PARTIAL
-UNIT_BATCHES = 16  # batches per resumable unit
+RESUME_UNIT_BATCHES = 16  # batches per resumable unit (kept under .partial/ as it is made)
 SCORE = "minus the mean over noise levels of the log mean-squared denoising error (common random numbers)"
 CLEAN_CONTROL = ("none: every clean record trained the model, and a model trained without them (e.g. on the other half "
                  "of the clean set) is not part of a run; read the clean group's AUC as the test's power, not as a leak")
@@ -167,7 +168,8 @@ def _errors(model: _Model, groups: dict[str, Group], spec: MembershipSpec, noise
         found = {}
         for name, group in groups.items():
             key = sha256_bytes(settings.encode() + group.pixels.tobytes())[:24]
-            found[name] = _resumable(errors, group.pixels, tick, partial / f"{label}-{name}-{key}", spec.batch * UNIT_BATCHES)
+            found[name] = _resumable(errors, group.pixels, tick, partial / f"{label}-{name}-{key}",
+                                     spec.batch * RESUME_UNIT_BATCHES)
         return found
 
 
@@ -307,14 +309,14 @@ def run_membership(*, run: Path, report: Path, config: AuditConfig, data: Path |
     staging = files[MEMBERSHIP_SCORES].with_name(f".{MEMBERSHIP_SCORES}.partial")
     pq.write_table(table, staging)
     staging.replace(files[MEMBERSHIP_SCORES])
-    summary = validate(MembershipSummary, dump(MembershipSummary(
+    summary = MembershipSummary(
         model=model.ref, control=control_model.ref if control_model else None, prepared=str(info.root),
         prepared_fingerprint=info.fingerprint, holdout_source=holdout_source, score=SCORE, sigmas=list(spec.sigmas),
         draws=spec.draws, seed=spec.seed, bootstrap=spec.bootstrap, margin=spec.margin, max_images=spec.max_images,
         groups=results, verdict=verdict, verdict_reason=reason,  # type: ignore[arg-type]
         scores_sha256=sha256_file(files[MEMBERSHIP_SCORES]),
-        ledger_head=ledger_head,  # type: ignore[arg-type]
-        seconds=round(time.perf_counter() - started, 3))), source="membership.json")
+        ledger_head=LedgerHead.model_validate(ledger_head) if ledger_head is not None else None,
+        seconds=round(time.perf_counter() - started, 3))
     page, svg = _page(summary, scores)
     atomic_write_bytes(files[MEMBERSHIP_ROC], svg.encode())
     atomic_write_bytes(files[MEMBERSHIP_PAGE], page.encode())
@@ -336,10 +338,8 @@ def recompute(report: Path) -> list[str]:
     if sha256_file(path) != summary.scores_sha256:
         return [f"{path}: its sha256 is not the one {MEMBERSHIP_SUMMARY} names"]
     scores = scores_of(pq.read_table(path))
-    for (model, group), values in scores.items():
-        del model, group
-        if not np.isfinite(values).all():
-            return [f"{path}: a score is not finite"]
+    if not all(np.isfinite(values).all() for values in scores.values()):
+        return [f"{path}: a score is not finite"]
     spec = MembershipSpec(sigmas=summary.sigmas, draws=summary.draws, seed=summary.seed, bootstrap=summary.bootstrap,
                           margin=summary.margin, max_images=summary.max_images)
     notes = {g.group: g.control_note for g in summary.groups}

@@ -140,7 +140,8 @@ def _composed_words(dp: tuple[float, float | None] | None, ancestors: list[Ances
 def _membership_words(chain: Chain) -> str:
     if chain.membership is None:
         return "No membership test of the weights is recorded (guard membership)."
-    return text(membership_words(chain.membership)[0].upper() + membership_words(chain.membership)[1:]) + "."
+    words = membership_words(chain.membership)
+    return text(words[0].upper() + words[1:]) + "."
 
 
 def _membership_meta(chain: Chain) -> dict[str, Any] | None:

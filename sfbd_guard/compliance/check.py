@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..contracts.events import Event
 
-__all__ = ["Check", "inside", "run_audits"]
+__all__ = ["Check", "inside", "run_audits", "trainings"]
 
 
 @dataclass(frozen=True)
@@ -36,3 +36,10 @@ def run_audits(events: list[Event], run_dir: Path, project: Path) -> list[Event]
              for p in e.located("outputs", "samples", project) if p is not None}
     return [e for e in events if e.kind == "audit"
             and any(inside(p, run_dir) or p in drawn for p in e.located("inputs", "samples", project))]
+
+
+def trainings(events: list[Event], run_dir: Path, project: Path) -> list[Event]:
+    """The run's finished training events, oldest first (the ledger's typed events, contracts/events.py): their
+    `run` output, resolved against the project (the ledger's parent), is `run_dir`."""
+    return [e for e in events if e.kind == "train" and e.status == "ok"
+            and e.located("outputs", "run", project)[:1] == [run_dir]]

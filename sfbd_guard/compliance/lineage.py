@@ -29,7 +29,7 @@ from ..contracts.run_record import LineageLink, RunRecord, read_run_record
 from ..errors import GuardError
 from ..hashing import sha256_file
 from ..prepared.relocate import prepared_of_run
-from .check import Check, inside
+from .check import Check, trainings
 from .rows import clean_row_hashes, manifest_rows
 
 Verdict = Literal["PASS", "ATTENTION", "FAIL"]
@@ -47,11 +47,6 @@ class LinkResult:
 
     def words(self) -> str:
         return f"{Path(self.link.run).name} ({self.verdict}: {'; '.join(self.reasons)})"
-
-
-def _trained_here(events: list[Event], run: Path, project: Path) -> bool:
-    return any(e.kind == "train" and e.status == "ok" and any(
-        p is not None and inside(p, run) and p == run for p in e.located("outputs", "run", project)) for e in events)
 
 
 def _clean_pixels(folder: Path, rows: list[dict[str, Any]]) -> tuple[list[str], np.ndarray]:
@@ -148,7 +143,7 @@ def _check_link(depth: int, record: RunRecord, rows: list[dict[str, Any]] | None
             return LinkResult(link, "FAIL", [*(why for _, why in found), f"its run cannot be checked: {err}"])
         if ancestor.lineage != record.lineage[depth + 1:]:
             found.append(("FAIL", "its own run.json lists other ancestors than this lineage"))
-        if not _trained_here(events, run, project):
+        if not trainings(events, run, project):
             found.append(("FAIL", f"this ledger records no finished training of {run}: its chain cannot be checked "
                                   "(verify with the ledger it was trained into)"))
         if rows is not None:
@@ -163,13 +158,8 @@ def _check_link(depth: int, record: RunRecord, rows: list[dict[str, Any]] | None
 
 def recorded_lineage(events: list[Event], run: Path, project: Path) -> list[list[dict[str, Any]]]:
     """The lineage each finished training of `run` recorded in the ledger (its train events' summaries)."""
-    found = []
-    for event in events:
-        if event.kind == "train" and event.status == "ok" and any(
-                p is not None and p == run for p in event.located("outputs", "run", project)):
-            lineage = getattr(event.summary, "lineage", None) or []
-            found.append([link.model_dump(mode="json") for link in lineage])
-    return found
+    return [[link.model_dump(mode="json") for link in getattr(event.summary, "lineage", None) or []]
+            for event in trainings(events, run, project)]
 
 
 def check_lineage(record: RunRecord, rows: list[dict[str, Any]] | None, keyed: bool, key: bytes | None,
@@ -225,12 +215,8 @@ def ancestor_privacy(record: RunRecord, events: list[Event], project: Path, dige
             same = digest_key_id is not None and card.digest_key_id == digest_key_id
         except (GuardError, OSError):
             same = False
-        epsilon = delta = None
-        for event in events:
-            if event.kind == "train" and event.status == "ok" and any(
-                    p is not None and p == run for p in event.located("outputs", "run", project)):
-                privacy = getattr(event.summary, "privacy", None)
-                epsilon = privacy.epsilon if privacy is not None else None
-                delta = privacy.delta if privacy is not None else None
+        latest = trainings(events, run, project)[-1:]
+        privacy = getattr(latest[0].summary, "privacy", None) if latest else None
+        epsilon, delta = (privacy.epsilon, privacy.delta) if privacy is not None else (None, None)
         found.append(AncestorPrivacy(link, same, epsilon, delta))
     return found

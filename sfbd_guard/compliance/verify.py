@@ -51,7 +51,7 @@ from ..rundir import (
     RunPaths,
 )
 from ..symmetry import GENERATORS, Variant, group
-from .check import Check, inside, run_audits
+from .check import Check, inside, run_audits, trainings
 from .evidence import evidence_paths
 from .rows import clean_row_hashes as _clean_row_hashes
 from .rows import manifest_rows as _manifest
@@ -61,23 +61,16 @@ if TYPE_CHECKING:
     from ..prepared.reader import PreparedData
 
 
-def _trainings(events: list[Event], run_dir: Path, project: Path) -> list[Event]:
-    """The run's finished training events, oldest first (the ledger's typed events, contracts/events.py): their
-    `run` output, resolved against the project (the ledger's parent), is `run_dir`."""
-    return [e for e in events if e.kind == "train" and e.status == "ok"
-            and e.located("outputs", "run", project)[:1] == [run_dir]]
-
-
 def _consumed_arrays(events: list[Event], run_dir: Path, project: Path) -> tuple[dict[str, str | None], set[str | None]] | None:
     """What the run's training events read: {array name in its prepared directory (the recorded path for an
     array outside it): sha256}, and the prepared fingerprints they recorded. Location-free: a moved project
     compares the same."""
-    trainings = _trainings(events, run_dir, project)
-    if not trainings:
+    runs = trainings(events, run_dir, project)
+    if not runs:
         return None
     consumed: dict[str, str | None] = {}
     fingerprints: set[str | None] = set()
-    for event in trainings:
+    for event in runs:
         base = (event.located("inputs", "prepared", project) or [None])[0]
         fingerprints |= {a.sha256 for a in event.artifacts("inputs", "prepared")}
         for array, where in zip(event.artifacts("inputs", "array"), event.located("inputs", "array", project), strict=True):
@@ -131,7 +124,7 @@ def check_provenance(events: list[Event], ledger: Path, run_dir: Path, prepared:
             checks.append(Check("signature", False, str(err)))
     event = establish_provenance(prepared, ledger, None).event_id
     unrecorded = any(isinstance(e.summary, TrainSummary) and e.summary.unrecorded_data
-                     for e in _trainings(events, run_dir, project_of(ledger)))
+                     for e in trainings(events, run_dir, project_of(ledger)))
     if event is not None:
         detail = f"prepare event {event[:12]} of the ledger wrote this directory (fingerprint {prepared.fingerprint[:16]}…)"
         return [Check("provenance", True, detail), *checks]
@@ -414,7 +407,7 @@ def check_counts(events: list[Event], run_dir: Path, project: Path, prepared: Pr
                                                      ("policy_name", s.policy_name, card.policy_name),
                                                      ("resolution", s.resolution, card.resolution)) if mine != theirs]
     record = read_run_record(run_dir)
-    for event in _trainings(events, run_dir, project):
+    for event in trainings(events, run_dir, project):
         compared += 1
         recorded = {a.sha256 for a in event.artifacts("inputs", "prepared")}
         if recorded != {record.data_fingerprint}:
