@@ -1,5 +1,5 @@
 # Two set-up commands: `make demo` and `make test`. Both create .venv when it is missing; the venv gets the
-# optional Ray extra too, so the `--executor ray` paths are tested.
+# optional extras too (Ray, Hugging Face, trackers), so the `--executor ray`, diffusers and tracker paths are tested.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev,ray]'
+	$(BIN)/pip install --quiet -e '.[dev,ray,hf,trackers]'
 	@touch $(STAMP)
 
 install: $(STAMP)

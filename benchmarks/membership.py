@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quality import SETS, pipeline_for, write_policies  # benchmarks/ is on sys.path when this script runs
+from quality import SETS, parse_overrides, pipeline_for, write_policies  # benchmarks/ is on sys.path when this script runs
 
 from sfbd_guard.auditing.config import AuditConfig, MembershipSpec
 from sfbd_guard.auditing.model_audit import run_membership
@@ -36,12 +36,13 @@ METHODS = ("clean-only", "noisy-direct", "ambient", "sfbd", "online-sfbd", "all-
 # protected group's originals, so its protected AUC is the test's power on that group (a positive control)
 
 
-def train_or_resume(method: str, data: Path, run: Path, budget: float, out: Path) -> float:
+def train_or_resume(method: str, data: Path, run: Path, budget: float, out: Path,
+                    overrides: dict[str, Any] | None = None) -> float:
     started = time.perf_counter()
     if (run / "config.resolved.yaml").exists():
         train(load_pipeline(run / "config.resolved.yaml"), resume=True)
     else:
-        train(load_pipeline(pipeline_for(method, data, run, budget, out, {})), resume=False)
+        train(load_pipeline(pipeline_for(method, data, run, budget, out, overrides or {})), resume=False)
     return round(time.perf_counter() - started, 1)
 
 
@@ -53,8 +54,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--sigma", type=float, default=0.6)
     parser.add_argument("--max-images", type=int, default=512, help="membership.max_images")
+    parser.add_argument("--set-key", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="pipeline keys changed for the tested methods, not the clean-only control (a lever: "
+                             "schedule.rounds=1, privacy.epsilon=10)")
+    parser.add_argument("--tag", default="", help="suffix of the tested runs' folders and result keys (levers side by "
+                                                  "side against one control)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    overrides = parse_overrides(args.set_key)
+    suffix = f"-{args.tag}" if args.tag else ""
     out: Path = args.out or Path(f"bench-membership-{args.set}")
     out.mkdir(parents=True, exist_ok=True)
     mixed, clean = write_policies(args.set, out, args.sigma)
@@ -71,13 +79,14 @@ def main(argv: list[str] | None = None) -> None:
         control = out / f"run-clean-only-{budget:g}"
         methods = ["clean-only", *[m for m in args.methods if m != "clean-only"]]
         for method in methods:
-            run = out / f"run-{method}-{budget:g}"
+            name = method if method == "clean-only" else method + suffix  # the control is never changed by a lever
+            run = out / f"run-{name}-{budget:g}"
             if method == "all-clean":  # its groups are the mixed data's: the same images as every other run's test
                 seconds = train_or_resume("upper-bound", everything, run, budget, out)
             else:
-                seconds = train_or_resume(method, data, run, budget, out)
+                seconds = train_or_resume(method, data, run, budget, out, None if method == "clean-only" else overrides)
             started = time.perf_counter()
-            summary = run_membership(run=run, report=out / f"membership-{method}-{budget:g}", config=config, data=data,
+            summary = run_membership(run=run, report=out / f"membership-{name}-{budget:g}", config=config, data=data,
                                      control=None if method in ("clean-only", "all-clean") else control,
                                      other_data=method == "all-clean").summary
             row: dict[str, Any] = {"train_seconds": seconds, "membership_seconds": round(time.perf_counter() - started, 1),
@@ -86,8 +95,10 @@ def main(argv: list[str] | None = None) -> None:
                 row[group.group] = {"images": group.images, "holdout": group.holdout_images, **dump(group.model),
                                     "control": dump(group.control) if group.control else None,
                                     "difference_ci95": group.difference_ci95}
-            entry[method] = row
-            print(args.set, budget, method, json.dumps(row), flush=True)
+            if method != "clean-only" and overrides:
+                row["overrides"] = overrides
+            entry[name] = row
+            print(args.set, budget, name, json.dumps(row), flush=True)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=2) + "\n")
     for budget, entry in results.get("budgets", {}).items():

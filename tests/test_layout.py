@@ -82,7 +82,8 @@ def test_only_the_owner_spells_a_directory_s_names(owner: str, names: set[str]) 
 # Libraries whose import costs more than a tenth of a second here (measured with -X importtime; pydantic with the
 # contracts built on it): a module that needs them late imports them, or a module that loads them, in the function.
 HEAVY = {"torch", "torchvision", "faiss", "open_clip", "ray", "jinja2", "opacus", "duckdb", "pyarrow", "sklearn", "scipy",
-         "numpy", "webdataset", "huggingface_hub", "pydantic"}
+         "numpy", "webdataset", "huggingface_hub", "pydantic", "diffusers", "accelerate", "datasets", "mlflow",
+         "tensorboard"}
 
 
 def _module_level(name: str, path: Path) -> tuple[set[str], set[str]]:
