@@ -10,6 +10,8 @@ The functions below are the `guard` commands as a library (docs/api.md); importi
 from .api import (
     LoadedRun,
     audit,
+    export,
+    load_exported,
     load_run,
     membership,
     prepare,
@@ -22,5 +24,5 @@ from .api import (
 )
 from .version import __version__
 
-__all__ = ["LoadedRun", "__version__", "audit", "load_run", "membership", "prepare", "report", "run", "sample", "train",
-           "training_config", "verify"]
+__all__ = ["LoadedRun", "__version__", "audit", "export", "load_exported", "load_run", "membership", "prepare",
+           "report", "run", "sample", "train", "training_config", "verify"]

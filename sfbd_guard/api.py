@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import InputError
 from .executor import executor_spec
+from .exporting.layout import RECORD as EXPORT_RECORD
 from .hashing import sha256_file
 from .ledger import Artifact, ledger_dir, record_failure, recorded
 from .locations import project_of
@@ -33,10 +34,12 @@ if TYPE_CHECKING:
     from .auditing.model_audit import MembershipResult
     from .auditing.service import AuditResult
     from .compliance.check import Check
+    from .contracts.export_record import ExportRecord
     from .curation.prepare import PrepareResult
     from .engine.config import PipelineConfig
     from .engine.methods import Method
     from .engine.service import SampleOutcome, TrainOutcome
+    from .exporting.loading import ExportedModel
     from .progress import ProgressFactory
     from .stages import RunSummary
 
@@ -69,9 +72,10 @@ def prepare(policy: PathLike, *, out: PathLike | None = None, data_root: PathLik
             strict: bool = False, overwrite: bool = False, noise_key: PathLike | None = None, ephemeral_key: bool = False,
             allow_rerelease: bool = False, sign_key: PathLike | None = None, executor: Executor = "local",
             ray_address: str | None = None, ledger: PathLike | None = None, progress: ProgressFactory | None = None,
-            command: Sequence[str] | None = None) -> PrepareResult:
+            command: Sequence[str] | None = None, overrides: Mapping[str, Any] | None = None) -> PrepareResult:
     """Split a dataset into licensed-clean and noised-protected partitions as `policy` (a YAML file) says, into a
-    prepared directory (`out`, default the policy's `output`). `guard prepare`."""
+    prepared directory (`out`, default the policy's `output`). `overrides` replace dotted policy keys before it is
+    validated (e.g. {"noise.sigma": 0.8}); they are recorded in the card and the ledger event. `guard prepare`."""
     argv = _command("prepare", command)
     with _failures_recorded("prepare", ledger, argv):
         from .curation.service import prepare_recorded
@@ -79,7 +83,8 @@ def prepare(policy: PathLike, *, out: PathLike | None = None, data_root: PathLik
         return prepare_recorded(Path(policy), data_root=_path(data_root), out=_path(out), workers=workers, strict=strict,
                                 overwrite=overwrite, ledger=_path(ledger), command=argv, key_file=_path(noise_key),
                                 ephemeral_key=ephemeral_key, allow_rerelease=allow_rerelease, progress=progress,
-                                sign_key=_path(sign_key), executor=executor_spec(executor, ray_address))
+                                sign_key=_path(sign_key), executor=executor_spec(executor, ray_address),
+                                overrides=dict(overrides or {}))
 
 
 def training_config(pipeline: PathLike | None = None, *, resume: PathLike | None = None, data: PathLike | None = None,
@@ -183,6 +188,41 @@ def import_weights(file: PathLike, *, out: PathLike, licence: str, source: str, 
         return target
 
 
+def export(run: PathLike, *, out: PathLike, checkpoint: PathLike | None = None, licence: str | None = None,
+           data: PathLike | None = None, push: str | None = None, public: bool = False, hub_api: Any = None,
+           ledger: PathLike | None = None, command: Sequence[str] | None = None) -> ExportRecord:
+    """Write `run`'s EMA model to the new folder `out` in a layout other tools load: diffusers' (`unet/`,
+    `scheduler/`) for `network: diffusers-unet2d`, else our network with `load_exported`; with the model card (usage,
+    licence, lineage, audit results), LICENSE and export.json, and nothing else. Only weights a train event of the
+    ledger recorded are exported. `push`: also upload to that Hub model repository (private unless `public`;
+    `hub_api`: an `HfApi`-like object, default huggingface_hub's). `guard export`."""
+    argv = _command("export", command)
+    with _failures_recorded("export", ledger, argv):
+        from .exporting.hub import push_export
+        from .exporting.writer import export_run
+
+        where = ledger_dir(_path(ledger))
+        target = Path(out)
+        with recorded(where, "export", argv) as event:
+            record = export_run(Path(run), target, ledger=where, checkpoint=_path(checkpoint), licence=licence,
+                                data=_path(data))
+            event.inputs.append(Artifact("weights", str(Path(run).resolve()), record.weights_sha256))
+            event.outputs.append(Artifact("export", str(target.resolve()), sha256_file(target / EXPORT_RECORD)))
+            event.summary.update(format=record.format, network=record.network, licence=record.licence,
+                                 files=len(record.files) + 1)
+            if push:
+                event.summary["pushed"] = push_export(target, push, api=hub_api, private=not public)
+        return record
+
+
+def load_exported(folder: PathLike, *, device: str = "cpu") -> ExportedModel:
+    """An export folder's model (either format), every file checked against its export.json, ready to sample:
+    `load_exported(DIR).sample(16, seed=0)` draws as `guard sample` does."""
+    from .exporting.loading import load_exported as load
+
+    return load(Path(folder), device=device)
+
+
 def membership(run: PathLike, *, report: PathLike = "membership-report", data: PathLike | None = None,
                control: PathLike | None = None, config: PathLike | None = None,
                overrides: Mapping[str, Any] | None = None, data_root: PathLike | None = None,
@@ -229,14 +269,15 @@ def verify(run: PathLike, *, verify_key: PathLike | None = None, data: PathLike 
 
 def run(pipeline: PathLike, *, allow_unrecorded: bool = False, sign_key: PathLike | None = None,
         ledger: PathLike | None = None, progress: ProgressFactory | None = None, say: Any = print,
-        command: Sequence[str] | None = None) -> RunSummary:
-    """Prepare, train, sample, audit and report as the pipeline says; stages already done are skipped. `guard run`."""
+        command: Sequence[str] | None = None, overrides: Mapping[str, Any] | None = None) -> RunSummary:
+    """Prepare, train, sample, audit and report as the pipeline says, with dotted `overrides` (e.g. {"tracker":
+    "mlflow"}); stages already done are skipped. `guard run`."""
     argv = _command("run", command)
     with _failures_recorded("run", ledger, argv):
         from .stages import run_pipeline
 
         return run_pipeline(Path(pipeline), ledger=ledger_dir(_path(ledger)), command=argv, progress=progress, say=say,
-                            allow_unrecorded=allow_unrecorded, sign_key=_path(sign_key))
+                            allow_unrecorded=allow_unrecorded, sign_key=_path(sign_key), overrides=dict(overrides or {}))
 
 
 @dataclass

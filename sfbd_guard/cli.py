@@ -6,7 +6,7 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, cast
+from typing import Annotated, Any, Literal, NoReturn, TypeVar, cast
 
 import typer
 from typer import Abort
@@ -15,6 +15,7 @@ from typer.exceptions import TyperException  # base of typer's usage and paramet
 
 from . import api
 from .errors import GuardError, InputError
+from .exitcodes import ExitCode, exit_code_lines
 from .ledger import ledger_dir, record_failure
 from .locations import project_of
 from .progress import terminal_progress
@@ -25,8 +26,10 @@ from .version import __version__
 app = typer.Typer(
     name="guard",
     help="Train diffusion models on data with protected content without the model seeing it.",
+    # \b: click prints the lines as they are, without rewrapping (typer's rich help keeps lines anyway)
+    epilog="\b\n" + "\n".join(["Exit codes (every command; docs/cli.md):", *exit_code_lines()]),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -43,12 +46,12 @@ def _version(value: bool) -> None:
     if value:
 
         typer.echo(f"sfbd_guard {__version__}")
-        raise typer.Exit(0)
+        raise typer.Exit(ExitCode.OK)
 
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    version: Annotated[bool, typer.Option("-V", "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     """Curation (prepare), training and audit of diffusion models on protected data, with a compliance ledger."""
 
@@ -84,8 +87,14 @@ SignKeyOpt = Annotated[
                  show_default=False),
 ]
 
+TrackerOpt = Annotated[
+    Literal["none", "tensorboard", "mlflow"] | None,
+    typer.Option("--tracker", show_default=False,
+                 help="Also log the training to TensorBoard (<run>/tensorboard) or MLflow (<run>/mlruns, or mlflow.uri): overrides tracker of the pipeline (pip install 'sfbd_guard\\[trackers]')."),
+]
 
-def _fail(message: str, hint: str | None, code: int) -> None:
+
+def _fail(message: str, hint: str | None, code: int) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     if hint:
         typer.echo(f"hint: {hint}", err=True)
@@ -118,10 +127,14 @@ def reports_errors(kind: str | None = None) -> Callable[[F], F]:
             except GuardError as err:
                 _record_failure(kind, kwargs, err)
                 _fail(str(err), err.hint, err.exit_code)
+            except FileNotFoundError as err:  # a file named on the command line or in a config: bad input
+                _record_failure(kind, kwargs, err)
+                what = f"{err.filename}: missing (no such file or directory)" if err.filename else str(err.strerror or err)
+                _fail(what, None, ExitCode.BAD_INPUT)
             except OSError as err:
                 _record_failure(kind, kwargs, err)
                 where = f": {err.filename}" if err.filename else ""
-                _fail(f"{err.strerror or err}{where}", None, 1)
+                _fail(f"{err.strerror or err}{where}", None, ExitCode.CHECK_FAILED)
             except BaseException as err:
                 _record_failure(kind, kwargs, err)
                 raise
@@ -129,6 +142,15 @@ def reports_errors(kind: str | None = None) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def _renamed(out: Path | None, old: Path | None, old_name: str, default: Path | None = None) -> Path | None:
+    """The value of --out, or of its old name (a hidden alias kept for one release); both at once is an error."""
+    if old is None:
+        return out if out is not None else default
+    if out is not None:
+        raise InputError(f"--out and {old_name} name the same output ({old_name} is its old name): give --out only")
+    return old
 
 
 def _threads(explicit: int | None, preferred: int | None = None) -> None:
@@ -151,6 +173,7 @@ def prepare(
     data_root: Annotated[Path | None, typer.Option("--data-root", help="Dataset root; overrides dataset.root of the policy.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Prepared directory to write; overrides output of the policy.")] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Decoding processes; the output is identical for any count.")] = 1,
+    sets: Annotated[list[str], typer.Option("--set", metavar="KEY=VALUE", help="Override any policy key, e.g. --set noise.sigma=0.8 (repeatable; the value is read as YAML); recorded in the card and the ledger.")] = [],  # noqa: B006
     strict: Annotated[bool, typer.Option("--strict", help="Stop with exit 1 at the first unreadable image instead of recording an error row.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output once the new one is complete.")] = False,
     noise_key: Annotated[Path | None, typer.Option("--noise-key", help="Secret key file from guard keygen; default your owner key ($GUARD_KEY_FILE, else $XDG_CONFIG_HOME/sfbd_guard/owner.key, created on first use).", show_default=False)] = None,
@@ -163,11 +186,13 @@ def prepare(
 ) -> None:
     """Split a dataset into licensed-clean and noised-protected partitions, as a policy says.
 
-    Example: guard prepare --policy policies/digits.yaml --workers 2
+    Example: guard prepare --policy policies/digits.yaml --workers 2 --set noise.sigma=0.8
     """
     from .curation.console import print_summary
 
+    overrides = _parse_sets(sets, "noise.sigma=0.8")
     print_summary(api.prepare(policy, data_root=data_root, out=out, workers=workers, strict=strict, overwrite=overwrite,
+                              overrides=overrides,
                               noise_key=noise_key, ephemeral_key=ephemeral_key, allow_rerelease=allow_rerelease,
                               sign_key=sign_key, executor=executor, ray_address=ray_address, ledger=ledger,
                               progress=terminal_progress, command=_invocation(ctx)))
@@ -217,15 +242,15 @@ def key_export_digest(
                "digests of directories prepared with that key, and regenerates no noise")
 
 
-def _parse_sets(values: list[str]) -> dict[str, Any]:
+def _parse_sets(values: list[str], example: str = "optimizer.lr=2e-4") -> dict[str, Any]:
     """`--set a.b=value` pairs; values are read as YAML scalars (numbers, booleans, lists)."""
     from .config import parse_scalar
 
     pairs = {}
     for item in values:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optimizer.lr=2e-4")
+        if not sep or not key.strip():
+            raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. --set {example}")
         pairs[key.strip()] = parse_scalar(raw)
     return pairs
 
@@ -252,6 +277,7 @@ def train(
     dp_lr: Annotated[float | None, typer.Option("--dp-lr", help="Learning rate of the private steps; default optimizer.lr (privacy.lr).")] = None,
     verify_key: Annotated[Path | None, typer.Option("--verify-key", help="Data owner's Ed25519 public key: the prepared directory's card.sig must verify with it (verify_key).")] = None,
     allow_unrecorded: Annotated[bool, typer.Option("--allow-unrecorded", help="Train on a prepared directory that no prepare event of this ledger wrote and no signature vouches for (recorded; guard verify fails it).")] = False,
+    tracker: TrackerOpt = None,
     threads: ThreadsOpt = None,
     sign_key: SignKeyOpt = None,
     ledger: LedgerOpt = None,
@@ -264,7 +290,7 @@ def train(
         ("epsilon", dp_epsilon), ("delta", dp_delta), ("max_grad_norm", dp_max_grad_norm), ("accountant", dp_accountant),
         ("stages", dp_stages.split(",") if dp_stages else None), ("physical_batch", dp_physical_batch), ("lr", dp_lr)) if value is not None}
     overrides = _parse_sets(sets)
-    overrides.update({k: v for k, v in (("device", device), ("seed", seed)) if v is not None})
+    overrides.update({k: v for k, v in (("device", device), ("seed", seed), ("tracker", tracker)) if v is not None})
     overrides.update(dp)
     if init is not None:
         overrides["init.run"] = str(init.resolve())
@@ -319,7 +345,8 @@ def audit(
     ctx: typer.Context,
     samples: Annotated[Path, typer.Option("--samples", help="Folder of generated PNG/JPEG images to audit (recursive, any size).")],
     data: Annotated[Path, typer.Option("--data", help="Prepared directory whose manifest names the protected records.")],
-    report: Annotated[Path, typer.Option("--report", help="Folder for samples.parquet, summary.json and report.html.")] = Path("audit-report"),
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for samples.parquet, summary.json and report.html.", show_default="audit-report")] = None,
+    old_report: Annotated[Path | None, typer.Option("--report", hidden=True, help="guard audit's old name of --out (kept for one release).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="Audit settings YAML (e.g. audits/default.yaml); options below override it.")] = None,
     data_root: Annotated[Path | None, typer.Option("--data-root", help="Where the source dataset with the protected originals lives; default the root recorded by guard prepare.")] = None,
     holdout: Annotated[Path | None, typer.Option("--holdout", help="Folder of real images never trained on, to calibrate thresholds; default the dataset's other splits.")] = None,
@@ -340,8 +367,10 @@ def audit(
 ) -> None:
     """Find generated images that copy protected originals; exit 3 if any sample is a copy.
 
-    Example: guard audit --samples runs/celeba/samples --data prepared/celeba-64 --report runs/celeba/audit
+    Example: guard audit --samples runs/celeba/samples --data prepared/celeba-64 --out runs/celeba/audit
     """
+    report = _renamed(out, old_report, "--report", Path("audit-report"))
+    assert report is not None
     _threads(threads)
     from .auditing.results import print_summary
 
@@ -356,7 +385,7 @@ def audit(
         progress=terminal_progress, command=_invocation(ctx))
     print_summary(result.summary, report)
     if result.counts["copy"]:
-        raise typer.Exit(3)
+        raise typer.Exit(ExitCode.COPIES_FOUND)
 
 
 @app.command("import-weights")
@@ -379,13 +408,38 @@ def import_weights(
 
 
 @app.command()
+@reports_errors("export")
+def export(
+    ctx: typer.Context,
+    run: Annotated[Path, typer.Option("--run", help="The run whose model (its latest EMA weights, as the ledger recorded them) is exported.")],
+    out: Annotated[Path, typer.Option("--out", help="New folder: the model in diffusers' layout (network diffusers-unet2d) or ours, its model card, LICENSE and export.json.")],
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A checkpoint folder or ema.safetensors of the run whose weights a training ended with; default the latest.")] = None,
+    licence: Annotated[str | None, typer.Option("--licence", help="The model's licence (SPDX, e.g. CC-BY-4.0); default the training data's one licence, else 'other'.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="The run's prepared directory, if it moved.")] = None,
+    push: Annotated[str | None, typer.Option("--push", help="Also upload the folder to this Hugging Face model repository (huggingface_hub; private unless --public).")] = None,
+    public: Annotated[bool, typer.Option("--public", help="With --push: create the repository public.")] = False,
+    ledger: LedgerOpt = None,
+) -> None:
+    """Write a run's model in a layout other tools load (diffusers, the Hub), with its card and evidence.
+
+    Example: guard export --run runs/digits --out exports/digits [--push me/digits-sfbd]
+    """
+    record = api.export(run, out=out, checkpoint=checkpoint, licence=licence, data=data, push=push, public=public,
+                        ledger=ledger, command=_invocation(ctx))
+    typer.echo(f"exported {record.run} ({record.format}, {len(record.files) + 1} files, licence {record.licence}) to {out}")
+    if push:
+        typer.echo(f"pushed to https://huggingface.co/{push}")
+
+
+@app.command()
 @reports_errors("membership")
 def membership(
     ctx: typer.Context,
     run: Annotated[Path, typer.Option("--run", help="The run whose model (its latest EMA weights) is tested.")],
     data: Annotated[Path | None, typer.Option("--data", help="Its prepared directory; default the one the run trained on.")] = None,
     control: Annotated[Path | None, typer.Option("--control", help="A clean-only run of the same prepared data: the same test on a model that never saw the protected copies, so a selection difference is not read as memorisation.")] = None,
-    report: Annotated[Path, typer.Option("--report", help="Folder for membership.json, membership.parquet, membership.html and roc.svg (owner-only).")] = Path("membership-report"),
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for membership.json, membership.parquet, membership.html and roc.svg (owner-only).", show_default="membership-report")] = None,
+    old_report: Annotated[Path | None, typer.Option("--report", hidden=True, help="guard membership's old name of --out (kept for one release).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="Audit settings YAML; its membership section (noise levels, draws, caps, margin).")] = None,
     data_root: Annotated[Path | None, typer.Option("--data-root", help="Where the source dataset with the originals lives; default the root recorded by guard prepare.")] = None,
     holdout: Annotated[Path | None, typer.Option("--holdout", help="Folder of real images never trained on; default the policy's holdout records, else the dataset's other splits.")] = None,
@@ -398,8 +452,10 @@ def membership(
 ) -> None:
     """Does the model remember what it never saw clean? A membership test of its weights; exit 3 on ATTENTION.
 
-    Example: guard membership --run runs/sfbd --control runs/clean-only --report runs/sfbd-membership
+    Example: guard membership --run runs/sfbd --control runs/clean-only --out runs/sfbd-membership
     """
+    report = _renamed(out, old_report, "--report", Path("membership-report"))
+    assert report is not None
     _threads(threads)
     result = api.membership(run, report=report, data=data, control=control, config=config,
                             overrides={"membership.max_images": max_images}, data_root=data_root, holdout=holdout,
@@ -413,39 +469,51 @@ def membership(
     typer.echo(f"{s.verdict}: {s.verdict_reason}")
     typer.echo(f"report: {result.report / MEMBERSHIP_PAGE}")
     if s.verdict == "ATTENTION":
-        raise typer.Exit(3)
+        raise typer.Exit(ExitCode.COPIES_FOUND)
 
 
 @app.command()
 @reports_errors()
 def report(
     sql: Annotated[str | None, typer.Option("--sql", help="Any query over the views events, prepares, trainings, samplings, audits, memberships.")] = None,
-    fmt: Annotated[Literal["table", "csv", "json", "parquet"], typer.Option("--format", help="Output format (parquet needs --output).")] = "table",
-    output: Annotated[Path | None, typer.Option("--output", help="Write the result to this file instead of printing it.")] = None,
-    html: Annotated[Path | None, typer.Option("--html", help="Write the compliance report: a verdict per run chain, guard verify's checks, events, charts (one HTML file).")] = None,
+    fmt: Annotated[Literal["table", "csv", "json", "parquet", "html"], typer.Option("--format", help="Output format (parquet and html need --out); html: the compliance report, a verdict per run chain, guard verify's checks, events, charts (one file).")] = "table",
+    out: Annotated[Path | None, typer.Option("--out", help="Write the result to this file instead of printing it.")] = None,
+    old_output: Annotated[Path | None, typer.Option("--output", hidden=True, help="guard report's old name of --out (kept for one release).")] = None,
+    old_html: Annotated[Path | None, typer.Option("--html", hidden=True, help="Old spelling of --format html --out FILE (kept for one release); combines with the other options as it did.")] = None,
     datasheet: Annotated[Path | None, typer.Option("--datasheet", help="Write the training-data summary of --run as Markdown to this file.")] = None,
     model_card: Annotated[Path | None, typer.Option("--model-card", help="Write a Hugging Face model card (README.md) of --run into this folder.")] = None,
     dataset_card: Annotated[Path | None, typer.Option("--dataset-card", help="Write a Hugging Face dataset card (README.md) of the prepared directory (--data, or --run's) into this folder.")] = None,
     run: Annotated[Path | None, typer.Option("--run", help="The run that --datasheet and --model-card describe.")] = None,
-    digest_key: Annotated[Path | None, typer.Option("--digest-key", help="With --html: the data owner's digest key (guard key export-digest), for guard verify's pixel checks.")] = None,
+    digest_key: Annotated[Path | None, typer.Option("--digest-key", help="With --format html: the data owner's digest key (guard key export-digest), for guard verify's pixel checks.")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="The prepared directory: --run's when run.json's path to it does not resolve, or the one --dataset-card describes.")] = None,
     ledger: LedgerOpt = None,
 ) -> None:
     """Read the compliance ledger: datasets prepared, training runs, audits; any SQL; HTML; datasheets; cards.
 
-    The options combine: guard report --html report.html --datasheet DATASHEET.md --model-card card --run runs/digits
+    The options combine: guard report --format html --out report.html --datasheet DATASHEET.md --model-card card --run runs/digits
 
     Example: guard report --sql "SELECT method, epsilon FROM trainings" --format csv
     """
     from .compliance.tables import emit, report_tables
 
     where = ledger_dir(ledger)
+    output = _renamed(out, old_output, "--output")
+    html = old_html  # --html FILE: the page, and the table (or --sql's result) as before
+    if fmt == "html":
+        if html is not None:
+            raise InputError("--format html --out FILE and --html FILE (its old spelling) name the same page: give one")
+        if output is None:
+            raise InputError("--format html writes the compliance report to a file: add --out FILE")
+        if sql is not None:
+            raise InputError("--format html is the report of the whole ledger, not of a query: give --sql with "
+                             "--format table, csv, json or parquet")
+        html, output = output, None
     if (datasheet is not None or model_card is not None) and run is None:
         raise InputError("--datasheet and --model-card describe a run: add --run DIR")
     if dataset_card is not None and run is None and data is None:
         raise InputError("--dataset-card describes a prepared directory: add --data DIR (or --run DIR)")
     documents = datasheet is not None or model_card is not None or dataset_card is not None
-    if not documents or sql is not None or output is not None or fmt != "table":
+    if fmt != "html" and (not documents or sql is not None or output is not None or fmt != "table"):
 
         emit(api.report(sql, ledger=where), fmt, output, project_of(where))
     if html is not None:
@@ -500,7 +568,7 @@ def verify(
                 typer.echo(printable(f"{check.word}  {check.name}: {check.detail}"))
         typer.echo(f"{len(checks) - len(failed) - attention} passed, {attention} need attention, {len(failed)} failed")
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.CHECK_FAILED)
 
 
 @app.command("run")
@@ -509,6 +577,7 @@ def run_command(
     ctx: typer.Context,
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML naming the policy, the training, the sampling and the audit.")],
     allow_unrecorded: Annotated[bool, typer.Option("--allow-unrecorded", help="Train on a prepared directory that no prepare event of this ledger wrote (recorded; guard verify fails it).")] = False,
+    tracker: TrackerOpt = None,
     threads: ThreadsOpt = None,
     sign_key: SignKeyOpt = None,
     ledger: LedgerOpt = None,
@@ -521,7 +590,8 @@ def run_command(
 
     _threads(threads, load_pipeline(pipeline).threads)  # before torch is imported
     summary = api.run(pipeline, allow_unrecorded=allow_unrecorded, sign_key=sign_key, ledger=ledger,
-                      progress=terminal_progress, say=typer.echo, command=_invocation(ctx))
+                      progress=terminal_progress, say=typer.echo, command=_invocation(ctx),
+                      overrides={"tracker": tracker} if tracker else None)
     for stage, what in summary.stages.items():
         typer.echo(f"{stage:>8}: {what}")
     typer.echo(f"samples grid: {summary.files['grid']}")
@@ -529,7 +599,7 @@ def run_command(
     typer.echo(f"compliance report: {summary.files['report']}")
     typer.echo(f"datasheet: {summary.files['datasheet']}")
     if summary.copies:
-        raise typer.Exit(3)
+        raise typer.Exit(ExitCode.COPIES_FOUND)
 
 
 signkey_app = typer.Typer(help="Ed25519 keys with which a data owner signs prepared directories.\n\n"
@@ -587,22 +657,23 @@ def _plain_flags(command: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: usage errors become one line and exit 2, never a box or a traceback."""
+    """Console entry point: usage errors become one line and exit 2, never a box or a traceback; exit codes as
+    exitcodes.py says (Ctrl-C, which typer turns into exit 130, and an abort are both 130)."""
     command = typer.main.get_command(app)
     _plain_flags(command)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         code = command.main(args=argv, prog_name="guard", standalone_mode=False, obj={"argv": argv})
-    except Abort:
+    except (Abort, KeyboardInterrupt):  # typer turns Ctrl-C in a command into Exit(130) itself
         typer.echo("aborted", err=True)
-        sys.exit(1)
+        sys.exit(ExitCode.INTERRUPTED)
     except NoArgsIsHelpError:  # `guard` (or `guard signkey`) alone: typer has printed the help already
-        sys.exit(0)
+        sys.exit(ExitCode.OK)
     except TyperException as err:  # a usage error (exit 2) or another parameter error
         format_message = getattr(err, "format_message", None)
         typer.echo(f"error: {format_message() if format_message else err}", err=True)
-        code = int(getattr(err, "exit_code", 1))
-        if code == 2:
+        code = int(getattr(err, "exit_code", ExitCode.CHECK_FAILED))
+        if code == ExitCode.BAD_INPUT:
             ctx = getattr(err, "ctx", None)
             typer.echo(f"hint: see '{ctx.command_path if ctx else 'guard'} --help'", err=True)
         sys.exit(code)

@@ -139,11 +139,15 @@ def describe_error(model: type[BaseModel], error: ErrorDetails) -> str:
 
 
 def validate_mapping(model: type[ModelT], data: dict[str, Any], *, source: str) -> ModelT:
-    """Validate `data` against `model`; all problems are collected, the first is the message."""
+    """Validate `data` against `model`; all problems are collected, the first is the message.
+
+    Unknown keys come first: a misspelt key (noise.sigm) also leaves the key it meant missing, and the misspelling,
+    with its 'did you mean', is what to fix."""
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        problems = [describe_error(model, e) for e in err.errors()]
+        errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")  # stable: file order kept
+        problems = [describe_error(model, e) for e in errors]
         hint = None
         if len(problems) > 1:
             hint = f"{len(problems) - 1} more problem(s): " + "; ".join(problems[1:4])

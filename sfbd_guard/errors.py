@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from .exitcodes import ExitCode
+
 
 class GuardError(Exception):
-    """Base of every error the product reports to a user. `hint` is an optional second line."""
+    """Base of every error the product reports to a user. `hint` is an optional second line. Exit code 1."""
 
-    exit_code = 1
+    exit_code: int = ExitCode.CHECK_FAILED
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -16,7 +18,7 @@ class GuardError(Exception):
 class InputError(GuardError):
     """Bad input: a config, a flag, a missing dataset file, an existing output. Exit code 2."""
 
-    exit_code = 2
+    exit_code = ExitCode.BAD_INPUT
 
 
 class ConfigError(InputError):
@@ -32,6 +34,7 @@ class ImageDecodeError(Exception):
 
 
 class VerificationError(GuardError):
-    """A prepared directory whose files do not match the fingerprints recorded at prepare time."""
+    """A check that failed: a prepared directory whose files do not match the fingerprints recorded at prepare time,
+    a signature that does not verify, protected arrays that are not noisy copies. Exit code 1 (a failed check)."""
 
-    exit_code = 2
+    exit_code = ExitCode.CHECK_FAILED

@@ -97,6 +97,10 @@ class Prepare:
         if card.policy_sha256 != load_policy(policy).sha256:
             raise InputError(f"{ctx.data} was prepared from another version of {policy}",
                              hint="remove it (and the run trained on it) or point `data` elsewhere")
+        if card.policy_overrides:  # guard run applies the policy file as it is
+            raise InputError(f"{ctx.data} was prepared from {policy} with --set {card.policy_overrides}",
+                             hint="remove it (and the run trained on it), put the values in the policy file, or "
+                                  "point `data` elsewhere")
         open_prepared(ctx.data)
         return "skipped (prepared directory verified)"
 
@@ -124,6 +128,8 @@ class Train:
         resume = ctx.run.resolved.is_file()
         chosen = pipeline_of_run(ctx.run.root, project=project_of(ctx.ledger)) if resume else ctx.config
         ctx.say(f"{'resuming' if resume else 'training'} {chosen.method} in {ctx.run.root}")
+        if chosen.tracker != ctx.config.tracker:
+            ctx.say(f"note: the run continues with the tracker it started with ({chosen.tracker})")
         outcome = train_recorded(chosen, resume=resume, ledger=ctx.ledger, command=ctx.invocation(self.name),
                                  progress=ctx.progress, allow_unrecorded=ctx.allow_unrecorded, sign_key=ctx.sign_key)
         return f"done ({outcome.step} steps, {outcome.kimg:g} kimg)"
@@ -179,6 +185,8 @@ class Audit:
     def run(self, ctx: Context, summary: RunSummary) -> str:
         from .auditing.config import resolve_audit_config
         from .auditing.service import audit_recorded
+        from .engine.service import pipeline_of_run
+        from .engine.trackers import log_audit
 
         ctx.say("auditing the samples against the protected originals")
         config_path = Path(ctx.config.audit.config) if ctx.config.audit.config else None
@@ -187,6 +195,7 @@ class Audit:
                                 command=ctx.invocation(self.name), executor=ctx.executor(), sign_key=ctx.sign_key)
         atomic_write_json(ctx.run.audit / DONE, {"samples_marker": sha256_file(ctx.run.samples / DONE),
                                                  "copies": int(result.counts.get("copy", 0))})
+        log_audit(pipeline_of_run(ctx.run.root), ctx.run.root, result.counts)  # into the run's tracker, if it has one
         return "done"
 
 
@@ -216,10 +225,12 @@ STAGES: tuple[Stage, ...] = (Prepare(), Train(), Sample(), Audit(), Report())
 
 
 def run_pipeline(pipeline: Path, *, ledger: Path, command: list[str], progress: Any = None,
-                 say: Say = print, allow_unrecorded: bool = False, sign_key: Path | None = None) -> RunSummary:
+                 say: Say = print, allow_unrecorded: bool = False, sign_key: Path | None = None,
+                 overrides: dict[str, Any] | None = None) -> RunSummary:
     """Run every stage of `pipeline` that is not already done; returns what happened and where to look.
-    `sign_key` signs the ledger head each stage appends (ledger.py)."""
-    ctx = Context(load_pipeline(pipeline), ledger, command, say, progress, allow_unrecorded, sign_key)
+    `sign_key` signs the ledger head each stage appends (ledger.py); `overrides` ({'a.b': value}) replace keys of
+    the pipeline (a resumed training keeps its saved config)."""
+    ctx = Context(load_pipeline(pipeline, overrides), ledger, command, say, progress, allow_unrecorded, sign_key)
     summary = RunSummary(ctx.run.root)
     for stage in STAGES:
         summary.stages[stage.name] = stage.done(ctx) or stage.run(ctx, summary)

@@ -33,8 +33,8 @@ def _rows(tmp_path: Path) -> dict[str, dict]:
     return {r["sample"]: r for r in pq.read_table(tmp_path / "report" / "samples.parquet").to_pylist()}
 
 
-def _assert_one_line_error(result, *fragments: str) -> None:  # type: ignore[no-untyped-def]
-    assert result.code == 2, (result.out, result.err)
+def _assert_one_line_error(result, *fragments: str, code: int = 2) -> None:  # type: ignore[no-untyped-def]
+    assert result.code == code, (result.out, result.err)
     lines = result.err.strip().splitlines()
     assert 1 <= len(lines) <= 2 and lines[0].startswith("error: ") and "Traceback" not in result.err, result.err
     for fragment in fragments:
@@ -264,7 +264,7 @@ def test_changed_original_fails_the_hash_check(cli, tmp_path: Path, prepared: Pa
     Image.new("RGB", (178, 218), (10, 200, 30)).save(copy_root / "img_align_celeba" / victim)
     plant_samples(prepared, tmp_path / "samples", copies=0, novel=1)
     result = _audit(cli, tmp_path, tmp_path / "samples", prepared, "--data-root", copy_root, "--no-index-cache")
-    _assert_one_line_error(result, victim, "does not match the sha256")
+    _assert_one_line_error(result, victim, "does not match the sha256", code=1)  # a failed check
 
 
 def test_cached_index_opens_no_original(cli, tmp_path: Path, prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]

@@ -33,7 +33,7 @@ def test_every_command_and_option_has_its_own_help(cli) -> None:  # type: ignore
                 continue
             assert getattr(param, "help", None), f"{name} --{param.name} has no help"
             previous = helps.setdefault(param.help, f"{name} --{param.name}")
-            assert previous == f"{name} --{param.name}" or param.name in ("ledger", "threads", "executor", "ray_address", "sign_key"), f"help shared by {previous} and {name} --{param.name}"
+            assert previous == f"{name} --{param.name}" or param.name in ("ledger", "threads", "executor", "ray_address", "sign_key", "tracker"), f"help shared by {previous} and {name} --{param.name}"
     assert cli("--help").code == 0
 
 

@@ -121,7 +121,7 @@ def test_train_refuses_raw_and_tampered_data(cli, tmp_path: Path, digits8: Path,
         handle.seek(-1, 2)
         handle.write(b"\x07")
     tampered = cli("train", "--pipeline", pipeline, "--data", copy, "--out", tmp_path / "tampered")
-    assert tampered.code == 2 and "does not match the sha256" in tampered.err
+    assert tampered.code == 1 and "does not match the sha256" in tampered.err  # a failed check, not bad input
     assert not (tmp_path / "tampered").exists()
 
 
@@ -140,7 +140,7 @@ def test_train_ledger_event_records_the_arrays_read(cli, tmp_path: Path, digits8
     import json
 
     pipeline = write_policy(tmp_path / "p.yaml", tiny_pipeline(digits8, tmp_path / "run"))
-    assert cli("train", "--pipeline", pipeline).code == 2, "digits8 was prepared without a ledger event"
+    assert cli("train", "--pipeline", pipeline).code == 1, "digits8 was prepared without a ledger event"
     assert cli("train", "--pipeline", pipeline, "--allow-unrecorded").code == 0
     (inputs, outputs, summary), = duckdb.sql(
         f"SELECT inputs, outputs, summary FROM read_parquet('{_isolated_ledger}/train/*.parquet') WHERE status = 'ok'").fetchall()

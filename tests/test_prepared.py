@@ -14,7 +14,7 @@ import pytest
 
 from helpers import celeba_policy, write_policy
 from sfbd_guard.curation.prepare import prepare
-from sfbd_guard.errors import VerificationError
+from sfbd_guard.errors import InputError, VerificationError
 from sfbd_guard.fileio import atomic_write_json
 from sfbd_guard.hashing import sha256_file
 from sfbd_guard.policy.model import load_policy
@@ -79,7 +79,8 @@ def test_a_protected_record_with_sigma_zero_is_refused(copy: Path) -> None:
 
 
 def test_a_raw_dataset_folder_is_refused(celeba_root: Path) -> None:
-    with pytest.raises(VerificationError, match="not a prepared directory"):
+    """Bad input (exit 2), not a failed check: the folder is no prepared directory at all."""
+    with pytest.raises(InputError, match="not a prepared directory"):
         open_prepared(celeba_root)
 
 

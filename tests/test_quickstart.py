@@ -79,7 +79,7 @@ def test_the_readme_quickstart_runs_on_a_folder_of_images(cli, tmp_path: Path,  
         assert result.code == 0, f"{shlex.join(command)} exited {result.code}:\n{result.out}\n{result.err}"
     assert (work / "prepared/imagefolder-32/card.json").is_file()
     audit = next(c for c in quickstart_commands() if c[1] == "audit")
-    summary = json.loads((work / audit[audit.index("--report") + 1] / "summary.json").read_text())
+    summary = json.loads((work / audit[audit.index("--out") + 1] / "summary.json").read_text())
     assert summary["thresholds"]["method"] == "holdout", "the quickstart's audit is calibrated on its held-out images"
     assert "95% confidence" in summary["thresholds"]["expected_fpr_text"]
     assert command[1] == "verify" and " 0 failed" in result.out, result.out

@@ -277,7 +277,7 @@ def run_membership(*, run: Path, report: Path, config: AuditConfig, data: Path |
     control: a model trained on the protected originals themselves); the CLI never sets it."""
     from ..engine.service import pipeline_of_run
 
-    check_report_dir(report, "--report")
+    check_report_dir(report, "--out")
     started = time.perf_counter()
     spec = config.membership
     prepared = data if data is not None else Path(str(pipeline_of_run(run).data))
@@ -289,7 +289,7 @@ def run_membership(*, run: Path, report: Path, config: AuditConfig, data: Path |
                          "control must never have seen them", hint="pass the clean-only run of the same prepared data")
     groups, holdout_source = _groups(info, config, data_root, holdout_dir)
     noise = common_noise((info.channels, info.resolution, info.resolution), len(spec.sigmas), spec.draws, spec.seed)
-    report_dir(report, "--report")  # per-image scores of protected records: owner-only, as the sample audit's report
+    report_dir(report, "--out")  # per-image scores of protected records: owner-only, as the sample audit's report
     partial = report / PARTIAL
     errors = {("model", name): values
               for name, values in _errors(model, groups, spec, noise, progress, "model", executor, partial).items()}

@@ -157,7 +157,7 @@ def _write(report: Path, table: Any, summary: AuditSummary, page: str, figure: A
 
     from ..fileio import atomic_write_bytes
 
-    report_dir(report, "--report")  # report.html may hold thumbnails of protected originals: owner-only
+    report_dir(report, "--out")  # report.html may hold thumbnails of protected originals: owner-only
     files = {name: report / name for name in REPORT_FILES}
     write_parquet(files[AUDIT_TABLE], table)
     write_audit_summary(report, summary)
@@ -216,10 +216,11 @@ def run_audit(*, samples: Path, data: Path, report: Path, config: AuditConfig, d
     """Score every image under `samples` against the protected originals of `data`; write the report.
 
     Bad input (no images, not a prepared directory, missing weights, changed originals) raises an
-    InputError or VerificationError (exit 2 in the CLI); `result.counts["copy"]` decides exit 0 or 3.
+    InputError (exit 2 in the CLI) or, for originals that changed, a VerificationError (exit 1); `result.counts["copy"]`
+    decides exit 0 or 3.
     `executor` ray: the embeddings are computed by Ray actors (ray_embed.py), with the same results.
     """
-    check_report_dir(report, "--report")  # before any work: a folder others can read is refused
+    check_report_dir(report, "--out")  # before any work: a folder others can read is refused
     started = time.perf_counter()
     info = read_prepared(data)
     loaded = load_folder(samples, info.resolution, info.channels)

@@ -9,6 +9,7 @@ huggingface_hub is imported inside the functions (`guard --help` stays fast).
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from .markdown import code, row, text
 TAGS = ["sfbd-guard", "diffusion", "protected-data"]
 
 
-def _hub_licence(licences: list[str]) -> tuple[str, str | None]:
+def hub_licence(licences: list[str]) -> tuple[str, str | None]:
     """The card's `license`: the one licence of all the records trained on (SPDX ids lower-cased, as the Hub
     writes them), else `other` with a name saying the data is mixed."""
     known = [lic for lic in licences if lic != "NOASSERTION"]
@@ -152,7 +153,26 @@ def _membership_meta(chain: Chain) -> dict[str, Any] | None:
             **{f"{g.group}_auc_ci95": g.model.auc_ci95 for g in summary.groups}}
 
 
-def model_card_text(run_dir: Path, ledger: Path, data: Path | None = None) -> str:
+def _run_usage(run_name: str) -> str:
+    run_name = run_name if re.fullmatch(r"[A-Za-z0-9._-]+", run_name) else "RUN"  # inside code blocks: nothing to escape
+    return f"""```bash
+guard sample --run runs/{run_name} --n 16 --out samples   # EDM's Heun sampler, 18 steps: PNGs and a grid
+```
+
+```python
+import sfbd_guard
+
+images = sfbd_guard.load_run("runs/{run_name}").sample(16, seed=0)  # uint8 (16, C, H, W)
+```
+
+`guard export --run runs/{run_name} --out DIR` writes the model in a layout other tools load (docs/export.md)."""
+
+
+def model_card_text(run_dir: Path, ledger: Path, data: Path | None = None, *, usage: str | None = None,
+                    licence: str | None = None, library: str = "sfbd_guard") -> str:
+    """The Hub model card of `run_dir`. `usage`: the card's usage section (default: guard sample and load_run);
+    `licence`: the model's licence (default: the training data's one licence, else "other"); `library`: the Hub's
+    `library_name` (`diffusers` for a diffusers export)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     run_dir = run_dir.resolve()
@@ -164,7 +184,7 @@ def model_card_text(run_dir: Path, ledger: Path, data: Path | None = None) -> st
     chain = _chain(ledger, run_dir)
     counts = licence_counts(folder)
     licences = trained_licences(counts)
-    licence, licence_name = _hub_licence(licences)
+    licence, licence_name = (licence, None) if licence else hub_licence(licences)
     found = exclusions(card, holdout_rules_of(chain.audit.config if chain.audit else None))
     trained = chain.ok("train")[-1].summary
     method = trained.method if isinstance(trained, TrainSummary) else "unknown"
@@ -177,7 +197,7 @@ def model_card_text(run_dir: Path, ledger: Path, data: Path | None = None) -> st
     privacy += _composed_words(dp, ancestors)
     meta = ModelCardData(
         license=licence, datasets=[card.policy_name], tags=[*TAGS, method], pipeline_tag="unconditional-image-generation",
-        library_name="sfbd_guard", license_name=licence_name,
+        library_name=library, license_name=licence_name,
         sfbd_guard={"data_fingerprint": card.fingerprint, "method": method, "training_licences": licences or ["NOASSERTION"],
                     "records": {k: card.counts.get(k, 0) for k in ("clean", "protected", "excluded")},
                     "opt_outs_honoured": found.opted_out, "audit": audit_meta,
@@ -193,6 +213,10 @@ def model_card_text(run_dir: Path, ledger: Path, data: Path | None = None) -> st
 An image diffusion model trained with sfbd_guard (method {code(method)}, {card.resolution}×{card.resolution},
 {card.channels} channel(s)) on the prepared dataset {code(card.policy_name)} (fingerprint {code(card.fingerprint[:16] + "…")}),
 made from {source_words(card)}.
+
+## Usage
+
+{usage or _run_usage(run_dir.name)}
 
 ## Training data composition
 
@@ -219,7 +243,7 @@ made from {source_words(card)}.
 ## Licence
 
 {_licence_words(licences)}
-The model's own licence is the owner's to set (`license` above says {code(licence)}).
+The model's own licence is the owner's to set (`license` above says {code(licence)}; `guard export --licence`).
 """
     return str(ModelCard(f"---\n{meta.to_yaml()}\n---\n{body}"))
 

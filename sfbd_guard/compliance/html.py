@@ -1,4 +1,4 @@
-"""`guard report --html FILE`: one self-contained page a compliance reviewer can act on.
+"""`guard report --format html --out FILE`: one self-contained page a compliance reviewer can act on.
 
 Per run chain (compliance/chains.py): a PASS / ATTENTION / FAIL banner with its reasons in plain words, the
 `guard verify` checks each with links to its evidence (the files it read, compliance/evidence.py), every ledger

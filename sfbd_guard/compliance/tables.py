@@ -256,19 +256,19 @@ def serialise(tables: dict[str, Any], fmt: str, label: str | None = None) -> byt
 
 
 def emit(tables: dict[str, Any], fmt: str, output: Path | None, project: Path | None = None) -> None:
-    """Print or write `tables` in `fmt` (Parquet needs --output); printed paths are shortened against `project`."""
+    """Print or write `tables` in `fmt` (Parquet needs --out); printed paths are shortened against `project`."""
 
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if fmt == "table" and output is None:
         print_tables(tables, project)
         return
-    label = "--format table --output (written as CSV)" if fmt == "table" else None
+    label = "--format table --out (written as CSV)" if fmt == "table" else None
     data = serialise(tables, "csv" if fmt == "table" else fmt, label)
     if output is not None:
         owner_only_dirs(output.parent)  # new folders are owner-only (the file is 0600)
         atomic_write_bytes(output, data)
     elif fmt == "parquet":
-        raise InputError("--format parquet needs --output FILE")
+        raise InputError("--format parquet needs --out FILE")
     else:
         sys.stdout.write(data.decode())

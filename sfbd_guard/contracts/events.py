@@ -108,6 +108,9 @@ class PrepareSummary(EventSummary):
     seconds: float
     signed_by: str | None = None  # prepared with --sign-key: the public key's sha256
     register_sha256: str | None = None  # the owner's release register after this prepare (curation/register.py)
+    # guard prepare --set KEY=VALUE (absent without it, and before it existed); the card's `policy` has them applied
+    policy_overrides: dict[str, Any] | None = None
+    policy_resolved_sha256: str | None = None  # sha256 of the card's `policy` as sorted JSON (hashing.json_sha256)
     rerelease: Rerelease | None = None  # images released again with other noise (--allow-rerelease)
 
 
@@ -236,6 +239,18 @@ class ImportSummary(EventSummary):
     tensors: int
 
 
+class ExportSummary(EventSummary):
+    """api.py `export` (guard export): a run's model written in a layout other tools load, and where it was pushed."""
+
+    KIND = "export"
+
+    format: str  # diffusers | sfbd_guard
+    network: str
+    licence: str
+    files: int
+    pushed: str | None = None  # the Hub commit's URL, when pushed
+
+
 class RunSummary(EventSummary):
     """`guard run` records its stages' own events; a `run` event is only the failure of the command itself."""
 
@@ -244,7 +259,7 @@ class RunSummary(EventSummary):
 
 SUMMARIES: dict[str, type[EventSummary]] = {m.KIND: m for m in (PrepareSummary, TrainSummary, SampleSummary,
                                                                  AuditEventSummary, MembershipEventSummary, ImportSummary,
-                                                                 RunSummary)}
+                                                                 ExportSummary, RunSummary)}
 
 
 @functools.cache

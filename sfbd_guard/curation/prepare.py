@@ -265,6 +265,8 @@ def _card(loaded: LoadedPolicy, spec: SourceSpec, reader: DatasetReader, counts:
         "tool_version": __version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if loaded.overrides:  # guard prepare --set: `policy` above has them applied
+        card["policy_overrides"] = dict(loaded.overrides)
     if listing is not None:
         card["listing"] = {"metadata_files": listing.metadata_files, "metadata_rows": listing.rows,
                            "images_without_row": len(listing.images_without_row),

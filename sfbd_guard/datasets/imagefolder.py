@@ -74,7 +74,10 @@ class ImageFolderReader(DatasetReader):
 
     def _metadata_rows(self, folder: str = "") -> MetadataRows | None:
         """The metadata file of `folder` (the root, or a split folder); two of them in one folder are refused."""
-        present = [name for name in METADATA_NAMES if (self.root / folder / name).is_file()]
+        # a symlink counts even when it leads nowhere: require_file then says the file is missing (a dangling
+        # metadata.csv read as no metadata would drop the opt-outs it lists)
+        present = [name for name in METADATA_NAMES
+                   if (self.root / folder / name).is_file() or (self.root / folder / name).is_symlink()]
         if len(present) > 1:
             where = self.root / folder if folder else self.root
             raise InputError(f"{where}: both {' and '.join(sorted(present, key=METADATA_ORDER.index))}: keep one",

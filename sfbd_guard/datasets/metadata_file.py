@@ -245,6 +245,8 @@ def read_parquet(path_on_disk: Path, path: str) -> MetadataRows:
         fields = pq.read_schema(path_on_disk).names
         _check_columns(fields, path)
         table = pq.read_table(path_on_disk)
+    except FileNotFoundError:  # not "cannot read it as Parquet": there is no file to parse
+        raise InputError(f"{path}: missing (no such file)") from None
     except (pa.ArrowException, OSError) as err:
         raise InputError(f"{path}: cannot read it as Parquet ({str(err).splitlines()[0][:120]})") from None
     table = pa.table({name: _readable(table.column(name)) for name in table.column_names})

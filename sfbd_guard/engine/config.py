@@ -136,6 +136,14 @@ class ExecutorStageSpec(StrictModel):
     address: str | None = None  # with ray: auto | HOST:PORT | ray://HOST:PORT; none: start a Ray on this machine
 
 
+class MlflowSpec(StrictModel):
+    """Where `tracker: mlflow` logs (engine/trackers.py)."""
+
+    # tracking URI: a server (http://HOST:PORT) or a file store (file:/abs/path); default file:<run>/mlruns, offline
+    uri: str | None = Field(None, min_length=1)
+    experiment: str | None = Field(None, min_length=1)  # experiment name; default the pipeline's name
+
+
 class InitSpec(StrictModel):
     """Start from another run's EMA weights (`guard train --init RUN`): its lineage is recorded and verified."""
 
@@ -150,6 +158,7 @@ class PipelineConfig(StrictModel):
     verify_key: str | None = None  # data owner's Ed25519 public key (PEM): card.sig must verify; --verify-key overrides
     policy: str | None = None  # the policy that prepares `data` (used by `guard run`)
     method: Method = "clean-only"
+    network: Literal["ddpmpp", "diffusers-unet2d"] = "ddpmpp"  # our U-Net, or diffusers' UNet2DModel (guard export)
     model: ModelSpec = ModelSpec()
     optimizer: OptimizerSpec = OptimizerSpec()
     batch: int = Field(64, ge=1)  # global batch size, split across processes
@@ -172,6 +181,10 @@ class PipelineConfig(StrictModel):
     sample: SampleStageSpec = SampleStageSpec()  # what guard run samples after training
     audit: AuditStageSpec = AuditStageSpec()  # how guard run audits the samples
     executor: ExecutorStageSpec = ExecutorStageSpec()  # where guard run prepares and audits (docs/scale-out.md)
+    # also log the run to TensorBoard (<run>/tensorboard) or MLflow (see mlflow): losses, learning rate, kimg/s,
+    # snapshot grids, privacy spent, guard run's audit counts (engine/trackers.py, docs/pipelines.md); --tracker
+    tracker: Literal["none", "tensorboard", "mlflow"] = "none"
+    mlflow: MlflowSpec = MlflowSpec()  # with tracker: mlflow
 
     @model_validator(mode="after")
     def _checks(self) -> PipelineConfig:

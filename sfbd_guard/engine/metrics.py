@@ -1,6 +1,7 @@
 """`metrics.parquet` of a run: one row per optimizer step, rewritten atomically at each checkpoint.
 
-On resume, rows after the checkpoint's step are dropped, so a crash never duplicates or loses rows.
+On resume, rows after the checkpoint's step are dropped, so a crash never duplicates or loses rows. What was added
+since the trainer last handed it to the run's tracker (engine/trackers.py) waits in `unsent`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class MetricsLog:
     def __init__(self, path: Path, rows: list[dict[str, Any]] | None = None) -> None:
         self.path = path
         self.rows = rows or []
+        self.unsent: list[dict[str, Any]] = []  # rows, annotations and tracker-only values not yet sent to a tracker
 
     @classmethod
     def resume(cls, path: Path, up_to_step: int) -> MetricsLog:
@@ -35,6 +37,7 @@ class MetricsLog:
 
     def append(self, **row: Any) -> None:
         self.rows.append(row)
+        self.unsent.append(dict(row))
 
     def annotate(self, step: int, **values: Any) -> None:
         """Add `values` to the row of `step` (a row of its own when no step has been taken yet); two decisions at one
@@ -46,6 +49,20 @@ class MetricsLog:
             self.rows[-1].update(values)
         else:
             self.rows.append({"step": step, **values})
+        self.unsent.append({"step": step, **values})
+
+    def track(self, step: int, **values: Any) -> None:
+        """Values for the tracker only (not columns of metrics.parquet), e.g. the privacy spent when a phase ends."""
+        self.unsent.append({"step": step, **values})
+
+    def take_unsent(self) -> list[dict[str, Any]]:
+        """What was appended, annotated or tracked since the last call, in order."""
+        taken, self.unsent = self.unsent, []
+        return taken
+
+    def last_step(self) -> int:
+        """The step of the last row (0 before the first step)."""
+        return int(self.rows[-1]["step"]) if self.rows else 0
 
     def write(self) -> None:
         buffer = io.BytesIO()

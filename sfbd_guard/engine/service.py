@@ -153,6 +153,7 @@ def train(config: PipelineConfig, *, resume: bool, progress: ProgressFactory | N
     from .privacy import summary as privacy_summary
     from .runtime import start_runtime
     from .schedule import run_schedule
+    from .trackers import open_tracker
     from .trainer import Trainer
 
     started = time.perf_counter()
@@ -178,7 +179,9 @@ def train(config: PipelineConfig, *, resume: bool, progress: ProgressFactory | N
             lineage = read_run_record(run_dir).lineage
         if lineage and not resumed:  # a run from another run's weights (engine/lineage.py)
             start_from(Path(lineage[0].weights), trainer.net, trainer.ema.module, lineage[0].weights_sha256)
-        checkpoint = run_schedule(trainer)
+        with open_tracker(config, run_dir, start_step=trainer.state.step, enabled=runtime.is_main) as tracker:
+            trainer.tracker = tracker  # tracker: tensorboard | mlflow (trackers.py)
+            checkpoint = run_schedule(trainer)
         return TrainOutcome(run_dir, config, checkpoint if runtime.is_main else None, trainer.state.step,
                             trainer.state.nimg / 1000, resumed, time.perf_counter() - started,
                             privacy_summary(trainer.privacy.account) if trainer.privacy else None)

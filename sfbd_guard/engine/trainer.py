@@ -16,6 +16,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..diffusion.ambient import AmbientLoss
+from ..diffusion.diffusers_unet import build_diffusers_denoiser
 from ..diffusion.ema import EMA
 from ..diffusion.networks import UNetConfig, build_denoiser
 from ..diffusion.optim import make_adam, optimizer_step, warmup_lr
@@ -33,6 +34,7 @@ from .privacy import PrivacyPlan, PrivateGenerators, PrivatePhase, PrivateTraini
 from .runtime import Runtime
 from .sfbd import SFBDSources
 from .state import ValidationRecord
+from .trackers import NoTracker, Tracker, tracked_scalars
 
 SNAPSHOT_STEPS = 18  # sampler steps of snapshot grids
 SNAPSHOT_SEED = 0  # the same images are drawn at every snapshot, so grids show progress
@@ -48,6 +50,8 @@ def unet_config(config: PipelineConfig) -> UNetConfig:
 
 def build_net(config: PipelineConfig, image_shape: tuple[int, int, int]) -> torch.nn.Module:
     channels, resolution, _ = image_shape
+    if config.network == "diffusers-unet2d":
+        return build_diffusers_denoiser(unet_config(config), resolution, channels)
     return build_denoiser(unet_config(config), resolution, channels)
 
 
@@ -152,6 +156,7 @@ class Trainer:
         if config.privacy:  # validates the model; the plan fixes the noise multiplier for the budget
             self.privacy = PrivateTraining(privacy_plan or plan_privacy(config, data, runtime.world_size), self.net)
         self.private: PrivatePhase | None = None  # set while a private phase runs
+        self.tracker: Tracker = NoTracker()  # the run's TensorBoard or MLflow (trackers.py), set by service.train
 
     @property
     def _adaptive(self) -> bool:
@@ -269,6 +274,7 @@ class Trainer:
     def checkpoint(self) -> Path | None:
         rng = self._rng_tensors()
         if not self.runtime.is_main:
+            self.metrics.take_unsent()  # only rank 0 has a tracker
             self.runtime.barrier()
             return None
         self.state.tensors.update(rng)
@@ -276,8 +282,18 @@ class Trainer:
         path = save_checkpoint(self.run_dir, net=self.net, ema=self.ema.module, optimizer=self.optimizer,
                                state=self.state, config_json=self.config_json, keep=self.config.keep_checkpoints,
                                attachments=self.sources.attachments())
+        self.track()
         self.runtime.barrier()
         return path
+
+    def track(self) -> None:
+        """Hand the tracker what metrics.parquet gained since the last checkpoint: once the checkpoint is saved, so
+        a resumed run (which continues from it) never sends a step twice."""
+        for entry in self.metrics.take_unsent():
+            values = tracked_scalars(entry)
+            if values:
+                self.tracker.log_scalars(int(entry["step"]), values)
+        self.tracker.flush()
 
     def snapshot(self, name: str | None = None) -> Path | None:
         if not self.runtime.is_main:
@@ -291,7 +307,9 @@ class Trainer:
         images = torch.cat([batch for _, batch in generate(
             self.ema.module, seed=SNAPSHOT_SEED, count=count, shape=self.data.image_shape, steps=SNAPSHOT_STEPS,
             batch=count, device=self.runtime.device, callback=(lambda _: tick(count)) if tick else None)])
-        return save_grid(images, path)
+        save_grid(images, path)
+        self.tracker.log_image(f"snapshots/{name or 'grid'}", self.state.step, path)  # model samples, the file itself
+        return path
 
     # ----- the parts the schedule (schedule.py) is written in ------------------------------------------
 
@@ -361,6 +379,9 @@ class Trainer:
         if self.private:
             self.private.leave(phase)
             self.private = None
+            if self.privacy is not None:  # the budget spent so far, for the tracker
+                account = self.privacy.account
+                self.metrics.track(self.state.step, epsilon=account.epsilon, private_steps=account.steps)
 
     def validate(self, label: str) -> None:
         """SFBD's validation measure of the EMA model (validation.py) before `label` (a round, or the end): kept in

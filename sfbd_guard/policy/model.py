@@ -5,13 +5,14 @@ The YAML schema is a contract (see docs/policy.md): version, name, dataset, rule
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..config import StrictModel, load_config
+from ..config import StrictModel, read_yaml_mapping, set_dotted, validate_mapping
 from ..datasets.base import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, SourceSpec
 from ..hashing import sha256_bytes
 
@@ -217,11 +218,13 @@ class Policy(StrictModel):
 
 @dataclass(frozen=True)
 class LoadedPolicy:
-    """A validated policy with the file it came from (paths inside it resolve against that file)."""
+    """A validated policy with the file it came from (paths inside it resolve against that file). `sha256` is the
+    file's; `overrides` are the dotted keys (`guard prepare --set`) applied to it before it was validated."""
 
     policy: Policy
     path: Path
     sha256: str
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
     def base_dir(self) -> Path:
@@ -231,8 +234,12 @@ class LoadedPolicy:
         return (self.base_dir / relative).resolve()
 
 
-def load_policy(path: Path) -> LoadedPolicy:
-    """Read and validate a policy file; errors name the file, the key path and the problem."""
-    policy = load_config(Policy, path)
+def load_policy(path: Path, overrides: Mapping[str, Any] | None = None) -> LoadedPolicy:
+    """Read and validate a policy file, with dotted `overrides` ({'noise.sigma': 0.8}) replacing its keys first;
+    errors name the file, the key path and the problem."""
+    data = read_yaml_mapping(path)
+    for dotted, value in (overrides or {}).items():
+        set_dotted(data, dotted, value)
+    policy = validate_mapping(Policy, data, source=str(path))
     digest = sha256_bytes(path.read_bytes())
-    return LoadedPolicy(policy=policy, path=path.resolve(), sha256=digest)
+    return LoadedPolicy(policy=policy, path=path.resolve(), sha256=digest, overrides=dict(overrides or {}))

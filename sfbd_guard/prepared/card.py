@@ -107,6 +107,9 @@ class Card(CardIdentity):
     rerelease: Rerelease | None = None  # images released before with other noise (prepare --allow-rerelease)
     ledger_head: LedgerHead | None = None  # the ledger's head when prepare began (absent before the hash chain)
     listing: CardListing | None = None  # image folders with a metadata file (absent otherwise, and in older cards)
+    # guard prepare --set KEY=VALUE pairs, applied to the policy file (policy_sha256) before it was validated: `policy`
+    # is the policy as applied, with them (absent without --set, and in older cards)
+    policy_overrides: dict[str, Any] | None = None
 
     @field_validator("counts")
     @classmethod

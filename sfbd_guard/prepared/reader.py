@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..contracts.events import Event, read_events
-from ..errors import VerificationError
+from ..errors import InputError, VerificationError
 from ..hashing import fingerprint, sha256_file
 from .card import Card, read_card
 from .layout import MANIFEST, REQUIRED, SHARD_FOLDERS
@@ -66,27 +66,36 @@ HINT = "guard train, guard audit and guard verify read only directories written 
 
 
 def _fail(root: Path, problem: str) -> VerificationError:
+    """A directory that fails a check against what prepare recorded (exit 1)."""
     return VerificationError(f"{root}: {problem}", hint=HINT)
+
+
+def _not_prepared(root: Path, problem: str) -> InputError:
+    """A path that is no prepared directory at all, or a file of it that cannot be read (a card.json that is not a
+    card, a FIFO): bad input, exit 2. A file that reads but differs from the record is a failed check (`_fail`)."""
+    return InputError(f"{root}: {problem}", hint=HINT)
 
 
 def read_prepared_card(root: Path) -> Card:
     """The structural checks of a prepared directory, the same for every reader (training, audit, verify):
     a directory holding the prepared entries, a card.json that is a `Card` naming only shards of this
     directory, and a manifest.parquet matching the sha256 and the fingerprint recorded in the card.
-    Array files are not read here (`open_prepared` verifies them); every fault is a VerificationError."""
+    Array files are not read here (`open_prepared` verifies them). A path that is not a prepared directory, or a file
+    of it that cannot be read, is an InputError (bad input); a file that differs from the record is a
+    VerificationError (a failed check)."""
     if not root.is_dir():
-        raise _fail(root, "not a directory")
+        raise _not_prepared(root, "not a directory")
     missing = [name for name in REQUIRED if not (root / name).exists()]
     if missing:
-        raise _fail(root, f"not a prepared directory (missing {', '.join(missing)})")
-    card = read_card(root, error=VerificationError, hint=HINT)
+        raise _not_prepared(root, f"not a prepared directory (missing {', '.join(missing)})")
+    card = read_card(root, error=InputError, hint=HINT)
     for name in card.files:  # a card names only the directory's own shards: nothing outside is ever read
         if not re.fullmatch(r"(clean|protected)/[A-Za-z0-9_.-]+\.npy", name) or ".." in name or (root / name).is_symlink():
             raise _fail(root, f"card.json names {name!r}, not a shard of this directory")
     try:
         manifest_sha256 = sha256_file(root / MANIFEST)
     except OSError as err:
-        raise _fail(root, f"manifest.parquet: cannot read it ({err.strerror or err})") from None
+        raise _not_prepared(root, f"manifest.parquet: cannot read it ({err.strerror or err})") from None
     if manifest_sha256 != card.manifest_sha256:
         raise _fail(root, "manifest.parquet does not match the sha256 recorded at prepare time")
     if fingerprint({**card.files, MANIFEST: card.manifest_sha256}) != card.fingerprint:
@@ -114,7 +123,7 @@ def _verify_files(root: Path, card: Card) -> dict[str, str]:
         try:
             matches = sha256_file(root / name) == digest
         except OSError as err:  # e.g. swapped for a FIFO after the check above
-            raise _fail(root, f"{name}: cannot read it ({err.strerror or err})") from None
+            raise _not_prepared(root, f"{name}: cannot read it ({err.strerror or err})") from None
         if not matches:
             raise _fail(root, f"{name} does not match the sha256 recorded at prepare time")
     return recorded

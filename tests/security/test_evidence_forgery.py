@@ -108,13 +108,13 @@ def test_forged_directory_is_refused_by_train(honest, tmp_path: Path, cli) -> No
     forged = forge(folder / "prepared", tmp_path / "forged")
     pipeline = write_policy(tmp_path / "p.yaml", tiny_pipeline(forged, tmp_path / "run"))
     result = cli("train", "--pipeline", pipeline, "--ledger", ledger)
-    assert result.code == 2, result.out
+    assert result.code == 1, result.out  # the provenance check failed
     assert result.err.startswith("error: ") and "Traceback" not in result.err
     assert "no prepare event" in result.err and "--allow-unrecorded" in result.err.splitlines()[0]
     assert not (tmp_path / "run").exists()
     # --allow-unrecorded does not let the originals through: the noise statistics refuse them
     result = cli("train", "--pipeline", pipeline, "--ledger", ledger, "--allow-unrecorded")
-    assert result.code == 2 and "not noisy copies at sigma 0.6" in result.err and "σ̂" in result.err
+    assert result.code == 1 and "not noisy copies at sigma 0.6" in result.err and "σ̂" in result.err
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -125,7 +125,7 @@ def test_forged_directory_with_a_fake_prepare_event_is_still_refused(honest, tmp
     fake_prepare_event(fake_ledger, forged)
     pipeline = write_policy(tmp_path / "p.yaml", tiny_pipeline(forged, tmp_path / "run"))
     result = cli("train", "--pipeline", pipeline, "--ledger", fake_ledger)
-    assert result.code == 2 and "not noisy copies" in result.err
+    assert result.code == 1 and "not noisy copies" in result.err
     first = json.loads((forged / "card.json").read_text())
     assert "first " in result.err and any(rid in result.err for rid in originals(forged)), "names a failing record"
     assert first["sigma"] == 0.6

@@ -34,7 +34,7 @@ def test_unrecorded_directory_is_refused_then_accepted_with_the_flag(unrecorded:
                                                                       _isolated_ledger: Path) -> None:
     pipeline = write_policy(tmp_path / "p.yaml", tiny_pipeline(unrecorded, tmp_path / "run"))
     refused = cli("train", "--pipeline", pipeline)
-    assert refused.code == 2 and "Traceback" not in refused.err
+    assert refused.code == 1 and "Traceback" not in refused.err  # the provenance check failed
     first = refused.err.splitlines()[0]
     assert first.startswith("error: ") and "no prepare event" in first and "--allow-unrecorded" in first
     assert not (tmp_path / "run").exists()
@@ -55,7 +55,7 @@ def test_unrecorded_directory_is_refused_then_accepted_with_the_flag(unrecorded:
 def test_resume_of_an_unrecorded_run_needs_the_flag_again(unrecorded: Path, tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
     pipeline = write_policy(tmp_path / "p.yaml", tiny_pipeline(unrecorded, tmp_path / "run"))
     assert cli("train", "--pipeline", pipeline, "--allow-unrecorded").code == 0
-    assert cli("train", "--resume", tmp_path / "run").code == 2
+    assert cli("train", "--resume", tmp_path / "run").code == 1
     assert cli("train", "--resume", tmp_path / "run", "--allow-unrecorded").code == 0
 
 
@@ -71,7 +71,7 @@ def test_prepare_then_train_in_one_ledger_is_recorded(tmp_path: Path, cli, _isol
     assert summary["prepare_event"] == event and summary["unrecorded_data"] is False
     # another team's ledger has no such event
     other = cli("train", "--pipeline", pipeline, "--out", tmp_path / "other", "--ledger", tmp_path / "other-ledger")
-    assert other.code == 2 and "no prepare event" in other.err
+    assert other.code == 1 and "no prepare event" in other.err
 
 
 def test_a_prepare_event_for_other_counts_or_sigma_does_not_match(tmp_path: Path, cli, _isolated_ledger: Path) -> None:  # type: ignore[no-untyped-def]
@@ -101,7 +101,7 @@ def test_card_counts_that_do_not_match_the_manifest_are_refused(unrecorded: Path
         open_prepared(copy)
     pipeline = write_policy(tmp_path / "p.yaml", tiny_pipeline(copy, tmp_path / "run"))
     result = cli("train", "--pipeline", pipeline, "--allow-unrecorded")
-    assert result.code == 2 and "do not match the manifest" in result.err and "Traceback" not in result.err
+    assert result.code == 1 and "do not match the manifest" in result.err and "Traceback" not in result.err
 
     rules = {**card["rule_counts"], "licensed": card["rule_counts"]["licensed"] - 3, "rest": card["rule_counts"]["rest"] + 3}
     with pytest.raises(VerificationError, match="rule_counts"):

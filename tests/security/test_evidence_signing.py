@@ -45,7 +45,7 @@ def test_keys_and_signature_files(owner: tuple[Path, Path, Path]) -> None:
 def test_a_signed_directory_trains_for_another_team(owner, tmp_path: Path, cli, _isolated_ledger: Path) -> None:  # type: ignore[no-untyped-def]
     _, public, prepared = owner
     pipeline = write_policy(tmp_path / "p.yaml", tiny_pipeline(prepared, tmp_path / "run"))
-    assert cli("train", "--pipeline", pipeline).code == 2, "the other team's ledger has no prepare event"
+    assert cli("train", "--pipeline", pipeline).code == 1, "the other team's ledger has no prepare event"
     trained = cli("train", "--pipeline", pipeline, "--verify-key", public)
     assert trained.code == 0, trained.err
     summary = _summary(_isolated_ledger, "train")
@@ -78,10 +78,10 @@ def test_an_altered_card_fails_the_signature(owner, tmp_path: Path, cli) -> None
     altered = _altered(prepared, tmp_path / "altered", policy_name="something else")
     pipeline = write_policy(tmp_path / "p.yaml", tiny_pipeline(altered, tmp_path / "run"))
     result = cli("train", "--pipeline", pipeline, "--verify-key", public)
-    assert result.code == 2 and "does not verify" in result.err and "card.json was changed" in result.err
+    assert result.code == 1 and "does not verify" in result.err and "card.json was changed" in result.err
     assert not (tmp_path / "run").exists()
     # --allow-unrecorded does not excuse a bad signature when a key is given
-    assert cli("train", "--pipeline", pipeline, "--verify-key", public, "--allow-unrecorded").code == 2
+    assert cli("train", "--pipeline", pipeline, "--verify-key", public, "--allow-unrecorded").code == 1
 
 
 def test_a_re_fingerprinted_forgery_fails_the_signature(owner, tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
@@ -92,7 +92,7 @@ def test_a_re_fingerprinted_forgery_fails_the_signature(owner, tmp_path: Path, c
     shutil.copy(prepared / "card.sig", forged / "card.sig")  # the forger keeps the owner's signature file
     pipeline = write_policy(tmp_path / "p.yaml", tiny_pipeline(forged, tmp_path / "run"))
     result = cli("train", "--pipeline", pipeline, "--verify-key", public)
-    assert result.code == 2 and "signature of card.json does not verify" in result.err
+    assert result.code == 1 and "signature of card.json does not verify" in result.err
 
 
 def test_a_wrong_public_key_or_a_missing_signature_fails(owner, tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
@@ -100,12 +100,12 @@ def test_a_wrong_public_key_or_a_missing_signature_fails(owner, tmp_path: Path, 
     assert cli("signkey", "create", "--private", tmp_path / "other.key", "--public", tmp_path / "other.pub").code == 0
     pipeline = write_policy(tmp_path / "p.yaml", tiny_pipeline(prepared, tmp_path / "run"))
     wrong = cli("train", "--pipeline", pipeline, "--verify-key", tmp_path / "other.pub")
-    assert wrong.code == 2 and "made by another key" in wrong.err
+    assert wrong.code == 1 and "made by another key" in wrong.err
     unsigned = Path(shutil.copytree(prepared, tmp_path / "unsigned"))
     (unsigned / "card.sig").unlink()
     pipeline = write_policy(tmp_path / "q.yaml", tiny_pipeline(unsigned, tmp_path / "run"))
     missing = cli("train", "--pipeline", pipeline, "--verify-key", tmp_path / "other.pub")
-    assert missing.code == 2 and "no card.sig" in missing.err
+    assert missing.code == 1 and "no card.sig" in missing.err
     not_a_key = cli("train", "--pipeline", pipeline, "--verify-key", pipeline)
     assert not_a_key.code == 2 and "not a PEM public key" in not_a_key.err and "Traceback" not in not_a_key.err
 

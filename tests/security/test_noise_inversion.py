@@ -230,7 +230,7 @@ def test_train_refuses_a_directory_with_invertible_noise(tmp_path: Path, cli: Ca
     atomic_write_json(old / "card.json", card)
     write_policy(tmp_path / "pipe.yaml", tiny_pipeline(old, tmp_path / "run"))
     result = cli("train", "--pipeline", tmp_path / "pipe.yaml", "--allow-unrecorded")
-    assert result.code == 2 and "invertible" in result.err and "re-run guard prepare" in result.err
+    assert result.code == 1 and "invertible" in result.err and "re-run guard prepare" in result.err
     assert len(result.err.strip().splitlines()) <= 2 and "Traceback" not in result.err
 
 

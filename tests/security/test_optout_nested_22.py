@@ -260,10 +260,10 @@ def test_report_json_is_strict_and_table_output_names_its_own_option(cli, tmp_pa
     assert result.code == 0, result.err
     assert strict(result.out) == [{"x": None, "y": [None, 1.5], "s": {"z": None}}]
     result = cli("report", "--format", "table", "--output", tmp_path / "t.csv")
-    line = _refused(result, "--format table --output", "writes one table")
+    line = _refused(result, "--format table --out ", "writes one table")  # --output: the old name of --out
     assert "--format csv" not in line
     result = cli("report", "--sql", "SELECT '\\xff'::BLOB AS b", "--format", "table", "--output", tmp_path / "t.csv")
-    line = _refused(result, "--format table --output", "'b'")
+    line = _refused(result, "--format table --out ", "'b'")
     assert "--format csv" not in line
 
 
