@@ -62,9 +62,12 @@ def test_train_writes_run_directory(tmp_path: Path, digits8: Path) -> None:
     assert not list(run.rglob("*.pt")) and not list(run.rglob("*.pkl")), "no pickles"
 
 
+@pytest.mark.parametrize("network", ["ddpmpp", "diffusers-unet2d"])
 def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path: Path, digits8: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    straight = train(_config(tmp_path, digits8, "straight"), resume=False)
+                                                              monkeypatch: pytest.MonkeyPatch, network: str) -> None:
+    """Bit-identical, for both networks (with dropout: its randomness is resumed too)."""
+    model = {"model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4], "dropout": 0.1}
+    straight = train(_config(tmp_path, digits8, "straight", network=network, model=model), resume=False)
     from sfbd_guard.engine import trainer as module
 
     real_step = module.Trainer.train_step
@@ -74,7 +77,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path: Path, dig
             raise KeyboardInterrupt
         real_step(self, pool, phase)
 
-    config = _config(tmp_path, digits8, "crashed")
+    config = _config(tmp_path, digits8, "crashed", network=network, model=model)
     monkeypatch.setattr(module.Trainer, "train_step", crash_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         train(config, resume=False)

@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import digits_policy, guard, key_file, tiny_pipeline, write_policy
-
 import sfbd_guard as api
+from helpers import digits_policy, guard, key_file, tiny_pipeline, write_policy
 from sfbd_guard.contracts.events import read_events
 from sfbd_guard.errors import InputError
 from sfbd_guard.exporting.layout import FILES
@@ -127,7 +126,7 @@ def test_the_cards_usage_snippet_runs_as_written(runs: dict[str, Path], tmp_path
         code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S)
         assert code is not None
         scope: dict[str, Any] = {}
-        exec(code.group(1).replace("path/to/export", str(out)), scope)  # noqa: S102 (our own card's snippet)
+        exec(code.group(1).replace("path/to/export", str(out)), scope)
         assert scope["images"].shape == (16, 1, 8, 8) and scope["images"].dtype == torch.uint8
 
 
@@ -155,12 +154,12 @@ def test_push_uploads_exactly_the_listed_files_privately(runs: dict[str, Path], 
     assert read_events(runs["ledger"], "export")[-1].summary.pushed.endswith("/commit/abc")  # type: ignore[attr-defined]
 
     (out / "extra.png").write_bytes(b"\x89PNG")  # added after the export: nothing is pushed
-    with pytest.raises(InputError, match="does not list: extra.png"):
+    with pytest.raises(InputError, match=r"does not list: extra\.png"):
         push_export(out, "me/digits", api=FakeHub())
     (out / "extra.png").unlink()
     with (out / "LICENSE").open("a") as handle:
         handle.write("changed")
-    with pytest.raises(InputError, match="LICENSE is not the file export.json records"):
+    with pytest.raises(InputError, match=r"LICENSE is not the file export\.json records"):
         push_export(out, "me/digits", api=FakeHub())
 
 
