@@ -144,11 +144,15 @@ def reports_errors(kind: str | None = None) -> Callable[[F], F]:
     return decorate
 
 
-def _renamed(out: Path | None, old: Path | None, old_name: str, default: Path | None = None) -> Path | None:
-    """The value of --out, or of its old name (a hidden alias kept for one release); both at once is an error."""
+PathT = TypeVar("PathT", Path, Path | None)
+
+
+def _renamed(ctx: typer.Context, out: PathT, old: Path | None, old_name: str) -> PathT | Path:
+    """The value of --out, or of its old name (a hidden alias kept for one release); both typed is an error."""
     if old is None:
-        return out if out is not None else default
-    if out is not None:
+        return out
+    source = ctx.get_parameter_source("out")
+    if source is not None and source.name == "COMMANDLINE":
         raise InputError(f"--out and {old_name} name the same output ({old_name} is its old name): give --out only")
     return old
 
@@ -345,7 +349,7 @@ def audit(
     ctx: typer.Context,
     samples: Annotated[Path, typer.Option("--samples", help="Folder of generated PNG/JPEG images to audit (recursive, any size).")],
     data: Annotated[Path, typer.Option("--data", help="Prepared directory whose manifest names the protected records.")],
-    out: Annotated[Path | None, typer.Option("--out", help="Folder for samples.parquet, summary.json and report.html.", show_default="audit-report")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for samples.parquet, summary.json and report.html.")] = Path("audit-report"),
     old_report: Annotated[Path | None, typer.Option("--report", hidden=True, help="guard audit's old name of --out (kept for one release).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="Audit settings YAML (e.g. audits/default.yaml); options below override it.")] = None,
     data_root: Annotated[Path | None, typer.Option("--data-root", help="Where the source dataset with the protected originals lives; default the root recorded by guard prepare.")] = None,
@@ -369,8 +373,7 @@ def audit(
 
     Example: guard audit --samples runs/celeba/samples --data prepared/celeba-64 --out runs/celeba/audit
     """
-    report = _renamed(out, old_report, "--report", Path("audit-report"))
-    assert report is not None
+    report = _renamed(ctx, out, old_report, "--report")
     _threads(threads)
     from .auditing.results import print_summary
 
@@ -438,7 +441,7 @@ def membership(
     run: Annotated[Path, typer.Option("--run", help="The run whose model (its latest EMA weights) is tested.")],
     data: Annotated[Path | None, typer.Option("--data", help="Its prepared directory; default the one the run trained on.")] = None,
     control: Annotated[Path | None, typer.Option("--control", help="A clean-only run of the same prepared data: the same test on a model that never saw the protected copies, so a selection difference is not read as memorisation.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Folder for membership.json, membership.parquet, membership.html and roc.svg (owner-only).", show_default="membership-report")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for membership.json, membership.parquet, membership.html and roc.svg (owner-only).")] = Path("membership-report"),
     old_report: Annotated[Path | None, typer.Option("--report", hidden=True, help="guard membership's old name of --out (kept for one release).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="Audit settings YAML; its membership section (noise levels, draws, caps, margin).")] = None,
     data_root: Annotated[Path | None, typer.Option("--data-root", help="Where the source dataset with the originals lives; default the root recorded by guard prepare.")] = None,
@@ -454,8 +457,7 @@ def membership(
 
     Example: guard membership --run runs/sfbd --control runs/clean-only --out runs/sfbd-membership
     """
-    report = _renamed(out, old_report, "--report", Path("membership-report"))
-    assert report is not None
+    report = _renamed(ctx, out, old_report, "--report")
     _threads(threads)
     result = api.membership(run, report=report, data=data, control=control, config=config,
                             overrides={"membership.max_images": max_images}, data_root=data_root, holdout=holdout,
@@ -475,6 +477,7 @@ def membership(
 @app.command()
 @reports_errors()
 def report(
+    ctx: typer.Context,
     sql: Annotated[str | None, typer.Option("--sql", help="Any query over the views events, prepares, trainings, samplings, audits, memberships.")] = None,
     fmt: Annotated[Literal["table", "csv", "json", "parquet", "html"], typer.Option("--format", help="Output format (parquet and html need --out); html: the compliance report, a verdict per run chain, guard verify's checks, events, charts (one file).")] = "table",
     out: Annotated[Path | None, typer.Option("--out", help="Write the result to this file instead of printing it.")] = None,
@@ -497,7 +500,7 @@ def report(
     from .compliance.tables import emit, report_tables
 
     where = ledger_dir(ledger)
-    output = _renamed(out, old_output, "--output")
+    output = _renamed(ctx, out, old_output, "--output")
     html = old_html  # --html FILE: the page, and the table (or --sql's result) as before
     if fmt == "html":
         if html is not None:

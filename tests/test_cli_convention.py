@@ -161,6 +161,9 @@ def test_prepare_set_is_validated_and_recorded_in_card_and_event(cli, tmp_path: 
     summary = json.loads(event["summary"])
     assert event["status"] == "ok" and summary["policy_overrides"] == card["policy_overrides"]
     assert summary["policy_resolved_sha256"] == json_sha256(card["policy"]) != json_sha256(plain["policy"])
+    pipeline = write_policy(tmp_path / "pipe.yaml", tiny_pipeline(tmp_path / "set", tmp_path / "run", policy=str(policy)))
+    _one_line(cli("run", pipeline, "--ledger", ledger), 2, "with --set")  # guard run applies the file as it is
+    assert not (tmp_path / "run").exists()
 
     for bad, fragment in ((["--set", "noise.sigm=1"], "noise.sigm: unknown key (did you mean sigma?)"),
                           (["--set", "noise.sigma=-1"], "noise.sigma:"), (["--set", "sigma"], "expected KEY=VALUE"),
