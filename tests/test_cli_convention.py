@@ -45,12 +45,15 @@ def test_exit_codes_are_one_table_in_code_help_and_docs(cli, monkeypatch: pytest
         assert re.search(rf"^\| {int(code)} \| {re.escape(MEANINGS[code])}", docs, re.M), f"docs/cli.md: exit {int(code)}"
 
 
-def test_version_short_and_long_and_typers_completion(cli) -> None:  # type: ignore[no-untyped-def]
+def test_version_short_and_long_and_typers_completion(cli, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     from sfbd_guard import __version__
 
     assert cli("-V").out.strip() == cli("--version").out.strip() == f"sfbd_guard {__version__}"
     page = cli("--help").out
     assert "--install-completion" in page and "--show-completion" in page and "-V" in page
+    # typer detects the shell from the process tree (shellingham), which a test run may not have (CI, nohup):
+    # name it instead, as typer's own tests do
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     shown = cli("--show-completion", "bash")
     assert shown.code == 0 and "_GUARD_COMPLETE" in shown.out and "complete" in shown.out
 
