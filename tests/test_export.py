@@ -163,6 +163,24 @@ def test_push_uploads_exactly_the_listed_files_privately(runs: dict[str, Path], 
         push_export(out, "me/digits", api=FakeHub())
 
 
+def test_a_re_run_after_a_failed_push_pushes_the_same_folder(runs: dict[str, Path], tmp_path: Path) -> None:
+    class Offline(FakeHub):
+        def upload_folder(self, **kwargs: Any) -> Any:
+            raise OSError("Network is unreachable")
+
+    out = tmp_path / "export"
+    with pytest.raises(OSError):
+        api.export(runs["ddpmpp"], out=out, ledger=runs["ledger"], push="me/digits", hub_api=Offline())
+    assert read_events(runs["ledger"], "export")[-1].status == "failed"
+    written = {name: (out / name).stat().st_mtime_ns for name in files_of(out)}
+    hub = FakeHub()
+    api.export(runs["ddpmpp"], out=out, ledger=runs["ledger"], push="me/digits", hub_api=hub)
+    assert [name for name, _ in hub.calls] == ["create_repo", "upload_folder"]
+    assert {name: (out / name).stat().st_mtime_ns for name in files_of(out)} == written, "nothing written again"
+    with pytest.raises(InputError, match="not an empty folder"):  # another licence: not this export
+        api.export(runs["ddpmpp"], out=out, ledger=runs["ledger"], licence="MIT")
+
+
 def test_bad_input_is_one_line_exit_2(runs: dict[str, Path], tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
     busy = tmp_path / "busy"
     busy.mkdir()

@@ -3,7 +3,8 @@
 Only weights a train event of the ledger recorded leave: the run's EMA weights file must have the sha256 that a
 finished training of this run wrote into the ledger. Every file is written anew from those weights and the ledger
 (nothing is copied from the run directory), into a temporary folder beside DIR that becomes DIR when it holds
-exactly the allow-list of exporting/layout.py.
+exactly the allow-list of exporting/layout.py. Re-running into a DIR that holds this export of these weights
+(checked file by file) writes nothing and returns it, so a failed `--push` is simply run again.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..fileio import atomic_write_bytes
 from ..hashing import sha256_file
 from ..locations import project_of
 from ..prepared.relocate import prepared_of_run
+from .check import checked_export
 from .layout import CARD, FILES, LICENCE, NETWORK_CONFIG, NETWORK_WEIGHTS, RECORD, SCHEDULER_CONFIG, UNET_CONFIG, Format
 from .usage import licence_text, usage_snippet
 
@@ -49,6 +51,15 @@ def recorded_weights(run_dir: Path, weights: Path, ledger: Path) -> str:
     raise InputError(f"{weights}: no finished training of {run_dir} in the ledger {ledger} recorded these weights",
                      hint="export the weights a training ended with (the run's latest checkpoint), with the ledger "
                           "that training wrote to (--ledger)")
+
+
+def _same_export(out: Path, run_dir: Path, event_id: str, licence: str | None) -> ExportRecord | None:
+    """The export already in `out` when it is this run's export of these weights (every file checked), else None."""
+    if not (out / RECORD).is_file() or out.is_symlink():
+        return None
+    existing = checked_export(out)
+    same = existing.run == run_dir.name and existing.train_event == event_id and licence in (None, existing.licence)
+    return existing if same else None
 
 
 def _empty_target(out: Path) -> None:
@@ -115,6 +126,9 @@ def export_run(run_dir: Path, out: Path, *, ledger: Path, checkpoint: Path | Non
     model_licence = licence or hub_licence(trained)[0]
     fmt: Format = "diffusers" if config.network == "diffusers-unet2d" else "sfbd_guard"
     out = out.absolute()
+    done = _same_export(out, run_dir, event_id, licence)
+    if done is not None:  # a re-run (e.g. after a failed push): the folder is already this export
+        return done
     _empty_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
