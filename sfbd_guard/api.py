@@ -292,15 +292,9 @@ class LoadedRun:
 
     def sample(self, n: int, *, seed: int = 0, steps: int = 18, batch: int = 64) -> torch.Tensor:
         """uint8 (n, C, H, W) images: the pixels `sample` writes as PNGs for the same seed and steps."""
-        import torch
+        from .engine.generate import generate_uint8
 
-        from .engine.data import to_uint8
-        from .engine.generate import generate
-
-        device = next(self.net.parameters()).device
-        parts = [to_uint8(images).cpu() for _, images in generate(self.net, seed=seed, count=n, shape=self.shape,
-                                                                   steps=steps, batch=batch, device=device)]
-        return torch.cat(parts) if parts else torch.empty((0, *self.shape), dtype=torch.uint8)
+        return generate_uint8(self.net, seed=seed, count=n, shape=self.shape, steps=steps, batch=batch)
 
 
 def load_run(run: PathLike, *, checkpoint: PathLike | None = None, device: str = "auto") -> LoadedRun:

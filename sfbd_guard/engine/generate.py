@@ -13,8 +13,6 @@ from ..hashing import image_seed
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
-
-
 def initial_noise(seeds: list[int], shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
     """x_T = sigma_max × N(0, I), one CPU generator per image (device-independent), moved to `device`."""
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
@@ -33,3 +31,15 @@ def generate(denoiser: torch.nn.Module, *, seed: int, count: int, shape: tuple[i
         seeds = [image_seed(seed, i) for i in range(start, min(count, start + batch))]
         x = initial_noise(seeds, shape, device)
         yield start, sampler(denoiser, x, sigmas, callback=callback).clamp(-1, 1)
+
+
+def generate_uint8(denoiser: torch.nn.Module, *, seed: int, count: int, shape: tuple[int, int, int], steps: int,
+                   batch: int) -> torch.Tensor:
+    """uint8 (count, C, H, W) on the CPU: the pixels `guard sample` writes for the same seed and steps (a loaded
+    run's or an export's `.sample`)."""
+    from .data import to_uint8
+
+    device = next(denoiser.parameters()).device
+    parts = [to_uint8(images).cpu() for _, images in generate(denoiser, seed=seed, count=count, shape=shape,
+                                                               steps=steps, batch=batch, device=device)]
+    return torch.cat(parts) if parts else torch.empty((0, *shape), dtype=torch.uint8)

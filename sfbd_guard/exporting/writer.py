@@ -41,13 +41,14 @@ SPDX_OR_OTHER = r"[A-Za-z0-9.+-]+( (AND|OR|WITH) [A-Za-z0-9.+-]+)*"
 SAMPLE_STEPS = 18  # guard sample's default
 
 
-def recorded_weights(run_dir: Path, weights: Path, ledger: Path) -> str:
-    """The id of the ledger's train event of `run_dir` that recorded `weights` (their sha256); else an input error."""
+def recorded_weights(run_dir: Path, weights: Path, ledger: Path) -> tuple[str, str]:
+    """The id of the ledger's train event of `run_dir` that recorded `weights`, and their sha256; else an input
+    error."""
     digest = sha256_file(weights)
     events = trainings(read_events(ledger), run_dir, project_of(ledger))
     for event in reversed(events):
         if any(a.sha256 == digest for a in event.artifacts("outputs", "ema")):
-            return event.event_id
+            return event.event_id, digest
     raise InputError(f"{weights}: no finished training of {run_dir} in the ledger {ledger} recorded these weights",
                      hint="export the weights a training ended with (the run's latest checkpoint), with the ledger "
                           "that training wrote to (--ledger)")
@@ -117,7 +118,7 @@ def export_run(run_dir: Path, out: Path, *, ledger: Path, checkpoint: Path | Non
     record = read_run_record(run_dir)
     config = pipeline_of_run(run_dir)
     weights = ema_weights_file(run_dir, checkpoint)
-    event_id = recorded_weights(run_dir, weights, ledger)
+    event_id, weights_sha256 = recorded_weights(run_dir, weights, ledger)
     if licence is not None and not re.fullmatch(SPDX_OR_OTHER, licence):
         raise InputError(f"--licence {licence!r}: not an SPDX licence expression", hint="e.g. CC-BY-4.0, MIT, other")
     folder = prepared_of_run(run_dir, record.data, record.data_fingerprint, project_of(ledger), data)
@@ -150,7 +151,7 @@ def export_run(run_dir: Path, out: Path, *, ledger: Path, checkpoint: Path | Non
             raise InputError(f"export: unexpected files {unexpected}; the allow-list is exporting/layout.py")
         export = ExportRecord(
             format=fmt, network=config.network, run=run_dir.name, method=config.method, image_shape=list(shape),
-            weights_sha256=sha256_file(weights), train_event=event_id, data_fingerprint=record.data_fingerprint,
+            weights_sha256=weights_sha256, train_event=event_id, data_fingerprint=record.data_fingerprint,
             licence=model_licence,
             sampler=SamplerSettings(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=7.0, sigma_data=0.5, steps=SAMPLE_STEPS),
             files=[ExportedFile(path=name, sha256=sha256_file(staging / name), bytes=(staging / name).stat().st_size)
